@@ -1,0 +1,87 @@
+"""Layer norm and RMS norm: ours vs torch, side by side in one process.
+
+Prints a Markdown table (time, GB/s counting the input read and the output written, the fraction of
+the measured device-to-device copy bandwidth, and torch time / our time) and writes it under
+benchmarks/results/. Goal (issue 2): >= 90% of copy bandwidth at (8192, 4096) fp16.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import cupy
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import RESULTS, card_name, copies_for, copy_bandwidth_gbs, header, time_us  # noqa: E402
+from cupy_transformer import ops  # noqa: E402
+
+SHAPES = [(8192, 4096), (8192, 8192), (16384, 1600), (32768, 384), (4096, 4095), (1, 4096), (64, 65536)]
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def run(shape, dtype_name, copy_gbs):
+    tdtype = DTYPES[dtype_name]
+    rows, width = shape
+    nbytes = rows * width * torch.finfo(tdtype).bits // 8
+    n = copies_for(2 * nbytes)
+    xs = [torch.randn(shape, device="cuda", dtype=tdtype) * 2 + 0.5 for _ in range(n)]
+    gamma = torch.rand(width, device="cuda", dtype=tdtype) + 0.5
+    beta = torch.randn(width, device="cuda", dtype=tdtype)
+    outs = [torch.empty_like(x) for x in xs]
+    xc = [cupy.from_dlpack(x) for x in xs]
+    oc = [cupy.from_dlpack(o) for o in outs]
+    gc, bc = cupy.from_dlpack(gamma), cupy.from_dlpack(beta)
+    rows_out = []
+    for name, ours, theirs in (
+        ("layer_norm", lambda x, o: ops.layer_norm(x, gc, bc, 1e-5, out=o), lambda x, o: F.layer_norm(x, (width,), gamma, beta, 1e-5)),
+        ("rms_norm", lambda x, o: ops.rms_norm(x, gc, 1e-6, out=o), lambda x, o: F.rms_norm(x, (width,), gamma, 1e-6)),
+    ):
+        # Correctness against torch in fp32 before timing.
+        ours(xc[0], oc[0])
+        ref = (F.layer_norm(xs[0].float(), (width,), gamma.float(), beta.float(), 1e-5) if name == "layer_norm"
+               else F.rms_norm(xs[0].float(), (width,), gamma.float(), 1e-6))
+        err = float((outs[0].float() - ref).norm() / ref.norm())
+        t_ours = time_us(ours, list(zip(xc, oc)))
+        t_torch = time_us(theirs, list(zip(xs, outs)))
+        gbs = 2 * nbytes / t_ours / 1e3
+        torch_gbs = 2 * nbytes / t_torch / 1e3
+        rows_out.append(
+            f"| {name} | {dtype_name} | {rows}x{width} | {t_ours:.1f} | {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% "
+            f"| {t_torch:.1f} | {torch_gbs:.0f} | {100 * torch_gbs / copy_gbs:.0f}% | {t_torch / t_ours:.2f}x | {err:.1e} |"
+        )
+    del xs, outs, xc, oc
+    torch.cuda.empty_cache()
+    cupy.get_default_memory_pool().free_all_blocks()
+    return rows_out
+
+
+def main():
+    copy_gbs = copy_bandwidth_gbs()
+    lines = [
+        header("Layer norm / RMS norm vs torch"),
+        f"Copy bandwidth (1 GiB device-to-device memcpy, read + written): {copy_gbs:.0f} GB/s. "
+        "Times are medians of 60 CUDA-event-timed calls over inputs rotated to defeat L2; GB/s counts x read "
+        "and y written; speed-up is torch time / our time; error is ours vs torch fp32, relative (norm).\n",
+        "| op | dtype | rows x width | ours µs | ours GB/s | of copy | torch µs | torch GB/s | of copy | speed-up | rel. error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for dtype_name in DTYPES:
+        for shape in SHAPES:
+            if dtype_name != "fp16" and shape not in ((8192, 4096), (1, 4096)):
+                continue
+            lines += run(shape, dtype_name, copy_gbs)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    os.makedirs(RESULTS, exist_ok=True)
+    card = card_name().replace("NVIDIA ", "").split()[0].lower()
+    path = os.path.join(os.environ.get("OUT", RESULTS), f"norm-{card}.md")
+    with open(path, "w") as f:
+        f.write(text)
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Shared benchmark plumbing: card/date/commit header, copy-bandwidth ceiling, CUDA-event timing."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import statistics
+import subprocess
+
+import cupy
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def card_name() -> str:
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    name = props["name"]
+    return name.decode() if isinstance(name, bytes) else name
+
+
+def commit() -> str:
+    if os.environ.get("CT_COMMIT"):
+        return os.environ["CT_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def header(title: str) -> str:
+    today = datetime.date.today().isoformat()
+    return (
+        f"# {title}\n\n{card_name()}, {today}, commit {commit()}, CuPy {cupy.__version__}"
+        + _torch_version()
+        + "\n"
+    )
+
+
+def _torch_version() -> str:
+    try:
+        import torch
+    except ImportError:
+        return ""
+    return f", torch {torch.__version__}"
+
+
+def time_us(fn, args_list, reps: int = 60, warmup: int = 5) -> float:
+    """Median time of ``fn(*args)`` in microseconds, cycling through ``args_list`` so that repeated
+    calls do not find their inputs in L2. Timed with events on the legacy default stream, which CuPy's
+    and torch's default streams both are."""
+    for i in range(warmup):
+        fn(*args_list[i % len(args_list)])
+    times = []
+    for i in range(reps):
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        fn(*args_list[i % len(args_list)])
+        end.record()
+        end.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, end) * 1e3)
+    return statistics.median(times)
+
+
+def copies_for(nbytes: int, l2_multiple: int = 4) -> int:
+    """How many input sets to rotate through so the set is several times the L2 cache."""
+    l2 = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["l2CacheSize"]
+    return max(1, min(16, -(-l2_multiple * l2 // max(nbytes, 1))))
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy rate, counting bytes read plus bytes written (the memory ceiling)."""
+    src = cupy.empty(nbytes, cupy.uint8)
+    src[...] = 1
+    dst = cupy.empty_like(src)
+
+    def copy(d, s):
+        cupy.cuda.runtime.memcpyAsync(d.data.ptr, s.data.ptr, nbytes, cupy.cuda.runtime.memcpyDeviceToDevice, 0)
+
+    us = time_us(copy, [(dst, src)], reps=20)
+    return 2 * nbytes / us / 1e3

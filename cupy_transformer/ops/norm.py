@@ -1,0 +1,127 @@
+"""Layer norm and RMS norm over the last dimension (``kernels_cu/norm.cu``).
+
+The math (``ops-spec.md`` §3), per row ``x`` of width ``H``, statistics in fp32 (float64 in the
+reference):
+
+- LayerNorm: ``y = (x - mean(x)) / sqrt(var(x) + eps) * gamma + beta``, ``var`` the biased (1/H)
+  variance from a second pass (no E[x²] - E[x]² cancellation); ``beta`` may be omitted; one rounding to
+  the input dtype at the end.
+- RMSNorm: ``y = round(round(x / sqrt(mean(x²) + eps)) * gamma)``: the normalised row is rounded to the
+  input dtype before the ``gamma`` multiply, as Hugging Face's LLaMA RMSNorm does. (DeepSpeed also
+  rounds ``1/sqrt(...)`` to the dtype first; we follow HF, whose checkpoints these models come from.)
+
+NumPy inputs run the reference; GPU inputs run one kernel, one block per row. Rows whose width is a
+multiple of 16 bytes (8 fp16/bf16 or 4 fp32 elements) with 16-byte aligned pointers move 16 bytes per
+access; other widths fall back to one element per access. Rows up to 8 * 1024 accesses stay in
+registers (one read of the input); longer rows take a three-pass path.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy
+
+from ..runtime.arrays import FLOAT_DTYPES, as_array, check_no_overlap, common_kind, empty_like_kind, to_caller
+from ..runtime.kernels import KernelFamily, f32, i32
+
+_CTYPES = {numpy.dtype(numpy.float16): "__half", numpy.dtype(numpy.float32): "float"}
+if len(FLOAT_DTYPES) == 3:
+    _CTYPES[FLOAT_DTYPES[2]] = "__nv_bfloat16"
+
+# Vectors held in registers per thread; 0 = the multi-pass path for very long rows.
+_VPT = (1, 2, 4, 8, 0)
+_MAX_THREADS = 1024
+_TARGET_THREADS = 128  # short rows: fewer, fuller threads per row keep more rows in flight per SM
+
+_MODE = {"layer_norm": 0, "layer_norm_no_beta": 1, "rms_norm": 2}
+
+
+def _vec(dtype: numpy.dtype) -> int:
+    return 16 // dtype.itemsize
+
+
+_KERNELS = KernelFamily(
+    "norm.cu",
+    [
+        f"ct::norm_rows<{ctype}, {vec}, {vpt}>"
+        for dtype, ctype in _CTYPES.items()
+        for vec in (_vec(dtype), 1)
+        for vpt in _VPT
+    ],
+)
+
+
+def layer_norm(x, gamma, beta=None, eps: float = 1e-5, *, out=None):
+    """LayerNorm over the last dimension of ``x`` (any rank ≥ 1); ``beta`` optional.
+
+    ``out`` (optional) receives the result: same shape and dtype as ``x``, contiguous, not
+    overlapping the inputs. Returns the result in the caller's kind (NumPy, CuPy, torch).
+    """
+    return _norm("layer_norm" if beta is not None else "layer_norm_no_beta", x, gamma, beta, eps, out)
+
+
+def rms_norm(x, gamma, eps: float = 1e-6, *, out=None):
+    """RMSNorm over the last dimension of ``x`` (any rank ≥ 1), as Hugging Face's LLaMA RMSNorm."""
+    return _norm("rms_norm", x, gamma, None, eps, out)
+
+
+def norm_reference(mode: str, x: numpy.ndarray, gamma: numpy.ndarray, beta, eps: float) -> numpy.ndarray:
+    """The NumPy reference: float64 statistics, rounded to ``x.dtype`` as the kernel rounds."""
+    xf = x.astype(numpy.float64)
+    g = gamma.astype(numpy.float64)
+    if mode == "rms_norm":
+        normed = xf / numpy.sqrt(numpy.mean(xf * xf, axis=-1, keepdims=True) + eps)
+        return (normed.astype(x.dtype).astype(numpy.float64) * g).astype(x.dtype)
+    mean = xf.mean(axis=-1, keepdims=True)
+    var = ((xf - mean) ** 2).mean(axis=-1, keepdims=True)
+    y = (xf - mean) / numpy.sqrt(var + eps) * g
+    if beta is not None:
+        y = y + beta.astype(numpy.float64)
+    return y.astype(x.dtype)
+
+
+def launch_config(width: int, dtype: numpy.dtype, aligned: bool) -> tuple[int, int, int]:
+    """(elements per access, accesses per thread held in registers or 0, threads per block)."""
+    vec = _vec(dtype) if aligned and width % _vec(dtype) == 0 else 1
+    slots = width // vec
+    if slots > 8 * _MAX_THREADS:
+        return vec, 0, _MAX_THREADS
+    vpt = next((v for v in (1, 2, 4, 8) if slots <= _TARGET_THREADS * v), 8)
+    threads = 32 * math.ceil(math.ceil(slots / vpt) / 32)
+    return vec, vpt, threads
+
+
+def _norm(mode: str, x, gamma, beta, eps: float, out):
+    kind = common_kind(x=x, gamma=gamma, beta=beta, out=out)
+    x = as_array("x", x, kind, min_ndim=1)
+    width = x.shape[-1]
+    if width == 0:
+        raise ValueError(f"x: expected a last dimension of at least 1; got shape {tuple(x.shape)}")
+    gamma = as_array("gamma", gamma, kind, dtypes=x.dtype, shape=(width,))
+    if beta is not None:
+        beta = as_array("beta", beta, kind, dtypes=x.dtype, shape=(width,))
+    if isinstance(eps, bool) or not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps: expected a finite number >= 0; got {eps!r}")
+    if out is not None:
+        out = as_array("out", out, kind, dtypes=x.dtype, shape=tuple(x.shape))
+        check_no_overlap("out", out, x=x, gamma=gamma, beta=beta)
+    else:
+        out = empty_like_kind(kind, tuple(x.shape), x.dtype)
+
+    if kind == "numpy":
+        out[...] = norm_reference(mode, x, gamma, beta, eps)
+        return out
+    rows = x.size // width
+    if rows:
+        aligned = all(a.data.ptr % 16 == 0 for a in (x, gamma, beta, out) if a is not None)
+        vec, vpt, threads = launch_config(width, x.dtype, aligned)
+        kernel = _KERNELS.kernel(f"ct::norm_rows<{_CTYPES[x.dtype]}, {vec}, {vpt}>")
+        placeholder_beta = gamma  # not read when the mode has no beta
+        kernel(
+            (i32(rows),),
+            (threads,),
+            (x, gamma, beta if beta is not None else placeholder_beta, out, i32(width), f32(eps), i32(_MODE[mode])),
+        )
+    return to_caller(out, kind)

@@ -1,0 +1,190 @@
+"""The array layer: turn an op's inputs into the backend's arrays and its results back.
+
+Inputs may be CuPy arrays (used as they are), NumPy arrays (the op then runs its NumPy reference),
+or anything with ``__dlpack__`` on a CUDA device, e.g. PyTorch tensors (imported zero-copy with
+``cupy.from_dlpack``, which hands the producer CuPy's current stream, so the producer's pending work
+is ordered before ours). All inputs of one call must be of one kind; results go back in that kind
+(a torch tensor through ``torch.from_dlpack``, again ordered on the consumer's stream).
+
+Every check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (rank, shape, layout,
+device) naming the argument, what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Iterable
+
+import numpy
+
+try:
+    from ml_dtypes import bfloat16
+except ImportError:  # pragma: no cover - ml_dtypes is a dependency; bf16 is simply absent without it
+    bfloat16 = None
+
+#: Element types every op accepts: fp16, fp32 and (through ml_dtypes, as CuPy 14 does) bf16.
+FLOAT_DTYPES = tuple(numpy.dtype(t) for t in (numpy.float16, numpy.float32, bfloat16) if t is not None)
+
+# DLPack device types (dlpack.h): memory a CUDA kernel can read.
+_DLPACK_CUDA, _DLPACK_CUDA_MANAGED = 2, 13
+_DLPACK_NAMES = {1: "CPU", 2: "CUDA", 3: "CUDA host", 4: "OpenCL", 7: "Vulkan", 8: "Metal", 10: "ROCm", 13: "CUDA managed"}
+
+_cupy = None
+
+
+def import_cupy():
+    """CuPy, imported on first need, so the NumPy path works where CuPy is not installed."""
+    global _cupy
+    if _cupy is None:
+        try:
+            import cupy
+        except ImportError as e:
+            raise ImportError(
+                "this needs CuPy: pip install 'cupy-transformer[cuda13]' (or [cuda12]); "
+                "NumPy inputs run the reference path without it"
+            ) from e
+        _cupy = cupy
+    return _cupy
+
+
+def _describe(value: Any) -> str:
+    t = type(value)
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def _is_cupy(value: Any) -> bool:
+    return "cupy" in sys.modules and isinstance(value, sys.modules["cupy"].ndarray)
+
+
+def kind_of(name: str, value: Any) -> str:
+    """``"numpy"``, ``"cupy"``, ``"torch"`` or ``"dlpack"`` (another ``__dlpack__`` producer)."""
+    if isinstance(value, numpy.ndarray):
+        return "numpy"
+    if _is_cupy(value):
+        return "cupy"
+    if hasattr(value, "__dlpack__") and hasattr(value, "__dlpack_device__"):
+        return "torch" if type(value).__module__.split(".")[0] == "torch" else "dlpack"
+    raise TypeError(
+        f"{name}: expected a CuPy array, a NumPy array or a CUDA array with __dlpack__ (e.g. a torch.Tensor); "
+        f"got {_describe(value)}"
+    )
+
+
+def _backend(kind: str) -> str:
+    return "numpy" if kind == "numpy" else "cupy"
+
+
+def common_kind(**arrays: Any) -> str:
+    """The kind of the first given (non-None) array; NumPy mixed with GPU arrays is a TypeError.
+
+    GPU kinds may mix (a CuPy weight with a torch activation): all become CuPy arrays, and the result
+    takes the first array's kind.
+    """
+    first = None
+    for name, value in arrays.items():
+        if value is None:
+            continue
+        kind = kind_of(name, value)
+        if first is None:
+            first = (name, kind)
+        elif _backend(kind) != _backend(first[1]):
+            want = "a NumPy array" if first[1] == "numpy" else "a GPU array"
+            raise TypeError(f"{name}: expected {want} like {first[0]}; got {_describe(value)}")
+    if first is None:
+        raise TypeError("no array given")
+    return first[1]
+
+
+def _from_dlpack(name: str, value: Any):
+    device_type, device_id = value.__dlpack_device__()
+    if device_type not in (_DLPACK_CUDA, _DLPACK_CUDA_MANAGED):
+        where = _DLPACK_NAMES.get(int(device_type), f"DLPack device type {int(device_type)}")
+        raise ValueError(
+            f"{name}: expected an array on a CUDA GPU (or a NumPy array for the reference path); "
+            f"got a {_describe(value)} on {where}"
+        )
+    cupy = import_cupy()
+    current = cupy.cuda.Device().id
+    if device_type == _DLPACK_CUDA and device_id != current:
+        raise ValueError(f"{name}: expected an array on the current GPU {current}; got one on GPU {device_id}")
+    return cupy.from_dlpack(value)
+
+
+def as_array(
+    name: str,
+    value: Any,
+    kind: str,
+    *,
+    ndim: int | Iterable[int] | None = None,
+    min_ndim: int | None = None,
+    dtypes: Iterable[numpy.dtype] | numpy.dtype = FLOAT_DTYPES,
+    shape: tuple[int, ...] | None = None,
+):
+    """``value`` as a C-contiguous array of the backend for ``kind``, after the given checks.
+
+    ``kind`` is the call's common kind (``common_kind``); ``shape`` entries of -1 match any size.
+    """
+    own = kind_of(name, value)
+    if _backend(own) != _backend(kind):
+        want = "a NumPy array" if kind == "numpy" else "a GPU array"
+        raise TypeError(f"{name}: expected {want} like the other inputs; got {_describe(value)}")
+    if own == "numpy":
+        array = value
+    elif own == "cupy":
+        array = value
+        current = import_cupy().cuda.Device().id
+        if array.device.id != current:
+            raise ValueError(f"{name}: expected an array on the current GPU {current}; got one on GPU {array.device.id}")
+    else:
+        array = _from_dlpack(name, value)
+
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if array.ndim not in allowed:
+            want = " or ".join(f"{n}-D" for n in allowed)
+            raise ValueError(f"{name}: expected a {want} array; got {array.ndim}-D with shape {tuple(array.shape)}")
+    if min_ndim is not None and array.ndim < min_ndim:
+        raise ValueError(
+            f"{name}: expected an array of at least {min_ndim} dimension(s); got {array.ndim}-D"
+        )
+    allowed_dtypes = (numpy.dtype(dtypes),) if not isinstance(dtypes, (tuple, list)) else tuple(map(numpy.dtype, dtypes))
+    if array.dtype not in allowed_dtypes:
+        want = ", ".join(str(d) for d in allowed_dtypes)
+        raise TypeError(f"{name}: expected dtype {want}; got {array.dtype}")
+    if shape is not None and (
+        len(shape) != array.ndim or any(w != -1 and w != g for w, g in zip(shape, array.shape))
+    ):
+        want = "(" + ", ".join("*" if w == -1 else str(w) for w in shape) + ")"
+        raise ValueError(f"{name}: expected shape {want}; got {tuple(array.shape)}")
+    if not array.flags.c_contiguous:
+        raise ValueError(
+            f"{name}: expected a C-contiguous array; got shape {tuple(array.shape)} with strides {array.strides} "
+            "(call .copy() / .contiguous() first)"
+        )
+    return array
+
+
+def check_no_overlap(out_name: str, out: Any, **inputs: Any) -> None:
+    """``out`` must not share memory with an input (kernels read inputs through ``__restrict__``)."""
+    if isinstance(out, numpy.ndarray):
+        return  # the NumPy path computes into a temporary before writing `out`
+    lo, hi = out.data.ptr, out.data.ptr + out.nbytes
+    for name, array in inputs.items():
+        if array is not None and array.nbytes and out.nbytes:
+            a_lo, a_hi = array.data.ptr, array.data.ptr + array.nbytes
+            if a_lo < hi and lo < a_hi:
+                raise ValueError(f"{out_name}: must not overlap the input {name}")
+
+
+def empty_like_kind(kind: str, shape: tuple[int, ...], dtype: numpy.dtype):
+    """A new array of the backend for ``kind`` (torch/dlpack results are made in CuPy)."""
+    if kind == "numpy":
+        return numpy.empty(shape, dtype)
+    return import_cupy().empty(shape, dtype)
+
+
+def to_caller(array: Any, kind: str):
+    """Return a result in the caller's kind: torch gets a tensor (zero-copy), others the array as is."""
+    if kind == "torch":
+        return sys.modules["torch"].from_dlpack(array)
+    return array

@@ -1,0 +1,186 @@
+"""CUDA kernel families: load a ``.cu`` file, compile it with NVRTC through CuPy, launch its kernels.
+
+A *family* is one file of ``kernels_cu/`` plus the template instantiations (name expressions) that
+Python launches, e.g. ``ct::norm_rows<__half, 8, 4>``. It is compiled once per (source, options,
+device) into one ``cupy.RawModule``; CuPy's on-disk kernel cache keys on the full source text, so
+local ``#include "x.cuh"`` lines are inlined here (a changed header must change the key) with
+``#line`` markers that keep file names and line numbers in NVRTC's messages.
+
+``compile_offline`` compiles a family for a named architecture with NVRTC alone (no GPU, no driver),
+which is how CI proves that every kernel compiles.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+import re
+import time
+from pathlib import Path
+from typing import Iterable
+
+import numpy
+
+from .arrays import import_cupy
+
+# `--std=c++17` for `if constexpr`. CuPy adds `-ftz=true` to every RawModule; `compile_offline` adds it
+# too, so CI compiles what a GPU compiles.
+COMPILE_OPTIONS = ("--std=c++17",)
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
+
+
+class KernelCompileError(RuntimeError):
+    """NVRTC rejected a kernel family: carries the file name and the compiler log."""
+
+
+def kernel_source_dir():
+    """The folder holding the ``.cu``/``.cuh`` sources (a Traversable)."""
+    try:
+        return importlib.resources.files("cupy_transformer.kernels_cu")
+    except ModuleNotFoundError:
+        # A checkout on PYTHONPATH, not installed: the sources sit beside the package.
+        return Path(__file__).resolve().parents[2] / "kernels_cu"
+
+
+def read_source(filename: str) -> str:
+    """The source of ``filename`` with its local includes inlined (each at most once)."""
+    root = kernel_source_dir()
+    seen: set[str] = set()
+
+    def expand(name: str) -> list[str]:
+        if name in seen:
+            return []
+        seen.add(name)
+        path = root / name
+        if not path.is_file():
+            raise FileNotFoundError(f"kernel source {name!r} not found in {root}")
+        out = [f'#line 1 "{name}"']
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            match = _INCLUDE.match(line)
+            if match:
+                out += expand(match.group(1))
+                out.append(f'#line {number + 1} "{name}"')
+            else:
+                out.append(line)
+        return out
+
+    return "\n".join(expand(filename)) + "\n"
+
+
+def cuda_include_dir() -> str | None:
+    """The CUDA headers CuPy itself uses (a CUDA install or the ``cuda-toolkit`` wheels)."""
+    from cupy import _environment
+
+    root = _environment.get_cuda_path()
+    if root and os.path.isdir(os.path.join(root, "include")):
+        return os.path.join(root, "include")
+    return None
+
+
+def _options() -> tuple[str, ...]:
+    include = cuda_include_dir()
+    return COMPILE_OPTIONS + ((f"-I{include}",) if include else ())
+
+
+class KernelFamily:
+    """The kernels of one ``.cu`` file, compiled together once per device on first use."""
+
+    registry: dict[str, "KernelFamily"] = {}
+
+    def __init__(self, filename: str, name_expressions: Iterable[str]):
+        self.filename = filename
+        self.name_expressions = tuple(name_expressions)
+        self._module = None
+        self._kernels: dict[tuple[int, str], object] = {}
+        KernelFamily.registry[filename] = self
+
+    def module(self):
+        """The ``cupy.RawModule``; CuPy compiles (or loads from its cache) per device lazily."""
+        if self._module is None:
+            cupy = import_cupy()
+            self._module = cupy.RawModule(
+                code=read_source(self.filename), options=_options(), name_expressions=self.name_expressions
+            )
+        return self._module
+
+    def kernel(self, name_expression: str):
+        """The launchable kernel for one instantiation on the current device."""
+        cupy = import_cupy()
+        key = (cupy.cuda.Device().id, name_expression)
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            if name_expression not in self.name_expressions:
+                raise KeyError(f"{self.filename}: {name_expression!r} is not one of its instantiations")
+            try:
+                kernel = self.module().get_function(name_expression)
+            except cupy.cuda.compiler.CompileException as e:
+                raise KernelCompileError(f"{self.filename}: NVRTC failed:\n{e.get_message()}") from None
+            self._kernels[key] = kernel
+        return kernel
+
+    def compile_offline(self, arch: str) -> bytes:
+        """Compile for ``sm_<arch>`` with NVRTC alone (no GPU needed); returns the cubin."""
+        import_cupy()
+        from cupy.cuda import nvrtc
+
+        source = read_source(self.filename)
+        prog = nvrtc.createProgram(source, self.filename, (), ())
+        try:
+            for name in self.name_expressions:
+                nvrtc.addNameExpression(prog, name)
+            options = _options() + ("-ftz=true", f"-arch=sm_{arch}")
+            try:
+                nvrtc.compileProgram(prog, list(options))
+            except nvrtc.NVRTCError:
+                raise KernelCompileError(
+                    f"{self.filename} (sm_{arch}): NVRTC failed:\n{nvrtc.getProgramLog(prog)}"
+                ) from None
+            for name in self.name_expressions:
+                nvrtc.getLoweredName(prog, name)  # raises if an instantiation was not emitted
+            return nvrtc.getCUBIN(prog)
+        finally:
+            nvrtc.destroyProgram(prog)
+
+
+def _all_families() -> dict[str, KernelFamily]:
+    import cupy_transformer.ops  # noqa: F401  (importing the ops registers their families)
+
+    return KernelFamily.registry
+
+
+def compile_all(arch: str) -> dict[str, float]:
+    """Compile every kernel family for ``sm_<arch>`` without a GPU; returns seconds per file."""
+    seconds = {}
+    for filename, family in sorted(_all_families().items()):
+        start = time.perf_counter()
+        family.compile_offline(arch)
+        seconds[filename] = time.perf_counter() - start
+    return seconds
+
+
+def warmup() -> dict[str, float]:
+    """Compile (or load from CuPy's cache) every family on the current GPU; returns seconds per file."""
+    seconds = {}
+    for filename, family in sorted(_all_families().items()):
+        start = time.perf_counter()
+        for name in family.name_expressions:
+            family.kernel(name)
+        seconds[filename] = time.perf_counter() - start
+    return seconds
+
+
+def cache_dir() -> str:
+    """Where CuPy keeps compiled kernels across processes."""
+    return os.environ.get("CUPY_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cupy", "kernel_cache"))
+
+
+def i32(value: int) -> numpy.int32:
+    """A kernel's ``int`` argument, range-checked (a silent wrap would be an out-of-bounds access)."""
+    if not -(2**31) <= value < 2**31:
+        raise ValueError(f"{value} does not fit a 32-bit kernel argument")
+    return numpy.int32(value)
+
+
+def f32(value: float) -> numpy.float32:
+    return numpy.float32(value)

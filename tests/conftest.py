@@ -1,0 +1,32 @@
+import pytest
+
+
+def _gpu_count() -> int:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # no CuPy, no driver, or no device: all mean "no GPU here"
+        return 0
+
+
+HAVE_GPU = _gpu_count() > 0
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAVE_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rng(request):
+    # Fresh inputs per test, reproducible from the test's name.
+    import zlib
+
+    import numpy
+
+    return numpy.random.default_rng(zlib.crc32(request.node.nodeid.encode()))

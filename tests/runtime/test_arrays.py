@@ -1,0 +1,68 @@
+"""The array layer: kinds, checks and error messages (CPU), DLPack import (GPU)."""
+
+import numpy
+import pytest
+
+from cupy_transformer.runtime import arrays
+
+
+class FakeDLPack:
+    """Any DLPack producer, reporting the given device (1 = CPU, 2 = CUDA)."""
+
+    def __init__(self, device_type):
+        self.device_type = device_type
+
+    def __dlpack__(self, stream=None):
+        raise AssertionError("must not be imported")
+
+    def __dlpack_device__(self):
+        return (self.device_type, 0)
+
+
+def test_kinds():
+    assert arrays.kind_of("x", numpy.ones(2)) == "numpy"
+    assert arrays.kind_of("x", FakeDLPack(2)) == "dlpack"
+    with pytest.raises(TypeError, match=r"w: expected a CuPy array, a NumPy array or a CUDA array.*got builtins.list"):
+        arrays.kind_of("w", [1.0])
+
+
+def test_numpy_and_gpu_arrays_do_not_mix():
+    assert arrays.common_kind(x=numpy.ones(2), bias=None) == "numpy"
+    with pytest.raises(TypeError, match=r"w: expected a NumPy array like x; got .*FakeDLPack"):
+        arrays.common_kind(x=numpy.ones(2), w=FakeDLPack(2))
+    with pytest.raises(TypeError, match=r"w: expected a GPU array like x; got numpy.ndarray"):
+        arrays.common_kind(x=FakeDLPack(2), w=numpy.ones(2))
+
+
+def test_cpu_dlpack_where_a_gpu_array_is_needed():
+    with pytest.raises(ValueError, match=r"x: expected an array on a CUDA GPU .*FakeDLPack on CPU"):
+        arrays.as_array("x", FakeDLPack(1), "dlpack")
+
+
+def test_checks_name_the_argument():
+    a = numpy.ones((2, 3), numpy.float32)
+    assert arrays.as_array("a", a, "numpy", ndim=2, shape=(-1, 3)) is a
+    with pytest.raises(ValueError, match=r"a: expected a 3-D array; got 2-D with shape \(2, 3\)"):
+        arrays.as_array("a", a, "numpy", ndim=3)
+    with pytest.raises(ValueError, match=r"a: expected shape \(\*, 4\); got \(2, 3\)"):
+        arrays.as_array("a", a, "numpy", shape=(-1, 4))
+    with pytest.raises(TypeError, match=r"a: expected dtype float16; got float32"):
+        arrays.as_array("a", a, "numpy", dtypes=numpy.float16)
+    with pytest.raises(ValueError, match=r"a: expected a C-contiguous array; got shape \(3, 2\)"):
+        arrays.as_array("a", a.T, "numpy")
+
+
+def test_bfloat16_is_a_float_dtype():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    assert numpy.dtype(ml_dtypes.bfloat16) in arrays.FLOAT_DTYPES
+
+
+@pytest.mark.gpu
+def test_torch_cuda_tensor_is_imported_without_a_copy():
+    torch = pytest.importorskip("torch")
+    t = torch.arange(12, dtype=torch.float32, device="cuda").reshape(3, 4)
+    kind = arrays.common_kind(t=t)
+    a = arrays.as_array("t", t, kind, ndim=2)
+    assert kind == "torch" and a.data.ptr == t.data_ptr()
+    back = arrays.to_caller(a, kind)
+    assert isinstance(back, torch.Tensor) and back.data_ptr() == t.data_ptr()

@@ -1,0 +1,89 @@
+"""The kernel runtime: source loading, offline NVRTC compile of every family (CI's compile check),
+compile errors, and CuPy's on-disk cache across processes (GPU)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from cupy_transformer.runtime import kernels
+from cupy_transformer.runtime.kernels import KernelCompileError, KernelFamily
+
+
+def test_sources_are_found_and_includes_inlined():
+    root = kernels.kernel_source_dir()
+    assert (root / "norm.cu").is_file()
+    source = kernels.read_source("norm.cu")
+    assert '#include "common.cuh"' not in source
+    assert '#line 1 "common.cuh"' in source and "block_sum" in source
+    assert source.count('#line 1 "common.cuh"') == 1
+
+
+def test_every_cu_file_belongs_to_a_family():
+    # compile_all covers registered families; a .cu file nobody registers would escape the compile check.
+    registered = set(kernels._all_families())
+    on_disk = {p.name for p in kernels.kernel_source_dir().iterdir() if p.name.endswith(".cu")}
+    assert on_disk == registered
+
+
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_every_family_compiles_without_a_gpu(arch):
+    seconds = kernels.compile_all(arch)
+    assert set(seconds) == set(kernels._all_families())
+    print({name: round(t, 2) for name, t in seconds.items()})
+
+
+def test_compile_error_names_the_file_and_carries_the_log(tmp_path, monkeypatch):
+    (tmp_path / "broken.cu").write_text('#include "ok.cuh"\n__global__ void k(float* x) { x[0] = undefined_name; }\n')
+    (tmp_path / "ok.cuh").write_text("#pragma once\n")
+    monkeypatch.setattr(kernels, "kernel_source_dir", lambda: tmp_path)
+    monkeypatch.setattr(KernelFamily, "registry", {})
+    family = KernelFamily("broken.cu", ["k"])
+    with pytest.raises(KernelCompileError, match=r"(?s)broken.cu \(sm_90\): NVRTC failed.*broken.cu\(2\).*undefined_name"):
+        family.compile_offline("90")
+
+
+def test_missing_source_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "kernel_source_dir", lambda: tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"kernel source 'nope.cu' not found"):
+        kernels.read_source("nope.cu")
+
+
+def test_int_arguments_are_range_checked():
+    assert kernels.i32(2**31 - 1) == 2**31 - 1
+    with pytest.raises(ValueError, match=r"does not fit a 32-bit kernel argument"):
+        kernels.i32(2**31)
+
+
+_COUNT_COMPILES = textwrap.dedent(
+    """
+    import json, time
+    from cupy.cuda import compiler
+    calls = []
+    real = compiler._compile_using_nvrtc_no_warning
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    compiler._compile_using_nvrtc_no_warning = counting
+    start = time.perf_counter()
+    import cupy_transformer
+    cupy_transformer.warmup()
+    print(json.dumps({"nvrtc_calls": len(calls), "seconds": time.perf_counter() - start}))
+    """
+)
+
+
+@pytest.mark.gpu
+def test_second_process_loads_from_the_disk_cache(tmp_path):
+    env = dict(os.environ, CUPY_CACHE_DIR=str(tmp_path))
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", _COUNT_COMPILES], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(f"first process: {runs[0]}, second process: {runs[1]}")
+    assert runs[0]["nvrtc_calls"] == len(kernels._all_families())
+    assert runs[1]["nvrtc_calls"] == 0
