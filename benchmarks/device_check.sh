@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One full call on a GPU machine: GPU tests, cold/warm process start (disk cache), compute-sanitizer
+# memcheck and racecheck on the kernels, then the benchmarks. Logs and tables go to $OUT.
+# Usage (repository root): CT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/device_check.sh [bench...]
+set -o pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-$(mktemp -d)}
+nvidia-smi -L | tee "$OUT/gpu.txt"
+python3 -c "import cupy, torch; print('cupy', cupy.__version__, 'torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
+
+python3 -m pytest -m gpu -q -rs 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
+
+# A fresh cache: the first process compiles, the second must load from disk.
+CUPY_CACHE_DIR=$(mktemp -d) bash -c 'TIMEFORMAT="process wall time %R s"; for i in 1 2; do time python3 -m cupy_transformer.cli info | grep -E "ready|GPU 0"; done' 2>&1 | tee "$OUT/cache.log"
+
+small='gpu_matches and not 8192 and not 4095 or unaligned'
+compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ops -k "$small" 2>&1 | tail -4 | tee "$OUT/memcheck.log"
+compute-sanitizer --tool racecheck --error-exitcode 9 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ops -k 'gpu_matches and (384 or 1001 or 70001)' 2>&1 | tail -4 | tee "$OUT/racecheck.log"
+
+for bench in "${@:-bench_norm}"; do
+    python3 "benchmarks/$bench.py" 2>&1 | tee "$OUT/$bench.log"
+done
