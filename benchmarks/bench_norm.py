@@ -17,6 +17,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import RESULTS, card_name, copies_for, copy_bandwidth_gbs, header, time_us  # noqa: E402
 from cupy_transformer import ops  # noqa: E402
+from cupy_transformer.ops import norm as norm_module  # noqa: E402
 
 SHAPES = [(8192, 4096), (8192, 8192), (16384, 1600), (32768, 384), (4096, 4095), (1, 4096), (64, 65536)]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -68,13 +69,20 @@ def main():
         "| op | dtype | rows x width | ours µs | ours GB/s | of copy | torch µs | torch GB/s | of copy | speed-up | rel. error |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    print("\n".join(lines))
     for dtype_name in DTYPES:
         for shape in SHAPES:
             if dtype_name != "fp16" and shape not in ((8192, 4096), (1, 4096)):
                 continue
-            lines += run(shape, dtype_name, copy_gbs)
+            rows = run(shape, dtype_name, copy_gbs)
+            print("\n".join(rows))
+            lines += rows
+    lines += ["", "Registers per thread / local-memory bytes (spills) of each instantiation:", ""]
+    for name in norm_module._KERNELS.name_expressions:
+        k = norm_module._KERNELS.kernel(name)
+        lines.append(f"- `{name}`: {k.num_regs} registers, {k.local_size_bytes} B local")
     text = "\n".join(lines) + "\n"
-    print(text)
+    print("\n".join(lines[-len(norm_module._KERNELS.name_expressions) - 1:]))
     os.makedirs(RESULTS, exist_ok=True)
     card = card_name().replace("NVIDIA ", "").split()[0].lower()
     path = os.path.join(os.environ.get("OUT", RESULTS), f"norm-{card}.md")

@@ -34,16 +34,18 @@ __device__ __forceinline__ void store_normalized(Vec<T, VEC>* __restrict__ y, co
 }
 
 template <typename T, int VEC>
-__device__ __forceinline__ void load_floats(const Vec<T, VEC>* __restrict__ x, int slot, float (&v)[VEC]) {
-    const Vec<T, VEC> t = x[slot];
+__device__ __forceinline__ void to_floats(const Vec<T, VEC>& t, float (&v)[VEC]) {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) v[j] = to_float(t.v[j]);
 }
 
 // x, y: [rows, width] contiguous, one block per row; gamma, beta: [width]; width % VEC == 0.
+// The register path keeps the row in its storage type (8 fp16 values in 4 registers) so that
+// 1024 threads x 8 vectors fit the 64 registers per thread that __launch_bounds__(1024) allows.
 template <typename T, int VEC, int VPT>
-__global__ void norm_rows(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
-                          T* __restrict__ y, int width, float eps, int mode) {
+__global__ void __launch_bounds__(1024) norm_rows(const T* __restrict__ x, const T* __restrict__ gamma,
+                                                  const T* __restrict__ beta, T* __restrict__ y, int width,
+                                                  float eps, int mode) {
     using V = Vec<T, VEC>;
     __shared__ float scratch[32];
     const size_t row = static_cast<size_t>(blockIdx.x) * width;
@@ -54,49 +56,52 @@ __global__ void norm_rows(const T* __restrict__ x, const T* __restrict__ gamma, 
     const int slots = width / VEC;
     const bool rms = mode == RMS_NORM;
     const float inv_width = 1.f / width;
+    float v[VEC];
 
     if constexpr (VPT > 0) {
-        float v[VPT][VEC];
+        V raw[VPT];
 #pragma unroll
         for (int k = 0; k < VPT; ++k) {
             const int s = threadIdx.x + k * blockDim.x;
-            if (s < slots) {
-                load_floats(xr, s, v[k]);
-            } else {
-#pragma unroll
-                for (int j = 0; j < VEC; ++j) v[k][j] = 0.f;
-            }
+            if (s < slots) raw[k] = xr[s];
         }
         float mean = 0.f;
         if (!rms) {
             float sum = 0.f;
 #pragma unroll
-            for (int k = 0; k < VPT; ++k)
+            for (int k = 0; k < VPT; ++k) {
+                if (threadIdx.x + k * blockDim.x < slots) {
+                    to_floats(raw[k], v);
 #pragma unroll
-                for (int j = 0; j < VEC; ++j) sum += v[k][j];
+                    for (int j = 0; j < VEC; ++j) sum += v[j];
+                }
+            }
             mean = block_sum(sum, scratch) * inv_width;
         }
         float sq = 0.f;
 #pragma unroll
         for (int k = 0; k < VPT; ++k) {
             if (threadIdx.x + k * blockDim.x < slots) {
+                to_floats(raw[k], v);
 #pragma unroll
-                for (int j = 0; j < VEC; ++j) sq += (v[k][j] - mean) * (v[k][j] - mean);
+                for (int j = 0; j < VEC; ++j) sq += (v[j] - mean) * (v[j] - mean);
             }
         }
         const float rstd = rsqrtf(block_sum(sq, scratch) * inv_width + eps);
 #pragma unroll
         for (int k = 0; k < VPT; ++k) {
             const int s = threadIdx.x + k * blockDim.x;
-            if (s < slots) store_normalized<T, VEC>(yr, g, b, s, v[k], mean, rstd, mode);
+            if (s < slots) {
+                to_floats(raw[k], v);
+                store_normalized<T, VEC>(yr, g, b, s, v, mean, rstd, mode);
+            }
         }
     } else {
-        float v[VEC];
         float mean = 0.f;
         if (!rms) {
             float sum = 0.f;
             for (int s = threadIdx.x; s < slots; s += blockDim.x) {
-                load_floats(xr, s, v);
+                to_floats(xr[s], v);
 #pragma unroll
                 for (int j = 0; j < VEC; ++j) sum += v[j];
             }
@@ -104,13 +109,13 @@ __global__ void norm_rows(const T* __restrict__ x, const T* __restrict__ gamma, 
         }
         float sq = 0.f;
         for (int s = threadIdx.x; s < slots; s += blockDim.x) {
-            load_floats(xr, s, v);
+            to_floats(xr[s], v);
 #pragma unroll
             for (int j = 0; j < VEC; ++j) sq += (v[j] - mean) * (v[j] - mean);
         }
         const float rstd = rsqrtf(block_sum(sq, scratch) * inv_width + eps);
         for (int s = threadIdx.x; s < slots; s += blockDim.x) {
-            load_floats(xr, s, v);
+            to_floats(xr[s], v);
             store_normalized<T, VEC>(yr, g, b, s, v, mean, rstd, mode);
         }
     }

@@ -31,7 +31,8 @@ def make_inputs(rng, shape, dtype):
 # Widths: 1, odd, a multiple of 8 that is not of the block, DeepSpeed-style sizes, and long rows that take
 # the multi-pass path (65544 fp16 = 8193 vectors; 70001 = scalar path beyond registers).
 CPU_SHAPES = [(1,), (3, 1), (2, 7), (5, 384), (3, 1000), (2, 3, 1001), (2, 4104)]
-GPU_SHAPES = CPU_SHAPES + [(64, 768), (7, 1600), (3, 4096 + 8), (512, 4095), (3, 65544), (2, 70001), (8192, 4096)]
+# (2, 65536) fp16 and (3, 8191) fill 1024 threads x 8 registers-held vectors.
+GPU_SHAPES = CPU_SHAPES + [(2, 65536), (3, 8191), (64, 768), (7, 1600), (3, 4096 + 8), (512, 4095), (3, 65544), (2, 70001), (8192, 4096)]
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
