@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import RESULTS, card_name, copies_for, copy_bandwidth_gbs, header, time_us  # noqa: E402
+from benchmarks.common import RESULTS, card_name, copies_for, copy_bandwidth_gbs, header, host_us, time_us  # noqa: E402
 from cupy_transformer import ops  # noqa: E402
 from cupy_transformer.ops import norm as norm_module  # noqa: E402
 
@@ -59,13 +59,33 @@ def run(shape, dtype_name, copy_gbs):
     return rows_out
 
 
+def sweep(copy_gbs):
+    """Registers-per-thread vs threads-per-row at the goal shape, fp16 LayerNorm (raw kernel)."""
+    from cupy_transformer.runtime.kernels import f32, i32
+
+    rows, width = 8192, 4096
+    n = copies_for(4 * rows * width)
+    xs = [cupy.random.standard_normal((rows, width), dtype=cupy.float32).astype(cupy.float16) for _ in range(n)]
+    ys = [cupy.empty_like(x) for x in xs]
+    g = cupy.ones(width, cupy.float16)
+    out = []
+    for vpt in (1, 2, 4, 8):
+        threads = width // 8 // vpt
+        kernel = norm_module._KERNELS.kernel(f"ct::norm_rows<__half, 8, {vpt}>")
+        us = time_us(lambda x, y: kernel((rows,), (threads,), (x, g, g, y, i32(width), f32(1e-5), i32(0))), list(zip(xs, ys)))
+        gbs = 4 * rows * width / us / 1e3
+        out.append(f"vectors/thread {vpt}, threads {threads}: {us:.1f} µs, {gbs:.0f} GB/s ({100 * gbs / copy_gbs:.0f}% of copy)")
+    return out
+
+
 def main():
     copy_gbs = copy_bandwidth_gbs()
     lines = [
         header("Layer norm / RMS norm vs torch"),
         f"Copy bandwidth (1 GiB device-to-device memcpy, read + written): {copy_gbs:.0f} GB/s. "
-        "Times are medians of 60 CUDA-event-timed calls over inputs rotated to defeat L2; GB/s counts x read "
-        "and y written; speed-up is torch time / our time; error is ours vs torch fp32, relative (norm).\n",
+        "GPU times are medians of 60 CUDA-event-timed calls, each queued behind a 256 MiB memset (evicts L2, "
+        "hides host launch overhead); GB/s counts x read and y written; speed-up is torch time / our time; "
+        "error is ours vs torch fp32, relative (norm). Host overhead per call is listed below the table.\n",
         "| op | dtype | rows x width | ours µs | ours GB/s | of copy | torch µs | torch GB/s | of copy | speed-up | rel. error |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -77,6 +97,20 @@ def main():
             rows = run(shape, dtype_name, copy_gbs)
             print("\n".join(rows))
             lines += rows
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    g = torch.ones(4096, device="cuda", dtype=torch.float16)
+    xc, gc, oc = cupy.from_dlpack(x), cupy.from_dlpack(g), cupy.empty((1, 4096), cupy.float16)
+    lines += [
+        "",
+        "Host time per call, (1, 4096) fp16, GPU keeping up: "
+        f"ours layer_norm on CuPy arrays {host_us(lambda: ops.layer_norm(xc, gc, gc, out=oc), ()):.1f} µs, "
+        f"on torch tensors {host_us(lambda: ops.layer_norm(x, g, g), ()):.1f} µs; "
+        f"torch F.layer_norm {host_us(lambda: F.layer_norm(x, (4096,), g, g), ()):.1f} µs.",
+    ]
+    print(lines[-1])
+    lines += ["", "Launch shape at 8192x4096 fp16 LayerNorm (the op picks one of these):", ""]
+    lines += ["- " + line for line in sweep(copy_gbs)]
+    print("\n".join(lines[-4:]))
     lines += ["", "Registers per thread / local-memory bytes (spills) of each instantiation:", ""]
     for name in norm_module._KERNELS.name_expressions:
         k = norm_module._KERNELS.kernel(name)

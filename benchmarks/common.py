@@ -44,21 +44,46 @@ def _torch_version() -> str:
     return f", torch {torch.__version__}"
 
 
+_busy = None
+
+
 def time_us(fn, args_list, reps: int = 60, warmup: int = 5) -> float:
-    """Median time of ``fn(*args)`` in microseconds, cycling through ``args_list`` so that repeated
-    calls do not find their inputs in L2. Timed with events on the legacy default stream, which CuPy's
-    and torch's default streams both are."""
+    """Median GPU time of ``fn(*args)`` in microseconds.
+
+    Before each timed call a 256 MiB memset is queued: it evicts L2 and keeps the GPU busy while
+    Python enqueues ``fn``, so the events bracket the kernels alone, not the host's launch overhead
+    (``host_us`` measures that). ``args_list`` is cycled through as well. Events are recorded on the
+    legacy default stream, which CuPy's and torch's default streams both are."""
+    global _busy
+    if _busy is None:
+        _busy = cupy.empty(256 << 20, cupy.uint8)
     for i in range(warmup):
         fn(*args_list[i % len(args_list)])
     times = []
     for i in range(reps):
         start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        cupy.cuda.runtime.memsetAsync(_busy.data.ptr, i & 0xFF, _busy.nbytes, 0)
         start.record()
         fn(*args_list[i % len(args_list)])
         end.record()
         end.synchronize()
         times.append(cupy.cuda.get_elapsed_time(start, end) * 1e3)
     return statistics.median(times)
+
+
+def host_us(fn, args, calls: int = 2000) -> float:
+    """Host time per call of ``fn(*args)`` (validation, dispatch, launch) when the GPU keeps up."""
+    import time
+
+    for _ in range(20):
+        fn(*args)
+    cupy.cuda.Device().synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn(*args)
+    elapsed = time.perf_counter() - start
+    cupy.cuda.Device().synchronize()
+    return elapsed / calls * 1e6
 
 
 def copies_for(nbytes: int, l2_multiple: int = 4) -> int:
