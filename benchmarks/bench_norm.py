@@ -11,6 +11,7 @@ import os
 import sys
 
 import cupy
+import numpy
 import torch
 import torch.nn.functional as F
 
@@ -71,8 +72,9 @@ def sweep(copy_gbs):
     out = []
     for vpt in (1, 2, 4, 8):
         threads = width // 8 // vpt
-        kernel = norm_module._KERNELS.kernel(f"ct::norm_rows<__half, 8, {vpt}>")
-        us = time_us(lambda x, y: kernel((rows,), (threads,), (x, g, g, y, i32(width), f32(1e-5), i32(0))), list(zip(xs, ys)))
+        kernel = norm_module._KERNELS.kernel(norm_module._name(numpy.dtype(numpy.float16), 8, vpt, False))
+        args = (i32(rows), i32(width), f32(1e-5), i32(0))
+        us = time_us(lambda x, y: kernel((rows,), (threads,), (x, g, g, y, *args)), list(zip(xs, ys)))
         gbs = 4 * rows * width / us / 1e3
         out.append(f"vectors/thread {vpt}, threads {threads}: {us:.1f} µs, {gbs:.0f} GB/s ({100 * gbs / copy_gbs:.0f}% of copy)")
     return out

@@ -10,7 +10,8 @@ reference):
   input dtype before the ``gamma`` multiply, as Hugging Face's LLaMA RMSNorm does. (DeepSpeed also
   rounds ``1/sqrt(...)`` to the dtype first; we follow HF, whose checkpoints these models come from.)
 
-NumPy inputs run the reference; GPU inputs run one kernel, one block per row. Rows whose width is a
+NumPy inputs run the reference; GPU inputs run one kernel, one block per row (one warp per row for
+rows of at most 128 accesses, e.g. 1024 fp16). Rows whose width is a
 multiple of 16 bytes (8 fp16/bf16 or 4 fp32 elements) with 16-byte aligned pointers move 16 bytes per
 access; other widths fall back to one element per access. Rows up to 8 * 1024 accesses stay in
 registers (one read of the input); longer rows take a three-pass path.
@@ -30,10 +31,12 @@ _CTYPES = {numpy.dtype(numpy.float16): "__half", numpy.dtype(numpy.float32): "fl
 if len(FLOAT_DTYPES) == 3:
     _CTYPES[FLOAT_DTYPES[2]] = "__nv_bfloat16"
 
-# Vectors held in registers per thread; 0 = the multi-pass path for very long rows.
-_VPT = (1, 2, 4, 8, 0)
 _MAX_THREADS = 1024
-_TARGET_THREADS = 128  # short rows: fewer, fuller threads per row keep more rows in flight per SM
+_TARGET_THREADS = 128  # threads per row: fewer, fuller threads keep more rows in flight per SM
+_WARP_ROWS_PER_BLOCK = 4
+# (vectors held in registers per thread, one warp per row): 0 vectors = the multi-pass path for very
+# long rows; warp-per-row for rows of at most 32 x 4 vectors.
+_VARIANTS = [(vpt, False) for vpt in (1, 2, 4, 8, 0)] + [(vpt, True) for vpt in (1, 2, 4)]
 
 _MODE = {"layer_norm": 0, "layer_norm_no_beta": 1, "rms_norm": 2}
 
@@ -42,14 +45,13 @@ def _vec(dtype: numpy.dtype) -> int:
     return 16 // dtype.itemsize
 
 
+def _name(dtype: numpy.dtype, vec: int, vpt: int, warp_per_row: bool) -> str:
+    return f"ct::norm_rows<{_CTYPES[dtype]}, {vec}, {vpt}, {'true' if warp_per_row else 'false'}>"
+
+
 _KERNELS = KernelFamily(
     "norm.cu",
-    [
-        f"ct::norm_rows<{ctype}, {vec}, {vpt}>"
-        for dtype, ctype in _CTYPES.items()
-        for vec in (_vec(dtype), 1)
-        for vpt in _VPT
-    ],
+    [_name(dtype, vec, vpt, warp) for dtype in _CTYPES for vec in (_vec(dtype), 1) for vpt, warp in _VARIANTS],
 )
 
 
@@ -82,15 +84,19 @@ def norm_reference(mode: str, x: numpy.ndarray, gamma: numpy.ndarray, beta, eps:
     return y.astype(x.dtype)
 
 
-def launch_config(width: int, dtype: numpy.dtype, aligned: bool) -> tuple[int, int, int]:
-    """(elements per access, accesses per thread held in registers or 0, threads per block)."""
+def launch_config(rows: int, width: int, dtype: numpy.dtype, aligned: bool) -> tuple[str, tuple, tuple]:
+    """(kernel name expression, grid, block) for ``rows`` rows of ``width`` elements."""
     vec = _vec(dtype) if aligned and width % _vec(dtype) == 0 else 1
     slots = width // vec
+    if slots <= 32 * 4:
+        vpt = next(v for v in (1, 2, 4) if slots <= 32 * v)
+        grid = (rows + _WARP_ROWS_PER_BLOCK - 1) // _WARP_ROWS_PER_BLOCK
+        return _name(dtype, vec, vpt, True), (grid,), (32, _WARP_ROWS_PER_BLOCK)
     if slots > 8 * _MAX_THREADS:
-        return vec, 0, _MAX_THREADS
+        return _name(dtype, vec, 0, False), (rows,), (_MAX_THREADS,)
     vpt = next((v for v in (1, 2, 4, 8) if slots <= _TARGET_THREADS * v), 8)
     threads = 32 * math.ceil(math.ceil(slots / vpt) / 32)
-    return vec, vpt, threads
+    return _name(dtype, vec, vpt, False), (rows,), (threads,)
 
 
 def _norm(mode: str, x, gamma, beta, eps: float, out):
@@ -116,12 +122,11 @@ def _norm(mode: str, x, gamma, beta, eps: float, out):
     rows = x.size // width
     if rows:
         aligned = all(a.data.ptr % 16 == 0 for a in (x, gamma, beta, out) if a is not None)
-        vec, vpt, threads = launch_config(width, x.dtype, aligned)
-        kernel = _KERNELS.kernel(f"ct::norm_rows<{_CTYPES[x.dtype]}, {vec}, {vpt}>")
+        name, grid, block = launch_config(rows, width, x.dtype, aligned)
         placeholder_beta = gamma  # not read when the mode has no beta
-        kernel(
-            (i32(rows),),
-            (threads,),
-            (x, gamma, beta if beta is not None else placeholder_beta, out, i32(width), f32(eps), i32(_MODE[mode])),
+        _KERNELS.kernel(name)(
+            grid,
+            block,
+            (x, gamma, beta if beta is not None else placeholder_beta, out, i32(rows), i32(width), f32(eps), i32(_MODE[mode])),
         )
     return to_caller(out, kind)

@@ -104,7 +104,7 @@ def _from_dlpack(name: str, value: Any):
             f"got a {_describe(value)} on {where}"
         )
     cupy = import_cupy()
-    current = cupy.cuda.Device().id
+    current = cupy.cuda.runtime.getDevice()
     if device_type == _DLPACK_CUDA and device_id != current:
         raise ValueError(f"{name}: expected an array on the current GPU {current}; got one on GPU {device_id}")
     return cupy.from_dlpack(value)
@@ -117,7 +117,7 @@ def as_array(
     *,
     ndim: int | Iterable[int] | None = None,
     min_ndim: int | None = None,
-    dtypes: Iterable[numpy.dtype] | numpy.dtype = FLOAT_DTYPES,
+    dtypes: tuple[numpy.dtype, ...] | numpy.dtype = FLOAT_DTYPES,
     shape: tuple[int, ...] | None = None,
 ):
     """``value`` as a C-contiguous array of the backend for ``kind``, after the given checks.
@@ -132,9 +132,9 @@ def as_array(
         array = value
     elif own == "cupy":
         array = value
-        current = import_cupy().cuda.Device().id
-        if array.device.id != current:
-            raise ValueError(f"{name}: expected an array on the current GPU {current}; got one on GPU {array.device.id}")
+        current = import_cupy().cuda.runtime.getDevice()
+        if array.data.device_id != current:
+            raise ValueError(f"{name}: expected an array on the current GPU {current}; got one on GPU {array.data.device_id}")
     else:
         array = _from_dlpack(name, value)
 
@@ -147,9 +147,8 @@ def as_array(
         raise ValueError(
             f"{name}: expected an array of at least {min_ndim} dimension(s); got {array.ndim}-D"
         )
-    allowed_dtypes = (numpy.dtype(dtypes),) if not isinstance(dtypes, (tuple, list)) else tuple(map(numpy.dtype, dtypes))
-    if array.dtype not in allowed_dtypes:
-        want = ", ".join(str(d) for d in allowed_dtypes)
+    if array.dtype != dtypes if isinstance(dtypes, numpy.dtype) else array.dtype not in dtypes:
+        want = ", ".join(str(d) for d in ((dtypes,) if isinstance(dtypes, numpy.dtype) else dtypes))
         raise TypeError(f"{name}: expected dtype {want}; got {array.dtype}")
     if shape is not None and (
         len(shape) != array.ndim or any(w != -1 and w != g for w, g in zip(shape, array.shape))

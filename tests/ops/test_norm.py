@@ -31,8 +31,9 @@ def make_inputs(rng, shape, dtype):
 # Widths: 1, odd, a multiple of 8 that is not of the block, DeepSpeed-style sizes, and long rows that take
 # the multi-pass path (65544 fp16 = 8193 vectors; 70001 = scalar path beyond registers).
 CPU_SHAPES = [(1,), (3, 1), (2, 7), (5, 384), (3, 1000), (2, 3, 1001), (2, 4104)]
+# Warp-per-row launches cover 4 rows a block: (5, 384) and (13, 1024) leave a partial block.
 # (2, 65536) fp16 and (3, 8191) fill 1024 threads x 8 registers-held vectors.
-GPU_SHAPES = CPU_SHAPES + [(2, 65536), (3, 8191), (64, 768), (7, 1600), (3, 4096 + 8), (512, 4095), (3, 65544), (2, 70001), (8192, 4096)]
+GPU_SHAPES = CPU_SHAPES + [(2, 65536), (3, 8191), (13, 1024), (64, 768), (7, 1600), (3, 4096 + 8), (512, 4095), (3, 65544), (2, 70001), (8192, 4096)]
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
@@ -61,12 +62,14 @@ def test_numpy_path_writes_out(rng):
 def test_every_launch_config_is_instantiated():
     names = set(norm_module._KERNELS.name_expressions)
     for dtype in FLOAT_DTYPES:
-        for width in (1, 7, 8, 64, 384, 1000, 1001, 4096, 4095, 8192 * 8, 8193 * 8, 70001):
+        for width in (1, 7, 8, 64, 384, 1000, 1001, 1024, 1032, 4096, 4095, 8192 * 8, 8193 * 8, 70001):
             for aligned in (True, False):
-                vec, vpt, threads = norm_module.launch_config(width, dtype, aligned)
-                assert f"ct::norm_rows<{norm_module._CTYPES[dtype]}, {vec}, {vpt}>" in names
-                assert threads % 32 == 0 and 32 <= threads <= 1024
-                assert width % vec == 0
+                name, grid, block = norm_module.launch_config(37, width, dtype, aligned)
+                assert name in names
+                vec, vpt = (int(a) for a in name.split("<")[1].split(",")[1:3])
+                threads = block[0]
+                assert width % vec == 0 and threads % 32 == 0 and 32 <= threads * (block + (1,))[1] <= 1024
+                assert grid[0] * (block + (1,))[1] >= 37  # every row has a block or a warp
                 if vpt:  # the registers cover the whole row
                     assert threads * vpt * vec >= width
 

@@ -47,7 +47,7 @@ def test_checks_name_the_argument():
     with pytest.raises(ValueError, match=r"a: expected shape \(\*, 4\); got \(2, 3\)"):
         arrays.as_array("a", a, "numpy", shape=(-1, 4))
     with pytest.raises(TypeError, match=r"a: expected dtype float16; got float32"):
-        arrays.as_array("a", a, "numpy", dtypes=numpy.float16)
+        arrays.as_array("a", a, "numpy", dtypes=numpy.dtype(numpy.float16))
     with pytest.raises(ValueError, match=r"a: expected a C-contiguous array; got shape \(3, 2\)"):
         arrays.as_array("a", a.T, "numpy")
 
