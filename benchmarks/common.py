@@ -44,25 +44,30 @@ def _torch_version() -> str:
     return f", torch {torch.__version__}"
 
 
-_busy = None
+_flush = None
 
 
-def time_us(fn, args_list, reps: int = 60, warmup: int = 5) -> float:
+def time_us(fn, args_list, reps: int = 60, warmup: int = 5, flush: str = "read") -> float:
     """Median GPU time of ``fn(*args)`` in microseconds.
 
-    Before each timed call a 256 MiB memset is queued: it evicts L2 and keeps the GPU busy while
-    Python enqueues ``fn``, so the events bracket the kernels alone, not the host's launch overhead
-    (``host_us`` measures that). ``args_list`` is cycled through as well. Events are recorded on the
-    legacy default stream, which CuPy's and torch's default streams both are."""
-    global _busy
-    if _busy is None:
-        _busy = cupy.empty(256 << 20, cupy.uint8)
+    Before each timed call a pass over a 256 MiB buffer is queued: it evicts L2 and keeps the GPU busy
+    while Python enqueues ``fn``, so the events bracket the kernels alone, not the host's launch
+    overhead (``host_us`` measures that). The default pass reads (a sum), leaving L2 clean; ``"write"``
+    (a memset, as triton's do_bench does) leaves it full of dirty lines whose write-back then competes
+    with ``fn``. ``args_list`` is cycled through as well. Events are recorded on the legacy default
+    stream, which CuPy's and torch's default streams both are."""
+    global _flush
+    if _flush is None:
+        _flush = cupy.ones(64 << 20, cupy.float32)
     for i in range(warmup):
         fn(*args_list[i % len(args_list)])
     times = []
     for i in range(reps):
         start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        cupy.cuda.runtime.memsetAsync(_busy.data.ptr, i & 0xFF, _busy.nbytes, 0)
+        if flush == "read":
+            _flush.sum()
+        else:
+            cupy.cuda.runtime.memsetAsync(_flush.data.ptr, i & 0xFF, _flush.nbytes, 0)
         start.record()
         fn(*args_list[i % len(args_list)])
         end.record()
