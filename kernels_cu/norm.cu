@@ -1,128 +1,163 @@
 // Row normalisation: LayerNorm (with or without beta) and RMSNorm over the last dimension.
 //
-// One block (or, for short rows, one warp) normalises one row. With VPT > 0 each thread keeps VPT vectors of VEC elements in
-// registers, so the row is read from memory once and the variance is an exact second pass over
-// registers. VPT == 0 is the path for rows too long for registers: three passes over the row,
-// the second and third served mostly from L2. Statistics and the affine transform are in fp32.
+// One block (or, for short rows, one warp) normalises one row. A row is cut into *slots*: the 16-byte
+// aligned vectors of memory it touches. Whole slots move as one 16-byte access; the partial slots at
+// either end (a row of 4095 fp16 values starts at a different alignment each row) move element by
+// element. With VPT > 0 each thread keeps VPT slots in registers, so the row is read from memory once
+// and the variance is an exact second pass over registers. VPT == 0 is the path for rows too long for
+// registers: three passes over the row, the second and third served mostly from L2. Statistics and the
+// affine transform are in fp32.
 #include "common.cuh"
 
 namespace ct {
 
 enum NormMode : int { LAYER_NORM = 0, LAYER_NORM_NO_BETA = 1, RMS_NORM = 2 };
 
+// One row of x and y. x and y share their alignment modulo 16 bytes (the launcher checks), so a slot
+// is aligned in both; `lead` is how many elements of the first slot lie before the row's start.
 template <typename T, int VEC>
-__device__ __forceinline__ void store_normalized(Vec<T, VEC>* __restrict__ y, const Vec<T, VEC>* __restrict__ gamma,
-                                                 const Vec<T, VEC>* __restrict__ beta, int slot,
-                                                 const float (&v)[VEC], float mean, float rstd, int mode) {
-    const Vec<T, VEC> g = gamma[slot];
-    Vec<T, VEC> out;
-    if (mode == RMS_NORM) {
-        // As Hugging Face's RMSNorm: normalise in fp32, round to T, then multiply by gamma in T.
+struct Row {
+    using V = Vec<T, VEC>;
+    const T* x;
+    T* y;
+    int width, lead;
+    bool gamma_by_slot;  // gamma/beta line up with the slots (aligned, lead 0, whole slots only)
+
+    __device__ Row(const T* x_, T* y_, int width_, const T* gamma) : x(x_), y(y_), width(width_) {
+        lead = static_cast<int>((reinterpret_cast<size_t>(x) % sizeof(V)) / sizeof(T));
+        gamma_by_slot = lead == 0 && width % VEC == 0 && reinterpret_cast<size_t>(gamma) % sizeof(V) == 0;
+    }
+    __device__ int slots() const { return (lead + width + VEC - 1) / VEC; }
+    __device__ int first(int s) const { return s * VEC - lead; }  // row index of the slot's first element
+    __device__ bool whole(int s) const { return first(s) >= 0 && first(s) + VEC <= width; }
+    __device__ bool valid(int s, int j) const { return first(s) + j >= 0 && first(s) + j < width; }
+
+    // Elements outside the row read as 0.
+    __device__ V load(int s) const {
+        if (whole(s)) return *reinterpret_cast<const V*>(x + first(s));
+        V t;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) t.v[j] = valid(s, j) ? x[first(s) + j] : from_float<T>(0.f);
+        return t;
+    }
+    __device__ void store(int s, const V& t) const {
+        if (whole(s)) {
+            *reinterpret_cast<V*>(y + first(s)) = t;
+            return;
+        }
 #pragma unroll
         for (int j = 0; j < VEC; ++j)
-            out.v[j] = from_float<T>(to_float(from_float<T>(v[j] * rstd)) * to_float(g.v[j]));
-    } else {
-        Vec<T, VEC> b;
-        if (mode == LAYER_NORM) b = beta[slot];
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-            const float shift = mode == LAYER_NORM ? to_float(b.v[j]) : 0.f;
-            out.v[j] = from_float<T>((v[j] - mean) * rstd * to_float(g.v[j]) + shift);
-        }
+            if (valid(s, j)) y[first(s) + j] = t.v[j];
     }
-    y[slot] = out;
+    // gamma or beta for the slot's elements (0 outside the row).
+    __device__ void params(const T* __restrict__ p, int s, float (&out)[VEC]) const {
+        if (gamma_by_slot) {
+            const V t = reinterpret_cast<const V*>(p)[s];
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) out[j] = to_float(t.v[j]);
+            return;
+        }
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) out[j] = valid(s, j) ? to_float(p[first(s) + j]) : 0.f;
+    }
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ void normalize_slot(const Row<T, VEC>& row, const T* __restrict__ gamma,
+                                               const T* __restrict__ beta, int s, const Vec<T, VEC>& in,
+                                               float mean, float rstd, int mode) {
+    float g[VEC], b[VEC];
+    row.params(gamma, s, g);
+    if (mode == LAYER_NORM) row.params(beta, s, b);
+    Vec<T, VEC> out;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+        const float v = to_float(in.v[j]);
+        if (mode == RMS_NORM)  // as Hugging Face's RMSNorm: normalise in fp32, round to T, times gamma in T
+            out.v[j] = from_float<T>(to_float(from_float<T>(v * rstd)) * g[j]);
+        else
+            out.v[j] = from_float<T>((v - mean) * rstd * g[j] + (mode == LAYER_NORM ? b[j] : 0.f));
+    }
+    row.store(s, out);
 }
 
 template <typename T, int VEC>
-__device__ __forceinline__ void to_floats(const Vec<T, VEC>& t, float (&v)[VEC]) {
+__device__ __forceinline__ float slot_sum(const Vec<T, VEC>& t) {
+    float sum = 0.f;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) v[j] = to_float(t.v[j]);
+    for (int j = 0; j < VEC; ++j) sum += to_float(t.v[j]);  // outside-row elements are 0
+    return sum;
 }
 
-// x, y: [rows, width] contiguous; gamma, beta: [width]; width % VEC == 0.
+template <typename T, int VEC>
+__device__ __forceinline__ float slot_sq(const Row<T, VEC>& row, int s, const Vec<T, VEC>& t, float mean) {
+    float sq = 0.f;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+        const float d = to_float(t.v[j]) - mean;
+        sq += row.valid(s, j) ? d * d : 0.f;
+    }
+    return sq;
+}
+
+// x, y: [rows, width] contiguous; gamma, beta: [width].
 // WARP_PER_ROW: blockDim = (32, rows per block), one warp per row and warp-only reductions (short rows);
 // otherwise one block of blockDim.x threads per row.
 // The register path keeps the row in its storage type (8 fp16 values in 4 registers) so that
-// 1024 threads x 8 vectors fit the 64 registers per thread that __launch_bounds__(1024) allows.
+// 1024 threads x 8 slots fit the 64 registers per thread that __launch_bounds__(1024) allows.
 template <typename T, int VEC, int VPT, bool WARP_PER_ROW>
 __global__ void __launch_bounds__(1024) norm_rows(const T* __restrict__ x, const T* __restrict__ gamma,
                                                   const T* __restrict__ beta, T* __restrict__ y, int rows,
                                                   int width, float eps, int mode) {
-    using V = Vec<T, VEC>;
     __shared__ float scratch[32];
     const int row_index = WARP_PER_ROW ? blockIdx.x * blockDim.y + threadIdx.y : blockIdx.x;
     if (WARP_PER_ROW && row_index >= rows) return;  // whole warps leave; their reductions need no barrier
     const auto reduce = [&](float v) { return WARP_PER_ROW ? warp_sum(v) : block_sum(v, scratch); };
-    const size_t row = static_cast<size_t>(row_index) * width;
-    const V* xr = reinterpret_cast<const V*>(x + row);
-    V* yr = reinterpret_cast<V*>(y + row);
-    const V* g = reinterpret_cast<const V*>(gamma);
-    const V* b = reinterpret_cast<const V*>(beta);
-    const int slots = width / VEC;
+    const size_t offset = static_cast<size_t>(row_index) * width;
+    const Row<T, VEC> row(x + offset, y + offset, width, gamma);
+    const int slots = row.slots();
     const bool rms = mode == RMS_NORM;
     const float inv_width = 1.f / width;
-    float v[VEC];
 
     if constexpr (VPT > 0) {
-        V raw[VPT];
+        Vec<T, VEC> raw[VPT];
 #pragma unroll
         for (int k = 0; k < VPT; ++k) {
             const int s = threadIdx.x + k * blockDim.x;
-            if (s < slots) raw[k] = xr[s];
+            if (s < slots) raw[k] = row.load(s);
         }
         float mean = 0.f;
         if (!rms) {
             float sum = 0.f;
 #pragma unroll
-            for (int k = 0; k < VPT; ++k) {
-                if (threadIdx.x + k * blockDim.x < slots) {
-                    to_floats(raw[k], v);
-#pragma unroll
-                    for (int j = 0; j < VEC; ++j) sum += v[j];
-                }
-            }
+            for (int k = 0; k < VPT; ++k)
+                if (threadIdx.x + k * blockDim.x < slots) sum += slot_sum(raw[k]);
             mean = reduce(sum) * inv_width;
         }
         float sq = 0.f;
 #pragma unroll
         for (int k = 0; k < VPT; ++k) {
-            if (threadIdx.x + k * blockDim.x < slots) {
-                to_floats(raw[k], v);
-#pragma unroll
-                for (int j = 0; j < VEC; ++j) sq += (v[j] - mean) * (v[j] - mean);
-            }
+            const int s = threadIdx.x + k * blockDim.x;
+            if (s < slots) sq += slot_sq(row, s, raw[k], mean);
         }
         const float rstd = rsqrtf(reduce(sq) * inv_width + eps);
 #pragma unroll
         for (int k = 0; k < VPT; ++k) {
             const int s = threadIdx.x + k * blockDim.x;
-            if (s < slots) {
-                to_floats(raw[k], v);
-                store_normalized<T, VEC>(yr, g, b, s, v, mean, rstd, mode);
-            }
+            if (s < slots) normalize_slot(row, gamma, beta, s, raw[k], mean, rstd, mode);
         }
     } else {
         float mean = 0.f;
         if (!rms) {
             float sum = 0.f;
-            for (int s = threadIdx.x; s < slots; s += blockDim.x) {
-                to_floats(xr[s], v);
-#pragma unroll
-                for (int j = 0; j < VEC; ++j) sum += v[j];
-            }
+            for (int s = threadIdx.x; s < slots; s += blockDim.x) sum += slot_sum(row.load(s));
             mean = reduce(sum) * inv_width;
         }
         float sq = 0.f;
-        for (int s = threadIdx.x; s < slots; s += blockDim.x) {
-            to_floats(xr[s], v);
-#pragma unroll
-            for (int j = 0; j < VEC; ++j) sq += (v[j] - mean) * (v[j] - mean);
-        }
+        for (int s = threadIdx.x; s < slots; s += blockDim.x) sq += slot_sq(row, s, row.load(s), mean);
         const float rstd = rsqrtf(reduce(sq) * inv_width + eps);
-        for (int s = threadIdx.x; s < slots; s += blockDim.x) {
-            to_floats(xr[s], v);
-            store_normalized<T, VEC>(yr, g, b, s, v, mean, rstd, mode);
-        }
+        for (int s = threadIdx.x; s < slots; s += blockDim.x)
+            normalize_slot(row, gamma, beta, s, row.load(s), mean, rstd, mode);
     }
 }
 

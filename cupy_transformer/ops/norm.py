@@ -11,10 +11,10 @@ reference):
   rounds ``1/sqrt(...)`` to the dtype first; we follow HF, whose checkpoints these models come from.)
 
 NumPy inputs run the reference; GPU inputs run one kernel, one block per row (one warp per row for
-rows of at most 128 accesses, e.g. 1024 fp16). Rows whose width is a
-multiple of 16 bytes (8 fp16/bf16 or 4 fp32 elements) with 16-byte aligned pointers move 16 bytes per
-access; other widths fall back to one element per access. Rows up to 8 * 1024 accesses stay in
-registers (one read of the input); longer rows take a three-pass path.
+rows of at most 128 16-byte slots, e.g. 1024 fp16). Each row moves in aligned 16-byte accesses, with
+element-wise accesses only for the partial slots at its ends (any width, any alignment; only when x
+and ``out`` are aligned differently modulo 16 bytes does everything go element by element). Rows of up
+to 8 * 1024 slots stay in registers (one read of the input); longer rows take a three-pass path.
 """
 
 from __future__ import annotations
@@ -49,9 +49,11 @@ def _name(dtype: numpy.dtype, vec: int, vpt: int, warp_per_row: bool) -> str:
     return f"ct::norm_rows<{_CTYPES[dtype]}, {vec}, {vpt}, {'true' if warp_per_row else 'false'}>"
 
 
+# Element-wise access (vec 1) is only for x and out aligned differently, a rare case: one variant of it.
 _KERNELS = KernelFamily(
     "norm.cu",
-    [_name(dtype, vec, vpt, warp) for dtype in _CTYPES for vec in (_vec(dtype), 1) for vpt, warp in _VARIANTS],
+    [_name(dtype, _vec(dtype), vpt, warp) for dtype in _CTYPES for vpt, warp in _VARIANTS]
+    + [_name(dtype, 1, 0, False) for dtype in _CTYPES],
 )
 
 
@@ -84,10 +86,13 @@ def norm_reference(mode: str, x: numpy.ndarray, gamma: numpy.ndarray, beta, eps:
     return y.astype(x.dtype)
 
 
-def launch_config(rows: int, width: int, dtype: numpy.dtype, aligned: bool) -> tuple[str, tuple, tuple]:
-    """(kernel name expression, grid, block) for ``rows`` rows of ``width`` elements."""
-    vec = _vec(dtype) if aligned and width % _vec(dtype) == 0 else 1
-    slots = width // vec
+def launch_config(rows: int, width: int, dtype: numpy.dtype, x_ptr: int, y_ptr: int) -> tuple[str, tuple, tuple]:
+    """(kernel name expression, grid, block) for ``rows`` rows of ``width`` elements at ``x_ptr``."""
+    if (x_ptr - y_ptr) % 16:  # x and y not aligned alike: a slot could not be aligned in both
+        return _name(dtype, 1, 0, False), (rows,), (min(_MAX_THREADS, 32 * math.ceil(width / 32)),)
+    vec = _vec(dtype)
+    rows_aligned = x_ptr % 16 == 0 and width % vec == 0
+    slots = (width + (0 if rows_aligned else vec - 1) + vec - 1) // vec  # slots of the worst-placed row
     if slots <= 32 * 4:
         vpt = next(v for v in (1, 2, 4) if slots <= 32 * v)
         grid = (rows + _WARP_ROWS_PER_BLOCK - 1) // _WARP_ROWS_PER_BLOCK
@@ -121,8 +126,7 @@ def _norm(mode: str, x, gamma, beta, eps: float, out):
         return out
     rows = x.size // width
     if rows:
-        aligned = all(a.data.ptr % 16 == 0 for a in (x, gamma, beta, out) if a is not None)
-        name, grid, block = launch_config(rows, width, x.dtype, aligned)
+        name, grid, block = launch_config(rows, width, x.dtype, x.data.ptr, out.data.ptr)
         placeholder_beta = gamma  # not read when the mode has no beta
         _KERNELS.kernel(name)(
             grid,

@@ -62,16 +62,16 @@ def test_numpy_path_writes_out(rng):
 def test_every_launch_config_is_instantiated():
     names = set(norm_module._KERNELS.name_expressions)
     for dtype in FLOAT_DTYPES:
-        for width in (1, 7, 8, 64, 384, 1000, 1001, 1024, 1032, 4096, 4095, 8192 * 8, 8193 * 8, 70001):
-            for aligned in (True, False):
-                name, grid, block = norm_module.launch_config(37, width, dtype, aligned)
+        for width in (1, 7, 8, 64, 127, 384, 1000, 1001, 1024, 1032, 4096, 4095, 8192 * 8, 8193 * 8, 70001):
+            for x_ptr, y_ptr in ((0, 256), (2, 514), (4, 8)):  # aligned; misaligned alike; misaligned apart
+                name, grid, block = norm_module.launch_config(37, width, dtype, x_ptr, y_ptr)
                 assert name in names
                 vec, vpt = (int(a) for a in name.split("<")[1].split(",")[1:3])
-                threads = block[0]
-                assert width % vec == 0 and threads % 32 == 0 and 32 <= threads * (block + (1,))[1] <= 1024
-                assert grid[0] * (block + (1,))[1] >= 37  # every row has a block or a warp
-                if vpt:  # the registers cover the whole row
-                    assert threads * vpt * vec >= width
+                threads, rows_per_block = (block + (1,))[:2]
+                assert threads % 32 == 0 and 32 <= threads * rows_per_block <= 1024
+                assert grid[0] * rows_per_block >= 37  # every row has a block or a warp
+                if vpt:  # the registers cover the worst-placed row
+                    assert threads * vpt * vec >= width + vec - 1 or (x_ptr % 16 == 0 and threads * vpt * vec >= width)
 
 
 # --- bad input: each names the argument ------------------------------------------------------------
@@ -147,17 +147,26 @@ def test_gpu_matches_float64(rng, dtype, shape):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-def test_gpu_unaligned_rows_use_the_scalar_path(rng, dtype):
+@pytest.mark.parametrize("width", [1024, 1001, 70001])
+@pytest.mark.parametrize("x_offset, out_offset", [(1, 1), (3, 0)], ids=["misaligned alike", "misaligned apart"])
+def test_gpu_misaligned_arrays(rng, dtype, width, x_offset, out_offset):
+    """Views that start off 16-byte alignment: vector body with element-wise ends, or all element-wise."""
     import cupy
 
-    rows, width = 5, 1024
+    rows = 5
     x, gamma, beta = make_inputs(rng, (rows, width), dtype)
-    flat = cupy.empty(rows * width + 1, dtype)
-    xd = flat[1:].reshape(rows, width)  # contiguous but 2 or 4 bytes off 16-byte alignment
-    xd[...] = cupy.asarray(x)
-    assert xd.data.ptr % 16 != 0 and xd.flags.c_contiguous
-    y = ops.layer_norm(xd, cupy.asarray(gamma), cupy.asarray(beta))
+
+    def view(offset):
+        return cupy.empty(rows * width + 8, dtype)[offset : offset + rows * width].reshape(rows, width)
+
+    xd, out, gd = view(x_offset), view(out_offset), cupy.empty(width + 1, dtype)[1:]
+    xd[...], gd[...] = cupy.asarray(x), cupy.asarray(gamma)
+    out[...] = numpy.nan
+    assert xd.data.ptr % 16 != 0 and xd.flags.c_contiguous and gd.data.ptr % 16 != 0
+    y = ops.layer_norm(xd, gd, cupy.asarray(beta), out=out)
     assert rel_error(y, exact_layer_norm(x, gamma, beta, 1e-5)) < TOLERANCE[numpy.dtype(dtype)]
+    y = ops.rms_norm(xd, gd, out=out)
+    assert rel_error(y, exact_rms_norm(x, gamma, 1e-6)) < TOLERANCE[numpy.dtype(dtype)]
 
 
 @pytest.mark.gpu
