@@ -78,7 +78,7 @@ def sweep(copy_gbs):
     out = []
     for vpt in (1, 2, 4, 8):
         threads = width // 8 // vpt
-        kernel = norm_module._KERNELS.kernel(norm_module._name(numpy.dtype(numpy.float16), 8, vpt, False))
+        kernel = norm_module._KERNELS.kernel(norm_module._name(numpy.dtype(numpy.float16), 8, vpt, False, True))
         args = (i32(rows), i32(width), f32(1e-5), i32(0))
         for flush in ("read", "write"):
             us = time_us(lambda x, y: kernel((rows,), (threads,), (x, g, g, y, *args)), list(zip(xs, ys)), flush=flush)

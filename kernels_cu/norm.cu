@@ -15,22 +15,25 @@ enum NormMode : int { LAYER_NORM = 0, LAYER_NORM_NO_BETA = 1, RMS_NORM = 2 };
 
 // One row of x and y. x and y share their alignment modulo 16 bytes (the launcher checks), so a slot
 // is aligned in both; `lead` is how many elements of the first slot lie before the row's start.
-template <typename T, int VEC>
+// ALIGNED (the launcher's promise: rows, gamma and beta 16-byte aligned, width % VEC == 0) makes every
+// slot whole at compile time, which keeps the common case free of per-element checks.
+template <typename T, int VEC, bool ALIGNED>
 struct Row {
     using V = Vec<T, VEC>;
     const T* x;
     T* y;
     int width, lead;
-    bool gamma_by_slot;  // gamma/beta line up with the slots (aligned, lead 0, whole slots only)
+    bool gamma_by_slot;  // gamma/beta line up with the slots
 
     __device__ Row(const T* x_, T* y_, int width_, const T* gamma) : x(x_), y(y_), width(width_) {
-        lead = static_cast<int>((reinterpret_cast<size_t>(x) % sizeof(V)) / sizeof(T));
-        gamma_by_slot = lead == 0 && width % VEC == 0 && reinterpret_cast<size_t>(gamma) % sizeof(V) == 0;
+        lead = ALIGNED ? 0 : static_cast<int>((reinterpret_cast<size_t>(x) % sizeof(V)) / sizeof(T));
+        gamma_by_slot =
+            ALIGNED || (lead == 0 && width % VEC == 0 && reinterpret_cast<size_t>(gamma) % sizeof(V) == 0);
     }
     __device__ int slots() const { return (lead + width + VEC - 1) / VEC; }
     __device__ int first(int s) const { return s * VEC - lead; }  // row index of the slot's first element
-    __device__ bool whole(int s) const { return first(s) >= 0 && first(s) + VEC <= width; }
-    __device__ bool valid(int s, int j) const { return first(s) + j >= 0 && first(s) + j < width; }
+    __device__ bool whole(int s) const { return ALIGNED || (first(s) >= 0 && first(s) + VEC <= width); }
+    __device__ bool valid(int s, int j) const { return ALIGNED || (first(s) + j >= 0 && first(s) + j < width); }
 
     // Elements outside the row read as 0.
     __device__ V load(int s) const {
@@ -62,8 +65,8 @@ struct Row {
     }
 };
 
-template <typename T, int VEC>
-__device__ __forceinline__ void normalize_slot(const Row<T, VEC>& row, const T* __restrict__ gamma,
+template <typename T, int VEC, bool ALIGNED>
+__device__ __forceinline__ void normalize_slot(const Row<T, VEC, ALIGNED>& row, const T* __restrict__ gamma,
                                                const T* __restrict__ beta, int s, const Vec<T, VEC>& in,
                                                float mean, float rstd, int mode) {
     float g[VEC], b[VEC];
@@ -89,8 +92,8 @@ __device__ __forceinline__ float slot_sum(const Vec<T, VEC>& t) {
     return sum;
 }
 
-template <typename T, int VEC>
-__device__ __forceinline__ float slot_sq(const Row<T, VEC>& row, int s, const Vec<T, VEC>& t, float mean) {
+template <typename T, int VEC, bool ALIGNED>
+__device__ __forceinline__ float slot_sq(const Row<T, VEC, ALIGNED>& row, int s, const Vec<T, VEC>& t, float mean) {
     float sq = 0.f;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
@@ -105,7 +108,7 @@ __device__ __forceinline__ float slot_sq(const Row<T, VEC>& row, int s, const Ve
 // otherwise one block of blockDim.x threads per row.
 // The register path keeps the row in its storage type (8 fp16 values in 4 registers) so that
 // 1024 threads x 8 slots fit the 64 registers per thread that __launch_bounds__(1024) allows.
-template <typename T, int VEC, int VPT, bool WARP_PER_ROW>
+template <typename T, int VEC, int VPT, bool WARP_PER_ROW, bool ALIGNED>
 __global__ void __launch_bounds__(1024) norm_rows(const T* __restrict__ x, const T* __restrict__ gamma,
                                                   const T* __restrict__ beta, T* __restrict__ y, int rows,
                                                   int width, float eps, int mode) {
@@ -114,7 +117,7 @@ __global__ void __launch_bounds__(1024) norm_rows(const T* __restrict__ x, const
     if (WARP_PER_ROW && row_index >= rows) return;  // whole warps leave; their reductions need no barrier
     const auto reduce = [&](float v) { return WARP_PER_ROW ? warp_sum(v) : block_sum(v, scratch); };
     const size_t offset = static_cast<size_t>(row_index) * width;
-    const Row<T, VEC> row(x + offset, y + offset, width, gamma);
+    const Row<T, VEC, ALIGNED> row(x + offset, y + offset, width, gamma);
     const int slots = row.slots();
     const bool rms = mode == RMS_NORM;
     const float inv_width = 1.f / width;

@@ -11,10 +11,12 @@ reference):
   rounds ``1/sqrt(...)`` to the dtype first; we follow HF, whose checkpoints these models come from.)
 
 NumPy inputs run the reference; GPU inputs run one kernel, one block per row (one warp per row for
-rows of at most 128 16-byte slots, e.g. 1024 fp16). Each row moves in aligned 16-byte accesses, with
-element-wise accesses only for the partial slots at its ends (any width, any alignment; only when x
-and ``out`` are aligned differently modulo 16 bytes does everything go element by element). Rows of up
-to 8 * 1024 slots stay in registers (one read of the input); longer rows take a three-pass path.
+rows of at most 128 16-byte slots, e.g. 1024 fp16). Each row moves in aligned 16-byte accesses. When
+every row, gamma and beta are 16-byte aligned (widths that are multiples of 8 fp16/bf16 or 4 fp32
+values, as every model's hidden size is), rows of up to 8 * 1024 slots stay in registers (one read of
+the input) and longer rows take a three-pass path. Other widths and offset views take the three-pass
+path with element-wise accesses only for the partial slots at each row's ends; x and ``out`` aligned
+differently modulo 16 bytes go element by element.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ if len(FLOAT_DTYPES) == 3:
 _MAX_THREADS = 1024
 _TARGET_THREADS = 128  # threads per row: fewer, fuller threads keep more rows in flight per SM
 _WARP_ROWS_PER_BLOCK = 4
-# (vectors held in registers per thread, one warp per row): 0 vectors = the multi-pass path for very
-# long rows; warp-per-row for rows of at most 32 x 4 vectors.
-_VARIANTS = [(vpt, False) for vpt in (1, 2, 4, 8, 0)] + [(vpt, True) for vpt in (1, 2, 4)]
+# (vectors held in registers per thread, one warp per row) for aligned rows: 0 vectors = the multi-pass
+# path for very long rows; warp-per-row for rows of at most 32 x 4 slots.
+_ALIGNED_VARIANTS = [(vpt, False) for vpt in (1, 2, 4, 8, 0)] + [(vpt, True) for vpt in (1, 2, 4)]
 
 _MODE = {"layer_norm": 0, "layer_norm_no_beta": 1, "rms_norm": 2}
 
@@ -45,15 +47,17 @@ def _vec(dtype: numpy.dtype) -> int:
     return 16 // dtype.itemsize
 
 
-def _name(dtype: numpy.dtype, vec: int, vpt: int, warp_per_row: bool) -> str:
-    return f"ct::norm_rows<{_CTYPES[dtype]}, {vec}, {vpt}, {'true' if warp_per_row else 'false'}>"
+def _name(dtype: numpy.dtype, vec: int, vpt: int, warp_per_row: bool, aligned: bool) -> str:
+    flags = ", ".join("true" if f else "false" for f in (warp_per_row, aligned))
+    return f"ct::norm_rows<{_CTYPES[dtype]}, {vec}, {vpt}, {flags}>"
 
 
-# Element-wise access (vec 1) is only for x and out aligned differently, a rare case: one variant of it.
+# Rows off 16-byte alignment (odd widths, offset views) and x and out aligned differently (element-wise
+# access, vec 1) are rare: one multi-pass variant each.
 _KERNELS = KernelFamily(
     "norm.cu",
-    [_name(dtype, _vec(dtype), vpt, warp) for dtype in _CTYPES for vpt, warp in _VARIANTS]
-    + [_name(dtype, 1, 0, False) for dtype in _CTYPES],
+    [_name(dtype, _vec(dtype), vpt, warp, True) for dtype in _CTYPES for vpt, warp in _ALIGNED_VARIANTS]
+    + [_name(dtype, vec, 0, False, vec == 1) for dtype in _CTYPES for vec in (_vec(dtype), 1)],
 )
 
 
@@ -86,22 +90,25 @@ def norm_reference(mode: str, x: numpy.ndarray, gamma: numpy.ndarray, beta, eps:
     return y.astype(x.dtype)
 
 
-def launch_config(rows: int, width: int, dtype: numpy.dtype, x_ptr: int, y_ptr: int) -> tuple[str, tuple, tuple]:
-    """(kernel name expression, grid, block) for ``rows`` rows of ``width`` elements at ``x_ptr``."""
-    if (x_ptr - y_ptr) % 16:  # x and y not aligned alike: a slot could not be aligned in both
-        return _name(dtype, 1, 0, False), (rows,), (min(_MAX_THREADS, 32 * math.ceil(width / 32)),)
+def launch_config(rows: int, width: int, dtype: numpy.dtype, ptrs: dict[str, int]) -> tuple[str, tuple, tuple]:
+    """(kernel name expression, grid, block) for ``rows`` rows of ``width`` elements; ``ptrs`` holds the
+    device addresses of x, out, gamma (and beta)."""
     vec = _vec(dtype)
-    rows_aligned = x_ptr % 16 == 0 and width % vec == 0
-    slots = (width + (0 if rows_aligned else vec - 1) + vec - 1) // vec  # slots of the worst-placed row
+    if (ptrs["x"] - ptrs["out"]) % 16:  # x and out aligned differently: no slot is aligned in both
+        return _name(dtype, 1, 0, False, True), (rows,), (min(_MAX_THREADS, 32 * math.ceil(width / 32)),)
+    if width % vec or any(p % 16 for p in ptrs.values()):
+        slots = (width + 2 * (vec - 1)) // vec  # slots of the worst-placed row
+        return _name(dtype, vec, 0, False, False), (rows,), (min(_MAX_THREADS, 32 * math.ceil(slots / 32)),)
+    slots = width // vec
     if slots <= 32 * 4:
         vpt = next(v for v in (1, 2, 4) if slots <= 32 * v)
         grid = (rows + _WARP_ROWS_PER_BLOCK - 1) // _WARP_ROWS_PER_BLOCK
-        return _name(dtype, vec, vpt, True), (grid,), (32, _WARP_ROWS_PER_BLOCK)
+        return _name(dtype, vec, vpt, True, True), (grid,), (32, _WARP_ROWS_PER_BLOCK)
     if slots > 8 * _MAX_THREADS:
-        return _name(dtype, vec, 0, False), (rows,), (_MAX_THREADS,)
+        return _name(dtype, vec, 0, False, True), (rows,), (_MAX_THREADS,)
     vpt = next((v for v in (1, 2, 4, 8) if slots <= _TARGET_THREADS * v), 8)
     threads = 32 * math.ceil(math.ceil(slots / vpt) / 32)
-    return _name(dtype, vec, vpt, False), (rows,), (threads,)
+    return _name(dtype, vec, vpt, False, True), (rows,), (threads,)
 
 
 def _norm(mode: str, x, gamma, beta, eps: float, out):
@@ -126,7 +133,10 @@ def _norm(mode: str, x, gamma, beta, eps: float, out):
         return out
     rows = x.size // width
     if rows:
-        name, grid, block = launch_config(rows, width, x.dtype, x.data.ptr, out.data.ptr)
+        ptrs = {"x": x.data.ptr, "out": out.data.ptr, "gamma": gamma.data.ptr}
+        if beta is not None:
+            ptrs["beta"] = beta.data.ptr
+        name, grid, block = launch_config(rows, width, x.dtype, ptrs)
         placeholder_beta = gamma  # not read when the mode has no beta
         _KERNELS.kernel(name)(
             grid,

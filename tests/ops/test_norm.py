@@ -61,17 +61,23 @@ def test_numpy_path_writes_out(rng):
 
 def test_every_launch_config_is_instantiated():
     names = set(norm_module._KERNELS.name_expressions)
+    placements = [  # aligned; all misaligned alike; x and out apart; gamma alone misaligned
+        {"x": 0, "out": 256, "gamma": 512},
+        {"x": 2, "out": 514, "gamma": 6},
+        {"x": 4, "out": 8, "gamma": 0},
+        {"x": 0, "out": 256, "gamma": 514},
+    ]
     for dtype in FLOAT_DTYPES:
         for width in (1, 7, 8, 64, 127, 384, 1000, 1001, 1024, 1032, 4096, 4095, 8192 * 8, 8193 * 8, 70001):
-            for x_ptr, y_ptr in ((0, 256), (2, 514), (4, 8)):  # aligned; misaligned alike; misaligned apart
-                name, grid, block = norm_module.launch_config(37, width, dtype, x_ptr, y_ptr)
+            for ptrs in placements:
+                name, grid, block = norm_module.launch_config(37, width, dtype, ptrs)
                 assert name in names
                 vec, vpt = (int(a) for a in name.split("<")[1].split(",")[1:3])
                 threads, rows_per_block = (block + (1,))[:2]
                 assert threads % 32 == 0 and 32 <= threads * rows_per_block <= 1024
                 assert grid[0] * rows_per_block >= 37  # every row has a block or a warp
-                if vpt:  # the registers cover the worst-placed row
-                    assert threads * vpt * vec >= width + vec - 1 or (x_ptr % 16 == 0 and threads * vpt * vec >= width)
+                if vpt:  # register-held rows: only for aligned placements, and the registers cover the row
+                    assert ptrs is placements[0] and width % vec == 0 and threads * vpt * vec >= width
 
 
 # --- bad input: each names the argument ------------------------------------------------------------
