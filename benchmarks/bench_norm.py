@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import RESULTS, card_name, copies_for, copy_bandwidth_gbs, header, host_us, time_us  # noqa: E402
+from benchmarks.common import RESULTS, card_name, copies_for, copy_bandwidth_gbs, header, host_us, spin_up, time_us  # noqa: E402
 from cupy_transformer import ops  # noqa: E402
 from cupy_transformer.ops import norm as norm_module  # noqa: E402
 
@@ -91,11 +91,12 @@ def sweep(copy_gbs):
 
 
 def main():
+    spin_up()
     copy_gbs = copy_bandwidth_gbs()
     lines = [
         header("Layer norm / RMS norm vs torch"),
         f"Copy bandwidth (1 GiB device-to-device memcpy, read + written): {copy_gbs:.0f} GB/s. "
-        "GPU times are medians of 60 CUDA-event-timed calls, each queued behind a read of 256 MiB (evicts L2 "
+        "GPU times are the lower of two medians of 60 CUDA-event-timed calls, each queued behind a read of 256 MiB (evicts L2 "
         "leaving it clean, hides host launch overhead). GB/s counts x read and y written. 'of 1 GiB copy' compares "
         "with that rate; 'of copy' compares with a memcpy of the same bytes (x to y) timed the same way, which is "
         "the fair ceiling: with L2 clean before the call, part of any kernel's output is still in L2 when it ends "
