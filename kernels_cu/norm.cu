@@ -23,12 +23,12 @@ struct Row {
     const T* x;
     T* y;
     int width, lead;
-    bool gamma_by_slot;  // gamma/beta line up with the slots
+    bool params_by_slot;  // gamma and beta line up with the slots
 
-    __device__ Row(const T* x_, T* y_, int width_, const T* gamma) : x(x_), y(y_), width(width_) {
+    __device__ Row(const T* x_, T* y_, int width_, const T* gamma, const T* beta) : x(x_), y(y_), width(width_) {
         lead = ALIGNED ? 0 : static_cast<int>((reinterpret_cast<size_t>(x) % sizeof(V)) / sizeof(T));
-        gamma_by_slot =
-            ALIGNED || (lead == 0 && width % VEC == 0 && reinterpret_cast<size_t>(gamma) % sizeof(V) == 0);
+        params_by_slot = ALIGNED || (lead == 0 && width % VEC == 0 && reinterpret_cast<size_t>(gamma) % sizeof(V) == 0 &&
+                                     reinterpret_cast<size_t>(beta) % sizeof(V) == 0);
     }
     __device__ int slots() const { return (lead + width + VEC - 1) / VEC; }
     __device__ int first(int s) const { return s * VEC - lead; }  // row index of the slot's first element
@@ -54,7 +54,7 @@ struct Row {
     }
     // gamma or beta for the slot's elements (0 outside the row).
     __device__ void params(const T* __restrict__ p, int s, float (&out)[VEC]) const {
-        if (gamma_by_slot) {
+        if (params_by_slot) {
             const V t = reinterpret_cast<const V*>(p)[s];
 #pragma unroll
             for (int j = 0; j < VEC; ++j) out[j] = to_float(t.v[j]);
@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(1024) norm_rows(const T* __restrict__ x, const
     if (WARP_PER_ROW && row_index >= rows) return;  // whole warps leave; their reductions need no barrier
     const auto reduce = [&](float v) { return WARP_PER_ROW ? warp_sum(v) : block_sum(v, scratch); };
     const size_t offset = static_cast<size_t>(row_index) * width;
-    const Row<T, VEC, ALIGNED> row(x + offset, y + offset, width, gamma);
+    const Row<T, VEC, ALIGNED> row(x + offset, y + offset, width, gamma, beta);
     const int slots = row.slots();
     const bool rms = mode == RMS_NORM;
     const float inv_width = 1.f / width;

@@ -107,7 +107,7 @@ class KernelFamily:
     def kernel(self, name_expression: str):
         """The launchable kernel for one instantiation on the current device."""
         cupy = import_cupy()
-        key = (cupy.cuda.Device().id, name_expression)
+        key = (cupy.cuda.runtime.getDevice(), name_expression)
         kernel = self._kernels.get(key)
         if kernel is None:
             if name_expression not in self.name_expressions:
@@ -143,16 +143,13 @@ class KernelFamily:
             nvrtc.destroyProgram(prog)
 
 
-def _all_families() -> dict[str, KernelFamily]:
-    import cupy_transformer.ops  # noqa: F401  (importing the ops registers their families)
-
-    return KernelFamily.registry
-
-
 def compile_all(arch: str) -> dict[str, float]:
-    """Compile every kernel family for ``sm_<arch>`` without a GPU; returns seconds per file."""
+    """Compile every kernel family for ``sm_<arch>`` without a GPU; returns seconds per file.
+
+    The families are those the ops registered; importing this module imports the package, and so
+    every op, first."""
     seconds = {}
-    for filename, family in sorted(_all_families().items()):
+    for filename, family in sorted(KernelFamily.registry.items()):
         start = time.perf_counter()
         family.compile_offline(arch)
         seconds[filename] = time.perf_counter() - start
@@ -162,7 +159,7 @@ def compile_all(arch: str) -> dict[str, float]:
 def warmup() -> dict[str, float]:
     """Compile (or load from CuPy's cache) every family on the current GPU; returns seconds per file."""
     seconds = {}
-    for filename, family in sorted(_all_families().items()):
+    for filename, family in sorted(KernelFamily.registry.items()):
         start = time.perf_counter()
         for name in family.name_expressions:
             family.kernel(name)

@@ -154,23 +154,29 @@ def test_gpu_matches_float64(rng, dtype, shape):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("width", [1024, 1001, 70001])
-@pytest.mark.parametrize("x_offset, out_offset", [(1, 1), (3, 0)], ids=["misaligned alike", "misaligned apart"])
-def test_gpu_misaligned_arrays(rng, dtype, width, x_offset, out_offset):
+@pytest.mark.parametrize(
+    "offsets",  # elements by which x, out, gamma, beta start past a 16-byte boundary
+    [(1, 1, 1, 1), (3, 0, 0, 0), (0, 0, 0, 1), (0, 0, 2, 0)],
+    ids=["misaligned alike", "misaligned apart", "beta misaligned", "gamma misaligned"],
+)
+def test_gpu_misaligned_arrays(rng, dtype, width, offsets):
     """Views that start off 16-byte alignment: vector body with element-wise ends, or all element-wise."""
     import cupy
 
     rows = 5
     x, gamma, beta = make_inputs(rng, (rows, width), dtype)
 
-    def view(offset):
-        return cupy.empty(rows * width + 8, dtype)[offset : offset + rows * width].reshape(rows, width)
+    def view(host, offset):
+        a = cupy.empty(host.size + 8, dtype)[offset : offset + host.size].reshape(host.shape)
+        a[...] = cupy.asarray(host)
+        return a
 
-    xd, out, gd = view(x_offset), view(out_offset), cupy.empty(width + 1, dtype)[1:]
-    xd[...], gd[...] = cupy.asarray(x), cupy.asarray(gamma)
+    xd, out, gd, bd = (view(a, o) for a, o in zip((x, x, gamma, beta), offsets))
+    assert [a.data.ptr % 16 != 0 for a in (xd, out, gd, bd)] == [o != 0 for o in offsets]
     out[...] = numpy.nan
-    assert xd.data.ptr % 16 != 0 and xd.flags.c_contiguous and gd.data.ptr % 16 != 0
-    y = ops.layer_norm(xd, gd, cupy.asarray(beta), out=out)
+    y = ops.layer_norm(xd, gd, bd, out=out)
     assert rel_error(y, exact_layer_norm(x, gamma, beta, 1e-5)) < TOLERANCE[numpy.dtype(dtype)]
+    out[...] = numpy.nan
     y = ops.rms_norm(xd, gd, out=out)
     assert rel_error(y, exact_rms_norm(x, gamma, 1e-6)) < TOLERANCE[numpy.dtype(dtype)]
 

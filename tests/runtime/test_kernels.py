@@ -24,7 +24,7 @@ def test_sources_are_found_and_includes_inlined():
 
 def test_every_cu_file_belongs_to_a_family():
     # compile_all covers registered families; a .cu file nobody registers would escape the compile check.
-    registered = set(kernels._all_families())
+    registered = set(KernelFamily.registry)
     on_disk = {p.name for p in kernels.kernel_source_dir().iterdir() if p.name.endswith(".cu")}
     assert on_disk == registered
 
@@ -32,7 +32,7 @@ def test_every_cu_file_belongs_to_a_family():
 @pytest.mark.parametrize("arch", ["80", "90"])
 def test_every_family_compiles_without_a_gpu(arch):
     seconds = kernels.compile_all(arch)
-    assert set(seconds) == set(kernels._all_families())
+    assert set(seconds) == set(KernelFamily.registry)
     print({name: round(t, 2) for name, t in seconds.items()})
 
 
@@ -85,5 +85,14 @@ def test_second_process_loads_from_the_disk_cache(tmp_path):
         assert done.returncode == 0, done.stderr
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(f"first process: {runs[0]}, second process: {runs[1]}")
-    assert runs[0]["nvrtc_calls"] == len(kernels._all_families())
+    assert runs[0]["nvrtc_calls"] == len(KernelFamily.registry)
     assert runs[1]["nvrtc_calls"] == 0
+
+
+@pytest.mark.gpu
+def test_compile_error_on_the_gpu_path(tmp_path, monkeypatch):
+    (tmp_path / "broken.cu").write_text("__global__ void k(float* x) { x[0] = undefined_name; }\n")
+    monkeypatch.setattr(kernels, "kernel_source_dir", lambda: tmp_path)
+    monkeypatch.setattr(KernelFamily, "registry", {})
+    with pytest.raises(KernelCompileError, match=r"(?s)broken.cu: NVRTC failed.*undefined_name"):
+        KernelFamily("broken.cu", ["k"]).kernel("k")
