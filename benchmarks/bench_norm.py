@@ -96,7 +96,7 @@ def main():
     lines = [
         header("Layer norm / RMS norm vs torch"),
         f"Copy bandwidth (1 GiB device-to-device memcpy, read + written): {copy_gbs:.0f} GB/s. "
-        "GPU times are the lower of two medians of 60 CUDA-event-timed calls, each queued behind a read of 256 MiB (evicts L2 "
+        "GPU times are the lower of two medians of 60 CUDA-event-timed calls, each queued behind a read of 1 GiB (evicts L2 "
         "leaving it clean, hides host launch overhead). GB/s counts x read and y written. 'of 1 GiB copy' compares "
         "with that rate; 'of copy' compares with a memcpy of the same bytes (x to y) timed the same way, which is "
         "the fair ceiling: with L2 clean before the call, part of any kernel's output is still in L2 when it ends "

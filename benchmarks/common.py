@@ -51,15 +51,15 @@ def time_us(fn, args_list, reps: int = 60, warmup: int = 5, flush: str = "read",
     """GPU time of ``fn(*args)`` in microseconds: the lowest of ``rounds`` medians of ``reps`` calls
     (a clock dip during one round shows as a high median; the lower one is the kernel's own time).
 
-    Before each timed call a pass over a 256 MiB buffer is queued: it evicts L2 and keeps the GPU busy
-    while Python enqueues ``fn``, so the events bracket the kernels alone, not the host's launch
-    overhead (``host_us`` measures that). The default pass reads (a sum), leaving L2 clean; ``"write"``
+    Before each timed call a pass over a 1 GiB buffer is queued: it evicts L2 and keeps the GPU busy
+    (~0.3 ms) while Python enqueues ``fn``, so the events bracket the kernels alone, not the host's
+    launch overhead (``host_us`` measures that; with a 256 MiB pass, host hiccups still leaked in). The default pass reads (a sum), leaving L2 clean; ``"write"``
     (a memset, as triton's do_bench does) leaves it full of dirty lines whose write-back then competes
     with ``fn``. ``args_list`` is cycled through as well. Events are recorded on the legacy default
     stream, which CuPy's and torch's default streams both are."""
     global _flush
     if _flush is None:
-        _flush = cupy.ones(64 << 20, cupy.float32)
+        _flush = cupy.ones(256 << 20, cupy.float32)
     for i in range(warmup):
         fn(*args_list[i % len(args_list)])
     medians = []
