@@ -79,9 +79,9 @@ def sweep(copy_gbs):
     for vpt in (1, 2, 4, 8):
         threads = width // 8 // vpt
         kernel = norm_module._KERNELS.kernel(norm_module._name(numpy.dtype(numpy.float16), 8, vpt, False, True))
-        args = (i32(rows), i32(width), f32(1e-5), i32(0))
+        args = (i32(rows), i32(width), f32(1e-5), i32(0), i32(0), i32(1))  # LayerNorm, no pre-add, aligned
         for flush in ("read", "write"):
-            us = time_us(lambda x, y: kernel((rows,), (threads,), (x, g, g, y, *args)), list(zip(xs, ys)), flush=flush)
+            us = time_us(lambda x, y: kernel((rows,), (threads,), (x, x, g, g, g, y, y, *args)), list(zip(xs, ys)), flush=flush)
             gbs = 4 * rows * width / us / 1e3
             out.append(
                 f"vectors/thread {vpt}, threads {threads}, L2 flushed by a {flush}: {us:.1f} µs, {gbs:.0f} GB/s "

@@ -12,47 +12,48 @@
 namespace ct {
 
 enum NormMode : int { LAYER_NORM = 0, LAYER_NORM_NO_BETA = 1, RMS_NORM = 2 };
+// Optional pre-add (MLPGemmOp's "x + residual + bias, then normalise"): z = round(x + residual [+ bias]),
+// optionally written out, and the row normalised is z.
+enum PreAdd : int { PRE_ADD = 1, PRE_ADD_BIAS = 2, WRITE_SUM = 4 };
 
-// One row of x and y. x and y share their alignment modulo 16 bytes (the launcher checks), so a slot
-// is aligned in both; `lead` is how many elements of the first slot lie before the row's start.
-// ALIGNED (the launcher's promise: rows, gamma and beta 16-byte aligned, width % VEC == 0) makes every
-// slot whole at compile time, which keeps the common case free of per-element checks.
+// Slot geometry of one row. Every row-shaped tensor (x, residual, y, sum) shares x's alignment modulo 16
+// bytes (the launcher checks), so a slot is aligned in all of them; `lead` is how many elements of the
+// first slot lie before the row's start. ALIGNED (the launcher's promise: rows and the per-column
+// vectors 16-byte aligned, width % VEC == 0) makes every slot whole at compile time, which keeps the
+// common case free of per-element checks.
 template <typename T, int VEC, bool ALIGNED>
 struct Row {
     using V = Vec<T, VEC>;
-    const T* x;
-    T* y;
     int width, lead;
-    bool params_by_slot;  // gamma and beta line up with the slots
+    bool params_by_slot;  // the per-column vectors (gamma, beta, bias) line up with the slots
 
-    __device__ Row(const T* x_, T* y_, int width_, const T* gamma, const T* beta) : x(x_), y(y_), width(width_) {
+    __device__ Row(const T* x, int width_, bool params_aligned) : width(width_) {
         lead = ALIGNED ? 0 : static_cast<int>((reinterpret_cast<size_t>(x) % sizeof(V)) / sizeof(T));
-        params_by_slot = ALIGNED || (lead == 0 && width % VEC == 0 && reinterpret_cast<size_t>(gamma) % sizeof(V) == 0 &&
-                                     reinterpret_cast<size_t>(beta) % sizeof(V) == 0);
+        params_by_slot = ALIGNED || (lead == 0 && width % VEC == 0 && params_aligned);
     }
     __device__ int slots() const { return (lead + width + VEC - 1) / VEC; }
     __device__ int first(int s) const { return s * VEC - lead; }  // row index of the slot's first element
     __device__ bool whole(int s) const { return ALIGNED || (first(s) >= 0 && first(s) + VEC <= width); }
     __device__ bool valid(int s, int j) const { return ALIGNED || (first(s) + j >= 0 && first(s) + j < width); }
 
-    // Elements outside the row read as 0.
-    __device__ V load(int s) const {
-        if (whole(s)) return *reinterpret_cast<const V*>(x + first(s));
+    // A slot of a row-shaped tensor (p points at the row's first element); outside the row reads as 0.
+    __device__ V load(const T* p, int s) const {
+        if (whole(s)) return *reinterpret_cast<const V*>(p + first(s));
         V t;
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) t.v[j] = valid(s, j) ? x[first(s) + j] : from_float<T>(0.f);
+        for (int j = 0; j < VEC; ++j) t.v[j] = valid(s, j) ? p[first(s) + j] : from_float<T>(0.f);
         return t;
     }
-    __device__ void store(int s, const V& t) const {
+    __device__ void store(T* p, int s, const V& t) const {
         if (whole(s)) {
-            *reinterpret_cast<V*>(y + first(s)) = t;
+            *reinterpret_cast<V*>(p + first(s)) = t;
             return;
         }
 #pragma unroll
         for (int j = 0; j < VEC; ++j)
-            if (valid(s, j)) y[first(s) + j] = t.v[j];
+            if (valid(s, j)) p[first(s) + j] = t.v[j];
     }
-    // gamma or beta for the slot's elements (0 outside the row).
+    // A per-column vector (gamma, beta, bias) for the slot's elements (0 outside the row).
     __device__ void params(const T* __restrict__ p, int s, float (&out)[VEC]) const {
         if (params_by_slot) {
             const V t = reinterpret_cast<const V*>(p)[s];
@@ -65,23 +66,51 @@ struct Row {
     }
 };
 
+// Everything one launch reads and writes; row pointers already offset to the block's row.
+template <typename T>
+struct NormArgs {
+    const T* x;
+    const T* residual;
+    const T* add_bias;
+    const T* gamma;
+    const T* beta;
+    T* y;
+    T* sum;
+    int mode, pre_add;
+};
+
+// The row's input slot: x, or round(x + residual [+ bias]) with the pre-add.
 template <typename T, int VEC, bool ALIGNED>
-__device__ __forceinline__ void normalize_slot(const Row<T, VEC, ALIGNED>& row, const T* __restrict__ gamma,
-                                               const T* __restrict__ beta, int s, const Vec<T, VEC>& in,
-                                               float mean, float rstd, int mode) {
+__device__ __forceinline__ Vec<T, VEC> input_slot(const Row<T, VEC, ALIGNED>& row, const NormArgs<T>& a, int s) {
+    Vec<T, VEC> t = row.load(a.x, s);
+    if (a.pre_add & PRE_ADD) {
+        const Vec<T, VEC> r = row.load(a.residual, s);
+        float b[VEC];
+        if (a.pre_add & PRE_ADD_BIAS) row.params(a.add_bias, s, b);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j)
+            t.v[j] = from_float<T>(to_float(t.v[j]) + to_float(r.v[j]) + ((a.pre_add & PRE_ADD_BIAS) ? b[j] : 0.f));
+    }
+    return t;
+}
+
+template <typename T, int VEC, bool ALIGNED>
+__device__ __forceinline__ void normalize_slot(const Row<T, VEC, ALIGNED>& row, const NormArgs<T>& a, int s,
+                                               const Vec<T, VEC>& in, float mean, float rstd) {
+    if (a.pre_add & WRITE_SUM) row.store(a.sum, s, in);
     float g[VEC], b[VEC];
-    row.params(gamma, s, g);
-    if (mode == LAYER_NORM) row.params(beta, s, b);
+    row.params(a.gamma, s, g);
+    if (a.mode == LAYER_NORM) row.params(a.beta, s, b);
     Vec<T, VEC> out;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
         const float v = to_float(in.v[j]);
-        if (mode == RMS_NORM)  // as Hugging Face's RMSNorm: normalise in fp32, round to T, times gamma in T
+        if (a.mode == RMS_NORM)  // as Hugging Face's RMSNorm: normalise in fp32, round to T, times gamma in T
             out.v[j] = from_float<T>(to_float(from_float<T>(v * rstd)) * g[j]);
         else
-            out.v[j] = from_float<T>((v - mean) * rstd * g[j] + (mode == LAYER_NORM ? b[j] : 0.f));
+            out.v[j] = from_float<T>((v - mean) * rstd * g[j] + (a.mode == LAYER_NORM ? b[j] : 0.f));
     }
-    row.store(s, out);
+    row.store(a.y, s, out);
 }
 
 template <typename T, int VEC>
@@ -103,21 +132,24 @@ __device__ __forceinline__ float slot_sq(const Row<T, VEC, ALIGNED>& row, int s,
     return sq;
 }
 
-// x, y: [rows, width] contiguous; gamma, beta: [width].
+// x, residual, y, sum: [rows, width] contiguous; add_bias, gamma, beta: [width]. Pointers a mode or
+// pre_add flag leaves unused are placeholders, never read.
 // WARP_PER_ROW: blockDim = (32, rows per block), one warp per row and warp-only reductions (short rows);
 // otherwise one block of blockDim.x threads per row.
 // The register path keeps the row in its storage type (8 fp16 values in 4 registers) so that
 // 1024 threads x 8 slots fit the 64 registers per thread that __launch_bounds__(1024) allows.
 template <typename T, int VEC, int VPT, bool WARP_PER_ROW, bool ALIGNED>
-__global__ void __launch_bounds__(1024) norm_rows(const T* __restrict__ x, const T* __restrict__ gamma,
-                                                  const T* __restrict__ beta, T* __restrict__ y, int rows,
-                                                  int width, float eps, int mode) {
+__global__ void __launch_bounds__(1024)
+    norm_rows(const T* __restrict__ x, const T* __restrict__ residual, const T* __restrict__ add_bias,
+              const T* __restrict__ gamma, const T* __restrict__ beta, T* __restrict__ y, T* __restrict__ sum,
+              int rows, int width, float eps, int mode, int pre_add, int params_aligned) {
     __shared__ float scratch[32];
     const int row_index = WARP_PER_ROW ? blockIdx.x * blockDim.y + threadIdx.y : blockIdx.x;
     if (WARP_PER_ROW && row_index >= rows) return;  // whole warps leave; their reductions need no barrier
     const auto reduce = [&](float v) { return WARP_PER_ROW ? warp_sum(v) : block_sum(v, scratch); };
     const size_t offset = static_cast<size_t>(row_index) * width;
-    const Row<T, VEC, ALIGNED> row(x + offset, y + offset, width, gamma, beta);
+    const NormArgs<T> a{x + offset, residual + offset, add_bias, gamma, beta, y + offset, sum + offset, mode, pre_add};
+    const Row<T, VEC, ALIGNED> row(a.x, width, params_aligned);
     const int slots = row.slots();
     const bool rms = mode == RMS_NORM;
     const float inv_width = 1.f / width;
@@ -127,15 +159,15 @@ __global__ void __launch_bounds__(1024) norm_rows(const T* __restrict__ x, const
 #pragma unroll
         for (int k = 0; k < VPT; ++k) {
             const int s = threadIdx.x + k * blockDim.x;
-            if (s < slots) raw[k] = row.load(s);
+            if (s < slots) raw[k] = input_slot(row, a, s);
         }
         float mean = 0.f;
         if (!rms) {
-            float sum = 0.f;
+            float total = 0.f;
 #pragma unroll
             for (int k = 0; k < VPT; ++k)
-                if (threadIdx.x + k * blockDim.x < slots) sum += slot_sum(raw[k]);
-            mean = reduce(sum) * inv_width;
+                if (threadIdx.x + k * blockDim.x < slots) total += slot_sum(raw[k]);
+            mean = reduce(total) * inv_width;
         }
         float sq = 0.f;
 #pragma unroll
@@ -147,20 +179,19 @@ __global__ void __launch_bounds__(1024) norm_rows(const T* __restrict__ x, const
 #pragma unroll
         for (int k = 0; k < VPT; ++k) {
             const int s = threadIdx.x + k * blockDim.x;
-            if (s < slots) normalize_slot(row, gamma, beta, s, raw[k], mean, rstd, mode);
+            if (s < slots) normalize_slot(row, a, s, raw[k], mean, rstd);
         }
     } else {
         float mean = 0.f;
         if (!rms) {
-            float sum = 0.f;
-            for (int s = threadIdx.x; s < slots; s += blockDim.x) sum += slot_sum(row.load(s));
-            mean = reduce(sum) * inv_width;
+            float total = 0.f;
+            for (int s = threadIdx.x; s < slots; s += blockDim.x) total += slot_sum(input_slot(row, a, s));
+            mean = reduce(total) * inv_width;
         }
         float sq = 0.f;
-        for (int s = threadIdx.x; s < slots; s += blockDim.x) sq += slot_sq(row, s, row.load(s), mean);
+        for (int s = threadIdx.x; s < slots; s += blockDim.x) sq += slot_sq(row, s, input_slot(row, a, s), mean);
         const float rstd = rsqrtf(reduce(sq) * inv_width + eps);
-        for (int s = threadIdx.x; s < slots; s += blockDim.x)
-            normalize_slot(row, gamma, beta, s, row.load(s), mean, rstd, mode);
+        for (int s = threadIdx.x; s < slots; s += blockDim.x) normalize_slot(row, a, s, input_slot(row, a, s), mean, rstd);
     }
 }
 

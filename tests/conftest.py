@@ -30,3 +30,24 @@ def rng(request):
     import numpy
 
     return numpy.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def poisoned_allocations():
+    """Every CuPy allocation made during the test starts as 0xFF bytes (NaN in fp16, bf16 and fp32), so an
+    output element an op forgets to write fails the finiteness check of ``rel_error``."""
+    import cupy
+
+    pool = cupy.get_default_memory_pool()
+
+    def allocate(size):
+        memory = pool.malloc(size)
+        if size:
+            cupy.cuda.runtime.memsetAsync(memory.ptr, 0xFF, size, cupy.cuda.get_current_stream().ptr)
+        return memory
+
+    cupy.cuda.set_allocator(allocate)
+    try:
+        yield
+    finally:
+        cupy.cuda.set_allocator(pool.malloc)

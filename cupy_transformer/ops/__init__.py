@@ -1,5 +1,50 @@
-"""The ops: NumPy-style functions and op classes over CuPy, NumPy and DLPack arrays."""
+"""The ops: NumPy-style functions and DeepSpeed's op classes over CuPy, NumPy and DLPack arrays.
 
+``create_op(name, config)`` builds an op of the registry ``TRANSFORMER_OPS`` by name.
+"""
+
+from .bias_act import bias_act
+from .config import ActivationType, InferenceConfig, NormType
+from .gelu_gemm import GELUGemmOp
+from .linear import LinearOp
+from .mlp_gemm import MLPGemmOp
 from .norm import layer_norm, rms_norm
+from .qkv_gemm import QKVGemmOp
+from .residual_add import ResidualAddOp
+from .vector_matmul import VectorMatMulOp
 
-__all__ = ["layer_norm", "rms_norm"]
+TRANSFORMER_OPS = {
+    "linear": LinearOp,
+    "vector_matmul": VectorMatMulOp,
+    "qkv_gemm": QKVGemmOp,
+    "mlp_gemm": MLPGemmOp,
+    "gelu_gemm": GELUGemmOp,
+    "residual_add": ResidualAddOp,
+}
+
+
+def create_op(name: str, config: InferenceConfig):
+    """An op of ``TRANSFORMER_OPS`` by name, built from ``config``."""
+    try:
+        cls = TRANSFORMER_OPS[name]
+    except KeyError:
+        raise ValueError(f"name: expected one of {', '.join(sorted(TRANSFORMER_OPS))}; got {name!r}") from None
+    return cls(config)
+
+
+__all__ = [
+    "TRANSFORMER_OPS",
+    "ActivationType",
+    "GELUGemmOp",
+    "InferenceConfig",
+    "LinearOp",
+    "MLPGemmOp",
+    "NormType",
+    "QKVGemmOp",
+    "ResidualAddOp",
+    "VectorMatMulOp",
+    "bias_act",
+    "create_op",
+    "layer_norm",
+    "rms_norm",
+]

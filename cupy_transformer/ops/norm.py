@@ -27,11 +27,8 @@ import numbers
 import numpy
 
 from ..runtime.arrays import FLOAT_DTYPES, as_array, check_no_overlap, common_kind, empty_like_kind, to_caller
-from ..runtime.kernels import KernelFamily, f32, i32
+from ..runtime.kernels import CTYPES, KernelFamily, f32, i32
 
-_CTYPES = {numpy.dtype(numpy.float16): "__half", numpy.dtype(numpy.float32): "float"}
-if len(FLOAT_DTYPES) == 3:
-    _CTYPES[FLOAT_DTYPES[2]] = "__nv_bfloat16"
 
 _MAX_THREADS = 1024
 _TARGET_THREADS = 128  # threads per row: fewer, fuller threads keep more rows in flight per SM
@@ -49,15 +46,15 @@ def _vec(dtype: numpy.dtype) -> int:
 
 def _name(dtype: numpy.dtype, vec: int, vpt: int, warp_per_row: bool, aligned: bool) -> str:
     flags = ", ".join("true" if f else "false" for f in (warp_per_row, aligned))
-    return f"ct::norm_rows<{_CTYPES[dtype]}, {vec}, {vpt}, {flags}>"
+    return f"ct::norm_rows<{CTYPES[dtype]}, {vec}, {vpt}, {flags}>"
 
 
 # Rows off 16-byte alignment (odd widths, offset views) and x and out aligned differently (element-wise
 # access, vec 1) are rare: one multi-pass variant each.
 _KERNELS = KernelFamily(
     "norm.cu",
-    [_name(dtype, _vec(dtype), vpt, warp, True) for dtype in _CTYPES for vpt, warp in _ALIGNED_VARIANTS]
-    + [_name(dtype, vec, 0, False, vec == 1) for dtype in _CTYPES for vec in (_vec(dtype), 1)],
+    [_name(dtype, _vec(dtype), vpt, warp, True) for dtype in CTYPES for vpt, warp in _ALIGNED_VARIANTS]
+    + [_name(dtype, vec, 0, False, vec == 1) for dtype in CTYPES for vec in (_vec(dtype), 1)],
 )
 
 
@@ -90,25 +87,37 @@ def norm_reference(mode: str, x: numpy.ndarray, gamma: numpy.ndarray, beta, eps:
     return y.astype(x.dtype)
 
 
-def launch_config(rows: int, width: int, dtype: numpy.dtype, ptrs: dict[str, int]) -> tuple[str, tuple, tuple]:
-    """(kernel name expression, grid, block) for ``rows`` rows of ``width`` elements; ``ptrs`` holds the
-    device addresses of x, out, gamma (and beta)."""
+def pre_add_reference(x: numpy.ndarray, residual: numpy.ndarray, add_bias) -> numpy.ndarray:
+    """``round(x + residual [+ add_bias])``: the sum the pre-add normalises, in float64 then rounded."""
+    z = x.astype(numpy.float64) + residual.astype(numpy.float64)
+    if add_bias is not None:
+        z = z + add_bias.astype(numpy.float64)
+    return z.astype(x.dtype)
+
+
+def launch_config(rows: int, width: int, dtype: numpy.dtype, rows_at: dict[str, int], params_at: dict[str, int]):
+    """(kernel name expression, grid, block, per-column vectors aligned) for ``rows`` rows of ``width``
+    elements; ``rows_at`` holds the device addresses of the row-shaped tensors (x first), ``params_at``
+    those of the per-column vectors (gamma, beta, bias)."""
+    x_ptr = rows_at["x"]
+    params_aligned = all(p % 16 == 0 for p in params_at.values())
+    if any((p - x_ptr) % 16 for p in rows_at.values()):  # aligned differently: no slot is aligned in all
+        return _name(dtype, 1, 0, False, True), (rows,), (min(_MAX_THREADS, 32 * math.ceil(width / 32)),), params_aligned
     vec = _vec(dtype)
-    if (ptrs["x"] - ptrs["out"]) % 16:  # x and out aligned differently: no slot is aligned in both
-        return _name(dtype, 1, 0, False, True), (rows,), (min(_MAX_THREADS, 32 * math.ceil(width / 32)),)
-    if width % vec or any(p % 16 for p in ptrs.values()):
+    if width % vec or x_ptr % 16 or not params_aligned:
         slots = (width + 2 * (vec - 1)) // vec  # slots of the worst-placed row
-        return _name(dtype, vec, 0, False, False), (rows,), (min(_MAX_THREADS, 32 * math.ceil(slots / 32)),)
+        threads = min(_MAX_THREADS, 32 * math.ceil(slots / 32))
+        return _name(dtype, vec, 0, False, False), (rows,), (threads,), params_aligned
     slots = width // vec
     if slots <= 32 * 4:
         vpt = next(v for v in (1, 2, 4) if slots <= 32 * v)
         grid = (rows + _WARP_ROWS_PER_BLOCK - 1) // _WARP_ROWS_PER_BLOCK
-        return _name(dtype, vec, vpt, True, True), (grid,), (32, _WARP_ROWS_PER_BLOCK)
+        return _name(dtype, vec, vpt, True, True), (grid,), (32, _WARP_ROWS_PER_BLOCK), True
     if slots > 8 * _MAX_THREADS:
-        return _name(dtype, vec, 0, False, True), (rows,), (_MAX_THREADS,)
+        return _name(dtype, vec, 0, False, True), (rows,), (_MAX_THREADS,), True
     vpt = next((v for v in (1, 2, 4, 8) if slots <= _TARGET_THREADS * v), 8)
     threads = 32 * math.ceil(math.ceil(slots / vpt) / 32)
-    return _name(dtype, vec, vpt, False, True), (rows,), (threads,)
+    return _name(dtype, vec, vpt, False, True), (rows,), (threads,), True
 
 
 def _norm(mode: str, x, gamma, beta, eps: float, out):
@@ -120,27 +129,49 @@ def _norm(mode: str, x, gamma, beta, eps: float, out):
     gamma = as_array("gamma", gamma, kind, dtypes=x.dtype, shape=(width,))
     if beta is not None:
         beta = as_array("beta", beta, kind, dtypes=x.dtype, shape=(width,))
-    if isinstance(eps, bool) or not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps: expected a finite number >= 0; got {eps!r}")
+    check_eps(eps)
     if out is not None:
         out = as_array("out", out, kind, dtypes=x.dtype, shape=tuple(x.shape))
         check_no_overlap("out", out, x=x, gamma=gamma, beta=beta)
-    else:
-        out = empty_like_kind(kind, tuple(x.shape), x.dtype)
+    return to_caller(normalize(mode, x, gamma, beta, eps, out=out), kind)
 
-    if kind == "numpy":
-        out[...] = norm_reference(mode, x, gamma, beta, eps)
-        return out
+
+def check_eps(eps) -> None:
+    if isinstance(eps, bool) or not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps: expected a finite number >= 0; got {eps!r}")
+
+
+def normalize(mode: str, x, gamma, beta, eps: float, *, out=None, residual=None, add_bias=None, want_sum=False):
+    """The norm on arrays already checked (NumPy: the reference; CuPy: the kernel), for the ops.
+
+    With ``residual``, the row normalised is ``z = round(x + residual [+ add_bias])``; ``want_sum`` also
+    returns ``z``. Returns ``y`` or ``(y, z)``.
+    """
+    numpy_path = isinstance(x, numpy.ndarray)
+    if out is None:
+        out = empty_like_kind("numpy" if numpy_path else "cupy", tuple(x.shape), x.dtype)
+    if numpy_path:
+        z = x if residual is None else pre_add_reference(x, residual, add_bias)
+        out[...] = norm_reference(mode, z, gamma, beta, eps)
+        return (out, z) if want_sum else out
+    total = empty_like_kind("cupy", tuple(x.shape), x.dtype) if want_sum else None
+    width = x.shape[-1]
     rows = x.size // width
     if rows:
-        ptrs = {"x": x.data.ptr, "out": out.data.ptr, "gamma": gamma.data.ptr}
-        if beta is not None:
-            ptrs["beta"] = beta.data.ptr
-        name, grid, block = launch_config(rows, width, x.dtype, ptrs)
-        placeholder_beta = gamma  # not read when the mode has no beta
+        rows_at = {"x": x.data.ptr, "out": out.data.ptr}
+        params_at = {"gamma": gamma.data.ptr}
+        for name, array, where in (("beta", beta, params_at), ("add_bias", add_bias, params_at),
+                                   ("residual", residual, rows_at), ("sum", total, rows_at)):
+            if array is not None:
+                where[name] = array.data.ptr
+        name, grid, block, params_aligned = launch_config(rows, width, x.dtype, rows_at, params_at)
+        pre_add = (residual is not None) * 1 + (add_bias is not None) * 2 + want_sum * 4
+        unused = x  # placeholder for pointers the mode and flags leave unread
+        args = [x, residual, add_bias, gamma, beta, out, total]
         _KERNELS.kernel(name)(
             grid,
             block,
-            (x, gamma, beta if beta is not None else placeholder_beta, out, i32(rows), i32(width), f32(eps), i32(_MODE[mode])),
+            tuple(unused if a is None else a for a in args)
+            + (i32(rows), i32(width), f32(eps), i32(_MODE[mode]), i32(pre_add), i32(params_aligned)),
         )
-    return to_caller(out, kind)
+    return (out, total) if want_sum else out

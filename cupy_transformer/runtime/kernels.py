@@ -21,7 +21,10 @@ from typing import Iterable
 
 import numpy
 
-from .arrays import import_cupy
+from .arrays import FLOAT_DTYPES, import_cupy
+
+#: The C++ element type a kernel template is instantiated with, per dtype.
+CTYPES = dict(zip(FLOAT_DTYPES, ("__half", "float", "__nv_bfloat16")))
 
 # `--std=c++17` for `if constexpr`. CuPy adds `-ftz=true` to every RawModule; `compile_offline` adds it
 # too, so CI compiles what a GPU compiles.
@@ -181,3 +184,20 @@ def i32(value: int) -> numpy.int32:
 
 def f32(value: float) -> numpy.float32:
     return numpy.float32(value)
+
+
+_SM_COUNTS: dict[int, int] = {}
+
+
+def sm_count() -> int:
+    """Multiprocessors of the current GPU (sizes grid-stride launches)."""
+    cupy = import_cupy()
+    device = cupy.cuda.runtime.getDevice()
+    if device not in _SM_COUNTS:
+        _SM_COUNTS[device] = cupy.cuda.Device(device).attributes["MultiProcessorCount"]
+    return _SM_COUNTS[device]
+
+
+def elementwise_grid(vectors: int, threads: int = 256, blocks_per_sm: int = 8) -> tuple[int]:
+    """Grid for a grid-stride loop over ``vectors`` items: enough blocks to fill the GPU, no more."""
+    return (max(1, min((vectors + threads - 1) // threads, sm_count() * blocks_per_sm)),)

@@ -61,23 +61,23 @@ def test_numpy_path_writes_out(rng):
 
 def test_every_launch_config_is_instantiated():
     names = set(norm_module._KERNELS.name_expressions)
-    placements = [  # aligned; all misaligned alike; x and out apart; gamma alone misaligned
-        {"x": 0, "out": 256, "gamma": 512},
-        {"x": 2, "out": 514, "gamma": 6},
-        {"x": 4, "out": 8, "gamma": 0},
-        {"x": 0, "out": 256, "gamma": 514},
+    placements = [  # (row tensors, per-column vectors): aligned; misaligned alike; x and out apart; gamma off
+        ({"x": 0, "out": 256}, {"gamma": 512}),
+        ({"x": 2, "out": 514}, {"gamma": 6}),
+        ({"x": 4, "out": 8}, {"gamma": 0}),
+        ({"x": 0, "out": 256}, {"gamma": 514}),
     ]
     for dtype in FLOAT_DTYPES:
         for width in (1, 7, 8, 64, 127, 384, 1000, 1001, 1024, 1032, 4096, 4095, 8192 * 8, 8193 * 8, 70001):
-            for ptrs in placements:
-                name, grid, block = norm_module.launch_config(37, width, dtype, ptrs)
+            for rows_at, params_at in placements:
+                name, grid, block, _ = norm_module.launch_config(37, width, dtype, rows_at, params_at)
                 assert name in names
                 vec, vpt = (int(a) for a in name.split("<")[1].split(",")[1:3])
                 threads, rows_per_block = (block + (1,))[:2]
                 assert threads % 32 == 0 and 32 <= threads * rows_per_block <= 1024
                 assert grid[0] * rows_per_block >= 37  # every row has a block or a warp
                 if vpt:  # register-held rows: only for aligned placements, and the registers cover the row
-                    assert ptrs is placements[0] and width % vec == 0 and threads * vpt * vec >= width
+                    assert rows_at is placements[0][0] and width % vec == 0 and threads * vpt * vec >= width
 
 
 # --- bad input: each names the argument ------------------------------------------------------------
@@ -247,3 +247,25 @@ def test_torch_producer_stream_is_ordered(rng):
     side.synchronize()
     ref = exact_layer_norm((base[:64] @ base).cpu().numpy(), numpy.ones(4096), None, 1e-5)
     assert rel_error(y, ref) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("width", [384, 1001, 4096, 70001])
+@pytest.mark.parametrize("mode", ["layer_norm", "rms_norm"])
+def test_gpu_pre_add(rng, poisoned_allocations, dtype, width, mode):
+    """normalize(x, residual=r, add_bias=b): z = round(x + r + b) written out, and norm(z)."""
+    import cupy
+
+    x, gamma, beta = make_inputs(rng, (6, width), dtype)
+    r, b = random(rng, (6, width), dtype), random(rng, (width,), dtype)
+    args = [cupy.asarray(a) for a in (x, gamma, beta if mode == "layer_norm" else None, r, b) if a is not None]
+    if mode == "layer_norm":
+        xd, gd, bd, rd, add = args
+    else:
+        (xd, gd, rd, add), bd = args, None
+    y, z = norm_module.normalize(mode, xd, gd, bd, 1e-5, residual=rd, add_bias=add, want_sum=True)
+    exact_z = x.astype(numpy.float64) + r + b.astype(numpy.float64)
+    exact = exact_layer_norm(exact_z, gamma, beta, 1e-5) if mode == "layer_norm" else exact_rms_norm(exact_z, gamma, 1e-5)
+    assert rel_error(z, exact_z) < TOLERANCE[numpy.dtype(dtype)]
+    assert rel_error(y, exact) < TOLERANCE[numpy.dtype(dtype)]

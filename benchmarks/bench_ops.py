@@ -1,0 +1,125 @@
+"""The six projection/MLP ops vs the same math in torch, side by side in one process (fp16).
+
+Sizes: GPT-2-XL (hidden 1600, intermediate 6400) and LLaMA-7B (4096, 11008; its MLP as RMSNorm + gated
+SiLU), for 1, 16 and 2048 rows. For each op: our time, torch's, the GEMMs alone through cuBLAS
+(cupy.matmul: the floor for our GEMM + fused epilogue), and the rate: GB/s of bytes that must move
+(weights + activations) against the measured copy bandwidth for decode rows, TFLOP/s against the
+measured cuBLAS rate for 2048 rows. Writes the table under benchmarks/results/ (or $OUT).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import cupy
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import RESULTS, card_name, copy_bandwidth_gbs, header, spin_up, time_us  # noqa: E402
+from cupy_transformer import ops  # noqa: E402
+
+MODELS = {"GPT-2-XL": (1600, 6400, "LayerNorm", "GELU"), "LLaMA-7B": (4096, 11008, "RMSNorm", "GATED_SILU")}
+ROWS = (1, 16, 2048)
+
+
+def matrix_tflops() -> float:
+    a = cupy.random.standard_normal((8192, 8192), dtype=cupy.float32).astype(cupy.float16)
+    us = time_us(lambda: cupy.matmul(a, a), [()], reps=10, rounds=1)
+    return 2 * 8192**3 / us / 1e6
+
+
+def t(*shape, scale=1.0):
+    return (torch.randn(*shape, device="cuda", dtype=torch.float16) * scale).contiguous()
+
+
+def cases(hidden, inter, norm, act, rows):
+    """(op name, ours, torch, cuBLAS-only, bytes, flops) for one size."""
+    gated = act == "GATED_SILU"
+    inter1 = 2 * inter if gated else inter
+    cfg = ops.InferenceConfig(hidden_size=hidden, heads=32, intermediate_size=inter, norm_type=norm,
+                              mlp_act_func_type=act, epsilon=1e-5)
+    x, r, a = t(rows, hidden), t(rows, hidden), t(rows, hidden)
+    w_qkv, b_qkv = t(hidden, 3 * hidden, scale=hidden**-0.5), t(3 * hidden)
+    w_o = t(hidden, hidden, scale=hidden**-0.5)
+    w1, b1 = t(hidden, inter1, scale=hidden**-0.5), t(inter1)
+    w2, b2 = t(inter, hidden, scale=inter**-0.5), t(hidden)
+    gamma, beta, b_o = t(hidden) + 1, t(hidden), t(hidden)
+    c = {k: cupy.from_dlpack(v) for k, v in dict(x=x, r=r, a=a, w_qkv=w_qkv, b_qkv=b_qkv, w_o=w_o, w1=w1, b1=b1, w2=w2,
+                                                 b2=b2, gamma=gamma, beta=beta, b_o=b_o).items()}
+    rms = norm == "RMSNorm"
+    mm = cupy.matmul
+
+    def torch_norm(z):
+        return F.rms_norm(z, (hidden,), gamma, 1e-5) if rms else F.layer_norm(z, (hidden,), gamma, beta, 1e-5)
+
+    def torch_act(h):
+        return F.silu(h[:, inter:]) * h[:, :inter] if gated else F.gelu(h, approximate="tanh")
+
+    linear, vmm = ops.LinearOp(cfg), ops.VectorMatMulOp(cfg)
+    qkv, mlp, gelu, res = ops.QKVGemmOp(cfg), ops.MLPGemmOp(cfg), ops.GELUGemmOp(cfg), ops.ResidualAddOp(cfg)
+    beta_c = None if rms else c["beta"]
+    act_bytes = 2 * rows * hidden * 2
+    yield ("LinearOp (QKV)", lambda: linear(c["x"], c["w_qkv"], c["b_qkv"]), lambda: torch.addmm(b_qkv, x, w_qkv),
+           lambda: mm(c["x"], c["w_qkv"]), w_qkv.nbytes + 4 * rows * hidden * 2, 2 * rows * hidden * 3 * hidden)
+    yield ("VectorMatMulOp (out proj)", lambda: vmm(c["a"], c["w_o"]), lambda: a @ w_o, lambda: mm(c["a"], c["w_o"]),
+           w_o.nbytes + act_bytes, 2 * rows * hidden * hidden)
+    yield ("QKVGemmOp (norm + QKV)", lambda: qkv(c["x"], c["w_qkv"], c["b_qkv"], c["gamma"], beta_c),
+           lambda: torch.addmm(b_qkv, torch_norm(x), w_qkv), lambda: mm(c["x"], c["w_qkv"]),
+           w_qkv.nbytes + 5 * rows * hidden * 2, 2 * rows * hidden * 3 * hidden)
+    mlp_bytes = w1.nbytes + w2.nbytes + 4 * rows * hidden * 2
+    mlp_flops = 2 * rows * hidden * (inter1 + inter)
+    yield ("MLPGemmOp (add + norm + MLP)",
+           lambda: mlp(c["a"], c["r"], c["w1"], c["w2"], c["b_o"], c["b1"], c["gamma"], beta_c),
+           lambda: torch_act(torch.addmm(b1, torch_norm(a + r + b_o), w1)) @ w2,
+           lambda: mm(mm(c["x"], c["w1"])[:, :inter], c["w2"]), mlp_bytes, mlp_flops)
+    if not gated:
+        yield ("GELUGemmOp (MLP, no norm)", lambda: gelu(c["x"], c["w1"], c["b1"], c["w2"]),
+               lambda: F.gelu(torch.addmm(b1, x, w1), approximate="tanh") @ w2,
+               lambda: mm(mm(c["x"], c["w1"]), c["w2"]), mlp_bytes, mlp_flops)
+    yield ("ResidualAddOp", lambda: res(c["x"], c["r"], True, c["a"], None, c["b_o"], c["b2"]),
+           lambda: x + r + a + b_o + b2, None, 4 * rows * hidden * 2, 0)
+
+
+def main():
+    spin_up()
+    copy_gbs, tflops = copy_bandwidth_gbs(), matrix_tflops()
+    lines = [
+        header("Projection and MLP ops vs torch (fp16)"),
+        f"Ceilings measured here: copy {copy_gbs:.0f} GB/s (1 GiB memcpy, read + written); cuBLAS fp16 matmul "
+        f"8192^3 {tflops:.0f} TFLOP/s. GPU times: lower of two medians of 60 event-timed calls, each behind a 1 GiB "
+        "read that evicts L2 (weights start cold) and hides host overhead. 'vs torch' = torch time / ours; "
+        "'vs cuBLAS' = the op's GEMMs alone through cupy.matmul / ours (1.00 = the fused epilogue is free). "
+        "Rate: GB/s of weights + activations for 1 and 16 rows (and % of copy), TFLOP/s for 2048 rows "
+        "(and % of the cuBLAS rate). Decode rows use cuBLAS for now (the GEMV kernel is still to come).\n",
+        "| model | rows | op | ours µs | torch µs | vs torch | cuBLAS-only µs | vs cuBLAS | rate | of ceiling |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines))
+    for model, (hidden, inter, norm, act) in MODELS.items():
+        for rows in ROWS:
+            for name, ours, theirs, cublas, nbytes, flops in cases(hidden, inter, norm, act, rows):
+                t_ours, t_torch = time_us(ours, [()]), time_us(theirs, [()])
+                t_cublas = time_us(cublas, [()]) if cublas else None
+                if rows <= 16 or not flops:
+                    rate, ceiling = f"{nbytes / t_ours / 1e3:.0f} GB/s", f"{100 * nbytes / t_ours / 1e3 / copy_gbs:.0f}%"
+                else:
+                    rate, ceiling = f"{flops / t_ours / 1e6:.0f} TFLOP/s", f"{100 * flops / t_ours / 1e6 / tflops:.0f}%"
+                cub = f"{t_cublas:.1f} | {t_cublas / t_ours:.2f}" if t_cublas else "- | -"
+                line = f"| {model} | {rows} | {name} | {t_ours:.1f} | {t_torch:.1f} | {t_torch / t_ours:.2f} | {cub} | {rate} | {ceiling} |"
+                print(line)
+                lines.append(line)
+            torch.cuda.empty_cache()
+            cupy.get_default_memory_pool().free_all_blocks()
+    text = "\n".join(lines) + "\n"
+    os.makedirs(RESULTS, exist_ok=True)
+    card = card_name().replace("NVIDIA ", "").split()[0].lower()
+    path = os.path.join(os.environ.get("OUT", RESULTS), f"ops-{card}.md")
+    with open(path, "w") as f:
+        f.write(text)
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Bias + activation after a GEMM (``kernels_cu/bias_act.cu``): ``ops-spec.md`` §6's fused epilogue.
+
+``y = act(h + bias)``, fp32 math, one rounding to the input dtype. Activations: GELU (tanh form, GPT-2's
+``gelu_new`` and DeepSpeed's GELU), GELU_EXACT (erf form, BERT's ``gelu``), ReLU, and the gated forms,
+where ``h`` holds ``[up | gate]`` (``2 * width`` columns) and ``y = up * act(gate)``: GATED_GELU uses the
+erf form (as DeepSpeed), GATED_SILU is LLaMA's. For gated forms ``act(gate)`` is rounded to the dtype
+before the product, as Hugging Face's ``act_fn(gate_proj(x)) * up_proj(x)`` is. ``activation=None`` adds
+the bias only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy
+
+from ..runtime.arrays import FLOAT_DTYPES, as_array, check_no_overlap, common_kind, empty_like_kind, to_caller
+from ..runtime.kernels import CTYPES, KernelFamily, elementwise_grid, i32
+from .config import ActivationType, parse_enum
+
+
+_ACTS = (0,) + tuple(int(a) for a in ActivationType)
+
+
+def _name(dtype: numpy.dtype, act: int, vec: int) -> str:
+    return f"ct::bias_act<{CTYPES[dtype]}, {act}, {vec}>"
+
+
+_KERNELS = KernelFamily(
+    "bias_act.cu", [_name(d, a, v) for d in CTYPES for a in _ACTS for v in (16 // d.itemsize, 1)]
+)
+
+
+def _erf(x: numpy.ndarray) -> numpy.ndarray:
+    # NumPy has no erf; math.erf per element is exact to double precision (reference-path sizes are small).
+    return numpy.vectorize(math.erf, otypes=[numpy.float64])(x)
+
+
+def activation_reference(x: numpy.ndarray, act) -> numpy.ndarray:
+    """The activation in float64."""
+    if act is None:
+        return x
+    if act == ActivationType.GELU:
+        return 0.5 * x * (1 + numpy.tanh(0.7978845608028654 * (x + 0.044715 * x**3)))
+    if act == ActivationType.ReLU:
+        return numpy.maximum(x, 0)
+    if act in (ActivationType.GELU_EXACT, ActivationType.GATED_GELU):
+        return 0.5 * x * (1 + _erf(x / math.sqrt(2)))
+    if act == ActivationType.GATED_SILU:
+        return x / (1 + numpy.exp(-x))
+    raise ValueError(f"activation: unknown {act!r}")
+
+
+def bias_act_reference(h: numpy.ndarray, bias, act) -> numpy.ndarray:
+    """NumPy reference: float64 math, rounded to ``h.dtype`` where the kernel rounds."""
+    dtype = h.dtype
+    hf = h.astype(numpy.float64)
+    if bias is not None:
+        hf = hf + bias.astype(numpy.float64)
+    if act is not None and ActivationType(act).gated:
+        width = h.shape[-1] // 2
+        up, gate = hf[..., :width], hf[..., width:]
+        if bias is not None:
+            up = up.astype(dtype).astype(numpy.float64)
+        g = activation_reference(gate, act).astype(dtype).astype(numpy.float64)
+        return (up * g).astype(dtype)
+    return activation_reference(hf, act).astype(dtype)
+
+
+def bias_act(h, bias=None, activation=None, *, out=None):
+    """``act(h + bias)`` over the last dimension (gated: ``h`` is ``[..., 2 * width]``, result ``[..., width]``).
+
+    ``activation``: an ``ActivationType`` (or its name), or None for the bias alone. ``out`` may be ``h``
+    itself for a non-gated activation (updated in place)."""
+    act = None if activation is None else parse_enum(ActivationType, "activation", activation)
+    kind = common_kind(h=h, bias=bias, out=out)
+    h = as_array("h", h, kind, min_ndim=1)
+    in_width = h.shape[-1]
+    gated = act is not None and act.gated
+    if gated and in_width % 2:
+        raise ValueError(f"h: a gated activation needs [up | gate] halves, an even last dimension; got {in_width}")
+    if bias is not None:
+        bias = as_array("bias", bias, kind, dtypes=h.dtype, shape=(in_width,))
+    shape = tuple(h.shape[:-1]) + ((in_width // 2,) if gated else (in_width,))
+    if out is not None:
+        out = as_array("out", out, kind, dtypes=h.dtype, shape=shape)
+        # In place (out is h) is fine element by element; a gated result would overwrite unread gates.
+        check_no_overlap("out", out, bias=bias, **({} if out is h and not gated else {"h": h}))
+    return to_caller(_bias_act(h, bias, act, out), kind)
+
+
+def _bias_act(h, bias, act, out=None):
+    """``bias_act`` on arrays already checked (NumPy or CuPy; ``out`` may be ``h`` when not gated)."""
+    gated = act is not None and act.gated
+    width = h.shape[-1] // 2 if gated else h.shape[-1]
+    if isinstance(h, numpy.ndarray):
+        result = bias_act_reference(h, bias, act)
+        if out is None:
+            return result
+        out[...] = result
+        return out
+    if out is None:
+        out = empty_like_kind("cupy", tuple(h.shape[:-1]) + (width,), h.dtype)
+    rows = h.size // h.shape[-1] if h.shape[-1] else 0
+    if rows and width:
+        vec = 16 // h.dtype.itemsize
+        ptrs = [h.data.ptr, out.data.ptr] + ([bias.data.ptr] if bias is not None else [])
+        if width % vec or any(p % 16 for p in ptrs):
+            vec = 1
+        kernel = _KERNELS.kernel(_name(h.dtype, 0 if act is None else int(act), vec))
+        kernel(
+            elementwise_grid(rows * width // vec),
+            (256,),
+            (h, bias if bias is not None else h, out, numpy.int64(rows), i32(width), i32(bias is not None)),
+        )
+    return out

@@ -1,0 +1,98 @@
+"""The one configuration every op reads from: DeepSpeed's inference config, validated on construction.
+
+Field names follow ``DeepSpeedInferenceConfig`` (``ops-spec.md`` §9) where they exist there; every op reads
+only what it needs. Sizes are the *whole-model* sizes; with tensor parallelism (``mp_size`` = P) the
+ops see per-rank shards (``heads / P`` heads, ``intermediate_size / P`` columns), as in DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import numpy
+
+from ..runtime.arrays import FLOAT_DTYPES
+
+
+class NormType(enum.IntEnum):
+    LayerNorm = 1
+    RMSNorm = 3
+
+
+class ActivationType(enum.IntEnum):
+    """DeepSpeed's enum values, plus GELU_EXACT (the erf form BERT uses) which DeepSpeed lacks."""
+
+    GELU = 1  # tanh approximation: GPT-2's "gelu_new", DeepSpeed's GELU
+    ReLU = 2
+    GATED_GELU = 3  # up * gelu_erf(gate)
+    GATED_SILU = 4  # up * silu(gate)
+    GELU_EXACT = 5  # 0.5 x (1 + erf(x / sqrt 2)): BERT's "gelu"
+
+    @property
+    def gated(self) -> bool:
+        return self in (ActivationType.GATED_GELU, ActivationType.GATED_SILU)
+
+
+def parse_enum(cls, name: str, value):
+    """An enum member from itself, its name (any case) or its value; ValueError naming the field."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, str):
+        for member in cls:
+            if member.name.lower() == value.lower():
+                return member
+    elif isinstance(value, int) and not isinstance(value, bool) and value in set(cls):
+        return cls(value)
+    raise ValueError(f"{name}: expected one of {', '.join(m.name for m in cls)}; got {value!r}")
+
+
+@dataclasses.dataclass
+class InferenceConfig:
+    hidden_size: int
+    heads: int
+    intermediate_size: int = -1  # -1: 4 * hidden_size
+    num_kv: int = -1  # key/value heads; -1: heads (multi-head attention)
+    epsilon: float = 1e-12  # DeepSpeed's layer_norm_eps default
+    norm_type: NormType | str = NormType.LayerNorm
+    pre_layer_norm: bool = True
+    mlp_after_attn: bool = True  # False: parallel attention and MLP (GPT-J, GPT-NeoX)
+    mlp_act_func_type: ActivationType | str = ActivationType.GELU
+    dtype: object = numpy.float16
+    transposed_mode: bool = False  # weights [out, in] (nn.Linear) instead of [in, out]
+    mp_size: int = 1
+
+    def __post_init__(self):
+        for name in ("hidden_size", "heads", "mp_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer; got {value!r}")
+        if self.intermediate_size == -1:
+            self.intermediate_size = 4 * self.hidden_size
+        if self.num_kv == -1:
+            self.num_kv = self.heads
+        for name in ("intermediate_size", "num_kv"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer or -1 for the default; got {value!r}")
+        if self.hidden_size % self.heads:
+            raise ValueError(f"heads: expected a divisor of hidden_size {self.hidden_size}; got {self.heads}")
+        if self.heads % self.num_kv:
+            raise ValueError(f"num_kv: expected a divisor of heads {self.heads}; got {self.num_kv}")
+        for name, size in (("heads", self.heads), ("num_kv", self.num_kv), ("intermediate_size", self.intermediate_size)):
+            if size % self.mp_size:
+                raise ValueError(f"mp_size: expected a divisor of {name} {size}; got {self.mp_size}")
+        if not (isinstance(self.epsilon, (int, float)) and not isinstance(self.epsilon, bool) and self.epsilon >= 0):
+            raise ValueError(f"epsilon: expected a number >= 0; got {self.epsilon!r}")
+        self.norm_type = parse_enum(NormType, "norm_type", self.norm_type)
+        self.mlp_act_func_type = parse_enum(ActivationType, "mlp_act_func_type", self.mlp_act_func_type)
+        try:
+            self.dtype = numpy.dtype(self.dtype)
+        except TypeError:
+            raise TypeError(f"dtype: expected one of {', '.join(map(str, FLOAT_DTYPES))}; got {self.dtype!r}") from None
+        if self.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype: expected one of {', '.join(map(str, FLOAT_DTYPES))}; got {self.dtype}")
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.heads

@@ -1,0 +1,32 @@
+"""GELUGemmOp (``ops-spec.md`` §7): the MLP without a norm of its own (GPT-J reuses the attention's
+normalised input): ``y = act(x @ W1 + b1) @ W2``, no output bias (ResidualAddOp adds it).
+
+``act`` is the config's ``mlp_act_func_type`` (GELU, the tanh form, by default, as DeepSpeed always
+uses); gated types take ``[up | gate]`` columns in ``W1``. ``transposed_mode`` applies to both weights
+(DeepSpeed's fallback ignored it).
+"""
+
+from __future__ import annotations
+
+from ..runtime.arrays import common_kind, to_caller
+from .base import TransformerOp
+from .bias_act import _bias_act
+from .matmul import matmul
+
+
+class GELUGemmOp(TransformerOp):
+    def forward(self, input, weight, bias, weight_out):
+        """``input`` [B, S, H], ``weight`` [H, I'] (I' = 2I gated), ``bias`` [I'] or None, ``weight_out``
+        [I, H] (both ``[out, in]`` with ``transposed_mode``). Returns [B, S, H'] (H' = weight_out's out)."""
+        cfg = self.config
+        kind = common_kind(input=input, weight=weight, bias=bias, weight_out=weight_out)
+        x = self.activations("input", input, kind)
+        w1, inter = self.weight("weight", weight, kind, x.shape[-1])
+        act = cfg.mlp_act_func_type
+        if act.gated and inter % 2:
+            raise ValueError(f"weight: a gated activation needs [up | gate] columns, an even count; got {inter}")
+        b1 = self.vector("bias", bias, kind, inter)
+        w2, _ = self.weight("weight_out", weight_out, kind, inter // 2 if act.gated else inter)
+        h = matmul(x, w1, cfg.transposed_mode)
+        h = _bias_act(h, b1, act, out=None if act.gated else h)  # in place unless it halves
+        return to_caller(matmul(h, w2, cfg.transposed_mode), kind)

@@ -1,0 +1,26 @@
+"""LinearOp (``ops-spec.md`` §1): ``y = x @ W (+ bias)``, the fused QKV projection of post-LN models.
+
+The GEMM is cuBLAS; the bias is added by ``bias_act`` in place on the GEMM's fresh output (one pass).
+DeepSpeed's ``do_flash_attn`` rearrangement is not offered: its own attention never asks for it.
+"""
+
+from __future__ import annotations
+
+from ..runtime.arrays import common_kind, to_caller
+from .base import TransformerOp
+from .bias_act import _bias_act
+from .matmul import matmul
+
+
+class LinearOp(TransformerOp):
+    def forward(self, input, weight, bias=None, add_bias: bool = True):
+        """``input`` [B, S, in] (or [tokens, in]), ``weight`` [in, out] (``[out, in]`` with
+        ``transposed_mode``), ``bias`` [out] added when given and ``add_bias``. Returns [B, S, out]."""
+        kind = common_kind(input=input, weight=weight, bias=bias)
+        x = self.activations("input", input, kind)
+        w, out_features = self.weight("weight", weight, kind, x.shape[-1])
+        b = self.vector("bias", bias, kind, out_features)
+        y = matmul(x, w, self.config.transposed_mode)
+        if b is not None and add_bias:
+            y = _bias_act(y, b, None, out=y)
+        return to_caller(y, kind)

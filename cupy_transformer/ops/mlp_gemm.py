@@ -1,0 +1,74 @@
+"""MLPGemmOp (``ops-spec.md`` §6): the MLP's norm, first GEMM, bias + activation, second GEMM.
+
+Math, with ``act`` the config's ``mlp_act_func_type`` and ``MLP(z) = act(z @ W1 + bias) @ W2``:
+
+- ``mlp_after_attn`` (sequential, GPT-2 / BERT / LLaMA): ``z = round(input + residual + input_bias)``
+  (``input`` = attention output, ``residual`` = layer input), ``xn = norm(z)``, ``out = MLP(xn)``.
+- parallel (``mlp_after_attn=False``, GPT-J / NeoX): ``xn = norm(residual)``; ``input`` is not used.
+
+The add and the norm are one kernel (``ops.norm``'s pre-add), the bias and activation another; the GEMMs
+are cuBLAS. Returns ``(out, residual_add)``; ``residual_add`` is what DeepSpeed returns: ``xn`` for
+LayerNorm, the normalised sum ``z`` for RMSNorm (``residual`` itself when parallel).
+
+Decisions where DeepSpeed is suspect (``ops-spec.md`` §6, §8):
+
+- Gated activations (``[up | gate]`` columns in ``W1``, ``2 * intermediate`` wide) work with LayerNorm
+  too, and every activation takes the intermediate ``bias`` (DeepSpeed drops both silently).
+- No argument is updated in place: DeepSpeed's RMSNorm path adds ``input_bias`` into ``input`` and the
+  sum into ``residual``, which then made ResidualAddOp count the attention output twice. Here
+  ``residual_add`` is a new array and ``residual`` keeps the layer input, so ResidualAddOp's formula is
+  right for LLaMA-style layers.
+"""
+
+from __future__ import annotations
+
+from ..runtime.arrays import common_kind, to_caller
+from .base import TransformerOp
+from .bias_act import _bias_act
+from .config import NormType
+from .matmul import matmul
+from .norm import normalize
+
+
+class MLPGemmOp(TransformerOp):
+    def forward(self, input, residual, weight_interm, weight_out, input_bias=None, bias=None, gamma=None, beta=None):
+        """``input`` [B, S, H] attention output (ignored when parallel), ``residual`` [B, S, H] layer input,
+        ``weight_interm`` [H, I'] (I' = I, or 2I for gated activations), ``weight_out`` [I, H] (both
+        ``[out, in]`` with ``transposed_mode``), ``input_bias`` [H] attention-output bias, ``bias`` [I']
+        intermediate bias, ``gamma``/``beta`` [H] the MLP norm. Returns ``(out [B, S, H], residual_add)``."""
+        cfg = self.config
+        kind = common_kind(
+            input=input, residual=residual, weight_interm=weight_interm, weight_out=weight_out,
+            input_bias=input_bias, bias=bias, gamma=gamma, beta=beta,
+        )
+        r = self.activations("residual", residual, kind)
+        width = r.shape[-1]
+        x = self.like("input", input, kind, r) if cfg.mlp_after_attn else None
+        if cfg.mlp_after_attn and x is None:
+            raise ValueError("input: the attention output is needed when mlp_after_attn; got None")
+        if gamma is None:
+            raise ValueError("gamma: the MLP norm needs its scale vector; got None")
+        rms = cfg.norm_type == NormType.RMSNorm
+        if rms and beta is not None:
+            raise ValueError("beta: RMSNorm has no shift; pass None")
+        g, b = self.vector("gamma", gamma, kind, width), self.vector("beta", beta, kind, width)
+        in_bias = self.vector("input_bias", input_bias, kind, width)
+        w1, inter = self.weight("weight_interm", weight_interm, kind, width)
+        act = cfg.mlp_act_func_type
+        if act.gated and inter % 2:
+            raise ValueError(f"weight_interm: a gated activation needs [up | gate] columns, an even count; got {inter}")
+        inter_bias = self.vector("bias", bias, kind, inter)
+        w2, out_features = self.weight("weight_out", weight_out, kind, inter // 2 if act.gated else inter)
+        if out_features != width:
+            raise ValueError(f"weight_out: expected an out-dimension of the hidden width {width}; got {out_features}")
+
+        mode = "rms_norm" if rms else ("layer_norm" if b is not None else "layer_norm_no_beta")
+        if x is not None:
+            xn, z = normalize(mode, x, g, b, cfg.epsilon, residual=r, add_bias=in_bias, want_sum=True)
+        else:
+            xn, z = normalize(mode, r, g, b, cfg.epsilon), r
+        h = matmul(xn, w1, cfg.transposed_mode)
+        h = _bias_act(h, inter_bias, act, out=None if act.gated else h)  # in place unless it halves
+        out = matmul(h, w2, cfg.transposed_mode)
+        residual_add = z if rms else xn
+        return to_caller(out, kind), (residual if residual_add is r else to_caller(residual_add, kind))

@@ -1,0 +1,40 @@
+"""QKVGemmOp (``ops-spec.md`` §3): input norm fused before the QKV projection, for pre-norm models.
+
+``xn = LayerNorm(x; gamma, beta)`` or ``RMSNorm(x; gamma)`` (config ``norm_type``, ``epsilon``), then
+``qkv = xn @ W (+ bias)``. Returns ``(qkv, xn)``. The norm is ``ops.norm``'s kernel (its rounding
+decisions hold here: RMSNorm rounds like Hugging Face, not like DeepSpeed); the GEMM is cuBLAS and the
+bias ``bias_act``'s one in-place pass. DeepSpeed ignores ``beta`` for RMSNorm; here a ``beta`` with
+RMSNorm is an error rather than silently unused. Rows of any width (DeepSpeed: at most 16384).
+"""
+
+from __future__ import annotations
+
+from ..runtime.arrays import common_kind, to_caller
+from .base import TransformerOp
+from .bias_act import _bias_act
+from .config import NormType
+from .matmul import matmul
+from .norm import normalize
+
+
+class QKVGemmOp(TransformerOp):
+    def forward(self, input, weight, bias=None, gamma=None, beta=None):
+        """``input`` [B, S, H], ``weight`` [H, out] (``[out, H]`` transposed), ``bias`` [out] or None,
+        ``gamma`` [H], ``beta`` [H] (LayerNorm; None for no shift). Returns ``(qkv [B, S, out], xn [B, S, H])``."""
+        kind = common_kind(input=input, weight=weight, bias=bias, gamma=gamma, beta=beta)
+        x = self.activations("input", input, kind)
+        width = x.shape[-1]
+        if gamma is None:
+            raise ValueError("gamma: the input norm needs its scale vector; got None")
+        rms = self.config.norm_type == NormType.RMSNorm
+        if rms and beta is not None:
+            raise ValueError("beta: RMSNorm has no shift; pass None")
+        g, b = self.vector("gamma", gamma, kind, width), self.vector("beta", beta, kind, width)
+        w, out_features = self.weight("weight", weight, kind, width)
+        qkv_bias = self.vector("bias", bias, kind, out_features)
+        mode = "rms_norm" if rms else ("layer_norm" if b is not None else "layer_norm_no_beta")
+        xn = normalize(mode, x, g, b, self.config.epsilon)
+        qkv = matmul(xn, w, self.config.transposed_mode)
+        if qkv_bias is not None:
+            qkv = _bias_act(qkv, qkv_bias, None, out=qkv)
+        return to_caller(qkv, kind), to_caller(xn, kind)

@@ -1,0 +1,61 @@
+"""bias_act: bias + every activation (gated halves too), NumPy and GPU, aligned and not."""
+
+import numpy
+import pytest
+
+from cupy_transformer import ops
+from cupy_transformer.ops import ActivationType
+from cupy_transformer.runtime.arrays import FLOAT_DTYPES
+from tests.helpers import TOLERANCE, random, rel_error
+from tests.ops.common import f64, mlp_act, on_backend
+
+ACTS = [None] + list(ActivationType)
+
+
+def check(rng, dtype, shape, act, with_bias, gpu):
+    host = {"h": random(rng, shape, dtype, scale=2.0), "bias": random(rng, shape[-1:], dtype) if with_bias else None}
+    a = on_backend(host, gpu)
+    y = ops.bias_act(a["h"], a["bias"], act)
+    z = f64(a["h"]) + (f64(a["bias"]) if with_bias else 0)
+    exact = z if act is None else mlp_act(z, act)
+    assert y.dtype == dtype and y.shape == exact.shape
+    # Gated: act(gate) is rounded before the product (one more rounding than the plain forms).
+    assert rel_error(y, exact) < 2 * TOLERANCE[numpy.dtype(dtype)]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: getattr(a, "name", "identity"))
+def test_numpy_path(rng, dtype, act):
+    check(rng, dtype, (3, 5, 64), act, True, gpu=False)
+    check(rng, dtype, (7, 30), act, False, gpu=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: getattr(a, "name", "identity"))
+@pytest.mark.parametrize("shape", [(1, 16), (7, 1000), (512, 4104), (3, 1002), (5, 37 * 2)], ids=str)
+def test_gpu(rng, poisoned_allocations, dtype, act, shape):
+    check(rng, dtype, shape, act, True, gpu=True)
+    check(rng, dtype, shape, act, False, gpu=True)
+
+
+@pytest.mark.gpu
+def test_gpu_in_place(rng):
+    import cupy
+
+    h = cupy.asarray(random(rng, (4, 1000), numpy.float16))
+    expected = ops.bias_act(h.get(), None, "GELU")
+    assert ops.bias_act(h, None, "GELU", out=h) is h
+    assert rel_error(h, expected) < 1e-3
+
+
+def test_bad_input():
+    h = numpy.ones((2, 8), numpy.float32)
+    with pytest.raises(ValueError, match=r"h: a gated activation needs \[up \| gate\] halves, an even last dimension; got 7"):
+        ops.bias_act(h[:, :7].copy(), None, "GATED_SILU")
+    with pytest.raises(ValueError, match=r"activation: expected one of GELU, ReLU, GATED_GELU, GATED_SILU, GELU_EXACT; got 'tanh'"):
+        ops.bias_act(h, None, "tanh")
+    with pytest.raises(ValueError, match=r"bias: expected shape \(8\); got \(4,\)"):
+        ops.bias_act(h, numpy.ones(4, numpy.float32), "ReLU")
+    with pytest.raises(ValueError, match=r"out: expected shape \(2, 4\); got \(2, 8\)"):
+        ops.bias_act(h, None, "GATED_GELU", out=h)

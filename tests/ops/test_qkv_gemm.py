@@ -1,0 +1,65 @@
+"""QKVGemmOp: input norm (LayerNorm / RMSNorm) + QKV projection, NumPy and GPU."""
+
+import numpy
+import pytest
+
+from cupy_transformer.ops import InferenceConfig, QKVGemmOp
+from cupy_transformer.runtime.arrays import FLOAT_DTYPES
+from tests.helpers import random, rel_error
+from tests.ops.common import GPU_ROWS, GPU_WIDTHS, TOL, dense, f64, layer_norm, on_backend, rms_norm, weight
+
+
+def check(rng, dtype, rows, width, norm, transposed, with_bias, gpu, heads=None):
+    heads = heads or width // 8 if width % 8 == 0 else 1
+    cfg = InferenceConfig(hidden_size=width, heads=heads, dtype=dtype, norm_type=norm, transposed_mode=transposed, epsilon=1e-5)
+    out_features = 3 * width
+    host = {
+        "input": random(rng, (2, rows, width), dtype, scale=2.0, offset=0.3),
+        "weight": weight(rng, width, out_features, dtype, transposed),
+        "bias": random(rng, (out_features,), dtype) if with_bias else None,
+        "gamma": random(rng, (width,), dtype, scale=0.3, offset=1.0),
+        "beta": random(rng, (width,), dtype, scale=0.3) if norm == "LayerNorm" else None,
+    }
+    a = on_backend(host, gpu)
+    qkv, xn = QKVGemmOp(cfg)(a["input"], a["weight"], a["bias"], a["gamma"], a["beta"])
+    x = f64(a["input"])
+    exact_xn = layer_norm(x, f64(a["gamma"]), f64(a["beta"]), 1e-5) if norm == "LayerNorm" else rms_norm(x, f64(a["gamma"]), 1e-5)
+    exact_qkv = exact_xn @ dense(f64(a["weight"]), transposed)
+    if with_bias:
+        exact_qkv = exact_qkv + f64(a["bias"])
+    assert qkv.shape == (2, rows, out_features) and xn.shape == (2, rows, width)
+    assert rel_error(xn, exact_xn) < TOL[numpy.dtype(dtype)]
+    assert rel_error(qkv, exact_qkv) < TOL[numpy.dtype(dtype)]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("norm", ["LayerNorm", "RMSNorm"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["[in,out]", "[out,in]"])
+@pytest.mark.parametrize("rows", [1, 7])
+def test_numpy_path(rng, dtype, norm, transposed, rows):
+    check(rng, dtype, rows, 96, norm, transposed, True, gpu=False)
+    check(rng, dtype, rows, 100, norm, transposed, False, gpu=False, heads=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("width", GPU_WIDTHS)
+@pytest.mark.parametrize("rows", GPU_ROWS)
+@pytest.mark.parametrize("norm", ["LayerNorm", "RMSNorm"])
+def test_gpu(rng, poisoned_allocations, dtype, width, rows, norm):
+    check(rng, dtype, rows, width, norm, width == 1000, True, gpu=True, heads=8)
+
+
+def test_bad_input():
+    cfg = InferenceConfig(hidden_size=64, heads=4, dtype=numpy.float32)
+    x, w = numpy.ones((1, 3, 64), numpy.float32), numpy.ones((64, 192), numpy.float32)
+    g = numpy.ones(64, numpy.float32)
+    with pytest.raises(ValueError, match=r"gamma: expected shape \(64\); got \(63,\)"):
+        QKVGemmOp(cfg)(x, w, None, g[:63], g)
+    with pytest.raises(ValueError, match=r"gamma: the input norm needs its scale vector; got None"):
+        QKVGemmOp(cfg)(x, w)
+    rms = InferenceConfig(hidden_size=64, heads=4, dtype=numpy.float32, norm_type="RMSNorm")
+    with pytest.raises(ValueError, match=r"beta: RMSNorm has no shift; pass None"):
+        QKVGemmOp(rms)(x, w, None, g, g)
+    with pytest.raises(TypeError, match=r"bias: expected a CuPy array, a NumPy array or a CUDA array.*got builtins.list"):
+        QKVGemmOp(cfg)(x, w, [0.0] * 192, g, g)
