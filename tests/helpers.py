@@ -28,4 +28,4 @@ def rel_error(out, ref) -> float:
 
 
 def random(rng, shape, dtype, scale=1.0, offset=0.0) -> numpy.ndarray:
-    return (rng.standard_normal(shape) * scale + offset).astype(dtype)
+    return (rng.standard_normal(shape, dtype=numpy.float32) * scale + offset).astype(dtype)

@@ -74,7 +74,7 @@ def rms_norm(x, gamma, eps):
 
 def weight(rng, in_features, out_features, dtype, transposed):
     """A weight scaled so that outputs stay O(1) (no fp16 overflow at wide widths)."""
-    w = (rng.standard_normal((in_features, out_features)) / math.sqrt(in_features)).astype(dtype)
+    w = (rng.standard_normal((in_features, out_features), dtype=numpy.float32) / math.sqrt(in_features)).astype(dtype)
     return numpy.ascontiguousarray(w.T) if transposed else w
 
 
