@@ -27,6 +27,8 @@ class GELUGemmOp(TransformerOp):
             raise ValueError(f"weight: a gated activation needs [up | gate] columns, an even count; got {inter}")
         b1 = self.vector("bias", bias, kind, inter)
         w2, _ = self.weight("weight_out", weight_out, kind, inter // 2 if act.gated else inter)
-        h = matmul(x, w1, cfg.transposed_mode)
-        h = _bias_act(h, b1, act, out=None if act.gated else h)  # in place unless it halves
+        if act.gated:  # [up | gate] columns: the activation pairs two columns, after the product
+            h = _bias_act(matmul(x, w1, cfg.transposed_mode), b1, act)
+        else:
+            h = matmul(x, w1, cfg.transposed_mode, b1, act)
         return to_caller(matmul(h, w2, cfg.transposed_mode), kind)

@@ -1,6 +1,7 @@
 """LinearOp (``ops-spec.md`` §1): ``y = x @ W (+ bias)``, the fused QKV projection of post-LN models.
 
-The GEMM is cuBLAS; the bias is added by ``bias_act`` in place on the GEMM's fresh output (one pass).
+``ops.matmul`` does the product: up to 8 rows in the GEMV kernel with the bias in its epilogue, more rows in
+cuBLAS followed by one bias pass.
 DeepSpeed's ``do_flash_attn`` rearrangement is not offered: its own attention never asks for it.
 """
 
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 from ..runtime.arrays import common_kind, to_caller
 from .base import TransformerOp
-from .bias_act import _bias_act
 from .matmul import matmul
 
 
@@ -20,7 +20,4 @@ class LinearOp(TransformerOp):
         x = self.activations("input", input, kind)
         w, out_features = self.weight("weight", weight, kind, x.shape[-1])
         b = self.vector("bias", bias, kind, out_features)
-        y = matmul(x, w, self.config.transposed_mode)
-        if b is not None and add_bias:
-            y = _bias_act(y, b, None, out=y)
-        return to_caller(y, kind)
+        return to_caller(matmul(x, w, self.config.transposed_mode, b if add_bias else None), kind)

@@ -1,12 +1,30 @@
-"""``x @ W`` for the projection ops: cuBLAS through ``cupy.matmul`` (fp32 accumulation, result rounded to
-the dtype), or the NumPy reference (float64, rounded once). Weights are ``[in, out]`` (DeepSpeed's
-default, GPT-2's Conv1D) or, with ``transposed_mode``, ``[out, in]`` (``nn.Linear``)."""
+"""``act(x @ W + bias)`` for the projection ops (``kernels_cu/gemv.cu`` for decode shapes, cuBLAS otherwise).
+
+Weights are ``[in, out]`` (DeepSpeed's default, GPT-2's Conv1D) or, with ``transposed_mode``, ``[out, in]``
+(``nn.Linear``). Up to 8 rows run the GEMV kernel, which streams each weight once with 16-byte loads and
+applies bias and activation in its epilogue (fp32, one rounding); more rows go to cuBLAS through
+``cupy.matmul`` (fp32 accumulation, rounded to the dtype), followed by ``bias_act``'s one pass when there
+is a bias or activation. NumPy arrays take the reference: float64, rounded after the product and again
+after bias and activation.
+"""
 
 from __future__ import annotations
 
+import math
+
 import numpy
 
-from ..runtime.arrays import as_array
+from ..runtime.arrays import as_array, import_cupy
+from ..runtime.kernels import CTYPES, KernelFamily, i32, sm_count
+from .bias_act import _bias_act
+
+GEMV_MAX_ROWS = 8
+_GEMV_ROWS = (1, 2, 4, 8)
+_GEMV_ACTS = (0, 1, 2, 5)  # identity and the ActivationType values a per-column epilogue can apply
+_THREADS = 256
+_KERNELS = KernelFamily(
+    "gemv.cu", [f"ct::gemv_{layout}<{c}, {r}>" for c in CTYPES.values() for layout in ("kn", "nk") for r in _GEMV_ROWS]
+)
 
 
 def weight_array(name: str, weight, kind: str, dtype: numpy.dtype, in_features: int, transposed: bool):
@@ -23,14 +41,72 @@ def weight_array(name: str, weight, kind: str, dtype: numpy.dtype, in_features: 
     return w, w_out
 
 
-def matmul(x, w, transposed: bool):
-    """``x[..., in] @ W`` → ``[..., out]`` on arrays already checked."""
+def matmul(x, w, transposed: bool, bias=None, act=None):
+    """``act(x[..., in] @ W + bias)`` → ``[..., out]`` on arrays already checked (``act`` not gated)."""
     out_features = w.shape[0] if transposed else w.shape[1]
     shape = tuple(x.shape[:-1]) + (out_features,)
+    x2 = x.reshape(-1, x.shape[-1])
     if isinstance(x, numpy.ndarray):
         wf = w.astype(numpy.float64)
-        y = x.reshape(-1, x.shape[-1]).astype(numpy.float64) @ (wf.T if transposed else wf)
-        return y.astype(x.dtype).reshape(shape)
-    import cupy
+        y = (x2.astype(numpy.float64) @ (wf.T if transposed else wf)).astype(x.dtype)
+    elif x2.shape[0] <= GEMV_MAX_ROWS and _gemv_fits(x2, w, transposed, bias, act):
+        return _gemv(x2, w, transposed, bias, act).reshape(shape)
+    else:
+        y = import_cupy().matmul(x2, w.T if transposed else w)
+    if bias is not None or act is not None:
+        y = _bias_act(y, bias, act, out=y)
+    return y.reshape(shape)
 
-    return cupy.matmul(x.reshape(-1, x.shape[-1]), w.T if transposed else w).reshape(shape)
+
+def _gemv_fits(x, w, transposed, bias, act) -> bool:
+    vec = 16 // x.dtype.itemsize
+    k, n = x.shape[1], (w.shape[0] if transposed else w.shape[1])
+    aligned = all(a.data.ptr % 16 == 0 for a in (x, w) + ((bias,) if bias is not None else ()))
+    return aligned and (k if transposed else n) % vec == 0 and (act is None or int(act) in _GEMV_ACTS)
+
+
+_WORKSPACES: dict[tuple[int, int], tuple] = {}
+
+
+def _workspace(partial_floats: int, tiles: int):
+    """fp32 partials and zeroed tile counters for split-K launches, one set per (device, stream): launches
+    on one stream run in order, so they may share it (the kernel leaves the counters at zero)."""
+    cupy = import_cupy()
+    key = (cupy.cuda.runtime.getDevice(), cupy.cuda.get_current_stream().ptr)
+    partials, counters = _WORKSPACES.get(key, (None, None))
+    if partials is None or partials.size < partial_floats:
+        partials = cupy.empty(max(partial_floats, 1 << 16), cupy.float32)
+    if counters is None or counters.size < tiles:
+        counters = cupy.zeros(max(tiles, 1024), cupy.int32)
+    _WORKSPACES[key] = (partials, counters)
+    return partials, counters
+
+
+def gemv_k_per_split(k: int, n_tiles: int, k_step: int) -> int:
+    """The K range of one split, a multiple of ``k_step``, so that column tiles x splits gives each SM
+    about four blocks."""
+    want = max(1, math.ceil(4 * sm_count() / n_tiles))
+    return max(k_step, math.ceil(math.ceil(k / want) / k_step) * k_step)
+
+
+def _gemv(x, w, transposed, bias, act):
+    cupy = import_cupy()
+    rows, k = x.shape
+    n = w.shape[0] if transposed else w.shape[1]
+    vec = 16 // x.dtype.itemsize
+    r = next(r for r in _GEMV_ROWS if rows <= r)
+    tile = 32 if transposed else 8 * vec  # columns per block, as in gemv.cu
+    n_tiles = math.ceil(n / tile)
+    # nk: a split holds whole strides of the 32 lanes x 16 bytes; kn: any k count, but not tiny.
+    per_split = gemv_k_per_split(k, n_tiles, 32 * vec if transposed else 64)
+    splits = math.ceil(k / per_split)
+    y = cupy.empty((rows, n), x.dtype)
+    partials, counters = _workspace(splits * rows * n if splits > 1 else 0, n_tiles)
+    kernel = _KERNELS.kernel(f"ct::gemv_{'nk' if transposed else 'kn'}<{CTYPES[x.dtype]}, {r}>")
+    kernel(
+        (n_tiles, splits),
+        (_THREADS,),
+        (x, w, y, bias if bias is not None else x, partials, counters, i32(rows), i32(k), i32(n), i32(per_split),
+         i32(0 if act is None else int(act)), i32(bias is not None)),
+    )
+    return y

@@ -6,8 +6,9 @@ Math, with ``act`` the config's ``mlp_act_func_type`` and ``MLP(z) = act(z @ W1 
   (``input`` = attention output, ``residual`` = layer input), ``xn = norm(z)``, ``out = MLP(xn)``.
 - parallel (``mlp_after_attn=False``, GPT-J / NeoX): ``xn = norm(residual)``; ``input`` is not used.
 
-The add and the norm are one kernel (``ops.norm``'s pre-add), the bias and activation another; the GEMMs
-are cuBLAS. Returns ``(out, residual_add)``; ``residual_add`` is what DeepSpeed returns: ``xn`` for
+The add and the norm are one kernel (``ops.norm``'s pre-add); the products are ``ops.matmul``'s (the GEMV
+kernel up to 8 rows, with bias and activation in its epilogue; cuBLAS and one ``bias_act`` pass beyond;
+gated activations always take the ``bias_act`` pass, which pairs the two halves). Returns ``(out, residual_add)``; ``residual_add`` is what DeepSpeed returns: ``xn`` for
 LayerNorm, the normalised sum ``z`` for RMSNorm (``residual`` itself when parallel).
 
 Decisions where DeepSpeed is suspect (``ops-spec.md`` §6, §8):
@@ -67,8 +68,10 @@ class MLPGemmOp(TransformerOp):
             xn, z = normalize(mode, x, g, b, cfg.epsilon, residual=r, add_bias=in_bias, want_sum=True)
         else:
             xn, z = normalize(mode, r, g, b, cfg.epsilon), r
-        h = matmul(xn, w1, cfg.transposed_mode)
-        h = _bias_act(h, inter_bias, act, out=None if act.gated else h)  # in place unless it halves
+        if act.gated:  # [up | gate] columns: the activation pairs two columns, after the product
+            h = _bias_act(matmul(xn, w1, cfg.transposed_mode), inter_bias, act)
+        else:
+            h = matmul(xn, w1, cfg.transposed_mode, inter_bias, act)
         out = matmul(h, w2, cfg.transposed_mode)
         residual_add = z if rms else xn
         return to_caller(out, kind), (residual if residual_add is r else to_caller(residual_add, kind))

@@ -2,8 +2,8 @@
 
 ``xn = LayerNorm(x; gamma, beta)`` or ``RMSNorm(x; gamma)`` (config ``norm_type``, ``epsilon``), then
 ``qkv = xn @ W (+ bias)``. Returns ``(qkv, xn)``. The norm is ``ops.norm``'s kernel (its rounding
-decisions hold here: RMSNorm rounds like Hugging Face, not like DeepSpeed); the GEMM is cuBLAS and the
-bias ``bias_act``'s one in-place pass. DeepSpeed ignores ``beta`` for RMSNorm; here a ``beta`` with
+decisions hold here: RMSNorm rounds like Hugging Face, not like DeepSpeed); the product and bias are
+``ops.matmul``'s (GEMV with the bias in its epilogue up to 8 rows, cuBLAS and one bias pass beyond). DeepSpeed ignores ``beta`` for RMSNorm; here a ``beta`` with
 RMSNorm is an error rather than silently unused. Rows of any width (DeepSpeed: at most 16384).
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from ..runtime.arrays import common_kind, to_caller
 from .base import TransformerOp
-from .bias_act import _bias_act
 from .config import NormType
 from .matmul import matmul
 from .norm import normalize
@@ -34,7 +33,5 @@ class QKVGemmOp(TransformerOp):
         qkv_bias = self.vector("bias", bias, kind, out_features)
         mode = "rms_norm" if rms else ("layer_norm" if b is not None else "layer_norm_no_beta")
         xn = normalize(mode, x, g, b, self.config.epsilon)
-        qkv = matmul(xn, w, self.config.transposed_mode)
-        if qkv_bias is not None:
-            qkv = _bias_act(qkv, qkv_bias, None, out=qkv)
+        qkv = matmul(xn, w, self.config.transposed_mode, qkv_bias)
         return to_caller(qkv, kind), to_caller(xn, kind)

@@ -1,0 +1,60 @@
+"""ops.matmul: the GEMV kernel for up to 8 rows (both layouts, split-K or not, epilogue), cuBLAS beyond."""
+
+import numpy
+import pytest
+
+from cupy_transformer.ops import ActivationType
+import cupy_transformer.ops.matmul as mm
+from cupy_transformer.runtime.arrays import FLOAT_DTYPES
+from tests.helpers import random, rel_error
+from tests.ops.common import TOL, act as exact_act, dense, f64, on_backend, weight
+
+EPILOGUES = [None, ActivationType.GELU, ActivationType.ReLU, ActivationType.GELU_EXACT]
+
+
+def check(rng, dtype, rows, k, n, transposed, with_bias, act, gpu):
+    host = {"x": random(rng, (rows, k), dtype), "w": weight(rng, k, n, dtype, transposed),
+            "bias": random(rng, (n,), dtype) if with_bias else None}
+    a = on_backend(host, gpu)
+    y = mm.matmul(a["x"], a["w"], transposed, a["bias"], act)
+    z = f64(a["x"]) @ dense(f64(a["w"]), transposed) + (f64(a["bias"]) if with_bias else 0)
+    exact = z if act is None else exact_act(z, act)
+    assert y.shape == (rows, n) and y.dtype == dtype
+    assert rel_error(y, exact) < TOL[numpy.dtype(dtype)]
+    return a, y
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("transposed", [False, True], ids=["[in,out]", "[out,in]"])
+@pytest.mark.parametrize("act", EPILOGUES, ids=lambda a: getattr(a, "name", "none"))
+def test_numpy_path(rng, dtype, transposed, act):
+    check(rng, dtype, 3, 40, 24, transposed, True, act, gpu=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("transposed", [False, True], ids=["[in,out]", "[out,in]"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9])
+@pytest.mark.parametrize("k, n", [(64, 40), (1600, 6400), (4096, 4096 + 8), (11008, 1000), (768, 1001)], ids=str)
+def test_gpu_shapes(rng, poisoned_allocations, dtype, transposed, rows, k, n):
+    # (64, 40): one split, a partial tile; (11008, 1000): many splits; n = 1001 with [in, out] weights is not
+    # a whole number of 16-byte vectors and goes to cuBLAS; 9 rows go to cuBLAS.
+    check(rng, dtype, rows, k, n, transposed, True, None, gpu=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("transposed", [False, True], ids=["[in,out]", "[out,in]"])
+@pytest.mark.parametrize("act", EPILOGUES, ids=lambda a: getattr(a, "name", "none"))
+def test_gpu_epilogue(rng, poisoned_allocations, dtype, transposed, act):
+    check(rng, dtype, 4, 1000, 1600, transposed, True, act, gpu=True)
+    check(rng, dtype, 1, 1000, 1600, transposed, False, act, gpu=True)
+
+
+@pytest.mark.gpu
+def test_gpu_split_k_is_deterministic_and_resets(rng):
+    """The split sum is added in a fixed order, and the tile counters are left at zero for the next call."""
+    a, y = check(rng, numpy.float16, 2, 8192, 512, False, True, ActivationType.GELU, gpu=True)
+    for _ in range(3):
+        again = mm.matmul(a["x"], a["w"], False, a["bias"], ActivationType.GELU)
+        assert (again == y).all()
