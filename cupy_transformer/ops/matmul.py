@@ -82,10 +82,13 @@ def _workspace(partial_floats: int, tiles: int):
     return partials, counters
 
 
+GEMV_BLOCKS_PER_SM = 4
+
+
 def gemv_k_per_split(k: int, n_tiles: int, k_step: int) -> int:
     """The K range of one split, a multiple of ``k_step``, so that column tiles x splits gives each SM
-    about four blocks."""
-    want = max(1, math.ceil(4 * sm_count() / n_tiles))
+    about ``GEMV_BLOCKS_PER_SM`` blocks."""
+    want = max(1, math.ceil(GEMV_BLOCKS_PER_SM * sm_count() / n_tiles))
     return max(k_step, math.ceil(math.ceil(k / want) / k_step) * k_step)
 
 
