@@ -1,11 +1,14 @@
-"""``act(x @ W + bias)`` for the projection ops (``kernels_cu/gemv.cu`` for decode shapes, cuBLAS otherwise).
+"""``act(x @ W + bias)`` for the projection ops: cuBLAS, or ``kernels_cu/gemv.cu`` while a CUDA graph is
+being captured.
 
 Weights are ``[in, out]`` (DeepSpeed's default, GPT-2's Conv1D) or, with ``transposed_mode``, ``[out, in]``
-(``nn.Linear``). Up to 8 rows run the GEMV kernel, which streams each weight once with 16-byte loads and
-applies bias and activation in its epilogue (fp32, one rounding); more rows go to cuBLAS through
-``cupy.matmul`` (fp32 accumulation, rounded to the dtype), followed by ``bias_act``'s one pass when there
-is a bias or activation. NumPy arrays take the reference: float64, rounded after the product and again
-after bias and activation.
+(``nn.Linear``). Products go to cuBLAS through ``cupy.matmul`` (fp32 accumulation, rounded to the dtype),
+followed by ``bias_act``'s one pass when there is a bias or activation. CuPy cannot call cuBLAS during
+stream capture, so a captured decode step (up to 8 rows) runs the GEMV kernel instead, which applies bias
+and activation in its epilogue (fp32, one rounding). The GEMV is not yet faster than cuBLAS outside
+capture (``benchmarks/results/``: 45-85% of copy bandwidth at one row, cuBLAS 55-92%), so eager calls
+keep cuBLAS. NumPy arrays take the reference: float64, rounded after the product and again after bias and
+activation.
 """
 
 from __future__ import annotations
@@ -49,8 +52,8 @@ def matmul(x, w, transposed: bool, bias=None, act=None):
     if isinstance(x, numpy.ndarray):
         wf = w.astype(numpy.float64)
         y = (x2.astype(numpy.float64) @ (wf.T if transposed else wf)).astype(x.dtype)
-    elif x2.shape[0] <= GEMV_MAX_ROWS and _gemv_fits(x2, w, transposed, bias, act):
-        return _gemv(x2, w, transposed, bias, act).reshape(shape)
+    elif use_gemv(x2, w, transposed, bias, act):
+        return gemv(x2, w, transposed, bias, act).reshape(shape)
     else:
         y = import_cupy().matmul(x2, w.T if transposed else w)
     if bias is not None or act is not None:
@@ -58,7 +61,17 @@ def matmul(x, w, transposed: bool, bias=None, act=None):
     return y.reshape(shape)
 
 
-def _gemv_fits(x, w, transposed, bias, act) -> bool:
+def use_gemv(x, w, transposed, bias, act) -> bool:
+    """Whether this product runs the GEMV kernel: a decode shape it supports, under stream capture."""
+    cupy = import_cupy()
+    return x.shape[0] <= GEMV_MAX_ROWS and cupy.cuda.get_current_stream().is_capturing() and gemv_fits(
+        x, w, transposed, bias, act
+    )
+
+
+def gemv_fits(x, w, transposed, bias, act) -> bool:
+    """The GEMV kernel's requirements: 16-byte aligned operands, whole vectors along the weight's rows,
+    and an activation it can apply per column."""
     vec = 16 // x.dtype.itemsize
     k, n = x.shape[1], (w.shape[0] if transposed else w.shape[1])
     aligned = all(a.data.ptr % 16 == 0 for a in (x, w) + ((bias,) if bias is not None else ()))
@@ -92,7 +105,8 @@ def gemv_k_per_split(k: int, n_tiles: int, k_step: int) -> int:
     return max(k_step, math.ceil(math.ceil(k / want) / k_step) * k_step)
 
 
-def _gemv(x, w, transposed, bias, act):
+def gemv(x, w, transposed, bias=None, act=None):
+    """The GEMV kernel on checked CuPy arrays (``gemv_fits`` must hold): ``act(x[rows<=8, K] @ W + bias)``."""
     cupy = import_cupy()
     rows, k = x.shape
     n = w.shape[0] if transposed else w.shape[1]

@@ -13,15 +13,19 @@ EPILOGUES = [None, ActivationType.GELU, ActivationType.ReLU, ActivationType.GELU
 
 
 def check(rng, dtype, rows, k, n, transposed, with_bias, act, gpu):
+    """ops.matmul (NumPy: the reference; GPU: cuBLAS + bias_act) and, where it applies, the GEMV kernel."""
     host = {"x": random(rng, (rows, k), dtype), "w": weight(rng, k, n, dtype, transposed),
             "bias": random(rng, (n,), dtype) if with_bias else None}
     a = on_backend(host, gpu)
-    y = mm.matmul(a["x"], a["w"], transposed, a["bias"], act)
     z = f64(a["x"]) @ dense(f64(a["w"]), transposed) + (f64(a["bias"]) if with_bias else 0)
     exact = z if act is None else exact_act(z, act)
-    assert y.shape == (rows, n) and y.dtype == dtype
-    assert rel_error(y, exact) < TOL[numpy.dtype(dtype)]
-    return a, y
+    results = [mm.matmul(a["x"], a["w"], transposed, a["bias"], act)]
+    if gpu and rows <= mm.GEMV_MAX_ROWS and mm.gemv_fits(a["x"], a["w"], transposed, a["bias"], act):
+        results.append(mm.gemv(a["x"], a["w"], transposed, a["bias"], act))
+    for y in results:
+        assert y.shape == (rows, n) and y.dtype == dtype
+        assert rel_error(y, exact) < TOL[numpy.dtype(dtype)]
+    return a, results[-1]
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
@@ -38,7 +42,7 @@ def test_numpy_path(rng, dtype, transposed, act):
 @pytest.mark.parametrize("k, n", [(64, 40), (1600, 6400), (4096, 4096 + 8), (11008, 1000), (768, 1001)], ids=str)
 def test_gpu_shapes(rng, poisoned_allocations, dtype, transposed, rows, k, n):
     # (64, 40): one split, a partial tile; (11008, 1000): many splits; n = 1001 with [in, out] weights is not
-    # a whole number of 16-byte vectors and goes to cuBLAS; 9 rows go to cuBLAS.
+    # a whole number of 16-byte vectors, and 9 rows are too many: cuBLAS only.
     check(rng, dtype, rows, k, n, transposed, True, None, gpu=True)
 
 
@@ -56,5 +60,28 @@ def test_gpu_split_k_is_deterministic_and_resets(rng):
     """The split sum is added in a fixed order, and the tile counters are left at zero for the next call."""
     a, y = check(rng, numpy.float16, 2, 8192, 512, False, True, ActivationType.GELU, gpu=True)
     for _ in range(3):
-        again = mm.matmul(a["x"], a["w"], False, a["bias"], ActivationType.GELU)
+        again = mm.gemv(a["x"], a["w"], False, a["bias"], ActivationType.GELU)
         assert (again == y).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transposed", [False, True], ids=["[in,out]", "[out,in]"])
+def test_gpu_captured_decode_step_runs_the_gemv(rng, transposed):
+    """Under stream capture (where CuPy cannot call cuBLAS) ops.matmul records the GEMV; the replayed graph
+    computes the product of whatever the input buffer holds at replay time."""
+    import cupy
+
+    host = {"x": random(rng, (2, 4096), numpy.float16), "w": weight(rng, 4096, 1024, numpy.float16, transposed),
+            "bias": random(rng, (1024,), numpy.float16)}
+    a = on_backend(host, gpu=True)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        mm.matmul(a["x"], a["w"], transposed, a["bias"], ActivationType.GELU)  # warm: kernels, pool, workspace
+        stream.begin_capture()
+        y = mm.matmul(a["x"], a["w"], transposed, a["bias"], ActivationType.GELU)
+        graph = stream.end_capture()
+        a["x"][...] = cupy.asarray(random(rng, (2, 4096), numpy.float16))
+        graph.launch()
+    stream.synchronize()
+    exact = exact_act(f64(a["x"]) @ dense(f64(a["w"]), transposed) + f64(a["bias"]), ActivationType.GELU)
+    assert rel_error(y, exact) < TOL[numpy.dtype(numpy.float16)]
