@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import RESULTS, card_name, copies_for, copy_bandwidth_gbs, header, host_us, spin_up, time_us  # noqa: E402
+from benchmarks.common import copies_for, copy_bandwidth_gbs, header, host_us, spin_up, time_us, write_table  # noqa: E402
 from cupy_transformer import ops  # noqa: E402
 from cupy_transformer.ops import norm as norm_module  # noqa: E402
 
@@ -132,14 +132,8 @@ def main():
     for name in norm_module._KERNELS.name_expressions:
         k = norm_module._KERNELS.kernel(name)
         lines.append(f"- `{name}`: {k.num_regs} registers, {k.local_size_bytes} B local")
-    text = "\n".join(lines) + "\n"
     print("\n".join(lines[-len(norm_module._KERNELS.name_expressions) - 1:]))
-    os.makedirs(RESULTS, exist_ok=True)
-    card = card_name().replace("NVIDIA ", "").split()[0].lower()
-    path = os.path.join(os.environ.get("OUT", RESULTS), f"norm-{card}.md")
-    with open(path, "w") as f:
-        f.write(text)
-    print(f"written to {path}")
+    write_table("norm", lines)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import RESULTS, card_name, copy_bandwidth_gbs, header, spin_up, time_us  # noqa: E402
+from benchmarks.common import copy_bandwidth_gbs, header, spin_up, time_us, write_table  # noqa: E402
 from cupy_transformer import ops  # noqa: E402
 
 MODELS = {"GPT-2-XL": (1600, 6400, "LayerNorm", "GELU"), "LLaMA-7B": (4096, 11008, "RMSNorm", "GATED_SILU")}
@@ -152,13 +152,7 @@ def main():
             torch.cuda.empty_cache()
             cupy.get_default_memory_pool().free_all_blocks()
     lines += gemv_rows(copy_gbs)
-    text = "\n".join(lines) + "\n"
-    os.makedirs(RESULTS, exist_ok=True)
-    card = card_name().replace("NVIDIA ", "").split()[0].lower()
-    path = os.path.join(os.environ.get("OUT", RESULTS), f"ops-{card}.md")
-    with open(path, "w") as f:
-        f.write(text)
-    print(f"written to {path}")
+    write_table("ops", lines)
 
 
 if __name__ == "__main__":

@@ -124,3 +124,15 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
 
     us = time_us(copy, [(dst, src)], reps=20)
     return 2 * nbytes / us / 1e3
+
+
+def write_table(stem: str, lines: list[str]) -> str:
+    """Write a benchmark's Markdown to $OUT (on the device machine) or benchmarks/results/, named by card."""
+    card = card_name().replace("NVIDIA ", "").split()[0].lower()
+    folder = os.environ.get("OUT", RESULTS)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{stem}-{card}.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"written to {path}")
+    return path

@@ -14,7 +14,7 @@ import math
 
 import numpy
 
-from ..runtime.arrays import FLOAT_DTYPES, as_array, check_no_overlap, common_kind, empty_like_kind, to_caller
+from ..runtime.arrays import as_array, check_no_overlap, common_kind, empty_like_kind, to_caller
 from ..runtime.kernels import CTYPES, KernelFamily, elementwise_grid, i32
 from .config import ActivationType, parse_enum
 

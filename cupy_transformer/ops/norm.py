@@ -26,7 +26,7 @@ import numbers
 
 import numpy
 
-from ..runtime.arrays import FLOAT_DTYPES, as_array, check_no_overlap, common_kind, empty_like_kind, to_caller
+from ..runtime.arrays import as_array, check_no_overlap, common_kind, empty_like_kind, to_caller
 from ..runtime.kernels import CTYPES, KernelFamily, f32, i32
 
 
