@@ -86,10 +86,10 @@ def bias_act(h, bias=None, activation=None, *, out=None):
         out = as_array("out", out, kind, dtypes=h.dtype, shape=shape)
         # In place (out is h) is fine element by element; a gated result would overwrite unread gates.
         check_no_overlap("out", out, bias=bias, **({} if out is h and not gated else {"h": h}))
-    return to_caller(_bias_act(h, bias, act, out), kind)
+    return to_caller(apply_bias_act(h, bias, act, out), kind)
 
 
-def _bias_act(h, bias, act, out=None):
+def apply_bias_act(h, bias, act, out=None):
     """``bias_act`` on arrays already checked (NumPy or CuPy; ``out`` may be ``h`` when not gated)."""
     gated = act is not None and act.gated
     width = h.shape[-1] // 2 if gated else h.shape[-1]

@@ -19,7 +19,7 @@ import numpy
 
 from ..runtime.arrays import as_array, import_cupy
 from ..runtime.kernels import CTYPES, KernelFamily, i32, sm_count
-from .bias_act import _bias_act
+from .bias_act import apply_bias_act
 
 GEMV_MAX_ROWS = 8
 _GEMV_ROWS = (1, 2, 4, 8)
@@ -57,7 +57,7 @@ def matmul(x, w, transposed: bool, bias=None, act=None):
     else:
         y = import_cupy().matmul(x2, w.T if transposed else w)
     if bias is not None or act is not None:
-        y = _bias_act(y, bias, act, out=y)
+        y = apply_bias_act(y, bias, act, out=y)
     return y.reshape(shape)
 
 

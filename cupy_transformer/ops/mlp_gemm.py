@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from ..runtime.arrays import common_kind, to_caller
 from .base import TransformerOp
-from .bias_act import _bias_act
+from .bias_act import apply_bias_act
 from .config import NormType
 from .matmul import matmul
 from .norm import normalize
@@ -69,7 +69,7 @@ class MLPGemmOp(TransformerOp):
         else:
             xn, z = normalize(mode, r, g, b, cfg.epsilon), r
         if act.gated:  # [up | gate] columns: the activation pairs two columns, after the product
-            h = _bias_act(matmul(xn, w1, cfg.transposed_mode), inter_bias, act)
+            h = apply_bias_act(matmul(xn, w1, cfg.transposed_mode), inter_bias, act)
         else:
             h = matmul(xn, w1, cfg.transposed_mode, inter_bias, act)
         out = matmul(h, w2, cfg.transposed_mode)

@@ -17,6 +17,9 @@ values, as every model's hidden size is), rows of up to 8 * 1024 slots stay in r
 the input) and longer rows take a three-pass path. Other widths and offset views take the three-pass
 path with element-wise accesses only for the partial slots at each row's ends; x and ``out`` aligned
 differently modulo 16 bytes go element by element.
+
+``normalize`` (for the ops) can add a residual and a bias first, in the same kernel: the row normalised
+is ``z = round(x + residual + bias)``, which it can also write out (MLPGemmOp's pre-norm sum).
 """
 
 from __future__ import annotations
