@@ -1,11 +1,12 @@
-"""``act(x @ W + bias)`` for the projection ops: cuBLAS, or ``kernels_cu/gemv.cu`` while a CUDA graph is
-being captured.
+"""``act(x @ W + bias)`` for the projection ops: cuBLASLt with a fused epilogue, or ``kernels_cu/gemv.cu``
+while a CUDA graph is being captured.
 
 Weights are ``[in, out]`` (DeepSpeed's default, GPT-2's Conv1D) or, with ``transposed_mode``, ``[out, in]``
-(``nn.Linear``). Products go to cuBLAS through ``cupy.matmul`` (fp32 accumulation, rounded to the dtype),
-followed by ``bias_act``'s one pass when there is a bias or activation. CuPy cannot call cuBLAS during
-stream capture, so a captured decode step (up to 8 rows) runs the GEMV kernel instead, which applies bias
-and activation in its epilogue (fp32, one rounding). The GEMV is not yet faster than cuBLAS outside
+(``nn.Linear``). Products go to cuBLASLt (``runtime.cublaslt``: fp32 accumulation), whose epilogue adds the
+bias and applies ReLU or GELU (tanh form) before the one rounding to the dtype; other activations
+(GELU_EXACT) take ``bias_act``'s extra pass. Where cuBLASLt finds no algorithm, ``cupy.matmul`` plus that
+pass does it. CuPy cannot call cuBLAS during stream capture, so a captured decode step (up to 8 rows) runs
+the GEMV kernel instead, which applies bias and activation in its epilogue (fp32, one rounding). The GEMV is not yet faster than cuBLAS outside
 capture (``benchmarks/results/``: 45-85% of copy bandwidth at one row, cuBLAS 55-92%), so eager calls
 keep cuBLAS. NumPy arrays take the reference: float64, rounded after the product and again after bias and
 activation.
@@ -17,6 +18,7 @@ import math
 
 import numpy
 
+from ..runtime import cublaslt
 from ..runtime.arrays import as_array, import_cupy
 from ..runtime.kernels import CTYPES, KernelFamily, i32, sm_count
 from .bias_act import apply_bias_act
@@ -55,7 +57,13 @@ def matmul(x, w, transposed: bool, bias=None, act=None):
     elif use_gemv(x2, w, transposed, bias, act):
         return gemv(x2, w, transposed, bias, act).reshape(shape)
     else:
-        y = import_cupy().matmul(x2, w.T if transposed else w)
+        fused = (None if act is None else act.name, bias is not None)
+        try:
+            if fused in cublaslt.EPILOGUES:
+                return cublaslt.matmul(x2, w, transposed, bias, fused[0]).reshape(shape)
+            y = cublaslt.matmul(x2, w, transposed)
+        except cublaslt.CublasLtError:
+            y = import_cupy().matmul(x2, w.T if transposed else w)
     if bias is not None or act is not None:
         y = apply_bias_act(y, bias, act, out=y)
     return y.reshape(shape)

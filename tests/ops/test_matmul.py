@@ -56,6 +56,23 @@ def test_gpu_epilogue(rng, poisoned_allocations, dtype, transposed, act):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_gpu_misaligned_input_view(rng, dtype):
+    """A contiguous x that starts 2-4 bytes off alignment: cuBLASLt must pick an algorithm that allows it."""
+    import cupy
+
+    x = random(rng, (16, 1000), dtype)
+    w = weight(rng, 1000, 520, dtype, False)
+    b = random(rng, (520,), dtype)
+    xd = cupy.empty(x.size + 1, dtype)[1:].reshape(x.shape)
+    xd[...] = cupy.asarray(x)
+    assert xd.data.ptr % 16 != 0
+    y = mm.matmul(xd, cupy.asarray(w), False, cupy.asarray(b), ActivationType.GELU)
+    exact = exact_act(x.astype(numpy.float64) @ w.astype(numpy.float64) + b.astype(numpy.float64), ActivationType.GELU)
+    assert rel_error(y, exact) < TOL[numpy.dtype(dtype)]
+
+
+@pytest.mark.gpu
 def test_gpu_split_k_is_deterministic_and_resets(rng):
     """The split sum is added in a fixed order, and the tile counters are left at zero for the next call."""
     a, y = check(rng, numpy.float16, 2, 8192, 512, False, True, ActivationType.GELU, gpu=True)
