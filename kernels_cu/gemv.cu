@@ -92,7 +92,8 @@ __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn(GEMV_ARGS) {
             const V wv = *reinterpret_cast<const V*>(w + static_cast<size_t>(k) * out.N + n0);
 #pragma unroll
             for (int r = 0; r < R; ++r) {
-                const float xv = r < out.rows ? to_float(x[static_cast<size_t>(r) * K + k]) : 0.f;
+                // Padding rows (r >= rows) re-read the last row; their sums are never written.
+                const float xv = to_float(x[static_cast<size_t>(min(r, out.rows - 1)) * K + k]);
 #pragma unroll
                 for (int j = 0; j < VEC; ++j) acc[r][j] += xv * to_float(wv.v[j]);
             }
@@ -137,24 +138,20 @@ __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk(GEMV_ARGS) {
     for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int i = 0; i < NPW; ++i) acc[r][i] = 0.f;
-#pragma unroll 2
+    // Straight-line loop body (clamped indices instead of branches) so that the unrolled iterations'
+    // loads can all be issued before the first is used.
+#pragma unroll 4
     for (int k = k_begin + lane * VEC; k < k_end; k += 32 * VEC) {
         float xf[R][VEC];
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-            if (r < out.rows) {
-                const V xv = *reinterpret_cast<const V*>(x + static_cast<size_t>(r) * K + k);
+        for (int r = 0; r < R; ++r) {  // padding rows re-read the last row; their sums are never written
+            const V xv = *reinterpret_cast<const V*>(x + static_cast<size_t>(min(r, out.rows - 1)) * K + k);
 #pragma unroll
-                for (int j = 0; j < VEC; ++j) xf[r][j] = to_float(xv.v[j]);
-            } else {
-#pragma unroll
-                for (int j = 0; j < VEC; ++j) xf[r][j] = 0.f;
-            }
+            for (int j = 0; j < VEC; ++j) xf[r][j] = to_float(xv.v[j]);
         }
 #pragma unroll
-        for (int i = 0; i < NPW; ++i) {
-            if (n_first + i >= out.N) break;
-            const V wv = *reinterpret_cast<const V*>(w + static_cast<size_t>(n_first + i) * K + k);
+        for (int i = 0; i < NPW; ++i) {  // columns past N re-read the last weight row, never written
+            const V wv = *reinterpret_cast<const V*>(w + static_cast<size_t>(min(n_first + i, out.N - 1)) * K + k);
 #pragma unroll
             for (int r = 0; r < R; ++r)
 #pragma unroll
