@@ -66,8 +66,9 @@ struct GemvOut {
 };
 
 // Both layouts take: x [rows, K], W, y [rows, N], bias [N], the split workspace, and the epilogue's act.
-// W [K, N] (DeepSpeed's default [in, out]). A tile is 8 lanes x VEC columns; the block's 32 groups of 8
-// lanes take interleaved k. N % VEC == 0 and W, x 16-byte aligned (the launcher checks).
+// W [K, N] (DeepSpeed's default [in, out]). A tile is 8 lanes x VEC columns; each of the block's 32 groups
+// of 8 lanes takes chunks of VEC consecutive k (one 16-byte load of x per row covers a chunk).
+// N % VEC == 0, K % VEC == 0, k_per_split % VEC == 0, W and x 16-byte aligned (the launcher checks).
 #define GEMV_ARGS                                                                                              \
     const T *__restrict__ x, const T *__restrict__ w, T *__restrict__ y, const T *__restrict__ bias, float *partials, \
         int *counters, int rows, int K, int N, int k_per_split, int act, int has_bias
@@ -87,15 +88,21 @@ __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn(GEMV_ARGS) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) acc[r][j] = 0.f;
     if (n0 < out.N) {
-#pragma unroll 4
-        for (int k = k_begin + kgroup; k < k_end; k += KGROUPS) {
-            const V wv = *reinterpret_cast<const V*>(w + static_cast<size_t>(k) * out.N + n0);
+#pragma unroll 2
+        for (int k0 = k_begin + kgroup * VEC; k0 < k_end; k0 += KGROUPS * VEC) {
+            V xv[R];  // padding rows (r >= rows) re-read the last row; their sums are never written
 #pragma unroll
-            for (int r = 0; r < R; ++r) {
-                // Padding rows (r >= rows) re-read the last row; their sums are never written.
-                const float xv = to_float(x[static_cast<size_t>(min(r, out.rows - 1)) * K + k]);
+            for (int r = 0; r < R; ++r)
+                xv[r] = *reinterpret_cast<const V*>(x + static_cast<size_t>(min(r, out.rows - 1)) * K + k0);
 #pragma unroll
-                for (int j = 0; j < VEC; ++j) acc[r][j] += xv * to_float(wv.v[j]);
+            for (int i = 0; i < VEC; ++i) {
+                const V wv = *reinterpret_cast<const V*>(w + static_cast<size_t>(k0 + i) * out.N + n0);
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    const float xf = to_float(xv[r].v[i]);
+#pragma unroll
+                    for (int j = 0; j < VEC; ++j) acc[r][j] += xf * to_float(wv.v[j]);
+                }
             }
         }
     }

@@ -83,7 +83,8 @@ def gemv_fits(x, w, transposed, bias, act) -> bool:
     vec = 16 // x.dtype.itemsize
     k, n = x.shape[1], (w.shape[0] if transposed else w.shape[1])
     aligned = all(a.data.ptr % 16 == 0 for a in (x, w) + ((bias,) if bias is not None else ()))
-    return aligned and (k if transposed else n) % vec == 0 and (act is None or int(act) in _GEMV_ACTS)
+    whole_vectors = k % vec == 0 and (transposed or n % vec == 0)
+    return aligned and whole_vectors and (act is None or int(act) in _GEMV_ACTS)
 
 
 _WORKSPACES: dict[tuple[int, int], tuple] = {}
@@ -103,13 +104,14 @@ def _workspace(partial_floats: int, tiles: int):
     return partials, counters
 
 
-GEMV_BLOCKS_PER_SM = 4
+# Blocks per SM the K split aims for, per layout ([in, out], [out, in]); from benchmarks/sweep_gemv.py.
+GEMV_BLOCKS_PER_SM = {False: 4, True: 2}
 
 
-def gemv_k_per_split(k: int, n_tiles: int, k_step: int) -> int:
+def gemv_k_per_split(k: int, n_tiles: int, k_step: int, blocks_per_sm: int) -> int:
     """The K range of one split, a multiple of ``k_step``, so that column tiles x splits gives each SM
-    about ``GEMV_BLOCKS_PER_SM`` blocks."""
-    want = max(1, math.ceil(GEMV_BLOCKS_PER_SM * sm_count() / n_tiles))
+    about ``blocks_per_sm`` blocks."""
+    want = max(1, math.ceil(blocks_per_sm * sm_count() / n_tiles))
     return max(k_step, math.ceil(math.ceil(k / want) / k_step) * k_step)
 
 
@@ -122,8 +124,8 @@ def gemv(x, w, transposed, bias=None, act=None):
     r = next(r for r in _GEMV_ROWS if rows <= r)
     tile = 32 if transposed else 8 * vec  # columns per block, as in gemv.cu
     n_tiles = math.ceil(n / tile)
-    # nk: a split holds whole strides of the 32 lanes x 16 bytes; kn: any k count, but not tiny.
-    per_split = gemv_k_per_split(k, n_tiles, 32 * vec if transposed else 64)
+    # nk: a split holds whole strides of the 32 lanes x 16 bytes; kn: whole chunks of vec k, and not tiny.
+    per_split = gemv_k_per_split(k, n_tiles, 32 * vec if transposed else 8 * vec, GEMV_BLOCKS_PER_SM[transposed])
     splits = math.ceil(k / per_split)
     y = cupy.empty((rows, n), x.dtype)
     partials, counters = _workspace(splits * rows * n if splits > 1 else 0, n_tiles)
