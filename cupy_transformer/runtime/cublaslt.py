@@ -12,6 +12,7 @@ Constants are cublasLt.h's, cublas_api.h's and library_types.h's (CUDA 12 and 13
 
 from __future__ import annotations
 
+import collections
 import ctypes
 
 import numpy
@@ -57,9 +58,12 @@ _lib = None
 def _library():
     global _lib
     if _lib is None:
-        from cuda.pathfinder import load_nvidia_dynamic_lib
+        try:
+            from cuda.pathfinder import load_nvidia_dynamic_lib
 
-        lib = ctypes.CDLL(load_nvidia_dynamic_lib("cublasLt").abs_path)
+            lib = ctypes.CDLL(load_nvidia_dynamic_lib("cublasLt").abs_path)
+        except Exception as e:  # no cuda-pathfinder or no library: callers fall back to cupy.matmul
+            raise CublasLtError(f"cannot load cuBLASLt: {e}") from e
         p, i, u64, i64, size = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_int64, ctypes.c_size_t
         signatures = {  # every argument typed: ctypes would pass bare Python ints as 32-bit C ints
             "cublasLtCreate": [p],
@@ -69,6 +73,8 @@ def _library():
             "cublasLtMatmulPreferenceCreate": [p],
             "cublasLtMatmulPreferenceSetAttribute": [p, i, p, size],
             "cublasLtMatmulPreferenceDestroy": [p],
+            "cublasLtMatmulDescDestroy": [p],
+            "cublasLtMatrixLayoutDestroy": [p],
             "cublasLtMatmulAlgoGetHeuristic": [p, p, p, p, p, p, p, i, p, p],
             "cublasLtMatmul": [p, p, p, p, p, p, p, p, p, p, p, p, p, p, size, p],
         }
@@ -136,11 +142,19 @@ class _Plan:
         finally:
             lib.cublasLtMatmulPreferenceDestroy(pref)
         if found.value < 1:
+            self.destroy()
             raise CublasLtError(f"cuBLASLt found no algorithm for {m}x{k} @ {k}x{n} ({dtype}, epilogue {epilogue})")
+
+    def destroy(self):
+        lib = _library()
+        for layout in self.layouts:
+            lib.cublasLtMatrixLayoutDestroy(layout)
+        lib.cublasLtMatmulDescDestroy(self.desc)
 
 
 _handles: dict[int, ctypes.c_void_p] = {}
-_plans: dict[tuple, _Plan] = {}
+_plans: collections.OrderedDict[tuple, _Plan] = collections.OrderedDict()
+_MAX_PLANS = 256  # prompt lengths vary: keep the most recently used shapes
 _workspaces: dict[tuple[int, int], object] = {}
 _ONE, _ZERO = ctypes.c_float(1.0), ctypes.c_float(0.0)
 
@@ -164,6 +178,10 @@ def matmul(x, w, transposed: bool, bias=None, activation: str | None = None):
     plan = _plans.get(key)
     if plan is None:
         plan = _plans[key] = _Plan(handle, x.dtype, m, n, k, transposed, epilogue, alignments)
+        if len(_plans) > _MAX_PLANS:
+            _plans.popitem(last=False)[1].destroy()
+    else:
+        _plans.move_to_end(key)
     if bias is not None:
         p = ctypes.c_void_p(bias.data.ptr)
         _call("cublasLtMatmulDescSetAttribute", plan.desc, _DESC_BIAS_POINTER, ctypes.byref(p), ctypes.sizeof(p))

@@ -102,3 +102,15 @@ def test_gpu_captured_decode_step_runs_the_gemv(rng, transposed):
     stream.synchronize()
     exact = exact_act(f64(a["x"]) @ dense(f64(a["w"]), transposed) + f64(a["bias"]), ActivationType.GELU)
     assert rel_error(y, exact) < TOL[numpy.dtype(numpy.float16)]
+
+
+@pytest.mark.gpu
+def test_gpu_cublaslt_plan_cache_evicts(rng, monkeypatch):
+    """Row counts vary call to call (prompt lengths): old cuBLASLt plans are destroyed, results stay right."""
+    from cupy_transformer.runtime import cublaslt
+
+    monkeypatch.setattr(cublaslt, "_MAX_PLANS", 2)
+    for _ in range(2):
+        for rows in (3, 17, 64, 130):
+            check(rng, numpy.float16, rows, 256, 96, False, True, ActivationType.ReLU, gpu=True)
+    assert len(cublaslt._plans) <= 2
