@@ -178,7 +178,7 @@ def matmul(x, w, transposed: bool, bias=None, activation: str | None = None):
     plan = _plans.get(key)
     if plan is None:
         plan = _plans[key] = _Plan(handle, x.dtype, m, n, k, transposed, epilogue, alignments)
-        if len(_plans) > _MAX_PLANS:
+        while len(_plans) > _MAX_PLANS:
             _plans.popitem(last=False)[1].destroy()
     else:
         _plans.move_to_end(key)
