@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..runtime.arrays import as_array
-from .config import InferenceConfig
+from .config import InferenceConfig, NormType
 from .matmul import weight_array
 
 
@@ -45,3 +45,25 @@ class TransformerOp:
     def weight(self, name: str, value, kind: str, in_features: int):
         """A weight in the config's layout whose in-dimension is ``in_features``; returns (array, out)."""
         return weight_array(name, value, kind, self.config.dtype, in_features, self.config.transposed_mode)
+
+    def norm_params(self, kind: str, gamma, beta, width: int, norm: str):
+        """The config's norm for rows of ``width``: returns (``ops.norm`` mode, gamma, beta). ``norm`` names the
+        norm in errors. RMSNorm has no shift: a ``beta`` is an error rather than silently unused."""
+        if gamma is None:
+            raise ValueError(f"gamma: the {norm} needs its scale vector; got None")
+        rms = self.config.norm_type == NormType.RMSNorm
+        if rms and beta is not None:
+            raise ValueError("beta: RMSNorm has no shift; pass None")
+        g, b = self.vector("gamma", gamma, kind, width), self.vector("beta", beta, kind, width)
+        mode = "rms_norm" if rms else ("layer_norm" if b is not None else "layer_norm_no_beta")
+        return mode, g, b
+
+    def mlp_weight_in(self, name: str, value, kind: str, in_features: int):
+        """The MLP's first weight: returns (array, its out width, the width after the activation). Gated
+        activations take ``[up | gate]`` columns, so the out width must be even and the result is half."""
+        w, out_features = self.weight(name, value, kind, in_features)
+        if not self.config.mlp_act_func_type.gated:
+            return w, out_features, out_features
+        if out_features % 2:
+            raise ValueError(f"{name}: a gated activation needs [up | gate] columns, an even count; got {out_features}")
+        return w, out_features, out_features // 2

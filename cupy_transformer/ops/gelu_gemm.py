@@ -21,12 +21,10 @@ class GELUGemmOp(TransformerOp):
         cfg = self.config
         kind = common_kind(input=input, weight=weight, bias=bias, weight_out=weight_out)
         x = self.activations("input", input, kind)
-        w1, inter = self.weight("weight", weight, kind, x.shape[-1])
+        w1, inter, act_width = self.mlp_weight_in("weight", weight, kind, x.shape[-1])
         act = cfg.mlp_act_func_type
-        if act.gated and inter % 2:
-            raise ValueError(f"weight: a gated activation needs [up | gate] columns, an even count; got {inter}")
         b1 = self.vector("bias", bias, kind, inter)
-        w2, _ = self.weight("weight_out", weight_out, kind, inter // 2 if act.gated else inter)
+        w2, _ = self.weight("weight_out", weight_out, kind, act_width)
         if act.gated:  # [up | gate] columns: the activation pairs two columns, after the product
             h = apply_bias_act(matmul(x, w1, cfg.transposed_mode), b1, act)
         else:

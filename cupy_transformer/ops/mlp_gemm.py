@@ -26,7 +26,6 @@ from __future__ import annotations
 from ..runtime.arrays import common_kind, to_caller
 from .base import TransformerOp
 from .bias_act import apply_bias_act
-from .config import NormType
 from .matmul import matmul
 from .norm import normalize
 
@@ -47,23 +46,15 @@ class MLPGemmOp(TransformerOp):
         x = self.like("input", input, kind, r) if cfg.mlp_after_attn else None
         if cfg.mlp_after_attn and x is None:
             raise ValueError("input: the attention output is needed when mlp_after_attn; got None")
-        if gamma is None:
-            raise ValueError("gamma: the MLP norm needs its scale vector; got None")
-        rms = cfg.norm_type == NormType.RMSNorm
-        if rms and beta is not None:
-            raise ValueError("beta: RMSNorm has no shift; pass None")
-        g, b = self.vector("gamma", gamma, kind, width), self.vector("beta", beta, kind, width)
+        mode, g, b = self.norm_params(kind, gamma, beta, width, "MLP norm")
         in_bias = self.vector("input_bias", input_bias, kind, width)
-        w1, inter = self.weight("weight_interm", weight_interm, kind, width)
+        w1, inter, act_width = self.mlp_weight_in("weight_interm", weight_interm, kind, width)
         act = cfg.mlp_act_func_type
-        if act.gated and inter % 2:
-            raise ValueError(f"weight_interm: a gated activation needs [up | gate] columns, an even count; got {inter}")
         inter_bias = self.vector("bias", bias, kind, inter)
-        w2, out_features = self.weight("weight_out", weight_out, kind, inter // 2 if act.gated else inter)
+        w2, out_features = self.weight("weight_out", weight_out, kind, act_width)
         if out_features != width:
             raise ValueError(f"weight_out: expected an out-dimension of the hidden width {width}; got {out_features}")
 
-        mode = "rms_norm" if rms else ("layer_norm" if b is not None else "layer_norm_no_beta")
         if x is not None:
             xn, z = normalize(mode, x, g, b, cfg.epsilon, residual=r, add_bias=in_bias, want_sum=True)
         else:
@@ -73,5 +64,5 @@ class MLPGemmOp(TransformerOp):
         else:
             h = matmul(xn, w1, cfg.transposed_mode, inter_bias, act)
         out = matmul(h, w2, cfg.transposed_mode)
-        residual_add = z if rms else xn
-        return to_caller(out, kind), (residual if residual_add is r else to_caller(residual_add, kind))
+        residual_add = z if mode == "rms_norm" else xn
+        return to_caller(out, kind), to_caller(residual_add, kind)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from ..runtime.arrays import common_kind, to_caller
 from .base import TransformerOp
-from .config import NormType
 from .matmul import matmul
 from .norm import normalize
 
@@ -23,15 +22,9 @@ class QKVGemmOp(TransformerOp):
         kind = common_kind(input=input, weight=weight, bias=bias, gamma=gamma, beta=beta)
         x = self.activations("input", input, kind)
         width = x.shape[-1]
-        if gamma is None:
-            raise ValueError("gamma: the input norm needs its scale vector; got None")
-        rms = self.config.norm_type == NormType.RMSNorm
-        if rms and beta is not None:
-            raise ValueError("beta: RMSNorm has no shift; pass None")
-        g, b = self.vector("gamma", gamma, kind, width), self.vector("beta", beta, kind, width)
+        mode, g, b = self.norm_params(kind, gamma, beta, width, "input norm")
         w, out_features = self.weight("weight", weight, kind, width)
         qkv_bias = self.vector("bias", bias, kind, out_features)
-        mode = "rms_norm" if rms else ("layer_norm" if b is not None else "layer_norm_no_beta")
         xn = normalize(mode, x, g, b, self.config.epsilon)
         qkv = matmul(xn, w, self.config.transposed_mode, qkv_bias)
         return to_caller(qkv, kind), to_caller(xn, kind)
