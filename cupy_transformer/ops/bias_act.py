@@ -14,8 +14,8 @@ import math
 
 import numpy
 
-from ..runtime.arrays import as_array, check_no_overlap, common_kind, empty_like_kind, to_caller
-from ..runtime.kernels import CTYPES, KernelFamily, elementwise_grid, i32
+from ..runtime.arrays import as_array, check_no_overlap, common_kind, deliver, empty_like_kind, to_caller
+from ..runtime.kernels import CTYPES, KernelFamily, access_width, elementwise_grid, i32, vector_width
 from .config import ActivationType, parse_enum
 
 
@@ -27,7 +27,7 @@ def _name(dtype: numpy.dtype, act: int, vec: int) -> str:
 
 
 _KERNELS = KernelFamily(
-    "bias_act.cu", [_name(d, a, v) for d in CTYPES for a in _ACTS for v in (16 // d.itemsize, 1)]
+    "bias_act.cu", [_name(d, a, v) for d in CTYPES for a in _ACTS for v in (vector_width(d), 1)]
 )
 
 
@@ -94,19 +94,12 @@ def apply_bias_act(h, bias, act, out=None):
     gated = act is not None and act.gated
     width = h.shape[-1] // 2 if gated else h.shape[-1]
     if isinstance(h, numpy.ndarray):
-        result = bias_act_reference(h, bias, act)
-        if out is None:
-            return result
-        out[...] = result
-        return out
+        return deliver(bias_act_reference(h, bias, act), out)
     if out is None:
         out = empty_like_kind("cupy", tuple(h.shape[:-1]) + (width,), h.dtype)
     rows = h.size // h.shape[-1] if h.shape[-1] else 0
     if rows and width:
-        vec = 16 // h.dtype.itemsize
-        ptrs = [h.data.ptr, out.data.ptr] + ([bias.data.ptr] if bias is not None else [])
-        if width % vec or any(p % 16 for p in ptrs):
-            vec = 1
+        vec = access_width(h.dtype, width, h, out, bias)
         kernel = _KERNELS.kernel(_name(h.dtype, 0 if act is None else int(act), vec))
         kernel(
             elementwise_grid(rows * width // vec),

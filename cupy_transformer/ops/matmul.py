@@ -20,7 +20,7 @@ import numpy
 
 from ..runtime import cublaslt
 from ..runtime.arrays import as_array, import_cupy
-from ..runtime.kernels import CTYPES, KernelFamily, i32, sm_count
+from ..runtime.kernels import CTYPES, KernelFamily, i32, sm_count, vector_width
 from .bias_act import apply_bias_act
 
 GEMV_MAX_ROWS = 8
@@ -80,7 +80,7 @@ def use_gemv(x, w, transposed, bias, act) -> bool:
 def gemv_fits(x, w, transposed, bias, act) -> bool:
     """The GEMV kernel's requirements: 16-byte aligned operands, whole vectors along the weight's rows,
     and an activation it can apply per column."""
-    vec = 16 // x.dtype.itemsize
+    vec = vector_width(x.dtype)
     k, n = x.shape[1], (w.shape[0] if transposed else w.shape[1])
     aligned = all(a.data.ptr % 16 == 0 for a in (x, w) + ((bias,) if bias is not None else ()))
     whole_vectors = k % vec == 0 and (transposed or n % vec == 0)
@@ -120,7 +120,7 @@ def gemv(x, w, transposed, bias=None, act=None):
     cupy = import_cupy()
     rows, k = x.shape
     n = w.shape[0] if transposed else w.shape[1]
-    vec = 16 // x.dtype.itemsize
+    vec = vector_width(x.dtype)
     r = next(r for r in _GEMV_ROWS if rows <= r)
     tile = 32 if transposed else 8 * vec  # columns per block, as in gemv.cu
     n_tiles = math.ceil(n / tile)

@@ -30,7 +30,7 @@ import numbers
 import numpy
 
 from ..runtime.arrays import as_array, check_no_overlap, common_kind, empty_like_kind, to_caller
-from ..runtime.kernels import CTYPES, KernelFamily, f32, i32
+from ..runtime.kernels import CTYPES, KernelFamily, f32, i32, vector_width
 
 
 _MAX_THREADS = 1024
@@ -43,10 +43,6 @@ _ALIGNED_VARIANTS = [(vpt, False) for vpt in (1, 2, 4, 8, 0)] + [(vpt, True) for
 _MODE = {"layer_norm": 0, "layer_norm_no_beta": 1, "rms_norm": 2}
 
 
-def _vec(dtype: numpy.dtype) -> int:
-    return 16 // dtype.itemsize
-
-
 def _name(dtype: numpy.dtype, vec: int, vpt: int, warp_per_row: bool, aligned: bool) -> str:
     flags = ", ".join("true" if f else "false" for f in (warp_per_row, aligned))
     return f"ct::norm_rows<{CTYPES[dtype]}, {vec}, {vpt}, {flags}>"
@@ -56,8 +52,8 @@ def _name(dtype: numpy.dtype, vec: int, vpt: int, warp_per_row: bool, aligned: b
 # access, vec 1) are rare: one multi-pass variant each.
 _KERNELS = KernelFamily(
     "norm.cu",
-    [_name(dtype, _vec(dtype), vpt, warp, True) for dtype in CTYPES for vpt, warp in _ALIGNED_VARIANTS]
-    + [_name(dtype, vec, 0, False, vec == 1) for dtype in CTYPES for vec in (_vec(dtype), 1)],
+    [_name(dtype, vector_width(dtype), vpt, warp, True) for dtype in CTYPES for vpt, warp in _ALIGNED_VARIANTS]
+    + [_name(dtype, vec, 0, False, vec == 1) for dtype in CTYPES for vec in (vector_width(dtype), 1)],
 )
 
 
@@ -106,7 +102,7 @@ def launch_config(rows: int, width: int, dtype: numpy.dtype, rows_at: dict[str, 
     params_aligned = all(p % 16 == 0 for p in params_at.values())
     if any((p - x_ptr) % 16 for p in rows_at.values()):  # aligned differently: no slot is aligned in all
         return _name(dtype, 1, 0, False, True), (rows,), (min(_MAX_THREADS, 32 * math.ceil(width / 32)),), params_aligned
-    vec = _vec(dtype)
+    vec = vector_width(dtype)
     if width % vec or x_ptr % 16 or not params_aligned:
         slots = (width + 2 * (vec - 1)) // vec  # slots of the worst-placed row
         threads = min(_MAX_THREADS, 32 * math.ceil(slots / 32))

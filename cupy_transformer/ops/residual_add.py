@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import numpy
 
-from ..runtime.arrays import check_no_overlap, common_kind, empty_like_kind, to_caller
-from ..runtime.kernels import CTYPES, KernelFamily, elementwise_grid, f32, i32
+from ..runtime.arrays import check_no_overlap, common_kind, deliver, empty_like_kind, to_caller
+from ..runtime.kernels import CTYPES, KernelFamily, access_width, elementwise_grid, f32, i32, vector_width
 from .base import TransformerOp
 
 _KERNELS = KernelFamily(
-    "residual_add.cu", [f"ct::residual_combine<{c}, {v}>" for d, c in CTYPES.items() for v in (16 // d.itemsize, 1)]
+    "residual_add.cu", [f"ct::residual_combine<{c}, {v}>" for d, c in CTYPES.items() for v in (vector_width(d), 1)]
 )
 
 
@@ -43,21 +43,14 @@ def combine(partial: list, replicated: list, biases: list, mp_size: int, out=Non
     """The combine on arrays already checked: 1-2 partial row tensors, 0-2 replicated, 0-2 biases."""
     first = partial[0]
     if isinstance(first, numpy.ndarray):
-        result = combine_reference(partial, replicated, biases, mp_size, first.dtype)
-        if out is None:
-            return result
-        out[...] = result
-        return out
+        return deliver(combine_reference(partial, replicated, biases, mp_size, first.dtype), out)
     if out is None:
         out = empty_like_kind("cupy", tuple(first.shape), first.dtype)
     width = first.shape[-1]
     rows = first.size // width
-    vec = 16 // first.dtype.itemsize
-    if width % vec or any(a.data.ptr % 16 for a in partial + replicated + biases + [out]):
-        vec = 1
-    slots = [partial[0], partial[1] if len(partial) > 1 else None]
-    slots += [replicated[i] if i < len(replicated) else None for i in range(2)]
-    slots += [biases[i] if i < len(biases) else None for i in range(2)]
+    vec = access_width(first.dtype, width, *partial, *replicated, *biases, out)
+    # The kernel's slots: p0, p1, r0, r1, b0, b1; absent ones get a placeholder and a cleared bit.
+    slots = [*partial, None][:2] + [*replicated, None, None][:2] + [*biases, None, None][:2]
     present = sum(1 << (i - 1) for i, a in enumerate(slots) if i and a is not None)
     _KERNELS.kernel(f"ct::residual_combine<{CTYPES[first.dtype]}, {vec}>")(
         elementwise_grid(rows * width // vec),

@@ -182,6 +182,14 @@ def empty_like_kind(kind: str, shape: tuple[int, ...], dtype: numpy.dtype):
     return import_cupy().empty(shape, dtype)
 
 
+def deliver(result, out):
+    """``result``, or ``out`` holding it when the caller gave one (the NumPy paths compute, then copy)."""
+    if out is None:
+        return result
+    out[...] = result
+    return out
+
+
 def to_caller(array: Any, kind: str):
     """Return a result in the caller's kind: torch gets a tensor (zero-copy), others the array as is."""
     if kind == "torch":

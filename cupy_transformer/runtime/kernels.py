@@ -186,6 +186,19 @@ def f32(value: float) -> numpy.float32:
     return numpy.float32(value)
 
 
+def vector_width(dtype: numpy.dtype) -> int:
+    """Elements of ``dtype`` in one 16-byte access (8 fp16/bf16, 4 fp32)."""
+    return 16 // numpy.dtype(dtype).itemsize
+
+
+def access_width(dtype: numpy.dtype, width: int, *arrays) -> int:
+    """Elements per access for an elementwise kernel over rows of ``width``: 16 bytes when the rows are whole
+    vectors and every array (None skipped) is 16-byte aligned, else one element."""
+    vec = vector_width(dtype)
+    aligned = all(a.data.ptr % 16 == 0 for a in arrays if a is not None)
+    return vec if aligned and width % vec == 0 else 1
+
+
 _SM_COUNTS: dict[int, int] = {}
 
 
