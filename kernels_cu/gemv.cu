@@ -82,11 +82,7 @@ __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn(GEMV_ARGS) {
     const int lane_n = threadIdx.x % LANES_N, kgroup = threadIdx.x / LANES_N;
     const int tile_first = blockIdx.x * TILE, n0 = tile_first + lane_n * VEC;
     const int k_begin = blockIdx.y * k_per_split, k_end = min(K, k_begin + k_per_split);
-    float acc[R][VEC];
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) acc[r][j] = 0.f;
+    float acc[R][VEC] = {};
     if (n0 < out.N) {
 #pragma unroll 2
         for (int k0 = k_begin + kgroup * VEC; k0 < k_end; k0 += KGROUPS * VEC) {
@@ -140,11 +136,7 @@ __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk(GEMV_ARGS) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int tile_first = blockIdx.x * TILE, n_first = tile_first + warp * NPW;
     const int k_begin = blockIdx.y * k_per_split, k_end = min(K, k_begin + k_per_split);
-    float acc[R][NPW];
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int i = 0; i < NPW; ++i) acc[r][i] = 0.f;
+    float acc[R][NPW] = {};
     // Straight-line loop body (clamped indices instead of branches) so that the unrolled iterations'
     // loads can all be issued before the first is used.
 #pragma unroll 4
