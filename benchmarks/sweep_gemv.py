@@ -1,4 +1,6 @@
-"""GEMV launch-shape sweep: blocks per SM (through the K split) x layout x rows, against cupy.matmul."""
+"""GEMV launch-shape sweep (fp16, tensor-core kernels): tile geometry (columns a tile, k a stage, stages)
+x blocks per SM x layout x rows, in GB/s of weights, against cupy.matmul (cuBLAS) and a plain read of the
+same bytes (the floor at that size) in the same process."""
 
 import os
 import sys
@@ -6,27 +8,62 @@ import sys
 import cupy
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import copy_bandwidth_gbs, spin_up, time_us  # noqa: E402
+from benchmarks.common import card_name, copy_bandwidth_gbs, spin_up, time_us  # noqa: E402
 import cupy_transformer.ops.matmul as mm  # noqa: E402
+from cupy_transformer.runtime.kernels import KernelFamily, sm_count  # noqa: E402
+
+SHAPES = [(1600, 6400), (6400, 1600), (1600, 1600), (4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]
+GEOMETRIES = {
+    False: [(512, 16, 4), (256, 32, 4), (128, 64, 4), (64, 128, 4), (512, 16, 6)],
+    True: [(16, 512, 4), (32, 256, 4), (32, 512, 3), (16, 1024, 3), (16, 512, 6)],
+}
+BLOCKS = (1, 2)
+
+# The floor: every 16 bytes read once, nothing else (a grid-stride loop, 4 loads in flight per thread).
+_READ = cupy.RawKernel(r"""
+extern "C" __global__ void read_all(const uint4* p, long long n, unsigned* sink) {
+    unsigned acc = 0;
+    long long stride = (long long)gridDim.x * blockDim.x;
+    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    for (; i + 3 * stride < n; i += 4 * stride) {
+        uint4 a = p[i], b = p[i + stride], c = p[i + 2 * stride], d = p[i + 3 * stride];
+        acc ^= a.x ^ b.y ^ c.z ^ d.w;
+    }
+    for (; i < n; i += stride) acc ^= p[i].x;
+    if (acc == 0x12345678u) *sink = acc;  // keeps the loads
+}""", "read_all")
+
+
+def read_floor_us(w, sink):
+    n = w.nbytes // 16
+    return time_us(lambda: _READ((sm_count() * 8,), (256,), (w, cupy.int64(n), sink)), [()], reps=30)
 
 
 def main():
     spin_up()
     copy = copy_bandwidth_gbs()
-    print(f"copy {copy:.0f} GB/s; GB/s of weights (cuBLAS in the last column)")
-    print("| K x N | layout | rows | " + " | ".join(f"{b}/SM" for b in (1, 2, 4, 8, 16)) + " | cuBLAS |")
-    for k, n in [(1600, 6400), (4096, 4096), (4096, 11008), (8192, 8192)]:
+    names = [mm._mma_name("__half", tr, geo) for tr in (False, True) for geo in GEOMETRIES[tr]]
+    mm._KERNELS = KernelFamily("gemv.cu", names)
+    sink = cupy.zeros(1, cupy.uint32)
+    print(f"{card_name()}: copy {copy:.0f} GB/s; GB/s of weights; columns: tile/stage k/stages/blocks per SM "
+          "(for [in,out], then [out,in]); read floor and cuBLAS last")
+    for tr in (False, True):
+        print(f"{'[out,in]' if tr else '[in,out]'}: " + " | ".join(
+            f"{t}/{d}/{st}/{b}" for t, d, st in GEOMETRIES[tr] for b in BLOCKS))
+    for k, n in SHAPES:
         for transposed in (False, True):
             w = cupy.random.standard_normal((n, k) if transposed else (k, n), dtype=cupy.float32).astype(cupy.float16)
+            floor = w.nbytes / read_floor_us(w, sink) / 1e3
             for rows in (1, 8):
                 x = cupy.random.standard_normal((rows, k), dtype=cupy.float32).astype(cupy.float16)
                 cells = []
-                for b in (1, 2, 4, 8, 16):
-                    mm.GEMV_BLOCKS_PER_SM = {False: b, True: b}
-                    us = time_us(lambda: mm.gemv(x, w, transposed), [()])
+                for geometry, blocks in [(g, b) for g in GEOMETRIES[transposed] for b in BLOCKS]:
+                    mm.GEMV_MMA[transposed] = geometry
+                    mm.GEMV_BLOCKS_PER_SM[True, transposed] = blocks
+                    us = time_us(lambda: mm.gemv(x, w, transposed), [()], reps=30)
                     cells.append(f"{w.nbytes / us / 1e3:.0f}")
-                us = time_us(lambda: cupy.matmul(x, w.T if transposed else w), [()])
-                cells.append(f"{w.nbytes / us / 1e3:.0f}")
+                us = time_us(lambda: cupy.matmul(x, w.T if transposed else w), [()], reps=30)
+                cells += [f"{floor:.0f}", f"{w.nbytes / us / 1e3:.0f}"]
                 print(f"| {k}x{n} | {'[out,in]' if transposed else '[in,out]'} | {rows} | " + " | ".join(cells) + " |")
 
 

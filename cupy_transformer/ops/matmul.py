@@ -15,21 +15,55 @@ activation.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy
 
 from ..runtime import cublaslt
 from ..runtime.arrays import as_array, import_cupy
-from ..runtime.kernels import CTYPES, KernelFamily, i32, sm_count, vector_width
+from ..runtime.kernels import CTYPES, KernelFamily, compute_capability, i32, sm_count, vector_width
 from .bias_act import apply_bias_act
 
 GEMV_MAX_ROWS = 8
-_GEMV_ROWS = (1, 2, 4, 8)
+_FMA_ROWS = (1, 2, 4, 8)  # the fp32 kernels' row counts (rows round up)
 _GEMV_ACTS = (0, 1, 2, 5)  # identity and the ActivationType values a per-column epilogue can apply
-_THREADS = 256
+# The tensor-core kernels' geometry per transposed: (columns a tile, k a pipeline stage, stages); see
+# gemv.cu and benchmarks/sweep_gemv.py.
+GEMV_MMA = {False: (64, 128, 4), True: (32, 512, 3)}
+
+
+def _mma_name(ctype: str, transposed: bool, geometry) -> str:
+    return f"ct::gemv_mma_{'nk' if transposed else 'kn'}<{ctype}, {geometry[2]}, {geometry[0]}, {geometry[1]}>"
+
+
+def _mma_smem(transposed: bool, geometry) -> int:
+    """Dynamic shared memory of a tensor-core kernel, as gemv.cu lays it out: weight and x stages (rows
+    padded by 8 elements), then the fp32 sums of the warps that split k."""
+    tile, depth, stages = geometry
+    if transposed:
+        return stages * (tile + 8) * (depth + 8) * 2 + 8 * 8 * tile * 4
+    k_parts = 8 // min(8, tile // 16)
+    return stages * (depth * (tile + 8) + 8 * (depth + 8)) * 2 + k_parts * 8 * tile * 4
+
+
 _KERNELS = KernelFamily(
-    "gemv.cu", [f"ct::gemv_{layout}<{c}, {r}>" for c in CTYPES.values() for layout in ("kn", "nk") for r in _GEMV_ROWS]
+    "gemv.cu",
+    [_mma_name(c, tr, GEMV_MMA[tr]) for d, c in CTYPES.items() if d.itemsize == 2 for tr in (False, True)]
+    + [f"ct::gemv_{layout}<float, {r}>" for layout in ("kn", "nk") for r in _FMA_ROWS],
 )
+
+
+class _Launch(NamedTuple):
+    threads: int
+    tile: int  # output columns per block
+    k_step: int  # k per loop iteration of a block: a split holds whole steps
+
+
+# Per transposed: the launch geometry of gemv.cu's fp32 kernels.
+_LAUNCH = {
+    False: _Launch(256, 32, 32),  # gemv_kn<float>: 8 lanes x 4 columns, chunks of 4 k
+    True: _Launch(256, 32, 128),  # gemv_nk<float>: 8 warps x 4 rows, 32 lanes x 4 k
+}
 
 
 def weight_array(name: str, weight, kind: str, dtype: numpy.dtype, in_features: int, transposed: bool):
@@ -79,12 +113,13 @@ def use_gemv(x, w, transposed, bias, act) -> bool:
 
 def gemv_fits(x, w, transposed, bias, act) -> bool:
     """The GEMV kernel's requirements: 16-byte aligned operands, whole vectors along the weight's rows,
-    and an activation it can apply per column."""
+    an activation it can apply per column, and for fp16/bf16 tensor cores with mma.sync m16n8k16 (sm_80+)."""
     vec = vector_width(x.dtype)
     k, n = x.shape[1], (w.shape[0] if transposed else w.shape[1])
     aligned = all(a.data.ptr % 16 == 0 for a in (x, w) + ((bias,) if bias is not None else ()))
     whole_vectors = k % vec == 0 and (transposed or n % vec == 0)
-    return aligned and whole_vectors and (act is None or int(act) in _GEMV_ACTS)
+    tensor_cores_if_needed = x.dtype.itemsize == 4 or compute_capability() >= 80
+    return aligned and whole_vectors and tensor_cores_if_needed and (act is None or int(act) in _GEMV_ACTS)
 
 
 _WORKSPACES: dict[tuple[int, int], tuple] = {}
@@ -104,8 +139,10 @@ def _workspace(partial_floats: int, tiles: int):
     return partials, counters
 
 
-# Blocks per SM the K split aims for, per layout ([in, out], [out, in]); from benchmarks/sweep_gemv.py.
-GEMV_BLOCKS_PER_SM = {False: 4, True: 2}
+_SMEM_SET: set[tuple[int, int]] = set()
+
+# Blocks per SM the K split aims for, per (tensor cores, transposed); from benchmarks/sweep_gemv.py.
+GEMV_BLOCKS_PER_SM = {(True, False): 1, (True, True): 1, (False, False): 4, (False, True): 2}
 
 
 def gemv_k_per_split(k: int, n_tiles: int, k_step: int, blocks_per_sm: int) -> int:
@@ -120,20 +157,29 @@ def gemv(x, w, transposed, bias=None, act=None):
     cupy = import_cupy()
     rows, k = x.shape
     n = w.shape[0] if transposed else w.shape[1]
-    vec = vector_width(x.dtype)
-    r = next(r for r in _GEMV_ROWS if rows <= r)
-    tile = 32 if transposed else 8 * vec  # columns per block, as in gemv.cu
-    n_tiles = math.ceil(n / tile)
-    # nk: a split holds whole strides of the 32 lanes x 16 bytes; kn: whole chunks of vec k, and not tiny.
-    per_split = gemv_k_per_split(k, n_tiles, 32 * vec if transposed else 8 * vec, GEMV_BLOCKS_PER_SM[transposed])
-    splits = math.ceil(k / per_split)
+    mma = x.dtype.itemsize == 2
     y = cupy.empty((rows, n), x.dtype)
-    partials, counters = _workspace(splits * rows * n if splits > 1 else 0, n_tiles)
-    kernel = _KERNELS.kernel(f"ct::gemv_{'nk' if transposed else 'kn'}<{CTYPES[x.dtype]}, {r}>")
-    kernel(
-        (n_tiles, splits),
-        (_THREADS,),
-        (x, w, y, bias if bias is not None else x, partials, counters, i32(rows), i32(k), i32(n), i32(per_split),
-         i32(0 if act is None else int(act)), i32(bias is not None)),
-    )
+    epilogue = (i32(0 if act is None else int(act)), i32(bias is not None))
+    bias = bias if bias is not None else x  # unread
+    if mma:  # stream-K: a fixed number of blocks shares the tiles' k stages evenly
+        tile, depth, stages = geometry = GEMV_MMA[transposed]
+        n_tiles = math.ceil(n / tile)
+        blocks = min(n_tiles * math.ceil(k / depth), GEMV_BLOCKS_PER_SM[True, transposed] * sm_count())
+        partials, counters = _workspace(2 * blocks * rows * tile, n_tiles)
+        kernel = _KERNELS.kernel(_mma_name(CTYPES[x.dtype], transposed, geometry))
+        smem = _mma_smem(transposed, geometry)
+        if (id(kernel), smem) not in _SMEM_SET:  # beyond 48 KB needs the opt-in, once per kernel
+            kernel.max_dynamic_shared_size_bytes = smem
+            _SMEM_SET.add((id(kernel), smem))
+        kernel((blocks,), (256,), (x, w, y, bias, partials, counters, i32(rows), i32(k), i32(n)) + epilogue,
+               shared_mem=smem)
+    else:  # split-K: a grid of column tiles x K splits
+        launch = _LAUNCH[transposed]
+        n_tiles = math.ceil(n / launch.tile)
+        per_split = gemv_k_per_split(k, n_tiles, launch.k_step, GEMV_BLOCKS_PER_SM[False, transposed])
+        splits = math.ceil(k / per_split)
+        partials, counters = _workspace(splits * rows * n if splits > 1 else 0, n_tiles)
+        kernel = _KERNELS.kernel(f"ct::gemv_{'nk' if transposed else 'kn'}<float, {next(r for r in _FMA_ROWS if rows <= r)}>")
+        kernel((n_tiles, splits), (launch.threads,),
+               (x, w, y, bias, partials, counters, i32(rows), i32(k), i32(n), i32(per_split)) + epilogue)
     return y

@@ -202,6 +202,12 @@ def access_width(dtype: numpy.dtype, width: int, *arrays) -> int:
 _SM_COUNTS: dict[int, int] = {}
 
 
+def compute_capability() -> int:
+    """The current GPU's compute capability as an integer, e.g. 90 for 9.0."""
+    cupy = import_cupy()
+    return int(cupy.cuda.Device().compute_capability)
+
+
 def sm_count() -> int:
     """Multiprocessors of the current GPU (sizes grid-stride launches)."""
     cupy = import_cupy()
