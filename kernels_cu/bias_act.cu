@@ -14,14 +14,19 @@ __device__ __forceinline__ float gelu_tanh(float x) {
     return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
 __device__ __forceinline__ float gelu_erf(float x) { return 0.5f * x * (1.f + erff(x * 0.7071067811865476f)); }
-__device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }
+// FAST (16-bit outputs): the hardware exp and divide, whose few-ulp float error vanishes in the rounding
+// to fp16/bf16; the accurate forms cost more instructions than the pass has memory time for.
+template <bool FAST>
+__device__ __forceinline__ float silu(float x) {
+    return FAST ? __fdividef(x, 1.f + __expf(-x)) : x / (1.f + expf(-x));
+}
 
-template <int ACT>
+template <int ACT, bool FAST>
 __device__ __forceinline__ float activate(float x) {
     if constexpr (ACT == GELU_TANH) return gelu_tanh(x);
     else if constexpr (ACT == RELU) return fmaxf(x, 0.f);
     else if constexpr (ACT == GATED_GELU || ACT == GELU_ERF) return gelu_erf(x);
-    else if constexpr (ACT == GATED_SILU) return silu(x);
+    else if constexpr (ACT == GATED_SILU) return silu<FAST>(x);
     else return x;
 }
 
@@ -29,17 +34,15 @@ __device__ __forceinline__ float activate(float x) {
 // y: [rows, width]. width % VEC == 0 and every pointer VEC-element aligned (the launcher checks).
 // y may be h (non-gated, in place): each thread reads its elements before writing them, so no __restrict__.
 template <typename T, int ACT, int VEC>
-__global__ void bias_act(const T* h, const T* __restrict__ bias, T* y, long long rows,
-                         int width, int has_bias) {
+__global__ void bias_act(const T* h, const T* __restrict__ bias, T* y, unsigned vectors, int width, int has_bias) {
     using V = Vec<T, VEC>;
-    constexpr bool gated = ACT == GATED_GELU || ACT == GATED_SILU;
-    const int per_row = width / VEC;
-    const long long total = rows * per_row;
-    for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
-         i += static_cast<long long>(gridDim.x) * blockDim.x) {
-        const long long row = i / per_row;
-        const int col = static_cast<int>(i - row * per_row) * VEC;
-        const T* hr = h + row * (gated ? 2LL : 1LL) * width;
+    constexpr bool gated = ACT == GATED_GELU || ACT == GATED_SILU, FAST = sizeof(T) == 2;
+    const unsigned per_row = width / VEC;
+    // 32-bit indices (vectors < 2^31, the launcher checks): a 64-bit division costs more than the bytes.
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < vectors; i += gridDim.x * blockDim.x) {
+        const unsigned row = i / per_row;
+        const int col = (i - row * per_row) * VEC;
+        const T* hr = h + static_cast<size_t>(row) * (gated ? 2 : 1) * width;
         V out;
         if constexpr (gated) {
             const V up = *reinterpret_cast<const V*>(hr + col);
@@ -52,7 +55,7 @@ __global__ void bias_act(const T* h, const T* __restrict__ bias, T* y, long long
 #pragma unroll
             for (int j = 0; j < VEC; ++j) {
                 const float u = has_bias ? to_float(from_float<T>(to_float(up.v[j]) + to_float(bu.v[j]))) : to_float(up.v[j]);
-                const float g = to_float(from_float<T>(activate<ACT>(to_float(gate.v[j]) + (has_bias ? to_float(bg.v[j]) : 0.f))));
+                const float g = to_float(from_float<T>(activate<ACT, FAST>(to_float(gate.v[j]) + (has_bias ? to_float(bg.v[j]) : 0.f))));
                 out.v[j] = from_float<T>(u * g);
             }
         } else {
@@ -61,9 +64,9 @@ __global__ void bias_act(const T* h, const T* __restrict__ bias, T* y, long long
             if (has_bias) b = *reinterpret_cast<const V*>(bias + col);
 #pragma unroll
             for (int j = 0; j < VEC; ++j)
-                out.v[j] = from_float<T>(activate<ACT>(to_float(x.v[j]) + (has_bias ? to_float(b.v[j]) : 0.f)));
+                out.v[j] = from_float<T>(activate<ACT, FAST>(to_float(x.v[j]) + (has_bias ? to_float(b.v[j]) : 0.f)));
         }
-        *reinterpret_cast<V*>(y + row * width + col) = out;
+        *reinterpret_cast<V*>(y + static_cast<size_t>(row) * width + col) = out;
     }
 }
 

@@ -13,14 +13,13 @@ enum Present : int { P1 = 1, R0 = 2, R1 = 4, B0 = 8, B1 = 16 };
 // the inputs (an in-place update): each thread reads its elements before writing them, so no __restrict__.
 template <typename T, int VEC>
 __global__ void residual_combine(const T* p0, const T* p1, const T* r0, const T* r1, const T* b0, const T* b1, T* y,
-                                 long long rows, int width, float inv_p, int present) {
+                                 unsigned vectors, int width, float inv_p, int present) {
     using V = Vec<T, VEC>;
-    const int per_row = width / VEC;
-    const long long total = rows * per_row;
-    for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
-         i += static_cast<long long>(gridDim.x) * blockDim.x) {
-        const long long at = i * VEC;
-        const int col = static_cast<int>(i % per_row) * VEC;
+    const unsigned per_row = width / VEC;
+    // 32-bit indices (vectors < 2^31, the launcher checks): a 64-bit division costs more than the bytes.
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < vectors; i += gridDim.x * blockDim.x) {
+        const size_t at = static_cast<size_t>(i) * VEC;
+        const int col = (i % per_row) * VEC;
         float partial[VEC], shared[VEC];
         const V a = *reinterpret_cast<const V*>(p0 + at);
 #pragma unroll

@@ -15,7 +15,7 @@ import math
 import numpy
 
 from ..runtime.arrays import as_array, check_no_overlap, common_kind, deliver, empty_like_kind, to_caller
-from ..runtime.kernels import CTYPES, KernelFamily, access_width, elementwise_grid, i32, vector_width
+from ..runtime.kernels import CTYPES, KernelFamily, access_width, elementwise_grid, i32, vector_count, vector_width
 from .config import ActivationType, parse_enum
 
 
@@ -104,6 +104,6 @@ def apply_bias_act(h, bias, act, out=None):
         kernel(
             elementwise_grid(rows * width // vec),
             (256,),
-            (h, bias if bias is not None else h, out, numpy.int64(rows), i32(width), i32(bias is not None)),
+            (h, bias if bias is not None else h, out, vector_count(rows * width // vec), i32(width), i32(bias is not None)),
         )
     return out

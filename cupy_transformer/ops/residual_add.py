@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy
 
 from ..runtime.arrays import check_no_overlap, common_kind, deliver, empty_like_kind, to_caller
-from ..runtime.kernels import CTYPES, KernelFamily, access_width, elementwise_grid, f32, i32, vector_width
+from ..runtime.kernels import CTYPES, KernelFamily, access_width, elementwise_grid, f32, i32, vector_count, vector_width
 from .base import TransformerOp
 
 _KERNELS = KernelFamily(
@@ -56,7 +56,7 @@ def combine(partial: list, replicated: list, biases: list, mp_size: int, out=Non
         elementwise_grid(rows * width // vec),
         (256,),
         tuple(first if a is None else a for a in slots)
-        + (out, numpy.int64(rows), i32(width), f32(1.0 / mp_size), i32(present)),
+        + (out, vector_count(rows * width // vec), i32(width), f32(1.0 / mp_size), i32(present)),
     )
     return out
 

@@ -217,6 +217,13 @@ def sm_count() -> int:
     return _SM_COUNTS[device]
 
 
+def vector_count(vectors: int) -> numpy.uint32:
+    """The item count of a grid-stride kernel, which indexes in 32 bits (below 2^31, so the stride never wraps)."""
+    if vectors >= 1 << 31:
+        raise ValueError(f"{vectors} vectors exceed one launch's 2^31 (split the batch)")
+    return numpy.uint32(vectors)
+
+
 def elementwise_grid(vectors: int, threads: int = 256, blocks_per_sm: int = 8) -> tuple[int]:
     """Grid for a grid-stride loop over ``vectors`` items: enough blocks to fill the GPU, no more."""
     return (max(1, min((vectors + threads - 1) // threads, sm_count() * blocks_per_sm)),)

@@ -56,6 +56,9 @@ def test_int_arguments_are_range_checked():
     assert kernels.i32(2**31 - 1) == 2**31 - 1
     with pytest.raises(ValueError, match=r"does not fit a 32-bit kernel argument"):
         kernels.i32(2**31)
+    assert kernels.vector_count(2**31 - 1) == 2**31 - 1
+    with pytest.raises(ValueError, match=r"exceed one launch's 2\^31"):
+        kernels.vector_count(2**31)
 
 
 _COUNT_COMPILES = textwrap.dedent(
