@@ -55,8 +55,11 @@ class MLPGemmOp(TransformerOp):
         if out_features != width:
             raise ValueError(f"weight_out: expected an out-dimension of the hidden width {width}; got {out_features}")
 
-        if x is not None:
+        rms = mode == "rms_norm"
+        if x is not None and rms:  # the sum z is returned: written by the norm kernel
             xn, z = normalize(mode, x, g, b, cfg.epsilon, residual=r, add_bias=in_bias, want_sum=True)
+        elif x is not None:  # LayerNorm returns xn: z stays in registers
+            xn = z = normalize(mode, x, g, b, cfg.epsilon, residual=r, add_bias=in_bias)
         else:
             xn, z = normalize(mode, r, g, b, cfg.epsilon), r
         if act.gated:  # [up | gate] columns: the activation pairs two columns, after the product
@@ -64,5 +67,5 @@ class MLPGemmOp(TransformerOp):
         else:
             h = matmul(xn, w1, cfg.transposed_mode, inter_bias, act)
         out = matmul(h, w2, cfg.transposed_mode)
-        residual_add = z if mode == "rms_norm" else xn
+        residual_add = z if rms else xn
         return to_caller(out, kind), to_caller(residual_add, kind)
