@@ -2,9 +2,11 @@
 
 Sizes: GPT-2-XL (hidden 1600, intermediate 6400) and LLaMA-7B (4096, 11008; its MLP as RMSNorm + gated
 SiLU), for 1, 16 and 2048 rows. For each op: our time, torch's, the GEMMs alone through cuBLAS
-(cupy.matmul: the floor for our GEMM + fused epilogue), and the rate: GB/s of bytes that must move
-(weights + activations) against the measured copy bandwidth for decode rows, TFLOP/s against the
-measured cuBLAS rate for 2048 rows. Writes the table under benchmarks/results/ (or $OUT).
+(cupy.matmul: the floor for our GEMM + fused epilogue), that plus our separate passes' bytes at the copy
+rate (the floor of the cuBLAS + passes design: the passes' own efficiency), and the rate: GB/s of bytes that
+must move (weights + activations) against the measured copy bandwidth for decode rows, TFLOP/s against the
+measured cuBLAS rate for 2048 rows. Then the elementwise passes alone and the decode GEMV kernel against
+cuBLAS and a plain read of the weights. Writes the table under benchmarks/results/ (or $OUT).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import copy_bandwidth_gbs, header, spin_up, time_us, write_table  # noqa: E402
+from benchmarks.common import copy_bandwidth_gbs, header, read_floor_us, spin_up, time_us, write_table  # noqa: E402
 from cupy_transformer import ops  # noqa: E402
 
 MODELS = {"GPT-2-XL": (1600, 6400, "LayerNorm", "GELU"), "LLaMA-7B": (4096, 11008, "RMSNorm", "GATED_SILU")}
@@ -35,7 +37,7 @@ def t(*shape, scale=1.0):
 
 
 def cases(hidden, inter, norm, act, rows):
-    """(op name, ours, torch, cuBLAS-only, bytes, flops) for one size."""
+    """(op name, ours, torch, cuBLAS-only, bytes, flops, bytes of our passes outside cuBLAS) for one size."""
     gated = act == "GATED_SILU"
     inter1 = 2 * inter if gated else inter
     cfg = ops.InferenceConfig(hidden_size=hidden, heads=32, intermediate_size=inter, norm_type=norm,
@@ -62,42 +64,74 @@ def cases(hidden, inter, norm, act, rows):
     qkv, mlp, gelu, res = ops.QKVGemmOp(cfg), ops.MLPGemmOp(cfg), ops.GELUGemmOp(cfg), ops.ResidualAddOp(cfg)
     beta_c = None if rms else c["beta"]
     act_bytes = 2 * rows * hidden * 2
+    row_bytes = rows * hidden * 2
     yield ("LinearOp (QKV)", lambda: linear(c["x"], c["w_qkv"], c["b_qkv"]), lambda: torch.addmm(b_qkv, x, w_qkv),
-           lambda: mm(c["x"], c["w_qkv"]), w_qkv.nbytes + 4 * rows * hidden * 2, 2 * rows * hidden * 3 * hidden)
+           lambda: mm(c["x"], c["w_qkv"]), w_qkv.nbytes + 4 * row_bytes, 2 * rows * hidden * 3 * hidden, 0)
     yield ("VectorMatMulOp (out proj)", lambda: vmm(c["a"], c["w_o"]), lambda: a @ w_o, lambda: mm(c["a"], c["w_o"]),
-           w_o.nbytes + act_bytes, 2 * rows * hidden * hidden)
+           w_o.nbytes + act_bytes, 2 * rows * hidden * hidden, 0)
+    # QKVGemmOp's norm pass reads x and writes xn (which the op returns).
     yield ("QKVGemmOp (norm + QKV)", lambda: qkv(c["x"], c["w_qkv"], c["b_qkv"], c["gamma"], beta_c),
            lambda: torch.addmm(b_qkv, torch_norm(x), w_qkv), lambda: mm(c["x"], c["w_qkv"]),
-           w_qkv.nbytes + 5 * rows * hidden * 2, 2 * rows * hidden * 3 * hidden)
-    mlp_bytes = w1.nbytes + w2.nbytes + 4 * rows * hidden * 2
+           w_qkv.nbytes + 5 * row_bytes, 2 * rows * hidden * 3 * hidden, 2 * row_bytes)
+    mlp_bytes = w1.nbytes + w2.nbytes + 4 * row_bytes
     mlp_flops = 2 * rows * hidden * (inter1 + inter)
+    # MLPGemmOp's add + norm pass reads input and residual and writes xn (and the sum z for RMSNorm); the
+    # gated pass reads [up | gate] and writes their product.
+    gated_bytes = 3 * rows * inter * 2 if gated else 0
     yield ("MLPGemmOp (add + norm + MLP)",
            lambda: mlp(c["a"], c["r"], c["w1"], c["w2"], c["b_o"], c["b1"], c["gamma"], beta_c),
            lambda: torch_act(torch.addmm(b1, torch_norm(a + r + b_o), w1)) @ w2,
-           lambda: (mm(c["x"], c["w1"]), mm(h_act, c["w2"])), mlp_bytes, mlp_flops)
+           lambda: (mm(c["x"], c["w1"]), mm(h_act, c["w2"])), mlp_bytes, mlp_flops,
+           (4 if rms else 3) * row_bytes + gated_bytes)
     if not gated:
         yield ("GELUGemmOp (MLP, no norm)", lambda: gelu(c["x"], c["w1"], c["b1"], c["w2"]),
                lambda: F.gelu(torch.addmm(b1, x, w1), approximate="tanh") @ w2,
-               lambda: (mm(c["x"], c["w1"]), mm(h_act, c["w2"])), mlp_bytes, mlp_flops)
+               lambda: (mm(c["x"], c["w1"]), mm(h_act, c["w2"])), mlp_bytes, mlp_flops, 0)
     yield ("ResidualAddOp", lambda: res(c["x"], c["r"], True, c["a"], None, c["b_o"], c["b2"]),
-           lambda: x + r + a + b_o + b2, None, 4 * rows * hidden * 2, 0)
+           lambda: x + r + a + b_o + b2, None, 4 * row_bytes, 0, 0)
+
+
+def elementwise_rows(copy_gbs):
+    """The fused elementwise passes alone at prefill size, GB/s of bytes read + written against copy."""
+    lines = ["", "Elementwise passes alone (fp16, 2048 rows): GB/s of bytes read + written; 'of copy' against the "
+             "copy rate above.", "", "| pass | shape | ours µs | GB/s | of copy | torch µs | vs torch |", "|---|---|---|---|---|---|---|"]
+    for name, act, width in [("bias + gated SiLU (LLaMA-7B MLP)", "GATED_SILU", 2 * 11008),
+                             ("bias + GELU tanh (GPT-2-XL MLP)", "GELU", 6400), ("bias + GELU erf (BERT)", "GELU_EXACT", 3072)]:
+        h, b = t(2048, width), t(width)
+        hc, bc = cupy.from_dlpack(h), cupy.from_dlpack(b)
+        gated = act.startswith("GATED")
+        half = width // 2
+        if gated:
+            ref = lambda: F.silu(h[:, half:] + b[half:]) * (h[:, :half] + b[:half])  # noqa: E731
+        else:
+            ref = lambda: F.gelu(h + b, approximate="tanh" if act == "GELU" else "none")  # noqa: E731
+        ours = time_us(lambda: ops.bias_act(hc, bc, act), [()])
+        theirs = time_us(ref, [()])
+        nbytes = h.nbytes + (h.nbytes // 2 if gated else h.nbytes)
+        gbs = nbytes / ours / 1e3
+        line = (f"| {name} | 2048x{width} | {ours:.1f} | {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% | {theirs:.1f} "
+                f"| {theirs / ours:.2f} |")
+        print(line)
+        lines.append(line)
+    return lines
 
 
 GEMV_SHAPES = [(1600, 6400), (6400, 1600), (1600, 1600), (4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]
 
 
 def gemv_rows(copy_gbs):
-    """The GEMV kernel alone (bias in its epilogue) vs torch and cupy.matmul, GB/s of weights. (ops.matmul
-    runs it only under graph capture; here it is called directly.)"""
+    """The GEMV kernel alone (bias in its epilogue) vs cuBLAS, torch and a plain read of the weights, GB/s
+    of weights. (ops.matmul runs it only under graph capture; here it is called directly.)"""
     from cupy_transformer.ops.matmul import gemv
 
     lines = [
         "",
         "Decode GEMV kernel (kernels_cu/gemv.cu, bias in its epilogue), y = x @ W + b (fp16): GB/s of weight "
-        "bytes read; 'of copy' against the copy rate above. torch is addmm; cupy.matmul is the product alone.",
+        "bytes read; 'of copy' against the copy rate above; 'read' is a plain read of the same bytes (the floor "
+        "at that size); cuBLAS is cupy.matmul (the product alone), torch is addmm.",
         "",
-        "| K x N | layout | rows | weights MB | ours µs | GB/s | of copy | torch µs | torch GB/s | cupy.matmul µs | vs torch |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| K x N | layout | rows | weights MB | ours µs | GB/s | of copy | read GB/s | cuBLAS µs | vs cuBLAS | torch µs | vs torch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines))
     for k, n in GEMV_SHAPES:
@@ -105,6 +139,7 @@ def gemv_rows(copy_gbs):
             w = t(n, k, scale=k**-0.5) if transposed else t(k, n, scale=k**-0.5)
             b = t(n)
             wc, bc = cupy.from_dlpack(w), cupy.from_dlpack(b)
+            floor = w.nbytes / read_floor_us(wc) / 1e3
             for rows in (1, 4, 8):
                 x = t(rows, k)
                 xc = cupy.from_dlpack(x)
@@ -112,9 +147,10 @@ def gemv_rows(copy_gbs):
                 ours = time_us(lambda: gemv(xc, wc, transposed, bc), [()])
                 theirs = time_us(lambda: torch.addmm(b, x, wt), [()])
                 plain = time_us(lambda: cupy.matmul(xc, wc.T if transposed else wc), [()])
-                gbs, tgbs = w.nbytes / ours / 1e3, w.nbytes / theirs / 1e3
+                gbs = w.nbytes / ours / 1e3
                 line = (f"| {k}x{n} | {'[out,in]' if transposed else '[in,out]'} | {rows} | {w.nbytes / 1e6:.1f} | {ours:.1f} "
-                        f"| {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% | {theirs:.1f} | {tgbs:.0f} | {plain:.1f} | {theirs / ours:.2f} |")
+                        f"| {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% | {floor:.0f} | {plain:.1f} | {plain / ours:.2f} "
+                        f"| {theirs:.1f} | {theirs / ours:.2f} |")
                 print(line)
                 lines.append(line)
     return lines
@@ -128,29 +164,37 @@ def main():
         f"Ceilings measured here: copy {copy_gbs:.0f} GB/s (1 GiB memcpy, read + written); cuBLAS fp16 matmul "
         f"8192^3 {tflops:.0f} TFLOP/s. GPU times: lower of two medians of 60 event-timed calls, each behind a 1 GiB "
         "read that evicts L2 (weights start cold) and hides host overhead. 'vs torch' = torch time / ours; "
-        "'vs cuBLAS' = the op's GEMMs alone through cupy.matmul / ours (1.00 = the fused epilogue is free). "
+        "'vs cuBLAS' = the op's GEMMs alone through cupy.matmul / ours (1.00 = the fused epilogue is free); "
+        "'+ passes' = that plus the bytes of our passes outside cuBLAS (norm, add + norm, gated activation) at the "
+        "copy rate, and 'vs that' = it / ours (1.00 = the passes run at copy speed). "
         "Rate: GB/s of weights + activations for 1 and 16 rows (and % of copy), TFLOP/s for 2048 rows "
-        "(and % of the cuBLAS rate). Products run on cuBLAS plus our epilogue pass (the GEMV kernel only under "
-        "graph capture; its own table follows).\n",
-        "| model | rows | op | ours µs | torch µs | vs torch | cuBLAS-only µs | vs cuBLAS | rate | of ceiling |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "(and % of the cuBLAS rate). Products run on cuBLAS(Lt) with its bias/GELU epilogue plus our passes (the "
+        "GEMV kernel only under graph capture; its own table follows).\n",
+        "| model | rows | op | ours µs | torch µs | vs torch | cuBLAS-only µs | vs cuBLAS | + passes µs | vs that "
+        "| rate | of ceiling |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines))
     for model, (hidden, inter, norm, act) in MODELS.items():
         for rows in ROWS:
-            for name, ours, theirs, cublas, nbytes, flops in cases(hidden, inter, norm, act, rows):
+            for name, ours, theirs, cublas, nbytes, flops, pass_bytes in cases(hidden, inter, norm, act, rows):
                 t_ours, t_torch = time_us(ours, [()]), time_us(theirs, [()])
                 t_cublas = time_us(cublas, [()]) if cublas else None
                 if rows <= 16 or not flops:
                     rate, ceiling = f"{nbytes / t_ours / 1e3:.0f} GB/s", f"{100 * nbytes / t_ours / 1e3 / copy_gbs:.0f}%"
                 else:
                     rate, ceiling = f"{flops / t_ours / 1e6:.0f} TFLOP/s", f"{100 * flops / t_ours / 1e6 / tflops:.0f}%"
-                cub = f"{t_cublas:.1f} | {t_cublas / t_ours:.2f}" if t_cublas else "- | -"
+                if t_cublas:
+                    floor = t_cublas + pass_bytes / copy_gbs / 1e3
+                    cub = f"{t_cublas:.1f} | {t_cublas / t_ours:.2f} | {floor:.1f} | {floor / t_ours:.2f}"
+                else:
+                    cub = "- | - | - | -"
                 line = f"| {model} | {rows} | {name} | {t_ours:.1f} | {t_torch:.1f} | {t_torch / t_ours:.2f} | {cub} | {rate} | {ceiling} |"
                 print(line)
                 lines.append(line)
             torch.cuda.empty_cache()
             cupy.get_default_memory_pool().free_all_blocks()
+    lines += elementwise_rows(copy_gbs)
     lines += gemv_rows(copy_gbs)
     write_table("ops", lines)
 

@@ -126,6 +126,32 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / us / 1e3
 
 
+_READ = None
+
+
+def read_floor_us(array) -> float:
+    """GPU time to read ``array``'s bytes once and nothing else (a grid-stride loop of 16-byte loads, four
+    in flight per thread), timed like ``time_us``: the floor for a kernel that streams those bytes."""
+    global _READ
+    if _READ is None:
+        _READ = cupy.RawKernel(r"""
+        extern "C" __global__ void read_all(const uint4* p, long long n, unsigned* sink) {
+            unsigned acc = 0;
+            const long long stride = (long long)gridDim.x * blockDim.x;
+            long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+            for (; i + 3 * stride < n; i += 4 * stride) {
+                const uint4 a = p[i], b = p[i + stride], c = p[i + 2 * stride], d = p[i + 3 * stride];
+                acc ^= a.x ^ b.y ^ c.z ^ d.w;
+            }
+            for (; i < n; i += stride) acc ^= p[i].x;
+            if (acc == 0x12345678u) *sink = acc;  // keeps the loads
+        }""", "read_all")
+    sink = cupy.zeros(1, cupy.uint32)
+    sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
+    n = array.nbytes // 16
+    return time_us(lambda: _READ((sms * 8,), (256,), (array, cupy.int64(n), sink)), [()], reps=30)
+
+
 def write_table(stem: str, lines: list[str]) -> str:
     """Write a benchmark's Markdown to $OUT (on the device machine) or benchmarks/results/, named by card."""
     card = card_name().replace("NVIDIA ", "").split()[0].lower()

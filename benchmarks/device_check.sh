@@ -16,7 +16,10 @@ CUPY_CACHE_DIR=$(mktemp -d) bash -c 'TIMEFORMAT="process wall time %R s"; for i 
 # memcheck: every kernel family on its small shapes (the large ones only cost time under the checker).
 small="(gpu_matches and not 8192 and not 4095) or misaligned or pre_add or (bias_act and gpu and not 4104) or (residual_add and test_gpu and not 4104 and not 512) or (test_matmul and gpu and not 11008 and not 8192)"
 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ops -k "$small" 2>&1 | tail -4 | tee "$OUT/memcheck.log"
-compute-sanitizer --tool racecheck --error-exitcode 9 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ops -k 'gpu_matches and (384 or 1001 or 70001) or (test_matmul and gpu_epilogue and float16)' 2>&1 | tail -4 | tee "$OUT/racecheck.log"
+# racecheck: our kernels with shared memory (norm, the GEMV). cuBLAS's own nvjet kernels, which the matmul
+# tests also run, synchronise through TMA barriers that racecheck does not model: it reports them, so they
+# are left out.
+compute-sanitizer --tool racecheck --kernel-name-exclude kns=nvjet --error-exitcode 9 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ops -k 'gpu_matches and (384 or 1001 or 70001) or (test_matmul and (gpu_epilogue or (gpu_shapes and 1600 and 6400)) and not float32)' 2>&1 | tail -4 | tee "$OUT/racecheck.log"
 
 for bench in "${@:-bench_norm}"; do
     python3 "benchmarks/$bench.py" 2>&1 | tee "$OUT/$bench.log"

@@ -8,9 +8,9 @@ import sys
 import cupy
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import card_name, copy_bandwidth_gbs, spin_up, time_us  # noqa: E402
+from benchmarks.common import card_name, copy_bandwidth_gbs, read_floor_us, spin_up, time_us  # noqa: E402
 import cupy_transformer.ops.matmul as mm  # noqa: E402
-from cupy_transformer.runtime.kernels import KernelFamily, sm_count  # noqa: E402
+from cupy_transformer.runtime.kernels import KernelFamily  # noqa: E402
 
 SHAPES = [(1600, 6400), (6400, 1600), (1600, 1600), (4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]
 GEOMETRIES = {
@@ -19,32 +19,11 @@ GEOMETRIES = {
 }
 BLOCKS = (1, 2)
 
-# The floor: every 16 bytes read once, nothing else (a grid-stride loop, 4 loads in flight per thread).
-_READ = cupy.RawKernel(r"""
-extern "C" __global__ void read_all(const uint4* p, long long n, unsigned* sink) {
-    unsigned acc = 0;
-    long long stride = (long long)gridDim.x * blockDim.x;
-    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    for (; i + 3 * stride < n; i += 4 * stride) {
-        uint4 a = p[i], b = p[i + stride], c = p[i + 2 * stride], d = p[i + 3 * stride];
-        acc ^= a.x ^ b.y ^ c.z ^ d.w;
-    }
-    for (; i < n; i += stride) acc ^= p[i].x;
-    if (acc == 0x12345678u) *sink = acc;  // keeps the loads
-}""", "read_all")
-
-
-def read_floor_us(w, sink):
-    n = w.nbytes // 16
-    return time_us(lambda: _READ((sm_count() * 8,), (256,), (w, cupy.int64(n), sink)), [()], reps=30)
-
-
 def main():
     spin_up()
     copy = copy_bandwidth_gbs()
     names = [mm._mma_name("__half", tr, geo) for tr in (False, True) for geo in GEOMETRIES[tr]]
     mm._KERNELS = KernelFamily("gemv.cu", names)
-    sink = cupy.zeros(1, cupy.uint32)
     print(f"{card_name()}: copy {copy:.0f} GB/s; GB/s of weights; columns: tile/stage k/stages/blocks per SM "
           "(for [in,out], then [out,in]); read floor and cuBLAS last")
     for tr in (False, True):
@@ -53,7 +32,7 @@ def main():
     for k, n in SHAPES:
         for transposed in (False, True):
             w = cupy.random.standard_normal((n, k) if transposed else (k, n), dtype=cupy.float32).astype(cupy.float16)
-            floor = w.nbytes / read_floor_us(w, sink) / 1e3
+            floor = w.nbytes / read_floor_us(w) / 1e3
             for rows in (1, 8):
                 x = cupy.random.standard_normal((rows, k), dtype=cupy.float32).astype(cupy.float16)
                 cells = []
