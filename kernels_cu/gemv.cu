@@ -1,15 +1,14 @@
 // Decode-shape matrix products: y[R, N] = act(x[R, K] @ W + bias) for R <= 8 rows, reading every weight
 // once with 16-byte loads. The weight stream is the whole cost.
 //
-// fp16 and bf16 run on the tensor cores (gemv_mma_*): the weights are mma.sync's A operand (16 outputs x
-// 16 k) and x its B operand (16 k x 8 input rows, padded), so one instruction does what 256 FMAs per lane
-// would, and the lanes' registers hold loads in flight rather than float sums. fp32 (gemv_kn / gemv_nk)
-// uses FMAs with R = rows rounded up to 1, 2, 4 or 8.
-//
-// The grid is (column tiles, K splits). Each block reduces its tile over its K range. With one split it
-// applies the epilogue and writes y; with several it writes fp32 partials, and the last block of the tile
-// to finish (an atomic counter per tile) adds the splits in a fixed order (deterministic), applies the
-// epilogue, writes y and resets the counter for the next launch. Rows beyond `rows` are never written.
+// fp16 and bf16 run on the tensor cores (gemv_mma_*, further down): the weights are mma.sync's A operand
+// (16 outputs x 16 k) and x its B operand (16 k x 8 input rows, padded), so one instruction does what 256
+// FMAs per lane would and every row count up to 8 costs about the same; the work is dealt stream-K style.
+// fp32 (gemv_kn / gemv_nk, first) uses FMAs with R = rows rounded up to 1, 2, 4 or 8, on a grid of
+// (column tiles, K splits): each block reduces its tile over its K range; with one split it applies the
+// epilogue and writes y, with several it writes fp32 partials, and the last block of the tile to finish (an
+// atomic counter per tile) adds the splits in a fixed order (deterministic), applies the epilogue, writes y
+// and resets the counter for the next launch. Rows beyond `rows` are never written.
 #include "common.cuh"
 
 namespace ct {
