@@ -243,6 +243,20 @@ __device__ __forceinline__ void copy_wait() {  // all but the last PENDING commi
 #endif
 }
 
+// Rows [r0, r0 + rows) x columns [c0, c0 + COLS) of a row-major [total_rows, total_cols] matrix into a
+// stage (rows padded: dst's row length ROW), zero past the matrix. Consecutive threads take consecutive 16
+// bytes of a row: a warp copies runs of min(COLS, 256) elements.
+template <int COLS, typename T, int ROW>
+__device__ __forceinline__ void copy_tile(T (*dst)[ROW], const T* src, int rows, int total_rows, int total_cols,
+                                          int r0, int c0) {
+#pragma unroll
+    for (int chunk = threadIdx.x; chunk < rows * (COLS / 8); chunk += MMA_THREADS) {
+        const int r = chunk / (COLS / 8), cc = chunk % (COLS / 8) * 8;
+        const bool valid = r0 + r < total_rows && c0 + cc < total_cols;
+        copy16(&dst[r][cc], valid ? src + static_cast<size_t>(r0 + r) * total_cols + c0 + cc : src, valid);
+    }
+}
+
 // Stream-K: each tile's K range is cut into stages ("units"), and the units of all tiles, tile after tile,
 // are dealt to the blocks as equal contiguous ranges, so every SM streams the same bytes whatever the
 // shape (no last wave of a few blocks). A block finishes the tiles it covers whole; a tile shared between
@@ -369,18 +383,9 @@ __global__ void __launch_bounds__(MMA_THREADS) gemv_mma_nk(MMA_ARGS) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     float c[MT][4] = {};
     auto copy = [&](Unit at, int buf) {
-#pragma unroll
-        for (int i = 0; i < TILE * KC / 8 / MMA_THREADS; ++i) {  // a warp copies 512 contiguous bytes
-            const int chunk = threadIdx.x + i * MMA_THREADS, row = chunk / (KC / 8), kk = chunk % (KC / 8) * 8;
-            const int n = at.tile * TILE + row, k = at.k * KC + kk;
-            const bool valid = n < N && k < K;
-            copy16(&ws[buf][row][kk], valid ? w + static_cast<size_t>(n) * K + k : w, valid);
-        }
+        copy_tile<KC>(ws[buf], w, TILE, N, K, at.tile * TILE, at.k * KC);
         // x rows past `rows` stay unwritten: mma keeps its 8 columns apart and those sums are never stored.
-        for (int chunk = threadIdx.x; chunk < rows * (KC / 8); chunk += MMA_THREADS) {
-            const int r = chunk / (KC / 8), kk = chunk % (KC / 8) * 8, k = at.k * KC + kk;
-            copy16(&xs[buf][r][kk], k < K ? x + static_cast<size_t>(r) * K + k : x, k < K);
-        }
+        copy_tile<KC>(xs[buf], x, rows, rows, K, 0, at.k * KC);
     };
     auto math = [&](Unit, int buf) {
 #pragma unroll
@@ -428,17 +433,8 @@ __global__ void __launch_bounds__(MMA_THREADS) gemv_mma_kn(MMA_ARGS) {
     const int col0 = TILE / CG * (warp % CG), kp = warp / CG;
     float c[MT][4] = {};
     auto copy = [&](Unit at, int buf) {
-#pragma unroll
-        for (int i = 0; i < KR * TILE / 8 / MMA_THREADS; ++i) {
-            const int chunk = threadIdx.x + i * MMA_THREADS, row = chunk / (TILE / 8), cc = chunk % (TILE / 8) * 8;
-            const int k = at.k * KR + row, n = at.tile * TILE + cc;
-            const bool valid = n < N && k < K;
-            copy16(&ws[buf][row][cc], valid ? w + static_cast<size_t>(k) * N + n : w, valid);
-        }
-        for (int chunk = threadIdx.x; chunk < rows * (KR / 8); chunk += MMA_THREADS) {  // as in gemv_mma_nk
-            const int r = chunk / (KR / 8), xk = chunk % (KR / 8) * 8, k = at.k * KR + xk;
-            copy16(&xs[buf][r][xk], k < K ? x + static_cast<size_t>(r) * K + k : x, k < K);
-        }
+        copy_tile<TILE>(ws[buf], w, KR, K, N, at.k * KR, at.tile * TILE);
+        copy_tile<KR>(xs[buf], x, rows, rows, K, 0, at.k * KR);  // as in gemv_mma_nk
     };
     auto math = [&](Unit, int buf) {
 #pragma unroll
