@@ -11,6 +11,7 @@ from .mlp_gemm import MLPGemmOp
 from .norm import layer_norm, rms_norm
 from .qkv_gemm import QKVGemmOp
 from .residual_add import ResidualAddOp
+from .softmax import SoftmaxOp
 from .vector_matmul import VectorMatMulOp
 
 TRANSFORMER_OPS = {
@@ -20,6 +21,7 @@ TRANSFORMER_OPS = {
     "mlp_gemm": MLPGemmOp,
     "gelu_gemm": GELUGemmOp,
     "residual_add": ResidualAddOp,
+    "softmax": SoftmaxOp,
 }
 
 
@@ -42,6 +44,7 @@ __all__ = [
     "NormType",
     "QKVGemmOp",
     "ResidualAddOp",
+    "SoftmaxOp",
     "VectorMatMulOp",
     "bias_act",
     "create_op",

@@ -1,0 +1,131 @@
+"""SoftmaxOp (``ops-spec.md`` §4): scaled, masked softmax over precomputed attention scores.
+
+For scores ``s`` ``[B, h, Q, K]`` (``h`` = this rank's heads, ``config.heads / mp_size``), each row
+``(b, head, i)`` over keys ``j``::
+
+    z_j = s_j * layer_scale + alibi[b, head_offset + head, j] + mask[b, (head), i, j]
+    p_j = exp(z_j - max z) / sum(exp(z - max z))     (fp32 on the GPU, float64 for NumPy; stored in T)
+
+Query ``i`` sits at absolute position ``K - Q + i`` (the last ``Q`` of ``K`` positions, i.e. after a
+past), which the causal and window rules use.
+
+Decisions where DeepSpeed is suspect (``ops-spec.md`` §4), each a fix:
+
+- ``triangular`` (causal) keeps keys ``j <= K - Q + i``: right with a past (Q < K), where DeepSpeed compares
+  with ``i`` and so is right only for Q == K.
+- ``local_attention`` keeps the ``window_size`` keys ``K - Q + i - window_size < j <= K - Q + i``, HF GPT-Neo's
+  window, in prompts and in decode steps alike (DeepSpeed keeps one key fewer when decoding).
+- Excluded keys (causal, window, a False in a boolean mask) get a true ``-inf``, not ``-10000``, and no
+  ``1e-6`` is added to the sum; a row with every key excluded is all zeros rather than NaN.
+- The mask: 2-D ``[B, K]`` (one row per sequence, BERT's padding mask) or 4-D ``[B, 1 or h, Q or 1, K]``;
+  a 3-D mask, which DeepSpeed silently misreads, is an error, and per-head masks work. It is additive (in
+  the scores' dtype: 0 keeps, a large negative drops) or boolean (True keeps).
+- The alibi: ``[B * H, 1, K]`` (HF BLOOM's layout) or ``[B, H, 1, K]`` with ``H = h * mp_size`` heads in all;
+  this rank uses heads ``head_offset .. head_offset + h``.
+- Any ``K`` (DeepSpeed: at most 32768, and wrong past 8192). ``recompute`` and ``async_op`` are not offered;
+  the result is a new array (DeepSpeed overwrites the scores), or ``out``.
+
+The GPU path computes the same formula with CuPy array operations (fp32); its fused kernel is to come.
+"""
+
+from __future__ import annotations
+
+import numpy
+
+from ..runtime.arrays import as_array, common_kind, deliver, import_cupy, to_caller
+from .base import TransformerOp
+
+
+def softmax_reference(scores, mask=None, alibi=None, triangular=False, window_size=None, layer_scale=1.0):
+    """The formula on checked arrays of one backend: ``scores`` [B, h, Q, K]; ``mask`` broadcastable to it
+    (additive or boolean); ``alibi`` [B, h, 1, K] (this rank's heads) or None; ``window_size`` None for no
+    window. Computes in float64 (NumPy) or float32 (CuPy) and returns the scores' dtype."""
+    xp = numpy if isinstance(scores, numpy.ndarray) else import_cupy()
+    compute = numpy.float64 if xp is numpy else numpy.float32
+    z = scores.astype(compute) * compute(layer_scale)
+    if alibi is not None:
+        z = z + alibi.astype(compute)
+    keep = None
+    if mask is not None:
+        if mask.dtype == numpy.bool_:
+            keep = mask
+        else:
+            z = z + mask.astype(compute)
+    q, k = scores.shape[-2:]
+    if triangular or window_size is not None:
+        position = xp.arange(q)[:, None] + (k - q)  # each query's absolute position
+        key = xp.arange(k)[None, :]
+        allowed = key <= position if triangular else xp.ones((q, k), bool)
+        if window_size is not None:
+            allowed = allowed & (key > position - window_size)
+        keep = allowed if keep is None else keep & allowed
+    if keep is not None:
+        z = xp.where(keep, z, -xp.inf)
+    top = z.max(axis=-1, keepdims=True)
+    e = xp.exp(z - xp.where(xp.isfinite(top), top, 0))  # excluded keys: exp(-inf) = 0
+    total = e.sum(axis=-1, keepdims=True)
+    return xp.where(total > 0, e / xp.where(total > 0, total, 1), 0).astype(scores.dtype)
+
+
+class SoftmaxOp(TransformerOp):
+    def forward(self, attn_scores, attn_mask=None, alibi=None, triangular=False, local_attention=False,
+                window_size=None, layer_scale=1.0, head_offset=0, *, out=None):
+        """``attn_scores`` [B, h, Q, K]; ``attn_mask`` [B, K] or [B, 1|h, Q|1, K], additive or boolean;
+        ``alibi`` [B*H, 1, K] or [B, H, 1, K]; ``triangular``: causal; ``local_attention`` with
+        ``window_size`` keys; ``layer_scale`` multiplies the scores; ``head_offset``: this rank's first head
+        in the alibi. Returns the probabilities [B, h, Q, K] in the scores' dtype."""
+        cfg = self.config
+        kind = common_kind(attn_scores=attn_scores, attn_mask=attn_mask, alibi=alibi, out=out)
+        s = as_array("attn_scores", attn_scores, kind, ndim=4, dtypes=cfg.dtype)
+        b, h, q, k = s.shape
+        local_heads = cfg.heads // cfg.mp_size
+        if h != local_heads:
+            raise ValueError(f"attn_scores: expected {local_heads} heads (config heads / mp_size) in dimension 1; "
+                             f"got shape {tuple(s.shape)}")
+        if s.size == 0:
+            raise ValueError(f"attn_scores: expected at least one query and one key; got shape {tuple(s.shape)}")
+        mask = self._mask(attn_mask, kind, s.shape)
+        rows = self._alibi(alibi, kind, s.shape, head_offset)
+        if not isinstance(layer_scale, (int, float)) or isinstance(layer_scale, bool) or not numpy.isfinite(layer_scale):
+            raise ValueError(f"layer_scale: expected a finite number; got {layer_scale!r}")
+        window = None
+        if local_attention:
+            if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
+                raise ValueError(f"window_size: expected a positive integer with local_attention; got {window_size!r}")
+            window = window_size
+        if out is not None:  # may be attn_scores itself (DeepSpeed's in-place update)
+            out = as_array("out", out, kind, dtypes=cfg.dtype, shape=tuple(s.shape))
+        p = softmax_reference(s, mask, rows, bool(triangular), window, float(layer_scale))
+        return to_caller(deliver(p, out), kind)
+
+    def _mask(self, attn_mask, kind, shape):
+        """The mask as an array broadcastable to the scores [B, h, Q, K], or None."""
+        if attn_mask is None:
+            return None
+        b, h, q, k = shape
+        dtypes = (self.config.dtype, numpy.dtype(numpy.bool_))
+        m = as_array("attn_mask", attn_mask, kind, ndim=(2, 4), dtypes=dtypes)
+        if m.ndim == 2:
+            if tuple(m.shape) != (b, k):
+                raise ValueError(f"attn_mask: expected a [batch, keys] = [{b}, {k}] mask; got shape {tuple(m.shape)}")
+            return m[:, None, None, :]
+        if m.shape[0] != b or m.shape[1] not in (1, h) or m.shape[2] not in (1, q) or m.shape[3] != k:
+            raise ValueError(f"attn_mask: expected a [{b}, 1 or {h}, 1 or {q}, {k}] mask; got shape {tuple(m.shape)}")
+        return m
+
+    def _alibi(self, alibi, kind, shape, head_offset):
+        """This rank's alibi rows as [B, h, 1, K], or None."""
+        b, h, _, k = shape
+        total = h * self.config.mp_size
+        if isinstance(head_offset, bool) or not isinstance(head_offset, int) or not 0 <= head_offset <= total - h:
+            raise ValueError(f"head_offset: expected an integer in [0, {total - h}] (this rank's first of {total} "
+                             f"heads); got {head_offset!r}")
+        if alibi is None:
+            return None
+        a = as_array("alibi", alibi, kind, ndim=(3, 4), dtypes=self.config.dtype)
+        if a.ndim == 3 and tuple(a.shape) == (b * total, 1, k):
+            a = a.reshape(b, total, 1, k)
+        elif tuple(a.shape) != (b, total, 1, k):
+            raise ValueError(f"alibi: expected [{b * total}, 1, {k}] or [{b}, {total}, 1, {k}] (batch x all "
+                             f"{total} heads, keys); got shape {tuple(a.shape)}")
+        return a[:, head_offset:head_offset + h]

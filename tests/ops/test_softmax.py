@@ -1,0 +1,175 @@
+"""SoftmaxOp: masks (2-D, 4-D, additive, boolean), alibi with a head offset, causal with and without a past,
+HF GPT-Neo's local window, layer_scale; against a per-row float64 loop written from the docstring's formula."""
+
+import math
+
+import numpy
+import pytest
+
+from cupy_transformer import ops
+from cupy_transformer.runtime.arrays import FLOAT_DTYPES
+from tests.helpers import random, rel_error
+from tests.ops.common import TOL, on_backend
+
+
+def row_by_row(s, mask=None, alibi=None, triangular=False, window=None, layer_scale=1.0):
+    """float64, one query row at a time: ``mask`` [B, h, Q, K] (additive or bool), ``alibi`` [B, h, K]."""
+    s = s.astype(numpy.float64)
+    b_, h_, q_, k_ = s.shape
+    p = numpy.zeros_like(s)
+    for b in range(b_):
+        for h in range(h_):
+            for i in range(q_):
+                position = k_ - q_ + i
+                z, keys = [], []
+                for j in range(k_):
+                    if triangular and j > position:
+                        continue
+                    if window is not None and j <= position - window:
+                        continue
+                    v = s[b, h, i, j] * layer_scale
+                    if alibi is not None:
+                        v += float(alibi[b, h, j])
+                    if mask is not None:
+                        if mask.dtype == bool:
+                            if not mask[b, h, i, j]:
+                                continue
+                        else:
+                            v += float(mask[b, h, i, j])
+                    z.append(v)
+                    keys.append(j)
+                if keys:
+                    top = max(z)
+                    e = [math.exp(v - top) for v in z]
+                    for j, ej in zip(keys, e):
+                        p[b, h, i, j] = ej / sum(e)
+    return p
+
+
+def config(dtype, mp_size=1):
+    """4 heads on this rank: 4 * mp_size in the whole model."""
+    heads = 4 * mp_size
+    return ops.InferenceConfig(hidden_size=heads * 8, heads=heads, dtype=dtype, mp_size=mp_size)
+
+
+CASES = {
+    "plain": {},
+    "causal prompt": dict(triangular=True),
+    "causal with past": dict(triangular=True, past=5),
+    "window 3 with past": dict(triangular=True, window=3, past=4),
+    "window 2 decode": dict(triangular=True, window=2, q=1, past=9),
+    "2-D additive mask": dict(mask="2d"),
+    "4-D per-head boolean mask": dict(mask="4d-bool", triangular=True),
+    "4-D broadcast additive mask": dict(mask="4d-bcast"),
+    "alibi, head offset, layer scale": dict(alibi=True, layer_scale=0.5, mp_size=2, head_offset=4),
+}
+
+
+def inputs(rng, dtype, case, q=6, past=0, b=2, h=4):
+    q = case.get("q", q)
+    k = q + case.get("past", past)
+    mp = case.get("mp_size", 1)
+    s = random(rng, (b, h, q, k), dtype, scale=3.0)
+    full_mask, mask = None, None
+    kind = case.get("mask")
+    if kind == "2d":
+        mask = numpy.where(rng.random((b, k)) < 0.3, -10000.0, 0.0).astype(dtype)
+        full_mask = numpy.broadcast_to(mask[:, None, None, :], s.shape)
+    elif kind == "4d-bool":
+        mask = rng.random((b, h, q, k)) < 0.7
+        mask[0, 1, 2, :] = False  # a row with every key dropped
+        full_mask = mask
+    elif kind == "4d-bcast":
+        mask = random(rng, (b, 1, 1, k), dtype, scale=2.0)
+        full_mask = numpy.broadcast_to(mask, s.shape)
+    alibi, rows = None, None
+    if case.get("alibi"):
+        alibi = random(rng, (b * h * mp, 1, k), dtype)
+        off = case.get("head_offset", 0)
+        rows = alibi.reshape(b, h * mp, k)[:, off:off + h]
+    return s, mask, full_mask, alibi, rows
+
+
+def run(rng, dtype, name, gpu):
+    case = CASES[name]
+    s, mask, full_mask, alibi, rows = inputs(rng, dtype, case)
+    op = ops.SoftmaxOp(config(dtype, mp_size=case.get("mp_size", 1)))
+    a = on_backend({"s": s, "mask": mask, "alibi": alibi}, gpu)
+    window = case.get("window")
+    p = op(a["s"], a["mask"], a["alibi"], case.get("triangular", False), window is not None, window,
+           case.get("layer_scale", 1.0), case.get("head_offset", 0))
+    exact = row_by_row(s, full_mask, rows, case.get("triangular", False), window, case.get("layer_scale", 1.0))
+    assert p.shape == s.shape and p.dtype == dtype
+    assert rel_error(p, exact) < TOL[numpy.dtype(dtype)]
+    return p, exact
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("name", CASES)
+def test_numpy_path(rng, dtype, name):
+    p, exact = run(rng, dtype, name, gpu=False)
+    if name == "4-D per-head boolean mask":
+        assert (p[0, 1, 2] == 0).all()  # every key dropped: zeros, not NaN
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("name", CASES)
+def test_gpu_path(rng, poisoned_allocations, dtype, name):
+    run(rng, dtype, name, gpu=True)
+
+
+def test_rows_sum_to_one_and_out_may_be_the_scores(rng):
+    s = random(rng, (1, 4, 3, 70001), numpy.float32)  # a row longer than any block's registers
+    op = ops.SoftmaxOp(config(numpy.float32))
+    p = op(s, triangular=True, out=s)
+    assert p is s
+    assert numpy.allclose(p.astype(numpy.float64).sum(-1), 1.0, atol=1e-5)
+    assert (p[..., -1, 70001 - 3 + 2 + 1:] == 0).all() and (p[..., 0, 70001 - 3 + 1:] == 0).all()
+
+
+@pytest.mark.gpu
+def test_gpu_matches_torch_softmax(rng):
+    import cupy
+    import torch
+
+    s = random(rng, (2, 4, 5, 9), numpy.float32)
+    m = numpy.where(rng.random((2, 9)) < 0.3, -1e4, 0.0).astype(numpy.float32)
+    ts, tm = torch.from_numpy(s).cuda(), torch.from_numpy(m).cuda()
+    causal = torch.ones(5, 9, dtype=torch.bool, device="cuda").tril(9 - 5)
+    ref = torch.softmax((ts * 0.5 + tm[:, None, None, :]).masked_fill(~causal, float("-inf")), -1)
+    p = ops.SoftmaxOp(config(numpy.float32))(ts, tm, None, True, layer_scale=0.5)
+    assert isinstance(p, torch.Tensor)
+    assert rel_error(p, ref) < 1e-6
+    assert cupy.asarray(p).shape == (2, 4, 5, 9)
+
+
+def test_bad_inputs_are_named_errors(rng):
+    op = ops.SoftmaxOp(config(numpy.float16))
+    s = random(rng, (2, 4, 3, 5), numpy.float16)
+    with pytest.raises(ValueError, match=r"attn_scores: expected a 4-D array"):
+        op(s[0])
+    with pytest.raises(ValueError, match=r"attn_scores: expected 4 heads"):
+        op(s[:, :2].copy())
+    with pytest.raises(TypeError, match=r"attn_scores: expected dtype float16"):
+        op(s.astype(numpy.float32))
+    with pytest.raises(ValueError, match=r"attn_scores: expected at least one query"):
+        op(s[:, :, :0].copy())
+    with pytest.raises(ValueError, match=r"attn_mask: expected a 2-D or 4-D array"):
+        op(s, numpy.zeros((2, 3, 5), numpy.float16))
+    with pytest.raises(ValueError, match=r"attn_mask: expected a \[batch, keys\] = \[2, 5\] mask"):
+        op(s, numpy.zeros((2, 6), numpy.float16))
+    with pytest.raises(ValueError, match=r"attn_mask: expected a \[2, 1 or 4, 1 or 3, 5\] mask"):
+        op(s, numpy.zeros((2, 2, 3, 5), numpy.float16))
+    with pytest.raises(TypeError, match=r"attn_mask: expected dtype float16, bool"):
+        op(s, numpy.zeros((2, 5), numpy.float32))
+    with pytest.raises(ValueError, match=r"alibi: expected \[8, 1, 5\] or \[2, 4, 1, 5\]"):
+        op(s, alibi=numpy.zeros((8, 1, 4), numpy.float16))
+    with pytest.raises(ValueError, match=r"head_offset: expected an integer in \[0, 0\]"):
+        op(s, head_offset=1)
+    with pytest.raises(ValueError, match=r"window_size: expected a positive integer"):
+        op(s, local_attention=True, window_size=0)
+    with pytest.raises(ValueError, match=r"layer_scale: expected a finite number"):
+        op(s, layer_scale=float("nan"))
+    with pytest.raises(ValueError, match=r"out: expected shape"):
+        op(s, out=numpy.empty((2, 4, 3, 6), numpy.float16))
