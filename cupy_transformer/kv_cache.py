@@ -1,0 +1,96 @@
+"""The attention KV cache: preallocated keys and values for every layer, owned by the caller.
+
+DeepSpeed keeps a process-global token counter and writes past the cache's end when a sequence outgrows
+it (``ops-spec.md`` §5). Here the positions live in this object: ``lengths[b]`` is how many tokens
+sequence ``b`` holds (on the host, so checks need no GPU round trip); a step asks ``reserve`` for room first,
+which fails with a ``ValueError`` naming the capacity and the request before anything is written, and
+sequences of different lengths share one batch.
+
+Layout: ``keys`` and ``values`` are ``[layers, batch, kv_heads, max_tokens, head_dim]``: one layer's block is
+contiguous, and one head's tokens are rows of ``head_dim`` in order (what an attention kernel streams).
+Keys are stored after rotary, at ``kv_heads`` (grouped-query models are not expanded to the query heads).
+"""
+
+from __future__ import annotations
+
+import numpy
+
+from .runtime.arrays import FLOAT_DTYPES, as_array, import_cupy
+
+
+def _positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer; got {value!r}")
+    return int(value)
+
+
+class KVCache:
+    def __init__(self, layers, batch, kv_heads, max_tokens, head_dim, dtype=numpy.float16, backend="cupy"):
+        """Zeroed ``keys``/``values`` of ``[layers, batch, kv_heads, max_tokens, head_dim]`` in ``dtype``, as
+        CuPy arrays (``backend="cupy"``) or NumPy arrays (``"numpy"``: the reference path)."""
+        shape = tuple(_positive(n, v) for n, v in (("layers", layers), ("batch", batch), ("kv_heads", kv_heads),
+                                                    ("max_tokens", max_tokens), ("head_dim", head_dim)))
+        try:
+            self.dtype = numpy.dtype(dtype)
+        except TypeError:
+            self.dtype = None
+        if self.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype: expected one of {', '.join(map(str, FLOAT_DTYPES))}; got {dtype!r}")
+        if backend not in ("cupy", "numpy"):
+            raise ValueError(f"backend: expected 'cupy' or 'numpy'; got {backend!r}")
+        self.kind = backend
+        xp = numpy if backend == "numpy" else import_cupy()
+        self.keys = xp.zeros(shape, self.dtype)
+        self.values = xp.zeros(shape, self.dtype)
+        self.layers, self.batch, self.kv_heads, self.max_tokens, self.head_dim = shape
+        self.lengths = numpy.zeros(self.batch, numpy.int64)
+
+    def reserve(self, tokens: int) -> numpy.ndarray:
+        """Room for ``tokens`` more tokens in every sequence: returns where they start (each sequence's
+        length before the call) and counts them in ``lengths``. Nothing changes if any sequence lacks room."""
+        tokens = _positive("tokens", tokens)
+        full = numpy.flatnonzero(self.lengths + tokens > self.max_tokens)
+        if full.size:
+            b = int(full[0])
+            raise ValueError(f"KV cache full: sequence {b} holds {int(self.lengths[b])} of {self.max_tokens} "
+                             f"tokens and cannot take {tokens} more (reset it, or build a larger cache)")
+        start = self.lengths.copy()
+        self.lengths += tokens
+        return start
+
+    def set_lengths(self, lengths) -> None:
+        """Set how many tokens each sequence holds, e.g. to drop a right-padded prompt's padding or undo
+        tokens; later writes go after these."""
+        new = numpy.asarray(lengths)
+        if new.shape != (self.batch,) or new.dtype.kind not in "iu":
+            raise ValueError(f"lengths: expected {self.batch} integers; got {new.dtype} of shape {new.shape}")
+        if (new < 0).any() or (new > self.max_tokens).any():
+            raise ValueError(f"lengths: expected values in [0, {self.max_tokens}]; got {new.tolist()}")
+        self.lengths[:] = new
+
+    def reset(self) -> None:
+        """Every sequence empty (the stored values stay until overwritten; nothing reads past ``lengths``)."""
+        self.lengths[:] = 0
+
+    def write(self, layer: int, k, v, start) -> None:
+        """One layer's new keys and values, ``[batch, kv_heads, S, head_dim]`` each, at positions
+        ``start[b] .. start[b] + S - 1`` of sequence ``b`` (``start`` as ``reserve`` returned it)."""
+        if isinstance(layer, bool) or not isinstance(layer, (int, numpy.integer)) or not 0 <= layer < self.layers:
+            raise ValueError(f"layer: expected an integer in [0, {self.layers - 1}]; got {layer!r}")
+        shape = (self.batch, self.kv_heads, -1, self.head_dim)
+        k = as_array("k", k, self.kind, ndim=4, dtypes=self.dtype, shape=shape)
+        v = as_array("v", v, self.kind, ndim=4, dtypes=self.dtype, shape=tuple(k.shape))
+        tokens = k.shape[2]
+        start = numpy.asarray(start)
+        if start.shape != (self.batch,) or start.dtype.kind not in "iu":
+            raise ValueError(f"start: expected {self.batch} integer positions; got {start.dtype} of shape {start.shape}")
+        if (start < 0).any() or (start + tokens > self.max_tokens).any():
+            raise ValueError(f"start: {tokens} tokens from {start.tolist()} do not fit {self.max_tokens} positions")
+        if (start == start[0]).all():
+            at = slice(int(start[0]), int(start[0]) + tokens)
+            self.keys[layer, :, :, at] = k
+            self.values[layer, :, :, at] = v
+            return
+        for b, s in enumerate(start.tolist()):
+            self.keys[layer, b, :, s:s + tokens] = k[b]
+            self.values[layer, b, :, s:s + tokens] = v[b]
