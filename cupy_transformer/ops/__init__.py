@@ -12,6 +12,7 @@ from .norm import layer_norm, rms_norm
 from .qkv_gemm import QKVGemmOp
 from .residual_add import ResidualAddOp
 from .softmax import SoftmaxOp
+from .softmax_context import SoftmaxContextOp
 from .vector_matmul import VectorMatMulOp
 
 TRANSFORMER_OPS = {
@@ -22,6 +23,7 @@ TRANSFORMER_OPS = {
     "gelu_gemm": GELUGemmOp,
     "residual_add": ResidualAddOp,
     "softmax": SoftmaxOp,
+    "softmax_context": SoftmaxContextOp,
 }
 
 
@@ -44,6 +46,7 @@ __all__ = [
     "NormType",
     "QKVGemmOp",
     "ResidualAddOp",
+    "SoftmaxContextOp",
     "SoftmaxOp",
     "VectorMatMulOp",
     "bias_act",

@@ -61,6 +61,14 @@ class InferenceConfig:
     dtype: object = numpy.float16
     transposed_mode: bool = False  # weights [out, in] (nn.Linear) instead of [in, out]
     mp_size: int = 1
+    # Attention (SoftmaxContextOp):
+    rotary_dim: int = -1  # leading dims of each head that rotary turns; <= 0: no rotary
+    rotate_half: bool = False  # rotary pairs (p, p + rotary_dim / 2): GPT-NeoX, LLaMA
+    rotate_every_two: bool = True  # rotary pairs (2p, 2p + 1): GPT-J
+    rope_theta: float = 10000.0
+    triangular_masking: bool = True  # causal; False: bidirectional (encoders such as BERT)
+    local_attention: bool = False  # keep only the last window_size keys (GPT-Neo's local layers)
+    window_size: int = 1
 
     def __post_init__(self):
         for name in ("hidden_size", "heads", "mp_size"):
@@ -92,7 +100,25 @@ class InferenceConfig:
             raise TypeError(f"dtype: expected one of {', '.join(map(str, FLOAT_DTYPES))}; got {self.dtype!r}") from None
         if self.dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype: expected one of {', '.join(map(str, FLOAT_DTYPES))}; got {self.dtype}")
+        if self.rotary_dim > 0:
+            if self.rotary_dim % 2 or self.rotary_dim > self.head_size:
+                raise ValueError(f"rotary_dim: expected an even number up to the head size {self.head_size}; "
+                                 f"got {self.rotary_dim}")
+            if self.rotate_half == self.rotate_every_two:
+                raise ValueError("rotate_half, rotate_every_two: set exactly one with rotary_dim > 0 (DeepSpeed "
+                                 f"applies both when both are set); got {self.rotate_half}, {self.rotate_every_two}")
+        if not (isinstance(self.rope_theta, (int, float)) and not isinstance(self.rope_theta, bool) and self.rope_theta > 0):
+            raise ValueError(f"rope_theta: expected a positive number; got {self.rope_theta!r}")
+        if isinstance(self.window_size, bool) or not isinstance(self.window_size, int) or self.window_size < 1:
+            raise ValueError(f"window_size: expected a positive integer; got {self.window_size!r}")
 
     @property
     def head_size(self) -> int:
         return self.hidden_size // self.heads
+
+    @property
+    def rotary_style(self) -> str | None:
+        """``ops.rotary``'s pairing for this config, or None without rotary."""
+        if self.rotary_dim <= 0:
+            return None
+        return "half" if self.rotate_half else "every_two"

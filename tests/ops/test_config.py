@@ -41,7 +41,7 @@ def test_bad_config(kwargs, error, message):
 
 def test_registry_creates_ops_by_name():
     cfg = InferenceConfig(hidden_size=64, heads=4)
-    assert set(ops.TRANSFORMER_OPS) == {"linear", "vector_matmul", "qkv_gemm", "mlp_gemm", "gelu_gemm", "residual_add", "softmax"}
+    assert set(ops.TRANSFORMER_OPS) == {"linear", "vector_matmul", "qkv_gemm", "mlp_gemm", "gelu_gemm", "residual_add", "softmax", "softmax_context"}
     for name, cls in ops.TRANSFORMER_OPS.items():
         op = ops.create_op(name, cfg)
         assert isinstance(op, cls) and op.config is cfg

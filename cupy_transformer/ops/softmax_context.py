@@ -1,0 +1,163 @@
+"""SoftmaxContextOp (``ops-spec.md`` §5): the attention core, from the fused QKV projection to the context.
+
+For ``query_key_value`` ``[B, S, (h + 2 kv) d]`` (per token ``[Q | K | V]``, heads contiguous in each block;
+``h = heads / mp_size`` query heads and ``kv = num_kv / mp_size`` key/value heads on this rank, ``d`` the
+head size):
+
+1. split heads; rotary (config ``rotary_dim``, ``rotate_half`` / ``rotate_every_two``, ``rope_theta``) turns
+   Q and K at ``position_ids`` [B, S] (default: each sequence's next positions);
+2. with a ``cache`` (``KVCache``), K and V are written at ``start[b] ..`` of sequence ``b`` (``start`` from
+   ``cache.reserve(S)``, once per step for all layers) and the keys are the sequence's first
+   ``start[b] + S`` tokens; without one, the keys are this call's tokens;
+3. query head ``i`` attends with key/value head ``i // (h / kv)`` (grouped-query attention, K/V not
+   expanded): ``softmax(Q K^T * scale + alibi + mask)`` with the causal rule (``triangular_masking``; off
+   for bidirectional encoders), GPT-Neo's local window (``local_attention``, ``window_size``) and the
+   caller's mask, as ``SoftmaxOp`` computes it; then ``P V`` merged to ``[B, S, h d]``.
+
+Keys are counted in cache slots, which are in time order per sequence: query ``s`` of sequence ``b`` sits
+in slot ``start[b] + s`` and may see slots up to it (causal) and, with a window, the last ``window_size``.
+Padding is the caller's ``attn_mask`` over key slots ([B, T] boolean or additive, or [B, 1|h, S|1, T],
+``T`` = the longest sequence's keys), with ``position_ids`` that skip the pads, so padded sequences get
+what they would alone.
+
+Decisions where DeepSpeed is suspect or implicit: no process-global token counter (the cache and the
+positions are the caller's); capacity is checked before writing (``KVCache.reserve``); ``scale`` defaults to
+``1 / sqrt(d)``, and DeepSpeed's ``norm_factor`` is accepted with its meaning (scores times
+``norm_factor ** 2``); the score is computed in fp32 from the start, so DeepSpeed's ``layer_scale`` split
+for fp16 range is not needed; rotary pairings are exclusive (both flags is a config error); head sizes are
+multiples of 8 up to 256 (what the kernels will take). Returns ``(context, keys, values)``: the keys and
+values attended, ``[B, kv, T, d]`` (cache views with a cache), not expanded to the query heads.
+
+The GPU path computes the same with CuPy array operations (fp32); the flash-style prefill, split-K decode
+and fused rotary + append kernels are to come.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy
+
+from ..kv_cache import KVCache
+from ..runtime.arrays import as_array, common_kind, import_cupy, to_caller
+from .base import TransformerOp
+from .rotary import apply_rotary
+from .softmax import softmax_reference
+
+MAX_HEAD_SIZE = 256
+
+
+class SoftmaxContextOp(TransformerOp):
+    def forward(self, query_key_value, attn_mask=None, cache=None, layer_id=0, start=None, position_ids=None,
+                alibi=None, norm_factor=None, *, scale=None):
+        """See the module docstring. ``start``: positions from ``cache.reserve`` (required with a cache);
+        ``alibi`` [B, h, 1, T] or [B * h, 1, T] for this rank's heads; ``scale`` or DeepSpeed's
+        ``norm_factor`` (scale = norm_factor ** 2), not both."""
+        cfg = self.config
+        h, kv, d = cfg.heads // cfg.mp_size, cfg.num_kv // cfg.mp_size, cfg.head_size
+        if d % 8 or d > MAX_HEAD_SIZE:
+            raise ValueError(f"head size {d} (hidden_size / heads): expected a multiple of 8 up to {MAX_HEAD_SIZE}")
+        kind = common_kind(query_key_value=query_key_value, attn_mask=attn_mask, alibi=alibi)
+        qkv = as_array("query_key_value", query_key_value, kind, ndim=3, dtypes=cfg.dtype)
+        b, s, width = qkv.shape
+        if width != (h + 2 * kv) * d:
+            raise ValueError(f"query_key_value: expected a last dimension of (heads {h} + 2 x kv heads {kv}) x head "
+                             f"size {d} = {(h + 2 * kv) * d}; got shape {tuple(qkv.shape)}")
+        if b == 0 or s == 0:
+            raise ValueError(f"query_key_value: expected at least one sequence and token; got shape {tuple(qkv.shape)}")
+        xp = numpy if kind == "numpy" else import_cupy()
+        start = self._start(cache, kind, b, kv, d, start)
+        keys_len = start + s  # keys per sequence
+        t = int(keys_len.max())
+        positions = self._positions(position_ids, kind, b, s, start, xp)
+        mask = self._mask(attn_mask, kind, b, h, s, t)
+        rows = self._alibi(alibi, kind, b, h, t)
+        if scale is not None and norm_factor is not None:
+            raise ValueError("scale, norm_factor: give one (scale = norm_factor ** 2)")
+        factor = 1 / math.sqrt(d) if scale is None and norm_factor is None else (
+            scale if scale is not None else norm_factor**2)
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor):
+            raise ValueError(f"scale: expected a finite number; got {factor!r}")
+
+        q = qkv[..., : h * d].reshape(b, s, h, d).transpose(0, 2, 1, 3)
+        k = qkv[..., h * d:(h + kv) * d].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
+        v = qkv[..., (h + kv) * d:].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
+        if cfg.rotary_style is not None:
+            q = apply_rotary(q, positions, cfg.rotary_dim, cfg.rope_theta, cfg.rotary_style)
+            k = apply_rotary(k, positions, cfg.rotary_dim, cfg.rope_theta, cfg.rotary_style)
+        if cache is not None:
+            cache.write(layer_id, xp.ascontiguousarray(k), xp.ascontiguousarray(v), start)
+            keys, values = cache.keys[layer_id, :, :, :t], cache.values[layer_id, :, :, :t]
+        else:
+            keys, values = k, v
+
+        # Slot rules per sequence: query s in slot start + s; keys below keys_len; causal; window.
+        slot = xp.asarray(start)[:, None, None] + xp.arange(s)[None, :, None]  # [B, S, 1]
+        key = xp.arange(t)[None, None, :]
+        keep = key < xp.asarray(keys_len)[:, None, None]
+        if cfg.triangular_masking:
+            keep = keep & (key <= slot)
+        if cfg.local_attention:
+            keep = keep & (key > slot - cfg.window_size)
+        compute = numpy.float64 if xp is numpy else numpy.float32
+        bias = xp.where(keep[:, None], 0.0, -numpy.inf).astype(compute)  # [B, 1, S, T]: -inf drops a key
+        if mask is not None:
+            bias = bias + (xp.where(mask, 0.0, -numpy.inf) if mask.dtype == numpy.bool_ else mask).astype(compute)
+        if rows is not None:
+            bias = bias + rows.astype(compute)
+        groups = h // kv
+        qg = q.astype(compute).reshape(b, kv, groups, s, d)
+        scores = xp.einsum("bkgsd,bktd->bkgst", qg, keys.astype(compute)).reshape(b, h, s, t)
+        p = softmax_reference(scores, bias, layer_scale=factor)
+        context = xp.einsum("bkgst,bktd->bkgsd", p.reshape(b, kv, groups, s, t), values.astype(compute))
+        context = context.reshape(b, h, s, d).transpose(0, 2, 1, 3).reshape(b, s, h * d).astype(cfg.dtype)
+        return to_caller(context, kind), to_caller(keys, kind), to_caller(values, kind)
+
+    def _start(self, cache, kind, b, kv, d, start):
+        """Each sequence's first slot for this call's tokens (zeros without a cache), checked against the cache."""
+        if cache is None:
+            if start is not None:
+                raise ValueError("start: positions in a cache; got start without a cache")
+            return numpy.zeros(b, numpy.int64)
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache: expected a KVCache; got {type(cache).__name__}")
+        want = (b, kv, d, self.config.dtype, "numpy" if kind == "numpy" else "cupy")
+        have = (cache.batch, cache.kv_heads, cache.head_dim, cache.dtype, cache.kind)
+        if want != have:
+            raise ValueError(f"cache: expected batch {b}, {kv} kv heads of size {d}, {want[3]}, {want[4]} arrays; "
+                             f"got batch {have[0]}, {have[1]} kv heads of size {have[2]}, {have[3]}, {have[4]}")
+        if start is None:
+            raise ValueError("start: with a cache, pass where this step's tokens go (start = cache.reserve(tokens))")
+        return numpy.asarray(start, numpy.int64)  # write() checks its length and range
+
+    def _positions(self, position_ids, kind, b, s, start, xp):
+        if position_ids is None:
+            return xp.asarray(start[:, None] + numpy.arange(s)[None, :])
+        ids = as_array("position_ids", position_ids, kind, ndim=2, dtypes=tuple(
+            numpy.dtype(t) for t in (numpy.int32, numpy.int64)), shape=(b, s))
+        return ids
+
+    def _mask(self, attn_mask, kind, b, h, s, t):
+        """The caller's mask as [B, 1|h, S|1, T] (boolean keep, or additive in the dtype), or None."""
+        if attn_mask is None:
+            return None
+        m = as_array("attn_mask", attn_mask, kind, ndim=(2, 4), dtypes=(self.config.dtype, numpy.dtype(numpy.bool_)))
+        if m.ndim == 2:
+            if tuple(m.shape) != (b, t):
+                raise ValueError(f"attn_mask: expected a [batch, keys] = [{b}, {t}] mask over key slots; "
+                                 f"got shape {tuple(m.shape)}")
+            return m[:, None, None, :]
+        if m.shape[0] != b or m.shape[1] not in (1, h) or m.shape[2] not in (1, s) or m.shape[3] != t:
+            raise ValueError(f"attn_mask: expected a [{b}, 1 or {h}, 1 or {s}, {t}] mask; got shape {tuple(m.shape)}")
+        return m
+
+    def _alibi(self, alibi, kind, b, h, t):
+        if alibi is None:
+            return None
+        a = as_array("alibi", alibi, kind, ndim=(3, 4), dtypes=self.config.dtype)
+        if a.ndim == 3 and tuple(a.shape) == (b * h, 1, t):
+            return a.reshape(b, h, 1, t)
+        if tuple(a.shape) != (b, h, 1, t):
+            raise ValueError(f"alibi: expected [{b * h}, 1, {t}] or [{b}, {h}, 1, {t}] (this rank's heads, keys); "
+                             f"got shape {tuple(a.shape)}")
+        return a

@@ -1,0 +1,64 @@
+"""ops.rotary against rotation written as complex multiplication: pair (a, b) -> (a + ib) e^(i angle)."""
+
+import numpy
+import pytest
+
+from cupy_transformer.ops.rotary import apply_rotary
+from cupy_transformer.runtime.arrays import FLOAT_DTYPES
+from tests.helpers import random, rel_error
+from tests.ops.common import TOL
+
+
+def turned(x, positions, rotary_dim, theta, style):
+    """float64: [batch, heads, tokens, d] rotated pairwise at positions [batch, tokens]."""
+    x = x.astype(numpy.float64).copy()
+    m = rotary_dim // 2
+    angle = positions[:, None, :, None] * theta ** (-2.0 * numpy.arange(m) / rotary_dim)
+    first, second = (numpy.arange(m), numpy.arange(m) + m) if style == "half" else (2 * numpy.arange(m), 2 * numpy.arange(m) + 1)
+    z = (x[..., first] + 1j * x[..., second]) * numpy.exp(1j * angle)
+    x[..., first], x[..., second] = z.real, z.imag
+    return x
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("style", ["half", "every_two"])
+@pytest.mark.parametrize("rotary_dim", [64, 24])  # the whole head, and a leading part (GPT-J's 64 of 256 style)
+def test_matches_complex_rotation(rng, dtype, style, rotary_dim):
+    x = random(rng, (2, 3, 5, 64), dtype)
+    positions = numpy.array([[0, 1, 2, 3, 4], [7, 8, 9, 1000, 4095]])
+    y = apply_rotary(x, positions, rotary_dim, 10000.0, style)
+    exact = turned(x, positions, rotary_dim, 10000.0, style)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert rel_error(y, exact) < TOL[numpy.dtype(dtype)]
+    assert (y[..., rotary_dim:] == x[..., rotary_dim:]).all()  # dims past rotary_dim untouched
+    assert rel_error(y[0, :, 0], x[0, :, 0]) < TOL[numpy.dtype(dtype)] / 2  # position 0 (sequence 0): no turn
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("style", ["half", "every_two"])
+def test_gpu_matches_complex_rotation(rng, style):
+    import cupy
+
+    x = random(rng, (2, 4, 7, 128), numpy.float16)
+    positions = rng.integers(0, 8192, (2, 7))
+    y = apply_rotary(cupy.asarray(x), cupy.asarray(positions), 128, 500000.0, style)
+    assert rel_error(y, turned(x, positions, 128, 500000.0, style)) < TOL[numpy.dtype(numpy.float16)]
+
+
+@pytest.mark.gpu
+def test_gpu_matches_hugging_face_llama_rotary(rng):
+    """rotate_half is HF LLaMA's apply_rotary_pos_emb with its rotary embedding's cos/sin."""
+    import cupy
+    import torch
+
+    x = random(rng, (1, 2, 6, 64), numpy.float32)
+    positions = numpy.array([[3, 4, 5, 6, 7, 8]])
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 64, 2, dtype=torch.int64).float() / 64))
+    freqs = torch.from_numpy(positions).float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos()[:, None], emb.sin()[:, None]
+    t = torch.from_numpy(x)
+    rotated_half = torch.cat((-t[..., 32:], t[..., :32]), dim=-1)
+    ref = t * cos + rotated_half * sin
+    y = apply_rotary(cupy.asarray(x), cupy.asarray(positions), 64, 10000.0, "half")
+    assert rel_error(y, ref) < 1e-5

@@ -1,0 +1,205 @@
+"""SoftmaxContextOp: prompt then decode steps through a KVCache against full attention recomputed per step,
+grouped-query heads, both rotary pairings, padded batches against each sequence alone, bidirectional,
+local window, alibi; the reference is a per-query float64 loop over one sequence's whole history."""
+
+import math
+
+import numpy
+import pytest
+
+from cupy_transformer import ops
+from cupy_transformer.kv_cache import KVCache
+from tests.helpers import random, rel_error
+from tests.ops.common import TOL
+from tests.ops.test_rotary import turned
+
+
+def cfg(dtype, heads=4, kv=2, d=32, **kw):
+    return ops.InferenceConfig(hidden_size=heads * d, heads=heads, num_kv=kv, dtype=dtype, **kw)
+
+
+def history(qkv, c, positions, keep=None, alibi=None, scale=None):
+    """float64 attention of every token of one sequence over its history: ``qkv`` [T, (h + 2kv) d],
+    ``positions`` [T], ``keep`` [T] keys that may be seen, ``alibi`` [h, T]. Returns [T, h d]."""
+    h, kv, d = c.heads, c.num_kv, c.head_size
+    t = qkv.shape[0]
+    x = qkv.astype(numpy.float64)
+    q = x[:, : h * d].reshape(t, h, d).transpose(1, 0, 2)[None]
+    k = x[:, h * d:(h + kv) * d].reshape(t, kv, d).transpose(1, 0, 2)[None]
+    v = x[:, (h + kv) * d:].reshape(t, kv, d).transpose(1, 0, 2)
+    if c.rotary_style:
+        q = turned(q, positions[None], c.rotary_dim, c.rope_theta, c.rotary_style)
+        k = turned(k, positions[None], c.rotary_dim, c.rope_theta, c.rotary_style)
+    q, k = q[0], k[0]
+    scale = 1 / math.sqrt(d) if scale is None else scale
+    out = numpy.zeros((t, h, d))
+    for i in range(h):
+        g = i // (h // kv)
+        for s in range(t):
+            keys = [j for j in range(t) if (keep is None or keep[j]) and (not c.triangular_masking or j <= s)
+                    and (not c.local_attention or j > s - c.window_size)]
+            z = numpy.array([q[i, s] @ k[g, j] * scale + (alibi[i, j] if alibi is not None else 0.0) for j in keys])
+            if keys:
+                p = numpy.exp(z - z.max())
+                out[s, i] = (p / p.sum()) @ v[g, keys]
+    return out.reshape(t, h * d)
+
+
+def backend(gpu):
+    if gpu:
+        import cupy
+
+        return cupy, "cupy"
+    return numpy, "numpy"
+
+
+def host(a):
+    return a.get() if hasattr(a, "get") else a
+
+
+CONFIGS = {
+    "GQA, rotate_half": dict(rotary_dim=32, rotate_half=True, rotate_every_two=False),
+    "MHA, every_two on 16 of 32 dims": dict(kv=4, rotary_dim=16, rope_theta=500.0),
+    "MQA, no rotary, window 3": dict(kv=1, local_attention=True, window_size=3),
+}
+
+
+def prompt_then_decode(rng, dtype, name, gpu):
+    xp, kind = backend(gpu)
+    c = cfg(dtype, **CONFIGS[name])
+    op = ops.SoftmaxContextOp(c)
+    width = (c.heads + 2 * c.num_kv) * c.head_size
+    tokens = random(rng, (2, 9, width), dtype)  # 5 prompt tokens, then 4 decode steps
+    cache = KVCache(2, 2, c.num_kv, 12, c.head_size, dtype, backend=kind)
+    exact = [history(tokens[b], c, numpy.arange(9)) for b in range(2)]
+    for first, count in [(0, 5), (5, 1), (6, 1), (7, 1), (8, 1)]:
+        start = cache.reserve(count)
+        for layer in (0, 1):  # both layers see the same step; each has its own block of the cache
+            step = xp.asarray(numpy.ascontiguousarray(tokens[:, first:first + count]))
+            ctx, keys, values = op(step, cache=cache, layer_id=layer, start=start)
+            assert ctx.shape == (2, count, c.heads * c.head_size) and ctx.dtype == dtype
+            assert keys.shape == (2, c.num_kv, first + count, c.head_size)
+            got = host(ctx).astype(numpy.float64)
+            want = numpy.stack([e[first:first + count] for e in exact])
+            assert rel_error(got, want) < TOL[numpy.dtype(dtype)]
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float16], ids=str)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_prompt_then_decode_matches_full_attention(rng, dtype, name):
+    prompt_then_decode(rng, dtype, name, gpu=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float16], ids=str)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_gpu_prompt_then_decode_matches_full_attention(rng, dtype, name):
+    prompt_then_decode(rng, dtype, name, gpu=True)
+
+
+def padded_batch(rng, gpu):
+    """Left-padded prompts of 3 and 5 tokens, then 2 decode steps: each sequence as it would be alone."""
+    xp, kind = backend(gpu)
+    c = cfg(numpy.float32, rotary_dim=32, rotate_half=True, rotate_every_two=False)
+    op = ops.SoftmaxContextOp(c)
+    width = (c.heads + 2 * c.num_kv) * c.head_size
+    lengths = [3, 5]  # prompts; each then decodes 2 tokens
+    real = [random(rng, (n + 2, width), numpy.float32) for n in lengths]
+    alone = []
+    for b in range(2):
+        n = lengths[b] + 2
+        ctx, _, _ = op(xp.asarray(real[b][None, :n].copy()))  # whole history at once, no cache
+        alone.append(host(ctx)[0])
+        assert rel_error(alone[b], history(real[b][:n], c, numpy.arange(n))) < 1e-5
+    cache = KVCache(1, 2, c.num_kv, 10, c.head_size, numpy.float32, backend=kind)
+    prompt = numpy.zeros((2, 5, width), numpy.float32)
+    prompt[0, 2:], prompt[1] = real[0][:3], real[1][:5]
+    keep = numpy.array([[False, False, True, True, True], [True] * 5])
+    positions = numpy.array([[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]])
+    ctx, _, _ = op(xp.asarray(prompt), xp.asarray(keep), cache, 0, cache.reserve(5), xp.asarray(positions))
+    got = host(ctx)
+    assert rel_error(got[0, 2:], alone[0][:3]) < 1e-5 and rel_error(got[1], alone[1][:5]) < 1e-5
+    for step in range(2):
+        keep = numpy.concatenate([keep, numpy.ones((2, 1), bool)], axis=1)
+        positions = numpy.array([[3 + step], [5 + step]])
+        token = numpy.stack([real[0][3 + step], real[1][5 + step]])[:, None]
+        ctx, _, _ = op(xp.asarray(token), xp.asarray(keep), cache, 0, cache.reserve(1), xp.asarray(positions))
+        got = host(ctx)
+        assert rel_error(got[0, 0], alone[0][3 + step]) < 1e-5 and rel_error(got[1, 0], alone[1][5 + step]) < 1e-5
+
+
+def test_padded_batch_gives_each_sequence_alone(rng):
+    padded_batch(rng, gpu=False)
+
+
+@pytest.mark.gpu
+def test_gpu_padded_batch_gives_each_sequence_alone(rng):
+    padded_batch(rng, gpu=True)
+
+
+def test_bidirectional_with_padding_alibi_and_norm_factor(rng):
+    c = cfg(numpy.float32, heads=2, kv=2, d=32, triangular_masking=False)
+    op = ops.SoftmaxContextOp(c)
+    qkv = random(rng, (2, 6, 6 * 32), numpy.float32)
+    keep = numpy.ones((2, 6), bool)
+    keep[1, 4:] = False  # the second sequence is right-padded
+    alibi = random(rng, (2, 2, 1, 6), numpy.float32)
+    ctx, _, _ = op(qkv, keep, alibi=alibi, norm_factor=32 ** -0.25)  # DeepSpeed's norm_factor: scale = nf^2
+    for b in range(2):
+        want = history(qkv[b], c, numpy.arange(6), keep[b], alibi[b, :, 0])
+        rows = 6 if b == 0 else 4  # padded queries are not compared: their outputs are unused
+        assert rel_error(ctx[b, :rows], want[:rows]) < 1e-6
+    additive = numpy.where(keep, 0.0, -1e9).astype(numpy.float32)
+    again, _, _ = op(qkv, additive, alibi=alibi.reshape(4, 1, 6), scale=32 ** -0.5)
+    assert rel_error(again[0], ctx[0]) < 1e-6 and rel_error(again[1, :4], ctx[1, :4]) < 1e-6
+
+
+@pytest.mark.gpu
+def test_gpu_matches_torch_sdpa_with_gqa(rng):
+    import torch
+    import torch.nn.functional as F
+
+    c = cfg(numpy.float16, heads=8, kv=2, d=64)
+    qkv = random(rng, (2, 33, 12 * 64), numpy.float16)
+    t = torch.from_numpy(qkv).cuda()
+    q = t[..., :512].reshape(2, 33, 8, 64).transpose(1, 2)
+    k = t[..., 512:640].reshape(2, 33, 2, 64).transpose(1, 2)
+    v = t[..., 640:].reshape(2, 33, 2, 64).transpose(1, 2)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2).reshape(2, 33, 512)
+    ctx, _, _ = ops.SoftmaxContextOp(c)(t)
+    assert isinstance(ctx, torch.Tensor)
+    assert rel_error(ctx, ref) < TOL[numpy.dtype(numpy.float16)]
+
+
+def test_bad_inputs_are_named_errors(rng):
+    c = cfg(numpy.float16)
+    op = ops.SoftmaxContextOp(c)
+    qkv = random(rng, (2, 3, 8 * 32), numpy.float16)
+    with pytest.raises(ValueError, match=r"query_key_value: expected a last dimension of \(heads 4 \+ 2 x kv heads 2\)"):
+        op(qkv[..., :-32].copy())
+    with pytest.raises(ValueError, match=r"head size 12 \(hidden_size / heads\): expected a multiple of 8 up to 256"):
+        ops.SoftmaxContextOp(ops.InferenceConfig(hidden_size=48, heads=4, dtype=numpy.float16))(qkv)
+    with pytest.raises(ValueError, match=r"attn_mask: expected a \[batch, keys\] = \[2, 3\] mask over key slots"):
+        op(qkv, numpy.ones((2, 4), bool))
+    with pytest.raises(ValueError, match=r"attn_mask: expected a \[2, 1 or 4, 1 or 3, 3\] mask"):
+        op(qkv, numpy.ones((2, 3, 3, 3), bool))
+    cache = KVCache(1, 2, 2, 4, 32, numpy.float16, backend="numpy")
+    with pytest.raises(ValueError, match=r"start: with a cache, pass where"):
+        op(qkv, cache=cache)
+    with pytest.raises(ValueError, match=r"KV cache full: sequence 0 holds 3 of 4 tokens and cannot take 3 more"):
+        cache.reserve(3)
+        op(qkv, cache=cache, start=cache.reserve(3))
+    with pytest.raises(ValueError, match=r"cache: expected batch 2, 2 kv heads of size 32"):
+        op(qkv, cache=KVCache(1, 2, 4, 8, 32, numpy.float16, backend="numpy"), start=numpy.zeros(2, int))
+    with pytest.raises(ValueError, match=r"layer: expected an integer in \[0, 0\]"):
+        op(qkv, cache=KVCache(1, 2, 2, 8, 32, numpy.float16, backend="numpy"), layer_id=1, start=numpy.zeros(2, int))
+    with pytest.raises(ValueError, match=r"start: positions in a cache"):
+        op(qkv, start=numpy.zeros(2, int))
+    with pytest.raises(ValueError, match=r"scale, norm_factor: give one"):
+        op(qkv, norm_factor=0.5, scale=0.25)
+    with pytest.raises(ValueError, match=r"position_ids: expected shape"):
+        op(qkv, position_ids=numpy.zeros((2, 4), numpy.int64))
+    with pytest.raises(ValueError, match=r"num_kv: expected a divisor of heads 4; got 3"):
+        cfg(numpy.float16, kv=3)
+    with pytest.raises(ValueError, match=r"rotary_dim: expected an even number up to the head size 32; got 40"):
+        cfg(numpy.float16, rotary_dim=40)
