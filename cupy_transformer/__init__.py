@@ -5,7 +5,8 @@ reference path, no GPU needed) or CUDA tensors through DLPack, and return result
 """
 
 from . import ops
+from .kv_cache import KVCache
 from .runtime.kernels import compile_all, warmup
 
 __version__ = "0.1.0"
-__all__ = ["compile_all", "ops", "warmup", "__version__"]
+__all__ = ["KVCache", "compile_all", "ops", "warmup", "__version__"]
