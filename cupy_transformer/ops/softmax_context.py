@@ -28,8 +28,11 @@ for fp16 range is not needed; rotary pairings are exclusive (both flags is a con
 multiples of 8 up to 256 (what the kernels will take). Returns ``(context, keys, values)``: the keys and
 values attended, ``[B, kv, T, d]`` (cache views with a cache), not expanded to the query heads.
 
-The GPU path computes the same with CuPy array operations (fp32); the flash-style prefill, split-K decode
-and fused rotary + append kernels are to come.
+On the GPU, a decode step (one token per sequence, with a cache, up to 8 query heads per key/value head, a
+per-key mask or none) runs ``kernels_cu/decode_attention.cu``: the keys split in chunks across blocks, K and
+V read once for the heads that share them, chunks merged in a fixed order. Other calls compute the same
+formula with CuPy array operations (fp32); the flash-style prefill and fused rotary + append kernels are to
+come.
 """
 
 from __future__ import annotations
@@ -40,11 +43,18 @@ import numpy
 
 from ..kv_cache import KVCache
 from ..runtime.arrays import as_array, common_kind, import_cupy, to_caller
+from ..runtime.kernels import CTYPES, KernelFamily, f32, i32, sm_count
 from .base import TransformerOp
 from .rotary import apply_rotary
 from .softmax import softmax_reference
 
 MAX_HEAD_SIZE = 256
+_GROUPS = (1, 2, 4, 8)  # query heads per key/value head that the decode kernel takes (rounded up)
+_KERNELS = KernelFamily(
+    "decode_attention.cu",
+    [f"ct::attention_partial<{c}, {g}>" for c in CTYPES.values() for g in _GROUPS]
+    + [f"ct::attention_combine<{c}>" for c in CTYPES.values()],
+)
 
 
 class SoftmaxContextOp(TransformerOp):
@@ -90,6 +100,11 @@ class SoftmaxContextOp(TransformerOp):
             keys, values = cache.keys[layer_id, :, :, :t], cache.values[layer_id, :, :, :t]
         else:
             keys, values = k, v
+        per_key_mask = mask is None or (mask.shape[1] == 1 and mask.shape[2] == 1)
+        if xp is not numpy and cache is not None and s == 1 and h // kv <= _GROUPS[-1] and per_key_mask:
+            lo = numpy.maximum(start + 1 - cfg.window_size, 0) if cfg.local_attention else numpy.zeros_like(start)
+            context = _decode(q, cache, layer_id, lo, keys_len, mask, rows, factor, h, kv, d)
+            return to_caller(context, kind), to_caller(keys, kind), to_caller(values, kind)
 
         # Slot rules per sequence: query s in slot start + s; keys below keys_len; causal; window.
         slot = xp.asarray(start)[:, None, None] + xp.arange(s)[None, :, None]  # [B, S, 1]
@@ -161,3 +176,32 @@ class SoftmaxContextOp(TransformerOp):
             raise ValueError(f"alibi: expected [{b * h}, 1, {t}] or [{b}, {h}, 1, {t}] (this rank's heads, keys); "
                              f"got shape {tuple(a.shape)}")
         return a
+
+
+def _decode(q, cache, layer, lo, hi, mask, alibi, scale, h, kv, d):
+    """The decode kernel: q [B, h, 1, d] against keys [lo[b], hi[b]) of ``cache``'s ``layer``; ``mask``
+    [B, 1, 1, T] or None, ``alibi`` [B, h, 1, T] or None. Returns the context [B, 1, h d]."""
+    cupy = import_cupy()
+    b, t = q.shape[0], int(hi.max())
+    group = h // kv
+    ctype = CTYPES[q.dtype]
+    # Enough blocks for every SM several times over, but chunks of at least 64 keys, and at most the 256
+    # that attention_combine takes.
+    chunks = max(1, min(math.ceil(4 * sm_count() / (b * kv)), math.ceil(t / 64), 256))
+    chunk = math.ceil(t / chunks)
+    partial = cupy.empty((b, h, chunks, d + 2), cupy.float32)
+    out = cupy.empty((b, 1, h * d), q.dtype)
+    placeholder = q  # pointers the flags leave unread
+    mask_kind, mask_arg, mask_len = 0, placeholder, 0
+    if mask is not None:
+        mask_kind, mask_arg, mask_len = (2 if mask.dtype == numpy.bool_ else 1), mask.reshape(b, -1), mask.shape[-1]
+    alibi_arg, alibi_len = (placeholder, 0) if alibi is None else (alibi.reshape(b, h, -1), alibi.shape[-1])
+    g = next(g for g in _GROUPS if group <= g)
+    _KERNELS.kernel(f"ct::attention_partial<{ctype}, {g}>")(
+        (chunks, kv, b), (128,),
+        (cupy.ascontiguousarray(q), cache.keys[layer], cache.values[layer], mask_arg, alibi_arg,
+         cupy.asarray(lo, cupy.int32), cupy.asarray(hi, cupy.int32), partial, i32(h), i32(kv), i32(d),
+         i32(cache.max_tokens), i32(chunk), i32(mask_kind), i32(mask_len), i32(alibi_len), f32(scale)),
+    )
+    _KERNELS.kernel(f"ct::attention_combine<{ctype}>")((h, b), (128,), (partial, out, i32(h), i32(d), i32(chunks)))
+    return out

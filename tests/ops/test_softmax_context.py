@@ -9,6 +9,7 @@ import pytest
 
 from cupy_transformer import ops
 from cupy_transformer.kv_cache import KVCache
+from cupy_transformer.runtime.arrays import FLOAT_DTYPES
 from tests.helpers import random, rel_error
 from tests.ops.common import TOL
 from tests.ops.test_rotary import turned
@@ -203,3 +204,28 @@ def test_bad_inputs_are_named_errors(rng):
         cfg(numpy.float16, kv=3)
     with pytest.raises(ValueError, match=r"rotary_dim: expected an even number up to the head size 32; got 40"):
         cfg(numpy.float16, rotary_dim=40)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("heads, kv, d", [(8, 1, 128), (32, 4, 128), (4, 4, 80), (6, 2, 96), (2, 2, 256), (16, 2, 64)])
+def test_gpu_decode_kernel_on_long_contexts(rng, dtype, heads, kv, d):
+    """The decode kernel (one token, a cache, a per-key mask, alibi) against the NumPy reference on the same
+    cache: sequences holding 0, 776 and 16383 tokens (keys up to 16384, no multiple of a chunk)."""
+    import cupy
+
+    c = cfg(dtype, heads=heads, kv=kv, d=d, rotary_dim=d, rotate_half=True, rotate_every_two=False)
+    op = ops.SoftmaxContextOp(c)
+    caches = [KVCache(1, 3, kv, 16384, d, dtype, backend=kind) for kind in ("numpy", "cupy")]
+    content = [random(rng, (1, 3, kv, 16384, d), dtype) for _ in range(2)]
+    for cache in caches:
+        xp = numpy if cache.kind == "numpy" else cupy
+        cache.keys[...], cache.values[...] = xp.asarray(content[0]), xp.asarray(content[1])
+        cache.set_lengths([0, 776, 16383])
+    qkv = random(rng, (3, 1, (heads + 2 * kv) * d), dtype)
+    keep = rng.random((3, 16384)) < 0.9
+    alibi = random(rng, (3, heads, 1, 16384), dtype, scale=0.5)
+    want, _, _ = op(qkv, keep, caches[0], 0, caches[0].reserve(1), alibi=alibi)
+    got, keys, _ = op(cupy.asarray(qkv), cupy.asarray(keep), caches[1], 0, caches[1].reserve(1), alibi=cupy.asarray(alibi))
+    assert keys.shape == (3, kv, 16384, d)
+    assert rel_error(got, want) < TOL[numpy.dtype(dtype)]

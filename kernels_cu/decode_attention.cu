@@ -1,0 +1,193 @@
+// Decode attention (one query token per sequence) over a KV cache, split along the keys (flash-decoding):
+// attention_partial gives every block one chunk of one sequence's keys for one key/value head and the
+// G query heads that share it (grouped-query attention: K and V are read once for the G heads); each warp
+// runs an online softmax over its keys, the warps' (max, sum, weighted V) merge in shared memory, and the
+// block writes its chunk's partial. attention_combine merges the chunks of each (sequence, head) in order
+// (deterministic) into the context row.
+//
+// Per key j in [lo[b], hi[b]): s = q . k_j * scale (+ mask[b, j] additive, or dropped where the boolean mask
+// is false) (+ alibi[b, head, j]); context = sum_j softmax(s)_j v_j (fp32 throughout, one rounding).
+#include "common.cuh"
+
+namespace ct {
+
+constexpr int DA_THREADS = 128;
+constexpr int DA_WARPS = DA_THREADS / 32;
+constexpr int DA_MAX_D = 256;
+
+enum MaskKind : int { NO_MASK = 0, ADDITIVE_MASK = 1, BOOL_MASK = 2 };
+
+// Eight consecutive elements as floats (one 16-byte load for 16-bit types, two for fp32).
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float (&f)[8]) {
+    const Vec<T, 8> v = *reinterpret_cast<const Vec<T, 8>*>(p);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) f[e] = to_float(v.v[e]);
+}
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+// Online-softmax state of one head over some keys: running max m, sum l of exp(s - m), and this lane's 8
+// dims of sum exp(s - m) v. merge() folds in another state (a no-op for an empty one).
+struct Running {
+    float m, l, acc[8];
+    __device__ Running() : m(neg_inf()), l(0.f) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+    }
+    __device__ void add(float s, const float (&v)[8]) {
+        if (s == neg_inf()) return;
+        const float m_new = fmaxf(m, s), old = __expf(m - m_new), w = __expf(s - m_new);
+        l = l * old + w;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] = acc[e] * old + w * v[e];
+        m = m_new;
+    }
+    __device__ void merge(float m2, float l2, const float (&acc2)[8]) {
+        if (m2 == neg_inf()) return;
+        const float m_new = fmaxf(m, m2), a = __expf(m - m_new), b = __expf(m2 - m_new);
+        l = l * a + l2 * b;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] = acc[e] * a + acc2[e] * b;
+        m = m_new;
+    }
+};
+
+// q [B, h, d] (rotated, one token); k, v: one layer's cache [B, kv, max_tokens, d]; mask [B, mask_len]
+// (T, or bool as bytes; read if mask_kind says so) and alibi [B, h, alibi_len] (read if alibi_len > 0); keys [lo[b], hi[b]) of sequence b;
+// partial [B, h, chunks, d + 2] fp32: the weighted V sum, then m and l. G: query heads per kv head (the
+// last group may have fewer: heads past h are skipped). d % 8 == 0, d <= 256, arrays 16-byte aligned.
+// Grid (chunks, kv, B).
+template <typename T, int G>
+__global__ void __launch_bounds__(DA_THREADS) attention_partial(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const void* __restrict__ mask,
+    const T* __restrict__ alibi, const int* __restrict__ lo, const int* __restrict__ hi, float* __restrict__ partial,
+    int h, int kv, int d, int max_tokens, int chunk, int mask_kind, int mask_len, int alibi_len, float scale) {
+    const int c = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, chunks = gridDim.x;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int lanes = d / 8, width = lanes <= 4 ? 4 : lanes <= 8 ? 8 : lanes <= 16 ? 16 : 32;  // lanes per key
+    const int per_warp = 32 / width, sub = lane % width, slot = lane / width;
+    const bool active = sub < lanes;
+    const int group = h / kv;  // query heads of this kv head: kvh * group ..
+    const int first = max(lo[b], c * chunk), last = min(hi[b], (c + 1) * chunk);
+
+    float qf[G][8];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        const int head = kvh * group + g;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) qf[g][e] = 0.f;
+        if (active && g < group) {
+            load8(q + (static_cast<size_t>(b) * h + head) * d + sub * 8, qf[g]);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) qf[g][e] *= scale;
+        }
+    }
+    const size_t row0 = (static_cast<size_t>(b) * kv + kvh) * max_tokens;
+    Running run[G];
+    // U keys per lane group per step, their K and V loads issued before any is used. Warp-uniform bounds
+    // (the shuffles need every lane); a lane group past `last` contributes nothing.
+    constexpr int U = 4;
+    using V8 = Vec<T, 8>;
+    for (int base = first + warp * per_warp * U; base < last; base += DA_WARPS * per_warp * U) {
+        V8 kr[U], vr[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int j = min(base + u * per_warp + slot, last - 1);  // clamped: counted out below
+            if (active) {
+                kr[u] = *reinterpret_cast<const V8*>(k + (row0 + j) * d + sub * 8);
+                vr[u] = *reinterpret_cast<const V8*>(v + (row0 + j) * d + sub * 8);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int j = base + u * per_warp + slot;
+            const bool valid = j < last;
+            float kf[8] = {}, vf[8] = {};
+            if (active) {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) kf[e] = to_float(kr[u].v[e]), vf[e] = to_float(vr[u].v[e]);
+            }
+            float add = 0.f;
+            bool keep = valid;
+            if (valid && mask_kind == ADDITIVE_MASK) add = to_float(static_cast<const T*>(mask)[static_cast<size_t>(b) * mask_len + j]);
+            if (valid && mask_kind == BOOL_MASK) keep = static_cast<const unsigned char*>(mask)[static_cast<size_t>(b) * mask_len + j] != 0;
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+                float dot = 0.f;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) dot += qf[g][e] * kf[e];
+                for (int off = width / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+                float s = dot + add;
+                if (alibi_len > 0 && valid && g < group)
+                    s += to_float(alibi[(static_cast<size_t>(b) * h + kvh * group + g) * alibi_len + j]);
+                run[g].add(keep && g < group ? s : neg_inf(), vf);
+            }
+        }
+    }
+    // Merge the lane groups of the warp (lanes `width` apart hold the same dims), then the warps.
+    __shared__ float red_acc[DA_WARPS][G][DA_MAX_D], red_m[DA_WARPS][G], red_l[DA_WARPS][G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        for (int off = width; off < 32; off <<= 1) {
+            float acc2[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc2[e] = __shfl_xor_sync(0xffffffffu, run[g].acc[e], off);
+            const float m2 = __shfl_xor_sync(0xffffffffu, run[g].m, off), l2 = __shfl_xor_sync(0xffffffffu, run[g].l, off);
+            run[g].merge(m2, l2, acc2);
+        }
+        if (lane < lanes) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) red_acc[warp][g][sub * 8 + e] = run[g].acc[e];
+        }
+        if (lane == 0) red_m[warp][g] = run[g].m, red_l[warp][g] = run[g].l;
+    }
+    __syncthreads();
+    for (int o = threadIdx.x; o < G * (d + 2); o += DA_THREADS) {
+        const int g = o / (d + 2), e = o % (d + 2);
+        if (g >= group) continue;
+        float m = neg_inf();
+#pragma unroll
+        for (int w = 0; w < DA_WARPS; ++w) m = fmaxf(m, red_m[w][g]);
+        float value = 0.f;
+#pragma unroll
+        for (int w = 0; w < DA_WARPS; ++w) {
+            if (red_m[w][g] == neg_inf()) continue;
+            const float scale_w = __expf(red_m[w][g] - m);
+            value += (e < d ? red_acc[w][g][e] : red_l[w][g]) * scale_w;
+        }
+        if (e == d) value = m;  // slot d holds the max, d + 1 the sum
+        partial[((static_cast<size_t>(b) * h + kvh * group + g) * chunks + c) * (d + 2) + e] = value;
+    }
+}
+
+// context [B, h * d]: each (sequence, head)'s chunks merged in order: the chunks' weights exp(m_c - m)
+// once into shared memory, then every dim's sum over the chunks with independent loads. chunks <=
+// DA_MAX_CHUNKS. Grid (h, B).
+constexpr int DA_MAX_CHUNKS = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(DA_THREADS) attention_combine(const float* __restrict__ partial, T* __restrict__ out,
+                                                                int h, int d, int chunks) {
+    const int head = blockIdx.x, b = blockIdx.y, stride = d + 2;
+    const float* p = partial + (static_cast<size_t>(b) * h + head) * chunks * stride;
+    __shared__ float weight[DA_MAX_CHUNKS], scratch[32];
+    float m = neg_inf();
+    for (int c = threadIdx.x; c < chunks; c += DA_THREADS) m = fmaxf(m, p[c * stride + d]);
+    m = block_max(m, scratch);
+    float l = 0.f;
+    for (int c = threadIdx.x; c < chunks; c += DA_THREADS) {
+        const float mc = p[c * stride + d], w = mc == neg_inf() ? 0.f : __expf(mc - m);
+        weight[c] = w;
+        l += p[c * stride + d + 1] * w;
+    }
+    l = block_sum(l, scratch);  // its barriers also publish `weight`
+    for (int e = threadIdx.x; e < d; e += DA_THREADS) {
+        float acc = 0.f;
+#pragma unroll 8
+        for (int c = 0; c < chunks; ++c) acc += p[c * stride + e] * weight[c];
+        out[(static_cast<size_t>(b) * h + head) * d + e] = from_float<T>(l > 0.f ? acc / l : 0.f);
+    }
+}
+
+}  // namespace ct
