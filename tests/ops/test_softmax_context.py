@@ -229,3 +229,29 @@ def test_gpu_decode_kernel_on_long_contexts(rng, dtype, heads, kv, d):
     got, keys, _ = op(cupy.asarray(qkv), cupy.asarray(keep), caches[1], 0, caches[1].reserve(1), alibi=cupy.asarray(alibi))
     assert keys.shape == (3, kv, 16384, d)
     assert rel_error(got, want) < TOL[numpy.dtype(dtype)]
+
+
+def decode_200_steps(rng, gpu):
+    """200 decode steps after an 8-token prompt, each against full attention over the whole history."""
+    xp, kind = backend(gpu)
+    c = cfg(numpy.float32, heads=4, kv=2, d=16, rotary_dim=16, rotate_half=True, rotate_every_two=False)
+    op = ops.SoftmaxContextOp(c)
+    tokens = random(rng, (2, 208, 8 * 16), numpy.float32)
+    exact = [history(tokens[b], c, numpy.arange(208)) for b in range(2)]
+    cache = KVCache(1, 2, 2, 208, 16, numpy.float32, backend=kind)
+    op(xp.asarray(tokens[:, :8].copy()), cache=cache, start=cache.reserve(8))
+    for t in range(8, 208):
+        ctx, _, _ = op(xp.asarray(tokens[:, t:t + 1].copy()), cache=cache, start=cache.reserve(1))
+        got = host(ctx)[:, 0]
+        assert rel_error(got, numpy.stack([exact[0][t], exact[1][t]])) < 1e-5, t
+    with pytest.raises(ValueError, match=r"KV cache full: sequence 0 holds 208 of 208 tokens"):
+        cache.reserve(1)
+
+
+def test_decode_200_steps_matches_full_attention(rng):
+    decode_200_steps(rng, gpu=False)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_200_steps_matches_full_attention(rng):
+    decode_200_steps(rng, gpu=True)
