@@ -1,0 +1,101 @@
+"""Hugging Face checkpoint folders, read without PyTorch or transformers.
+
+A folder holds ``config.json``, the weights in ``model.safetensors`` or in shards listed by
+``model.safetensors.index.json``, and (for text) ``tokenizer.json``. Weights are read one tensor at a time
+with safetensors' NumPy API and go to the GPU (or stay NumPy, for the reference path) converted to the
+requested dtype, so loading never holds a second full copy of the model on the host. Missing files, tensors
+and wrong shapes are errors that name the file or tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy
+
+from .runtime.arrays import FLOAT_DTYPES, import_cupy
+
+WEIGHTS, INDEX, CONFIG, TOKENIZER = "model.safetensors", "model.safetensors.index.json", "config.json", "tokenizer.json"
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.name} not found in {path.parent}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+class Checkpoint:
+    def __init__(self, folder):
+        """Index the folder: its config, and which file holds each tensor (nothing is read yet)."""
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"model folder {self.folder} does not exist")
+        self.config = _read_json(self.folder / CONFIG)
+        self._file: dict[str, Path] = {}
+        if (self.folder / INDEX).is_file():
+            weight_map = _read_json(self.folder / INDEX).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{self.folder / INDEX}: expected a 'weight_map' of tensor names to shard files")
+            for name, shard in weight_map.items():
+                path = self.folder / shard
+                if not path.is_file():
+                    raise FileNotFoundError(f"{shard} (holding {name}, listed in {INDEX}) not found in {self.folder}")
+                self._file[name] = path
+        elif (self.folder / WEIGHTS).is_file():
+            with safe_open(self.folder / WEIGHTS, framework="numpy") as f:
+                self._file = dict.fromkeys(f.keys(), self.folder / WEIGHTS)
+        else:
+            raise FileNotFoundError(f"neither {WEIGHTS} nor {INDEX} found in {self.folder}")
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._file)
+
+    def tensor(self, name: str, dtype, shape=None, backend: str = "cupy"):
+        """Tensor ``name`` in ``dtype`` (one of the float dtypes), as a CuPy array (``backend="cupy"``: uploaded
+        in its stored type, converted on the GPU) or a NumPy array. ``shape``, if given, must match."""
+        from safetensors import safe_open
+
+        dtype = numpy.dtype(dtype)
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype: expected one of {', '.join(map(str, FLOAT_DTYPES))}; got {dtype}")
+        if backend not in ("cupy", "numpy"):
+            raise ValueError(f"backend: expected 'cupy' or 'numpy'; got {backend!r}")
+        path = self._file.get(name)
+        if path is None:
+            raise ValueError(f"tensor {name!r} not found in the checkpoint {self.folder}")
+        with safe_open(path, framework="numpy") as f:
+            if name not in f.keys():
+                raise ValueError(f"tensor {name!r} not found in {path.name} (where {INDEX} places it)")
+            stored = f.get_tensor(name)
+        if shape is not None and tuple(stored.shape) != tuple(shape):
+            raise ValueError(f"tensor {name!r} in {path.name}: expected shape {tuple(shape)}; got {tuple(stored.shape)}")
+        if stored.dtype not in FLOAT_DTYPES + (numpy.dtype(numpy.float64),):
+            raise TypeError(f"tensor {name!r} in {path.name}: expected floating-point weights; got {stored.dtype}")
+        if backend == "numpy":
+            return stored.astype(dtype)
+        return import_cupy().asarray(stored).astype(dtype)
+
+    def load(self, shapes: dict, dtype, backend: str = "cupy", progress: bool | None = None) -> dict:
+        """Every tensor of ``shapes`` (name -> expected shape), with a progress bar on a terminal."""
+        from tqdm import tqdm
+
+        show = sys.stderr.isatty() if progress is None else progress
+        names = tqdm(list(shapes), desc=f"loading {self.folder.name}", unit="tensor", disable=not show)
+        return {name: self.tensor(name, dtype, shapes[name], backend) for name in names}
+
+    def tokenizer(self):
+        """The folder's ``tokenizer.json`` as a ``tokenizers.Tokenizer``."""
+        from tokenizers import Tokenizer
+
+        path = self.folder / TOKENIZER
+        if not path.is_file():
+            raise FileNotFoundError(f"{TOKENIZER} not found in {self.folder}")
+        return Tokenizer.from_file(str(path))
