@@ -1,0 +1,51 @@
+"""Transformer layers composed of the ops (``ops-spec.md`` §10), holding no hidden state: the KV cache, the
+positions and the masks are the caller's.
+
+``PreLNLayer`` is the pre-LN sequential arrangement (GPT-2, OPT, GPT-Neo)::
+
+    (qkv, xn) = QKVGemmOp(x; LN1, W_qkv, b_qkv)
+    a = VectorMatMulOp(SoftmaxContextOp(qkv), W_o)
+    h = MLPGemmOp(a, x; b_o, LN2, W1, b1, W2)          # MLP(LN2(x + a + b_o))
+    y = ResidualAddOp(h, x, a, b_o, b2)                # x + a + b_o + MLP(...) + b2
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import ops
+
+
+@dataclass
+class PreLNWeights:
+    """One layer's weights in the config's layout (``[in, out]`` unless ``transposed_mode``)."""
+
+    ln1_gamma: object
+    ln1_beta: object
+    w_qkv: object
+    b_qkv: object
+    w_o: object
+    b_o: object
+    ln2_gamma: object
+    ln2_beta: object
+    w1: object
+    b1: object
+    w2: object
+    b2: object
+
+
+class PreLNLayer:
+    def __init__(self, config: ops.InferenceConfig):
+        self.qkv = ops.QKVGemmOp(config)
+        self.attention = ops.SoftmaxContextOp(config)
+        self.out_proj = ops.VectorMatMulOp(config)
+        self.mlp = ops.MLPGemmOp(config)
+        self.residual = ops.ResidualAddOp(config)
+
+    def __call__(self, x, w: PreLNWeights, cache=None, layer_id=0, start=None, attn_mask=None, position_ids=None):
+        """``x`` [B, S, H] → [B, S, H]; ``cache``/``start``/``attn_mask``/``position_ids`` as SoftmaxContextOp takes them."""
+        qkv, _ = self.qkv(x, w.w_qkv, w.b_qkv, w.ln1_gamma, w.ln1_beta)
+        context, _, _ = self.attention(qkv, attn_mask, cache, layer_id, start, position_ids)
+        a = self.out_proj(context, w.w_o)
+        h, _ = self.mlp(a, x, w.w1, w.w2, w.b_o, w.b1, w.ln2_gamma, w.ln2_beta)
+        return self.residual(h, x, True, a, None, w.b_o, w.b2)

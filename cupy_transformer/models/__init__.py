@@ -1,0 +1,19 @@
+"""Models built from the ops, loaded from Hugging Face checkpoint folders (``config.json``'s model_type)."""
+
+from ..loading import Checkpoint
+from .gpt2 import GPT2
+
+MODELS = {"gpt2": GPT2}
+
+
+def load_model(folder, dtype="float16", backend: str = "cupy", progress=None):
+    """The model of ``folder``'s config.json model_type; a clear error for an unsupported one."""
+    checkpoint = Checkpoint(folder)
+    kind = checkpoint.config.get("model_type")
+    if kind not in MODELS:
+        raise ValueError(f"{checkpoint.folder}/config.json: model_type {kind!r} is not supported; "
+                         f"supported: {', '.join(sorted(MODELS))}")
+    return MODELS[kind](checkpoint, dtype, backend, progress)
+
+
+__all__ = ["GPT2", "MODELS", "load_model"]
