@@ -3,8 +3,9 @@
 from ..loading import Checkpoint
 from .bert import BERT
 from .gpt2 import GPT2
+from .llama import LLaMA
 
-MODELS = {"bert": BERT, "gpt2": GPT2}
+MODELS = {"bert": BERT, "gpt2": GPT2, "llama": LLaMA}
 
 
 def load_model(folder, dtype="float16", backend: str = "cupy", progress=None):
@@ -17,4 +18,4 @@ def load_model(folder, dtype="float16", backend: str = "cupy", progress=None):
     return MODELS[kind](checkpoint, dtype, backend, progress)
 
 
-__all__ = ["BERT", "GPT2", "MODELS", "load_model"]
+__all__ = ["BERT", "GPT2", "LLaMA", "MODELS", "load_model"]

@@ -119,7 +119,7 @@ def test_errors(tmp_path, rng):
         model.forward(numpy.zeros((1, 0), int))
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(dict(config, model_type="bloom")))
-    with pytest.raises(ValueError, match=r"model_type 'bloom' is not supported; supported: bert, gpt2"):
+    with pytest.raises(ValueError, match=r"model_type 'bloom' is not supported; supported: bert, gpt2, llama"):
         load_model(tmp_path, backend="numpy")
     (tmp_path / "config.json").write_text(json.dumps(dict(config, n_layer=3)))
     with pytest.raises(ValueError, match=r"tensor 'transformer.h.2.ln_1.weight' not found in the checkpoint"):

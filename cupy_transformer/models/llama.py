@@ -1,0 +1,97 @@
+"""LLaMA-style models (``LlamaForCausalLM`` checkpoints) on the ops.
+
+RMSNorm, rotary (rotate-half over the whole head, ``rope_theta``), grouped-query attention and a gated-SiLU
+MLP, no biases: ``layers.PreLNLayer`` with an RMSNorm config (ops-spec.md §10, "RMS/gated"). nn.Linear
+weights are ``[out, in]`` (``transposed_mode``); Q, K and V are fused into one ``[(h + 2 kv) d, H]`` weight
+and gate/up into one ``[up | gate]`` weight at load time. The LM head is ``lm_head.weight`` or, with
+``tie_word_embeddings``, the embedding. Rope scaling variants are not supported (an error names them).
+"""
+
+from __future__ import annotations
+
+import numpy
+
+from .. import ops
+from ..kv_cache import KVCache
+from ..layers import PreLNLayer, PreLNWeights
+from ..loading import Checkpoint
+from ..ops.matmul import matmul
+from ..runtime.arrays import import_cupy
+
+
+class LLaMA:
+    model_type = "llama"
+
+    def __init__(self, checkpoint, dtype=numpy.float16, backend: str = "cupy", progress=None):
+        ck = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+        c = ck.config
+        if c.get("model_type") != self.model_type:
+            raise ValueError(f"{ck.folder}/config.json: model_type {c.get('model_type')!r} is not {self.model_type!r}")
+        if c.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{ck.folder}/config.json: hidden_act {c.get('hidden_act')!r}: only 'silu' is supported")
+        if c.get("rope_scaling"):
+            raise ValueError(f"{ck.folder}/config.json: rope_scaling {c['rope_scaling']!r} is not supported")
+        h, heads, inner = c["hidden_size"], c["num_attention_heads"], c["intermediate_size"]
+        kv = c.get("num_key_value_heads") or heads
+        d = c.get("head_dim") or h // heads
+        if d * heads != h:
+            raise ValueError(f"{ck.folder}/config.json: head_dim {d} x {heads} heads is not hidden_size {h}")
+        self.layers_count, self.vocab, self.backend = c["num_hidden_layers"], c["vocab_size"], backend
+        self.max_positions = c.get("max_position_embeddings", 2048)
+        self.config = ops.InferenceConfig(
+            hidden_size=h, heads=heads, num_kv=kv, intermediate_size=inner, epsilon=c.get("rms_norm_eps", 1e-6),
+            norm_type="RMSNorm", mlp_act_func_type="GATED_SILU", dtype=dtype, transposed_mode=True,
+            rotary_dim=d, rotate_half=True, rotate_every_two=False, rope_theta=float(c.get("rope_theta", 10000.0)),
+        )
+        self.tied = bool(c.get("tie_word_embeddings", False))
+        shapes = {"model.embed_tokens.weight": (self.vocab, h), "model.norm.weight": (h,)}
+        if not self.tied:
+            shapes["lm_head.weight"] = (self.vocab, h)
+        per_layer = {"input_layernorm.weight": (h,), "self_attn.q_proj.weight": (heads * d, h),
+                     "self_attn.k_proj.weight": (kv * d, h), "self_attn.v_proj.weight": (kv * d, h),
+                     "self_attn.o_proj.weight": (h, heads * d), "post_attention_layernorm.weight": (h,),
+                     "mlp.up_proj.weight": (inner, h), "mlp.gate_proj.weight": (inner, h), "mlp.down_proj.weight": (h, inner)}
+        for i in range(self.layers_count):
+            shapes.update({f"model.layers.{i}.{name}": shape for name, shape in per_layer.items()})
+        w = ck.load(shapes, dtype, backend, progress)
+        xp = numpy if backend == "numpy" else import_cupy()
+        self.embed_tokens, self.norm = w["model.embed_tokens.weight"], w["model.norm.weight"]
+        self.lm_head = self.embed_tokens if self.tied else w["lm_head.weight"]
+        self.weights = []
+        for i in range(self.layers_count):
+            t = {name: w.pop(f"model.layers.{i}.{name}") for name in per_layer}
+            attn, mlp = "self_attn.", "mlp."
+            self.weights.append(PreLNWeights(
+                ln1_gamma=t["input_layernorm.weight"], ln1_beta=None,
+                w_qkv=xp.concatenate([t[attn + f"{n}_proj.weight"] for n in "qkv"]), b_qkv=None,
+                w_o=t[attn + "o_proj.weight"], b_o=None, ln2_gamma=t["post_attention_layernorm.weight"], ln2_beta=None,
+                w1=xp.concatenate([t[mlp + "up_proj.weight"], t[mlp + "gate_proj.weight"]]), b1=None,
+                w2=t[mlp + "down_proj.weight"], b2=None,
+            ))
+        self.layer = PreLNLayer(self.config)
+
+    def new_cache(self, batch: int, max_tokens: int | None = None) -> KVCache:
+        """A KV cache for ``batch`` sequences of up to ``max_tokens`` (default: max_position_embeddings)."""
+        cfg = self.config
+        tokens = self.max_positions if max_tokens is None else max_tokens
+        return KVCache(self.layers_count, batch, cfg.num_kv, tokens, cfg.head_size, cfg.dtype, self.backend)
+
+    def forward(self, input_ids, cache: KVCache | None = None, attn_mask=None, position_ids=None):
+        """Logits [B, S, vocab] for ``input_ids`` [B, S]; arguments as ``GPT2.forward``."""
+        xp = numpy if self.backend == "numpy" else import_cupy()
+        ids = xp.asarray(input_ids)
+        if ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.size == 0:
+            raise ValueError(f"input_ids: expected a non-empty [batch, tokens] integer array; got {ids.dtype} {ids.shape}")
+        b, s = ids.shape
+        if int(ids.min()) < 0 or int(ids.max()) >= self.vocab:
+            raise ValueError(f"input_ids: expected token ids in [0, {self.vocab}); got {int(ids.min())}..{int(ids.max())}")
+        start = cache.reserve(s) if cache is not None else None
+        if position_ids is None:
+            first = start if start is not None else numpy.zeros(b, numpy.int64)
+            position_ids = first[:, None] + numpy.arange(s)[None, :]
+        positions = xp.asarray(position_ids)
+        x = self.embed_tokens[ids]
+        for i, w in enumerate(self.weights):
+            x = self.layer(x, w, cache, i, start, attn_mask, positions)
+        x = ops.rms_norm(x, self.norm, eps=self.config.epsilon)
+        return matmul(x, self.lm_head, True)
