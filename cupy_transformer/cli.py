@@ -110,6 +110,30 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from . import generation
+    from .loading import Checkpoint
+    from .models import load_model
+
+    backend = {"gpu": "cupy", "cpu": "numpy"}.get(args.device) or ("cupy" if _gpu_available() else "numpy")
+    dtype = args.dtype or ("fp16" if backend == "cupy" else "fp32")
+    model = load_model(args.model, {"fp16": "float16", "fp32": "float32"}[dtype], backend)
+    if not hasattr(model, "new_cache"):
+        raise SystemExit(f"generate: {args.model} holds a {model.model_type} model, which does not generate text")
+    checkpoint = Checkpoint(args.model)
+    eos = checkpoint.config.get("eos_token_id")
+
+    def stream(_, piece):
+        print(piece, end="", flush=True)
+
+    text = generation.generate(
+        model, checkpoint.tokenizer(), [args.prompt], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+        args.seed, eos if isinstance(eos, int) else None, args.stop or (), stream if args.stream else None,
+    )[0]
+    print() if args.stream else print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cupy-transformer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +148,19 @@ def main(argv: list[str] | None = None) -> int:
     embed.add_argument("--out", help="write the embeddings [texts, dims] to this .npy file instead of printing JSON")
     embed.add_argument("--batch-size", type=int, default=64)
     embed.set_defaults(func=_embed)
+    gen = sub.add_parser("generate", help="continue a prompt with a GPT-2 or LLaMA-style checkpoint")
+    gen.add_argument("--model", required=True, help="checkpoint folder (config.json, safetensors, tokenizer.json)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=20)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", help="stop before this text (repeatable)")
+    gen.add_argument("--dtype", choices=["fp16", "fp32"], help="default: fp16 on a GPU, fp32 on the CPU")
+    gen.add_argument("--device", choices=["auto", "gpu", "cpu"], default="auto", help="cpu: the NumPy path")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they come")
+    gen.set_defaults(func=_generate)
     args = parser.parse_args(argv)
     return args.func(args)
 

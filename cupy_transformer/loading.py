@@ -54,6 +54,12 @@ class Checkpoint:
         else:
             raise FileNotFoundError(f"neither {WEIGHTS} nor {INDEX} found in {self.folder}")
 
+    def require(self, key: str):
+        """``config[key]``, or a ValueError naming the file and the key."""
+        if key not in self.config:
+            raise ValueError(f"{self.folder / CONFIG}: {key!r} missing (is this the right kind of model?)")
+        return self.config[key]
+
     @property
     def names(self) -> list[str]:
         return sorted(self._file)

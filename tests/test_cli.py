@@ -67,3 +67,27 @@ def test_embed_writes_npy_and_names_unsuitable_models(tmp_path, rng, capsys):
     tokenizer_json(gpt2)
     with pytest.raises(SystemExit, match=r"holds a gpt2 model, which gives no sentence embeddings"):
         cli.main(["embed", "hello", "--model", str(gpt2), "--device", "cpu"])
+
+
+def test_generate_greedy_and_streamed(tmp_path, rng, capsys):
+    import json
+
+    import pytest
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from tests.models import test_gpt2
+
+    test_gpt2.checkpoint(tmp_path, rng)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(test_gpt2.VOCAB)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    args = ["generate", "--model", str(tmp_path), "--prompt", "w3 w17 w5", "--max-new-tokens", "5", "--device", "cpu"]
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out.strip()
+    assert len(text.split()) == 5 and all(w.startswith("w") for w in text.split())
+    assert cli.main(args + ["--stream"]) == 0
+    assert capsys.readouterr().out.strip() == text
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, model_type="bert")))
+    with pytest.raises(ValueError, match=r"config.json: 'hidden_size' missing"):
+        cli.main(args)

@@ -29,11 +29,11 @@ class BERT:
         act = c.get("hidden_act", "gelu")
         if act not in ACTIVATIONS:
             raise ValueError(f"{ck.folder}/config.json: hidden_act {act!r} is not one of {sorted(ACTIVATIONS)}")
-        h, inner, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
-        self.vocab, self.max_positions, self.backend = c["vocab_size"], c["max_position_embeddings"], backend
+        h, inner, layers = ck.require("hidden_size"), ck.require("intermediate_size"), ck.require("num_hidden_layers")
+        self.vocab, self.max_positions, self.backend = ck.require("vocab_size"), ck.require("max_position_embeddings"), backend
         self.pad_id = c.get("pad_token_id", 0)
         self.config = ops.InferenceConfig(
-            hidden_size=h, heads=c["num_attention_heads"], intermediate_size=inner, epsilon=c.get("layer_norm_eps", 1e-12),
+            hidden_size=h, heads=ck.require("num_attention_heads"), intermediate_size=inner, epsilon=c.get("layer_norm_eps", 1e-12),
             pre_layer_norm=False, mlp_act_func_type=ACTIVATIONS[act], dtype=dtype, transposed_mode=True,
             triangular_masking=False,
         )

@@ -33,10 +33,10 @@ class GPT2:
         act = c.get("activation_function", "gelu_new")
         if act not in ACTIVATIONS:
             raise ValueError(f"{ck.folder}/config.json: activation_function {act!r} is not one of {sorted(ACTIVATIONS)}")
-        h, self.layers_count = c["n_embd"], c["n_layer"]
-        self.vocab, self.max_positions, self.backend = c["vocab_size"], c["n_positions"], backend
+        h, self.layers_count = ck.require("n_embd"), ck.require("n_layer")
+        self.vocab, self.max_positions, self.backend = ck.require("vocab_size"), ck.require("n_positions"), backend
         inner = c.get("n_inner") or 4 * h
-        self.config = ops.InferenceConfig(hidden_size=h, heads=c["n_head"], intermediate_size=inner,
+        self.config = ops.InferenceConfig(hidden_size=h, heads=ck.require("n_head"), intermediate_size=inner,
                                           epsilon=c.get("layer_norm_epsilon", 1e-5), mlp_act_func_type=ACTIVATIONS[act],
                                           dtype=dtype)
         p = "transformer." if "transformer.wte.weight" in ck.names else ""

@@ -31,12 +31,12 @@ class LLaMA:
             raise ValueError(f"{ck.folder}/config.json: hidden_act {c.get('hidden_act')!r}: only 'silu' is supported")
         if c.get("rope_scaling"):
             raise ValueError(f"{ck.folder}/config.json: rope_scaling {c['rope_scaling']!r} is not supported")
-        h, heads, inner = c["hidden_size"], c["num_attention_heads"], c["intermediate_size"]
+        h, heads, inner = ck.require("hidden_size"), ck.require("num_attention_heads"), ck.require("intermediate_size")
         kv = c.get("num_key_value_heads") or heads
         d = c.get("head_dim") or h // heads
         if d * heads != h:
             raise ValueError(f"{ck.folder}/config.json: head_dim {d} x {heads} heads is not hidden_size {h}")
-        self.layers_count, self.vocab, self.backend = c["num_hidden_layers"], c["vocab_size"], backend
+        self.layers_count, self.vocab, self.backend = ck.require("num_hidden_layers"), ck.require("vocab_size"), backend
         self.max_positions = c.get("max_position_embeddings", 2048)
         self.config = ops.InferenceConfig(
             hidden_size=h, heads=heads, num_kv=kv, intermediate_size=inner, epsilon=c.get("rms_norm_eps", 1e-6),

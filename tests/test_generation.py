@@ -1,0 +1,91 @@
+"""generation: greedy tokens against a loop that recomputes the whole sequence each step (no cache), a padded
+batch against each prompt alone, seeded sampling, top-k 1 = greedy, EOS, stop strings, streaming, errors.
+The model is a tiny random GPT-2 with a word-level tokenizer."""
+
+import numpy
+import pytest
+
+from cupy_transformer import generation
+from cupy_transformer.models import GPT2
+from tests.models import test_gpt2
+
+
+@pytest.fixture
+def model_and_tokenizer(tmp_path, rng):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    test_gpt2.checkpoint(tmp_path, rng)
+    vocab = {f"w{i}": i for i in range(test_gpt2.VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return GPT2(tmp_path, numpy.float32, "numpy", progress=False), tok
+
+
+def greedy_without_cache(model, ids, n):
+    ids = list(ids)
+    for _ in range(n):
+        ids.append(int(model.forward(numpy.array([ids]))[0, -1].argmax()))
+    return ids[-n:]
+
+
+def words(ids):
+    return " ".join(f"w{i}" for i in ids)
+
+
+def test_greedy_matches_recomputing_every_step(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    prompt = [3, 17, 5, 9]
+    want = greedy_without_cache(model, prompt, 12)
+    assert generation.generate(model, tok, [words(prompt)], max_new_tokens=12) == [words(want)]
+
+
+def test_padded_batch_gives_each_prompt_alone(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    prompts = [words([3, 17]), words([8, 1, 22, 30, 4, 11])]
+    together = generation.generate(model, tok, prompts, max_new_tokens=10)
+    alone = [generation.generate(model, tok, [p], max_new_tokens=10)[0] for p in prompts]
+    assert together == alone
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    prompt = [words([3, 17, 5])]
+    greedy = generation.generate(model, tok, prompt, max_new_tokens=8)
+    assert generation.generate(model, tok, prompt, max_new_tokens=8, temperature=0.8, top_k=1, seed=1) == greedy
+    a = generation.generate(model, tok, prompt, max_new_tokens=8, temperature=1.5, top_p=0.9, seed=7)
+    assert a == generation.generate(model, tok, prompt, max_new_tokens=8, temperature=1.5, top_p=0.9, seed=7)
+    assert len(a[0].split()) == 8
+
+
+def test_sample_restricts_to_top_k_and_top_p():
+    logits = numpy.log(numpy.array([[0.5, 0.3, 0.15, 0.05]]))
+    rng = numpy.random.default_rng(0)
+    draws = {int(generation.sample(logits, rng, 1.0, top_k=2)[0]) for _ in range(200)}
+    assert draws == {0, 1}
+    draws = {int(generation.sample(logits, rng, 1.0, top_p=0.75)[0]) for _ in range(200)}
+    assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.75
+
+
+def test_eos_stop_strings_and_streaming(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    prompt = [3, 17, 5, 9]
+    greedy = greedy_without_cache(model, prompt, 6)
+    k = next(i for i in range(1, 6) if greedy[i] not in greedy[:i])  # a token not generated before
+    assert generation.generate(model, tok, [words(prompt)], 6, eos_token_id=greedy[k]) == [words(greedy[:k])]
+    text = generation.generate(model, tok, [words(prompt)], 6, stop=[f"w{greedy[k]}"])[0]
+    assert text.strip() == words(greedy[:k])
+    pieces = []
+    full = generation.generate(model, tok, [words(prompt)], 6, stream=lambda b, piece: pieces.append((b, piece)))
+    assert "".join(p for _, p in pieces) == full[0] and {b for b, _ in pieces} == {0}
+
+
+def test_errors(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    with pytest.raises(ValueError, match=r"prompts: a prompt encodes to no tokens"):
+        generation.generate(model, tok, [""], 3)
+    with pytest.raises(ValueError, match=r"max_new_tokens: 4 prompt tokens \+ 21 exceed the model's context"):
+        generation.generate(model, tok, [words([1, 2, 3, 4])], 21)
+    with pytest.raises(ValueError, match=r"prompts: 30 tokens exceed the model's context of 24"):
+        generation.generate(model, tok, [words(range(30))], 1)
+    with pytest.raises(ValueError, match=r"max_new_tokens: expected a positive integer"):
+        generation.generate(model, tok, [words([1])], 0)
