@@ -12,8 +12,8 @@ import numpy
 
 from .. import ops
 from ..layers import PostLNLayer, PostLNWeights
-from ..loading import Checkpoint
 from ..runtime.arrays import import_cupy
+from .base import open_checkpoint, token_ids
 
 ACTIVATIONS = {"gelu": "GELU_EXACT", "gelu_new": "GELU", "gelu_pytorch_tanh": "GELU", "relu": "ReLU"}
 
@@ -22,10 +22,8 @@ class BERT:
     model_type = "bert"
 
     def __init__(self, checkpoint, dtype=numpy.float16, backend: str = "cupy", progress=None):
-        ck = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+        ck = open_checkpoint(checkpoint, self.model_type)
         c = ck.config
-        if c.get("model_type") != self.model_type:
-            raise ValueError(f"{ck.folder}/config.json: model_type {c.get('model_type')!r} is not {self.model_type!r}")
         act = c.get("hidden_act", "gelu")
         if act not in ACTIVATIONS:
             raise ValueError(f"{ck.folder}/config.json: hidden_act {act!r} is not one of {sorted(ACTIVATIONS)}")
@@ -74,14 +72,10 @@ class BERT:
         """The last hidden states [B, S, H] for ``input_ids`` [B, S] (right-padded), ``attention_mask`` [B, S]
         (1 or True = a real token), ``token_type_ids`` [B, S] (default 0)."""
         xp = numpy if self.backend == "numpy" else import_cupy()
-        ids = xp.asarray(input_ids)
-        if ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.size == 0:
-            raise ValueError(f"input_ids: expected a non-empty [batch, tokens] integer array; got {ids.dtype} {ids.shape}")
+        ids = token_ids(xp, input_ids, self.vocab)
         b, s = ids.shape
         if s > self.max_positions:
             raise ValueError(f"input_ids: {s} tokens exceed the model's {self.max_positions} positions")
-        if int(ids.min()) < 0 or int(ids.max()) >= self.vocab:
-            raise ValueError(f"input_ids: expected token ids in [0, {self.vocab}); got {int(ids.min())}..{int(ids.max())}")
         keep = None
         if attention_mask is not None:
             keep = xp.asarray(attention_mask)

@@ -14,19 +14,17 @@ import numpy
 from .. import ops
 from ..kv_cache import KVCache
 from ..layers import PreLNLayer, PreLNWeights
-from ..loading import Checkpoint
 from ..ops.matmul import matmul
 from ..runtime.arrays import import_cupy
+from .base import CausalLM, open_checkpoint
 
 
-class LLaMA:
+class LLaMA(CausalLM):
     model_type = "llama"
 
     def __init__(self, checkpoint, dtype=numpy.float16, backend: str = "cupy", progress=None):
-        ck = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+        ck = open_checkpoint(checkpoint, self.model_type)
         c = ck.config
-        if c.get("model_type") != self.model_type:
-            raise ValueError(f"{ck.folder}/config.json: model_type {c.get('model_type')!r} is not {self.model_type!r}")
         if c.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{ck.folder}/config.json: hidden_act {c.get('hidden_act')!r}: only 'silu' is supported")
         if c.get("rope_scaling"):
@@ -70,26 +68,9 @@ class LLaMA:
             ))
         self.layer = PreLNLayer(self.config)
 
-    def new_cache(self, batch: int, max_tokens: int | None = None) -> KVCache:
-        """A KV cache for ``batch`` sequences of up to ``max_tokens`` (default: max_position_embeddings)."""
-        cfg = self.config
-        tokens = self.max_positions if max_tokens is None else max_tokens
-        return KVCache(self.layers_count, batch, cfg.num_kv, tokens, cfg.head_size, cfg.dtype, self.backend)
-
     def forward(self, input_ids, cache: KVCache | None = None, attn_mask=None, position_ids=None):
         """Logits [B, S, vocab] for ``input_ids`` [B, S]; arguments as ``GPT2.forward``."""
-        xp = numpy if self.backend == "numpy" else import_cupy()
-        ids = xp.asarray(input_ids)
-        if ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.size == 0:
-            raise ValueError(f"input_ids: expected a non-empty [batch, tokens] integer array; got {ids.dtype} {ids.shape}")
-        b, s = ids.shape
-        if int(ids.min()) < 0 or int(ids.max()) >= self.vocab:
-            raise ValueError(f"input_ids: expected token ids in [0, {self.vocab}); got {int(ids.min())}..{int(ids.max())}")
-        start = cache.reserve(s) if cache is not None else None
-        if position_ids is None:
-            first = start if start is not None else numpy.zeros(b, numpy.int64)
-            position_ids = first[:, None] + numpy.arange(s)[None, :]
-        positions = xp.asarray(position_ids)
+        _, ids, start, positions = self.begin(input_ids, cache, position_ids)
         x = self.embed_tokens[ids]
         for i, w in enumerate(self.weights):
             x = self.layer(x, w, cache, i, start, attn_mask, positions)

@@ -11,6 +11,7 @@ from safetensors.numpy import save_file
 
 from cupy_transformer.models import GPT2, load_model
 from tests.helpers import rel_error
+from tests.models.common import check_logits_and_decode
 
 H, HEADS, LAYERS, VOCAB, POSITIONS = 32, 4, 2, 50, 24
 
@@ -59,21 +60,10 @@ def reference_logits(w, ids):
     return ln(x, w["ln_f.weight"], w["ln_f.bias"]) @ w["wte.weight"].T
 
 
-def host(a):
-    return a.get() if hasattr(a, "get") else a
-
-
 def logits_and_decode(tmp_path, rng, backend, prefix):
     w = checkpoint(tmp_path, rng, prefix)
     model = load_model(tmp_path, "float32", backend, progress=False)
-    ids = rng.integers(0, VOCAB, (2, 11))
-    logits = host(model.forward(ids))
-    for b in range(2):
-        assert rel_error(logits[b], reference_logits(w, ids[b])) < 1e-5
-    cache = model.new_cache(2, 16)
-    steps = [host(model.forward(ids[:, :8], cache))] + [host(model.forward(ids[:, t:t + 1], cache)) for t in range(8, 11)]
-    assert rel_error(numpy.concatenate(steps, axis=1), logits) < 1e-5
-    assert cache.lengths.tolist() == [11, 11]
+    check_logits_and_decode(model, rng.integers(0, VOCAB, (2, 11)), lambda ids: reference_logits(w, ids), 8)
 
 
 @pytest.mark.parametrize("prefix", ["transformer.", ""])  # GPT2LMHeadModel's names, and the Hub gpt2 file's
@@ -107,7 +97,7 @@ def test_left_padded_batch_gives_each_prompt_alone(tmp_path, rng):
 def test_errors(tmp_path, rng):
     checkpoint(tmp_path, rng)
     model = GPT2(tmp_path, numpy.float32, "numpy", progress=False)
-    with pytest.raises(ValueError, match=r"position_ids: GPT-2 has 24 positions; this call needs 30"):
+    with pytest.raises(ValueError, match=r"position_ids: the model has 24 positions; this call needs 30"):
         model.forward(numpy.zeros((1, 30), int))
     cache = model.new_cache(1)
     model.forward(numpy.zeros((1, 20), int), cache)

@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from cupy_transformer.models import load_model
-from tests.helpers import rel_error
+from tests.models.common import check_logits_and_decode
 
 H, HEADS, KV, INNER, LAYERS, VOCAB, THETA = 64, 4, 2, 96, 2, 40, 500.0
 D = H // HEADS
@@ -68,20 +68,10 @@ def reference_logits(w, ids, tied):
     return rms(x, w["model.norm.weight"]) @ head.T
 
 
-def host(a):
-    return a.get() if hasattr(a, "get") else a
-
-
 def logits_and_decode(tmp_path, rng, backend, tied):
     w = checkpoint(tmp_path, rng, tied)
     model = load_model(tmp_path, "float32", backend, progress=False)
-    ids = rng.integers(0, VOCAB, (2, 10))
-    logits = host(model.forward(ids))
-    for b in range(2):
-        assert rel_error(logits[b], reference_logits(w, ids[b], tied)) < 1e-5
-    cache = model.new_cache(2, 12)
-    steps = [host(model.forward(ids[:, :6], cache))] + [host(model.forward(ids[:, t:t + 1], cache)) for t in range(6, 10)]
-    assert rel_error(numpy.concatenate(steps, axis=1), logits) < 1e-5
+    check_logits_and_decode(model, rng.integers(0, VOCAB, (2, 10)), lambda ids: reference_logits(w, ids, tied), 6)
 
 
 @pytest.mark.parametrize("tied", [False, True])
