@@ -4,7 +4,8 @@ RMSNorm, rotary (rotate-half over the whole head, ``rope_theta``), grouped-query
 MLP, no biases: ``layers.PreLNLayer`` with an RMSNorm config (ops-spec.md §10, "RMS/gated"). nn.Linear
 weights are ``[out, in]`` (``transposed_mode``); Q, K and V are fused into one ``[(h + 2 kv) d, H]`` weight
 and gate/up into one ``[up | gate]`` weight at load time. The LM head is ``lm_head.weight`` or, with
-``tie_word_embeddings``, the embedding. Rope scaling variants are not supported (an error names them).
+``tie_word_embeddings``, the embedding. ``rope_theta`` is read from the top level or from transformers 5's
+``rope_parameters``; rope scaling variants are not supported (an error names them).
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ class LLaMA(CausalLM):
         c = ck.config
         if c.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{ck.folder}/config.json: hidden_act {c.get('hidden_act')!r}: only 'silu' is supported")
-        if c.get("rope_scaling"):
-            raise ValueError(f"{ck.folder}/config.json: rope_scaling {c['rope_scaling']!r} is not supported")
+        # Older configs: rope_theta and rope_scaling; transformers 5 writes rope_parameters {rope_theta, rope_type}.
+        rope = dict(c.get("rope_parameters") or {}, **(c.get("rope_scaling") or {}))
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"{ck.folder}/config.json: rope scaling {rope!r} is not supported (only the default rope)")
+        theta = float(c.get("rope_theta") or rope.get("rope_theta") or 10000.0)
         h, heads, inner = ck.require("hidden_size"), ck.require("num_attention_heads"), ck.require("intermediate_size")
         kv = c.get("num_key_value_heads") or heads
         d = c.get("head_dim") or h // heads
@@ -39,7 +43,7 @@ class LLaMA(CausalLM):
         self.config = ops.InferenceConfig(
             hidden_size=h, heads=heads, num_kv=kv, intermediate_size=inner, epsilon=c.get("rms_norm_eps", 1e-6),
             norm_type="RMSNorm", mlp_act_func_type="GATED_SILU", dtype=dtype, transposed_mode=True,
-            rotary_dim=d, rotate_half=True, rotate_every_two=False, rope_theta=float(c.get("rope_theta", 10000.0)),
+            rotary_dim=d, rotate_half=True, rotate_every_two=False, rope_theta=theta,
         )
         self.tied = bool(c.get("tie_word_embeddings", False))
         shapes = {"model.embed_tokens.weight": (self.vocab, h), "model.norm.weight": (h,)}

@@ -10,6 +10,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from cupy_transformer.models import load_model
+from tests.helpers import rel_error
 from tests.models.common import check_logits_and_decode
 
 H, HEADS, KV, INNER, LAYERS, VOCAB, THETA = 64, 4, 2, 96, 2, 40, 500.0
@@ -88,8 +89,20 @@ def test_unsupported_configs_are_named(tmp_path, rng):
     checkpoint(tmp_path, rng, False)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(dict(config, rope_scaling={"type": "linear", "factor": 2.0})))
-    with pytest.raises(ValueError, match=r"rope_scaling .* is not supported"):
+    with pytest.raises(ValueError, match=r"rope scaling .* is not supported"):
         load_model(tmp_path, backend="numpy")
     (tmp_path / "config.json").write_text(json.dumps(dict(config, hidden_act="gelu")))
     with pytest.raises(ValueError, match=r"hidden_act 'gelu': only 'silu' is supported"):
         load_model(tmp_path, backend="numpy")
+
+
+def test_rope_theta_from_transformers_5_rope_parameters(tmp_path, rng):
+    """transformers 5 writes rope_parameters {rope_theta, rope_type} instead of a top-level rope_theta."""
+    w = checkpoint(tmp_path, rng, False)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["rope_theta"]
+    config["rope_parameters"] = {"rope_theta": THETA, "rope_type": "default"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = load_model(tmp_path, "float32", "numpy", progress=False)
+    ids = rng.integers(0, VOCAB, (1, 7))
+    assert rel_error(model.forward(ids)[0], reference_logits(w, ids[0], False)) < 1e-5
