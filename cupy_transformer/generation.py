@@ -6,8 +6,9 @@ the host (the logits of the last position, ``[batch, vocab]``, are small): greed
 top-k and top-p, from a seeded generator. A sequence stops at ``eos_token_id`` or when its text contains a
 stop string (cut before it); ``stream`` receives each sequence's new text as it comes.
 
-The decode step's key mask grows by one column a step; capturing the step in a CUDA graph (static shapes
-over the cache's full length) is left to a later issue.
+The decode step's inputs (``Buffers``) are allocated once and updated in place, with the same shapes every
+step (the key mask spans the whole cache); capturing the step in a CUDA graph is left to a later issue (the
+models still check positions and upload the attention's key ranges from the host each step).
 """
 
 from __future__ import annotations
@@ -17,9 +18,28 @@ from typing import Callable, Sequence
 import numpy
 
 
+class Buffers:
+    """The decode step's inputs, allocated once on the model's backend and updated in place, so every step
+    has the same shapes: token ids [B, 1], positions [B, 1], and the key mask [B, max_tokens] over the
+    whole cache (False for padding and for slots not written yet)."""
+
+    def __init__(self, model, batch: int, max_tokens: int):
+        self.xp = numpy if model.backend == "numpy" else _cupy()
+        self.ids = self.xp.zeros((batch, 1), numpy.int64)
+        self.positions = self.xp.zeros((batch, 1), numpy.int64)
+        self.keep = self.xp.zeros((batch, max_tokens), bool)
+
+
+def _cupy():
+    from .runtime.arrays import import_cupy
+
+    return import_cupy()
+
+
 def prefill(model, prompts: Sequence[Sequence[int]], cache):
     """The prompts (token id lists) left-padded into the cache; returns the last position's logits
-    [batch, vocab] (host float64), the key mask [batch, tokens] (host bool) and each sequence's next position."""
+    [batch, vocab] (host float64), the decode ``Buffers`` (key mask holding the prompts) and each sequence's
+    next position (host)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts: expected at least one prompt, each of at least one token")
     width = max(len(p) for p in prompts)
@@ -27,26 +47,21 @@ def prefill(model, prompts: Sequence[Sequence[int]], cache):
     keep = numpy.zeros((len(prompts), width), bool)
     for b, p in enumerate(prompts):
         ids[b, width - len(p):], keep[b, width - len(p):] = p, True
+    buffers = Buffers(model, len(prompts), cache.max_tokens)
+    buffers.keep[:, :width] = buffers.xp.asarray(keep)
     positions = numpy.maximum(numpy.cumsum(keep, axis=1) - 1, 0)
-    logits = _last(model.forward(ids, cache, _like(model, keep), _like(model, positions)))
-    return logits, keep, keep.sum(axis=1)
+    logits = _last(model.forward(buffers.xp.asarray(ids), cache, buffers.keep, buffers.xp.asarray(positions)))
+    return logits, buffers, keep.sum(axis=1)
 
 
-def decode_step(model, tokens, cache, keep, positions):
-    """One token per sequence after the prefill: returns the logits [batch, vocab] (host float64) and the
-    key mask grown by the new tokens."""
-    keep = numpy.concatenate([keep, numpy.ones((len(tokens), 1), bool)], axis=1)
-    ids = numpy.asarray(tokens, numpy.int64)[:, None]
-    logits = _last(model.forward(ids, cache, _like(model, keep), _like(model, numpy.asarray(positions)[:, None])))
-    return logits, keep
-
-
-def _like(model, a):
-    if model.backend == "numpy":
-        return a
-    from .runtime.arrays import import_cupy
-
-    return import_cupy().asarray(a)
+def decode_step(model, tokens, cache, buffers: Buffers, positions):
+    """One token per sequence after the prefill (``positions``: each one's, host): fills the buffers in place
+    and returns the logits [batch, vocab] (host float64)."""
+    column = int(cache.lengths[0])  # every sequence holds the same slots (left padding)
+    buffers.ids[:, 0] = buffers.xp.asarray(tokens)
+    buffers.positions[:, 0] = buffers.xp.asarray(positions)
+    buffers.keep[:, column] = True
+    return _last(model.forward(buffers.ids, cache, buffers.keep, buffers.positions))
 
 
 def _last(logits):
@@ -93,7 +108,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 20,
                          f"(and cache) of {model.max_positions} tokens")
     rng = numpy.random.default_rng(seed)
     cache = model.new_cache(len(prompts), longest + max_new_tokens)
-    logits, keep, positions = prefill(model, encoded, cache)
+    logits, buffers, positions = prefill(model, encoded, cache)
     new = [[] for _ in prompts]
     texts, done = [""] * len(prompts), [False] * len(prompts)
     for step in range(max_new_tokens):
@@ -114,6 +129,6 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 20,
             texts[b] = text
         if all(done) or step == max_new_tokens - 1:
             break
-        logits, keep = decode_step(model, tokens, cache, keep, positions)
+        logits = decode_step(model, tokens, cache, buffers, positions)
         positions = positions + 1
     return texts

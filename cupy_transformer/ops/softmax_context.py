@@ -17,8 +17,8 @@ head size):
 Keys are counted in cache slots, which are in time order per sequence: query ``s`` of sequence ``b`` sits
 in slot ``start[b] + s`` and may see slots up to it (causal) and, with a window, the last ``window_size``.
 Padding is the caller's ``attn_mask`` over key slots ([B, T] boolean or additive, or [B, 1|h, S|1, T],
-``T`` = the longest sequence's keys), with ``position_ids`` that skip the pads, so padded sequences get
-what they would alone.
+``T`` = the longest sequence's keys or more: a buffer over the whole cache keeps one shape every step), with
+``position_ids`` that skip the pads, so padded sequences get what they would alone.
 
 Decisions where DeepSpeed is suspect or implicit: no process-global token counter (the cache and the
 positions are the caller's); capacity is checked before writing (``KVCache.reserve``); ``scale`` defaults to
@@ -117,6 +117,7 @@ class SoftmaxContextOp(TransformerOp):
         compute = numpy.float64 if xp is numpy else numpy.float32
         bias = xp.where(keep[:, None], 0.0, -numpy.inf).astype(compute)  # [B, 1, S, T]: -inf drops a key
         if mask is not None:
+            mask = mask[..., :t]
             bias = bias + (xp.where(mask, 0.0, -numpy.inf) if mask.dtype == numpy.bool_ else mask).astype(compute)
         if rows is not None:
             bias = bias + rows.astype(compute)
@@ -153,17 +154,19 @@ class SoftmaxContextOp(TransformerOp):
         return ids
 
     def _mask(self, attn_mask, kind, b, h, s, t):
-        """The caller's mask as [B, 1|h, S|1, T] (boolean keep, or additive in the dtype), or None."""
+        """The caller's mask as [B, 1|h, S|1, T'] (boolean keep, or additive in the dtype), or None. T' may pass
+        the T keys (e.g. a buffer over the whole cache, the same shape every step): the columns past are unused."""
         if attn_mask is None:
             return None
         m = as_array("attn_mask", attn_mask, kind, ndim=(2, 4), dtypes=(self.config.dtype, numpy.dtype(numpy.bool_)))
         if m.ndim == 2:
-            if tuple(m.shape) != (b, t):
-                raise ValueError(f"attn_mask: expected a [batch, keys] = [{b}, {t}] mask over key slots; "
+            if m.shape[0] != b or m.shape[1] < t:
+                raise ValueError(f"attn_mask: expected a [batch, keys] = [{b}, {t} or more] mask over key slots; "
                                  f"got shape {tuple(m.shape)}")
             return m[:, None, None, :]
-        if m.shape[0] != b or m.shape[1] not in (1, h) or m.shape[2] not in (1, s) or m.shape[3] != t:
-            raise ValueError(f"attn_mask: expected a [{b}, 1 or {h}, 1 or {s}, {t}] mask; got shape {tuple(m.shape)}")
+        if m.shape[0] != b or m.shape[1] not in (1, h) or m.shape[2] not in (1, s) or m.shape[3] < t:
+            raise ValueError(f"attn_mask: expected a [{b}, 1 or {h}, 1 or {s}, {t} or more] mask; "
+                             f"got shape {tuple(m.shape)}")
         return m
 
     def _alibi(self, alibi, kind, b, h, t):

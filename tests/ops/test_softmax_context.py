@@ -180,9 +180,9 @@ def test_bad_inputs_are_named_errors(rng):
         op(qkv[..., :-32].copy())
     with pytest.raises(ValueError, match=r"head size 12 \(hidden_size / heads\): expected a multiple of 8 up to 256"):
         ops.SoftmaxContextOp(ops.InferenceConfig(hidden_size=48, heads=4, dtype=numpy.float16))(qkv)
-    with pytest.raises(ValueError, match=r"attn_mask: expected a \[batch, keys\] = \[2, 3\] mask over key slots"):
-        op(qkv, numpy.ones((2, 4), bool))
-    with pytest.raises(ValueError, match=r"attn_mask: expected a \[2, 1 or 4, 1 or 3, 3\] mask"):
+    with pytest.raises(ValueError, match=r"attn_mask: expected a \[batch, keys\] = \[2, 3 or more\] mask over key slots"):
+        op(qkv, numpy.ones((2, 2), bool))
+    with pytest.raises(ValueError, match=r"attn_mask: expected a \[2, 1 or 4, 1 or 3, 3 or more\] mask"):
         op(qkv, numpy.ones((2, 3, 3, 3), bool))
     cache = KVCache(1, 2, 2, 4, 32, numpy.float16, backend="numpy")
     with pytest.raises(ValueError, match=r"start: with a cache, pass where"):
@@ -255,3 +255,18 @@ def test_decode_200_steps_matches_full_attention(rng):
 @pytest.mark.gpu
 def test_gpu_decode_200_steps_matches_full_attention(rng):
     decode_200_steps(rng, gpu=True)
+
+
+def test_mask_over_the_whole_cache_equals_one_over_the_keys(rng):
+    """A [B, max_tokens] key mask (one shape every step) gives what the [B, keys] mask gives."""
+    c = cfg(numpy.float32, rotary_dim=32, rotate_half=True, rotate_every_two=False)
+    op = ops.SoftmaxContextOp(c)
+    qkv = random(rng, (2, 4, 8 * 32), numpy.float32)
+    keep = numpy.array([[False, True, True, True], [True] * 4])
+    results = []
+    for width in (4, 16):
+        cache = KVCache(1, 2, 2, 16, 32, numpy.float32, backend="numpy")
+        mask = numpy.zeros((2, width), bool)
+        mask[:, :4] = keep
+        results.append(op(qkv, mask, cache, 0, cache.reserve(4))[0])
+    assert (results[0] == results[1]).all()
