@@ -89,3 +89,18 @@ def test_errors(model_and_tokenizer):
         generation.generate(model, tok, [words(range(30))], 1)
     with pytest.raises(ValueError, match=r"max_new_tokens: expected a positive integer"):
         generation.generate(model, tok, [words([1])], 0)
+
+
+@pytest.mark.gpu
+def test_gpu_generation_matches_the_numpy_path(tmp_path, rng):
+    """fp32 on the GPU (decode steps through the attention kernel) gives the NumPy path's greedy tokens for a
+    padded batch."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    test_gpt2.checkpoint(tmp_path, rng)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(test_gpt2.VOCAB)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    prompts = [words([3, 17]), words([8, 1, 22, 30, 4, 11])]
+    texts = [generation.generate(GPT2(tmp_path, numpy.float32, backend, progress=False), tok, prompts, 12)
+             for backend in ("numpy", "cupy")]
+    assert texts[0] == texts[1]
