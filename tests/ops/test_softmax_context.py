@@ -129,13 +129,12 @@ def padded_batch(rng, gpu):
         assert rel_error(got[0, 0], alone[0][3 + step]) < 1e-5 and rel_error(got[1, 0], alone[1][5 + step]) < 1e-5
 
 
-def test_padded_batch_gives_each_sequence_alone(rng):
-    padded_batch(rng, gpu=False)
+BACKENDS = [pytest.param(False, id="numpy"), pytest.param(True, id="gpu", marks=pytest.mark.gpu)]
 
 
-@pytest.mark.gpu
-def test_gpu_padded_batch_gives_each_sequence_alone(rng):
-    padded_batch(rng, gpu=True)
+@pytest.mark.parametrize("gpu", BACKENDS)
+def test_padded_batch_gives_each_sequence_alone(rng, gpu):
+    padded_batch(rng, gpu)
 
 
 def test_bidirectional_with_padding_alibi_and_norm_factor(rng):
@@ -248,13 +247,9 @@ def decode_200_steps(rng, gpu):
         cache.reserve(1)
 
 
-def test_decode_200_steps_matches_full_attention(rng):
-    decode_200_steps(rng, gpu=False)
-
-
-@pytest.mark.gpu
-def test_gpu_decode_200_steps_matches_full_attention(rng):
-    decode_200_steps(rng, gpu=True)
+@pytest.mark.parametrize("gpu", BACKENDS)
+def test_decode_200_steps_matches_full_attention(rng, gpu):
+    decode_200_steps(rng, gpu)
 
 
 def test_mask_over_the_whole_cache_equals_one_over_the_keys(rng):
