@@ -67,6 +67,38 @@ def softmax_reference(scores, mask=None, alibi=None, triangular=False, window_si
     return xp.where(total > 0, e / xp.where(total > 0, total, 1), 0).astype(scores.dtype)
 
 
+def key_mask(attn_mask, kind, dtype, b, h, q, k, wider=False):
+    """The attention mask as an array broadcastable to scores [B, h, Q, K], or None: 2-D [B, K] (one row per
+    sequence) or 4-D [B, 1|h, Q|1, K], additive in ``dtype`` or boolean. ``wider``: the key dimension may pass
+    K (a buffer over a whole cache); the caller uses the first K columns."""
+    if attn_mask is None:
+        return None
+    m = as_array("attn_mask", attn_mask, kind, ndim=(2, 4), dtypes=(numpy.dtype(dtype), numpy.dtype(numpy.bool_)))
+    keys, fits = (f"{k} or more", m.shape[-1] >= k) if wider else (f"{k}", m.shape[-1] == k)
+    if m.ndim == 2:
+        if m.shape[0] != b or not fits:
+            raise ValueError(f"attn_mask: expected a [batch, keys] = [{b}, {keys}] mask over key slots; "
+                             f"got shape {tuple(m.shape)}")
+        return m[:, None, None, :]
+    if m.shape[0] != b or m.shape[1] not in (1, h) or m.shape[2] not in (1, q) or not fits:
+        raise ValueError(f"attn_mask: expected a [{b}, 1 or {h}, 1 or {q}, {keys}] mask; got shape {tuple(m.shape)}")
+    return m
+
+
+def alibi_rows(alibi, kind, dtype, b, total, h, head_offset, k):
+    """Heads ``head_offset .. + h`` of an alibi for ``total`` heads, [B * total, 1, K] (HF BLOOM's layout) or
+    [B, total, 1, K], as [B, h, 1, K]; or None."""
+    if alibi is None:
+        return None
+    a = as_array("alibi", alibi, kind, ndim=(3, 4), dtypes=dtype)
+    if a.ndim == 3 and tuple(a.shape) == (b * total, 1, k):
+        a = a.reshape(b, total, 1, k)
+    elif tuple(a.shape) != (b, total, 1, k):
+        raise ValueError(f"alibi: expected [{b * total}, 1, {k}] or [{b}, {total}, 1, {k}] (batch x {total} heads, "
+                         f"keys); got shape {tuple(a.shape)}")
+    return a[:, head_offset:head_offset + h]
+
+
 class SoftmaxOp(TransformerOp):
     def forward(self, attn_scores, attn_mask=None, alibi=None, triangular=False, local_attention=False,
                 window_size=None, layer_scale=1.0, head_offset=0, *, out=None):
@@ -84,7 +116,7 @@ class SoftmaxOp(TransformerOp):
                              f"got shape {tuple(s.shape)}")
         if s.size == 0:
             raise ValueError(f"attn_scores: expected at least one query and one key; got shape {tuple(s.shape)}")
-        mask = self._mask(attn_mask, kind, s.shape)
+        mask = key_mask(attn_mask, kind, cfg.dtype, b, h, q, k)
         rows = self._alibi(alibi, kind, s.shape, head_offset)
         if not isinstance(layer_scale, (int, float)) or isinstance(layer_scale, bool) or not numpy.isfinite(layer_scale):
             raise ValueError(f"layer_scale: expected a finite number; got {layer_scale!r}")
@@ -98,21 +130,6 @@ class SoftmaxOp(TransformerOp):
         p = softmax_reference(s, mask, rows, bool(triangular), window, float(layer_scale))
         return to_caller(deliver(p, out), kind)
 
-    def _mask(self, attn_mask, kind, shape):
-        """The mask as an array broadcastable to the scores [B, h, Q, K], or None."""
-        if attn_mask is None:
-            return None
-        b, h, q, k = shape
-        dtypes = (self.config.dtype, numpy.dtype(numpy.bool_))
-        m = as_array("attn_mask", attn_mask, kind, ndim=(2, 4), dtypes=dtypes)
-        if m.ndim == 2:
-            if tuple(m.shape) != (b, k):
-                raise ValueError(f"attn_mask: expected a [batch, keys] = [{b}, {k}] mask; got shape {tuple(m.shape)}")
-            return m[:, None, None, :]
-        if m.shape[0] != b or m.shape[1] not in (1, h) or m.shape[2] not in (1, q) or m.shape[3] != k:
-            raise ValueError(f"attn_mask: expected a [{b}, 1 or {h}, 1 or {q}, {k}] mask; got shape {tuple(m.shape)}")
-        return m
-
     def _alibi(self, alibi, kind, shape, head_offset):
         """This rank's alibi rows as [B, h, 1, K], or None."""
         b, h, _, k = shape
@@ -120,12 +137,4 @@ class SoftmaxOp(TransformerOp):
         if isinstance(head_offset, bool) or not isinstance(head_offset, int) or not 0 <= head_offset <= total - h:
             raise ValueError(f"head_offset: expected an integer in [0, {total - h}] (this rank's first of {total} "
                              f"heads); got {head_offset!r}")
-        if alibi is None:
-            return None
-        a = as_array("alibi", alibi, kind, ndim=(3, 4), dtypes=self.config.dtype)
-        if a.ndim == 3 and tuple(a.shape) == (b * total, 1, k):
-            a = a.reshape(b, total, 1, k)
-        elif tuple(a.shape) != (b, total, 1, k):
-            raise ValueError(f"alibi: expected [{b * total}, 1, {k}] or [{b}, {total}, 1, {k}] (batch x all "
-                             f"{total} heads, keys); got shape {tuple(a.shape)}")
-        return a[:, head_offset:head_offset + h]
+        return alibi_rows(alibi, kind, self.config.dtype, b, total, h, head_offset, k)

@@ -46,7 +46,7 @@ from ..runtime.arrays import as_array, common_kind, import_cupy, to_caller
 from ..runtime.kernels import CTYPES, KernelFamily, f32, i32, sm_count
 from .base import TransformerOp
 from .rotary import apply_rotary
-from .softmax import softmax_reference
+from .softmax import alibi_rows, key_mask, softmax_reference
 
 MAX_HEAD_SIZE = 256
 _GROUPS = (1, 2, 4, 8)  # query heads per key/value head that the decode kernel takes (rounded up)
@@ -80,8 +80,8 @@ class SoftmaxContextOp(TransformerOp):
         keys_len = start + s  # keys per sequence
         t = int(keys_len.max())
         positions = self._positions(position_ids, kind, b, s, start, xp)
-        mask = self._mask(attn_mask, kind, b, h, s, t)
-        rows = self._alibi(alibi, kind, b, h, t)
+        mask = key_mask(attn_mask, kind, cfg.dtype, b, h, s, t, wider=True)
+        rows = alibi_rows(alibi, kind, cfg.dtype, b, h, h, 0, t)  # this rank's heads only
         if scale is not None and norm_factor is not None:
             raise ValueError("scale, norm_factor: give one (scale = norm_factor ** 2)")
         factor = 1 / math.sqrt(d) if scale is None and norm_factor is None else (
@@ -152,33 +152,6 @@ class SoftmaxContextOp(TransformerOp):
         ids = as_array("position_ids", position_ids, kind, ndim=2, dtypes=tuple(
             numpy.dtype(t) for t in (numpy.int32, numpy.int64)), shape=(b, s))
         return ids
-
-    def _mask(self, attn_mask, kind, b, h, s, t):
-        """The caller's mask as [B, 1|h, S|1, T'] (boolean keep, or additive in the dtype), or None. T' may pass
-        the T keys (e.g. a buffer over the whole cache, the same shape every step): the columns past are unused."""
-        if attn_mask is None:
-            return None
-        m = as_array("attn_mask", attn_mask, kind, ndim=(2, 4), dtypes=(self.config.dtype, numpy.dtype(numpy.bool_)))
-        if m.ndim == 2:
-            if m.shape[0] != b or m.shape[1] < t:
-                raise ValueError(f"attn_mask: expected a [batch, keys] = [{b}, {t} or more] mask over key slots; "
-                                 f"got shape {tuple(m.shape)}")
-            return m[:, None, None, :]
-        if m.shape[0] != b or m.shape[1] not in (1, h) or m.shape[2] not in (1, s) or m.shape[3] < t:
-            raise ValueError(f"attn_mask: expected a [{b}, 1 or {h}, 1 or {s}, {t} or more] mask; "
-                             f"got shape {tuple(m.shape)}")
-        return m
-
-    def _alibi(self, alibi, kind, b, h, t):
-        if alibi is None:
-            return None
-        a = as_array("alibi", alibi, kind, ndim=(3, 4), dtypes=self.config.dtype)
-        if a.ndim == 3 and tuple(a.shape) == (b * h, 1, t):
-            return a.reshape(b, h, 1, t)
-        if tuple(a.shape) != (b, h, 1, t):
-            raise ValueError(f"alibi: expected [{b * h}, 1, {t}] or [{b}, {h}, 1, {t}] (this rank's heads, keys); "
-                             f"got shape {tuple(a.shape)}")
-        return a
 
 
 def _decode(q, cache, layer, lo, hi, mask, alibi, scale, h, kv, d):
