@@ -76,18 +76,25 @@ def gpu_available() -> bool:
         return False
 
 
+def _load(folder, args: argparse.Namespace):
+    """The model in ``folder`` on the path ``--device`` names (auto: the GPU when there is one), in ``--dtype``
+    (default fp16 on the GPU, fp32 on the NumPy path)."""
+    from .models import load_model
+
+    backend = {"gpu": "cupy", "cpu": "numpy"}.get(args.device) or ("cupy" if gpu_available() else "numpy")
+    dtype = args.dtype or ("fp16" if backend == "cupy" else "fp32")
+    return load_model(folder, {"fp16": "float16", "fp32": "float32"}[dtype], backend)
+
+
 def _embed(args: argparse.Namespace) -> int:
     import json
 
     import numpy
 
     from .loading import Checkpoint
-    from .models import load_model
 
     folder = args.model or default_model_dir()
-    backend = {"gpu": "cupy", "cpu": "numpy"}.get(args.device) or ("cupy" if gpu_available() else "numpy")
-    dtype = args.dtype or ("float16" if backend == "cupy" else "float32")
-    model = load_model(folder, {"fp16": "float16", "fp32": "float32"}.get(dtype, dtype), backend)
+    model = _load(folder, args)
     if not hasattr(model, "embed"):
         raise SystemExit(f"embed: {folder} holds a {model.model_type} model, which gives no sentence embeddings")
     tokenizer = Checkpoint(folder).tokenizer()
@@ -113,11 +120,8 @@ def _embed(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from . import generation
     from .loading import Checkpoint
-    from .models import load_model
 
-    backend = {"gpu": "cupy", "cpu": "numpy"}.get(args.device) or ("cupy" if gpu_available() else "numpy")
-    dtype = args.dtype or ("fp16" if backend == "cupy" else "fp32")
-    model = load_model(args.model, {"fp16": "float16", "fp32": "float32"}[dtype], backend)
+    model = _load(args.model, args)
     if not hasattr(model, "new_cache"):
         raise SystemExit(f"generate: {args.model} holds a {model.model_type} model, which does not generate text")
     checkpoint = Checkpoint(args.model)

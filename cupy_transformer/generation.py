@@ -17,6 +17,8 @@ from typing import Callable, Sequence
 
 import numpy
 
+from .models.base import array_module
+
 
 class Buffers:
     """The decode step's inputs, allocated once on the model's backend and updated in place, so every step
@@ -24,16 +26,10 @@ class Buffers:
     whole cache (False for padding and for slots not written yet)."""
 
     def __init__(self, model, batch: int, max_tokens: int):
-        self.xp = numpy if model.backend == "numpy" else _cupy()
+        self.xp = array_module(model.backend)
         self.ids = self.xp.zeros((batch, 1), numpy.int64)
         self.positions = self.xp.zeros((batch, 1), numpy.int64)
         self.keep = self.xp.zeros((batch, max_tokens), bool)
-
-
-def _cupy():
-    from .runtime.arrays import import_cupy
-
-    return import_cupy()
 
 
 def prefill(model, prompts: Sequence[Sequence[int]], cache):

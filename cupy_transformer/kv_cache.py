@@ -45,15 +45,21 @@ class KVCache:
         self.layers, self.batch, self.kv_heads, self.max_tokens, self.head_dim = shape
         self.lengths = numpy.zeros(self.batch, numpy.int64)
 
-    def reserve(self, tokens: int) -> numpy.ndarray:
-        """Room for ``tokens`` more tokens in every sequence: returns where they start (each sequence's
-        length before the call) and counts them in ``lengths``. Nothing changes if any sequence lacks room."""
+    def check_room(self, tokens: int) -> int:
+        """A ValueError naming the capacity and the request unless every sequence has room for ``tokens``
+        more; returns ``tokens``."""
         tokens = _positive("tokens", tokens)
         full = numpy.flatnonzero(self.lengths + tokens > self.max_tokens)
         if full.size:
             b = int(full[0])
             raise ValueError(f"KV cache full: sequence {b} holds {int(self.lengths[b])} of {self.max_tokens} "
                              f"tokens and cannot take {tokens} more (reset it, or build a larger cache)")
+        return tokens
+
+    def reserve(self, tokens: int) -> numpy.ndarray:
+        """Room for ``tokens`` more tokens in every sequence: returns where they start (each sequence's
+        length before the call) and counts them in ``lengths``. Nothing changes if any sequence lacks room."""
+        tokens = self.check_room(tokens)
         start = self.lengths.copy()
         self.lengths += tokens
         return start

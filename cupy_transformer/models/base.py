@@ -10,6 +10,17 @@ from ..loading import Checkpoint
 from ..runtime.arrays import import_cupy
 
 
+def array_module(backend: str):
+    """NumPy for the reference path ("numpy"), CuPy otherwise."""
+    return numpy if backend == "numpy" else import_cupy()
+
+
+def extremes(xp, *arrays) -> list:
+    """(min, max) of each array, on the host after one transfer (a GPU round trip per value would stall
+    every step)."""
+    return xp.stack([v for a in arrays for v in (a.min(), a.max())]).tolist()
+
+
 def open_checkpoint(checkpoint, model_type: str) -> Checkpoint:
     """``checkpoint`` (a folder or a Checkpoint) after checking its config's model_type."""
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
@@ -23,9 +34,13 @@ def token_ids(xp, input_ids, vocab: int):
     ids = xp.asarray(input_ids)
     if ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.size == 0:
         raise ValueError(f"input_ids: expected a non-empty [batch, tokens] integer array; got {ids.dtype} {ids.shape}")
-    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-        raise ValueError(f"input_ids: expected token ids in [0, {vocab}); got {int(ids.min())}..{int(ids.max())}")
+    check_ids(ids, *extremes(xp, ids), vocab)
     return ids
+
+
+def check_ids(ids, low, high, vocab: int) -> None:
+    if low < 0 or high >= vocab:
+        raise ValueError(f"input_ids: expected token ids in [0, {vocab}); got {low}..{high}")
 
 
 class CausalLM:
@@ -40,17 +55,21 @@ class CausalLM:
     def begin(self, input_ids, cache, position_ids):
         """A step's token ids, where they go in ``cache`` (``start``, reserved) and their positions (default:
         after what each sequence holds), all checked; returns ``(xp, ids, start, positions)``."""
-        xp = numpy if self.backend == "numpy" else import_cupy()
-        ids = token_ids(xp, input_ids, self.vocab)
+        xp = array_module(self.backend)
+        ids = xp.asarray(input_ids)
+        if ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.size == 0:
+            raise ValueError(f"input_ids: expected a non-empty [batch, tokens] integer array; got {ids.dtype} {ids.shape}")
         b, s = ids.shape
-        start = cache.reserve(s) if cache is not None else None
+        if cache is not None:
+            cache.check_room(s)
         if position_ids is None:
-            first = start if start is not None else numpy.zeros(b, numpy.int64)
+            first = cache.lengths if cache is not None else numpy.zeros(b, numpy.int64)
             position_ids = first[:, None] + numpy.arange(s)[None, :]
         positions = xp.asarray(position_ids)
-        if positions.shape != (b, s) or int(positions.max()) >= self.max_positions or int(positions.min()) < 0:
-            if cache is not None:
-                cache.set_lengths(start)  # the step did not happen
+        low, high, first_position, last_position = extremes(xp, ids, positions)
+        check_ids(ids, low, high, self.vocab)
+        if positions.shape != (b, s) or last_position >= self.max_positions or first_position < 0:
             raise ValueError(f"position_ids: the model has {self.max_positions} positions; this call needs "
-                             f"{int(positions.max()) + 1} (a prompt or generation longer than the context)")
+                             f"{last_position + 1} (a prompt or generation longer than the context)")
+        start = cache.reserve(s) if cache is not None else None  # checked: nothing to undo
         return xp, ids, start, positions

@@ -12,8 +12,7 @@ import numpy
 
 from .. import ops
 from ..layers import PostLNLayer, PostLNWeights
-from ..runtime.arrays import import_cupy
-from .base import open_checkpoint, token_ids
+from .base import array_module, open_checkpoint, token_ids
 
 ACTIVATIONS = {"gelu": "GELU_EXACT", "gelu_new": "GELU", "gelu_pytorch_tanh": "GELU", "relu": "ReLU"}
 
@@ -52,7 +51,7 @@ class BERT:
         for i in range(layers):
             shapes.update({f"{p}encoder.layer.{i}.{name}": shape for name, shape in per_layer.items()})
         w = ck.load(shapes, dtype, backend, progress)
-        xp = numpy if backend == "numpy" else import_cupy()
+        xp = array_module(backend)
         self.word, self.position, self.token_type = (w[f"{e}{n}_embeddings.weight"] for n in ("word", "position", "token_type"))
         self.embedding_norm = (w[f"{e}LayerNorm.weight"], w[f"{e}LayerNorm.bias"])
         self.weights = []
@@ -71,7 +70,7 @@ class BERT:
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         """The last hidden states [B, S, H] for ``input_ids`` [B, S] (right-padded), ``attention_mask`` [B, S]
         (1 or True = a real token), ``token_type_ids`` [B, S] (default 0)."""
-        xp = numpy if self.backend == "numpy" else import_cupy()
+        xp = array_module(self.backend)
         ids = token_ids(xp, input_ids, self.vocab)
         b, s = ids.shape
         if s > self.max_positions:
@@ -94,7 +93,7 @@ class BERT:
     def embed(self, input_ids, attention_mask=None):
         """Sentence embeddings [B, H] (float32): the mean of the real tokens' last hidden states, L2-normalised
         (sentence-transformers' Pooling(mean) + Normalize)."""
-        xp = numpy if self.backend == "numpy" else import_cupy()
+        xp = array_module(self.backend)
         hidden = self.forward(input_ids, attention_mask).astype(numpy.float32)
         mask = xp.ones(hidden.shape[:2], numpy.float32) if attention_mask is None else xp.asarray(attention_mask, numpy.float32)
         pooled = (hidden * mask[..., None]).sum(1) / xp.maximum(mask.sum(1, keepdims=True), 1e-9)

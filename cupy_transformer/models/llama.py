@@ -16,8 +16,7 @@ from .. import ops
 from ..kv_cache import KVCache
 from ..layers import PreLNLayer, PreLNWeights
 from ..ops.matmul import matmul
-from ..runtime.arrays import import_cupy
-from .base import CausalLM, open_checkpoint
+from .base import CausalLM, array_module, open_checkpoint
 
 
 class LLaMA(CausalLM):
@@ -56,7 +55,7 @@ class LLaMA(CausalLM):
         for i in range(self.layers_count):
             shapes.update({f"model.layers.{i}.{name}": shape for name, shape in per_layer.items()})
         w = ck.load(shapes, dtype, backend, progress)
-        xp = numpy if backend == "numpy" else import_cupy()
+        xp = array_module(backend)
         self.embed_tokens, self.norm = w["model.embed_tokens.weight"], w["model.norm.weight"]
         self.lm_head = self.embed_tokens if self.tied else w["lm_head.weight"]
         self.weights = []
