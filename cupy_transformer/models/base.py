@@ -29,16 +29,16 @@ def open_checkpoint(checkpoint, model_type: str) -> Checkpoint:
     return ck
 
 
-def token_ids(xp, input_ids, vocab: int):
-    """``input_ids`` as a non-empty [batch, tokens] integer array of ``xp`` with ids below ``vocab``."""
+def token_ids(xp, input_ids):
+    """``input_ids`` as a non-empty [batch, tokens] integer array of ``xp`` (``check_ids`` checks the values)."""
     ids = xp.asarray(input_ids)
     if ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.size == 0:
         raise ValueError(f"input_ids: expected a non-empty [batch, tokens] integer array; got {ids.dtype} {ids.shape}")
-    check_ids(ids, *extremes(xp, ids), vocab)
     return ids
 
 
-def check_ids(ids, low, high, vocab: int) -> None:
+def check_ids(low: int, high: int, vocab: int) -> None:
+    """Token ids from ``low`` to ``high`` (as ``extremes`` read them) must be below ``vocab``."""
     if low < 0 or high >= vocab:
         raise ValueError(f"input_ids: expected token ids in [0, {vocab}); got {low}..{high}")
 
@@ -56,9 +56,7 @@ class CausalLM:
         """A step's token ids, where they go in ``cache`` (``start``, reserved) and their positions (default:
         after what each sequence holds), all checked; returns ``(xp, ids, start, positions)``."""
         xp = array_module(self.backend)
-        ids = xp.asarray(input_ids)
-        if ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.size == 0:
-            raise ValueError(f"input_ids: expected a non-empty [batch, tokens] integer array; got {ids.dtype} {ids.shape}")
+        ids = token_ids(xp, input_ids)
         b, s = ids.shape
         if cache is not None:
             cache.check_room(s)
@@ -67,7 +65,7 @@ class CausalLM:
             position_ids = first[:, None] + numpy.arange(s)[None, :]
         positions = xp.asarray(position_ids)
         low, high, first_position, last_position = extremes(xp, ids, positions)
-        check_ids(ids, low, high, self.vocab)
+        check_ids(low, high, self.vocab)
         if positions.shape != (b, s) or last_position >= self.max_positions or first_position < 0:
             raise ValueError(f"position_ids: the model has {self.max_positions} positions; this call needs "
                              f"{last_position + 1} (a prompt or generation longer than the context)")

@@ -12,7 +12,7 @@ import numpy
 
 from .. import ops
 from ..layers import PostLNLayer, PostLNWeights
-from .base import array_module, open_checkpoint, token_ids
+from .base import array_module, check_ids, extremes, open_checkpoint, token_ids
 
 ACTIVATIONS = {"gelu": "GELU_EXACT", "gelu_new": "GELU", "gelu_pytorch_tanh": "GELU", "relu": "ReLU"}
 
@@ -71,7 +71,8 @@ class BERT:
         """The last hidden states [B, S, H] for ``input_ids`` [B, S] (right-padded), ``attention_mask`` [B, S]
         (1 or True = a real token), ``token_type_ids`` [B, S] (default 0)."""
         xp = array_module(self.backend)
-        ids = token_ids(xp, input_ids, self.vocab)
+        ids = token_ids(xp, input_ids)
+        check_ids(*extremes(xp, ids), self.vocab)
         b, s = ids.shape
         if s > self.max_positions:
             raise ValueError(f"input_ids: {s} tokens exceed the model's {self.max_positions} positions")
