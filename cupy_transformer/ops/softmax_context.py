@@ -126,7 +126,9 @@ class SoftmaxContextOp(TransformerOp):
         scores = xp.einsum("bkgsd,bktd->bkgst", qg, keys.astype(compute)).reshape(b, h, s, t)
         p = softmax_reference(scores, bias, layer_scale=factor)
         context = xp.einsum("bkgst,bktd->bkgsd", p.reshape(b, kv, groups, s, t), values.astype(compute))
-        context = context.reshape(b, h, s, d).transpose(0, 2, 1, 3).reshape(b, s, h * d).astype(cfg.dtype)
+        # CuPy's einsum may pick any output layout, so the reshape below can be a strided view.
+        context = context.reshape(b, h, s, d).transpose(0, 2, 1, 3).reshape(b, s, h * d)
+        context = xp.ascontiguousarray(context.astype(cfg.dtype, copy=False))
         return to_caller(context, kind), to_caller(keys, kind), to_caller(values, kind)
 
     def _start(self, cache, kind, b, kv, d, start):

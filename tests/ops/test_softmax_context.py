@@ -79,6 +79,7 @@ def prompt_then_decode(rng, dtype, name, gpu):
             step = xp.asarray(numpy.ascontiguousarray(tokens[:, first:first + count]))
             ctx, keys, values = op(step, cache=cache, layer_id=layer, start=start)
             assert ctx.shape == (2, count, c.heads * c.head_size) and ctx.dtype == dtype
+            assert ctx.flags.c_contiguous  # the next op (a projection) requires it
             assert keys.shape == (2, c.num_kv, first + count, c.head_size)
             got = host(ctx).astype(numpy.float64)
             want = numpy.stack([e[first:first + count] for e in exact])
