@@ -91,3 +91,14 @@ def test_generate_greedy_and_streamed(tmp_path, rng, capsys):
     (tmp_path / "config.json").write_text(json.dumps(dict(config, model_type="bert")))
     with pytest.raises(ValueError, match=r"config.json: 'hidden_size' missing"):
         cli.main(args)
+
+
+def test_main_job_imports_neither_torch_nor_transformers():
+    """The test set-up installs torch and transformers (for the parity tests); the runtime must not use them."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from cupy_transformer import cli; cli.main(['embed', 'hello world', '--device', 'cpu']); "
+            "print(sorted(m for m in ('torch', 'transformers', 'sentence_transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
