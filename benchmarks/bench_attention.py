@@ -1,8 +1,10 @@
-"""Decode attention (one query token per sequence over a KV cache) against torch's scaled_dot_product_attention
-in one process: our kernel (kernels_cu/decode_attention.cu, through SoftmaxContextOp's launcher) and SDPA with
-its default backend choice and with the flash backend forced, on the issue's sizes (context 4096, 32 heads
-of 128, batch 1 and 16; and grouped-query 32/8). GB/s of K + V read against the measured copy bandwidth.
-Writes the table under benchmarks/results/ (or $OUT)."""
+"""Attention kernels against torch's scaled_dot_product_attention in one process, SDPA with its default
+backend choice (cuDNN on this stack) and with the flash backend forced, on the issue's sizes:
+- prefill (kernels_cu/prefill_attention.cu), causal fp16, B8 H16 S2048 D64 and B4 H32 S4096 D128: TFLOP/s
+  (causal: half of 4 B H S^2 D, FlashAttention's convention) against cuBLAS's measured fp16 rate;
+- decode (kernels_cu/decode_attention.cu): one query token per sequence over a KV cache, context 4096, 32
+  heads of 128, batch 1 and 16, and grouped-query 32/8: GB/s of K + V read against the copy bandwidth.
+Both through SoftmaxContextOp's launchers. Writes the table under benchmarks/results/ (or $OUT)."""
 
 from __future__ import annotations
 
@@ -18,18 +20,66 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import copy_bandwidth_gbs, header, spin_up, time_us, write_table  # noqa: E402
 from cupy_transformer.kv_cache import KVCache  # noqa: E402
-from cupy_transformer.ops.softmax_context import _decode  # noqa: E402
+from cupy_transformer.ops import InferenceConfig  # noqa: E402
+from cupy_transformer.ops.softmax_context import _decode, _prefill  # noqa: E402
 
 CASES = [(1, 32, 32, 4096), (16, 32, 32, 4096), (1, 32, 8, 4096), (16, 32, 8, 4096), (1, 32, 32, 16384)]
 D = 128
+PREFILL = [(8, 16, 2048, 64, True), (4, 32, 4096, 128, True), (8, 16, 2048, 64, False), (4, 32, 4096, 128, False)]
+
+
+def matmul_tflops() -> float:
+    a = cupy.random.standard_normal((8192, 8192), dtype=cupy.float32).astype(cupy.float16)
+    us = time_us(lambda: a @ a, [()], reps=20)
+    return 2 * 8192**3 / us / 1e6
+
+
+def prefill_rows() -> list[str]:
+    rate = matmul_tflops()
+    lines = [
+        f"\n## Prefill (fp16), cuBLAS fp16 matmul 8192^3: {rate:.0f} TFLOP/s\n",
+        "q, k, v contiguous [B, H, S, D] (ours reads them in place; its launcher also takes the strided views of "
+        "a fused QKV projection and a cache layer). TFLOP/s = 4 B H S^2 D (halved when causal) / time.\n",
+        "| B | H | S | D | causal | ours µs | TFLOP/s | of cuBLAS | SDPA µs | TFLOP/s | flash µs | TFLOP/s "
+        "| vs SDPA | vs flash |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines))
+    for b, h, s, d, causal in PREFILL:
+        q, k, v = (cupy.random.standard_normal((b, h, s, d), dtype=cupy.float32).astype(cupy.float16) for _ in "qkv")
+        cfg = InferenceConfig(hidden_size=h * d, heads=h, dtype=numpy.float16, triangular_masking=causal)
+        start, keys = numpy.zeros(b, numpy.int64), numpy.full(b, s, numpy.int64)
+        ours = time_us(lambda: _prefill(q, k, v, start, keys, None, None, d**-0.5, cfg), [()], reps=20)
+        tq, tk, tv = (torch.from_dlpack(x) for x in (q, k, v))
+
+        def sdpa():
+            return F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+
+        theirs = time_us(sdpa, [()], reps=20)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            flash = time_us(sdpa, [()], reps=20)
+        got = _prefill(q, k, v, start, keys, None, None, d**-0.5, cfg).reshape(b, s, h, d)
+        err = float(cupy.linalg.norm(got.astype(cupy.float32) - cupy.asarray(sdpa().transpose(1, 2)).astype(
+            cupy.float32)) / cupy.linalg.norm(got.astype(cupy.float32)))
+        flops = 4 * b * h * s * s * d / (2 if causal else 1)
+        tf = [flops / us / 1e6 for us in (ours, theirs, flash)]
+        line = (f"| {b} | {h} | {s} | {d} | {'yes' if causal else 'no'} | {ours:.0f} | {tf[0]:.0f} | "
+                f"{100 * tf[0] / rate:.0f}% | {theirs:.0f} | {tf[1]:.0f} | {flash:.0f} | {tf[2]:.0f} | "
+                f"{theirs / ours:.2f} | {flash / ours:.2f} |")
+        print(line, f"(rel. diff vs SDPA {err:.1e})")
+        lines.append(line)
+        q = k = v = tq = tk = tv = None
+        cupy.get_default_memory_pool().free_all_blocks()
+    return lines
 
 
 def main():
     spin_up()
     copy = copy_bandwidth_gbs()
     lines = [
-        header("Decode attention vs torch SDPA (fp16)"),
-        f"Copy {copy:.0f} GB/s (1 GiB memcpy, read + written). One query token per sequence, keys and values in a "
+        header("Attention vs torch SDPA (fp16)"),
+        f"## Decode (fp16), copy {copy:.0f} GB/s (1 GiB memcpy, read + written)\n",
+        "One query token per sequence, keys and values in a "
         "KV cache (ours: [B, kv, T, d] with room for more tokens; SDPA: contiguous [B, kv, T, d] tensors, "
         "expanded to the query heads for grouped-query cases, as SDPA's math needs, or enable_gqa). GB/s of K + V "
         "bytes (kv heads) over the time; timed as bench_ops does (1 GiB read between calls).\n",
@@ -66,6 +116,7 @@ def main():
         lines.append(line)
         cache = tq = tk = tv = None  # free before the next size
         cupy.get_default_memory_pool().free_all_blocks()
+    lines += prefill_rows()
     write_table("attention", lines)
 
 

@@ -25,8 +25,6 @@ __device__ __forceinline__ void load8(const T* p, float (&f)[8]) {
     for (int e = 0; e < 8; ++e) f[e] = to_float(v.v[e]);
 }
 
-__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
-
 // Online-softmax state of one head over some keys: running max m, sum l of exp(s - m), and this lane's 8
 // dims of sum exp(s - m) v. merge() folds in another state (a no-op for an empty one).
 struct Running {

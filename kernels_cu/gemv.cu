@@ -10,6 +10,7 @@
 // atomic counter per tile) adds the splits in a fixed order (deterministic), applies the epilogue, writes y
 // and resets the counter for the next launch. Rows beyond `rows` are never written.
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace ct {
 
@@ -186,62 +187,6 @@ __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk(GEMV_ARGS) {
 // the weights so that no global load sits between a stage's arrival and its math.
 constexpr int MMA_THREADS = 256;
 constexpr int MMA_WARPS = MMA_THREADS / 32;
-
-template <typename T> constexpr bool IS_HALF = false;
-template <> constexpr bool IS_HALF<__half> = true;
-
-// c += A (16 x 16: four registers of packed pairs) x B (16 x 8: two registers), fp32 accumulation.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-#if __CUDA_ARCH__ >= 800
-    if constexpr (IS_HALF<T>)
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                     "{%0,%1,%2,%3};"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    else
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                     "{%0,%1,%2,%3};"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-    __trap();  // the launcher needs compute capability 8.0
-#endif
-}
-
-// Four 8x8 matrices of 16-bit elements from shared memory; lane l gives the address of row l % 8 of matrix
-// l / 8. TRANS: each lane receives pairs along the stored columns instead of along the stored rows.
-template <bool TRANS>
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&a)[4], const void* row) {
-#if __CUDA_ARCH__ >= 800
-    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
-    if constexpr (TRANS)
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                     : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3]) : "r"(addr));
-    else
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                     : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3]) : "r"(addr));
-#endif
-}
-
-// 16 bytes global -> shared without registers; `valid` false writes zeros (and reads nothing).
-__device__ __forceinline__ void copy16(void* dst, const void* src, bool valid) {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;"
-                 :: "r"(static_cast<unsigned>(__cvta_generic_to_shared(dst))), "l"(src), "r"(valid ? 16 : 0));
-#endif
-}
-__device__ __forceinline__ void copy_commit() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;");
-#endif
-}
-template <int PENDING>
-__device__ __forceinline__ void copy_wait() {  // all but the last PENDING committed groups have landed
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;" ::"n"(PENDING));
-#endif
-}
 
 // Rows [r0, r0 + rows) x columns [c0, c0 + COLS) of a row-major [total_rows, total_cols] matrix into a
 // stage (rows padded: dst's row length ROW), zero past the matrix. Consecutive threads take consecutive 16

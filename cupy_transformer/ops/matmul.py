@@ -21,7 +21,7 @@ import numpy
 
 from ..runtime import cublaslt
 from ..runtime.arrays import as_array, import_cupy
-from ..runtime.kernels import CTYPES, KernelFamily, compute_capability, i32, sm_count, vector_width
+from ..runtime.kernels import CTYPES, KernelFamily, compute_capability, dynamic_shared, i32, sm_count, vector_width
 from .bias_act import apply_bias_act
 
 GEMV_MAX_ROWS = 8
@@ -139,8 +139,6 @@ def _workspace(partial_floats: int, tiles: int):
     return partials, counters
 
 
-_SMEM_SET: set[tuple[int, int]] = set()
-
 # Blocks per SM the K split aims for, per (tensor cores, transposed); from benchmarks/sweep_gemv.py.
 GEMV_BLOCKS_PER_SM = {(True, False): 1, (True, True): 1, (False, False): 4, (False, True): 2}
 
@@ -167,10 +165,7 @@ def gemv(x, w, transposed, bias=None, act=None):
         blocks = min(n_tiles * math.ceil(k / depth), GEMV_BLOCKS_PER_SM[True, transposed] * sm_count())
         partials, counters = _workspace(2 * blocks * rows * tile, n_tiles)
         kernel = _KERNELS.kernel(_mma_name(CTYPES[x.dtype], transposed, geometry))
-        smem = _mma_smem(transposed, geometry)
-        if (id(kernel), smem) not in _SMEM_SET:  # beyond 48 KB needs the opt-in, once per kernel
-            kernel.max_dynamic_shared_size_bytes = smem
-            _SMEM_SET.add((id(kernel), smem))
+        smem = dynamic_shared(kernel, _mma_smem(transposed, geometry))
         kernel((blocks,), (256,), (x, w, y, bias, partials, counters, i32(rows), i32(k), i32(n)) + epilogue,
                shared_mem=smem)
     else:  # split-K: a grid of column tiles x K splits

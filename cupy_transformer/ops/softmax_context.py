@@ -30,9 +30,11 @@ values attended, ``[B, kv, T, d]`` (cache views with a cache), not expanded to t
 
 On the GPU, a decode step (one token per sequence, with a cache, up to 8 query heads per key/value head, a
 per-key mask or none) runs ``kernels_cu/decode_attention.cu``: the keys split in chunks across blocks, K and
-V read once for the heads that share them, chunks merged in a fixed order. Other calls compute the same
-formula with CuPy array operations (fp32); the flash-style prefill and fused rotary + append kernels are to
-come.
+V read once for the heads that share them, chunks merged in a fixed order. Other fp16/bf16 calls with head
+sizes 32, 64, 80, 96 or 128 and a per-key mask (or none) run ``kernels_cu/prefill_attention.cu``
+(FlashAttention-2 style: tiles of queries against streamed tiles of keys, online softmax, tensor cores, no
+score matrix in memory; needs compute capability 8.0). The rest (fp32, other head sizes, masks per query or
+head) computes the same formula with CuPy array operations in fp32.
 """
 
 from __future__ import annotations
@@ -43,12 +45,18 @@ import numpy
 
 from ..kv_cache import KVCache
 from ..runtime.arrays import as_array, common_kind, import_cupy, to_caller
-from ..runtime.kernels import CTYPES, KernelFamily, f32, i32, sm_count
+from ..runtime.kernels import CTYPES, KernelFamily, compute_capability, dynamic_shared, f32, i32, sm_count
 from .base import TransformerOp
 from .rotary import apply_rotary
 from .softmax import alibi_rows, key_mask, softmax_reference
 
 MAX_HEAD_SIZE = 256
+_PREFILL_HEAD_SIZES = (32, 64, 80, 96, 128)
+_PREFILL = KernelFamily(
+    "prefill_attention.cu",
+    [f"ct::attention_prefill<{c}, {d}>" for t, c in CTYPES.items() if t.itemsize == 2 for d in _PREFILL_HEAD_SIZES],
+)
+_PREFILL_ROWS, _PREFILL_KEYS = 64, 64  # PA_BM, PA_BN in prefill_attention.cu
 _GROUPS = (1, 2, 4, 8)  # query heads per key/value head that the decode kernel takes (rounded up)
 _KERNELS = KernelFamily(
     "decode_attention.cu",
@@ -104,6 +112,12 @@ class SoftmaxContextOp(TransformerOp):
         if xp is not numpy and cache is not None and s == 1 and h // kv <= _GROUPS[-1] and per_key_mask:
             lo = numpy.maximum(start + 1 - cfg.window_size, 0) if cfg.local_attention else numpy.zeros_like(start)
             context = _decode(q, cache, layer_id, lo, keys_len, mask, rows, factor, h, kv, d)
+            return to_caller(context, kind), to_caller(keys, kind), to_caller(values, kind)
+
+        if (xp is not numpy and cfg.dtype.itemsize == 2 and d in _PREFILL_HEAD_SIZES and per_key_mask
+                and compute_capability() >= 80):
+            src_k, src_v = (cache.keys[layer_id], cache.values[layer_id]) if cache is not None else (k, v)
+            context = _prefill(q, src_k, src_v, start, keys_len, mask, rows, factor, cfg)
             return to_caller(context, kind), to_caller(keys, kind), to_caller(values, kind)
 
         # Slot rules per sequence: query s in slot start + s; keys below keys_len; causal; window.
@@ -169,11 +183,7 @@ def _decode(q, cache, layer, lo, hi, mask, alibi, scale, h, kv, d):
     chunk = math.ceil(t / chunks)
     partial = cupy.empty((b, h, chunks, d + 2), cupy.float32)
     out = cupy.empty((b, 1, h * d), q.dtype)
-    placeholder = q  # pointers the flags leave unread
-    mask_kind, mask_arg, mask_len = 0, placeholder, 0
-    if mask is not None:
-        mask_kind, mask_arg, mask_len = (2 if mask.dtype == numpy.bool_ else 1), mask.reshape(b, -1), mask.shape[-1]
-    alibi_arg, alibi_len = (placeholder, 0) if alibi is None else (alibi.reshape(b, h, -1), alibi.shape[-1])
+    mask_kind, mask_arg, mask_len, alibi_arg, alibi_len = _mask_args(mask, alibi, b, h, q)
     g = next(g for g in _GROUPS if group <= g)
     _KERNELS.kernel(f"ct::attention_partial<{ctype}, {g}>")(
         (chunks, kv, b), (128,),
@@ -183,3 +193,48 @@ def _decode(q, cache, layer, lo, hi, mask, alibi, scale, h, kv, d):
     )
     _KERNELS.kernel(f"ct::attention_combine<{ctype}>")((h, b), (128,), (partial, out, i32(h), i32(d), i32(chunks)))
     return out
+
+
+def _prefill(q, k, v, start, keys_len, mask, alibi, scale, cfg):
+    """The prefill kernel: q [B, h, S, d] (any strides, d contiguous) against the keys [0, keys_len[b]) of
+    k, v [B, kv, T, d] (a cache layer, or this call's tokens); ``mask`` [B, 1, 1, T'] or None, ``alibi``
+    [B, h, 1, T] or None. Returns the context [B, S, h d]."""
+    cupy = import_cupy()
+    b, h, s, d = q.shape
+    items = q.dtype.itemsize
+
+    def rows(a):  # views of the fused projection qualify as they are
+        ok = a.strides[-1] == items and all(x % 16 == 0 for x in a.strides[:-1]) and a.data.ptr % 16 == 0
+        return a if ok else cupy.ascontiguousarray(a)
+
+    q, k, v = rows(q), rows(k), rows(v)
+    if k.strides != v.strides:
+        k, v = cupy.ascontiguousarray(k), cupy.ascontiguousarray(v)
+    out = cupy.empty((b, s, h * d), q.dtype)
+    mask_kind, mask_arg, mask_len, alibi_arg, alibi_len = _mask_args(mask, alibi, b, h, q)
+    kernel = _PREFILL.kernel(f"ct::attention_prefill<{CTYPES[q.dtype]}, {d}>")
+    smem = dynamic_shared(kernel, (_PREFILL_ROWS + 4 * _PREFILL_KEYS) * (d + 8) * items)  # as the kernel lays it out
+    qs, ks = (x // items for x in q.strides[:-1]), (x // items for x in k.strides[:-1])
+    kernel(
+        (math.ceil(s / _PREFILL_ROWS), h, b), (128,),
+        (q, k, v, out, mask_arg, alibi_arg, cupy.asarray(start, cupy.int32), cupy.asarray(keys_len, cupy.int32),
+         *(numpy.int64(x) for x in qs), *(numpy.int64(x) for x in ks), i32(s), i32(h), i32(h // k.shape[1]),
+         i32(cfg.triangular_masking), i32(cfg.window_size if cfg.local_attention else 0), i32(mask_kind),
+         i32(mask_len), i32(alibi_len), f32(scale)),
+        shared_mem=smem,
+    )
+    return out
+
+
+def _mask_args(mask, alibi, b, h, placeholder):
+    """The kernels' mask and alibi arguments: (mask kind 0 none / 1 additive / 2 boolean, mask [B, T'],
+    T', alibi [B, h, T], T (0: none)); ``placeholder`` stands for an absent array (never read)."""
+    cupy = import_cupy()
+    mask_kind, mask_arg, mask_len = 0, placeholder, 0
+    if mask is not None:
+        mask_kind = 2 if mask.dtype == numpy.bool_ else 1
+        mask_arg, mask_len = cupy.ascontiguousarray(mask.reshape(b, -1)), mask.shape[-1]
+    alibi_arg, alibi_len = placeholder, 0
+    if alibi is not None:  # a slice of this rank's heads is not contiguous: the kernels index [B, h, T] densely
+        alibi_arg, alibi_len = cupy.ascontiguousarray(alibi.reshape(b, h, -1)), alibi.shape[-1]
+    return mask_kind, mask_arg, mask_len, alibi_arg, alibi_len

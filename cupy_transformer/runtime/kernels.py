@@ -202,6 +202,18 @@ def access_width(dtype: numpy.dtype, width: int, *arrays) -> int:
 _SM_COUNTS: dict[int, int] = {}
 
 
+_SHARED_OPT_IN: set[tuple[int, int]] = set()
+
+
+def dynamic_shared(kernel, size: int) -> int:
+    """``size`` bytes of dynamic shared memory for ``kernel``, opting in (once per kernel and size) where it
+    passes the 48 KB a launch gets by default; returns ``size`` for the launch's ``shared_mem``."""
+    if (id(kernel), size) not in _SHARED_OPT_IN:
+        kernel.max_dynamic_shared_size_bytes = size
+        _SHARED_OPT_IN.add((id(kernel), size))
+    return size
+
+
 def compute_capability() -> int:
     """The current GPU's compute capability as an integer, e.g. 90 for 9.0."""
     cupy = import_cupy()

@@ -231,6 +231,68 @@ def test_gpu_decode_kernel_on_long_contexts(rng, dtype, heads, kv, d):
     assert rel_error(got, want) < TOL[numpy.dtype(dtype)]
 
 
+PREFILL_RULES = {  # attention rule, mask, alibi
+    "causal": dict(), "causal, key mask, alibi": dict(mask="bool", alibi=True),
+    "bidirectional": dict(triangular_masking=False), "window 40, additive mask": dict(
+        local_attention=True, window_size=40, mask="additive"),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [t for t in FLOAT_DTYPES if numpy.dtype(t).itemsize == 2], ids=str)
+@pytest.mark.parametrize("heads, kv, d", [(4, 2, 32), (2, 1, 64), (4, 4, 80), (6, 2, 96), (8, 2, 128)])
+@pytest.mark.parametrize("rule", PREFILL_RULES)
+def test_gpu_prefill_kernel_after_a_past(rng, poisoned_allocations, dtype, heads, kv, d, rule):
+    """The prefill kernel against the NumPy reference on the same cache: 77 tokens (no multiple of a tile)
+    after pasts of 0, 50 and 130 tokens; the GPU cache holds NaN in every slot no sequence has written."""
+    import cupy
+
+    options = dict(PREFILL_RULES[rule])
+    mask_kind, with_alibi = options.pop("mask", None), options.pop("alibi", False)
+    c = cfg(dtype, heads=heads, kv=kv, d=d, rotary_dim=d, rotate_half=True, rotate_every_two=False, **options)
+    op = ops.SoftmaxContextOp(c)
+    pasts, s, room = [0, 50, 130], 77, 224
+    content = [random(rng, (1, 3, kv, room, d), dtype) for _ in range(2)]
+    caches = [KVCache(1, 3, kv, room, d, dtype, backend=kind) for kind in ("numpy", "cupy")]
+    for cache in caches:
+        xp = numpy if cache.kind == "numpy" else cupy
+        cache.keys[...], cache.values[...] = xp.asarray(content[0]), xp.asarray(content[1])
+        if xp is cupy:
+            for b, past in enumerate(pasts):
+                cache.keys[:, b, :, past:], cache.values[:, b, :, past:] = numpy.nan, numpy.nan
+        cache.set_lengths(pasts)
+    qkv = random(rng, (3, s, (heads + 2 * kv) * d), dtype)
+    keep = rng.random((3, room)) < 0.8
+    mask = {None: None, "bool": keep, "additive": numpy.where(keep, 0.0, -30.0).astype(dtype)}[mask_kind]
+    alibi = random(rng, (3, heads, 1, max(pasts) + s), dtype, scale=0.5) if with_alibi else None
+    want, _, _ = op(qkv, mask, caches[0], 0, caches[0].reserve(s), alibi=alibi)
+    on_gpu = [None if a is None else cupy.asarray(a) for a in (qkv, mask, alibi)]
+    got, _, _ = op(on_gpu[0], on_gpu[1], caches[1], 0, caches[1].reserve(s), alibi=on_gpu[2])
+    assert got.flags.c_contiguous
+    assert rel_error(got, want) < TOL[numpy.dtype(dtype)]
+
+
+@pytest.mark.gpu
+def test_gpu_prefill_kernel_on_a_long_context(rng, poisoned_allocations):
+    """300 queries after pasts of 0, 4000 and 16084 tokens (keys up to 16384), causal with a key mask."""
+    import cupy
+
+    c = cfg(numpy.float16, heads=4, kv=2, d=128, rotary_dim=64, rope_theta=500000.0)
+    op = ops.SoftmaxContextOp(c)
+    pasts, s, room = [0, 4000, 16084], 300, 16384
+    content = [random(rng, (1, 3, 2, room, 128), numpy.float16) for _ in range(2)]
+    caches = [KVCache(1, 3, 2, room, 128, numpy.float16, backend=kind) for kind in ("numpy", "cupy")]
+    for cache in caches:
+        xp = numpy if cache.kind == "numpy" else cupy
+        cache.keys[...], cache.values[...] = xp.asarray(content[0]), xp.asarray(content[1])
+        cache.set_lengths(pasts)
+    qkv = random(rng, (3, s, 8 * 128), numpy.float16)
+    keep = rng.random((3, room)) < 0.95
+    want, _, _ = op(qkv, keep, caches[0], 0, caches[0].reserve(s))
+    got, _, _ = op(cupy.asarray(qkv), cupy.asarray(keep), caches[1], 0, caches[1].reserve(s))
+    assert rel_error(got, want) < TOL[numpy.dtype(numpy.float16)]
+
+
 def decode_200_steps(rng, gpu):
     """200 decode steps after an 8-token prompt, each against full attention over the whole history."""
     xp, kind = backend(gpu)
