@@ -51,12 +51,19 @@ from .rotary import apply_rotary
 from .softmax import alibi_rows, key_mask, softmax_reference
 
 MAX_HEAD_SIZE = 256
-_PREFILL_HEAD_SIZES = (32, 64, 80, 96, 128)
+_GRID_Y = 65535  # a launch's grid y and z; past it a call takes the array-operation path
+# Head size -> (row tiles per warp, keys per tile) of the prefill kernel, from benchmarks/sweep_prefill.py.
+PREFILL_GEOMETRY = {32: (2, 64), 64: (2, 64), 80: (2, 32), 96: (2, 32), 128: (2, 32)}
+
+
+def prefill_kernel_name(ctype: str, d: int, geometry) -> str:
+    return f"ct::attention_prefill<{ctype}, {d}, {geometry[0]}, {geometry[1]}>"
+
+
 _PREFILL = KernelFamily(
     "prefill_attention.cu",
-    [f"ct::attention_prefill<{c}, {d}>" for t, c in CTYPES.items() if t.itemsize == 2 for d in _PREFILL_HEAD_SIZES],
+    [prefill_kernel_name(c, d, g) for t, c in CTYPES.items() if t.itemsize == 2 for d, g in PREFILL_GEOMETRY.items()],
 )
-_PREFILL_ROWS, _PREFILL_KEYS = 64, 64  # PA_BM, PA_BN in prefill_attention.cu
 _GROUPS = (1, 2, 4, 8)  # query heads per key/value head that the decode kernel takes (rounded up)
 _KERNELS = KernelFamily(
     "decode_attention.cu",
@@ -109,12 +116,13 @@ class SoftmaxContextOp(TransformerOp):
         else:
             keys, values = k, v
         per_key_mask = mask is None or (mask.shape[1] == 1 and mask.shape[2] == 1)
-        if xp is not numpy and cache is not None and s == 1 and h // kv <= _GROUPS[-1] and per_key_mask:
+        kernels = xp is not numpy and b <= _GRID_Y and s <= _GRID_Y * 64  # the kernels' grids hold this
+        if kernels and cache is not None and s == 1 and h // kv <= _GROUPS[-1] and per_key_mask:
             lo = numpy.maximum(start + 1 - cfg.window_size, 0) if cfg.local_attention else numpy.zeros_like(start)
             context = _decode(q, cache, layer_id, lo, keys_len, mask, rows, factor, h, kv, d)
             return to_caller(context, kind), to_caller(keys, kind), to_caller(values, kind)
 
-        if (xp is not numpy and cfg.dtype.itemsize == 2 and d in _PREFILL_HEAD_SIZES and per_key_mask
+        if (kernels and cfg.dtype.itemsize == 2 and d in PREFILL_GEOMETRY and per_key_mask
                 and compute_capability() >= 80):
             src_k, src_v = (cache.keys[layer_id], cache.values[layer_id]) if cache is not None else (k, v)
             context = _prefill(q, src_k, src_v, start, keys_len, mask, rows, factor, cfg)
@@ -195,8 +203,8 @@ def _decode(q, cache, layer, lo, hi, mask, alibi, scale, h, kv, d):
     return out
 
 
-def _prefill(q, k, v, start, keys_len, mask, alibi, scale, cfg):
-    """The prefill kernel: q [B, h, S, d] (any strides, d contiguous) against the keys [0, keys_len[b]) of
+def _prefill(q, k, v, start, keys_len, mask, alibi, scale, cfg, kernels=_PREFILL, geometry=None):
+    """The prefill kernel (``geometry`` from ``kernels``: a sweep's other instantiations): q [B, h, S, d] (any strides, d contiguous) against the keys [0, keys_len[b]) of
     k, v [B, kv, T, d] (a cache layer, or this call's tokens); ``mask`` [B, 1, 1, T'] or None, ``alibi``
     [B, h, 1, T] or None. Returns the context [B, S, h d]."""
     cupy = import_cupy()
@@ -212,11 +220,12 @@ def _prefill(q, k, v, start, keys_len, mask, alibi, scale, cfg):
         k, v = cupy.ascontiguousarray(k), cupy.ascontiguousarray(v)
     out = cupy.empty((b, s, h * d), q.dtype)
     mask_kind, mask_arg, mask_len, alibi_arg, alibi_len = _mask_args(mask, alibi, b, h, q)
-    kernel = _PREFILL.kernel(f"ct::attention_prefill<{CTYPES[q.dtype]}, {d}>")
-    smem = dynamic_shared(kernel, (_PREFILL_ROWS + 4 * _PREFILL_KEYS) * (d + 8) * items)  # as the kernel lays it out
+    mt, bn = geometry or PREFILL_GEOMETRY[d]
+    kernel = kernels.kernel(prefill_kernel_name(CTYPES[q.dtype], d, (mt, bn)))
+    smem = dynamic_shared(kernel, (64 * mt + 4 * bn) * (d + 8) * items)  # the kernel's layout
     qs, ks = (x // items for x in q.strides[:-1]), (x // items for x in k.strides[:-1])
     kernel(
-        (math.ceil(s / _PREFILL_ROWS), h, b), (128,),
+        (h, b, math.ceil(s / (64 * mt))), (128,),
         (q, k, v, out, mask_arg, alibi_arg, cupy.asarray(start, cupy.int32), cupy.asarray(keys_len, cupy.int32),
          *(numpy.int64(x) for x in qs), *(numpy.int64(x) for x in ks), i32(s), i32(h), i32(h // k.shape[1]),
          i32(cfg.triangular_masking), i32(cfg.window_size if cfg.local_attention else 0), i32(mask_kind),
