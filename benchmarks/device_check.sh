@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One full call on a GPU machine: GPU tests, cold/warm process start (disk cache), compute-sanitizer
 # memcheck and racecheck on the kernels, then the benchmarks. Logs and tables go to $OUT.
-# Usage (repository root): CT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/device_check.sh [bench...]
+# Usage (repository root): CT_COMMIT=<hash> bash benchmarks/device_check.sh [bench...], with the hash written in
+# from the local checkout: the device's copy of the repository reports a stale HEAD.
 set -o pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-$(mktemp -d)}
