@@ -78,20 +78,26 @@ class KVCache:
         """Every sequence empty (the stored values stay until overwritten; nothing reads past ``lengths``)."""
         self.lengths[:] = 0
 
-    def write(self, layer: int, k, v, start) -> None:
-        """One layer's new keys and values, ``[batch, kv_heads, S, head_dim]`` each, at positions
-        ``start[b] .. start[b] + S - 1`` of sequence ``b`` (``start`` as ``reserve`` returned it)."""
+    def check_write(self, layer: int, tokens: int, start) -> numpy.ndarray:
+        """What ``write`` checks before writing ``tokens`` per sequence of ``layer`` at ``start`` (also for
+        kernels that write the cache themselves); returns ``start`` as an array."""
         if isinstance(layer, bool) or not isinstance(layer, (int, numpy.integer)) or not 0 <= layer < self.layers:
             raise ValueError(f"layer: expected an integer in [0, {self.layers - 1}]; got {layer!r}")
-        shape = (self.batch, self.kv_heads, -1, self.head_dim)
-        k = as_array("k", k, self.kind, ndim=4, dtypes=self.dtype, shape=shape)
-        v = as_array("v", v, self.kind, ndim=4, dtypes=self.dtype, shape=tuple(k.shape))
-        tokens = k.shape[2]
         start = numpy.asarray(start)
         if start.shape != (self.batch,) or start.dtype.kind not in "iu":
             raise ValueError(f"start: expected {self.batch} integer positions; got {start.dtype} of shape {start.shape}")
         if (start < 0).any() or (start + tokens > self.max_tokens).any():
             raise ValueError(f"start: {tokens} tokens from {start.tolist()} do not fit {self.max_tokens} positions")
+        return start
+
+    def write(self, layer: int, k, v, start) -> None:
+        """One layer's new keys and values, ``[batch, kv_heads, S, head_dim]`` each, at positions
+        ``start[b] .. start[b] + S - 1`` of sequence ``b`` (``start`` as ``reserve`` returned it)."""
+        shape = (self.batch, self.kv_heads, -1, self.head_dim)
+        k = as_array("k", k, self.kind, ndim=4, dtypes=self.dtype, shape=shape)
+        v = as_array("v", v, self.kind, ndim=4, dtypes=self.dtype, shape=tuple(k.shape))
+        tokens = k.shape[2]
+        start = self.check_write(layer, tokens, start)
         if (start == start[0]).all():
             at = slice(int(start[0]), int(start[0]) + tokens)
             self.keys[layer, :, :, at] = k

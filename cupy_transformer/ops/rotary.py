@@ -22,12 +22,25 @@ from ..runtime.arrays import import_cupy
 STYLES = ("half", "every_two")
 
 
+_INV_FREQ: dict = {}
+
+
+def inverse_frequencies(rotary_dim: int, theta: float, xp):
+    """``theta ** (-2p / rotary_dim)`` for the ``rotary_dim / 2`` pairs: float64 NumPy, or float32 on the
+    current GPU (kept per device, dims and theta: a model asks for the same one every layer and step)."""
+    if xp is numpy:
+        return theta ** (-numpy.arange(0, rotary_dim, 2, dtype=numpy.float64) / rotary_dim)
+    key = (xp.cuda.runtime.getDevice(), rotary_dim, float(theta))
+    if key not in _INV_FREQ:
+        _INV_FREQ[key] = theta ** (-xp.arange(0, rotary_dim, 2, dtype=numpy.float32) / rotary_dim)
+    return _INV_FREQ[key]
+
+
 def rotary_angles(positions, rotary_dim: int, theta: float):
     """``[batch, tokens, rotary_dim / 2]`` angles for integer ``positions`` [batch, tokens]."""
     xp = numpy if isinstance(positions, numpy.ndarray) else import_cupy()
-    compute = numpy.float64 if xp is numpy else numpy.float32
-    inv_freq = theta ** (-xp.arange(0, rotary_dim, 2, dtype=compute) / rotary_dim)
-    return positions.astype(compute)[..., None] * inv_freq.astype(compute)
+    inv_freq = inverse_frequencies(rotary_dim, theta, xp)
+    return positions.astype(inv_freq.dtype)[..., None] * inv_freq
 
 
 def apply_rotary(x, positions, rotary_dim: int, theta: float, style: str):

@@ -45,9 +45,10 @@ import numpy
 
 from ..kv_cache import KVCache
 from ..runtime.arrays import as_array, common_kind, import_cupy, to_caller
-from ..runtime.kernels import CTYPES, KernelFamily, compute_capability, dynamic_shared, f32, i32, sm_count
+from ..runtime.kernels import (CTYPES, KernelFamily, compute_capability, dynamic_shared, elementwise_grid, f32, i32,
+                               sm_count, vector_count)
 from .base import TransformerOp
-from .rotary import apply_rotary
+from .rotary import apply_rotary, inverse_frequencies
 from .softmax import alibi_rows, key_mask, softmax_reference
 
 MAX_HEAD_SIZE = 256
@@ -70,6 +71,7 @@ _KERNELS = KernelFamily(
     [f"ct::attention_partial<{c}, {g}>" for c in CTYPES.values() for g in _GROUPS]
     + [f"ct::attention_combine<{c}>" for c in CTYPES.values()],
 )
+_ROTARY = KernelFamily("rotary_append.cu", [f"ct::rotary_append<{c}>" for c in CTYPES.values()])
 
 
 class SoftmaxContextOp(TransformerOp):
@@ -107,11 +109,14 @@ class SoftmaxContextOp(TransformerOp):
         q = qkv[..., : h * d].reshape(b, s, h, d).transpose(0, 2, 1, 3)
         k = qkv[..., h * d:(h + kv) * d].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
         v = qkv[..., (h + kv) * d:].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
-        if cfg.rotary_style is not None:
+        if xp is not numpy and (cache is not None or cfg.rotary_style is not None):
+            q, k = _rotary_append(qkv, positions, cfg, h, kv, d, cache, layer_id, start)
+        elif cfg.rotary_style is not None:
             q = apply_rotary(q, positions, cfg.rotary_dim, cfg.rope_theta, cfg.rotary_style)
             k = apply_rotary(k, positions, cfg.rotary_dim, cfg.rope_theta, cfg.rotary_style)
         if cache is not None:
-            cache.write(layer_id, xp.ascontiguousarray(k), xp.ascontiguousarray(v), start)
+            if xp is numpy:
+                cache.write(layer_id, xp.ascontiguousarray(k), xp.ascontiguousarray(v), start)
             keys, values = cache.keys[layer_id, :, :, :t], cache.values[layer_id, :, :, :t]
         else:
             keys, values = k, v
@@ -247,3 +252,28 @@ def _mask_args(mask, alibi, b, h, placeholder):
     if alibi is not None:  # a slice of this rank's heads is not contiguous: the kernels index [B, h, T] densely
         alibi_arg, alibi_len = cupy.ascontiguousarray(alibi.reshape(b, h, -1)), alibi.shape[-1]
     return mask_kind, mask_arg, mask_len, alibi_arg, alibi_len
+
+
+def _rotary_append(qkv, positions, cfg, h, kv, d, cache, layer, start):
+    """The fused rotary + append kernel on the GPU: returns q [B, h, S, d] and k (turned), with K and V
+    written to ``cache``'s ``layer`` at ``start`` (checked first), or k [B, kv, S, d] without a cache (``v``
+    then stays a view of the projection)."""
+    cupy = import_cupy()
+    b, s, _ = qkv.shape
+    rot = cfg.rotary_dim if cfg.rotary_style is not None else 0
+    q = cupy.empty((b, h, s, d), qkv.dtype)
+    if cache is not None:
+        start = cache.check_write(layer, s, start)
+        k_out, v_out = cache.keys[layer], cache.values[layer]
+    else:
+        k_out = v_out = cupy.empty((b, kv, s, d), qkv.dtype)
+    inv_freq = inverse_frequencies(rot, cfg.rope_theta, cupy) if rot else cupy.empty(1, cupy.float32)
+    pairs = b * s * (h + kv + (kv if cache is not None else 0)) * d // 2
+    strides = (numpy.int64(x // qkv.dtype.itemsize) for x in k_out.strides[:-1])
+    _ROTARY.kernel(f"ct::rotary_append<{CTYPES[qkv.dtype]}>")(
+        elementwise_grid(pairs), (256,),
+        (qkv, cupy.ascontiguousarray(positions, cupy.int32), inv_freq, cupy.asarray(start, cupy.int32), q, k_out,
+         v_out, *strides, i32(s), i32(h), i32(kv), i32(d), i32(rot), i32(cfg.rotary_style == "half"),
+         i32(cache is not None), vector_count(pairs)),
+    )
+    return q, (k_out if cache is None else None)
