@@ -28,7 +28,8 @@ for fp16 range is not needed; rotary pairings are exclusive (both flags is a con
 multiples of 8 up to 256 (what the kernels will take). Returns ``(context, keys, values)``: the keys and
 values attended, ``[B, kv, T, d]`` (cache views with a cache), not expanded to the query heads.
 
-On the GPU, a decode step (one token per sequence, with a cache, up to 8 query heads per key/value head, a
+On the GPU, ``kernels_cu/rotary_append.cu`` turns Q and K and writes K and V into the cache in one pass over
+the projection (where there is a cache or rotary). A decode step (one token per sequence, with a cache, up to 8 query heads per key/value head, a
 per-key mask or none) runs ``kernels_cu/decode_attention.cu``: the keys split in chunks across blocks, K and
 V read once for the heads that share them, chunks merged in a fixed order. Other fp16/bf16 calls with head
 sizes 32, 64, 80, 96 or 128 and a per-key mask (or none) run ``kernels_cu/prefill_attention.cu``
