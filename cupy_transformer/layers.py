@@ -13,6 +13,11 @@ positions and the masks are the caller's.
     a = VectorMatMulOp(SoftmaxContextOp(qkv), W_o)
     h = MLPGemmOp(a, x; b_o, LN2, W1, b1, W2)          # MLP(LN2(x + a + b_o))
     y = ResidualAddOp(h, x, a, b_o, b2)                # x + a + b_o + MLP(...) + b2
+
+With ``mlp_after_attn=False`` in its config the same layer is the parallel arrangement (GPT-J, GPT-NeoX):
+MLPGemmOp then normalises the layer input with LN2 (GPT-J: pass LN1's weights again) and ResidualAddOp
+takes its parallel formula, so ``y = x + a + b_o + MLP(LN2(x)) + b2``. LLaMA-style layers are this class
+with an RMSNorm config, gated SiLU, rotary and grouped-query heads (``models.llama``).
 """
 
 from __future__ import annotations
