@@ -5,7 +5,7 @@
 // and O += P V by mma.sync, with P taken from S's accumulators without a trip through memory. No S x S
 // matrix exists anywhere; K and V are read once per block.
 //
-// Query row i of sequence b sits in cache slot start[b] + i; it sees key j when j < keys_len[b], and
+// Query row i of sequence b sits in cache slot start[b] + i; it sees key j when j < start[b] + S, and
 // j <= start[b] + i if causal, and j > start[b] + i - window if window > 0, and mask[b, j] allows it
 // (boolean: dropped where false; additive: added). s = q . k_j * scale (+ mask) (+ alibi[b, head, j]);
 // out = sum_j softmax(s)_j v_j, or 0 for a row that sees no key.
@@ -34,7 +34,7 @@ template <typename T, int D, int MT, int BN>
 __global__ void __launch_bounds__(PA_THREADS)
 attention_prefill(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,
                   const void* __restrict__ mask, const T* __restrict__ alibi, const int* __restrict__ start,
-                  const int* __restrict__ keys_len, long long q_seq, long long q_head, long long q_tok,
+                  long long q_seq, long long q_head, long long q_tok,
                   long long kv_seq, long long kv_head, long long kv_tok, int S, int h, int group, int causal,
                   int window, int mask_kind, int mask_len, int alibi_len, float scale) {
     static_assert(D % 16 == 0 && D <= 128 && BN % 16 == 0, "geometry");
@@ -46,7 +46,7 @@ attention_prefill(const T* __restrict__ q, const T* __restrict__ k, const T* __r
 
     const int head = blockIdx.x, b = blockIdx.y;
     const int q0 = (gridDim.z - 1 - blockIdx.z) * BM;  // all blocks' longest causal rows first
-    const int first = start[b], len = keys_len[b];
+    const int first = start[b], len = first + S;  // keys per sequence: its past and these S
     // Keys any row of this block may see: [k_begin, k_end).
     const int k_end = causal ? min(len, first + min(q0 + BM, S)) : len;
     const int k_begin = window > 0 ? max(0, first + q0 - window + 1) : 0;

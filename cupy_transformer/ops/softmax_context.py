@@ -97,7 +97,7 @@ class SoftmaxContextOp(TransformerOp):
         start = self._start(cache, kind, b, kv, d, start)
         keys_len = start + s  # keys per sequence
         t = int(keys_len.max())
-        positions = self._positions(position_ids, kind, b, s, start, xp)
+        position_ids = self._position_ids(position_ids, kind, b, s)  # None: start[b] + 0 .. S - 1
         mask = key_mask(attn_mask, kind, cfg.dtype, b, h, s, t, wider=True)
         rows = alibi_rows(alibi, kind, cfg.dtype, b, h, h, 0, t)  # this rank's heads only
         if scale is not None and norm_factor is not None:
@@ -110,9 +110,11 @@ class SoftmaxContextOp(TransformerOp):
         q = qkv[..., : h * d].reshape(b, s, h, d).transpose(0, 2, 1, 3)
         k = qkv[..., h * d:(h + kv) * d].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
         v = qkv[..., (h + kv) * d:].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
+        first = None if xp is numpy else xp.asarray(start, numpy.int32)  # one upload for the kernels below
         if xp is not numpy and (cache is not None or cfg.rotary_style is not None):
-            q, k = _rotary_append(qkv, positions, cfg, h, kv, d, cache, layer_id, start)
+            q, k = _rotary_append(qkv, position_ids, cfg, h, kv, d, cache, layer_id, start, first)
         elif cfg.rotary_style is not None:
+            positions = position_ids if position_ids is not None else xp.asarray(start[:, None] + numpy.arange(s))
             q = apply_rotary(q, positions, cfg.rotary_dim, cfg.rope_theta, cfg.rotary_style)
             k = apply_rotary(k, positions, cfg.rotary_dim, cfg.rope_theta, cfg.rotary_style)
         if cache is not None:
@@ -131,7 +133,7 @@ class SoftmaxContextOp(TransformerOp):
         if (kernels and cfg.dtype.itemsize == 2 and d in PREFILL_GEOMETRY and per_key_mask
                 and compute_capability() >= 80):
             src_k, src_v = (cache.keys[layer_id], cache.values[layer_id]) if cache is not None else (k, v)
-            context = _prefill(q, src_k, src_v, start, keys_len, mask, rows, factor, cfg)
+            context = _prefill(q, src_k, src_v, first, mask, rows, factor, cfg)
             return to_caller(context, kind), to_caller(keys, kind), to_caller(values, kind)
 
         # Slot rules per sequence: query s in slot start + s; keys below keys_len; causal; window.
@@ -176,12 +178,11 @@ class SoftmaxContextOp(TransformerOp):
             raise ValueError("start: with a cache, pass where this step's tokens go (start = cache.reserve(tokens))")
         return numpy.asarray(start, numpy.int64)  # write() checks its length and range
 
-    def _positions(self, position_ids, kind, b, s, start, xp):
+    def _position_ids(self, position_ids, kind, b, s):
         if position_ids is None:
-            return xp.asarray(start[:, None] + numpy.arange(s)[None, :])
-        ids = as_array("position_ids", position_ids, kind, ndim=2, dtypes=tuple(
+            return None
+        return as_array("position_ids", position_ids, kind, ndim=2, dtypes=tuple(
             numpy.dtype(t) for t in (numpy.int32, numpy.int64)), shape=(b, s))
-        return ids
 
 
 def _decode(q, cache, layer, lo, hi, mask, alibi, scale, h, kv, d):
@@ -209,10 +210,11 @@ def _decode(q, cache, layer, lo, hi, mask, alibi, scale, h, kv, d):
     return out
 
 
-def _prefill(q, k, v, start, keys_len, mask, alibi, scale, cfg, kernels=_PREFILL, geometry=None):
-    """The prefill kernel (``geometry`` from ``kernels``: a sweep's other instantiations): q [B, h, S, d] (any strides, d contiguous) against the keys [0, keys_len[b]) of
-    k, v [B, kv, T, d] (a cache layer, or this call's tokens); ``mask`` [B, 1, 1, T'] or None, ``alibi``
-    [B, h, 1, T] or None. Returns the context [B, S, h d]."""
+def _prefill(q, k, v, start, mask, alibi, scale, cfg, kernels=_PREFILL, geometry=None):
+    """The prefill kernel: q [B, h, S, d] (any strides, d contiguous) against the keys [0, start[b] + S) of
+    k, v [B, kv, T, d] (a cache layer, or this call's tokens with ``start`` 0); ``start`` int32 on the GPU;
+    ``mask`` [B, 1, 1, T'] or None, ``alibi`` [B, h, 1, T] or None. ``kernels`` and ``geometry``: another
+    instantiation (a sweep's). Returns the context [B, S, h d]."""
     cupy = import_cupy()
     b, h, s, d = q.shape
     items = q.dtype.itemsize
@@ -232,7 +234,7 @@ def _prefill(q, k, v, start, keys_len, mask, alibi, scale, cfg, kernels=_PREFILL
     qs, ks = (x // items for x in q.strides[:-1]), (x // items for x in k.strides[:-1])
     kernel(
         (h, b, math.ceil(s / (64 * mt))), (128,),
-        (q, k, v, out, mask_arg, alibi_arg, cupy.asarray(start, cupy.int32), cupy.asarray(keys_len, cupy.int32),
+        (q, k, v, out, mask_arg, alibi_arg, start,
          *(numpy.int64(x) for x in qs), *(numpy.int64(x) for x in ks), i32(s), i32(h), i32(h // k.shape[1]),
          i32(cfg.triangular_masking), i32(cfg.window_size if cfg.local_attention else 0), i32(mask_kind),
          i32(mask_len), i32(alibi_len), f32(scale)),
@@ -255,10 +257,10 @@ def _mask_args(mask, alibi, b, h, placeholder):
     return mask_kind, mask_arg, mask_len, alibi_arg, alibi_len
 
 
-def _rotary_append(qkv, positions, cfg, h, kv, d, cache, layer, start):
+def _rotary_append(qkv, position_ids, cfg, h, kv, d, cache, layer, start, first):
     """The fused rotary + append kernel on the GPU: returns q [B, h, S, d] and k (turned), with K and V
-    written to ``cache``'s ``layer`` at ``start`` (checked first), or k [B, kv, S, d] without a cache (``v``
-    then stays a view of the projection)."""
+    written to ``cache``'s ``layer`` at ``start`` (checked first; ``first`` is it on the GPU), or k [B, kv,
+    S, d] without a cache (``v`` then stays a view of the projection). ``position_ids`` None: the slots."""
     cupy = import_cupy()
     b, s, _ = qkv.shape
     rot = cfg.rotary_dim if cfg.rotary_style is not None else 0
@@ -273,8 +275,8 @@ def _rotary_append(qkv, positions, cfg, h, kv, d, cache, layer, start):
     strides = (numpy.int64(x // qkv.dtype.itemsize) for x in k_out.strides[:-1])
     _ROTARY.kernel(f"ct::rotary_append<{CTYPES[qkv.dtype]}>")(
         elementwise_grid(pairs), (256,),
-        (qkv, cupy.ascontiguousarray(positions, cupy.int32), inv_freq, cupy.asarray(start, cupy.int32), q, k_out,
+        (qkv, q if position_ids is None else cupy.ascontiguousarray(position_ids, cupy.int32), inv_freq, first, q, k_out,
          v_out, *strides, i32(s), i32(h), i32(kv), i32(d), i32(rot), i32(cfg.rotary_style == "half"),
-         i32(cache is not None), vector_count(pairs)),
+         i32(cache is not None), i32(position_ids is not None), vector_count(pairs)),
     )
     return q, (k_out if cache is None else None)
