@@ -1,6 +1,5 @@
-"""GEMV launch-shape sweep (fp16, tensor-core kernels): tile geometry (columns a tile, k a stage, stages)
-x blocks per SM x layout x rows, in GB/s of weights, against cupy.matmul (cuBLAS) and a plain read of the
-same bytes (the floor at that size) in the same process."""
+"""GEMV launch-shape sweep (fp16, tensor-core kernels): (pieces a warp, chunks a batch) x layout x rows, in GB/s of weights, against cupy.matmul (cuBLAS) and a plain read of the same bytes (the floor
+at that size) in the same process. Every variant's result is checked against cuBLAS's first."""
 
 import os
 import sys
@@ -13,37 +12,40 @@ import cupy_transformer.ops.matmul as mm  # noqa: E402
 from cupy_transformer.runtime.kernels import KernelFamily  # noqa: E402
 
 SHAPES = [(1600, 6400), (6400, 1600), (1600, 1600), (4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]
-GEOMETRIES = {
-    False: [(512, 16, 4), (256, 32, 4), (128, 64, 4), (64, 128, 4), (512, 16, 6)],
-    True: [(16, 512, 4), (32, 256, 4), (32, 512, 3), (16, 1024, 3), (16, 512, 6)],
-}
-BLOCKS = (1, 2)
+GEOMETRIES = {False: [(2, 2), (4, 1), (2, 3), (2, 1)], True: [(2, 2), (1, 4), (2, 3), (2, 1), (4, 1)]}
+
 
 def main():
     spin_up()
     copy = copy_bandwidth_gbs()
-    names = [mm._mma_name("__half", tr, geo) for tr in (False, True) for geo in GEOMETRIES[tr]]
+    names = [mm._tc_name("__half", tr, geo) for tr in (False, True) for geo in GEOMETRIES[tr]]
     mm._KERNELS = KernelFamily("gemv.cu", names)
-    print(f"{card_name()}: copy {copy:.0f} GB/s; GB/s of weights; columns: tile/stage k/stages/blocks per SM "
+    print(f"{card_name()}: copy {copy:.0f} GB/s; GB/s of weights; columns: pieces/chunks "
           "(for [in,out], then [out,in]); read floor and cuBLAS last")
     for tr in (False, True):
         print(f"{'[out,in]' if tr else '[in,out]'}: " + " | ".join(
-            f"{t}/{d}/{st}/{b}" for t, d, st in GEOMETRIES[tr] for b in BLOCKS))
+            f"{m}/{u}" for m, u in GEOMETRIES[tr]))
+    worst = 0.0
     for k, n in SHAPES:
         for transposed in (False, True):
             w = cupy.random.standard_normal((n, k) if transposed else (k, n), dtype=cupy.float32).astype(cupy.float16)
             floor = w.nbytes / read_floor_us(w) / 1e3
             for rows in (1, 8):
                 x = cupy.random.standard_normal((rows, k), dtype=cupy.float32).astype(cupy.float16)
+                ref = cupy.matmul(x.astype(cupy.float32), (w.T if transposed else w).astype(cupy.float32))
+                scale = float(cupy.abs(ref).max())
                 cells = []
-                for geometry, blocks in [(g, b) for g in GEOMETRIES[transposed] for b in BLOCKS]:
-                    mm.GEMV_MMA[transposed] = geometry
-                    mm.GEMV_BLOCKS_PER_SM[True, transposed] = blocks
+                for geometry in GEOMETRIES[transposed]:
+                    mm.GEMV_TC[transposed] = geometry
+                    err = float(cupy.abs(mm.gemv(x, w, transposed).astype(cupy.float32) - ref).max()) / scale
+                    worst = max(worst, err)
                     us = time_us(lambda: mm.gemv(x, w, transposed), [()], reps=30)
                     cells.append(f"{w.nbytes / us / 1e3:.0f}")
                 us = time_us(lambda: cupy.matmul(x, w.T if transposed else w), [()], reps=30)
                 cells += [f"{floor:.0f}", f"{w.nbytes / us / 1e3:.0f}"]
-                print(f"| {k}x{n} | {'[out,in]' if transposed else '[in,out]'} | {rows} | " + " | ".join(cells) + " |")
+                print(f"| {k}x{n} | {'[out,in]' if transposed else '[in,out]'} | {rows} | " + " | ".join(cells) + " |",
+                      flush=True)
+    print(f"largest error vs cuBLAS (fp32 product of the same fp16 operands), relative to max |y|: {worst:.2e}")
 
 
 if __name__ == "__main__":

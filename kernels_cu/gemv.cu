@@ -1,14 +1,14 @@
 // Decode-shape matrix products: y[R, N] = act(x[R, K] @ W + bias) for R <= 8 rows, reading every weight
 // once with 16-byte loads. The weight stream is the whole cost.
 //
-// fp16 and bf16 run on the tensor cores (gemv_mma_*, further down): the weights are mma.sync's A operand
+// fp16 and bf16 run on the tensor cores (gemv_tc_*, further down): the weights are mma.sync's A operand
 // (16 outputs x 16 k) and x its B operand (16 k x 8 input rows, padded), so one instruction does what 256
-// FMAs per lane would and every row count up to 8 costs about the same; the work is dealt stream-K style.
-// fp32 (gemv_kn / gemv_nk, first) uses FMAs with R = rows rounded up to 1, 2, 4 or 8, on a grid of
-// (column tiles, K splits): each block reduces its tile over its K range; with one split it applies the
-// epilogue and writes y, with several it writes fp32 partials, and the last block of the tile to finish (an
-// atomic counter per tile) adds the splits in a fixed order (deterministic), applies the epilogue, writes y
-// and resets the counter for the next launch. Rows beyond `rows` are never written.
+// FMAs per lane would and every row count up to 8 costs about the same. fp32 (gemv_kn / gemv_nk, first)
+// uses FMAs with R = rows rounded up to 1, 2, 4 or 8. Both run on a grid of (column tiles, K splits): each
+// block reduces its tile over its K range; with one split it applies the epilogue and writes y, with several
+// it writes fp32 partials, and the last block of the tile to finish (an atomic counter per tile) adds the
+// splits in a fixed order (deterministic), applies the epilogue, writes y and resets the counter for the next
+// launch. Rows beyond `rows` are never written.
 #include "common.cuh"
 #include "mma.cuh"
 
@@ -180,229 +180,153 @@ __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk(GEMV_ARGS) {
 }
 
 // ---- Tensor-core GEMV (fp16, bf16; sm_80 and later) ----
-// The weights stream through shared memory: cp.async copies each stage (8 KB of contiguous row runs)
-// STAGES - 1 stages ahead of the math, so a block keeps tens of KB in flight without holding it in registers,
-// and the reads are long runs whatever the fragment layout. ldmatrix then hands the warps mma.sync's A
-// fragments (16 outputs x 16 k); x is the B operand (16 k x 8 input rows, zero past `rows`), staged with
-// the weights so that no global load sits between a stage's arrival and its math.
-constexpr int MMA_THREADS = 256;
-constexpr int MMA_WARPS = MMA_THREADS / 32;
+// Every lane loads its weights with 16-byte loads straight into registers, a batch of U chunks at a time
+// (all the batch's loads issue before its first mma), and hands them to mma.sync as A operands (16
+// outputs x 16 k); x is the B operand (16 k x 8 input rows, zero past `rows`), read through L1 (every
+// warp reads it). No shared-memory staging and no barriers while streaming: each warp keeps its own bytes
+// in flight. The 8 warps of a block split the block's K range in interleaved chunks (a batch of the block
+// covers 8 U contiguous chunks); their sums meet in shared memory, and splits of K across blocks in
+// GemvOut's partials. (A cp.async shared-memory pipeline with stream-K scheduling, the previous design, was
+// 10-40% slower: benchmarks/NOTES.md.) Two blocks a SM (launch bounds): ptxas then keeps each batch's loads
+// ahead of its mma instead of interleaving them to save registers.
 
-// Rows [r0, r0 + rows) x columns [c0, c0 + COLS) of a row-major [total_rows, total_cols] matrix into a
-// stage (rows padded: dst's row length ROW), zero past the matrix. Consecutive threads take consecutive 16
-// bytes of a row: a warp copies runs of min(COLS, 256) elements.
-template <int COLS, typename T, int ROW>
-__device__ __forceinline__ void copy_tile(T (*dst)[ROW], const T* src, int rows, int total_rows, int total_cols,
-                                          int r0, int c0) {
-#pragma unroll
-    for (int chunk = threadIdx.x; chunk < rows * (COLS / 8); chunk += MMA_THREADS) {
-        const int r = chunk / (COLS / 8), cc = chunk % (COLS / 8) * 8;
-        const bool valid = r0 + r < total_rows && c0 + cc < total_cols;
-        copy16(&dst[r][cc], valid ? src + static_cast<size_t>(r0 + r) * total_cols + c0 + cc : src, valid);
-    }
+// 16 bytes of a stream read once: past L1. volatile keeps the batch's loads ahead of its math.
+__device__ __forceinline__ uint4 load_stream(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
 }
 
-// Stream-K: each tile's K range is cut into stages ("units"), and the units of all tiles, tile after tile,
-// are dealt to the blocks as equal contiguous ranges, so every SM streams the same bytes whatever the
-// shape (no last wave of a few blocks). A block finishes the tiles it covers whole; a tile shared between
-// blocks is finished by the last of them to arrive (an atomic counter per tile), which adds the others'
-// fp32 partial sums in block order (deterministic) and resets the counter for the next launch.
-#define MMA_ARGS                                                                                                   \
-    const T *__restrict__ x, const T *__restrict__ w, T *__restrict__ y, const T *__restrict__ bias, float *partials, \
-        int *counters, int rows, int K, int N, int act, int has_bias
-
-// A unit's place: its tile and its stage along the tile's K.
-struct Unit {
-    int tile, k;
-    __device__ void advance(int units_per_tile) {
-        if (++k == units_per_tile) k = 0, ++tile;
-    }
-};
-
-template <typename T, int TILE, int KPARTS>
-struct StreamK {
-    const T* bias;
-    T* y;
-    float* partials;  // [2 x blocks][rows][TILE]: a block's first and last tile, where shared
-    int* counters;    // [tiles], zero between launches
-    int rows, N, act, has_bias, units_per_tile, total;
-
-    __device__ int first_unit(int b) const { return static_cast<long long>(b) * total / gridDim.x; }
-    __device__ int block_of(int u) const { return (static_cast<long long>(u + 1) * gridDim.x - 1) / total; }
-    // Where block b keeps its partial of `tile`: 2b for its first tile, 2b + 1 for its last.
-    __device__ float* slot(int b, int tile) const {
-        return partials + static_cast<size_t>(2 * b + (first_unit(b) / units_per_tile != tile)) * rows * TILE;
-    }
-    __device__ void finish(int r, int n, float v) const {
-        if (has_bias) v += to_float(bias[n]);
-        y[static_cast<size_t>(r) * N + n] = from_float<T>(gemv_act(v, act));
-    }
-
-    // After the block's last unit of `tile` ([begin, end) of its units): red[part][x row][column] holds the
-    // warps' sums. Every thread of the block calls this.
-    __device__ void flush(const float (*red)[8][TILE], int tile, int begin, int end) const {
-        __shared__ bool last;
-        const int first_col = tile * TILE;
-        __syncthreads();
-        if (begin == tile * units_per_tile && end == (tile + 1) * units_per_tile) {
-            for (int o = threadIdx.x; o < rows * TILE; o += blockDim.x) {
-                const int r = o / TILE, col = o % TILE;
-                if (first_col + col >= N) continue;
-                float v = 0.f;
-#pragma unroll
-                for (int p = 0; p < KPARTS; ++p) v += red[p][r][col];
-                finish(r, first_col + col, v);
-            }
-            return;
-        }
-        float* mine = slot(blockIdx.x, tile);
-        for (int o = threadIdx.x; o < rows * TILE; o += blockDim.x) {
-            float v = 0.f;
-#pragma unroll
-            for (int p = 0; p < KPARTS; ++p) v += red[p][o / TILE][o % TILE];
-            mine[o] = v;
-        }
-        const int b_first = block_of(tile * units_per_tile), b_last = block_of((tile + 1) * units_per_tile - 1);
-        __threadfence();  // this block's partial is visible device-wide before it is counted
-        __syncthreads();
-        if (threadIdx.x == 0) last = atomicAdd(&counters[tile], 1) == b_last - b_first;
-        __syncthreads();
-        if (!last) return;
-        __threadfence();
-        for (int o = threadIdx.x; o < rows * TILE; o += blockDim.x) {
-            const int r = o / TILE, col = o % TILE;
-            if (first_col + col >= N) continue;
-            float v = 0.f;
-            for (int b = b_first; b <= b_last; ++b) v += __ldcg(slot(b, tile) + o);
-            finish(r, first_col + col, v);
-        }
-        if (threadIdx.x == 0) counters[tile] = 0;
-    }
-
-    // The block's units through a STAGES-deep cp.async pipeline: copy(at, buffer) issues a stage,
-    // math(at, buffer) consumes it, spill(red) moves the warps' sums to shared memory and clears them.
-    // Every thread commits a group per step (empty past the end) so that the group counts agree.
-    template <int STAGES, typename Copy, typename Math, typename Spill>
-    __device__ void run(float (*red)[8][TILE], Copy copy, Math math, Spill spill) const {
-        const int u0 = first_unit(blockIdx.x), n = first_unit(blockIdx.x + 1) - u0;
-        Unit next{u0 / units_per_tile, u0 % units_per_tile}, at = next;  // next to copy, next to use
-#pragma unroll
-        for (int s = 0; s < STAGES - 1; ++s) {
-            if (s < n) copy(next, s), next.advance(units_per_tile);
-            copy_commit();
-        }
-        int begin = u0;  // first unit of the current tile
-        for (int i = 0; i < n; ++i) {
-            copy_wait<STAGES - 2>();
-            __syncthreads();  // unit i is in for every thread, and every warp is done with unit i - 1's buffer
-            if (i + STAGES - 1 < n) copy(next, (i + STAGES - 1) % STAGES), next.advance(units_per_tile);
-            copy_commit();
-            math(at, i % STAGES);
-            if (at.k == units_per_tile - 1 || i == n - 1) {
-                spill(red);
-                flush(red, at.tile, begin, u0 + i + 1);
-                begin = u0 + i + 1;
-            }
-            at.advance(units_per_tile);
-        }
-        copy_wait<0>();
-    }
-};
-
-// W [N, K] (nn.Linear's [out, in], transposed_mode). A tile is TILE weight rows (TILE / 16 of mma's A
-// operands); a unit is their next KC k (TILE runs of 2 KC bytes) and x's KC k. Warp w takes the k range
-// w KC / 8 .. of each unit, and the 8 warps' sums meet in shared memory. K % 8 == 0, W and x 16-byte
-// aligned (the launcher checks).
-template <typename T, int STAGES, int TILE, int KC>
-__global__ void __launch_bounds__(MMA_THREADS) gemv_mma_nk(MMA_ARGS) {
-    // Rows padded by 16 bytes: ldmatrix's 8 rows and the lanes' x pairs fall in distinct banks.
-    constexpr int ROW = KC + 8, MT = TILE / 16, KW = KC / MMA_WARPS;
-    static_assert(TILE % 16 == 0 && KW % 16 == 0 && TILE * KC % (8 * MMA_THREADS) == 0, "nk geometry");
-    extern __shared__ __align__(16) unsigned char smem[];  // weight stages, x stages, sums (matmul.py sizes it)
-    auto ws = reinterpret_cast<T(*)[TILE][ROW]>(smem);
-    auto xs = reinterpret_cast<T(*)[8][ROW]>(smem + STAGES * sizeof(T[TILE][ROW]));
-    auto red = reinterpret_cast<float(*)[8][TILE]>(smem + STAGES * sizeof(T[TILE + 8][ROW]));
-    const int units = (K + KC - 1) / KC;
-    const StreamK<T, TILE, MMA_WARPS> sk{bias, y, partials, counters, rows, N, act, has_bias, units,
-                                         (N + TILE - 1) / TILE * units};
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    float c[MT][4] = {};
-    auto copy = [&](Unit at, int buf) {
-        copy_tile<KC>(ws[buf], w, TILE, N, K, at.tile * TILE, at.k * KC);
-        // x rows past `rows` stay unwritten: mma keeps its 8 columns apart and those sums are never stored.
-        copy_tile<KC>(xs[buf], x, rows, rows, K, 0, at.k * KC);
-    };
-    auto math = [&](Unit, int buf) {
-#pragma unroll
-        for (int k0 = KW * warp; k0 < KW * warp + KW; k0 += 16) {
-            const unsigned* xp = reinterpret_cast<const unsigned*>(&xs[buf][g][k0 + 2 * t]);
-#pragma unroll
-            for (int m = 0; m < MT; ++m) {
-                unsigned a[4];  // matrices: rows 0-7 / 8-15 x k 0-7 / 8-15 of this 16 x 16 piece
-                ldmatrix_x4<false>(a, &ws[buf][16 * m + lane % 8 + 8 * (lane / 8 % 2)][k0 + 8 * (lane / 16)]);
-                mma_16816<T>(c[m], a, xp[0], xp[4]);  // x[g][k 2t, 2t + 1] and [2t + 8, 2t + 9]
-            }
-        }
-    };
-    auto spill = [&](float (*r)[8][TILE]) {  // c[m] = (tile row 16m + g / + 8, x rows 2t, 2t + 1)
-#pragma unroll
-        for (int m = 0; m < MT; ++m)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                r[warp][2 * t + i % 2][16 * m + g + 8 * (i / 2)] = c[m][i];
-                c[m][i] = 0.f;
-            }
-    };
-    sk.template run<STAGES>(red, copy, math, spill);
+// The 8x8 matrix of 16-bit elements whose row lane / 4, columns 2 (lane % 4) + {0, 1}, this lane holds,
+// transposed (the same fragment layout).
+__device__ __forceinline__ unsigned transpose8x8(unsigned v) {
+    unsigned r;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(v));
+    return r;
 }
 
-// W [K, N] (DeepSpeed's default [in, out]). A tile is TILE columns; a unit is their next KR k (KR runs of
-// 2 TILE bytes) and x's KR k. The warps split a unit into CG column groups x KP k ranges; ldmatrix.trans
-// turns the k-major rows into A fragments (16 columns x 16 k), and the KP k ranges' sums meet in shared
-// memory. N % 8 == 0, K % 8 == 0, W and x 16-byte aligned (the launcher checks).
-template <typename T, int STAGES, int TILE, int KR>
-__global__ void __launch_bounds__(MMA_THREADS) gemv_mma_kn(MMA_ARGS) {
-    // Rows padded by 16 bytes: ldmatrix's 8 rows and the lanes' x pairs fall in distinct banks.
-    constexpr int ROW = TILE + 8, XROW = KR + 8;
-    constexpr int CG = TILE / 16 < MMA_WARPS ? TILE / 16 : MMA_WARPS, KP = MMA_WARPS / CG;
-    constexpr int MT = TILE / 16 / CG, KW = KR / KP;  // per warp: 16-column A operands, k
-    static_assert(TILE % (16 * CG) == 0 && KW % 16 == 0 && KR * TILE % (8 * MMA_THREADS) == 0, "kn geometry");
-    extern __shared__ __align__(16) unsigned char smem[];  // weight stages, x stages, sums (matmul.py sizes it)
-    auto ws = reinterpret_cast<T(*)[KR][ROW]>(smem);
-    auto xs = reinterpret_cast<T(*)[8][XROW]>(smem + STAGES * sizeof(T[KR][ROW]));
-    auto red = reinterpret_cast<float(*)[8][TILE]>(smem + STAGES * (sizeof(T[KR][ROW]) + sizeof(T[8][XROW])));
-    const int units = (K + KR - 1) / KR;
-    const StreamK<T, TILE, KP> sk{bias, y, partials, counters, rows, N, act, has_bias, units,
-                                  (N + TILE - 1) / TILE * units};
+__device__ __forceinline__ uint4 select(bool keep, uint4 v) { return keep ? v : make_uint4(0, 0, 0, 0); }
+
+// After the streaming loop: c[m][i] is this warp's sum for tile output out_of(m, i), x row 2t + i % 2.
+// The 8 warps' sums meet in shared memory; then GemvOut finishes (one split) or keeps a partial.
+template <typename T, int TILE, int NC, typename OutOf>
+__device__ __forceinline__ void gemv_tc_reduce(const GemvOut<T>& out, const float (&c)[NC][4], int tile_first,
+                                               OutOf out_of) {
+    __shared__ float red[GEMV_WARPS][8][TILE];
+    const int warp = threadIdx.x / 32, t = threadIdx.x % 4;
+#pragma unroll
+    for (int m = 0; m < NC; ++m)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[warp][2 * t + i % 2][out_of(m, i)] = c[m][i];
+    __syncthreads();
+    for (int o = threadIdx.x; o < out.rows * TILE; o += GEMV_THREADS) {
+        const int r = o / TILE, col = o % TILE, n = tile_first + col;
+        if (n >= out.N) continue;
+        float v = 0.f;
+#pragma unroll
+        for (int wi = 0; wi < GEMV_WARPS; ++wi) v += red[wi][r][col];
+        out.put(r, n, v);
+    }
+    out.reduce_splits(tile_first, TILE);
+}
+
+// W [N, K] (nn.Linear's [out, in], transposed_mode). A block's tile is 16 M weight rows; a chunk is 32 k.
+// Lane (g, t) loads k 8t .. 8t + 7 of the chunk from rows g and g + 8 of each 16-row piece, and x row g's
+// same 8 k: the chunk's k are permuted alike in both operands (mma step s takes each lane's pairs 2s, 2s +
+// 1). K % 8 == 0, k_per_split % (8 U 32) == 0, W and x 16-byte aligned (the launcher checks).
+template <typename T, int M, int U>
+__global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_tc_nk(GEMV_ARGS) {
+    const GEMV_OUT;
+    constexpr int TILE = 16 * M, CK = 32;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int col0 = TILE / CG * (warp % CG), kp = warp / CG;
-    float c[MT][4] = {};
-    auto copy = [&](Unit at, int buf) {
-        copy_tile<TILE>(ws[buf], w, KR, K, N, at.k * KR, at.tile * TILE);
-        copy_tile<KR>(xs[buf], x, rows, rows, K, 0, at.k * KR);  // as in gemv_mma_nk
-    };
-    auto math = [&](Unit, int buf) {
+    const int tile_first = blockIdx.x * TILE;
+    const int k_begin = blockIdx.y * k_per_split, k_end = min(K, k_begin + k_per_split);
+    const T* wr[M][2];  // rows past N re-read the last row; their sums are never written
 #pragma unroll
-        for (int k0 = KW * kp; k0 < KW * kp + KW; k0 += 16) {
-            const unsigned* xp = reinterpret_cast<const unsigned*>(&xs[buf][g][k0 + 2 * t]);
+    for (int m = 0; m < M; ++m)
 #pragma unroll
-            for (int m = 0; m < MT; ++m) {
-                unsigned a[4];  // matrices: columns 0-7 / 8-15 x k 0-7 / 8-15, transposed into k pairs
-                ldmatrix_x4<true>(a, &ws[buf][k0 + lane % 8 + 8 * (lane / 16)][col0 + 16 * m + 8 * (lane / 8 % 2)]);
-                mma_16816<T>(c[m], a, xp[0], xp[4]);  // x[g][k 2t, 2t + 1] and [2t + 8, 2t + 9]
+        for (int h = 0; h < 2; ++h) wr[m][h] = w + static_cast<size_t>(min(tile_first + 16 * m + g + 8 * h, N - 1)) * K + 8 * t;
+    const T* xr = x + static_cast<size_t>(min(g, rows - 1)) * K + 8 * t;
+    float c[M][4] = {};
+    for (int kb = k_begin + warp * U * CK; kb < k_end; kb += GEMV_WARPS * U * CK) {
+        uint4 a[U][M][2], b[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {  // past k_end: a valid address, zeros
+            const int k = kb + u * CK;
+            const bool in = k + 8 * t < k_end;
+            const int kc = in ? k : k_end - 8 - 8 * t;
+#pragma unroll
+            for (int m = 0; m < M; ++m)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) a[u][m][h] = load_stream(wr[m][h] + kc);
+            b[u] = select(in && g < rows, *reinterpret_cast<const uint4*>(xr + kc));
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const bool in = kb + u * CK + 8 * t < k_end;
+#pragma unroll
+            for (int m = 0; m < M; ++m) {
+                const uint4 lo = select(in, a[u][m][0]), hi = select(in, a[u][m][1]);
+                mma_16816<T>(c[m], {lo.x, hi.x, lo.y, hi.y}, b[u].x, b[u].y);
+                mma_16816<T>(c[m], {lo.z, hi.z, lo.w, hi.w}, b[u].z, b[u].w);
             }
         }
-    };
-    auto spill = [&](float (*r)[8][TILE]) {  // c[m] = (column col0 + 16m + g / + 8, x rows 2t, 2t + 1)
+    }
+    gemv_tc_reduce<T, TILE>(out, c, tile_first, [](int m, int i) { return 16 * m + threadIdx.x % 32 / 4 + 8 * (i / 2); });
+}
+
+// W [K, N] (DeepSpeed's default [in, out]). A block's tile is 32 M columns; a chunk is 16 k. Lane (g, t)
+// loads columns 8t .. 8t + 7 of each 32-column piece from rows g and g + 8 of the chunk: each of its four
+// registers is a fragment of an 8 (k) x 8 (columns 8t' + 2j + {0, 1} over t') matrix, which movmatrix
+// transposes into mma's A layout (rows = those columns, pairs along k). So lane (g, t) ends up holding
+// column n(g, j) = 8 (g / 2) + 2j + g % 2 of the piece, k pair 2t, 2t + 1. N % 8 == 0, K % 8 == 0,
+// k_per_split % (8 U 16) == 0, W and x 16-byte aligned (the launcher checks).
+template <typename T, int M, int U>
+__global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_tc_kn(GEMV_ARGS) {
+    const GEMV_OUT;
+    constexpr int TILE = 32 * M, CK = 16;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int tile_first = blockIdx.x * TILE;
+    const int k_begin = blockIdx.y * k_per_split, k_end = min(K, k_begin + k_per_split);
+    int col[M];  // columns past N re-read the last 8; their sums are never written
 #pragma unroll
-        for (int m = 0; m < MT; ++m)
+    for (int m = 0; m < M; ++m) col[m] = min(tile_first + 32 * m + 8 * t, N - 8);
+    const T* xr = x + static_cast<size_t>(min(g, rows - 1)) * K + 2 * t;
+    float c[2 * M][4] = {};
+    for (int kb = k_begin + warp * U * CK; kb < k_end; kb += GEMV_WARPS * U * CK) {
+        uint4 a[U][M][2];
+        unsigned b[U][2];
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                r[kp][2 * t + i % 2][col0 + 16 * m + g + 8 * (i / 2)] = c[m][i];
-                c[m][i] = 0.f;
+        for (int u = 0; u < U; ++u) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {  // k rows past k_end: a valid address, zeros
+                const int k = kb + u * CK + 8 * h;
+                const bool in = k < k_end;
+                const int kr = in ? k : k_end - 8;
+#pragma unroll
+                for (int m = 0; m < M; ++m) a[u][m][h] = load_stream(w + static_cast<size_t>(kr + g) * N + col[m]);
+                b[u][h] = in && g < rows ? *reinterpret_cast<const unsigned*>(xr + kr) : 0u;
             }
-    };
-    sk.template run<STAGES>(red, copy, math, spill);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int m = 0; m < M; ++m) {
+                const uint4 lo = select(kb + u * CK < k_end, a[u][m][0]);
+                const uint4 hi = select(kb + u * CK + 8 < k_end, a[u][m][1]);
+                const unsigned l0 = transpose8x8(lo.x), l1 = transpose8x8(lo.y), l2 = transpose8x8(lo.z),
+                               l3 = transpose8x8(lo.w), h0 = transpose8x8(hi.x), h1 = transpose8x8(hi.y),
+                               h2 = transpose8x8(hi.z), h3 = transpose8x8(hi.w);
+                mma_16816<T>(c[2 * m], {l0, l1, h0, h1}, b[u][0], b[u][1]);      // columns j = 0, 1
+                mma_16816<T>(c[2 * m + 1], {l2, l3, h2, h3}, b[u][0], b[u][1]);  // columns j = 2, 3
+            }
+    }
+    // c[2m + p][i]: piece m, column n(g, 2p + i / 2), x row 2t + i % 2.
+    gemv_tc_reduce<T, TILE>(out, c, tile_first, [](int mp, int i) {
+        const int g = threadIdx.x % 32 / 4;
+        return 32 * (mp / 2) + 8 * (g / 2) + 2 * (2 * (mp % 2) + i / 2) + g % 2;
+    });
 }
 
 }  // namespace ct

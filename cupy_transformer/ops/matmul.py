@@ -15,54 +15,37 @@ rounded after the product and again after bias and activation.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import numpy
 
 from ..runtime import cublaslt
 from ..runtime.arrays import as_array, import_cupy
-from ..runtime.kernels import CTYPES, KernelFamily, compute_capability, dynamic_shared, i32, sm_count, vector_width
+from ..runtime.kernels import CTYPES, KernelFamily, compute_capability, i32, sm_count, vector_width
 from .bias_act import apply_bias_act
 
 GEMV_MAX_ROWS = 8
 _FMA_ROWS = (1, 2, 4, 8)  # the fp32 kernels' row counts (rows round up)
 _GEMV_ACTS = (0, 1, 2, 5)  # identity and the ActivationType values a per-column epilogue can apply
-# The tensor-core kernels' geometry per transposed: (columns a tile, k a pipeline stage, stages); see
-# gemv.cu and benchmarks/sweep_gemv.py.
-GEMV_MMA = {False: (64, 128, 4), True: (32, 512, 3)}
+# The tensor-core kernels' (16- or 32-column pieces a warp, chunks a batch) per transposed; see gemv.cu and
+# benchmarks/sweep_gemv.py.
+GEMV_TC = {False: (2, 2), True: (2, 2)}
 
 
-def _mma_name(ctype: str, transposed: bool, geometry) -> str:
-    return f"ct::gemv_mma_{'nk' if transposed else 'kn'}<{ctype}, {geometry[2]}, {geometry[0]}, {geometry[1]}>"
-
-
-def _mma_smem(transposed: bool, geometry) -> int:
-    """Dynamic shared memory of a tensor-core kernel, as gemv.cu lays it out: weight and x stages (rows
-    padded by 8 elements), then the fp32 sums of the warps that split k."""
-    tile, depth, stages = geometry
-    if transposed:
-        return stages * (tile + 8) * (depth + 8) * 2 + 8 * 8 * tile * 4
-    k_parts = 8 // min(8, tile // 16)
-    return stages * (depth * (tile + 8) + 8 * (depth + 8)) * 2 + k_parts * 8 * tile * 4
+def _tc_name(ctype: str, transposed: bool, geometry) -> str:
+    return f"ct::gemv_tc_{'nk' if transposed else 'kn'}<{ctype}, {geometry[0]}, {geometry[1]}>"
 
 
 _KERNELS = KernelFamily(
     "gemv.cu",
-    [_mma_name(c, tr, GEMV_MMA[tr]) for d, c in CTYPES.items() if d.itemsize == 2 for tr in (False, True)]
+    [_tc_name(c, tr, GEMV_TC[tr]) for d, c in CTYPES.items() if d.itemsize == 2 for tr in (False, True)]
     + [f"ct::gemv_{layout}<float, {r}>" for layout in ("kn", "nk") for r in _FMA_ROWS],
 )
 
 
-class _Launch(NamedTuple):
-    threads: int
-    tile: int  # output columns per block
-    k_step: int  # k per loop iteration of a block: a split holds whole steps
-
-
-# Per transposed: the launch geometry of gemv.cu's fp32 kernels.
-_LAUNCH = {
-    False: _Launch(256, 32, 32),  # gemv_kn<float>: 8 lanes x 4 columns, chunks of 4 k
-    True: _Launch(256, 32, 128),  # gemv_nk<float>: 8 warps x 4 rows, 32 lanes x 4 k
+# Per transposed: the fp32 kernels' (output columns a block, k a loop step: a split holds whole steps).
+_FMA_TILES = {
+    False: (32, 32),  # gemv_kn<float>: 8 lanes x 4 columns, chunks of 4 k
+    True: (32, 128),  # gemv_nk<float>: 8 warps x 4 rows, 32 lanes x 4 k
 }
 
 
@@ -139,14 +122,15 @@ def _workspace(partial_floats: int, tiles: int):
     return partials, counters
 
 
-# Blocks per SM the K split aims for, per (tensor cores, transposed); from benchmarks/sweep_gemv.py.
-GEMV_BLOCKS_PER_SM = {(True, False): 1, (True, True): 1, (False, False): 4, (False, True): 2}
+# Blocks per SM the K split fills up to, per (itemsize, transposed): the tensor-core kernels (2 resident a
+# SM) lose to extra splits' partial sums more than they gain from a second wave (benchmarks/sweep_gemv.py).
+GEMV_BLOCKS_PER_SM = {(2, False): 2, (2, True): 2, (4, False): 4, (4, True): 2}
 
 
 def gemv_k_per_split(k: int, n_tiles: int, k_step: int, blocks_per_sm: int) -> int:
-    """The K range of one split, a multiple of ``k_step``, so that column tiles x splits gives each SM
-    about ``blocks_per_sm`` blocks."""
-    want = max(1, math.ceil(blocks_per_sm * sm_count() / n_tiles))
+    """The K range of one split, a multiple of ``k_step``: the most splits for which column tiles x splits
+    gives each SM at most ``blocks_per_sm`` blocks (at least one split)."""
+    want = max(1, blocks_per_sm * sm_count() // n_tiles)
     return max(k_step, math.ceil(math.ceil(k / want) / k_step) * k_step)
 
 
@@ -155,26 +139,20 @@ def gemv(x, w, transposed, bias=None, act=None):
     cupy = import_cupy()
     rows, k = x.shape
     n = w.shape[0] if transposed else w.shape[1]
-    mma = x.dtype.itemsize == 2
     y = cupy.empty((rows, n), x.dtype)
     epilogue = (i32(0 if act is None else int(act)), i32(bias is not None))
     bias = bias if bias is not None else x  # unread
-    if mma:  # stream-K: a fixed number of blocks shares the tiles' k stages evenly
-        tile, depth, stages = geometry = GEMV_MMA[transposed]
-        n_tiles = math.ceil(n / tile)
-        blocks = min(n_tiles * math.ceil(k / depth), GEMV_BLOCKS_PER_SM[True, transposed] * sm_count())
-        partials, counters = _workspace(2 * blocks * rows * tile, n_tiles)
-        kernel = _KERNELS.kernel(_mma_name(CTYPES[x.dtype], transposed, geometry))
-        smem = dynamic_shared(kernel, _mma_smem(transposed, geometry))
-        kernel((blocks,), (256,), (x, w, y, bias, partials, counters, i32(rows), i32(k), i32(n)) + epilogue,
-               shared_mem=smem)
-    else:  # split-K: a grid of column tiles x K splits
-        launch = _LAUNCH[transposed]
-        n_tiles = math.ceil(n / launch.tile)
-        per_split = gemv_k_per_split(k, n_tiles, launch.k_step, GEMV_BLOCKS_PER_SM[False, transposed])
-        splits = math.ceil(k / per_split)
-        partials, counters = _workspace(splits * rows * n if splits > 1 else 0, n_tiles)
-        kernel = _KERNELS.kernel(f"ct::gemv_{'nk' if transposed else 'kn'}<float, {next(r for r in _FMA_ROWS if rows <= r)}>")
-        kernel((n_tiles, splits), (launch.threads,),
-               (x, w, y, bias, partials, counters, i32(rows), i32(k), i32(n), i32(per_split)) + epilogue)
+    if x.dtype.itemsize == 2:
+        pieces, batch = GEMV_TC[transposed]
+        tile, k_step = (16 * pieces, 8 * batch * 32) if transposed else (32 * pieces, 8 * batch * 16)
+        name = _tc_name(CTYPES[x.dtype], transposed, GEMV_TC[transposed])
+    else:
+        tile, k_step = _FMA_TILES[transposed]
+        name = f"ct::gemv_{'nk' if transposed else 'kn'}<float, {next(r for r in _FMA_ROWS if rows <= r)}>"
+    n_tiles = math.ceil(n / tile)
+    per_split = gemv_k_per_split(k, n_tiles, k_step, GEMV_BLOCKS_PER_SM[x.dtype.itemsize, transposed])
+    splits = math.ceil(k / per_split)
+    partials, counters = _workspace(splits * rows * n if splits > 1 else 0, n_tiles)
+    _KERNELS.kernel(name)((n_tiles, splits), (256,),
+                          (x, w, y, bias, partials, counters, i32(rows), i32(k), i32(n), i32(per_split)) + epilogue)
     return y
