@@ -28,7 +28,7 @@ _FMA_ROWS = (1, 2, 4, 8)  # the fp32 kernels' row counts (rows round up)
 _GEMV_ACTS = (0, 1, 2, 5)  # identity and the ActivationType values a per-column epilogue can apply
 # The tensor-core kernels' (16- or 32-column pieces a warp, chunks a batch) per transposed; see gemv.cu and
 # benchmarks/sweep_gemv.py.
-GEMV_TC = {False: (2, 2), True: (2, 2)}
+GEMV_TC = {False: (2, 1), True: (2, 1)}
 
 
 def _tc_name(ctype: str, transposed: bool, geometry) -> str:
