@@ -6,9 +6,9 @@ Weights are ``[in, out]`` (DeepSpeed's default, GPT-2's Conv1D) or, with ``trans
 bias and applies ReLU or GELU (tanh form) before the one rounding to the dtype; other activations
 (GELU_EXACT) take ``bias_act``'s extra pass. Where cuBLASLt finds no algorithm, ``cupy.matmul`` plus that
 pass does it. CuPy cannot call cuBLAS during stream capture, so a captured decode step (up to 8 rows) runs
-the GEMV kernel instead, which applies bias and activation in its epilogue (fp32, one rounding). The GEMV is
-not yet as fast as cuBLAS outside capture (``benchmarks/results/ops-h100-*.md``: 0.5-0.96 of cuBLAS's speed,
-``benchmarks/NOTES.md`` for why), so eager calls keep cuBLAS. NumPy arrays take the reference: float64,
+the GEMV kernel instead, which applies bias and activation in its epilogue (fp32, one rounding). The GEMV
+matches cuBLAS on ``[out, in]`` weights and trails it on ``[in, out]`` (``benchmarks/results/ops-h200-*.md``:
+0.93-1.13 and 0.76-0.99 of cuBLAS's speed; ``benchmarks/NOTES.md`` for why), so eager calls keep cuBLAS. NumPy arrays take the reference: float64,
 rounded after the product and again after bias and activation.
 """
 
