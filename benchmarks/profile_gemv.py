@@ -12,7 +12,8 @@ import cupy
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cupy_transformer.ops.matmul as mm  # noqa: E402
 
-CASES = [(8192, 8192, True, 1), (1600, 6400, False, 1), (1600, 6400, True, 1)]
+CASES = [(1600, 6400, False, 1), (1600, 6400, False, 8), (1600, 6400, True, 1), (1600, 6400, True, 8),
+         (8192, 8192, False, 8), (8192, 8192, True, 8)]
 
 
 def main():
