@@ -92,25 +92,42 @@ def cases(hidden, inter, norm, act, rows):
 
 
 def elementwise_rows(copy_gbs):
-    """The fused elementwise passes alone at prefill size, GB/s of bytes read + written against copy."""
+    """The elementwise passes alone at prefill size, GB/s of bytes read + written, against the 1 GiB copy rate
+    and against a memcpy moving the same bytes timed the same way (the fair ceiling at that size)."""
     lines = ["", "Elementwise passes alone (fp16, 2048 rows): GB/s of bytes read + written; 'of copy' against the "
-             "copy rate above.", "", "| pass | shape | ours µs | GB/s | of copy | torch µs | vs torch |", "|---|---|---|---|---|---|---|"]
+             "copy rate above; 'same-size copy' is a device-to-device memcpy moving as many bytes (read + written), "
+             "timed the same way, and 'of that' = its time / ours.", "",
+             "| pass | shape | ours µs | GB/s | of copy | same-size copy µs | of that | torch µs | vs torch |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, act, width in [("bias + gated SiLU (LLaMA-7B MLP)", "GATED_SILU", 2 * 11008),
-                             ("bias + GELU tanh (GPT-2-XL MLP)", "GELU", 6400), ("bias + GELU erf (BERT)", "GELU_EXACT", 3072)]:
-        h, b = t(2048, width), t(width)
-        hc, bc = cupy.from_dlpack(h), cupy.from_dlpack(b)
-        gated = act.startswith("GATED")
-        half = width // 2
-        if gated:
-            ref = lambda: F.silu(h[:, half:] + b[half:]) * (h[:, :half] + b[:half])  # noqa: E731
+                             ("bias + GELU tanh (GPT-2-XL MLP)", "GELU", 6400), ("bias + GELU erf (BERT)", "GELU_EXACT", 3072),
+                             ("ResidualAddOp (GPT-2-XL)", None, 1600), ("ResidualAddOp (LLaMA-7B)", None, 4096)]:
+        if act is None:  # out = x + residual + attention output + two biases (pre-LN, mp_size 1)
+            cfg = ops.InferenceConfig(hidden_size=width, heads=32, intermediate_size=4 * width)
+            res = ops.ResidualAddOp(cfg)
+            x, r, a, b1, b2 = t(2048, width), t(2048, width), t(2048, width), t(width), t(width)
+            xc, rc, ac, b1c, b2c = (cupy.from_dlpack(v) for v in (x, r, a, b1, b2))
+            run = lambda: res(xc, rc, True, ac, None, b1c, b2c)  # noqa: E731
+            ref = lambda: x + r + a + b1 + b2  # noqa: E731
+            nbytes = 4 * x.nbytes
         else:
-            ref = lambda: F.gelu(h + b, approximate="tanh" if act == "GELU" else "none")  # noqa: E731
-        ours = time_us(lambda: ops.bias_act(hc, bc, act), [()])
-        theirs = time_us(ref, [()])
-        nbytes = h.nbytes + (h.nbytes // 2 if gated else h.nbytes)
+            h, b = t(2048, width), t(width)
+            hc, bc = cupy.from_dlpack(h), cupy.from_dlpack(b)
+            half = width // 2
+            if act.startswith("GATED"):
+                ref = lambda: F.silu(h[:, half:] + b[half:]) * (h[:, :half] + b[:half])  # noqa: E731
+                nbytes = h.nbytes + h.nbytes // 2
+            else:
+                ref = lambda: F.gelu(h + b, approximate="tanh" if act == "GELU" else "none")  # noqa: E731
+                nbytes = 2 * h.nbytes
+            run = lambda: ops.bias_act(hc, bc, act)  # noqa: E731
+        src, dst = cupy.empty(nbytes // 2, cupy.uint8), cupy.empty(nbytes // 2, cupy.uint8)
+        memcpy = lambda: cupy.cuda.runtime.memcpyAsync(  # noqa: E731
+            dst.data.ptr, src.data.ptr, src.nbytes, cupy.cuda.runtime.memcpyDeviceToDevice, 0)
+        ours, theirs, same = time_us(run, [()]), time_us(ref, [()]), time_us(memcpy, [()])
         gbs = nbytes / ours / 1e3
-        line = (f"| {name} | 2048x{width} | {ours:.1f} | {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% | {theirs:.1f} "
-                f"| {theirs / ours:.2f} |")
+        line = (f"| {name} | 2048x{width} | {ours:.1f} | {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% | {same:.1f} "
+                f"| {100 * same / ours:.0f}% | {theirs:.1f} | {theirs / ours:.2f} |")
         print(line)
         lines.append(line)
     return lines
