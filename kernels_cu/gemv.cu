@@ -250,12 +250,17 @@ struct GemvNorm {
         const int g = min(threadIdx.x % 32 / 4, rows - 1);
         mean = stat[g][0], rstd = stat[g][1];
     }
+    // gamma and beta for N registers of 16-bit pairs from column k (loaded with x, ahead of the math).
+    template <int N>
+    __device__ void params(int k, Vec<unsigned, N>& gp, Vec<unsigned, N>& bp) const {
+        gp = *reinterpret_cast<const Vec<unsigned, N>*>(gamma + k);
+        bp = mode == LAYER_NORM ? *reinterpret_cast<const Vec<unsigned, N>*>(beta + k) : Vec<unsigned, N>{};
+    }
     // N registers of 16-bit pairs, x row g from column k: normalised in place, and stored by column tile 0.
     template <int N>
-    __device__ void apply(unsigned (&v)[N], int g, int k, int K) const {
+    __device__ void apply(unsigned (&v)[N], const Vec<unsigned, N>& gp, const Vec<unsigned, N>& bp, int g, int k,
+                          int K) const {
         using P = Vec<unsigned, N>;
-        const P gp = *reinterpret_cast<const P*>(gamma + k);
-        const P bp = mode == LAYER_NORM ? *reinterpret_cast<const P*>(beta + k) : P{};
         const T *ge = reinterpret_cast<const T*>(&gp), *be = reinterpret_cast<const T*>(&bp);
         T* e = reinterpret_cast<T*>(v);
 #pragma unroll
@@ -308,8 +313,11 @@ __global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_tc_nk(GEMV_ARGS, GEMV_NO
         for (int h = 0; h < 2; ++h) wr[m][h] = w + static_cast<size_t>(min(tile_first + 16 * m + g + 8 * h, N - 1)) * K + 8 * t;
     const T* xr = x + static_cast<size_t>(min(g, rows - 1)) * K + 8 * t;
     float c[M][4] = {};
-    for (int kb = k_begin + warp * U * CK; kb < k_end; kb += GEMV_WARPS * U * CK) {
+    struct Batch {
         uint4 a[U][M][2], b[U];
+        Vec<unsigned, 4> gp[U], bp[U];  // the norm's gamma and beta for b (NORM)
+    };
+    const auto load = [&](int kb, Batch& B) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {  // past k_end: a valid address, zeros
             const int k = kb + u * CK;
@@ -318,20 +326,32 @@ __global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_tc_nk(GEMV_ARGS, GEMV_NO
 #pragma unroll
             for (int m = 0; m < M; ++m)
 #pragma unroll
-                for (int h = 0; h < 2; ++h) a[u][m][h] = load_stream(wr[m][h] + kc);
-            b[u] = select(in && g < rows, *reinterpret_cast<const uint4*>(xr + kc));
+                for (int h = 0; h < 2; ++h) B.a[u][m][h] = load_stream(wr[m][h] + kc);
+            B.b[u] = select(in && g < rows, *reinterpret_cast<const uint4*>(xr + kc));
+            if (NORM) norm.params(kc + 8 * t, B.gp[u], B.bp[u]);
         }
+    };
+    const auto math = [&](int kb, Batch& B) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const bool in = kb + u * CK + 8 * t < k_end;
-            if (NORM && in && g < rows) norm.apply(reinterpret_cast<unsigned(&)[4]>(b[u]), g, kb + u * CK + 8 * t, K);
+            if (NORM && in && g < rows) norm.apply(reinterpret_cast<unsigned(&)[4]>(B.b[u]), B.gp[u], B.bp[u], g, kb + u * CK + 8 * t, K);
 #pragma unroll
             for (int m = 0; m < M; ++m) {
-                const uint4 lo = select(in, a[u][m][0]), hi = select(in, a[u][m][1]);
-                mma_16816<T>(c[m], {lo.x, hi.x, lo.y, hi.y}, b[u].x, b[u].y);
-                mma_16816<T>(c[m], {lo.z, hi.z, lo.w, hi.w}, b[u].z, b[u].w);
+                const uint4 lo = select(in, B.a[u][m][0]), hi = select(in, B.a[u][m][1]);
+                mma_16816<T>(c[m], {lo.x, hi.x, lo.y, hi.y}, B.b[u].x, B.b[u].y);
+                mma_16816<T>(c[m], {lo.z, hi.z, lo.w, hi.w}, B.b[u].z, B.b[u].w);
             }
         }
+    };
+    constexpr int STEP = GEMV_WARPS * U * CK;
+    Batch cur, next;  // the next batch's loads are in flight during this batch's math
+    int kb = k_begin + warp * U * CK;
+    if (kb < k_end) load(kb, cur);
+    for (; kb < k_end; kb += STEP) {
+        if (kb + STEP < k_end) load(kb + STEP, next);
+        math(kb, cur);
+        cur = next;
     }
     gemv_tc_reduce<T, TILE>(out, c, tile_first, [](int m, int i) { return 16 * m + threadIdx.x % 32 / 4 + 8 * (i / 2); });
 }
@@ -356,39 +376,54 @@ __global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_tc_kn(GEMV_ARGS, GEMV_NO
     for (int m = 0; m < M; ++m) col[m] = min(tile_first + 32 * m + 8 * t, N - 8);
     const T* xr = x + static_cast<size_t>(min(g, rows - 1)) * K + 2 * t;
     float c[2 * M][4] = {};
-    for (int kb = k_begin + warp * U * CK; kb < k_end; kb += GEMV_WARPS * U * CK) {
+    struct Batch {
         uint4 a[U][M][2];
         unsigned b[U][2];
+        Vec<unsigned, 1> gp[U][2], bp[U][2];  // the norm's gamma and beta for b (NORM)
+    };
+    const auto load = [&](int kb, Batch& B) {
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
+        for (int u = 0; u < U; ++u)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {  // k rows past k_end: a valid address, zeros
                 const int k = kb + u * CK + 8 * h;
                 const bool in = k < k_end;
                 const int kr = in ? k : k_end - 8;
 #pragma unroll
-                for (int m = 0; m < M; ++m) a[u][m][h] = load_stream(w + static_cast<size_t>(kr + g) * N + col[m]);
-                b[u][h] = in && g < rows ? *reinterpret_cast<const unsigned*>(xr + kr) : 0u;
+                for (int m = 0; m < M; ++m) B.a[u][m][h] = load_stream(w + static_cast<size_t>(kr + g) * N + col[m]);
+                B.b[u][h] = in && g < rows ? *reinterpret_cast<const unsigned*>(xr + kr) : 0u;
+                if (NORM) norm.params(kr + 2 * t, B.gp[u][h], B.bp[u][h]);
             }
-        }
+    };
+    const auto math = [&](int kb, Batch& B) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int k = kb + u * CK + 8 * h;
-                if (NORM && k < k_end && g < rows) norm.apply(reinterpret_cast<unsigned(&)[1]>(b[u][h]), g, k + 2 * t, K);
+                if (NORM && k < k_end && g < rows)
+                    norm.apply(reinterpret_cast<unsigned(&)[1]>(B.b[u][h]), B.gp[u][h], B.bp[u][h], g, k + 2 * t, K);
             }
 #pragma unroll
             for (int m = 0; m < M; ++m) {
-                const uint4 lo = select(kb + u * CK < k_end, a[u][m][0]);
-                const uint4 hi = select(kb + u * CK + 8 < k_end, a[u][m][1]);
+                const uint4 lo = select(kb + u * CK < k_end, B.a[u][m][0]);
+                const uint4 hi = select(kb + u * CK + 8 < k_end, B.a[u][m][1]);
                 const unsigned l0 = transpose8x8(lo.x), l1 = transpose8x8(lo.y), l2 = transpose8x8(lo.z),
                                l3 = transpose8x8(lo.w), h0 = transpose8x8(hi.x), h1 = transpose8x8(hi.y),
                                h2 = transpose8x8(hi.z), h3 = transpose8x8(hi.w);
-                mma_16816<T>(c[2 * m], {l0, l1, h0, h1}, b[u][0], b[u][1]);      // columns j = 0, 1
-                mma_16816<T>(c[2 * m + 1], {l2, l3, h2, h3}, b[u][0], b[u][1]);  // columns j = 2, 3
+                mma_16816<T>(c[2 * m], {l0, l1, h0, h1}, B.b[u][0], B.b[u][1]);      // columns j = 0, 1
+                mma_16816<T>(c[2 * m + 1], {l2, l3, h2, h3}, B.b[u][0], B.b[u][1]);  // columns j = 2, 3
             }
         }
+    };
+    constexpr int STEP = GEMV_WARPS * U * CK;
+    Batch cur, next;  // the next batch's loads are in flight during this batch's math
+    int kb = k_begin + warp * U * CK;
+    if (kb < k_end) load(kb, cur);
+    for (; kb < k_end; kb += STEP) {
+        if (kb + STEP < k_end) load(kb + STEP, next);
+        math(kb, cur);
+        cur = next;
     }
     // c[2m + p][i]: piece m, column n(g, 2p + i / 2), x row 2t + i % 2.
     gemv_tc_reduce<T, TILE>(out, c, tile_first, [](int mp, int i) {
