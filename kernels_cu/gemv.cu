@@ -11,7 +11,6 @@
 // launch. Rows beyond `rows` are never written.
 #include "common.cuh"
 #include "mma.cuh"
-#include "norm.cuh"
 
 namespace ct {
 
@@ -209,66 +208,6 @@ __device__ __forceinline__ unsigned transpose8x8(unsigned v) {
 
 __device__ __forceinline__ uint4 select(bool keep, uint4 v) { return keep ? v : make_uint4(0, 0, 0, 0); }
 
-// The norm prologue (QKVGemmOp at decode: norm + product in one kernel): every block first computes the
-// statistics of x's rows (at most 8, read from L2), then normalises each x value as it feeds the mma; the
-// blocks of column tile 0 also write the normalised rows (xn, which the op returns). Same math as norm.cu.
-template <typename T>
-struct GemvNorm {
-    const T* gamma;
-    const T* beta;  // read for LAYER_NORM only
-    T* xn;          // [rows, K]
-    float eps;
-    int mode;
-    float mean = 0.f, rstd = 0.f;  // of x row lane / 4, this lane's row in both kernels' B operand
-
-    // Every thread of the block calls this; warp r < rows computes row r's statistics (two passes).
-    __device__ void stats(const T* x, int rows, int K) {
-        __shared__ float stat[8][2];
-        const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-        if (warp < rows) {
-            using V = Vec<T, 8>;
-            const T* row = x + static_cast<size_t>(warp) * K;
-            float m = 0.f, sq = 0.f;
-            if (mode != RMS_NORM) {
-                float s = 0.f;
-                for (int k = 8 * lane; k < K; k += 256) {
-                    const V v = *reinterpret_cast<const V*>(row + k);
-#pragma unroll
-                    for (int j = 0; j < 8; ++j) s += to_float(v.v[j]);
-                }
-                m = warp_sum(s) / K;
-            }
-            for (int k = 8 * lane; k < K; k += 256) {
-                const V v = *reinterpret_cast<const V*>(row + k);
-#pragma unroll
-                for (int j = 0; j < 8; ++j) sq += (to_float(v.v[j]) - m) * (to_float(v.v[j]) - m);
-            }
-            sq = warp_sum(sq);
-            if (lane == 0) stat[warp][0] = m, stat[warp][1] = rsqrtf(sq / K + eps);
-        }
-        __syncthreads();
-        const int g = min(threadIdx.x % 32 / 4, rows - 1);
-        mean = stat[g][0], rstd = stat[g][1];
-    }
-    // gamma and beta for N registers of 16-bit pairs from column k (loaded with x, ahead of the math).
-    template <int N>
-    __device__ void params(int k, Vec<unsigned, N>& gp, Vec<unsigned, N>& bp) const {
-        gp = *reinterpret_cast<const Vec<unsigned, N>*>(gamma + k);
-        bp = mode == LAYER_NORM ? *reinterpret_cast<const Vec<unsigned, N>*>(beta + k) : Vec<unsigned, N>{};
-    }
-    // N registers of 16-bit pairs, x row g from column k: normalised in place, and stored by column tile 0.
-    template <int N>
-    __device__ void apply(unsigned (&v)[N], const Vec<unsigned, N>& gp, const Vec<unsigned, N>& bp, int g, int k,
-                          int K) const {
-        using P = Vec<unsigned, N>;
-        const T *ge = reinterpret_cast<const T*>(&gp), *be = reinterpret_cast<const T*>(&bp);
-        T* e = reinterpret_cast<T*>(v);
-#pragma unroll
-        for (int j = 0; j < 2 * N; ++j) e[j] = norm_value<T>(to_float(e[j]), mean, rstd, to_float(ge[j]), to_float(be[j]), mode);
-        if (blockIdx.x == 0) *reinterpret_cast<P*>(xn + static_cast<size_t>(g) * K + k) = *reinterpret_cast<const P*>(v);
-    }
-};
-
 // After the streaming loop: c[m][i] is this warp's sum for tile output out_of(m, i), x row 2t + i % 2.
 // The 8 warps' sums meet in shared memory; then GemvOut finishes (one split) or keeps a partial.
 template <typename T, int TILE, int NC, typename OutOf>
@@ -295,13 +234,10 @@ __device__ __forceinline__ void gemv_tc_reduce(const GemvOut<T>& out, const floa
 // W [N, K] (nn.Linear's [out, in], transposed_mode). A block's tile is 16 M weight rows; a chunk is 32 k.
 // Lane (g, t) loads k 8t .. 8t + 7 of the chunk from rows g and g + 8 of each 16-row piece, and x row g's
 // same 8 k: the chunk's k are permuted alike in both operands (mma step s takes each lane's pairs 2s, 2s +
-// 1). K % 8 == 0, k_per_split % (8 U 32) == 0, W, x, gamma and beta 16-byte aligned (the launcher checks).
-#define GEMV_NORM_ARGS const T *__restrict__ gamma, const T *__restrict__ beta, T *__restrict__ xn, float eps, int norm_mode
-template <typename T, int M, int U, bool NORM>
-__global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_tc_nk(GEMV_ARGS, GEMV_NORM_ARGS) {
+// 1). K % 8 == 0, k_per_split % (8 U 32) == 0, W and x 16-byte aligned (the launcher checks).
+template <typename T, int M, int U>
+__global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_tc_nk(GEMV_ARGS) {
     const GEMV_OUT;
-    GemvNorm<T> norm{gamma, beta, xn, eps, norm_mode};
-    if (NORM) norm.stats(x, rows, K);
     constexpr int TILE = 16 * M, CK = 32;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int tile_first = blockIdx.x * TILE;
@@ -313,11 +249,8 @@ __global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_tc_nk(GEMV_ARGS, GEMV_NO
         for (int h = 0; h < 2; ++h) wr[m][h] = w + static_cast<size_t>(min(tile_first + 16 * m + g + 8 * h, N - 1)) * K + 8 * t;
     const T* xr = x + static_cast<size_t>(min(g, rows - 1)) * K + 8 * t;
     float c[M][4] = {};
-    struct Batch {
+    for (int kb = k_begin + warp * U * CK; kb < k_end; kb += GEMV_WARPS * U * CK) {
         uint4 a[U][M][2], b[U];
-        Vec<unsigned, 4> gp[U], bp[U];  // the norm's gamma and beta for b (NORM)
-    };
-    const auto load = [&](int kb, Batch& B) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {  // past k_end: a valid address, zeros
             const int k = kb + u * CK;
@@ -326,32 +259,19 @@ __global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_tc_nk(GEMV_ARGS, GEMV_NO
 #pragma unroll
             for (int m = 0; m < M; ++m)
 #pragma unroll
-                for (int h = 0; h < 2; ++h) B.a[u][m][h] = load_stream(wr[m][h] + kc);
-            B.b[u] = select(in && g < rows, *reinterpret_cast<const uint4*>(xr + kc));
-            if (NORM) norm.params(kc + 8 * t, B.gp[u], B.bp[u]);
+                for (int h = 0; h < 2; ++h) a[u][m][h] = load_stream(wr[m][h] + kc);
+            b[u] = select(in && g < rows, *reinterpret_cast<const uint4*>(xr + kc));
         }
-    };
-    const auto math = [&](int kb, Batch& B) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const bool in = kb + u * CK + 8 * t < k_end;
-            if (NORM && in && g < rows) norm.apply(reinterpret_cast<unsigned(&)[4]>(B.b[u]), B.gp[u], B.bp[u], g, kb + u * CK + 8 * t, K);
 #pragma unroll
             for (int m = 0; m < M; ++m) {
-                const uint4 lo = select(in, B.a[u][m][0]), hi = select(in, B.a[u][m][1]);
-                mma_16816<T>(c[m], {lo.x, hi.x, lo.y, hi.y}, B.b[u].x, B.b[u].y);
-                mma_16816<T>(c[m], {lo.z, hi.z, lo.w, hi.w}, B.b[u].z, B.b[u].w);
+                const uint4 lo = select(in, a[u][m][0]), hi = select(in, a[u][m][1]);
+                mma_16816<T>(c[m], {lo.x, hi.x, lo.y, hi.y}, b[u].x, b[u].y);
+                mma_16816<T>(c[m], {lo.z, hi.z, lo.w, hi.w}, b[u].z, b[u].w);
             }
         }
-    };
-    constexpr int STEP = GEMV_WARPS * U * CK;
-    Batch cur, next;  // the next batch's loads are in flight during this batch's math
-    int kb = k_begin + warp * U * CK;
-    if (kb < k_end) load(kb, cur);
-    for (; kb < k_end; kb += STEP) {
-        if (kb + STEP < k_end) load(kb + STEP, next);
-        math(kb, cur);
-        cur = next;
     }
     gemv_tc_reduce<T, TILE>(out, c, tile_first, [](int m, int i) { return 16 * m + threadIdx.x % 32 / 4 + 8 * (i / 2); });
 }
@@ -361,12 +281,10 @@ __global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_tc_nk(GEMV_ARGS, GEMV_NO
 // registers is a fragment of an 8 (k) x 8 (columns 8t' + 2j + {0, 1} over t') matrix, which movmatrix
 // transposes into mma's A layout (rows = those columns, pairs along k). So lane (g, t) ends up holding
 // column n(g, j) = 8 (g / 2) + 2j + g % 2 of the piece, k pair 2t, 2t + 1. N % 8 == 0, K % 8 == 0,
-// k_per_split % (8 U 16) == 0, W and x 16-byte aligned, gamma and beta 4-byte aligned (the launcher checks).
-template <typename T, int M, int U, bool NORM>
-__global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_tc_kn(GEMV_ARGS, GEMV_NORM_ARGS) {
+// k_per_split % (8 U 16) == 0, W and x 16-byte aligned (the launcher checks).
+template <typename T, int M, int U>
+__global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_tc_kn(GEMV_ARGS) {
     const GEMV_OUT;
-    GemvNorm<T> norm{gamma, beta, xn, eps, norm_mode};
-    if (NORM) norm.stats(x, rows, K);
     constexpr int TILE = 32 * M, CK = 16;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int tile_first = blockIdx.x * TILE;
@@ -376,54 +294,33 @@ __global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_tc_kn(GEMV_ARGS, GEMV_NO
     for (int m = 0; m < M; ++m) col[m] = min(tile_first + 32 * m + 8 * t, N - 8);
     const T* xr = x + static_cast<size_t>(min(g, rows - 1)) * K + 2 * t;
     float c[2 * M][4] = {};
-    struct Batch {
+    for (int kb = k_begin + warp * U * CK; kb < k_end; kb += GEMV_WARPS * U * CK) {
         uint4 a[U][M][2];
         unsigned b[U][2];
-        Vec<unsigned, 1> gp[U][2], bp[U][2];  // the norm's gamma and beta for b (NORM)
-    };
-    const auto load = [&](int kb, Batch& B) {
 #pragma unroll
-        for (int u = 0; u < U; ++u)
+        for (int u = 0; u < U; ++u) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {  // k rows past k_end: a valid address, zeros
                 const int k = kb + u * CK + 8 * h;
                 const bool in = k < k_end;
                 const int kr = in ? k : k_end - 8;
 #pragma unroll
-                for (int m = 0; m < M; ++m) B.a[u][m][h] = load_stream(w + static_cast<size_t>(kr + g) * N + col[m]);
-                B.b[u][h] = in && g < rows ? *reinterpret_cast<const unsigned*>(xr + kr) : 0u;
-                if (NORM) norm.params(kr + 2 * t, B.gp[u][h], B.bp[u][h]);
+                for (int m = 0; m < M; ++m) a[u][m][h] = load_stream(w + static_cast<size_t>(kr + g) * N + col[m]);
+                b[u][h] = in && g < rows ? *reinterpret_cast<const unsigned*>(xr + kr) : 0u;
             }
-    };
-    const auto math = [&](int kb, Batch& B) {
+        }
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int k = kb + u * CK + 8 * h;
-                if (NORM && k < k_end && g < rows)
-                    norm.apply(reinterpret_cast<unsigned(&)[1]>(B.b[u][h]), B.gp[u][h], B.bp[u][h], g, k + 2 * t, K);
-            }
+        for (int u = 0; u < U; ++u)
 #pragma unroll
             for (int m = 0; m < M; ++m) {
-                const uint4 lo = select(kb + u * CK < k_end, B.a[u][m][0]);
-                const uint4 hi = select(kb + u * CK + 8 < k_end, B.a[u][m][1]);
+                const uint4 lo = select(kb + u * CK < k_end, a[u][m][0]);
+                const uint4 hi = select(kb + u * CK + 8 < k_end, a[u][m][1]);
                 const unsigned l0 = transpose8x8(lo.x), l1 = transpose8x8(lo.y), l2 = transpose8x8(lo.z),
                                l3 = transpose8x8(lo.w), h0 = transpose8x8(hi.x), h1 = transpose8x8(hi.y),
                                h2 = transpose8x8(hi.z), h3 = transpose8x8(hi.w);
-                mma_16816<T>(c[2 * m], {l0, l1, h0, h1}, B.b[u][0], B.b[u][1]);      // columns j = 0, 1
-                mma_16816<T>(c[2 * m + 1], {l2, l3, h2, h3}, B.b[u][0], B.b[u][1]);  // columns j = 2, 3
+                mma_16816<T>(c[2 * m], {l0, l1, h0, h1}, b[u][0], b[u][1]);      // columns j = 0, 1
+                mma_16816<T>(c[2 * m + 1], {l2, l3, h2, h3}, b[u][0], b[u][1]);  // columns j = 2, 3
             }
-        }
-    };
-    constexpr int STEP = GEMV_WARPS * U * CK;
-    Batch cur, next;  // the next batch's loads are in flight during this batch's math
-    int kb = k_begin + warp * U * CK;
-    if (kb < k_end) load(kb, cur);
-    for (; kb < k_end; kb += STEP) {
-        if (kb + STEP < k_end) load(kb + STEP, next);
-        math(kb, cur);
-        cur = next;
     }
     // c[2m + p][i]: piece m, column n(g, 2p + i / 2), x row 2t + i % 2.
     gemv_tc_reduce<T, TILE>(out, c, tile_first, [](int mp, int i) {

@@ -7,10 +7,11 @@
 // and the variance is an exact second pass over registers. VPT == 0 is the path for rows too long for
 // registers: three passes over the row, the second and third served mostly from L2. Statistics and the
 // affine transform are in fp32.
-#include "norm.cuh"
+#include "common.cuh"
 
 namespace ct {
 
+enum NormMode : int { LAYER_NORM = 0, LAYER_NORM_NO_BETA = 1, RMS_NORM = 2 };
 // Optional pre-add (MLPGemmOp's "x + residual + bias, then normalise"): z = round(x + residual [+ bias]),
 // optionally written out, and the row normalised is z.
 enum PreAdd : int { PRE_ADD = 1, PRE_ADD_BIAS = 2, WRITE_SUM = 4 };
@@ -97,12 +98,18 @@ template <typename T, int VEC, bool ALIGNED>
 __device__ __forceinline__ void normalize_slot(const Row<T, VEC, ALIGNED>& row, const NormArgs<T>& a, int s,
                                                const Vec<T, VEC>& in, float mean, float rstd) {
     if (a.pre_add & WRITE_SUM) row.store(a.sum, s, in);
-    float g[VEC], b[VEC] = {};
+    float g[VEC], b[VEC];
     row.params(a.gamma, s, g);
     if (a.mode == LAYER_NORM) row.params(a.beta, s, b);
     Vec<T, VEC> out;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) out.v[j] = norm_value<T>(to_float(in.v[j]), mean, rstd, g[j], b[j], a.mode);
+    for (int j = 0; j < VEC; ++j) {
+        const float v = to_float(in.v[j]);
+        if (a.mode == RMS_NORM)  // as Hugging Face's RMSNorm: normalise in fp32, round to T, times gamma in T
+            out.v[j] = from_float<T>(to_float(from_float<T>(v * rstd)) * g[j]);
+        else
+            out.v[j] = from_float<T>((v - mean) * rstd * g[j] + (a.mode == LAYER_NORM ? b[j] : 0.f));
+    }
     row.store(a.y, s, out);
 }
 

@@ -20,9 +20,8 @@ import numpy
 
 from ..runtime import cublaslt
 from ..runtime.arrays import as_array, import_cupy
-from ..runtime.kernels import CTYPES, KernelFamily, compute_capability, f32, i32, sm_count, vector_width
+from ..runtime.kernels import CTYPES, KernelFamily, compute_capability, i32, sm_count, vector_width
 from .bias_act import apply_bias_act
-from .norm import NORM_MODES
 
 GEMV_MAX_ROWS = 8
 _FMA_ROWS = (1, 2, 4, 8)  # the fp32 kernels' row counts (rows round up)
@@ -32,15 +31,13 @@ _GEMV_ACTS = (0, 1, 2, 5)  # identity and the ActivationType values a per-column
 GEMV_TC = {False: (2, 1), True: (2, 1)}
 
 
-def _tc_name(ctype: str, transposed: bool, geometry, norm: bool = False) -> str:
-    layout = "nk" if transposed else "kn"
-    return f"ct::gemv_tc_{layout}<{ctype}, {geometry[0]}, {geometry[1]}, {'true' if norm else 'false'}>"
+def _tc_name(ctype: str, transposed: bool, geometry) -> str:
+    return f"ct::gemv_tc_{'nk' if transposed else 'kn'}<{ctype}, {geometry[0]}, {geometry[1]}>"
 
 
 _KERNELS = KernelFamily(
     "gemv.cu",
-    [_tc_name(c, tr, GEMV_TC[tr], norm) for d, c in CTYPES.items() if d.itemsize == 2 for tr in (False, True)
-     for norm in (False, True)]
+    [_tc_name(c, tr, GEMV_TC[tr]) for d, c in CTYPES.items() if d.itemsize == 2 for tr in (False, True)]
     + [f"ct::gemv_{layout}<float, {r}>" for layout in ("kn", "nk") for r in _FMA_ROWS],
 )
 
@@ -137,11 +134,8 @@ def gemv_k_per_split(k: int, n_tiles: int, k_step: int, blocks_per_sm: int) -> i
     return max(k_step, math.ceil(math.ceil(k / want) / k_step) * k_step)
 
 
-def gemv(x, w, transposed, bias=None, act=None, norm=None):
-    """The GEMV kernel on checked CuPy arrays (``gemv_fits`` must hold): ``act(x[rows<=8, K] @ W + bias)``.
-
-    ``norm`` = (``ops.norm`` mode, gamma, beta or None, eps) normalises x's rows first in the same kernel
-    (16-bit dtypes; ``gemv_norm_fits`` must hold) and returns ``(y, xn)``."""
+def gemv(x, w, transposed, bias=None, act=None):
+    """The GEMV kernel on checked CuPy arrays (``gemv_fits`` must hold): ``act(x[rows<=8, K] @ W + bias)``."""
     cupy = import_cupy()
     rows, k = x.shape
     n = w.shape[0] if transposed else w.shape[1]
@@ -151,26 +145,14 @@ def gemv(x, w, transposed, bias=None, act=None, norm=None):
     if x.dtype.itemsize == 2:
         pieces, batch = GEMV_TC[transposed]
         tile, k_step = (16 * pieces, 8 * batch * 32) if transposed else (32 * pieces, 8 * batch * 16)
-        name = _tc_name(CTYPES[x.dtype], transposed, GEMV_TC[transposed], norm is not None)
-        xn = cupy.empty_like(x) if norm is not None else None
-        mode, gamma, beta, eps = norm if norm is not None else ("layer_norm", x, None, 0.0)
-        prologue = (gamma, x if beta is None else beta, x if xn is None else xn, f32(eps), i32(NORM_MODES[mode]))
+        name = _tc_name(CTYPES[x.dtype], transposed, GEMV_TC[transposed])
     else:
         tile, k_step = _FMA_TILES[transposed]
         name = f"ct::gemv_{'nk' if transposed else 'kn'}<float, {next(r for r in _FMA_ROWS if rows <= r)}>"
-        prologue = ()
     n_tiles = math.ceil(n / tile)
     per_split = gemv_k_per_split(k, n_tiles, k_step, GEMV_BLOCKS_PER_SM[x.dtype.itemsize, transposed])
     splits = math.ceil(k / per_split)
     partials, counters = _workspace(splits * rows * n if splits > 1 else 0, n_tiles)
-    _KERNELS.kernel(name)((n_tiles, splits), (256,), (x, w, y, bias, partials, counters, i32(rows), i32(k), i32(n),
-                                                       i32(per_split)) + epilogue + prologue)
-    return (y, xn) if norm is not None else y
-
-
-def gemv_norm_fits(x, w, transposed, bias, gamma, beta) -> bool:
-    """Whether ``gemv(..., norm=...)`` can run: a 16-bit decode shape ``gemv_fits`` takes, on a GPU, with
-    16-byte aligned norm vectors."""
-    return (not isinstance(x, numpy.ndarray) and x.dtype.itemsize == 2 and x.ndim == 2 and x.shape[0] <= GEMV_MAX_ROWS
-            and gemv_fits(x, w, transposed, bias, None)
-            and all(v.data.ptr % 16 == 0 for v in (gamma,) + ((beta,) if beta is not None else ())))
+    _KERNELS.kernel(name)((n_tiles, splits), (256,),
+                          (x, w, y, bias, partials, counters, i32(rows), i32(k), i32(n), i32(per_split)) + epilogue)
+    return y

@@ -40,7 +40,7 @@ _WARP_ROWS_PER_BLOCK = 4
 # path for very long rows; warp-per-row for rows of at most 32 x 4 slots.
 _ALIGNED_VARIANTS = [(vpt, False) for vpt in (1, 2, 4, 8, 0)] + [(vpt, True) for vpt in (1, 2, 4)]
 
-NORM_MODES = {"layer_norm": 0, "layer_norm_no_beta": 1, "rms_norm": 2}  # kernels_cu/norm.cuh's NormMode
+_MODE = {"layer_norm": 0, "layer_norm_no_beta": 1, "rms_norm": 2}
 
 
 def _name(dtype: numpy.dtype, vec: int, vpt: int, warp_per_row: bool, aligned: bool) -> str:
@@ -171,6 +171,6 @@ def normalize(mode: str, x, gamma, beta, eps: float, *, out=None, residual=None,
             grid,
             block,
             tuple(unused if a is None else a for a in args)
-            + (i32(rows), i32(width), f32(eps), i32(NORM_MODES[mode]), i32(pre_add), i32(params_aligned)),
+            + (i32(rows), i32(width), f32(eps), i32(_MODE[mode]), i32(pre_add), i32(params_aligned)),
         )
     return (out, total) if want_sum else out

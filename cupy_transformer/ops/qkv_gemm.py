@@ -1,11 +1,9 @@
 """QKVGemmOp (``ops-spec.md`` §3): input norm fused before the QKV projection, for pre-norm models.
 
 ``xn = LayerNorm(x; gamma, beta)`` or ``RMSNorm(x; gamma)`` (config ``norm_type``, ``epsilon``), then
-``qkv = xn @ W (+ bias)``. Returns ``(qkv, xn)``. The norm is ``ops.norm``'s math (its rounding
-decisions hold here: RMSNorm rounds like Hugging Face, not like DeepSpeed). Decode shapes (up to 8 rows,
-fp16/bf16) run one kernel: the GEMV with the norm as its prologue and the bias in its epilogue, which also
-writes xn (a norm kernel plus the product cost a launch and a round trip more:
-``benchmarks/results/ops-h200-*.md``). Otherwise ``ops.norm``'s kernel, then ``ops.matmul``. DeepSpeed ignores ``beta`` for RMSNorm; here a ``beta`` with
+``qkv = xn @ W (+ bias)``. Returns ``(qkv, xn)``. The norm is ``ops.norm``'s kernel (its rounding
+decisions hold here: RMSNorm rounds like Hugging Face, not like DeepSpeed); the product and bias are
+``ops.matmul``'s (GEMV with the bias in its epilogue up to 8 rows, cuBLAS and one bias pass beyond). DeepSpeed ignores ``beta`` for RMSNorm; here a ``beta`` with
 RMSNorm is an error rather than silently unused. Rows of any width (DeepSpeed: at most 16384).
 """
 
@@ -13,7 +11,7 @@ from __future__ import annotations
 
 from ..runtime.arrays import common_kind, to_caller
 from .base import TransformerOp
-from .matmul import gemv, gemv_norm_fits, matmul
+from .matmul import matmul
 from .norm import normalize
 
 
@@ -27,12 +25,6 @@ class QKVGemmOp(TransformerOp):
         mode, g, b = self.norm_params(kind, gamma, beta, width, "input norm")
         w, out_features = self.weight("weight", weight, kind, width)
         qkv_bias = self.vector("bias", bias, kind, out_features)
-        transposed, eps = self.config.transposed_mode, self.config.epsilon
-        x2 = x.reshape(-1, width)
-        if gemv_norm_fits(x2, w, transposed, qkv_bias, g, b):
-            qkv, xn = gemv(x2, w, transposed, qkv_bias, norm=(mode, g, b, eps))
-            qkv, xn = qkv.reshape(x.shape[:-1] + (out_features,)), xn.reshape(x.shape)
-        else:
-            xn = normalize(mode, x, g, b, eps)
-            qkv = matmul(xn, w, transposed, qkv_bias)
+        xn = normalize(mode, x, g, b, self.config.epsilon)
+        qkv = matmul(xn, w, self.config.transposed_mode, qkv_bias)
         return to_caller(qkv, kind), to_caller(xn, kind)
