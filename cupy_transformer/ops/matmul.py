@@ -8,8 +8,8 @@ bias and applies ReLU or GELU (tanh form) before the one rounding to the dtype; 
 pass does it. CuPy cannot call cuBLAS during stream capture, so a captured decode step (up to 8 rows) runs
 the GEMV kernel instead, which applies bias and activation in its epilogue (fp32, one rounding). The GEMV
 matches cuBLAS on ``[out, in]`` weights and trails it on ``[in, out]`` (``benchmarks/results/ops-h200-*.md``:
-0.93-1.13 and 0.76-0.99 of cuBLAS's speed; ``benchmarks/NOTES.md`` for why), so eager calls keep cuBLAS. NumPy arrays take the reference: float64,
-rounded after the product and again after bias and activation.
+0.91-1.15 and 0.77-1.04 of cuBLAS's speed; ``benchmarks/NOTES.md`` for why), so eager calls keep cuBLAS.
+NumPy arrays take the reference: float64, rounded after the product and again after bias and activation.
 """
 
 from __future__ import annotations
