@@ -1,5 +1,6 @@
-"""GEMV launch-shape sweep (fp16, tensor-core kernels): (pieces a warp, chunks a batch) x layout x rows, in GB/s of weights, against cupy.matmul (cuBLAS) and a plain read of the same bytes (the floor
-at that size) in the same process. Every variant's result is checked against cuBLAS's first."""
+"""GEMV launch-shape sweep (fp16, tensor-core kernels): (pieces a warp, chunks a batch) x layout x rows, in
+GB/s of weights, against cupy.matmul (cuBLAS) and a plain read of the same bytes (the floor at that size) in
+the same process. Every variant's result is checked against cuBLAS's first."""
 
 import os
 import sys

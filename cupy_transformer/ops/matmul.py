@@ -144,6 +144,7 @@ def gemv(x, w, transposed, bias=None, act=None):
     bias = bias if bias is not None else x  # unread
     if x.dtype.itemsize == 2:
         pieces, batch = GEMV_TC[transposed]
+        # gemv.cu: pieces of 16 rows / 32 columns a tile; a block step is its 8 warps x batch chunks of 32 / 16 k
         tile, k_step = (16 * pieces, 8 * batch * 32) if transposed else (32 * pieces, 8 * batch * 16)
         name = _tc_name(CTYPES[x.dtype], transposed, GEMV_TC[transposed])
     else:
