@@ -9,6 +9,7 @@
 // it writes fp32 partials, and the last block of the tile to finish (an atomic counter per tile) adds the
 // splits in a fixed order (deterministic), applies the epilogue, writes y and resets the counter for the next
 // launch. Rows beyond `rows` are never written.
+#include "activation.cuh"
 #include "common.cuh"
 #include "mma.cuh"
 
@@ -16,18 +17,6 @@ namespace ct {
 
 constexpr int GEMV_THREADS = 256;
 constexpr int GEMV_WARPS = GEMV_THREADS / 32;
-
-// The values of ActivationType that a per-column epilogue can apply (gated forms need two columns).
-enum GemvAct : int { G_NONE = 0, G_GELU_TANH = 1, G_RELU = 2, G_GELU_ERF = 5 };
-
-__device__ __forceinline__ float gemv_act(float v, int act) {
-    switch (act) {
-        case G_GELU_TANH: return 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
-        case G_RELU: return fmaxf(v, 0.f);
-        case G_GELU_ERF: return 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
-        default: return v;
-    }
-}
 
 template <typename T>
 struct GemvOut {
@@ -39,7 +28,7 @@ struct GemvOut {
 
     __device__ void finish(int r, int n, float v) const {
         if (has_bias) v += to_float(bias[n]);
-        y[static_cast<size_t>(r) * N + n] = from_float<T>(gemv_act(v, act));
+        y[static_cast<size_t>(r) * N + n] = from_float<T>(activate<sizeof(T) == 2>(v, act));
     }
     // This block's sum for (r, n): final, or one split's partial.
     __device__ void put(int r, int n, float v) const {
@@ -234,7 +223,7 @@ __device__ __forceinline__ void gemv_tc_reduce(const GemvOut<T>& out, const floa
 // W [N, K] (nn.Linear's [out, in], transposed_mode). A block's tile is 16 M weight rows; a chunk is 32 k.
 // Lane (g, t) loads k 8t .. 8t + 7 of the chunk from rows g and g + 8 of each 16-row piece, and x row g's
 // same 8 k: the chunk's k are permuted alike in both operands (mma step s takes each lane's pairs 2s, 2s +
-// 1). K % 8 == 0, k_per_split % (8 U 32) == 0, W and x 16-byte aligned (the launcher checks).
+// 1). K % 8 == 0, k_per_split % 32 == 0, W and x 16-byte aligned (the launcher checks).
 template <typename T, int M, int U>
 __global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_tc_nk(GEMV_ARGS) {
     const GEMV_OUT;
@@ -277,11 +266,14 @@ __global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_tc_nk(GEMV_ARGS) {
 }
 
 // W [K, N] (DeepSpeed's default [in, out]). A block's tile is 32 M columns; a chunk is 16 k. Lane (g, t)
-// loads columns 8t .. 8t + 7 of each 32-column piece from rows g and g + 8 of the chunk: each of its four
-// registers is a fragment of an 8 (k) x 8 (columns 8t' + 2j + {0, 1} over t') matrix, which movmatrix
-// transposes into mma's A layout (rows = those columns, pairs along k). So lane (g, t) ends up holding
-// column n(g, j) = 8 (g / 2) + 2j + g % 2 of the piece, k pair 2t, 2t + 1. N % 8 == 0, K % 8 == 0,
-// k_per_split % (8 U 16) == 0, W and x 16-byte aligned (the launcher checks).
+// loads columns 8t .. 8t + 7 of each 32-column piece from chunk rows rho(g) and rho(g) + 2, rho(g) = 2g -
+// g % 2 (0, 1, 4, 5, .. 12, 13): each of its four registers is a fragment of an 8 (k) x 8 (columns 8t' + 2j +
+// {0, 1} over t') matrix, which movmatrix transposes into mma's A layout (rows = those columns, pairs along
+// k). So lane (g, t) ends up holding column n(g, j) = 8 (g / 2) + 2j + g % 2 of the piece, and its k pairs
+// (2t, 2t + 1) and (8 + 2t, 9 + 2t) of the mma are chunk rows 4t .. 4t + 3: the four k of x row g that it
+// reads with one 8-byte load (with rows g and g + 8, as the plain order would be, it took two 4-byte loads,
+// which at 8 rows cost as much as the weight loads). N % 8 == 0, K % 8 == 0, k_per_split % 16 == 0, W and
+// x 16-byte aligned (the launcher checks).
 template <typename T, int M, int U>
 __global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_tc_kn(GEMV_ARGS) {
     const GEMV_OUT;
@@ -292,34 +284,37 @@ __global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_tc_kn(GEMV_ARGS) {
     int col[M];  // columns past N re-read the last 8; their sums are never written
 #pragma unroll
     for (int m = 0; m < M; ++m) col[m] = min(tile_first + 32 * m + 8 * t, N - 8);
-    const T* xr = x + static_cast<size_t>(min(g, rows - 1)) * K + 2 * t;
+    const int rho = 2 * g - g % 2;
+    const T* xr = x + static_cast<size_t>(min(g, rows - 1)) * K + 4 * t;
     float c[2 * M][4] = {};
     for (int kb = k_begin + warp * U * CK; kb < k_end; kb += GEMV_WARPS * U * CK) {
         uint4 a[U][M][2];
-        unsigned b[U][2];
+        bool in[U][2];
+        uint2 b[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
+            const int k0 = kb + u * CK;
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {  // k rows past k_end: a valid address, zeros
-                const int k = kb + u * CK + 8 * h;
-                const bool in = k < k_end;
-                const int kr = in ? k : k_end - 8;
+            for (int h = 0; h < 2; ++h) {  // rows past k_end: a valid address, zeros
+                const int k = k0 + rho + 2 * h;
+                in[u][h] = k < k_end;
+                const size_t row = in[u][h] ? k : k_end - 1;
 #pragma unroll
-                for (int m = 0; m < M; ++m) a[u][m][h] = load_stream(w + static_cast<size_t>(kr + g) * N + col[m]);
-                b[u][h] = in && g < rows ? *reinterpret_cast<const unsigned*>(xr + kr) : 0u;
+                for (int m = 0; m < M; ++m) a[u][m][h] = load_stream(w + row * N + col[m]);
             }
+            // k_end - k0 is a multiple of 8, so the four k are in range together
+            b[u] = k0 + 4 * t < k_end && g < rows ? *reinterpret_cast<const uint2*>(xr + k0) : make_uint2(0, 0);
         }
 #pragma unroll
         for (int u = 0; u < U; ++u)
 #pragma unroll
             for (int m = 0; m < M; ++m) {
-                const uint4 lo = select(kb + u * CK < k_end, a[u][m][0]);
-                const uint4 hi = select(kb + u * CK + 8 < k_end, a[u][m][1]);
+                const uint4 lo = select(in[u][0], a[u][m][0]), hi = select(in[u][1], a[u][m][1]);
                 const unsigned l0 = transpose8x8(lo.x), l1 = transpose8x8(lo.y), l2 = transpose8x8(lo.z),
                                l3 = transpose8x8(lo.w), h0 = transpose8x8(hi.x), h1 = transpose8x8(hi.y),
                                h2 = transpose8x8(hi.z), h3 = transpose8x8(hi.w);
-                mma_16816<T>(c[2 * m], {l0, l1, h0, h1}, b[u][0], b[u][1]);      // columns j = 0, 1
-                mma_16816<T>(c[2 * m + 1], {l2, l3, h2, h3}, b[u][0], b[u][1]);  // columns j = 2, 3
+                mma_16816<T>(c[2 * m], {l0, l1, h0, h1}, b[u].x, b[u].y);      // columns j = 0, 1
+                mma_16816<T>(c[2 * m + 1], {l2, l3, h2, h3}, b[u].x, b[u].y);  // columns j = 2, 3
             }
     }
     // c[2m + p][i]: piece m, column n(g, 2p + i / 2), x row 2t + i % 2.
