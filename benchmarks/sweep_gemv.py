@@ -1,6 +1,7 @@
-"""GEMV launch-shape sweep (fp16, tensor-core kernels): (pieces a warp, chunks a batch) x layout x rows, in
-GB/s of weights, against cupy.matmul (cuBLAS) and a plain read of the same bytes (the floor at that size) in
-the same process. Every variant's result is checked against cuBLAS's first."""
+"""GEMV launch-shape sweep (fp16, tensor-core kernels): the launcher's own choice and fixed (pieces a warp,
+chunks a batch, blocks a SM the K split fills) x layout x rows, in GB/s of weights, against cupy.matmul (cuBLAS)
+and a plain read of the same bytes (the floor at that size) in the same process. Every variant's result is
+checked against cuBLAS's first."""
 
 import os
 import sys
@@ -13,19 +14,38 @@ import cupy_transformer.ops.matmul as mm  # noqa: E402
 from cupy_transformer.runtime.kernels import KernelFamily  # noqa: E402
 
 SHAPES = [(1600, 6400), (6400, 1600), (1600, 1600), (4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]
-GEOMETRIES = {False: [(2, 2), (4, 1), (2, 3), (2, 1)], True: [(2, 2), (1, 4), (2, 3), (2, 1), (4, 1)]}
+# (pieces, chunks, blocks a SM); "launcher": the launcher's own choices.
+VARIANTS = {
+    False: ["launcher", (2, 1, 2), (1, 1, 2), (2, 1, 1), (1, 2, 2), (2, 2, 2)],
+    True: ["launcher", (2, 1, 2), (1, 2, 2), (1, 1, 2), (1, 4, 2), (1, 2, 1)],
+}
+_DEFAULTS = (mm._tc_geometry, dict(mm.GEMV_BLOCKS_PER_SM))
+
+
+def _use(transposed, variant):
+    """Point the launcher at one variant (its globals: the sweep runs in-process)."""
+    mm._tc_geometry = _DEFAULTS[0]
+    mm.GEMV_BLOCKS_PER_SM.update(_DEFAULTS[1])
+    if variant != "launcher":
+        pieces, chunks, mm.GEMV_BLOCKS_PER_SM[2, transposed] = variant
+        mm._tc_geometry = lambda tr, k, n: (pieces, chunks)
+
+
+def _kernel_names():
+    geometries = {(tr, v[:2]) for tr in (False, True) for v in VARIANTS[tr] if v != "launcher"}
+    geometries |= {(tr, g[tr]) for tr in (False, True) for g in (mm.GEMV_TC, mm.GEMV_TC_FINE)}
+    return sorted(mm._tc_name("__half", tr, geo) for tr, geo in geometries)
 
 
 def main():
     spin_up()
     copy = copy_bandwidth_gbs()
-    names = [mm._tc_name("__half", tr, geo) for tr in (False, True) for geo in GEOMETRIES[tr]]
-    mm._KERNELS = KernelFamily("gemv.cu", names)
-    print(f"{card_name()}: copy {copy:.0f} GB/s; GB/s of weights; columns: pieces/chunks "
-          "(for [in,out], then [out,in]); read floor and cuBLAS last")
+    mm._KERNELS = KernelFamily("gemv.cu", _kernel_names())
+    print(f"{card_name()}: copy {copy:.0f} GB/s; GB/s of weights; columns: launcher, then pieces/chunks/blocks "
+          "a SM; read floor and cuBLAS last")
     for tr in (False, True):
         print(f"{'[out,in]' if tr else '[in,out]'}: " + " | ".join(
-            f"{m}/{u}" for m, u in GEOMETRIES[tr]))
+            v if v == "launcher" else "/".join(map(str, v)) for v in VARIANTS[tr]))
     worst = 0.0
     for k, n in SHAPES:
         for transposed in (False, True):
@@ -36,8 +56,8 @@ def main():
                 ref = cupy.matmul(x.astype(cupy.float32), (w.T if transposed else w).astype(cupy.float32))
                 scale = float(cupy.abs(ref).max())
                 cells = []
-                for geometry in GEOMETRIES[transposed]:
-                    mm.GEMV_TC[transposed] = geometry
+                for variant in VARIANTS[transposed]:
+                    _use(transposed, variant)
                     err = float(cupy.abs(mm.gemv(x, w, transposed).astype(cupy.float32) - ref).max()) / scale
                     worst = max(worst, err)
                     us = time_us(lambda: mm.gemv(x, w, transposed), [()], reps=30)

@@ -26,9 +26,22 @@ from .bias_act import apply_bias_act
 GEMV_MAX_ROWS = 8
 _FMA_ROWS = (1, 2, 4, 8)  # the fp32 kernels' row counts (rows round up)
 _GEMV_ACTS = (0, 1, 2, 5)  # identity and the ActivationType values a per-column epilogue can apply
-# The tensor-core kernels' (16- or 32-column pieces a warp, chunks a batch) per transposed; see gemv.cu and
-# benchmarks/sweep_gemv.py.
+# The tensor-core kernels' (16- or 32-column pieces a warp, chunks a batch) per transposed, and the finer
+# geometries (twice the tiles: half the K splits) where the sweep (benchmarks/NOTES.md) found them faster:
+# [in, out] below 32 MB or on wide weights (2-16% faster there; 3-6% slower at 4096^2 and 11008x4096), and
+# [out, in] where its coarse tiles alone would not give every SM a block (4-9% faster at N = 4096; 15% slower
+# at N = 6400).
 GEMV_TC = {False: (2, 1), True: (2, 1)}
+GEMV_TC_FINE = {False: (1, 2), True: (1, 1)}
+_FINE_MAX_BYTES = 32 << 20
+
+
+def _tc_geometry(transposed: bool, k: int, n: int):
+    if transposed:
+        fine = math.ceil(n / 32) <= sm_count()
+    else:
+        fine = 2 * k * n < _FINE_MAX_BYTES or math.ceil(n / 32) >= sm_count()
+    return (GEMV_TC_FINE if fine else GEMV_TC)[transposed]
 
 
 def _tc_name(ctype: str, transposed: bool, geometry) -> str:
@@ -37,7 +50,8 @@ def _tc_name(ctype: str, transposed: bool, geometry) -> str:
 
 _KERNELS = KernelFamily(
     "gemv.cu",
-    [_tc_name(c, tr, GEMV_TC[tr]) for d, c in CTYPES.items() if d.itemsize == 2 for tr in (False, True)]
+    [_tc_name(c, tr, geo[tr]) for d, c in CTYPES.items() if d.itemsize == 2
+     for tr in (False, True) for geo in (GEMV_TC, GEMV_TC_FINE)]
     + [f"ct::gemv_{layout}<float, {r}>" for layout in ("kn", "nk") for r in _FMA_ROWS],
 )
 
@@ -128,10 +142,11 @@ GEMV_BLOCKS_PER_SM = {(2, False): 2, (2, True): 2, (4, False): 4, (4, True): 2}
 
 
 def gemv_k_per_split(k: int, n_tiles: int, k_step: int, blocks_per_sm: int) -> int:
-    """The K range of one split, a multiple of ``k_step``: the most splits for which column tiles x splits
-    gives each SM at most ``blocks_per_sm`` blocks (at least one split)."""
-    want = max(1, blocks_per_sm * sm_count() // n_tiles)
-    return max(k_step, math.ceil(math.ceil(k / want) / k_step) * k_step)
+    """The K range of one split, a multiple of ``k_step``: K shared evenly by the most splits for which column
+    tiles x splits gives each SM at most ``blocks_per_sm`` blocks (at least one split). Every block of a
+    launch takes about as long as the longest split, so the splits are as even as ``k_step`` allows."""
+    splits = min(max(1, blocks_per_sm * sm_count() // n_tiles), math.ceil(k / k_step))
+    return math.ceil(math.ceil(k / splits) / k_step) * k_step
 
 
 def gemv(x, w, transposed, bias=None, act=None):
@@ -143,10 +158,10 @@ def gemv(x, w, transposed, bias=None, act=None):
     epilogue = (i32(0 if act is None else int(act)), i32(bias is not None))
     bias = bias if bias is not None else x  # unread
     if x.dtype.itemsize == 2:
-        pieces, batch = GEMV_TC[transposed]
-        # gemv.cu: pieces of 16 rows / 32 columns a tile; a block step is its 8 warps x batch chunks of 32 / 16 k
-        tile, k_step = (16 * pieces, 8 * batch * 32) if transposed else (32 * pieces, 8 * batch * 16)
-        name = _tc_name(CTYPES[x.dtype], transposed, GEMV_TC[transposed])
+        geometry = _tc_geometry(transposed, k, n)
+        # gemv.cu: pieces of 16 rows / 32 columns a tile; a split holds whole chunks of 32 / 16 k
+        tile, k_step = (16 * geometry[0], 32) if transposed else (32 * geometry[0], 16)
+        name = _tc_name(CTYPES[x.dtype], transposed, geometry)
     else:
         tile, k_step = _FMA_TILES[transposed]
         name = f"ct::gemv_{'nk' if transposed else 'kn'}<float, {next(r for r in _FMA_ROWS if rows <= r)}>"

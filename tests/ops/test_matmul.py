@@ -1,5 +1,7 @@
 """ops.matmul: the GEMV kernel for up to 8 rows (both layouts, split-K or not, epilogue), cuBLAS beyond."""
 
+import collections
+
 import numpy
 import pytest
 
@@ -39,10 +41,13 @@ def test_numpy_path(rng, dtype, transposed, act):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("transposed", [False, True], ids=["[in,out]", "[out,in]"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9])
-@pytest.mark.parametrize("k, n", [(64, 40), (1600, 6400), (4096, 4096 + 8), (11008, 1000), (768, 1001)], ids=str)
+@pytest.mark.parametrize(
+    "k, n", [(64, 40), (1600, 6400), (4096, 4096 + 8), (11008, 1000), (2056, 520), (768, 1001)], ids=str
+)
 def test_gpu_shapes(rng, poisoned_allocations, dtype, transposed, rows, k, n):
-    # (64, 40): one split, a partial tile; (11008, 1000): many splits; n = 1001 with [in, out] weights is not
-    # a whole number of 16-byte vectors, and 9 rows are too many: cuBLAS only.
+    # (64, 40): one split, a partial tile; (11008, 1000): many splits; (2056, 520): splits that are not whole
+    # block steps and a last split ending in half a chunk; n = 1001 with [in, out] weights is not a whole
+    # number of 16-byte vectors, and 9 rows are too many: cuBLAS only.
     check(rng, dtype, rows, k, n, transposed, True, None, gpu=True)
 
 
@@ -114,3 +119,19 @@ def test_gpu_cublaslt_plan_cache_evicts(rng, monkeypatch):
         for rows in (3, 17, 64, 130):
             check(rng, numpy.float16, rows, 256, 96, False, True, ActivationType.ReLU, gpu=True)
     assert len(cublaslt._plans) <= 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tune", [True, False], ids=["tuned", "first-pick"])
+def test_gpu_cublaslt_tuning_keeps_one_algorithm(rng, monkeypatch, tune):
+    """A prefill-size plan times the heuristic's candidates on its first call and keeps one; every call,
+    tuning or not, returns the right product (tuning runs the product several times into the same output)."""
+    from cupy_transformer.runtime import cublaslt
+
+    monkeypatch.setattr(cublaslt, "TUNE", tune)
+    monkeypatch.setattr(cublaslt, "_plans", collections.OrderedDict())
+    for _ in range(2):
+        check(rng, numpy.float16, cublaslt.TUNE_MIN_ROWS + 3, 320, 136, False, True, ActivationType.GELU, gpu=True)
+    (plan,) = cublaslt._plans.values()
+    assert len(plan.candidates) == 1
+    plan.destroy()
