@@ -1,15 +1,16 @@
-"""``act(x @ W + bias)`` for the projection ops: cuBLASLt with a fused epilogue, or ``kernels_cu/gemv.cu``
-while a CUDA graph is being captured.
+"""``act(x @ W + bias)`` for the projection ops: cuBLASLt with a fused epilogue, or for decode shapes
+``kernels_cu/gemv.cu`` where it is the faster of the two or a CUDA graph is being captured.
 
 Weights are ``[in, out]`` (DeepSpeed's default, GPT-2's Conv1D) or, with ``transposed_mode``, ``[out, in]``
 (``nn.Linear``). Products go to cuBLASLt (``runtime.cublaslt``: fp32 accumulation), whose epilogue adds the
 bias and applies ReLU or GELU (tanh form) before the one rounding to the dtype; other activations
 (GELU_EXACT) take ``bias_act``'s extra pass. Where cuBLASLt finds no algorithm, ``cupy.matmul`` plus that
-pass does it. CuPy cannot call cuBLAS during stream capture, so a captured decode step (up to 8 rows) runs
-the GEMV kernel instead, which applies bias and activation in its epilogue (fp32, one rounding). The GEMV
-matches cuBLAS on ``[out, in]`` weights and trails it on ``[in, out]`` (``benchmarks/results/ops-h200-*.md``:
-0.91-1.15 and 0.77-1.04 of cuBLAS's speed; ``benchmarks/NOTES.md`` for why), so eager calls keep cuBLAS.
-NumPy arrays take the reference: float64, rounded after the product and again after bias and activation.
+pass does it. Up to 8 rows the GEMV kernel may run instead; it applies bias and activation in its epilogue
+(fp32, one rounding). Which is faster depends on the shape and the card (on an H200 the GEMV ran at 0.88-1.14x
+cuBLAS's speed: ``benchmarks/results/ops-h200-*.md``), so the first eager call of each decode shape times
+both (``runtime.timing``) and keeps the faster. CuPy cannot call cuBLAS during stream capture, so a captured
+decode step always runs the GEMV. NumPy arrays take the reference: float64, rounded after the product and
+again after bias and activation.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import math
 
 import numpy
 
-from ..runtime import cublaslt
+from ..runtime import cublaslt, timing
 from ..runtime.arrays import as_array, import_cupy
 from ..runtime.kernels import CTYPES, KernelFamily, compute_capability, i32, sm_count, vector_width
 from .bias_act import apply_bias_act
@@ -82,30 +83,51 @@ def matmul(x, w, transposed: bool, bias=None, act=None):
     out_features = w.shape[0] if transposed else w.shape[1]
     shape = tuple(x.shape[:-1]) + (out_features,)
     x2 = x.reshape(-1, x.shape[-1])
-    if isinstance(x, numpy.ndarray):
-        wf = w.astype(numpy.float64)
-        y = (x2.astype(numpy.float64) @ (wf.T if transposed else wf)).astype(x.dtype)
-    elif use_gemv(x2, w, transposed, bias, act):
-        return gemv(x2, w, transposed, bias, act).reshape(shape)
-    else:
-        fused = (None if act is None else act.name, bias is not None)
-        try:
-            if fused in cublaslt.EPILOGUES:
-                return cublaslt.matmul(x2, w, transposed, bias, fused[0]).reshape(shape)
-            y = cublaslt.matmul(x2, w, transposed)
-        except cublaslt.CublasLtError:
-            y = import_cupy().matmul(x2, w.T if transposed else w)
+    if not isinstance(x, numpy.ndarray):
+        y = (gemv if use_gemv(x2, w, transposed, bias, act) else _cublas)(x2, w, transposed, bias, act)
+        return y.reshape(shape)
+    wf = w.astype(numpy.float64)
+    y = (x2.astype(numpy.float64) @ (wf.T if transposed else wf)).astype(x.dtype)
     if bias is not None or act is not None:
         y = apply_bias_act(y, bias, act, out=y)
     return y.reshape(shape)
 
 
+def _cublas(x, w, transposed, bias, act):
+    """The product through cuBLASLt (its epilogue where it has one), else ``cupy.matmul``; then our pass."""
+    fused = (None if act is None else act.name, bias is not None)
+    try:
+        if fused in cublaslt.EPILOGUES:
+            return cublaslt.matmul(x, w, transposed, bias, fused[0])
+        y = cublaslt.matmul(x, w, transposed)
+    except cublaslt.CublasLtError:
+        y = import_cupy().matmul(x, w.T if transposed else w)
+    if bias is not None or act is not None:
+        y = apply_bias_act(y, bias, act, out=y)
+    return y
+
+
+# Per (device, dtype, x shape, W shape, transposed, bias, act): whether the GEMV timed faster than cuBLAS.
+_GEMV_FASTER: dict[tuple, bool] = {}
+
+
 def use_gemv(x, w, transposed, bias, act) -> bool:
-    """Whether this product runs the GEMV kernel: a decode shape it supports, under stream capture."""
+    """Whether this product runs the GEMV kernel: a decode shape it supports, and a stream being captured
+    (cuBLAS cannot be) or the GEMV timed faster on this shape's first eager call (not with ``CT_TUNE=0``)."""
     cupy = import_cupy()
-    return x.shape[0] <= GEMV_MAX_ROWS and cupy.cuda.get_current_stream().is_capturing() and gemv_fits(
-        x, w, transposed, bias, act
-    )
+    if x.shape[0] > GEMV_MAX_ROWS or not gemv_fits(x, w, transposed, bias, act):
+        return False
+    if cupy.cuda.get_current_stream().is_capturing():
+        return True
+    if not timing.TUNE:
+        return False
+    key = (cupy.cuda.runtime.getDevice(), x.dtype, x.shape, w.shape, transposed, bias is not None,
+           None if act is None else int(act))
+    faster = _GEMV_FASTER.get(key)
+    if faster is None:
+        candidates = [lambda: gemv(x, w, transposed, bias, act), lambda: _cublas(x, w, transposed, bias, act)]
+        faster = _GEMV_FASTER[key] = timing.fastest(candidates) == 0
+    return faster
 
 
 def gemv_fits(x, w, transposed, bias, act) -> bool:

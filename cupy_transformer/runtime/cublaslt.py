@@ -9,12 +9,12 @@ per shape; the workspace is one buffer per device and stream.
 
 The heuristic's first algorithm is often not the fastest: at 2048 rows on an H200 the best of its first
 eight ran 1-10% faster (GPT-2-XL's MLP up-projection with the GELU epilogue 65.5 vs 72.2 µs, LLaMA-7B's
-508 vs 561 µs; ``benchmarks/results/gpu-runs.md``). So a plan of at least ``TUNE_MIN_ROWS`` rows times up
-to ``TUNE_CANDIDATES`` of them on its first call (on that call's own operands, each run behind an L2 flush;
-each writes the same result) and keeps the fastest; that first call waits for the GPU. Smaller plans
-(decode shapes, where the product is a read of the weights) keep the first pick, as does a call made during
-stream capture. Algorithms may add in different orders, so the choice can change the low bits of a result
-between processes; ``CT_CUBLASLT_TUNE=0`` turns tuning off (the heuristic's first pick everywhere).
+508 vs 561 µs; ``benchmarks/NOTES.md``). So a plan of at least ``TUNE_MIN_ROWS`` rows times up to
+``TUNE_CANDIDATES`` of them on its first call (``timing.fastest``, on that call's own operands: each run
+writes the same result) and keeps the fastest. Smaller plans (decode shapes, where the product is a read of
+the weights) keep the first pick, as does a call made during stream capture. Algorithms may add in
+different orders, so the choice can change the low bits of a result between processes; ``CT_TUNE=0`` in the
+environment keeps the heuristic's first pick everywhere.
 
 Constants are cublasLt.h's, cublas_api.h's and library_types.h's (CUDA 12 and 13 agree on them).
 """
@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import os
 
 import numpy
 
+from . import timing
 from .arrays import import_cupy
 
 _COMPUTE_32F = 68
@@ -48,8 +48,6 @@ EPILOGUES = {
 _WORKSPACE_BYTES = 32 << 20
 TUNE_CANDIDATES = 8
 TUNE_MIN_ROWS = 128
-TUNE = os.environ.get("CT_CUBLASLT_TUNE", "1") != "0"
-_TUNE_ROUNDS = 5
 
 
 class _Heuristic(ctypes.Structure):
@@ -149,7 +147,7 @@ class _Plan:
             for attr, align in zip(_PREF_MIN_ALIGNMENT, alignments):
                 a = ctypes.c_uint32(align)
                 _call("cublasLtMatmulPreferenceSetAttribute", pref, attr, ctypes.byref(a), 4)
-            wanted = TUNE_CANDIDATES if TUNE and m >= TUNE_MIN_ROWS else 1
+            wanted = TUNE_CANDIDATES if timing.TUNE and m >= TUNE_MIN_ROWS else 1
             results = (_Heuristic * wanted)()
             found = ctypes.c_int(0)
             _call("cublasLtMatmulAlgoGetHeuristic", handle, self.desc, *self.layouts, pref, wanted, results,
@@ -163,34 +161,16 @@ class _Plan:
         self.heuristic = self.candidates[0]  # until tuned, the heuristic's first pick
 
     def tune(self, run) -> None:
-        """Keep the fastest candidate; ``run(heuristic)`` launches the product with it on the current stream.
-
-        As in a model, where each layer's weights arrive cold: before each timed run a write over twice the L2
-        evicts the operands (timed warm, the ranking changed: a 1600x1600 product picked an algorithm 15%
-        slower cold). The candidates take turns, ``_TUNE_ROUNDS`` times, and each keeps its median."""
-        cupy = import_cupy()
-        stream = cupy.cuda.get_current_stream()
-        flush = cupy.empty(2 * cupy.cuda.Device().attributes["L2CacheSize"], cupy.uint8)
-        usable, times = [], []
+        """Keep the fastest candidate; ``run(heuristic)`` launches the product with it on the current stream."""
+        usable = []
         for candidate in self.candidates:
             try:
-                run(candidate)  # warm (the first launch of a kernel loads its module)
+                run(candidate)
             except CublasLtError:  # offered by the heuristic, but this call cannot run it: skip it
                 continue
             usable.append(candidate)
-        for _ in range(_TUNE_ROUNDS):
-            for candidate in usable:
-                cupy.cuda.runtime.memsetAsync(flush.data.ptr, 0, flush.nbytes, stream.ptr)
-                start, end = cupy.cuda.Event(), cupy.cuda.Event()
-                start.record()
-                run(candidate)
-                end.record()
-                times.append((start, end))
-        end.synchronize()
         if usable:
-            ms = [cupy.cuda.get_elapsed_time(a, b) for a, b in times]
-            median = [sorted(ms[i :: len(usable)])[_TUNE_ROUNDS // 2] for i in range(len(usable))]
-            self.heuristic = usable[median.index(min(median))]
+            self.heuristic = usable[timing.fastest([lambda c=c: run(c) for c in usable])]
         self.candidates = [self.heuristic]
 
     def destroy(self):

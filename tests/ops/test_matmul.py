@@ -126,12 +126,36 @@ def test_gpu_cublaslt_plan_cache_evicts(rng, monkeypatch):
 def test_gpu_cublaslt_tuning_keeps_one_algorithm(rng, monkeypatch, tune):
     """A prefill-size plan times the heuristic's candidates on its first call and keeps one; every call,
     tuning or not, returns the right product (tuning runs the product several times into the same output)."""
-    from cupy_transformer.runtime import cublaslt
+    from cupy_transformer.runtime import cublaslt, timing
 
-    monkeypatch.setattr(cublaslt, "TUNE", tune)
+    monkeypatch.setattr(timing, "TUNE", tune)
     monkeypatch.setattr(cublaslt, "_plans", collections.OrderedDict())
     for _ in range(2):
         check(rng, numpy.float16, cublaslt.TUNE_MIN_ROWS + 3, 320, 136, False, True, ActivationType.GELU, gpu=True)
     (plan,) = cublaslt._plans.values()
     assert len(plan.candidates) == 1
     plan.destroy()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gemv_wins", [True, False], ids=["gemv", "cublas"])
+def test_gpu_eager_decode_product_keeps_the_faster(rng, monkeypatch, gemv_wins):
+    """The first eager call of a decode shape times the GEMV against cuBLAS once; either choice is right."""
+    from cupy_transformer.runtime import timing
+
+    timed = []
+    monkeypatch.setattr(mm, "_GEMV_FASTER", {})
+    monkeypatch.setattr(timing, "fastest", lambda runs: timed.append(len(runs)) or (0 if gemv_wins else 1))
+    for _ in range(2):
+        check(rng, numpy.float16, 3, 320, 136, True, True, ActivationType.GELU, gpu=True)
+    assert timed == [2] and list(mm._GEMV_FASTER.values()) == [gemv_wins]
+
+
+@pytest.mark.gpu
+def test_gpu_no_tuning_keeps_cublas_for_eager_decode(rng, monkeypatch):
+    from cupy_transformer.runtime import timing
+
+    monkeypatch.setattr(timing, "TUNE", False)
+    monkeypatch.setattr(mm, "_GEMV_FASTER", {})
+    check(rng, numpy.float16, 3, 320, 136, True, True, ActivationType.GELU, gpu=True)
+    assert mm._GEMV_FASTER == {}
