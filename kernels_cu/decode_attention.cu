@@ -8,6 +8,7 @@
 // Per key j in [lo[b], hi[b]): s = q . k_j * scale (+ mask[b, j] additive, or dropped where the boolean mask
 // is false) (+ alibi[b, head, j]); context = sum_j softmax(s)_j v_j (fp32 throughout, one rounding).
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace ct {
 
@@ -156,6 +157,146 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial(
         }
         if (e == d) value = m;  // slot d holds the max, d + 1 the sum
         partial[((static_cast<size_t>(b) * h + kvh * group + g) * chunks + c) * (d + 2) + e] = value;
+    }
+}
+
+// ---- Tensor cores (fp16, bf16; sm_80 and later) ----
+// The same partials, with the G query heads of the kv head as the M rows of mma.sync m16n8k16 (rows g and
+// g + 8 of the fragment: up to 16 heads; rows past the group are zeros, never written). Each warp takes
+// tiles of 16 keys (the block's 4 warps interleaved) and streams them straight into registers:
+// - S^T = Q K^T (heads x keys): K is the B operand as loaded. Lane (g, t) loads dims 8t .. 8t + 7 of each
+//   32-dim block of key rows g and g + 8 (16 bytes each) and takes Q's same dims: both operands' k are
+//   permuted alike (mma step s takes each lane's pairs 2s, 2s + 1).
+// - O += P V: P comes from S's accumulators as the A operand (FlashAttention-2's register reuse); V is the B
+//   operand after movmatrix transposes each loaded 8x8 fragment (as the GEMV does for [in, out] weights),
+//   which leaves lane (g, t) holding O's dims 8t .. 8t + 7 of each 32-dim block.
+// Online softmax per head in log2 units (scores times scale log2 e; exp2). On CUDA cores each key cost a dot,
+// shuffles and two exps per head: 9-24% of copy bandwidth for grouped-query heads.
+constexpr float DA_LOG2E = 1.4426950408889634f;
+
+template <typename T, int D>
+__global__ void __launch_bounds__(DA_THREADS) attention_partial_tc(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const void* __restrict__ mask,
+    const T* __restrict__ alibi, const int* __restrict__ lo, const int* __restrict__ hi, float* __restrict__ partial,
+    int h, int kv, int d, int max_tokens, int chunk, int mask_kind, int mask_len, int alibi_len, float scale) {
+    constexpr int DB = D / 32;  // 32-dim blocks
+    const int c = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, chunks = gridDim.x;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int group = h / kv;
+    const int first = max(lo[b], c * chunk), last = min(hi[b], (c + 1) * chunk);
+    const float sl2 = scale * DA_LOG2E;
+
+    uint4 qa[DB][2];  // heads g, g + 8 of the group: dims 8t .. 8t + 7 of each block
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int head = g + 8 * r;
+#pragma unroll
+        for (int db = 0; db < DB; ++db)
+            qa[db][r] = head < group ? *reinterpret_cast<const uint4*>(
+                                           q + (static_cast<size_t>(b) * h + kvh * group + head) * D + 32 * db + 8 * t)
+                                     : make_uint4(0, 0, 0, 0);
+    }
+    const T* kb = k + (static_cast<size_t>(b) * kv + kvh) * max_tokens * D + 8 * t;
+    const T* vb = v + (static_cast<size_t>(b) * kv + kvh) * max_tokens * D + 8 * t;
+    float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};  // per fragment row (head g, g + 8); l this lane's
+    float o[DB][4][4] = {};  // O: dims 32 db + 8t + 2r + {0, 1}; [2], [3] for head g + 8
+    for (int j0 = first + 16 * warp; j0 < last; j0 += 16 * DA_WARPS) {
+        uint4 kr[2][DB], vr[2][DB];  // keys j0 + g and j0 + 8 + g (past `last`: the last key, masked below)
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+            const size_t row = static_cast<size_t>(min(j0 + 8 * n + g, last - 1)) * D;
+#pragma unroll
+            for (int db = 0; db < DB; ++db) {
+                kr[n][db] = load_stream(kb + row + 32 * db);
+                vr[n][db] = load_stream(vb + row + 32 * db);
+            }
+        }
+        float s[2][4] = {};  // keys j0 + 8n + 2t + {0, 1}; heads g ([0], [1]) and g + 8 ([2], [3])
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int db = 0; db < DB; ++db) {
+                mma_16816<T>(s[n], {qa[db][0].x, qa[db][1].x, qa[db][0].y, qa[db][1].y}, kr[n][db].x, kr[n][db].y);
+                mma_16816<T>(s[n], {qa[db][0].z, qa[db][1].z, qa[db][0].w, qa[db][1].w}, kr[n][db].z, kr[n][db].w);
+            }
+        float mx[2] = {neg_inf(), neg_inf()};
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = j0 + 8 * n + 2 * t + e % 2, r = e / 2, head = g + 8 * r;
+                float x = s[n][e] * sl2;
+                bool keep = key < last;
+                if (keep && mask_kind == ADDITIVE_MASK)
+                    x += to_float(static_cast<const T*>(mask)[static_cast<size_t>(b) * mask_len + key]) * DA_LOG2E;
+                if (keep && mask_kind == BOOL_MASK)
+                    keep = static_cast<const unsigned char*>(mask)[static_cast<size_t>(b) * mask_len + key] != 0;
+                if (keep && alibi_len > 0 && head < group)
+                    x += to_float(alibi[(static_cast<size_t>(b) * h + kvh * group + head) * alibi_len + key]) * DA_LOG2E;
+                s[n][e] = keep ? x : neg_inf();
+                mx[r] = fmaxf(mx[r], s[n][e]);
+            }
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            const float m_new = fmaxf(m[r], mx[r]), base = m_new == neg_inf() ? 0.f : m_new;  // no key yet: 0
+            alpha[r] = fast_exp2(m[r] - base);
+            m[r] = m_new;
+            l[r] *= alpha[r];
+#pragma unroll
+            for (int n = 0; n < 2; ++n)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    s[n][2 * r + e] = fast_exp2(s[n][2 * r + e] - base);
+                    l[r] += s[n][2 * r + e];
+                }
+        }
+        const unsigned pa[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]), pack2<T>(s[1][0], s[1][1]),
+                                pack2<T>(s[1][2], s[1][3])};
+#pragma unroll
+        for (int db = 0; db < DB; ++db) {
+            const unsigned v0[4] = {vr[0][db].x, vr[0][db].y, vr[0][db].z, vr[0][db].w};
+            const unsigned v1[4] = {vr[1][db].x, vr[1][db].y, vr[1][db].z, vr[1][db].w};
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) o[db][r][e] *= alpha[e / 2];
+                mma_16816<T>(o[db][r], pa, transpose8x8(v0[r]), transpose8x8(v1[r]));
+            }
+        }
+    }
+    // The warp's state: l summed over the row's 4 lanes; then the 4 warps merge in shared memory.
+    __shared__ float red_acc[DA_WARPS][16][D], red_m[DA_WARPS][16], red_l[DA_WARPS][16];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        if (t == 0) red_m[warp][g + 8 * r] = m[r], red_l[warp][g + 8 * r] = l[r];
+#pragma unroll
+        for (int db = 0; db < DB; ++db)
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) red_acc[warp][g + 8 * r][32 * db + 8 * t + 2 * j + e] = o[db][j][2 * r + e];
+    }
+    __syncthreads();
+    // As attention_partial's merge, but m is in log2 units: the partial keeps natural-log units for the combine.
+    for (int idx = threadIdx.x; idx < group * (D + 2); idx += DA_THREADS) {
+        const int head = idx / (D + 2), e = idx % (D + 2);
+        float mw = neg_inf();
+#pragma unroll
+        for (int w = 0; w < DA_WARPS; ++w) mw = fmaxf(mw, red_m[w][head]);
+        float value = 0.f;
+#pragma unroll
+        for (int w = 0; w < DA_WARPS; ++w) {
+            if (red_m[w][head] == neg_inf()) continue;
+            const float f = fast_exp2(red_m[w][head] - mw);
+            value += (e < D ? red_acc[w][head][e] : red_l[w][head]) * f;
+        }
+        if (e == D) value = mw == neg_inf() ? mw : mw / DA_LOG2E;  // slot d: the max (natural log), d + 1: the sum
+        partial[((static_cast<size_t>(b) * h + kvh * group + head) * chunks + c) * (D + 2) + e] = value;
     }
 }
 

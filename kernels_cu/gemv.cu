@@ -179,22 +179,6 @@ __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk(GEMV_ARGS) {
 // 10-40% slower: benchmarks/NOTES.md.) Two blocks a SM (launch bounds): ptxas then keeps each batch's loads
 // ahead of its mma instead of interleaving them to save registers.
 
-// 16 bytes of a stream read once: past L1. volatile keeps the batch's loads ahead of its math.
-__device__ __forceinline__ uint4 load_stream(const void* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.L2::128B.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
-
-// The 8x8 matrix of 16-bit elements whose row lane / 4, columns 2 (lane % 4) + {0, 1}, this lane holds,
-// transposed (the same fragment layout).
-__device__ __forceinline__ unsigned transpose8x8(unsigned v) {
-    unsigned r;
-    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(v));
-    return r;
-}
-
 __device__ __forceinline__ uint4 select(bool keep, uint4 v) { return keep ? v : make_uint4(0, 0, 0, 0); }
 
 // After the streaming loop: c[m][i] is this warp's sum for tile output out_of(m, i), x row 2t + i % 2.

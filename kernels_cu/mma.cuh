@@ -1,5 +1,6 @@
 // Tensor-core and asynchronous-copy building blocks (sm_80+): mma.sync m16n8k16 with fp32 accumulation,
-// ldmatrix fragment loads from shared memory, cp.async 16-byte copies global -> shared.
+// ldmatrix fragment loads from shared memory, cp.async 16-byte copies global -> shared, streaming loads
+// straight into registers and the in-register 8x8 transpose.
 #pragma once
 #include "common.cuh"
 
@@ -59,6 +60,22 @@ __device__ __forceinline__ void copy_wait() {  // all but the last PENDING commi
 #if __CUDA_ARCH__ >= 800
     asm volatile("cp.async.wait_group %0;" ::"n"(PENDING));
 #endif
+}
+
+// 16 bytes of a stream read once: past L1. volatile keeps the batch's loads ahead of its math.
+__device__ __forceinline__ uint4 load_stream(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::128B.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+// The 8x8 matrix of 16-bit elements whose row lane / 4, columns 2 (lane % 4) + {0, 1}, this lane holds,
+// transposed (the same fragment layout).
+__device__ __forceinline__ unsigned transpose8x8(unsigned v) {
+    unsigned r;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(v));
+    return r;
 }
 
 // Two floats as one register of two 16-bit elements (the first in the low half), an mma operand.
