@@ -29,9 +29,11 @@ multiples of 8 up to 256 (what the kernels will take). Returns ``(context, keys,
 values attended, ``[B, kv, T, d]`` (cache views with a cache), not expanded to the query heads.
 
 On the GPU, ``kernels_cu/rotary_append.cu`` turns Q and K and writes K and V into the cache in one pass over
-the projection (where there is a cache or rotary). A decode step (one token per sequence, with a cache, up to 8 query heads per key/value head, a
-per-key mask or none) runs ``kernels_cu/decode_attention.cu``: the keys split in chunks across blocks, K and
-V read once for the heads that share them, chunks merged in a fixed order. Other fp16/bf16 calls with head
+the projection (where there is a cache or rotary). A decode step (one token per sequence, with a cache, up to 8 query heads per key/value head (16 on tensor
+cores), a per-key mask or none) runs ``kernels_cu/decode_attention.cu``: the keys split in chunks across blocks, K and
+V read once for the heads that share them, chunks merged in a fixed order; fp16/bf16 with head sizes 32, 64,
+96 or 128 on tensor cores (the heads sharing a key/value head are the rows of the products), the rest on
+CUDA cores. Other fp16/bf16 calls with head
 sizes 32, 64, 80, 96 or 128 and a per-key mask (or none) run ``kernels_cu/prefill_attention.cu``
 (FlashAttention-2 style: tiles of queries against streamed tiles of keys, online softmax, tensor cores, no
 score matrix in memory; needs compute capability 8.0). The rest (fp32, other head sizes, masks per query or
@@ -40,6 +42,7 @@ head) computes the same formula with CuPy array operations in fp32.
 
 from __future__ import annotations
 
+import collections
 import math
 
 import numpy
@@ -47,7 +50,7 @@ import numpy
 from ..kv_cache import KVCache
 from ..runtime.arrays import as_array, common_kind, import_cupy, to_caller
 from ..runtime.kernels import (CTYPES, KernelFamily, compute_capability, dynamic_shared, elementwise_grid, f32, i32,
-                               sm_count, vector_count)
+                               resident_blocks, sm_count, vector_count)
 from .base import TransformerOp
 from .rotary import apply_rotary, inverse_frequencies
 from .softmax import alibi_rows, key_mask, softmax_reference
@@ -67,9 +70,12 @@ _PREFILL = KernelFamily(
     [prefill_kernel_name(c, d, g) for t, c in CTYPES.items() if t.itemsize == 2 for d, g in PREFILL_GEOMETRY.items()],
 )
 _GROUPS = (1, 2, 4, 8)  # query heads per key/value head that the decode kernel takes (rounded up)
+_DECODE_TC_HEAD_SIZES = (32, 64, 96, 128)  # the tensor-core decode kernel's (fp16/bf16, sm_80+)
 _KERNELS = KernelFamily(
     "decode_attention.cu",
     [f"ct::attention_partial<{c}, {g}>" for c in CTYPES.values() for g in _GROUPS]
+    + [f"ct::attention_partial_tc<{c}, {d}>" for t, c in CTYPES.items() if t.itemsize == 2
+       for d in _DECODE_TC_HEAD_SIZES]
     + [f"ct::attention_combine<{c}>" for c in CTYPES.values()],
 )
 _ROTARY = KernelFamily("rotary_append.cu", [f"ct::rotary_append<{c}>" for c in CTYPES.values()])
@@ -110,7 +116,7 @@ class SoftmaxContextOp(TransformerOp):
         q = qkv[..., : h * d].reshape(b, s, h, d).transpose(0, 2, 1, 3)
         k = qkv[..., h * d:(h + kv) * d].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
         v = qkv[..., (h + kv) * d:].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
-        first = None if xp is numpy else xp.asarray(start, numpy.int32)  # one upload for the kernels below
+        first = None if xp is numpy else _on_device(start)
         if xp is not numpy and (cache is not None or cfg.rotary_style is not None):
             q, k = _rotary_append(qkv, position_ids, cfg, h, kv, d, cache, layer_id, start, first)
         elif cfg.rotary_style is not None:
@@ -125,7 +131,8 @@ class SoftmaxContextOp(TransformerOp):
             keys, values = k, v
         per_key_mask = mask is None or (mask.shape[1] == 1 and mask.shape[2] == 1)
         kernels = xp is not numpy and b <= _GRID_Y and s <= _GRID_Y * 64  # the kernels' grids hold this
-        if kernels and cache is not None and s == 1 and h // kv <= _GROUPS[-1] and per_key_mask:
+        decode = kernels and cache is not None and s == 1 and per_key_mask
+        if decode and h // kv <= (16 if _decode_on_tensor_cores(cfg.dtype, d) else _GROUPS[-1]):
             lo = numpy.maximum(start + 1 - cfg.window_size, 0) if cfg.local_attention else numpy.zeros_like(start)
             context = _decode(q, cache, layer_id, lo, keys_len, mask, rows, factor, h, kv, d)
             return to_caller(context, kind), to_caller(keys, kind), to_caller(values, kind)
@@ -185,6 +192,31 @@ class SoftmaxContextOp(TransformerOp):
             numpy.dtype(t) for t in (numpy.int32, numpy.int64)), shape=(b, s))
 
 
+_ON_DEVICE: collections.OrderedDict[tuple, object] = collections.OrderedDict()
+
+
+def _on_device(host) -> object:
+    """``host`` (per-sequence integers) as an int32 GPU array, uploaded once per distinct content: every layer
+    of a step passes the same start and key ranges, so one upload serves them all (a host-to-device copy per
+    array per layer cost about as much as a batch-1 decode kernel). The arrays are never written."""
+    cupy = import_cupy()
+    values = numpy.ascontiguousarray(host, numpy.int32)
+    key = (cupy.cuda.runtime.getDevice(), values.tobytes())
+    array = _ON_DEVICE.get(key)
+    if array is None:
+        array = _ON_DEVICE[key] = cupy.asarray(values)
+        while len(_ON_DEVICE) > 16:
+            _ON_DEVICE.popitem(last=False)
+    else:
+        _ON_DEVICE.move_to_end(key)
+    return array
+
+
+def _decode_on_tensor_cores(dtype, d) -> bool:
+    """Whether decode runs attention_partial_tc (up to 16 query heads a kv head) or attention_partial (8)."""
+    return numpy.dtype(dtype).itemsize == 2 and d in _DECODE_TC_HEAD_SIZES and compute_capability() >= 80
+
+
 def _decode(q, cache, layer, lo, hi, mask, alibi, scale, h, kv, d):
     """The decode kernel: q [B, h, 1, d] against keys [lo[b], hi[b]) of ``cache``'s ``layer``; ``mask``
     [B, 1, 1, T] or None, ``alibi`` [B, h, 1, T] or None. Returns the context [B, 1, h d]."""
@@ -192,18 +224,22 @@ def _decode(q, cache, layer, lo, hi, mask, alibi, scale, h, kv, d):
     b, t = q.shape[0], int(hi.max())
     group = h // kv
     ctype = CTYPES[q.dtype]
-    # Enough blocks for every SM several times over, but chunks of at least 64 keys, and at most the 256
-    # that attention_combine takes.
-    chunks = max(1, min(math.ceil(4 * sm_count() / (b * kv)), math.ceil(t / 64), 256))
+    if _decode_on_tensor_cores(q.dtype, d):
+        kernel = _KERNELS.kernel(f"ct::attention_partial_tc<{ctype}, {d}>")
+    else:
+        kernel = _KERNELS.kernel(f"ct::attention_partial<{ctype}, {next(g for g in _GROUPS if group <= g)}>")
+    # Key chunks: one wave of blocks (as many as the SMs hold at once: a second, partial wave cost a whole
+    # block's time), chunks of at least 64 keys, and at most the 256 that attention_combine takes.
+    slots = resident_blocks(kernel, 128) * sm_count()
+    chunks = max(1, min(slots // (b * kv), math.ceil(t / 64), 256))
     chunk = math.ceil(t / chunks)
     partial = cupy.empty((b, h, chunks, d + 2), cupy.float32)
     out = cupy.empty((b, 1, h * d), q.dtype)
     mask_kind, mask_arg, mask_len, alibi_arg, alibi_len = _mask_args(mask, alibi, b, h, q)
-    g = next(g for g in _GROUPS if group <= g)
-    _KERNELS.kernel(f"ct::attention_partial<{ctype}, {g}>")(
+    kernel(
         (chunks, kv, b), (128,),
         (cupy.ascontiguousarray(q), cache.keys[layer], cache.values[layer], mask_arg, alibi_arg,
-         cupy.asarray(lo, cupy.int32), cupy.asarray(hi, cupy.int32), partial, i32(h), i32(kv), i32(d),
+         _on_device(lo), _on_device(hi), partial, i32(h), i32(kv), i32(d),
          i32(cache.max_tokens), i32(chunk), i32(mask_kind), i32(mask_len), i32(alibi_len), f32(scale)),
     )
     _KERNELS.kernel(f"ct::attention_combine<{ctype}>")((h, b), (128,), (partial, out, i32(h), i32(d), i32(chunks)))

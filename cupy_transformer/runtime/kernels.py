@@ -220,6 +220,20 @@ def compute_capability() -> int:
     return int(cupy.cuda.Device().compute_capability)
 
 
+def resident_blocks(kernel, threads: int) -> int:
+    """How many blocks of ``threads`` threads of ``kernel`` one multiprocessor holds at once: the tightest of
+    its registers (allocated per warp, 256 at a time, each sub-partition's file apart), its static shared
+    memory (plus the 1 KB the runtime reserves per block) and the thread limit."""
+    cupy = import_cupy()
+    attrs = cupy.cuda.Device().attributes
+    warps = -(-threads // 32)
+    per_warp = -(-kernel.num_regs * 32 // 256) * 256
+    by_regs = 4 * (attrs["MaxRegistersPerMultiprocessor"] // 4 // per_warp) // warps
+    by_shared = attrs["MaxSharedMemoryPerMultiprocessor"] // (kernel.shared_size_bytes + 1024)
+    by_threads = attrs["MaxThreadsPerMultiProcessor"] // threads
+    return max(1, min(by_regs, by_shared, by_threads))
+
+
 def sm_count() -> int:
     """Multiprocessors of the current GPU (sizes grid-stride launches)."""
     cupy = import_cupy()

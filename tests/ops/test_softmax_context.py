@@ -231,6 +231,29 @@ def test_gpu_decode_kernel_on_long_contexts(rng, dtype, heads, kv, d):
     assert rel_error(got, want) < TOL[numpy.dtype(dtype)]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [t for t in FLOAT_DTYPES if numpy.dtype(t).itemsize == 2], ids=str)
+@pytest.mark.parametrize("heads, kv, d", [(16, 1, 32), (12, 3, 64), (4, 2, 128)])
+def test_gpu_decode_kernel_with_an_additive_mask(rng, poisoned_allocations, dtype, heads, kv, d):
+    """The tensor-core decode kernel with an additive mask and a sliding window (keys from lo > 0), 16 query
+    heads on one kv head (every row of the products), ragged lengths."""
+    import cupy
+
+    c = cfg(dtype, heads=heads, kv=kv, d=d, local_attention=True, window_size=700)
+    op = ops.SoftmaxContextOp(c)
+    caches = [KVCache(1, 2, kv, 1000, d, dtype, backend=kind) for kind in ("numpy", "cupy")]
+    content = [random(rng, (1, 2, kv, 1000, d), dtype) for _ in range(2)]
+    for cache in caches:
+        xp = numpy if cache.kind == "numpy" else cupy
+        cache.keys[...], cache.values[...] = xp.asarray(content[0]), xp.asarray(content[1])
+        cache.set_lengths([999, 333])
+    qkv = random(rng, (2, 1, (heads + 2 * kv) * d), dtype)
+    additive = numpy.where(rng.random((2, 1000)) < 0.8, 0.0, -1e4).astype(dtype)
+    want, _, _ = op(qkv, additive, caches[0], 0, caches[0].reserve(1))
+    got, _, _ = op(cupy.asarray(qkv), cupy.asarray(additive), caches[1], 0, caches[1].reserve(1))
+    assert rel_error(got, want) < TOL[numpy.dtype(dtype)]
+
+
 PREFILL_RULES = {  # attention rule, mask, alibi
     "causal": dict(), "causal, key mask, alibi": dict(mask="bool", alibi=True),
     "bidirectional": dict(triangular_masking=False), "window 40, additive mask": dict(
