@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial(
 //   operand after movmatrix transposes each loaded 8x8 fragment (as the GEMV does for [in, out] weights),
 //   which leaves lane (g, t) holding O's dims 8t .. 8t + 7 of each 32-dim block.
 // Online softmax per head in log2 units (scores times scale log2 e; exp2). On CUDA cores each key cost a dot,
-// shuffles and two exps per head: 9-24% of copy bandwidth for grouped-query heads.
+// shuffles and two exps per head: 9-24% of copy bandwidth for grouped-query heads, 24-88% here (H200).
 constexpr float DA_LOG2E = 1.4426950408889634f;
 
 template <typename T, int D>

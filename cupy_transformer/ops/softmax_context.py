@@ -197,8 +197,8 @@ _ON_DEVICE: collections.OrderedDict[tuple, object] = collections.OrderedDict()
 
 def _on_device(host) -> object:
     """``host`` (per-sequence integers) as an int32 GPU array, uploaded once per distinct content: every layer
-    of a step passes the same start and key ranges, so one upload serves them all (a host-to-device copy per
-    array per layer cost about as much as a batch-1 decode kernel). The arrays are never written."""
+    of a step passes the same start and key ranges, so one upload serves them all (the two copies a decode
+    call made cost ~7 µs on an H200, against 17-24 µs for the batch-1 kernels). The arrays are never written."""
     cupy = import_cupy()
     values = numpy.ascontiguousarray(host, numpy.int32)
     key = (cupy.cuda.runtime.getDevice(), values.tobytes())
