@@ -4,7 +4,9 @@ backend choice (cuDNN on this stack) and with the flash backend forced, on the i
   (causal: half of 4 B H S^2 D, FlashAttention's convention) against cuBLAS's measured fp16 rate;
 - decode (kernels_cu/decode_attention.cu): one query token per sequence over a KV cache, context 4096, 32
   heads of 128, batch 1 and 16, and grouped-query 32/8: GB/s of K + V read against the copy bandwidth.
-Both through SoftmaxContextOp's launchers. Writes the table under benchmarks/results/ (or $OUT)."""
+Both through SoftmaxContextOp's launchers. Then SoftmaxOp (kernels_cu/softmax.cu) on precomputed scores
+against torch's masked softmax: GB/s of scores read + written. Writes the table under benchmarks/results/
+(or $OUT)."""
 
 from __future__ import annotations
 
@@ -20,12 +22,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import copy_bandwidth_gbs, header, spin_up, time_us, write_table  # noqa: E402
 from cupy_transformer.kv_cache import KVCache  # noqa: E402
-from cupy_transformer.ops import InferenceConfig  # noqa: E402
+from cupy_transformer.ops import InferenceConfig, SoftmaxOp  # noqa: E402
 from cupy_transformer.ops.softmax_context import _decode, _prefill  # noqa: E402
 
 CASES = [(1, 32, 32, 4096), (16, 32, 32, 4096), (1, 32, 8, 4096), (16, 32, 8, 4096), (1, 32, 32, 16384)]
 D = 128
 PREFILL = [(8, 16, 2048, 64, True), (4, 32, 4096, 128, True), (8, 16, 2048, 64, False), (4, 32, 4096, 128, False)]
+# SoftmaxOp: (B, h, Q, K, causal, mask kind, alibi)
+SOFTMAX = [(4, 16, 2048, 2048, True, "additive", False), (8, 16, 512, 512, False, "bool", True),
+           (16, 32, 1, 16384, False, "bool", False), (1, 32, 1, 131072, False, None, True)]
 
 
 def matmul_tflops() -> float:
@@ -73,6 +78,60 @@ def prefill_rows() -> list[str]:
         q = k = v = tq = tk = tv = None
         cupy.get_default_memory_pool().free_all_blocks()
     lines.append(f"\nEach row's output was compared with SDPA's: relative difference {min(errors):.1e} to "
+                 f"{max(errors):.1e}.")
+    return lines
+
+
+def softmax_rows(copy) -> list[str]:
+    lines = [
+        f"\n## SoftmaxOp (fp16), copy {copy:.0f} GB/s\n",
+        "Scores [B, h, Q, K] times 0.125, plus a 2-D [B, K] mask (additive or boolean) and an alibi [B, h, 1, K] "
+        "where marked, causal where marked; torch: the same math as masked_fill / add and torch.softmax in fp16. "
+        "GB/s of scores read + probabilities written.\n",
+        "| B | h | Q | K | causal | mask | alibi | ours µs | GB/s | of copy | torch µs | vs torch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines))
+    errors = []
+    for b, h, q, k, causal, mask_kind, with_alibi in SOFTMAX:
+        s = cupy.random.standard_normal((b, h, q, k), dtype=cupy.float32).astype(cupy.float16)
+        keep = cupy.random.random((b, k)) < 0.9
+        mask = None if mask_kind is None else keep if mask_kind == "bool" else cupy.where(keep, 0, -1e4).astype(
+            cupy.float16)
+        alibi = (cupy.random.standard_normal((b, h, 1, k), dtype=cupy.float32) * 0.1).astype(cupy.float16) \
+            if with_alibi else None
+        op = SoftmaxOp(InferenceConfig(hidden_size=h * 64, heads=h, dtype=numpy.float16))
+        ours = time_us(lambda: op(s, mask, alibi, causal, layer_scale=0.125), [()], reps=30)
+        ts, tkeep = torch.from_dlpack(s), torch.from_dlpack(keep)
+        tmask = None if mask is None else torch.from_dlpack(mask)
+        talibi = None if alibi is None else torch.from_dlpack(alibi)
+        rule = torch.ones(q, k, dtype=torch.bool, device="cuda").tril(k - q) if causal else None
+
+        def reference():
+            z = ts * 0.125
+            if talibi is not None:
+                z = z + talibi
+            if mask_kind == "additive":
+                z = z + tmask[:, None, None, :]
+            drop = None if mask_kind != "bool" else ~tkeep[:, None, None, :]
+            if rule is not None:
+                drop = ~rule if drop is None else drop | ~rule
+            return torch.softmax(z if drop is None else z.masked_fill(drop, float("-inf")), -1)
+
+        theirs = time_us(reference, [()], reps=30)
+        got = op(s, mask, alibi, causal, layer_scale=0.125).astype(cupy.float32)
+        want = cupy.asarray(reference()).astype(cupy.float32)
+        errors.append(float(cupy.linalg.norm(got - want) / cupy.linalg.norm(want)))
+        gbs = 2 * s.nbytes / ours / 1e3
+        line = (f"| {b} | {h} | {q} | {k} | {'yes' if causal else 'no'} | {mask_kind or '-'} | "
+                f"{'yes' if with_alibi else '-'} | {ours:.1f} | {gbs:.0f} | {100 * gbs / copy:.0f}% | {theirs:.1f} | "
+                f"{theirs / ours:.2f} |")
+        print(line, f"(rel. diff vs torch {errors[-1]:.1e})")
+        lines.append(line)
+        s = mask = alibi = ts = tmask = talibi = None
+        cupy.get_default_memory_pool().free_all_blocks()
+        torch.cuda.empty_cache()
+    lines.append(f"\nEach row's output was compared with torch's: relative difference {min(errors):.1e} to "
                  f"{max(errors):.1e}.")
     return lines
 
@@ -127,6 +186,7 @@ def main():
     lines.append(f"\nEach row's output was compared with SDPA's: relative difference {min(errors):.1e} to "
                  f"{max(errors):.1e}.")
     lines += prefill_rows()
+    lines += softmax_rows(copy)
     write_table("attention", lines)
 
 

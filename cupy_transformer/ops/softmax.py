@@ -25,15 +25,31 @@ Decisions where DeepSpeed is suspect (``ops-spec.md`` §4), each a fix:
 - Any ``K`` (DeepSpeed: at most 32768, and wrong past 8192). ``recompute`` and ``async_op`` are not offered;
   the result is a new array (DeepSpeed overwrites the scores), or ``out``.
 
-The GPU path computes the same formula with CuPy array operations (fp32); its fused kernel is to come.
+On the GPU ``kernels_cu/softmax.cu`` computes it: per row a pass for the running max and sum (merged across
+the row's lanes) and a pass that writes, reading the mask and alibi as given (broadcast dimensions are never
+expanded) and skipping the keys the causal or window rule drops. A warp takes a row; where rows are few and
+long, blocks take chunks of a row (a second launch merges the chunks' sums and writes).
 """
 
 from __future__ import annotations
 
 import numpy
 
-from ..runtime.arrays import as_array, common_kind, deliver, import_cupy, to_caller
+from ..runtime.arrays import as_array, check_no_overlap, common_kind, deliver, import_cupy, to_caller
+from ..runtime.kernels import CTYPES, KernelFamily, access_width, f32, i32, sm_count, vector_width
 from .base import TransformerOp
+
+# (lanes a row, phase): a warp or a block a row (phase 0), or a block a chunk of a long row (phases 1, 2)
+_VARIANTS = ((32, 0), (256, 0), (256, 1), (256, 2))
+
+
+def _name(dtype, vec, row_threads, phase):
+    return f"ct::masked_softmax<{CTYPES[dtype]}, {vec}, {row_threads}, {phase}>"
+
+
+_KERNELS = KernelFamily(
+    "softmax.cu", [_name(d, v, r, ph) for d in CTYPES for v in (vector_width(d), 1) for r, ph in _VARIANTS]
+)
 
 
 def softmax_reference(scores, mask=None, alibi=None, triangular=False, window_size=None, layer_scale=1.0):
@@ -125,10 +141,15 @@ class SoftmaxOp(TransformerOp):
             if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
                 raise ValueError(f"window_size: expected a positive integer with local_attention; got {window_size!r}")
             window = window_size
-        if out is not None:  # may be attn_scores itself (DeepSpeed's in-place update)
+        if out is not None:  # may be attn_scores itself (DeepSpeed's in-place update), but no other input
             out = as_array("out", out, kind, dtypes=cfg.dtype, shape=tuple(s.shape))
-        p = softmax_reference(s, mask, rows, bool(triangular), window, float(layer_scale))
-        return to_caller(deliver(p, out), kind)
+            in_place = kind != "numpy" and out.data.ptr == s.data.ptr
+            check_no_overlap("out", out, **({} if in_place else {"attn_scores": s}), attn_mask=mask, alibi=rows)
+        if kind == "numpy":
+            p = deliver(softmax_reference(s, mask, rows, bool(triangular), window, float(layer_scale)), out)
+        else:
+            p = _masked_softmax(s, mask, rows, bool(triangular), window, float(layer_scale), out)
+        return to_caller(p, kind)
 
     def _alibi(self, alibi, kind, shape, head_offset):
         """This rank's alibi rows as [B, h, 1, K], or None."""
@@ -138,3 +159,38 @@ class SoftmaxOp(TransformerOp):
             raise ValueError(f"head_offset: expected an integer in [0, {total - h}] (this rank's first of {total} "
                              f"heads); got {head_offset!r}")
         return alibi_rows(alibi, kind, self.config.dtype, b, total, h, head_offset, k)
+
+
+def _element_strides(a, dims):
+    """The strides of ``a``'s ``dims`` in elements, 0 where the dimension is broadcast (size 1)."""
+    return tuple(numpy.int64(0 if a.shape[d] == 1 else a.strides[d] // a.itemsize) for d in dims)
+
+
+def _masked_softmax(s, mask, alibi, triangular, window, layer_scale, out):
+    """The kernel on checked CuPy arrays: ``s`` [B, h, Q, K], ``mask`` broadcastable to it or None, ``alibi``
+    [B, h, 1, K] or None; the result in ``out`` (which may be ``s``) or a new array."""
+    cupy = import_cupy()
+    b, h, q, k = s.shape
+    p = out if out is not None else cupy.empty_like(s)
+    rows = b * h * q
+    vec = access_width(s.dtype, k, s, p)
+    if mask is not None and mask.strides[-1] != mask.itemsize:
+        mask = cupy.ascontiguousarray(mask)
+    mask_kind = 0 if mask is None else 2 if mask.dtype == numpy.bool_ else 1
+    mask_strides = _element_strides(mask, (0, 1, 2)) if mask is not None else (numpy.int64(0),) * 3
+    alibi_strides = _element_strides(alibi, (0, 1)) if alibi is not None else (numpy.int64(0),) * 2
+    tail = (f32(layer_scale), i32(mask_kind), *mask_strides, *alibi_strides, i32(alibi is not None), i32(triangular),
+            i32(window or 0))
+    head = (s, p, s if mask is None else mask, s if alibi is None else alibi)
+    if rows >= 16 * sm_count() or k <= 1024:  # rows enough for 16 warps an SM, or short: a warp a row
+        grid, kernels, chunk = (-(-rows // 8),), [_name(s.dtype, vec, 32, 0)], k
+    else:  # few long rows: blocks over chunks of at least 2048 keys, about 8 an SM
+        chunks = max(1, min(-(-8 * sm_count() // rows), -(-k // 2048)))
+        chunk = -(-(-(-k // chunks)) // vec) * vec
+        grid = (-(-k // chunk), rows) if chunks > 1 else (rows,)
+        kernels = [_name(s.dtype, vec, 256, 1), _name(s.dtype, vec, 256, 2)] if chunks > 1 else [
+            _name(s.dtype, vec, 256, 0)]
+    stats = cupy.empty(2 * rows * grid[0] if len(grid) > 1 else 2, cupy.float32)
+    for name in kernels:
+        _KERNELS.kernel(name)(grid, (256,), head + (stats, numpy.int64(rows), i32(h), i32(q), i32(k), i32(chunk)) + tail)
+    return p

@@ -144,6 +144,51 @@ def test_gpu_matches_torch_softmax(rng):
     assert cupy.asarray(p).shape == (2, 4, 5, 9)
 
 
+LONG = {  # (b, h, q, k), the rule, the mask, alibi: the kernel's paths (a warp a row, a block a row, blocks
+    # over chunks of a row), whole 16-byte vectors or not, rows far longer than a block's threads
+    "70001 keys, causal past, 2-D bool mask, alibi": ((1, 4, 3, 70001), dict(triangular=True), "2d-bool", True),
+    "4104 keys, window 300, per-head additive mask": ((2, 4, 5, 4104), dict(window=300), "4d-head", False),
+    "320 keys, warp a row, causal past, bool [B,1,Q,K]": ((2, 4, 300, 320), dict(triangular=True), "4d-q", True),
+    "1500 keys, a block a row, causal past, 2-D additive": ((1, 4, 2, 1500), dict(triangular=True), "2d-add", False),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("name", LONG)
+def test_gpu_kernel_on_long_and_many_rows(rng, poisoned_allocations, dtype, name):
+    """The kernel against the float64 NumPy path on the same inputs."""
+    import cupy
+
+    (b, h, q, k), rule, mask_kind, with_alibi = LONG[name]
+    s = random(rng, (b, h, q, k), dtype, scale=3.0)
+    mask = {"2d-bool": lambda: rng.random((b, k)) < 0.8,
+            "2d-add": lambda: numpy.where(rng.random((b, k)) < 0.2, -1e4, 0.0).astype(dtype),
+            "4d-head": lambda: numpy.where(rng.random((b, h, 1, k)) < 0.2, -1e4, 0.0).astype(dtype),
+            "4d-q": lambda: rng.random((b, 1, q, k)) < 0.9}[mask_kind]()
+    alibi = random(rng, (b, h, 1, k), dtype) if with_alibi else None
+    op = ops.SoftmaxOp(config(dtype))
+    window = rule.get("window")
+    args = (rule.get("triangular", False), window is not None, window, 0.7)
+    want = op(s, mask, alibi, *args)
+    got = op(cupy.asarray(s), cupy.asarray(mask), None if alibi is None else cupy.asarray(alibi), *args)
+    assert rel_error(got, want) < TOL[numpy.dtype(dtype)]
+
+
+@pytest.mark.gpu
+def test_gpu_in_place_and_overlap(rng):
+    import cupy
+
+    op = ops.SoftmaxOp(config(numpy.float16))
+    s = cupy.asarray(random(rng, (2, 4, 6, 100), numpy.float16))
+    want = op(s, triangular=True)
+    assert op(s, triangular=True, out=s) is s and rel_error(s, want) == 0
+    buffer = cupy.zeros(2 * 4 * 6 * 100 + 100, numpy.float16)
+    mask = buffer[:200].reshape(2, 100)
+    with pytest.raises(ValueError, match=r"out: must not overlap the input attn_mask"):
+        op(s, mask, out=buffer[100:].reshape(2, 4, 6, 100))
+
+
 def test_bad_inputs_are_named_errors(rng):
     op = ops.SoftmaxOp(config(numpy.float16))
     s = random(rng, (2, 4, 3, 5), numpy.float16)
