@@ -206,6 +206,20 @@ def test_bad_inputs_are_named_errors(rng):
         cfg(numpy.float16, rotary_dim=40)
 
 
+def twin_caches(rng, dtype, kv, tokens, d, lengths, kinds=("numpy", "cupy")):
+    """One-layer caches of each kind holding the same random keys and values, sequences of ``lengths``."""
+    caches = [KVCache(1, len(lengths), kv, tokens, d, dtype, backend=kind) for kind in kinds]
+    content = [random(rng, (1, len(lengths), kv, tokens, d), dtype) for _ in range(2)]
+    for cache in caches:
+        if cache.kind == "numpy":
+            xp = numpy
+        else:
+            import cupy as xp
+        cache.keys[...], cache.values[...] = xp.asarray(content[0]), xp.asarray(content[1])
+        cache.set_lengths(lengths)
+    return caches
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("heads, kv, d", [(8, 1, 128), (32, 4, 128), (4, 4, 80), (6, 2, 96), (2, 2, 256), (16, 2, 64)])
@@ -216,12 +230,7 @@ def test_gpu_decode_kernel_on_long_contexts(rng, dtype, heads, kv, d):
 
     c = cfg(dtype, heads=heads, kv=kv, d=d, rotary_dim=d, rotate_half=True, rotate_every_two=False)
     op = ops.SoftmaxContextOp(c)
-    caches = [KVCache(1, 3, kv, 16384, d, dtype, backend=kind) for kind in ("numpy", "cupy")]
-    content = [random(rng, (1, 3, kv, 16384, d), dtype) for _ in range(2)]
-    for cache in caches:
-        xp = numpy if cache.kind == "numpy" else cupy
-        cache.keys[...], cache.values[...] = xp.asarray(content[0]), xp.asarray(content[1])
-        cache.set_lengths([0, 776, 16383])
+    caches = twin_caches(rng, dtype, kv, 16384, d, [0, 776, 16383])
     qkv = random(rng, (3, 1, (heads + 2 * kv) * d), dtype)
     keep = rng.random((3, 16384)) < 0.9
     alibi = random(rng, (3, heads, 1, 16384), dtype, scale=0.5)
@@ -241,12 +250,7 @@ def test_gpu_decode_kernel_with_an_additive_mask(rng, poisoned_allocations, dtyp
 
     c = cfg(dtype, heads=heads, kv=kv, d=d, local_attention=True, window_size=700)
     op = ops.SoftmaxContextOp(c)
-    caches = [KVCache(1, 2, kv, 1000, d, dtype, backend=kind) for kind in ("numpy", "cupy")]
-    content = [random(rng, (1, 2, kv, 1000, d), dtype) for _ in range(2)]
-    for cache in caches:
-        xp = numpy if cache.kind == "numpy" else cupy
-        cache.keys[...], cache.values[...] = xp.asarray(content[0]), xp.asarray(content[1])
-        cache.set_lengths([999, 333])
+    caches = twin_caches(rng, dtype, kv, 1000, d, [999, 333])
     qkv = random(rng, (2, 1, (heads + 2 * kv) * d), dtype)
     additive = numpy.where(rng.random((2, 1000)) < 0.8, 0.0, -1e4).astype(dtype)
     want, _, _ = op(qkv, additive, caches[0], 0, caches[0].reserve(1))
