@@ -33,6 +33,8 @@ long, blocks take chunks of a row (a second launch merges the chunks' sums and w
 
 from __future__ import annotations
 
+import math
+
 import numpy
 
 from ..runtime.arrays import as_array, check_no_overlap, common_kind, deliver, import_cupy, to_caller
@@ -183,13 +185,14 @@ def _masked_softmax(s, mask, alibi, triangular, window, layer_scale, out):
             i32(window or 0))
     head = (s, p, s if mask is None else mask, s if alibi is None else alibi)
     if rows >= 16 * sm_count() or k <= 1024:  # rows enough for 16 warps an SM, or short: a warp a row
-        grid, kernels, chunk = (-(-rows // 8),), [_name(s.dtype, vec, 32, 0)], k
+        grid, kernels, chunk = (math.ceil(rows / 8),), [_name(s.dtype, vec, 32, 0)], k
     else:  # few long rows: blocks over chunks of at least 2048 keys, about 8 an SM
-        chunks = max(1, min(-(-8 * sm_count() // rows), -(-k // 2048)))
-        chunk = -(-(-(-k // chunks)) // vec) * vec
-        grid = (-(-k // chunk), rows) if chunks > 1 else (rows,)
-        kernels = [_name(s.dtype, vec, 256, 1), _name(s.dtype, vec, 256, 2)] if chunks > 1 else [
-            _name(s.dtype, vec, 256, 0)]
+        chunks = max(1, min(math.ceil(8 * sm_count() / rows), math.ceil(k / 2048)))
+        chunk = math.ceil(math.ceil(k / chunks) / vec) * vec
+        if chunks > 1:
+            grid, kernels = (math.ceil(k / chunk), rows), [_name(s.dtype, vec, 256, 1), _name(s.dtype, vec, 256, 2)]
+        else:
+            grid, kernels = (rows,), [_name(s.dtype, vec, 256, 0)]
     stats = cupy.empty(2 * rows * grid[0] if len(grid) > 1 else 2, cupy.float32)
     for name in kernels:
         _KERNELS.kernel(name)(grid, (256,), head + (stats, numpy.int64(rows), i32(h), i32(q), i32(k), i32(chunk)) + tail)

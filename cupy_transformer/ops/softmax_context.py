@@ -29,15 +29,15 @@ multiples of 8 up to 256 (what the kernels will take). Returns ``(context, keys,
 values attended, ``[B, kv, T, d]`` (cache views with a cache), not expanded to the query heads.
 
 On the GPU, ``kernels_cu/rotary_append.cu`` turns Q and K and writes K and V into the cache in one pass over
-the projection (where there is a cache or rotary). A decode step (one token per sequence, with a cache, up to 8 query heads per key/value head (16 on tensor
-cores), a per-key mask or none) runs ``kernels_cu/decode_attention.cu``: the keys split in chunks across blocks, K and
-V read once for the heads that share them, chunks merged in a fixed order; fp16/bf16 with head sizes 32, 64,
-96 or 128 on tensor cores (the heads sharing a key/value head are the rows of the products), the rest on
-CUDA cores. Other fp16/bf16 calls with head
-sizes 32, 64, 80, 96 or 128 and a per-key mask (or none) run ``kernels_cu/prefill_attention.cu``
-(FlashAttention-2 style: tiles of queries against streamed tiles of keys, online softmax, tensor cores, no
-score matrix in memory; needs compute capability 8.0). The rest (fp32, other head sizes, masks per query or
-head) computes the same formula with CuPy array operations in fp32.
+the projection (where there is a cache or rotary). A decode step (one token per sequence, with a cache, up to
+8 query heads per key/value head, 16 on tensor cores, a per-key mask or none) runs
+``kernels_cu/decode_attention.cu``: the keys split in chunks across blocks, K and V read once for the heads
+that share them, chunks merged in a fixed order; fp16/bf16 with head sizes 32, 64, 96 or 128 on tensor cores
+(the heads sharing a key/value head are the rows of the products), the rest on CUDA cores. Other fp16/bf16
+calls with head sizes 32, 64, 80, 96 or 128 and a per-key mask (or none) run
+``kernels_cu/prefill_attention.cu`` (FlashAttention-2 style: tiles of queries against streamed tiles of keys,
+online softmax, tensor cores, no score matrix in memory; needs compute capability 8.0). The rest (fp32, other
+head sizes, masks per query or head) computes the same formula with CuPy array operations in fp32.
 """
 
 from __future__ import annotations
