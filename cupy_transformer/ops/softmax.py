@@ -193,7 +193,7 @@ def _masked_softmax(s, mask, alibi, triangular, window, layer_scale, out):
             grid, kernels = (math.ceil(k / chunk), rows), [_name(s.dtype, vec, 256, 1), _name(s.dtype, vec, 256, 2)]
         else:
             grid, kernels = (rows,), [_name(s.dtype, vec, 256, 0)]
-    stats = cupy.empty(2 * rows * grid[0] if len(grid) > 1 else 2, cupy.float32)
+    stats = cupy.empty(2 * rows * grid[0], cupy.float32) if len(grid) > 1 else s  # (max, sum) a chunk; unread
     for name in kernels:
         _KERNELS.kernel(name)(grid, (256,), head + (stats, numpy.int64(rows), i32(h), i32(q), i32(k), i32(chunk)) + tail)
     return p
