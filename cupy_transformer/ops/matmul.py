@@ -6,8 +6,8 @@ Weights are ``[in, out]`` (DeepSpeed's default, GPT-2's Conv1D) or, with ``trans
 bias and applies ReLU or GELU (tanh form) before the one rounding to the dtype; other activations
 (GELU_EXACT) take ``bias_act``'s extra pass. Where cuBLASLt finds no algorithm, ``cupy.matmul`` plus that
 pass does it. Up to 8 rows the GEMV kernel may run instead; it applies bias and activation in its epilogue
-(fp32, one rounding). Which is faster depends on the shape and the card (on an H200 the GEMV ran at 0.88-1.14x
-cuBLAS's speed: ``benchmarks/results/ops-h200-*.md``), so the first eager call of each decode shape times
+(fp32, one rounding). Which is faster depends on the shape and the card (on an H200 the GEMV ran at 0.88-1.19x
+cuBLAS's speed over two runs: ``benchmarks/results/gpu-runs.md``), so the first eager call of each decode shape times
 both (``runtime.timing``) and keeps the faster. CuPy cannot call cuBLAS during stream capture, so a captured
 decode step always runs the GEMV. NumPy arrays take the reference: float64, rounded after the product and
 again after bias and activation.
