@@ -212,6 +212,9 @@ def _on_device(host) -> object:
     return array
 
 
+_DECODE_SLOTS: dict[tuple[int, str], int] = {}  # per (device, kernel): blocks its SMs hold at once
+
+
 def _decode_on_tensor_cores(dtype, d) -> bool:
     """Whether decode runs attention_partial_tc (up to 16 query heads a kv head) or attention_partial (8)."""
     return numpy.dtype(dtype).itemsize == 2 and d in _DECODE_TC_HEAD_SIZES and compute_capability() >= 80
@@ -225,12 +228,16 @@ def _decode(q, cache, layer, lo, hi, mask, alibi, scale, h, kv, d):
     group = h // kv
     ctype = CTYPES[q.dtype]
     if _decode_on_tensor_cores(q.dtype, d):
-        kernel = _KERNELS.kernel(f"ct::attention_partial_tc<{ctype}, {d}>")
+        name = f"ct::attention_partial_tc<{ctype}, {d}>"
     else:
-        kernel = _KERNELS.kernel(f"ct::attention_partial<{ctype}, {next(g for g in _GROUPS if group <= g)}>")
+        name = f"ct::attention_partial<{ctype}, {next(g for g in _GROUPS if group <= g)}>"
+    kernel = _KERNELS.kernel(name)
     # Key chunks: one wave of blocks (as many as the SMs hold at once: a second, partial wave cost a whole
     # block's time), chunks of at least 64 keys, and at most the 256 that attention_combine takes.
-    slots = resident_blocks(kernel, 128) * sm_count()
+    key = (cupy.cuda.runtime.getDevice(), name)
+    slots = _DECODE_SLOTS.get(key)
+    if slots is None:  # once: reading the device's and kernel's attributes every layer costs host time
+        slots = _DECODE_SLOTS[key] = resident_blocks(kernel, 128) * sm_count()
     chunks = max(1, min(slots // (b * kv), math.ceil(t / 64), 256))
     chunk = math.ceil(t / chunks)
     partial = cupy.empty((b, h, chunks, d + 2), cupy.float32)
