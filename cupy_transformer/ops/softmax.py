@@ -25,10 +25,10 @@ Decisions where DeepSpeed is suspect (``ops-spec.md`` §4), each a fix:
 - Any ``K`` (DeepSpeed: at most 32768, and wrong past 8192). ``recompute`` and ``async_op`` are not offered;
   the result is a new array (DeepSpeed overwrites the scores), or ``out``.
 
-On the GPU ``kernels_cu/softmax.cu`` computes it: per row a pass for the running max and sum (merged across
-the row's lanes) and a pass that writes, reading the mask and alibi as given (broadcast dimensions are never
-expanded) and skipping the keys the causal or window rule drops. A warp takes a row; where rows are few and
-long, blocks take chunks of a row (a second launch merges the chunks' sums and writes).
+On the GPU ``kernels_cu/softmax.cu`` computes it: 8 lanes or 1 to 8 warps hold a row in registers (one read,
+one exp a key, one write), reading the mask and alibi as given (broadcast dimensions are never expanded) and
+skipping the keys the causal or window rule drops. Rows longer than a block holds, or few long rows, are cut
+into chunks over blocks (a second launch merges the chunks' sums, reads its chunk again and writes).
 """
 
 from __future__ import annotations
@@ -38,19 +38,21 @@ import math
 import numpy
 
 from ..runtime.arrays import as_array, check_no_overlap, common_kind, deliver, import_cupy, to_caller
-from ..runtime.kernels import CTYPES, KernelFamily, access_width, f32, i32, sm_count, vector_width
+from ..runtime.kernels import (CTYPES, KernelFamily, access_width, f32, i32, sm_count, vector_width,
+                               wave_blocks)
 from .base import TransformerOp
 
-# (lanes a row, phase): a warp or a block a row (phase 0), or a block a chunk of a long row (phases 1, 2)
-_VARIANTS = ((32, 0), (256, 0), (256, 1), (256, 2))
+# (lanes a row, vectors a lane, phase): 8 lanes or 1 to 8 warps a row (phase 0), or a block a chunk of a row
+# (phases 1, 2)
+_VARIANTS = ((8, 2, 0), (32, 2, 0), (32, 8, 0), (64, 8, 0), (128, 8, 0), (256, 8, 0), (256, 8, 1), (256, 8, 2))
 
 
-def _name(dtype, vec, row_threads, phase):
-    return f"ct::masked_softmax<{CTYPES[dtype]}, {vec}, {row_threads}, {phase}>"
+def _name(dtype, vec, row_threads, nv, phase):
+    return f"ct::masked_softmax<{CTYPES[dtype]}, {vec}, {row_threads}, {nv}, {phase}>"
 
 
 _KERNELS = KernelFamily(
-    "softmax.cu", [_name(d, v, r, ph) for d in CTYPES for v in (vector_width(d), 1) for r, ph in _VARIANTS]
+    "softmax.cu", [_name(d, v, *variant) for d in CTYPES for v in (vector_width(d), 1) for variant in _VARIANTS]
 )
 
 
@@ -168,6 +170,37 @@ def _element_strides(a, dims):
     return tuple(numpy.int64(0 if a.shape[d] == 1 else a.strides[d] // a.itemsize) for d in dims)
 
 
+def softmax_plan(rows, k, vec, slots):
+    """How the kernel covers ``rows`` rows of ``k`` keys, ``vec`` keys a vector: ``(lanes a row, vectors a lane,
+    chunks a row, keys a chunk)``. A row of up to 2 vectors a lane fits 8 lanes (4 rows a warp: short rows
+    spend less on reductions); longer rows take the fewest warps (1, 2, 4 or 8) that hold them at 8 vectors
+    a lane (2 where that suffices for one warp: fewer registers): the fewer lanes a row, the more rows an SM
+    works on at once, each at its own pace. Rows longer than 8 vectors a thread of a block are cut into
+    chunks; with fewer rows than ``slots`` (the blocks the GPU runs at once), rows past 4 warps are cut
+    further, into chunks of at least a vector a thread, to fill it."""
+    if k <= 8 * vec * 2:
+        return 8, 2, 1, k
+    if k <= 32 * vec * 2:
+        return 32, 2, 1, k
+    for threads in (32, 64, 128):
+        if k <= threads * vec * 8:
+            return threads, 8, 1, k
+    per_pass = 256 * vec
+    chunks = math.ceil(k / (8 * per_pass))
+    if rows < slots:
+        chunks = max(chunks, min(slots // rows, math.ceil(k / per_pass)))
+    chunk = math.ceil(math.ceil(k / chunks) / vec) * vec
+    chunks = math.ceil(k / chunk)
+    return 256, 8, chunks, chunk
+
+
+def _vector_aligned(a, vec):
+    """Whether every row the kernel reads of ``a`` (a mask or alibi, stride-1 keys) starts on a ``vec``-element
+    vector: its base and the strides of its other dimensions."""
+    strides = _element_strides(a, range(a.ndim - 1))
+    return a.data.ptr % (vec * a.itemsize) == 0 and all(st % vec == 0 for st in strides)
+
+
 def _masked_softmax(s, mask, alibi, triangular, window, layer_scale, out):
     """The kernel on checked CuPy arrays: ``s`` [B, h, Q, K], ``mask`` broadcastable to it or None, ``alibi``
     [B, h, 1, K] or None; the result in ``out`` (which may be ``s``) or a new array."""
@@ -175,25 +208,25 @@ def _masked_softmax(s, mask, alibi, triangular, window, layer_scale, out):
     b, h, q, k = s.shape
     p = out if out is not None else cupy.empty_like(s)
     rows = b * h * q
+    if rows >= 2**31:
+        raise ValueError(f"attn_scores: {rows} rows (B * h * Q) exceed the kernel's 2^31; split the batch")
     vec = access_width(s.dtype, k, s, p)
-    if mask is not None and mask.strides[-1] != mask.itemsize:
-        mask = cupy.ascontiguousarray(mask)
+    if mask is not None and (mask.strides[-1] != mask.itemsize or not _vector_aligned(mask, vec)):
+        mask = mask.copy()  # a view off the vectors (a rare case): a fresh array is aligned
+    if alibi is not None and not _vector_aligned(alibi, vec):
+        alibi = alibi.copy()
     mask_kind = 0 if mask is None else 2 if mask.dtype == numpy.bool_ else 1
     mask_strides = _element_strides(mask, (0, 1, 2)) if mask is not None else (numpy.int64(0),) * 3
     alibi_strides = _element_strides(alibi, (0, 1)) if alibi is not None else (numpy.int64(0),) * 2
-    tail = (f32(layer_scale), i32(mask_kind), *mask_strides, *alibi_strides, i32(alibi is not None), i32(triangular),
-            i32(window or 0))
-    head = (s, p, s if mask is None else mask, s if alibi is None else alibi)
-    if rows >= 16 * sm_count() or k <= 1024:  # rows enough for 16 warps an SM, or short: a warp a row
-        grid, kernels, chunk = (math.ceil(rows / 8),), [_name(s.dtype, vec, 32, 0)], k
-    else:  # few long rows: blocks over chunks of at least 2048 keys, about 8 an SM
-        chunks = max(1, min(math.ceil(8 * sm_count() / rows), math.ceil(k / 2048)))
-        chunk = math.ceil(math.ceil(k / chunks) / vec) * vec
-        if chunks > 1:
-            grid, kernels = (math.ceil(k / chunk), rows), [_name(s.dtype, vec, 256, 1), _name(s.dtype, vec, 256, 2)]
-        else:
-            grid, kernels = (rows,), [_name(s.dtype, vec, 256, 0)]
-    stats = cupy.empty(2 * rows * grid[0], cupy.float32) if len(grid) > 1 else s  # (max, sum) a chunk; unread
-    for name in kernels:
-        _KERNELS.kernel(name)(grid, (256,), head + (stats, numpy.int64(rows), i32(h), i32(q), i32(k), i32(chunk)) + tail)
+    threads, nv, chunks, chunk = softmax_plan(rows, k, vec, 2 * sm_count())
+    phases = (0,) if chunks == 1 else (1, 2)
+    kernels = [_KERNELS.kernel(_name(s.dtype, vec, threads, nv, phase)) for phase in phases]
+    # One chunk a row: at most one wave of blocks, each looping over rows. Chunks: a block each.
+    grid = min(math.ceil(rows / (256 // threads)), wave_blocks(kernels[0], 256)) if chunks == 1 else rows * chunks
+    stats = cupy.empty(2 * rows * chunks, cupy.float32) if chunks > 1 else s  # (max, sum) a chunk; else unread
+    args = (s, p, s if mask is None else mask, s if alibi is None else alibi, stats, i32(rows), i32(chunks),
+            i32(h), i32(q), i32(k), i32(chunk), f32(layer_scale), i32(mask_kind), *mask_strides,
+            i32(alibi is not None), *alibi_strides, i32(triangular), i32(window or 0))
+    for kernel in kernels:
+        kernel((i32(grid),), (256,), args)
     return p

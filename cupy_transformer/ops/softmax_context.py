@@ -50,7 +50,7 @@ import numpy
 from ..kv_cache import KVCache
 from ..runtime.arrays import as_array, common_kind, import_cupy, to_caller
 from ..runtime.kernels import (CTYPES, KernelFamily, compute_capability, dynamic_shared, elementwise_grid, f32, i32,
-                               resident_blocks, sm_count, vector_count)
+                               vector_count, wave_blocks)
 from .base import TransformerOp
 from .rotary import apply_rotary, inverse_frequencies
 from .softmax import alibi_rows, key_mask, softmax_reference
@@ -212,9 +212,6 @@ def _on_device(host) -> object:
     return array
 
 
-_DECODE_SLOTS: dict[tuple[int, str], int] = {}  # per (device, kernel): blocks its SMs hold at once
-
-
 def _decode_on_tensor_cores(dtype, d) -> bool:
     """Whether decode runs attention_partial_tc (up to 16 query heads a kv head) or attention_partial (8)."""
     return numpy.dtype(dtype).itemsize == 2 and d in _DECODE_TC_HEAD_SIZES and compute_capability() >= 80
@@ -234,11 +231,7 @@ def _decode(q, cache, layer, lo, hi, mask, alibi, scale, h, kv, d):
     kernel = _KERNELS.kernel(name)
     # Key chunks: one wave of blocks (as many as the SMs hold at once: a second, partial wave cost a whole
     # block's time), chunks of at least 64 keys, and at most the 256 that attention_combine takes.
-    key = (cupy.cuda.runtime.getDevice(), name)
-    slots = _DECODE_SLOTS.get(key)
-    if slots is None:  # once: reading the device's and kernel's attributes every layer costs host time
-        slots = _DECODE_SLOTS[key] = resident_blocks(kernel, 128) * sm_count()
-    chunks = max(1, min(slots // (b * kv), math.ceil(t / 64), 256))
+    chunks = max(1, min(wave_blocks(kernel, 128) // (b * kv), math.ceil(t / 64), 256))
     chunk = math.ceil(t / chunks)
     partial = cupy.empty((b, h, chunks, d + 2), cupy.float32)
     out = cupy.empty((b, 1, h * d), q.dtype)

@@ -234,6 +234,21 @@ def resident_blocks(kernel, threads: int) -> int:
     return max(1, min(by_regs, by_shared, by_threads))
 
 
+_WAVES: dict[tuple[int, int, int], int] = {}
+
+
+def wave_blocks(kernel, threads: int) -> int:
+    """Blocks of ``threads`` threads of ``kernel`` the whole GPU runs at once (``resident_blocks`` on every
+    multiprocessor): the grid of one wave. Kept per (device, kernel, threads): reading the device's and the
+    kernel's attributes on every launch costs host time on a hot path (a model's every layer)."""
+    cupy = import_cupy()
+    key = (cupy.cuda.runtime.getDevice(), id(kernel), threads)
+    blocks = _WAVES.get(key)
+    if blocks is None:
+        blocks = _WAVES[key] = resident_blocks(kernel, threads) * sm_count()
+    return blocks
+
+
 def sm_count() -> int:
     """Multiprocessors of the current GPU (sizes grid-stride launches)."""
     cupy = import_cupy()

@@ -8,6 +8,7 @@ import pytest
 
 from cupy_transformer import ops
 from cupy_transformer.runtime.arrays import FLOAT_DTYPES
+from cupy_transformer.ops.softmax import _VARIANTS, softmax_plan
 from tests.helpers import random, rel_error
 from tests.ops.common import TOL, on_backend
 
@@ -150,6 +151,9 @@ LONG = {  # (b, h, q, k), the rule, the mask, alibi: the kernel's paths (a warp 
     "4104 keys, window 300, per-head additive mask": ((2, 4, 5, 4104), dict(window=300), "4d-head", False),
     "320 keys, warp a row, causal past, bool [B,1,Q,K]": ((2, 4, 300, 320), dict(triangular=True), "4d-q", True),
     "1500 keys, a block a row, causal past, 2-D additive": ((1, 4, 2, 1500), dict(triangular=True), "2d-add", False),
+    "3000 keys, 2 or 4 warps a row": ((2, 4, 40, 3000), dict(triangular=True), "2d-add", True),
+    "9000 keys, a block a row (fp16)": ((1, 4, 70, 9000), dict(window=5000), "4d-head", False),
+    "20000 keys, few rows: chunks over blocks": ((1, 4, 2, 20000), dict(triangular=True), "2d-add", True),
 }
 
 
@@ -173,6 +177,47 @@ def test_gpu_kernel_on_long_and_many_rows(rng, poisoned_allocations, dtype, name
     want = op(s, mask, alibi, *args)
     got = op(cupy.asarray(s), cupy.asarray(mask), None if alibi is None else cupy.asarray(alibi), *args)
     assert rel_error(got, want) < TOL[numpy.dtype(dtype)]
+
+
+def test_plan_takes_rows_by_warp_block_or_chunks():
+    """The launcher's rule (lanes a row, vectors a lane, chunks, keys a chunk) on the paths the GPU tests take,
+    and its invariants: the chunks cover the row, each fits its lanes' registers, whole vectors."""
+    assert softmax_plan(30, 96, 8, 264) == (8, 2, 1, 96)  # 8 lanes a row
+    assert softmax_plan(30, 40, 4, 264) == (8, 2, 1, 40)
+    assert softmax_plan(30, 15, 1, 264) == (8, 2, 1, 15)
+    assert softmax_plan(2400, 320, 8, 264) == (32, 2, 1, 320)  # a warp a row
+    assert softmax_plan(2400, 320, 4, 264) == (32, 8, 1, 320)
+    assert softmax_plan(320, 3000, 8, 264) == (64, 8, 1, 3000)  # warps a row
+    assert softmax_plan(320, 3000, 4, 264) == (128, 8, 1, 3000)
+    assert softmax_plan(280, 9000, 8, 264) == (256, 8, 1, 9000)
+    assert softmax_plan(1000, 40000, 8, 264) == (256, 8, 3, 13336)  # past 8 vectors a thread: chunks
+    assert softmax_plan(32, 131072, 8, 264) == (256, 8, 8, 16384)  # few rows: cut to fill the GPU
+    assert softmax_plan(8, 20000, 8, 264) == (256, 8, 10, 2000)
+    assert softmax_plan(8, 4104, 8, 264) == (128, 8, 1, 4104)  # fits 4 warps: not cut
+    for rows in (1, 7, 263, 264, 5000):
+        for k in (1, 9, 255, 256, 2049, 4096, 16385, 70001, 1 << 20):
+            for vec in (8, 4, 1):
+                if k % vec:
+                    continue
+                threads, nv, chunks, chunk = softmax_plan(rows, k, vec, 264)
+                assert chunk % vec == 0 and chunk <= threads * vec * nv and (threads, nv, 0) in _VARIANTS
+                assert (chunks - 1) * chunk < k <= chunks * chunk
+                assert chunks == 1 or (threads, nv) == (256, 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("k", [15, 40, 96])
+def test_gpu_short_rows_share_a_warp(rng, poisoned_allocations, dtype, k):
+    """Rows of 8 lanes, 4 to a warp, with 2 * 3 * 5 = 30 rows: the last warp's last two rows do not exist."""
+    import cupy
+
+    s = random(rng, (2, 3, 5, k), dtype, scale=3.0)
+    mask = rng.random((2, 1, 5, k)) < 0.8
+    op = ops.SoftmaxOp(ops.InferenceConfig(hidden_size=24, heads=3, dtype=dtype))
+    got = op(cupy.asarray(s), cupy.asarray(mask), None, True, layer_scale=0.7)
+    exact = row_by_row(s, numpy.broadcast_to(mask, s.shape), None, True, None, 0.7)
+    assert rel_error(got, exact) < TOL[numpy.dtype(dtype)]
 
 
 @pytest.mark.gpu

@@ -115,3 +115,21 @@ def test_resident_blocks_follows_the_occupancy_rules(monkeypatch, regs, shared, 
     fake = SimpleNamespace(cuda=SimpleNamespace(Device=lambda: SimpleNamespace(attributes=attributes)))
     monkeypatch.setattr(kernels, "import_cupy", lambda: fake)
     assert kernels.resident_blocks(SimpleNamespace(num_regs=regs, shared_size_bytes=shared), threads) == blocks
+
+
+def test_wave_blocks_is_resident_blocks_on_every_sm_read_once(monkeypatch):
+    from types import SimpleNamespace
+
+    reads = []
+    attributes = {"MaxRegistersPerMultiprocessor": 65536, "MaxSharedMemoryPerMultiprocessor": 228 << 10,
+                  "MaxThreadsPerMultiProcessor": 2048, "MultiProcessorCount": 132}
+    fake = SimpleNamespace(cuda=SimpleNamespace(
+        Device=lambda *device: reads.append(device) or SimpleNamespace(attributes=attributes),
+        runtime=SimpleNamespace(getDevice=lambda: 0)))
+    monkeypatch.setattr(kernels, "import_cupy", lambda: fake)
+    monkeypatch.setattr(kernels, "_WAVES", {})
+    monkeypatch.setattr(kernels, "_SM_COUNTS", {})
+    kernel = SimpleNamespace(num_regs=105, shared_size_bytes=64)  # 2 blocks of 256 threads an SM
+    assert kernels.wave_blocks(kernel, 256) == 264
+    count = len(reads)
+    assert kernels.wave_blocks(kernel, 256) == 264 and len(reads) == count  # the second call reads nothing
