@@ -113,25 +113,30 @@ def copies_for(nbytes: int, l2_multiple: int = 4) -> int:
     return max(1, min(16, -(-l2_multiple * l2 // max(nbytes, 1))))
 
 
-def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy rate, counting bytes read plus bytes written (the memory ceiling)."""
+def memcpy_us(nbytes: int, reps: int = 60) -> float:
+    """GPU time of a device-to-device memcpy of ``nbytes`` (read, and as many written), timed like ``time_us``:
+    the 'same-size copy' a pass that moves those bytes is compared with."""
     src = cupy.empty(nbytes, cupy.uint8)
     src[...] = 1
     dst = cupy.empty_like(src)
 
-    def copy(d, s):
-        cupy.cuda.runtime.memcpyAsync(d.data.ptr, s.data.ptr, nbytes, cupy.cuda.runtime.memcpyDeviceToDevice, 0)
+    def copy():
+        cupy.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, nbytes, cupy.cuda.runtime.memcpyDeviceToDevice, 0)
 
-    us = time_us(copy, [(dst, src)], reps=20)
-    return 2 * nbytes / us / 1e3
+    return time_us(copy, [()], reps=reps)
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy rate, counting bytes read plus bytes written (the memory ceiling)."""
+    return 2 * nbytes / memcpy_us(nbytes, reps=20) / 1e3
 
 
 _READ = None
 
 
-def read_floor_us(array) -> float:
-    """GPU time to read ``array``'s bytes once and nothing else (a grid-stride loop of 16-byte loads, four
-    in flight per thread), timed like ``time_us``: the floor for a kernel that streams those bytes."""
+def read_launch(array):
+    """A call that reads ``array``'s bytes once and nothing else (a grid-stride loop of 16-byte loads, four in
+    flight per thread): the floor for a kernel that streams those bytes."""
     global _READ
     if _READ is None:
         _READ = cupy.RawKernel(r"""
@@ -148,8 +153,13 @@ def read_floor_us(array) -> float:
         }""", "read_all")
     sink = cupy.zeros(1, cupy.uint32)
     sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
-    n = array.nbytes // 16
-    return time_us(lambda: _READ((sms * 8,), (256,), (array, cupy.int64(n), sink)), [()], reps=30)
+    n = cupy.int64(array.nbytes // 16)
+    return lambda: _READ((sms * 8,), (256,), (array, n, sink))
+
+
+def read_floor_us(array) -> float:
+    """GPU time of ``read_launch(array)``, timed like ``time_us``."""
+    return time_us(read_launch(array), [()], reps=30)
 
 
 def write_table(stem: str, lines: list[str]) -> str:
