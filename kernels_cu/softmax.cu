@@ -4,7 +4,7 @@
 //   keys outside [lo, hi) dropped: hi = position + 1 when causal (else K), lo = position - window + 1 with a
 //   window (else 0); p_j = exp(z_j - max z) / sum exp(z - max z), fp32, one rounding; a row with every key
 //   dropped is zeros.
-// ROW_THREADS lanes (8, or 1 to 8 warps) hold a chunk of a row in registers, NV vectors of VEC keys a
+// ROW_THREADS lanes (8, 16, or 1 to 8 warps) hold a chunk of a row in registers, NV vectors of VEC keys a
 // lane: one read, the maximum and the sum reduced over the lanes, one exp a key, one write. PHASE 0: the
 // chunk is the whole row (a grid of at most one wave loops over the rows). A row longer than the block holds
 // (or one of few rows, split to fill the GPU) is cut into chunks over blocks, grid = rows x chunks: PHASE 1
@@ -59,7 +59,8 @@ __global__ void __launch_bounds__(256, 2) masked_softmax(
     long long mask_h, long long mask_q, int has_alibi, long long alibi_b, long long alibi_h, int causal,
     int window) {
     static_assert(PHASE == 0 || ROW_THREADS == 256, "chunks of a row are whole blocks");
-    static_assert(ROW_THREADS == 8 || (ROW_THREADS % 32 == 0 && ROW_THREADS <= 256), "a warp's part or warps");
+    static_assert(ROW_THREADS == 8 || ROW_THREADS == 16 || (ROW_THREADS % 32 == 0 && ROW_THREADS <= 256),
+                  "a part of a warp, or warps");
     constexpr bool FAST = sizeof(T) == 2;
     using V = Vec<T, VEC>;
     __shared__ float slots_m[8], slots_l[8];  // a warp's maximum and sum, for rows past a warp
@@ -71,7 +72,7 @@ __global__ void __launch_bounds__(256, 2) masked_softmax(
         lo = window > 0 ? max(0, position - window + 1) : 0;
     };
     // Phase 0: the lanes loop over rows (the grid may be smaller than the rows); phases 1 and 2: a block does
-    // a chunk. Rows of 8 lanes: the warp's 4 rows go round together (its shuffles need every lane), a row
+    // a chunk. Rows of 8 or 16 lanes: the warp's rows go round together (its shuffles need every lane), a row
     // past the last is all dropped keys and is not written. Wider rows go round alone.
     const int first = PHASE == 0 ? blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / ROW_THREADS : blockIdx.x / chunks;
     const int stride = PHASE == 0 ? gridDim.x * ROWS_PER_BLOCK : rows;

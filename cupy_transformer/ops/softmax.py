@@ -42,9 +42,10 @@ from ..runtime.kernels import (CTYPES, KernelFamily, access_width, f32, i32, sm_
                                wave_blocks)
 from .base import TransformerOp
 
-# (lanes a row, vectors a lane, phase): 8 lanes or 1 to 8 warps a row (phase 0), or a block a chunk of a row
-# (phases 1, 2)
-_VARIANTS = ((8, 2, 0), (32, 2, 0), (32, 8, 0), (64, 8, 0), (128, 8, 0), (256, 8, 0), (256, 8, 1), (256, 8, 2))
+# (lanes a row, vectors a lane, phase): 8, 16 or 32 lanes, or 2 to 8 warps a row (phase 0), or a block a chunk
+# of a row (phases 1, 2)
+_VARIANTS = ((8, 2, 0), (32, 2, 0), (16, 8, 0), (32, 8, 0), (64, 8, 0), (128, 8, 0), (256, 8, 0), (256, 8, 1),
+             (256, 8, 2))
 
 
 def _name(dtype, vec, row_threads, nv, phase):
@@ -172,17 +173,18 @@ def _element_strides(a, dims):
 
 def softmax_plan(rows, k, vec, slots):
     """How the kernel covers ``rows`` rows of ``k`` keys, ``vec`` keys a vector: ``(lanes a row, vectors a lane,
-    chunks a row, keys a chunk)``. A row of up to 2 vectors a lane fits 8 lanes (4 rows a warp: short rows
-    spend less on reductions); longer rows take the fewest warps (1, 2, 4 or 8) that hold them at 8 vectors
-    a lane (2 where that suffices for one warp: fewer registers): the fewer lanes a row, the more rows an SM
-    works on at once, each at its own pace. Rows longer than 8 vectors a thread of a block are cut into
-    chunks; with fewer rows than ``slots`` (the blocks the GPU runs at once), rows past 4 warps are cut
-    further, into chunks of at least a vector a thread, to fill it."""
+    chunks a row, keys a chunk)``. Rows of up to 16 vectors take 8 lanes and of up to 64 a warp, at 2 vectors a
+    lane; longer rows take the fewest lanes (16, or 1, 2, 4 or 8 warps) that hold them at 8 vectors a lane: the
+    fewer lanes a row, the more rows an SM works on at once, each at its own pace, and the fewer shuffles a
+    key (8 lanes at 8 vectors were 42% slower than a warp at 2 on 512 keys with a boolean mask and alibi: the
+    mask and alibi loads, one vector after another, want more warps). Rows longer than 8 vectors a thread of a
+    block are cut into chunks; with fewer rows than ``slots`` (the blocks the GPU runs at once), rows past 4
+    warps are cut further, into chunks of at least a vector a thread, to fill it."""
     if k <= 8 * vec * 2:
         return 8, 2, 1, k
     if k <= 32 * vec * 2:
         return 32, 2, 1, k
-    for threads in (32, 64, 128):
+    for threads in (16, 32, 64, 128):
         if k <= threads * vec * 8:
             return threads, 8, 1, k
     per_pass = 256 * vec

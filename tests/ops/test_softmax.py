@@ -149,8 +149,10 @@ LONG = {  # (b, h, q, k), the rule, the mask, alibi: the kernel's paths (a warp 
     # over chunks of a row), whole 16-byte vectors or not, rows far longer than a block's threads
     "70001 keys, causal past, 2-D bool mask, alibi": ((1, 4, 3, 70001), dict(triangular=True), "2d-bool", True),
     "4104 keys, window 300, per-head additive mask": ((2, 4, 5, 4104), dict(window=300), "4d-head", False),
-    "320 keys, warp a row, causal past, bool [B,1,Q,K]": ((2, 4, 300, 320), dict(triangular=True), "4d-q", True),
-    "1500 keys, a block a row, causal past, 2-D additive": ((1, 4, 2, 1500), dict(triangular=True), "2d-add", False),
+    "320 keys, a warp or 16 lanes a row, causal past, bool [B,1,Q,K]": ((2, 4, 300, 320), dict(triangular=True),
+                                                                         "4d-q", True),
+    "1000 keys, 16 lanes a row (fp16), 2-D additive": ((2, 4, 50, 1000), {}, "2d-add", True),
+    "1500 keys, few rows: 2 warps or chunks, causal past": ((1, 4, 2, 1500), dict(triangular=True), "2d-add", False),
     "3000 keys, 2 or 4 warps a row": ((2, 4, 40, 3000), dict(triangular=True), "2d-add", True),
     "9000 keys, a block a row (fp16)": ((1, 4, 70, 9000), dict(window=5000), "4d-head", False),
     "20000 keys, few rows: chunks over blocks": ((1, 4, 2, 20000), dict(triangular=True), "2d-add", True),
@@ -186,7 +188,10 @@ def test_plan_takes_rows_by_warp_block_or_chunks():
     assert softmax_plan(30, 40, 4, 264) == (8, 2, 1, 40)
     assert softmax_plan(30, 15, 1, 264) == (8, 2, 1, 15)
     assert softmax_plan(2400, 320, 8, 264) == (32, 2, 1, 320)  # a warp a row
-    assert softmax_plan(2400, 320, 4, 264) == (32, 8, 1, 320)
+    assert softmax_plan(2400, 320, 4, 264) == (16, 8, 1, 320)  # 16 lanes
+    assert softmax_plan(400, 1000, 8, 264) == (16, 8, 1, 1000)
+    assert softmax_plan(2400, 320, 1, 264) == (64, 8, 1, 320)  # warps a row
+    assert softmax_plan(4, 2048, 8, 264) == (32, 8, 1, 2048)
     assert softmax_plan(320, 3000, 8, 264) == (64, 8, 1, 3000)  # warps a row
     assert softmax_plan(320, 3000, 4, 264) == (128, 8, 1, 3000)
     assert softmax_plan(280, 9000, 8, 264) == (256, 8, 1, 9000)
