@@ -31,7 +31,8 @@ PREFILL = [(8, 16, 2048, 64, True), (4, 32, 4096, 128, True), (8, 16, 2048, 64, 
 # SoftmaxOp: (B, h, Q, K, causal, mask kind, alibi)
 SOFTMAX = [(4, 16, 2048, 2048, True, "additive", False), (8, 16, 512, 512, False, "bool", True),
            (16, 32, 1, 16384, False, "bool", False), (1, 32, 1, 131072, False, None, True),
-           (8, 32, 128, 128, True, None, False), (2, 32, 1024, 4096, True, "bool", False),
+           (8, 32, 128, 128, True, None, False), (16, 16, 1024, 1024, True, None, False),
+           (2, 32, 1024, 4096, True, "bool", False),
            (1, 32, 2048, 8192, True, None, False)]
 
 
