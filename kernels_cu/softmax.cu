@@ -49,7 +49,7 @@ __device__ __forceinline__ float row_reduce(float v, float* slots) {
 
 // p may be s (in place): a lane reads all its elements before writing them, and PHASE 2 writes only its own
 // chunk. K % VEC == 0, chunk % VEC == 0, chunk <= ROW_THREADS * VEC * NV; s, p, mask and alibi rows aligned
-// to VEC elements at every offset read (the launcher checks, or copies the mask). Mask strides are in
+// to VEC elements at every offset read (the launcher copies a mask or alibi that is not). Mask strides are in
 // elements (0 for a broadcast dimension), as are alibi's (read if has_alibi). rows = B h Q; window 0: none;
 // stats: [rows, chunks] (PHASE 1 and 2).
 template <typename T, int VEC, int ROW_THREADS, int NV, int PHASE>
