@@ -226,6 +226,27 @@ def test_gpu_short_rows_share_a_warp(rng, poisoned_allocations, dtype, k):
 
 
 @pytest.mark.gpu
+def test_gpu_misaligned_mask_and_alibi_views(rng):
+    """The kernel reads masks and alibi a 16-byte vector at a time: views 2 bytes off a vector are copied first."""
+    import cupy
+
+    k = 64
+    s = random(rng, (2, 4, 3, k), numpy.float16, scale=3.0)
+    mask = numpy.where(rng.random((2, k)) < 0.3, -1e4, 0.0).astype(numpy.float16)
+    alibi = random(rng, (2, 4, 1, k), numpy.float16)
+    op = ops.SoftmaxOp(config(numpy.float16))
+    want = op(s, mask, alibi, True, layer_scale=0.5)
+    views = []
+    for a in (mask, alibi):
+        view = cupy.zeros(a.size + 1, cupy.float16)[1:].reshape(a.shape)
+        view[...] = cupy.asarray(a)
+        assert view.data.ptr % 16 != 0
+        views.append(view)
+    got = op(cupy.asarray(s), views[0], views[1], True, layer_scale=0.5)
+    assert rel_error(got, want) < TOL[numpy.dtype(numpy.float16)]
+
+
+@pytest.mark.gpu
 def test_gpu_in_place_and_overlap(rng):
     import cupy
 
