@@ -213,7 +213,7 @@ def _masked_softmax(s, mask, alibi, triangular, window, layer_scale, out):
     if rows >= 2**31:
         raise ValueError(f"attn_scores: {rows} rows (B * h * Q) exceed the kernel's 2^31; split the batch")
     vec = access_width(s.dtype, k, s, p)
-    if mask is not None and (mask.strides[-1] != mask.itemsize or not _vector_aligned(mask, vec)):
+    if mask is not None and not _vector_aligned(mask, vec):  # keys are stride 1: key_mask's checks
         mask = mask.copy()  # a view off the vectors (a rare case): a fresh array is aligned
     if alibi is not None and not _vector_aligned(alibi, vec):
         alibi = alibi.copy()
