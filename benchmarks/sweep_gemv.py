@@ -16,7 +16,7 @@ from cupy_transformer.runtime.kernels import KernelFamily  # noqa: E402
 SHAPES = [(1600, 6400), (6400, 1600), (1600, 1600), (4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]
 # (pieces, chunks, blocks a SM); "launcher": the launcher's own choices.
 VARIANTS = {
-    False: ["launcher", (2, 1, 2), (1, 1, 2), (2, 1, 1), (1, 2, 2), (2, 2, 2)],
+    False: ["launcher", (1, 2, 2), (1, 6, 2), (2, 2, 2), (2, 4, 2), (1, 4, 1)],  # [in, out]: chunk pairs
     True: ["launcher", (2, 1, 2), (1, 2, 2), (1, 1, 2), (1, 4, 2), (1, 2, 1)],
 }
 _DEFAULTS = (mm._tc_geometry, dict(mm.GEMV_BLOCKS_PER_SM))
@@ -33,7 +33,7 @@ def _use(transposed, variant):
 
 def _kernel_names():
     geometries = {(tr, v[:2]) for tr in (False, True) for v in VARIANTS[tr] if v != "launcher"}
-    geometries |= {(tr, g[tr]) for tr in (False, True) for g in (mm.GEMV_TC, mm.GEMV_TC_FINE)}
+    geometries |= {(False, mm.GEMV_TC_KN)} | {(True, g) for g in mm.GEMV_TC_NK.values()}
     return sorted(mm._tc_name("__half", tr, geo) for tr, geo in geometries)
 
 

@@ -249,17 +249,19 @@ __global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_tc_nk(GEMV_ARGS) {
     gemv_tc_reduce<T, TILE>(out, c, tile_first, [](int m, int i) { return 16 * m + threadIdx.x % 32 / 4 + 8 * (i / 2); });
 }
 
-// W [K, N] (DeepSpeed's default [in, out]). A block's tile is 32 M columns; a chunk is 16 k. Lane (g, t)
-// loads columns 8t .. 8t + 7 of each 32-column piece from chunk rows rho(g) and rho(g) + 2, rho(g) = 2g -
-// g % 2 (0, 1, 4, 5, .. 12, 13): each of its four registers is a fragment of an 8 (k) x 8 (columns 8t' + 2j +
-// {0, 1} over t') matrix, which movmatrix transposes into mma's A layout (rows = those columns, pairs along
-// k). So lane (g, t) ends up holding column n(g, j) = 8 (g / 2) + 2j + g % 2 of the piece, and its k pairs
-// (2t, 2t + 1) and (8 + 2t, 9 + 2t) of the mma are chunk rows 4t .. 4t + 3: the four k of x row g that it
-// reads with one 8-byte load (with rows g and g + 8, as the plain order would be, it took two 4-byte loads,
-// which at 8 rows cost as much as the weight loads). N % 8 == 0, K % 8 == 0, k_per_split % 16 == 0, W and
-// x 16-byte aligned (the launcher checks).
+// W [K, N] (DeepSpeed's default [in, out]). A block's tile is 32 M columns; a chunk is 16 k, and chunks go
+// in pairs (32 k). Lane (g, t) loads columns 8t .. 8t + 7 of each 32-column piece from chunk rows rho(g) and
+// rho(g) + 2, rho(g) = 2g - g % 2 (0, 1, 4, 5, .. 12, 13): each of its four registers is a fragment of an 8
+// (k) x 8 (columns 8t' + 2j + {0, 1} over t') matrix, which movmatrix transposes into mma's A layout (rows =
+// those columns, pairs along k). So lane (g, t) ends up holding column n(g, j) = 8 (g / 2) + 2j + g % 2 of the
+// piece, and its k pairs (2t, 2t + 1) and (8 + 2t, 9 + 2t) of the mma are chunk rows 4t .. 4t + 3. Chunk row
+// q of the pair's first (second) chunk is k 8 (q / 4) + q % 4 (+ 4) of the pair, so lane (g, t)'s B operands
+// for both chunks are x row g's k 8t .. 8t + 7: one 16-byte load a pair (x loads were a third of the
+// instructions at one piece a tile). N % 8 == 0, K % 8 == 0, k_per_split % 16 == 0, W and x 16-byte aligned
+// (the launcher checks).
 template <typename T, int M, int U>
 __global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_tc_kn(GEMV_ARGS) {
+    static_assert(U % 2 == 0, "a batch is whole chunk pairs");
     const GEMV_OUT;
     constexpr int TILE = 32 * M, CK = 16;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -269,7 +271,7 @@ __global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_tc_kn(GEMV_ARGS) {
 #pragma unroll
     for (int m = 0; m < M; ++m) col[m] = min(tile_first + 32 * m + 8 * t, N - 8);
     const int rho = 2 * g - g % 2;
-    const T* xr = x + static_cast<size_t>(min(g, rows - 1)) * K + 4 * t;
+    const T* xr = x + static_cast<size_t>(min(g, rows - 1)) * K + 8 * t;
     float c[2 * M][4] = {};
     for (int kb = k_begin + warp * U * CK; kb < k_end; kb += GEMV_WARPS * U * CK) {
         uint4 a[U][M][2];
@@ -277,17 +279,21 @@ __global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_tc_kn(GEMV_ARGS) {
         uint2 b[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const int k0 = kb + u * CK;
+            const int pair = kb + (u / 2) * 2 * CK;
 #pragma unroll
             for (int h = 0; h < 2; ++h) {  // rows past k_end: a valid address, zeros
-                const int k = k0 + rho + 2 * h;
+                const int q = rho + 2 * h, k = pair + 8 * (q / 4) + 4 * (u % 2) + q % 4;
                 in[u][h] = k < k_end;
                 const size_t row = in[u][h] ? k : k_end - 1;
 #pragma unroll
                 for (int m = 0; m < M; ++m) a[u][m][h] = load_stream(w + row * N + col[m]);
             }
-            // k_end - k0 is a multiple of 8, so the four k are in range together
-            b[u] = k0 + 4 * t < k_end && g < rows ? *reinterpret_cast<const uint2*>(xr + k0) : make_uint2(0, 0);
+            if (u % 2 == 0) {  // k_end - pair is a multiple of 8, so the eight k are in range together
+                const uint4 v = pair + 8 * t < k_end && g < rows ? *reinterpret_cast<const uint4*>(xr + pair)
+                                                                 : make_uint4(0, 0, 0, 0);
+                b[u] = make_uint2(v.x, v.y);
+                b[u + 1] = make_uint2(v.z, v.w);
+            }
         }
 #pragma unroll
         for (int u = 0; u < U; ++u)

@@ -27,22 +27,19 @@ from .bias_act import apply_bias_act
 GEMV_MAX_ROWS = 8
 _FMA_ROWS = (1, 2, 4, 8)  # the fp32 kernels' row counts (rows round up)
 _GEMV_ACTS = (0, 1, 2, 5)  # identity and the ActivationType values a per-column epilogue can apply
-# The tensor-core kernels' (16- or 32-column pieces a warp, chunks a batch) per transposed, and the finer
-# geometries (twice the tiles: half the K splits) where the sweep (benchmarks/NOTES.md) found them faster:
-# [in, out] below 32 MB or on wide weights (2-16% faster there; 3-6% slower at 4096^2 and 11008x4096), and
-# [out, in] where its coarse tiles alone would not give every SM a block (4-9% faster at N = 4096; 15% slower
-# at N = 6400).
-GEMV_TC = {False: (2, 1), True: (2, 1)}
-GEMV_TC_FINE = {False: (1, 2), True: (1, 1)}
-_FINE_MAX_BYTES = 32 << 20
+# The tensor-core kernels' (16- or 32-column pieces a tile, chunks a batch). [in, out]: one piece and 4 chunks
+# (two 16-byte x loads a lane) at every size: on an H100 in a CUDA graph 2-10% faster than the coarse (2, 1) /
+# fine (1, 2) pair it replaced at 34-90 MB, even below (benchmarks/NOTES.md). [out, in] by whether coarse tiles
+# alone would give every SM a block: fine (one piece: twice the tiles, half the K splits) where they would not
+# (4-9% faster at N = 4096 on an H200; 15% slower at N = 6400).
+GEMV_TC_KN = (1, 4)
+GEMV_TC_NK = {"coarse": (2, 1), "fine": (1, 1)}
 
 
 def _tc_geometry(transposed: bool, k: int, n: int):
-    if transposed:
-        fine = math.ceil(n / 32) <= sm_count()
-    else:
-        fine = 2 * k * n < _FINE_MAX_BYTES or math.ceil(n / 32) >= sm_count()
-    return (GEMV_TC_FINE if fine else GEMV_TC)[transposed]
+    if not transposed:
+        return GEMV_TC_KN
+    return GEMV_TC_NK["fine" if math.ceil(n / 32) <= sm_count() else "coarse"]
 
 
 def _tc_name(ctype: str, transposed: bool, geometry) -> str:
@@ -51,8 +48,8 @@ def _tc_name(ctype: str, transposed: bool, geometry) -> str:
 
 _KERNELS = KernelFamily(
     "gemv.cu",
-    [_tc_name(c, tr, geo[tr]) for d, c in CTYPES.items() if d.itemsize == 2
-     for tr in (False, True) for geo in (GEMV_TC, GEMV_TC_FINE)]
+    [_tc_name(c, tr, geo) for d, c in CTYPES.items() if d.itemsize == 2
+     for tr, geo in [(False, GEMV_TC_KN)] + [(True, g) for g in GEMV_TC_NK.values()]]
     + [f"ct::gemv_{layout}<float, {r}>" for layout in ("kn", "nk") for r in _FMA_ROWS],
 )
 

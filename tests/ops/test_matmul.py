@@ -42,11 +42,12 @@ def test_numpy_path(rng, dtype, transposed, act):
 @pytest.mark.parametrize("transposed", [False, True], ids=["[in,out]", "[out,in]"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9])
 @pytest.mark.parametrize(
-    "k, n", [(64, 40), (1600, 6400), (4096, 4096 + 8), (11008, 1000), (2056, 520), (768, 1001)], ids=str
+    "k, n", [(64, 40), (1600, 6400), (4096, 4096 + 8), (11008, 1000), (2072, 520), (768, 1001)], ids=str
 )
 def test_gpu_shapes(rng, poisoned_allocations, dtype, transposed, rows, k, n):
-    # (64, 40): one split, a partial tile; (11008, 1000): many splits; (2056, 520): splits that are not whole
-    # block steps and a last split ending in half a chunk; n = 1001 with [in, out] weights is not a whole
+    # (64, 40): one split, a partial tile; (11008, 1000): many splits; (2072, 520): splits that are not whole
+    # block steps and a last split ending in half a chunk (with 132 SMs, [in, out]: splits of 144 k, the last
+    # of 56: 16 and 24 k into a chunk pair); n = 1001 with [in, out] weights is not a whole
     # number of 16-byte vectors, and 9 rows are too many: cuBLAS only.
     check(rng, dtype, rows, k, n, transposed, True, None, gpu=True)
 
