@@ -19,21 +19,22 @@ VARIANTS = {
     False: ["launcher", (1, 2, 2), (1, 6, 2), (2, 2, 2), (2, 4, 2), (1, 4, 1)],  # [in, out]: chunk pairs
     True: ["launcher", (2, 1, 2), (1, 2, 2), (1, 1, 2), (1, 4, 2), (1, 2, 1)],
 }
-_DEFAULTS = (mm._tc_geometry, dict(mm.GEMV_BLOCKS_PER_SM))
+_DEFAULT_BLOCKS = dict(mm.GEMV_BLOCKS_PER_SM)
 
 
 def _use(transposed, variant):
-    """Point the launcher at one variant (its globals: the sweep runs in-process)."""
-    mm._tc_geometry = _DEFAULTS[0]
-    mm.GEMV_BLOCKS_PER_SM.update(_DEFAULTS[1])
-    if variant != "launcher":
-        pieces, chunks, mm.GEMV_BLOCKS_PER_SM[2, transposed] = variant
-        mm._tc_geometry = lambda tr, k, n: (pieces, chunks)
+    """The (pieces, chunks) geometry to pass the launcher for one variant (None: its own), setting the blocks a
+    SM its K split fills (a global: the sweep runs in-process)."""
+    mm.GEMV_BLOCKS_PER_SM.update(_DEFAULT_BLOCKS)
+    if variant == "launcher":
+        return None
+    mm.GEMV_BLOCKS_PER_SM[2, transposed] = variant[2]
+    return variant[:2]
 
 
 def _kernel_names():
     geometries = {(tr, v[:2]) for tr in (False, True) for v in VARIANTS[tr] if v != "launcher"}
-    geometries |= {(False, mm.GEMV_TC_KN)} | {(True, g) for g in mm.GEMV_TC_NK.values()}
+    geometries |= {(False, g) for g in mm.GEMV_TC_KN} | {(True, g) for g in mm.GEMV_TC_NK.values()}
     return sorted(mm._tc_name("__half", tr, geo) for tr, geo in geometries)
 
 
@@ -57,10 +58,10 @@ def main():
                 scale = float(cupy.abs(ref).max())
                 cells = []
                 for variant in VARIANTS[transposed]:
-                    _use(transposed, variant)
-                    err = float(cupy.abs(mm.gemv(x, w, transposed).astype(cupy.float32) - ref).max()) / scale
-                    worst = max(worst, err)
-                    us = time_us(lambda: mm.gemv(x, w, transposed), [()], reps=30)
+                    geometry = _use(transposed, variant)
+                    err = float(cupy.abs(mm.gemv(x, w, transposed, geometry=geometry).astype(cupy.float32) - ref).max())
+                    worst = max(worst, err / scale)
+                    us = time_us(lambda: mm.gemv(x, w, transposed, geometry=geometry), [()], reps=30)
                     cells.append(f"{w.nbytes / us / 1e3:.0f}")
                 us = time_us(lambda: cupy.matmul(x, w.T if transposed else w), [()], reps=30)
                 cells += [f"{floor:.0f}", f"{w.nbytes / us / 1e3:.0f}"]

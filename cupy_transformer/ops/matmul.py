@@ -27,19 +27,21 @@ from .bias_act import apply_bias_act
 GEMV_MAX_ROWS = 8
 _FMA_ROWS = (1, 2, 4, 8)  # the fp32 kernels' row counts (rows round up)
 _GEMV_ACTS = (0, 1, 2, 5)  # identity and the ActivationType values a per-column epilogue can apply
-# The tensor-core kernels' (16- or 32-column pieces a tile, chunks a batch). [in, out]: one piece and 4 chunks
-# (two 16-byte x loads a lane) at every size: on an H100 in a CUDA graph 2-10% faster than the coarse (2, 1) /
-# fine (1, 2) pair it replaced at 34-90 MB, even below (benchmarks/NOTES.md). [out, in] by whether coarse tiles
-# alone would give every SM a block: fine (one piece: twice the tiles, half the K splits) where they would not
-# (4-9% faster at N = 4096 on an H200; 15% slower at N = 6400).
-GEMV_TC_KN = (1, 4)
+# The tensor-core kernels' (16- or 32-column pieces a tile, chunks a batch). [in, out]: one piece, and 4 chunks
+# (two 16-byte x loads a lane) unless 2 share a split's chunks out over the 8 warps more evenly
+# (`_kn_chunks_a_batch`); on an H100 in a CUDA graph 1-9% faster than the coarse (2, 1) / fine (1, 2) pair it
+# replaced (benchmarks/NOTES.md). [out, in] by whether coarse tiles alone would give every SM a block: fine
+# (one piece: twice the tiles, half the K splits) where they would not (4-9% faster at N = 4096 on an H200;
+# 15% slower at N = 6400).
+GEMV_TC_KN = ((1, 2), (1, 4))
 GEMV_TC_NK = {"coarse": (2, 1), "fine": (1, 1)}
 
 
-def _tc_geometry(transposed: bool, k: int, n: int):
-    if not transposed:
-        return GEMV_TC_KN
-    return GEMV_TC_NK["fine" if math.ceil(n / 32) <= sm_count() else "coarse"]
+def _kn_chunks_a_batch(k_per_split: int) -> int:
+    """A warp takes every 8th batch of its split's 16-k chunks, so the busiest one spends U ceil(chunks / 8U)
+    chunk-times: 4 chunks a batch unless 2 make that less (100 chunks: 14 chunk-times against 16)."""
+    chunks = math.ceil(k_per_split / 16)
+    return min((4, 2), key=lambda u: u * math.ceil(chunks / (8 * u)))
 
 
 def _tc_name(ctype: str, transposed: bool, geometry) -> str:
@@ -49,7 +51,7 @@ def _tc_name(ctype: str, transposed: bool, geometry) -> str:
 _KERNELS = KernelFamily(
     "gemv.cu",
     [_tc_name(c, tr, geo) for d, c in CTYPES.items() if d.itemsize == 2
-     for tr, geo in [(False, GEMV_TC_KN)] + [(True, g) for g in GEMV_TC_NK.values()]]
+     for tr, geo in [(False, g) for g in GEMV_TC_KN] + [(True, g) for g in GEMV_TC_NK.values()]]
     + [f"ct::gemv_{layout}<float, {r}>" for layout in ("kn", "nk") for r in _FMA_ROWS],
 )
 
@@ -168,8 +170,9 @@ def gemv_k_per_split(k: int, n_tiles: int, k_step: int, blocks_per_sm: int) -> i
     return math.ceil(math.ceil(k / splits) / k_step) * k_step
 
 
-def gemv(x, w, transposed, bias=None, act=None):
-    """The GEMV kernel on checked CuPy arrays (``gemv_fits`` must hold): ``act(x[rows<=8, K] @ W + bias)``."""
+def gemv(x, w, transposed, bias=None, act=None, geometry=None):
+    """The GEMV kernel on checked CuPy arrays (``gemv_fits`` must hold): ``act(x[rows<=8, K] @ W + bias)``.
+    ``geometry``: (pieces, chunks) for fp16/bf16 instead of the launcher's choice (benchmarks/sweep_gemv.py)."""
     cupy = import_cupy()
     rows, k = x.shape
     n = w.shape[0] if transposed else w.shape[1]
@@ -177,16 +180,20 @@ def gemv(x, w, transposed, bias=None, act=None):
     epilogue = (i32(0 if act is None else int(act)), i32(bias is not None))
     bias = bias if bias is not None else x  # unread
     if x.dtype.itemsize == 2:
-        geometry = _tc_geometry(transposed, k, n)
+        if geometry is None and transposed:
+            geometry = GEMV_TC_NK["fine" if math.ceil(n / 32) <= sm_count() else "coarse"]
         # gemv.cu: pieces of 16 rows / 32 columns a tile; a split holds whole chunks of 32 / 16 k
-        tile, k_step = (16 * geometry[0], 32) if transposed else (32 * geometry[0], 16)
-        name = _tc_name(CTYPES[x.dtype], transposed, geometry)
+        pieces = geometry[0] if geometry else 1
+        tile, k_step = (16 * pieces, 32) if transposed else (32 * pieces, 16)
     else:
         tile, k_step = _FMA_TILES[transposed]
-        name = f"ct::gemv_{'nk' if transposed else 'kn'}<float, {next(r for r in _FMA_ROWS if rows <= r)}>"
     n_tiles = math.ceil(n / tile)
     per_split = gemv_k_per_split(k, n_tiles, k_step, GEMV_BLOCKS_PER_SM[x.dtype.itemsize, transposed])
     splits = math.ceil(k / per_split)
+    if x.dtype.itemsize == 2:
+        name = _tc_name(CTYPES[x.dtype], transposed, geometry or (1, _kn_chunks_a_batch(per_split)))
+    else:
+        name = f"ct::gemv_{'nk' if transposed else 'kn'}<float, {next(r for r in _FMA_ROWS if rows <= r)}>"
     partials, counters = _workspace(splits * rows * n if splits > 1 else 0, n_tiles)
     _KERNELS.kernel(name)((n_tiles, splits), (256,),
                           (x, w, y, bias, partials, counters, i32(rows), i32(k), i32(n), i32(per_split)) + epilogue)

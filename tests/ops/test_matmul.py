@@ -160,3 +160,11 @@ def test_gpu_no_tuning_keeps_cublas_for_eager_decode(rng, monkeypatch):
     monkeypatch.setattr(mm, "_GEMV_FASTER", {})
     check(rng, numpy.float16, 3, 320, 136, True, True, ActivationType.GELU, gpu=True)
     assert mm._GEMV_FASTER == {}
+
+
+def test_kn_chunks_a_batch_shares_chunks_evenly():
+    # A split's 16-k chunks go in batches to 8 warps in turn: 4 a batch unless 2 leave the busiest warp less.
+    assert mm._kn_chunks_a_batch(1600) == 2  # 100 chunks: 14 chunk-times at 2, 16 at 4
+    assert mm._kn_chunks_a_batch(1280) == 2  # 80: 10 against 12
+    assert mm._kn_chunks_a_batch(64) == 2  # 4 chunks: two warps with 2 each rather than one with 4
+    assert [mm._kn_chunks_a_batch(k) for k in (320, 2048, 5504)] == [4, 4, 4]  # ties take 4
