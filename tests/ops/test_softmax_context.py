@@ -138,6 +138,35 @@ def test_padded_batch_gives_each_sequence_alone(rng, gpu):
     padded_batch(rng, gpu)
 
 
+def alibi_on_one_rank_of_two(rng, gpu):
+    """mp_size 2: each rank's op gets its 4 of 8 heads' fused projection and its heads' rows of the whole
+    model's alibi (a contiguous copy: the op takes C-contiguous arrays); a 37-token prompt, then 2 decode
+    steps through a cache (on a GPU: the prefill and decode kernels), each rank against float64 attention
+    over its own heads."""
+    xp, kind = backend(gpu)
+    dtype = numpy.float16
+    whole = cfg(dtype, heads=8, kv=2, d=64, mp_size=2)
+    rank_heads = cfg(dtype, heads=4, kv=1, d=64)  # what one rank computes, for the reference
+    op = ops.SoftmaxContextOp(whole)
+    alibi = random(rng, (2, 8, 1, 39), dtype, scale=0.5)
+    for rank in (0, 1):
+        tokens = random(rng, (2, 39, 6 * 64), dtype)
+        mine = alibi[:, 4 * rank:4 * rank + 4, 0]  # [B, 4, T]
+        exact = [history(tokens[b], rank_heads, numpy.arange(39), alibi=mine[b]) for b in range(2)]
+        cache = KVCache(1, 2, 1, 39, 64, dtype, backend=kind)
+        for first, count in [(0, 37), (37, 1), (38, 1)]:
+            rows = xp.asarray(numpy.ascontiguousarray(alibi[:, 4 * rank:4 * rank + 4, :, :first + count]))
+            step = xp.asarray(numpy.ascontiguousarray(tokens[:, first:first + count]))
+            ctx, _, _ = op(step, cache=cache, layer_id=0, start=cache.reserve(count), alibi=rows)
+            want = numpy.stack([e[first:first + count] for e in exact])
+            assert rel_error(host(ctx).astype(numpy.float64), want) < TOL[numpy.dtype(dtype)]
+
+
+@pytest.mark.parametrize("gpu", BACKENDS)
+def test_alibi_on_one_rank_of_two(rng, gpu):
+    alibi_on_one_rank_of_two(rng, gpu)
+
+
 def test_bidirectional_with_padding_alibi_and_norm_factor(rng):
     c = cfg(numpy.float32, heads=2, kv=2, d=32, triangular_masking=False)
     op = ops.SoftmaxContextOp(c)
