@@ -114,19 +114,16 @@ attention_prefill(const T* __restrict__ q, const T* __restrict__ k, const T* __r
                 }
             }
         }
-        // Every key of the tile visible to every row of the block, and nothing to add: no per-element work.
+        // Every key of the tile visible to every row of the block, and nothing to add: no per-element work
+        // here; the scale to log2 units rides in the exp's FFMA below (mul), which needs it positive to
+        // take the row maximum before scaling.
         const bool whole = j0 + BN <= len && j0 >= k_begin && (!causal || j0 + BN - 1 <= first + q0) &&
-                           (window <= 0 || j0 > first + q0 + BM - 1 - window) && mask_kind == 0 && alibi_len == 0;
-        // Scores to log2 units; outside whole tiles, the rules and the caller's mask and alibi per element:
-        // key j0 + 8j + 2tq + e % 2 against row w0 + 16t + g + 8(e / 2).
-        if (whole) {
-#pragma unroll
-            for (int t = 0; t < MT; ++t)
-#pragma unroll
-                for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) s[t][j][e] *= sl2;
-        } else {
+                           (window <= 0 || j0 > first + q0 + BM - 1 - window) && mask_kind == 0 &&
+                           alibi_len == 0 && sl2 > 0.f;
+        const float mul = whole ? sl2 : 1.f;
+        // Outside whole tiles, scores to log2 units with the rules and the caller's mask and alibi per
+        // element: key j0 + 8j + 2tq + e % 2 against row w0 + 16t + g + 8(e / 2).
+        if (!whole) {
 #pragma unroll
             for (int t = 0; t < MT; ++t)
 #pragma unroll
@@ -149,19 +146,20 @@ attention_prefill(const T* __restrict__ q, const T* __restrict__ k, const T* __r
 #pragma unroll
         for (int r = 0; r < 2 * MT; ++r) {
             const int t = r / 2, e0 = 2 * (r % 2);
-            float mx = m[r];
+            float mx = neg_inf();
 #pragma unroll
             for (int j = 0; j < BN / 8; ++j) mx = fmaxf(mx, fmaxf(s[t][j][e0], s[t][j][e0 + 1]));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            mx = fmaxf(m[r], mx * mul);
             const float base = mx == neg_inf() ? 0.f : mx;  // a row with no key yet: exp2(-inf) = 0
             const float corr = fast_exp2(m[r] - base);
             m[r] = mx;
             float sum = 0.f;
 #pragma unroll
             for (int j = 0; j < BN / 8; ++j) {
-                s[t][j][e0] = fast_exp2(s[t][j][e0] - base);
-                s[t][j][e0 + 1] = fast_exp2(s[t][j][e0 + 1] - base);
+                s[t][j][e0] = fast_exp2(fmaf(s[t][j][e0], mul, -base));
+                s[t][j][e0 + 1] = fast_exp2(fmaf(s[t][j][e0 + 1], mul, -base));
                 sum += s[t][j][e0] + s[t][j][e0 + 1];
             }
             l[r] = l[r] * corr + sum;
