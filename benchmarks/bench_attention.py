@@ -58,15 +58,20 @@ def prefill_rows() -> list[str]:
         q, k, v = (cupy.random.standard_normal((b, h, s, d), dtype=cupy.float32).astype(cupy.float16) for _ in "qkv")
         cfg = InferenceConfig(hidden_size=h * d, heads=h, dtype=numpy.float16, triangular_masking=causal)
         start = cupy.zeros(b, cupy.int32)
-        ours = time_us(lambda: _prefill(q, k, v, start, None, None, d**-0.5, cfg), [()], reps=20)
         tq, tk, tv = (torch.from_dlpack(x) for x in (q, k, v))
 
         def sdpa():
             return F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
 
-        theirs = time_us(sdpa, [()], reps=20)
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            flash = time_us(sdpa, [()], reps=20)
+        # Three rounds, each kernel in turn, the fastest of each kept: the clock drifts over seconds of
+        # tensor-core work (timed once, right after the matmul rate, ours read 13% slower on an H200 than
+        # in an A/B run minutes later).
+        ours = theirs = flash = float("inf")
+        for _ in range(3):
+            ours = min(ours, time_us(lambda: _prefill(q, k, v, start, None, None, d**-0.5, cfg), [()], reps=20))
+            theirs = min(theirs, time_us(sdpa, [()], reps=20))
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                flash = min(flash, time_us(sdpa, [()], reps=20))
         got = _prefill(q, k, v, start, None, None, d**-0.5, cfg).reshape(b, s, h, d)
         err = float(cupy.linalg.norm(got.astype(cupy.float32) - cupy.asarray(sdpa().transpose(1, 2)).astype(
             cupy.float32)) / cupy.linalg.norm(got.astype(cupy.float32)))
