@@ -202,7 +202,9 @@ def access_width(dtype: numpy.dtype, width: int, *arrays) -> int:
 _SM_COUNTS: dict[int, int] = {}
 
 
-_SHARED_OPT_IN: set[tuple[int, int]] = set()
+# (id(kernel), size) -> kernel: holding the kernel keeps its id from passing to a later one (a sweep's fresh
+# module), which would then launch without the opt-in.
+_SHARED_OPT_IN: dict[tuple[int, int], object] = {}
 
 
 def dynamic_shared(kernel, size: int) -> int:
@@ -210,7 +212,7 @@ def dynamic_shared(kernel, size: int) -> int:
     passes the 48 KB a launch gets by default; returns ``size`` for the launch's ``shared_mem``."""
     if (id(kernel), size) not in _SHARED_OPT_IN:
         kernel.max_dynamic_shared_size_bytes = size
-        _SHARED_OPT_IN.add((id(kernel), size))
+        _SHARED_OPT_IN[id(kernel), size] = kernel
     return size
 
 

@@ -133,3 +133,24 @@ def test_wave_blocks_is_resident_blocks_on_every_sm_read_once(monkeypatch):
     assert kernels.wave_blocks(kernel, 256) == 264
     count = len(reads)
     assert kernels.wave_blocks(kernel, 256) == 264 and len(reads) == count  # the second call reads nothing
+
+
+def test_dynamic_shared_opts_in_every_kernel_once(monkeypatch):
+    # A kernel dropped by its owner (a sweep's own module) must not pass its memo entry to a new kernel that
+    # Python happens to give the same id: the new one would launch without the opt-in.
+    monkeypatch.setattr(kernels, "_SHARED_OPT_IN", {})
+
+    class Kernel:
+        sets = 0
+
+        def __setattr__(self, name, value):
+            assert name == "max_dynamic_shared_size_bytes"
+            type(self).sets += 1
+            object.__setattr__(self, name, value)
+
+    for _ in range(50):  # freed objects' ids are reused at once in CPython
+        k = Kernel()
+        assert kernels.dynamic_shared(k, 70000) == 70000 and k.max_dynamic_shared_size_bytes == 70000
+        kernels.dynamic_shared(k, 70000)
+        del k
+    assert Kernel.sets == 50
