@@ -202,18 +202,29 @@ def access_width(dtype: numpy.dtype, width: int, *arrays) -> int:
 _SM_COUNTS: dict[int, int] = {}
 
 
-# (id(kernel), size) -> kernel: holding the kernel keeps its id from passing to a later one (a sweep's fresh
-# module), which would then launch without the opt-in.
-_SHARED_OPT_IN: dict[tuple[int, int], object] = {}
+def _per_kernel(memo: dict, kernel, extra, compute):
+    """``compute()`` once per (kernel, ``extra``). A kernel object belongs to one device. The memo holds the
+    kernel with its value: keyed by ``id`` alone, a freed kernel (a sweep's own module) could pass its id and
+    entry to a new kernel."""
+    key = (id(kernel), extra)
+    hit = memo.get(key)
+    if hit is None:
+        hit = memo[key] = (compute(), kernel)
+    return hit[0]
+
+
+_SHARED_OPT_IN: dict[tuple, tuple] = {}
 
 
 def dynamic_shared(kernel, size: int) -> int:
     """``size`` bytes of dynamic shared memory for ``kernel``, opting in (once per kernel and size) where it
     passes the 48 KB a launch gets by default; returns ``size`` for the launch's ``shared_mem``."""
-    if (id(kernel), size) not in _SHARED_OPT_IN:
+
+    def opt_in():
         kernel.max_dynamic_shared_size_bytes = size
-        _SHARED_OPT_IN[id(kernel), size] = kernel
-    return size
+        return size
+
+    return _per_kernel(_SHARED_OPT_IN, kernel, size, opt_in)
 
 
 def compute_capability() -> int:
@@ -236,19 +247,14 @@ def resident_blocks(kernel, threads: int) -> int:
     return max(1, min(by_regs, by_shared, by_threads))
 
 
-_WAVES: dict[tuple[int, int, int], int] = {}
+_WAVES: dict[tuple, tuple] = {}
 
 
 def wave_blocks(kernel, threads: int) -> int:
     """Blocks of ``threads`` threads of ``kernel`` the whole GPU runs at once (``resident_blocks`` on every
-    multiprocessor): the grid of one wave. Kept per (device, kernel, threads): reading the device's and the
-    kernel's attributes on every launch costs host time on a hot path (a model's every layer)."""
-    cupy = import_cupy()
-    key = (cupy.cuda.runtime.getDevice(), id(kernel), threads)
-    blocks = _WAVES.get(key)
-    if blocks is None:
-        blocks = _WAVES[key] = resident_blocks(kernel, threads) * sm_count()
-    return blocks
+    multiprocessor): the grid of one wave. Kept per (kernel, threads): reading the device's and the kernel's
+    attributes on every launch costs host time on a hot path (a model's every layer)."""
+    return _per_kernel(_WAVES, kernel, threads, lambda: resident_blocks(kernel, threads) * sm_count())
 
 
 def sm_count() -> int:
