@@ -24,6 +24,9 @@ struct alignas(sizeof(T) * N) Vec {
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
+// exp(x) = 2^(x log2 e): the kernels take their exps as fast_exp2 in log2 units.
+constexpr float LOG2E = 1.4426950408889634f;
+
 // 2^x by the hardware's approximation (ex2.approx: 2 ulp, -inf -> 0), without exp2f's range handling.
 __device__ __forceinline__ float fast_exp2(float x) {
     float y;

@@ -172,8 +172,6 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial(
 //   which leaves lane (g, t) holding O's dims 8t .. 8t + 7 of each 32-dim block.
 // Online softmax per head in log2 units (scores times scale log2 e; exp2). On CUDA cores each key cost a dot,
 // shuffles and two exps per head: 9-24% of copy bandwidth for grouped-query heads, 24-88% here (H200).
-constexpr float DA_LOG2E = 1.4426950408889634f;
-
 template <typename T, int D>
 __global__ void __launch_bounds__(DA_THREADS) attention_partial_tc(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const void* __restrict__ mask,
@@ -184,7 +182,7 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial_tc(
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int group = h / kv;
     const int first = max(lo[b], c * chunk), last = min(hi[b], (c + 1) * chunk);
-    const float sl2 = scale * DA_LOG2E;
+    const float sl2 = scale * LOG2E;
 
     uint4 qa[DB][2];  // heads g, g + 8 of the group: dims 8t .. 8t + 7 of each block
 #pragma unroll
@@ -228,11 +226,11 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial_tc(
                 float x = s[n][e] * sl2;
                 bool keep = key < last;
                 if (keep && mask_kind == ADDITIVE_MASK)
-                    x += to_float(static_cast<const T*>(mask)[static_cast<size_t>(b) * mask_len + key]) * DA_LOG2E;
+                    x += to_float(static_cast<const T*>(mask)[static_cast<size_t>(b) * mask_len + key]) * LOG2E;
                 if (keep && mask_kind == BOOL_MASK)
                     keep = static_cast<const unsigned char*>(mask)[static_cast<size_t>(b) * mask_len + key] != 0;
                 if (keep && alibi_len > 0 && head < group)
-                    x += to_float(alibi[(static_cast<size_t>(b) * h + kvh * group + head) * alibi_len + key]) * DA_LOG2E;
+                    x += to_float(alibi[(static_cast<size_t>(b) * h + kvh * group + head) * alibi_len + key]) * LOG2E;
                 s[n][e] = keep ? x : neg_inf();
                 mx[r] = fmaxf(mx[r], s[n][e]);
             }
@@ -295,7 +293,7 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial_tc(
             const float f = fast_exp2(red_m[w][head] - mw);
             value += (e < D ? red_acc[w][head][e] : red_l[w][head]) * f;
         }
-        if (e == D) value = mw == neg_inf() ? mw : mw / DA_LOG2E;  // slot d: the max (natural log), d + 1: the sum
+        if (e == D) value = mw == neg_inf() ? mw : mw / LOG2E;  // slot d: the max (natural log), d + 1: the sum
         partial[((static_cast<size_t>(b) * h + kvh * group + head) * chunks + c) * (D + 2) + e] = value;
     }
 }

@@ -16,7 +16,6 @@ namespace ct {
 
 constexpr int PA_WARPS = 4;
 constexpr int PA_THREADS = 32 * PA_WARPS;
-constexpr float PA_LOG2E = 1.4426950408889634f;
 
 // Geometry: MT 16-row tiles per warp (each K/V fragment then feeds MT mmas), so 64 MT query rows per block,
 // and BN keys per tile; the launcher picks them per head size (benchmarks/sweep_prefill.py). The
@@ -75,7 +74,7 @@ attention_prefill(const T* __restrict__ q, const T* __restrict__ k, const T* __r
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
     const int w0 = warp * 16 * MT;   // the warp's first row in the block
-    const float sl2 = scale * PA_LOG2E;  // exp(x) = exp2(x log2 e)
+    const float sl2 = scale * LOG2E;  // exp(x) = exp2(x log2 e)
     // Row r of this thread: rows g + 8 (r % 2) of the warp's row tile r / 2.
     float o[MT][D / 8][4], m[2 * MT], l[2 * MT];
 #pragma unroll
@@ -136,9 +135,9 @@ attention_prefill(const T* __restrict__ q, const T* __restrict__ k, const T* __r
                         if (keep && mask_kind == 2)
                             keep = reinterpret_cast<const unsigned char*>(mask)[static_cast<long long>(b) * mask_len + key];
                         else if (keep && mask_kind == 1)
-                            x += to_float(reinterpret_cast<const T*>(mask)[static_cast<long long>(b) * mask_len + key]) * PA_LOG2E;
+                            x += to_float(reinterpret_cast<const T*>(mask)[static_cast<long long>(b) * mask_len + key]) * LOG2E;
                         if (keep && alibi_len > 0)
-                            x += to_float(alibi[(static_cast<long long>(b) * h + head) * alibi_len + key]) * PA_LOG2E;
+                            x += to_float(alibi[(static_cast<long long>(b) * h + head) * alibi_len + key]) * LOG2E;
                         s[t][j][e] = keep ? x : neg_inf();
                     }
         }

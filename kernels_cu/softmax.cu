@@ -21,7 +21,7 @@ enum SoftmaxMask : int { SOFTMAX_NO_MASK = 0, SOFTMAX_ADDITIVE = 1, SOFTMAX_BOOL
 // in their rounding), top_log2 = top * log2(e).
 template <bool FAST>
 __device__ __forceinline__ float exp_minus(float x, float top, float top_log2) {
-    return FAST ? fast_exp2(fmaf(x, 1.4426950408889634f, -top_log2)) : expf(x - top);
+    return FAST ? fast_exp2(fmaf(x, LOG2E, -top_log2)) : expf(x - top);
 }
 
 // The maximum (MAX) or the sum of v over a row's ROW_THREADS lanes, returned to each: shuffles within a warp;
@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(256, 2) masked_softmax(
             for (int c = threadIdx.x; c < chunks; c += 256) mc = fmaxf(mc, row_stats[c].x);
             top = row_reduce<256, true>(mc, slots_m);
             top = top == neg_inf() ? 0.f : top;  // every key dropped: l stays 0
-            const float top_log2 = top * 1.4426950408889634f;
+            const float top_log2 = top * LOG2E;
             float l = 0.f;
             for (int c = threadIdx.x; c < chunks; c += 256) {
                 const float2 st = row_stats[c];
@@ -150,7 +150,7 @@ __global__ void __launch_bounds__(256, 2) masked_softmax(
         } else {
             m = row_reduce<ROW_THREADS, true>(m, slots_m);
             top = m == neg_inf() ? 0.f : m;  // every key dropped: exp(-inf - 0) = 0, not NaN
-            const float top_log2 = top * 1.4426950408889634f;
+            const float top_log2 = top * LOG2E;
             float l = 0.f;
 #pragma unroll
             for (int n = 0; n < NV; ++n)
@@ -163,7 +163,7 @@ __global__ void __launch_bounds__(256, 2) masked_softmax(
             }
             inv = l > 0.f ? 1.f / l : 0.f;
         }
-        const float top_log2 = top * 1.4426950408889634f;
+        const float top_log2 = top * LOG2E;
 #pragma unroll
         for (int n = 0; n < NV; ++n) {
             const int j = key(n);
