@@ -9,7 +9,7 @@
 // j <= start[b] + i if causal, and j > start[b] + i - window if window > 0, and mask[b, j] allows it
 // (boolean: dropped where false; additive: added). s = q . k_j * scale (+ mask) (+ alibi[b, head, j]);
 // out = sum_j softmax(s)_j v_j, or 0 for a row that sees no key.
-#include "common.cuh"
+#include "attention_tile.cuh"
 #include "mma.cuh"
 
 namespace ct {
@@ -52,6 +52,8 @@ attention_prefill(const T* __restrict__ q, const T* __restrict__ k, const T* __r
     const T* qp = q + b * q_seq + head * q_head;
     const T* kp = k + b * kv_seq + (head / group) * kv_head;
     const T* vp = v + b * kv_seq + (head / group) * kv_head;
+    const PrefillRules<T> rules{first, len, causal, window, mask_kind, alibi_len, mask,
+                                static_cast<long long>(b) * mask_len, alibi, (static_cast<long long>(b) * h + head) * alibi_len};
 
     for (int c = threadIdx.x; c < BM * VECS; c += PA_THREADS) {
         const int r = c / VECS, col = c % VECS * 8;
@@ -72,15 +74,15 @@ attention_prefill(const T* __restrict__ q, const T* __restrict__ k, const T* __r
     if (tiles > 0) load_tile(t_first, 0);
     copy_commit();
 
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int w0 = warp * 16 * MT;   // the warp's first row in the block
     const float sl2 = scale * LOG2E;  // exp(x) = exp2(x log2 e)
-    // Row r of this thread: rows g + 8 (r % 2) of the warp's row tile r / 2.
-    float o[MT][D / 8][4], m[2 * MT], l[2 * MT];
+    // Rows g and g + 8 of the warp's row tile t: m[t], l[t].
+    float o[MT][D / 8][4], m[MT][2], l[MT][2];
 #pragma unroll
     for (int t = 0; t < MT; ++t) {
-        m[2 * t] = m[2 * t + 1] = neg_inf();
-        l[2 * t] = l[2 * t + 1] = 0.f;
+        m[t][0] = m[t][1] = neg_inf();
+        l[t][0] = l[t][1] = 0.f;
 #pragma unroll
         for (int j = 0; j < D / 8; ++j) o[t][j][0] = o[t][j][1] = o[t][j][2] = o[t][j][3] = 0.f;
     }
@@ -113,69 +115,19 @@ attention_prefill(const T* __restrict__ q, const T* __restrict__ k, const T* __r
                 }
             }
         }
-        // Every key of the tile visible to every row of the block, and nothing to add: no per-element work
-        // here; the scale to log2 units rides in the exp's FFMA below (mul), which needs it positive to
-        // take the row maximum before scaling.
-        const bool whole = j0 + BN <= len && j0 >= k_begin && (!causal || j0 + BN - 1 <= first + q0) &&
-                           (window <= 0 || j0 > first + q0 + BM - 1 - window) && mask_kind == 0 &&
-                           alibi_len == 0 && sl2 > 0.f;
-        const float mul = whole ? sl2 : 1.f;
-        // Outside whole tiles, scores to log2 units with the rules and the caller's mask and alibi per
-        // element: key j0 + 8j + 2tq + e % 2 against row w0 + 16t + g + 8(e / 2).
-        if (!whole) {
+        // Scale, rules, mask and alibi per element only where the tile needs them.
+        const bool whole = rules.whole(j0, BN, q0, BM, k_begin, sl2);
+        if (!whole)
 #pragma unroll
-            for (int t = 0; t < MT; ++t)
+            for (int t = 0; t < MT; ++t) rules.template apply<BN>(s[t], j0, q0 + w0 + 16 * t, sl2);
 #pragma unroll
-                for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int key = j0 + 8 * j + 2 * tq + (e & 1), p = first + q0 + w0 + 16 * t + g + 8 * (e >> 1);
-                        bool keep = key < len && (!causal || key <= p) && (window <= 0 || key > p - window);
-                        float x = s[t][j][e] * sl2;
-                        if (keep && mask_kind == 2)
-                            keep = reinterpret_cast<const unsigned char*>(mask)[static_cast<long long>(b) * mask_len + key];
-                        else if (keep && mask_kind == 1)
-                            x += to_float(reinterpret_cast<const T*>(mask)[static_cast<long long>(b) * mask_len + key]) * LOG2E;
-                        if (keep && alibi_len > 0)
-                            x += to_float(alibi[(static_cast<long long>(b) * h + head) * alibi_len + key]) * LOG2E;
-                        s[t][j][e] = keep ? x : neg_inf();
-                    }
-        }
-        // Online softmax per row; a row's BN scores span the 4 lanes of a quad.
-#pragma unroll
-        for (int r = 0; r < 2 * MT; ++r) {
-            const int t = r / 2, e0 = 2 * (r % 2);
-            float mx = neg_inf();
-#pragma unroll
-            for (int j = 0; j < BN / 8; ++j) mx = fmaxf(mx, fmaxf(s[t][j][e0], s[t][j][e0 + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            mx = fmaxf(m[r], mx * mul);
-            const float base = mx == neg_inf() ? 0.f : mx;  // a row with no key yet: exp2(-inf) = 0
-            const float corr = fast_exp2(m[r] - base);
-            m[r] = mx;
-            float sum = 0.f;
-#pragma unroll
-            for (int j = 0; j < BN / 8; ++j) {
-                s[t][j][e0] = fast_exp2(fmaf(s[t][j][e0], mul, -base));
-                s[t][j][e0 + 1] = fast_exp2(fmaf(s[t][j][e0 + 1], mul, -base));
-                sum += s[t][j][e0] + s[t][j][e0 + 1];
-            }
-            l[r] = l[r] * corr + sum;
-#pragma unroll
-            for (int j = 0; j < D / 8; ++j) o[t][j][e0] *= corr, o[t][j][e0 + 1] *= corr;
-        }
+        for (int t = 0; t < MT; ++t) online_softmax<BN, D>(s[t], o[t], m[t], l[t], whole ? sl2 : 1.f);
         // O += P V: P's A fragment for keys 16u.. is S's accumulators of column tiles 2u and 2u + 1.
 #pragma unroll
         for (int u = 0; u < BN / 16; ++u) {
             unsigned pa[MT][4];
 #pragma unroll
-            for (int t = 0; t < MT; ++t) {
-                pa[t][0] = pack2<T>(s[t][2 * u][0], s[t][2 * u][1]);
-                pa[t][1] = pack2<T>(s[t][2 * u][2], s[t][2 * u][3]);
-                pa[t][2] = pack2<T>(s[t][2 * u + 1][0], s[t][2 * u + 1][1]);
-                pa[t][3] = pack2<T>(s[t][2 * u + 1][2], s[t][2 * u + 1][3]);
-            }
+            for (int t = 0; t < MT; ++t) p_fragment<T, BN>(pa[t], s[t], u);
 #pragma unroll
             for (int n = 0; n < D / 16; ++n) {
                 unsigned vf[4];  // keys 16u.. x dims 16n..: B fragments of two 8-dim column tiles
@@ -192,18 +144,7 @@ attention_prefill(const T* __restrict__ q, const T* __restrict__ k, const T* __r
     copy_wait<0>();
 
 #pragma unroll
-    for (int r = 0; r < 2 * MT; ++r) {
-        const int t = r / 2, e0 = 2 * (r % 2);
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-        const int row = q0 + w0 + 16 * t + g + 8 * (r % 2);
-        if (row >= S) continue;
-        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-        T* dst = out + ((static_cast<long long>(b) * S + row) * h + head) * D + 2 * tq;
-#pragma unroll
-        for (int j = 0; j < D / 8; ++j)
-            *reinterpret_cast<unsigned*>(dst + 8 * j) = pack2<T>(o[t][j][e0] * inv, o[t][j][e0 + 1] * inv);
-    }
+    for (int t = 0; t < MT; ++t) store_context<T, D>(out, o[t], l[t], b, head, q0 + w0 + 16 * t, S, h);
 }
 
 }  // namespace ct

@@ -36,8 +36,10 @@ that share them, chunks merged in a fixed order; fp16/bf16 with head sizes 32, 6
 (the heads sharing a key/value head are the rows of the products), the rest on CUDA cores. Other fp16/bf16
 calls with head sizes 32, 64, 80, 96 or 128 and a per-key mask (or none) run
 ``kernels_cu/prefill_attention.cu`` (FlashAttention-2 style: tiles of queries against streamed tiles of keys,
-online softmax, tensor cores, no score matrix in memory; needs compute capability 8.0). The rest (fp32, other
-head sizes, masks per query or head) computes the same formula with CuPy array operations in fp32.
+online softmax, tensor cores, no score matrix in memory; needs compute capability 8.0); on compute
+capability 9.0 (H100, H200) head sizes 64 and 128 run ``kernels_cu/prefill_attention_sm90.cu`` instead, the
+same math on Hopper's warpgroup instructions (wgmma). The rest (fp32, other head sizes, masks per query or
+head) computes the same formula with CuPy array operations in fp32.
 """
 
 from __future__ import annotations
@@ -68,6 +70,15 @@ def prefill_kernel_name(ctype: str, d: int, geometry) -> str:
 _PREFILL = KernelFamily(
     "prefill_attention.cu",
     [prefill_kernel_name(c, d, g) for t, c in CTYPES.items() if t.itemsize == 2 for d, g in PREFILL_GEOMETRY.items()],
+)
+# Head size -> keys per tile of the Hopper prefill kernel (128 query rows a block); bench_attention.py.
+PREFILL_SM90_TILE = {64: 64, 128: 128}
+SM90_PREFILL = True  # take it on compute capability 9.0 (tests turn it off to cover the other kernel there)
+_PREFILL_SM90 = KernelFamily(
+    "prefill_attention_sm90.cu",
+    [f"ct::attention_prefill_sm90<{c}, {d}, {bn}>" for t, c in CTYPES.items() if t.itemsize == 2
+     for d, bn in PREFILL_SM90_TILE.items()],
+    arch="90a",
 )
 _GROUPS = (1, 2, 4, 8)  # query heads per key/value head that the decode kernel takes (rounded up)
 _DECODE_TC_HEAD_SIZES = (32, 64, 96, 128)  # the tensor-core decode kernel's (fp16/bf16, sm_80+)
@@ -246,11 +257,12 @@ def _decode(q, cache, layer, lo, hi, mask, alibi, scale, h, kv, d):
     return out
 
 
-def _prefill(q, k, v, start, mask, alibi, scale, cfg, kernels=_PREFILL, geometry=None):
+def _prefill(q, k, v, start, mask, alibi, scale, cfg, kernels=None, geometry=None):
     """The prefill kernel: q [B, h, S, d] (any strides, d contiguous) against the keys [0, start[b] + S) of
     k, v [B, kv, T, d] (a cache layer, or this call's tokens with ``start`` 0); ``start`` int32 on the GPU;
-    ``mask`` [B, 1, 1, T'] or None, ``alibi`` [B, h, 1, T] or None. ``kernels`` and ``geometry``: another
-    instantiation (a sweep's). Returns the context [B, S, h d]."""
+    ``mask`` [B, 1, 1, T'] or None, ``alibi`` [B, h, 1, T] or None. ``kernels`` and ``geometry``: an
+    instantiation of prefill_attention.cu (a sweep's); None: the launcher's choice. Returns the context
+    [B, S, h d]."""
     cupy = import_cupy()
     b, h, s, d = q.shape
     items = q.dtype.itemsize
@@ -264,12 +276,19 @@ def _prefill(q, k, v, start, mask, alibi, scale, cfg, kernels=_PREFILL, geometry
         k, v = cupy.ascontiguousarray(k), cupy.ascontiguousarray(v)
     out = cupy.empty((b, s, h * d), q.dtype)
     mask_kind, mask_arg, mask_len, alibi_arg, alibi_len = _mask_args(mask, alibi, b, h, q)
-    mt, bn = geometry or PREFILL_GEOMETRY[d]
-    kernel = kernels.kernel(prefill_kernel_name(CTYPES[q.dtype], d, (mt, bn)))
-    smem = dynamic_shared(kernel, (64 * mt + 4 * bn) * (d + 8) * items)  # the kernel's layout
+    if kernels is None and SM90_PREFILL and d in PREFILL_SM90_TILE and compute_capability() == 90:
+        bn = PREFILL_SM90_TILE[d]
+        kernel = _PREFILL_SM90.kernel(f"ct::attention_prefill_sm90<{CTYPES[q.dtype]}, {d}, {bn}>")
+        smem = dynamic_shared(kernel, (128 + 4 * bn) * d * items + 1024)  # the kernel's layout
+        grid, block = (h, b, math.ceil(s / 128)), (256,)
+    else:
+        mt, bn = geometry or PREFILL_GEOMETRY[d]
+        kernel = (kernels or _PREFILL).kernel(prefill_kernel_name(CTYPES[q.dtype], d, (mt, bn)))
+        smem = dynamic_shared(kernel, (64 * mt + 4 * bn) * (d + 8) * items)  # the kernel's layout
+        grid, block = (h, b, math.ceil(s / (64 * mt))), (128,)
     qs, ks = (x // items for x in q.strides[:-1]), (x // items for x in k.strides[:-1])
     kernel(
-        (h, b, math.ceil(s / (64 * mt))), (128,),
+        grid, block,
         (q, k, v, out, mask_arg, alibi_arg, start,
          *(numpy.int64(x) for x in qs), *(numpy.int64(x) for x in ks), i32(s), i32(h), i32(h // k.shape[1]),
          i32(cfg.triangular_masking), i32(cfg.window_size if cfg.local_attention else 0), i32(mask_kind),

@@ -91,9 +91,12 @@ class KernelFamily:
 
     registry: dict[str, "KernelFamily"] = {}
 
-    def __init__(self, filename: str, name_expressions: Iterable[str]):
+    def __init__(self, filename: str, name_expressions: Iterable[str], arch: str | None = None):
+        """``arch``: the one architecture the family is built for (e.g. "90a", for instructions only that
+        target has); its launcher must run it on that architecture alone. None: the current device's."""
         self.filename = filename
         self.name_expressions = tuple(name_expressions)
+        self.arch = arch
         self._module = None
         self._kernels: dict[tuple[int, str], object] = {}
         KernelFamily.registry[filename] = self
@@ -102,8 +105,10 @@ class KernelFamily:
         """The ``cupy.RawModule``; CuPy compiles (or loads from its cache) per device lazily."""
         if self._module is None:
             cupy = import_cupy()
+            # CuPy appends the device's -arch=sm_90 after these options; NVRTC then still builds for sm_90a.
+            arch = (f"-arch=sm_{self.arch}",) if self.arch else ()
             self._module = cupy.RawModule(
-                code=read_source(self.filename), options=_options(), name_expressions=self.name_expressions
+                code=read_source(self.filename), options=_options() + arch, name_expressions=self.name_expressions
             )
         return self._module
 
@@ -123,7 +128,9 @@ class KernelFamily:
         return kernel
 
     def compile_offline(self, arch: str) -> bytes:
-        """Compile for ``sm_<arch>`` with NVRTC alone (no GPU needed); returns the cubin."""
+        """Compile for ``sm_<arch>`` (the family's own architecture where it has one) with NVRTC alone (no GPU
+        needed); returns the cubin."""
+        arch = self.arch or arch
         import_cupy()
         from cupy.cuda import nvrtc
 

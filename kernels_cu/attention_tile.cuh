@@ -1,0 +1,109 @@
+// The per-tile steps both prefill kernels share (prefill_attention.cu on mma.sync, prefill_attention_sm90.cu
+// on wgmma): a 16-row tile's scores against BN keys sit in s[BN / 8][4], m16n8 accumulator layout: s[j][e]
+// holds key j0 + 8j + 2 (lane % 4) + e % 2 against the tile's row lane / 4 + 8 (e / 2); its output rows
+// in o[D / 8][4], the same layout over the dimensions.
+#pragma once
+#include "mma.cuh"
+
+namespace ct {
+
+// The rules of one sequence for the prefill kernels: query row i sits in slot first + i and sees key j when
+// j < len, j <= slot if causal, j > slot - window if window > 0, and mask[j] allows it (boolean: dropped where
+// false; additive: added); alibi[j] is added too.
+template <typename T>
+struct PrefillRules {
+    int first, len, causal, window, mask_kind, alibi_len;
+    const void* mask;    // [B, mask_len]: T (additive) or bool as bytes
+    long long mask_row;  // this sequence's row: b mask_len
+    const T* alibi;      // [B, h, alibi_len]
+    long long alibi_row; // this (sequence, head)'s row: (b h + head) alibi_len
+
+    // Every key of [j0, j0 + bn) visible to every row of [row0, row0 + rows) and nothing to add: the scale can
+    // ride in the exp (it must be positive to take the row maximum before scaling).
+    __device__ __forceinline__ bool whole(int j0, int bn, int row0, int rows, int k_begin, float sl2) const {
+        return j0 + bn <= len && j0 >= k_begin && (!causal || j0 + bn - 1 <= first + row0) &&
+               (window <= 0 || j0 > first + row0 + rows - 1 - window) && mask_kind == 0 && alibi_len == 0 &&
+               sl2 > 0.f;
+    }
+
+    // Scores to log2 units with the rules, the mask and alibi per element; row: the tile's first row.
+    template <int BN>
+    __device__ __forceinline__ void apply(float (&s)[BN / 8][4], int j0, int row, float sl2) const {
+        const int lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = j0 + 8 * j + 2 * tq + (e & 1), p = first + row + g + 8 * (e >> 1);
+                bool keep = key < len && (!causal || key <= p) && (window <= 0 || key > p - window);
+                float x = s[j][e] * sl2;
+                if (keep && mask_kind == 2)
+                    keep = static_cast<const unsigned char*>(mask)[mask_row + key];
+                else if (keep && mask_kind == 1)
+                    x += to_float(static_cast<const T*>(mask)[mask_row + key]) * LOG2E;
+                if (keep && alibi_len > 0) x += to_float(alibi[alibi_row + key]) * LOG2E;
+                s[j][e] = keep ? x : neg_inf();
+            }
+    }
+};
+
+// Online softmax of one tile: per row (a row's BN scores span the 4 lanes of a quad) the running maximum m
+// and sum l (this lane's part) take the tile, o is rescaled to the new maximum, and s becomes
+// exp2(s mul - m). mul: 1 for scores already in log2 units, else the scale to them.
+template <int BN, int D>
+__device__ __forceinline__ void online_softmax(float (&s)[BN / 8][4], float (&o)[D / 8][4], float (&m)[2],
+                                               float (&l)[2], float mul) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int e0 = 2 * r;
+        float mx = neg_inf();
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) mx = fmaxf(mx, fmaxf(s[j][e0], s[j][e0 + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        mx = fmaxf(m[r], mx * mul);
+        const float base = mx == neg_inf() ? 0.f : mx;  // a row with no key yet: exp2(-inf) = 0
+        const float corr = fast_exp2(m[r] - base);
+        m[r] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+            s[j][e0] = fast_exp2(fmaf(s[j][e0], mul, -base));
+            s[j][e0 + 1] = fast_exp2(fmaf(s[j][e0 + 1], mul, -base));
+            sum += s[j][e0] + s[j][e0 + 1];
+        }
+        l[r] = l[r] * corr + sum;
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) o[j][e0] *= corr, o[j][e0 + 1] *= corr;
+    }
+}
+
+// P's A fragment (m16n8k16) for keys 16u.. of the tile: S's accumulators of column tiles 2u and 2u + 1.
+template <typename T, int BN>
+__device__ __forceinline__ void p_fragment(unsigned (&pa)[4], const float (&s)[BN / 8][4], int u) {
+    pa[0] = pack2<T>(s[2 * u][0], s[2 * u][1]);
+    pa[1] = pack2<T>(s[2 * u][2], s[2 * u][3]);
+    pa[2] = pack2<T>(s[2 * u + 1][0], s[2 * u + 1][1]);
+    pa[3] = pack2<T>(s[2 * u + 1][2], s[2 * u + 1][3]);
+}
+
+// Rows row.. of a tile to out [B, S, h, D] (b, head given): o / l (0 for a row that saw no key).
+template <typename T, int D>
+__device__ __forceinline__ void store_context(T* out, const float (&o)[D / 8][4], float (&l)[2], int b, int head,
+                                              int row, int S, int h) {
+    const int lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int e0 = 2 * r, at = row + g + 8 * r;
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        if (at >= S) continue;
+        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        T* dst = out + ((static_cast<long long>(b) * S + at) * h + head) * D + 2 * tq;
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j)
+            *reinterpret_cast<unsigned*>(dst + 8 * j) = pack2<T>(o[j][e0] * inv, o[j][e0 + 1] * inv);
+    }
+}
+
+}  // namespace ct

@@ -1,0 +1,104 @@
+// Prefill attention on Hopper's warpgroup tensor-core instructions (wgmma, sm_90a; the launcher takes it on
+// compute capability 9.0, prefill_attention.cu elsewhere): the math, the arguments and the grid's meaning
+// are prefill_attention.cu's. A block of two warpgroups takes 128 query rows of one (sequence, head), 64 per
+// warpgroup, 16 per warp, and streams the keys and values through shared memory in tiles of BN keys
+// (cp.async, two buffers). S = Q K^T reads Q and K from shared memory; O += P V takes P from S's
+// accumulators in registers and V from shared memory, so that a warpgroup's four warps share each K and
+// V read instead of loading fragments warp by warp. Every tile sits in the 128-byte swizzle (wgmma.cuh).
+#include "attention_tile.cuh"
+#include "wgmma.cuh"
+
+namespace ct {
+
+constexpr int PH_THREADS = 256, PH_ROWS = 128;
+
+// Dynamic shared memory: 1 KB of alignment slack, Q [128][D], then K and V [2][BN][D], so
+// (128 + 4 BN) D elements + 1 KB. A tile of R rows is stored as D / 64 column blocks of R rows of 128 bytes.
+template <typename T, int D, int BN>
+__global__ void __launch_bounds__(PH_THREADS)
+attention_prefill_sm90(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,
+                       const void* __restrict__ mask, const T* __restrict__ alibi, const int* __restrict__ start,
+                       long long q_seq, long long q_head, long long q_tok,
+                       long long kv_seq, long long kv_head, long long kv_tok, int S, int h, int group, int causal,
+                       int window, int mask_kind, int mask_len, int alibi_len, float scale) {
+    static_assert(D % 64 == 0 && (BN == 64 || BN == 128) && (D == 64 || D == 128), "geometry (wgmma.cuh's N)");
+    constexpr int VECS = D / 8, BM = PH_ROWS;
+    extern __shared__ __align__(1024) unsigned char ph_raw[];
+    unsigned char* smem = ph_raw + (1024 - static_cast<unsigned>(__cvta_generic_to_shared(ph_raw)) % 1024) % 1024;
+    T* sq = reinterpret_cast<T*>(smem);
+    T* sk = sq + BM * D;      // [2][BN D]
+    T* sv = sk + 2 * BN * D;  // [2][BN D]
+    // Element offset of 16-byte chunk c of row r in a tile of R rows.
+    auto at = [](int r, int c, int R) { return (c / 8) * R * 64 + r * 64 + ((c % 8) ^ (r % 8)) * 8; };
+
+    const int head = blockIdx.x, b = blockIdx.y;
+    const int q0 = (gridDim.z - 1 - blockIdx.z) * BM;  // all blocks' longest causal rows first
+    const int first = start[b], len = first + S;
+    const int k_end = causal ? min(len, first + min(q0 + BM, S)) : len;
+    const int k_begin = window > 0 ? max(0, first + q0 - window + 1) : 0;
+    const T* qp = q + b * q_seq + head * q_head;
+    const T* kp = k + b * kv_seq + (head / group) * kv_head;
+    const T* vp = v + b * kv_seq + (head / group) * kv_head;
+    const PrefillRules<T> rules{first, len, causal, window, mask_kind, alibi_len, mask,
+                                static_cast<long long>(b) * mask_len, alibi, (static_cast<long long>(b) * h + head) * alibi_len};
+
+    for (int i = threadIdx.x; i < BM * VECS; i += PH_THREADS) {
+        const int r = i / VECS, c = i % VECS;
+        const bool valid = q0 + r < S;
+        copy16(sq + at(r, c, BM), valid ? qp + (q0 + r) * q_tok + 8 * c : qp, valid);
+    }
+    // Keys outside [k_begin, k_end) load as zeros (a cache slot past a sequence's length may hold NaN).
+    auto load_tile = [&](int tile, int buf) {
+        for (int i = threadIdx.x; i < BN * VECS; i += PH_THREADS) {
+            const int r = i / VECS, c = i % VECS, key = tile * BN + r;
+            const bool valid = key >= k_begin && key < k_end;
+            copy16(sk + buf * BN * D + at(r, c, BN), valid ? kp + key * kv_tok + 8 * c : kp, valid);
+            copy16(sv + buf * BN * D + at(r, c, BN), valid ? vp + key * kv_tok + 8 * c : vp, valid);
+        }
+    };
+    const int t_first = k_begin / BN, tiles = k_end > k_begin ? (k_end - 1) / BN - t_first + 1 : 0;
+    if (tiles > 0) load_tile(t_first, 0);
+    copy_commit();
+
+    const int warp = threadIdx.x / 32, w0 = warp * 16, group_row = warp / 4 * 64;
+    const float sl2 = scale * LOG2E;  // exp(x) = exp2(x log2 e)
+    float o[D / 8][4], m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+
+    for (int it = 0; it < tiles; ++it) {
+        const int tile = t_first + it, buf = it & 1, j0 = tile * BN;
+        if (it + 1 < tiles) load_tile(tile + 1, buf ^ 1);
+        copy_commit();
+        copy_wait<1>();
+        fence_async_shared();
+        __syncthreads();
+        const T* kt = sk + buf * BN * D;
+        const T* vt = sv + buf * BN * D;
+        float s[BN / 8][4];
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)  // dims 16 kk..: column block kk / 4, 32 bytes a step within it
+            Wgmma<T, BN>::template ss<0>(s, wg_desc(sq + (kk / 4) * BM * 64 + group_row * 64 + (kk % 4) * 16, 0),
+                                         wg_desc(kt + (kk / 4) * BN * 64 + (kk % 4) * 16, 0), kk);
+        wg_commit();
+        wg_wait<0>(s);
+        const bool whole = rules.whole(j0, BN, q0, BM, k_begin, sl2);
+        if (!whole) rules.template apply<BN>(s, j0, q0 + w0, sl2);
+        online_softmax<BN, D>(s, o, m, l, whole ? sl2 : 1.f);
+        unsigned pa[BN / 16][4];  // all written before the fence: the products read them
+#pragma unroll
+        for (int u = 0; u < BN / 16; ++u) p_fragment<T, BN>(pa[u], s, u);
+        wg_fence();
+#pragma unroll
+        for (int u = 0; u < BN / 16; ++u)  // keys 16u..: two 8-row groups (2048 bytes) a step
+            Wgmma<T, D>::template rs<1>(o, pa[u], wg_desc(vt + u * 1024, BN * 128), 1);
+        wg_commit();
+        wg_wait<0>(o);
+        __syncthreads();  // the next iteration's copies overwrite this buffer
+    }
+    copy_wait<0>();
+    store_context<T, D>(out, o, l, b, head, q0 + w0, S, h);
+}
+
+}  // namespace ct
