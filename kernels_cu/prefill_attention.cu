@@ -43,17 +43,11 @@ attention_prefill(const T* __restrict__ q, const T* __restrict__ k, const T* __r
     T(*sk)[BN][ROW] = reinterpret_cast<T(*)[BN][ROW]>(pa_smem + BM * ROW * sizeof(T));
     T(*sv)[BN][ROW] = reinterpret_cast<T(*)[BN][ROW]>(pa_smem + (BM + 2 * BN) * ROW * sizeof(T));
 
-    const int head = blockIdx.x, b = blockIdx.y;
-    const int q0 = (gridDim.z - 1 - blockIdx.z) * BM;  // all blocks' longest causal rows first
-    const int first = start[b], len = first + S;  // keys per sequence: its past and these S
-    // Keys any row of this block may see: [k_begin, k_end).
-    const int k_end = causal ? min(len, first + min(q0 + BM, S)) : len;
-    const int k_begin = window > 0 ? max(0, first + q0 - window + 1) : 0;
-    const T* qp = q + b * q_seq + head * q_head;
-    const T* kp = k + b * kv_seq + (head / group) * kv_head;
-    const T* vp = v + b * kv_seq + (head / group) * kv_head;
-    const PrefillRules<T> rules{first, len, causal, window, mask_kind, alibi_len, mask,
-                                static_cast<long long>(b) * mask_len, alibi, (static_cast<long long>(b) * h + head) * alibi_len};
+    const PrefillBlock<T> blk(BM, q, k, v, mask, alibi, start, q_seq, q_head, kv_seq, kv_head, S, h, group, causal,
+                              window, mask_kind, mask_len, alibi_len);
+    const int head = blk.head, b = blk.b, q0 = blk.q0, k_begin = blk.k_begin, k_end = blk.k_end;
+    const PrefillRules<T>& rules = blk.rules;
+    const T *qp = blk.q, *kp = blk.k, *vp = blk.v;
 
     for (int c = threadIdx.x; c < BM * VECS; c += PA_THREADS) {
         const int r = c / VECS, col = c % VECS * 8;

@@ -31,16 +31,11 @@ attention_prefill_sm90(const T* __restrict__ q, const T* __restrict__ k, const T
     // Element offset of 16-byte chunk c of row r in a tile of R rows.
     auto at = [](int r, int c, int R) { return (c / 8) * R * 64 + r * 64 + ((c % 8) ^ (r % 8)) * 8; };
 
-    const int head = blockIdx.x, b = blockIdx.y;
-    const int q0 = (gridDim.z - 1 - blockIdx.z) * BM;  // all blocks' longest causal rows first
-    const int first = start[b], len = first + S;
-    const int k_end = causal ? min(len, first + min(q0 + BM, S)) : len;
-    const int k_begin = window > 0 ? max(0, first + q0 - window + 1) : 0;
-    const T* qp = q + b * q_seq + head * q_head;
-    const T* kp = k + b * kv_seq + (head / group) * kv_head;
-    const T* vp = v + b * kv_seq + (head / group) * kv_head;
-    const PrefillRules<T> rules{first, len, causal, window, mask_kind, alibi_len, mask,
-                                static_cast<long long>(b) * mask_len, alibi, (static_cast<long long>(b) * h + head) * alibi_len};
+    const PrefillBlock<T> blk(BM, q, k, v, mask, alibi, start, q_seq, q_head, kv_seq, kv_head, S, h, group, causal,
+                              window, mask_kind, mask_len, alibi_len);
+    const int head = blk.head, b = blk.b, q0 = blk.q0, k_begin = blk.k_begin, k_end = blk.k_end;
+    const PrefillRules<T>& rules = blk.rules;
+    const T *qp = blk.q, *kp = blk.k, *vp = blk.v;
 
     for (int i = threadIdx.x; i < BM * VECS; i += PH_THREADS) {
         const int r = i / VECS, c = i % VECS;
