@@ -71,9 +71,10 @@ _PREFILL = KernelFamily(
     "prefill_attention.cu",
     [prefill_kernel_name(c, d, g) for t, c in CTYPES.items() if t.itemsize == 2 for d, g in PREFILL_GEOMETRY.items()],
 )
-# Head size -> keys per tile of the Hopper prefill kernel (128 query rows a block); bench_attention.py.
+# Head size -> keys per tile of the Hopper prefill kernel (128 query rows a block): the faster of 64 and 128
+# in the A/B of benchmarks/results/gpu-runs.md (eighth session).
 PREFILL_SM90_TILE = {64: 64, 128: 128}
-SM90_PREFILL = True  # take it on compute capability 9.0 (tests turn it off to cover the other kernel there)
+SM90_PREFILL = True  # take it where it builds (tests turn it off to cover the other kernel there)
 _PREFILL_SM90 = KernelFamily(
     "prefill_attention_sm90.cu",
     [f"ct::attention_prefill_sm90<{c}, {d}, {bn}>" for t, c in CTYPES.items() if t.itemsize == 2
@@ -276,7 +277,7 @@ def _prefill(q, k, v, start, mask, alibi, scale, cfg, kernels=None, geometry=Non
         k, v = cupy.ascontiguousarray(k), cupy.ascontiguousarray(v)
     out = cupy.empty((b, s, h * d), q.dtype)
     mask_kind, mask_arg, mask_len, alibi_arg, alibi_len = _mask_args(mask, alibi, b, h, q)
-    if kernels is None and SM90_PREFILL and d in PREFILL_SM90_TILE and compute_capability() == 90:
+    if kernels is None and SM90_PREFILL and d in PREFILL_SM90_TILE and _PREFILL_SM90.builds_here():
         bn = PREFILL_SM90_TILE[d]
         kernel = _PREFILL_SM90.kernel(f"ct::attention_prefill_sm90<{CTYPES[q.dtype]}, {d}, {bn}>")
         smem = dynamic_shared(kernel, (128 + 4 * bn) * d * items + 1024)  # the kernel's layout

@@ -112,6 +112,10 @@ class KernelFamily:
             )
         return self._module
 
+    def builds_here(self) -> bool:
+        """Whether the current device can run this family (any device, unless it has an architecture)."""
+        return self.arch is None or self.arch.rstrip("a") == str(compute_capability())
+
     def kernel(self, name_expression: str):
         """The launchable kernel for one instantiation on the current device."""
         cupy = import_cupy()
@@ -120,6 +124,9 @@ class KernelFamily:
         if kernel is None:
             if name_expression not in self.name_expressions:
                 raise KeyError(f"{self.filename}: {name_expression!r} is not one of its instantiations")
+            if not self.builds_here():
+                raise RuntimeError(f"{self.filename} is built for sm_{self.arch} alone; this GPU is "
+                                   f"sm_{compute_capability()}")
             try:
                 kernel = self.module().get_function(name_expression)
             except cupy.cuda.compiler.CompileException as e:
@@ -167,9 +174,11 @@ def compile_all(arch: str) -> dict[str, float]:
 
 
 def warmup() -> dict[str, float]:
-    """Compile (or load from CuPy's cache) every family on the current GPU; returns seconds per file."""
+    """Compile (or load from CuPy's cache) every family the current GPU runs; returns seconds per file."""
     seconds = {}
     for filename, family in sorted(KernelFamily.registry.items()):
+        if not family.builds_here():
+            continue
         start = time.perf_counter()
         for name in family.name_expressions:
             family.kernel(name)

@@ -88,8 +88,25 @@ def test_second_process_loads_from_the_disk_cache(tmp_path):
         assert done.returncode == 0, done.stderr
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(f"first process: {runs[0]}, second process: {runs[1]}")
-    assert runs[0]["nvrtc_calls"] == len(KernelFamily.registry)
+    assert runs[0]["nvrtc_calls"] == sum(family.builds_here() for family in KernelFamily.registry.values())
     assert runs[1]["nvrtc_calls"] == 0
+
+
+def test_a_family_for_one_architecture_runs_there_alone(tmp_path, monkeypatch):
+    """A family built for sm_90a: skipped by warmup on another GPU, and a clear error if asked for there."""
+    (tmp_path / "hopper.cu").write_text("__global__ void k(float* x) { x[0] = 1.f; }\n")
+    monkeypatch.setattr(kernels, "kernel_source_dir", lambda: tmp_path)
+    monkeypatch.setattr(KernelFamily, "registry", {})
+    monkeypatch.setattr(kernels, "compute_capability", lambda: 80)
+    family = KernelFamily("hopper.cu", ["k"], arch="90a")
+    assert not family.builds_here()
+    assert kernels.warmup() == {}
+    monkeypatch.setattr(kernels.import_cupy().cuda.runtime, "getDevice", lambda: 0)  # no GPU needed to refuse
+    with pytest.raises(RuntimeError, match=r"hopper.cu is built for sm_90a alone; this GPU is sm_80"):
+        family.kernel("k")
+    monkeypatch.setattr(kernels, "compute_capability", lambda: 90)
+    assert family.builds_here()
+    assert len(family.compile_offline("80")) > 0  # its own architecture whatever is asked
 
 
 @pytest.mark.gpu
