@@ -74,10 +74,10 @@ attention_prefill_sm90(const T* __restrict__ q, const T* __restrict__ k, const T
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk)  // dims 16 kk..: column block kk / 4, 32 bytes a step within it
-            Wgmma<T, BN>::template ss<0>(s, wg_desc(sq + (kk / 4) * BM * 64 + group_row * 64 + (kk % 4) * 16, 0),
+            Wgmma<T, BN>::ss(s, wg_desc(sq + (kk / 4) * BM * 64 + group_row * 64 + (kk % 4) * 16, 0),
                                          wg_desc(kt + (kk / 4) * BN * 64 + (kk % 4) * 16, 0), kk);
         wg_commit();
-        wg_wait<0>(s);
+        wg_wait(s);
         const bool whole = rules.whole(j0, BN, q0, BM, k_begin, sl2);
         if (!whole) rules.template apply<BN>(s, j0, q0 + w0, sl2);
         online_softmax<BN, D>(s, o, m, l, whole ? sl2 : 1.f);
@@ -87,9 +87,9 @@ attention_prefill_sm90(const T* __restrict__ q, const T* __restrict__ k, const T
         wg_fence();
 #pragma unroll
         for (int u = 0; u < BN / 16; ++u)  // keys 16u..: two 8-row groups (2048 bytes) a step
-            Wgmma<T, D>::template rs<1>(o, pa[u], wg_desc(vt + u * 1024, BN * 128), 1);
+            Wgmma<T, D>::rs(o, pa[u], wg_desc(vt + u * 1024, BN * 128), 1);
         wg_commit();
-        wg_wait<0>(o);
+        wg_wait(o);
         __syncthreads();  // the next iteration's copies overwrite this buffer
     }
     copy_wait<0>();

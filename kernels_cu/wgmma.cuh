@@ -26,11 +26,11 @@ __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy
 // Orders this warpgroup's earlier register writes before its next wgmma reads them.
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-// Waits for all but N committed groups; then pins the accumulators, so that no read of them is scheduled
-// before the wait (the asm that issued the product claimed to write them already).
-template <int N, int R>
+// Waits for every committed group; then pins the accumulators, so that no read of them is scheduled before
+// the wait (the asm that issued the product claimed to write them already).
+template <int R>
 __device__ __forceinline__ void wg_wait(float (&d)[R][4]) {
-    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
 #pragma unroll
     for (int i = 0; i < R; ++i)
 #pragma unroll
@@ -51,35 +51,31 @@ template <typename T, int N> struct Wgmma;
 #define CT_WGMMA_ONE(N, TY, ACC, A_OPERAND, B, FLAG, TRANS)                                                    \
     "{.reg .pred p; setp.ne.b32 p, %" FLAG ", 0; wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY  \
     " {" ACC "}, " A_OPERAND ", %" B ", p, 1, 1, " TRANS ";}"
-#define CT_WGMMA(N, ACC, I0, I1, I2, I3, I4, I5, I6, ...)                                                    \
+#define CT_WGMMA(N, ACC, I0, I1, I2, I3, I4, I5, ...)                                                        \
     template <typename T> struct Wgmma<T, N> {                                                                  \
-        /* d (+)= A (shared, K-major) B (shared; TRANS_B: N-major); accumulate 0: d = A B */                   \
-        template <int TRANS_B>                                                                                  \
+        /* d (+)= A B, both from shared memory, K-major (B's rows are its N); accumulate 0: d = A B */         \
         static __device__ __forceinline__ void ss(float (&d)[N / 8][4], unsigned long long a, unsigned long long b, \
                                                   int accumulate) {                                             \
             if constexpr (IS_HALF<T>)                                                                           \
-                asm volatile(CT_WGMMA_ONE(N, "f16", ACC, "%" I0, I1, I2, "0, %" I3)                             \
-                             : __VA_ARGS__ : "l"(a), "l"(b), "r"(accumulate), "n"(TRANS_B));                            \
+                asm volatile(CT_WGMMA_ONE(N, "f16", ACC, "%" I0, I1, I2, "0, 0")                                \
+                             : __VA_ARGS__ : "l"(a), "l"(b), "r"(accumulate));                                  \
             else                                                                                                \
-                asm volatile(CT_WGMMA_ONE(N, "bf16", ACC, "%" I0, I1, I2, "0, %" I3)                            \
-                             : __VA_ARGS__ : "l"(a), "l"(b), "r"(accumulate), "n"(TRANS_B));                            \
+                asm volatile(CT_WGMMA_ONE(N, "bf16", ACC, "%" I0, I1, I2, "0, 0")                               \
+                             : __VA_ARGS__ : "l"(a), "l"(b), "r"(accumulate));                                  \
         }                                                                                                       \
-        /* d (+)= A (registers: mma.sync's A fragment) B (shared; TRANS_B: N-major) */                          \
-        template <int TRANS_B>                                                                                  \
-        static __device__ __forceinline__ void rs(float (&d)[N / 8][4], const unsigned (&a)[4],                     \
+        /* d (+)= A B, A from registers (mma.sync's A fragment), B from shared memory N-major (its rows are K) */ \
+        static __device__ __forceinline__ void rs(float (&d)[N / 8][4], const unsigned (&a)[4],                 \
                                                   unsigned long long b, int accumulate) {                       \
             if constexpr (IS_HALF<T>)                                                                           \
-                asm volatile(CT_WGMMA_ONE(N, "f16", ACC, "{%" I0 ", %" I1 ", %" I2 ", %" I3 "}", I4, I5, "%" I6) \
-                             : __VA_ARGS__ : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate),       \
-                               "n"(TRANS_B));                                                                   \
+                asm volatile(CT_WGMMA_ONE(N, "f16", ACC, "{%" I0 ", %" I1 ", %" I2 ", %" I3 "}", I4, I5, "1")   \
+                             : __VA_ARGS__ : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate)); \
             else                                                                                                \
-                asm volatile(CT_WGMMA_ONE(N, "bf16", ACC, "{%" I0 ", %" I1 ", %" I2 ", %" I3 "}", I4, I5, "%" I6) \
-                             : __VA_ARGS__ : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate),       \
-                               "n"(TRANS_B));                                                                   \
+                asm volatile(CT_WGMMA_ONE(N, "bf16", ACC, "{%" I0 ", %" I1 ", %" I2 ", %" I3 "}", I4, I5, "1")  \
+                             : __VA_ARGS__ : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate)); \
         }                                                                                                       \
     };
-CT_WGMMA(64, CT_WG_32, "32", "33", "34", "35", "36", "37", "38", CT_WG_F8(0), CT_WG_F8(2), CT_WG_F8(4), CT_WG_F8(6))
-CT_WGMMA(128, CT_WG_64, "64", "65", "66", "67", "68", "69", "70", CT_WG_F8(0), CT_WG_F8(2), CT_WG_F8(4), CT_WG_F8(6),
+CT_WGMMA(64, CT_WG_32, "32", "33", "34", "35", "36", "37", CT_WG_F8(0), CT_WG_F8(2), CT_WG_F8(4), CT_WG_F8(6))
+CT_WGMMA(128, CT_WG_64, "64", "65", "66", "67", "68", "69", CT_WG_F8(0), CT_WG_F8(2), CT_WG_F8(4), CT_WG_F8(6),
          CT_WG_F8(8), CT_WG_F8(10), CT_WG_F8(12), CT_WG_F8(14))
 #undef CT_WGMMA
 
