@@ -43,11 +43,11 @@ attention_prefill(const T* __restrict__ q, const T* __restrict__ k, const T* __r
     T(*sk)[BN][ROW] = reinterpret_cast<T(*)[BN][ROW]>(pa_smem + BM * ROW * sizeof(T));
     T(*sv)[BN][ROW] = reinterpret_cast<T(*)[BN][ROW]>(pa_smem + (BM + 2 * BN) * ROW * sizeof(T));
 
-    const PrefillBlock<T> blk(BM, q, k, v, mask, alibi, start, q_seq, q_head, kv_seq, kv_head, S, h, group, causal,
+    const PrefillBlock<T> blk(BM, q, mask, alibi, start, q_seq, q_head, kv_seq, kv_head, S, h, group, causal,
                               window, mask_kind, mask_len, alibi_len);
     const int head = blk.head, b = blk.b, q0 = blk.q0, k_begin = blk.k_begin, k_end = blk.k_end;
     const PrefillRules<T>& rules = blk.rules;
-    const T *qp = blk.q, *kp = blk.k, *vp = blk.v;
+    const T *qp = blk.q, *kp = k + blk.kv, *vp = v + blk.kv;
 
     for (int c = threadIdx.x; c < BM * VECS; c += PA_THREADS) {
         const int r = c / VECS, col = c % VECS * 8;

@@ -38,7 +38,8 @@ calls with head sizes 32, 64, 80, 96 or 128 and a per-key mask (or none) run
 ``kernels_cu/prefill_attention.cu`` (FlashAttention-2 style: tiles of queries against streamed tiles of keys,
 online softmax, tensor cores, no score matrix in memory; needs compute capability 8.0); on compute
 capability 9.0 (H100, H200) head sizes 64 and 128 run ``kernels_cu/prefill_attention_sm90.cu`` instead, the
-same math on Hopper's warpgroup instructions (wgmma). The rest (fp32, other head sizes, masks per query or
+same math on Hopper's warpgroup instructions (wgmma), its key and value tiles fetched by the tensor memory
+accelerator (``runtime/tensor_map.py``). The rest (fp32, other head sizes, masks per query or
 head) computes the same formula with CuPy array operations in fp32.
 """
 
@@ -51,6 +52,7 @@ import numpy
 
 from ..kv_cache import KVCache
 from ..runtime.arrays import as_array, common_kind, import_cupy, to_caller
+from ..runtime.tensor_map import tile_map
 from ..runtime.kernels import (CTYPES, KernelFamily, compute_capability, dynamic_shared, elementwise_grid, f32, i32,
                                vector_count, wave_blocks)
 from .base import TransformerOp
@@ -72,8 +74,8 @@ _PREFILL = KernelFamily(
     [prefill_kernel_name(c, d, g) for t, c in CTYPES.items() if t.itemsize == 2 for d, g in PREFILL_GEOMETRY.items()],
 )
 # Head size -> keys per tile of the Hopper prefill kernel (128 query rows a block): the faster of 64 and 128
-# in the A/B of benchmarks/results/gpu-runs.md (eighth session).
-PREFILL_SM90_TILE = {64: 64, 128: 128}
+# with TMA copies in the A/B of benchmarks/results/gpu-runs.md (ninth session).
+PREFILL_SM90_TILE = {64: 128, 128: 64}
 SM90_PREFILL = True  # take it where it builds (tests turn it off to cover the other kernel there)
 _PREFILL_SM90 = KernelFamily(
     "prefill_attention_sm90.cu",
@@ -277,21 +279,22 @@ def _prefill(q, k, v, start, mask, alibi, scale, cfg, kernels=None, geometry=Non
         k, v = cupy.ascontiguousarray(k), cupy.ascontiguousarray(v)
     out = cupy.empty((b, s, h * d), q.dtype)
     mask_kind, mask_arg, mask_len, alibi_arg, alibi_len = _mask_args(mask, alibi, b, h, q)
+    qs, ks, group = [x // items for x in q.strides[:-1]], [x // items for x in k.strides[:-1]], h // k.shape[1]
     if kernels is None and SM90_PREFILL and d in PREFILL_SM90_TILE and _PREFILL_SM90.builds_here():
         bn = PREFILL_SM90_TILE[d]
         kernel = _PREFILL_SM90.kernel(f"ct::attention_prefill_sm90<{CTYPES[q.dtype]}, {d}, {bn}>")
         smem = dynamic_shared(kernel, (128 + 4 * bn) * d * items + 1024)  # the kernel's layout
         grid, block = (h, b, math.ceil(s / 128)), (256,)
+        k, v = tile_map(k, bn), tile_map(v, bn)  # the kernel fetches its tiles by TMA
     else:
         mt, bn = geometry or PREFILL_GEOMETRY[d]
         kernel = (kernels or _PREFILL).kernel(prefill_kernel_name(CTYPES[q.dtype], d, (mt, bn)))
         smem = dynamic_shared(kernel, (64 * mt + 4 * bn) * (d + 8) * items)  # the kernel's layout
         grid, block = (h, b, math.ceil(s / (64 * mt))), (128,)
-    qs, ks = (x // items for x in q.strides[:-1]), (x // items for x in k.strides[:-1])
     kernel(
         grid, block,
         (q, k, v, out, mask_arg, alibi_arg, start,
-         *(numpy.int64(x) for x in qs), *(numpy.int64(x) for x in ks), i32(s), i32(h), i32(h // k.shape[1]),
+         *(numpy.int64(x) for x in qs), *(numpy.int64(x) for x in ks), i32(s), i32(h), i32(group),
          i32(cfg.triangular_masking), i32(cfg.window_size if cfg.local_attention else 0), i32(mask_kind),
          i32(mask_len), i32(alibi_len), f32(scale)),
         shared_mem=smem,

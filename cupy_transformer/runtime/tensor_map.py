@@ -1,0 +1,76 @@
+"""Tensor maps for Hopper's bulk tensor copies (TMA), made with the driver's ``cuTensorMapEncodeTiled``.
+
+A kernel that fetches tiles with ``cp.async.bulk.tensor`` (``kernels_cu/tma.cuh``) names the tensor by a
+128-byte map of its address, sizes, strides, box and swizzle. CuPy wraps no tensor-map call and passes no
+128-byte struct as a kernel argument, so the map is encoded through ctypes and handed to the kernel in global
+memory (which the copy instruction accepts, after the kernel's ``fence.proxy.tensormap`` acquire). Maps
+depend only on the address and the layout, so they are kept per (device, address, shape, strides, dtype,
+box): a layer's cache and a repeated prefill shape encode and upload once.
+
+Constants are cuda.h's (CUDA 12 and 13 agree on them).
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+
+import numpy
+
+from .arrays import import_cupy
+
+_DATA_TYPE = {"float16": 6, "bfloat16": 9}  # CU_TENSOR_MAP_DATA_TYPE_*
+_SWIZZLE_128B, _L2_PROMOTION_256B, _INTERLEAVE_NONE, _OOB_FILL_ZEROS = 3, 3, 0, 0
+_KEEP = 64  # maps kept (a model's layers share one cache layout; each layer's K and V have their own address)
+_maps: collections.OrderedDict[tuple, object] = collections.OrderedDict()
+_encode = None
+
+
+class TensorMapError(RuntimeError):
+    """The driver refused a tensor map (its CUresult is in the message)."""
+
+
+def _encoder():
+    global _encode
+    if _encode is None:
+        fn = ctypes.CDLL("libcuda.so.1").cuTensorMapEncodeTiled
+        u32p, u64p = ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint64)
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p, u32p, u32p,
+                       ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        _encode = fn
+    return _encode
+
+
+def tile_map(a, rows: int):
+    """The map of ``a`` [B, heads, T, D] (16-bit, D contiguous, 16-byte aligned strides) for boxes of 64
+    elements by ``rows`` tokens in the 128-byte swizzle: coordinates (dim, token, head, sequence); rows past
+    T read as zeros. Returns a 128-byte device array holding it."""
+    items = a.dtype.itemsize
+    if a.dtype.name not in _DATA_TYPE or a.ndim != 4 or a.strides[-1] != items or a.shape[-1] % 64:
+        raise ValueError(f"tile_map: expected an fp16 or bf16 [B, heads, T, D] array, D a multiple of 64 and contiguous; "
+                         f"got {a.dtype} {a.shape} strides {a.strides}")
+    if a.data.ptr % 16 or any(s % 16 or s <= 0 for s in a.strides[:-1]) or not 0 < rows <= 256:
+        raise ValueError(f"tile_map: address and strides must be positive multiples of 16 bytes and rows 1..256; "
+                         f"got address {a.data.ptr:#x}, strides {a.strides}, rows {rows}")
+    cupy = import_cupy()
+    key = (cupy.cuda.runtime.getDevice(), a.data.ptr, a.shape, a.strides, a.dtype.str, rows)
+    found = _maps.get(key)
+    if found is not None:
+        _maps.move_to_end(key)
+        return found
+    host = numpy.zeros(128 + 64, numpy.uint8)  # the driver wants the map 64-byte aligned
+    at = -host.ctypes.data % 64
+    b, heads, t, d = a.shape
+    sizes = (ctypes.c_uint64 * 4)(d, t, heads, b)
+    strides = (ctypes.c_uint64 * 3)(a.strides[2], a.strides[1], a.strides[0])
+    box, steps = (ctypes.c_uint32 * 4)(64, rows, 1, 1), (ctypes.c_uint32 * 4)(1, 1, 1, 1)
+    status = _encoder()(host.ctypes.data + at, _DATA_TYPE[a.dtype.name], 4, a.data.ptr, sizes, strides,
+                        box, steps, _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_PROMOTION_256B, _OOB_FILL_ZEROS)
+    if status != 0:
+        raise TensorMapError(f"cuTensorMapEncodeTiled returned CUresult {status} for {a.dtype} {a.shape} "
+                             f"strides {a.strides}, box 64 x {rows}")
+    found = _maps[key] = cupy.asarray(host[at:at + 128])
+    while len(_maps) > _KEEP:
+        _maps.popitem(last=False)
+    return found
