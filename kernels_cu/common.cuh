@@ -40,6 +40,12 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+
 // Sum over the whole block, returned to every thread. blockDim.x must be a multiple of 32;
 // `scratch` holds 32 floats and may be reused by the next call (the first barrier protects it).
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
@@ -54,15 +60,25 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 // Maximum over the whole block, returned to every thread (same contract as block_sum).
 __device__ __forceinline__ float block_max(float v, float* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    v = warp_max(v);
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    v = lane < warps ? scratch[lane] : neg_inf();
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-    return v;
+    return warp_max(lane < warps ? scratch[lane] : neg_inf());
+}
+
+// Work split across blocks: called by every thread of a block once it has written its share, true (in all of
+// them) in the last of `blocks` blocks to get there (a ticket from *counter, zero before the launch; that
+// block resets it to zero for the next launch). The last block may then read every share, through L2
+// (__ldcg: L1 is not coherent).
+__device__ __forceinline__ bool last_block_done(int* counter, int blocks) {
+    __shared__ bool last;
+    __threadfence();  // this block's shares are visible device-wide before it is counted
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(counter, 1) == blocks - 1;
+    __syncthreads();
+    if (last) __threadfence();
+    return last;
 }
 
 }  // namespace ct

@@ -2,8 +2,8 @@
 // attention_partial gives every block one chunk of one sequence's keys for one key/value head and the
 // G query heads that share it (grouped-query attention: K and V are read once for the G heads); each warp
 // runs an online softmax over its keys, the warps' (max, sum, weighted V) merge in shared memory, and the
-// block writes its chunk's partial. attention_combine merges the chunks of each (sequence, head) in order
-// (deterministic) into the context row.
+// block writes its chunk's partial; the block of the (sequence, kv head) that finishes last merges the
+// chunks in order (deterministic) into the context rows (merge_chunks: one launch, no second kernel).
 //
 // Per key j in [lo[b], hi[b]): s = q . k_j * scale (+ mask[b, j] additive, or dropped where the boolean mask
 // is false) (+ alibi[b, head, j]); context = sum_j softmax(s)_j v_j (fp32 throughout, one rounding).
@@ -52,16 +52,61 @@ struct Running {
     }
 };
 
+// partial rows [B, h, chunks, d + 4]: a chunk's weighted V sum (d), then m (natural-log units) and l, and two
+// unused slots (16-byte rows). Called by every thread of a partial block after its rows are written: the
+// last block of this (sequence, kv head) to finish (counter: zero between launches, reset here) merges the
+// chunks of heads h0 .. h0 + n (n <= 16) in chunk order into out [B, h, d]: per head the largest m and the
+// sum of the chunks' l exp(m_c - m), then per 4 dims sum_c exp(m_c - m) acc_c / that sum (0 for a head
+// that saw no key).
+template <typename T>
+__device__ void merge_chunks(const float* __restrict__ partial, T* __restrict__ out, int* counter, int b, int h,
+                             int h0, int n, int d, int chunks) {
+    if (!last_block_done(counter, chunks)) return;
+    __shared__ float head_m[16], head_inv_l[16];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, stride = d + 4;
+    for (int g = warp; g < n; g += DA_WARPS) {
+        const float* p = partial + (static_cast<size_t>(b) * h + h0 + g) * chunks * stride + d;
+        float m = neg_inf(), l = 0.f;
+        for (int c = lane; c < chunks; c += 32) m = fmaxf(m, __ldcg(p + c * stride));
+        m = warp_max(m);
+        for (int c = lane; c < chunks; c += 32) {
+            const float mc = __ldcg(p + c * stride);
+            if (mc != neg_inf()) l += __ldcg(p + c * stride + 1) * __expf(mc - m);
+        }
+        l = warp_sum(l);
+        if (lane == 0) head_m[g] = m, head_inv_l[g] = l > 0.f ? 1.f / l : 0.f;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < n * d / 4; i += DA_THREADS) {
+        const int g = i / (d / 4), e = 4 * (i % (d / 4));
+        const float* p = partial + (static_cast<size_t>(b) * h + h0 + g) * chunks * stride;
+        const float m = head_m[g];
+        float acc[4] = {};
+#pragma unroll 8
+        for (int c = 0; c < chunks; ++c) {  // independent loads: the unroll keeps 8 chunks in flight
+            const float mc = __ldcg(p + c * stride + d), w = mc == neg_inf() ? 0.f : __expf(mc - m);
+            const float4 x = __ldcg(reinterpret_cast<const float4*>(p + c * stride + e));
+            acc[0] += w * x.x, acc[1] += w * x.y, acc[2] += w * x.z, acc[3] += w * x.w;
+        }
+        Vec<T, 4> r;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) r.v[j] = from_float<T>(acc[j] * head_inv_l[g]);
+        *reinterpret_cast<Vec<T, 4>*>(out + (static_cast<size_t>(b) * h + h0 + g) * d + e) = r;
+    }
+    if (threadIdx.x == 0) *counter = 0;
+}
+
 // q [B, h, d] (rotated, one token); k, v: one layer's cache [B, kv, max_tokens, d]; mask [B, mask_len]
 // (T, or bool as bytes; read if mask_kind says so) and alibi [B, h, alibi_len] (read if alibi_len > 0); keys [lo[b], hi[b]) of sequence b;
-// partial [B, h, chunks, d + 2] fp32: the weighted V sum, then m and l. G: query heads per kv head (the
-// last group may have fewer: heads past h are skipped). d % 8 == 0, d <= 256, arrays 16-byte aligned.
-// Grid (chunks, kv, B).
+// partial [B, h, chunks, d + 4] fp32 (merge_chunks' rows), out [B, h, d] the context, counters [B, kv] zero.
+// G: query heads per kv head (the last group may have fewer: heads past h are skipped). d % 8 == 0,
+// d <= 256, arrays 16-byte aligned. Grid (chunks, kv, B).
 template <typename T, int G>
 __global__ void __launch_bounds__(DA_THREADS) attention_partial(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const void* __restrict__ mask,
     const T* __restrict__ alibi, const int* __restrict__ lo, const int* __restrict__ hi, float* __restrict__ partial,
-    int h, int kv, int d, int max_tokens, int chunk, int mask_kind, int mask_len, int alibi_len, float scale) {
+    T* __restrict__ out, int* counters, int h, int kv, int d, int max_tokens, int chunk, int mask_kind, int mask_len,
+    int alibi_len, float scale) {
     const int c = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, chunks = gridDim.x;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int lanes = d / 8, width = lanes <= 4 ? 4 : lanes <= 8 ? 8 : lanes <= 16 ? 16 : 32;  // lanes per key
@@ -142,7 +187,7 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial(
         if (lane == 0) red_m[warp][g] = run[g].m, red_l[warp][g] = run[g].l;
     }
     __syncthreads();
-    for (int o = threadIdx.x; o < G * (d + 2); o += DA_THREADS) {
+    for (int o = threadIdx.x; o < G * (d + 2); o += DA_THREADS) {  // slots d + 2, d + 3 stay unwritten
         const int g = o / (d + 2), e = o % (d + 2);
         if (g >= group) continue;
         float m = neg_inf();
@@ -156,8 +201,9 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial(
             value += (e < d ? red_acc[w][g][e] : red_l[w][g]) * scale_w;
         }
         if (e == d) value = m;  // slot d holds the max, d + 1 the sum
-        partial[((static_cast<size_t>(b) * h + kvh * group + g) * chunks + c) * (d + 2) + e] = value;
+        partial[((static_cast<size_t>(b) * h + kvh * group + g) * chunks + c) * (d + 4) + e] = value;
     }
+    merge_chunks(partial, out, counters + b * kv + kvh, b, h, kvh * group, group, d, chunks);
 }
 
 // ---- Tensor cores (fp16, bf16; sm_80 and later) ----
@@ -176,7 +222,8 @@ template <typename T, int D>
 __global__ void __launch_bounds__(DA_THREADS) attention_partial_tc(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const void* __restrict__ mask,
     const T* __restrict__ alibi, const int* __restrict__ lo, const int* __restrict__ hi, float* __restrict__ partial,
-    int h, int kv, int d, int max_tokens, int chunk, int mask_kind, int mask_len, int alibi_len, float scale) {
+    T* __restrict__ out, int* counters, int h, int kv, int d, int max_tokens, int chunk, int mask_kind, int mask_len,
+    int alibi_len, float scale) {
     constexpr int DB = D / 32;  // 32-dim blocks
     const int c = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, chunks = gridDim.x;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -294,37 +341,9 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial_tc(
             value += (e < D ? red_acc[w][head][e] : red_l[w][head]) * f;
         }
         if (e == D) value = mw == neg_inf() ? mw : mw / LOG2E;  // slot d: the max (natural log), d + 1: the sum
-        partial[((static_cast<size_t>(b) * h + kvh * group + head) * chunks + c) * (D + 2) + e] = value;
+        partial[((static_cast<size_t>(b) * h + kvh * group + head) * chunks + c) * (D + 4) + e] = value;
     }
-}
-
-// context [B, h * d]: each (sequence, head)'s chunks merged in order: the chunks' weights exp(m_c - m)
-// once into shared memory, then every dim's sum over the chunks with independent loads. chunks <=
-// DA_MAX_CHUNKS. Grid (h, B).
-constexpr int DA_MAX_CHUNKS = 256;
-
-template <typename T>
-__global__ void __launch_bounds__(DA_THREADS) attention_combine(const float* __restrict__ partial, T* __restrict__ out,
-                                                                int h, int d, int chunks) {
-    const int head = blockIdx.x, b = blockIdx.y, stride = d + 2;
-    const float* p = partial + (static_cast<size_t>(b) * h + head) * chunks * stride;
-    __shared__ float weight[DA_MAX_CHUNKS], scratch[32];
-    float m = neg_inf();
-    for (int c = threadIdx.x; c < chunks; c += DA_THREADS) m = fmaxf(m, p[c * stride + d]);
-    m = block_max(m, scratch);
-    float l = 0.f;
-    for (int c = threadIdx.x; c < chunks; c += DA_THREADS) {
-        const float mc = p[c * stride + d], w = mc == neg_inf() ? 0.f : __expf(mc - m);
-        weight[c] = w;
-        l += p[c * stride + d + 1] * w;
-    }
-    l = block_sum(l, scratch);  // its barriers also publish `weight`
-    for (int e = threadIdx.x; e < d; e += DA_THREADS) {
-        float acc = 0.f;
-#pragma unroll 8
-        for (int c = 0; c < chunks; ++c) acc += p[c * stride + e] * weight[c];
-        out[(static_cast<size_t>(b) * h + head) * d + e] = from_float<T>(l > 0.f ? acc / l : 0.f);
-    }
+    merge_chunks(partial, out, counters + b * kv + kvh, b, h, kvh * group, group, D, chunks);
 }
 
 }  // namespace ct

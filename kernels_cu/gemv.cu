@@ -37,14 +37,7 @@ struct GemvOut {
     }
     // After every put of the block: the last block of the tile adds the splits and finishes the tile.
     __device__ void reduce_splits(int tile_first, int tile_width) const {
-        if (gridDim.y == 1) return;
-        __shared__ bool last;
-        __threadfence();  // this block's partials are visible device-wide before it is counted
-        __syncthreads();
-        if (threadIdx.x == 0) last = atomicAdd(&counters[blockIdx.x], 1) == static_cast<int>(gridDim.y) - 1;
-        __syncthreads();
-        if (!last) return;
-        __threadfence();
+        if (gridDim.y == 1 || !last_block_done(&counters[blockIdx.x], gridDim.y)) return;
         for (int o = threadIdx.x; o < rows * tile_width; o += blockDim.x) {
             const int r = o / tile_width, n = tile_first + o % tile_width;
             if (n >= N) continue;

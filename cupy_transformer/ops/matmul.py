@@ -21,7 +21,8 @@ import numpy
 
 from ..runtime import cublaslt, timing
 from ..runtime.arrays import as_array, import_cupy
-from ..runtime.kernels import CTYPES, KernelFamily, compute_capability, i32, sm_count, vector_width
+from ..runtime.kernels import (CTYPES, KernelFamily, compute_capability, i32, sm_count, split_workspace,
+                               vector_width)
 from .bias_act import apply_bias_act
 
 GEMV_MAX_ROWS = 8
@@ -140,23 +141,6 @@ def gemv_fits(x, w, transposed, bias, act) -> bool:
     return aligned and whole_vectors and tensor_cores_if_needed and (act is None or int(act) in _GEMV_ACTS)
 
 
-_WORKSPACES: dict[tuple[int, int], tuple] = {}
-
-
-def _workspace(partial_floats: int, tiles: int):
-    """fp32 partials and zeroed tile counters for split-K launches, one set per (device, stream): launches
-    on one stream run in order, so they may share it (the kernel leaves the counters at zero)."""
-    cupy = import_cupy()
-    key = (cupy.cuda.runtime.getDevice(), cupy.cuda.get_current_stream().ptr)
-    partials, counters = _WORKSPACES.get(key, (None, None))
-    if partials is None or partials.size < partial_floats:
-        partials = cupy.empty(max(partial_floats, 1 << 16), cupy.float32)
-    if counters is None or counters.size < tiles:
-        counters = cupy.zeros(max(tiles, 1024), cupy.int32)
-    _WORKSPACES[key] = (partials, counters)
-    return partials, counters
-
-
 # Blocks per SM the K split fills up to, per (itemsize, transposed): the tensor-core kernels (2 resident a
 # SM) lose to extra splits' partial sums more than they gain from a second wave (benchmarks/sweep_gemv.py).
 GEMV_BLOCKS_PER_SM = {(2, False): 2, (2, True): 2, (4, False): 4, (4, True): 2}
@@ -194,7 +178,7 @@ def gemv(x, w, transposed, bias=None, act=None, geometry=None):
         name = _tc_name(CTYPES[x.dtype], transposed, geometry or (1, _kn_chunks_a_batch(per_split)))
     else:
         name = f"ct::gemv_{'nk' if transposed else 'kn'}<float, {next(r for r in _FMA_ROWS if rows <= r)}>"
-    partials, counters = _workspace(splits * rows * n if splits > 1 else 0, n_tiles)
+    partials, counters = split_workspace(splits * rows * n if splits > 1 else 0, n_tiles)
     _KERNELS.kernel(name)((n_tiles, splits), (256,),
                           (x, w, y, bias, partials, counters, i32(rows), i32(k), i32(n), i32(per_split)) + epilogue)
     return y

@@ -32,14 +32,14 @@ On the GPU, ``kernels_cu/rotary_append.cu`` turns Q and K and writes K and V int
 the projection (where there is a cache or rotary). A decode step (one token per sequence, with a cache, up to
 8 query heads per key/value head, 16 on tensor cores, a per-key mask or none) runs
 ``kernels_cu/decode_attention.cu``: the keys split in chunks across blocks, K and V read once for the heads
-that share them, chunks merged in a fixed order; fp16/bf16 with head sizes 32, 64, 96 or 128 on tensor cores
-(the heads sharing a key/value head are the rows of the products), the rest on CUDA cores. Other fp16/bf16
-calls with head sizes 32, 64, 80, 96 or 128 and a per-key mask (or none) run
-``kernels_cu/prefill_attention.cu`` (FlashAttention-2 style: tiles of queries against streamed tiles of keys,
-online softmax, tensor cores, no score matrix in memory; needs compute capability 8.0); on compute
-capability 9.0 (H100, H200) head sizes 64 and 128 run ``kernels_cu/prefill_attention_sm90.cu`` instead, the
-same math on Hopper's warpgroup instructions (wgmma), its key and value tiles fetched by the tensor memory
-accelerator (``runtime/tensor_map.py``). The rest (fp32, other head sizes, masks per query or
+that share them, chunks merged in a fixed order by the block that finishes last (one launch); fp16/bf16 with
+head sizes 32, 64, 96 or 128 on tensor cores (the heads sharing a key/value head are the rows of the
+products), the rest on CUDA cores. Other fp16/bf16 calls with head sizes 32, 64, 80, 96 or 128 and a per-key
+mask (or none) run ``kernels_cu/prefill_attention.cu`` (FlashAttention-2 style: tiles of queries against
+streamed tiles of keys, online softmax, tensor cores, no score matrix in memory; needs compute capability 8.0);
+on compute capability 9.0 (H100, H200) head sizes 64 and 128 run ``kernels_cu/prefill_attention_sm90.cu``
+instead, the same math on Hopper's warpgroup instructions (wgmma), its key and value tiles fetched by the
+tensor memory accelerator (``runtime/tensor_map.py``). The rest (fp32, other head sizes, masks per query or
 head) computes the same formula with CuPy array operations in fp32.
 """
 
@@ -54,7 +54,7 @@ from ..kv_cache import KVCache
 from ..runtime.arrays import as_array, common_kind, import_cupy, to_caller
 from ..runtime.tensor_map import tile_map
 from ..runtime.kernels import (CTYPES, KernelFamily, compute_capability, dynamic_shared, elementwise_grid, f32, i32,
-                               vector_count, wave_blocks)
+                               split_workspace, vector_count, wave_blocks)
 from .base import TransformerOp
 from .rotary import apply_rotary, inverse_frequencies
 from .softmax import alibi_rows, key_mask, softmax_reference
@@ -90,7 +90,6 @@ _KERNELS = KernelFamily(
     [f"ct::attention_partial<{c}, {g}>" for c in CTYPES.values() for g in _GROUPS]
     + [f"ct::attention_partial_tc<{c}, {d}>" for t, c in CTYPES.items() if t.itemsize == 2
        for d in _DECODE_TC_HEAD_SIZES]
-    + [f"ct::attention_combine<{c}>" for c in CTYPES.values()],
 )
 _ROTARY = KernelFamily("rotary_append.cu", [f"ct::rotary_append<{c}>" for c in CTYPES.values()])
 
@@ -244,19 +243,18 @@ def _decode(q, cache, layer, lo, hi, mask, alibi, scale, h, kv, d):
         name = f"ct::attention_partial<{ctype}, {next(g for g in _GROUPS if group <= g)}>"
     kernel = _KERNELS.kernel(name)
     # Key chunks: one wave of blocks (as many as the SMs hold at once: a second, partial wave cost a whole
-    # block's time), chunks of at least 64 keys, and at most the 256 that attention_combine takes.
+    # block's time), chunks of at least 64 keys, and at most 256 (the merge walks them in one loop).
     chunks = max(1, min(wave_blocks(kernel, 128) // (b * kv), math.ceil(t / 64), 256))
     chunk = math.ceil(t / chunks)
-    partial = cupy.empty((b, h, chunks, d + 2), cupy.float32)
+    partial, counters = split_workspace(b * h * chunks * (d + 4), b * kv)  # the chunks' rows; the last merges
     out = cupy.empty((b, 1, h * d), q.dtype)
     mask_kind, mask_arg, mask_len, alibi_arg, alibi_len = _mask_args(mask, alibi, b, h, q)
     kernel(
         (chunks, kv, b), (128,),
         (cupy.ascontiguousarray(q), cache.keys[layer], cache.values[layer], mask_arg, alibi_arg,
-         _on_device(lo), _on_device(hi), partial, i32(h), i32(kv), i32(d),
+         _on_device(lo), _on_device(hi), partial, out, counters, i32(h), i32(kv), i32(d),
          i32(cache.max_tokens), i32(chunk), i32(mask_kind), i32(mask_len), i32(alibi_len), f32(scale)),
     )
-    _KERNELS.kernel(f"ct::attention_combine<{ctype}>")((h, b), (128,), (partial, out, i32(h), i32(d), i32(chunks)))
     return out
 
 

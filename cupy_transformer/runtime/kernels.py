@@ -229,6 +229,24 @@ def _per_kernel(memo: dict, kernel, extra, compute):
     return hit[0]
 
 
+_WORKSPACES: dict[tuple[int, int], tuple] = {}
+
+
+def split_workspace(partial_floats: int, counters: int):
+    """fp32 partials and zeroed counters for kernels that split work across blocks and let the last block
+    finish it (``last_block_done`` in common.cuh): one set per (device, stream), shared by every such
+    launch, since launches on one stream run in order and each leaves its counters at zero."""
+    cupy = import_cupy()
+    key = (cupy.cuda.runtime.getDevice(), cupy.cuda.get_current_stream().ptr)
+    partials, zeroed = _WORKSPACES.get(key, (None, None))
+    if partials is None or partials.size < partial_floats:
+        partials = cupy.empty(max(partial_floats, 1 << 16), cupy.float32)
+    if zeroed is None or zeroed.size < counters:
+        zeroed = cupy.zeros(max(counters, 1024), cupy.int32)
+    _WORKSPACES[key] = (partials, zeroed)
+    return partials, zeroed
+
+
 _SHARED_OPT_IN: dict[tuple, tuple] = {}
 
 
