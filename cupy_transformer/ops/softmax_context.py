@@ -243,9 +243,11 @@ def _decode(q, cache, layer, lo, hi, mask, alibi, scale, h, kv, d):
         name = f"ct::attention_partial<{ctype}, {next(g for g in _GROUPS if group <= g)}>"
     kernel = _KERNELS.kernel(name)
     # Key chunks: one wave of blocks (as many as the SMs hold at once: a second, partial wave cost a whole
-    # block's time), chunks of at least 64 keys, and at most 256 (the merge walks them in one loop).
-    chunks = max(1, min(wave_blocks(kernel, 128) // (b * kv), math.ceil(t / 64), 256))
-    chunk = math.ceil(t / chunks)
+    # block's time), at most 256 (the merge walks them in one loop), each a multiple of 64 keys (the block's
+    # 4 warps x 16: 125-key chunks took 15.5 µs where 128-key ones took 14.6, batch 1, 8 kv heads, H200).
+    chunks = max(1, min(wave_blocks(kernel, 128) // (b * kv), 256))
+    chunk = 64 * max(1, math.ceil(t / chunks / 64))
+    chunks = math.ceil(t / chunk)
     partial, counters = split_workspace(b * h * chunks * (d + 4), b * kv)  # the chunks' rows; the last merges
     out = cupy.empty((b, 1, h * d), q.dtype)
     mask_kind, mask_arg, mask_len, alibi_arg, alibi_len = _mask_args(mask, alibi, b, h, q)
