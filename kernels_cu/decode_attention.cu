@@ -245,23 +245,17 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial_tc(
     const T* vb = v + (static_cast<size_t>(b) * kv + kvh) * max_tokens * D + 8 * t;
     float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};  // per fragment row (head g, g + 8); l this lane's
     float o[DB][4][4] = {};  // O: dims 32 db + 8t + 2r + {0, 1}; [2], [3] for head g + 8
-    // Rows j0 + g and j0 + 8 + g of a stream (past `last`: the last key, masked below).
-    auto load = [&](const T* base, int j0, uint4(&r)[2][DB]) {
+    for (int j0 = first + 16 * warp; j0 < last; j0 += 16 * DA_WARPS) {
+        uint4 kr[2][DB], vr[2][DB];  // keys j0 + g and j0 + 8 + g (past `last`: the last key, masked below)
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
             const size_t row = static_cast<size_t>(min(j0 + 8 * n + g, last - 1)) * D;
 #pragma unroll
-            for (int db = 0; db < DB; ++db) r[n][db] = load_stream(base + row + 32 * db);
+            for (int db = 0; db < DB; ++db) {
+                kr[n][db] = load_stream(kb + row + 32 * db);
+                vr[n][db] = load_stream(vb + row + 32 * db);
+            }
         }
-    };
-    // K one step ahead: a step's V and the next step's K are in flight while its scores are computed
-    // (loading both at the top of the step left the warp with nothing in flight during the math).
-    uint4 kr[2][DB];
-    if (first + 16 * warp < last) load(kb, first + 16 * warp, kr);
-    for (int j0 = first + 16 * warp; j0 < last; j0 += 16 * DA_WARPS) {
-        uint4 vr[2][DB], kn[2][DB];
-        load(vb, j0, vr);
-        if (j0 + 16 * DA_WARPS < last) load(kb, j0 + 16 * DA_WARPS, kn);
         float s[2][4] = {};  // keys j0 + 8n + 2t + {0, 1}; heads g ([0], [1]) and g + 8 ([2], [3])
 #pragma unroll
         for (int n = 0; n < 2; ++n)
@@ -317,10 +311,6 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial_tc(
                 mma_16816<T>(o[db][r], pa, transpose8x8(v0[r]), transpose8x8(v1[r]));
             }
         }
-#pragma unroll
-        for (int n = 0; n < 2; ++n)
-#pragma unroll
-            for (int db = 0; db < DB; ++db) kr[n][db] = kn[n][db];
     }
     // The warp's state: l summed over the row's 4 lanes; then the 4 warps merge in shared memory.
     __shared__ float red_acc[DA_WARPS][16][D], red_m[DA_WARPS][16], red_l[DA_WARPS][16];
