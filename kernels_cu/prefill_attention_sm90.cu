@@ -16,7 +16,8 @@ namespace ct {
 constexpr int PH_THREADS = 256, PH_ROWS = 128;
 
 // kmap, vmap: rank-4 tensor maps of k and v [B, kv, T, D] (sizes D, T, kv, B innermost first), box 64 x BN,
-// 128-byte swizzle (runtime/tensor_map.py); kv_seq and kv_head still place nothing but PrefillBlock's offset.
+// 128-byte swizzle (runtime/tensor_map.py), which hold their strides: kv_seq, kv_head and kv_tok keep the
+// argument list prefill_attention.cu's (PrefillBlock's kv offset, computed from them, is not used here).
 // Dynamic shared memory: 1 KB of alignment slack, Q [128][D], then K and V [2][BN][D], so
 // (128 + 4 BN) D elements + 1 KB. A tile of R rows is stored as D / 64 column blocks of R rows of 128 bytes.
 template <typename T, int D, int BN>

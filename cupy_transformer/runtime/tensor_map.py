@@ -21,7 +21,7 @@ from .arrays import import_cupy
 
 _DATA_TYPE = {"float16": 6, "bfloat16": 9}  # CU_TENSOR_MAP_DATA_TYPE_*
 _SWIZZLE_128B, _L2_PROMOTION_256B, _INTERLEAVE_NONE, _OOB_FILL_ZEROS = 3, 3, 0, 0
-_KEEP = 64  # maps kept (a model's layers share one cache layout; each layer's K and V have their own address)
+_KEEP = 512  # maps kept: each layer's K and V cache views have their own (2 x 80 for a 70B model's layers)
 _maps: collections.OrderedDict[tuple, object] = collections.OrderedDict()
 _encode = None
 
@@ -48,8 +48,8 @@ def tile_map(a, rows: int):
     T read as zeros. Returns a 128-byte device array holding it."""
     items = a.dtype.itemsize
     if a.dtype.name not in _DATA_TYPE or a.ndim != 4 or a.strides[-1] != items or a.shape[-1] % 64:
-        raise ValueError(f"tile_map: expected an fp16 or bf16 [B, heads, T, D] array, D a multiple of 64 and contiguous; "
-                         f"got {a.dtype} {a.shape} strides {a.strides}")
+        raise ValueError(f"tile_map: expected an fp16 or bf16 [B, heads, T, D] array, D a multiple of 64 and "
+                         f"contiguous; got {a.dtype} {a.shape} strides {a.strides}")
     if a.data.ptr % 16 or any(s % 16 or s <= 0 for s in a.strides[:-1]) or not 0 < rows <= 256:
         raise ValueError(f"tile_map: address and strides must be positive multiples of 16 bytes and rows 1..256; "
                          f"got address {a.data.ptr:#x}, strides {a.strides}, rows {rows}")
