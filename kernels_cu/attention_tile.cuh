@@ -113,9 +113,10 @@ __device__ __forceinline__ void p_fragment(unsigned (&pa)[4], const float (&s)[B
     pa[3] = pack2<T>(s[2 * u + 1][2], s[2 * u + 1][3]);
 }
 
-// Rows row.. of a tile to out [B, S, h, D] (b, head given): o / l (0 for a row that saw no key).
-template <typename T, int D>
-__device__ __forceinline__ void store_context(T* out, const float (&o)[D / 8][4], float (&l)[2], int b, int head,
+// Rows row.. of a tile to out [B, S, h, D] (b, head given): o / l (0 for a row that saw no key). o may hold
+// DO >= D dimensions (a kernel's padding); the first D are stored.
+template <typename T, int D, int DO = D>
+__device__ __forceinline__ void store_context(T* out, const float (&o)[DO / 8][4], float (&l)[2], int b, int head,
                                               int row, int S, int h) {
     const int lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
 #pragma unroll

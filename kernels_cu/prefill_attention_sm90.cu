@@ -6,7 +6,8 @@
 // copies (TMA: measured 1.2-1.4x faster than every thread's cp.async, which kept the load units busy).
 // S = Q K^T reads Q and K from shared memory; O += P V takes P from S's accumulators in registers and V from
 // shared memory, so that a warpgroup's four warps share each K and V read. Every tile sits in the 128-byte
-// swizzle (wgmma.cuh), which the copies write.
+// swizzle (wgmma.cuh), which the copies write. Head sizes 80 and 96 are padded to DP = 128 dimensions: the
+// copies fill dimensions past D with zeros, S's products stop at D, O's run over DP (zeros past D).
 #include "attention_tile.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
@@ -18,8 +19,8 @@ constexpr int PH_THREADS = 256, PH_ROWS = 128;
 // kmap, vmap: rank-4 tensor maps of k and v [B, kv, T, D] (sizes D, T, kv, B innermost first), box 64 x BN,
 // 128-byte swizzle (runtime/tensor_map.py), which hold their strides: kv_seq, kv_head and kv_tok keep the
 // argument list prefill_attention.cu's (PrefillBlock's kv offset, computed from them, is not used here).
-// Dynamic shared memory: 1 KB of alignment slack, Q [128][D], then K and V [2][BN][D], so
-// (128 + 4 BN) D elements + 1 KB. A tile of R rows is stored as D / 64 column blocks of R rows of 128 bytes.
+// Dynamic shared memory: 1 KB of alignment slack, Q [128][DP], then K and V [2][BN][DP], so
+// (128 + 4 BN) DP elements + 1 KB. A tile of R rows is stored as DP / 64 column blocks of R rows of 128 bytes.
 template <typename T, int D, int BN>
 __global__ void __launch_bounds__(PH_THREADS)
 attention_prefill_sm90(const T* __restrict__ q, const void* __restrict__ kmap, const void* __restrict__ vmap,
@@ -27,14 +28,14 @@ attention_prefill_sm90(const T* __restrict__ q, const void* __restrict__ kmap, c
                        const int* __restrict__ start, long long q_seq, long long q_head, long long q_tok,
                        long long kv_seq, long long kv_head, long long kv_tok, int S, int h, int group, int causal,
                        int window, int mask_kind, int mask_len, int alibi_len, float scale) {
-    static_assert(D % 64 == 0 && (BN == 64 || BN == 128) && (D == 64 || D == 128), "geometry (wgmma.cuh's N)");
-    constexpr int VECS = D / 8, BM = PH_ROWS;
+    constexpr int DP = (D + 63) / 64 * 64, VECS = D / 8, BM = PH_ROWS;  // DP: wgmma.cuh's N for O
+    static_assert(D % 16 == 0 && D >= 64 && DP <= 128 && (BN == 64 || BN == 128), "geometry (wgmma.cuh's N)");
     extern __shared__ __align__(1024) unsigned char ph_raw[];
     __shared__ unsigned long long landed[2];  // per buffer: its tile's copies
     unsigned char* smem = ph_raw + (1024 - static_cast<unsigned>(__cvta_generic_to_shared(ph_raw)) % 1024) % 1024;
     T* sq = reinterpret_cast<T*>(smem);
-    T* sk = sq + BM * D;      // [2][BN D]
-    T* sv = sk + 2 * BN * D;  // [2][BN D]
+    T* sk = sq + BM * DP;      // [2][BN DP]
+    T* sv = sk + 2 * BN * DP;  // [2][BN DP]
     // Element offset of 16-byte chunk c of row r in a tile of R rows.
     auto at = [](int r, int c, int R) { return (c / 8) * R * 64 + r * 64 + ((c % 8) ^ (r % 8)) * 8; };
 
@@ -55,11 +56,11 @@ attention_prefill_sm90(const T* __restrict__ q, const void* __restrict__ kmap, c
         tensor_map_acquire(kmap), tensor_map_acquire(vmap);
     }
     auto load_tile = [&](int tile, int buf) {  // thread 0
-        mbar_expect_bytes(&landed[buf], 2 * BN * D * sizeof(T));
+        mbar_expect_bytes(&landed[buf], 2 * BN * DP * sizeof(T));  // whole boxes, zero-filled parts included
 #pragma unroll
-        for (int cb = 0; cb < D / 64; ++cb) {
-            tma_load_4d(sk + buf * BN * D + cb * BN * 64, kmap, cb * 64, tile * BN, kvh, b, &landed[buf]);
-            tma_load_4d(sv + buf * BN * D + cb * BN * 64, vmap, cb * 64, tile * BN, kvh, b, &landed[buf]);
+        for (int cb = 0; cb < DP / 64; ++cb) {
+            tma_load_4d(sk + buf * BN * DP + cb * BN * 64, kmap, cb * 64, tile * BN, kvh, b, &landed[buf]);
+            tma_load_4d(sv + buf * BN * DP + cb * BN * 64, vmap, cb * 64, tile * BN, kvh, b, &landed[buf]);
         }
     };
     const int t_first = k_begin / BN, tiles = k_end > k_begin ? (k_end - 1) / BN - t_first + 1 : 0;
@@ -71,15 +72,15 @@ attention_prefill_sm90(const T* __restrict__ q, const void* __restrict__ kmap, c
 
     const int warp = threadIdx.x / 32, w0 = warp * 16, group_row = warp / 4 * 64;
     const float sl2 = scale * LOG2E;  // exp(x) = exp2(x log2 e)
-    float o[D / 8][4], m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
+    float o[DP / 8][4], m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
 #pragma unroll
-    for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    for (int j = 0; j < DP / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
 
     for (int it = 0; it < tiles; ++it) {
         const int tile = t_first + it, buf = it & 1, j0 = tile * BN;
         if (it + 1 < tiles && threadIdx.x == 0) load_tile(tile + 1, buf ^ 1);  // freed by the last barrier
         mbar_wait(&landed[buf], (it >> 1) & 1);
-        T* vt = sv + buf * BN * D;
+        T* vt = sv + buf * BN * DP;
         if (j0 < k_begin || j0 + BN > k_end) {  // V rows outside [k_begin, k_end) to zeros: a cache slot may hold
             for (int i = threadIdx.x; i < BN * VECS; i += PH_THREADS) {  // NaN, and 0 * NaN is NaN (K's are masked)
                 const int r = i / VECS, key = j0 + r;
@@ -88,7 +89,7 @@ attention_prefill_sm90(const T* __restrict__ q, const void* __restrict__ kmap, c
             fence_async_shared();
             __syncthreads();
         }
-        const T* kt = sk + buf * BN * D;
+        const T* kt = sk + buf * BN * DP;
         float s[BN / 8][4];
         wg_fence();
 #pragma unroll
@@ -99,19 +100,19 @@ attention_prefill_sm90(const T* __restrict__ q, const void* __restrict__ kmap, c
         wg_wait(s);
         const bool whole = rules.whole(j0, BN, q0, BM, k_begin, sl2);
         if (!whole) rules.template apply<BN>(s, j0, q0 + w0, sl2);
-        online_softmax<BN, D>(s, o, m, l, whole ? sl2 : 1.f);
+        online_softmax<BN, DP>(s, o, m, l, whole ? sl2 : 1.f);
         unsigned pa[BN / 16][4];  // all written before the fence: the products read them
 #pragma unroll
         for (int u = 0; u < BN / 16; ++u) p_fragment<T, BN>(pa[u], s, u);
         wg_fence();
 #pragma unroll
         for (int u = 0; u < BN / 16; ++u)  // keys 16u..: two 8-row groups (2048 bytes) a step
-            Wgmma<T, D>::rs(o, pa[u], wg_desc(vt + u * 1024, BN * 128), 1);
+            Wgmma<T, DP>::rs(o, pa[u], wg_desc(vt + u * 1024, BN * 128), 1);
         wg_commit();
         wg_wait(o);
         __syncthreads();  // the next iteration's copies overwrite this buffer
     }
-    store_context<T, D>(out, o, l, b, head, q0 + w0, S, h);
+    store_context<T, D, DP>(out, o, l, b, head, q0 + w0, S, h);
 }
 
 }  // namespace ct

@@ -37,7 +37,7 @@ head sizes 32, 64, 96 or 128 on tensor cores (the heads sharing a key/value head
 products), the rest on CUDA cores. Other fp16/bf16 calls with head sizes 32, 64, 80, 96 or 128 and a per-key
 mask (or none) run ``kernels_cu/prefill_attention.cu`` (FlashAttention-2 style: tiles of queries against
 streamed tiles of keys, online softmax, tensor cores, no score matrix in memory; needs compute capability 8.0);
-on compute capability 9.0 (H100, H200) head sizes 64 and 128 run ``kernels_cu/prefill_attention_sm90.cu``
+on compute capability 9.0 (H100, H200) head sizes 64 to 128 run ``kernels_cu/prefill_attention_sm90.cu``
 instead, the same math on Hopper's warpgroup instructions (wgmma), its key and value tiles fetched by the
 tensor memory accelerator (``runtime/tensor_map.py``). The rest (fp32, other head sizes, masks per query or
 head) computes the same formula with CuPy array operations in fp32.
@@ -74,8 +74,8 @@ _PREFILL = KernelFamily(
     [prefill_kernel_name(c, d, g) for t, c in CTYPES.items() if t.itemsize == 2 for d, g in PREFILL_GEOMETRY.items()],
 )
 # Head size -> keys per tile of the Hopper prefill kernel (128 query rows a block): the faster of 64 and 128
-# with TMA copies in the A/B of benchmarks/results/gpu-runs.md (ninth session).
-PREFILL_SM90_TILE = {64: 128, 128: 64}
+# with TMA copies in the A/B of benchmarks/results/gpu-runs.md (ninth session); 80 and 96 run padded to 128.
+PREFILL_SM90_TILE = {64: 128, 80: 64, 96: 64, 128: 64}
 SM90_PREFILL = True  # take it where it builds (tests turn it off to cover the other kernel there)
 _PREFILL_SM90 = KernelFamily(
     "prefill_attention_sm90.cu",
@@ -283,7 +283,7 @@ def _prefill(q, k, v, start, mask, alibi, scale, cfg, kernels=None, geometry=Non
     if kernels is None and SM90_PREFILL and d in PREFILL_SM90_TILE and _PREFILL_SM90.builds_here():
         bn = PREFILL_SM90_TILE[d]
         kernel = _PREFILL_SM90.kernel(f"ct::attention_prefill_sm90<{CTYPES[q.dtype]}, {d}, {bn}>")
-        smem = dynamic_shared(kernel, (128 + 4 * bn) * d * items + 1024)  # the kernel's layout
+        smem = dynamic_shared(kernel, (128 + 4 * bn) * (64 * math.ceil(d / 64)) * items + 1024)  # its layout
         grid, block = (h, b, math.ceil(s / 128)), (256,)
         k, v = tile_map(k, bn), tile_map(v, bn)  # the kernel fetches its tiles by TMA
     else:

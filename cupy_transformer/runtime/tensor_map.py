@@ -45,11 +45,11 @@ def _encoder():
 def tile_map(a, rows: int):
     """The map of ``a`` [B, heads, T, D] (16-bit, D contiguous, 16-byte aligned strides) for boxes of 64
     elements by ``rows`` tokens in the 128-byte swizzle: coordinates (dim, token, head, sequence); rows past
-    T read as zeros. Returns a 128-byte device array holding it."""
+    T and dimensions past D read as zeros. Returns a 128-byte device array holding it."""
     items = a.dtype.itemsize
-    if a.dtype.name not in _DATA_TYPE or a.ndim != 4 or a.strides[-1] != items or a.shape[-1] % 64:
-        raise ValueError(f"tile_map: expected an fp16 or bf16 [B, heads, T, D] array, D a multiple of 64 and "
-                         f"contiguous; got {a.dtype} {a.shape} strides {a.strides}")
+    if a.dtype.name not in _DATA_TYPE or a.ndim != 4 or a.strides[-1] != items or a.shape[-1] % 8 or a.shape[-1] < 64:
+        raise ValueError(f"tile_map: expected an fp16 or bf16 [B, heads, T, D] array, D a multiple of 8, at least "
+                         f"64 and contiguous; got {a.dtype} {a.shape} strides {a.strides}")
     if a.data.ptr % 16 or any(s % 16 or s <= 0 for s in a.strides[:-1]) or not 0 < rows <= 256:
         raise ValueError(f"tile_map: address and strides must be positive multiples of 16 bytes and rows 1..256; "
                          f"got address {a.data.ptr:#x}, strides {a.strides}, rows {rows}")

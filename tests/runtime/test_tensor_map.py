@@ -20,7 +20,8 @@ def stand_in(shape, dtype=numpy.float16, strides=None, address=0x1000):
 @pytest.mark.parametrize("array, rows, words", [
     (stand_in((2, 4, 100, 64), numpy.float32), 64, "fp16 or bf16"),
     (stand_in((4, 100, 64)), 64, "[B, heads, T, D]"),
-    (stand_in((2, 4, 100, 32)), 64, "multiple of 64"),
+    (stand_in((2, 4, 100, 32)), 64, "at least 64"),
+    (stand_in((2, 4, 100, 68)), 64, "multiple of 8"),
     (stand_in((2, 4, 100, 64), strides=(4 * 100 * 128, 100 * 128, 128, 4)), 64, "contiguous"),
     (stand_in((2, 4, 100, 64), address=0x1008), 64, "address 0x1008"),
     (stand_in((2, 4, 100, 64), strides=(4 * 100 * 136, 100 * 136, 136, 2)), 64, "multiples of 16"),
