@@ -57,16 +57,6 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return warp_sum(lane < warps ? scratch[lane] : 0.f);
 }
 
-// Maximum over the whole block, returned to every thread (same contract as block_sum).
-__device__ __forceinline__ float block_max(float v, float* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    return warp_max(lane < warps ? scratch[lane] : neg_inf());
-}
-
 // Work split across blocks: called by every thread of a block once it has written its share, true (in all of
 // them) in the last of `blocks` blocks to get there (a ticket from *counter, zero before the launch; that
 // block resets it to zero for the next launch). The last block may then read every share, through L2
