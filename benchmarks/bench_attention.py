@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import copy_bandwidth_gbs, header, memcpy_us, spin_up, time_us, write_table  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    copy_bandwidth_gbs, difference_line, free_gpu_memory, header, memcpy_us, spin_up, time_us, write_table)
 from cupy_transformer.kv_cache import KVCache  # noqa: E402
 from cupy_transformer.ops import InferenceConfig, SoftmaxOp  # noqa: E402
 from cupy_transformer.ops.softmax_context import _PREFILL, _decode, _prefill  # noqa: E402
@@ -88,9 +89,8 @@ def prefill_rows() -> list[str]:
         lines.append(line)
         errors.append(err)
         q = k = v = tq = tk = tv = None
-        cupy.get_default_memory_pool().free_all_blocks()
-    lines.append(f"\nEach row's output was compared with SDPA's: relative difference {min(errors):.1e} to "
-                 f"{max(errors):.1e}.")
+        free_gpu_memory()
+    lines.append(difference_line("Each row's output was compared with SDPA's", errors))
     return lines
 
 
@@ -144,10 +144,8 @@ def softmax_rows(copy) -> list[str]:
         print(line, f"(rel. diff vs torch {errors[-1]:.1e})")
         lines.append(line)
         s = mask = alibi = ts = tmask = talibi = None
-        cupy.get_default_memory_pool().free_all_blocks()
-        torch.cuda.empty_cache()
-    lines.append(f"\nEach row's output was compared with torch's: relative difference {min(errors):.1e} to "
-                 f"{max(errors):.1e}.")
+        free_gpu_memory()
+    lines.append(difference_line("Each row's output was compared with torch's", errors))
     return lines
 
 
@@ -197,9 +195,8 @@ def main():
         lines.append(line)
         errors.append(err)
         cache = tq = tk = tv = None  # free before the next size
-        cupy.get_default_memory_pool().free_all_blocks()
-    lines.append(f"\nEach row's output was compared with SDPA's: relative difference {min(errors):.1e} to "
-                 f"{max(errors):.1e}.")
+        free_gpu_memory()
+    lines.append(difference_line("Each row's output was compared with SDPA's", errors))
     lines += prefill_rows()
     lines += softmax_rows(copy)
     write_table("attention", lines)

@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_ops import GEMV_SHAPES  # noqa: E402
-from benchmarks.common import copy_bandwidth_gbs, header, read_launch, spin_up, time_us, write_table  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    copy_bandwidth_gbs, difference_line, free_gpu_memory, header, read_launch, spin_up, time_us, write_table)
 from cupy_transformer.ops.matmul import gemv  # noqa: E402
 
 
@@ -59,7 +60,7 @@ def read_rows(copy) -> list[str]:
         print(line)
         lines.append(line)
         bufs = None
-        cupy.get_default_memory_pool().free_all_blocks()
+        free_gpu_memory()
     return lines
 
 
@@ -108,10 +109,8 @@ def gemv_rows(copy) -> list[str]:
                 lines.append(line)
                 graph = theirs_out = outs = None
             weights = wc = mats = None
-            torch.cuda.empty_cache()
-            cupy.get_default_memory_pool().free_all_blocks()
-    lines.append(f"\nOur last product of each graph against torch's: relative difference {min(diffs):.1e} to "
-                 f"{max(diffs):.1e}.")
+            free_gpu_memory()
+    lines.append(difference_line("Our last product of each graph against torch's", diffs))
     return lines
 
 

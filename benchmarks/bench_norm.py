@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import copies_for, copy_bandwidth_gbs, header, host_us, spin_up, time_us, write_table  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    copies_for, copy_bandwidth_gbs, free_gpu_memory, header, host_us, spin_up, time_us, write_table)
 from cupy_transformer import ops  # noqa: E402
 from cupy_transformer.ops import norm as norm_module  # noqa: E402
 
@@ -61,8 +62,7 @@ def run(shape, dtype_name, copy_gbs):
             f"| {t_torch / t_ours:.2f}x | {err:.1e} |"
         )
     del xs, outs, xc, oc
-    torch.cuda.empty_cache()
-    cupy.get_default_memory_pool().free_all_blocks()
+    free_gpu_memory()
     return rows_out
 
 

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import copy_bandwidth_gbs, header, memcpy_us, read_floor_us, spin_up, time_us, write_table  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    copy_bandwidth_gbs, free_gpu_memory, header, memcpy_us, read_floor_us, spin_up, time_us, write_table)
 from cupy_transformer import ops  # noqa: E402
 
 MODELS = {"GPT-2-XL": (1600, 6400, "LayerNorm", "GELU"), "LLaMA-7B": (4096, 11008, "RMSNorm", "GATED_SILU")}
@@ -206,8 +207,7 @@ def main():
                 line = f"| {model} | {rows} | {name} | {t_ours:.1f} | {t_torch:.1f} | {t_torch / t_ours:.2f} | {cub} | {rate} | {ceiling} |"
                 print(line)
                 lines.append(line)
-            torch.cuda.empty_cache()
-            cupy.get_default_memory_pool().free_all_blocks()
+            free_gpu_memory()
     lines += elementwise_rows(copy_gbs)
     lines += gemv_rows(copy_gbs)
     write_table("ops", lines)

@@ -6,6 +6,7 @@ import datetime
 import os
 import statistics
 import subprocess
+import sys
 
 import cupy
 
@@ -42,6 +43,18 @@ def _torch_version() -> str:
     except ImportError:
         return ""
     return f", torch {torch.__version__}"
+
+
+def free_gpu_memory():
+    """Give the pools' cached blocks back (CuPy's, and torch's where it is loaded) before the next size."""
+    cupy.get_default_memory_pool().free_all_blocks()
+    if "torch" in sys.modules:
+        sys.modules["torch"].cuda.empty_cache()
+
+
+def difference_line(compared: str, diffs) -> str:
+    """A table's closing line: ``compared`` and the range of the rows' relative differences."""
+    return f"\n{compared}: relative difference {min(diffs):.1e} to {max(diffs):.1e}."
 
 
 _flush = None
