@@ -275,12 +275,13 @@ def _prefill(q, k, v, start, mask, alibi, scale, cfg, kernels=None, geometry=Non
         return a if ok else cupy.ascontiguousarray(a)
 
     q, k, v = rows(q), rows(k), rows(v)
-    if k.strides != v.strides:
+    sm90 = kernels is None and SM90_PREFILL and d in PREFILL_SM90_TILE and _PREFILL_SM90.builds_here()
+    if not sm90 and k.strides != v.strides:  # prefill_attention.cu indexes V by K's strides (a map has its own)
         k, v = cupy.ascontiguousarray(k), cupy.ascontiguousarray(v)
     out = cupy.empty((b, s, h * d), q.dtype)
     mask_kind, mask_arg, mask_len, alibi_arg, alibi_len = _mask_args(mask, alibi, b, h, q)
     qs, ks, group = [x // items for x in q.strides[:-1]], [x // items for x in k.strides[:-1]], h // k.shape[1]
-    if kernels is None and SM90_PREFILL and d in PREFILL_SM90_TILE and _PREFILL_SM90.builds_here():
+    if sm90:
         bn = PREFILL_SM90_TILE[d]
         kernel = _PREFILL_SM90.kernel(f"ct::attention_prefill_sm90<{CTYPES[q.dtype]}, {d}, {bn}>")
         smem = dynamic_shared(kernel, (128 + 4 * bn) * (64 * math.ceil(d / 64)) * items + 1024)  # its layout

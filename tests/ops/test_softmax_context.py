@@ -347,6 +347,24 @@ def test_gpu_prefill_kernel_after_a_past(rng, poisoned_allocations, prefill_kern
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [t for t in FLOAT_DTYPES if numpy.dtype(t).itemsize == 2], ids=str)
+@pytest.mark.parametrize("d", [64, 96, 128])
+@pytest.mark.parametrize("rotary", [False, True], ids=["views", "turned k"])
+def test_gpu_prefill_kernel_without_a_cache(rng, poisoned_allocations, prefill_kernel, dtype, d, rotary):
+    """A prompt without a cache: K and V are read where they are (views of the projection), or K turned by
+    rotary into an array of its own while V stays a view, so the two have different strides."""
+    import cupy
+
+    turn = dict(rotary_dim=d, rotate_half=True, rotate_every_two=False) if rotary else {}
+    c = cfg(dtype, heads=4, kv=2, d=d, **turn)
+    op = ops.SoftmaxContextOp(c)
+    qkv = random(rng, (2, 150, 8 * d), dtype)
+    want, _, _ = op(qkv)
+    got, _, _ = op(cupy.asarray(qkv))
+    assert rel_error(got, want) < TOL[numpy.dtype(dtype)]
+
+
+@pytest.mark.gpu
 def test_gpu_prefill_kernel_on_a_long_context(rng, poisoned_allocations, prefill_kernel):
     """300 queries after pasts of 0, 4000 and 16084 tokens (keys up to 16384), causal with a key mask."""
     import cupy
