@@ -1,7 +1,7 @@
 """GEMV launch-shape sweep (fp16, tensor-core kernels): the launcher's own choice and fixed (pieces a warp,
-chunks a batch, blocks a SM the K split fills) x layout x rows, in GB/s of weights, against cupy.matmul (cuBLAS)
-and a plain read of the same bytes (the floor at that size) in the same process. Every variant's result is
-checked against cuBLAS's first."""
+chunks a batch, blocks resident a SM: the launch bounds and what the K split fills) x layout x rows, in GB/s
+of weights, against cupy.matmul (cuBLAS) and a plain read of the same bytes (the floor at that size) in the
+same process. Every variant's result is checked against cuBLAS's first."""
 
 import os
 import sys
@@ -14,26 +14,15 @@ import cupy_transformer.ops.matmul as mm  # noqa: E402
 from cupy_transformer.runtime.kernels import KernelFamily  # noqa: E402
 
 SHAPES = [(1600, 6400), (6400, 1600), (1600, 1600), (4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]
-# (pieces, chunks, blocks a SM); "launcher": the launcher's own choices.
+# (pieces, chunks, blocks a SM: the launch bounds and what the K split fills); "launcher": its own choices.
 VARIANTS = {
     False: ["launcher", (1, 2, 2), (1, 6, 2), (2, 2, 2), (2, 4, 2), (1, 4, 1)],  # [in, out]: chunk pairs
-    True: ["launcher", (2, 1, 2), (1, 2, 2), (1, 1, 2), (1, 4, 2), (1, 2, 1)],
+    True: ["launcher", (2, 1, 2), (2, 1, 3), (1, 2, 2), (1, 1, 2), (1, 4, 2), (1, 2, 1)],
 }
-_DEFAULT_BLOCKS = dict(mm.GEMV_BLOCKS_PER_SM)
-
-
-def _use(transposed, variant):
-    """The (pieces, chunks) geometry to pass the launcher for one variant (None: its own), setting the blocks a
-    SM its K split fills (a global: the sweep runs in-process)."""
-    mm.GEMV_BLOCKS_PER_SM.update(_DEFAULT_BLOCKS)
-    if variant == "launcher":
-        return None
-    mm.GEMV_BLOCKS_PER_SM[2, transposed] = variant[2]
-    return variant[:2]
 
 
 def _kernel_names():
-    geometries = {(tr, v[:2]) for tr in (False, True) for v in VARIANTS[tr] if v != "launcher"}
+    geometries = {(tr, v) for tr in (False, True) for v in VARIANTS[tr] if v != "launcher"}
     geometries |= {(False, g) for g in mm.GEMV_TC_KN} | {(True, g) for g in mm.GEMV_TC_NK.values()}
     return sorted(mm._tc_name("__half", tr, geo) for tr, geo in geometries)
 
@@ -58,7 +47,7 @@ def main():
                 scale = float(cupy.abs(ref).max())
                 cells = []
                 for variant in VARIANTS[transposed]:
-                    geometry = _use(transposed, variant)
+                    geometry = None if variant == "launcher" else variant
                     err = float(cupy.abs(mm.gemv(x, w, transposed, geometry=geometry).astype(cupy.float32) - ref).max())
                     worst = max(worst, err / scale)
                     us = time_us(lambda: mm.gemv(x, w, transposed, geometry=geometry), [()], reps=30)

@@ -169,8 +169,9 @@ __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk(GEMV_ARGS) {
 // in flight. The 8 warps of a block split the block's K range in interleaved chunks (a batch of the block
 // covers 8 U contiguous chunks); their sums meet in shared memory, and splits of K across blocks in
 // GemvOut's partials. (A cp.async shared-memory pipeline with stream-K scheduling, the previous design, was
-// 10-40% slower: benchmarks/NOTES.md.) Two blocks a SM (launch bounds): ptxas then keeps each batch's loads
-// ahead of its mma instead of interleaving them to save registers.
+// 10-40% slower: benchmarks/NOTES.md.) BLOCKS resident a SM (launch bounds): at 2 ptxas keeps each batch's
+// loads ahead of its mma instead of interleaving them to save registers; 3 (85 registers) is for launches
+// whose tiles would otherwise leave a second, partial wave.
 
 __device__ __forceinline__ uint4 select(bool keep, uint4 v) { return keep ? v : make_uint4(0, 0, 0, 0); }
 
@@ -201,8 +202,8 @@ __device__ __forceinline__ void gemv_tc_reduce(const GemvOut<T>& out, const floa
 // Lane (g, t) loads k 8t .. 8t + 7 of the chunk from rows g and g + 8 of each 16-row piece, and x row g's
 // same 8 k: the chunk's k are permuted alike in both operands (mma step s takes each lane's pairs 2s, 2s +
 // 1). K % 8 == 0, k_per_split % 32 == 0, W and x 16-byte aligned (the launcher checks).
-template <typename T, int M, int U>
-__global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_tc_nk(GEMV_ARGS) {
+template <typename T, int M, int U, int BLOCKS>
+__global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_nk(GEMV_ARGS) {
     const GEMV_OUT;
     constexpr int TILE = 16 * M, CK = 32;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -252,8 +253,8 @@ __global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_tc_nk(GEMV_ARGS) {
 // for both chunks are x row g's k 8t .. 8t + 7: one 16-byte load a pair (x loads were a third of the
 // instructions at one piece a tile). N % 8 == 0, K % 8 == 0, k_per_split % 16 == 0, W and x 16-byte aligned
 // (the launcher checks).
-template <typename T, int M, int U>
-__global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_tc_kn(GEMV_ARGS) {
+template <typename T, int M, int U, int BLOCKS>
+__global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_kn(GEMV_ARGS) {
     static_assert(U % 2 == 0, "a batch is whole chunk pairs");
     const GEMV_OUT;
     constexpr int TILE = 32 * M, CK = 16;

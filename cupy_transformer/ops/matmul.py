@@ -28,14 +28,24 @@ from .bias_act import apply_bias_act
 GEMV_MAX_ROWS = 8
 _FMA_ROWS = (1, 2, 4, 8)  # the fp32 kernels' row counts (rows round up)
 _GEMV_ACTS = (0, 1, 2, 5)  # identity and the ActivationType values a per-column epilogue can apply
-# The tensor-core kernels' (16- or 32-column pieces a tile, chunks a batch). [in, out]: one piece, and 4 chunks
-# (two 16-byte x loads a lane) unless 2 share a split's chunks out over the 8 warps more evenly
-# (`_kn_chunks_a_batch`); on an H100 in a CUDA graph 1-9% faster than the coarse (2, 1) / fine (1, 2) pair it
-# replaced (benchmarks/NOTES.md). [out, in] by whether coarse tiles alone would give every SM a block: fine
-# (one piece: twice the tiles, half the K splits) where they would not (4-9% faster at N = 4096 on an H200;
-# 15% slower at N = 6400).
-GEMV_TC_KN = ((1, 2), (1, 4))
-GEMV_TC_NK = {"coarse": (2, 1), "fine": (1, 1)}
+# The tensor-core kernels' (16- or 32-column pieces a tile, chunks a batch, blocks resident a SM: the launch
+# bounds, and how many the K split fills). [in, out]: one piece, and 4 chunks (two 16-byte x loads a lane)
+# unless 2 share a split's chunks out over the 8 warps more evenly (`_kn_chunks_a_batch`); on an H100 in a CUDA
+# graph 1-9% faster than the coarse (2, 1) / fine (1, 2) pair it replaced (benchmarks/NOTES.md). [out, in] by
+# how many tiles coarse (two-piece) tiles make (`_nk_geometry`).
+GEMV_TC_KN = ((1, 2, 2), (1, 4, 2))
+GEMV_TC_NK = {"fine": (1, 1, 2), "coarse": (2, 1, 2), "coarse, 3 a SM": (2, 1, 3)}
+
+
+def _nk_geometry(n: int):
+    """Fine (one piece: twice the tiles, half the K splits) where coarse tiles alone would not give every SM a
+    block (4-9% faster at N = 4096 on an H200; 15% slower at N = 6400); coarse at 3 blocks a SM where 2 would
+    leave a second, partial wave (N = 11008: 344 tiles on 132 SMs; 4-5% faster on an H200, in a CUDA graph);
+    else coarse at 2 (3 a SM was slower at N = 6400)."""
+    tiles, sms = math.ceil(n / 32), sm_count()
+    if tiles <= sms:
+        return GEMV_TC_NK["fine"]
+    return GEMV_TC_NK["coarse, 3 a SM" if 2 * sms < tiles <= 3 * sms else "coarse"]
 
 
 def _kn_chunks_a_batch(k_per_split: int) -> int:
@@ -46,7 +56,7 @@ def _kn_chunks_a_batch(k_per_split: int) -> int:
 
 
 def _tc_name(ctype: str, transposed: bool, geometry) -> str:
-    return f"ct::gemv_tc_{'nk' if transposed else 'kn'}<{ctype}, {geometry[0]}, {geometry[1]}>"
+    return f"ct::gemv_tc_{'nk' if transposed else 'kn'}<{ctype}, {', '.join(map(str, geometry))}>"
 
 
 _KERNELS = KernelFamily(
@@ -141,9 +151,10 @@ def gemv_fits(x, w, transposed, bias, act) -> bool:
     return aligned and whole_vectors and tensor_cores_if_needed and (act is None or int(act) in _GEMV_ACTS)
 
 
-# Blocks per SM the K split fills up to, per (itemsize, transposed): the tensor-core kernels (2 resident a
-# SM) lose to extra splits' partial sums more than they gain from a second wave (benchmarks/sweep_gemv.py).
-GEMV_BLOCKS_PER_SM = {(2, False): 2, (2, True): 2, (4, False): 4, (4, True): 2}
+# Blocks per SM the fp32 kernels' K split fills up to, per transposed (the tensor-core kernels' is their
+# geometry's: they lose to extra splits' partial sums more than they gain from a second wave;
+# benchmarks/sweep_gemv.py).
+_FMA_BLOCKS_PER_SM = {False: 4, True: 2}
 
 
 def gemv_k_per_split(k: int, n_tiles: int, k_step: int, blocks_per_sm: int) -> int:
@@ -156,7 +167,8 @@ def gemv_k_per_split(k: int, n_tiles: int, k_step: int, blocks_per_sm: int) -> i
 
 def gemv(x, w, transposed, bias=None, act=None, geometry=None):
     """The GEMV kernel on checked CuPy arrays (``gemv_fits`` must hold): ``act(x[rows<=8, K] @ W + bias)``.
-    ``geometry``: (pieces, chunks) for fp16/bf16 instead of the launcher's choice (benchmarks/sweep_gemv.py)."""
+    ``geometry``: (pieces, chunks, blocks a SM) for fp16/bf16 instead of the launcher's choice
+    (benchmarks/sweep_gemv.py)."""
     cupy = import_cupy()
     rows, k = x.shape
     n = w.shape[0] if transposed else w.shape[1]
@@ -165,17 +177,17 @@ def gemv(x, w, transposed, bias=None, act=None, geometry=None):
     bias = bias if bias is not None else x  # unread
     if x.dtype.itemsize == 2:
         if geometry is None and transposed:
-            geometry = GEMV_TC_NK["fine" if math.ceil(n / 32) <= sm_count() else "coarse"]
+            geometry = _nk_geometry(n)
         # gemv.cu: pieces of 16 rows / 32 columns a tile; a split holds whole chunks of 32 / 16 k
-        pieces = geometry[0] if geometry else 1
+        pieces, _, blocks_per_sm = geometry or (1, None, 2)  # [in, out]: its chunks a batch follow the split
         tile, k_step = (16 * pieces, 32) if transposed else (32 * pieces, 16)
     else:
-        tile, k_step = _FMA_TILES[transposed]
+        (tile, k_step), blocks_per_sm = _FMA_TILES[transposed], _FMA_BLOCKS_PER_SM[transposed]
     n_tiles = math.ceil(n / tile)
-    per_split = gemv_k_per_split(k, n_tiles, k_step, GEMV_BLOCKS_PER_SM[x.dtype.itemsize, transposed])
+    per_split = gemv_k_per_split(k, n_tiles, k_step, blocks_per_sm)
     splits = math.ceil(k / per_split)
     if x.dtype.itemsize == 2:
-        name = _tc_name(CTYPES[x.dtype], transposed, geometry or (1, _kn_chunks_a_batch(per_split)))
+        name = _tc_name(CTYPES[x.dtype], transposed, geometry or (1, _kn_chunks_a_batch(per_split), 2))
     else:
         name = f"ct::gemv_{'nk' if transposed else 'kn'}<float, {next(r for r in _FMA_ROWS if rows <= r)}>"
     partials, counters = split_workspace(splits * rows * n if splits > 1 else 0, n_tiles)

@@ -162,6 +162,27 @@ def test_gpu_no_tuning_keeps_cublas_for_eager_decode(rng, monkeypatch):
     assert mm._GEMV_FASTER == {}
 
 
+def test_nk_geometry_holds_the_tiles_in_one_wave(monkeypatch):
+    """[out, in]: fine tiles while coarse ones would leave SMs idle, coarse at 3 blocks a SM where 2 would
+    leave a second, partial wave, else coarse at 2 (132 SMs)."""
+    monkeypatch.setattr(mm, "sm_count", lambda: 132)
+    geometry = {n: mm._nk_geometry(n) for n in (4096, 4232, 6400, 8448, 8480, 11008, 12672, 12704, 16384)}
+    assert geometry == {4096: (1, 1, 2), 4232: (2, 1, 2), 6400: (2, 1, 2), 8448: (2, 1, 2), 8480: (2, 1, 3),
+                        11008: (2, 1, 3), 12672: (2, 1, 3), 12704: (2, 1, 2), 16384: (2, 1, 2)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [t for t in FLOAT_DTYPES if numpy.dtype(t).itemsize == 2], ids=str)
+@pytest.mark.parametrize("rows", [1, 8])
+def test_gpu_nk_at_three_blocks_a_sm(rng, poisoned_allocations, dtype, rows):
+    """[out, in] with a width whose coarse tiles take 3 blocks a SM for one wave, the last tile partial."""
+    from cupy_transformer.runtime.kernels import sm_count
+
+    n = 32 * (2 * sm_count() + 8) + 8
+    assert mm._nk_geometry(n)[2] == 3
+    check(rng, dtype, rows, 520, n, True, True, ActivationType.GELU, gpu=True)
+
+
 def test_kn_chunks_a_batch_shares_chunks_evenly():
     # A split's 16-k chunks go in batches to 8 warps in turn: 4 a batch unless 2 leave the busiest warp less.
     assert mm._kn_chunks_a_batch(1600) == 2  # 100 chunks: 14 chunk-times at 2, 16 at 4
