@@ -207,18 +207,8 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial(
 }
 
 // ---- Tensor cores (fp16, bf16; sm_80 and later) ----
-// c (rows g, and with R = 2 rows g + 8, of the 16-row tile) += A x B; R = 1 leaves A's rows 8-15 zero.
-template <typename T, int R>
-__device__ __forceinline__ void mma_rows(float (&c)[2 * R], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
-                                         unsigned b0, unsigned b1) {
-    if constexpr (R == 2) mma_16816<T>(c, {a0, a1, a2, a3}, b0, b1);
-    else mma_16816_top<T>(c, a0, a2, b0, b1);
-}
-
 // The same partials, with the G query heads of the kv head as the M rows of mma.sync m16n8k16 (rows g and
-// g + 8 of the fragment: up to 16 heads; rows past the group are zeros, never written). R = 1 for up to 8
-// heads: a lane holds rows g alone (Q, scores, softmax state and O at half the registers and ALU work; the
-// products' rows 8-15 are dropped), 1.01-1.17x the two-row kernel at 1 to 8 heads (H200). Each warp takes
+// g + 8 of the fragment: up to 16 heads; rows past the group are zeros, never written). Each warp takes
 // tiles of 16 keys (the block's 4 warps interleaved) and streams them straight into registers:
 // - S^T = Q K^T (heads x keys): K is the B operand as loaded. Lane (g, t) loads dims 8t .. 8t + 7 of each
 //   32-dim block of key rows g and g + 8 (16 bytes each) and takes Q's same dims: both operands' k are
@@ -228,7 +218,7 @@ __device__ __forceinline__ void mma_rows(float (&c)[2 * R], unsigned a0, unsigne
 //   which leaves lane (g, t) holding O's dims 8t .. 8t + 7 of each 32-dim block.
 // Online softmax per head in log2 units (scores times scale log2 e; exp2). On CUDA cores each key cost a dot,
 // shuffles and two exps per head: 9-24% of copy bandwidth for grouped-query heads, 24-88% here (H200).
-template <typename T, int D, int R>
+template <typename T, int D>
 __global__ void __launch_bounds__(DA_THREADS) attention_partial_tc(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const void* __restrict__ mask,
     const T* __restrict__ alibi, const int* __restrict__ lo, const int* __restrict__ hi, float* __restrict__ partial,
@@ -241,9 +231,9 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial_tc(
     const int first = max(lo[b], c * chunk), last = min(hi[b], (c + 1) * chunk);
     const float sl2 = scale * LOG2E;
 
-    uint4 qa[DB][R];  // heads g (and g + 8) of the group: dims 8t .. 8t + 7 of each block
+    uint4 qa[DB][2];  // heads g, g + 8 of the group: dims 8t .. 8t + 7 of each block
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
+    for (int r = 0; r < 2; ++r) {
         const int head = g + 8 * r;
 #pragma unroll
         for (int db = 0; db < DB; ++db)
@@ -253,10 +243,8 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial_tc(
     }
     const T* kb = k + (static_cast<size_t>(b) * kv + kvh) * max_tokens * D + 8 * t;
     const T* vb = v + (static_cast<size_t>(b) * kv + kvh) * max_tokens * D + 8 * t;
-    float m[R], l[R];  // per fragment row (head g, g + 8); l this lane's
-#pragma unroll
-    for (int r = 0; r < R; ++r) m[r] = neg_inf(), l[r] = 0.f;
-    float o[DB][4][2 * R] = {};  // O: dims 32 db + 8t + 2j + {0, 1}; [2], [3] for head g + 8
+    float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};  // per fragment row (head g, g + 8); l this lane's
+    float o[DB][4][4] = {};  // O: dims 32 db + 8t + 2r + {0, 1}; [2], [3] for head g + 8
     for (int j0 = first + 16 * warp; j0 < last; j0 += 16 * DA_WARPS) {
         uint4 kr[2][DB], vr[2][DB];  // keys j0 + g and j0 + 8 + g (past `last`: the last key, masked below)
 #pragma unroll
@@ -268,22 +256,19 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial_tc(
                 vr[n][db] = load_stream(vb + row + 32 * db);
             }
         }
-        float s[2][2 * R] = {};  // keys j0 + 8n + 2t + {0, 1}; heads g ([0], [1]) and g + 8 ([2], [3])
+        float s[2][4] = {};  // keys j0 + 8n + 2t + {0, 1}; heads g ([0], [1]) and g + 8 ([2], [3])
 #pragma unroll
         for (int n = 0; n < 2; ++n)
 #pragma unroll
             for (int db = 0; db < DB; ++db) {
-                const uint4 top = qa[db][0], bottom = qa[db][R - 1];  // R = 1: no bottom
-                mma_rows<T, R>(s[n], top.x, bottom.x, top.y, bottom.y, kr[n][db].x, kr[n][db].y);
-                mma_rows<T, R>(s[n], top.z, bottom.z, top.w, bottom.w, kr[n][db].z, kr[n][db].w);
+                mma_16816<T>(s[n], {qa[db][0].x, qa[db][1].x, qa[db][0].y, qa[db][1].y}, kr[n][db].x, kr[n][db].y);
+                mma_16816<T>(s[n], {qa[db][0].z, qa[db][1].z, qa[db][0].w, qa[db][1].w}, kr[n][db].z, kr[n][db].w);
             }
-        float mx[R];
-#pragma unroll
-        for (int r = 0; r < R; ++r) mx[r] = neg_inf();
+        float mx[2] = {neg_inf(), neg_inf()};
 #pragma unroll
         for (int n = 0; n < 2; ++n)
 #pragma unroll
-            for (int e = 0; e < 2 * R; ++e) {
+            for (int e = 0; e < 4; ++e) {
                 const int key = j0 + 8 * n + 2 * t + e % 2, r = e / 2, head = g + 8 * r;
                 float x = s[n][e] * sl2;
                 bool keep = key < last;
@@ -296,9 +281,9 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial_tc(
                 s[n][e] = keep ? x : neg_inf();
                 mx[r] = fmaxf(mx[r], s[n][e]);
             }
-        float alpha[R];
+        float alpha[2];
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
+        for (int r = 0; r < 2; ++r) {
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
             const float m_new = fmaxf(m[r], mx[r]), base = m_new == neg_inf() ? 0.f : m_new;  // no key yet: 0
@@ -313,9 +298,8 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial_tc(
                     l[r] += s[n][2 * r + e];
                 }
         }
-        // P as the A operand: keys 2t, 2t + 1 of each 8-key half, rows g (and g + 8).
-        const unsigned p0 = pack2<T>(s[0][0], s[0][1]), p1 = pack2<T>(s[0][2 * R - 2], s[0][2 * R - 1]),
-                       p2 = pack2<T>(s[1][0], s[1][1]), p3 = pack2<T>(s[1][2 * R - 2], s[1][2 * R - 1]);
+        const unsigned pa[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]), pack2<T>(s[1][0], s[1][1]),
+                                pack2<T>(s[1][2], s[1][3])};
 #pragma unroll
         for (int db = 0; db < DB; ++db) {
             const unsigned v0[4] = {vr[0][db].x, vr[0][db].y, vr[0][db].z, vr[0][db].w};
@@ -323,15 +307,15 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial_tc(
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
 #pragma unroll
-                for (int e = 0; e < 2 * R; ++e) o[db][r][e] *= alpha[e / 2];
-                mma_rows<T, R>(o[db][r], p0, p1, p2, p3, transpose8x8(v0[r]), transpose8x8(v1[r]));
+                for (int e = 0; e < 4; ++e) o[db][r][e] *= alpha[e / 2];
+                mma_16816<T>(o[db][r], pa, transpose8x8(v0[r]), transpose8x8(v1[r]));
             }
         }
     }
     // The warp's state: l summed over the row's 4 lanes; then the 4 warps merge in shared memory.
     __shared__ float red_acc[DA_WARPS][16][D], red_m[DA_WARPS][16], red_l[DA_WARPS][16];
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
+    for (int r = 0; r < 2; ++r) {
         l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
         l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
         if (t == 0) red_m[warp][g + 8 * r] = m[r], red_l[warp][g + 8 * r] = l[r];

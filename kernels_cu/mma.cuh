@@ -28,26 +28,6 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned (&a)[4],
 #endif
 }
 
-// The top half of mma_16816: c (rows g of the 16-row tile) += A x B where A's rows 8-15 are zeros; the
-// product's rows 8-15 go to registers of this asm block alone (none held across calls). a0, a2: rows g.
-template <typename T>
-__device__ __forceinline__ void mma_16816_top(float (&c)[2], unsigned a0, unsigned a2, unsigned b0, unsigned b1) {
-#if __CUDA_ARCH__ >= 800
-    if constexpr (IS_HALF<T>)
-        asm volatile("{\n.reg .f32 d2, d3, zf;\n.reg .b32 z;\nmov.f32 zf, 0f00000000;\nmov.b32 z, 0;\n"
-                     "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,d2,d3}, {%2,z,%3,z}, {%4,%5}, "
-                     "{%0,%1,zf,zf};\n}"
-                     : "+f"(c[0]), "+f"(c[1]) : "r"(a0), "r"(a2), "r"(b0), "r"(b1));
-    else
-        asm volatile("{\n.reg .f32 d2, d3, zf;\n.reg .b32 z;\nmov.f32 zf, 0f00000000;\nmov.b32 z, 0;\n"
-                     "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,d2,d3}, {%2,z,%3,z}, {%4,%5}, "
-                     "{%0,%1,zf,zf};\n}"
-                     : "+f"(c[0]), "+f"(c[1]) : "r"(a0), "r"(a2), "r"(b0), "r"(b1));
-#else
-    __trap();  // the launcher needs compute capability 8.0
-#endif
-}
-
 // Four 8x8 matrices of 16-bit elements from shared memory; lane l gives the address of row l % 8 of matrix
 // l / 8. TRANS: each lane receives pairs along the stored columns instead of along the stored rows.
 template <bool TRANS>

@@ -88,8 +88,8 @@ _DECODE_TC_HEAD_SIZES = (32, 64, 96, 128)  # the tensor-core decode kernel's (fp
 _KERNELS = KernelFamily(
     "decode_attention.cu",
     [f"ct::attention_partial<{c}, {g}>" for c in CTYPES.values() for g in _GROUPS]
-    + [f"ct::attention_partial_tc<{c}, {d}, {r}>" for t, c in CTYPES.items() if t.itemsize == 2
-       for d in _DECODE_TC_HEAD_SIZES for r in (1, 2)]
+    + [f"ct::attention_partial_tc<{c}, {d}>" for t, c in CTYPES.items() if t.itemsize == 2
+       for d in _DECODE_TC_HEAD_SIZES]
 )
 _ROTARY = KernelFamily("rotary_append.cu", [f"ct::rotary_append<{c}>" for c in CTYPES.values()])
 
@@ -238,7 +238,7 @@ def _decode(q, cache, layer, lo, hi, mask, alibi, scale, h, kv, d):
     group = h // kv
     ctype = CTYPES[q.dtype]
     if _decode_on_tensor_cores(q.dtype, d):
-        name = f"ct::attention_partial_tc<{ctype}, {d}, {1 if group <= 8 else 2}>"  # heads a lane: g (and g + 8)
+        name = f"ct::attention_partial_tc<{ctype}, {d}>"
     else:
         name = f"ct::attention_partial<{ctype}, {next(g for g in _GROUPS if group <= g)}>"
     kernel = _KERNELS.kernel(name)
