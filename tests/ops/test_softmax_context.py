@@ -251,7 +251,8 @@ def twin_caches(rng, dtype, kv, tokens, d, lengths, kinds=("numpy", "cupy")):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("heads, kv, d", [(8, 1, 128), (32, 4, 128), (4, 4, 80), (6, 2, 96), (2, 2, 256), (16, 2, 64)])
+@pytest.mark.parametrize(
+    "heads, kv, d", [(8, 1, 128), (32, 4, 128), (12, 1, 128), (4, 4, 80), (6, 2, 96), (2, 2, 256), (16, 2, 64)])
 def test_gpu_decode_kernel_on_long_contexts(rng, dtype, heads, kv, d):
     """The decode kernel (one token, a cache, a per-key mask, alibi) against the NumPy reference on the same
     cache: sequences holding 0, 776 and 16383 tokens (keys up to 16384, no multiple of a chunk)."""
