@@ -179,7 +179,7 @@ def gemv(x, w, transposed, bias=None, act=None, geometry=None):
         if geometry is None and transposed:
             geometry = _nk_geometry(n)
         # gemv.cu: pieces of 16 rows / 32 columns a tile; a split holds whole chunks of 32 / 16 k
-        pieces, _, blocks_per_sm = geometry or (1, None, 2)  # [in, out]: its chunks a batch follow the split
+        pieces, _, blocks_per_sm = geometry or (1, None, 2)  # [in, out]: chunks a batch from the split, below
         tile, k_step = (16 * pieces, 32) if transposed else (32 * pieces, 16)
     else:
         (tile, k_step), blocks_per_sm = _FMA_TILES[transposed], _FMA_BLOCKS_PER_SM[transposed]
@@ -187,7 +187,7 @@ def gemv(x, w, transposed, bias=None, act=None, geometry=None):
     per_split = gemv_k_per_split(k, n_tiles, k_step, blocks_per_sm)
     splits = math.ceil(k / per_split)
     if x.dtype.itemsize == 2:
-        name = _tc_name(CTYPES[x.dtype], transposed, geometry or (1, _kn_chunks_a_batch(per_split), 2))
+        name = _tc_name(CTYPES[x.dtype], transposed, geometry or (1, _kn_chunks_a_batch(per_split), blocks_per_sm))
     else:
         name = f"ct::gemv_{'nk' if transposed else 'kn'}<float, {next(r for r in _FMA_ROWS if rows <= r)}>"
     partials, counters = split_workspace(splits * rows * n if splits > 1 else 0, n_tiles)
