@@ -54,19 +54,16 @@ struct PrefillRules {
 template <typename T>
 struct PrefillBlock {
     int head, b, q0, k_begin, k_end, kvh;
-    long long kv;
     const T* q;
     PrefillRules<T> rules;
 
     __device__ __forceinline__ PrefillBlock(int BM, const T* q_all, const void* mask, const T* alibi, const int* start,
-                                            long long q_seq, long long q_head, long long kv_seq, long long kv_head,
-                                            int S, int h, int group, int causal, int window, int mask_kind,
+                                            long long q_seq, long long q_head, int S, int h, int group, int causal, int window, int mask_kind,
                                             int mask_len, int alibi_len)
         : head(blockIdx.x), b(blockIdx.y), q0((gridDim.z - 1 - blockIdx.z) * BM), kvh(head / group) {
         const int first = start[b], len = first + S;  // keys per sequence: its past and these S
         k_end = causal ? min(len, first + min(q0 + BM, S)) : len;
         k_begin = window > 0 ? max(0, first + q0 - window + 1) : 0;
-        kv = b * kv_seq + kvh * kv_head;
         q = q_all + b * q_seq + head * q_head;
         rules = {first, len, causal, window, mask_kind, alibi_len, mask, static_cast<long long>(b) * mask_len,
                  alibi, (static_cast<long long>(b) * h + head) * alibi_len};

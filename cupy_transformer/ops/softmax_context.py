@@ -275,28 +275,26 @@ def _prefill(q, k, v, start, mask, alibi, scale, cfg, kernels=None, geometry=Non
         return a if ok else cupy.ascontiguousarray(a)
 
     q, k, v = rows(q), rows(k), rows(v)
-    sm90 = kernels is None and SM90_PREFILL and d in PREFILL_SM90_TILE and _PREFILL_SM90.builds_here()
-    if not sm90 and k.strides != v.strides:  # prefill_attention.cu indexes V by K's strides (a map has its own)
-        k, v = cupy.ascontiguousarray(k), cupy.ascontiguousarray(v)
     out = cupy.empty((b, s, h * d), q.dtype)
     mask_kind, mask_arg, mask_len, alibi_arg, alibi_len = _mask_args(mask, alibi, b, h, q)
-    qs, ks, group = [x // items for x in q.strides[:-1]], [x // items for x in k.strides[:-1]], h // k.shape[1]
-    if sm90:
+    group = h // k.shape[1]
+    strides = q.strides[:-1]  # the queries' (sequence, head, token), then K's and V's where the kernel wants them
+    if kernels is None and SM90_PREFILL and d in PREFILL_SM90_TILE and _PREFILL_SM90.builds_here():
         bn = PREFILL_SM90_TILE[d]
         kernel = _PREFILL_SM90.kernel(f"ct::attention_prefill_sm90<{CTYPES[q.dtype]}, {d}, {bn}>")
         smem = dynamic_shared(kernel, (128 + 4 * bn) * (64 * math.ceil(d / 64)) * items + 1024)  # its layout
         grid, block = (h, b, math.ceil(s / 128)), (256,)
-        k, v = tile_map(k, bn), tile_map(v, bn)  # the kernel fetches its tiles by TMA
+        k, v = tile_map(k, bn), tile_map(v, bn)  # the kernel fetches its tiles by TMA; a map holds the strides
     else:
         mt, bn = geometry or PREFILL_GEOMETRY[d]
         kernel = (kernels or _PREFILL).kernel(prefill_kernel_name(CTYPES[q.dtype], d, (mt, bn)))
         smem = dynamic_shared(kernel, (64 * mt + 4 * bn) * (d + 8) * items)  # the kernel's layout
         grid, block = (h, b, math.ceil(s / (64 * mt))), (128,)
+        strides += k.strides[:-1] + v.strides[:-1]
     kernel(
         grid, block,
-        (q, k, v, out, mask_arg, alibi_arg, start,
-         *(numpy.int64(x) for x in qs), *(numpy.int64(x) for x in ks), i32(s), i32(h), i32(group),
-         i32(cfg.triangular_masking), i32(cfg.window_size if cfg.local_attention else 0), i32(mask_kind),
+        (q, k, v, out, mask_arg, alibi_arg, start, *(numpy.int64(x // items) for x in strides), i32(s), i32(h),
+         i32(group), i32(cfg.triangular_masking), i32(cfg.window_size if cfg.local_attention else 0), i32(mask_kind),
          i32(mask_len), i32(alibi_len), f32(scale)),
         shared_mem=smem,
     )
