@@ -235,15 +235,20 @@ _WORKSPACES: dict[tuple[int, int], tuple] = {}
 def split_workspace(partial_floats: int, counters: int):
     """fp32 partials and zeroed counters for kernels that split work across blocks and let the last block
     finish it (``last_block_done`` in common.cuh): one set per (device, stream), shared by every such
-    launch, since launches on one stream run in order and each leaves its counters at zero."""
+    launch, since launches on one stream run in order and each leaves its counters at zero. An outgrown
+    array is kept, not freed: a CUDA graph captured on the stream before holds it and writes it when
+    replayed. Sizes at least double, so the kept ones together stay smaller than the newest."""
     cupy = import_cupy()
     key = (cupy.cuda.runtime.getDevice(), cupy.cuda.get_current_stream().ptr)
-    partials, zeroed = _WORKSPACES.get(key, (None, None))
-    if partials is None or partials.size < partial_floats:
-        partials = cupy.empty(max(partial_floats, 1 << 16), cupy.float32)
-    if zeroed is None or zeroed.size < counters:
-        zeroed = cupy.zeros(max(counters, 1024), cupy.int32)
-    _WORKSPACES[key] = (partials, zeroed)
+    none = (cupy.empty(0, cupy.float32), cupy.empty(0, cupy.int32), [])
+    partials, zeroed, outgrown = _WORKSPACES.get(key) or none
+    if partials.size < max(partial_floats, 1):
+        outgrown.append(partials)
+        partials = cupy.empty(max(partial_floats, 2 * partials.size, 1 << 16), cupy.float32)
+    if zeroed.size < max(counters, 1):
+        outgrown.append(zeroed)
+        zeroed = cupy.zeros(max(counters, 2 * zeroed.size, 1024), cupy.int32)
+    _WORKSPACES[key] = (partials, zeroed, outgrown)
     return partials, zeroed
 
 

@@ -111,6 +111,34 @@ def test_gpu_captured_decode_step_runs_the_gemv(rng, transposed):
 
 
 @pytest.mark.gpu
+def test_gpu_captured_graph_outlives_a_larger_workspace(rng):
+    """A larger split launch on a stream grows the split workspace; a graph captured there before still
+    writes the old one when replayed, so it is kept, not freed (freed, the pool would hand it to the next
+    arrays of its size, and the replay would write over them)."""
+    import cupy
+    from cupy_transformer.runtime.kernels import split_workspace
+
+    host = {"x": random(rng, (2, 4096), numpy.float16), "w": weight(rng, 4096, 1024, numpy.float16, False)}
+    a = on_backend(host, gpu=True)
+    assert mm.gemv_k_per_split(4096, 1024 // 32, 16, 2) < 4096  # the launch splits K: it uses the workspace
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        mm.gemv(a["x"], a["w"], False)  # warm: kernels, pool, workspace
+        stream.begin_capture()
+        y = mm.gemv(a["x"], a["w"], False)
+        graph = stream.end_capture()
+        sizes = [w.size for w in split_workspace(0, 0)]
+        grown = split_workspace(4 * sizes[0], 4 * sizes[1])  # as a larger launch would
+        assert all(w.size >= 4 * n for w, n in zip(grown, sizes))
+        fillers = [cupy.full(n, 7, dtype) for n, dtype in zip(sizes, (cupy.float32, cupy.int32))]
+        a["x"][...] = cupy.asarray(random(rng, (2, 4096), numpy.float16))
+        graph.launch()
+    stream.synchronize()
+    assert all(bool((f == 7).all()) for f in fillers)
+    assert rel_error(y, f64(a["x"]) @ f64(a["w"])) < TOL[numpy.dtype(numpy.float16)]
+
+
+@pytest.mark.gpu
 def test_gpu_cublaslt_plan_cache_evicts(rng, monkeypatch):
     """Row counts vary call to call (prompt lengths): old cuBLASLt plans are destroyed, results stay right."""
     from cupy_transformer.runtime import cublaslt
