@@ -294,8 +294,8 @@ def _prefill(q, k, v, start, mask, alibi, scale, cfg, kernels=None, geometry=Non
     kernel(
         grid, block,
         (q, k, v, out, mask_arg, alibi_arg, start, *(numpy.int64(x // items) for x in strides), i32(s), i32(h),
-         i32(group), i32(cfg.triangular_masking), i32(cfg.window_size if cfg.local_attention else 0), i32(mask_kind),
-         i32(mask_len), i32(alibi_len), f32(scale)),
+         i32(group), i32(cfg.triangular_masking), i32(cfg.window_size if cfg.local_attention else 0),
+         i32(mask_kind), i32(mask_len), i32(alibi_len), f32(scale)),
         shared_mem=smem,
     )
     return out
