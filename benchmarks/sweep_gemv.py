@@ -17,7 +17,7 @@ SHAPES = [(1600, 6400), (6400, 1600), (1600, 1600), (4096, 4096), (4096, 11008),
 # (pieces, chunks, blocks a SM: the launch bounds and what the K split fills); "launcher": its own choices.
 VARIANTS = {
     False: ["launcher", (1, 2, 2), (1, 6, 2), (2, 2, 2), (2, 4, 2), (1, 4, 1)],  # [in, out]: chunk pairs
-    True: ["launcher", (2, 1, 2), (2, 1, 3), (1, 2, 2), (1, 1, 2), (1, 4, 2), (1, 2, 1)],
+    True: ["launcher", (2, 1, 2), (2, 1, 3), (1, 2, 2), (1, 1, 2), (1, 4, 2), (1, 2, 1), (1, 4, 1)],
 }
 
 

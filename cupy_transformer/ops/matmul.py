@@ -34,17 +34,20 @@ _GEMV_ACTS = (0, 1, 2, 5)  # identity and the ActivationType values a per-column
 # graph 1-9% faster than the coarse (2, 1) / fine (1, 2) pair it replaced (benchmarks/NOTES.md). [out, in] by
 # how many tiles coarse (two-piece) tiles make (`_nk_geometry`).
 GEMV_TC_KN = ((1, 2, 2), (1, 4, 2))
-GEMV_TC_NK = {"fine": (1, 1, 2), "coarse": (2, 1, 2), "coarse, 3 a SM": (2, 1, 3)}
+GEMV_TC_NK = {"fine": (1, 1, 2), "fine, short rows": (1, 4, 1), "coarse": (2, 1, 2), "coarse, 3 a SM": (2, 1, 3)}
 
 
-def _nk_geometry(n: int):
+def _nk_geometry(n: int, k: int):
     """Fine (one piece: twice the tiles, half the K splits) where coarse tiles alone would not give every SM a
-    block (4-9% faster at N = 4096 on an H200; 15% slower at N = 6400); coarse at 3 blocks a SM where 2 would
-    leave a second, partial wave (N = 11008: 344 tiles on 132 SMs; 4-5% faster on an H200, in a CUDA graph);
-    else coarse at 2 (3 a SM was slower at N = 6400)."""
+    block (4-9% faster at N = 4096 on an H200; 15% slower at N = 6400), and there for rows of K <= 3072 at one
+    block a SM with 4 chunks a batch: half the K splits again (none where the tiles fill the SMs), as a split's
+    partials and last-block pass cost more than they save on short rows (1-55% faster at N 256-2048 on an
+    H200 in a CUDA graph, 2-11% slower at K = 4096); coarse at 3 blocks a SM where 2 would leave a second,
+    partial wave (N = 11008: 344 tiles on 132 SMs; 4-5% faster on an H200, in a CUDA graph); else coarse at 2
+    (3 a SM was slower at N = 6400)."""
     tiles, sms = math.ceil(n / 32), sm_count()
     if tiles <= sms:
-        return GEMV_TC_NK["fine"]
+        return GEMV_TC_NK["fine, short rows" if k <= 3072 else "fine"]
     return GEMV_TC_NK["coarse, 3 a SM" if 2 * sms < tiles <= 3 * sms else "coarse"]
 
 
@@ -177,7 +180,7 @@ def gemv(x, w, transposed, bias=None, act=None, geometry=None):
     bias = bias if bias is not None else x  # unread
     if x.dtype.itemsize == 2:
         if geometry is None and transposed:
-            geometry = _nk_geometry(n)
+            geometry = _nk_geometry(n, k)
         # gemv.cu: pieces of 16 rows / 32 columns a tile; a split holds whole chunks of 32 / 16 k
         pieces, _, blocks_per_sm = geometry or (1, None, 2)  # [in, out]: chunks a batch from the split, below
         tile, k_step = (16 * pieces, 32) if transposed else (32 * pieces, 16)

@@ -191,12 +191,17 @@ def test_gpu_no_tuning_keeps_cublas_for_eager_decode(rng, monkeypatch):
 
 
 def test_nk_geometry_holds_the_tiles_in_one_wave(monkeypatch):
-    """[out, in]: fine tiles while coarse ones would leave SMs idle, coarse at 3 blocks a SM where 2 would
-    leave a second, partial wave, else coarse at 2 (132 SMs)."""
+    """[out, in]: fine tiles while coarse ones would leave SMs idle (at 1 block a SM for rows of K <= 3072),
+    coarse at 3 blocks a SM where 2 would leave a second, partial wave, else coarse at 2 (132 SMs)."""
     monkeypatch.setattr(mm, "sm_count", lambda: 132)
-    geometry = {n: mm._nk_geometry(n) for n in (4096, 4232, 6400, 8448, 8480, 11008, 12672, 12704, 16384)}
+    geometry = {n: mm._nk_geometry(n, 4096) for n in (4096, 4232, 6400, 8448, 8480, 11008, 12672, 12704, 16384)}
     assert geometry == {4096: (1, 1, 2), 4232: (2, 1, 2), 6400: (2, 1, 2), 8448: (2, 1, 2), 8480: (2, 1, 3),
                         11008: (2, 1, 3), 12672: (2, 1, 3), 12704: (2, 1, 2), 16384: (2, 1, 2)}
+    short = {(n, k): mm._nk_geometry(n, k) for n in (256, 2048, 4232, 11008) for k in (768, 3072, 3080)}
+    assert short == {(256, 768): (1, 4, 1), (256, 3072): (1, 4, 1), (256, 3080): (1, 1, 2),
+                     (2048, 768): (1, 4, 1), (2048, 3072): (1, 4, 1), (2048, 3080): (1, 1, 2),
+                     (4232, 768): (2, 1, 2), (4232, 3072): (2, 1, 2), (4232, 3080): (2, 1, 2),
+                     (11008, 768): (2, 1, 3), (11008, 3072): (2, 1, 3), (11008, 3080): (2, 1, 3)}
 
 
 @pytest.mark.gpu
@@ -207,7 +212,7 @@ def test_gpu_nk_at_three_blocks_a_sm(rng, poisoned_allocations, dtype, rows):
     from cupy_transformer.runtime.kernels import sm_count
 
     n = 32 * (2 * sm_count() + 8) + 8
-    assert mm._nk_geometry(n)[2] == 3
+    assert mm._nk_geometry(n, 520)[2] == 3
     check(rng, dtype, rows, 520, n, True, True, ActivationType.GELU, gpu=True)
 
 
