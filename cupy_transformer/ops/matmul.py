@@ -39,12 +39,12 @@ GEMV_TC_NK = {"fine": (1, 1, 2), "fine, short rows": (1, 4, 1), "coarse": (2, 1,
 
 def _nk_geometry(n: int, k: int):
     """Fine (one piece: twice the tiles, half the K splits) where coarse tiles alone would not give every SM a
-    block (4-9% faster at N = 4096 on an H200; 15% slower at N = 6400), and there for rows of K <= 3072 at one
+    block (4-9% faster at N = 4096 on an H200; 15% slower at N = 6400), and there, for rows of K <= 3072, one
     block a SM with 4 chunks a batch: half the K splits again (none where the tiles fill the SMs), as a split's
-    partials and last-block pass cost more than they save on short rows (1-55% faster at N 256-2048 on an
-    H200 in a CUDA graph, 2-11% slower at K = 4096); coarse at 3 blocks a SM where 2 would leave a second,
-    partial wave (N = 11008: 344 tiles on 132 SMs; 4-5% faster on an H200, in a CUDA graph); else coarse at 2
-    (3 a SM was slower at N = 6400)."""
+    partials and last-block pass cost more than they save on short rows (H200, CUDA graph, N 256-2048: 1-55%
+    faster at 25 of 26 shapes, 3072x1024 1-3% slower; up to 11% slower at K = 4096). Coarse at 3 blocks a SM
+    where 2 would leave a second, partial wave (N = 11008: 344 tiles on 132 SMs; 4-5% faster on an H200, in a
+    CUDA graph); else coarse at 2 (3 a SM was slower at N = 6400)."""
     tiles, sms = math.ceil(n / 32), sm_count()
     if tiles <= sms:
         return GEMV_TC_NK["fine, short rows" if k <= 3072 else "fine"]
