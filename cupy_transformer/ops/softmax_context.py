@@ -40,7 +40,9 @@ streamed tiles of keys, online softmax, tensor cores, no score matrix in memory;
 on compute capability 9.0 (H100, H200) head sizes 64 to 128 run ``kernels_cu/prefill_attention_sm90.cu``
 instead, the same math on Hopper's warpgroup instructions (wgmma), its key and value tiles fetched by the
 tensor memory accelerator (``runtime/tensor_map.py``). The rest (fp32, other head sizes, masks per query or
-head) computes the same formula with CuPy array operations in fp32.
+head) computes the same formula with CuPy array operations in fp32. A call on a stream being captured into a
+CUDA graph raises ``RuntimeError``: positions and key ranges are read on the host, so a replay would repeat
+the captured step's.
 """
 
 from __future__ import annotations
@@ -113,6 +115,9 @@ class SoftmaxContextOp(TransformerOp):
         if b == 0 or s == 0:
             raise ValueError(f"query_key_value: expected at least one sequence and token; got shape {tuple(qkv.shape)}")
         xp = numpy if kind == "numpy" else import_cupy()
+        if xp is not numpy and xp.cuda.get_current_stream().is_capturing():
+            raise RuntimeError("SoftmaxContextOp: cannot be captured in a CUDA graph yet: the step's cache positions "
+                               "and key ranges are host values, and a replay would repeat this step's")
         start = self._start(cache, kind, b, kv, d, start)
         keys_len = start + s  # keys per sequence
         t = int(keys_len.max())

@@ -237,15 +237,24 @@ def split_workspace(partial_floats: int, counters: int):
     finish it (``last_block_done`` in common.cuh): one set per (device, stream), shared by every such
     launch, since launches on one stream run in order and each leaves its counters at zero. An outgrown
     array is kept, not freed: a CUDA graph captured on the stream before holds it and writes it when
-    replayed. Sizes at least double, so the kept ones together stay smaller than the newest."""
+    replayed. Sizes at least double, so the kept ones together stay smaller than the newest. Growing while the
+    stream is being captured raises ``RuntimeError`` (warm the step up first)."""
     cupy = import_cupy()
     key = (cupy.cuda.runtime.getDevice(), cupy.cuda.get_current_stream().ptr)
-    none = (cupy.empty(0, cupy.float32), cupy.empty(0, cupy.int32), [])
-    partials, zeroed, outgrown = _WORKSPACES.get(key) or none
-    if partials.size < max(partial_floats, 1):
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = (cupy.empty(0, cupy.float32), cupy.empty(0, cupy.int32), [])
+    partials, zeroed, outgrown = _WORKSPACES[key]
+    grow_partials, grow_counters = partials.size < max(partial_floats, 1), zeroed.size < max(counters, 1)
+    if not (grow_partials or grow_counters):
+        return partials, zeroed
+    if cupy.cuda.get_current_stream().is_capturing():  # a captured memset would zero the counters only at replay
+        raise RuntimeError(f"split workspace: this launch needs more ({partial_floats} partial floats, {counters} "
+                           "counters) than the stream has, and it cannot be made while the stream is being "
+                           "captured; run the step once on this stream before capturing it")
+    if grow_partials:
         outgrown.append(partials)
         partials = cupy.empty(max(partial_floats, 2 * partials.size, 1 << 16), cupy.float32)
-    if zeroed.size < max(counters, 1):
+    if grow_counters:
         outgrown.append(zeroed)
         zeroed = cupy.zeros(max(counters, 2 * zeroed.size, 1024), cupy.int32)
     _WORKSPACES[key] = (partials, zeroed, outgrown)

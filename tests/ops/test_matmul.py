@@ -139,6 +139,25 @@ def test_gpu_captured_graph_outlives_a_larger_workspace(rng):
 
 
 @pytest.mark.gpu
+def test_gpu_split_workspace_does_not_grow_during_capture(rng):
+    """The first split launch on a stream, made while capturing: the workspace cannot be made and zeroed
+    there (a captured memset runs only at replay), so it raises, naming what to do."""
+    import cupy
+
+    a = on_backend({"x": random(rng, (2, 4096), numpy.float16),
+                    "w": weight(rng, 4096, 1024, numpy.float16, False)}, gpu=True)
+    mm.gemv(a["x"], a["w"], False)  # compiled: only the new stream's workspace is missing below
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        try:
+            with pytest.raises(RuntimeError, match="run the step once on this stream before capturing"):
+                mm.gemv(a["x"], a["w"], False)
+        finally:
+            stream.end_capture()
+
+
+@pytest.mark.gpu
 def test_gpu_cublaslt_plan_cache_evicts(rng, monkeypatch):
     """Row counts vary call to call (prompt lengths): old cuBLASLt plans are destroyed, results stay right."""
     from cupy_transformer.runtime import cublaslt

@@ -366,6 +366,26 @@ def test_gpu_prefill_kernel_without_a_cache(rng, poisoned_allocations, prefill_k
 
 
 @pytest.mark.gpu
+def test_gpu_capture_raises(rng):
+    """A decode step captured into a CUDA graph would replay its positions and key ranges (host values):
+    the op refuses before writing anything."""
+    import cupy
+
+    op = ops.SoftmaxContextOp(cfg(numpy.float16, heads=4, kv=2, d=64))
+    cache = KVCache(1, 2, 2, 16, 64, numpy.float16, backend="cupy")
+    op(cupy.asarray(random(rng, (2, 3, 8 * 64), numpy.float16)), cache=cache, start=cache.reserve(3))
+    step, start = cupy.asarray(random(rng, (2, 1, 8 * 64), numpy.float16)), cache.reserve(1)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        try:
+            with pytest.raises(RuntimeError, match="cannot be captured"):
+                op(step, cache=cache, start=start)
+        finally:
+            stream.end_capture()
+
+
+@pytest.mark.gpu
 def test_gpu_prefill_kernel_on_a_long_context(rng, poisoned_allocations, prefill_kernel):
     """300 queries after pasts of 0, 4000 and 16084 tokens (keys up to 16384), causal with a key mask."""
     import cupy
