@@ -58,8 +58,8 @@ struct PrefillBlock {
     PrefillRules<T> rules;
 
     __device__ __forceinline__ PrefillBlock(int BM, const T* q_all, const void* mask, const T* alibi, const int* start,
-                                            long long q_seq, long long q_head, int S, int h, int group, int causal, int window, int mask_kind,
-                                            int mask_len, int alibi_len)
+                                            long long q_seq, long long q_head, int S, int h, int group, int causal,
+                                            int window, int mask_kind, int mask_len, int alibi_len)
         : head(blockIdx.x), b(blockIdx.y), q0((gridDim.z - 1 - blockIdx.z) * BM), kvh(head / group) {
         const int first = start[b], len = first + S;  // keys per sequence: its past and these S
         k_end = causal ? min(len, first + min(q0 + BM, S)) : len;

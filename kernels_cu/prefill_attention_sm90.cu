@@ -38,8 +38,8 @@ attention_prefill_sm90(const T* __restrict__ q, const void* __restrict__ kmap, c
     // Element offset of 16-byte chunk c of row r in a tile of R rows.
     auto at = [](int r, int c, int R) { return (c / 8) * R * 64 + r * 64 + ((c % 8) ^ (r % 8)) * 8; };
 
-    const PrefillBlock<T> blk(BM, q, mask, alibi, start, q_seq, q_head, S, h, group, causal, window,
-                              mask_kind, mask_len, alibi_len);
+    const PrefillBlock<T> blk(BM, q, mask, alibi, start, q_seq, q_head, S, h, group, causal, window, mask_kind,
+                              mask_len, alibi_len);
     const int head = blk.head, b = blk.b, q0 = blk.q0, k_begin = blk.k_begin, k_end = blk.k_end, kvh = blk.kvh;
     const PrefillRules<T>& rules = blk.rules;
     const T* qp = blk.q;
