@@ -49,8 +49,7 @@ struct PrefillRules {
 
 // One prefill block's share of the grid (h, B, row blocks of BM): its (sequence, head), query rows q0..q0 + BM
 // (the last row block first: all blocks' longest causal rows start first), the keys [k_begin, k_end) any of
-// those rows may see, its rows of q, its key/value head kvh and that head's offset kv in k and v (element
-// strides per sequence, head and token), and its rules.
+// those rows may see, its rows of q, its key/value head kvh, and its rules.
 template <typename T>
 struct PrefillBlock {
     int head, b, q0, k_begin, k_end, kvh;

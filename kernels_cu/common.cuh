@@ -22,6 +22,11 @@ struct alignas(sizeof(T) * N) Vec {
     T v[N];
 };
 
+// The shared-memory address of p (a generic pointer into shared memory), as PTX's shared-space operands take it.
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
 // exp(x) = 2^(x log2 e): the kernels take their exps as fast_exp2 in log2 units.

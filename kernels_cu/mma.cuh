@@ -33,7 +33,7 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned (&a)[4],
 template <bool TRANS>
 __device__ __forceinline__ void ldmatrix_x4(unsigned (&a)[4], const void* row) {
 #if __CUDA_ARCH__ >= 800
-    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
+    const unsigned addr = shared_address(row);
     if constexpr (TRANS)
         asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                      : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3]) : "r"(addr));
@@ -47,7 +47,7 @@ __device__ __forceinline__ void ldmatrix_x4(unsigned (&a)[4], const void* row) {
 __device__ __forceinline__ void copy16(void* dst, const void* src, bool valid) {
 #if __CUDA_ARCH__ >= 800
     asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;"
-                 :: "r"(static_cast<unsigned>(__cvta_generic_to_shared(dst))), "l"(src), "r"(valid ? 16 : 0));
+                 :: "r"(shared_address(dst)), "l"(src), "r"(valid ? 16 : 0));
 #endif
 }
 __device__ __forceinline__ void copy_commit() {

@@ -31,7 +31,7 @@ attention_prefill_sm90(const T* __restrict__ q, const void* __restrict__ kmap, c
     static_assert(D % 16 == 0 && D >= 64 && DP <= 128 && (BN == 64 || BN == 128), "geometry (wgmma.cuh's N)");
     extern __shared__ __align__(1024) unsigned char ph_raw[];
     __shared__ unsigned long long landed[2];  // per buffer: its tile's copies
-    unsigned char* smem = ph_raw + (1024 - static_cast<unsigned>(__cvta_generic_to_shared(ph_raw)) % 1024) % 1024;
+    unsigned char* smem = ph_raw + (1024 - shared_address(ph_raw) % 1024) % 1024;
     T* sq = reinterpret_cast<T*>(smem);
     T* sk = sq + BM * DP;      // [2][BN DP]
     T* sv = sk + 2 * BN * DP;  // [2][BN DP]

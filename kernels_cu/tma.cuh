@@ -3,12 +3,9 @@
 // readers wait on. The tensor map (rank, sizes, strides, box, swizzle) is made on the host
 // (cupy_transformer/runtime/tensor_map.py) and read from global memory.
 #pragma once
+#include "common.cuh"
 
 namespace ct {
-
-__device__ __forceinline__ unsigned shared_address(const void* p) {
-    return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
 
 // One thread, then a barrier before any other thread uses it.
 __device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned arrivals) {

@@ -15,7 +15,7 @@ namespace ct {
 // 8-row groups 1024 bytes apart; lbo: bytes between 64-element column blocks (read where an operand's
 // N-major rows span more than one). p may step 32 bytes into a row (the next 16 K of a K-major operand).
 __device__ __forceinline__ unsigned long long wg_desc(const void* p, unsigned lbo) {
-    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    const unsigned addr = shared_address(p);
     return static_cast<unsigned long long>((addr & 0x3FFFF) >> 4) | static_cast<unsigned long long>(lbo >> 4) << 16 |
            static_cast<unsigned long long>(1024 >> 4) << 32 | 1ull << 62;
 }
