@@ -3,7 +3,8 @@
 A model's decode step is a CUDA graph of back-to-back kernels, each product on its own weights (a layer's
 weights are not in L2 when its turn comes). Timed per product in one graph of N products over N different
 weight copies (more bytes than 3x L2, so each product reads its weights from DRAM), after an L2 flush:
-ours (the GEMV kernel with its bias epilogue, CuPy stream capture) against torch's addmm (cuBLAS) captured
+the GEMV kernel with its bias epilogue, and the op's product (ops.matmul: the GEMV or cuBLASLt, whichever its
+first eager call timed faster in a graph), both captured by CuPy, against torch's addmm (cuBLAS) captured
 by torch.cuda.graph, and against a plain read of each weight in a graph (the floor at that size). First, what
 a plain read costs at each size on its own (event-timed, as bench_ops times) and in a graph, and an empty
 kernel: the fixed cost that keeps a lone 20 MB read far from the copy rate. fp16, 1 and 8 rows.
@@ -22,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_ops import GEMV_SHAPES  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     copy_bandwidth_gbs, difference_line, free_gpu_memory, header, read_launch, spin_up, time_us, write_table)
-from cupy_transformer.ops.matmul import gemv  # noqa: E402
+from cupy_transformer.ops.matmul import gemv, gemv_choice, matmul  # noqa: E402
 
 
 def captured(calls):
@@ -68,14 +69,17 @@ def read_rows(copy) -> list[str]:
 
 
 def gemv_rows(copy) -> list[str]:
-    lines = ["", "Per product in a graph of N products over N weight copies (fp16, bias): ours = the GEMV kernel "
-             "(CuPy capture), torch = addmm (cuBLAS) in torch.cuda.graph, read = a plain read of each weight in "
-             "a graph. GB/s of weight bytes; 'of copy' against the copy rate; 'of read' = read time / ours.", "",
-             "| K x N | layout | rows | weights MB | N | ours µs | GB/s | of copy | of read | torch µs | GB/s "
-             "| vs torch | read µs |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["", "Per product in a graph of N products over N weight copies (fp16, bias): GEMV = the GEMV kernel, "
+             "op = ops.matmul, which runs the GEMV or cuBLASLt ('op runs': the faster in a graph when its first "
+             "eager call timed both), each captured by CuPy; torch = addmm (cuBLAS) in torch.cuda.graph; read = a "
+             "plain read of each weight in a graph. GB/s of weight bytes; 'of copy' against the copy rate; 'of "
+             "read' = read time / GEMV's; 'vs torch' = torch time / ours.", "",
+             "| K x N | layout | rows | weights MB | N | GEMV µs | GB/s | of copy | of read | op runs | op µs "
+             "| torch µs | GEMV vs torch | op vs torch | read µs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines))
     diffs = []
-    for k, n in GEMV_SHAPES:
+    for k, n in GEMV_SHAPES[:1] + [(1600, 4800)] + GEMV_SHAPES[1:]:  # and GPT-2 XL's fused QKV
         for transposed in (False, True):
             nbytes = 2 * k * n
             count = copies(nbytes)
@@ -89,9 +93,12 @@ def gemv_rows(copy) -> list[str]:
             for rows in (1, 8):
                 x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
                 xc = cupy.from_dlpack(x)
-                outs = []
+                outs, op_outs = [], []
                 ours = time_us(captured([lambda w=w: outs.append(gemv(xc, w, transposed, bc)) for w in wc]), [()],
                                reps=20) / count
+                op = time_us(captured([lambda w=w: op_outs.append(matmul(xc, w, transposed, bc)) for w in wc]),
+                             [()], reps=20) / count  # the warm-up calls before capture time the choice
+                op_runs = "GEMV" if gemv_choice(xc, wc[0], transposed, bc)[1] else "cuBLASLt"
                 side = torch.cuda.Stream()
                 with torch.cuda.stream(side):
                     for m in mats:
@@ -101,18 +108,21 @@ def gemv_rows(copy) -> list[str]:
                 with torch.cuda.graph(graph):
                     theirs_out = [torch.addmm(bias, x, m) for m in mats]
                 theirs = time_us(graph.replay, [()], reps=20) / count
-                got, want = outs[-1].astype(cupy.float32), cupy.from_dlpack(theirs_out[-1]).astype(cupy.float32)
-                diffs.append(float(cupy.linalg.norm(got - want) / cupy.linalg.norm(want)))
+                want = cupy.from_dlpack(theirs_out[-1]).astype(cupy.float32)
+                for got in (outs[-1], op_outs[-1]):
+                    got = got.astype(cupy.float32)
+                    diffs.append(float(cupy.linalg.norm(got - want) / cupy.linalg.norm(want)))
                 gbs = nbytes / ours / 1e3
-                line = (f"| {k}x{n} | {'[out,in]' if transposed else '[in,out]'} | {rows} | {nbytes / 1e6:.1f} | {count} "
-                        f"| {ours:.1f} | {gbs:.0f} | {100 * gbs / copy:.0f}% | {100 * read_us / ours:.0f}% | {theirs:.1f} "
-                        f"| {nbytes / theirs / 1e3:.0f} | {theirs / ours:.2f} | {read_us:.1f} |")
+                layout = "[out,in]" if transposed else "[in,out]"
+                line = (f"| {k}x{n} | {layout} | {rows} | {nbytes / 1e6:.1f} | {count} "
+                        f"| {ours:.1f} | {gbs:.0f} | {100 * gbs / copy:.0f}% | {100 * read_us / ours:.0f}% | {op_runs} "
+                        f"| {op:.1f} | {theirs:.1f} | {theirs / ours:.2f} | {theirs / op:.2f} | {read_us:.1f} |")
                 print(line)
                 lines.append(line)
-                graph = theirs_out = outs = None
+                graph = theirs_out = outs = op_outs = None
             weights = wc = mats = None
             free_gpu_memory()
-    lines.append(difference_line("Our last product of each graph against torch's", diffs))
+    lines.append(difference_line("The last product of each of our graphs (GEMV, op) against torch's", diffs))
     return lines
 
 

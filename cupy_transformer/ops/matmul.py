@@ -1,5 +1,5 @@
 """``act(x @ W + bias)`` for the projection ops: cuBLASLt with a fused epilogue, or for decode shapes
-``kernels_cu/gemv.cu`` where it is the faster of the two or a CUDA graph is being captured.
+``kernels_cu/gemv.cu`` where it is the faster of the two.
 
 Weights are ``[in, out]`` (DeepSpeed's default, GPT-2's Conv1D) or, with ``transposed_mode``, ``[out, in]``
 (``nn.Linear``). Products go to cuBLASLt (``runtime.cublaslt``: fp32 accumulation), whose epilogue adds the
@@ -8,9 +8,9 @@ bias and applies ReLU or GELU (tanh form) before the one rounding to the dtype; 
 pass does it. Up to 8 rows the GEMV kernel may run instead; it applies bias and activation in its epilogue
 (fp32, one rounding). Which is faster depends on the shape and the card (on an H200 the GEMV ran at 0.88-1.19x
 cuBLAS's speed over two runs: ``benchmarks/results/gpu-runs.md``), so the first eager call of each decode shape times
-both (``runtime.timing``) and keeps the faster. CuPy cannot call cuBLAS during stream capture, so a captured
-decode step always runs the GEMV. NumPy arrays take the reference: float64, rounded after the product and
-again after bias and activation.
+both (``runtime.timing``), eagerly and as CUDA graphs, and keeps the faster of each: a decode step being
+captured runs the one faster in a graph (cuBLASLt, called through ctypes, can be captured). NumPy arrays take
+the reference: float64, rounded after the product and again after bias and activation.
 """
 
 from __future__ import annotations
@@ -106,41 +106,67 @@ def matmul(x, w, transposed: bool, bias=None, act=None):
     return y.reshape(shape)
 
 
-def _cublas(x, w, transposed, bias, act):
-    """The product through cuBLASLt (its epilogue where it has one), else ``cupy.matmul``; then our pass."""
+def _cublas(x, w, transposed, bias, act, fallback: bool = True):
+    """The product through cuBLASLt (its epilogue where it has one), else (with ``fallback``; without,
+    ``CublasLtError`` gets out) ``cupy.matmul``; then our pass."""
     fused = (None if act is None else act.name, bias is not None)
     try:
         if fused in cublaslt.EPILOGUES:
             return cublaslt.matmul(x, w, transposed, bias, fused[0])
         y = cublaslt.matmul(x, w, transposed)
     except cublaslt.CublasLtError:
+        if not fallback:
+            raise
         y = import_cupy().matmul(x, w.T if transposed else w)
     if bias is not None or act is not None:
         y = apply_bias_act(y, bias, act, out=y)
     return y
 
 
-# Per (device, dtype, x shape, W shape, transposed, bias, act): whether the GEMV timed faster than cuBLAS.
-_GEMV_FASTER: dict[tuple, bool] = {}
+# Per (device, dtype, x shape, W shape, transposed, bias, act): whether the GEMV timed faster than cuBLAS
+# eagerly, and in a CUDA graph.
+_GEMV_FASTER: dict[tuple, tuple[bool, bool]] = {}
 
 
 def use_gemv(x, w, transposed, bias, act) -> bool:
-    """Whether this product runs the GEMV kernel: a decode shape it supports, and a stream being captured
-    (cuBLAS cannot be) or the GEMV timed faster on this shape's first eager call (not with ``CT_TUNE=0``)."""
+    """Whether this product runs the GEMV kernel: a decode shape it supports, where it timed faster than
+    cuBLAS on this shape's first eager call. That call times both eagerly and as CUDA graphs, and a call
+    being captured takes the graph ranking: the two differ (H200, [in, out], one row: at 6400x1600 the eager
+    timing chose cuBLAS and in a graph the GEMV was 11% faster; at 1600x6400 the reverse, cuBLASLt 4% faster
+    in a graph). A shape first seen while capturing runs the GEMV (nothing can be timed there), as does a
+    graph where cuBLASLt finds no algorithm (its fallback, ``cupy.matmul``, is not timed in graphs).
+    ``CT_TUNE=0``: cuBLAS eagerly, the GEMV in a graph."""
     cupy = import_cupy()
     if x.shape[0] > GEMV_MAX_ROWS or not gemv_fits(x, w, transposed, bias, act):
         return False
-    if cupy.cuda.get_current_stream().is_capturing():
-        return True
+    capturing = cupy.cuda.get_current_stream().is_capturing()
     if not timing.TUNE:
-        return False
-    key = (cupy.cuda.runtime.getDevice(), x.dtype, x.shape, w.shape, transposed, bias is not None,
-           None if act is None else int(act))
+        return capturing
+    key = _choice_key(x, w, transposed, bias, act)
     faster = _GEMV_FASTER.get(key)
     if faster is None:
-        candidates = [lambda: gemv(x, w, transposed, bias, act), lambda: _cublas(x, w, transposed, bias, act)]
-        faster = _GEMV_FASTER[key] = timing.fastest(candidates) == 0
-    return faster
+        if capturing:
+            return True
+        eager = timing.fastest([lambda: gemv(x, w, transposed, bias, act),
+                                lambda: _cublas(x, w, transposed, bias, act)]) == 0
+        try:
+            graph = timing.fastest([lambda: gemv(x, w, transposed, bias, act),
+                                    lambda: _cublas(x, w, transposed, bias, act, fallback=False)], graph=True) == 0
+        except cublaslt.CublasLtError:
+            graph = True
+        faster = _GEMV_FASTER[key] = (eager, graph)
+    return faster[capturing]
+
+
+def _choice_key(x, w, transposed, bias, act) -> tuple:
+    return (import_cupy().cuda.runtime.getDevice(), x.dtype, x.shape, w.shape, transposed, bias is not None,
+            None if act is None else int(act))
+
+
+def gemv_choice(x, w, transposed, bias=None, act=None):
+    """(eager, in a graph): whether this decode product runs the GEMV, as its first eager call timed it; None
+    before that call."""
+    return _GEMV_FASTER.get(_choice_key(x, w, transposed, bias, act))
 
 
 def gemv_fits(x, w, transposed, bias, act) -> bool:

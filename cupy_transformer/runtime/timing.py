@@ -21,25 +21,60 @@ TUNE = os.environ.get("CT_TUNE", "1") != "0"
 ROUNDS = 5
 
 
-def fastest(runs: Sequence[Callable[[], None]], rounds: int = ROUNDS) -> int:
+def fastest(runs: Sequence[Callable[[], object]], rounds: int = ROUNDS, graph: bool = False) -> int:
     """The index of the fastest of ``runs`` (each launches its work on the current stream), every run timed
     behind an L2 flush, ``rounds`` turns each, by median. Each is run once untimed first (its first launch
-    may load a module)."""
+    may load a module). ``graph``: each run is captured into a CUDA graph (on a stream kept for this, so a
+    run must be capturable and ready to run on a new stream after its first call) and the graph's launches
+    are timed: a captured step's kernels start faster than eager launches, by more for some kernels than
+    for others, and the ranking can change (benchmarks/NOTES.md)."""
     cupy = import_cupy()
     stream = cupy.cuda.get_current_stream()
     flush = cupy.empty(2 * cupy.cuda.Device().attributes["L2CacheSize"], cupy.uint8)
-    for run in runs:
-        run()
-    events = []
-    for _ in range(rounds):
+    if graph:
+        stream = _capture_stream()
+        stream.wait_event(cupy.cuda.get_current_stream().record())  # the runs' inputs are ready there
+    with stream:
         for run in runs:
-            cupy.cuda.runtime.memsetAsync(flush.data.ptr, 0, flush.nbytes, stream.ptr)
-            start, end = cupy.cuda.Event(), cupy.cuda.Event()
-            start.record()
             run()
-            end.record()
-            events.append((start, end))
+        if graph:
+            runs = [_captured(run, stream) for run in runs]
+        events = []
+        for _ in range(rounds):
+            for run in runs:
+                cupy.cuda.runtime.memsetAsync(flush.data.ptr, 0, flush.nbytes, stream.ptr)
+                start, end = cupy.cuda.Event(), cupy.cuda.Event()
+                start.record()
+                run()
+                end.record()
+                events.append((start, end))
     events[-1][1].synchronize()
     ms = [cupy.cuda.get_elapsed_time(a, b) for a, b in events]
     medians = [sorted(ms[i :: len(runs)])[rounds // 2] for i in range(len(runs))]
     return medians.index(min(medians))
+
+
+_CAPTURE_STREAMS: dict[int, object] = {}
+
+
+def _capture_stream():
+    """One stream per device for ``fastest(graph=True)``: per-stream workspaces are made once, not per call."""
+    cupy = import_cupy()
+    device = cupy.cuda.runtime.getDevice()
+    if device not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[device] = cupy.cuda.Stream(non_blocking=True)
+    return _CAPTURE_STREAMS[device]
+
+
+def _captured(run: Callable[[], object], stream) -> Callable[[], None]:
+    """``run`` captured on ``stream`` (current); a call launches the graph there."""
+    stream.begin_capture()
+    try:
+        outputs = run()
+    finally:
+        graph = stream.end_capture()
+
+    def launch(outputs=outputs):  # holds what the graph writes, so that the memory pool does not reuse it
+        graph.launch(stream)
+
+    return launch

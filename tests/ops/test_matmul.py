@@ -89,23 +89,34 @@ def test_gpu_split_k_is_deterministic_and_resets(rng):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("transposed", [False, True], ids=["[in,out]", "[out,in]"])
-def test_gpu_captured_decode_step_runs_the_gemv(rng, transposed):
-    """Under stream capture (where CuPy cannot call cuBLAS) ops.matmul records the GEMV; the replayed graph
-    computes the product of whatever the input buffer holds at replay time."""
+@pytest.mark.parametrize("graph_choice", ["gemv", "cublas", "untimed"])
+def test_gpu_captured_decode_step_takes_the_graph_choice(rng, monkeypatch, transposed, graph_choice):
+    """Under stream capture ops.matmul records what the shape's first eager call found faster in a graph (the
+    GEMV for a shape never timed); the replayed graph computes the product of whatever the input buffer holds
+    at replay time, through cuBLASLt's epilogue as through the GEMV's."""
     import cupy
+    from cupy_transformer.runtime import timing
 
+    monkeypatch.setattr(mm, "_GEMV_FASTER", {})
+    monkeypatch.setattr(timing, "fastest", lambda runs, graph=False: int(graph and graph_choice == "cublas"))
+    monkeypatch.setattr(timing, "TUNE", graph_choice != "untimed")
+    ran = []
+    for name in ("gemv", "_cublas"):
+        monkeypatch.setattr(mm, name, lambda *a, f=getattr(mm, name), n=name, **k: ran.append(n) or f(*a, **k))
     host = {"x": random(rng, (2, 4096), numpy.float16), "w": weight(rng, 4096, 1024, numpy.float16, transposed),
             "bias": random(rng, (1024,), numpy.float16)}
     a = on_backend(host, gpu=True)
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
-        mm.matmul(a["x"], a["w"], transposed, a["bias"], ActivationType.GELU)  # warm: kernels, pool, workspace
+        mm.matmul(a["x"], a["w"], transposed, a["bias"], ActivationType.GELU)  # warm: kernels, pool, workspaces
+        ran.clear()
         stream.begin_capture()
         y = mm.matmul(a["x"], a["w"], transposed, a["bias"], ActivationType.GELU)
         graph = stream.end_capture()
         a["x"][...] = cupy.asarray(random(rng, (2, 4096), numpy.float16))
         graph.launch()
     stream.synchronize()
+    assert ran == ["_cublas" if graph_choice == "cublas" else "gemv"]
     exact = exact_act(f64(a["x"]) @ dense(f64(a["w"]), transposed) + f64(a["bias"]), ActivationType.GELU)
     assert rel_error(y, exact) < TOL[numpy.dtype(numpy.float16)]
 
@@ -188,15 +199,17 @@ def test_gpu_cublaslt_tuning_keeps_one_algorithm(rng, monkeypatch, tune):
 @pytest.mark.gpu
 @pytest.mark.parametrize("gemv_wins", [True, False], ids=["gemv", "cublas"])
 def test_gpu_eager_decode_product_keeps_the_faster(rng, monkeypatch, gemv_wins):
-    """The first eager call of a decode shape times the GEMV against cuBLAS once; either choice is right."""
+    """The first eager call of a decode shape times the GEMV against cuBLAS once eagerly and once as CUDA
+    graphs, and eager calls keep the eager choice; either is right."""
     from cupy_transformer.runtime import timing
 
     timed = []
     monkeypatch.setattr(mm, "_GEMV_FASTER", {})
-    monkeypatch.setattr(timing, "fastest", lambda runs: timed.append(len(runs)) or (0 if gemv_wins else 1))
+    monkeypatch.setattr(timing, "fastest", lambda runs, graph=False: timed.append((len(runs), graph))
+                        or (0 if gemv_wins != graph else 1))
     for _ in range(2):
         check(rng, numpy.float16, 3, 320, 136, True, True, ActivationType.GELU, gpu=True)
-    assert timed == [2] and list(mm._GEMV_FASTER.values()) == [gemv_wins]
+    assert timed == [(2, False), (2, True)] and list(mm._GEMV_FASTER.values()) == [(gemv_wins, not gemv_wins)]
 
 
 @pytest.mark.gpu
