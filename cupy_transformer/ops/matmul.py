@@ -140,10 +140,8 @@ def use_gemv(x, w, transposed, bias, act) -> bool:
     if x.shape[0] > GEMV_MAX_ROWS or not gemv_fits(x, w, transposed, bias, act):
         return False
     capturing = cupy.cuda.get_current_stream().is_capturing()
-    if not timing.TUNE:
-        return capturing
     key = _choice_key(x, w, transposed, bias, act)
-    faster = _GEMV_FASTER.get(key)
+    faster = _GEMV_FASTER.get(key) if timing.TUNE else (False, True)
     if faster is None:
         if capturing:
             return True
@@ -155,6 +153,13 @@ def use_gemv(x, w, transposed, bias, act) -> bool:
         except cublaslt.CublasLtError:
             graph = True
         faster = _GEMV_FASTER[key] = (eager, graph)
+    if not capturing and faster[0] != faster[1]:
+        # A capture on this stream (which cannot make the GEMV's split workspace) runs the other one: its
+        # per-stream workspace is made now, by the call a capture needs first ("run the step once").
+        if faster[1]:
+            _gemv_launch(x, w, transposed)
+        else:
+            cublaslt.stream_workspace()
     return faster[capturing]
 
 
@@ -200,10 +205,21 @@ def gemv(x, w, transposed, bias=None, act=None, geometry=None):
     (benchmarks/sweep_gemv.py)."""
     cupy = import_cupy()
     rows, k = x.shape
+    name, grid, per_split, (partials, counters) = _gemv_launch(x, w, transposed, geometry)
     n = w.shape[0] if transposed else w.shape[1]
     y = cupy.empty((rows, n), x.dtype)
     epilogue = (i32(0 if act is None else int(act)), i32(bias is not None))
     bias = bias if bias is not None else x  # unread
+    _KERNELS.kernel(name)(grid, (256,), (x, w, y, bias, partials, counters, i32(rows), i32(k), i32(n), i32(per_split))
+                          + epilogue)
+    return y
+
+
+def _gemv_launch(x, w, transposed, geometry=None):
+    """The GEMV's kernel for this product, its grid (column tiles, K splits), the K range of a split, and the
+    current stream's split workspace (made here where the stream has none large enough)."""
+    rows, k = x.shape
+    n = w.shape[0] if transposed else w.shape[1]
     if x.dtype.itemsize == 2:
         if geometry is None and transposed:
             geometry = _nk_geometry(n, k)
@@ -219,7 +235,5 @@ def gemv(x, w, transposed, bias=None, act=None, geometry=None):
         name = _tc_name(CTYPES[x.dtype], transposed, geometry or (1, _kn_chunks_a_batch(per_split), blocks_per_sm))
     else:
         name = f"ct::gemv_{'nk' if transposed else 'kn'}<float, {next(r for r in _FMA_ROWS if rows <= r)}>"
-    partials, counters = split_workspace(splits * rows * n if splits > 1 else 0, n_tiles)
-    _KERNELS.kernel(name)((n_tiles, splits), (256,),
-                          (x, w, y, bias, partials, counters, i32(rows), i32(k), i32(n), i32(per_split)) + epilogue)
-    return y
+    workspace = split_workspace(splits * rows * n if splits > 1 else 0, n_tiles)
+    return name, (n_tiles, splits), per_split, workspace

@@ -187,6 +187,15 @@ _workspaces: dict[tuple[int, int], object] = {}
 _ONE, _ZERO = ctypes.c_float(1.0), ctypes.c_float(0.0)
 
 
+def stream_workspace():
+    """cuBLASLt's workspace for the current stream, made on first use."""
+    cupy = import_cupy()
+    key = (cupy.cuda.runtime.getDevice(), cupy.cuda.get_current_stream().ptr)
+    if key not in _workspaces:
+        _workspaces[key] = cupy.empty(_WORKSPACE_BYTES, cupy.uint8)
+    return _workspaces[key]
+
+
 def matmul(x, w, transposed: bool, bias=None, activation: str | None = None):
     """``act(x[M, K] @ W + bias)`` as a new [M, N] CuPy array; ``activation`` one of None, "ReLU", "GELU"."""
     cupy = import_cupy()
@@ -213,9 +222,7 @@ def matmul(x, w, transposed: bool, bias=None, activation: str | None = None):
     if bias is not None:
         p = ctypes.c_void_p(bias.data.ptr)
         _call("cublasLtMatmulDescSetAttribute", plan.desc, _DESC_BIAS_POINTER, ctypes.byref(p), ctypes.sizeof(p))
-    workspace = _workspaces.get((device, stream.ptr))
-    if workspace is None:
-        workspace = _workspaces[(device, stream.ptr)] = cupy.empty(_WORKSPACE_BYTES, cupy.uint8)
+    workspace = stream_workspace()
     a, b, c, d = plan.layouts
 
     def run(heuristic):

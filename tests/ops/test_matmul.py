@@ -89,17 +89,20 @@ def test_gpu_split_k_is_deterministic_and_resets(rng):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("transposed", [False, True], ids=["[in,out]", "[out,in]"])
-@pytest.mark.parametrize("graph_choice", ["gemv", "cublas", "untimed"])
-def test_gpu_captured_decode_step_takes_the_graph_choice(rng, monkeypatch, transposed, graph_choice):
+@pytest.mark.parametrize("choices", ["gemv gemv", "cublas gemv", "gemv cublas", "cublas cublas", "untimed"])
+def test_gpu_captured_decode_step_takes_the_graph_choice(rng, monkeypatch, transposed, choices):
     """Under stream capture ops.matmul records what the shape's first eager call found faster in a graph (the
-    GEMV for a shape never timed); the replayed graph computes the product of whatever the input buffer holds
-    at replay time, through cuBLASLt's epilogue as through the GEMV's."""
+    GEMV where nothing was timed); the eager call before the capture, whatever it ran, leaves the stream ready
+    for it; the replayed graph computes the product of whatever the input buffer holds at replay time,
+    through cuBLASLt's epilogue as through the GEMV's."""
     import cupy
     from cupy_transformer.runtime import timing
 
+    eager_choice, graph_choice = ("cublas", "gemv") if choices == "untimed" else choices.split()
     monkeypatch.setattr(mm, "_GEMV_FASTER", {})
-    monkeypatch.setattr(timing, "fastest", lambda runs, graph=False: int(graph and graph_choice == "cublas"))
-    monkeypatch.setattr(timing, "TUNE", graph_choice != "untimed")
+    monkeypatch.setattr(timing, "fastest", lambda runs, graph=False: int((graph_choice if graph else eager_choice)
+                                                                         == "cublas"))
+    monkeypatch.setattr(timing, "TUNE", choices != "untimed")
     ran = []
     for name in ("gemv", "_cublas"):
         monkeypatch.setattr(mm, name, lambda *a, f=getattr(mm, name), n=name, **k: ran.append(n) or f(*a, **k))
@@ -109,6 +112,7 @@ def test_gpu_captured_decode_step_takes_the_graph_choice(rng, monkeypatch, trans
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
         mm.matmul(a["x"], a["w"], transposed, a["bias"], ActivationType.GELU)  # warm: kernels, pool, workspaces
+        assert ran == ["_cublas" if eager_choice == "cublas" else "gemv"]
         ran.clear()
         stream.begin_capture()
         y = mm.matmul(a["x"], a["w"], transposed, a["bias"], ActivationType.GELU)
