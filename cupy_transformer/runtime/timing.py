@@ -4,8 +4,11 @@ Which cuBLASLt algorithm, or the GEMV kernel versus cuBLAS, is fastest depends o
 runtime times the candidates on the first call of a shape and keeps the winner (``cublaslt``, ``ops.matmul``).
 The timing must look like a model's: there each layer's weights arrive cold, and timed back to back with
 warm L2 the ranking changed (a 1600x1600 product picked a cuBLASLt algorithm 15% slower cold). So every timed
-run comes behind a write over twice the L2 (a read, when timed as graphs), the candidates take turns (clock and thermal drift hit all
-alike), and each is judged by its median. The first call of a shape waits for the GPU once.
+run comes behind a read of twice the L2, which leaves it as the kernels before a product do (behind a write,
+whose dirty lines the product's reads must evict, the GEMV against cuBLASLt at [in, out] 1600x6400 on an H200
+was picked the slower way in 9 of 16 tries eagerly and 8 of 16 as graphs; behind a read in 3 and 2). The
+candidates take turns (clock and thermal drift hit all alike), and each is judged by its median. The first
+call of a shape waits for the GPU once.
 
 ``CT_TUNE=0`` in the environment turns this off: cuBLASLt's first pick, and cuBLAS for every eager product.
 """
@@ -27,9 +30,7 @@ def fastest(runs: Sequence[Callable[[], object]], rounds: int = ROUNDS, graph: b
     may load a module). ``graph``: each run is captured into a CUDA graph (on a stream kept for this, so a
     run must be capturable and ready to run on a new stream after its first call) and the graph's launches
     are timed: a captured step's kernels start faster than eager launches, by more for some kernels than
-    for others, and the ranking can change. There the flush reads instead of writing, as the kernels before
-    a captured product do: behind a write, the GEMV against cuBLASLt was picked the wrong way in 7 of 16
-    tries at [in, out] 1600x6400 (H200), behind a read in 1 (benchmarks/NOTES.md)."""
+    for others, and the ranking can change (benchmarks/NOTES.md)."""
     cupy = import_cupy()
     stream = cupy.cuda.get_current_stream()
     flush = cupy.empty(2 * cupy.cuda.Device().attributes["L2CacheSize"], cupy.uint8)
@@ -44,10 +45,7 @@ def fastest(runs: Sequence[Callable[[], object]], rounds: int = ROUNDS, graph: b
         events = []
         for _ in range(rounds):
             for run in runs:
-                if graph:
-                    flush.view(cupy.uint64).max()
-                else:
-                    cupy.cuda.runtime.memsetAsync(flush.data.ptr, 0, flush.nbytes, stream.ptr)
+                flush.view(cupy.uint64).max()
                 start, end = cupy.cuda.Event(), cupy.cuda.Event()
                 start.record()
                 run()
