@@ -126,6 +126,8 @@ def _cublas(x, w, transposed, bias, act, fallback: bool = True):
 # Per (device, dtype, x shape, W shape, transposed, bias, act): whether the GEMV timed faster than cuBLAS
 # eagerly, and in a CUDA graph.
 _GEMV_FASTER: dict[tuple, tuple[bool, bool]] = {}
+# (that key, stream): where the eager choice differs from the graph's, the graph's per-stream workspace is made.
+_CAPTURE_READY: set[tuple] = set()
 
 
 def use_gemv(x, w, transposed, bias, act) -> bool:
@@ -156,10 +158,13 @@ def use_gemv(x, w, transposed, bias, act) -> bool:
     if not capturing and faster[0] != faster[1]:
         # A capture on this stream (which cannot make the GEMV's split workspace) runs the other one: its
         # per-stream workspace is made now, by the call a capture needs first ("run the step once").
-        if faster[1]:
-            _gemv_launch(x, w, transposed)
-        else:
-            cublaslt.stream_workspace()
+        ready = (key, cupy.cuda.get_current_stream().ptr)
+        if ready not in _CAPTURE_READY:
+            if faster[1]:
+                _gemv_launch(x, w, transposed)
+            else:
+                cublaslt.stream_workspace()
+            _CAPTURE_READY.add(ready)
     return faster[capturing]
 
 

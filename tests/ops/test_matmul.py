@@ -100,6 +100,7 @@ def test_gpu_captured_decode_step_takes_the_graph_choice(rng, monkeypatch, trans
 
     eager_choice, graph_choice = ("cublas", "gemv") if choices == "untimed" else choices.split()
     monkeypatch.setattr(mm, "_GEMV_FASTER", {})
+    monkeypatch.setattr(mm, "_CAPTURE_READY", set())
     monkeypatch.setattr(timing, "fastest", lambda runs, graph=False: int((graph_choice if graph else eager_choice)
                                                                          == "cublas"))
     monkeypatch.setattr(timing, "TUNE", choices != "untimed")
