@@ -37,18 +37,21 @@ def fastest(runs: Sequence[Callable[[], object]], rounds: int = ROUNDS, graph: b
     if graph:
         stream = _capture_stream()
         stream.wait_event(cupy.cuda.get_current_stream().record())  # the runs' inputs are ready there
+    graphs = []  # alive until the GPU is done with them
     with stream:
         for run in runs:
             run()
-        if graph:
-            runs = [_captured(run, stream) for run in runs]
         events = []
         for _ in range(rounds):
-            for run in runs:
+            if graph:  # new graphs each round: a graph's own launch cost varies by up to ~1 µs (H200)
+                graphs.append([_captured(run, stream) for run in runs])
+            for launch in graphs[-1] if graph else runs:
+                if graph:
+                    launch()  # a graph's first launch uploads it
                 flush.view(cupy.uint64).max()
                 start, end = cupy.cuda.Event(), cupy.cuda.Event()
                 start.record()
-                run()
+                launch()
                 end.record()
                 events.append((start, end))
     events[-1][1].synchronize()
