@@ -99,11 +99,14 @@ def apply_bias_act(h, bias, act, out=None):
         out = empty_like_kind("cupy", tuple(h.shape[:-1]) + (width,), h.dtype)
     rows = h.size // h.shape[-1] if h.shape[-1] else 0
     if rows and width:
-        vec = access_width(h.dtype, width, h, out, bias)
+        # Gated, a run's up and gate elements are `width` apart: aligned together only for whole-vector rows.
+        vec = access_width(h.dtype, width, h, out, bias, any_width=not gated)
         kernel = _KERNELS.kernel(_name(h.dtype, 0 if act is None else int(act), vec))
+        vectors, tail = divmod(rows * width, vec)
         kernel(
-            elementwise_grid(rows * width // vec),
+            elementwise_grid(vectors),
             (256,),
-            (h, bias if bias is not None else h, out, vector_count(rows * width // vec), i32(width), i32(bias is not None)),
+            (h, bias if bias is not None else h, out, vector_count(vectors), i32(tail), i32(width),
+             i32(bias is not None)),
         )
     return out

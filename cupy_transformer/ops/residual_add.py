@@ -48,15 +48,16 @@ def combine(partial: list, replicated: list, biases: list, mp_size: int, out=Non
         out = empty_like_kind("cupy", tuple(first.shape), first.dtype)
     width = first.shape[-1]
     rows = first.size // width
-    vec = access_width(first.dtype, width, *partial, *replicated, *biases, out)
+    vec = access_width(first.dtype, width, *partial, *replicated, *biases, out, any_width=True)
+    vectors, tail = divmod(rows * width, vec)
     # The kernel's slots: p0, p1, r0, r1, b0, b1; absent ones get a placeholder and a cleared bit.
     slots = [*partial, None][:2] + [*replicated, None, None][:2] + [*biases, None, None][:2]
     present = sum(1 << (i - 1) for i, a in enumerate(slots) if i and a is not None)
     _KERNELS.kernel(f"ct::residual_combine<{CTYPES[first.dtype]}, {vec}>")(
-        elementwise_grid(rows * width // vec),
+        elementwise_grid(vectors),
         (256,),
         tuple(first if a is None else a for a in slots)
-        + (out, vector_count(rows * width // vec), i32(width), f32(1.0 / mp_size), i32(present)),
+        + (out, vector_count(vectors), i32(tail), i32(width), f32(1.0 / mp_size), i32(present)),
     )
     return out
 

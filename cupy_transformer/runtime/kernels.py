@@ -207,12 +207,13 @@ def vector_width(dtype: numpy.dtype) -> int:
     return 16 // numpy.dtype(dtype).itemsize
 
 
-def access_width(dtype: numpy.dtype, width: int, *arrays) -> int:
-    """Elements per access for an elementwise kernel over rows of ``width``: 16 bytes when the rows are whole
-    vectors and every array (None skipped) is 16-byte aligned, else one element."""
+def access_width(dtype: numpy.dtype, width: int, *arrays, any_width: bool = False) -> int:
+    """Elements per access for an elementwise kernel over rows of ``width``: 16 bytes when every array (None
+    skipped) is 16-byte aligned and the rows are whole vectors, or at any width for a kernel that runs over
+    the flat tensor with a tail (``any_width``, elementwise.cuh); else one element."""
     vec = vector_width(dtype)
     aligned = all(a.data.ptr % 16 == 0 for a in arrays if a is not None)
-    return vec if aligned and width % vec == 0 else 1
+    return vec if aligned and (any_width or width % vec == 0) else 1
 
 
 _SM_COUNTS: dict[int, int] = {}

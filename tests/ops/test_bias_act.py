@@ -33,10 +33,32 @@ def test_numpy_path(rng, dtype, act):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("act", ACTS, ids=lambda a: getattr(a, "name", "identity"))
-@pytest.mark.parametrize("shape", [(1, 16), (7, 1000), (512, 4104), (3, 1002), (5, 37 * 2)], ids=str)
+# (3, 1002): 16-byte runs crossing rows, a tail; (9, 6): rows narrower than a run (gated: one element at a time).
+@pytest.mark.parametrize("shape", [(1, 16), (7, 1000), (512, 4104), (3, 1002), (5, 37 * 2), (9, 6)], ids=str)
 def test_gpu(rng, poisoned_allocations, dtype, act, shape):
     check(rng, dtype, shape, act, True, gpu=True)
     check(rng, dtype, shape, act, False, gpu=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("offsets", [(1, 1, 0), (0, 0, 3)], ids=["h and out misaligned", "bias misaligned"])
+def test_gpu_misaligned_views(rng, dtype, offsets):
+    """Views that start off 16-byte alignment take one element an access."""
+    import cupy
+
+    h, bias = random(rng, (5, 1002), dtype, scale=2.0), random(rng, (1002,), dtype)
+
+    def view(host, offset):
+        a = cupy.empty(host.size + 8, dtype)[offset : offset + host.size].reshape(host.shape)
+        a[...] = cupy.asarray(host)
+        return a
+
+    hd, out, bd = (view(a, o) for a, o in zip((h, h, bias), offsets))
+    assert [a.data.ptr % 16 != 0 for a in (hd, out, bd)] == [o != 0 for o in offsets]
+    out[...] = numpy.nan
+    y = ops.bias_act(hd, bd, "GELU", out=out)
+    assert rel_error(y, mlp_act(f64(h) + f64(bias), ActivationType.GELU)) < 2 * TOLERANCE[numpy.dtype(dtype)]
 
 
 @pytest.mark.gpu

@@ -57,7 +57,7 @@ def test_numpy_path(rng, dtype, arrangement, mp, biases):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("arrangement", list(ARRANGEMENTS))
-@pytest.mark.parametrize("width", GPU_WIDTHS + [1001])
+@pytest.mark.parametrize("width", GPU_WIDTHS + [1001, 3])  # 1001: runs crossing rows, a tail; 3: under a run
 @pytest.mark.parametrize("rows", GPU_ROWS)
 def test_gpu(rng, poisoned_allocations, dtype, arrangement, width, rows):
     mp = 2 if width % 2 == 0 else 1  # the config needs heads (= mp here) to divide the width
@@ -74,6 +74,23 @@ def test_gpu_in_place_through_out(rng):
     expected = (h + r + a).get()
     y = ResidualAddOp(cfg)(h, r, False, a, out=r)
     assert y is r and rel_error(r, expected) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_gpu_misaligned_views(rng, dtype):
+    """A view that starts off 16-byte alignment takes one element an access, for every term."""
+    import cupy
+
+    cfg = InferenceConfig(hidden_size=1001, heads=1, dtype=dtype)
+    host = [random(rng, shape, dtype) for shape in ((3, 1001), (3, 1001), (3, 1001), (1001,))]
+    h, r, a, b = (cupy.asarray(x) for x in host)
+    r_view = cupy.empty(r.size + 8, dtype)[1 : 1 + r.size].reshape(r.shape)
+    r_view[...] = r
+    out = cupy.full(r.shape, numpy.nan, dtype)
+    y = ResidualAddOp(cfg)(h, r_view, False, a, final_bias=b, out=out)
+    h, r, a, b = (x.astype(numpy.float64) for x in host)
+    assert y is out and rel_error(y, h + r + a + b) < TOLERANCE[numpy.dtype(dtype)]
 
 
 def test_bad_input(rng):
