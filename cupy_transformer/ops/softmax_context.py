@@ -99,9 +99,11 @@ _ROTARY = KernelFamily("rotary_append.cu", [f"ct::rotary_append<{c}>" for c in C
 class SoftmaxContextOp(TransformerOp):
     def forward(self, query_key_value, attn_mask=None, cache=None, layer_id=0, start=None, position_ids=None,
                 alibi=None, norm_factor=None, *, scale=None):
-        """See the module docstring. ``start``: positions from ``cache.reserve`` (required with a cache);
-        ``alibi`` [B, h, 1, T] or [B * h, 1, T] for this rank's heads; ``scale`` or DeepSpeed's
-        ``norm_factor`` (scale = norm_factor ** 2), not both."""
+        """See the module docstring. ``start``: positions from ``cache.reserve`` (required with a cache; checked
+        against its capacity before anything is written or launched); ``position_ids`` [B, S] int32 or int64:
+        NumPy ones must lie in [0, 2^31) (the kernel's int32), GPU ones are trusted (reading them on the host
+        would cost a sync every layer); ``alibi`` [B, h, 1, T] or [B * h, 1, T] for this rank's heads;
+        ``scale`` or DeepSpeed's ``norm_factor`` (scale = norm_factor ** 2), not both."""
         cfg = self.config
         h, kv, d = cfg.heads // cfg.mp_size, cfg.num_kv // cfg.mp_size, cfg.head_size
         if d % 8 or d > MAX_HEAD_SIZE:
@@ -118,7 +120,7 @@ class SoftmaxContextOp(TransformerOp):
         if xp is not numpy and xp.cuda.get_current_stream().is_capturing():
             raise RuntimeError("SoftmaxContextOp: cannot be captured in a CUDA graph yet: the step's cache positions "
                                "and key ranges are host values, and a replay would repeat this step's")
-        start = self._start(cache, kind, b, kv, d, start)
+        start = self._start(cache, layer_id, kind, b, s, kv, d, start)
         keys_len = start + s  # keys per sequence
         t = int(keys_len.max())
         position_ids = self._position_ids(position_ids, kind, b, s)  # None: start[b] + 0 .. S - 1
@@ -177,17 +179,21 @@ class SoftmaxContextOp(TransformerOp):
         if rows is not None:
             bias = bias + rows.astype(compute)
         groups = h // kv
+        # A cache slot past a shorter sequence's keys may hold anything, NaN too (0 x NaN is NaN): zeros.
+        filled = (key[0] < xp.asarray(keys_len)[:, None])[:, None, :, None]  # [B, 1, T, 1]
+        k_all, v_all = (xp.where(filled, a.astype(compute), 0) for a in (keys, values))
         qg = q.astype(compute).reshape(b, kv, groups, s, d)
-        scores = xp.einsum("bkgsd,bktd->bkgst", qg, keys.astype(compute)).reshape(b, h, s, t)
+        scores = xp.einsum("bkgsd,bktd->bkgst", qg, k_all).reshape(b, h, s, t)
         p = softmax_reference(scores, bias, layer_scale=factor)
-        context = xp.einsum("bkgst,bktd->bkgsd", p.reshape(b, kv, groups, s, t), values.astype(compute))
+        context = xp.einsum("bkgst,bktd->bkgsd", p.reshape(b, kv, groups, s, t), v_all)
         # CuPy's einsum may pick any output layout, so the reshape below can be a strided view.
         context = context.reshape(b, h, s, d).transpose(0, 2, 1, 3).reshape(b, s, h * d)
         context = xp.ascontiguousarray(context.astype(cfg.dtype, copy=False))
         return to_caller(context, kind), to_caller(keys, kind), to_caller(values, kind)
 
-    def _start(self, cache, kind, b, kv, d, start):
-        """Each sequence's first slot for this call's tokens (zeros without a cache), checked against the cache."""
+    def _start(self, cache, layer_id, kind, b, s, kv, d, start):
+        """Each sequence's first slot for this call's ``s`` tokens (zeros without a cache), checked against the
+        cache (before the mask, whose width follows from it)."""
         if cache is None:
             if start is not None:
                 raise ValueError("start: positions in a cache; got start without a cache")
@@ -201,13 +207,16 @@ class SoftmaxContextOp(TransformerOp):
                              f"got batch {have[0]}, {have[1]} kv heads of size {have[2]}, {have[3]}, {have[4]}")
         if start is None:
             raise ValueError("start: with a cache, pass where this step's tokens go (start = cache.reserve(tokens))")
-        return numpy.asarray(start, numpy.int64)  # write() checks its length and range
+        return cache.check_write(layer_id, s, start).astype(numpy.int64)
 
     def _position_ids(self, position_ids, kind, b, s):
         if position_ids is None:
             return None
-        return as_array("position_ids", position_ids, kind, ndim=2, dtypes=tuple(
+        ids = as_array("position_ids", position_ids, kind, ndim=2, dtypes=tuple(
             numpy.dtype(t) for t in (numpy.int32, numpy.int64)), shape=(b, s))
+        if kind == "numpy" and (ids.min() < 0 or ids.max() >= 2**31):  # GPU ones: no sync to read them
+            raise ValueError(f"position_ids: expected positions in [0, 2^31); got {ids.min()} to {ids.max()}")
+        return ids
 
 
 _ON_DEVICE: collections.OrderedDict[tuple, object] = collections.OrderedDict()
@@ -322,14 +331,14 @@ def _mask_args(mask, alibi, b, h, placeholder):
 
 def _rotary_append(qkv, position_ids, cfg, h, kv, d, cache, layer, start, first):
     """The fused rotary + append kernel on the GPU: returns q [B, h, S, d] and k (turned), with K and V
-    written to ``cache``'s ``layer`` at ``start`` (checked first; ``first`` is it on the GPU), or k [B, kv,
-    S, d] without a cache (``v`` then stays a view of the projection). ``position_ids`` None: the slots."""
+    written to ``cache``'s ``layer`` at ``start`` (``first`` is it on the GPU), or k [B, kv,
+    S, d] without a cache (``v`` then stays a view of the projection). ``position_ids`` None: the slots.
+    ``start`` must have passed ``cache.check_write`` (the op's ``_start``)."""
     cupy = import_cupy()
     b, s, _ = qkv.shape
     rot = cfg.rotary_dim if cfg.rotary_style is not None else 0
     q = cupy.empty((b, h, s, d), qkv.dtype)
     if cache is not None:
-        start = cache.check_write(layer, s, start)
         k_out, v_out = cache.keys[layer], cache.values[layer]
     else:
         k_out = v_out = cupy.empty((b, kv, s, d), qkv.dtype)

@@ -1,4 +1,5 @@
-"""ops.rotary against rotation written as complex multiplication: pair (a, b) -> (a + ib) e^(i angle)."""
+"""ops.rotary against rotation written as complex multiplication: pair (a, b) -> (a + ib) e^(i angle), and against
+Hugging Face's LLaMA (rotate-half) and GPT-J (every-two) rotary."""
 
 import numpy
 import pytest
@@ -62,3 +63,39 @@ def test_gpu_matches_hugging_face_llama_rotary(rng):
     ref = t * cos + rotated_half * sin
     y = apply_rotary(cupy.asarray(x), cupy.asarray(positions), 64, 10000.0, "half")
     assert rel_error(y, ref) < 1e-5
+
+
+def test_rotate_half_matches_hugging_face_llama(rng):
+    """HF LLaMA's apply_rotary_pos_emb with LlamaRotaryEmbedding's cos/sin (rope_theta 500000, GQA heads), at
+    positions from 5 and from 300. 1e-5: HF's angles are fp32 (errors ~ position x 2^-24; 2e-6 seen)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig
+    from transformers.models.llama import modeling_llama as llama
+
+    config = LlamaConfig(hidden_size=2 * 64, num_attention_heads=2, num_key_value_heads=1, rope_theta=500000.0)
+    q, k = random(rng, (2, 2, 6, 64), numpy.float32), random(rng, (2, 1, 6, 64), numpy.float32)
+    positions = numpy.array([[5, 6, 7, 8, 9, 10], [300, 301, 302, 303, 304, 305]])
+    cos, sin = llama.LlamaRotaryEmbedding(config=config)(torch.from_numpy(q), torch.from_numpy(positions))
+    ref_q, ref_k = llama.apply_rotary_pos_emb(torch.from_numpy(q), torch.from_numpy(k), cos, sin)
+    assert rel_error(apply_rotary(q, positions, 64, 500000.0, "half"), ref_q) < 1e-5
+    assert rel_error(apply_rotary(k, positions, 64, 500000.0, "half"), ref_k) < 1e-5
+
+
+def test_every_two_matches_hugging_face_gptj(rng):
+    """HF GPT-J's rotary on the first 16 of 48 dims (its sinusoid table rows at the positions, split into sin
+    and cos; apply_rotary_pos_emb on [B, S, heads, rotary_dim] and the rest passed, as GPTJAttention does), a
+    left-padded sequence's positions included. 1e-6: fp32 rounding (positions < 8)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from transformers.models.gptj import modeling_gptj as gptj
+
+    x = random(rng, (2, 3, 6, 48), numpy.float32)
+    positions = numpy.array([[2, 3, 4, 5, 6, 7], [0, 0, 1, 2, 3, 4]])
+    sincos = gptj.create_sinusoidal_positions(64, 16)[torch.from_numpy(positions)]
+    sin, cos = torch.split(sincos, sincos.shape[-1] // 2, dim=-1)
+    t = torch.from_numpy(x).transpose(1, 2)  # GPT-J's [B, S, heads, d]
+    ref = torch.cat([gptj.apply_rotary_pos_emb(t[..., :16], sin, cos), t[..., 16:]], dim=-1).transpose(1, 2)
+    y = apply_rotary(x, positions, 16, 10000.0, "every_two")
+    assert rel_error(y, ref) < 1e-6
+    assert (y[..., 16:] == x[..., 16:]).all()

@@ -1,6 +1,7 @@
 """SoftmaxContextOp: prompt then decode steps through a KVCache against full attention recomputed per step,
 grouped-query heads, both rotary pairings, padded batches against each sequence alone, bidirectional,
-local window, alibi; the reference is a per-query float64 loop over one sequence's whole history."""
+local window, alibi; the reference is a per-query float64 loop over one sequence's whole history (and torch's
+scaled_dot_product_attention for the NumPy path in float64)."""
 
 import math
 
@@ -138,6 +139,41 @@ def test_padded_batch_gives_each_sequence_alone(rng, gpu):
     padded_batch(rng, gpu)
 
 
+def right_padded_batch(rng, gpu):
+    """Right-padded prompts of 3 and 5 tokens (junk in the pads) in one causal prefill, the cache trimmed to
+    each prompt (set_lengths) and NaN past it, then 3 decode steps with no mask or positions: each sequence as
+    it would be alone."""
+    xp, kind = backend(gpu)
+    c = cfg(numpy.float32, rotary_dim=32, rotate_half=True, rotate_every_two=False)
+    op = ops.SoftmaxContextOp(c)
+    width = (c.heads + 2 * c.num_kv) * c.head_size
+    lengths = [3, 5]  # prompts; each then decodes 3 tokens
+    real = [random(rng, (n + 3, width), numpy.float32) for n in lengths]
+    alone = [host(op(xp.asarray(r[None].copy()))[0])[0] for r in real]  # whole history at once, no cache
+    cache = KVCache(1, 2, c.num_kv, 10, c.head_size, numpy.float32, backend=kind)
+    prompt = random(rng, (2, 5, width), numpy.float32)
+    prompt[0, :3], prompt[1] = real[0][:3], real[1][:5]
+    ctx, _, _ = op(xp.asarray(prompt), cache=cache, start=cache.reserve(5))
+    got = host(ctx)  # the pad's outputs (sequence 0, tokens 3 and 4) are unused
+    assert rel_error(got[0, :3], alone[0][:3]) < 1e-5 and rel_error(got[1], alone[1][:5]) < 1e-5
+    cache.set_lengths(lengths)
+    for b, n in enumerate(lengths):  # slots past a length may hold anything, NaN too: never read
+        cache.keys[:, b, :, n:] = numpy.nan
+        cache.values[:, b, :, n:] = numpy.nan
+    for step in range(3):
+        start = cache.reserve(1)
+        assert start.tolist() == [3 + step, 5 + step]
+        token = numpy.stack([real[0][3 + step], real[1][5 + step]])[:, None]
+        ctx, _, _ = op(xp.asarray(token), cache=cache, start=start)
+        got = host(ctx)
+        assert rel_error(got[0, 0], alone[0][3 + step]) < 1e-5 and rel_error(got[1, 0], alone[1][5 + step]) < 1e-5
+
+
+@pytest.mark.parametrize("gpu", BACKENDS)
+def test_right_padded_batch_trimmed_with_set_lengths_gives_each_sequence_alone(rng, gpu):
+    right_padded_batch(rng, gpu)
+
+
 def alibi_on_one_rank_of_two(rng, gpu):
     """mp_size 2: each rank's op gets its 4 of 8 heads' fused projection and its heads' rows of the whole
     model's alibi (a contiguous copy: the op takes C-contiguous arrays); a 37-token prompt, then 2 decode
@@ -201,6 +237,68 @@ def test_gpu_matches_torch_sdpa_with_gqa(rng):
     assert rel_error(ctx, ref) < TOL[numpy.dtype(numpy.float16)]
 
 
+SDPA_TOL = 1e-10  # float64 on both sides: a few roundings of 2^-53 per sum (about 1e-16 seen)
+
+
+def float64(c, cache=None):
+    """``c`` (and ``cache``) switched to float64 after their checks (no kernel takes it; the NumPy path computes
+    in float64 anyway), so the path's formula is compared with no rounding."""
+    c.dtype = numpy.dtype(numpy.float64)
+    if cache is not None:
+        cache.dtype = c.dtype
+        cache.keys, cache.values = cache.keys.astype(c.dtype), cache.values.astype(c.dtype)
+    return c
+
+
+def torch_sdpa(qkv, c, queries=None, **kw):
+    """torch's scaled_dot_product_attention (CPU) on a fused projection [B, T, (h + 2kv) d], K and V expanded
+    to the query heads with repeat_interleave: the context [B, queries, h d] of the last ``queries`` tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    h, kv, d = c.heads, c.num_kv, c.head_size
+    x = torch.from_numpy(qkv)
+    b, t, _ = x.shape
+    q, k, v = (x[..., a * d:(a + n) * d].reshape(b, t, n, d).transpose(1, 2)
+               for a, n in ((0, h), (h, kv), (h + kv, kv)))
+    k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
+    out = F.scaled_dot_product_attention(q[:, :, t - (queries or t):], k, v, **kw)
+    return out.transpose(1, 2).reshape(b, -1, h * d).numpy()
+
+
+def test_numpy_path_matches_torch_sdpa_causal_with_gqa(rng):
+    pytest.importorskip("torch")
+    c = float64(cfg(numpy.float32, heads=6, kv=2, d=16))
+    qkv = rng.standard_normal((2, 11, 10 * 16))
+    ctx, _, _ = ops.SoftmaxContextOp(c)(qkv)
+    assert rel_error(ctx, torch_sdpa(qkv, c, is_causal=True)) < SDPA_TOL
+
+
+def test_numpy_path_matches_torch_sdpa_bidirectional_with_key_padding(rng):
+    torch = pytest.importorskip("torch")
+    c = float64(cfg(numpy.float32, heads=4, kv=1, d=16, triangular_masking=False))
+    qkv = rng.standard_normal((3, 7, 6 * 16))
+    keep = numpy.ones((3, 7), bool)
+    keep[1, 5:], keep[2, :3] = False, False  # right- and left-padded
+    ctx, _, _ = ops.SoftmaxContextOp(c)(qkv, keep, scale=0.3)
+    want = torch_sdpa(qkv, c, attn_mask=torch.from_numpy(keep)[:, None, None], scale=0.3)
+    assert rel_error(ctx, want) < SDPA_TOL
+
+
+def test_numpy_path_matches_torch_sdpa_decoding_after_a_prompt(rng):
+    """A 9-token prompt through a cache, then one token (Q = 1) against the 10 keys (all seen: no causal mask)."""
+    pytest.importorskip("torch")
+    cache = KVCache(1, 2, 2, 12, 16, numpy.float32, backend="numpy")
+    c = float64(cfg(numpy.float32, heads=4, kv=2, d=16), cache)
+    op = ops.SoftmaxContextOp(c)
+    qkv = rng.standard_normal((2, 10, 8 * 16))
+    ctx, _, _ = op(qkv[:, :9].copy(), cache=cache, start=cache.reserve(9))
+    assert rel_error(ctx, torch_sdpa(qkv[:, :9].copy(), c, is_causal=True)) < SDPA_TOL
+    ctx, keys, _ = op(qkv[:, 9:].copy(), cache=cache, start=cache.reserve(1))
+    assert keys.shape == (2, 2, 10, 16)
+    assert rel_error(ctx, torch_sdpa(qkv, c, queries=1)) < SDPA_TOL
+
+
 def test_bad_inputs_are_named_errors(rng):
     c = cfg(numpy.float16)
     op = ops.SoftmaxContextOp(c)
@@ -233,6 +331,39 @@ def test_bad_inputs_are_named_errors(rng):
         cfg(numpy.float16, kv=3)
     with pytest.raises(ValueError, match=r"rotary_dim: expected an even number up to the head size 32; got 40"):
         cfg(numpy.float16, rotary_dim=40)
+
+
+@pytest.mark.parametrize("gpu", BACKENDS)
+def test_start_outside_the_cache_raises_before_writing(rng, gpu):
+    """A start past the cache's capacity, or negative, through the op itself: a ValueError naming start before
+    anything is written (on a GPU, before the rotary + append kernel's launch)."""
+    xp, kind = backend(gpu)
+    op = ops.SoftmaxContextOp(cfg(numpy.float32, rotary_dim=32, rotate_half=True, rotate_every_two=False))
+    cache = KVCache(1, 2, 2, 8, 32, numpy.float32, backend=kind)
+    qkv = xp.asarray(random(rng, (2, 3, 8 * 32), numpy.float32))
+    whole_cache_mask = xp.ones((2, 8), bool)  # checked after start, whose range sets the width it needs
+    for start in ([6, 0], [0, 9], [-1, 0]):
+        for mask in (None, whole_cache_mask):
+            with pytest.raises(ValueError, match=rf"start: 3 tokens from \[{start[0]}, {start[1]}\] do not fit 8 "):
+                op(qkv, mask, cache=cache, start=numpy.array(start))
+    with pytest.raises(ValueError, match=r"start: expected 2 integer positions; got float64 of shape \(2,\)"):
+        op(qkv, cache=cache, start=numpy.array([0.9, 2.7]))  # not truncated to slots 0 and 2
+    assert not host(cache.keys).any() and not host(cache.values).any()
+
+
+def test_position_ids_outside_int32_are_named_errors(rng):
+    """NumPy position_ids must lie in [0, 2^31) (the kernel's int32); GPU ones are trusted (no sync to read
+    them). Checked before the cache is written."""
+    op = ops.SoftmaxContextOp(cfg(numpy.float32, rotary_dim=32, rotate_half=True, rotate_every_two=False))
+    cache = KVCache(1, 2, 2, 8, 32, numpy.float32, backend="numpy")
+    qkv = random(rng, (2, 3, 8 * 32), numpy.float32)
+    for bad, got in ((-1, "-1 to 4"), (2**31, f"0 to {2**31}")):
+        positions = numpy.array([[0, 1, 2], [3, 4, bad]])
+        with pytest.raises(ValueError, match=rf"position_ids: expected positions in \[0, 2\^31\); got {got}"):
+            op(qkv, cache=cache, start=numpy.zeros(2, numpy.int64), position_ids=positions)
+        with pytest.raises(ValueError, match=r"position_ids: expected positions"):
+            op(qkv, position_ids=positions)
+    assert not cache.keys.any() and not cache.values.any()
 
 
 def twin_caches(rng, dtype, kv, tokens, d, lengths, kinds=("numpy", "cupy")):
@@ -286,6 +417,39 @@ def test_gpu_decode_kernel_with_an_additive_mask(rng, poisoned_allocations, dtyp
     want, _, _ = op(qkv, additive, caches[0], 0, caches[0].reserve(1))
     got, _, _ = op(cupy.asarray(qkv), cupy.asarray(additive), caches[1], 0, caches[1].reserve(1))
     assert rel_error(got, want) < TOL[numpy.dtype(dtype)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, heads, kv, d", [(numpy.float32, 6, 2, 64), (numpy.float16, 8, 1, 48),
+                                                 (numpy.float16, 2, 1, 200)], ids=["fp32", "fp16 d48", "fp16 d200"])
+def test_gpu_cuda_core_decode_kernel(rng, poisoned_allocations, monkeypatch, dtype, heads, kv, d):
+    """attention_partial (fp32, or a head size the tensor-core kernel lacks; 3, 8 and 2 query heads a kv head)
+    on a decode step after a 150-token prompt, one sequence trimmed to 77 (151 and 78 keys: no multiple of a
+    64-key chunk) and the slots past each sequence NaN; against float64 attention over each one's history."""
+    import cupy
+    from cupy_transformer.ops import softmax_context
+
+    assert not softmax_context._decode_on_tensor_cores(dtype, d)
+    launch, calls = softmax_context._decode, []
+
+    def counted(*args):
+        calls.append(args)
+        return launch(*args)
+
+    monkeypatch.setattr(softmax_context, "_decode", counted)
+    c = cfg(dtype, heads=heads, kv=kv, d=d, rotary_dim=d, rotate_half=True, rotate_every_two=False)
+    op = ops.SoftmaxContextOp(c)
+    tokens = random(rng, (2, 151, (heads + 2 * kv) * d), dtype)
+    cache = KVCache(1, 2, kv, 160, d, dtype, backend="cupy")
+    op(cupy.asarray(tokens[:, :150].copy()), cache=cache, start=cache.reserve(150))
+    cache.set_lengths([150, 77])
+    for b, n in enumerate(cache.lengths.tolist()):
+        cache.keys[:, b, :, n:], cache.values[:, b, :, n:] = numpy.nan, numpy.nan
+    ctx, _, _ = op(cupy.asarray(tokens[:, 150:].copy()), cache=cache, start=cache.reserve(1))
+    assert len(calls) == 1
+    want = [history(tokens[0], c, numpy.arange(151))[-1],
+            history(numpy.concatenate([tokens[1, :77], tokens[1, 150:]]), c, numpy.arange(78))[-1]]
+    assert rel_error(ctx[:, 0], numpy.stack(want)) < TOL[numpy.dtype(dtype)]
 
 
 PREFILL_RULES = {  # attention rule, mask, alibi
@@ -366,6 +530,30 @@ def test_gpu_prefill_kernel_without_a_cache(rng, poisoned_allocations, prefill_k
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("d", [48, 256])
+def test_gpu_prefill_at_head_sizes_without_a_kernel(rng, poisoned_allocations, d):
+    """fp16 prefill at head sizes no prefill kernel takes (the rotary + append kernel, then fp32 array
+    operations): a 37-token prompt, then 13 tokens after pasts of 37 and 20 (set_lengths); float64 reference."""
+    import cupy
+    from cupy_transformer.ops.softmax_context import PREFILL_GEOMETRY
+
+    assert d not in PREFILL_GEOMETRY
+    dtype = numpy.float16
+    c = cfg(dtype, heads=4, kv=2, d=d, rotary_dim=d, rotate_half=True, rotate_every_two=False)
+    op = ops.SoftmaxContextOp(c)
+    tokens = random(rng, (2, 50, 8 * d), dtype)
+    exact = [history(tokens[0], c, numpy.arange(50)),
+             history(numpy.concatenate([tokens[1, :20], tokens[1, 37:]]), c, numpy.arange(33))]
+    cache = KVCache(1, 2, 2, 64, d, dtype, backend="cupy")
+    ctx, _, _ = op(cupy.asarray(tokens[:, :37].copy()), cache=cache, start=cache.reserve(37))
+    assert rel_error(ctx[0], exact[0][:37]) < TOL[numpy.dtype(dtype)]
+    assert rel_error(ctx[1, :20], exact[1][:20]) < TOL[numpy.dtype(dtype)]
+    cache.set_lengths([37, 20])
+    ctx, _, _ = op(cupy.asarray(tokens[:, 37:].copy()), cache=cache, start=cache.reserve(13))
+    assert rel_error(ctx, numpy.stack([exact[0][37:], exact[1][20:]])) < TOL[numpy.dtype(dtype)]
+
+
+@pytest.mark.gpu
 def test_gpu_capture_raises(rng):
     """A decode step captured into a CUDA graph would replay its positions and key ranges (host values):
     the op refuses before writing anything."""
@@ -441,3 +629,38 @@ def test_mask_over_the_whole_cache_equals_one_over_the_keys(rng):
         mask[:, :4] = keep
         results.append(op(qkv, mask, cache, 0, cache.reserve(4))[0])
     assert (results[0] == results[1]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, style, rotary_dim, given", [
+    (numpy.float16, "half", 64, False), (numpy.float32, "every_two", 24, True), (FLOAT_DTYPES[-1], "half", 32, True)],
+    ids=["fp16 half at the slots", "fp32 every_two 24 of 64", f"{FLOAT_DTYPES[-1]} half 32 of 64"])
+def test_gpu_rotary_append_kernel_writes_only_its_slots(rng, dtype, style, rotary_dim, given):
+    """rotary_append.cu through _rotary_append: 5 tokens into layer 1 at slots 2 and 9 of a 2-layer cache full
+    of NaN; the queries and the written K slots against float64 rotary (at position_ids, or at the slots), the V
+    slots copied exactly, every other slot (layer 0 too) still NaN."""
+    import cupy
+    from cupy_transformer.ops.softmax_context import _on_device, _rotary_append
+
+    h, kv, d, s = 4, 2, 64, 5
+    c = cfg(dtype, heads=h, kv=kv, d=d, rotary_dim=rotary_dim, rotate_half=style == "half",
+            rotate_every_two=style == "every_two", rope_theta=20000.0)
+    cache = KVCache(2, 2, kv, 16, d, dtype, backend="cupy")
+    cache.keys[...], cache.values[...] = numpy.nan, numpy.nan
+    qkv = random(rng, (2, s, (h + 2 * kv) * d), dtype)
+    start = numpy.array([2, 9])
+    positions = numpy.array([[0, 0, 1, 2, 3], [40, 41, 42, 43, 44]]) if given else start[:, None] + numpy.arange(s)
+    q, k = _rotary_append(cupy.asarray(qkv), cupy.asarray(positions) if given else None, c, h, kv, d, cache, 1,
+                          start, _on_device(start))
+    assert k is None  # with a cache, the keys are read from it
+    x = qkv.reshape(2, s, h + 2 * kv, d).transpose(0, 2, 1, 3)  # [B, heads, S, d]
+    assert rel_error(q, turned(x[:, :h], positions, rotary_dim, 20000.0, style)) < TOL[numpy.dtype(dtype)]
+    want_k = turned(x[:, h:h + kv], positions, rotary_dim, 20000.0, style)
+    keys, values = host(cache.keys).astype(numpy.float32), host(cache.values).astype(numpy.float32)
+    written = numpy.zeros(keys.shape, bool)
+    for b in range(2):
+        at = slice(start[b], start[b] + s)
+        written[1, b, :, at] = True
+        assert rel_error(keys[1, b, :, at], want_k[b]) < TOL[numpy.dtype(dtype)]
+        assert (values[1, b, :, at] == x[b, h + kv:].astype(numpy.float32)).all()
+    assert numpy.isnan(keys[~written]).all() and numpy.isnan(values[~written]).all()
