@@ -8,6 +8,10 @@ from cupy_transformer.runtime.arrays import FLOAT_DTYPES
 from tests.helpers import random, rel_error
 from tests.ops.common import GPU_ROWS, GPU_WIDTHS, TOL, dense, f64, on_backend, weight
 
+# The issue's sizes on the NumPy path, (rows, width, other width): each width is in- and out-width once; 4096 + 8
+# at decode rows only (its float64 GEMMs at 512 rows would slow CI down).
+CPU_SIZES = [(rows, 768, 1000) for rows in GPU_ROWS] + [(rows, 4104, 1600) for rows in (1, 7)]
+
 
 def check(rng, dtype, rows, width, out_features, transposed, with_bias, gpu):
     cfg = InferenceConfig(hidden_size=width, heads=1, dtype=dtype, transposed_mode=transposed)
@@ -36,6 +40,13 @@ def test_numpy_path(rng, dtype, transposed, with_bias, rows):
     check(rng, dtype, rows, 100, 72, transposed, with_bias, gpu=False)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("rows, width, other", CPU_SIZES)
+def test_numpy_path_issue_sizes(rng, dtype, rows, width, other):
+    check(rng, dtype, rows, width, other, False, True, gpu=False)
+    check(rng, dtype, rows, other, width, True, False, gpu=False)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("width", GPU_WIDTHS)
@@ -43,6 +54,14 @@ def test_numpy_path(rng, dtype, transposed, with_bias, rows):
 def test_gpu(rng, poisoned_allocations, dtype, width, rows):
     check(rng, dtype, rows, width, 3 * width, False, True, gpu=True)
     check(rng, dtype, rows, width, width, True, False, gpu=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_vector_matmul_gpu_in_out(rng, poisoned_allocations, dtype):
+    for rows in GPU_ROWS:  # VectorMatMulOp on [in, out] weights (test_gpu gives it [out, in] only)
+        check(rng, dtype, rows, 1000, 1600, False, False, gpu=True)
+        check(rng, dtype, rows, 1600, 1000, False, False, gpu=True)
 
 
 def test_bad_input():

@@ -9,6 +9,9 @@ from tests.helpers import random, rel_error
 from tests.ops.common import GPU_ROWS, GPU_WIDTHS, TOL, dense, f64, layer_norm, mlp_act, on_backend, rms_norm, weight
 
 ACTS = list(ActivationType)
+# The issue's sizes on the NumPy path, (rows, width, intermediate); 4096 + 8 at decode rows and a narrower MLP only
+# (its float64 GEMMs at full size would slow CI down).
+CPU_SIZES = [(rows, 768, 1000) for rows in GPU_ROWS] + [(rows, 4104, 520) for rows in (1, 7)]
 
 
 def make(rng, dtype, rows, width, inter, act, transposed, with_biases):
@@ -58,6 +61,13 @@ def test_mlp_numpy_path(rng, dtype, norm, after_attn, act):
     check_mlp(rng, dtype, 1, 100, 72, norm, after_attn, act, False, False, gpu=False)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("rows, width, inter", CPU_SIZES)
+def test_mlp_numpy_path_issue_sizes(rng, dtype, rows, width, inter):
+    check_mlp(rng, dtype, rows, width, inter, "LayerNorm", True, ActivationType.GELU, False, True, gpu=False)
+    check_mlp(rng, dtype, rows, width, inter, "RMSNorm", False, ActivationType.GATED_SILU, True, False, gpu=False)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("norm", ["LayerNorm", "RMSNorm"])
@@ -74,6 +84,18 @@ def test_mlp_gpu_variants(rng, poisoned_allocations, dtype, norm, after_attn, ac
 def test_mlp_gpu_sizes(rng, poisoned_allocations, dtype, width, rows):
     check_mlp(rng, dtype, rows, width, 4 * width, "LayerNorm", True, ActivationType.GELU, False, True, gpu=True)
     check_mlp(rng, dtype, rows, width, 2 * width + 8, "RMSNorm", True, ActivationType.GATED_SILU, True, False, gpu=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: a.name)
+def test_mlp_gpu_acts_both_layouts(rng, poisoned_allocations, dtype, act):
+    # Each activation in both layouts at 1 and 512 rows (test_mlp_gpu_variants: gated ones [out, in] only, others
+    # [in, out] only), norms, arrangements and biases varied.
+    check_mlp(rng, dtype, 1, 1600, 2 * 1600 + 8, "LayerNorm", True, act, True, True, gpu=True)
+    check_mlp(rng, dtype, 512, 768, 2 * 768 + 8, "RMSNorm", False, act, True, False, gpu=True)
+    check_mlp(rng, dtype, 1, 768, 2 * 768 + 8, "RMSNorm", True, act, False, True, gpu=True)
+    check_mlp(rng, dtype, 512, 1600, 2 * 1600 + 8, "LayerNorm", False, act, False, False, gpu=True)
 
 
 def check_gelu_gemm(rng, dtype, rows, width, inter, act, transposed, gpu):
@@ -93,12 +115,28 @@ def test_gelu_gemm_numpy_path(rng, dtype, act):
     check_gelu_gemm(rng, dtype, 7, 96, 136, act, act == ActivationType.GELU, gpu=False)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("rows, width, inter", [(rows, 1600, 776) for rows in GPU_ROWS])
+def test_gelu_gemm_numpy_path_issue_sizes(rng, dtype, rows, width, inter):
+    check_gelu_gemm(rng, dtype, rows, width, inter, ActivationType.GELU, False, gpu=False)
+    check_gelu_gemm(rng, dtype, rows, width, inter, ActivationType.GATED_SILU, True, gpu=False)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("width", GPU_WIDTHS)
 @pytest.mark.parametrize("rows", GPU_ROWS)
 def test_gelu_gemm_gpu(rng, poisoned_allocations, dtype, width, rows):
     check_gelu_gemm(rng, dtype, rows, width, 4 * width, ActivationType.GELU, width == 1600, gpu=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: a.name)
+def test_gelu_gemm_gpu_variants(rng, poisoned_allocations, dtype, act):
+    for transposed in (False, True):
+        check_gelu_gemm(rng, dtype, 1, 1600, 2 * 1600 + 8, act, transposed, gpu=True)
+        check_gelu_gemm(rng, dtype, 512, 768, 2 * 768 + 8, act, transposed, gpu=True)
 
 
 def test_bad_input(rng):

@@ -8,11 +8,15 @@ from cupy_transformer.runtime.arrays import FLOAT_DTYPES
 from tests.helpers import random, rel_error
 from tests.ops.common import GPU_ROWS, GPU_WIDTHS, TOL, dense, f64, layer_norm, on_backend, rms_norm, weight
 
+# The issue's sizes on the NumPy path, (rows, width, QKV width); 4096 + 8 at decode rows and a narrower projection
+# only (its float64 GEMMs at full size would slow CI down).
+CPU_SIZES = [(rows, 1000, 3000) for rows in GPU_ROWS] + [(rows, 4104, 1032) for rows in (1, 7)]
 
-def check(rng, dtype, rows, width, norm, transposed, with_bias, gpu, heads=None):
+
+def check(rng, dtype, rows, width, norm, transposed, with_bias, gpu, heads=None, out_features=None):
     heads = heads or width // 8 if width % 8 == 0 else 1
     cfg = InferenceConfig(hidden_size=width, heads=heads, dtype=dtype, norm_type=norm, transposed_mode=transposed, epsilon=1e-5)
-    out_features = 3 * width
+    out_features = out_features or 3 * width
     host = {
         "input": random(rng, (2, rows, width), dtype, scale=2.0, offset=0.3),
         "weight": weight(rng, width, out_features, dtype, transposed),
@@ -41,6 +45,13 @@ def test_numpy_path(rng, dtype, norm, transposed, rows):
     check(rng, dtype, rows, 100, norm, transposed, False, gpu=False, heads=4)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("rows, width, out_features", CPU_SIZES)
+def test_numpy_path_issue_sizes(rng, dtype, rows, width, out_features):
+    check(rng, dtype, rows, width, "LayerNorm", False, True, gpu=False, out_features=out_features)
+    check(rng, dtype, rows, width, "RMSNorm", True, False, gpu=False, out_features=out_features)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("width", GPU_WIDTHS)
@@ -48,6 +59,14 @@ def test_numpy_path(rng, dtype, norm, transposed, rows):
 @pytest.mark.parametrize("norm", ["LayerNorm", "RMSNorm"])
 def test_gpu(rng, poisoned_allocations, dtype, width, rows, norm):
     check(rng, dtype, rows, width, norm, width == 1000, True, gpu=True, heads=8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 512])
+def test_gpu_transposed_no_bias(rng, poisoned_allocations, dtype, rows):
+    check(rng, dtype, rows, 768, "LayerNorm", True, False, gpu=True, heads=8)
+    check(rng, dtype, rows, 1600, "RMSNorm", True, False, gpu=True, heads=8)
 
 
 def test_bad_input():
