@@ -14,7 +14,7 @@ CPU_SIZES = [(rows, 1000, 3000) for rows in GPU_ROWS] + [(rows, 4104, 1032) for 
 
 
 def check(rng, dtype, rows, width, norm, transposed, with_bias, gpu, heads=None, out_features=None):
-    heads = heads or width // 8 if width % 8 == 0 else 1
+    heads = heads or (width // 8 if width % 8 == 0 else 1)
     cfg = InferenceConfig(hidden_size=width, heads=heads, dtype=dtype, norm_type=norm, transposed_mode=transposed, epsilon=1e-5)
     out_features = out_features or 3 * width
     host = {
