@@ -22,8 +22,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (  # noqa: E402
-    copy_bandwidth_gbs, difference_line, free_gpu_memory, header, memcpy_us, read_floor_us, spin_up, time_us,
-    write_table)
+    copy_bandwidth_gbs, difference_line, fastest_in_turn, free_gpu_memory, header, memcpy_us, read_launch,
+    spin_up, time_us, write_table)
 from cupy_transformer.kv_cache import KVCache  # noqa: E402
 from cupy_transformer.ops import InferenceConfig, SoftmaxOp  # noqa: E402
 from cupy_transformer.ops.softmax_context import _PREFILL, _decode, _prefill  # noqa: E402
@@ -67,17 +67,16 @@ def prefill_rows() -> list[str]:
         def sdpa():
             return F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
 
-        # Three rounds, each kernel in turn, the fastest of each kept: the clock drifts over seconds of
-        # tensor-core work (timed once, right after the matmul rate, ours read 13% slower on an H200 than
-        # in an A/B run minutes later).
-        ours = other = theirs = flash = float("inf")
-        for _ in range(3):
-            ours = min(ours, time_us(lambda: _prefill(q, k, v, start, None, None, d**-0.5, cfg), [()], reps=20))
-            other = min(other, time_us(lambda: _prefill(q, k, v, start, None, None, d**-0.5, cfg, _PREFILL), [()],
-                                       reps=20))
-            theirs = min(theirs, time_us(sdpa, [()], reps=20))
+        def flash_sdpa():
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                flash = min(flash, time_us(sdpa, [()], reps=20))
+                return sdpa()
+
+        # In turn over three rounds (timed once, right after the matmul rate, ours read 13% slower on an H200
+        # than in an A/B run minutes later).
+        t = fastest_in_turn({"ours": lambda: _prefill(q, k, v, start, None, None, d**-0.5, cfg),
+                             "other": lambda: _prefill(q, k, v, start, None, None, d**-0.5, cfg, _PREFILL),
+                             "theirs": sdpa, "flash": flash_sdpa}, reps=20)
+        ours, other, theirs, flash = t["ours"], t["other"], t["theirs"], t["flash"]
         got = _prefill(q, k, v, start, None, None, d**-0.5, cfg).reshape(b, s, h, d)
         err = float(cupy.linalg.norm(got.astype(cupy.float32) - cupy.asarray(sdpa().transpose(1, 2)).astype(
             cupy.float32)) / cupy.linalg.norm(got.astype(cupy.float32)))
@@ -159,10 +158,11 @@ def main():
         "One query token per sequence, keys and values in a "
         "KV cache (ours: [B, kv, T, d] with room for more tokens; SDPA: contiguous [B, kv, T, d] tensors, "
         "expanded to the query heads for grouped-query cases, as SDPA's math needs, or enable_gqa). GB/s of K + V "
-        "bytes (kv heads) over the time; timed as bench_ops does (1 GiB read between calls). 'read' is a plain read of "
-        "as many bytes timed the same way (the floor at that size), 'of read' its time / ours.\n",
-        "| B | heads | kv heads | context | K+V MB | ours µs | GB/s | of copy | read µs | of read | SDPA µs | flash µs "
-        "| vs SDPA | vs flash |",
+        "bytes (kv heads) over the time; timed as bench_ops does (1 GiB read between calls; in turn over three "
+        "rounds, the fastest of each kept). 'read' is a plain read of as many bytes timed the same way (the floor "
+        "at that size), 'of read' its time / ours.\n",
+        "| B | heads | kv heads | context | K+V MB | ours µs | GB/s | of copy | read µs | of read | SDPA µs "
+        "| flash µs | vs SDPA | vs flash |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines))
@@ -173,7 +173,6 @@ def main():
         cache.values[...] = cupy.random.standard_normal(cache.values.shape, dtype=cupy.float32).astype(cupy.float16)
         q = cupy.random.standard_normal((b, h, 1, D), dtype=cupy.float32).astype(cupy.float16)
         lo, hi = numpy.zeros(b, numpy.int64), numpy.full(b, t, numpy.int64)
-        ours = time_us(lambda: _decode(q, cache, 0, lo, hi, None, None, D**-0.5, h, kv, D), [()])
         tq = torch.from_dlpack(q)
         tk, tv = torch.from_dlpack(cache.keys[0]), torch.from_dlpack(cache.values[0])
         gqa = kv != h
@@ -181,20 +180,26 @@ def main():
         def sdpa():
             return F.scaled_dot_product_attention(tq, tk, tv, enable_gqa=gqa)
 
-        theirs = time_us(sdpa, [()])
-        try:
+        def flash_sdpa():
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                sdpa()
-                flash = time_us(sdpa, [()])
-        except RuntimeError:
-            flash = float("nan")
+                return sdpa()
+
         nbytes = 2 * b * kv * t * D * 2
-        floor = read_floor_us(cupy.empty(nbytes, cupy.uint8))
+        runs = {"ours": lambda: _decode(q, cache, 0, lo, hi, None, None, D**-0.5, h, kv, D), "theirs": sdpa,
+                "read": read_launch(cupy.empty(nbytes, cupy.uint8))}
+        try:
+            flash_sdpa()
+            runs["flash"] = flash_sdpa
+        except RuntimeError:  # the flash backend does not take this case
+            pass
+        times = fastest_in_turn(runs)
+        ours, theirs, floor, flash = times["ours"], times["theirs"], times["read"], times.get("flash", float("nan"))
         gbs = nbytes / ours / 1e3
         got = _decode(q, cache, 0, lo, hi, None, None, D**-0.5, h, kv, D).reshape(b, h, D).astype(cupy.float32)
         err = float(cupy.linalg.norm(got - cupy.asarray(sdpa()[:, :, 0]).astype(cupy.float32)) / cupy.linalg.norm(got))
         line = (f"| {b} | {h} | {kv} | {t} | {nbytes / 1e6:.1f} | {ours:.1f} | {gbs:.0f} | {100 * gbs / copy:.0f}% "
-                f"| {floor:.1f} | {100 * floor / ours:.0f}% | {theirs:.1f} | {flash:.1f} | {theirs / ours:.2f} | {flash / ours:.2f} |")
+                f"| {floor:.1f} | {100 * floor / ours:.0f}% | {theirs:.1f} | {flash:.1f} | {theirs / ours:.2f} "
+                f"| {flash / ours:.2f} |")
         print(line, f"(rel. diff vs SDPA {err:.1e})")
         lines.append(line)
         errors.append(err)

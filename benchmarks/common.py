@@ -93,6 +93,18 @@ def time_us(fn, args_list, reps: int = 60, warmup: int = 5, flush: str = "read",
     return min(medians)
 
 
+def fastest_in_turn(fns: dict, rounds: int = 3, **kwargs) -> dict:
+    """``time_us`` of each of ``fns`` (name -> callable), over ``rounds`` rounds that run them in turn, starting
+    one later each round; the lowest of each kept. Clocks drift over seconds of heavy work (an H200 read an
+    op 752-819 µs in three such rounds), so what is compared is timed side by side, not one after another."""
+    items = list(fns.items())
+    best = {name: float("inf") for name in fns}
+    for r in range(rounds):
+        for name, fn in items[r % len(items):] + items[: r % len(items)]:
+            best[name] = min(best[name], time_us(fn, [()], **kwargs))
+    return best
+
+
 def spin_up(seconds: float = 1.0) -> None:
     """Keep the GPU busy for a while so the first measurements do not run at idle clocks."""
     import time
