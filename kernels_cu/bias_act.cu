@@ -10,7 +10,7 @@ namespace ct {
 
 // h: [rows, width] (gated: [rows, 2 * width]); bias: [width] (gated: [2 * width]) or unread if !has_bias;
 // y: [rows, width]. y may be h (non-gated, in place): each thread reads its elements before writing them.
-template <typename T, int ACT>
+template <typename T, int ACT, bool WHOLE>
 struct BiasAct {
     const T* h;
     const T* bias;
@@ -29,7 +29,7 @@ struct BiasAct {
             const V up = *reinterpret_cast<const V*>(up_at);
             const V gate = *reinterpret_cast<const V*>(up_at + width);
             float bg[N] = {};
-            if (has_bias) column_values<N>(b, bias, col, width), column_values<N>(bg, bias + width, col, width);
+            if (has_bias) column_values<WHOLE>(b, bias, col, width), column_values<WHOLE>(bg, bias + width, col, width);
 #pragma unroll
             for (int j = 0; j < N; ++j) {
                 const float u = has_bias ? to_float(from_float<T>(to_float(up.v[j]) + b[j])) : to_float(up.v[j]);
@@ -38,7 +38,7 @@ struct BiasAct {
             }
         } else {
             const V x = *reinterpret_cast<const V*>(h + at);
-            if (has_bias) column_values<N>(b, bias, col, width);
+            if (has_bias) column_values<WHOLE>(b, bias, col, width);
 #pragma unroll
             for (int j = 0; j < N; ++j) out.v[j] = from_float<T>(activate<ACT, FAST>(to_float(x.v[j]) + b[j]));
         }
@@ -46,13 +46,13 @@ struct BiasAct {
     }
 };
 
-// VEC-element runs over y's flat elements, every pointer VEC-element aligned (the launcher checks); gated,
-// also width % VEC == 0, so that a run's up and gate elements lie in one row, both aligned.
-template <typename T, int ACT, int VEC>
+// VEC-element runs over y's flat elements, every pointer VEC-element aligned (the launcher checks); WHOLE:
+// width % VEC == 0, which gated activations need (a run's up and gate elements then lie in one row, aligned).
+template <typename T, int ACT, int VEC, bool WHOLE>
 __global__ void bias_act(const T* h, const T* __restrict__ bias, T* y, unsigned vectors, int tail, int width,
                          int has_bias) {
     const unsigned w = width;
-    for_each_run<VEC>(vectors, tail, w, BiasAct<T, ACT>{h, bias, y, w, has_bias});
+    for_each_run<VEC>(vectors, tail, w, BiasAct<T, ACT, WHOLE>{h, bias, y, w, has_bias});
 }
 
 }  // namespace ct

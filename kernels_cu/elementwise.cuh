@@ -32,10 +32,11 @@ __device__ __forceinline__ void for_each_run(unsigned vectors, int tail, unsigne
 }
 
 // A run's N values of a per-column vector c ([width]: a bias) from column col on, wrapping into the next
-// row: one N-wide load where the run is aligned and inside the row (always when width % N == 0).
-template <int N, typename T>
+// row: one N-wide load where the run is aligned and inside the row, always so when WHOLE (width % N == 0;
+// known at compile time, the loads need no branch and issue with the run's others).
+template <bool WHOLE, int N, typename T>
 __device__ __forceinline__ void column_values(float (&out)[N], const T* c, unsigned col, unsigned width) {
-    if (col % N == 0 && col + N <= width) {
+    if (WHOLE || (col % N == 0 && col + N <= width)) {
         const Vec<T, N> v = *reinterpret_cast<const Vec<T, N>*>(c + col);
 #pragma unroll
         for (int j = 0; j < N; ++j) out[j] = to_float(v.v[j]);

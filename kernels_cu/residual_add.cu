@@ -11,7 +11,7 @@ enum Present : int { P1 = 1, R0 = 2, R1 = 4, B0 = 8, B1 = 16 };
 
 // Row tensors [rows, width], biases [width]; absent ones are placeholders, never read. y may be one of
 // the inputs (an in-place update): each thread reads its elements before writing them, so no __restrict__.
-template <typename T>
+template <typename T, bool WHOLE>
 struct ResidualCombine {
     const T *p0, *p1, *r0, *r1, *b0, *b1;
     T* y;
@@ -32,7 +32,7 @@ struct ResidualCombine {
             for (int j = 0; j < N; ++j) acc[j] += to_float(v.v[j]);
         };
         const auto add_column = [&](const T* b) {
-            column_values<N>(t, b, col, width);
+            column_values<WHOLE>(t, b, col, width);
 #pragma unroll
             for (int j = 0; j < N; ++j) shared[j] += t[j];
         };
@@ -48,12 +48,13 @@ struct ResidualCombine {
     }
 };
 
-// VEC-element runs over the flat tensor, any width (every pointer VEC-element aligned: the launcher checks).
-template <typename T, int VEC>
+// VEC-element runs over the flat tensor, any width (every pointer VEC-element aligned: the launcher checks);
+// WHOLE: width % VEC == 0.
+template <typename T, int VEC, bool WHOLE>
 __global__ void residual_combine(const T* p0, const T* p1, const T* r0, const T* r1, const T* b0, const T* b1, T* y,
                                  unsigned vectors, int tail, int width, float inv_p, int present) {
     const unsigned w = width;
-    for_each_run<VEC>(vectors, tail, w, ResidualCombine<T>{p0, p1, r0, r1, b0, b1, y, w, inv_p, present});
+    for_each_run<VEC>(vectors, tail, w, ResidualCombine<T, WHOLE>{p0, p1, r0, r1, b0, b1, y, w, inv_p, present});
 }
 
 }  // namespace ct

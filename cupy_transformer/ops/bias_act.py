@@ -22,12 +22,14 @@ from .config import ActivationType, parse_enum
 _ACTS = (0,) + tuple(int(a) for a in ActivationType)
 
 
-def _name(dtype: numpy.dtype, act: int, vec: int) -> str:
-    return f"ct::bias_act<{CTYPES[dtype]}, {act}, {vec}>"
+def _name(dtype: numpy.dtype, act: int, vec: int, whole: bool) -> str:
+    return f"ct::bias_act<{CTYPES[dtype]}, {act}, {vec}, {str(whole).lower()}>"
 
 
 _KERNELS = KernelFamily(
-    "bias_act.cu", [_name(d, a, v) for d in CTYPES for a in _ACTS for v in (vector_width(d), 1)]
+    "bias_act.cu",
+    [_name(d, a, v, w) for d in CTYPES for a in _ACTS for v, w in ((vector_width(d), True), (vector_width(d), False),
+                                                                    (1, True))],
 )
 
 
@@ -101,7 +103,7 @@ def apply_bias_act(h, bias, act, out=None):
     if rows and width:
         # Gated, a run's up and gate elements are `width` apart: aligned together only for whole-vector rows.
         vec = access_width(h.dtype, width, h, out, bias, any_width=not gated)
-        kernel = _KERNELS.kernel(_name(h.dtype, 0 if act is None else int(act), vec))
+        kernel = _KERNELS.kernel(_name(h.dtype, 0 if act is None else int(act), vec, width % vec == 0))
         vectors, tail = divmod(rows * width, vec)
         kernel(
             elementwise_grid(vectors),

@@ -28,7 +28,9 @@ from ..runtime.kernels import CTYPES, KernelFamily, access_width, elementwise_gr
 from .base import TransformerOp
 
 _KERNELS = KernelFamily(
-    "residual_add.cu", [f"ct::residual_combine<{c}, {v}>" for d, c in CTYPES.items() for v in (vector_width(d), 1)]
+    "residual_add.cu",
+    [f"ct::residual_combine<{c}, {v}, {w}>" for d, c in CTYPES.items()
+     for v, w in ((vector_width(d), "true"), (vector_width(d), "false"), (1, "true"))],
 )
 
 
@@ -53,7 +55,7 @@ def combine(partial: list, replicated: list, biases: list, mp_size: int, out=Non
     # The kernel's slots: p0, p1, r0, r1, b0, b1; absent ones get a placeholder and a cleared bit.
     slots = [*partial, None][:2] + [*replicated, None, None][:2] + [*biases, None, None][:2]
     present = sum(1 << (i - 1) for i, a in enumerate(slots) if i and a is not None)
-    _KERNELS.kernel(f"ct::residual_combine<{CTYPES[first.dtype]}, {vec}>")(
+    _KERNELS.kernel(f"ct::residual_combine<{CTYPES[first.dtype]}, {vec}, {str(width % vec == 0).lower()}>")(
         elementwise_grid(vectors),
         (256,),
         tuple(first if a is None else a for a in slots)
