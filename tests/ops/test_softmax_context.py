@@ -100,20 +100,23 @@ def test_gpu_prompt_then_decode_matches_full_attention(rng, dtype, name):
     prompt_then_decode(rng, dtype, name, gpu=True)
 
 
-def padded_batch(rng, gpu):
-    """Left-padded prompts of 3 and 5 tokens, then 2 decode steps: each sequence as it would be alone."""
+def two_sequences(rng, gpu, steps):
+    """Prompts of 3 and 5 tokens, each followed by ``steps`` more, and each history's context run alone (all
+    at once, no cache): (xp, kind, config, op, width, histories, contexts alone)."""
     xp, kind = backend(gpu)
     c = cfg(numpy.float32, rotary_dim=32, rotate_half=True, rotate_every_two=False)
     op = ops.SoftmaxContextOp(c)
     width = (c.heads + 2 * c.num_kv) * c.head_size
-    lengths = [3, 5]  # prompts; each then decodes 2 tokens
-    real = [random(rng, (n + 2, width), numpy.float32) for n in lengths]
-    alone = []
-    for b in range(2):
-        n = lengths[b] + 2
-        ctx, _, _ = op(xp.asarray(real[b][None, :n].copy()))  # whole history at once, no cache
-        alone.append(host(ctx)[0])
-        assert rel_error(alone[b], history(real[b][:n], c, numpy.arange(n))) < 1e-5
+    real = [random(rng, (n + steps, width), numpy.float32) for n in (3, 5)]
+    alone = [host(op(xp.asarray(r[None].copy()))[0])[0] for r in real]
+    for r, a in zip(real, alone):
+        assert rel_error(a, history(r, c, numpy.arange(len(r)))) < 1e-5
+    return xp, kind, c, op, width, real, alone
+
+
+def padded_batch(rng, gpu):
+    """Left-padded prompts of 3 and 5 tokens, then 2 decode steps: each sequence as it would be alone."""
+    xp, kind, c, op, width, real, alone = two_sequences(rng, gpu, 2)
     cache = KVCache(1, 2, c.num_kv, 10, c.head_size, numpy.float32, backend=kind)
     prompt = numpy.zeros((2, 5, width), numpy.float32)
     prompt[0, 2:], prompt[1] = real[0][:3], real[1][:5]
@@ -143,13 +146,8 @@ def right_padded_batch(rng, gpu):
     """Right-padded prompts of 3 and 5 tokens (junk in the pads) in one causal prefill, the cache trimmed to
     each prompt (set_lengths) and NaN past it, then 3 decode steps with no mask or positions: each sequence as
     it would be alone."""
-    xp, kind = backend(gpu)
-    c = cfg(numpy.float32, rotary_dim=32, rotate_half=True, rotate_every_two=False)
-    op = ops.SoftmaxContextOp(c)
-    width = (c.heads + 2 * c.num_kv) * c.head_size
-    lengths = [3, 5]  # prompts; each then decodes 3 tokens
-    real = [random(rng, (n + 3, width), numpy.float32) for n in lengths]
-    alone = [host(op(xp.asarray(r[None].copy()))[0])[0] for r in real]  # whole history at once, no cache
+    xp, kind, c, op, width, real, alone = two_sequences(rng, gpu, 3)
+    lengths = [3, 5]
     cache = KVCache(1, 2, c.num_kv, 10, c.head_size, numpy.float32, backend=kind)
     prompt = random(rng, (2, 5, width), numpy.float32)
     prompt[0, :3], prompt[1] = real[0][:3], real[1][:5]
