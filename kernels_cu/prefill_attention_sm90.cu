@@ -20,13 +20,15 @@ constexpr int PH_THREADS = 256, PH_ROWS = 128;
 // 128-byte swizzle (runtime/tensor_map.py), which hold their strides.
 // Dynamic shared memory: 1 KB of alignment slack, Q [128][DP], then K and V [2][BN][DP], so
 // (128 + 4 BN) DP elements + 1 KB. A tile of R rows is stored as DP / 64 column blocks of R rows of 128 bytes.
+// Two blocks an SM (128 registers): one block's softmax overlaps the other's products. Without the bound, the
+// grid order's index math took head sizes 64 and 80 to 130-140 registers and one block an SM, 1.4-1.5x slower.
 template <typename T, int D, int BN>
-__global__ void __launch_bounds__(PH_THREADS)
+__global__ void __launch_bounds__(PH_THREADS, 2)
 attention_prefill_sm90(const T* __restrict__ q, const void* __restrict__ kmap, const void* __restrict__ vmap,
                        T* __restrict__ out, const void* __restrict__ mask, const T* __restrict__ alibi,
                        const int* __restrict__ start, long long q_seq, long long q_head, long long q_tok, int S,
                        int h, int group, int causal, int window, int mask_kind, int mask_len, int alibi_len,
-                       float scale) {
+                       float scale, int span) {
     constexpr int DP = (D + 63) / 64 * 64, VECS = D / 8, BM = PH_ROWS;  // DP: wgmma.cuh's N for O
     static_assert(D % 16 == 0 && D >= 64 && DP <= 128 && (BN == 64 || BN == 128), "geometry (wgmma.cuh's N)");
     extern __shared__ __align__(1024) unsigned char ph_raw[];
@@ -39,7 +41,7 @@ attention_prefill_sm90(const T* __restrict__ q, const void* __restrict__ kmap, c
     auto at = [](int r, int c, int R) { return (c / 8) * R * 64 + r * 64 + ((c % 8) ^ (r % 8)) * 8; };
 
     const PrefillBlock<T> blk(BM, q, mask, alibi, start, q_seq, q_head, S, h, group, causal, window, mask_kind,
-                              mask_len, alibi_len);
+                              mask_len, alibi_len, span);
     const int head = blk.head, b = blk.b, q0 = blk.q0, k_begin = blk.k_begin, k_end = blk.k_end, kvh = blk.kvh;
     const PrefillRules<T>& rules = blk.rules;
     const T* qp = blk.q;

@@ -150,7 +150,7 @@ class SoftmaxContextOp(TransformerOp):
         else:
             keys, values = k, v
         per_key_mask = mask is None or (mask.shape[1] == 1 and mask.shape[2] == 1)
-        kernels = xp is not numpy and b <= _GRID_Y and s <= _GRID_Y * 64  # the kernels' grids hold this
+        kernels = xp is not numpy and b <= _GRID_Y and h <= _GRID_Y and b * h * s < 2**31  # the kernels' grids
         decode = kernels and cache is not None and s == 1 and per_key_mask
         if decode and h // kv <= (16 if _decode_on_tensor_cores(cfg.dtype, d) else _GROUPS[-1]):
             lo = numpy.maximum(start + 1 - cfg.window_size, 0) if cfg.local_attention else numpy.zeros_like(start)
@@ -297,22 +297,32 @@ def _prefill(q, k, v, start, mask, alibi, scale, cfg, kernels=None, geometry=Non
         bn = PREFILL_SM90_TILE[d]
         kernel = _PREFILL_SM90.kernel(f"ct::attention_prefill_sm90<{CTYPES[q.dtype]}, {d}, {bn}>")
         smem = dynamic_shared(kernel, (128 + 4 * bn) * (64 * math.ceil(d / 64)) * items + 1024)  # its layout
-        grid, block = (h, b, math.ceil(s / 128)), (256,)
+        rows, block = math.ceil(s / 128), 256
         k, v = tile_map(k, bn), tile_map(v, bn)  # the kernel fetches its tiles by TMA; a map holds the strides
     else:
         mt, bn = geometry or PREFILL_GEOMETRY[d]
         kernel = (kernels or _PREFILL).kernel(prefill_kernel_name(CTYPES[q.dtype], d, (mt, bn)))
         smem = dynamic_shared(kernel, (64 * mt + 4 * bn) * (d + 8) * items)  # the kernel's layout
-        grid, block = (h, b, math.ceil(s / (64 * mt))), (128,)
+        rows, block = math.ceil(s / (64 * mt)), 128
         strides += k.strides[:-1] + v.strides[:-1]
+    span = prefill_span(kernel, block, smem, rows, group)
     kernel(
-        grid, block,
+        (rows * h * b,), (block,),
         (q, k, v, out, mask_arg, alibi_arg, start, *(numpy.int64(x // items) for x in strides), i32(s), i32(h),
          i32(group), i32(cfg.triangular_masking), i32(cfg.window_size if cfg.local_attention else 0),
-         i32(mask_kind), i32(mask_len), i32(alibi_len), f32(scale)),
+         i32(mask_kind), i32(mask_len), i32(alibi_len), f32(scale), i32(span)),
         shared_mem=smem,
     )
     return out
+
+
+def prefill_span(kernel, threads: int, shared: int, rows: int, group: int) -> int:
+    """(sequence, head) pairs a group of the prefill grid takes (attention_tile.cuh's PrefillBlock): the query
+    heads of as many key/value heads as one wave of resident blocks covers with all their row blocks, so the
+    keys and values being read stay in L2. Counted in key/value heads: with one pair a kv head, grouped-query
+    heads (4 a kv head) ran 2-4% slower than all pairs in one group, the order before; per kv head, as fast
+    (benchmarks/NOTES.md)."""
+    return max(1, wave_blocks(kernel, threads, shared) // rows) * group
 
 
 def _mask_args(mask, alibi, b, h, placeholder):

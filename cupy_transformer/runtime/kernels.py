@@ -282,16 +282,17 @@ def compute_capability() -> int:
     return int(cupy.cuda.Device().compute_capability)
 
 
-def resident_blocks(kernel, threads: int) -> int:
+def resident_blocks(kernel, threads: int, dynamic: int = 0) -> int:
     """How many blocks of ``threads`` threads of ``kernel`` one multiprocessor holds at once: the tightest of
     its registers (allocated per warp, 256 at a time, each sub-partition's file apart), its static shared
-    memory (plus the 1 KB the runtime reserves per block) and the thread limit."""
+    memory plus the ``dynamic`` bytes a launch asks for (plus the 1 KB the runtime reserves per block) and the
+    thread limit."""
     cupy = import_cupy()
     attrs = cupy.cuda.Device().attributes
     warps = -(-threads // 32)
     per_warp = -(-kernel.num_regs * 32 // 256) * 256
     by_regs = 4 * (attrs["MaxRegistersPerMultiprocessor"] // 4 // per_warp) // warps
-    by_shared = attrs["MaxSharedMemoryPerMultiprocessor"] // (kernel.shared_size_bytes + 1024)
+    by_shared = attrs["MaxSharedMemoryPerMultiprocessor"] // (kernel.shared_size_bytes + dynamic + 1024)
     by_threads = attrs["MaxThreadsPerMultiProcessor"] // threads
     return max(1, min(by_regs, by_shared, by_threads))
 
@@ -299,11 +300,12 @@ def resident_blocks(kernel, threads: int) -> int:
 _WAVES: dict[tuple, tuple] = {}
 
 
-def wave_blocks(kernel, threads: int) -> int:
+def wave_blocks(kernel, threads: int, dynamic: int = 0) -> int:
     """Blocks of ``threads`` threads of ``kernel`` the whole GPU runs at once (``resident_blocks`` on every
-    multiprocessor): the grid of one wave. Kept per (kernel, threads): reading the device's and the kernel's
-    attributes on every launch costs host time on a hot path (a model's every layer)."""
-    return _per_kernel(_WAVES, kernel, threads, lambda: resident_blocks(kernel, threads) * sm_count())
+    multiprocessor): the grid of one wave. Kept per (kernel, threads, dynamic): reading the device's and the
+    kernel's attributes on every launch costs host time on a hot path (a model's every layer)."""
+    return _per_kernel(_WAVES, kernel, (threads, dynamic),
+                       lambda: resident_blocks(kernel, threads, dynamic) * sm_count())
 
 
 def sm_count() -> int:

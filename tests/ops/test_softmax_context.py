@@ -552,6 +552,25 @@ def test_gpu_prefill_at_head_sizes_without_a_kernel(rng, poisoned_allocations, d
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("span", [1, 2, 5, 64])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_prefill_grid_in_groups_of_any_span(rng, poisoned_allocations, prefill_kernel, monkeypatch, span, d):
+    """The prefill grid walks its (sequence, head) pairs in groups of ``span`` (12 pairs of 3 row blocks here:
+    one pair a group, groups splitting a kv head's two query heads, a last group of 2, all in one): every
+    block still computes its own rows, causal over a 300-token prompt."""
+    import cupy
+    from cupy_transformer.ops import softmax_context
+
+    monkeypatch.setattr(softmax_context, "prefill_span", lambda *args: span)
+    c = cfg(numpy.float16, heads=4, kv=2, d=d)
+    op = ops.SoftmaxContextOp(c)
+    qkv = random(rng, (3, 300, 8 * d), numpy.float16)
+    want, _, _ = op(qkv)
+    got, _, _ = op(cupy.asarray(qkv))
+    assert rel_error(got, want) < TOL[numpy.dtype(numpy.float16)]
+
+
+@pytest.mark.gpu
 def test_gpu_capture_raises(rng):
     """A decode step captured into a CUDA graph would replay its positions and key ranges (host values):
     the op refuses before writing anything."""

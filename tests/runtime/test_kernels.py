@@ -118,20 +118,21 @@ def test_compile_error_on_the_gpu_path(tmp_path, monkeypatch):
         KernelFamily("broken.cu", ["k"]).kernel("k")
 
 
-@pytest.mark.parametrize("regs, shared, threads, blocks", [
-    (208, 33280, 128, 2),  # registers bound: 2 warps of 6656 registers per sub-partition
-    (166, 25088, 128, 3),  # 166 -> 168 a thread: 3 warps per sub-partition
-    (32, 100 << 10, 128, 2),  # shared memory bound (1 KB reserved per block)
-    (16, 0, 1024, 2),  # thread bound
+@pytest.mark.parametrize("regs, shared, dynamic, threads, blocks", [
+    (208, 33280, 0, 128, 2),  # registers bound: 2 warps of 6656 registers per sub-partition
+    (166, 25088, 0, 128, 3),  # 166 -> 168 a thread: 3 warps per sub-partition
+    (32, 100 << 10, 0, 128, 2),  # shared memory bound (1 KB reserved per block)
+    (32, 1024, 99 << 10, 128, 2),  # static and dynamic shared memory together
+    (16, 0, 0, 1024, 2),  # thread bound
 ])
-def test_resident_blocks_follows_the_occupancy_rules(monkeypatch, regs, shared, threads, blocks):
+def test_resident_blocks_follows_the_occupancy_rules(monkeypatch, regs, shared, dynamic, threads, blocks):
     from types import SimpleNamespace
 
     attributes = {"MaxRegistersPerMultiprocessor": 65536, "MaxSharedMemoryPerMultiprocessor": 228 << 10,
                   "MaxThreadsPerMultiProcessor": 2048}
     fake = SimpleNamespace(cuda=SimpleNamespace(Device=lambda: SimpleNamespace(attributes=attributes)))
     monkeypatch.setattr(kernels, "import_cupy", lambda: fake)
-    assert kernels.resident_blocks(SimpleNamespace(num_regs=regs, shared_size_bytes=shared), threads) == blocks
+    assert kernels.resident_blocks(SimpleNamespace(num_regs=regs, shared_size_bytes=shared), threads, dynamic) == blocks
 
 
 def test_wave_blocks_is_resident_blocks_on_every_sm_read_once(monkeypatch):
