@@ -76,10 +76,13 @@ struct PrefillBlock {
     }
 };
 
-// Online softmax of one tile: per row (a row's BN scores span the 4 lanes of a quad) the running maximum m
-// and sum l (this lane's part) take the tile, o is rescaled to the new maximum, and s becomes
-// exp2(s mul - m). mul: 1 for scores already in log2 units, else the scale to them.
-template <int BN, int D>
+// Online softmax of one tile: per row (a row's BN scores span the 4 lanes of a quad) the tile's maximum, the
+// running maximum m and sum l (this lane's part), and s becomes exp2(s mul - m). mul: 1 for scores already
+// in log2 units, else the scale to them. LAZY (FlashAttention-4's rule): m moves only when the tile's maximum
+// passes it by more than 8 (log2 units), and o and l are rescaled only then; a stale m leaves the result
+// exact (o and l share it), with exp2 values up to 256, which fp32 sums and 16-bit P hold as well as smaller
+// ones. Otherwise m is the exact maximum and o and l are rescaled every tile (branch-free).
+template <int BN, int D, bool LAZY>
 __device__ __forceinline__ void online_softmax(float (&s)[BN / 8][4], float (&o)[D / 8][4], float (&m)[2],
                                                float (&l)[2], float mul) {
 #pragma unroll
@@ -91,9 +94,14 @@ __device__ __forceinline__ void online_softmax(float (&s)[BN / 8][4], float (&o)
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         mx = fmaxf(m[r], mx * mul);
-        const float base = mx == neg_inf() ? 0.f : mx;  // a row with no key yet: exp2(-inf) = 0
-        const float corr = fast_exp2(m[r] - base);
-        m[r] = mx;
+        if (!LAZY || mx > m[r] + 8.f) {  // lazy: the first tile with a key too (m = -inf)
+            const float corr = fast_exp2(m[r] - (mx == neg_inf() ? 0.f : mx));  // no key yet: exp2(-inf) = 0
+            m[r] = mx;
+            l[r] *= corr;
+#pragma unroll
+            for (int j = 0; j < D / 8; ++j) o[j][e0] *= corr, o[j][e0 + 1] *= corr;
+        }
+        const float base = m[r] == neg_inf() ? 0.f : m[r];
         float sum = 0.f;
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j) {
@@ -101,9 +109,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[BN / 8][4], float (&o)
             s[j][e0 + 1] = fast_exp2(fmaf(s[j][e0 + 1], mul, -base));
             sum += s[j][e0] + s[j][e0 + 1];
         }
-        l[r] = l[r] * corr + sum;
-#pragma unroll
-        for (int j = 0; j < D / 8; ++j) o[j][e0] *= corr, o[j][e0 + 1] *= corr;
+        l[r] += sum;
     }
 }
 

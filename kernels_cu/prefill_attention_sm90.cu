@@ -101,7 +101,7 @@ attention_prefill_sm90(const T* __restrict__ q, const void* __restrict__ kmap, c
         wg_wait(s);
         const bool whole = rules.whole(j0, BN, q0, BM, k_begin, sl2);
         if (!whole) rules.template apply<BN>(s, j0, q0 + w0, sl2);
-        online_softmax<BN, DP>(s, o, m, l, whole ? sl2 : 1.f);
+        online_softmax<BN, DP, true>(s, o, m, l, whole ? sl2 : 1.f);  // lazy: 1.01-1.09x (benchmarks/NOTES.md)
         unsigned pa[BN / 16][4];  // all written before the fence: the products read them
 #pragma unroll
         for (int u = 0; u < BN / 16; ++u) p_fragment<T, BN>(pa[u], s, u);

@@ -571,6 +571,26 @@ def test_gpu_prefill_grid_in_groups_of_any_span(rng, poisoned_allocations, prefi
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("rise", [6.0, 60.0, -60.0])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_gpu_prefill_with_scores_rising_along_the_keys(rng, poisoned_allocations, prefill_kernel, rise, causal):
+    """Scores that climb (or fall) along the keys, by about 0.9 or 9 (log2 units) a tile of 64 keys, so a
+    row's running maximum moves on many tiles: by less than the lazy rule's 8 (a stale maximum, exp2 values
+    up to 256) and by more (o and l rescaled); fp16 against the float64 reference, 600 tokens, d 64."""
+    import cupy
+
+    c = cfg(numpy.float16, heads=2, kv=2, d=64, triangular_masking=causal)
+    op = ops.SoftmaxContextOp(c)
+    qkv = random(rng, (2, 600, 6 * 64), numpy.float32, scale=0.3)
+    qkv[:, :, 0:128:64] = 8.0  # the two query heads' first dimension
+    qkv[:, :, 128:256:64] = numpy.linspace(0.0, rise, 600, dtype=numpy.float32)[None, :, None]  # the keys'
+    qkv = qkv.astype(numpy.float16)
+    want, _, _ = op(qkv)
+    got, _, _ = op(cupy.asarray(qkv))
+    assert rel_error(got, want) < TOL[numpy.dtype(numpy.float16)]
+
+
+@pytest.mark.gpu
 def test_gpu_capture_raises(rng):
     """A decode step captured into a CUDA graph would replay its positions and key ranges (host values):
     the op refuses before writing anything."""
