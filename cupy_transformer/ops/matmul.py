@@ -141,7 +141,8 @@ def use_gemv(x, w, transposed, bias, act) -> bool:
     cupy = import_cupy()
     if x.shape[0] > GEMV_MAX_ROWS or not gemv_fits(x, w, transposed, bias, act):
         return False
-    capturing = cupy.cuda.get_current_stream().is_capturing()
+    stream = cupy.cuda.get_current_stream()
+    capturing = stream.is_capturing()
     key = _choice_key(x, w, transposed, bias, act)
     faster = _GEMV_FASTER.get(key) if timing.TUNE else (False, True)
     if faster is None:
@@ -158,7 +159,7 @@ def use_gemv(x, w, transposed, bias, act) -> bool:
     if not capturing and faster[0] != faster[1]:
         # A capture on this stream (which cannot make the GEMV's split workspace) runs the other one: its
         # per-stream workspace is made now, by the call a capture needs first ("run the step once").
-        ready = (key, cupy.cuda.get_current_stream().ptr)
+        ready = (key, stream.ptr)
         if ready not in _CAPTURE_READY:
             if faster[1]:
                 _gemv_launch(x, w, transposed)
