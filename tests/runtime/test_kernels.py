@@ -132,7 +132,8 @@ def test_resident_blocks_follows_the_occupancy_rules(monkeypatch, regs, shared, 
                   "MaxThreadsPerMultiProcessor": 2048}
     fake = SimpleNamespace(cuda=SimpleNamespace(Device=lambda: SimpleNamespace(attributes=attributes)))
     monkeypatch.setattr(kernels, "import_cupy", lambda: fake)
-    assert kernels.resident_blocks(SimpleNamespace(num_regs=regs, shared_size_bytes=shared), threads, dynamic) == blocks
+    kernel = SimpleNamespace(num_regs=regs, shared_size_bytes=shared)
+    assert kernels.resident_blocks(kernel, threads, dynamic) == blocks
 
 
 def test_wave_blocks_is_resident_blocks_on_every_sm_read_once(monkeypatch):
