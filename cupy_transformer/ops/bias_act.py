@@ -15,21 +15,21 @@ import math
 import numpy
 
 from ..runtime.arrays import as_array, check_no_overlap, common_kind, deliver, empty_like_kind, to_caller
-from ..runtime.kernels import CTYPES, KernelFamily, access_width, elementwise_grid, i32, vector_count, vector_width
+from ..runtime.kernels import (CTYPES, KernelFamily, access_width, elementwise_grid, i32, run_variants, vector_count,
+                               whole_rows)
 from .config import ActivationType, parse_enum
 
 
 _ACTS = (0,) + tuple(int(a) for a in ActivationType)
 
 
-def _name(dtype: numpy.dtype, act: int, vec: int, whole: bool) -> str:
-    return f"ct::bias_act<{CTYPES[dtype]}, {act}, {vec}, {str(whole).lower()}>"
+def _name(dtype: numpy.dtype, act: int, vec: int, whole: str) -> str:
+    return f"ct::bias_act<{CTYPES[dtype]}, {act}, {vec}, {whole}>"
 
 
 _KERNELS = KernelFamily(
     "bias_act.cu",
-    [_name(d, a, v, w) for d in CTYPES for a in _ACTS for v, w in ((vector_width(d), True), (vector_width(d), False),
-                                                                    (1, True))],
+    [_name(d, a, v, w) for d in CTYPES for a in _ACTS for v, w in run_variants(d)],
 )
 
 
@@ -103,7 +103,7 @@ def apply_bias_act(h, bias, act, out=None):
     if rows and width:
         # Gated, a run's up and gate elements are `width` apart: aligned together only for whole-vector rows.
         vec = access_width(h.dtype, width, h, out, bias, any_width=not gated)
-        kernel = _KERNELS.kernel(_name(h.dtype, 0 if act is None else int(act), vec, width % vec == 0))
+        kernel = _KERNELS.kernel(_name(h.dtype, 0 if act is None else int(act), vec, whole_rows(width, vec)))
         vectors, tail = divmod(rows * width, vec)
         kernel(
             elementwise_grid(vectors),

@@ -148,11 +148,14 @@ def use_gemv(x, w, transposed, bias, act) -> bool:
     if faster is None:
         if capturing:
             return True
-        eager = timing.fastest([lambda: gemv(x, w, transposed, bias, act),
-                                lambda: _cublas(x, w, transposed, bias, act)]) == 0
+
+        def run_gemv():
+            return gemv(x, w, transposed, bias, act)
+
+        eager = timing.fastest([run_gemv, lambda: _cublas(x, w, transposed, bias, act)]) == 0
         try:
-            graph = timing.fastest([lambda: gemv(x, w, transposed, bias, act),
-                                    lambda: _cublas(x, w, transposed, bias, act, fallback=False)], graph=True) == 0
+            graph = timing.fastest([run_gemv, lambda: _cublas(x, w, transposed, bias, act, fallback=False)],
+                                   graph=True) == 0
         except cublaslt.CublasLtError:
             graph = True
         faster = _GEMV_FASTER[key] = (eager, graph)

@@ -24,13 +24,13 @@ from __future__ import annotations
 import numpy
 
 from ..runtime.arrays import check_no_overlap, common_kind, deliver, empty_like_kind, to_caller
-from ..runtime.kernels import CTYPES, KernelFamily, access_width, elementwise_grid, f32, i32, vector_count, vector_width
+from ..runtime.kernels import (CTYPES, KernelFamily, access_width, elementwise_grid, f32, i32, run_variants,
+                               vector_count, whole_rows)
 from .base import TransformerOp
 
 _KERNELS = KernelFamily(
     "residual_add.cu",
-    [f"ct::residual_combine<{c}, {v}, {w}>" for d, c in CTYPES.items()
-     for v, w in ((vector_width(d), "true"), (vector_width(d), "false"), (1, "true"))],
+    [f"ct::residual_combine<{c}, {v}, {w}>" for d, c in CTYPES.items() for v, w in run_variants(d)],
 )
 
 
@@ -55,7 +55,7 @@ def combine(partial: list, replicated: list, biases: list, mp_size: int, out=Non
     # The kernel's slots: p0, p1, r0, r1, b0, b1; absent ones get a placeholder and a cleared bit.
     slots = [*partial, None][:2] + [*replicated, None, None][:2] + [*biases, None, None][:2]
     present = sum(1 << (i - 1) for i, a in enumerate(slots) if i and a is not None)
-    _KERNELS.kernel(f"ct::residual_combine<{CTYPES[first.dtype]}, {vec}, {str(width % vec == 0).lower()}>")(
+    _KERNELS.kernel(f"ct::residual_combine<{CTYPES[first.dtype]}, {vec}, {whole_rows(width, vec)}>")(
         elementwise_grid(vectors),
         (256,),
         tuple(first if a is None else a for a in slots)

@@ -284,11 +284,11 @@ def _prefill(q, k, v, start, mask, alibi, scale, cfg, kernels=None, geometry=Non
     b, h, s, d = q.shape
     items = q.dtype.itemsize
 
-    def rows(a):  # views of the fused projection qualify as they are
+    def aligned(a):  # views of the fused projection qualify as they are
         ok = a.strides[-1] == items and all(x % 16 == 0 for x in a.strides[:-1]) and a.data.ptr % 16 == 0
         return a if ok else cupy.ascontiguousarray(a)
 
-    q, k, v = rows(q), rows(k), rows(v)
+    q, k, v = aligned(q), aligned(k), aligned(v)
     out = cupy.empty((b, s, h * d), q.dtype)
     mask_kind, mask_arg, mask_len, alibi_arg, alibi_len = _mask_args(mask, alibi, b, h, q)
     group = h // k.shape[1]

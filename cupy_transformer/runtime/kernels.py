@@ -216,6 +216,19 @@ def access_width(dtype: numpy.dtype, width: int, *arrays, any_width: bool = Fals
     return vec if aligned and (any_width or width % vec == 0) else 1
 
 
+
+def run_variants(dtype: numpy.dtype) -> tuple[tuple[int, str], ...]:
+    """The (VEC, WHOLE) template arguments an elementwise.cuh kernel is built with for ``dtype``: 16-byte runs
+    over rows of whole vectors or of any width, and single elements (whose rows are always whole)."""
+    vec = vector_width(dtype)
+    return (vec, "true"), (vec, "false"), (1, "true")
+
+
+def whole_rows(width: int, vec: int) -> str:
+    """The WHOLE template argument (a C++ bool) for rows of ``width`` elements walked in runs of ``vec``."""
+    return "true" if width % vec == 0 else "false"
+
+
 _SM_COUNTS: dict[int, int] = {}
 
 
