@@ -100,6 +100,13 @@ def test_gpu_prompt_then_decode_matches_full_attention(rng, dtype, name):
     prompt_then_decode(rng, dtype, name, gpu=True)
 
 
+def nan_past(cache, lengths):
+    """NaN in every cache slot past each sequence's length (slots that may hold anything, and must never be
+    read: 0 x NaN is NaN)."""
+    for b, n in enumerate(lengths):
+        cache.keys[:, b, :, n:], cache.values[:, b, :, n:] = numpy.nan, numpy.nan
+
+
 def two_sequences(rng, gpu, steps):
     """Prompts of 3 and 5 tokens, each followed by ``steps`` more, and each history's context run alone (all
     at once, no cache): (xp, kind, config, op, width, histories, contexts alone)."""
@@ -155,9 +162,7 @@ def right_padded_batch(rng, gpu):
     got = host(ctx)  # the pad's outputs (sequence 0, tokens 3 and 4) are unused
     assert rel_error(got[0, :3], alone[0][:3]) < 1e-5 and rel_error(got[1], alone[1][:5]) < 1e-5
     cache.set_lengths(lengths)
-    for b, n in enumerate(lengths):  # slots past a length may hold anything, NaN too: never read
-        cache.keys[:, b, :, n:] = numpy.nan
-        cache.values[:, b, :, n:] = numpy.nan
+    nan_past(cache, lengths)
     for step in range(3):
         start = cache.reserve(1)
         assert start.tolist() == [3 + step, 5 + step]
@@ -441,8 +446,7 @@ def test_gpu_cuda_core_decode_kernel(rng, poisoned_allocations, monkeypatch, dty
     cache = KVCache(1, 2, kv, 160, d, dtype, backend="cupy")
     op(cupy.asarray(tokens[:, :150].copy()), cache=cache, start=cache.reserve(150))
     cache.set_lengths([150, 77])
-    for b, n in enumerate(cache.lengths.tolist()):
-        cache.keys[:, b, :, n:], cache.values[:, b, :, n:] = numpy.nan, numpy.nan
+    nan_past(cache, [150, 77])
     ctx, _, _ = op(cupy.asarray(tokens[:, 150:].copy()), cache=cache, start=cache.reserve(1))
     assert len(calls) == 1
     want = [history(tokens[0], c, numpy.arange(151))[-1],
@@ -495,8 +499,7 @@ def test_gpu_prefill_kernel_after_a_past(rng, poisoned_allocations, prefill_kern
         xp = numpy if cache.kind == "numpy" else cupy
         cache.keys[...], cache.values[...] = xp.asarray(content[0]), xp.asarray(content[1])
         if xp is cupy:
-            for b, past in enumerate(pasts):
-                cache.keys[:, b, :, past:], cache.values[:, b, :, past:] = numpy.nan, numpy.nan
+            nan_past(cache, pasts)
         cache.set_lengths(pasts)
     qkv = random(rng, (3, s, (heads + 2 * kv) * d), dtype)
     keep = rng.random((3, room)) < 0.8
