@@ -13,10 +13,8 @@ namespace ct {
 template <typename T>
 struct PrefillRules {
     int first, len, causal, window, mask_kind, alibi_len;
-    const void* mask;    // [B, mask_len]: T (additive) or bool as bytes
-    long long mask_row;  // this sequence's row: b mask_len
-    const T* alibi;      // [B, h, alibi_len]
-    long long alibi_row; // this (sequence, head)'s row: (b h + head) alibi_len
+    const void* mask;  // this sequence's row of mask [B, mask_len]: T (additive) or bool as bytes
+    const T* alibi;    // this (sequence, head)'s row of alibi [B, h, alibi_len]
 
     // Every key of [j0, j0 + bn) visible to every row of [row0, row0 + rows) and nothing to add: the scale can
     // ride in the exp (it must be positive to take the row maximum before scaling).
@@ -26,22 +24,65 @@ struct PrefillRules {
                sl2 > 0.f;
     }
 
-    // Scores to log2 units with the rules, the mask and alibi per element; row: the tile's first row.
+    // Whether the rules alone (the length, causal, the window) let the query in slot p see key j.
+    __device__ __forceinline__ bool sees(int j, int p) const {
+        return j < len && (!causal || j <= p) && (window <= 0 || j > p - window);
+    }
+
+    // The boolean mask's bits of the keys j0..: bit i of word c keeps key j0 + 32c + i (all ones without
+    // one); each warp reads the tile's keys once (lane i: keys j0 + 32c + i).
     template <int BN>
-    __device__ __forceinline__ void apply(float (&s)[BN / 8][4], int j0, int row, float sl2) const {
+    __device__ __forceinline__ void mask_bits(unsigned (&bits)[BN / 32], int j0) const {
+        const int lane = threadIdx.x % 32;
+#pragma unroll
+        for (int c = 0; c < BN / 32; ++c) {
+            const int at = min(j0 + 32 * c + lane, len - 1);  // keys past the sequence's are dropped by apply
+            bits[c] = mask_kind == 2 ? __ballot_sync(0xffffffffu, static_cast<const unsigned char*>(mask)[at]) : ~0u;
+        }
+    }
+
+    // Scores to log2 units with the rules, the mask and alibi per element; row: the tile's first row. A load
+    // under each element's rule makes a divergent branch an element (a quarter of the time at S 512 causal,
+    // half to two thirds at BERT's padding masks): with neither, nothing is read, and with BITS a boolean
+    // mask comes as mask_bits' bits. (BITS false: the sm90 kernel at BN 128, where the bits spilled registers
+    // in its loop.)
+    template <int BN, bool BITS>
+    __device__ __forceinline__ void apply(float (&s)[BN / 8][4], int j0, int row, float sl2,
+                                          const unsigned (&bits)[BN / 32]) const {
         const int lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+        if (mask_kind == 0 && alibi_len == 0) {
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = j0 + 8 * j + 2 * tq + (e & 1), p = first + row + g + 8 * (e >> 1);
+                    s[j][e] = sees(key, p) ? s[j][e] * sl2 : neg_inf();
+                }
+            return;
+        }
+        if (BITS && mask_kind == 2 && alibi_len == 0) {
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int bit = 8 * (j % 4) + 2 * tq + (e & 1), key = j0 + 32 * (j / 4) + bit;
+                    const int p = first + row + g + 8 * (e >> 1);
+                    s[j][e] = sees(key, p) && (bits[j / 4] >> bit & 1) ? s[j][e] * sl2 : neg_inf();
+                }
+            return;
+        }
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int key = j0 + 8 * j + 2 * tq + (e & 1), p = first + row + g + 8 * (e >> 1);
-                bool keep = key < len && (!causal || key <= p) && (window <= 0 || key > p - window);
+                bool keep = sees(key, p);
                 float x = s[j][e] * sl2;
                 if (keep && mask_kind == 2)
-                    keep = static_cast<const unsigned char*>(mask)[mask_row + key];
+                    keep = static_cast<const unsigned char*>(mask)[key];
                 else if (keep && mask_kind == 1)
-                    x += to_float(static_cast<const T*>(mask)[mask_row + key]) * LOG2E;
-                if (keep && alibi_len > 0) x += to_float(alibi[alibi_row + key]) * LOG2E;
+                    x += to_float(static_cast<const T*>(mask)[key]) * LOG2E;
+                if (keep && alibi_len > 0) x += to_float(alibi[key]) * LOG2E;
                 s[j][e] = keep ? x : neg_inf();
             }
     }
@@ -71,8 +112,9 @@ struct PrefillBlock {
         k_end = causal ? min(len, first + min(q0 + BM, S)) : len;
         k_begin = window > 0 ? max(0, first + q0 - window + 1) : 0;
         q = q_all + b * q_seq + head * q_head;
-        rules = {first, len, causal, window, mask_kind, alibi_len, mask, static_cast<long long>(b) * mask_len,
-                 alibi, (static_cast<long long>(b) * h + head) * alibi_len};
+        const long long row = static_cast<long long>(b) * mask_len * (mask_kind == 1 ? sizeof(T) : 1);
+        rules = {first, len, causal, window, mask_kind, alibi_len, static_cast<const char*>(mask) + row,
+                 alibi + (static_cast<long long>(b) * h + head) * alibi_len};
     }
 };
 

@@ -113,9 +113,12 @@ attention_prefill(const T* __restrict__ q, const T* __restrict__ k, const T* __r
         }
         // Scale, rules, mask and alibi per element only where the tile needs them.
         const bool whole = rules.whole(j0, BN, q0, BM, k_begin, sl2);
-        if (!whole)
+        if (!whole) {
+            unsigned bits[BN / 32];
+            rules.template mask_bits<BN>(bits, j0);
 #pragma unroll
-            for (int t = 0; t < MT; ++t) rules.template apply<BN>(s[t], j0, q0 + w0 + 16 * t, sl2);
+            for (int t = 0; t < MT; ++t) rules.template apply<BN, true>(s[t], j0, q0 + w0 + 16 * t, sl2, bits);
+        }
 #pragma unroll
         // Exact maxima: the lazy rule (attention_tile.cuh) made this kernel 3-10% slower at head sizes 64 and 80.
         for (int t = 0; t < MT; ++t) online_softmax<BN, D, false>(s[t], o[t], m[t], l[t], whole ? sl2 : 1.f);

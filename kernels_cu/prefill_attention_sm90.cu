@@ -100,7 +100,12 @@ attention_prefill_sm90(const T* __restrict__ q, const void* __restrict__ kmap, c
         wg_commit();
         wg_wait(s);
         const bool whole = rules.whole(j0, BN, q0, BM, k_begin, sl2);
-        if (!whole) rules.template apply<BN>(s, j0, q0 + w0, sl2);
+        if (!whole) {
+            constexpr bool BITS = BN <= 64;  // attention_tile.cuh's apply
+            unsigned bits[BN / 32];
+            if (BITS) rules.template mask_bits<BN>(bits, j0);
+            rules.template apply<BN, BITS>(s, j0, q0 + w0, sl2, bits);
+        }
         online_softmax<BN, DP, true>(s, o, m, l, whole ? sl2 : 1.f);  // lazy: 1.01-1.09x (benchmarks/NOTES.md)
         unsigned pa[BN / 16][4];  // all written before the fence: the products read them
 #pragma unroll
