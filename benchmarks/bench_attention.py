@@ -1,7 +1,8 @@
 """Attention kernels against torch's scaled_dot_product_attention in one process, SDPA with its default
 backend choice (cuDNN on this stack) and with the flash backend forced, on the issue's sizes:
 - prefill (the launcher's kernel: prefill_attention_sm90.cu on an H100/H200, with prefill_attention.cu, the
-  mma.sync kernel of other GPUs, beside it), causal fp16, B8 H16 S2048 D64 and B4 H32 S4096 D128: TFLOP/s
+  mma.sync kernel of other GPUs, beside it), fp16, B8 H16 S2048 D64 and B4 H32 S4096 D128 causal and not, a
+  short causal sequence, and BERT-style boolean padding masks (MiniLM's head size 32, BERT-base's 64): TFLOP/s
   (causal: half of 4 B H S^2 D, FlashAttention's convention) against cuBLAS's measured fp16 rate;
 - decode (kernels_cu/decode_attention.cu): one query token per sequence over a KV cache, context 4096, 32
   heads of 128, batch 1 and 16, and grouped-query 32/8: GB/s of K + V read against the copy bandwidth.
@@ -30,7 +31,11 @@ from cupy_transformer.ops.softmax_context import _PREFILL, _decode, _prefill  # 
 
 CASES = [(1, 32, 32, 4096), (16, 32, 32, 4096), (1, 32, 8, 4096), (16, 32, 8, 4096), (1, 32, 32, 16384)]
 D = 128
-PREFILL = [(8, 16, 2048, 64, True), (4, 32, 4096, 128, True), (8, 16, 2048, 64, False), (4, 32, 4096, 128, False)]
+# Prefill: (B, H, S, D, keys a query sees: "causal", "all", or "padding" (a boolean mask a sequence keeping
+# its first S/2 to S keys, every query))
+PREFILL = [(8, 16, 2048, 64, "causal"), (4, 32, 4096, 128, "causal"), (8, 16, 2048, 64, "all"),
+           (4, 32, 4096, 128, "all"), (32, 16, 512, 64, "causal"), (64, 12, 256, 32, "padding"),
+           (64, 12, 384, 64, "padding")]
 # SoftmaxOp: (B, h, Q, K, causal, mask kind, alibi)
 SOFTMAX = [(4, 16, 2048, 2048, True, "additive", False), (8, 16, 512, 512, False, "bool", True),
            (16, 32, 1, 16384, False, "bool", False), (1, 32, 1, 131072, False, None, True),
@@ -59,43 +64,52 @@ def prefill_rows() -> list[str]:
     lines = [
         f"\n## Prefill (fp16), cuBLAS fp16 matmul 8192^3: {rate:.0f} TFLOP/s\n",
         "q, k, v contiguous [B, H, S, D] (ours reads them in place; its launcher also takes the strided views of "
-        "a fused QKV projection and a cache layer). TFLOP/s = 4 B H S^2 D (halved when causal) / time. 'ours' is "
-        "the launcher's kernel; 'mma.sync' is prefill_attention.cu (the kernel of GPUs before Hopper) on this one.\n",
-        "| B | H | S | D | causal | ours µs | TFLOP/s | of cuBLAS | mma.sync µs | SDPA µs | TFLOP/s | flash µs "
+        "a fused QKV projection and a cache layer). TFLOP/s = 4 B H S^2 D (halved when causal; over all S keys "
+        "with a padding mask) / time. 'ours' is the launcher's kernel; 'mma.sync' is prefill_attention.cu (the kernel "
+        "of GPUs before Hopper, and of head size 32 on this one) on this one. SDPA's flash backend takes no mask.\n",
+        "| B | H | S | D | keys | ours µs | TFLOP/s | of cuBLAS | mma.sync µs | SDPA µs | TFLOP/s | flash µs "
         "| TFLOP/s | vs SDPA | vs flash |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines))
     errors = []
-    for b, h, s, d, causal in PREFILL:
+    for b, h, s, d, keys in PREFILL:
         q, k, v = (cupy.random.standard_normal((b, h, s, d), dtype=cupy.float32).astype(cupy.float16) for _ in "qkv")
+        causal = keys == "causal"
         cfg = InferenceConfig(hidden_size=h * d, heads=h, dtype=numpy.float16, triangular_masking=causal)
         start = cupy.zeros(b, cupy.int32)
+        mask = None
+        if keys == "padding":
+            lengths = numpy.random.default_rng(0).integers(s // 2, s + 1, b)
+            mask = cupy.asarray(numpy.arange(s) < lengths[:, None]).reshape(b, 1, 1, s)
         tq, tk, tv = (torch.from_dlpack(x) for x in (q, k, v))
+        tmask = None if mask is None else torch.from_dlpack(mask)
 
         def sdpa():
-            return F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
-
-        flash_sdpa = on_flash(sdpa)
+            return F.scaled_dot_product_attention(tq, tk, tv, attn_mask=tmask, is_causal=causal)
 
         # In turn over three rounds (timed once, right after the matmul rate, ours read 13% slower on an H200
         # than in an A/B run minutes later).
-        t = fastest_in_turn({"ours": lambda: _prefill(q, k, v, start, None, None, d**-0.5, cfg),
-                             "other": lambda: _prefill(q, k, v, start, None, None, d**-0.5, cfg, _PREFILL),
-                             "theirs": sdpa, "flash": flash_sdpa}, reps=20)
-        ours, other, theirs, flash = t["ours"], t["other"], t["theirs"], t["flash"]
-        got = _prefill(q, k, v, start, None, None, d**-0.5, cfg).reshape(b, s, h, d)
+        fns = {"ours": lambda: _prefill(q, k, v, start, mask, None, d**-0.5, cfg),
+               "other": lambda: _prefill(q, k, v, start, mask, None, d**-0.5, cfg, _PREFILL), "theirs": sdpa}
+        if mask is None:
+            fns["flash"] = on_flash(sdpa)
+        t = fastest_in_turn(fns, reps=20)
+        ours, other, theirs, flash = t["ours"], t["other"], t["theirs"], t.get("flash")
+        got = _prefill(q, k, v, start, mask, None, d**-0.5, cfg).reshape(b, s, h, d)
         err = float(cupy.linalg.norm(got.astype(cupy.float32) - cupy.asarray(sdpa().transpose(1, 2)).astype(
             cupy.float32)) / cupy.linalg.norm(got.astype(cupy.float32)))
         flops = 4 * b * h * s * s * d / (2 if causal else 1)
-        tf = [flops / us / 1e6 for us in (ours, theirs, flash)]
-        line = (f"| {b} | {h} | {s} | {d} | {'yes' if causal else 'no'} | {ours:.0f} | {tf[0]:.0f} | "
-                f"{100 * tf[0] / rate:.0f}% | {other:.0f} | {theirs:.0f} | {tf[1]:.0f} | {flash:.0f} | {tf[2]:.0f} | "
-                f"{theirs / ours:.2f} | {flash / ours:.2f} |")
+        tf = [flops / us / 1e6 for us in (ours, theirs)]
+        flash_us, flash_tf, vs_flash = (f"{flash:.0f}", f"{flops / flash / 1e6:.0f}", f"{flash / ours:.2f}") \
+            if flash else ("-",) * 3
+        line = (f"| {b} | {h} | {s} | {d} | {keys} | {ours:.0f} | {tf[0]:.0f} | {100 * tf[0] / rate:.0f}% | "
+                f"{other:.0f} | {theirs:.0f} | {tf[1]:.0f} | {flash_us} | {flash_tf} | {theirs / ours:.2f} | "
+                f"{vs_flash} |")
         print(line, f"(rel. diff vs SDPA {err:.1e})")
         lines.append(line)
         errors.append(err)
-        q = k = v = tq = tk = tv = None
+        q = k = v = tq = tk = tv = mask = tmask = None
         free_gpu_memory()
     lines.append(difference_line("Each row's output was compared with SDPA's", errors))
     return lines

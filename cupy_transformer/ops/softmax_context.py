@@ -77,12 +77,16 @@ _PREFILL = KernelFamily(
 )
 # Head size -> keys per tile of the Hopper prefill kernel (128 query rows a block): the faster of 64 and 128
 # with TMA copies in the A/B of benchmarks/results/gpu-runs.md (ninth session); 80 and 96 run padded to 128.
+# With a boolean mask (and no alibi) 64 at every head size: only at 64 does the kernel take the mask as bits
+# (attention_tile.cuh's apply), 1.4-1.8x faster with padding masks at head size 64 (benchmarks/NOTES.md).
 PREFILL_SM90_TILE = {64: 128, 80: 64, 96: 64, 128: 64}
+PREFILL_SM90_MASK_TILE = 64
 SM90_PREFILL = True  # take it where it builds (tests turn it off to cover the other kernel there)
+_SM90_SHAPES = sorted(set(PREFILL_SM90_TILE.items()) | {(d, PREFILL_SM90_MASK_TILE) for d in PREFILL_SM90_TILE})
 _PREFILL_SM90 = KernelFamily(
     "prefill_attention_sm90.cu",
     [f"ct::attention_prefill_sm90<{c}, {d}, {bn}>" for t, c in CTYPES.items() if t.itemsize == 2
-     for d, bn in PREFILL_SM90_TILE.items()],
+     for d, bn in _SM90_SHAPES],
     arch="90a",
 )
 _GROUPS = (1, 2, 4, 8)  # query heads per key/value head that the decode kernel takes (rounded up)
@@ -294,7 +298,7 @@ def _prefill(q, k, v, start, mask, alibi, scale, cfg, kernels=None, geometry=Non
     group = h // k.shape[1]
     strides = q.strides[:-1]  # the queries' (sequence, head, token), then K's and V's where the kernel wants them
     if kernels is None and SM90_PREFILL and d in PREFILL_SM90_TILE and _PREFILL_SM90.builds_here():
-        bn = PREFILL_SM90_TILE[d]
+        bn = PREFILL_SM90_MASK_TILE if mask_kind == 2 and alibi_len == 0 else PREFILL_SM90_TILE[d]
         kernel = _PREFILL_SM90.kernel(f"ct::attention_prefill_sm90<{CTYPES[q.dtype]}, {d}, {bn}>")
         smem = dynamic_shared(kernel, (128 + 4 * bn) * (64 * math.ceil(d / 64)) * items + 1024)  # its layout
         rows, block = math.ceil(s / 128), 256

@@ -455,7 +455,8 @@ def test_gpu_cuda_core_decode_kernel(rng, poisoned_allocations, monkeypatch, dty
 
 
 PREFILL_RULES = {  # attention rule, mask, alibi
-    "causal": dict(), "causal, key mask, alibi": dict(mask="bool", alibi=True),
+    "causal": dict(), "causal, key mask, alibi": dict(mask="bool", alibi=True), "causal, key mask": dict(mask="bool"),
+    "bidirectional, key mask": dict(triangular_masking=False, mask="bool"),
     "bidirectional": dict(triangular_masking=False), "window 40, additive mask": dict(
         local_attention=True, window_size=40, mask="additive"),
 }
