@@ -11,6 +11,10 @@ namespace ct {
 __device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned arrivals) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(bar)), "r"(arrivals) : "memory");
 }
+// After a thread's mbar_inits, before copies it issues count on them (other threads: a block barrier).
+__device__ __forceinline__ void mbar_init_fence() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n\tfence.proxy.async.shared::cta;" ::: "memory");
+}
 // Arrives, and the current phase also waits for `bytes` of copies to land.
 __device__ __forceinline__ void mbar_expect_bytes(unsigned long long* bar, unsigned bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(bar)), "r"(bytes)
@@ -25,9 +29,10 @@ __device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned pari
     } while (!done);
 }
 
-// Before a tensor map written by a copy from the host is first used by the copy engine (one thread a block).
+// Before a tensor map written by a copy from the host is first used by the copy engine (one thread a block;
+// system scope for a host's write, as the CUDA programming guide's TMA section has it).
 __device__ __forceinline__ void tensor_map_acquire(const void* map) {
-    asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;" ::"l"(map) : "memory");
+    asm volatile("fence.proxy.tensormap::generic.acquire.sys [%0], 128;" ::"l"(map) : "memory");
 }
 
 // The box at coordinates (x0 innermost .. x3) of a rank-4 tensor map to dst (1024-byte aligned for the
