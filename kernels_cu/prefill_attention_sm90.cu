@@ -77,6 +77,11 @@ attention_prefill_sm90(const T* __restrict__ q, const void* __restrict__ kmap, c
 #pragma unroll
     for (int j = 0; j < DP / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
 
+    // Descriptors advance by an operand's byte offset / 16 (wg_desc's address field, which no offset within
+    // shared memory carries out of): the bases once, then additions, not a descriptor built per product.
+    const unsigned long long q_desc = wg_desc(sq + group_row * 64, 0), k_desc = wg_desc(sk, 0);
+    const unsigned long long v_desc = wg_desc(sv, BN * 128);
+    auto step = [](int elements) { return static_cast<unsigned long long>(elements * sizeof(T) / 16); };
     for (int it = 0; it < tiles; ++it) {
         const int tile = t_first + it, buf = it & 1, j0 = tile * BN;
         if (it > 0 && it + 1 < tiles && threadIdx.x == 0) load_tile(tile + 1, buf ^ 1);  // freed by the last barrier
@@ -90,13 +95,12 @@ attention_prefill_sm90(const T* __restrict__ q, const void* __restrict__ kmap, c
             fence_async_shared();
             __syncthreads();
         }
-        const T* kt = sk + buf * BN * DP;
         float s[BN / 8][4];
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk)  // dims 16 kk..: column block kk / 4, 32 bytes a step within it
-            Wgmma<T, BN>::ss(s, wg_desc(sq + (kk / 4) * BM * 64 + group_row * 64 + (kk % 4) * 16, 0),
-                                         wg_desc(kt + (kk / 4) * BN * 64 + (kk % 4) * 16, 0), kk);
+            Wgmma<T, BN>::ss(s, q_desc + step((kk / 4) * BM * 64 + (kk % 4) * 16),
+                             k_desc + step(buf * BN * DP + (kk / 4) * BN * 64 + (kk % 4) * 16), kk);
         wg_commit();
         wg_wait(s);
         const bool whole = rules.whole(j0, BN, q0, BM, k_begin, sl2);
@@ -113,7 +117,7 @@ attention_prefill_sm90(const T* __restrict__ q, const void* __restrict__ kmap, c
         wg_fence();
 #pragma unroll
         for (int u = 0; u < BN / 16; ++u)  // keys 16u..: two 8-row groups (2048 bytes) a step
-            Wgmma<T, DP>::rs(o, pa[u], wg_desc(vt + u * 1024, BN * 128), 1);
+            Wgmma<T, DP>::rs(o, pa[u], v_desc + step(buf * BN * DP + u * 1024), 1);
         wg_commit();
         wg_wait(o);
         __syncthreads();  // the next iteration's copies overwrite this buffer
