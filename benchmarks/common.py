@@ -104,7 +104,8 @@ def fastest_in_turn(fns: dict, rounds: int = 3, **kwargs) -> dict:
     for r in range(rounds + 1):
         for name, fn in items[r % len(items):] + items[: r % len(items)]:
             t = time_us(fn, [()], **kwargs)
-            best[name] = min(best[name], t) if r else best[name]
+            if r:
+                best[name] = min(best[name], t)
     return best
 
 

@@ -13,7 +13,7 @@ namespace ct {
 template <typename T>
 struct PrefillRules {
     int first, len, causal, window, mask_kind, alibi_len;
-    const void* mask;  // this sequence's row of mask [B, mask_len]: T (additive) or bool as bytes
+    const void* mask;  // this sequence's row of mask [B, mask_len >= len]: T (additive) or bool as bytes
     const T* alibi;    // this (sequence, head)'s row of alibi [B, h, alibi_len]
 
     // Every key of [j0, j0 + bn) visible to every row of [row0, row0 + rows) and nothing to add: the scale can
