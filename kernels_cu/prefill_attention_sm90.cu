@@ -1,7 +1,7 @@
 // Prefill attention on Hopper's warpgroup tensor-core instructions (wgmma, sm_90a; the launcher takes it on
 // compute capability 9.0, prefill_attention.cu elsewhere): the math, the arguments and the grid's meaning
-// are prefill_attention.cu's, except that K and V come as tensor maps. A block of two warpgroups takes 128
-// query rows of one (sequence, head), 64 per warpgroup, 16 per warp, and streams the keys and values
+// are prefill_attention.cu's, except that K and V come as tensor maps. A block of one or two warpgroups takes
+// 64 or 128 query rows of one (sequence, head), 64 per warpgroup, 16 per warp, and streams the keys and values
 // through shared memory in tiles of BN keys, two buffers, each tile fetched by one thread's bulk tensor
 // copies (TMA: measured 1.2-1.4x faster than every thread's cp.async, which kept the load units busy).
 // S = Q K^T reads Q and K from shared memory; O += P V takes P from S's accumulators in registers and V from
@@ -14,22 +14,22 @@
 
 namespace ct {
 
-constexpr int PH_THREADS = 256, PH_ROWS = 128;
-
 // kmap, vmap: rank-4 tensor maps of k and v [B, kv, T, D] (sizes D, T, kv, B innermost first), box 64 x BN,
 // 128-byte swizzle (runtime/tensor_map.py), which hold their strides.
-// Dynamic shared memory: 1 KB of alignment slack, Q [128][DP], then K and V [2][BN][DP], so
-// (128 + 4 BN) DP elements + 1 KB. A tile of R rows is stored as DP / 64 column blocks of R rows of 128 bytes.
-// Two blocks an SM (128 registers): one block's softmax overlaps the other's products. Without the bound, the
-// grid order's index math took head sizes 64 and 80 to 130-140 registers and one block an SM, 1.4-1.5x slower.
-template <typename T, int D, int BN>
-__global__ void __launch_bounds__(PH_THREADS, 2)
+// WG: warpgroups a block, each taking 64 query rows (BM = 64 WG). Dynamic shared memory: 1 KB of alignment
+// slack, Q [BM][DP], then K and V [2][BN][DP], so (BM + 4 BN) DP elements + 1 KB. A tile of R rows is stored
+// as DP / 64 column blocks of R rows of 128 bytes. 128 registers: two blocks of two warpgroups an SM (one
+// block's softmax overlaps the other's products), or up to four of one (short sequences, where a block's
+// first loads are a larger share: benchmarks/NOTES.md). Without the bound, the grid order's index math took
+// head sizes 64 and 80 to 130-140 registers and one block an SM, 1.4-1.5x slower.
+template <typename T, int D, int BN, int WG>
+__global__ void __launch_bounds__(128 * WG, 4 / WG)
 attention_prefill_sm90(const T* __restrict__ q, const void* __restrict__ kmap, const void* __restrict__ vmap,
                        T* __restrict__ out, const void* __restrict__ mask, const T* __restrict__ alibi,
                        const int* __restrict__ start, long long q_seq, long long q_head, long long q_tok, int S,
                        int h, int group, int causal, int window, int mask_kind, int mask_len, int alibi_len,
                        float scale, int span) {
-    constexpr int DP = (D + 63) / 64 * 64, VECS = D / 8, BM = PH_ROWS;  // DP: wgmma.cuh's N for O
+    constexpr int DP = (D + 63) / 64 * 64, VECS = D / 8, BM = 64 * WG, THREADS = 128 * WG;  // DP: O's N
     static_assert(D % 16 == 0 && D >= 64 && DP <= 128 && (BN == 64 || BN == 128), "geometry (wgmma.cuh's N)");
     extern __shared__ __align__(1024) unsigned char ph_raw[];
     __shared__ unsigned long long landed[2];  // per buffer: its tile's copies
@@ -61,7 +61,7 @@ attention_prefill_sm90(const T* __restrict__ q, const void* __restrict__ kmap, c
         tensor_map_acquire(kmap), tensor_map_acquire(vmap);
         for (int it = 0; it < min(tiles, 2); ++it) load_tile(t_first + it, it);
     }
-    for (int i = threadIdx.x; i < BM * VECS; i += PH_THREADS) {
+    for (int i = threadIdx.x; i < BM * VECS; i += THREADS) {
         const int r = i / VECS, c = i % VECS;
         const bool valid = q0 + r < S;
         copy16(sq + at(r, c, BM), valid ? qp + (q0 + r) * q_tok + 8 * c : qp, valid);
@@ -88,7 +88,7 @@ attention_prefill_sm90(const T* __restrict__ q, const void* __restrict__ kmap, c
         mbar_wait(&landed[buf], (it >> 1) & 1);
         T* vt = sv + buf * BN * DP;
         if (j0 < k_begin || j0 + BN > k_end) {  // V rows outside [k_begin, k_end) to zeros: a cache slot may hold
-            for (int i = threadIdx.x; i < BN * VECS; i += PH_THREADS) {  // NaN, and 0 * NaN is NaN (K's are masked)
+            for (int i = threadIdx.x; i < BN * VECS; i += THREADS) {  // NaN, and 0 * NaN is NaN (K's are masked)
                 const int r = i / VECS, key = j0 + r;
                 if (key < k_begin || key >= k_end) *reinterpret_cast<uint4*>(vt + at(r, i % VECS, BN)) = uint4{};
             }

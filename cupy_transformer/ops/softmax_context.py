@@ -81,12 +81,25 @@ _PREFILL = KernelFamily(
 # (attention_tile.cuh's apply), 1.4-1.8x faster with padding masks at head size 64 (benchmarks/NOTES.md).
 PREFILL_SM90_TILE = {64: 128, 80: 64, 96: 64, 128: 64}
 PREFILL_SM90_MASK_TILE = 64
+# Head size 64 up to this many query tokens: blocks of one warpgroup (64 rows, 64 keys a tile, up to four
+# blocks an SM), 1.07-1.12x at S 256-384 on an H200; at S 512 and above two warpgroups were as fast or faster.
+PREFILL_SM90_SHORT = 384
 SM90_PREFILL = True  # take it where it builds (tests turn it off to cover the other kernel there)
-_SM90_SHAPES = sorted(set(PREFILL_SM90_TILE.items()) | {(d, PREFILL_SM90_MASK_TILE) for d in PREFILL_SM90_TILE})
-_PREFILL_SM90 = KernelFamily(
+
+
+def _sm90_geometry(d: int, s: int, mask_bits: bool) -> tuple[int, int]:
+    """(keys a tile, warpgroups a block) of the Hopper prefill kernel for head size ``d`` and ``s`` query
+    tokens; ``mask_bits``: a boolean mask without alibi."""
+    if d == 64 and s <= PREFILL_SM90_SHORT:
+        return 64, 1
+    return (PREFILL_SM90_MASK_TILE if mask_bits else PREFILL_SM90_TILE[d]), 2
+
+
+_PREFILL_SM90 = KernelFamily(  # every geometry _sm90_geometry picks
     "prefill_attention_sm90.cu",
-    [f"ct::attention_prefill_sm90<{c}, {d}, {bn}>" for t, c in CTYPES.items() if t.itemsize == 2
-     for d, bn in _SM90_SHAPES],
+    [f"ct::attention_prefill_sm90<{c}, {d}, {bn}, {wg}>" for t, c in CTYPES.items() if t.itemsize == 2
+     for d, bn, wg in sorted({(d, *_sm90_geometry(d, s, bits)) for d in PREFILL_SM90_TILE
+                              for s in (1, PREFILL_SM90_SHORT + 1) for bits in (False, True)})],
     arch="90a",
 )
 _GROUPS = (1, 2, 4, 8)  # query heads per key/value head that the decode kernel takes (rounded up)
@@ -298,10 +311,10 @@ def _prefill(q, k, v, start, mask, alibi, scale, cfg, kernels=None, geometry=Non
     group = h // k.shape[1]
     strides = q.strides[:-1]  # the queries' (sequence, head, token), then K's and V's where the kernel wants them
     if kernels is None and SM90_PREFILL and d in PREFILL_SM90_TILE and _PREFILL_SM90.builds_here():
-        bn = PREFILL_SM90_MASK_TILE if mask_kind == 2 and alibi_len == 0 else PREFILL_SM90_TILE[d]
-        kernel = _PREFILL_SM90.kernel(f"ct::attention_prefill_sm90<{CTYPES[q.dtype]}, {d}, {bn}>")
-        smem = dynamic_shared(kernel, (128 + 4 * bn) * (64 * math.ceil(d / 64)) * items + 1024)  # its layout
-        rows, block = math.ceil(s / 128), 256
+        bn, wg = _sm90_geometry(d, s, mask_kind == 2 and alibi_len == 0)
+        kernel = _PREFILL_SM90.kernel(f"ct::attention_prefill_sm90<{CTYPES[q.dtype]}, {d}, {bn}, {wg}>")
+        smem = dynamic_shared(kernel, (64 * wg + 4 * bn) * (64 * math.ceil(d / 64)) * items + 1024)  # its layout
+        rows, block = math.ceil(s / (64 * wg)), 128 * wg
         k, v = tile_map(k, bn), tile_map(v, bn)  # the kernel fetches its tiles by TMA; a map holds the strides
     else:
         mt, bn = geometry or PREFILL_GEOMETRY[d]

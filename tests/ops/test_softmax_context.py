@@ -462,16 +462,20 @@ PREFILL_RULES = {  # attention rule, mask, alibi
 }
 
 
-@pytest.fixture(params=["launcher's", "mma.sync"])
+@pytest.fixture(params=["launcher's", "two warpgroups", "mma.sync"])
 def prefill_kernel(request, monkeypatch):
     """Which prefill kernel a test runs: the launcher's choice (on an H100/H200, prefill_attention_sm90.cu for
-    head sizes 64 and 128), or prefill_attention.cu's there too (the kernel of other GPUs)."""
+    head sizes 64-128, with one warpgroup a block for short prompts at 64), that kernel with two warpgroups a
+    block for those too, or prefill_attention.cu's there too (the kernel of other GPUs). A test whose head size
+    and length give the launcher's kernel under "two warpgroups" skips it."""
     from cupy_transformer.ops import softmax_context
     from cupy_transformer.runtime.kernels import compute_capability
 
+    if request.param != "launcher's" and compute_capability() != 90:
+        pytest.skip("the launcher takes prefill_attention.cu here already")
+    if request.param == "two warpgroups":
+        monkeypatch.setattr(softmax_context, "PREFILL_SM90_SHORT", 0)
     if request.param == "mma.sync":
-        if compute_capability() != 90:
-            pytest.skip("the launcher takes prefill_attention.cu here already")
         monkeypatch.setattr(softmax_context, "SM90_PREFILL", False)
     return request.param
 
@@ -488,6 +492,8 @@ def test_gpu_prefill_kernel_after_a_past(rng, poisoned_allocations, prefill_kern
 
     if prefill_kernel == "mma.sync" and d not in PREFILL_SM90_TILE:
         pytest.skip("this head size runs prefill_attention.cu already")
+    if prefill_kernel == "two warpgroups" and d != 64:
+        pytest.skip("this head size runs two warpgroups a block already")
 
     options = dict(PREFILL_RULES[rule])
     mask_kind, with_alibi = options.pop("mask", None), options.pop("alibi", False)
@@ -521,6 +527,9 @@ def test_gpu_prefill_kernel_without_a_cache(rng, poisoned_allocations, prefill_k
     """A prompt without a cache: K and V are read where they are (views of the projection), or K turned by
     rotary into an array of its own while V stays a view, so the two have different strides."""
     import cupy
+
+    if prefill_kernel == "two warpgroups" and d != 64:
+        pytest.skip("this head size runs two warpgroups a block already")
 
     turn = dict(rotary_dim=d, rotate_half=True, rotate_every_two=False) if rotary else {}
     c = cfg(dtype, heads=4, kv=2, d=d, **turn)
@@ -559,11 +568,14 @@ def test_gpu_prefill_at_head_sizes_without_a_kernel(rng, poisoned_allocations, d
 @pytest.mark.parametrize("span", [1, 2, 5, 64])
 @pytest.mark.parametrize("d", [64, 128])
 def test_gpu_prefill_grid_in_groups_of_any_span(rng, poisoned_allocations, prefill_kernel, monkeypatch, span, d):
-    """The prefill grid walks its (sequence, head) pairs in groups of ``span`` (12 pairs of 3 row blocks here:
-    one pair a group, groups splitting a kv head's two query heads, a last group of 2, all in one): every
-    block still computes its own rows, causal over a 300-token prompt."""
+    """The prefill grid walks its (sequence, head) pairs in groups of ``span`` (12 pairs of 3 row blocks here,
+    5 with one warpgroup a block: one pair a group, groups splitting a kv head's two query heads, a last group
+    of 2, all in one): every block still computes its own rows, causal over a 300-token prompt."""
     import cupy
     from cupy_transformer.ops import softmax_context
+
+    if prefill_kernel == "two warpgroups" and d != 64:
+        pytest.skip("this head size runs two warpgroups a block already")
 
     monkeypatch.setattr(softmax_context, "prefill_span", lambda *args: span)
     c = cfg(numpy.float16, heads=4, kv=2, d=d)
@@ -582,6 +594,9 @@ def test_gpu_prefill_with_scores_rising_along_the_keys(rng, poisoned_allocations
     row's running maximum moves on many tiles: by less than the lazy rule's 8 (a stale maximum, exp2 values
     up to 256) and by more (o and l rescaled); fp16 against the float64 reference, 600 tokens, d 64."""
     import cupy
+
+    if prefill_kernel == "two warpgroups":
+        pytest.skip("600 tokens run two warpgroups a block already")
 
     c = cfg(numpy.float16, heads=2, kv=2, d=64, triangular_masking=causal)
     op = ops.SoftmaxContextOp(c)
@@ -618,6 +633,9 @@ def test_gpu_capture_raises(rng):
 def test_gpu_prefill_kernel_on_a_long_context(rng, poisoned_allocations, prefill_kernel):
     """300 queries after pasts of 0, 4000 and 16084 tokens (keys up to 16384), causal with a key mask."""
     import cupy
+
+    if prefill_kernel == "two warpgroups":
+        pytest.skip("head size 128 runs two warpgroups a block already")
 
     c = cfg(numpy.float16, heads=4, kv=2, d=128, rotary_dim=64, rope_theta=500000.0)
     op = ops.SoftmaxContextOp(c)
