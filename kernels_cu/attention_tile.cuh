@@ -45,7 +45,8 @@ struct PrefillRules {
     // under each element's rule makes a divergent branch an element (a quarter of the time at S 512 causal,
     // half to two thirds at BERT's padding masks): with neither, nothing is read, and with BITS a boolean
     // mask comes as mask_bits' bits. (BITS false: the sm90 kernel at BN 128, where the bits spilled registers
-    // in its loop.)
+    // in its loop. The rules-only loop is the bits loop with all bits set, kept apart: merging the two, or
+    // setting the bits at run time, changed the kernels' code and register allocation, unmeasured or worse.)
     template <int BN, bool BITS>
     __device__ __forceinline__ void apply(float (&s)[BN / 8][4], int j0, int row, float sl2,
                                           const unsigned (&bits)[BN / 32]) const {

@@ -480,6 +480,16 @@ def prefill_kernel(request, monkeypatch):
     return request.param
 
 
+def skip_the_launchers(prefill_kernel, d):
+    """Skips a ``prefill_kernel`` variant that runs the launcher's own kernel at head size ``d``."""
+    from cupy_transformer.ops.softmax_context import PREFILL_SM90_TILE
+
+    if prefill_kernel == "mma.sync" and d not in PREFILL_SM90_TILE:
+        pytest.skip("this head size runs prefill_attention.cu already")
+    if prefill_kernel == "two warpgroups" and d != 64:
+        pytest.skip("this head size runs two warpgroups a block already")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [t for t in FLOAT_DTYPES if numpy.dtype(t).itemsize == 2], ids=str)
 @pytest.mark.parametrize("heads, kv, d", [(4, 2, 32), (2, 1, 64), (4, 4, 80), (6, 2, 96), (8, 2, 128)])
@@ -488,12 +498,8 @@ def test_gpu_prefill_kernel_after_a_past(rng, poisoned_allocations, prefill_kern
     """The prefill kernel against the NumPy reference on the same cache: 77 tokens (no multiple of a tile)
     after pasts of 0, 50 and 130 tokens; the GPU cache holds NaN in every slot no sequence has written."""
     import cupy
-    from cupy_transformer.ops.softmax_context import PREFILL_SM90_TILE
 
-    if prefill_kernel == "mma.sync" and d not in PREFILL_SM90_TILE:
-        pytest.skip("this head size runs prefill_attention.cu already")
-    if prefill_kernel == "two warpgroups" and d != 64:
-        pytest.skip("this head size runs two warpgroups a block already")
+    skip_the_launchers(prefill_kernel, d)
 
     options = dict(PREFILL_RULES[rule])
     mask_kind, with_alibi = options.pop("mask", None), options.pop("alibi", False)
@@ -528,8 +534,7 @@ def test_gpu_prefill_kernel_without_a_cache(rng, poisoned_allocations, prefill_k
     rotary into an array of its own while V stays a view, so the two have different strides."""
     import cupy
 
-    if prefill_kernel == "two warpgroups" and d != 64:
-        pytest.skip("this head size runs two warpgroups a block already")
+    skip_the_launchers(prefill_kernel, d)
 
     turn = dict(rotary_dim=d, rotate_half=True, rotate_every_two=False) if rotary else {}
     c = cfg(dtype, heads=4, kv=2, d=d, **turn)
@@ -574,8 +579,7 @@ def test_gpu_prefill_grid_in_groups_of_any_span(rng, poisoned_allocations, prefi
     import cupy
     from cupy_transformer.ops import softmax_context
 
-    if prefill_kernel == "two warpgroups" and d != 64:
-        pytest.skip("this head size runs two warpgroups a block already")
+    skip_the_launchers(prefill_kernel, d)
 
     monkeypatch.setattr(softmax_context, "prefill_span", lambda *args: span)
     c = cfg(numpy.float16, heads=4, kv=2, d=d)
