@@ -29,7 +29,7 @@ constexpr int PA_THREADS = 32 * PA_WARPS;
 // rows), each its own (rotary turns K into an array of its own while V stays a view of the projection).
 // out [B, S, h, D]. group: query heads per key/value head. mask [B, mask_len] (T additive, or bool as bytes)
 // read when mask_kind says so; alibi [B, h, alibi_len] when alibi_len > 0.
-// Grid: ceil(S / (64 MT)) h B blocks, in the order attention_tile.cuh's PrefillBlock gives (span: its group size).
+// Grid: ceil(S / (64 MT)) h B blocks, in the order of attention_tile.cuh's prefill_item (span: its group size).
 template <typename T, int D, int MT, int BN>
 __global__ void __launch_bounds__(PA_THREADS)
 attention_prefill(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,
@@ -45,8 +45,8 @@ attention_prefill(const T* __restrict__ q, const T* __restrict__ k, const T* __r
     T(*sk)[BN][ROW] = reinterpret_cast<T(*)[BN][ROW]>(pa_smem + BM * ROW * sizeof(T));
     T(*sv)[BN][ROW] = reinterpret_cast<T(*)[BN][ROW]>(pa_smem + (BM + 2 * BN) * ROW * sizeof(T));
 
-    const PrefillBlock<T> blk(BM, q, mask, alibi, start, q_seq, q_head, S, h, group, causal, window, mask_kind,
-                              mask_len, alibi_len, span);
+    const PrefillBlock<T> blk(blockIdx.x, gridDim.x, BM, q, mask, alibi, start, q_seq, q_head, S, h, group,
+                              causal, window, mask_kind, mask_len, alibi_len, span);
     const int head = blk.head, b = blk.b, q0 = blk.q0, k_begin = blk.k_begin, k_end = blk.k_end;
     const PrefillRules<T>& rules = blk.rules;
     const T *qp = blk.q, *kp = k + b * k_seq + blk.kvh * k_head, *vp = v + b * v_seq + blk.kvh * v_head;

@@ -84,22 +84,34 @@ PREFILL_SM90_MASK_TILE = 64
 # Head size 64 up to this many query tokens: blocks of one warpgroup (64 rows, 64 keys a tile, up to four
 # blocks an SM), 1.07-1.12x at S 256-384 on an H200; at S 512 and above two warpgroups were as fast or faster.
 PREFILL_SM90_SHORT = 384
+# Up to this many query tokens, without a boolean mask: persistent blocks (one wave of them claims the work
+# items one by one and loads each item's first tiles and Q rows while it finishes the one before;
+# prefill_attention_sm90.cu). H200: 1.04-1.13x at 128-512 tokens; 0.96-1.02x at 1024, 0.93-0.97x at
+# 2048-4096 (register spills in the loop at head size 64), 0.96-0.98x with padding masks (benchmarks/NOTES.md).
+PREFILL_SM90_PERSIST = 512
 SM90_PREFILL = True  # take it where it builds (tests turn it off to cover the other kernel there)
 
 
-def _sm90_geometry(d: int, s: int, mask_bits: bool) -> tuple[int, int]:
-    """(keys a tile, warpgroups a block) of the Hopper prefill kernel for head size ``d`` and ``s`` query
-    tokens; ``mask_bits``: a boolean mask without alibi."""
+def _sm90_geometry(d: int, s: int, mask_bits: bool) -> tuple[int, int, bool]:
+    """(keys a tile, warpgroups a block, persistent) of the Hopper prefill kernel for head size ``d`` and
+    ``s`` query tokens; ``mask_bits``: a boolean mask without alibi."""
+    persist = s <= PREFILL_SM90_PERSIST and not mask_bits
     if d == 64 and s <= PREFILL_SM90_SHORT:
-        return 64, 1
-    return (PREFILL_SM90_MASK_TILE if mask_bits else PREFILL_SM90_TILE[d]), 2
+        return 64, 1, persist
+    return (PREFILL_SM90_MASK_TILE if mask_bits else PREFILL_SM90_TILE[d]), 2, persist
 
 
-_PREFILL_SM90 = KernelFamily(  # every geometry _sm90_geometry picks
+def _sm90_name(ctype: str, d: int, geometry: tuple[int, int, bool]) -> str:
+    bn, wg, persist = geometry
+    return f"ct::attention_prefill_sm90<{ctype}, {d}, {bn}, {wg}, {str(persist).lower()}>"
+
+
+_PREFILL_SM90 = KernelFamily(  # every tile and block size _sm90_geometry picks, persistent or not
     "prefill_attention_sm90.cu",
-    [f"ct::attention_prefill_sm90<{c}, {d}, {bn}, {wg}>" for t, c in CTYPES.items() if t.itemsize == 2
-     for d, bn, wg in sorted({(d, *_sm90_geometry(d, s, bits)) for d in PREFILL_SM90_TILE
-                              for s in (1, PREFILL_SM90_SHORT + 1) for bits in (False, True)})],
+    [_sm90_name(c, d, (bn, wg, persist)) for t, c in CTYPES.items() if t.itemsize == 2
+     for d, bn, wg in sorted({(d, *_sm90_geometry(d, s, bits)[:2]) for d in PREFILL_SM90_TILE
+                              for s in (1, PREFILL_SM90_SHORT + 1) for bits in (False, True)})
+     for persist in (False, True)],
     arch="90a",
 )
 _GROUPS = (1, 2, 4, 8)  # query heads per key/value head that the decode kernel takes (rounded up)
@@ -311,23 +323,27 @@ def _prefill(q, k, v, start, mask, alibi, scale, cfg, kernels=None, geometry=Non
     group = h // k.shape[1]
     strides = q.strides[:-1]  # the queries' (sequence, head, token), then K's and V's where the kernel wants them
     if kernels is None and SM90_PREFILL and d in PREFILL_SM90_TILE and _PREFILL_SM90.builds_here():
-        bn, wg = _sm90_geometry(d, s, mask_kind == 2 and alibi_len == 0)
-        kernel = _PREFILL_SM90.kernel(f"ct::attention_prefill_sm90<{CTYPES[q.dtype]}, {d}, {bn}, {wg}>")
+        bn, wg, persist = sm90 = _sm90_geometry(d, s, mask_kind == 2 and alibi_len == 0)
+        kernel = _PREFILL_SM90.kernel(_sm90_name(CTYPES[q.dtype], d, sm90))
         smem = dynamic_shared(kernel, (64 * wg + 4 * bn) * (64 * math.ceil(d / 64)) * items + 1024)  # its layout
         rows, block = math.ceil(s / (64 * wg)), 128 * wg
         k, v = tile_map(k, bn), tile_map(v, bn)  # the kernel fetches its tiles by TMA; a map holds the strides
+        # Persistent: one wave of blocks claims the rows x h x b work items (a counter of split_workspace's).
+        grid = min(rows * h * b, wave_blocks(kernel, block, smem)) if persist else rows * h * b
+        items_args = (i32(rows * h * b), split_workspace(0, 2)[1])
     else:
         mt, bn = geometry or PREFILL_GEOMETRY[d]
         kernel = (kernels or _PREFILL).kernel(prefill_kernel_name(CTYPES[q.dtype], d, (mt, bn)))
         smem = dynamic_shared(kernel, (64 * mt + 4 * bn) * (d + 8) * items)  # the kernel's layout
         rows, block = math.ceil(s / (64 * mt)), 128
+        grid, items_args = rows * h * b, ()
         strides += k.strides[:-1] + v.strides[:-1]
     span = prefill_span(kernel, block, smem, rows, group)
     kernel(
-        (rows * h * b,), (block,),
+        (grid,), (block,),
         (q, k, v, out, mask_arg, alibi_arg, start, *(numpy.int64(x // items) for x in strides), i32(s), i32(h),
          i32(group), i32(cfg.triangular_masking), i32(cfg.window_size if cfg.local_attention else 0),
-         i32(mask_kind), i32(mask_len), i32(alibi_len), f32(scale), i32(span)),
+         i32(mask_kind), i32(mask_len), i32(alibi_len), f32(scale), i32(span), *items_args),
         shared_mem=smem,
     )
     return out

@@ -462,12 +462,13 @@ PREFILL_RULES = {  # attention rule, mask, alibi
 }
 
 
-@pytest.fixture(params=["launcher's", "two warpgroups", "mma.sync"])
+@pytest.fixture(params=["launcher's", "two warpgroups", "a block an item", "3 persistent blocks", "mma.sync"])
 def prefill_kernel(request, monkeypatch):
     """Which prefill kernel a test runs: the launcher's choice (on an H100/H200, prefill_attention_sm90.cu for
-    head sizes 64-128, with one warpgroup a block for short prompts at 64), that kernel with two warpgroups a
-    block for those too, or prefill_attention.cu's there too (the kernel of other GPUs). A test whose head size
-    and length give the launcher's kernel under "two warpgroups" skips it."""
+    head sizes 64-128, with one warpgroup a block for short prompts at 64, persistent blocks for short
+    prompts), that kernel with two warpgroups a block for those too, with a block an item, or as 3 persistent
+    blocks (each takes many items in turn), or prefill_attention.cu's there too (the kernel of other GPUs). A
+    test whose head size and length give the launcher's kernel under "two warpgroups" skips it."""
     from cupy_transformer.ops import softmax_context
     from cupy_transformer.runtime.kernels import compute_capability
 
@@ -475,6 +476,11 @@ def prefill_kernel(request, monkeypatch):
         pytest.skip("the launcher takes prefill_attention.cu here already")
     if request.param == "two warpgroups":
         monkeypatch.setattr(softmax_context, "PREFILL_SM90_SHORT", 0)
+    if request.param == "a block an item":
+        monkeypatch.setattr(softmax_context, "PREFILL_SM90_PERSIST", 0)
+    if request.param == "3 persistent blocks":
+        monkeypatch.setattr(softmax_context, "PREFILL_SM90_PERSIST", 1 << 30)
+        monkeypatch.setattr(softmax_context, "wave_blocks", lambda *args: 3)
     if request.param == "mma.sync":
         monkeypatch.setattr(softmax_context, "SM90_PREFILL", False)
     return request.param
@@ -484,7 +490,7 @@ def skip_the_launchers(prefill_kernel, d):
     """Skips a ``prefill_kernel`` variant that runs the launcher's own kernel at head size ``d``."""
     from cupy_transformer.ops.softmax_context import PREFILL_SM90_TILE
 
-    if prefill_kernel == "mma.sync" and d not in PREFILL_SM90_TILE:
+    if prefill_kernel != "launcher's" and prefill_kernel != "two warpgroups" and d not in PREFILL_SM90_TILE:
         pytest.skip("this head size runs prefill_attention.cu already")
     if prefill_kernel == "two warpgroups" and d != 64:
         pytest.skip("this head size runs two warpgroups a block already")
