@@ -34,8 +34,8 @@ D = 128
 # Prefill: (B, H, S, D, keys a query sees: "causal", "all", or "padding" (a boolean mask a sequence keeping
 # its first S/2 to S keys, every query))
 PREFILL = [(8, 16, 2048, 64, "causal"), (4, 32, 4096, 128, "causal"), (8, 16, 2048, 64, "all"),
-           (4, 32, 4096, 128, "all"), (32, 16, 512, 64, "causal"), (64, 12, 256, 32, "padding"),
-           (64, 12, 384, 64, "padding")]
+           (4, 32, 4096, 128, "all"), (32, 16, 512, 64, "causal"), (128, 16, 256, 64, "causal"),
+           (32, 32, 512, 128, "causal"), (64, 12, 256, 32, "padding"), (64, 12, 384, 64, "padding")]
 # SoftmaxOp: (B, h, Q, K, causal, mask kind, alibi)
 SOFTMAX = [(4, 16, 2048, 2048, True, "additive", False), (8, 16, 512, 512, False, "bool", True),
            (16, 32, 1, 16384, False, "bool", False), (1, 32, 1, 131072, False, None, True),
