@@ -89,34 +89,37 @@ struct PrefillRules {
     }
 };
 
-// Work item `item` of `items` = (row blocks of BM) x h x B: its (sequence, head) pair (b h + head) and first
-// query row q0. The items walk the pairs in groups of `span`, one group after the other, and a group's row
-// blocks from the last (the longest causal rows) to the first, its pairs varying fastest: the items in flight
-// at once share the keys and values of a few heads in L2, and the long causal rows start early. (With all
-// pairs in one group, B4 H32 S4096 D128 read K and V from DRAM again for every row block: 27% L2 hits, H200;
-// with one pair a group, the long causal rows came last.)
-__device__ __forceinline__ void prefill_item(int item, int items, int BM, int S, int span, int& pair, int& q0) {
+// A prefill work item: query rows q0..q0 + BM of one (sequence b, head) pair, whose key/value head is kvh.
+struct PrefillItem {
+    int head, b, q0, kvh;
+};
+
+// Work item `item` of `items` = (row blocks of BM) x h x B. The items walk the (sequence, head) pairs (b h +
+// head) in groups of `span`, one group after the other, and a group's row blocks from the last (the longest
+// causal rows) to the first, its pairs varying fastest: the items in flight at once share the keys and values
+// of a few heads in L2, and the long causal rows start early. (With all pairs in one group, B4 H32 S4096 D128
+// read K and V from DRAM again for every row block: 27% L2 hits, H200; with one pair a group, the long causal
+// rows came last.)
+__device__ __forceinline__ PrefillItem prefill_item(int item, int items, int BM, int S, int span, int h, int group) {
     const int rows = (S + BM - 1) / BM, pairs = items / rows;
     const int g0 = item / (rows * span) * span, n = min(span, pairs - g0), i = item - g0 * rows;
-    pair = g0 + i % n, q0 = (rows - 1 - i / n) * BM;
+    const int pair = g0 + i % n, head = pair % h;
+    return {head, pair / h, (rows - 1 - i / n) * BM, head / group};
 }
 
-// One prefill work item (prefill_item's): its (sequence, head), query rows q0..q0 + BM, the keys [k_begin,
-// k_end) any of those rows may see (at least one: row q0 sees its own slot), its rows of q, its key/value
-// head kvh, and its rules.
+// One prefill work item's state: its item, the keys [k_begin, k_end) any of its rows may see (at least one:
+// row q0 sees its own slot), its rows of q, and its rules.
 template <typename T>
 struct PrefillBlock {
     int head, b, q0, k_begin, k_end, kvh;
     const T* q;
     PrefillRules<T> rules;
 
-    __device__ __forceinline__ PrefillBlock(int item, int items, int BM, const T* q_all, const void* mask,
+    __device__ __forceinline__ PrefillBlock(const PrefillItem& it, int BM, const T* q_all, const void* mask,
                                             const T* alibi, const int* start, long long q_seq, long long q_head,
-                                            int S, int h, int group, int causal, int window, int mask_kind,
-                                            int mask_len, int alibi_len, int span) {
-        int pair;
-        prefill_item(item, items, BM, S, span, pair, q0);
-        head = pair % h, b = pair / h, kvh = head / group;
+                                            int S, int h, int causal, int window, int mask_kind, int mask_len,
+                                            int alibi_len)
+        : head(it.head), b(it.b), q0(it.q0), kvh(it.kvh) {
         const int first = start[b], len = first + S;  // keys per sequence: its past and these S
         k_end = causal ? min(len, first + min(q0 + BM, S)) : len;
         k_begin = window > 0 ? max(0, first + q0 - window + 1) : 0;

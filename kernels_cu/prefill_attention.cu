@@ -45,8 +45,8 @@ attention_prefill(const T* __restrict__ q, const T* __restrict__ k, const T* __r
     T(*sk)[BN][ROW] = reinterpret_cast<T(*)[BN][ROW]>(pa_smem + BM * ROW * sizeof(T));
     T(*sv)[BN][ROW] = reinterpret_cast<T(*)[BN][ROW]>(pa_smem + (BM + 2 * BN) * ROW * sizeof(T));
 
-    const PrefillBlock<T> blk(blockIdx.x, gridDim.x, BM, q, mask, alibi, start, q_seq, q_head, S, h, group,
-                              causal, window, mask_kind, mask_len, alibi_len, span);
+    const PrefillBlock<T> blk(prefill_item(blockIdx.x, gridDim.x, BM, S, span, h, group), BM, q, mask, alibi,
+                              start, q_seq, q_head, S, h, causal, window, mask_kind, mask_len, alibi_len);
     const int head = blk.head, b = blk.b, q0 = blk.q0, k_begin = blk.k_begin, k_end = blk.k_end;
     const PrefillRules<T>& rules = blk.rules;
     const T *qp = blk.q, *kp = k + b * k_seq + blk.kvh * k_head, *vp = v + b * v_seq + blk.kvh * v_head;

@@ -40,7 +40,8 @@ attention_prefill_sm90(const T* __restrict__ q, const void* __restrict__ kmap, c
     static_assert(D % 16 == 0 && D >= 64 && DP <= 128 && (BN == 64 || BN == 128), "geometry (wgmma.cuh's N)");
     extern __shared__ __align__(1024) unsigned char ph_raw[];
     __shared__ unsigned long long landed[2];  // per buffer: its tile's copies
-    __shared__ int claimed;                   // the item after this one (items: none), thread 0's claim
+    __shared__ int claimed;                   // the item after this one (items: none), thread 0's claim,
+    __shared__ PrefillItem claimed_item;      // and what it is
     unsigned char* smem = ph_raw + (1024 - shared_address(ph_raw) % 1024) % 1024;
     T* sq = reinterpret_cast<T*>(smem);
     T* sk = sq + BM * DP;      // [2][BN DP]
@@ -48,9 +49,9 @@ attention_prefill_sm90(const T* __restrict__ q, const void* __restrict__ kmap, c
     // Element offset of 16-byte chunk c of row r in a tile of R rows.
     auto at = [](int r, int c, int R) { return (c / 8) * R * 64 + r * 64 + ((c % 8) ^ (r % 8)) * 8; };
 
-    auto item_block = [&](int item) {
-        return PrefillBlock<T>(item, items, BM, q, mask, alibi, start, q_seq, q_head, S, h, group, causal, window,
-                               mask_kind, mask_len, alibi_len, span);
+    auto item_block = [&](const PrefillItem& it) {
+        return PrefillBlock<T>(it, BM, q, mask, alibi, start, q_seq, q_head, S, h, causal, window, mask_kind,
+                               mask_len, alibi_len);
     };
     auto load_tile = [&](int tile, int buf, int kvh, int b) {  // thread 0
         mbar_expect_bytes(&landed[buf], 2 * BN * DP * sizeof(T));  // whole boxes, zero-filled parts included
@@ -69,7 +70,7 @@ attention_prefill_sm90(const T* __restrict__ q, const void* __restrict__ kmap, c
         copy_commit();
     };
 
-    PrefillBlock<T> blk = item_block(blockIdx.x);
+    PrefillBlock<T> blk = item_block(prefill_item(blockIdx.x, items, BM, S, span, h, group));
     if (threadIdx.x == 0) {  // the first two tiles in flight before Q's copies (1.02-1.04x at S 512)
         mbar_init(&landed[0], 1), mbar_init(&landed[1], 1);
         mbar_init_fence();
@@ -107,11 +108,11 @@ attention_prefill_sm90(const T* __restrict__ q, const void* __restrict__ kmap, c
                 if (PERSIST && x + 1 == end) {  // the next item's first tile (k_begin: start[] only with a window)
                     const int next = gridDim.x + atomicAdd(counter, 1);
                     claimed = next;
-                    if (next < items) {
-                        int pair, nq0;
-                        prefill_item(next, items, BM, S, span, pair, nq0);
-                        const int nb = pair / h, first_key = window > 0 ? max(0, start[nb] + nq0 - window + 1) : 0;
-                        load_tile(first_key / BN, buf ^ 1, pair % h / group, nb);
+                    if (next < items) {  // decoded once for the block
+                        const PrefillItem it = prefill_item(next, items, BM, S, span, h, group);
+                        claimed_item = it;
+                        const int first_key = window > 0 ? max(0, start[it.b] + it.q0 - window + 1) : 0;
+                        load_tile(first_key / BN, buf ^ 1, it.kvh, it.b);
                     }
                 }
             }
@@ -159,7 +160,7 @@ attention_prefill_sm90(const T* __restrict__ q, const void* __restrict__ kmap, c
         first = end;
         const int item = claimed;
         if (item < items) {  // its Q rows and second tile (the buffer of this item's last) while this one stores
-            blk = item_block(item);
+            blk = item_block(claimed_item);
             load_q(blk);
         }
         store_context<T, D, DP>(out, o, l, b, head, q0 + w0, S, h);
