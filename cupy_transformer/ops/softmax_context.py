@@ -84,18 +84,18 @@ PREFILL_SM90_MASK_TILE = 64
 # Head size 64 up to this many query tokens: blocks of one warpgroup (64 rows, 64 keys a tile, up to four
 # blocks an SM), 1.07-1.12x at S 256-384 on an H200; at S 512 and above two warpgroups were as fast or faster.
 PREFILL_SM90_SHORT = 384
-# Up to this many query tokens, without a boolean mask: persistent blocks (one wave of them claims the work
-# items one by one and loads each item's first tiles and Q rows while it finishes the one before;
-# prefill_attention_sm90.cu). H200: 1.04-1.13x at 128-512 tokens; 0.96-1.02x at 1024, 0.93-0.97x at
-# 2048-4096 (register spills in the loop at head size 64), 0.96-0.98x with padding masks (benchmarks/NOTES.md).
-PREFILL_SM90_PERSIST = 512
+# Up to this many query tokens: persistent blocks (one wave of them claims the work items one by one and loads
+# each item's first tiles and Q rows while it finishes the one before; prefill_attention_sm90.cu). H200:
+# 1.02-1.19x at 128-1024 tokens, 0.97-1.05x at 2048 (register spills in the loop at head size 64), and at head
+# size 64 with a boolean mask 0.96-0.99x, so not there (benchmarks/NOTES.md).
+PREFILL_SM90_PERSIST = 1024
 SM90_PREFILL = True  # take it where it builds (tests turn it off to cover the other kernel there)
 
 
 def _sm90_geometry(d: int, s: int, mask_bits: bool) -> tuple[int, int, bool]:
     """(keys a tile, warpgroups a block, persistent) of the Hopper prefill kernel for head size ``d`` and
     ``s`` query tokens; ``mask_bits``: a boolean mask without alibi."""
-    persist = s <= PREFILL_SM90_PERSIST and not mask_bits
+    persist = s <= PREFILL_SM90_PERSIST and not (mask_bits and d == 64)
     if d == 64 and s <= PREFILL_SM90_SHORT:
         return 64, 1, persist
     return (PREFILL_SM90_MASK_TILE if mask_bits else PREFILL_SM90_TILE[d]), 2, persist
