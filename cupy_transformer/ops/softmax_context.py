@@ -81,8 +81,9 @@ _PREFILL = KernelFamily(
 # (attention_tile.cuh's apply), 1.4-1.8x faster with padding masks at head size 64 (benchmarks/NOTES.md).
 PREFILL_SM90_TILE = {64: 128, 80: 64, 96: 64, 128: 64}
 PREFILL_SM90_MASK_TILE = 64
-# Head size 64 up to this many query tokens: blocks of one warpgroup (64 rows, 64 keys a tile, up to four
-# blocks an SM), 1.07-1.12x at S 256-384 on an H200; at S 512 and above two warpgroups were as fast or faster.
+# Head size 64 up to this many query tokens, causal or with a boolean mask: blocks of one warpgroup (64 rows,
+# 64 keys a tile, up to four blocks an SM), 1.07-1.12x at S 256-384 on an H200 (persistent and causal,
+# 1.03-1.06x); at S 512 and above, and persistent without either (0.90-0.96x), two warpgroups were faster.
 PREFILL_SM90_SHORT = 384
 # Up to this many query tokens: persistent blocks (one wave of them claims the work items one by one and loads
 # each item's first tiles and Q rows while it finishes the one before; prefill_attention_sm90.cu). H200:
@@ -92,11 +93,11 @@ PREFILL_SM90_PERSIST = 1024
 SM90_PREFILL = True  # take it where it builds (tests turn it off to cover the other kernel there)
 
 
-def _sm90_geometry(d: int, s: int, mask_bits: bool) -> tuple[int, int, bool]:
+def _sm90_geometry(d: int, s: int, mask_bits: bool, causal: bool) -> tuple[int, int, bool]:
     """(keys a tile, warpgroups a block, persistent) of the Hopper prefill kernel for head size ``d`` and
     ``s`` query tokens; ``mask_bits``: a boolean mask without alibi."""
     persist = s <= PREFILL_SM90_PERSIST and not (mask_bits and d == 64)
-    if d == 64 and s <= PREFILL_SM90_SHORT:
+    if d == 64 and s <= PREFILL_SM90_SHORT and (causal or mask_bits):
         return 64, 1, persist
     return (PREFILL_SM90_MASK_TILE if mask_bits else PREFILL_SM90_TILE[d]), 2, persist
 
@@ -109,8 +110,9 @@ def _sm90_name(ctype: str, d: int, geometry: tuple[int, int, bool]) -> str:
 _PREFILL_SM90 = KernelFamily(  # every tile and block size _sm90_geometry picks, persistent or not
     "prefill_attention_sm90.cu",
     [_sm90_name(c, d, (bn, wg, persist)) for t, c in CTYPES.items() if t.itemsize == 2
-     for d, bn, wg in sorted({(d, *_sm90_geometry(d, s, bits)[:2]) for d in PREFILL_SM90_TILE
-                              for s in (1, PREFILL_SM90_SHORT + 1) for bits in (False, True)})
+     for d, bn, wg in sorted({(d, *_sm90_geometry(d, s, bits, causal)[:2]) for d in PREFILL_SM90_TILE
+                              for s in (1, PREFILL_SM90_SHORT + 1) for bits in (False, True)
+                              for causal in (False, True)})
      for persist in (False, True)],
     arch="90a",
 )
@@ -323,7 +325,7 @@ def _prefill(q, k, v, start, mask, alibi, scale, cfg, kernels=None, geometry=Non
     group = h // k.shape[1]
     strides = q.strides[:-1]  # the queries' (sequence, head, token), then K's and V's where the kernel wants them
     if kernels is None and SM90_PREFILL and d in PREFILL_SM90_TILE and _PREFILL_SM90.builds_here():
-        bn, wg, persist = sm90 = _sm90_geometry(d, s, mask_kind == 2 and alibi_len == 0)
+        bn, wg, persist = sm90 = _sm90_geometry(d, s, mask_kind == 2 and alibi_len == 0, cfg.triangular_masking)
         kernel = _PREFILL_SM90.kernel(_sm90_name(CTYPES[q.dtype], d, sm90))
         smem = dynamic_shared(kernel, (64 * wg + 4 * bn) * (64 * math.ceil(d / 64)) * items + 1024)  # its layout
         rows, block = math.ceil(s / (64 * wg)), 128 * wg

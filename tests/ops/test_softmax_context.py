@@ -465,8 +465,8 @@ PREFILL_RULES = {  # attention rule, mask, alibi
 @pytest.fixture(params=["launcher's", "two warpgroups", "a block an item", "3 persistent blocks", "mma.sync"])
 def prefill_kernel(request, monkeypatch):
     """Which prefill kernel a test runs: the launcher's choice (on an H100/H200, prefill_attention_sm90.cu for
-    head sizes 64-128, with one warpgroup a block for short prompts at 64, persistent blocks for short
-    prompts), that kernel with two warpgroups a block for those too, with a block an item, or as 3 persistent
+    head sizes 64-128, with one warpgroup a block for short causal or masked prompts at 64, persistent blocks
+    for short prompts), that kernel with two warpgroups a block for those too, with a block an item, or as 3 persistent
     blocks (each takes many items in turn), or prefill_attention.cu's there too (the kernel of other GPUs). A
     test whose head size and length give the launcher's kernel under "two warpgroups" skips it."""
     from cupy_transformer.ops import softmax_context
