@@ -39,7 +39,8 @@ mask (or none) run ``kernels_cu/prefill_attention.cu`` (FlashAttention-2 style: 
 streamed tiles of keys, online softmax, tensor cores, no score matrix in memory; needs compute capability 8.0);
 on compute capability 9.0 (H100, H200) head sizes 64 to 128 run ``kernels_cu/prefill_attention_sm90.cu``
 instead, the same math on Hopper's warpgroup instructions (wgmma), its key and value tiles fetched by the
-tensor memory accelerator (``runtime/tensor_map.py``). The rest (fp32, other head sizes, masks per query or
+tensor memory accelerator (``runtime/tensor_map.py``), as persistent blocks for prompts of up to 1024 tokens
+(one wave of blocks takes the row blocks in turn from a counter). The rest (fp32, other head sizes, masks per query or
 head) computes the same formula with CuPy array operations in fp32. A call on a stream being captured into a
 CUDA graph raises ``RuntimeError``: positions and key ranges are read on the host, so a replay would repeat
 the captured step's.
