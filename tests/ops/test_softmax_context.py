@@ -597,6 +597,28 @@ def test_gpu_prefill_grid_in_groups_of_any_span(rng, poisoned_allocations, prefi
 
 
 @pytest.mark.gpu
+def test_gpu_persistent_prefill_leaves_its_counter_at_zero(rng, poisoned_allocations, monkeypatch):
+    """Persistent prefill blocks claim their work items from a counter of the stream's split workspace, which
+    the last block done resets: three calls in a row on one stream and one on another, each as 3 blocks
+    taking 32 items, all match the reference, and the counters read zero after each."""
+    import cupy
+    from cupy_transformer.ops import softmax_context
+    from cupy_transformer.runtime.kernels import compute_capability, split_workspace
+
+    if compute_capability() != 90:
+        pytest.skip("persistent blocks are the Hopper prefill kernel's")
+    monkeypatch.setattr(softmax_context, "wave_blocks", lambda *args: 3)
+    op = ops.SoftmaxContextOp(cfg(numpy.float16, heads=4, kv=2, d=64))
+    qkv = random(rng, (2, 200, 8 * 64), numpy.float16)
+    want, _, _ = op(qkv)
+    for stream in [cupy.cuda.Stream.null] * 3 + [cupy.cuda.Stream(non_blocking=True)]:
+        with stream:
+            got, _, _ = op(cupy.asarray(qkv))
+            assert rel_error(got, want) < TOL[numpy.dtype(numpy.float16)]
+            assert not split_workspace(0, 2)[1][:2].any()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("rise", [6.0, 60.0, -60.0])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_gpu_prefill_with_scores_rising_along_the_keys(rng, poisoned_allocations, prefill_kernel, rise, causal):
