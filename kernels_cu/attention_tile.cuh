@@ -107,6 +107,11 @@ __device__ __forceinline__ PrefillItem prefill_item(int item, int items, int BM,
     return {head, pair / h, (rows - 1 - i / n) * BM, head / group};
 }
 
+// The first key that query rows q0.. of a sequence whose rows sit from slot `first` on may see (a window's).
+__device__ __forceinline__ int prefill_first_key(int first, int q0, int window) {
+    return window > 0 ? max(0, first + q0 - window + 1) : 0;
+}
+
 // One prefill work item's state: its item, the keys [k_begin, k_end) any of its rows may see (at least one:
 // row q0 sees its own slot), its rows of q, and its rules.
 template <typename T>
@@ -122,7 +127,7 @@ struct PrefillBlock {
         : head(it.head), b(it.b), q0(it.q0), kvh(it.kvh) {
         const int first = start[b], len = first + S;  // keys per sequence: its past and these S
         k_end = causal ? min(len, first + min(q0 + BM, S)) : len;
-        k_begin = window > 0 ? max(0, first + q0 - window + 1) : 0;
+        k_begin = prefill_first_key(first, q0, window);
         q = q_all + b * q_seq + head * q_head;
         const long long row = static_cast<long long>(b) * mask_len * (mask_kind == 1 ? sizeof(T) : 1);
         rules = {first, len, causal, window, mask_kind, alibi_len, static_cast<const char*>(mask) + row,

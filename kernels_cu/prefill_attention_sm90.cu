@@ -61,6 +61,9 @@ attention_prefill_sm90(const T* __restrict__ q, const void* __restrict__ kmap, c
             tma_load_4d(sv + buf * BN * DP + cb * BN * 64, vmap, cb * 64, tile * BN, kvh, b, &landed[buf]);
         }
     };
+    auto load_second = [&](const PrefillBlock<T>& blk, int buf) {  // thread 0: an item's second tile, if any
+        if ((blk.k_end - 1) / BN > blk.k_begin / BN) load_tile(blk.k_begin / BN + 1, buf, blk.kvh, blk.b);
+    };
     auto load_q = [&](const PrefillBlock<T>& blk) {  // every thread; copy_wait for them
         for (int i = threadIdx.x; i < BM * VECS; i += THREADS) {
             const int r = i / VECS, c = i % VECS;
@@ -75,9 +78,8 @@ attention_prefill_sm90(const T* __restrict__ q, const void* __restrict__ kmap, c
         mbar_init(&landed[0], 1), mbar_init(&landed[1], 1);
         mbar_init_fence();
         tensor_map_acquire(kmap), tensor_map_acquire(vmap);
-        const int t_first = blk.k_begin / BN;
-        load_tile(t_first, 0, blk.kvh, blk.b);
-        if ((blk.k_end - 1) / BN > t_first) load_tile(t_first + 1, 1, blk.kvh, blk.b);
+        load_tile(blk.k_begin / BN, 0, blk.kvh, blk.b);
+        load_second(blk, 1);
     }
     load_q(blk);
 
@@ -105,13 +107,13 @@ attention_prefill_sm90(const T* __restrict__ q, const void* __restrict__ kmap, c
             const int tile = x + to_tile, buf = x & 1, j0 = tile * BN;
             if (threadIdx.x == 0) {  // into the buffer the last barrier freed
                 if (x > first && x + 1 < end) load_tile(tile + 1, buf ^ 1, blk.kvh, b);
-                if (PERSIST && x + 1 == end) {  // the next item's first tile (k_begin: start[] only with a window)
+                if (PERSIST && x + 1 == end) {  // the next item's first tile (start[] read only with a window)
                     const int next = gridDim.x + atomicAdd(counter, 1);
                     claimed = next;
                     if (next < items) {  // decoded once for the block
                         const PrefillItem it = prefill_item(next, items, BM, S, span, h, group);
                         claimed_item = it;
-                        const int first_key = window > 0 ? max(0, start[it.b] + it.q0 - window + 1) : 0;
+                        const int first_key = prefill_first_key(window > 0 ? start[it.b] : 0, it.q0, window);
                         load_tile(first_key / BN, buf ^ 1, it.kvh, it.b);
                     }
                 }
@@ -165,8 +167,7 @@ attention_prefill_sm90(const T* __restrict__ q, const void* __restrict__ kmap, c
         }
         store_context<T, D, DP>(out, o, l, b, head, q0 + w0, S, h);
         if (item >= items) break;
-        if (threadIdx.x == 0 && (blk.k_end - 1) / BN > blk.k_begin / BN)
-            load_tile(blk.k_begin / BN + 1, (first + 1) & 1, blk.kvh, blk.b);
+        if (threadIdx.x == 0) load_second(blk, (first + 1) & 1);
     }
     if (threadIdx.x == 0) {  // the last block done resets the counter for the next launch on the stream
         __threadfence();

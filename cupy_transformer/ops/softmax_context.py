@@ -331,9 +331,10 @@ def _prefill(q, k, v, start, mask, alibi, scale, cfg, kernels=None, geometry=Non
         smem = dynamic_shared(kernel, (64 * wg + 4 * bn) * (64 * math.ceil(d / 64)) * items + 1024)  # its layout
         rows, block = math.ceil(s / (64 * wg)), 128 * wg
         k, v = tile_map(k, bn), tile_map(v, bn)  # the kernel fetches its tiles by TMA; a map holds the strides
-        # Persistent: one wave of blocks claims the rows x h x b work items (a counter of split_workspace's).
+        # Persistent: one wave of blocks claims the rows x h x b work items (a counter of split_workspace's;
+        # a block an item reads no counter, and gets ``start`` in its place).
         grid = min(rows * h * b, wave_blocks(kernel, block, smem)) if persist else rows * h * b
-        items_args = (i32(rows * h * b), split_workspace(0, 2)[1])
+        items_args = (i32(rows * h * b), split_workspace(0, 2)[1] if persist else start)
     else:
         mt, bn = geometry or PREFILL_GEOMETRY[d]
         kernel = (kernels or _PREFILL).kernel(prefill_kernel_name(CTYPES[q.dtype], d, (mt, bn)))

@@ -216,7 +216,6 @@ def access_width(dtype: numpy.dtype, width: int, *arrays, any_width: bool = Fals
     return vec if aligned and (any_width or width % vec == 0) else 1
 
 
-
 def run_variants(dtype: numpy.dtype) -> tuple[tuple[int, str], ...]:
     """The (VEC, WHOLE) template arguments an elementwise.cuh kernel is built with for ``dtype``: 16-byte runs
     over rows of whole vectors or of any width, and single elements (whose rows are always whole)."""

@@ -490,7 +490,7 @@ def skip_the_launchers(prefill_kernel, d):
     """Skips a ``prefill_kernel`` variant that runs the launcher's own kernel at head size ``d``."""
     from cupy_transformer.ops.softmax_context import PREFILL_SM90_TILE
 
-    if prefill_kernel != "launcher's" and prefill_kernel != "two warpgroups" and d not in PREFILL_SM90_TILE:
+    if prefill_kernel not in ("launcher's", "two warpgroups") and d not in PREFILL_SM90_TILE:
         pytest.skip("this head size runs prefill_attention.cu already")
     if prefill_kernel == "two warpgroups" and d != 64:
         pytest.skip("this head size runs two warpgroups a block already")
