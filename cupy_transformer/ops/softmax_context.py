@@ -32,7 +32,8 @@ On the GPU, ``kernels_cu/rotary_append.cu`` turns Q and K and writes K and V int
 the projection (where there is a cache or rotary). A decode step (one token per sequence, with a cache, up to
 8 query heads per key/value head, 16 on tensor cores, a per-key mask or none) runs
 ``kernels_cu/decode_attention.cu``: the keys split in chunks across blocks, K and V read once for the heads
-that share them, chunks merged in a fixed order by the block that finishes last (one launch); fp16/bf16 with
+that share them, chunks merged in a fixed order by the block that finishes last (one launch; a batch that
+fills the GPU takes one chunk a block, which writes its context straight); fp16/bf16 with
 head sizes 32, 64, 96 or 128 on tensor cores (the heads sharing a key/value head are the rows of the
 products), the rest on CUDA cores. Other fp16/bf16 calls with head sizes 32, 64, 80, 96 or 128 and a per-key
 mask (or none) run ``kernels_cu/prefill_attention.cu`` (FlashAttention-2 style: tiles of queries against

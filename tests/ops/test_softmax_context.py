@@ -383,11 +383,23 @@ def twin_caches(rng, dtype, kv, tokens, d, lengths, kinds=("numpy", "cupy")):
     return caches
 
 
+@pytest.fixture(params=["launcher's chunks", "one chunk"])
+def decode_chunks(request, monkeypatch):
+    """How a decode test splits the keys: as the launcher does for its few sequences (many chunks a (sequence,
+    kv head), merged by the last block), or in one chunk, as for batches that fill the GPU (each block writes
+    its context straight)."""
+    from cupy_transformer.ops import softmax_context
+
+    if request.param == "one chunk":
+        monkeypatch.setattr(softmax_context, "wave_blocks", lambda *args: 1)
+    return request.param
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize(
     "heads, kv, d", [(8, 1, 128), (32, 4, 128), (12, 1, 128), (4, 4, 80), (6, 2, 96), (2, 2, 256), (16, 2, 64)])
-def test_gpu_decode_kernel_on_long_contexts(rng, dtype, heads, kv, d):
+def test_gpu_decode_kernel_on_long_contexts(rng, decode_chunks, dtype, heads, kv, d):
     """The decode kernel (one token, a cache, a per-key mask, alibi) against the NumPy reference on the same
     cache: sequences holding 0, 776 and 16383 tokens (keys up to 16384, no multiple of a chunk)."""
     import cupy
@@ -407,7 +419,7 @@ def test_gpu_decode_kernel_on_long_contexts(rng, dtype, heads, kv, d):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [t for t in FLOAT_DTYPES if numpy.dtype(t).itemsize == 2], ids=str)
 @pytest.mark.parametrize("heads, kv, d", [(16, 1, 32), (12, 3, 64), (4, 2, 128)])
-def test_gpu_decode_kernel_with_an_additive_mask(rng, poisoned_allocations, dtype, heads, kv, d):
+def test_gpu_decode_kernel_with_an_additive_mask(rng, poisoned_allocations, decode_chunks, dtype, heads, kv, d):
     """The tensor-core decode kernel with an additive mask and a sliding window (keys from lo > 0), 16 query
     heads on one kv head (every row of the products), ragged lengths."""
     import cupy
@@ -425,7 +437,7 @@ def test_gpu_decode_kernel_with_an_additive_mask(rng, poisoned_allocations, dtyp
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, heads, kv, d", [(numpy.float32, 6, 2, 64), (numpy.float16, 8, 1, 48),
                                                  (numpy.float16, 2, 1, 200)], ids=["fp32", "fp16 d48", "fp16 d200"])
-def test_gpu_cuda_core_decode_kernel(rng, poisoned_allocations, monkeypatch, dtype, heads, kv, d):
+def test_gpu_cuda_core_decode_kernel(rng, poisoned_allocations, monkeypatch, decode_chunks, dtype, heads, kv, d):
     """attention_partial (fp32, or a head size the tensor-core kernel lacks; 3, 8 and 2 query heads a kv head)
     on a decode step after a 150-token prompt, one sequence trimmed to 77 (151 and 78 keys: no multiple of a
     64-key chunk) and the slots past each sequence NaN; against float64 attention over each one's history."""
