@@ -56,11 +56,11 @@ struct Running {
 // A launch of one chunk (as many (sequence, kv head) pairs as the GPU holds blocks): the block's own context
 // rows straight to out (n heads from `out` on, d each), without partial rows or a ticket: about 2.7 µs less
 // a wave (H200). Per head the DA_WARPS warps' states (max m, sum l, weighted V sums acc), with weights
-// exp_of(m_w - max) in m's units; 0 for a head that saw no key.
+// exp_of(m_w - max) in m's units; 0 for a head that saw no key. Any block size.
 template <typename T, int H, int DM, typename Exp>
 __device__ void store_heads(T* __restrict__ out, const float (&acc)[DA_WARPS][H][DM], const float (&m)[DA_WARPS][H],
                             const float (&l)[DA_WARPS][H], int n, int d, Exp exp_of) {
-    for (int i = threadIdx.x; i < n * d; i += DA_THREADS) {
+    for (int i = threadIdx.x; i < n * d; i += blockDim.x) {
         const int g = i / d, e = i % d;
         float mx = neg_inf();
 #pragma unroll
@@ -88,7 +88,7 @@ __device__ void merge_chunks(const float* __restrict__ partial, T* __restrict__ 
     if (!last_block_done(counter, chunks)) return;
     __shared__ float head_m[16], head_inv_l[16];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, stride = d + 4;
-    for (int g = warp; g < n; g += DA_WARPS) {
+    for (int g = warp; g < n; g += blockDim.x / 32) {
         const float* p = partial + (static_cast<size_t>(b) * h + h0 + g) * chunks * stride + d;
         float m = neg_inf(), l = 0.f;
         for (int c = lane; c < chunks; c += 32) m = fmaxf(m, __ldcg(p + c * stride));
@@ -101,7 +101,7 @@ __device__ void merge_chunks(const float* __restrict__ partial, T* __restrict__ 
         if (lane == 0) head_m[g] = m, head_inv_l[g] = l > 0.f ? 1.f / l : 0.f;
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < n * d / 4; i += DA_THREADS) {
+    for (int i = threadIdx.x; i < n * d / 4; i += blockDim.x) {
         const int g = i / (d / 4), e = 4 * (i % (d / 4));
         const float* p = partial + (static_cast<size_t>(b) * h + h0 + g) * chunks * stride;
         const float m = head_m[g];
@@ -245,8 +245,10 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial(
 //   which leaves lane (g, t) holding O's dims 8t .. 8t + 7 of each 32-dim block.
 // Online softmax per head in log2 units (scores times scale log2 e; exp2). On CUDA cores each key cost a dot,
 // shuffles and two exps per head: 9-24% of copy bandwidth for grouped-query heads, 24-88% here (H200).
-template <typename T, int D>
-__global__ void __launch_bounds__(DA_THREADS) attention_partial_tc(
+// W warps a block, 4 or 8: 8 (one block an SM) where 4-warp blocks would take two chunks a (sequence, kv
+// head) and 8-warp ones can take all its keys, so that no chunks are merged (1.03-1.09x, H200).
+template <typename T, int D, int W>
+__global__ void __launch_bounds__(32 * W) attention_partial_tc(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const void* __restrict__ mask,
     const T* __restrict__ alibi, const int* __restrict__ lo, const int* __restrict__ hi, float* __restrict__ partial,
     T* __restrict__ out, int* counters, int h, int kv, int d, int max_tokens, int chunk, int mask_kind, int mask_len,
@@ -272,7 +274,7 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial_tc(
     const T* vb = v + (static_cast<size_t>(b) * kv + kvh) * max_tokens * D + 8 * t;
     float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};  // per fragment row (head g, g + 8); l this lane's
     float o[DB][4][4] = {};  // O: dims 32 db + 8t + 2r + {0, 1}; [2], [3] for head g + 8
-    for (int j0 = first + 16 * warp; j0 < last; j0 += 16 * DA_WARPS) {
+    for (int j0 = first + 16 * warp; j0 < last; j0 += 16 * W) {
         uint4 kr[2][DB], vr[2][DB];  // keys j0 + g and j0 + 8 + g (past `last`: the last key, masked below)
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
@@ -339,26 +341,57 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial_tc(
             }
         }
     }
-    // The warp's state: l summed over the row's 4 lanes; then the 4 warps merge in shared memory.
+    // The warp's state: l summed over the row's 4 lanes; then the warps merge in shared memory, which holds 4
+    // warps' states (8 warps: the last 4 hand theirs to the first 4 first).
+    static_assert(W == DA_WARPS || W == 2 * DA_WARPS, "4 or 8 warps");
     __shared__ float red_acc[DA_WARPS][16][D], red_m[DA_WARPS][16], red_l[DA_WARPS][16];
+    const int slot = warp % DA_WARPS;
+    auto share = [&] {  // this warp's state into slot `slot`
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            if (t == 0) red_m[slot][g + 8 * r] = m[r], red_l[slot][g + 8 * r] = l[r];
+#pragma unroll
+            for (int db = 0; db < DB; ++db)
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) red_acc[slot][g + 8 * r][32 * db + 8 * t + 2 * j + e] = o[db][j][2 * r + e];
+        }
+    };
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
         l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-        if (t == 0) red_m[warp][g + 8 * r] = m[r], red_l[warp][g + 8 * r] = l[r];
-#pragma unroll
-        for (int db = 0; db < DB; ++db)
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) red_acc[warp][g + 8 * r][32 * db + 8 * t + 2 * j + e] = o[db][j][2 * r + e];
     }
+    if (W > DA_WARPS) {
+        if (warp >= DA_WARPS) share();
+        __syncthreads();
+        if (warp < DA_WARPS) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {  // the other warp's state folded into this one's (none: weight 0)
+                const float m2 = red_m[slot][g + 8 * r], m_new = fmaxf(m[r], m2);
+                const float a = m[r] == neg_inf() ? 0.f : fast_exp2(m[r] - m_new);
+                const float w = m2 == neg_inf() ? 0.f : fast_exp2(m2 - m_new);
+                m[r] = m_new, l[r] = l[r] * a + red_l[slot][g + 8 * r] * w;
+#pragma unroll
+                for (int db = 0; db < DB; ++db)
+#pragma unroll
+                    for (int j = 0; j < 4; ++j)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e)
+                            o[db][j][2 * r + e] = o[db][j][2 * r + e] * a +
+                                                  red_acc[slot][g + 8 * r][32 * db + 8 * t + 2 * j + e] * w;
+            }
+        }
+        __syncthreads();
+    }
+    if (warp < DA_WARPS) share();
     __syncthreads();
     if (chunks == 1)
         return store_heads(out + (static_cast<size_t>(b) * h + kvh * group) * D, red_acc, red_m, red_l, group, D,
                            [](float x) { return fast_exp2(x); });
     // As attention_partial's merge, but m is in log2 units: the partial keeps natural-log units for the combine.
-    for (int idx = threadIdx.x; idx < group * (D + 2); idx += DA_THREADS) {
+    for (int idx = threadIdx.x; idx < group * (D + 2); idx += 32 * W) {
         const int head = idx / (D + 2), e = idx % (D + 2);
         float mw = neg_inf();
 #pragma unroll

@@ -123,8 +123,8 @@ _DECODE_TC_HEAD_SIZES = (32, 64, 96, 128)  # the tensor-core decode kernel's (fp
 _KERNELS = KernelFamily(
     "decode_attention.cu",
     [f"ct::attention_partial<{c}, {g}>" for c in CTYPES.values() for g in _GROUPS]
-    + [f"ct::attention_partial_tc<{c}, {d}>" for t, c in CTYPES.items() if t.itemsize == 2
-       for d in _DECODE_TC_HEAD_SIZES]
+    + [f"ct::attention_partial_tc<{c}, {d}, {w}>" for t, c in CTYPES.items() if t.itemsize == 2
+       for d in _DECODE_TC_HEAD_SIZES for w in (4, 8)]
 )
 _ROTARY = KernelFamily("rotary_append.cu", [f"ct::rotary_append<{c}>" for c in CTYPES.values()])
 
@@ -277,6 +277,18 @@ def _decode_on_tensor_cores(dtype, d) -> bool:
     return numpy.dtype(dtype).itemsize == 2 and d in _DECODE_TC_HEAD_SIZES and compute_capability() >= 80
 
 
+def _decode_geometry(kernels, pairs: int) -> tuple[int, int]:
+    """(warps a block, key chunks a (sequence, kv head)) of a decode launch over ``pairs`` such pairs;
+    ``kernels``: warps -> kernel (4; 8 too for the tensor-core kernel). Chunks: one wave of 4-warp blocks (as
+    many as the SMs hold at once: a second, partial wave cost a whole block's time), at most 256 (the merge
+    walks them in one loop). Where that gives two chunks a pair and one wave of 8-warp blocks holds a block a
+    pair, those take all of a pair's keys instead, and no chunks are merged: 1.03-1.09x at 96-128 pairs, H200."""
+    chunks = max(1, min(wave_blocks(kernels[4], 128) // pairs, 256))
+    if chunks == 2 and 8 in kernels and wave_blocks(kernels[8], 256) >= pairs:
+        return 8, 1
+    return 4, chunks
+
+
 def _decode(q, cache, layer, lo, hi, mask, alibi, scale, h, kv, d):
     """The decode kernel: q [B, h, 1, d] against keys [lo[b], hi[b]) of ``cache``'s ``layer``; ``mask``
     [B, 1, 1, T] or None, ``alibi`` [B, h, 1, T] or None. Returns the context [B, 1, h d]."""
@@ -285,21 +297,20 @@ def _decode(q, cache, layer, lo, hi, mask, alibi, scale, h, kv, d):
     group = h // kv
     ctype = CTYPES[q.dtype]
     if _decode_on_tensor_cores(q.dtype, d):
-        name = f"ct::attention_partial_tc<{ctype}, {d}>"
+        kernels = {w: _KERNELS.kernel(f"ct::attention_partial_tc<{ctype}, {d}, {w}>") for w in (4, 8)}
     else:
-        name = f"ct::attention_partial<{ctype}, {next(g for g in _GROUPS if group <= g)}>"
-    kernel = _KERNELS.kernel(name)
-    # Key chunks: one wave of blocks (as many as the SMs hold at once: a second, partial wave cost a whole
-    # block's time), at most 256 (the merge walks them in one loop), each a multiple of 64 keys (the block's
-    # 4 warps x 16: 125-key chunks took 15.5 µs where 128-key ones took 14.6, batch 1, 8 kv heads, H200).
-    chunks = max(1, min(wave_blocks(kernel, 128) // (b * kv), 256))
+        kernels = {4: _KERNELS.kernel(f"ct::attention_partial<{ctype}, {next(g for g in _GROUPS if group <= g)}>")}
+    warps, chunks = _decode_geometry(kernels, b * kv)
+    kernel = kernels[warps]
+    # Chunks of a multiple of 64 keys (4 warps x 16: 125-key chunks took 15.5 µs where 128-key ones took 14.6,
+    # batch 1, 8 kv heads, H200).
     chunk = 64 * max(1, math.ceil(t / chunks / 64))
     chunks = math.ceil(t / chunk)
     partial, counters = split_workspace(b * h * chunks * (d + 4), b * kv)  # the chunks' rows; the last merges
     out = cupy.empty((b, 1, h * d), q.dtype)
     mask_kind, mask_arg, mask_len, alibi_arg, alibi_len = _mask_args(mask, alibi, b, h, q)
     kernel(
-        (chunks, kv, b), (128,),
+        (chunks, kv, b), (32 * warps,),
         (cupy.ascontiguousarray(q), cache.keys[layer], cache.values[layer], mask_arg, alibi_arg,
          _on_device(lo), _on_device(hi), partial, out, counters, i32(h), i32(kv), i32(d),
          i32(cache.max_tokens), i32(chunk), i32(mask_kind), i32(mask_len), i32(alibi_len), f32(scale)),

@@ -383,15 +383,16 @@ def twin_caches(rng, dtype, kv, tokens, d, lengths, kinds=("numpy", "cupy")):
     return caches
 
 
-@pytest.fixture(params=["launcher's chunks", "one chunk"])
+@pytest.fixture(params=["launcher's chunks", "one chunk", "8 warps, one chunk"])
 def decode_chunks(request, monkeypatch):
     """How a decode test splits the keys: as the launcher does for its few sequences (many chunks a (sequence,
-    kv head), merged by the last block), or in one chunk, as for batches that fill the GPU (each block writes
-    its context straight)."""
+    kv head), merged by the last block), or in one chunk as for batches that fill the GPU (each block writes
+    its context straight), in blocks of 4 warps or of 8 (the tensor-core kernel's, for about a pair an SM)."""
     from cupy_transformer.ops import softmax_context
 
-    if request.param == "one chunk":
-        monkeypatch.setattr(softmax_context, "wave_blocks", lambda *args: 1)
+    if request.param != "launcher's chunks":
+        warps = 8 if request.param.startswith("8") else 4
+        monkeypatch.setattr(softmax_context, "_decode_geometry", lambda kernels, pairs: (warps, 1))
     return request.param
 
 
@@ -445,6 +446,8 @@ def test_gpu_cuda_core_decode_kernel(rng, poisoned_allocations, monkeypatch, dec
     from cupy_transformer.ops import softmax_context
 
     assert not softmax_context._decode_on_tensor_cores(dtype, d)
+    if decode_chunks.startswith("8"):
+        pytest.skip("attention_partial has blocks of 4 warps")
     launch, calls = softmax_context._decode, []
 
     def counted(*args):
