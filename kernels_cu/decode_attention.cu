@@ -56,11 +56,11 @@ struct Running {
 // A launch of one chunk (as many (sequence, kv head) pairs as the GPU holds blocks): the block's own context
 // rows straight to out (n heads from `out` on, d each), without partial rows or a ticket: about 2.7 µs less
 // a wave (H200). Per head the DA_WARPS warps' states (max m, sum l, weighted V sums acc), with weights
-// exp_of(m_w - max) in m's units; 0 for a head that saw no key. Any block size.
-template <typename T, int H, int DM, typename Exp>
+// exp_of(m_w - max) in m's units; 0 for a head that saw no key. THREADS: the block's.
+template <int THREADS, typename T, int H, int DM, typename Exp>
 __device__ void store_heads(T* __restrict__ out, const float (&acc)[DA_WARPS][H][DM], const float (&m)[DA_WARPS][H],
                             const float (&l)[DA_WARPS][H], int n, int d, Exp exp_of) {
-    for (int i = threadIdx.x; i < n * d; i += blockDim.x) {
+    for (int i = threadIdx.x; i < n * d; i += THREADS) {
         const int g = i / d, e = i % d;
         float mx = neg_inf();
 #pragma unroll
@@ -81,14 +81,14 @@ __device__ void store_heads(T* __restrict__ out, const float (&acc)[DA_WARPS][H]
 // last block of this (sequence, kv head) to finish (counter: zero between launches, reset here) merges the
 // chunks of heads h0 .. h0 + n (n <= 16) in chunk order into out [B, h, d]: per head the largest m and the
 // sum of the chunks' l exp(m_c - m), then per 4 dims sum_c exp(m_c - m) acc_c / that sum (0 for a head
-// that saw no key).
-template <typename T>
+// that saw no key). THREADS: the block's.
+template <int THREADS, typename T>
 __device__ void merge_chunks(const float* __restrict__ partial, T* __restrict__ out, int* counter, int b, int h,
                              int h0, int n, int d, int chunks) {
     if (!last_block_done(counter, chunks)) return;
     __shared__ float head_m[16], head_inv_l[16];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, stride = d + 4;
-    for (int g = warp; g < n; g += blockDim.x / 32) {
+    for (int g = warp; g < n; g += THREADS / 32) {
         const float* p = partial + (static_cast<size_t>(b) * h + h0 + g) * chunks * stride + d;
         float m = neg_inf(), l = 0.f;
         for (int c = lane; c < chunks; c += 32) m = fmaxf(m, __ldcg(p + c * stride));
@@ -101,7 +101,7 @@ __device__ void merge_chunks(const float* __restrict__ partial, T* __restrict__ 
         if (lane == 0) head_m[g] = m, head_inv_l[g] = l > 0.f ? 1.f / l : 0.f;
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < n * d / 4; i += blockDim.x) {
+    for (int i = threadIdx.x; i < n * d / 4; i += THREADS) {
         const int g = i / (d / 4), e = 4 * (i % (d / 4));
         const float* p = partial + (static_cast<size_t>(b) * h + h0 + g) * chunks * stride;
         const float m = head_m[g];
@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial(
     }
     __syncthreads();
     if (chunks == 1)
-        return store_heads(out + (static_cast<size_t>(b) * h + kvh * group) * d, red_acc, red_m, red_l, group, d,
+        return store_heads<DA_THREADS>(out + (static_cast<size_t>(b) * h + kvh * group) * d, red_acc, red_m, red_l, group, d,
                            [](float x) { return __expf(x); });
     for (int o = threadIdx.x; o < G * (d + 2); o += DA_THREADS) {  // slots d + 2, d + 3 stay unwritten
         const int g = o / (d + 2), e = o % (d + 2);
@@ -230,7 +230,7 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial(
         if (e == d) value = m;  // slot d holds the max, d + 1 the sum
         partial[((static_cast<size_t>(b) * h + kvh * group + g) * chunks + c) * (d + 4) + e] = value;
     }
-    merge_chunks(partial, out, counters + b * kv + kvh, b, h, kvh * group, group, d, chunks);
+    merge_chunks<DA_THREADS>(partial, out, counters + b * kv + kvh, b, h, kvh * group, group, d, chunks);
 }
 
 // ---- Tensor cores (fp16, bf16; sm_80 and later) ----
@@ -246,7 +246,7 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial(
 // Online softmax per head in log2 units (scores times scale log2 e; exp2). On CUDA cores each key cost a dot,
 // shuffles and two exps per head: 9-24% of copy bandwidth for grouped-query heads, 24-88% here (H200).
 // W warps a block, 4 or 8: 8 (one block an SM) where 4-warp blocks would take two chunks a (sequence, kv
-// head) and 8-warp ones can take all its keys, so that no chunks are merged (1.03-1.09x, H200).
+// head) and 8-warp ones can take all its keys, so that no chunks are merged (1.05-1.13x, H200).
 template <typename T, int D, int W>
 __global__ void __launch_bounds__(32 * W) attention_partial_tc(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const void* __restrict__ mask,
@@ -385,10 +385,10 @@ __global__ void __launch_bounds__(32 * W) attention_partial_tc(
         }
         __syncthreads();
     }
-    if (warp < DA_WARPS) share();
+    if (W == DA_WARPS || warp < DA_WARPS) share();
     __syncthreads();
     if (chunks == 1)
-        return store_heads(out + (static_cast<size_t>(b) * h + kvh * group) * D, red_acc, red_m, red_l, group, D,
+        return store_heads<32 * W>(out + (static_cast<size_t>(b) * h + kvh * group) * D, red_acc, red_m, red_l, group, D,
                            [](float x) { return fast_exp2(x); });
     // As attention_partial's merge, but m is in log2 units: the partial keeps natural-log units for the combine.
     for (int idx = threadIdx.x; idx < group * (D + 2); idx += 32 * W) {
@@ -406,7 +406,7 @@ __global__ void __launch_bounds__(32 * W) attention_partial_tc(
         if (e == D) value = mw == neg_inf() ? mw : mw / LOG2E;  // slot d: the max (natural log), d + 1: the sum
         partial[((static_cast<size_t>(b) * h + kvh * group + head) * chunks + c) * (D + 4) + e] = value;
     }
-    merge_chunks(partial, out, counters + b * kv + kvh, b, h, kvh * group, group, D, chunks);
+    merge_chunks<32 * W>(partial, out, counters + b * kv + kvh, b, h, kvh * group, group, D, chunks);
 }
 
 }  // namespace ct

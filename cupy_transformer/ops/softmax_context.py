@@ -282,7 +282,7 @@ def _decode_geometry(kernels, pairs: int) -> tuple[int, int]:
     ``kernels``: warps -> kernel (4; 8 too for the tensor-core kernel). Chunks: one wave of 4-warp blocks (as
     many as the SMs hold at once: a second, partial wave cost a whole block's time), at most 256 (the merge
     walks them in one loop). Where that gives two chunks a pair and one wave of 8-warp blocks holds a block a
-    pair, those take all of a pair's keys instead, and no chunks are merged: 1.03-1.09x at 96-128 pairs, H200."""
+    pair, those take all of a pair's keys instead, and no chunks are merged: 1.05-1.13x at 96-192 pairs, H200."""
     chunks = max(1, min(wave_blocks(kernels[4], 128) // pairs, 256))
     if chunks == 2 and 8 in kernels and wave_blocks(kernels[8], 256) >= pairs:
         return 8, 1
