@@ -76,12 +76,21 @@ __device__ void store_heads(T* __restrict__ out, const float (&acc)[DA_WARPS][H]
     }
 }
 
+// (m, l) merged with another (max, sum of exp(x - max)) pair, natural-log units; (-inf, 0): none.
+__device__ __forceinline__ void merge_max_sum(float& m, float& l, float m2, float l2) {
+    const float m_new = fmaxf(m, m2);
+    if (m_new == neg_inf()) return;
+    l = (m == neg_inf() ? 0.f : l * __expf(m - m_new)) + (m2 == neg_inf() ? 0.f : l2 * __expf(m2 - m_new));
+    m = m_new;
+}
+
 // partial rows [B, h, chunks, d + 4]: a chunk's weighted V sum (d), then m (natural-log units) and l, and two
 // unused slots (16-byte rows). Called by every thread of a partial block after its rows are written: the
 // last block of this (sequence, kv head) to finish (counter: zero between launches, reset here) merges the
-// chunks of heads h0 .. h0 + n (n <= 16) in chunk order into out [B, h, d]: per head the largest m and the
-// sum of the chunks' l exp(m_c - m), then per 4 dims sum_c exp(m_c - m) acc_c / that sum (0 for a head
-// that saw no key). THREADS: the block's.
+// chunks of heads h0 .. h0 + n (n <= 16, chunks <= 256) in chunk order into out [B, h, d]: per head the
+// largest m and the sum of the chunks' l exp(m_c - m), then per 4 dims sum_c exp(m_c - m) acc_c / that sum
+// (0 for a head that saw no key). Each lane loads its chunks' m and l together (the merge is a chain of
+// round trips to L2 after the last block's stream). THREADS: the block's.
 template <int THREADS, typename T>
 __device__ void merge_chunks(const float* __restrict__ partial, T* __restrict__ out, int* counter, int b, int h,
                              int h0, int n, int d, int chunks) {
@@ -90,14 +99,13 @@ __device__ void merge_chunks(const float* __restrict__ partial, T* __restrict__ 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, stride = d + 4;
     for (int g = warp; g < n; g += THREADS / 32) {
         const float* p = partial + (static_cast<size_t>(b) * h + h0 + g) * chunks * stride + d;
-        float m = neg_inf(), l = 0.f;
-        for (int c = lane; c < chunks; c += 32) m = fmaxf(m, __ldcg(p + c * stride));
-        m = warp_max(m);
+        float m = neg_inf(), l = 0.f;  // this lane's chunks (lane, lane + 32, ..), merged as they come
         for (int c = lane; c < chunks; c += 32) {
-            const float mc = __ldcg(p + c * stride);
-            if (mc != neg_inf()) l += __ldcg(p + c * stride + 1) * __expf(mc - m);
+            const float2 x = __ldcg(reinterpret_cast<const float2*>(p + c * stride));
+            merge_max_sum(m, l, x.x, x.y);
         }
-        l = warp_sum(l);
+        for (int off = 16; off > 0; off >>= 1)
+            merge_max_sum(m, l, __shfl_xor_sync(0xffffffffu, m, off), __shfl_xor_sync(0xffffffffu, l, off));
         if (lane == 0) head_m[g] = m, head_inv_l[g] = l > 0.f ? 1.f / l : 0.f;
     }
     __syncthreads();

@@ -383,21 +383,24 @@ def twin_caches(rng, dtype, kv, tokens, d, lengths, kinds=("numpy", "cupy")):
     return caches
 
 
-@pytest.fixture(params=["launcher's chunks", "one chunk", "8 warps, one chunk"])
+@pytest.fixture(params=["launcher's", "4 warps, 5 chunks", "one chunk", "8 warps, one chunk"])
 def decode_chunks(request, monkeypatch):
-    """How a decode test splits the keys: as the launcher does for its few sequences (many chunks a (sequence,
-    kv head), merged by the last block), or in one chunk as for batches that fill the GPU (each block writes
-    its context straight), in blocks of 4 warps or of 8 (the tensor-core kernel's, for about a pair an SM)."""
+    """How a decode test splits the keys: as the launcher does for its few sequences (on a GPU whose kernel has
+    8-warp blocks, those, in up to 16 chunks a (sequence, kv head), merged by the last block), in 4-warp blocks
+    and 5 chunks (fewer where the keys take fewer), or in one chunk as for batches that fill the GPU (each
+    block writes its context straight), in blocks of 4 warps or of 8 (the tensor-core kernel's)."""
     from cupy_transformer.ops import softmax_context
 
-    def one_chunk(kernels, pairs):
-        warps = 8 if request.param.startswith("8") else 4
+    warps, chunks = {"4 warps, 5 chunks": (4, 5), "one chunk": (4, 1), "8 warps, one chunk": (8, 1)}.get(
+        request.param, (None, None))
+
+    def forced(kernels, pairs):
         if warps not in kernels:
             pytest.skip("attention_partial (fp32, or head sizes the tensor-core kernel lacks) has 4-warp blocks")
-        return warps, 1
+        return warps, chunks
 
-    if request.param != "launcher's chunks":
-        monkeypatch.setattr(softmax_context, "_decode_geometry", one_chunk)
+    if warps:
+        monkeypatch.setattr(softmax_context, "_decode_geometry", forced)
     return request.param
 
 
