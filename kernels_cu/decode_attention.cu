@@ -53,7 +53,7 @@ struct Running {
     }
 };
 
-// A launch of one chunk (as many (sequence, kv head) pairs as the GPU holds blocks): the block's own context
+// A launch of one chunk a (sequence, kv head) pair (a batch that fills the GPU): the block's own context
 // rows straight to out (n heads from `out` on, d each), without partial rows or a ticket: about 2.7 µs less
 // a wave (H200). Per head the DA_WARPS warps' states (max m, sum l, weighted V sums acc), with weights
 // exp_of(m_w - max) in m's units; 0 for a head that saw no key. THREADS: the block's.
@@ -220,8 +220,8 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial(
     }
     __syncthreads();
     if (chunks == 1)
-        return store_heads<DA_THREADS>(out + (static_cast<size_t>(b) * h + kvh * group) * d, red_acc, red_m, red_l, group, d,
-                           [](float x) { return __expf(x); });
+        return store_heads<DA_THREADS>(out + (static_cast<size_t>(b) * h + kvh * group) * d, red_acc, red_m, red_l,
+                                       group, d, [](float x) { return __expf(x); });
     for (int o = threadIdx.x; o < G * (d + 2); o += DA_THREADS) {  // slots d + 2, d + 3 stay unwritten
         const int g = o / (d + 2), e = o % (d + 2);
         if (g >= group) continue;
@@ -253,8 +253,8 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial(
 //   which leaves lane (g, t) holding O's dims 8t .. 8t + 7 of each 32-dim block.
 // Online softmax per head in log2 units (scores times scale log2 e; exp2). On CUDA cores each key cost a dot,
 // shuffles and two exps per head: 9-24% of copy bandwidth for grouped-query heads, 24-88% here (H200).
-// W warps a block, 4 or 8: 8 (one block an SM) where 4-warp blocks would take two chunks a (sequence, kv
-// head) and 8-warp ones can take all its keys, so that no chunks are merged (1.05-1.13x, H200).
+// W warps a block, 4 or 8 (one block an SM at D128): the launcher takes 8 where they leave fewer chunks to
+// merge than one wave of 4-warp blocks would (two chunks a pair, or more than 16; softmax_context.py).
 template <typename T, int D, int W>
 __global__ void __launch_bounds__(32 * W) attention_partial_tc(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const void* __restrict__ mask,
@@ -363,7 +363,8 @@ __global__ void __launch_bounds__(32 * W) attention_partial_tc(
 #pragma unroll
                 for (int j = 0; j < 4; ++j)
 #pragma unroll
-                    for (int e = 0; e < 2; ++e) red_acc[slot][g + 8 * r][32 * db + 8 * t + 2 * j + e] = o[db][j][2 * r + e];
+                    for (int e = 0; e < 2; ++e)
+                        red_acc[slot][g + 8 * r][32 * db + 8 * t + 2 * j + e] = o[db][j][2 * r + e];
         }
     };
 #pragma unroll
@@ -396,8 +397,8 @@ __global__ void __launch_bounds__(32 * W) attention_partial_tc(
     if (W == DA_WARPS || warp < DA_WARPS) share();
     __syncthreads();
     if (chunks == 1)
-        return store_heads<32 * W>(out + (static_cast<size_t>(b) * h + kvh * group) * D, red_acc, red_m, red_l, group, D,
-                           [](float x) { return fast_exp2(x); });
+        return store_heads<32 * W>(out + (static_cast<size_t>(b) * h + kvh * group) * D, red_acc, red_m, red_l,
+                                   group, D, [](float x) { return fast_exp2(x); });
     // As attention_partial's merge, but m is in log2 units: the partial keeps natural-log units for the combine.
     for (int idx = threadIdx.x; idx < group * (D + 2); idx += 32 * W) {
         const int head = idx / (D + 2), e = idx % (D + 2);

@@ -310,8 +310,8 @@ def _decode(q, cache, layer, lo, hi, mask, alibi, scale, h, kv, d):
         kernels = {4: _KERNELS.kernel(f"ct::attention_partial<{ctype}, {next(g for g in _GROUPS if group <= g)}>")}
     warps, chunks = _decode_geometry(kernels, b * kv)
     kernel = kernels[warps]
-    # Chunks of a multiple of 64 keys (4 warps x 16: 125-key chunks took 15.5 µs where 128-key ones took 14.6,
-    # batch 1, 8 kv heads, H200).
+    # Chunks of a multiple of 64 keys (a 4-warp step, 16 keys a warp: 125-key chunks took 15.5 µs where 128-key
+    # ones took 14.6, batch 1, 8 kv heads, H200).
     chunk = 64 * max(1, math.ceil(t / chunks / 64))
     chunks = math.ceil(t / chunk)
     partial, counters = split_workspace(b * h * chunks * (d + 4), b * kv)  # the chunks' rows; the last merges
