@@ -354,17 +354,24 @@ __global__ void __launch_bounds__(32 * W) attention_partial_tc(
     static_assert(W == DA_WARPS || W == 2 * DA_WARPS, "4 or 8 warps");
     __shared__ float red_acc[DA_WARPS][16][D], red_m[DA_WARPS][16], red_l[DA_WARPS][16];
     const int slot = warp % DA_WARPS;
+    // Fragment row r of this lane's O: into slot `slot` (fold false), or o a + that slot's row w (fold true).
+    auto move_o = [&](int r, bool fold, float a, float w) {
+#pragma unroll
+        for (int db = 0; db < DB; ++db)
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    float &x = o[db][j][2 * r + e], &shared = red_acc[slot][g + 8 * r][32 * db + 8 * t + 2 * j + e];
+                    if (fold) x = x * a + shared * w;
+                    else shared = x;
+                }
+    };
     auto share = [&] {  // this warp's state into slot `slot`
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             if (t == 0) red_m[slot][g + 8 * r] = m[r], red_l[slot][g + 8 * r] = l[r];
-#pragma unroll
-            for (int db = 0; db < DB; ++db)
-#pragma unroll
-                for (int j = 0; j < 4; ++j)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e)
-                        red_acc[slot][g + 8 * r][32 * db + 8 * t + 2 * j + e] = o[db][j][2 * r + e];
+            move_o(r, false, 0.f, 0.f);
         }
     };
 #pragma unroll
@@ -382,14 +389,7 @@ __global__ void __launch_bounds__(32 * W) attention_partial_tc(
                 const float a = m[r] == neg_inf() ? 0.f : fast_exp2(m[r] - m_new);
                 const float w = m2 == neg_inf() ? 0.f : fast_exp2(m2 - m_new);
                 m[r] = m_new, l[r] = l[r] * a + red_l[slot][g + 8 * r] * w;
-#pragma unroll
-                for (int db = 0; db < DB; ++db)
-#pragma unroll
-                    for (int j = 0; j < 4; ++j)
-#pragma unroll
-                        for (int e = 0; e < 2; ++e)
-                            o[db][j][2 * r + e] = o[db][j][2 * r + e] * a +
-                                                  red_acc[slot][g + 8 * r][32 * db + 8 * t + 2 * j + e] * w;
+                move_o(r, true, a, w);
             }
         }
         __syncthreads();
