@@ -21,13 +21,13 @@ Constants are cublasLt.h's, cublas_api.h's and library_types.h's (CUDA 12 and 13
 
 from __future__ import annotations
 
-import collections
 import ctypes
 
 import numpy
 
 from . import timing
 from .arrays import import_cupy
+from .lru import DeviceLRU
 
 _COMPUTE_32F = 68
 _DATA_TYPE = {numpy.dtype(numpy.float16): 2, numpy.dtype(numpy.float32): 0}
@@ -181,8 +181,7 @@ class _Plan:
 
 
 _handles: dict[int, ctypes.c_void_p] = {}
-_plans: collections.OrderedDict[tuple, _Plan] = collections.OrderedDict()
-_MAX_PLANS = 256  # prompt lengths vary: keep the most recently used shapes
+PLANS = DeviceLRU(256, drop=_Plan.destroy)  # prompt lengths vary: keep the most recently used shapes
 _workspaces: dict[tuple[int, int], object] = {}
 _ONE, _ZERO = ctypes.c_float(1.0), ctypes.c_float(0.0)
 
@@ -211,14 +210,8 @@ def matmul(x, w, transposed: bool, bias=None, activation: str | None = None):
     y = cupy.empty((m, n), x.dtype)
     epilogue = EPILOGUES[(activation, bias is not None)]
     alignments = tuple(_alignment(p) for p in (w.data.ptr, x.data.ptr, y.data.ptr, y.data.ptr))
-    key = (device, x.dtype, m, n, k, transposed, epilogue, alignments)
-    plan = _plans.get(key)
-    if plan is None:
-        plan = _plans[key] = _Plan(handle, x.dtype, m, n, k, transposed, epilogue, alignments)
-        while len(_plans) > _MAX_PLANS:
-            _plans.popitem(last=False)[1].destroy()
-    else:
-        _plans.move_to_end(key)
+    plan = PLANS.get((x.dtype, m, n, k, transposed, epilogue, alignments),
+                      lambda: _Plan(handle, x.dtype, m, n, k, transposed, epilogue, alignments))
     if bias is not None:
         p = ctypes.c_void_p(bias.data.ptr)
         _call("cublasLtMatmulDescSetAttribute", plan.desc, _DESC_BIAS_POINTER, ctypes.byref(p), ctypes.sizeof(p))

@@ -6,6 +6,11 @@ device) into one ``cupy.RawModule``; CuPy's on-disk kernel cache keys on the ful
 local ``#include "x.cuh"`` lines are inlined here (a changed header must change the key) with
 ``#line`` markers that keep file names and line numbers in NVRTC's messages.
 
+Launchers call ``KernelFamily.launch(name, grid, block, **arguments)`` with the kernel's arguments by the
+names its signature gives them, in its order: the family reads each kernel's parameter list from the source
+(``kernel_parameters``), refuses arguments that do not match it name by name, and converts each scalar to
+the parameter's C type with a range check (a silently wrapped ``int`` would be an out-of-bounds access).
+
 ``compile_offline`` compiles a family for a named architecture with NVRTC alone (no GPU, no driver),
 which is how CI proves that every kernel compiles.
 """
@@ -35,6 +40,10 @@ _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 
 class KernelCompileError(RuntimeError):
     """NVRTC rejected a kernel family: carries the file name and the compiler log."""
+
+
+class KernelArgumentError(TypeError):
+    """A launch whose arguments do not match the kernel's parameters (names, order or count)."""
 
 
 def kernel_source_dir():
@@ -91,15 +100,44 @@ class KernelFamily:
 
     registry: dict[str, "KernelFamily"] = {}
 
-    def __init__(self, filename: str, name_expressions: Iterable[str], arch: str | None = None):
+    def __init__(self, filename: str, name_expressions: Iterable[str], arch: str | None = None,
+                 register: bool = True):
         """``arch``: the one architecture the family is built for (e.g. "90a", for instructions only that
-        target has); its launcher must run it on that architecture alone. None: the current device's."""
+        target has); its launcher must run it on that architecture alone. None: the current device's.
+        ``register``: list it in ``registry`` (what warmup and the CI compile cover)."""
         self.filename = filename
         self.name_expressions = tuple(name_expressions)
         self.arch = arch
         self._module = None
         self._kernels: dict[tuple[int, str], object] = {}
-        KernelFamily.registry[filename] = self
+        self._signatures: dict[str, tuple[tuple[str, ...], tuple]] = {}
+        if register:
+            KernelFamily.registry[filename] = self
+
+    def extended(self, name_expressions: Iterable[str]) -> "KernelFamily":
+        """A family of the same file with more instantiations (a sweep's geometries), outside the registry, so
+        warmup and the CI compile keep to what the launchers run."""
+        names = self.name_expressions + tuple(n for n in name_expressions if n not in self.name_expressions)
+        return KernelFamily(self.filename, names, self.arch, register=False)
+
+    def parameters(self, name_expression: str) -> tuple[tuple[str, str], ...]:
+        """The (C type, name) of each parameter of the kernel that ``name_expression`` instantiates."""
+        return kernel_parameters(read_source(self.filename), name_expression)
+
+    def launch(self, name_expression: str, grid, block, shared_mem: int = 0, **arguments) -> None:
+        """Launch one instantiation on the current stream with ``arguments`` named and ordered as its
+        parameters; scalars are converted to their C types with a range check."""
+        signature = self._signatures.get(name_expression)
+        if signature is None:
+            params = self.parameters(name_expression)
+            signature = self._signatures[name_expression] = (
+                tuple(name for _, name in params), tuple(_CONVERTERS[ctype] for ctype, _ in params))
+        names, converters = signature
+        if tuple(arguments) != names:
+            raise KernelArgumentError(f"{self.filename}: {name_expression} takes ({', '.join(names)}); the launch "
+                                      f"gave ({', '.join(arguments)})")
+        values = tuple(v if convert is None else convert(v) for convert, v in zip(converters, arguments.values()))
+        self.kernel(name_expression)(grid, block, values, shared_mem=shared_mem)
 
     def module(self):
         """The ``cupy.RawModule``; CuPy compiles (or loads from its cache) per device lazily."""
@@ -191,6 +229,65 @@ def cache_dir() -> str:
     return os.environ.get("CUPY_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cupy", "kernel_cache"))
 
 
+def _kernel_name(name_expression: str) -> str:
+    """``ct::norm_rows<__half, 8, 4>`` -> ``norm_rows``."""
+    return name_expression.split("<", 1)[0].rsplit("::", 1)[-1].strip()
+
+
+def _split_top_level(text: str) -> list[str]:
+    """``text`` split at the commas outside (), <> and []."""
+    pieces, depth, current = [], 0, []
+    for ch in text:
+        if ch in "(<[":
+            depth += 1
+        elif ch in ")>]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            pieces.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    pieces.append("".join(current))
+    return [p.strip() for p in pieces if p.strip()]
+
+
+def kernel_parameters(source: str, name_expression: str) -> tuple[tuple[str, str], ...]:
+    """The (C type, name) of each parameter of the ``__global__`` function that ``name_expression`` names,
+    read from ``source`` (includes inlined). The C type is "pointer" for any pointer, else the scalar type
+    ("int", "unsigned", "long long", "float"). A parameter list that is one macro is expanded."""
+    name = _kernel_name(name_expression)
+    head = re.search(r"__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?" + re.escape(name) + r"\s*\(",
+                     source)
+    if head is None:
+        raise KernelArgumentError(f"no __global__ function {name!r} found for {name_expression}")
+    depth, at = 1, head.end()
+    while depth:
+        depth += {"(": 1, ")": -1}.get(source[at], 0)
+        at += 1
+    text = re.sub(r"//[^\n]*|/\*.*?\*/", " ", source[head.end():at - 1], flags=re.S).strip()
+    if re.fullmatch(r"[A-Za-z_]\w*", text):  # a macro: #define NAME <list>, with line continuations
+        macro = re.search(r"#\s*define\s+" + text + r"\b((?:[^\n\\]|\\\n|\\)*)", source)
+        if macro is None:
+            raise KernelArgumentError(f"{name_expression}: parameter list {text} is no macro found in the source")
+        text = macro.group(1).replace("\\\n", " ")
+    params = []
+    for piece in _split_top_level(text):
+        piece = piece.split("=", 1)[0].strip()
+        words = re.findall(r"[A-Za-z_]\w*|\*", piece)
+        pname = words[-1]
+        if "*" in words:
+            ctype = "pointer"
+        else:
+            ctype = " ".join(w for w in words[:-1] if w not in ("const", "__restrict__", "signed"))
+            ctype = {"unsigned int": "unsigned", "int32_t": "int", "uint32_t": "unsigned", "int64_t": "long long",
+                     "long long int": "long long"}.get(ctype, ctype)
+            if ctype not in _CONVERTERS:
+                raise KernelArgumentError(f"{name_expression}: parameter {pname} has type {ctype!r}, which launches "
+                                          f"do not convert (one of {', '.join(_CONVERTERS)})")
+        params.append((ctype, pname))
+    return tuple(params)
+
+
 def i32(value: int) -> numpy.int32:
     """A kernel's ``int`` argument, range-checked (a silent wrap would be an out-of-bounds access)."""
     if not -(2**31) <= value < 2**31:
@@ -200,6 +297,21 @@ def i32(value: int) -> numpy.int32:
 
 def f32(value: float) -> numpy.float32:
     return numpy.float32(value)
+
+
+def u32(value: int) -> numpy.uint32:
+    """A kernel's ``unsigned`` argument, range-checked."""
+    if not 0 <= value < 2**32:
+        raise ValueError(f"{value} does not fit an unsigned 32-bit kernel argument")
+    return numpy.uint32(value)
+
+
+def i64(value: int) -> numpy.int64:
+    return numpy.int64(value)
+
+
+# What a launch converts each scalar parameter to (pointers go as they are: CuPy arrays or pointers).
+_CONVERTERS = {"pointer": None, "int": i32, "unsigned": u32, "long long": i64, "float": f32}
 
 
 def vector_width(dtype: numpy.dtype) -> int:

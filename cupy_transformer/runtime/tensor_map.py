@@ -12,17 +12,17 @@ Constants are cuda.h's (CUDA 12 and 13 agree on them).
 
 from __future__ import annotations
 
-import collections
 import ctypes
 
 import numpy
 
 from .arrays import import_cupy
+from .lru import DeviceLRU
 
 _DATA_TYPE = {"float16": 6, "bfloat16": 9}  # CU_TENSOR_MAP_DATA_TYPE_*
 _SWIZZLE_128B, _L2_PROMOTION_256B, _INTERLEAVE_NONE, _OOB_FILL_ZEROS = 3, 3, 0, 0
 _KEEP = 512  # maps kept: each layer's K and V cache views have their own (2 x 80 for a 70B model's layers)
-_maps: collections.OrderedDict[tuple, object] = collections.OrderedDict()
+MAPS = DeviceLRU(_KEEP)
 _encode = None
 
 
@@ -53,12 +53,10 @@ def tile_map(a, rows: int):
     if a.data.ptr % 16 or any(s % 16 or s <= 0 for s in a.strides[:-1]) or not 0 < rows <= 256:
         raise ValueError(f"tile_map: address and strides must be positive multiples of 16 bytes and rows 1..256; "
                          f"got address {a.data.ptr:#x}, strides {a.strides}, rows {rows}")
-    cupy = import_cupy()
-    key = (cupy.cuda.runtime.getDevice(), a.data.ptr, a.shape, a.strides, a.dtype.str, rows)
-    found = _maps.get(key)
-    if found is not None:
-        _maps.move_to_end(key)
-        return found
+    return MAPS.get((a.data.ptr, a.shape, a.strides, a.dtype.str, rows), lambda: _encode_map(a, rows))
+
+
+def _encode_map(a, rows: int):
     host = numpy.zeros(128 + 64, numpy.uint8)  # the driver wants the map 64-byte aligned
     at = -host.ctypes.data % 64
     b, heads, t, d = a.shape
@@ -70,7 +68,4 @@ def tile_map(a, rows: int):
     if status != 0:
         raise TensorMapError(f"cuTensorMapEncodeTiled returned CUresult {status} for {a.dtype} {a.shape} "
                              f"strides {a.strides}, box 64 x {rows}")
-    found = _maps[key] = cupy.asarray(host[at:at + 128])
-    while len(_maps) > _KEEP:
-        _maps.popitem(last=False)
-    return found
+    return import_cupy().asarray(host[at:at + 128])

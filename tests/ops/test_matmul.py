@@ -1,6 +1,5 @@
 """ops.matmul: the GEMV kernel for up to 8 rows (both layouts, split-K or not, epilogue), cuBLAS beyond."""
 
-import collections
 
 import numpy
 import pytest
@@ -178,11 +177,11 @@ def test_gpu_cublaslt_plan_cache_evicts(rng, monkeypatch):
     """Row counts vary call to call (prompt lengths): old cuBLASLt plans are destroyed, results stay right."""
     from cupy_transformer.runtime import cublaslt
 
-    monkeypatch.setattr(cublaslt, "_MAX_PLANS", 2)
+    monkeypatch.setattr(cublaslt.PLANS, "size", 2)
     for _ in range(2):
         for rows in (3, 17, 64, 130):
             check(rng, numpy.float16, rows, 256, 96, False, True, ActivationType.ReLU, gpu=True)
-    assert len(cublaslt._plans) <= 2
+    assert len(cublaslt.PLANS) <= 2
 
 
 @pytest.mark.gpu
@@ -193,10 +192,10 @@ def test_gpu_cublaslt_tuning_keeps_one_algorithm(rng, monkeypatch, tune):
     from cupy_transformer.runtime import cublaslt, timing
 
     monkeypatch.setattr(timing, "TUNE", tune)
-    monkeypatch.setattr(cublaslt, "_plans", collections.OrderedDict())
+    cublaslt.PLANS.clear()
     for _ in range(2):
         check(rng, numpy.float16, cublaslt.TUNE_MIN_ROWS + 3, 320, 136, False, True, ActivationType.GELU, gpu=True)
-    (plan,) = cublaslt._plans.values()
+    (plan,) = cublaslt.PLANS.values()
     assert len(plan.candidates) == 1
     plan.destroy()
 

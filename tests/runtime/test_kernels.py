@@ -173,3 +173,50 @@ def test_dynamic_shared_opts_in_every_kernel_once(monkeypatch):
         kernels.dynamic_shared(k, 70000)
         del k
     assert Kernel.sets == 50
+
+
+def test_every_kernel_signature_is_read_from_its_source():
+    """Each instantiation's parameter list parses into distinct names of types a launch converts: what
+    ``KernelFamily.launch`` checks every launch's arguments against."""
+    for filename, family in KernelFamily.registry.items():
+        for name in family.name_expressions:
+            params = family.parameters(name)
+            names = [p for _, p in params]
+            assert params and len(set(names)) == len(names), (filename, name, params)
+
+
+def test_kernel_parameters_reads_types_names_and_macros():
+    source = textwrap.dedent("""
+        #define ARGS const T *__restrict__ x, int n, \\
+            unsigned count
+        template <typename T, int R>
+        __global__ void __launch_bounds__(128 * R, 2) first(const T* __restrict__ a, /* b */ float s,
+                                                            long long stride) {}
+        template <typename T>
+        __global__ void second(ARGS) {}
+    """)
+    assert kernels.kernel_parameters(source, "ct::first<float, 2>") == (
+        ("pointer", "a"), ("float", "s"), ("long long", "stride"))
+    assert kernels.kernel_parameters(source, "ct::second<__half>") == (
+        ("pointer", "x"), ("int", "n"), ("unsigned", "count"))
+    with pytest.raises(kernels.KernelArgumentError, match=r"no __global__ function 'third'"):
+        kernels.kernel_parameters(source, "ct::third<float>")
+
+
+def test_a_launch_must_name_the_arguments_in_signature_order(tmp_path, monkeypatch):
+    (tmp_path / "k.cu").write_text("__global__ void k(float* x, int n, float s) { x[0] = n * s; }\n")
+    monkeypatch.setattr(kernels, "kernel_source_dir", lambda: tmp_path)
+    monkeypatch.setattr(KernelFamily, "registry", {})
+    family = KernelFamily("k.cu", ["k"])
+    # Checked before any kernel is loaded, so this needs no GPU.
+    with pytest.raises(kernels.KernelArgumentError, match=r"k takes \(x, n, s\); the launch gave \(x, s, n\)"):
+        family.launch("k", (1,), (1,), x=None, s=1.0, n=2)
+    with pytest.raises(kernels.KernelArgumentError, match=r"the launch gave \(x, n\)"):
+        family.launch("k", (1,), (1,), x=None, n=2)
+
+
+def test_scalar_arguments_are_converted_with_range_checks():
+    assert kernels.u32(2**32 - 1) == 2**32 - 1
+    with pytest.raises(ValueError, match=r"does not fit an unsigned 32-bit kernel argument"):
+        kernels.u32(-1)
+    assert kernels.i64(2**40).dtype == "int64"
