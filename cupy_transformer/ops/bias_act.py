@@ -1,4 +1,7 @@
-"""Bias + activation after a GEMM (``kernels_cu/bias_act.cu``): ``ops-spec.md`` §6's fused epilogue.
+"""Bias + activation after a GEMM (``kernels_cu/bias_act.cu``): the step DeepSpeed's MLPGemmOp runs on its first
+product, GELU (tanh) or ReLU with the intermediate bias in its LayerNorm variant, a gated GELU or SiLU without a
+bias in its RMSNorm variant (and no bias and no activation for any other pairing). Here every activation takes a
+bias or none.
 
 ``y = act(h + bias)``, fp32 math, one rounding to the input dtype. Activations: GELU (tanh form, GPT-2's
 ``gelu_new`` and DeepSpeed's GELU), GELU_EXACT (erf form, BERT's ``gelu``), ReLU, and the gated forms,
@@ -15,7 +18,7 @@ import math
 import numpy
 
 from ..runtime.arrays import as_array, check_no_overlap, common_kind, deliver, empty_like_kind, to_caller
-from ..runtime.kernels import (CTYPES, KernelFamily, access_width, elementwise_grid, i32, run_variants, vector_count,
+from ..runtime.kernels import (CTYPES, KernelFamily, access_width, elementwise_grid, run_variants, vector_count,
                                whole_rows)
 from .config import ActivationType, parse_enum
 
@@ -103,12 +106,8 @@ def apply_bias_act(h, bias, act, out=None):
     if rows and width:
         # Gated, a run's up and gate elements are `width` apart: aligned together only for whole-vector rows.
         vec = access_width(h.dtype, width, h, out, bias, any_width=not gated)
-        kernel = _KERNELS.kernel(_name(h.dtype, 0 if act is None else int(act), vec, whole_rows(width, vec)))
+        name = _name(h.dtype, 0 if act is None else int(act), vec, whole_rows(width, vec))
         vectors, tail = divmod(rows * width, vec)
-        kernel(
-            elementwise_grid(vectors),
-            (256,),
-            (h, bias if bias is not None else h, out, vector_count(vectors), i32(tail), i32(width),
-             i32(bias is not None)),
-        )
+        _KERNELS.launch(name, elementwise_grid(vectors), (256,), h=h, bias=h if bias is None else bias, y=out,
+                        vectors=vector_count(vectors), tail=tail, width=width, has_bias=bias is not None)
     return out

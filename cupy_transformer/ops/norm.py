@@ -1,7 +1,7 @@
 """Layer norm and RMS norm over the last dimension (``kernels_cu/norm.cu``).
 
-The math (``ops-spec.md`` §3), per row ``x`` of width ``H``, statistics in fp32 (float64 in the
-reference):
+DeepSpeed runs these norms inside QKVGemmOp (the input norm) and MLPGemmOp (the post-attention norm); the math
+is theirs, per row ``x`` of width ``H``, statistics in fp32 (float64 in the reference):
 
 - LayerNorm: ``y = (x - mean(x)) / sqrt(var(x) + eps) * gamma + beta``, ``var`` the biased (1/H)
   variance from a second pass (no E[x²] - E[x]² cancellation); ``beta`` may be omitted; one rounding to
@@ -9,6 +9,9 @@ reference):
 - RMSNorm: ``y = round(round(x / sqrt(mean(x²) + eps)) * gamma)``: the normalised row is rounded to the
   input dtype before the ``gamma`` multiply, as Hugging Face's LLaMA RMSNorm does. (DeepSpeed also
   rounds ``1/sqrt(...)`` to the dtype first; we follow HF, whose checkpoints these models come from.)
+
+DeepSpeed's norm kernels take rows of at most 16384 elements and launch nothing for longer ones; these take
+any width.
 
 NumPy inputs run the reference; GPU inputs run one kernel, one block per row (one warp per row for
 rows of at most 128 16-byte slots, e.g. 1024 fp16). Each row moves in aligned 16-byte accesses. When
@@ -30,7 +33,7 @@ import numbers
 import numpy
 
 from ..runtime.arrays import as_array, check_no_overlap, common_kind, empty_like_kind, to_caller
-from ..runtime.kernels import CTYPES, KernelFamily, f32, i32, vector_width
+from ..runtime.kernels import CTYPES, KernelFamily, vector_width
 
 
 _MAX_THREADS = 1024
@@ -43,17 +46,19 @@ _ALIGNED_VARIANTS = [(vpt, False) for vpt in (1, 2, 4, 8, 0)] + [(vpt, True) for
 _MODE = {"layer_norm": 0, "layer_norm_no_beta": 1, "rms_norm": 2}
 
 
-def _name(dtype: numpy.dtype, vec: int, vpt: int, warp_per_row: bool, aligned: bool) -> str:
+def kernel_name(dtype: numpy.dtype, vec: int, vpt: int, warp_per_row: bool, aligned: bool) -> str:
+    """The ``norm_rows`` instantiation for ``dtype``: ``vec`` elements an access, ``vpt`` slots a thread held in
+    registers (0: the multi-pass path), a warp a row (else a block), every slot whole at compile time (``aligned``)."""
     flags = ", ".join("true" if f else "false" for f in (warp_per_row, aligned))
     return f"ct::norm_rows<{CTYPES[dtype]}, {vec}, {vpt}, {flags}>"
 
 
 # Rows off 16-byte alignment (odd widths, offset views) and x and out aligned differently (element-wise
 # access, vec 1) are rare: one multi-pass variant each.
-_KERNELS = KernelFamily(
+NORM_KERNELS = KernelFamily(
     "norm.cu",
-    [_name(dtype, vector_width(dtype), vpt, warp, True) for dtype in CTYPES for vpt, warp in _ALIGNED_VARIANTS]
-    + [_name(dtype, vec, 0, False, vec == 1) for dtype in CTYPES for vec in (vector_width(dtype), 1)],
+    [kernel_name(dtype, vector_width(dtype), vpt, warp, True) for dtype in CTYPES for vpt, warp in _ALIGNED_VARIANTS]
+    + [kernel_name(dtype, vec, 0, False, vec == 1) for dtype in CTYPES for vec in (vector_width(dtype), 1)],
 )
 
 
@@ -101,22 +106,23 @@ def launch_config(rows: int, width: int, dtype: numpy.dtype, rows_at: dict[str, 
     x_ptr = rows_at["x"]
     params_aligned = all(p % 16 == 0 for p in params_at.values())
     if any((p - x_ptr) % 16 for p in rows_at.values()):  # aligned differently: no slot is aligned in all
-        return _name(dtype, 1, 0, False, True), (rows,), (min(_MAX_THREADS, 32 * math.ceil(width / 32)),), params_aligned
+        threads = min(_MAX_THREADS, 32 * math.ceil(width / 32))
+        return kernel_name(dtype, 1, 0, False, True), (rows,), (threads,), params_aligned
     vec = vector_width(dtype)
     if width % vec or x_ptr % 16 or not params_aligned:
         slots = (width + 2 * (vec - 1)) // vec  # slots of the worst-placed row
         threads = min(_MAX_THREADS, 32 * math.ceil(slots / 32))
-        return _name(dtype, vec, 0, False, False), (rows,), (threads,), params_aligned
+        return kernel_name(dtype, vec, 0, False, False), (rows,), (threads,), params_aligned
     slots = width // vec
     if slots <= 32 * 4:
         vpt = next(v for v in (1, 2, 4) if slots <= 32 * v)
         grid = (rows + _WARP_ROWS_PER_BLOCK - 1) // _WARP_ROWS_PER_BLOCK
-        return _name(dtype, vec, vpt, True, True), (grid,), (32, _WARP_ROWS_PER_BLOCK), True
+        return kernel_name(dtype, vec, vpt, True, True), (grid,), (32, _WARP_ROWS_PER_BLOCK), True
     if slots > 8 * _MAX_THREADS:
-        return _name(dtype, vec, 0, False, True), (rows,), (_MAX_THREADS,), True
+        return kernel_name(dtype, vec, 0, False, True), (rows,), (_MAX_THREADS,), True
     vpt = next((v for v in (1, 2, 4, 8) if slots <= _TARGET_THREADS * v), 8)
     threads = 32 * math.ceil(math.ceil(slots / vpt) / 32)
-    return _name(dtype, vec, vpt, False, True), (rows,), (threads,), True
+    return kernel_name(dtype, vec, vpt, False, True), (rows,), (threads,), True
 
 
 def _norm(mode: str, x, gamma, beta, eps: float, out):
@@ -165,12 +171,11 @@ def normalize(mode: str, x, gamma, beta, eps: float, *, out=None, residual=None,
                 where[name] = array.data.ptr
         name, grid, block, params_aligned = launch_config(rows, width, x.dtype, rows_at, params_at)
         pre_add = (residual is not None) * 1 + (add_bias is not None) * 2 + want_sum * 4
-        unused = x  # placeholder for pointers the mode and flags leave unread
-        args = [x, residual, add_bias, gamma, beta, out, total]
-        _KERNELS.kernel(name)(
-            grid,
-            block,
-            tuple(unused if a is None else a for a in args)
-            + (i32(rows), i32(width), f32(eps), i32(_MODE[mode]), i32(pre_add), i32(params_aligned)),
-        )
+
+        def given(a):  # x stands in for the pointers that the mode and flags leave unread
+            return x if a is None else a
+
+        NORM_KERNELS.launch(name, grid, block, x=x, residual=given(residual), add_bias=given(add_bias), gamma=gamma,
+                            beta=given(beta), y=out, sum=given(total), rows=rows, width=width, eps=eps,
+                            mode=_MODE[mode], pre_add=pre_add, params_aligned=params_aligned)
     return (out, total) if want_sum else out

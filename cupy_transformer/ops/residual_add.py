@@ -1,16 +1,17 @@
-"""ResidualAddOp (``ops-spec.md`` §8): the residual combine that ends a layer, one kernel pass
-(``kernels_cu/residual_add.cu``), fp32 math, one rounding.
+"""ResidualAddOp: DeepSpeed's residual combine that ends a layer, with its bias terms and tensor-parallel
+pre-division, in one kernel pass (``kernels_cu/residual_add.cu``), fp32 math, one rounding.
 
 With ``P = mp_size``, terms that are partial sums over tensor-parallel ranks are added as they are and
 terms replicated on every rank (the residual, all-reduced outputs, biases) are divided by P, so the
 caller's all-reduce (sum) of the result counts each once. By arrangement:
 
-- pre-LN, sequential (GPT-2): ``y = hidden + (residual + attention_output + attention_bias + final_bias) / P``
-  (DeepSpeed's bias-less "case A" is this formula without the biases; for LLaMA-style layers it is
-  right here because MLPGemmOp does not fold the attention output into ``residual``).
+- pre-LN, sequential (GPT-2): ``y = hidden + (residual + attention_output + attention_bias + final_bias) / P``.
+  DeepSpeed, given neither bias, computes this without them (rounding ``residual + attention_output`` to the
+  dtype first); for LLaMA-style layers it then adds the attention output twice, since its RMSNorm MLPGemmOp
+  has already added it into ``residual``. Ours does not, so the formula is right for those layers too.
 - post-LN (BERT): ``y = hidden + (residual_add + final_bias) / P``, ``residual_add`` (MLPGemmOp's ``xn``)
   replacing ``residual`` when given; the attention terms are already inside it. DeepSpeed does not
-  divide by P here (suspect): we do.
+  divide by P here, so the all-reduce would count the replicated terms P times: we divide.
 - parallel (GPT-J / NeoX): ``y = hidden + attention_output + (residual + final_bias + attention_bias) / P``
   (the attention output is a partial sum there).
 
@@ -24,17 +25,22 @@ from __future__ import annotations
 import numpy
 
 from ..runtime.arrays import check_no_overlap, common_kind, deliver, empty_like_kind, to_caller
-from ..runtime.kernels import (CTYPES, KernelFamily, access_width, elementwise_grid, f32, i32, run_variants,
-                               vector_count, whole_rows)
+from ..runtime.kernels import (CTYPES, KernelFamily, access_width, elementwise_grid, run_variants, vector_count,
+                               whole_rows)
 from .base import TransformerOp
 
-_KERNELS = KernelFamily(
-    "residual_add.cu",
-    [f"ct::residual_combine<{c}, {v}, {w}>" for d, c in CTYPES.items() for v, w in run_variants(d)],
-)
+
+def _name(dtype: numpy.dtype, vec: int, whole: str) -> str:
+    return f"ct::residual_combine<{CTYPES[dtype]}, {vec}, {whole}>"
 
 
-def combine_reference(partial, replicated, biases, mp_size: int, dtype) -> numpy.ndarray:
+_KERNELS = KernelFamily("residual_add.cu", [_name(d, v, w) for d in CTYPES for v, w in run_variants(d)])
+
+# The kernel's term slots, in its parameter order: partial sums, replicated rows, biases.
+_SLOTS = ("p0", "p1", "r0", "r1", "b0", "b1")
+
+
+def residual_add_reference(partial, replicated, biases, mp_size: int, dtype) -> numpy.ndarray:
     """``sum(partial) + (sum(replicated) + sum(biases)) / mp_size`` in float64, rounded once."""
     total = sum(p.astype(numpy.float64) for p in partial)
     shared = sum(t.astype(numpy.float64) for t in list(replicated) + list(biases))
@@ -45,22 +51,19 @@ def combine(partial: list, replicated: list, biases: list, mp_size: int, out=Non
     """The combine on arrays already checked: 1-2 partial row tensors, 0-2 replicated, 0-2 biases."""
     first = partial[0]
     if isinstance(first, numpy.ndarray):
-        return deliver(combine_reference(partial, replicated, biases, mp_size, first.dtype), out)
+        return deliver(residual_add_reference(partial, replicated, biases, mp_size, first.dtype), out)
     if out is None:
         out = empty_like_kind("cupy", tuple(first.shape), first.dtype)
     width = first.shape[-1]
     rows = first.size // width
     vec = access_width(first.dtype, width, *partial, *replicated, *biases, out, any_width=True)
     vectors, tail = divmod(rows * width, vec)
-    # The kernel's slots: p0, p1, r0, r1, b0, b1; absent ones get a placeholder and a cleared bit.
+    # Absent terms get a placeholder and a cleared bit in `present` (p0 is always there).
     slots = [*partial, None][:2] + [*replicated, None, None][:2] + [*biases, None, None][:2]
     present = sum(1 << (i - 1) for i, a in enumerate(slots) if i and a is not None)
-    _KERNELS.kernel(f"ct::residual_combine<{CTYPES[first.dtype]}, {vec}, {whole_rows(width, vec)}>")(
-        elementwise_grid(vectors),
-        (256,),
-        tuple(first if a is None else a for a in slots)
-        + (out, vector_count(vectors), i32(tail), i32(width), f32(1.0 / mp_size), i32(present)),
-    )
+    terms = {name: first if a is None else a for name, a in zip(_SLOTS, slots)}
+    _KERNELS.launch(_name(first.dtype, vec, whole_rows(width, vec)), elementwise_grid(vectors), (256,), **terms,
+                    y=out, vectors=vector_count(vectors), tail=tail, width=width, inv_p=1.0 / mp_size, present=present)
     return out
 
 

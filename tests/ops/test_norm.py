@@ -60,7 +60,7 @@ def test_numpy_path_writes_out(rng):
 
 
 def test_every_launch_config_is_instantiated():
-    names = set(norm_module._KERNELS.name_expressions)
+    names = set(norm_module.NORM_KERNELS.name_expressions)
     placements = [  # (row tensors, per-column vectors): aligned; misaligned alike; x and out apart; gamma off
         ({"x": 0, "out": 256}, {"gamma": 512}),
         ({"x": 2, "out": 514}, {"gamma": 6}),
