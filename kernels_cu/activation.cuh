@@ -7,7 +7,7 @@ namespace ct {
 enum Act : int { IDENTITY = 0, GELU_TANH = 1, RELU = 2, GATED_GELU = 3, GATED_SILU = 4, GELU_ERF = 5 };
 
 // 0.5 (1 + tanh(u)) = sigmoid(2u): FAST takes that form with the hardware exp and divide (float error far
-// below a 16-bit rounding) instead of tanhf, which made the pass compute-bound on an H200.
+// below a 16-bit rounding) instead of tanhf, which makes the pass compute-bound (H200).
 template <bool FAST>
 __device__ __forceinline__ float gelu_tanh(float x) {
     const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
@@ -15,10 +15,11 @@ __device__ __forceinline__ float gelu_tanh(float x) {
 }
 // erf by Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7, far below a 16-bit rounding): a hardware
 // reciprocal, an exp and five FMAs instead of erff's longer polynomial. (__frcp_rn, the IEEE-rounded
-// reciprocal, put a branch and a slow-path call on every element.)
+// reciprocal, compiles to a branch and a slow-path call on every element.)
 __device__ __forceinline__ float erf_fast(float x) {
     const float a = fabsf(x), t = __fdividef(1.f, 1.f + 0.3275911f * a);
-    const float p = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+    const float p =
+        t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
     return copysignf(1.f - p * __expf(-a * a), x);
 }
 template <bool FAST>

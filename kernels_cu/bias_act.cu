@@ -1,8 +1,8 @@
 // Bias + activation after the first MLP GEMM, one pass over its output.
 //
-// ACT: activation.cuh's Act (ActivationType's values, 0 = identity). Plain: y = act(h + bias), fp32 math, one rounding. Gated: h holds
-// [up | gate] halves of `width` columns each and y = up * act(gate), with act(gate) rounded to the
-// element type before the product (as Hugging Face computes act_fn(gate) * up in that type).
+// ACT: activation.cuh's Act (ActivationType's values, 0 = identity). Plain: y = act(h + bias), fp32 math, one
+// rounding. Gated: h holds [up | gate] halves of `width` columns each and y = up * act(gate), with act(gate)
+// rounded to the element type before the product (as Hugging Face computes act_fn(gate) * up in that type).
 #include "activation.cuh"
 #include "elementwise.cuh"
 

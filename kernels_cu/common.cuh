@@ -67,7 +67,7 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 // block resets it to zero for the next launch). The last block may then read every share, through L2
 // (__ldcg: L1 is not coherent). One thread's acquire-release ticket after the barrier orders the block's
 // shares before it and the last block's reads after it; every thread's __threadfence (a sequentially
-// consistent fence, twice) cost 0.2-0.3 µs more a launch (H200).
+// consistent fence, twice) costs 0.2-0.3 µs more a launch (H200).
 __device__ __forceinline__ bool last_block_done(int* counter, int blocks) {
     __shared__ bool last;
     __syncthreads();

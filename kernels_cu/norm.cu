@@ -191,7 +191,8 @@ __global__ void __launch_bounds__(1024)
         float sq = 0.f;
         for (int s = threadIdx.x; s < slots; s += blockDim.x) sq += slot_sq(row, s, input_slot(row, a, s), mean);
         const float rstd = rsqrtf(reduce(sq) * inv_width + eps);
-        for (int s = threadIdx.x; s < slots; s += blockDim.x) normalize_slot(row, a, s, input_slot(row, a, s), mean, rstd);
+        for (int s = threadIdx.x; s < slots; s += blockDim.x)
+            normalize_slot(row, a, s, input_slot(row, a, s), mean, rstd);
     }
 }
 
