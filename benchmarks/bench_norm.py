@@ -44,8 +44,10 @@ def run(shape, dtype_name, copy_gbs):
 
     t_copy = time_us(copy, list(zip(xc, oc)))
     for name, ours, theirs in (
-        ("layer_norm", lambda x, o: ops.layer_norm(x, gc, bc, 1e-5, out=o), lambda x, o: F.layer_norm(x, (width,), gamma, beta, 1e-5)),
-        ("rms_norm", lambda x, o: ops.rms_norm(x, gc, 1e-6, out=o), lambda x, o: F.rms_norm(x, (width,), gamma, 1e-6)),
+        ("layer_norm", lambda x, o: ops.layer_norm(x, gc, bc, eps=1e-5, out=o),
+         lambda x, o: F.layer_norm(x, (width,), gamma, beta, 1e-5)),
+        ("rms_norm", lambda x, o: ops.rms_norm(x, gc, eps=1e-6, out=o),
+         lambda x, o: F.rms_norm(x, (width,), gamma, 1e-6)),
     ):
         # Correctness against torch in fp32 before timing.
         ours(xc[0], oc[0])
@@ -57,7 +59,8 @@ def run(shape, dtype_name, copy_gbs):
         gbs = 2 * nbytes / t_ours / 1e3
         torch_gbs = 2 * nbytes / t_torch / 1e3
         rows_out.append(
-            f"| {name} | {dtype_name} | {rows}x{width} | {t_copy:.1f} | {t_ours:.1f} | {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% "
+            f"| {name} | {dtype_name} | {rows}x{width} | {t_copy:.1f} | {t_ours:.1f} | {gbs:.0f} "
+            f"| {100 * gbs / copy_gbs:.0f}% "
             f"| {100 * t_copy / t_ours:.0f}% | {t_torch:.1f} | {torch_gbs:.0f} | {100 * t_copy / t_torch:.0f}% "
             f"| {t_torch / t_ours:.2f}x | {err:.1e} |"
         )
@@ -76,7 +79,7 @@ def sweep(copy_gbs):
     out = []
     for vpt in (1, 2, 4, 8):
         threads = width // 8 // vpt
-        name = kernel_name(numpy.dtype(numpy.float16), 8, vpt, False, True)
+        name = kernel_name(numpy.dtype(numpy.float16), 8, vpt, warp_per_row=False, aligned=True)
 
         def launch(x, y):  # LayerNorm, no pre-add, every slot aligned; x and g stand in for the unread pointers
             NORM_KERNELS.launch(name, (rows,), (threads,), x=x, residual=x, add_bias=g, gamma=g, beta=g, y=y, sum=y,
@@ -98,14 +101,15 @@ def main():
     lines = [
         header("Layer norm / RMS norm vs torch"),
         f"Copy bandwidth (1 GiB device-to-device memcpy, read + written): {copy_gbs:.0f} GB/s. "
-        "GPU times are the lower of two medians of 60 CUDA-event-timed calls, each queued behind a read of 1 GiB (evicts L2 "
-        "leaving it clean, hides host launch overhead). GB/s counts x read and y written. 'of 1 GiB copy' compares "
+        "GPU times are the lower of two medians of 60 CUDA-event-timed calls, each queued behind a read of 1 GiB "
+        "(evicts L2 leaving it clean, hides host launch overhead). GB/s counts x read and y written. "
+        "'of 1 GiB copy' compares "
         "with that rate; 'of copy' compares with a memcpy of the same bytes (x to y) timed the same way, which is "
         "the fair ceiling: with L2 clean before the call, part of any kernel's output is still in L2 when it ends "
         "(why a row can pass 100% of the 1 GiB rate). Speed-up is torch time / our time; error is ours vs torch "
         "fp32, relative (norm). Host overhead per call is below the table.\n",
-        "| op | dtype | rows x width | copy µs | ours µs | ours GB/s | of 1 GiB copy | of copy | torch µs | torch GB/s "
-        "| torch of copy | speed-up | rel. error |",
+        "| op | dtype | rows x width | copy µs | ours µs | ours GB/s | of 1 GiB copy | of copy | torch µs "
+        "| torch GB/s | torch of copy | speed-up | rel. error |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines))

@@ -23,7 +23,8 @@ def commit() -> str:
     if os.environ.get("CT_COMMIT"):
         return os.environ["CT_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        return done.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -66,10 +67,11 @@ def time_us(fn, args_list, reps: int = 60, warmup: int = 5, flush: str = "read",
 
     Before each timed call a pass over a 1 GiB buffer is queued: it evicts L2 and keeps the GPU busy
     (~0.3 ms) while Python enqueues ``fn``, so the events bracket the kernels alone, not the host's
-    launch overhead (``host_us`` measures that; with a 256 MiB pass, host hiccups still leaked in). The default pass reads (a sum), leaving L2 clean; ``"write"``
-    (a memset, as triton's do_bench does) leaves it full of dirty lines whose write-back then competes
-    with ``fn``. ``args_list`` is cycled through as well. Events are recorded on the legacy default
-    stream, which CuPy's and torch's default streams both are."""
+    launch overhead (``host_us`` measures that; a 256 MiB pass is too short to hide host hiccups). The
+    default pass reads (a sum), leaving L2 clean; ``"write"`` (a memset, as triton's do_bench does) leaves
+    it full of dirty lines whose write-back then competes with ``fn``. ``args_list`` is cycled through as
+    well. Events are recorded on the legacy default stream, which CuPy's and torch's default streams both
+    are."""
     global _flush
     if _flush is None:
         _flush = cupy.ones(256 << 20, cupy.float32)

@@ -57,8 +57,10 @@ def kernel_name(dtype: numpy.dtype, vec: int, vpt: int, warp_per_row: bool, alig
 # access, vec 1) are rare: one multi-pass variant each.
 NORM_KERNELS = KernelFamily(
     "norm.cu",
-    [kernel_name(dtype, vector_width(dtype), vpt, warp, True) for dtype in CTYPES for vpt, warp in _ALIGNED_VARIANTS]
-    + [kernel_name(dtype, vec, 0, False, vec == 1) for dtype in CTYPES for vec in (vector_width(dtype), 1)],
+    [kernel_name(dtype, vector_width(dtype), vpt, warp, aligned=True)
+     for dtype in CTYPES for vpt, warp in _ALIGNED_VARIANTS]
+    + [kernel_name(dtype, vec, 0, warp_per_row=False, aligned=vec == 1)
+       for dtype in CTYPES for vec in (vector_width(dtype), 1)],
 )
 
 
@@ -107,22 +109,22 @@ def launch_config(rows: int, width: int, dtype: numpy.dtype, rows_at: dict[str, 
     params_aligned = all(p % 16 == 0 for p in params_at.values())
     if any((p - x_ptr) % 16 for p in rows_at.values()):  # aligned differently: no slot is aligned in all
         threads = min(_MAX_THREADS, 32 * math.ceil(width / 32))
-        return kernel_name(dtype, 1, 0, False, True), (rows,), (threads,), params_aligned
+        return kernel_name(dtype, 1, 0, warp_per_row=False, aligned=True), (rows,), (threads,), params_aligned
     vec = vector_width(dtype)
     if width % vec or x_ptr % 16 or not params_aligned:
         slots = (width + 2 * (vec - 1)) // vec  # slots of the worst-placed row
         threads = min(_MAX_THREADS, 32 * math.ceil(slots / 32))
-        return kernel_name(dtype, vec, 0, False, False), (rows,), (threads,), params_aligned
+        return kernel_name(dtype, vec, 0, warp_per_row=False, aligned=False), (rows,), (threads,), params_aligned
     slots = width // vec
     if slots <= 32 * 4:
         vpt = next(v for v in (1, 2, 4) if slots <= 32 * v)
         grid = (rows + _WARP_ROWS_PER_BLOCK - 1) // _WARP_ROWS_PER_BLOCK
-        return kernel_name(dtype, vec, vpt, True, True), (grid,), (32, _WARP_ROWS_PER_BLOCK), True
+        return kernel_name(dtype, vec, vpt, warp_per_row=True, aligned=True), (grid,), (32, _WARP_ROWS_PER_BLOCK), True
     if slots > 8 * _MAX_THREADS:
-        return kernel_name(dtype, vec, 0, False, True), (rows,), (_MAX_THREADS,), True
+        return kernel_name(dtype, vec, 0, warp_per_row=False, aligned=True), (rows,), (_MAX_THREADS,), True
     vpt = next((v for v in (1, 2, 4, 8) if slots <= _TARGET_THREADS * v), 8)
     threads = 32 * math.ceil(math.ceil(slots / vpt) / 32)
-    return kernel_name(dtype, vec, vpt, False, True), (rows,), (threads,), True
+    return kernel_name(dtype, vec, vpt, warp_per_row=False, aligned=True), (rows,), (threads,), True
 
 
 def _norm(mode: str, x, gamma, beta, eps: float, out):

@@ -26,8 +26,8 @@ def check(rng, dtype, shape, act, with_bias, gpu):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("act", ACTS, ids=lambda a: getattr(a, "name", "identity"))
 def test_numpy_path(rng, dtype, act):
-    check(rng, dtype, (3, 5, 64), act, True, gpu=False)
-    check(rng, dtype, (7, 30), act, False, gpu=False)
+    check(rng, dtype, (3, 5, 64), act, with_bias=True, gpu=False)
+    check(rng, dtype, (7, 30), act, with_bias=False, gpu=False)
 
 
 @pytest.mark.gpu
@@ -36,8 +36,8 @@ def test_numpy_path(rng, dtype, act):
 # (3, 1002): 16-byte runs crossing rows, a tail; (9, 6): rows narrower than a run (gated: one element at a time).
 @pytest.mark.parametrize("shape", [(1, 16), (7, 1000), (512, 4104), (3, 1002), (5, 37 * 2), (9, 6)], ids=str)
 def test_gpu(rng, poisoned_allocations, dtype, act, shape):
-    check(rng, dtype, shape, act, True, gpu=True)
-    check(rng, dtype, shape, act, False, gpu=True)
+    check(rng, dtype, shape, act, with_bias=True, gpu=True)
+    check(rng, dtype, shape, act, with_bias=False, gpu=True)
 
 
 @pytest.mark.gpu
@@ -73,9 +73,11 @@ def test_gpu_in_place(rng):
 
 def test_bad_input():
     h = numpy.ones((2, 8), numpy.float32)
-    with pytest.raises(ValueError, match=r"h: a gated activation needs \[up \| gate\] halves, an even last dimension; got 7"):
+    with pytest.raises(ValueError,
+                       match=r"h: a gated activation needs \[up \| gate\] halves, an even last dimension; got 7"):
         ops.bias_act(h[:, :7].copy(), None, "GATED_SILU")
-    with pytest.raises(ValueError, match=r"activation: expected one of GELU, ReLU, GATED_GELU, GATED_SILU, GELU_EXACT; got 'tanh'"):
+    with pytest.raises(ValueError,
+                       match=r"activation: expected one of GELU, ReLU, GATED_GELU, GATED_SILU, GELU_EXACT; got 'tanh'"):
         ops.bias_act(h, None, "tanh")
     with pytest.raises(ValueError, match=r"bias: expected shape \(8\); got \(4,\)"):
         ops.bias_act(h, numpy.ones(4, numpy.float32), "ReLU")

@@ -33,7 +33,8 @@ def make_inputs(rng, shape, dtype):
 CPU_SHAPES = [(1,), (3, 1), (2, 7), (5, 384), (3, 1000), (2, 3, 1001), (2, 4104)]
 # Warp-per-row launches cover 4 rows a block: (5, 384) and (13, 1024) leave a partial block.
 # (2, 65536) fp16 and (3, 8191) fill 1024 threads x 8 registers-held vectors.
-GPU_SHAPES = CPU_SHAPES + [(2, 65536), (3, 8191), (13, 1024), (64, 768), (7, 1600), (3, 4096 + 8), (512, 4095), (3, 65544), (2, 70001), (8192, 4096)]
+GPU_SHAPES = CPU_SHAPES + [(2, 65536), (3, 8191), (13, 1024), (64, 768), (7, 1600), (3, 4096 + 8), (512, 4095),
+                          (3, 65544), (2, 70001), (8192, 4096)]
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
@@ -70,7 +71,8 @@ def test_every_launch_config_is_instantiated():
     for dtype in FLOAT_DTYPES:
         for width in (1, 7, 8, 64, 127, 384, 1000, 1001, 1024, 1032, 4096, 4095, 8192 * 8, 8193 * 8, 70001):
             for rows_at, params_at in placements:
-                name, grid, block, _ = norm_module.launch_config(37, width, dtype, rows_at, params_at)
+                name, grid, block, _ = norm_module.launch_config(rows=37, width=width, dtype=dtype, rows_at=rows_at,
+                                                                 params_at=params_at)
                 assert name in names
                 vec, vpt = (int(a) for a in name.split("<")[1].split(",")[1:3])
                 threads, rows_per_block = (block + (1,))[:2]
@@ -137,7 +139,8 @@ def test_gpu_matches_float64(rng, dtype, shape):
     x, gamma, beta = make_inputs(rng, shape, dtype)
     xd, gd, bd = cupy.asarray(x), cupy.asarray(gamma), cupy.asarray(beta)
     for mode, call, exact in (
-        ("layer_norm", lambda out: ops.layer_norm(xd, gd, bd, eps=1e-5, out=out), exact_layer_norm(x, gamma, beta, 1e-5)),
+        ("layer_norm", lambda out: ops.layer_norm(xd, gd, bd, eps=1e-5, out=out),
+         exact_layer_norm(x, gamma, beta, 1e-5)),
         ("no beta", lambda out: ops.layer_norm(xd, gd, eps=1e-5, out=out), exact_layer_norm(x, gamma, None, 1e-5)),
         ("rms_norm", lambda out: ops.rms_norm(xd, gd, eps=1e-6, out=out), exact_rms_norm(x, gamma, 1e-6)),
     ):
@@ -191,7 +194,8 @@ def test_gpu_empty_batch_and_matches_numpy_path(rng):
     gpu = ops.rms_norm(cupy.asarray(x), cupy.asarray(gamma)).get()
     cpu = ops.rms_norm(x, gamma)
     # Same math, same roundings: at most one fp16 ulp apart.
-    assert numpy.max(numpy.abs(gpu.astype(numpy.float32) - cpu.astype(numpy.float32)) / numpy.maximum(numpy.abs(cpu.astype(numpy.float32)), 1e-3)) < 2e-3
+    gpu, cpu = gpu.astype(numpy.float32), cpu.astype(numpy.float32)
+    assert numpy.max(numpy.abs(gpu - cpu) / numpy.maximum(numpy.abs(cpu), 1e-3)) < 2e-3
 
 
 @pytest.mark.gpu
@@ -266,6 +270,9 @@ def test_gpu_pre_add(rng, poisoned_allocations, dtype, width, mode):
         (xd, gd, rd, add), bd = args, None
     y, z = norm_module.normalize(mode, xd, gd, bd, 1e-5, residual=rd, add_bias=add, want_sum=True)
     exact_z = x.astype(numpy.float64) + r + b.astype(numpy.float64)
-    exact = exact_layer_norm(exact_z, gamma, beta, 1e-5) if mode == "layer_norm" else exact_rms_norm(exact_z, gamma, 1e-5)
+    if mode == "layer_norm":
+        exact = exact_layer_norm(exact_z, gamma, beta, 1e-5)
+    else:
+        exact = exact_rms_norm(exact_z, gamma, 1e-5)
     assert rel_error(z, exact_z) < TOLERANCE[numpy.dtype(dtype)]
     assert rel_error(y, exact) < TOLERANCE[numpy.dtype(dtype)]

@@ -28,17 +28,20 @@ def exact(a, arrangement, mp, add_bias):
 
 def check(rng, dtype, rows, width, arrangement, mp, with_biases, add_bias, gpu, with_residual_add=True):
     pre, after = ARRANGEMENTS[arrangement]
-    cfg = InferenceConfig(hidden_size=width, heads=mp, dtype=dtype, pre_layer_norm=pre, mlp_after_attn=after, mp_size=mp, intermediate_size=4 * mp)
+    cfg = InferenceConfig(hidden_size=width, heads=mp, dtype=dtype, pre_layer_norm=pre, mlp_after_attn=after,
+                          mp_size=mp, intermediate_size=4 * mp)
     host = {
         "hidden_state": random(rng, (2, rows, width), dtype),
         "residual": random(rng, (2, rows, width), dtype, scale=2.0),
         "attention_output": random(rng, (2, rows, width), dtype),
-        "residual_add": random(rng, (2, rows, width), dtype) if with_residual_add and arrangement == "post-LN" else None,
+        "residual_add": (random(rng, (2, rows, width), dtype) if with_residual_add and arrangement == "post-LN"
+                         else None),
         "attention_bias": random(rng, (width,), dtype) if with_biases else None,
         "final_bias": random(rng, (width,), dtype) if with_biases else None,
     }
     a = on_backend(host, gpu)
-    y = ResidualAddOp(cfg)(a["hidden_state"], a["residual"], add_bias, a["attention_output"], a["residual_add"], a["attention_bias"], a["final_bias"])
+    y = ResidualAddOp(cfg)(a["hidden_state"], a["residual"], add_bias, a["attention_output"], a["residual_add"],
+                           a["attention_bias"], a["final_bias"])
     assert y.shape == (2, rows, width) and y.dtype == dtype
     assert rel_error(y, exact(a, arrangement, mp, add_bias)) < TOLERANCE[numpy.dtype(dtype)]
     assert (host["residual"] == (a["residual"].get() if gpu else a["residual"])).all()  # not updated in place
@@ -49,9 +52,11 @@ def check(rng, dtype, rows, width, arrangement, mp, with_biases, add_bias, gpu, 
 @pytest.mark.parametrize("mp", [1, 2])
 @pytest.mark.parametrize("biases", ["both", "no add_bias", "none"])
 def test_numpy_path(rng, dtype, arrangement, mp, biases):
-    check(rng, dtype, 5, 100, arrangement, mp, biases != "none", biases == "both", gpu=False)
+    check(rng, dtype, rows=5, width=100, arrangement=arrangement, mp=mp, with_biases=biases != "none",
+          add_bias=biases == "both", gpu=False)
     if arrangement == "post-LN":
-        check(rng, dtype, 1, 96, arrangement, mp, True, True, gpu=False, with_residual_add=False)
+        check(rng, dtype, rows=1, width=96, arrangement=arrangement, mp=mp, with_biases=True, add_bias=True, gpu=False,
+              with_residual_add=False)
 
 
 @pytest.mark.gpu
@@ -61,8 +66,8 @@ def test_numpy_path(rng, dtype, arrangement, mp, biases):
 @pytest.mark.parametrize("rows", GPU_ROWS)
 def test_gpu(rng, poisoned_allocations, dtype, arrangement, width, rows):
     mp = 2 if width % 2 == 0 else 1  # the config needs heads (= mp here) to divide the width
-    check(rng, dtype, rows, width, arrangement, mp, True, True, gpu=True)
-    check(rng, dtype, rows, width, arrangement, 1, False, False, gpu=True)
+    check(rng, dtype, rows, width, arrangement, mp, with_biases=True, add_bias=True, gpu=True)
+    check(rng, dtype, rows, width, arrangement, mp=1, with_biases=False, add_bias=False, gpu=True)
 
 
 @pytest.mark.gpu
@@ -72,7 +77,7 @@ def test_gpu_in_place_through_out(rng):
     cfg = InferenceConfig(hidden_size=64, heads=4, dtype=numpy.float32)
     h, r, a = (cupy.asarray(random(rng, (3, 64), numpy.float32)) for _ in range(3))
     expected = (h + r + a).get()
-    y = ResidualAddOp(cfg)(h, r, False, a, out=r)
+    y = ResidualAddOp(cfg)(h, r, add_bias=False, attention_output=a, out=r)
     assert y is r and rel_error(r, expected) < 1e-6
 
 
@@ -88,7 +93,7 @@ def test_gpu_misaligned_views(rng, dtype):
     r_view = cupy.empty(r.size + 8, dtype)[1 : 1 + r.size].reshape(r.shape)
     r_view[...] = r
     out = cupy.full(r.shape, numpy.nan, dtype)
-    y = ResidualAddOp(cfg)(h, r_view, False, a, final_bias=b, out=out)
+    y = ResidualAddOp(cfg)(h, r_view, add_bias=False, attention_output=a, final_bias=b, out=out)
     h, r, a, b = (x.astype(numpy.float64) for x in host)
     assert y is out and rel_error(y, h + r + a + b) < TOLERANCE[numpy.dtype(dtype)]
 
