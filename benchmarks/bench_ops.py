@@ -139,7 +139,7 @@ def gemv_rows(copy_gbs):
     """The GEMV kernel alone (bias in its epilogue) vs cuBLAS, torch and a plain read of the weights, GB/s
     of weights. (ops.matmul runs it where its first call timed it faster than cuBLAS; here it is called
     directly.)"""
-    from cupy_transformer.ops.matmul import gemv
+    from cupy_transformer.ops.gemv import gemv
 
     lines = [
         "",
