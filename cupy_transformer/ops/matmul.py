@@ -1,5 +1,5 @@
-"""``act(x @ W + bias)`` for the projection ops: cuBLASLt with a fused epilogue, or for decode shapes ``ops.gemv``
-(``kernels_cu/gemv.cu``) where it is the faster of the two.
+"""``act(x @ W + bias)`` for the projection ops and the LM head: cuBLASLt with a fused epilogue, or for decode
+shapes ``ops.gemv`` (``kernels_cu/gemv.cu``) where it is the faster of the two.
 
 Weights are ``[in, out]`` (DeepSpeed's default, GPT-2's Conv1D) or, with ``transposed_mode``, ``[out, in]``
 (``nn.Linear``). Products go to cuBLASLt (``runtime.cublaslt``: fp32 accumulation), whose epilogue adds the
@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy
 
 from ..runtime import cublaslt, timing
-from ..runtime.arrays import as_array, import_cupy
+from ..runtime.arrays import as_array, common_kind, import_cupy, to_caller
 from .bias_act import apply_bias_act
 from .gemv import GEMV_MAX_ROWS, gemv, gemv_fits, gemv_workspace
 
@@ -37,6 +37,15 @@ def weight_array(name: str, weight, kind: str, dtype: numpy.dtype, in_features: 
             f"got shape {tuple(w.shape)}"
         )
     return w, w_out
+
+
+def lm_logits(x, weight):
+    """The LM head: logits ``x[..., hidden] @ weight.T`` → ``[..., vocab]`` for a ``[vocab, hidden]`` weight
+    (a tied embedding, or ``nn.Linear``'s layout), in the caller's kind; NumPy arrays take the reference."""
+    kind = common_kind(x=x, weight=weight)
+    x = as_array("x", x, kind, min_ndim=1)
+    w, _ = weight_array("weight", weight, kind, x.dtype, x.shape[-1], transposed=True)
+    return to_caller(matmul(x, w, transposed=True), kind)
 
 
 def matmul(x, w, transposed: bool, bias=None, act=None):

@@ -1,9 +1,10 @@
 """ops.matmul: the product dispatch (the GEMV kernel where it timed faster, cuBLASLt otherwise; NumPy: the
-reference). gemv.cu's kernels themselves: test_gemv."""
+reference) and the LM head ``lm_logits``. gemv.cu's kernels themselves: test_gemv."""
 
 import numpy
 import pytest
 
+from cupy_transformer import ops
 from cupy_transformer.ops import ActivationType
 import cupy_transformer.ops.matmul as mm
 from cupy_transformer.runtime.arrays import FLOAT_DTYPES
@@ -39,6 +40,37 @@ def check(rng, dtype, rows, k, n, transposed, with_bias, act, gpu):
 @pytest.mark.parametrize("act", EPILOGUES, ids=lambda a: getattr(a, "name", "none"))
 def test_numpy_path(rng, dtype, transposed, act):
     check(rng, dtype, 3, 40, 24, transposed, with_bias=True, act=act, gpu=False)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("lead", [(5,), (2, 3)], ids=["[tokens,hidden]", "[B,S,hidden]"])
+def test_lm_logits_numpy_path(rng, dtype, lead):
+    """x @ weight.T for a [vocab, hidden] weight, against float64 NumPy."""
+    x, w = random(rng, lead + (48,), dtype), weight(rng, 48, 136, dtype, transposed=True)
+    y = ops.lm_logits(x, w)
+    assert isinstance(y, numpy.ndarray) and y.shape == lead + (136,) and y.dtype == dtype
+    assert rel_error(y, x.astype(numpy.float64) @ w.astype(numpy.float64).T) < TOL[numpy.dtype(dtype)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 7, 512])
+def test_gpu_lm_logits(rng, dtype, rows):
+    import cupy
+
+    x, w = random(rng, (rows, 1600), dtype), weight(rng, 1600, 5000, dtype, transposed=True)
+    y = ops.lm_logits(cupy.asarray(x), cupy.asarray(w))
+    assert isinstance(y, cupy.ndarray) and y.shape == (rows, 5000) and y.dtype == dtype
+    assert rel_error(y, x.astype(numpy.float64) @ w.astype(numpy.float64).T) < TOL[numpy.dtype(dtype)]
+
+
+def test_lm_logits_bad_input():
+    x, w = numpy.ones((2, 64), numpy.float32), numpy.ones((100, 64), numpy.float32)
+    with pytest.raises(ValueError, match=r"weight: expected a \[out, in\] \(transposed_mode\) weight whose "
+                                         r"in-dimension matches the input width 64; got shape \(64, 100\)"):
+        ops.lm_logits(x, w.T.copy())
+    with pytest.raises(TypeError, match=r"weight: expected dtype float32; got float16"):
+        ops.lm_logits(x, w.astype(numpy.float16))
 
 
 @pytest.mark.gpu
