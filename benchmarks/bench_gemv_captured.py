@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_ops import GEMV_SHAPES  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     copy_bandwidth_gbs, difference_line, free_gpu_memory, header, read_launch, spin_up, time_us, write_table)
-from cupy_transformer.ops.matmul import gemv, gemv_choice, matmul  # noqa: E402
+from cupy_transformer.ops.gemv import gemv  # noqa: E402
+from cupy_transformer.ops.matmul import gemv_choice, matmul  # noqa: E402
 
 
 def captured(calls):

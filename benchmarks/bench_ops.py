@@ -89,7 +89,9 @@ def cases(hidden, inter, norm, act, rows):
         yield ("GELUGemmOp (MLP, no norm)", lambda: gelu(c["x"], c["w1"], c["b1"], c["w2"]),
                lambda: F.gelu(torch.addmm(b1, x, w1), approximate="tanh") @ w2,
                lambda: (mm(c["x"], c["w1"]), mm(h_act, c["w2"])), mlp_bytes, mlp_flops, 0)
-    yield ("ResidualAddOp", lambda: res(c["x"], c["r"], True, c["a"], None, c["b_o"], c["b2"]),
+    yield ("ResidualAddOp",
+           lambda: res(c["x"], c["r"], add_bias=True, attention_output=c["a"], attention_bias=c["b_o"],
+                       final_bias=c["b2"]),
            lambda: x + r + a + b_o + b2, None, 4 * row_bytes, 0, 0)
 
 
@@ -102,14 +104,16 @@ def elementwise_rows(copy_gbs):
              "| pass | shape | ours µs | GB/s | of copy | same-size copy µs | of that | torch µs | vs torch |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, act, width in [("bias + gated SiLU (LLaMA-7B MLP)", "GATED_SILU", 2 * 11008),
-                             ("bias + GELU tanh (GPT-2-XL MLP)", "GELU", 6400), ("bias + GELU erf (BERT)", "GELU_EXACT", 3072),
+                             ("bias + GELU tanh (GPT-2-XL MLP)", "GELU", 6400),
+                             ("bias + GELU erf (BERT)", "GELU_EXACT", 3072),
                              ("ResidualAddOp (GPT-2-XL)", None, 1600), ("ResidualAddOp (LLaMA-7B)", None, 4096)]:
         if act is None:  # out = x + residual + attention output + two biases (pre-LN, mp_size 1)
             cfg = ops.InferenceConfig(hidden_size=width, heads=32, intermediate_size=4 * width)
             res = ops.ResidualAddOp(cfg)
             x, r, a, b1, b2 = t(2048, width), t(2048, width), t(2048, width), t(width), t(width)
             xc, rc, ac, b1c, b2c = (cupy.from_dlpack(v) for v in (x, r, a, b1, b2))
-            run = lambda: res(xc, rc, True, ac, None, b1c, b2c)  # noqa: E731
+            run = lambda: res(xc, rc, add_bias=True, attention_output=ac,  # noqa: E731
+                              attention_bias=b1c, final_bias=b2c)
             ref = lambda: x + r + a + b1 + b2  # noqa: E731
             nbytes = 4 * x.nbytes
         else:
@@ -139,7 +143,7 @@ def gemv_rows(copy_gbs):
     """The GEMV kernel alone (bias in its epilogue) vs cuBLAS, torch and a plain read of the weights, GB/s
     of weights. (ops.matmul runs it where its first call timed it faster than cuBLAS; here it is called
     directly.)"""
-    from cupy_transformer.ops.matmul import gemv
+    from cupy_transformer.ops.gemv import gemv
 
     lines = [
         "",
@@ -147,7 +151,8 @@ def gemv_rows(copy_gbs):
         "bytes read; 'of copy' against the copy rate above; 'read' is a plain read of the same bytes (the floor "
         "at that size); cuBLAS is cupy.matmul (the product alone), torch is addmm.",
         "",
-        "| K x N | layout | rows | weights MB | ours µs | GB/s | of copy | read GB/s | cuBLAS µs | vs cuBLAS | torch µs | vs torch |",
+        "| K x N | layout | rows | weights MB | ours µs | GB/s | of copy | read GB/s | cuBLAS µs | vs cuBLAS "
+        "| torch µs | vs torch |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines))
@@ -165,7 +170,8 @@ def gemv_rows(copy_gbs):
                 theirs = time_us(lambda: torch.addmm(b, x, wt), [()])
                 plain = time_us(lambda: cupy.matmul(xc, wc.T if transposed else wc), [()])
                 gbs = w.nbytes / ours / 1e3
-                line = (f"| {k}x{n} | {'[out,in]' if transposed else '[in,out]'} | {rows} | {w.nbytes / 1e6:.1f} | {ours:.1f} "
+                layout = "[out,in]" if transposed else "[in,out]"
+                line = (f"| {k}x{n} | {layout} | {rows} | {w.nbytes / 1e6:.1f} | {ours:.1f} "
                         f"| {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% | {floor:.0f} | {plain:.1f} | {plain / ours:.2f} "
                         f"| {theirs:.1f} | {theirs / ours:.2f} |")
                 print(line)
@@ -199,7 +205,8 @@ def main():
                 t = fastest_in_turn({"ours": ours, "torch": theirs, **({"cublas": cublas} if cublas else {})})
                 t_ours, t_torch, t_cublas = t["ours"], t["torch"], t.get("cublas")
                 if rows <= 16 or not flops:
-                    rate, ceiling = f"{nbytes / t_ours / 1e3:.0f} GB/s", f"{100 * nbytes / t_ours / 1e3 / copy_gbs:.0f}%"
+                    rate = f"{nbytes / t_ours / 1e3:.0f} GB/s"
+                    ceiling = f"{100 * nbytes / t_ours / 1e3 / copy_gbs:.0f}%"
                 else:
                     rate, ceiling = f"{flops / t_ours / 1e6:.0f} TFLOP/s", f"{100 * flops / t_ours / 1e6 / tflops:.0f}%"
                 if t_cublas:
@@ -207,7 +214,8 @@ def main():
                     cub = f"{t_cublas:.1f} | {t_cublas / t_ours:.2f} | {floor:.1f} | {floor / t_ours:.2f}"
                 else:
                     cub = "- | - | - | -"
-                line = f"| {model} | {rows} | {name} | {t_ours:.1f} | {t_torch:.1f} | {t_torch / t_ours:.2f} | {cub} | {rate} | {ceiling} |"
+                line = (f"| {model} | {rows} | {name} | {t_ours:.1f} | {t_torch:.1f} | {t_torch / t_ours:.2f} | {cub} "
+                        f"| {rate} | {ceiling} |")
                 print(line)
                 lines.append(line)
             free_gpu_memory()

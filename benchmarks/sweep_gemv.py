@@ -10,8 +10,7 @@ import cupy
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import card_name, copy_bandwidth_gbs, read_floor_us, spin_up, time_us  # noqa: E402
-import cupy_transformer.ops.matmul as mm  # noqa: E402
-from cupy_transformer.runtime.kernels import KernelFamily  # noqa: E402
+from cupy_transformer.ops.gemv import GEMV_KERNELS, GEMV_TC_KN, GEMV_TC_NK, gemv, tc_kernel_name  # noqa: E402
 
 SHAPES = [(1600, 6400), (6400, 1600), (1600, 1600), (4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]
 # (pieces, chunks, blocks a SM: the launch bounds and what the K split fills); "launcher": its own choices.
@@ -23,14 +22,14 @@ VARIANTS = {
 
 def _kernel_names():
     geometries = {(tr, v) for tr in (False, True) for v in VARIANTS[tr] if v != "launcher"}
-    geometries |= {(False, g) for g in mm.GEMV_TC_KN} | {(True, g) for g in mm.GEMV_TC_NK.values()}
-    return sorted(mm._tc_name("__half", tr, geo) for tr, geo in geometries)
+    geometries |= {(False, g) for g in GEMV_TC_KN} | {(True, g) for g in GEMV_TC_NK.values()}
+    return sorted(tc_kernel_name("__half", tr, geo) for tr, geo in geometries)
 
 
 def main():
     spin_up()
     copy = copy_bandwidth_gbs()
-    mm._KERNELS = KernelFamily("gemv.cu", _kernel_names())
+    family = GEMV_KERNELS.extended(_kernel_names())  # the launcher's kernels and every variant's
     print(f"{card_name()}: copy {copy:.0f} GB/s; GB/s of weights; columns: launcher, then pieces/chunks/blocks "
           "a SM; read floor and cuBLAS last")
     for tr in (False, True):
@@ -48,9 +47,9 @@ def main():
                 cells = []
                 for variant in VARIANTS[transposed]:
                     geometry = None if variant == "launcher" else variant
-                    err = float(cupy.abs(mm.gemv(x, w, transposed, geometry=geometry).astype(cupy.float32) - ref).max())
-                    worst = max(worst, err / scale)
-                    us = time_us(lambda: mm.gemv(x, w, transposed, geometry=geometry), [()], reps=30)
+                    y = gemv(x, w, transposed, geometry=geometry, family=family)
+                    worst = max(worst, float(cupy.abs(y.astype(cupy.float32) - ref).max()) / scale)
+                    us = time_us(lambda: gemv(x, w, transposed, geometry=geometry, family=family), [()], reps=30)
                     cells.append(f"{w.nbytes / us / 1e3:.0f}")
                 us = time_us(lambda: cupy.matmul(x, w.T if transposed else w), [()], reps=30)
                 cells += [f"{floor:.0f}", f"{w.nbytes / us / 1e3:.0f}"]

@@ -168,8 +168,8 @@ __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk(GEMV_ARGS) {
 // warp reads it). No shared-memory staging and no barriers while streaming: each warp keeps its own bytes
 // in flight. The 8 warps of a block split the block's K range in interleaved chunks (a batch of the block
 // covers 8 U contiguous chunks); their sums meet in shared memory, and splits of K across blocks in
-// GemvOut's partials. (A cp.async shared-memory pipeline with stream-K scheduling, the previous design, was
-// 10-40% slower: benchmarks/NOTES.md.) BLOCKS resident a SM (launch bounds): at 2 ptxas keeps each batch's
+// GemvOut's partials. (A cp.async shared-memory pipeline with stream-K scheduling was 10-40% slower:
+// benchmarks/notes/gemv.md.) BLOCKS resident a SM (launch bounds): at 2 ptxas keeps each batch's
 // loads ahead of its mma instead of interleaving them to save registers; 3 (85 registers) is for launches
 // whose tiles would otherwise leave a second, partial wave.
 

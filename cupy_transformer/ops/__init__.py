@@ -7,6 +7,7 @@ from .bias_act import bias_act
 from .config import ActivationType, InferenceConfig, NormType
 from .gelu_gemm import GELUGemmOp
 from .linear import LinearOp
+from .matmul import lm_logits
 from .mlp_gemm import MLPGemmOp
 from .norm import layer_norm, rms_norm
 from .qkv_gemm import QKVGemmOp
@@ -52,5 +53,6 @@ __all__ = [
     "bias_act",
     "create_op",
     "layer_norm",
+    "lm_logits",
     "rms_norm",
 ]

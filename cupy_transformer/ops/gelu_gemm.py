@@ -1,14 +1,14 @@
-"""GELUGemmOp (``ops-spec.md`` §7): the MLP without a norm of its own (GPT-J reuses the attention's
+"""GELUGemmOp: DeepSpeed's MLP without a norm of its own (GPT-J reuses the attention's
 normalised input): ``y = act(x @ W1 + b1) @ W2``, no output bias (ResidualAddOp adds it).
 
 ``act`` is the config's ``mlp_act_func_type`` (GELU, the tanh form, by default, as DeepSpeed always
 uses); gated types take ``[up | gate]`` columns in ``W1``. ``transposed_mode`` applies to both weights
 (DeepSpeed's fallback ignored it).
 
-int8 is not supported. DeepSpeed's int8 (§0: int8 weights with a per-group fp32 ``weight.scale``, dequantised
-to fp16 before each GEMM) asks for an int8 kernel that is not exported (§7, suspect), so it never ran a
-dequantising kernel. ``InferenceConfig`` takes fp16, bf16 and fp32 only and arrays carry no scales: dequantise
-quantised weights to the config's dtype first.
+int8 is not supported. DeepSpeed's int8 (int8 weights with a per-group fp32 ``weight.scale``, dequantised to
+fp16 before each GEMM) asks for an int8 kernel that is not exported, so it never ran a dequantising kernel.
+``InferenceConfig`` takes fp16, bf16 and fp32 only and arrays carry no scales: dequantise quantised weights to
+the config's dtype first.
 """
 
 from __future__ import annotations

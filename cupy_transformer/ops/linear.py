@@ -1,8 +1,8 @@
-"""LinearOp (``ops-spec.md`` §1): ``y = x @ W (+ bias)``, the fused QKV projection of post-LN models.
+"""LinearOp: ``y = x @ W (+ bias)``, DeepSpeed's plain projection, which its post-LN models use for the fused QKV
+projection.
 
-``ops.matmul`` does the product: up to 8 rows in the GEMV kernel with the bias in its epilogue, more rows in
-cuBLAS followed by one bias pass.
-DeepSpeed's ``do_flash_attn`` rearrangement is not offered: its own attention never asks for it.
+``ops.matmul`` does the product, with the bias in the epilogue of cuBLASLt or (up to 8 rows, where it timed faster)
+of the GEMV kernel. DeepSpeed's ``do_flash_attn`` rearrangement is not offered: its own attention never asks for it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""MLPGemmOp (``ops-spec.md`` §6): the MLP's norm, first GEMM, bias + activation, second GEMM.
+"""MLPGemmOp: DeepSpeed's MLP block in one call: the norm, first GEMM, bias + activation, second GEMM.
 
 Math, with ``act`` the config's ``mlp_act_func_type`` and ``MLP(z) = act(z @ W1 + bias) @ W2``:
 
@@ -6,15 +6,16 @@ Math, with ``act`` the config's ``mlp_act_func_type`` and ``MLP(z) = act(z @ W1 
   (``input`` = attention output, ``residual`` = layer input), ``xn = norm(z)``, ``out = MLP(xn)``.
 - parallel (``mlp_after_attn=False``, GPT-J / NeoX): ``xn = norm(residual)``; ``input`` is not used.
 
-The add and the norm are one kernel (``ops.norm``'s pre-add); the products are ``ops.matmul``'s (the GEMV
-kernel up to 8 rows, with bias and activation in its epilogue; cuBLAS and one ``bias_act`` pass beyond;
-gated activations always take the ``bias_act`` pass, which pairs the two halves). Returns ``(out, residual_add)``; ``residual_add`` is what DeepSpeed returns: ``xn`` for
+The add and the norm are one kernel (``ops.norm``'s pre-add); the products are ``ops.matmul``'s (bias and
+activation in the GEMM's epilogue where it has one; gated activations always take the ``bias_act`` pass, which
+pairs the two halves). Returns ``(out, residual_add)``; ``residual_add`` is what DeepSpeed returns: ``xn`` for
 LayerNorm, the normalised sum ``z`` for RMSNorm (``residual`` itself when parallel).
 
-Decisions where DeepSpeed is suspect (``ops-spec.md`` §6, §8):
+Where DeepSpeed's behaviour looks unintended, this op does what the math means:
 
 - Gated activations (``[up | gate]`` columns in ``W1``, ``2 * intermediate`` wide) work with LayerNorm
-  too, and every activation takes the intermediate ``bias`` (DeepSpeed drops both silently).
+  too, and every activation takes the intermediate ``bias``: DeepSpeed's LayerNorm path applies bias and
+  activation for GELU and ReLU alone (other types get neither), and its RMSNorm path takes no intermediate bias.
 - No argument is updated in place: DeepSpeed's RMSNorm path adds ``input_bias`` into ``input`` and the
   sum into ``residual``, which then made ResidualAddOp count the attention output twice. Here
   ``residual_add`` is a new array and ``residual`` keeps the layer input, so ResidualAddOp's formula is

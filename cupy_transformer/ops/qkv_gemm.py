@@ -1,9 +1,9 @@
-"""QKVGemmOp (``ops-spec.md`` §3): input norm fused before the QKV projection, for pre-norm models.
+"""QKVGemmOp: DeepSpeed's input norm fused before the QKV projection, for pre-norm models.
 
 ``xn = LayerNorm(x; gamma, beta)`` or ``RMSNorm(x; gamma)`` (config ``norm_type``, ``epsilon``), then
 ``qkv = xn @ W (+ bias)``. Returns ``(qkv, xn)``. The norm is ``ops.norm``'s kernel (its rounding
 decisions hold here: RMSNorm rounds like Hugging Face, not like DeepSpeed); the product and bias are
-``ops.matmul``'s (GEMV with the bias in its epilogue up to 8 rows, cuBLAS and one bias pass beyond). DeepSpeed ignores ``beta`` for RMSNorm; here a ``beta`` with
+``ops.matmul``'s (the bias in the GEMM's epilogue). DeepSpeed ignores ``beta`` for RMSNorm; here a ``beta`` with
 RMSNorm is an error rather than silently unused. Rows of any width (DeepSpeed: at most 16384).
 """
 

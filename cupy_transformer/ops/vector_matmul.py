@@ -1,8 +1,8 @@
-"""VectorMatMulOp (``ops-spec.md`` §2): ``y = x @ W`` without bias (the attention output projection).
+"""VectorMatMulOp: ``y = x @ W`` without bias, DeepSpeed's attention output projection.
 
-int8 is not supported. In DeepSpeed (§0, §2) int8 means int8 *weights* in ``[out, in]`` layout with fp16
-activations, dequantised with a per-group fp32 ``weight.scale`` (``w = scale[group] * q``) just before an fp16
-GEMM; §2 marks that path suspect: the int8 kernel its ctor asks for is not exported, so int8 lands in the
+int8 is not supported. In DeepSpeed int8 means int8 *weights* in ``[out, in]`` layout with fp16 activations,
+dequantised with a per-group fp32 ``weight.scale`` (``w = scale[group] * q``) just before an fp16 GEMM, and that
+path looks broken there: the int8 kernel its constructor asks for is not exported, so int8 lands in the
 ``torch.matmul`` fallback, which never applies the scale. Here ``InferenceConfig`` takes fp16, bf16 and fp32
 only, and a NumPy/CuPy array has no ``.scale`` to carry the per-group scales: quantised weights must be
 dequantised to the config's dtype before the call.

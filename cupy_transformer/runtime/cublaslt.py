@@ -7,14 +7,13 @@ rows are our columns, so the epilogue's per-row bias is our per-column bias. Com
 (``CUBLAS_COMPUTE_32F``), one rounding to the output type. Descriptors and the chosen algorithm are kept
 per shape; the workspace is one buffer per device and stream.
 
-The heuristic's first algorithm is often not the fastest: at 2048 rows on an H200 the best of its first
-eight ran 1-10% faster (GPT-2-XL's MLP up-projection with the GELU epilogue 65.5 vs 72.2 µs, LLaMA-7B's
-508 vs 561 µs; ``benchmarks/NOTES.md``). So a plan of at least ``TUNE_MIN_ROWS`` rows times up to
-``TUNE_CANDIDATES`` of them on its first call (``timing.fastest``, on that call's own operands: each run
-writes the same result) and keeps the fastest. Smaller plans (decode shapes, where the product is a read of
-the weights) keep the first pick, as does a call made during stream capture. Algorithms may add in
-different orders, so the choice can change the low bits of a result between processes; ``CT_TUNE=0`` in the
-environment keeps the heuristic's first pick everywhere.
+The heuristic's first algorithm is often not the fastest: at 2048 rows on an H200 the best of its first eight
+ran 1-10% faster (GPT-2-XL's and LLaMA-7B's MLP products). So a plan of at least ``TUNE_MIN_ROWS`` rows times up
+to ``TUNE_CANDIDATES`` of them on its first call (``timing.fastest``, on that call's own operands: each run
+writes the same result) and keeps the fastest. Smaller plans (decode shapes, where the product is a read of the
+weights) keep the first pick, as does a call made during stream capture. Algorithms may add in different orders,
+so the choice can change the low bits of a result between processes; ``CT_TUNE=0`` in the environment keeps the
+heuristic's first pick everywhere.
 
 Constants are cublasLt.h's, cublas_api.h's and library_types.h's (CUDA 12 and 13 agree on them).
 """

@@ -2,13 +2,12 @@
 
 Which cuBLASLt algorithm, or the GEMV kernel versus cuBLAS, is fastest depends on the shape and the card; the
 runtime times the candidates on the first call of a shape and keeps the winner (``cublaslt``, ``ops.matmul``).
-The timing must look like a model's: there each layer's weights arrive cold, and timed back to back with
-warm L2 the ranking changed (a 1600x1600 product picked a cuBLASLt algorithm 15% slower cold). So every timed
-run comes behind a read of twice the L2, which leaves it as the kernels before a product do (behind a write,
-whose dirty lines the product's reads must evict, the GEMV against cuBLASLt at [in, out] 1600x6400 on an H200
-was picked the slower way in 9 of 16 tries eagerly and 8 of 16 as graphs; behind a read in 3 and 2). The
-candidates take turns (clock and thermal drift hit all alike), and each is judged by its median. The first
-call of a shape waits for the GPU once.
+The timing must look like a model's: there each layer's weights arrive cold, and timed back to back with warm L2
+the ranking changed (a 1600x1600 product picked a cuBLASLt algorithm 15% slower cold). So every timed run comes
+behind a read of twice the L2, which leaves it as the kernels before a product do (behind a write, whose dirty
+lines the product's reads must evict, the GEMV against cuBLASLt at [in, out] 1600x6400 on an H200 was picked the
+slower way in 9 of 16 tries, behind a read in 3). The candidates take turns (clock and thermal drift hit all
+alike), and each is judged by its median. The first call of a shape waits for the GPU once.
 
 ``CT_TUNE=0`` in the environment turns this off: cuBLASLt's first pick, and cuBLAS for every eager product.
 """
@@ -22,7 +21,7 @@ from .arrays import import_cupy
 
 TUNE = os.environ.get("CT_TUNE", "1") != "0"
 ROUNDS = 5
-GRAPH_ROUNDS = 9  # H200, decode GEMV against cuBLASLt: mean loss a pick 0.15-0.17% at 9, 0.17-0.52% at 5
+GRAPH_ROUNDS = 9  # decode GEMV against cuBLASLt on an H200: a pick's mean loss up to 0.52% at 5, 0.17% at 9
 
 
 def fastest(runs: Sequence[Callable[[], object]], rounds: int | None = None, graph: bool = False) -> int:
@@ -31,8 +30,7 @@ def fastest(runs: Sequence[Callable[[], object]], rounds: int | None = None, gra
     Each is run once untimed first (its first launch may load a module). ``graph``: each run is captured into
     a CUDA graph (on a stream kept for this, so a run must be capturable and ready to run on a new stream
     after its first call) and the graph's launches are timed: a captured step's kernels start faster than
-    eager launches, by more for some kernels than for others, and the ranking can change
-    (benchmarks/NOTES.md)."""
+    eager launches, by more for some kernels than for others, and the ranking can change."""
     cupy = import_cupy()
     rounds = rounds or (GRAPH_ROUNDS if graph else ROUNDS)
     stream = cupy.cuda.get_current_stream()

@@ -43,8 +43,8 @@ def test_numpy_path(rng, dtype, transposed, with_bias, rows):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("rows, width, other", CPU_SIZES)
 def test_numpy_path_issue_sizes(rng, dtype, rows, width, other):
-    check(rng, dtype, rows, width, other, False, True, gpu=False)
-    check(rng, dtype, rows, other, width, True, False, gpu=False)
+    check(rng, dtype, rows, width, other, transposed=False, with_bias=True, gpu=False)
+    check(rng, dtype, rows, other, width, transposed=True, with_bias=False, gpu=False)
 
 
 @pytest.mark.gpu
@@ -52,16 +52,16 @@ def test_numpy_path_issue_sizes(rng, dtype, rows, width, other):
 @pytest.mark.parametrize("width", GPU_WIDTHS)
 @pytest.mark.parametrize("rows", GPU_ROWS)
 def test_gpu(rng, poisoned_allocations, dtype, width, rows):
-    check(rng, dtype, rows, width, 3 * width, False, True, gpu=True)
-    check(rng, dtype, rows, width, width, True, False, gpu=True)
+    check(rng, dtype, rows, width, 3 * width, transposed=False, with_bias=True, gpu=True)
+    check(rng, dtype, rows, width, width, transposed=True, with_bias=False, gpu=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_vector_matmul_gpu_in_out(rng, poisoned_allocations, dtype):
     for rows in GPU_ROWS:  # VectorMatMulOp on [in, out] weights (test_gpu gives it [out, in] only)
-        check(rng, dtype, rows, 1000, 1600, False, False, gpu=True)
-        check(rng, dtype, rows, 1600, 1000, False, False, gpu=True)
+        check(rng, dtype, rows, 1000, 1600, transposed=False, with_bias=False, gpu=True)
+        check(rng, dtype, rows, 1600, 1000, transposed=False, with_bias=False, gpu=True)
 
 
 def test_bad_input():
@@ -69,7 +69,8 @@ def test_bad_input():
     x = numpy.ones((2, 3, 64), numpy.float32)
     w = numpy.ones((64, 96), numpy.float32)
     op = LinearOp(cfg)
-    with pytest.raises(ValueError, match=r"weight: expected a \[in, out\] weight whose in-dimension matches the input width 64; got shape \(96, 64\)"):
+    with pytest.raises(ValueError, match=r"weight: expected a \[in, out\] weight whose in-dimension matches the input "
+                                         r"width 64; got shape \(96, 64\)"):
         op(x, w.T.copy())
     with pytest.raises(ValueError, match=r"bias: expected shape \(96\); got \(64,\)"):
         op(x, w, numpy.ones(64, numpy.float32))
@@ -77,7 +78,8 @@ def test_bad_input():
         op(x.astype(numpy.float16), w)
     with pytest.raises(TypeError, match=r"weight: expected dtype float32; got float16"):
         op(x, w.astype(numpy.float16))
-    with pytest.raises(ValueError, match=r"input: expected at least one token and a non-zero width; got shape \(2, 0, 64\)"):
+    with pytest.raises(ValueError,
+                       match=r"input: expected at least one token and a non-zero width; got shape \(2, 0, 64\)"):
         op(numpy.ones((2, 0, 64), numpy.float32), w)
     with pytest.raises(ValueError, match=r"input: expected a 2-D or 3-D array; got 4-D"):
         VectorMatMulOp(cfg)(x[None], w)

@@ -1,0 +1,140 @@
+"""``kernels_cu/gemv.cu``'s launcher: ``act(x[rows <= 8, K] @ W + bias)`` for decode shapes, with W ``[in, out]``
+or (``transposed``) ``[out, in]``, and the bias and activation in the kernel's epilogue (fp32, one rounding).
+
+fp16 and bf16 run the tensor-core kernels at a geometry (pieces a tile, chunks a batch, blocks resident a SM)
+chosen per shape; fp32 runs the FMA kernels with the rows rounded up to 1, 2, 4 or 8. A launch is a grid of
+(column tiles, K splits), as many splits as fill the SMs, with the current stream's split workspace
+(``runtime.kernels.split_workspace``). ``ops.matmul`` decides where this kernel runs instead of cuBLASLt; ``gemv``
+runs it on checked CuPy arrays, and takes ``geometry`` and ``family`` for the geometries a sweep compares
+(``benchmarks/sweep_gemv.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..runtime.arrays import import_cupy
+from ..runtime.kernels import CTYPES, KernelFamily, compute_capability, sm_count, split_workspace, vector_width
+
+GEMV_MAX_ROWS = 8
+_THREADS = 256  # gemv.cu's GEMV_THREADS
+_FMA_ROWS = (1, 2, 4, 8)  # the fp32 kernels' row counts (rows round up)
+_GEMV_ACTS = (0, 1, 2, 5)  # identity and the ActivationType values a per-column epilogue can apply
+# The tensor-core kernels' (16- or 32-column pieces a tile, chunks a batch, blocks resident a SM: the launch
+# bounds, and how many the K split fills). [in, out]: one piece, and 4 chunks (two 16-byte x loads a lane)
+# unless 2 share a split's chunks out over the 8 warps more evenly (`kn_chunks_a_batch`); on an H100 in a CUDA
+# graph 1-9% faster than two-piece tiles of 1 chunk a batch or one-piece ones of 2 (benchmarks/notes/gemv.md).
+# [out, in] by how many tiles coarse (two-piece) tiles make (`nk_geometry`).
+GEMV_TC_KN = ((1, 2, 2), (1, 4, 2))
+GEMV_TC_NK = {"fine": (1, 1, 2), "fine, short rows": (1, 4, 1), "coarse": (2, 1, 2), "coarse, 3 a SM": (2, 1, 3)}
+
+
+def nk_geometry(n: int, k: int, sms: int):
+    """The [out, in] geometry for N x K on ``sms`` SMs. Fine (one piece: twice the tiles, half the K splits)
+    where coarse tiles alone would not give every SM a block (4-9% faster at N = 4096 on an H200), and there,
+    for rows of K <= 3072, one block a SM with 4 chunks a batch: half the K splits again (none where the tiles
+    fill the SMs), as a split's partials and last-block pass cost more than they save on short rows. Coarse at
+    3 blocks a SM where 2 would leave a second, partial wave (N = 11008: 344 tiles on 132 SMs; 4-5% faster on
+    an H200, in a CUDA graph); else coarse at 2."""
+    tiles = math.ceil(n / 32)
+    if tiles <= sms:
+        return GEMV_TC_NK["fine, short rows" if k <= 3072 else "fine"]
+    return GEMV_TC_NK["coarse, 3 a SM" if 2 * sms < tiles <= 3 * sms else "coarse"]
+
+
+def kn_chunks_a_batch(k_per_split: int) -> int:
+    """A warp takes every 8th batch of its split's 16-k chunks, so the busiest one spends U ceil(chunks / 8U)
+    chunk-times: 4 chunks a batch unless 2 make that less (100 chunks: 14 chunk-times against 16)."""
+    chunks = math.ceil(k_per_split / 16)
+    return min((4, 2), key=lambda u: u * math.ceil(chunks / (8 * u)))
+
+
+def tc_kernel_name(ctype: str, transposed: bool, geometry) -> str:
+    """The name expression of a tensor-core kernel at ``geometry`` (pieces, chunks, blocks a SM)."""
+    return f"ct::gemv_tc_{'nk' if transposed else 'kn'}<{ctype}, {', '.join(map(str, geometry))}>"
+
+
+GEMV_KERNELS = KernelFamily(
+    "gemv.cu",
+    [tc_kernel_name(c, tr, geo) for d, c in CTYPES.items() if d.itemsize == 2
+     for tr, geo in [(False, g) for g in GEMV_TC_KN] + [(True, g) for g in GEMV_TC_NK.values()]]
+    + [f"ct::gemv_{layout}<float, {r}>" for layout in ("kn", "nk") for r in _FMA_ROWS],
+)
+
+
+# Per transposed: the fp32 kernels' (output columns a block, k a loop step: a split holds whole steps).
+_FMA_TILES = {
+    False: (32, 32),  # gemv_kn<float>: 8 lanes x 4 columns, chunks of 4 k
+    True: (32, 128),  # gemv_nk<float>: 8 warps x 4 rows, 32 lanes x 4 k
+}
+# Blocks per SM the fp32 kernels' K split fills up to, per transposed (the tensor-core kernels' is their
+# geometry's: they lose to extra splits' partial sums more than they gain from a second wave;
+# benchmarks/sweep_gemv.py).
+_FMA_BLOCKS_PER_SM = {False: 4, True: 2}
+
+
+def gemv_fits(x, w, transposed, bias, act) -> bool:
+    """The GEMV kernel's requirements: 16-byte aligned operands, whole vectors along the weight's rows,
+    an activation it can apply per column, and for fp16/bf16 tensor cores with mma.sync m16n8k16 (sm_80+)."""
+    vec = vector_width(x.dtype)
+    k, n = x.shape[1], (w.shape[0] if transposed else w.shape[1])
+    aligned = all(a.data.ptr % 16 == 0 for a in (x, w) + ((bias,) if bias is not None else ()))
+    whole_vectors = k % vec == 0 and (transposed or n % vec == 0)
+    tensor_cores_if_needed = x.dtype.itemsize == 4 or compute_capability() >= 80
+    return aligned and whole_vectors and tensor_cores_if_needed and (act is None or int(act) in _GEMV_ACTS)
+
+
+def gemv_k_per_split(k: int, n_tiles: int, k_step: int, blocks_per_sm: int, sms: int) -> int:
+    """The K range of one split, a multiple of ``k_step``: K shared evenly by the most splits for which column
+    tiles x splits gives each of the ``sms`` SMs at most ``blocks_per_sm`` blocks (at least one split). Every
+    block of a launch takes about as long as the longest split, so the splits are as even as ``k_step`` allows."""
+    splits = min(max(1, blocks_per_sm * sms // n_tiles), math.ceil(k / k_step))
+    return math.ceil(math.ceil(k / splits) / k_step) * k_step
+
+
+def gemv(x, w, transposed, bias=None, act=None, geometry=None, family=None):
+    """The GEMV kernel on checked CuPy arrays (``gemv_fits`` must hold): ``act(x[rows<=8, K] @ W + bias)``.
+    ``geometry``: (pieces, chunks, blocks a SM) for fp16/bf16 instead of the launcher's choice; ``family``: one
+    that has that geometry's kernel (``GEMV_KERNELS.extended``) instead of ``GEMV_KERNELS``."""
+    cupy = import_cupy()
+    rows, k = x.shape
+    name, grid, per_split, (partials, counters) = _launch_plan(x, w, transposed, geometry)
+    n = w.shape[0] if transposed else w.shape[1]
+    y = cupy.empty((rows, n), x.dtype)
+    (GEMV_KERNELS if family is None else family).launch(
+        name, grid, (_THREADS,), x=x, w=w, y=y, bias=x if bias is None else bias,  # x: unread without a bias
+        partials=partials, counters=counters, rows=rows, K=k, N=n, k_per_split=per_split,
+        act=0 if act is None else int(act), has_bias=int(bias is not None))
+    return y
+
+
+def gemv_workspace(x, w, transposed):
+    """Make the current stream's split workspace as large as this product's launch needs (a launch being
+    captured cannot make it), without launching; returns (partials, counters)."""
+    return _launch_plan(x, w, transposed)[3]
+
+
+def _launch_plan(x, w, transposed, geometry=None):
+    """The GEMV's kernel for this product, its grid (column tiles, K splits), the K range of a split, and the
+    current stream's split workspace (made here where the stream has none large enough)."""
+    rows, k = x.shape
+    n = w.shape[0] if transposed else w.shape[1]
+    sms = sm_count()
+    if x.dtype.itemsize == 2:
+        if geometry is None and transposed:
+            geometry = nk_geometry(n, k, sms)
+        # gemv.cu: pieces of 16 rows / 32 columns a tile; a split holds whole chunks of 32 / 16 k
+        pieces, _, blocks_per_sm = geometry or (1, None, 2)  # [in, out]: chunks a batch from the split, below
+        tile, k_step = (16 * pieces, 32) if transposed else (32 * pieces, 16)
+    else:
+        (tile, k_step), blocks_per_sm = _FMA_TILES[transposed], _FMA_BLOCKS_PER_SM[transposed]
+    n_tiles = math.ceil(n / tile)
+    per_split = gemv_k_per_split(k, n_tiles, k_step, blocks_per_sm, sms)
+    splits = math.ceil(k / per_split)
+    if x.dtype.itemsize == 2:
+        name = tc_kernel_name(CTYPES[x.dtype], transposed,
+                              geometry or (1, kn_chunks_a_batch(per_split), blocks_per_sm))
+    else:
+        name = f"ct::gemv_{'nk' if transposed else 'kn'}<float, {next(r for r in _FMA_ROWS if rows <= r)}>"
+    workspace = split_workspace(splits * rows * n if splits > 1 else 0, n_tiles)
+    return name, (n_tiles, splits), per_split, workspace

@@ -1,0 +1,150 @@
+"""ops.gemv: gemv.cu's kernels for up to 8 rows (both layouts, split-K or not, epilogue) and their geometry."""
+
+import numpy
+import pytest
+
+from cupy_transformer.ops import ActivationType
+from cupy_transformer.ops.gemv import GEMV_MAX_ROWS, gemv, gemv_fits, gemv_k_per_split, kn_chunks_a_batch, nk_geometry
+from cupy_transformer.runtime.arrays import FLOAT_DTYPES
+from tests.helpers import random, rel_error
+from tests.ops.common import TOL, act as exact_act, dense, f64, on_backend, weight
+
+EPILOGUES = [None, ActivationType.GELU, ActivationType.ReLU, ActivationType.GELU_EXACT]
+
+
+def check(rng, dtype, rows, k, n, transposed, with_bias, act):
+    """The GEMV kernel against float64 math where it applies (``gemv_fits``, up to 8 rows); returns the
+    arrays and its result (None where it does not apply: ops.matmul runs cuBLAS there, test_matmul)."""
+    host = {"x": random(rng, (rows, k), dtype), "w": weight(rng, k, n, dtype, transposed),
+            "bias": random(rng, (n,), dtype) if with_bias else None}
+    a = on_backend(host, gpu=True)
+    if rows > GEMV_MAX_ROWS or not gemv_fits(a["x"], a["w"], transposed, a["bias"], act):
+        return a, None
+    z = f64(a["x"]) @ dense(f64(a["w"]), transposed) + (f64(a["bias"]) if with_bias else 0)
+    exact = z if act is None else exact_act(z, act)
+    y = gemv(a["x"], a["w"], transposed, a["bias"], act)
+    assert y.shape == (rows, n) and y.dtype == dtype
+    assert rel_error(y, exact) < TOL[numpy.dtype(dtype)]
+    return a, y
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("transposed", [False, True], ids=["[in,out]", "[out,in]"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize(
+    "k, n", [(64, 40), (1600, 6400), (4096, 4096 + 8), (11008, 1000), (2072, 520), (768, 1001)], ids=str
+)
+def test_gpu_shapes(rng, poisoned_allocations, dtype, transposed, rows, k, n):
+    # (64, 40): one split, a partial tile; (11008, 1000): many splits; (2072, 520): splits that are not whole
+    # block steps and a last split ending in half a chunk (with 132 SMs, [in, out]: splits of 144 k, the last
+    # of 56: 16 and 24 k into a chunk pair); n = 1001 with [in, out] weights is not a whole number of 16-byte
+    # vectors: no GEMV (test_matmul's test_gpu_shapes runs every shape, and 9 rows, through ops.matmul).
+    check(rng, dtype, rows, k, n, transposed, with_bias=True, act=None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("transposed", [False, True], ids=["[in,out]", "[out,in]"])
+@pytest.mark.parametrize("act", EPILOGUES, ids=lambda a: getattr(a, "name", "none"))
+def test_gpu_epilogue(rng, poisoned_allocations, dtype, transposed, act):
+    check(rng, dtype, 4, 1000, 1600, transposed, with_bias=True, act=act)
+    check(rng, dtype, 1, 1000, 1600, transposed, with_bias=False, act=act)
+
+
+@pytest.mark.gpu
+def test_gpu_small_decode_products(rng, poisoned_allocations):
+    """The decode products test_matmul's timing and plan-cache tests run through ops.matmul."""
+    _, y = check(rng, numpy.float16, 3, 320, 136, transposed=True, with_bias=True, act=ActivationType.GELU)
+    assert y is not None
+    _, y = check(rng, numpy.float16, 3, 256, 96, transposed=False, with_bias=True, act=ActivationType.ReLU)
+    assert y is not None
+
+
+@pytest.mark.gpu
+def test_gpu_split_k_is_deterministic_and_resets(rng):
+    """The split sum is added in a fixed order, and the tile counters are left at zero for the next call."""
+    a, y = check(rng, numpy.float16, 2, 8192, 512, transposed=False, with_bias=True, act=ActivationType.GELU)
+    for _ in range(3):
+        again = gemv(a["x"], a["w"], transposed=False, bias=a["bias"], act=ActivationType.GELU)
+        assert (again == y).all()
+
+
+@pytest.mark.gpu
+def test_gpu_captured_graph_outlives_a_larger_workspace(rng):
+    """A larger split launch on a stream grows the split workspace; a graph captured there before still
+    writes the old one when replayed, so it is kept, not freed (freed, the pool would hand it to the next
+    arrays of its size, and the replay would write over them)."""
+    import cupy
+    from cupy_transformer.runtime.kernels import sm_count, split_workspace
+
+    host = {"x": random(rng, (2, 4096), numpy.float16), "w": weight(rng, 4096, 1024, numpy.float16, transposed=False)}
+    a = on_backend(host, gpu=True)
+    assert gemv_k_per_split(4096, 1024 // 32, 16, 2, sm_count()) < 4096  # the launch splits K: it uses the workspace
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        gemv(a["x"], a["w"], transposed=False)  # warm: kernels, pool, workspace
+        stream.begin_capture()
+        y = gemv(a["x"], a["w"], transposed=False)
+        graph = stream.end_capture()
+        sizes = [w.size for w in split_workspace(0, 0)]
+        grown = split_workspace(4 * sizes[0], 4 * sizes[1])  # as a larger launch would
+        assert all(w.size >= 4 * n for w, n in zip(grown, sizes))
+        fillers = [cupy.full(n, 7, dtype) for n, dtype in zip(sizes, (cupy.float32, cupy.int32))]
+        a["x"][...] = cupy.asarray(random(rng, (2, 4096), numpy.float16))
+        graph.launch()
+    stream.synchronize()
+    assert all(bool((f == 7).all()) for f in fillers)
+    assert rel_error(y, f64(a["x"]) @ f64(a["w"])) < TOL[numpy.dtype(numpy.float16)]
+
+
+@pytest.mark.gpu
+def test_gpu_split_workspace_does_not_grow_during_capture(rng):
+    """The first split launch on a stream, made while capturing: the workspace cannot be made and zeroed
+    there (a captured memset runs only at replay), so it raises, naming what to do."""
+    import cupy
+
+    a = on_backend({"x": random(rng, (2, 4096), numpy.float16),
+                    "w": weight(rng, 4096, 1024, numpy.float16, transposed=False)}, gpu=True)
+    gemv(a["x"], a["w"], transposed=False)  # compiled: only the new stream's workspace is missing below
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        try:
+            with pytest.raises(RuntimeError, match="run the step once on this stream before capturing"):
+                gemv(a["x"], a["w"], transposed=False)
+        finally:
+            stream.end_capture()
+
+
+def test_nk_geometry_holds_the_tiles_in_one_wave():
+    """[out, in]: fine tiles while coarse ones would leave SMs idle (at 1 block a SM for rows of K <= 3072),
+    coarse at 3 blocks a SM where 2 would leave a second, partial wave, else coarse at 2 (132 SMs)."""
+    geometry = {n: nk_geometry(n, 4096, sms=132) for n in (4096, 4232, 6400, 8448, 8480, 11008, 12672, 12704, 16384)}
+    assert geometry == {4096: (1, 1, 2), 4232: (2, 1, 2), 6400: (2, 1, 2), 8448: (2, 1, 2), 8480: (2, 1, 3),
+                        11008: (2, 1, 3), 12672: (2, 1, 3), 12704: (2, 1, 2), 16384: (2, 1, 2)}
+    short = {(n, k): nk_geometry(n, k, sms=132) for n in (256, 2048, 4232, 11008) for k in (768, 3072, 3080)}
+    assert short == {(256, 768): (1, 4, 1), (256, 3072): (1, 4, 1), (256, 3080): (1, 1, 2),
+                     (2048, 768): (1, 4, 1), (2048, 3072): (1, 4, 1), (2048, 3080): (1, 1, 2),
+                     (4232, 768): (2, 1, 2), (4232, 3072): (2, 1, 2), (4232, 3080): (2, 1, 2),
+                     (11008, 768): (2, 1, 3), (11008, 3072): (2, 1, 3), (11008, 3080): (2, 1, 3)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [t for t in FLOAT_DTYPES if numpy.dtype(t).itemsize == 2], ids=str)
+@pytest.mark.parametrize("rows", [1, 8])
+def test_gpu_nk_at_three_blocks_a_sm(rng, poisoned_allocations, dtype, rows):
+    """[out, in] with a width whose coarse tiles take 3 blocks a SM for one wave, the last tile partial."""
+    from cupy_transformer.runtime.kernels import sm_count
+
+    n = 32 * (2 * sm_count() + 8) + 8
+    assert nk_geometry(n, 520, sm_count())[2] == 3
+    assert check(rng, dtype, rows, 520, n, transposed=True, with_bias=True, act=ActivationType.GELU)[1] is not None
+
+
+def test_kn_chunks_a_batch_shares_chunks_evenly():
+    # A split's 16-k chunks go in batches to 8 warps in turn: 4 a batch unless 2 leave the busiest warp less.
+    assert kn_chunks_a_batch(1600) == 2  # 100 chunks: 14 chunk-times at 2, 16 at 4
+    assert kn_chunks_a_batch(1280) == 2  # 80: 10 against 12
+    assert kn_chunks_a_batch(64) == 2  # 4 chunks: two warps with 2 each rather than one with 4
+    assert [kn_chunks_a_batch(k) for k in (320, 2048, 5504)] == [4, 4, 4]  # ties take 4
