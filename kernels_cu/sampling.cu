@@ -114,12 +114,35 @@ __device__ __forceinline__ unsigned block_argmax(double score, unsigned index, d
     return index;
 }
 
+// A pass over the row: f(values, first) for each group of G consecutive values this thread takes (groups
+// threadIdx.x, + SAMPLE_THREADS, ...; first = the group's first index; values past the row's end are unset, f checks
+// first + g < vocab). The values of AHEAD groups are loaded before any is used: one block covers a whole row, so a
+// pass that waited on each load in turn would take the load latency times the row's length over the block's.
+template <int G, int AHEAD, typename T, typename F>
+__device__ __forceinline__ void for_each_group(const T* __restrict__ row, unsigned vocab, F&& f) {
+    const unsigned groups = vocab / G + (vocab % G != 0);
+    for (unsigned base = threadIdx.x; base < groups; base += AHEAD * SAMPLE_THREADS) {
+        T values[AHEAD][G];
+#pragma unroll
+        for (int a = 0; a < AHEAD; ++a)
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+                const unsigned i = (base + a * SAMPLE_THREADS) * G + g;
+                if (i < vocab) values[a][g] = row[i];
+            }
+#pragma unroll
+        for (int a = 0; a < AHEAD; ++a)
+            if (base + a * SAMPLE_THREADS < groups) f(values[a], (base + a * SAMPLE_THREADS) * G);
+    }
+}
+
 // The first index of the row's largest logit: the largest (key, ~index) packed in 64 bits (index < 2^31).
 template <typename T>
 __device__ unsigned row_argmax(const T* __restrict__ row, unsigned vocab, unsigned long long* scratch) {
     unsigned long long best = 0;
-    for (unsigned i = threadIdx.x; i < vocab; i += SAMPLE_THREADS)
-        best = max(best, static_cast<unsigned long long>(order_key(row[i])) << 32 | ~i);
+    for_each_group<1, 8>(row, vocab, [&](const T* v, unsigned i) {
+        best = max(best, static_cast<unsigned long long>(order_key(v[0])) << 32 | ~i);
+    });
     return ~static_cast<unsigned>(block_max(best, scratch));
 }
 
@@ -189,14 +212,13 @@ __device__ unsigned select_threshold(const T* __restrict__ row, unsigned vocab, 
     for (int shift = BITS - 8; shift >= 0; shift -= 8) {
         for (int d = threadIdx.x; d < 256; d += SAMPLE_THREADS) s.counts[d] = 0, s.masses[d] = 0.0;
         __syncthreads();
-        for (unsigned i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) {
-            const T v = row[i];
-            const unsigned key = order_key(v);
-            if (key < floor || (key & chosen) != prefix) continue;
+        for_each_group<1, 4>(row, vocab, [&](const T* v, unsigned) {  // 8 ahead would spill (64 registers)
+            const unsigned key = order_key(v[0]);
+            if (key < floor || (key & chosen) != prefix) return;
             const unsigned d = (key >> shift) & 255u;
             atomicAdd(&s.counts[d], 1u);
-            if (MASS) atomicAdd(&s.masses[d], exp((exact_double(v) - top) / t));
-        }
+            if (MASS) atomicAdd(&s.masses[d], exp((exact_double(v[0]) - top) / t));
+        });
         __syncthreads();
         if (threadIdx.x < 32) choose_digit<MASS>(s, shift, MASS && shift == BITS - 8);
         __syncthreads();
@@ -231,36 +253,30 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_tokens(
         threshold = select_threshold<T, true>(row, n, threshold, exact_double(top_p), top, t, selection);
     }
 
-    // Gumbel-max over the allowed set: thread j takes indices 4j .. 4j + 3, the four outputs of one Philox block,
-    // and skips the block where none of them is allowed.
+    // Gumbel-max over the allowed set: indices 4j .. 4j + 3 go together, the four outputs of the Philox block at
+    // counter j + 1, which is skipped where none of them is allowed.
     const unsigned long long seed = seed_step[0], step = seed_step[1];
     double best = neg_inf64();
     unsigned best_index = 0xFFFFFFFFu;
-    const unsigned quads = n / 4 + (n % 4 != 0);
-    for (unsigned j = threadIdx.x; j < quads; j += SAMPLE_THREADS) {
-        double scaled[4];
+    for_each_group<4, 2>(row, n, [&](const T* v, unsigned first) {
+        double scaled[4];  // l / T, before Philox's registers are live
         bool allowed[4], any = false;
 #pragma unroll
         for (int w = 0; w < 4; ++w) {
-            const unsigned i = 4 * j + w;
-            allowed[w] = false;
-            if (i < n) {
-                const T v = row[i];
-                allowed[w] = order_key(v) >= threshold;
-                if (allowed[w]) scaled[w] = exact_double(v) / t;
-            }
+            allowed[w] = first + w < n && order_key(v[w]) >= threshold;
+            if (allowed[w]) scaled[w] = exact_double(v[w]) / t;
             any |= allowed[w];
         }
-        if (!any) continue;
-        unsigned long long c[4] = {j + 1ull, step, blockIdx.x, 0ull};
+        if (!any) return;
+        unsigned long long c[4] = {first / 4 + 1ull, step, blockIdx.x, 0ull};
         philox4x64_10(c, seed, 0ull);
 #pragma unroll
         for (int w = 0; w < 4; ++w) {
             if (!allowed[w]) continue;
             const double score = scaled[w] + -log(-log(open_uniform(c[w])));
-            if (ahead(score, 4 * j + w, best, best_index)) best = score, best_index = 4 * j + w;
+            if (ahead(score, first + w, best, best_index)) best = score, best_index = first + w;
         }
-    }
+    });
     const unsigned token = block_argmax(best, best_index, score_scratch, index_scratch);
     if (threadIdx.x == 0) tokens[blockIdx.x] = static_cast<int>(token);
 }
