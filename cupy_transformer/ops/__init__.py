@@ -12,6 +12,7 @@ from .mlp_gemm import MLPGemmOp
 from .norm import layer_norm, rms_norm
 from .qkv_gemm import QKVGemmOp
 from .residual_add import ResidualAddOp
+from .sampling import sample_tokens
 from .softmax import SoftmaxOp
 from .softmax_context import SoftmaxContextOp
 from .vector_matmul import VectorMatMulOp

@@ -1,0 +1,156 @@
+"""Next-token sampling on the GPU (``kernels_cu/sampling.cu``) from a counter-based generator, and its NumPy twin.
+
+For row ``b`` of logits ``l`` (as float64: every dtype's values exactly), with ``T`` the temperature and ``top_p`` as
+float32 (the values the kernel is given):
+
+- ``T == 0`` (greedy): the first index of ``max(l)``.
+- Otherwise the allowed set ``A``: every index; with ``top_k > 0``, those with ``l_i >=`` the k-th largest value
+  (ties at the boundary all kept; ``top_k >= V`` keeps all); with ``top_p < 1``, further those with
+  ``l_i >= lambda``, the largest logit value such that ``sum_{j in A, l_j >= lambda} p_j >= top_p * sum_{j in A} p_j``
+  with ``p_j = exp((l_j - max l) / T)`` (ties kept; never empty).
+- The token is the first index of the largest ``l_i / T + g_i`` over ``A``, ``g_i = -log(-log(u_i))`` (the
+  Gumbel-max trick draws from softmax(l / T) restricted to ``A`` and renormalised). ``u_i = ((r_i >> 12) + 0.5) *
+  2^-52``, exact in double and inside (0, 1) (from 53 bits, the half would round the largest to 1), where ``r_i`` is
+  output ``i`` of Philox4x64-10 keyed by ``(seed, 0)`` from counter ``(0, step, b, 0)``:
+  ``numpy.random.Philox(key=(seed, 0), counter=(0, step, b, 0)).random_raw(V)``. NumPy increments the counter's
+  first word before each block of four outputs, so ``r_{4j+w}`` is word ``w`` of the block at counter
+  ``(j + 1, step, b, 0)``, which the kernel computes itself. A draw thus depends on (seed, step, row) alone.
+
+Gumbel-max rather than a search of the cumulative distribution: each index's draw uses its own ``u_i`` and no prefix
+sum over the vocabulary, so the kernel and NumPy agree draw for draw wherever two scores are not within an ulp; the
+scores are double on both sides. The top-p masses are summed in a different order on each side, which can move a
+boundary only where a level's mass is within an ulp of the target.
+
+Logits must not be NaN, and a row's maximum must be finite (``-inf`` entries are fine: they are never drawn unless
+everything allowed is ``-inf``, which then gives the first allowed index).
+
+On the GPU the seed and the step are read from ``seed_step`` (device uint64 [2]) when the kernel runs, so one
+captured CUDA graph serves every step and seed; temperature, top_k and top_p are launch arguments (fixed in a
+graph). One block of 1024 threads takes a row: greedy is one pass over it; top_k and top_p thresholds are found by
+radix selection over the logits' order-preserving integer keys, 8 bits a pass with a shared 256-bucket histogram
+(counts for top_k, double masses for top_p), two passes each for fp16 / bf16 keys and four for fp32; then one pass of
+Gumbel-max, which runs Philox only for blocks of four indices where one is allowed.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy
+
+from ..runtime.arrays import _from_dlpack, as_array, common_kind, import_cupy, kind_of, to_caller
+from ..runtime.kernels import CTYPES, KernelFamily
+
+SAMPLE_THREADS = 1024  # kernels_cu/sampling.cu's SAMPLE_THREADS
+_FLOAT32_MAX = float(numpy.finfo(numpy.float32).max)
+
+
+def _name(dtype) -> str:
+    return f"ct::sample_tokens<{CTYPES[numpy.dtype(dtype)]}>"
+
+
+_KERNELS = KernelFamily("sampling.cu", [_name(d) for d in CTYPES])
+
+
+def sampling_arguments(temperature, top_k, top_p) -> tuple[float, int, float]:
+    """The checked arguments: temperature and top_p as the float32 values the kernel takes (as Python floats),
+    top_k as an int."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
+            0 <= temperature <= _FLOAT32_MAX):  # NaN fails too
+        raise ValueError(f"temperature: expected a finite number >= 0 (0: greedy); got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
+        raise ValueError(f"top_k: expected an integer >= 0 (0: no top-k cut); got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p: expected a number in (0, 1] (1: no top-p cut); got {top_p!r}")
+    return float(numpy.float32(temperature)), int(top_k), float(numpy.float32(top_p))
+
+
+def philox_uniforms(seed: int, step: int, row: int, count: int) -> numpy.ndarray:
+    """``u_0 .. u_{count-1}`` of row ``row`` at (``seed``, ``step``): float64 in (0, 1), from NumPy's Philox4x64-10."""
+    words = numpy.array([seed, 0], numpy.uint64), numpy.array([0, step, row, 0], numpy.uint64)
+    bits = numpy.random.Philox(key=words[0], counter=words[1]).random_raw(count)
+    return ((bits >> 12).astype(numpy.float64) + 0.5) * 2.0**-52
+
+
+def allowed_tokens(row: numpy.ndarray, temperature: float, top_k: int, top_p: float) -> numpy.ndarray:
+    """The set ``A`` a draw may take from float64 ``row`` (bool [V]); ``temperature`` > 0 and ``top_p`` as float32
+    values (``sampling_arguments``)."""
+    vocab = row.size
+    allowed = numpy.ones(vocab, bool)
+    if 0 < top_k < vocab:
+        allowed = row >= numpy.partition(row, vocab - top_k)[vocab - top_k]
+    if top_p < 1:
+        values = numpy.sort(row[allowed])[::-1]
+        mass = numpy.cumsum(numpy.exp((values - row.max()) / temperature))
+        level_ends = numpy.append(values[1:] != values[:-1], True)  # the last position of each distinct value
+        levels, reached = values[level_ends], mass[level_ends]
+        allowed &= row >= levels[numpy.argmax(reached >= top_p * mass[-1])]
+    return allowed
+
+
+def sample_reference(logits, seed: int, step: int, temperature=0.0, top_k=0, top_p=1.0) -> numpy.ndarray:
+    """The module docstring's draw from NumPy ``logits`` [B, V] or [B, 1, V] at (``seed``, ``step``), row ``b``
+    drawing with counter row ``b``: int64 [B]."""
+    temperature, top_k, top_p = sampling_arguments(temperature, top_k, top_p)
+    rows = numpy.asarray(logits)
+    rows = rows.reshape(rows.shape[0], rows.shape[-1]).astype(numpy.float64)
+    tokens = numpy.empty(rows.shape[0], numpy.int64)
+    for b, row in enumerate(rows):
+        if temperature == 0:
+            tokens[b] = numpy.argmax(row)
+            continue
+        allowed = numpy.flatnonzero(allowed_tokens(row, temperature, top_k, top_p))
+        gumbel = -numpy.log(-numpy.log(philox_uniforms(seed, step, b, row.size)))
+        score = row / temperature + gumbel
+        tokens[b] = allowed[numpy.argmax(score[allowed])]
+    return tokens
+
+
+def _logit_rows(logits, kind: str):
+    """``logits`` [B, V] or [B, 1, V] as a [B, V] array of the backend, its values consecutive and its rows any
+    whole number of elements apart (the last position of [B, S, V] logits, ``logits[:, -1:]``, is such a view)."""
+    own = kind_of("logits", logits)
+    if own in ("torch", "dlpack"):
+        logits = _from_dlpack("logits", logits)
+    elif own == "cupy":
+        current = import_cupy().cuda.runtime.getDevice()
+        if logits.data.device_id != current:
+            raise ValueError(f"logits: expected an array on the current GPU {current}; got one on GPU "
+                             f"{logits.data.device_id}")
+    if logits.ndim not in (2, 3) or (logits.ndim == 3 and logits.shape[1] != 1):
+        raise ValueError(f"logits: expected a [batch, vocab] or [batch, 1, vocab] array; got shape "
+                         f"{tuple(logits.shape)}")
+    if logits.dtype not in CTYPES:
+        raise TypeError(f"logits: expected dtype {', '.join(str(d) for d in CTYPES)}; got {logits.dtype}")
+    rows = logits[:, 0] if logits.ndim == 3 else logits
+    if rows.shape[1] == 0:
+        raise ValueError(f"logits: expected at least one value a row; got shape {tuple(logits.shape)}")
+    if rows.shape[1] > 1 and rows.strides[1] != rows.itemsize or rows.strides[0] % rows.itemsize:
+        raise ValueError(f"logits: expected consecutive values in a row and rows a whole number of elements apart; "
+                         f"got strides {tuple(logits.strides)} (bytes) for dtype {logits.dtype}")
+    return rows
+
+
+def sample_tokens(logits, tokens, seed_step, temperature=0.0, top_k=0, top_p=1.0):
+    """Write the next token of each row of ``logits`` ([B, V], or a [B, 1, V] view) into ``tokens`` (int32 [B]),
+    drawn as the module docstring says with the seed and step in ``seed_step`` (uint64 [2]: seed, step), and return
+    ``tokens``. All on the GPU (CuPy, or DLPack producers such as torch tensors), where nothing waits for the GPU and
+    the launch can be captured in a CUDA graph; or all NumPy, where ``sample_reference`` computes the tokens.
+
+    ``temperature``: 0 for greedy, else > 0; ``top_k``: 0 for no cut; ``top_p`` in (0, 1], 1 for no cut."""
+    kind = common_kind(logits=logits, tokens=tokens, seed_step=seed_step)
+    rows = _logit_rows(logits, kind)
+    batch, vocab = rows.shape
+    out = as_array("tokens", tokens, kind, dtypes=numpy.dtype(numpy.int32), shape=(batch,))
+    state = as_array("seed_step", seed_step, kind, dtypes=numpy.dtype(numpy.uint64), shape=(2,))
+    temperature, top_k, top_p = sampling_arguments(temperature, top_k, top_p)
+    if kind == "numpy":
+        out[...] = sample_reference(rows, int(state[0]), int(state[1]), temperature, top_k, top_p)
+        return out
+    if vocab >= 2**31:
+        raise ValueError(f"logits: {vocab} values a row exceed the kernel's 2^31; got shape {tuple(logits.shape)}")
+    if batch:
+        _KERNELS.launch(_name(rows.dtype), (batch,), (SAMPLE_THREADS,), logits=rows,
+                        row_stride=rows.strides[0] // rows.itemsize, vocab=vocab, seed_step=state, tokens=out,
+                        temperature=temperature, top_k=top_k if top_k < vocab else 0, top_p=top_p)
+    return to_caller(out, kind)

@@ -1,0 +1,284 @@
+// Next-token sampling: one block a row of logits [B, V] (rows `row_stride` elements apart), the token written to
+// tokens[row]. The seed and the step are read from device memory (seed_step = {seed, step}), so that one captured
+// CUDA graph serves every step and every seed. cupy_transformer/ops/sampling.py states the math; its
+// sample_reference is this kernel's NumPy twin, draw for draw.
+//
+// temperature == 0: the first index of the largest logit. Otherwise the allowed set is every index whose order key
+// (an unsigned integer that sorts as the logits do) reaches a threshold found by radix selection, 8 bits a pass,
+// most significant first, over a 256-bucket shared histogram: two passes for the 16-bit keys of fp16 / bf16, four
+// for fp32. top_k counts keys (the k-th largest value); top_p weighs them with exp((l - max) / T) in double, within
+// what top_k kept. A last pass draws by Gumbel-max: the allowed index with the largest l / T - log(-log(u)), u from
+// Philox4x64-10 keyed by the seed, at counter (j + 1, step, row, 0) for the four draws of indices 4j .. 4j + 3
+// (numpy.random.Philox increments its counter before each block of four outputs, so
+// Philox(key=(seed, 0), counter=(0, step, row, 0)).random_raw(V) yields the same u's in order).
+// Scores are in double: the kernel and NumPy then differ only where two scores are within an ulp or so.
+#include "common.cuh"
+
+namespace ct {
+
+constexpr int SAMPLE_THREADS = 1024;
+constexpr int SAMPLE_WARPS = SAMPLE_THREADS / 32;
+
+// Order keys: unsigned integers ordered as the values are (-0 and +0 share one key; NaN is not ordered).
+__device__ __forceinline__ unsigned order_key(float v) {
+    unsigned bits = __float_as_uint(v);
+    if (bits == 0x80000000u) bits = 0;
+    return bits & 0x80000000u ? ~bits : bits | 0x80000000u;
+}
+__device__ __forceinline__ unsigned order_key16(unsigned bits) {
+    if (bits == 0x8000u) bits = 0;
+    return bits & 0x8000u ? ~bits & 0xFFFFu : bits | 0x8000u;
+}
+__device__ __forceinline__ unsigned order_key(__half v) { return order_key16(__half_as_ushort(v)); }
+__device__ __forceinline__ unsigned order_key(__nv_bfloat16 v) { return order_key16(__bfloat16_as_ushort(v)); }
+
+// The value exactly, as a double. The conversion is written out: under -ftz=true, `(double)f` compiles to
+// cvt.ftz.f64.f32, which flushes fp32 / bf16 subnormals to zero.
+__device__ __forceinline__ double exact_double(float v) {
+    double d;
+    asm("cvt.f64.f32 %0, %1;" : "=d"(d) : "f"(v));
+    return d;
+}
+__device__ __forceinline__ double exact_double(__half v) { return exact_double(__half2float(v)); }
+__device__ __forceinline__ double exact_double(__nv_bfloat16 v) {
+    return exact_double(__uint_as_float(static_cast<unsigned>(__bfloat16_as_ushort(v)) << 16));
+}
+
+// Philox4x64-10 (Salmon et al. 2011; Random123's and NumPy's constants) on counter c with key (k0, k1): ten rounds
+// of two 64 x 64 -> 128-bit products, the key bumped by the Weyl constants between rounds.
+__device__ __forceinline__ void philox4x64_10(unsigned long long (&c)[4], unsigned long long k0,
+                                              unsigned long long k1) {
+    constexpr unsigned long long M0 = 0xD2E7470EE14C6C93ull, M1 = 0xCA5A826395121157ull;
+    constexpr unsigned long long W0 = 0x9E3779B97F4A7C15ull, W1 = 0xBB67AE8584CAA73Bull;
+#pragma unroll
+    for (int round = 0; round < 10; ++round) {
+        const unsigned long long hi0 = __umul64hi(M0, c[0]), lo0 = M0 * c[0];
+        const unsigned long long hi1 = __umul64hi(M1, c[2]), lo1 = M1 * c[2];
+        c[0] = hi1 ^ c[1] ^ k0;
+        c[1] = lo1;
+        c[2] = hi0 ^ c[3] ^ k1;
+        c[3] = lo0;
+        k0 += W0;
+        k1 += W1;
+    }
+}
+
+// A uniform draw in (0, 1) from 64 random bits: the top 52 bits plus a half, times 2^-52, exact in double
+// (with 53 bits the half would round the largest values up to 1, and log(-log 1) is -inf).
+__device__ __forceinline__ double open_uniform(unsigned long long bits) {
+    return (static_cast<double>(bits >> 12) + 0.5) * 0x1p-52;
+}
+
+__device__ __forceinline__ double neg_inf64() { return -__longlong_as_double(0x7ff0000000000000ll); }
+
+// The largest `v` over the block, returned to every thread. `scratch` (SAMPLE_WARPS values) may be reused by the
+// next call (the first barrier protects it).
+__device__ __forceinline__ unsigned long long block_max(unsigned long long v, unsigned long long* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < SAMPLE_WARPS ? scratch[lane] : 0ull;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+
+// Whether (score, index) goes before (best, best_index): the larger score, ties to the smaller index.
+__device__ __forceinline__ bool ahead(double score, unsigned index, double best, unsigned best_index) {
+    return score > best || (score == best && index < best_index);
+}
+
+// The block's first (score, index) in the order of `ahead`, returned to every thread; scratch as block_max's.
+__device__ __forceinline__ unsigned block_argmax(double score, unsigned index, double* scores, unsigned* indices) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const double s = __shfl_xor_sync(0xffffffffu, score, offset);
+        const unsigned i = __shfl_xor_sync(0xffffffffu, index, offset);
+        if (ahead(s, i, score, index)) score = s, index = i;
+    }
+    __syncthreads();
+    if (lane == 0) scores[warp] = score, indices[warp] = index;
+    __syncthreads();
+    score = lane < SAMPLE_WARPS ? scores[lane] : neg_inf64();
+    index = lane < SAMPLE_WARPS ? indices[lane] : 0xFFFFFFFFu;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const double s = __shfl_xor_sync(0xffffffffu, score, offset);
+        const unsigned i = __shfl_xor_sync(0xffffffffu, index, offset);
+        if (ahead(s, i, score, index)) score = s, index = i;
+    }
+    return index;
+}
+
+// A pass over the row: f(values, first) for each group of G consecutive values this thread takes (groups
+// threadIdx.x, + SAMPLE_THREADS, ...; first = the group's first index; values past the row's end are unset, f checks
+// first + g < vocab). The values of AHEAD groups are loaded before any is used: one block covers a whole row, so a
+// pass that waited on each load in turn would take the load latency times the row's length over the block's.
+template <int G, int AHEAD, typename T, typename F>
+__device__ __forceinline__ void for_each_group(const T* __restrict__ row, unsigned vocab, F&& f) {
+    const unsigned groups = vocab / G + (vocab % G != 0);
+    for (unsigned base = threadIdx.x; base < groups; base += AHEAD * SAMPLE_THREADS) {
+        T values[AHEAD][G];
+#pragma unroll
+        for (int a = 0; a < AHEAD; ++a)
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+                const unsigned i = (base + a * SAMPLE_THREADS) * G + g;
+                if (i < vocab) values[a][g] = row[i];
+            }
+#pragma unroll
+        for (int a = 0; a < AHEAD; ++a)
+            if (base + a * SAMPLE_THREADS < groups) f(values[a], (base + a * SAMPLE_THREADS) * G);
+    }
+}
+
+// The first index of the row's largest logit: the largest (key, ~index) packed in 64 bits (index < 2^31).
+template <typename T>
+__device__ unsigned row_argmax(const T* __restrict__ row, unsigned vocab, unsigned long long* scratch) {
+    unsigned long long best = 0;
+    for_each_group<1, 8>(row, vocab, [&](const T* v, unsigned i) {
+        best = max(best, static_cast<unsigned long long>(order_key(v[0])) << 32 | ~i);
+    });
+    return ~static_cast<unsigned>(block_max(best, scratch));
+}
+
+// The radix selection's shared state: one pass's histogram over 8 bits of the key, and what the pass chose.
+struct Selection {
+    unsigned counts[256];
+    double masses[256];  // top_p's weights
+    unsigned prefix;   // the key bits chosen so far
+    double remaining;  // the weight still wanted below them
+};
+
+// Warp 0, after a histogram pass at `shift`: the highest digit d at which the weight of the digits above d and of d
+// reaches `remaining` (of all, where `of_total`: top_p's first pass), skipping empty digits (where rounding leaves
+// too little weight, the lowest non-empty one); written to s.prefix with the weight still wanted within it. Lane L
+// holds digits 255 - 8L down to 248 - 8L. Weights: the masses, or (MASS false) the counts.
+template <bool MASS>
+__device__ void choose_digit(Selection& s, int shift, bool of_total) {
+    const int lane = threadIdx.x;
+    double w[8], local = 0.0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        const int d = 255 - 8 * lane - j;
+        w[j] = MASS ? s.masses[d] : static_cast<double>(s.counts[d]);
+        local += w[j];
+    }
+    double above = local;  // the weight of lanes 0 .. L: inclusive scan
+#pragma unroll
+    for (int offset = 1; offset < 32; offset <<= 1) {
+        const double t = __shfl_up_sync(0xffffffffu, above, offset);
+        if (lane >= offset) above += t;
+    }
+    const double total = __shfl_sync(0xffffffffu, above, 31);
+    above = __shfl_up_sync(0xffffffffu, above, 1);  // lanes 0 .. L - 1: exclusive
+    if (lane == 0) above = 0.0;
+    const double remaining = of_total ? s.remaining * total : s.remaining;
+    int found = -1, lowest = -1;
+    double found_above = 0.0, lowest_above = 0.0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        if (s.counts[255 - 8 * lane - j]) {
+            if (found < 0 && above + w[j] >= remaining) found = j, found_above = above;
+            lowest = j, lowest_above = above;
+        }
+        above += w[j];
+    }
+    const unsigned reached = __ballot_sync(0xffffffffu, found >= 0);
+    const unsigned nonempty = __ballot_sync(0xffffffffu, lowest >= 0);
+    const int winner = reached ? __ffs(reached) - 1 : 31 - __clz(nonempty);
+    __syncwarp();  // every lane has read s.remaining before the winner writes it
+    if (lane == winner) {
+        const int j = reached ? found : lowest;
+        s.prefix |= static_cast<unsigned>(255 - 8 * lane - j) << shift;
+        s.remaining = remaining - (reached ? found_above : lowest_above);
+    }
+}
+
+// Radix selection over the row's keys that reach `floor`: the largest key lambda such that the weight of
+// {i : key_i >= lambda} reaches `want` (top_k: weight 1, want k; top_p: weight exp((l_i - top) / t), want the
+// fraction top_p of their total). lambda is a key of the row, so the set it keeps is never empty.
+template <typename T, bool MASS>
+__device__ unsigned select_threshold(const T* __restrict__ row, unsigned vocab, unsigned floor, double want,
+                                     double top, double t, Selection& s) {
+    constexpr int BITS = 8 * sizeof(T);
+    __syncthreads();  // every thread has read the previous selection's result
+    if (threadIdx.x == 0) s.prefix = 0, s.remaining = want;
+    unsigned prefix = 0, chosen = 0;  // the digits chosen by the passes so far, and their bits
+    for (int shift = BITS - 8; shift >= 0; shift -= 8) {
+        for (int d = threadIdx.x; d < 256; d += SAMPLE_THREADS) s.counts[d] = 0, s.masses[d] = 0.0;
+        __syncthreads();
+        for_each_group<1, 4>(row, vocab, [&](const T* v, unsigned) {  // 8 ahead would spill (64 registers)
+            const unsigned key = order_key(v[0]);
+            if (key < floor || (key & chosen) != prefix) return;
+            const unsigned d = (key >> shift) & 255u;
+            atomicAdd(&s.counts[d], 1u);
+            if (MASS) atomicAdd(&s.masses[d], exp((exact_double(v[0]) - top) / t));
+        });
+        __syncthreads();
+        if (threadIdx.x < 32) choose_digit<MASS>(s, shift, MASS && shift == BITS - 8);
+        __syncthreads();
+        prefix = s.prefix;
+        chosen |= 255u << shift;
+    }
+    return prefix;
+}
+
+// One token per row. `logits`: row b at logits + b * row_stride, `vocab` values; `seed_step`: {seed, step};
+// `temperature` 0 for greedy; `top_k` 0 (or >= vocab) for all; `top_p` 1 for all.
+template <typename T>
+__global__ void __launch_bounds__(SAMPLE_THREADS) sample_tokens(
+    const T* __restrict__ logits, long long row_stride, int vocab, const unsigned long long* __restrict__ seed_step,
+    int* __restrict__ tokens, float temperature, int top_k, float top_p) {
+    __shared__ Selection selection;
+    __shared__ unsigned long long max_scratch[SAMPLE_WARPS];
+    __shared__ double score_scratch[SAMPLE_WARPS];
+    __shared__ unsigned index_scratch[SAMPLE_WARPS];
+    const T* __restrict__ row = logits + blockIdx.x * row_stride;
+    const unsigned n = static_cast<unsigned>(vocab);
+    const double t = exact_double(temperature);
+    if (t == 0.0) {
+        const unsigned token = row_argmax(row, n, max_scratch);
+        if (threadIdx.x == 0) tokens[blockIdx.x] = static_cast<int>(token);
+        return;
+    }
+    unsigned threshold = 0;  // the allowed set: the keys >= threshold
+    if (top_k > 0 && top_k < vocab) threshold = select_threshold<T, false>(row, n, 0, top_k, 0.0, t, selection);
+    if (exact_double(top_p) < 1.0) {
+        const double top = exact_double(row[row_argmax(row, n, max_scratch)]);
+        threshold = select_threshold<T, true>(row, n, threshold, exact_double(top_p), top, t, selection);
+    }
+
+    // Gumbel-max over the allowed set: indices 4j .. 4j + 3 go together, the four outputs of the Philox block at
+    // counter j + 1, which is skipped where none of them is allowed.
+    const unsigned long long seed = seed_step[0], step = seed_step[1];
+    double best = neg_inf64();
+    unsigned best_index = 0xFFFFFFFFu;
+    for_each_group<4, 2>(row, n, [&](const T* v, unsigned first) {
+        double scaled[4];  // l / T, before Philox's registers are live
+        bool allowed[4], any = false;
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+            allowed[w] = first + w < n && order_key(v[w]) >= threshold;
+            if (allowed[w]) scaled[w] = exact_double(v[w]) / t;
+            any |= allowed[w];
+        }
+        if (!any) return;
+        unsigned long long c[4] = {first / 4 + 1ull, step, blockIdx.x, 0ull};
+        philox4x64_10(c, seed, 0ull);
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+            if (!allowed[w]) continue;
+            const double score = scaled[w] + -log(-log(open_uniform(c[w])));
+            if (ahead(score, first + w, best, best_index)) best = score, best_index = first + w;
+        }
+    });
+    const unsigned token = block_argmax(best, best_index, score_scratch, index_scratch);
+    if (threadIdx.x == 0) tokens[blockIdx.x] = static_cast<int>(token);
+}
+
+}  // namespace ct
