@@ -257,7 +257,7 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial(
 // Online softmax per head in log2 units (scores times scale log2 e; exp2). On CUDA cores each key cost a dot,
 // shuffles and two exps per head: grouped-query heads reached 9-24% of copy bandwidth there, 24-88% here.
 // W warps a block, 4 or 8 (one block an SM at D128): the launcher takes 8 where they leave fewer chunks to
-// merge than one wave of 4-warp blocks would (two chunks a pair, or more than 16; softmax_context.py).
+// merge than one wave of 4-warp blocks would (two chunks a pair, or more than 16; decode_attention.py).
 template <typename T, int D, int W>
 __global__ void __launch_bounds__(32 * W) attention_partial_tc(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const void* __restrict__ mask,
