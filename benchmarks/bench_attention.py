@@ -6,9 +6,9 @@ backend choice (cuDNN on this stack) and with the flash backend forced, on the i
   (causal: half of 4 B H S^2 D, FlashAttention's convention) against cuBLAS's measured fp16 rate;
 - decode (kernels_cu/decode_attention.cu): one query token per sequence over a KV cache, context 4096, 32
   heads of 128, batch 1 and 16, and grouped-query 32/8: GB/s of K + V read against the copy bandwidth.
-Both through SoftmaxContextOp's launchers. Then SoftmaxOp (kernels_cu/softmax.cu) on precomputed scores
-against torch's masked softmax: GB/s of scores read + written. Writes the table under benchmarks/results/
-(or $OUT)."""
+Both through their launchers (ops/decode_attention.py, ops/prefill_attention*.py). Then SoftmaxOp
+(kernels_cu/softmax.cu) on precomputed scores against torch's masked softmax: GB/s of scores read + written.
+Writes the table under benchmarks/results/ (or $OUT)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ from benchmarks.common import (  # noqa: E402
     spin_up, time_us, write_table)
 from cupy_transformer.kv_cache import KVCache  # noqa: E402
 from cupy_transformer.ops import InferenceConfig, SoftmaxOp  # noqa: E402
-from cupy_transformer.ops.softmax_context import _PREFILL, _decode, _prefill  # noqa: E402
+from cupy_transformer.ops.decode_attention import decode_attention  # noqa: E402
+from cupy_transformer.ops.prefill_attention import prefill_attention  # noqa: E402
+from cupy_transformer.ops.prefill_attention_sm90 import prefill_attention_sm90, prefill_sm90_runs  # noqa: E402
 
 CASES = [(1, 32, 32, 4096), (16, 32, 32, 4096), (1, 32, 8, 4096), (16, 32, 8, 4096), (1, 32, 32, 16384)]
 D = 128
@@ -76,7 +78,7 @@ def prefill_rows() -> list[str]:
     for b, h, s, d, keys in PREFILL:
         q, k, v = (cupy.random.standard_normal((b, h, s, d), dtype=cupy.float32).astype(cupy.float16) for _ in "qkv")
         causal = keys == "causal"
-        cfg = InferenceConfig(hidden_size=h * d, heads=h, dtype=numpy.float16, triangular_masking=causal)
+        launcher = prefill_attention_sm90 if prefill_sm90_runs(d) else prefill_attention  # the op's choice
         start = cupy.zeros(b, cupy.int32)
         mask = None
         if keys == "padding":
@@ -90,13 +92,13 @@ def prefill_rows() -> list[str]:
 
         # In turn over three rounds (timed once, right after the matmul rate, ours read 13% slower on an H200
         # than in an A/B run minutes later).
-        fns = {"ours": lambda: _prefill(q, k, v, start, mask, None, d**-0.5, cfg),
-               "other": lambda: _prefill(q, k, v, start, mask, None, d**-0.5, cfg, _PREFILL), "theirs": sdpa}
+        fns = {"ours": lambda: launcher(q, k, v, start, mask, None, d**-0.5, causal, 0),
+               "other": lambda: prefill_attention(q, k, v, start, mask, None, d**-0.5, causal, 0), "theirs": sdpa}
         if mask is None:
             fns["flash"] = on_flash(sdpa)
         t = fastest_in_turn(fns, reps=20)
         ours, other, theirs, flash = t["ours"], t["other"], t["theirs"], t.get("flash")
-        got = _prefill(q, k, v, start, mask, None, d**-0.5, cfg).reshape(b, s, h, d)
+        got = launcher(q, k, v, start, mask, None, d**-0.5, causal, 0).reshape(b, s, h, d)
         err = float(cupy.linalg.norm(got.astype(cupy.float32) - cupy.asarray(sdpa().transpose(1, 2)).astype(
             cupy.float32)) / cupy.linalg.norm(got.astype(cupy.float32)))
         flops = 4 * b * h * s * s * d / (2 if causal else 1)
@@ -203,7 +205,7 @@ def main():
 
         flash_sdpa = on_flash(sdpa)
         nbytes = 2 * b * kv * t * D * 2
-        runs = {"ours": lambda: _decode(q, cache, 0, lo, hi, None, None, D**-0.5, h, kv, D), "theirs": sdpa,
+        runs = {"ours": lambda: decode_attention(q, cache, 0, lo, hi, None, None, D**-0.5), "theirs": sdpa,
                 "read": read_launch(cupy.empty(nbytes, cupy.uint8))}
         try:
             flash_sdpa()
@@ -213,7 +215,7 @@ def main():
         times = fastest_in_turn(runs)
         ours, theirs, floor, flash = times["ours"], times["theirs"], times["read"], times.get("flash", float("nan"))
         gbs = nbytes / ours / 1e3
-        got = _decode(q, cache, 0, lo, hi, None, None, D**-0.5, h, kv, D).reshape(b, h, D).astype(cupy.float32)
+        got = decode_attention(q, cache, 0, lo, hi, None, None, D**-0.5).reshape(b, h, D).astype(cupy.float32)
         err = float(cupy.linalg.norm(got - cupy.asarray(sdpa()[:, :, 0]).astype(cupy.float32)) / cupy.linalg.norm(got))
         line = (f"| {b} | {h} | {kv} | {t} | {nbytes / 1e6:.1f} | {ours:.1f} | {gbs:.0f} | {100 * gbs / copy:.0f}% "
                 f"| {floor:.1f} | {100 * floor / ours:.0f}% | {theirs:.1f} | {flash:.1f} | {theirs / ours:.2f} "

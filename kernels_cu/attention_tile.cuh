@@ -3,6 +3,7 @@
 // holds key j0 + 8j + 2 (lane % 4) + e % 2 against the tile's row lane / 4 + 8 (e / 2); its output rows
 // in o[D / 8][4], the same layout over the dimensions.
 #pragma once
+#include "mask.cuh"
 #include "mma.cuh"
 
 namespace ct {
@@ -20,7 +21,7 @@ struct PrefillRules {
     // ride in the exp (it must be positive to take the row maximum before scaling).
     __device__ __forceinline__ bool whole(int j0, int bn, int row0, int rows, int k_begin, float sl2) const {
         return j0 + bn <= len && j0 >= k_begin && (!causal || j0 + bn - 1 <= first + row0) &&
-               (window <= 0 || j0 > first + row0 + rows - 1 - window) && mask_kind == 0 && alibi_len == 0 &&
+               (window <= 0 || j0 > first + row0 + rows - 1 - window) && mask_kind == NO_MASK && alibi_len == 0 &&
                sl2 > 0.f;
     }
 
@@ -37,7 +38,9 @@ struct PrefillRules {
 #pragma unroll
         for (int c = 0; c < BN / 32; ++c) {
             const int at = min(j0 + 32 * c + lane, len - 1);  // keys past the sequence's are dropped by apply
-            bits[c] = mask_kind == 2 ? __ballot_sync(0xffffffffu, static_cast<const unsigned char*>(mask)[at]) : ~0u;
+            bits[c] = mask_kind == BOOL_MASK
+                          ? __ballot_sync(0xffffffffu, static_cast<const unsigned char*>(mask)[at])
+                          : ~0u;
         }
     }
 
@@ -51,7 +54,7 @@ struct PrefillRules {
     __device__ __forceinline__ void apply(float (&s)[BN / 8][4], int j0, int row, float sl2,
                                           const unsigned (&bits)[BN / 32]) const {
         const int lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
-        if (mask_kind == 0 && alibi_len == 0) {
+        if (mask_kind == NO_MASK && alibi_len == 0) {
 #pragma unroll
             for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
@@ -61,7 +64,7 @@ struct PrefillRules {
                 }
             return;
         }
-        if (BITS && mask_kind == 2 && alibi_len == 0) {
+        if (BITS && mask_kind == BOOL_MASK && alibi_len == 0) {
 #pragma unroll
             for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
@@ -79,9 +82,9 @@ struct PrefillRules {
                 const int key = j0 + 8 * j + 2 * tq + (e & 1), p = first + row + g + 8 * (e >> 1);
                 bool keep = sees(key, p);
                 float x = s[j][e] * sl2;
-                if (keep && mask_kind == 2)
+                if (keep && mask_kind == BOOL_MASK)
                     keep = static_cast<const unsigned char*>(mask)[key];
-                else if (keep && mask_kind == 1)
+                else if (keep && mask_kind == ADDITIVE_MASK)
                     x += to_float(static_cast<const T*>(mask)[key]) * LOG2E;
                 if (keep && alibi_len > 0) x += to_float(alibi[key]) * LOG2E;
                 s[j][e] = keep ? x : neg_inf();
@@ -129,7 +132,7 @@ struct PrefillBlock {
         k_end = causal ? min(len, first + min(q0 + BM, S)) : len;
         k_begin = prefill_first_key(first, q0, window);
         q = q_all + b * q_seq + head * q_head;
-        const long long row = static_cast<long long>(b) * mask_len * (mask_kind == 1 ? sizeof(T) : 1);
+        const long long row = static_cast<long long>(b) * mask_len * (mask_kind == ADDITIVE_MASK ? sizeof(T) : 1);
         rules = {first, len, causal, window, mask_kind, alibi_len, static_cast<const char*>(mask) + row,
                  alibi + (static_cast<long long>(b) * h + head) * alibi_len};
     }

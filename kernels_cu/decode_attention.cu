@@ -9,6 +9,7 @@
 // Per key j in [lo[b], hi[b]): s = q . k_j * scale (+ mask[b, j] additive, or dropped where the boolean mask
 // is false) (+ alibi[b, head, j]); context = sum_j softmax(s)_j v_j (fp32 throughout, one rounding).
 #include "common.cuh"
+#include "mask.cuh"
 #include "mma.cuh"
 
 namespace ct {
@@ -16,8 +17,6 @@ namespace ct {
 constexpr int DA_THREADS = 128;
 constexpr int DA_WARPS = DA_THREADS / 32;
 constexpr int DA_MAX_D = 256;
-
-enum MaskKind : int { NO_MASK = 0, ADDITIVE_MASK = 1, BOOL_MASK = 2 };
 
 // Eight consecutive elements as floats (one 16-byte load for 16-bit types, two for fp32).
 template <typename T>
@@ -55,7 +54,7 @@ struct Running {
 
 // A launch of one chunk a (sequence, kv head) pair (a batch that fills the GPU): the block's own context
 // rows straight to out (n heads from `out` on, d each), without partial rows or a ticket: about 2.7 µs less
-// a wave (H200). Per head the DA_WARPS warps' states (max m, sum l, weighted V sums acc), with weights
+// a wave. Per head the DA_WARPS warps' states (max m, sum l, weighted V sums acc), with weights
 // exp_of(m_w - max) in m's units; 0 for a head that saw no key. THREADS: the block's.
 template <int THREADS, typename T, int H, int DM, typename Exp>
 __device__ void store_heads(T* __restrict__ out, const float (&acc)[DA_WARPS][H][DM], const float (&m)[DA_WARPS][H],
@@ -129,7 +128,8 @@ __device__ void merge_chunks(const float* __restrict__ partial, T* __restrict__ 
 }
 
 // q [B, h, d] (rotated, one token); k, v: one layer's cache [B, kv, max_tokens, d]; mask [B, mask_len]
-// (T, or bool as bytes; read if mask_kind says so) and alibi [B, h, alibi_len] (read if alibi_len > 0); keys [lo[b], hi[b]) of sequence b;
+// (T, or bool as bytes; read if mask_kind says so) and alibi [B, h, alibi_len] (read if alibi_len > 0);
+// keys [lo[b], hi[b]) of sequence b;
 // partial [B, h, chunks, d + 4] fp32 (merge_chunks' rows), out [B, h, d] the context, counters [B, kv] zero.
 // G: query heads per kv head (the last group may have fewer: heads past h are skipped). d % 8 == 0,
 // d <= 256, arrays 16-byte aligned. Grid (chunks, kv, B).
@@ -186,8 +186,10 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial(
             }
             float add = 0.f;
             bool keep = valid;
-            if (valid && mask_kind == ADDITIVE_MASK) add = to_float(static_cast<const T*>(mask)[static_cast<size_t>(b) * mask_len + j]);
-            if (valid && mask_kind == BOOL_MASK) keep = static_cast<const unsigned char*>(mask)[static_cast<size_t>(b) * mask_len + j] != 0;
+            if (valid && mask_kind == ADDITIVE_MASK)
+                add = to_float(static_cast<const T*>(mask)[static_cast<size_t>(b) * mask_len + j]);
+            if (valid && mask_kind == BOOL_MASK)
+                keep = static_cast<const unsigned char*>(mask)[static_cast<size_t>(b) * mask_len + j] != 0;
 #pragma unroll
             for (int g = 0; g < G; ++g) {
                 float dot = 0.f;
@@ -209,7 +211,8 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial(
             float acc2[8];
 #pragma unroll
             for (int e = 0; e < 8; ++e) acc2[e] = __shfl_xor_sync(0xffffffffu, run[g].acc[e], off);
-            const float m2 = __shfl_xor_sync(0xffffffffu, run[g].m, off), l2 = __shfl_xor_sync(0xffffffffu, run[g].l, off);
+            const float m2 = __shfl_xor_sync(0xffffffffu, run[g].m, off);
+            const float l2 = __shfl_xor_sync(0xffffffffu, run[g].l, off);
             run[g].merge(m2, l2, acc2);
         }
         if (lane < lanes) {
@@ -252,9 +255,9 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial(
 //   operand after movmatrix transposes each loaded 8x8 fragment (as the GEMV does for [in, out] weights),
 //   which leaves lane (g, t) holding O's dims 8t .. 8t + 7 of each 32-dim block.
 // Online softmax per head in log2 units (scores times scale log2 e; exp2). On CUDA cores each key cost a dot,
-// shuffles and two exps per head: 9-24% of copy bandwidth for grouped-query heads, 24-88% here (H200).
+// shuffles and two exps per head: grouped-query heads reached 9-24% of copy bandwidth there, 24-88% here.
 // W warps a block, 4 or 8 (one block an SM at D128): the launcher takes 8 where they leave fewer chunks to
-// merge than one wave of 4-warp blocks would (two chunks a pair, or more than 16; softmax_context.py).
+// merge than one wave of 4-warp blocks would (two chunks a pair, or more than 16; decode_attention.py).
 template <typename T, int D, int W>
 __global__ void __launch_bounds__(32 * W) attention_partial_tc(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const void* __restrict__ mask,

@@ -20,8 +20,8 @@ namespace ct {
 // slack, Q [BM][DP], then K and V [2][BN][DP], so (BM + 4 BN) DP elements + 1 KB. A tile of R rows is stored
 // as DP / 64 column blocks of R rows of 128 bytes. 128 registers: two blocks of two warpgroups an SM (one
 // block's softmax overlaps the other's products), or up to four of one (short sequences, where a block's
-// first loads are a larger share: benchmarks/NOTES.md). Without the bound, the grid order's index math took
-// head sizes 64 and 80 to 130-140 registers and one block an SM, 1.4-1.5x slower.
+// first loads are a larger share). Without the bound, the grid order's index math took head sizes 64 and 80
+// past 128 registers, to one block an SM: 1.4-1.5x slower.
 // Block i takes work item i (attention_tile.cuh's prefill_item: items = row blocks x h x B). PERSIST (short
 // prompts: many small items, where each block's first loads cost most): the grid is at most one wave of
 // blocks, and a block then takes the next item unclaimed (counter[0], zero at launch; counter[1] counts the
@@ -143,7 +143,7 @@ attention_prefill_sm90(const T* __restrict__ q, const void* __restrict__ kmap, c
                 if (BITS) rules.template mask_bits<BN>(bits, j0);
                 rules.template apply<BN, BITS>(s, j0, q0 + w0, sl2, bits);
             }
-            online_softmax<BN, DP, true>(s, o, m, l, whole ? sl2 : 1.f);  // lazy: 1.01-1.09x (benchmarks/NOTES.md)
+            online_softmax<BN, DP, true>(s, o, m, l, whole ? sl2 : 1.f);  // lazy: 1.01-1.09x
             unsigned pa[BN / 16][4];  // all written before the fence: the products read them
 #pragma unroll
             for (int u = 0; u < BN / 16; ++u) p_fragment<T, BN>(pa[u], s, u);

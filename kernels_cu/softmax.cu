@@ -12,10 +12,9 @@
 // second time). Vectors wholly outside [lo, hi) are not read (a causal prompt's upper triangle) and are
 // written as 0.
 #include "common.cuh"
+#include "mask.cuh"
 
 namespace ct {
-
-enum SoftmaxMask : int { SOFTMAX_NO_MASK = 0, SOFTMAX_ADDITIVE = 1, SOFTMAX_BOOL = 2 };
 
 // exp(x - top) for x = -inf or below top; 16-bit outputs: one FFMA and the hardware's 2^x (its error vanishes
 // in their rounding), top_log2 = top * log2(e).
@@ -110,12 +109,12 @@ __global__ void __launch_bounds__(256, 2) masked_softmax(
 #pragma unroll
                 for (int e = 0; e < VEC; ++e) bias[e] = to_float(a.v[e]);
             }
-            if (mask_kind == SOFTMAX_ADDITIVE && wanted(j)) {
+            if (mask_kind == ADDITIVE_MASK && wanted(j)) {
                 const V add = *reinterpret_cast<const V*>(static_cast<const T*>(mask) + mrow + j);
 #pragma unroll
                 for (int e = 0; e < VEC; ++e) bias[e] += to_float(add.v[e]);
             }
-            if (mask_kind == SOFTMAX_BOOL && wanted(j)) {
+            if (mask_kind == BOOL_MASK && wanted(j)) {
                 using B = Vec<unsigned char, VEC>;
                 const B keep = *reinterpret_cast<const B*>(static_cast<const unsigned char*>(mask) + mrow + j);
 #pragma unroll

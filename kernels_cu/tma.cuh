@@ -40,7 +40,8 @@ __device__ __forceinline__ void tensor_map_acquire(const void* map) {
 __device__ __forceinline__ void tma_load_4d(void* dst, const void* map, int x0, int x1, int x2, int x3,
                                             unsigned long long* bar) {
     asm volatile(
-        "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];"
+        "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+        " [%0], [%1, {%2, %3, %4, %5}], [%6];"
         ::"r"(shared_address(dst)), "l"(map), "r"(x0), "r"(x1), "r"(x2), "r"(x3), "r"(shared_address(bar))
         : "memory");
 }

@@ -1,4 +1,6 @@
-"""Rotary position embedding (``ops-spec.md`` §5) on ``[batch, heads, tokens, head_dim]`` queries or keys.
+"""Rotary position embedding, as DeepSpeed-Inference's SoftmaxContextOp applies it to queries and keys (config
+``rotary_dim``, ``rotate_half`` / ``rotate_every_two``, ``rope_theta``), on ``[batch, heads, tokens, head_dim]``
+arrays. The GPU path of the op turns them inside ``kernels_cu/rotary_append.cu`` (``ops/rotary_append.py``).
 
 For pair ``p < rotary_dim / 2`` the angle is ``position * rope_theta ** (-2p / rotary_dim)`` and the pair is
 turned by it; dims from ``rotary_dim`` on are untouched. Two pairings:

@@ -1,4 +1,5 @@
-"""SoftmaxOp (``ops-spec.md`` §4): scaled, masked softmax over precomputed attention scores.
+"""SoftmaxOp: DeepSpeed-Inference's scaled, masked softmax over precomputed attention scores (its BLOOM attention
+path), and the mask and alibi semantics the attention kernels share.
 
 For scores ``s`` ``[B, h, Q, K]`` (``h`` = this rank's heads, ``config.heads / mp_size``), each row
 ``(b, head, i)`` over keys ``j``::
@@ -9,7 +10,7 @@ For scores ``s`` ``[B, h, Q, K]`` (``h`` = this rank's heads, ``config.heads / m
 Query ``i`` sits at absolute position ``K - Q + i`` (the last ``Q`` of ``K`` positions, i.e. after a
 past), which the causal and window rules use.
 
-Decisions where DeepSpeed is suspect (``ops-spec.md`` §4), each a fix:
+Where DeepSpeed's kernel is suspect we differ, each a fix:
 
 - ``triangular`` (causal) keeps keys ``j <= K - Q + i``: right with a past (Q < K), where DeepSpeed compares
   with ``i`` and so is right only for Q == K.
@@ -33,13 +34,14 @@ into chunks over blocks (a second launch merges the chunks' sums, reads its chun
 
 from __future__ import annotations
 
+import enum
 import math
+from typing import NamedTuple
 
 import numpy
 
 from ..runtime.arrays import as_array, check_no_overlap, common_kind, deliver, import_cupy, to_caller
-from ..runtime.kernels import (CTYPES, KernelFamily, access_width, f32, i32, sm_count, vector_width,
-                               wave_blocks)
+from ..runtime.kernels import CTYPES, KernelFamily, access_width, sm_count, vector_width, wave_blocks
 from .base import TransformerOp
 
 # (lanes a row, vectors a lane, phase): 8, 16 or 32 lanes, or 2 to 8 warps a row (phase 0), or a block a chunk
@@ -120,6 +122,46 @@ def alibi_rows(alibi, kind, dtype, b, total, h, head_offset, k):
     return a[:, head_offset:head_offset + h]
 
 
+class MaskKind(enum.IntEnum):
+    """The kernels' ``mask_kind`` argument (kernels_cu/mask.cuh)."""
+
+    NONE = 0
+    ADDITIVE = 1  # added to the scores (0 keeps a key, a large negative drops it)
+    BOOLEAN = 2  # True keeps a key
+
+
+def mask_kind(mask) -> MaskKind:
+    """The kind of ``mask`` (an array or None)."""
+    if mask is None:
+        return MaskKind.NONE
+    return MaskKind.BOOLEAN if mask.dtype == numpy.bool_ else MaskKind.ADDITIVE
+
+
+class MaskArguments(NamedTuple):
+    """The attention kernels' mask and alibi arguments, named as their parameters: ``mask`` [B, mask_len]
+    (one row per sequence), ``alibi`` [B, h, alibi_len] (0: none), or a placeholder that is never read."""
+
+    mask_kind: MaskKind
+    mask: object
+    mask_len: int
+    alibi: object
+    alibi_len: int
+
+
+def mask_arguments(mask, alibi, b: int, h: int, placeholder) -> MaskArguments:
+    """``mask`` [B, 1, 1, T'] (a key mask) or None and ``alibi`` [B, h, 1, T] or None as the decode and prefill
+    kernels take them; ``placeholder`` stands for an absent array."""
+    cupy = import_cupy()
+    kind, mask_arg, mask_len = MaskKind.NONE, placeholder, 0
+    if mask is not None:
+        kind = mask_kind(mask)
+        mask_arg, mask_len = cupy.ascontiguousarray(mask.reshape(b, -1)), mask.shape[-1]
+    alibi_arg, alibi_len = placeholder, 0
+    if alibi is not None:  # a slice of this rank's heads is not contiguous: the kernels index [B, h, T] densely
+        alibi_arg, alibi_len = cupy.ascontiguousarray(alibi.reshape(b, h, -1)), alibi.shape[-1]
+    return MaskArguments(kind, mask_arg, mask_len, alibi_arg, alibi_len)
+
+
 class SoftmaxOp(TransformerOp):
     def forward(self, attn_scores, attn_mask=None, alibi=None, triangular=False, local_attention=False,
                 window_size=None, layer_scale=1.0, head_offset=0, *, out=None):
@@ -139,7 +181,8 @@ class SoftmaxOp(TransformerOp):
             raise ValueError(f"attn_scores: expected at least one query and one key; got shape {tuple(s.shape)}")
         mask = key_mask(attn_mask, kind, cfg.dtype, b, h, q, k)
         rows = self._alibi(alibi, kind, s.shape, head_offset)
-        if not isinstance(layer_scale, (int, float)) or isinstance(layer_scale, bool) or not numpy.isfinite(layer_scale):
+        if (not isinstance(layer_scale, (int, float)) or isinstance(layer_scale, bool)
+                or not numpy.isfinite(layer_scale)):
             raise ValueError(f"layer_scale: expected a finite number; got {layer_scale!r}")
         window = None
         if local_attention:
@@ -217,18 +260,20 @@ def _masked_softmax(s, mask, alibi, triangular, window, layer_scale, out):
         mask = mask.copy()  # a view off the vectors (a rare case): a fresh array is aligned
     if alibi is not None and not _vector_aligned(alibi, vec):
         alibi = alibi.copy()
-    mask_kind = 0 if mask is None else 2 if mask.dtype == numpy.bool_ else 1
     mask_strides = _element_strides(mask, (0, 1, 2)) if mask is not None else (numpy.int64(0),) * 3
     alibi_strides = _element_strides(alibi, (0, 1)) if alibi is not None else (numpy.int64(0),) * 2
     threads, nv, chunks, chunk = softmax_plan(rows, k, vec, 2 * sm_count())
     phases = (0,) if chunks == 1 else (1, 2)
-    kernels = [_KERNELS.kernel(_name(s.dtype, vec, threads, nv, phase)) for phase in phases]
+    names = [_name(s.dtype, vec, threads, nv, phase) for phase in phases]
     # One chunk a row: at most one wave of blocks, each looping over rows. Chunks: a block each.
-    grid = min(math.ceil(rows / (256 // threads)), wave_blocks(kernels[0], 256)) if chunks == 1 else rows * chunks
+    grid = (min(math.ceil(rows / (256 // threads)), wave_blocks(_KERNELS.kernel(names[0]), 256)) if chunks == 1
+            else rows * chunks)
     stats = cupy.empty(2 * rows * chunks, cupy.float32) if chunks > 1 else s  # (max, sum) a chunk; else unread
-    args = (s, p, s if mask is None else mask, s if alibi is None else alibi, stats, i32(rows), i32(chunks),
-            i32(h), i32(q), i32(k), i32(chunk), f32(layer_scale), i32(mask_kind), *mask_strides,
-            i32(alibi is not None), *alibi_strides, i32(triangular), i32(window or 0))
-    for kernel in kernels:
-        kernel((i32(grid),), (256,), args)
+    for name in names:
+        _KERNELS.launch(
+            name, (grid,), (256,), s=s, p=p, mask=s if mask is None else mask, alibi=s if alibi is None else alibi,
+            stats=stats, rows=rows, chunks=chunks, h=h, q=q, k=k, chunk=chunk, layer_scale=layer_scale,
+            mask_kind=mask_kind(mask), mask_b=mask_strides[0], mask_h=mask_strides[1], mask_q=mask_strides[2],
+            has_alibi=int(alibi is not None), alibi_b=alibi_strides[0], alibi_h=alibi_strides[1],
+            causal=int(triangular), window=window or 0)
     return p

@@ -15,7 +15,8 @@ def turned(x, positions, rotary_dim, theta, style):
     x = x.astype(numpy.float64).copy()
     m = rotary_dim // 2
     angle = positions[:, None, :, None] * theta ** (-2.0 * numpy.arange(m) / rotary_dim)
-    first, second = (numpy.arange(m), numpy.arange(m) + m) if style == "half" else (2 * numpy.arange(m), 2 * numpy.arange(m) + 1)
+    pairs = numpy.arange(m)
+    first, second = (pairs, pairs + m) if style == "half" else (2 * pairs, 2 * pairs + 1)
     z = (x[..., first] + 1j * x[..., second]) * numpy.exp(1j * angle)
     x[..., first], x[..., second] = z.real, z.imag
     return x

@@ -2,13 +2,14 @@
 HF GPT-Neo's local window, layer_scale; against a per-row float64 loop written from the docstring's formula."""
 
 import math
+import re
 
 import numpy
 import pytest
 
 from cupy_transformer import ops
 from cupy_transformer.runtime.arrays import FLOAT_DTYPES
-from cupy_transformer.ops.softmax import _VARIANTS, softmax_plan
+from cupy_transformer.ops.softmax import _VARIANTS, MaskKind, mask_kind, softmax_plan
 from tests.helpers import random, rel_error
 from tests.ops.common import TOL, on_backend
 
@@ -289,3 +290,16 @@ def test_bad_inputs_are_named_errors(rng):
         op(s, layer_scale=float("nan"))
     with pytest.raises(ValueError, match=r"out: expected shape"):
         op(s, out=numpy.empty((2, 4, 3, 6), numpy.float16))
+
+
+def test_mask_kind_is_the_kernels_enum():
+    """MaskKind (what launchers pass as the kernels' mask_kind) holds kernels_cu/mask.cuh's values, and
+    mask_kind tells the kinds apart."""
+    from cupy_transformer.runtime.kernels import read_source
+
+    body = re.search(r"enum MaskKind : int \{([^}]*)\}", read_source("mask.cuh")).group(1)
+    values = {name.strip(): int(value) for name, value in (item.split("=") for item in body.split(","))}
+    assert values == {"NO_MASK": MaskKind.NONE, "ADDITIVE_MASK": MaskKind.ADDITIVE, "BOOL_MASK": MaskKind.BOOLEAN}
+    assert mask_kind(None) == MaskKind.NONE
+    assert mask_kind(numpy.zeros((2, 3), numpy.float16)) == MaskKind.ADDITIVE
+    assert mask_kind(numpy.ones((2, 3), bool)) == MaskKind.BOOLEAN

@@ -1,50 +1,20 @@
-"""SoftmaxContextOp: prompt then decode steps through a KVCache against full attention recomputed per step,
-grouped-query heads, both rotary pairings, padded batches against each sequence alone, bidirectional,
-local window, alibi; the reference is a per-query float64 loop over one sequence's whole history (and torch's
-scaled_dot_product_attention for the NumPy path in float64)."""
-
-import math
+"""SoftmaxContextOp: its checks, its reference (attention_reference, the NumPy path) and its dispatch. Prompt then
+decode steps through a KVCache against full attention recomputed per step, grouped-query heads, both rotary
+pairings, padded batches against each sequence alone, bidirectional, local window, alibi, on NumPy and on the GPU
+(whichever kernels the op takes there; the kernels' own tests: test_decode_attention.py,
+test_prefill_attention.py, test_prefill_attention_sm90.py, test_rotary_append.py); the reference is a per-query
+float64 loop over one sequence's whole history (and torch's scaled_dot_product_attention for the NumPy path in
+float64)."""
 
 import numpy
 import pytest
 
 from cupy_transformer import ops
 from cupy_transformer.kv_cache import KVCache
-from cupy_transformer.runtime.arrays import FLOAT_DTYPES
-from tests.helpers import random, rel_error
-from tests.ops.common import TOL
-from tests.ops.test_rotary import turned
-
-
-def cfg(dtype, heads=4, kv=2, d=32, **kw):
-    return ops.InferenceConfig(hidden_size=heads * d, heads=heads, num_kv=kv, dtype=dtype, **kw)
-
-
-def history(qkv, c, positions, keep=None, alibi=None, scale=None):
-    """float64 attention of every token of one sequence over its history: ``qkv`` [T, (h + 2kv) d],
-    ``positions`` [T], ``keep`` [T] keys that may be seen, ``alibi`` [h, T]. Returns [T, h d]."""
-    h, kv, d = c.heads, c.num_kv, c.head_size
-    t = qkv.shape[0]
-    x = qkv.astype(numpy.float64)
-    q = x[:, : h * d].reshape(t, h, d).transpose(1, 0, 2)[None]
-    k = x[:, h * d:(h + kv) * d].reshape(t, kv, d).transpose(1, 0, 2)[None]
-    v = x[:, (h + kv) * d:].reshape(t, kv, d).transpose(1, 0, 2)
-    if c.rotary_style:
-        q = turned(q, positions[None], c.rotary_dim, c.rope_theta, c.rotary_style)
-        k = turned(k, positions[None], c.rotary_dim, c.rope_theta, c.rotary_style)
-    q, k = q[0], k[0]
-    scale = 1 / math.sqrt(d) if scale is None else scale
-    out = numpy.zeros((t, h, d))
-    for i in range(h):
-        g = i // (h // kv)
-        for s in range(t):
-            keys = [j for j in range(t) if (keep is None or keep[j]) and (not c.triangular_masking or j <= s)
-                    and (not c.local_attention or j > s - c.window_size)]
-            z = numpy.array([q[i, s] @ k[g, j] * scale + (alibi[i, j] if alibi is not None else 0.0) for j in keys])
-            if keys:
-                p = numpy.exp(z - z.max())
-                out[s, i] = (p / p.sum()) @ v[g, keys]
-    return out.reshape(t, h * d)
+from cupy_transformer.ops.softmax_context import attention_reference
+from tests.helpers import host, random, rel_error
+from tests.ops.common import TOL, history, nan_past
+from tests.ops.common import attention_config as cfg
 
 
 def backend(gpu):
@@ -53,10 +23,6 @@ def backend(gpu):
 
         return cupy, "cupy"
     return numpy, "numpy"
-
-
-def host(a):
-    return a.get() if hasattr(a, "get") else a
 
 
 CONFIGS = {
@@ -98,13 +64,6 @@ def test_prompt_then_decode_matches_full_attention(rng, dtype, name):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_gpu_prompt_then_decode_matches_full_attention(rng, dtype, name):
     prompt_then_decode(rng, dtype, name, gpu=True)
-
-
-def nan_past(cache, lengths):
-    """NaN in every cache slot past each sequence's length (slots that may hold anything, and must never be
-    read: 0 x NaN is NaN)."""
-    for b, n in enumerate(lengths):
-        cache.keys[:, b, :, n:], cache.values[:, b, :, n:] = numpy.nan, numpy.nan
 
 
 def two_sequences(rng, gpu, steps):
@@ -240,6 +199,23 @@ def test_gpu_matches_torch_sdpa_with_gqa(rng):
     assert rel_error(ctx, ref) < TOL[numpy.dtype(numpy.float16)]
 
 
+def test_attention_reference_matches_the_per_query_loop(rng):
+    """attention_reference on float64 arrays: the last 5 of 9 tokens per sequence (a past of 4) as queries,
+    grouped-query heads, causal with a window of 3, a key mask and alibi, against the per-query loop."""
+    c = cfg(numpy.float32, heads=4, kv=2, d=16, local_attention=True, window_size=3)
+    qkv = rng.standard_normal((2, 9, 8 * 16))
+    keep = rng.random((2, 9)) < 0.7
+    alibi = rng.standard_normal((2, 4, 1, 9))
+    q, k, v = (qkv[..., a * 16:(a + n) * 16].reshape(2, 9, n, 16).transpose(0, 2, 1, 3)
+               for a, n in ((0, 4), (4, 2), (6, 2)))
+    got = attention_reference(q[:, :, 4:], k, v, numpy.array([4, 4]), keep[:, None, None, :], alibi, 0.25,
+                              causal=True, window=3)
+    assert got.shape == (2, 5, 4 * 16) and got.dtype == numpy.float64
+    for b in range(2):
+        want = history(qkv[b], c, numpy.arange(9), keep[b], alibi[b, :, 0])[4:]
+        assert rel_error(got[b], want) < 1e-12
+
+
 SDPA_TOL = 1e-10  # float64 on both sides: a few roundings of 2^-53 per sum (about 1e-16 seen)
 
 
@@ -306,11 +282,13 @@ def test_bad_inputs_are_named_errors(rng):
     c = cfg(numpy.float16)
     op = ops.SoftmaxContextOp(c)
     qkv = random(rng, (2, 3, 8 * 32), numpy.float16)
-    with pytest.raises(ValueError, match=r"query_key_value: expected a last dimension of \(heads 4 \+ 2 x kv heads 2\)"):
+    with pytest.raises(ValueError,
+                       match=r"query_key_value: expected a last dimension of \(heads 4 \+ 2 x kv heads 2\)"):
         op(qkv[..., :-32].copy())
     with pytest.raises(ValueError, match=r"head size 12 \(hidden_size / heads\): expected a multiple of 8 up to 256"):
         ops.SoftmaxContextOp(ops.InferenceConfig(hidden_size=48, heads=4, dtype=numpy.float16))(qkv)
-    with pytest.raises(ValueError, match=r"attn_mask: expected a \[batch, keys\] = \[2, 3 or more\] mask over key slots"):
+    with pytest.raises(ValueError,
+                       match=r"attn_mask: expected a \[batch, keys\] = \[2, 3 or more\] mask over key slots"):
         op(qkv, numpy.ones((2, 2), bool))
     with pytest.raises(ValueError, match=r"attn_mask: expected a \[2, 1 or 4, 1 or 3, 3 or more\] mask"):
         op(qkv, numpy.ones((2, 3, 3, 3), bool))
@@ -369,216 +347,13 @@ def test_position_ids_outside_int32_are_named_errors(rng):
     assert not cache.keys.any() and not cache.values.any()
 
 
-def twin_caches(rng, dtype, kv, tokens, d, lengths, kinds=("numpy", "cupy")):
-    """One-layer caches of each kind holding the same random keys and values, sequences of ``lengths``."""
-    caches = [KVCache(1, len(lengths), kv, tokens, d, dtype, backend=kind) for kind in kinds]
-    content = [random(rng, (1, len(lengths), kv, tokens, d), dtype) for _ in range(2)]
-    for cache in caches:
-        if cache.kind == "numpy":
-            xp = numpy
-        else:
-            import cupy as xp
-        cache.keys[...], cache.values[...] = xp.asarray(content[0]), xp.asarray(content[1])
-        cache.set_lengths(lengths)
-    return caches
-
-
-@pytest.fixture(params=["launcher's", "4 warps, 5 chunks", "one chunk", "8 warps, one chunk"])
-def decode_chunks(request, monkeypatch):
-    """How a decode test splits the keys: as the launcher does for its few sequences (on a GPU whose kernel has
-    8-warp blocks, those, in up to 16 chunks a (sequence, kv head), merged by the last block), in 4-warp blocks
-    and 5 chunks (fewer where the keys take fewer), or in one chunk as for batches that fill the GPU (each
-    block writes its context straight), in blocks of 4 warps or of 8 (the tensor-core kernel's)."""
-    from cupy_transformer.ops import softmax_context
-
-    warps, chunks = {"4 warps, 5 chunks": (4, 5), "one chunk": (4, 1), "8 warps, one chunk": (8, 1)}.get(
-        request.param, (None, None))
-
-    def forced(kernels, pairs):
-        if warps not in kernels:
-            pytest.skip("attention_partial (fp32, or head sizes the tensor-core kernel lacks) has 4-warp blocks")
-        return warps, chunks
-
-    if warps:
-        monkeypatch.setattr(softmax_context, "_decode_geometry", forced)
-    return request.param
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize(
-    "heads, kv, d", [(8, 1, 128), (32, 4, 128), (12, 1, 128), (4, 4, 80), (6, 2, 96), (2, 2, 256), (16, 2, 64)])
-def test_gpu_decode_kernel_on_long_contexts(rng, decode_chunks, dtype, heads, kv, d):
-    """The decode kernel (one token, a cache, a per-key mask, alibi) against the NumPy reference on the same
-    cache: sequences holding 0, 776 and 16383 tokens (keys up to 16384, no multiple of a chunk)."""
-    import cupy
-
-    c = cfg(dtype, heads=heads, kv=kv, d=d, rotary_dim=d, rotate_half=True, rotate_every_two=False)
-    op = ops.SoftmaxContextOp(c)
-    caches = twin_caches(rng, dtype, kv, 16384, d, [0, 776, 16383])
-    qkv = random(rng, (3, 1, (heads + 2 * kv) * d), dtype)
-    keep = rng.random((3, 16384)) < 0.9
-    alibi = random(rng, (3, heads, 1, 16384), dtype, scale=0.5)
-    want, _, _ = op(qkv, keep, caches[0], 0, caches[0].reserve(1), alibi=alibi)
-    got, keys, _ = op(cupy.asarray(qkv), cupy.asarray(keep), caches[1], 0, caches[1].reserve(1), alibi=cupy.asarray(alibi))
-    assert keys.shape == (3, kv, 16384, d)
-    assert rel_error(got, want) < TOL[numpy.dtype(dtype)]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [t for t in FLOAT_DTYPES if numpy.dtype(t).itemsize == 2], ids=str)
-@pytest.mark.parametrize("heads, kv, d", [(16, 1, 32), (12, 3, 64), (4, 2, 128)])
-def test_gpu_decode_kernel_with_an_additive_mask(rng, poisoned_allocations, decode_chunks, dtype, heads, kv, d):
-    """The tensor-core decode kernel with an additive mask and a sliding window (keys from lo > 0), 16 query
-    heads on one kv head (every row of the products), ragged lengths."""
-    import cupy
-
-    c = cfg(dtype, heads=heads, kv=kv, d=d, local_attention=True, window_size=700)
-    op = ops.SoftmaxContextOp(c)
-    caches = twin_caches(rng, dtype, kv, 1000, d, [999, 333])
-    qkv = random(rng, (2, 1, (heads + 2 * kv) * d), dtype)
-    additive = numpy.where(rng.random((2, 1000)) < 0.8, 0.0, -1e4).astype(dtype)
-    want, _, _ = op(qkv, additive, caches[0], 0, caches[0].reserve(1))
-    got, _, _ = op(cupy.asarray(qkv), cupy.asarray(additive), caches[1], 0, caches[1].reserve(1))
-    assert rel_error(got, want) < TOL[numpy.dtype(dtype)]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype, heads, kv, d", [(numpy.float32, 6, 2, 64), (numpy.float16, 8, 1, 48),
-                                                 (numpy.float16, 2, 1, 200)], ids=["fp32", "fp16 d48", "fp16 d200"])
-def test_gpu_cuda_core_decode_kernel(rng, poisoned_allocations, monkeypatch, decode_chunks, dtype, heads, kv, d):
-    """attention_partial (fp32, or a head size the tensor-core kernel lacks; 3, 8 and 2 query heads a kv head)
-    on a decode step after a 150-token prompt, one sequence trimmed to 77 (151 and 78 keys: no multiple of a
-    64-key chunk) and the slots past each sequence NaN; against float64 attention over each one's history."""
-    import cupy
-    from cupy_transformer.ops import softmax_context
-
-    assert not softmax_context._decode_on_tensor_cores(dtype, d)
-    launch, calls = softmax_context._decode, []
-
-    def counted(*args):
-        calls.append(args)
-        return launch(*args)
-
-    monkeypatch.setattr(softmax_context, "_decode", counted)
-    c = cfg(dtype, heads=heads, kv=kv, d=d, rotary_dim=d, rotate_half=True, rotate_every_two=False)
-    op = ops.SoftmaxContextOp(c)
-    tokens = random(rng, (2, 151, (heads + 2 * kv) * d), dtype)
-    cache = KVCache(1, 2, kv, 160, d, dtype, backend="cupy")
-    op(cupy.asarray(tokens[:, :150].copy()), cache=cache, start=cache.reserve(150))
-    cache.set_lengths([150, 77])
-    nan_past(cache, [150, 77])
-    ctx, _, _ = op(cupy.asarray(tokens[:, 150:].copy()), cache=cache, start=cache.reserve(1))
-    assert len(calls) == 1
-    want = [history(tokens[0], c, numpy.arange(151))[-1],
-            history(numpy.concatenate([tokens[1, :77], tokens[1, 150:]]), c, numpy.arange(78))[-1]]
-    assert rel_error(ctx[:, 0], numpy.stack(want)) < TOL[numpy.dtype(dtype)]
-
-
-PREFILL_RULES = {  # attention rule, mask, alibi
-    "causal": dict(), "causal, key mask, alibi": dict(mask="bool", alibi=True), "causal, key mask": dict(mask="bool"),
-    "bidirectional, key mask": dict(triangular_masking=False, mask="bool"),
-    "bidirectional": dict(triangular_masking=False), "window 40, additive mask": dict(
-        local_attention=True, window_size=40, mask="additive"),
-}
-
-
-@pytest.fixture(params=["launcher's", "two warpgroups", "a block an item", "3 persistent blocks", "mma.sync"])
-def prefill_kernel(request, monkeypatch):
-    """Which prefill kernel a test runs: the launcher's choice (on an H100/H200, prefill_attention_sm90.cu for
-    head sizes 64-128, with one warpgroup a block for short causal or masked prompts at 64, persistent blocks
-    for short prompts), that kernel with two warpgroups a block for those too, with a block an item, or as 3 persistent
-    blocks (each takes many items in turn), or prefill_attention.cu's there too (the kernel of other GPUs). A
-    test whose head size and length give the launcher's kernel under "two warpgroups" skips it."""
-    from cupy_transformer.ops import softmax_context
-    from cupy_transformer.runtime.kernels import compute_capability
-
-    if request.param != "launcher's" and compute_capability() != 90:
-        pytest.skip("the launcher takes prefill_attention.cu here already")
-    if request.param == "two warpgroups":
-        monkeypatch.setattr(softmax_context, "PREFILL_SM90_SHORT", 0)
-    if request.param == "a block an item":
-        monkeypatch.setattr(softmax_context, "PREFILL_SM90_PERSIST", 0)
-    if request.param == "3 persistent blocks":
-        monkeypatch.setattr(softmax_context, "PREFILL_SM90_PERSIST", 1 << 30)
-        monkeypatch.setattr(softmax_context, "wave_blocks", lambda *args: 3)
-    if request.param == "mma.sync":
-        monkeypatch.setattr(softmax_context, "SM90_PREFILL", False)
-    return request.param
-
-
-def skip_the_launchers(prefill_kernel, d):
-    """Skips a ``prefill_kernel`` variant that runs the launcher's own kernel at head size ``d``."""
-    from cupy_transformer.ops.softmax_context import PREFILL_SM90_TILE
-
-    if prefill_kernel not in ("launcher's", "two warpgroups") and d not in PREFILL_SM90_TILE:
-        pytest.skip("this head size runs prefill_attention.cu already")
-    if prefill_kernel == "two warpgroups" and d != 64:
-        pytest.skip("this head size runs two warpgroups a block already")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [t for t in FLOAT_DTYPES if numpy.dtype(t).itemsize == 2], ids=str)
-@pytest.mark.parametrize("heads, kv, d", [(4, 2, 32), (2, 1, 64), (4, 4, 80), (6, 2, 96), (8, 2, 128)])
-@pytest.mark.parametrize("rule", PREFILL_RULES)
-def test_gpu_prefill_kernel_after_a_past(rng, poisoned_allocations, prefill_kernel, dtype, heads, kv, d, rule):
-    """The prefill kernel against the NumPy reference on the same cache: 77 tokens (no multiple of a tile)
-    after pasts of 0, 50 and 130 tokens; the GPU cache holds NaN in every slot no sequence has written."""
-    import cupy
-
-    skip_the_launchers(prefill_kernel, d)
-
-    options = dict(PREFILL_RULES[rule])
-    mask_kind, with_alibi = options.pop("mask", None), options.pop("alibi", False)
-    c = cfg(dtype, heads=heads, kv=kv, d=d, rotary_dim=d, rotate_half=True, rotate_every_two=False, **options)
-    op = ops.SoftmaxContextOp(c)
-    pasts, s, room = [0, 50, 130], 77, 224
-    content = [random(rng, (1, 3, kv, room, d), dtype) for _ in range(2)]
-    caches = [KVCache(1, 3, kv, room, d, dtype, backend=kind) for kind in ("numpy", "cupy")]
-    for cache in caches:
-        xp = numpy if cache.kind == "numpy" else cupy
-        cache.keys[...], cache.values[...] = xp.asarray(content[0]), xp.asarray(content[1])
-        if xp is cupy:
-            nan_past(cache, pasts)
-        cache.set_lengths(pasts)
-    qkv = random(rng, (3, s, (heads + 2 * kv) * d), dtype)
-    keep = rng.random((3, room)) < 0.8
-    mask = {None: None, "bool": keep, "additive": numpy.where(keep, 0.0, -30.0).astype(dtype)}[mask_kind]
-    alibi = random(rng, (3, heads, 1, max(pasts) + s), dtype, scale=0.5) if with_alibi else None
-    want, _, _ = op(qkv, mask, caches[0], 0, caches[0].reserve(s), alibi=alibi)
-    on_gpu = [None if a is None else cupy.asarray(a) for a in (qkv, mask, alibi)]
-    got, _, _ = op(on_gpu[0], on_gpu[1], caches[1], 0, caches[1].reserve(s), alibi=on_gpu[2])
-    assert got.flags.c_contiguous
-    assert rel_error(got, want) < TOL[numpy.dtype(dtype)]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [t for t in FLOAT_DTYPES if numpy.dtype(t).itemsize == 2], ids=str)
-@pytest.mark.parametrize("d", [64, 96, 128])
-@pytest.mark.parametrize("rotary", [False, True], ids=["views", "turned k"])
-def test_gpu_prefill_kernel_without_a_cache(rng, poisoned_allocations, prefill_kernel, dtype, d, rotary):
-    """A prompt without a cache: K and V are read where they are (views of the projection), or K turned by
-    rotary into an array of its own while V stays a view, so the two have different strides."""
-    import cupy
-
-    skip_the_launchers(prefill_kernel, d)
-
-    turn = dict(rotary_dim=d, rotate_half=True, rotate_every_two=False) if rotary else {}
-    c = cfg(dtype, heads=4, kv=2, d=d, **turn)
-    op = ops.SoftmaxContextOp(c)
-    qkv = random(rng, (2, 150, 8 * d), dtype)
-    want, _, _ = op(qkv)
-    got, _, _ = op(cupy.asarray(qkv))
-    assert rel_error(got, want) < TOL[numpy.dtype(dtype)]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [48, 256])
 def test_gpu_prefill_at_head_sizes_without_a_kernel(rng, poisoned_allocations, d):
     """fp16 prefill at head sizes no prefill kernel takes (the rotary + append kernel, then fp32 array
     operations): a 37-token prompt, then 13 tokens after pasts of 37 and 20 (set_lengths); float64 reference."""
     import cupy
-    from cupy_transformer.ops.softmax_context import PREFILL_GEOMETRY
+    from cupy_transformer.ops.prefill_attention import PREFILL_GEOMETRY
 
     assert d not in PREFILL_GEOMETRY
     dtype = numpy.float16
@@ -594,72 +369,6 @@ def test_gpu_prefill_at_head_sizes_without_a_kernel(rng, poisoned_allocations, d
     cache.set_lengths([37, 20])
     ctx, _, _ = op(cupy.asarray(tokens[:, 37:].copy()), cache=cache, start=cache.reserve(13))
     assert rel_error(ctx, numpy.stack([exact[0][37:], exact[1][20:]])) < TOL[numpy.dtype(dtype)]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("span", [1, 2, 5, 64])
-@pytest.mark.parametrize("d", [64, 128])
-def test_gpu_prefill_grid_in_groups_of_any_span(rng, poisoned_allocations, prefill_kernel, monkeypatch, span, d):
-    """The prefill grid walks its (sequence, head) pairs in groups of ``span`` (12 pairs of 3 row blocks here,
-    5 with one warpgroup a block: one pair a group, groups splitting a kv head's two query heads, a last group
-    of 2, all in one): every block still computes its own rows, causal over a 300-token prompt."""
-    import cupy
-    from cupy_transformer.ops import softmax_context
-
-    skip_the_launchers(prefill_kernel, d)
-
-    monkeypatch.setattr(softmax_context, "prefill_span", lambda *args: span)
-    c = cfg(numpy.float16, heads=4, kv=2, d=d)
-    op = ops.SoftmaxContextOp(c)
-    qkv = random(rng, (3, 300, 8 * d), numpy.float16)
-    want, _, _ = op(qkv)
-    got, _, _ = op(cupy.asarray(qkv))
-    assert rel_error(got, want) < TOL[numpy.dtype(numpy.float16)]
-
-
-@pytest.mark.gpu
-def test_gpu_persistent_prefill_leaves_its_counter_at_zero(rng, poisoned_allocations, monkeypatch):
-    """Persistent prefill blocks claim their work items from a counter of the stream's split workspace, which
-    the last block done resets: three calls in a row on one stream and one on another, each as 3 blocks
-    taking 32 items, all match the reference, and the counters read zero after each."""
-    import cupy
-    from cupy_transformer.ops import softmax_context
-    from cupy_transformer.runtime.kernels import compute_capability, split_workspace
-
-    if compute_capability() != 90:
-        pytest.skip("persistent blocks are the Hopper prefill kernel's")
-    monkeypatch.setattr(softmax_context, "wave_blocks", lambda *args: 3)
-    op = ops.SoftmaxContextOp(cfg(numpy.float16, heads=4, kv=2, d=64))
-    qkv = random(rng, (2, 200, 8 * 64), numpy.float16)
-    want, _, _ = op(qkv)
-    for stream in [cupy.cuda.Stream.null] * 3 + [cupy.cuda.Stream(non_blocking=True)]:
-        with stream:
-            got, _, _ = op(cupy.asarray(qkv))
-            assert rel_error(got, want) < TOL[numpy.dtype(numpy.float16)]
-            assert not split_workspace(0, 2)[1][:2].any()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("rise", [6.0, 60.0, -60.0])
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-def test_gpu_prefill_with_scores_rising_along_the_keys(rng, poisoned_allocations, prefill_kernel, rise, causal):
-    """Scores that climb (or fall) along the keys, by about 0.9 or 9 (log2 units) a tile of 64 keys, so a
-    row's running maximum moves on many tiles: by less than the lazy rule's 8 (a stale maximum, exp2 values
-    up to 256) and by more (o and l rescaled); fp16 against the float64 reference, 600 tokens, d 64."""
-    import cupy
-
-    if prefill_kernel == "two warpgroups":
-        pytest.skip("600 tokens run two warpgroups a block already")
-
-    c = cfg(numpy.float16, heads=2, kv=2, d=64, triangular_masking=causal)
-    op = ops.SoftmaxContextOp(c)
-    qkv = random(rng, (2, 600, 6 * 64), numpy.float32, scale=0.3)
-    qkv[:, :, 0:128:64] = 8.0  # the two query heads' first dimension
-    qkv[:, :, 128:256:64] = numpy.linspace(0.0, rise, 600, dtype=numpy.float32)[None, :, None]  # the keys'
-    qkv = qkv.astype(numpy.float16)
-    want, _, _ = op(qkv)
-    got, _, _ = op(cupy.asarray(qkv))
-    assert rel_error(got, want) < TOL[numpy.dtype(numpy.float16)]
 
 
 @pytest.mark.gpu
@@ -680,30 +389,6 @@ def test_gpu_capture_raises(rng):
                 op(step, cache=cache, start=start)
         finally:
             stream.end_capture()
-
-
-@pytest.mark.gpu
-def test_gpu_prefill_kernel_on_a_long_context(rng, poisoned_allocations, prefill_kernel):
-    """300 queries after pasts of 0, 4000 and 16084 tokens (keys up to 16384), causal with a key mask."""
-    import cupy
-
-    if prefill_kernel == "two warpgroups":
-        pytest.skip("head size 128 runs two warpgroups a block already")
-
-    c = cfg(numpy.float16, heads=4, kv=2, d=128, rotary_dim=64, rope_theta=500000.0)
-    op = ops.SoftmaxContextOp(c)
-    pasts, s, room = [0, 4000, 16084], 300, 16384
-    content = [random(rng, (1, 3, 2, room, 128), numpy.float16) for _ in range(2)]
-    caches = [KVCache(1, 3, 2, room, 128, numpy.float16, backend=kind) for kind in ("numpy", "cupy")]
-    for cache in caches:
-        xp = numpy if cache.kind == "numpy" else cupy
-        cache.keys[...], cache.values[...] = xp.asarray(content[0]), xp.asarray(content[1])
-        cache.set_lengths(pasts)
-    qkv = random(rng, (3, s, 8 * 128), numpy.float16)
-    keep = rng.random((3, room)) < 0.95
-    want, _, _ = op(qkv, keep, caches[0], 0, caches[0].reserve(s))
-    got, _, _ = op(cupy.asarray(qkv), cupy.asarray(keep), caches[1], 0, caches[1].reserve(s))
-    assert rel_error(got, want) < TOL[numpy.dtype(numpy.float16)]
 
 
 def decode_200_steps(rng, gpu):
@@ -741,38 +426,3 @@ def test_mask_over_the_whole_cache_equals_one_over_the_keys(rng):
         mask[:, :4] = keep
         results.append(op(qkv, mask, cache, 0, cache.reserve(4))[0])
     assert (results[0] == results[1]).all()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype, style, rotary_dim, given", [
-    (numpy.float16, "half", 64, False), (numpy.float32, "every_two", 24, True), (FLOAT_DTYPES[-1], "half", 32, True)],
-    ids=["fp16 half at the slots", "fp32 every_two 24 of 64", f"{FLOAT_DTYPES[-1]} half 32 of 64"])
-def test_gpu_rotary_append_kernel_writes_only_its_slots(rng, dtype, style, rotary_dim, given):
-    """rotary_append.cu through _rotary_append: 5 tokens into layer 1 at slots 2 and 9 of a 2-layer cache full
-    of NaN; the queries and the written K slots against float64 rotary (at position_ids, or at the slots), the V
-    slots copied exactly, every other slot (layer 0 too) still NaN."""
-    import cupy
-    from cupy_transformer.ops.softmax_context import _on_device, _rotary_append
-
-    h, kv, d, s = 4, 2, 64, 5
-    c = cfg(dtype, heads=h, kv=kv, d=d, rotary_dim=rotary_dim, rotate_half=style == "half",
-            rotate_every_two=style == "every_two", rope_theta=20000.0)
-    cache = KVCache(2, 2, kv, 16, d, dtype, backend="cupy")
-    cache.keys[...], cache.values[...] = numpy.nan, numpy.nan
-    qkv = random(rng, (2, s, (h + 2 * kv) * d), dtype)
-    start = numpy.array([2, 9])
-    positions = numpy.array([[0, 0, 1, 2, 3], [40, 41, 42, 43, 44]]) if given else start[:, None] + numpy.arange(s)
-    q, k = _rotary_append(cupy.asarray(qkv), cupy.asarray(positions) if given else None, c, h, kv, d, cache, 1,
-                          start, _on_device(start))
-    assert k is None  # with a cache, the keys are read from it
-    x = qkv.reshape(2, s, h + 2 * kv, d).transpose(0, 2, 1, 3)  # [B, heads, S, d]
-    assert rel_error(q, turned(x[:, :h], positions, rotary_dim, 20000.0, style)) < TOL[numpy.dtype(dtype)]
-    want_k = turned(x[:, h:h + kv], positions, rotary_dim, 20000.0, style)
-    keys, values = host(cache.keys).astype(numpy.float32), host(cache.values).astype(numpy.float32)
-    written = numpy.zeros(keys.shape, bool)
-    for b in range(2):
-        at = slice(start[b], start[b] + s)
-        written[1, b, :, at] = True
-        assert rel_error(keys[1, b, :, at], want_k[b]) < TOL[numpy.dtype(dtype)]
-        assert (values[1, b, :, at] == x[b, h + kv:].astype(numpy.float32)).all()
-    assert numpy.isnan(keys[~written]).all() and numpy.isnan(values[~written]).all()

@@ -1,0 +1,94 @@
+"""The launcher of ``kernels_cu/decode_attention.cu``: attention of one query token per sequence over a KV cache
+(SoftmaxContextOp's decode steps), split along the keys in chunks across blocks, the chunks merged by the block
+of a (sequence, kv head) that finishes last (one launch). fp16/bf16 at head sizes 32, 64, 96 and 128 run on
+tensor cores (``attention_partial_tc``, the query heads sharing a kv head as the rows of the products), the rest
+on CUDA cores (``attention_partial``)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy
+
+from ..runtime.arrays import import_cupy
+from ..runtime.kernels import CTYPES, KernelFamily, compute_capability, split_workspace, wave_blocks
+from ..runtime.lru import device_int32
+from .softmax import mask_arguments
+
+GROUPS = (1, 2, 4, 8)  # query heads per key/value head that attention_partial takes (rounded up)
+TENSOR_CORE_HEAD_SIZES = (32, 64, 96, 128)  # attention_partial_tc's (fp16/bf16, sm_80+)
+_KERNELS = KernelFamily(
+    "decode_attention.cu",
+    [f"ct::attention_partial<{c}, {g}>" for c in CTYPES.values() for g in GROUPS]
+    + [f"ct::attention_partial_tc<{c}, {d}, {w}>" for t, c in CTYPES.items() if t.itemsize == 2
+       for d in TENSOR_CORE_HEAD_SIZES for w in (4, 8)]
+)
+
+
+def decode_on_tensor_cores(dtype, d) -> bool:
+    """Whether decode runs attention_partial_tc (up to 16 query heads a kv head) or attention_partial (8)."""
+    return numpy.dtype(dtype).itemsize == 2 and d in TENSOR_CORE_HEAD_SIZES and compute_capability() >= 80
+
+
+def decode_max_group(dtype, d) -> int:
+    """The most query heads per key/value head a decode launch takes: 16 on tensor cores (the rows of an
+    m16n8k16 product), else 8."""
+    return 16 if decode_on_tensor_cores(dtype, d) else GROUPS[-1]
+
+
+def _names(dtype, d: int, group: int) -> dict[int, str]:
+    """Warps a block -> the kernel for head size ``d`` and ``group`` query heads a kv head (4; 8 too on tensor
+    cores)."""
+    ctype = CTYPES[numpy.dtype(dtype)]
+    if decode_on_tensor_cores(dtype, d):
+        return {w: f"ct::attention_partial_tc<{ctype}, {d}, {w}>" for w in (4, 8)}
+    return {4: f"ct::attention_partial<{ctype}, {next(g for g in GROUPS if group <= g)}>"}
+
+
+def decode_geometry(kernels, pairs: int) -> tuple[int, int]:
+    """(warps a block, key chunks a (sequence, kv head)) of a decode launch over ``pairs`` such pairs;
+    ``kernels``: warps -> kernel (4; 8 too for the tensor-core kernel). Chunks: one wave of 4-warp blocks (as
+    many as the SMs hold at once: a second, partial wave cost a whole block's time), at most 256 (the merge
+    walks them in one loop). The last block of a pair merges its chunks after the streams end, so the
+    tensor-core kernel trades chunks for 8-warp blocks where there are many: where the wave gives two chunks a
+    pair and one wave of 8-warp blocks holds a block a pair, those take all of a pair's keys (no merge:
+    1.05-1.13x at 96-192 pairs, D128); past 16 chunks (up to 16 pairs), 8-warp blocks in at most 16 chunks,
+    whose shorter merge paid for the fewer blocks (up to 1.8x at batch 1)."""
+    chunks = max(1, min(wave_blocks(kernels[4], 128) // pairs, 256))
+    if 8 not in kernels:
+        return 4, chunks
+    wave = wave_blocks(kernels[8], 256)
+    if chunks == 2 and wave >= pairs:
+        return 8, 1
+    if chunks > 16:
+        return 8, max(1, min(wave // pairs, 16))
+    return 4, chunks
+
+
+def decode_attention(q, cache, layer: int, lo, hi, mask, alibi, scale: float, *, warps=None, chunks=None):
+    """q [B, h, 1, d] (one token a sequence) against the keys [lo[b], hi[b]) of ``cache``'s ``layer``
+    (``lo``, ``hi``: host integers); ``mask`` [B, 1, 1, T] or None, ``alibi`` [B, h, 1, T] or None. ``warps``
+    and ``chunks``: the launch's geometry (both or neither; None: ``decode_geometry``'s). Returns the context
+    [B, 1, h d]."""
+    cupy = import_cupy()
+    b, h, _, d = q.shape
+    kv, t = cache.kv_heads, int(hi.max())
+    names = _names(q.dtype, d, h // kv)
+    if warps is None and chunks is None:
+        warps, chunks = decode_geometry({w: _KERNELS.kernel(n) for w, n in names.items()}, b * kv)
+    elif warps not in names or chunks is None or chunks < 1:
+        raise ValueError(f"warps, chunks: expected {' or '.join(map(str, names))} warps and a positive number of "
+                         f"chunks for {names[4]}; got {warps!r}, {chunks!r}")
+    # Chunks of a multiple of 64 keys (a 4-warp step, 16 keys a warp: ragged chunks were 6% slower).
+    chunk = 64 * max(1, math.ceil(t / chunks / 64))
+    chunks = math.ceil(t / chunk)
+    partial, counters = split_workspace(b * h * chunks * (d + 4), b * kv)  # the chunks' rows; the last merges
+    out = cupy.empty((b, 1, h * d), q.dtype)
+    m = mask_arguments(mask, alibi, b, h, q)
+    _KERNELS.launch(
+        names[warps], (chunks, kv, b), (32 * warps,),
+        q=cupy.ascontiguousarray(q), k=cache.keys[layer], v=cache.values[layer], mask=m.mask, alibi=m.alibi,
+        lo=device_int32(lo), hi=device_int32(hi), partial=partial, out=out, counters=counters, h=h, kv=kv, d=d,
+        max_tokens=cache.max_tokens, chunk=chunk, mask_kind=m.mask_kind, mask_len=m.mask_len,
+        alibi_len=m.alibi_len, scale=scale)
+    return out

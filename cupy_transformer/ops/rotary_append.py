@@ -1,0 +1,35 @@
+"""The launcher of ``kernels_cu/rotary_append.cu``: rotary and the KV-cache append in one pass over the fused QKV
+projection, SoftmaxContextOp's first step on the GPU (the rotation itself: ``ops/rotary.py``)."""
+
+from __future__ import annotations
+
+from ..runtime.arrays import import_cupy
+from ..runtime.kernels import CTYPES, KernelFamily, elementwise_grid, vector_count
+from .rotary import inverse_frequencies
+
+_KERNELS = KernelFamily("rotary_append.cu", [f"ct::rotary_append<{c}>" for c in CTYPES.values()])
+
+
+def rotary_append(qkv, position_ids, cfg, h, kv, d, cache, layer, start, first):
+    """q [B, h, S, d] of the projection ``qkv`` [B, S, (h + 2 kv) d], turned (where ``cfg`` has rotary), and K
+    (turned) and V written to ``cache``'s ``layer`` at ``start`` (``first`` is it as an int32 GPU array); without
+    a cache, K [B, kv, S, d] (V then stays a view of the projection). ``position_ids`` None: the slots. ``start``
+    must have passed ``cache.check_write``. Returns (q, k): k None with a cache (the keys are read from it)."""
+    cupy = import_cupy()
+    b, s, _ = qkv.shape
+    rot = cfg.rotary_dim if cfg.rotary_style is not None else 0
+    q = cupy.empty((b, h, s, d), qkv.dtype)
+    if cache is not None:
+        k_out, v_out = cache.keys[layer], cache.values[layer]
+    else:
+        k_out = v_out = cupy.empty((b, kv, s, d), qkv.dtype)
+    inv_freq = inverse_frequencies(rot, cfg.rope_theta, cupy) if rot else cupy.empty(1, cupy.float32)
+    pairs = b * s * (h + kv + (kv if cache is not None else 0)) * d // 2
+    kv_seq, kv_head, kv_tok = (x // qkv.dtype.itemsize for x in k_out.strides[:-1])
+    _KERNELS.launch(
+        f"ct::rotary_append<{CTYPES[qkv.dtype]}>", elementwise_grid(pairs), (256,),
+        qkv=qkv, positions=q if position_ids is None else cupy.ascontiguousarray(position_ids, cupy.int32),
+        inv_freq=inv_freq, start=first, q_out=q, k_out=k_out, v_out=v_out, kv_seq=kv_seq, kv_head=kv_head,
+        kv_tok=kv_tok, S=s, h=h, kv=kv, d=d, rot=rot, half_style=int(cfg.rotary_style == "half"),
+        copy_v=int(cache is not None), has_positions=int(position_ids is not None), pairs=vector_count(pairs))
+    return q, (k_out if cache is None else None)

@@ -1,0 +1,126 @@
+"""ops/decode_attention.py (kernels_cu/decode_attention.cu): decode steps (one token a sequence, a KV cache)
+against SoftmaxContextOp's NumPy path on the same cache, through the op (the launcher's geometry) and through
+decode_attention with the geometries the launcher takes for other batches (4-warp blocks in 5 chunks, one chunk,
+8-warp blocks)."""
+
+import numpy
+import pytest
+
+from cupy_transformer import ops
+from cupy_transformer.kv_cache import KVCache
+from cupy_transformer.ops.decode_attention import decode_attention, decode_max_group, decode_on_tensor_cores
+from cupy_transformer.runtime.arrays import FLOAT_DTYPES
+from tests.helpers import host, random, rel_error
+from tests.ops.common import TOL, history, launch_inputs, nan_past
+from tests.ops.common import attention_config as cfg
+
+
+def twin_caches(rng, dtype, kv, tokens, d, lengths, kinds=("numpy", "cupy")):
+    """One-layer caches of each kind holding the same random keys and values, sequences of ``lengths``."""
+    caches = [KVCache(1, len(lengths), kv, tokens, d, dtype, backend=kind) for kind in kinds]
+    content = [random(rng, (1, len(lengths), kv, tokens, d), dtype) for _ in range(2)]
+    for cache in caches:
+        if cache.kind == "numpy":
+            xp = numpy
+        else:
+            import cupy as xp
+        cache.keys[...], cache.values[...] = xp.asarray(content[0]), xp.asarray(content[1])
+        cache.set_lengths(lengths)
+    return caches
+
+
+@pytest.fixture(params=["launcher's", "4 warps, 5 chunks", "one chunk", "8 warps, one chunk"])
+def decode_chunks(request):
+    """How a decode test splits the keys: as the launcher does for its few sequences (on a GPU whose kernel has
+    8-warp blocks, those, in up to 16 chunks a (sequence, kv head), merged by the last block), in 4-warp blocks
+    and 5 chunks (fewer where the keys take fewer), or in one chunk as for batches that fill the GPU (each
+    block writes its context straight), in blocks of 4 warps or of 8 (the tensor-core kernel's). Returns
+    (warps, chunks), or None for the launcher's choice."""
+    return {"4 warps, 5 chunks": (4, 5), "one chunk": (4, 1), "8 warps, one chunk": (8, 1)}.get(request.param)
+
+
+def decode_step(op, geometry, qkv, mask, cache, start, alibi=None):
+    """A decode step on the GPU from NumPy inputs into ``cache`` (a CuPy one) at ``start``: the op's results
+    where ``geometry`` is None, else the op's steps up to its launch and decode_attention at ``geometry``
+    (warps, chunks), with the keys and values the op would return (skipped where no decode kernel takes the
+    case, or the kernel has no blocks of those warps)."""
+    import cupy
+
+    qkv, mask, alibi = (None if a is None else cupy.asarray(a) for a in (qkv, mask, alibi))
+    if geometry is None:
+        return op(qkv, mask, cache, 0, start, alibi=alibi)
+    c = op.config
+    if c.heads // c.num_kv > decode_max_group(c.dtype, c.head_size):
+        pytest.skip("no decode kernel takes this many query heads a kv head (the op computes it with array "
+                    "operations, as the launcher's variant checks)")
+    if geometry[0] == 8 and not decode_on_tensor_cores(c.dtype, c.head_size):
+        pytest.skip("attention_partial (fp32, or head sizes the tensor-core kernel lacks) has 4-warp blocks")
+    x = launch_inputs(c, qkv, mask, cache, start, alibi)
+    context = decode_attention(x.q, cache, 0, x.lo, x.hi, x.mask, x.alibi, x.scale, warps=geometry[0],
+                               chunks=geometry[1])
+    t = int(x.hi.max())
+    return context, cache.keys[0, :, :, :t], cache.values[0, :, :, :t]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "heads, kv, d", [(8, 1, 128), (32, 4, 128), (12, 1, 128), (4, 4, 80), (6, 2, 96), (2, 2, 256), (16, 2, 64)])
+def test_gpu_decode_kernel_on_long_contexts(rng, decode_chunks, dtype, heads, kv, d):
+    """The decode kernel (one token, a cache, a per-key mask, alibi) against the NumPy reference on the same
+    cache: sequences holding 0, 776 and 16383 tokens (keys up to 16384, no multiple of a chunk)."""
+    c = cfg(dtype, heads=heads, kv=kv, d=d, rotary_dim=d, rotate_half=True, rotate_every_two=False)
+    op = ops.SoftmaxContextOp(c)
+    caches = twin_caches(rng, dtype, kv, 16384, d, [0, 776, 16383])
+    qkv = random(rng, (3, 1, (heads + 2 * kv) * d), dtype)
+    keep = rng.random((3, 16384)) < 0.9
+    alibi = random(rng, (3, heads, 1, 16384), dtype, scale=0.5)
+    want, _, _ = op(qkv, keep, caches[0], 0, caches[0].reserve(1), alibi=alibi)
+    got, keys, _ = decode_step(op, decode_chunks, qkv, keep, caches[1], caches[1].reserve(1), alibi)
+    assert keys.shape == (3, kv, 16384, d)
+    assert rel_error(got, want) < TOL[numpy.dtype(dtype)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [t for t in FLOAT_DTYPES if numpy.dtype(t).itemsize == 2], ids=str)
+@pytest.mark.parametrize("heads, kv, d", [(16, 1, 32), (12, 3, 64), (4, 2, 128)])
+def test_gpu_decode_kernel_with_an_additive_mask(rng, poisoned_allocations, decode_chunks, dtype, heads, kv, d):
+    """The tensor-core decode kernel with an additive mask and a sliding window (keys from lo > 0), 16 query
+    heads on one kv head (every row of the products), ragged lengths."""
+    c = cfg(dtype, heads=heads, kv=kv, d=d, local_attention=True, window_size=700)
+    op = ops.SoftmaxContextOp(c)
+    caches = twin_caches(rng, dtype, kv, 1000, d, [999, 333])
+    qkv = random(rng, (2, 1, (heads + 2 * kv) * d), dtype)
+    additive = numpy.where(rng.random((2, 1000)) < 0.8, 0.0, -1e4).astype(dtype)
+    want, _, _ = op(qkv, additive, caches[0], 0, caches[0].reserve(1))
+    got, _, _ = decode_step(op, decode_chunks, qkv, additive, caches[1], caches[1].reserve(1))
+    assert rel_error(got, want) < TOL[numpy.dtype(dtype)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, heads, kv, d", [(numpy.float32, 6, 2, 64), (numpy.float16, 8, 1, 48),
+                                                 (numpy.float16, 2, 1, 200)], ids=["fp32", "fp16 d48", "fp16 d200"])
+def test_gpu_cuda_core_decode_kernel(rng, poisoned_allocations, decode_chunks, dtype, heads, kv, d):
+    """attention_partial (fp32, or a head size the tensor-core kernel lacks; 3, 8 and 2 query heads a kv head)
+    on a decode step after a 150-token prompt, one sequence trimmed to 77 (151 and 78 keys: no multiple of a
+    64-key chunk) and the slots past each sequence NaN; against float64 attention over each one's history.
+    Through the op, the step must be the decode kernel's (decode_attention gives its context to the bit)."""
+    import cupy
+
+    assert not decode_on_tensor_cores(dtype, d)
+    c = cfg(dtype, heads=heads, kv=kv, d=d, rotary_dim=d, rotate_half=True, rotate_every_two=False)
+    op = ops.SoftmaxContextOp(c)
+    tokens = random(rng, (2, 151, (heads + 2 * kv) * d), dtype)
+    cache = KVCache(1, 2, kv, 160, d, dtype, backend="cupy")
+    op(cupy.asarray(tokens[:, :150].copy()), cache=cache, start=cache.reserve(150))
+    cache.set_lengths([150, 77])
+    nan_past(cache, [150, 77])
+    start = cache.reserve(1)
+    ctx, _, _ = decode_step(op, decode_chunks, tokens[:, 150:].copy(), None, cache, start)
+    if decode_chunks is None:
+        x = launch_inputs(c, cupy.asarray(tokens[:, 150:].copy()), cache=cache, start=start)
+        again = decode_attention(x.q, cache, 0, x.lo, x.hi, x.mask, x.alibi, x.scale)
+        assert (host(again) == host(ctx)).all()
+    want = [history(tokens[0], c, numpy.arange(151))[-1],
+            history(numpy.concatenate([tokens[1, :77], tokens[1, 150:]]), c, numpy.arange(78))[-1]]
+    assert rel_error(ctx[:, 0], numpy.stack(want)) < TOL[numpy.dtype(dtype)]
