@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import numpy
 
-from .models.base import array_module
+from .runtime.arrays import array_module, positive_int
 
 
 class Buffers:
@@ -89,8 +89,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 20,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None, eos_token_id: int | None = None,
              stop: Sequence[str] = (), stream: Callable[[int, str], None] | None = None) -> list[str]:
     """The generated text (without the prompt) of each prompt; arguments as the module docstring says."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: expected a positive integer; got {max_new_tokens!r}")
+    max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"temperature >= 0, 0 < top_p <= 1, top_k >= 0 expected; got {temperature}, {top_p}, {top_k}")
     encoded = [tokenizer.encode(p).ids for p in prompts]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy
 
-from .runtime.arrays import FLOAT_DTYPES, import_cupy
+from .runtime.arrays import FLOAT_DTYPES, array_module, check_backend, float_dtype
 
 WEIGHTS, INDEX, CONFIG, TOKENIZER = "model.safetensors", "model.safetensors.index.json", "config.json", "tokenizer.json"
 
@@ -69,11 +69,8 @@ class Checkpoint:
         in its stored type, converted on the GPU) or a NumPy array. ``shape``, if given, must match."""
         from safetensors import safe_open
 
-        dtype = numpy.dtype(dtype)
-        if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype: expected one of {', '.join(map(str, FLOAT_DTYPES))}; got {dtype}")
-        if backend not in ("cupy", "numpy"):
-            raise ValueError(f"backend: expected 'cupy' or 'numpy'; got {backend!r}")
+        dtype = float_dtype("dtype", dtype)
+        check_backend("backend", backend)
         path = self._file.get(name)
         if path is None:
             raise ValueError(f"tensor {name!r} not found in the checkpoint {self.folder}")
@@ -85,9 +82,7 @@ class Checkpoint:
             raise ValueError(f"tensor {name!r} in {path.name}: expected shape {tuple(shape)}; got {tuple(stored.shape)}")
         if stored.dtype not in FLOAT_DTYPES + (numpy.dtype(numpy.float64),):
             raise TypeError(f"tensor {name!r} in {path.name}: expected floating-point weights; got {stored.dtype}")
-        if backend == "numpy":
-            return stored.astype(dtype)
-        return import_cupy().asarray(stored).astype(dtype)
+        return array_module(backend).asarray(stored).astype(dtype)
 
     def load(self, shapes: dict, dtype, backend: str = "cupy", progress: bool | None = None) -> dict:
         """Every tensor of ``shapes`` (name -> expected shape), with a progress bar on a terminal."""

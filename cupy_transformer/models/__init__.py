@@ -11,11 +11,11 @@ MODELS = {"bert": BERT, "gpt2": GPT2, "llama": LLaMA}
 def load_model(folder, dtype="float16", backend: str = "cupy", progress=None):
     """The model of ``folder``'s config.json model_type; a clear error for an unsupported one."""
     checkpoint = Checkpoint(folder)
-    kind = checkpoint.config.get("model_type")
-    if kind not in MODELS:
-        raise ValueError(f"{checkpoint.folder}/config.json: model_type {kind!r} is not supported; "
+    model_type = checkpoint.config.get("model_type")
+    if model_type not in MODELS:
+        raise ValueError(f"{checkpoint.folder}/config.json: model_type {model_type!r} is not supported; "
                          f"supported: {', '.join(sorted(MODELS))}")
-    return MODELS[kind](checkpoint, dtype, backend, progress)
+    return MODELS[model_type](checkpoint, dtype, backend, progress)
 
 
 __all__ = ["BERT", "GPT2", "LLaMA", "MODELS", "load_model"]

@@ -7,12 +7,7 @@ import numpy
 
 from ..kv_cache import KVCache
 from ..loading import Checkpoint
-from ..runtime.arrays import import_cupy
-
-
-def array_module(backend: str):
-    """NumPy for the reference path ("numpy"), CuPy otherwise."""
-    return numpy if backend == "numpy" else import_cupy()
+from ..runtime.arrays import array_module
 
 
 def extremes(xp, *arrays) -> list:

@@ -12,7 +12,8 @@ import numpy
 
 from .. import ops
 from ..layers import PostLNLayer, PostLNWeights
-from .base import array_module, check_ids, extremes, open_checkpoint, token_ids
+from ..runtime.arrays import array_module
+from .base import check_ids, extremes, open_checkpoint, token_ids
 
 ACTIVATIONS = {"gelu": "GELU_EXACT", "gelu_new": "GELU", "gelu_pytorch_tanh": "GELU", "relu": "ReLU"}
 

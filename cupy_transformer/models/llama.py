@@ -16,7 +16,8 @@ from .. import ops
 from ..kv_cache import KVCache
 from ..layers import PreLNLayer, PreLNWeights
 from ..ops.matmul import matmul
-from .base import CausalLM, array_module, open_checkpoint
+from ..runtime.arrays import array_module
+from .base import CausalLM, open_checkpoint
 
 
 class LLaMA(CausalLM):

@@ -19,7 +19,7 @@ import enum
 
 import numpy
 
-from ..runtime.arrays import FLOAT_DTYPES
+from ..runtime.arrays import float_dtype, positive_int
 
 
 class NormType(enum.IntEnum):
@@ -79,17 +79,13 @@ class InferenceConfig:
 
     def __post_init__(self):
         for name in ("hidden_size", "heads", "mp_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer; got {value!r}")
+            setattr(self, name, positive_int(name, getattr(self, name)))
         if self.intermediate_size == -1:
             self.intermediate_size = 4 * self.hidden_size
         if self.num_kv == -1:
             self.num_kv = self.heads
         for name in ("intermediate_size", "num_kv"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer or -1 for the default; got {value!r}")
+            setattr(self, name, positive_int(name, getattr(self, name), alternative="-1 for the default"))
         if self.hidden_size % self.heads:
             raise ValueError(f"heads: expected a divisor of hidden_size {self.hidden_size}; got {self.heads}")
         if self.heads % self.num_kv:
@@ -101,12 +97,7 @@ class InferenceConfig:
             raise ValueError(f"epsilon: expected a number >= 0; got {self.epsilon!r}")
         self.norm_type = parse_enum(NormType, "norm_type", self.norm_type)
         self.mlp_act_func_type = parse_enum(ActivationType, "mlp_act_func_type", self.mlp_act_func_type)
-        try:
-            self.dtype = numpy.dtype(self.dtype)
-        except TypeError:
-            raise TypeError(f"dtype: expected one of {', '.join(map(str, FLOAT_DTYPES))}; got {self.dtype!r}") from None
-        if self.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype: expected one of {', '.join(map(str, FLOAT_DTYPES))}; got {self.dtype}")
+        self.dtype = float_dtype("dtype", self.dtype)
         if self.rotary_dim > 0:
             if self.rotary_dim % 2 or self.rotary_dim > self.head_size:
                 raise ValueError(f"rotary_dim: expected an even number up to the head size {self.head_size}; "
@@ -116,8 +107,7 @@ class InferenceConfig:
                                  f"applies both when both are set); got {self.rotate_half}, {self.rotate_every_two}")
         if not (isinstance(self.rope_theta, (int, float)) and not isinstance(self.rope_theta, bool) and self.rope_theta > 0):
             raise ValueError(f"rope_theta: expected a positive number; got {self.rope_theta!r}")
-        if isinstance(self.window_size, bool) or not isinstance(self.window_size, int) or self.window_size < 1:
-            raise ValueError(f"window_size: expected a positive integer; got {self.window_size!r}")
+        self.window_size = positive_int("window_size", self.window_size)
 
     @property
     def head_size(self) -> int:

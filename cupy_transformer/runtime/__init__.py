@@ -1,17 +1,36 @@
 """Runtime: the array layer (``arrays``) and the NVRTC kernel runtime (``kernels``)."""
 
-from .arrays import FLOAT_DTYPES, as_array, common_kind, import_cupy, kind_of, to_caller
+from .arrays import (
+    FLOAT_DTYPES,
+    array_module,
+    as_array,
+    backend_of,
+    check_backend,
+    common_kind,
+    float_dtype,
+    gpu_available,
+    import_cupy,
+    kind_of,
+    positive_int,
+    to_caller,
+)
 from .kernels import KernelCompileError, KernelFamily, compile_all, warmup
 
 __all__ = [
     "FLOAT_DTYPES",
     "KernelCompileError",
     "KernelFamily",
+    "array_module",
     "as_array",
+    "backend_of",
+    "check_backend",
     "common_kind",
     "compile_all",
+    "float_dtype",
+    "gpu_available",
     "import_cupy",
     "kind_of",
+    "positive_int",
     "to_caller",
     "warmup",
 ]

@@ -1,4 +1,11 @@
-"""The array layer: turn an op's inputs into the backend's arrays and its results back.
+"""The array layer: turn an op's inputs into the backend's arrays and its results back, and the checks every
+module shares.
+
+Two words, two meanings. The *kind* is what the caller passed: ``"numpy"``, ``"cupy"``, ``"torch"`` or
+``"dlpack"`` (another ``__dlpack__`` producer); it decides the type of the results. The *backend* is where the
+work runs: ``"numpy"`` (the float64 reference path) or ``"cupy"`` (the GPU); ``backend_of(kind)`` maps one to
+the other, and each backend's name is also the kind of the arrays it makes. Code asks "is this the NumPy
+path?" one way: ``xp = array_module(backend)``, then ``xp is numpy``.
 
 Inputs may be CuPy arrays (used as they are), NumPy arrays (the op then runs its NumPy reference),
 or anything with ``__dlpack__`` on a CUDA device, e.g. PyTorch tensors (imported zero-copy with
@@ -7,7 +14,7 @@ is ordered before ours). All inputs of one call must be of one kind; results go 
 (a torch tensor through ``torch.from_dlpack``, again ordered on the consumer's stream).
 
 Every check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (rank, shape, layout,
-device) naming the argument, what was expected and what was given.
+device, a size or a backend) naming the argument, what was expected and what was given.
 """
 
 from __future__ import annotations
@@ -47,6 +54,49 @@ def import_cupy():
     return _cupy
 
 
+def array_module(backend: str):
+    """NumPy for the reference path (``"numpy"``), CuPy otherwise."""
+    return numpy if backend == "numpy" else import_cupy()
+
+
+def gpu_available() -> bool:
+    """Whether CuPy is installed and sees a CUDA device (the question behind choosing the ``"cupy"`` backend)."""
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no CuPy, no driver, or no device: the NumPy path
+        return False
+
+
+def check_backend(name: str, value: Any) -> str:
+    """``value`` if it names a backend (``"cupy"`` or ``"numpy"``); else a ValueError naming ``name``."""
+    if value not in ("cupy", "numpy"):
+        raise ValueError(f"{name}: expected 'cupy' or 'numpy'; got {value!r}")
+    return value
+
+
+def float_dtype(name: str, value: Any) -> numpy.dtype:
+    """``value`` as one of ``FLOAT_DTYPES``; else a TypeError naming ``name`` and the accepted dtypes."""
+    want = ", ".join(map(str, FLOAT_DTYPES))
+    try:
+        dtype = numpy.dtype(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected one of {want}; got {value!r}") from None
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected one of {want}; got {dtype}")
+    return dtype
+
+
+def positive_int(name: str, value: Any, *, alternative: str | None = None) -> int:
+    """``value`` (a Python or NumPy integer, not a bool) as an int >= 1; else a ValueError naming ``name``, and
+    ``alternative`` (e.g. "-1 for the default") where the caller accepts another value in its place."""
+    if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)) or value < 1:
+        or_else = f" or {alternative}" if alternative else ""
+        raise ValueError(f"{name}: expected a positive integer{or_else}; got {value!r}")
+    return int(value)
+
+
 def _describe(value: Any) -> str:
     t = type(value)
     return f"{t.__module__}.{t.__qualname__}"
@@ -70,7 +120,8 @@ def kind_of(name: str, value: Any) -> str:
     )
 
 
-def _backend(kind: str) -> str:
+def backend_of(kind: str) -> str:
+    """The backend a call on arrays of ``kind`` runs on: ``"numpy"`` for NumPy arrays, ``"cupy"`` for the rest."""
     return "numpy" if kind == "numpy" else "cupy"
 
 
@@ -87,7 +138,7 @@ def common_kind(**arrays: Any) -> str:
         kind = kind_of(name, value)
         if first is None:
             first = (name, kind)
-        elif _backend(kind) != _backend(first[1]):
+        elif backend_of(kind) != backend_of(first[1]):
             want = "a NumPy array" if first[1] == "numpy" else "a GPU array"
             raise TypeError(f"{name}: expected {want} like {first[0]}; got {_describe(value)}")
     if first is None:
@@ -125,7 +176,7 @@ def as_array(
     ``kind`` is the call's common kind (``common_kind``); ``shape`` entries of -1 match any size.
     """
     own = kind_of(name, value)
-    if _backend(own) != _backend(kind):
+    if backend_of(own) != backend_of(kind):
         want = "a NumPy array" if kind == "numpy" else "a GPU array"
         raise TypeError(f"{name}: expected {want} like the other inputs; got {_describe(value)}")
     if own == "numpy":
@@ -177,9 +228,7 @@ def check_no_overlap(out_name: str, out: Any, **inputs: Any) -> None:
 
 def empty_like_kind(kind: str, shape: tuple[int, ...], dtype: numpy.dtype):
     """A new array of the backend for ``kind`` (torch/dlpack results are made in CuPy)."""
-    if kind == "numpy":
-        return numpy.empty(shape, dtype)
-    return import_cupy().empty(shape, dtype)
+    return array_module(backend_of(kind)).empty(shape, dtype)
 
 
 def deliver(result, out):

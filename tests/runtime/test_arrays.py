@@ -52,6 +52,28 @@ def test_checks_name_the_argument():
         arrays.as_array("a", a.T, "numpy")
 
 
+def test_backends():
+    assert [arrays.backend_of(k) for k in ("numpy", "cupy", "torch", "dlpack")] == ["numpy", "cupy", "cupy", "cupy"]
+    assert arrays.array_module("numpy") is numpy
+    assert arrays.check_backend("backend", "numpy") == "numpy"
+    with pytest.raises(ValueError, match=r"backend: expected 'cupy' or 'numpy'; got 'torch'"):
+        arrays.check_backend("backend", "torch")
+
+
+def test_shared_checks_name_the_argument():
+    assert arrays.float_dtype("dtype", "float32") == numpy.float32
+    with pytest.raises(TypeError, match=r"dtype: expected one of float16, float32.*; got int8"):
+        arrays.float_dtype("dtype", numpy.int8)
+    with pytest.raises(TypeError, match=r"dtype: expected one of float16, float32.*; got 'fp99'"):
+        arrays.float_dtype("dtype", "fp99")
+    assert arrays.positive_int("n", numpy.int64(3)) == 3 and type(arrays.positive_int("n", numpy.int64(3))) is int
+    for bad in (0, -1, True, 2.0, "2"):
+        with pytest.raises(ValueError, match=r"n: expected a positive integer; got "):
+            arrays.positive_int("n", bad)
+    with pytest.raises(ValueError, match=r"n: expected a positive integer or -1 for the default; got -2"):
+        arrays.positive_int("n", -2, alternative="-1 for the default")
+
+
 def test_bfloat16_is_a_float_dtype():
     ml_dtypes = pytest.importorskip("ml_dtypes")
     assert numpy.dtype(ml_dtypes.bfloat16) in arrays.FLOAT_DTYPES
