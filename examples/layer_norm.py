@@ -3,6 +3,7 @@
 import numpy
 
 from cupy_transformer import ops
+from cupy_transformer.runtime.arrays import gpu_available
 
 
 def main():
@@ -13,13 +14,11 @@ def main():
 
     reference = ops.layer_norm(x, gamma, beta)  # NumPy in, NumPy out: the float64 reference
     print("reference row 0:", reference[0, :6])
-    try:
-        import cupy
-
-        cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # no CuPy or no GPU here
-        print(f"no GPU ({type(e).__name__}); the NumPy path above is what runs")
+    if not gpu_available():
+        print("no GPU (or no CuPy) here; the NumPy path above is what runs")
         return
+    import cupy
+
     y = ops.layer_norm(cupy.asarray(x), cupy.asarray(gamma), cupy.asarray(beta)).get()
     diff = numpy.abs(y.astype(numpy.float32) - reference.astype(numpy.float32)).max()
     print("GPU row 0:      ", y[0, :6], f"(max difference from the reference: {diff:.1e})")

@@ -7,9 +7,9 @@ import sys
 
 import numpy
 
-from cupy_transformer.cli import gpu_available, default_model_dir
-from cupy_transformer.loading import Checkpoint
+from cupy_transformer.loading import Checkpoint, default_model_dir
 from cupy_transformer.models import load_model
+from cupy_transformer.runtime.arrays import gpu_available
 
 SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
              "A man is riding a horse.", "A woman is playing violin."]

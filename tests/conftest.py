@@ -1,16 +1,8 @@
 import pytest
 
+from cupy_transformer.runtime.arrays import gpu_available
 
-def _gpu_count() -> int:
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount()
-    except Exception:  # no CuPy, no driver, or no device: all mean "no GPU here"
-        return 0
-
-
-HAVE_GPU = _gpu_count() > 0
+HAVE_GPU = gpu_available()
 
 
 def pytest_collection_modifyitems(config, items):
