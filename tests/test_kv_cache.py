@@ -4,16 +4,14 @@ import numpy
 import pytest
 
 from cupy_transformer.kv_cache import KVCache
-from tests.helpers import random
-
-
-def host(a):
-    return a.get() if hasattr(a, "get") else a
+from cupy_transformer.runtime.arrays import array_module
+from tests.helpers import host, random
 
 
 def round_trip(rng, backend):
     cache = KVCache(layers=2, batch=2, kv_heads=3, max_tokens=12, head_dim=8, dtype=numpy.float16, backend=backend)
-    xp = numpy if backend == "numpy" else __import__("cupy")
+    xp = array_module(backend)
+    assert cache.backend == backend and isinstance(cache.keys, xp.ndarray)
     expect = numpy.zeros((2, 2, 2, 3, 12, 8), numpy.float16)  # keys/values, layer, sequence, head, token, dim
     for tokens in (5, 1, 1):  # a prompt, then two decode steps
         start = cache.reserve(tokens)

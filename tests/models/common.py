@@ -2,11 +2,7 @@
 
 import numpy
 
-from tests.helpers import rel_error
-
-
-def host(a):
-    return a.get() if hasattr(a, "get") else a
+from tests.helpers import host, rel_error
 
 
 def check_logits_and_decode(model, ids, reference, prompt):

@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from cupy_transformer.models import BERT, load_model
-from tests.helpers import rel_error
+from tests.helpers import host, rel_error
 
 H, HEADS, LAYERS, INNER, VOCAB, POSITIONS = 32, 4, 2, 64, 40, 16
 
@@ -62,10 +62,6 @@ def reference_hidden(w, ids):
         inner = linear(h1, p + "intermediate.dense")
         x = ln(h1 + linear(0.5 * inner * (1 + erf(inner / math.sqrt(2))), p + "output.dense"), p + "output.LayerNorm")
     return x
-
-
-def host(a):
-    return a.get() if hasattr(a, "get") else a
 
 
 def padded_batch(tmp_path, rng, backend):

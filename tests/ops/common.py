@@ -1,19 +1,11 @@
 """Shared pieces of the op tests: float64 math written independently of the ops (for NumPy or CuPy),
-inputs, running an op on either backend, tolerances."""
+inputs, running an op on either backend (tolerances: ``tests.helpers``)."""
 
 import math
 
 import numpy
 
 from cupy_transformer.ops import ActivationType
-from cupy_transformer.runtime.arrays import FLOAT_DTYPES
-
-# ||out - exact|| / ||exact|| allowed for an op result against float64 math with no intermediate
-# rounding: a few roundings to the dtype (GEMM outputs, activations) add up to a few units of 2^-11
-# (fp16) or 2^-8 (bf16); fp32 sees accumulation-order noise only.
-TOL = {numpy.dtype(numpy.float16): 3e-3, numpy.dtype(numpy.float32): 5e-5}
-if len(FLOAT_DTYPES) == 3:
-    TOL[FLOAT_DTYPES[2]] = 2.5e-2
 
 # The issue's sizes for the GPU: hidden widths that are and are not multiples of the 16-byte vector and of
 # tiles, and 1, 7 and 512 rows.

@@ -6,7 +6,7 @@ import pytest
 from cupy_transformer import ops
 from cupy_transformer.ops import ActivationType
 from cupy_transformer.runtime.arrays import FLOAT_DTYPES
-from tests.helpers import TOLERANCE, random, rel_error
+from tests.helpers import TOL_ROUNDED, random, rel_error
 from tests.ops.common import f64, mlp_act, on_backend
 
 ACTS = [None] + list(ActivationType)
@@ -20,7 +20,7 @@ def check(rng, dtype, shape, act, with_bias, gpu):
     exact = z if act is None else mlp_act(z, act)
     assert y.dtype == dtype and y.shape == exact.shape
     # Gated: act(gate) is rounded before the product (one more rounding than the plain forms).
-    assert rel_error(y, exact) < 2 * TOLERANCE[numpy.dtype(dtype)]
+    assert rel_error(y, exact) < 2 * TOL_ROUNDED[numpy.dtype(dtype)]
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
@@ -58,7 +58,7 @@ def test_gpu_misaligned_views(rng, dtype, offsets):
     assert [a.data.ptr % 16 != 0 for a in (hd, out, bd)] == [o != 0 for o in offsets]
     out[...] = numpy.nan
     y = ops.bias_act(hd, bd, "GELU", out=out)
-    assert rel_error(y, mlp_act(f64(h) + f64(bias), ActivationType.GELU)) < 2 * TOLERANCE[numpy.dtype(dtype)]
+    assert rel_error(y, mlp_act(f64(h) + f64(bias), ActivationType.GELU)) < 2 * TOL_ROUNDED[numpy.dtype(dtype)]
 
 
 @pytest.mark.gpu

@@ -10,8 +10,8 @@ from cupy_transformer import ops
 from cupy_transformer.kv_cache import KVCache
 from cupy_transformer.ops.decode_attention import decode_attention, decode_max_group, decode_on_tensor_cores
 from cupy_transformer.runtime.arrays import FLOAT_DTYPES
-from tests.helpers import host, random, rel_error
-from tests.ops.common import TOL, history, launch_inputs, nan_past
+from tests.helpers import TOL_CHAINED, host, random, rel_error
+from tests.ops.common import history, launch_inputs, nan_past
 from tests.ops.common import attention_config as cfg
 
 
@@ -78,7 +78,7 @@ def test_gpu_decode_kernel_on_long_contexts(rng, decode_chunks, dtype, heads, kv
     want, _, _ = op(qkv, keep, caches[0], 0, caches[0].reserve(1), alibi=alibi)
     got, keys, _ = decode_step(op, decode_chunks, qkv, keep, caches[1], caches[1].reserve(1), alibi)
     assert keys.shape == (3, kv, 16384, d)
-    assert rel_error(got, want) < TOL[numpy.dtype(dtype)]
+    assert rel_error(got, want) < TOL_CHAINED[numpy.dtype(dtype)]
 
 
 @pytest.mark.gpu
@@ -94,7 +94,7 @@ def test_gpu_decode_kernel_with_an_additive_mask(rng, poisoned_allocations, deco
     additive = numpy.where(rng.random((2, 1000)) < 0.8, 0.0, -1e4).astype(dtype)
     want, _, _ = op(qkv, additive, caches[0], 0, caches[0].reserve(1))
     got, _, _ = decode_step(op, decode_chunks, qkv, additive, caches[1], caches[1].reserve(1))
-    assert rel_error(got, want) < TOL[numpy.dtype(dtype)]
+    assert rel_error(got, want) < TOL_CHAINED[numpy.dtype(dtype)]
 
 
 @pytest.mark.gpu
@@ -123,4 +123,4 @@ def test_gpu_cuda_core_decode_kernel(rng, poisoned_allocations, decode_chunks, d
         assert (host(again) == host(ctx)).all()
     want = [history(tokens[0], c, numpy.arange(151))[-1],
             history(numpy.concatenate([tokens[1, :77], tokens[1, 150:]]), c, numpy.arange(78))[-1]]
-    assert rel_error(ctx[:, 0], numpy.stack(want)) < TOL[numpy.dtype(dtype)]
+    assert rel_error(ctx[:, 0], numpy.stack(want)) < TOL_CHAINED[numpy.dtype(dtype)]

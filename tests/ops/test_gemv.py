@@ -6,8 +6,8 @@ import pytest
 from cupy_transformer.ops import ActivationType
 from cupy_transformer.ops.gemv import GEMV_MAX_ROWS, gemv, gemv_fits, gemv_k_per_split, kn_chunks_a_batch, nk_geometry
 from cupy_transformer.runtime.arrays import FLOAT_DTYPES
-from tests.helpers import random, rel_error
-from tests.ops.common import TOL, act as exact_act, dense, f64, on_backend, weight
+from tests.helpers import TOL_CHAINED, random, rel_error
+from tests.ops.common import act as exact_act, dense, f64, on_backend, weight
 
 EPILOGUES = [None, ActivationType.GELU, ActivationType.ReLU, ActivationType.GELU_EXACT]
 
@@ -24,7 +24,7 @@ def check(rng, dtype, rows, k, n, transposed, with_bias, act):
     exact = z if act is None else exact_act(z, act)
     y = gemv(a["x"], a["w"], transposed, a["bias"], act)
     assert y.shape == (rows, n) and y.dtype == dtype
-    assert rel_error(y, exact) < TOL[numpy.dtype(dtype)]
+    assert rel_error(y, exact) < TOL_CHAINED[numpy.dtype(dtype)]
     return a, y
 
 
@@ -95,7 +95,7 @@ def test_gpu_captured_graph_outlives_a_larger_workspace(rng):
         graph.launch()
     stream.synchronize()
     assert all(bool((f == 7).all()) for f in fillers)
-    assert rel_error(y, f64(a["x"]) @ f64(a["w"])) < TOL[numpy.dtype(numpy.float16)]
+    assert rel_error(y, f64(a["x"]) @ f64(a["w"])) < TOL_CHAINED[numpy.dtype(numpy.float16)]
 
 
 @pytest.mark.gpu

@@ -5,8 +5,8 @@ import pytest
 
 from cupy_transformer.ops import InferenceConfig, LinearOp, VectorMatMulOp
 from cupy_transformer.runtime.arrays import FLOAT_DTYPES
-from tests.helpers import random, rel_error
-from tests.ops.common import GPU_ROWS, GPU_WIDTHS, TOL, dense, f64, on_backend, weight
+from tests.helpers import TOL_CHAINED, random, rel_error
+from tests.ops.common import GPU_ROWS, GPU_WIDTHS, dense, f64, on_backend, weight
 
 # The sizes on the NumPy path, (rows, width, other width): each width is in- and out-width once; 4096 + 8
 # at decode rows only (its float64 GEMMs at 512 rows would slow CI down).
@@ -26,10 +26,10 @@ def check(rng, dtype, rows, width, out_features, transposed, with_bias, gpu):
     if with_bias:
         exact = exact + f64(args["bias"])
     assert y.shape == (1, rows, out_features) and y.dtype == dtype
-    assert rel_error(y, exact) < TOL[numpy.dtype(dtype)]
+    assert rel_error(y, exact) < TOL_CHAINED[numpy.dtype(dtype)]
     if not with_bias:
         z = VectorMatMulOp(cfg)(args["input"], args["weight"])
-        assert rel_error(z, exact) < TOL[numpy.dtype(dtype)]
+        assert rel_error(z, exact) < TOL_CHAINED[numpy.dtype(dtype)]
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)

@@ -8,8 +8,8 @@ from cupy_transformer import ops
 from cupy_transformer.ops import ActivationType
 import cupy_transformer.ops.matmul as mm
 from cupy_transformer.runtime.arrays import FLOAT_DTYPES
-from tests.helpers import random, rel_error
-from tests.ops.common import TOL, act as exact_act, dense, f64, on_backend, weight
+from tests.helpers import TOL_CHAINED, random, rel_error
+from tests.ops.common import act as exact_act, dense, f64, on_backend, weight
 
 EPILOGUES = [None, ActivationType.GELU, ActivationType.ReLU, ActivationType.GELU_EXACT]
 
@@ -31,7 +31,7 @@ def check(rng, dtype, rows, k, n, transposed, with_bias, act, gpu):
     exact = z if act is None else exact_act(z, act)
     y = mm.matmul(a["x"], a["w"], transposed, a["bias"], act)
     assert y.shape == (rows, n) and y.dtype == dtype
-    assert rel_error(y, exact) < TOL[numpy.dtype(dtype)]
+    assert rel_error(y, exact) < TOL_CHAINED[numpy.dtype(dtype)]
     return a
 
 
@@ -49,7 +49,7 @@ def test_lm_logits_numpy_path(rng, dtype, lead):
     x, w = random(rng, lead + (48,), dtype), weight(rng, 48, 136, dtype, transposed=True)
     y = ops.lm_logits(x, w)
     assert isinstance(y, numpy.ndarray) and y.shape == lead + (136,) and y.dtype == dtype
-    assert rel_error(y, x.astype(numpy.float64) @ w.astype(numpy.float64).T) < TOL[numpy.dtype(dtype)]
+    assert rel_error(y, x.astype(numpy.float64) @ w.astype(numpy.float64).T) < TOL_CHAINED[numpy.dtype(dtype)]
 
 
 @pytest.mark.gpu
@@ -61,7 +61,7 @@ def test_gpu_lm_logits(rng, dtype, rows):
     x, w = random(rng, (rows, 1600), dtype), weight(rng, 1600, 5000, dtype, transposed=True)
     y = ops.lm_logits(cupy.asarray(x), cupy.asarray(w))
     assert isinstance(y, cupy.ndarray) and y.shape == (rows, 5000) and y.dtype == dtype
-    assert rel_error(y, x.astype(numpy.float64) @ w.astype(numpy.float64).T) < TOL[numpy.dtype(dtype)]
+    assert rel_error(y, x.astype(numpy.float64) @ w.astype(numpy.float64).T) < TOL_CHAINED[numpy.dtype(dtype)]
 
 
 def test_lm_logits_bad_input():
@@ -121,7 +121,7 @@ def test_gpu_misaligned_input_view(rng, dtype):
     assert xd.data.ptr % 16 != 0
     y = mm.matmul(xd, cupy.asarray(w), transposed=False, bias=cupy.asarray(b), act=ActivationType.GELU)
     exact = exact_act(x.astype(numpy.float64) @ w.astype(numpy.float64) + b.astype(numpy.float64), ActivationType.GELU)
-    assert rel_error(y, exact) < TOL[numpy.dtype(dtype)]
+    assert rel_error(y, exact) < TOL_CHAINED[numpy.dtype(dtype)]
 
 
 @pytest.mark.gpu
@@ -154,7 +154,7 @@ def test_gpu_captured_decode_step_takes_the_graph_choice(rng, monkeypatch, fresh
     stream.synchronize()
     assert mm.last_path == graph_choice
     exact = exact_act(f64(a["x"]) @ dense(f64(a["w"]), transposed) + f64(a["bias"]), ActivationType.GELU)
-    assert rel_error(y, exact) < TOL[numpy.dtype(numpy.float16)]
+    assert rel_error(y, exact) < TOL_CHAINED[numpy.dtype(numpy.float16)]
 
 
 @pytest.mark.gpu

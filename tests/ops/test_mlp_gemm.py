@@ -5,8 +5,8 @@ import pytest
 
 from cupy_transformer.ops import ActivationType, GELUGemmOp, InferenceConfig, MLPGemmOp
 from cupy_transformer.runtime.arrays import FLOAT_DTYPES
-from tests.helpers import random, rel_error
-from tests.ops.common import GPU_ROWS, GPU_WIDTHS, TOL, dense, f64, layer_norm, mlp_act, on_backend, rms_norm, weight
+from tests.helpers import TOL_CHAINED, random, rel_error
+from tests.ops.common import GPU_ROWS, GPU_WIDTHS, dense, f64, layer_norm, mlp_act, on_backend, rms_norm, weight
 
 ACTS = list(ActivationType)
 # The sizes on the NumPy path, (rows, width, intermediate); 4096 + 8 at decode rows and a narrower MLP only
@@ -47,7 +47,7 @@ def check_mlp(rng, dtype, rows, width, inter, norm, after_attn, act, transposed,
         xn = rms_norm(z, f64(a["gamma"]), 1e-5)
     h = xn @ dense(f64(a["weight_interm"]), transposed) + (f64(a["bias"]) if with_biases else 0)
     exact = mlp_act(h, act) @ dense(f64(a["weight_out"]), transposed)
-    tol = TOL[numpy.dtype(dtype)]
+    tol = TOL_CHAINED[numpy.dtype(dtype)]
     assert out.shape == (2, rows, width) and out.dtype == dtype
     assert rel_error(out, exact) < tol
     assert rel_error(residual_add, xn if norm == "LayerNorm" else z) < tol
@@ -119,7 +119,7 @@ def check_gelu_gemm(rng, dtype, rows, width, inter, act, transposed, gpu):
     h = f64(a["input"]) @ dense(f64(a["weight_interm"]), transposed) + f64(a["bias"])
     exact = mlp_act(h, act) @ dense(f64(a["weight_out"]), transposed)
     assert y.shape == (2, rows, width)
-    assert rel_error(y, exact) < TOL[numpy.dtype(dtype)]
+    assert rel_error(y, exact) < TOL_CHAINED[numpy.dtype(dtype)]
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)

@@ -13,8 +13,8 @@ from cupy_transformer.kv_cache import KVCache
 from cupy_transformer.ops.prefill_attention import prefill_attention
 from cupy_transformer.ops.prefill_attention_sm90 import PREFILL_SM90_TILE, prefill_attention_sm90, prefill_sm90_runs
 from cupy_transformer.runtime.arrays import FLOAT_DTYPES
-from tests.helpers import random, rel_error
-from tests.ops.common import TOL, launch_inputs, nan_past
+from tests.helpers import TOL_CHAINED, random, rel_error
+from tests.ops.common import launch_inputs, nan_past
 from tests.ops.common import attention_config as cfg
 
 PREFILL_RULES = {  # attention rule, mask, alibi
@@ -92,7 +92,7 @@ def after_a_past(rng, launch, dtype, heads, kv, d, rule):
     on_gpu = [None if a is None else cupy.asarray(a) for a in (qkv, mask, alibi)]
     got = prefill_on_gpu(op, launch, on_gpu[0], on_gpu[1], caches[1], caches[1].reserve(s), on_gpu[2])
     assert got.flags.c_contiguous
-    assert rel_error(got, want) < TOL[numpy.dtype(dtype)]
+    assert rel_error(got, want) < TOL_CHAINED[numpy.dtype(dtype)]
 
 
 @pytest.mark.gpu
@@ -115,7 +115,7 @@ def without_a_cache(rng, launch, dtype, d, rotary):
     qkv = random(rng, (2, 150, 8 * d), dtype)
     want, _, _ = op(qkv)
     got = prefill_on_gpu(op, launch, cupy.asarray(qkv))
-    assert rel_error(got, want) < TOL[numpy.dtype(dtype)]
+    assert rel_error(got, want) < TOL_CHAINED[numpy.dtype(dtype)]
 
 
 @pytest.mark.gpu
@@ -137,7 +137,7 @@ def grid_in_groups(rng, launch, span, d):
     qkv = random(rng, (3, 300, 8 * d), numpy.float16)
     want, _, _ = op(qkv)
     got = prefill_on_gpu(op, launch, cupy.asarray(qkv), span=span)
-    assert rel_error(got, want) < TOL[numpy.dtype(numpy.float16)]
+    assert rel_error(got, want) < TOL_CHAINED[numpy.dtype(numpy.float16)]
 
 
 @pytest.mark.gpu
@@ -162,7 +162,7 @@ def scores_rising_along_the_keys(rng, launch, rise, causal):
     qkv = qkv.astype(numpy.float16)
     want, _, _ = op(qkv)
     got = prefill_on_gpu(op, launch, cupy.asarray(qkv))
-    assert rel_error(got, want) < TOL[numpy.dtype(numpy.float16)]
+    assert rel_error(got, want) < TOL_CHAINED[numpy.dtype(numpy.float16)]
 
 
 @pytest.mark.gpu
@@ -191,7 +191,7 @@ def on_a_long_context(rng, launch):
     keep = rng.random((3, room)) < 0.95
     want, _, _ = op(qkv, keep, caches[0], 0, caches[0].reserve(s))
     got = prefill_on_gpu(op, launch, cupy.asarray(qkv), cupy.asarray(keep), caches[1], caches[1].reserve(s))
-    assert rel_error(got, want) < TOL[numpy.dtype(numpy.float16)]
+    assert rel_error(got, want) < TOL_CHAINED[numpy.dtype(numpy.float16)]
 
 
 @pytest.mark.gpu

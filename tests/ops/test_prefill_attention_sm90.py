@@ -11,8 +11,8 @@ from cupy_transformer.ops.prefill_attention_sm90 import (PREFILL_SM90_PERSIST, P
                                                          prefill_attention_sm90, prefill_sm90_geometry)
 from cupy_transformer.runtime.arrays import FLOAT_DTYPES
 from cupy_transformer.runtime.kernels import CTYPES, KernelFamily
-from tests.helpers import random, rel_error
-from tests.ops.common import TOL, launch_inputs
+from tests.helpers import TOL_CHAINED, random, rel_error
+from tests.ops.common import launch_inputs
 from tests.ops.common import attention_config as cfg
 from tests.ops.test_prefill_attention import (PREFILL_RULES, after_a_past, grid_in_groups, on_a_long_context,
                                               scores_rising_along_the_keys, skip_the_launchers, without_a_cache)
@@ -113,7 +113,7 @@ def test_gpu_persistent_prefill_leaves_its_counter_at_zero(rng, poisoned_allocat
     for stream in [cupy.cuda.Stream.null] * 3 + [cupy.cuda.Stream(non_blocking=True)]:
         with stream:
             got = prefill_attention_sm90(*launch_inputs(op.config, cupy.asarray(qkv)).prefill_args, blocks=3)
-            assert rel_error(got, want) < TOL[numpy.dtype(numpy.float16)]
+            assert rel_error(got, want) < TOL_CHAINED[numpy.dtype(numpy.float16)]
             assert not split_workspace(0, 2)[1][:2].any()
 
 

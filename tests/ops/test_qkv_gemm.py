@@ -5,8 +5,8 @@ import pytest
 
 from cupy_transformer.ops import InferenceConfig, QKVGemmOp
 from cupy_transformer.runtime.arrays import FLOAT_DTYPES
-from tests.helpers import random, rel_error
-from tests.ops.common import GPU_ROWS, GPU_WIDTHS, TOL, dense, f64, layer_norm, on_backend, rms_norm, weight
+from tests.helpers import TOL_CHAINED, random, rel_error
+from tests.ops.common import GPU_ROWS, GPU_WIDTHS, dense, f64, layer_norm, on_backend, rms_norm, weight
 
 # The sizes on the NumPy path, (rows, width, QKV width); 4096 + 8 at decode rows and a narrower projection
 # only (its float64 GEMMs at full size would slow CI down).
@@ -36,8 +36,8 @@ def check(rng, dtype, rows, width, norm, transposed, with_bias, gpu, heads=None,
     if with_bias:
         exact_qkv = exact_qkv + f64(a["bias"])
     assert qkv.shape == (2, rows, out_features) and xn.shape == (2, rows, width)
-    assert rel_error(xn, exact_xn) < TOL[numpy.dtype(dtype)]
-    assert rel_error(qkv, exact_qkv) < TOL[numpy.dtype(dtype)]
+    assert rel_error(xn, exact_xn) < TOL_CHAINED[numpy.dtype(dtype)]
+    assert rel_error(qkv, exact_qkv) < TOL_CHAINED[numpy.dtype(dtype)]
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)

@@ -5,7 +5,7 @@ import pytest
 
 from cupy_transformer.ops import InferenceConfig, ResidualAddOp
 from cupy_transformer.runtime.arrays import FLOAT_DTYPES
-from tests.helpers import TOLERANCE, random, rel_error
+from tests.helpers import TOL_ROUNDED, random, rel_error
 from tests.ops.common import GPU_ROWS, GPU_WIDTHS, f64, on_backend
 
 ARRANGEMENTS = {  # name: (pre_layer_norm, mlp_after_attn)
@@ -43,7 +43,7 @@ def check(rng, dtype, rows, width, arrangement, mp, with_biases, add_bias, gpu, 
     y = ResidualAddOp(cfg)(a["hidden_state"], a["residual"], add_bias, a["attention_output"], a["residual_add"],
                            a["attention_bias"], a["final_bias"])
     assert y.shape == (2, rows, width) and y.dtype == dtype
-    assert rel_error(y, exact(a, arrangement, mp, add_bias)) < TOLERANCE[numpy.dtype(dtype)]
+    assert rel_error(y, exact(a, arrangement, mp, add_bias)) < TOL_ROUNDED[numpy.dtype(dtype)]
     assert (host["residual"] == (a["residual"].get() if gpu else a["residual"])).all()  # not updated in place
 
 
@@ -95,7 +95,7 @@ def test_gpu_misaligned_views(rng, dtype):
     out = cupy.full(r.shape, numpy.nan, dtype)
     y = ResidualAddOp(cfg)(h, r_view, add_bias=False, attention_output=a, final_bias=b, out=out)
     h, r, a, b = (x.astype(numpy.float64) for x in host)
-    assert y is out and rel_error(y, h + r + a + b) < TOLERANCE[numpy.dtype(dtype)]
+    assert y is out and rel_error(y, h + r + a + b) < TOL_ROUNDED[numpy.dtype(dtype)]
 
 
 def test_bad_input(rng):

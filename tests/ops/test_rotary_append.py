@@ -6,8 +6,7 @@ import pytest
 
 from cupy_transformer.kv_cache import KVCache
 from cupy_transformer.runtime.arrays import FLOAT_DTYPES
-from tests.helpers import host, random, rel_error
-from tests.ops.common import TOL
+from tests.helpers import TOL_CHAINED, host, random, rel_error
 from tests.ops.common import attention_config as cfg
 from tests.ops.test_rotary import turned
 
@@ -36,13 +35,13 @@ def test_gpu_rotary_append_kernel_writes_only_its_slots(rng, dtype, style, rotar
                          start, device_int32(start))
     assert k is None  # with a cache, the keys are read from it
     x = qkv.reshape(2, s, h + 2 * kv, d).transpose(0, 2, 1, 3)  # [B, heads, S, d]
-    assert rel_error(q, turned(x[:, :h], positions, rotary_dim, 20000.0, style)) < TOL[numpy.dtype(dtype)]
+    assert rel_error(q, turned(x[:, :h], positions, rotary_dim, 20000.0, style)) < TOL_CHAINED[numpy.dtype(dtype)]
     want_k = turned(x[:, h:h + kv], positions, rotary_dim, 20000.0, style)
     keys, values = host(cache.keys).astype(numpy.float32), host(cache.values).astype(numpy.float32)
     written = numpy.zeros(keys.shape, bool)
     for b in range(2):
         at = slice(start[b], start[b] + s)
         written[1, b, :, at] = True
-        assert rel_error(keys[1, b, :, at], want_k[b]) < TOL[numpy.dtype(dtype)]
+        assert rel_error(keys[1, b, :, at], want_k[b]) < TOL_CHAINED[numpy.dtype(dtype)]
         assert (values[1, b, :, at] == x[b, h + kv:].astype(numpy.float32)).all()
     assert numpy.isnan(keys[~written]).all() and numpy.isnan(values[~written]).all()

@@ -10,8 +10,8 @@ import pytest
 from cupy_transformer import ops
 from cupy_transformer.runtime.arrays import FLOAT_DTYPES
 from cupy_transformer.ops.softmax import _VARIANTS, MaskKind, mask_kind, softmax_plan
-from tests.helpers import random, rel_error
-from tests.ops.common import TOL, on_backend
+from tests.helpers import TOL_CHAINED, random, rel_error
+from tests.ops.common import on_backend
 
 
 def row_by_row(s, mask=None, alibi=None, triangular=False, window=None, layer_scale=1.0):
@@ -102,7 +102,7 @@ def run(rng, dtype, name, gpu):
            case.get("layer_scale", 1.0), case.get("head_offset", 0))
     exact = row_by_row(s, full_mask, rows, case.get("triangular", False), window, case.get("layer_scale", 1.0))
     assert p.shape == s.shape and p.dtype == dtype
-    assert rel_error(p, exact) < TOL[numpy.dtype(dtype)]
+    assert rel_error(p, exact) < TOL_CHAINED[numpy.dtype(dtype)]
     return p, exact
 
 
@@ -179,7 +179,7 @@ def test_gpu_kernel_on_long_and_many_rows(rng, poisoned_allocations, dtype, name
     args = (rule.get("triangular", False), window is not None, window, 0.7)
     want = op(s, mask, alibi, *args)
     got = op(cupy.asarray(s), cupy.asarray(mask), None if alibi is None else cupy.asarray(alibi), *args)
-    assert rel_error(got, want) < TOL[numpy.dtype(dtype)]
+    assert rel_error(got, want) < TOL_CHAINED[numpy.dtype(dtype)]
 
 
 def test_plan_takes_rows_by_warp_block_or_chunks():
@@ -223,7 +223,7 @@ def test_gpu_short_rows_share_a_warp(rng, poisoned_allocations, dtype, k):
     op = ops.SoftmaxOp(ops.InferenceConfig(hidden_size=24, heads=3, dtype=dtype))
     got = op(cupy.asarray(s), cupy.asarray(mask), None, True, layer_scale=0.7)
     exact = row_by_row(s, numpy.broadcast_to(mask, s.shape), None, True, None, 0.7)
-    assert rel_error(got, exact) < TOL[numpy.dtype(dtype)]
+    assert rel_error(got, exact) < TOL_CHAINED[numpy.dtype(dtype)]
 
 
 @pytest.mark.gpu
@@ -244,7 +244,7 @@ def test_gpu_misaligned_mask_and_alibi_views(rng):
         assert view.data.ptr % 16 != 0
         views.append(view)
     got = op(cupy.asarray(s), views[0], views[1], True, layer_scale=0.5)
-    assert rel_error(got, want) < TOL[numpy.dtype(numpy.float16)]
+    assert rel_error(got, want) < TOL_CHAINED[numpy.dtype(numpy.float16)]
 
 
 @pytest.mark.gpu

@@ -12,8 +12,8 @@ import pytest
 from cupy_transformer import ops
 from cupy_transformer.kv_cache import KVCache
 from cupy_transformer.ops.softmax_context import attention_reference
-from tests.helpers import host, random, rel_error
-from tests.ops.common import TOL, history, nan_past
+from tests.helpers import TOL_CHAINED, host, random, rel_error
+from tests.ops.common import history, nan_past
 from tests.ops.common import attention_config as cfg
 
 
@@ -50,7 +50,7 @@ def prompt_then_decode(rng, dtype, name, gpu):
             assert keys.shape == (2, c.num_kv, first + count, c.head_size)
             got = host(ctx).astype(numpy.float64)
             want = numpy.stack([e[first:first + count] for e in exact])
-            assert rel_error(got, want) < TOL[numpy.dtype(dtype)]
+            assert rel_error(got, want) < TOL_CHAINED[numpy.dtype(dtype)]
 
 
 @pytest.mark.parametrize("dtype", [numpy.float32, numpy.float16], ids=str)
@@ -157,7 +157,7 @@ def alibi_on_one_rank_of_two(rng, gpu):
             step = xp.asarray(numpy.ascontiguousarray(tokens[:, first:first + count]))
             ctx, _, _ = op(step, cache=cache, layer_id=0, start=cache.reserve(count), alibi=rows)
             want = numpy.stack([e[first:first + count] for e in exact])
-            assert rel_error(host(ctx).astype(numpy.float64), want) < TOL[numpy.dtype(dtype)]
+            assert rel_error(host(ctx).astype(numpy.float64), want) < TOL_CHAINED[numpy.dtype(dtype)]
 
 
 @pytest.mark.parametrize("gpu", BACKENDS)
@@ -196,7 +196,7 @@ def test_gpu_matches_torch_sdpa_with_gqa(rng):
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2).reshape(2, 33, 512)
     ctx, _, _ = ops.SoftmaxContextOp(c)(t)
     assert isinstance(ctx, torch.Tensor)
-    assert rel_error(ctx, ref) < TOL[numpy.dtype(numpy.float16)]
+    assert rel_error(ctx, ref) < TOL_CHAINED[numpy.dtype(numpy.float16)]
 
 
 def test_attention_reference_matches_the_per_query_loop(rng):
@@ -364,11 +364,11 @@ def test_gpu_prefill_at_head_sizes_without_a_kernel(rng, poisoned_allocations, d
              history(numpy.concatenate([tokens[1, :20], tokens[1, 37:]]), c, numpy.arange(33))]
     cache = KVCache(1, 2, 2, 64, d, dtype, backend="cupy")
     ctx, _, _ = op(cupy.asarray(tokens[:, :37].copy()), cache=cache, start=cache.reserve(37))
-    assert rel_error(ctx[0], exact[0][:37]) < TOL[numpy.dtype(dtype)]
-    assert rel_error(ctx[1, :20], exact[1][:20]) < TOL[numpy.dtype(dtype)]
+    assert rel_error(ctx[0], exact[0][:37]) < TOL_CHAINED[numpy.dtype(dtype)]
+    assert rel_error(ctx[1, :20], exact[1][:20]) < TOL_CHAINED[numpy.dtype(dtype)]
     cache.set_lengths([37, 20])
     ctx, _, _ = op(cupy.asarray(tokens[:, 37:].copy()), cache=cache, start=cache.reserve(13))
-    assert rel_error(ctx, numpy.stack([exact[0][37:], exact[1][20:]])) < TOL[numpy.dtype(dtype)]
+    assert rel_error(ctx, numpy.stack([exact[0][37:], exact[1][20:]])) < TOL_CHAINED[numpy.dtype(dtype)]
 
 
 @pytest.mark.gpu
