@@ -42,10 +42,12 @@ class CausalLM:
     """A decoder over ``layers_count`` layers of ``config`` with ``max_positions`` positions, on ``backend``."""
 
     def new_cache(self, batch: int, max_tokens: int | None = None) -> KVCache:
-        """A KV cache for ``batch`` sequences of up to ``max_tokens`` (at most, and by default, the positions)."""
+        """A KV cache for ``batch`` sequences of up to ``max_tokens`` (at most, and by default, the positions), with
+        this rank's kv heads (``num_kv / mp_size``: the attention op's per-rank shard)."""
         tokens = self.max_positions if max_tokens is None else min(max_tokens, self.max_positions)
         cfg = self.config
-        return KVCache(self.layers_count, batch, cfg.num_kv, tokens, cfg.head_size, cfg.dtype, self.backend)
+        return KVCache(layers=self.layers_count, batch=batch, kv_heads=cfg.num_kv // cfg.mp_size, max_tokens=tokens,
+                       head_dim=cfg.head_size, dtype=cfg.dtype, backend=self.backend)
 
     def begin(self, input_ids, cache, position_ids):
         """A step's token ids, where they go in ``cache`` (``start``, reserved) and their positions (default:
