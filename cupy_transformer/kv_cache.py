@@ -1,7 +1,8 @@
 """The attention KV cache: preallocated keys and values for every layer, owned by the caller.
 
-DeepSpeed keeps a process-global token counter and writes past the cache's end when a sequence outgrows
-it (``ops-spec.md`` §5). Here the positions live in this object: ``lengths[b]`` is how many tokens
+DeepSpeed keeps one process-global token counter for all layers and sequences (a prompt restarts it, each
+decode step adds one) and never checks it against the cache's size: a sequence that outgrows the cache writes
+past its end, into the next layer's. Here the positions live in this object: ``lengths[b]`` is how many tokens
 sequence ``b`` holds (on the host, so checks need no GPU round trip); a step asks ``reserve`` for room first,
 which fails with a ``ValueError`` naming the capacity and the request before anything is written, and
 sequences of different lengths share one batch.

@@ -1,5 +1,6 @@
-"""Transformer layers composed of the ops (``ops-spec.md`` §10), holding no hidden state: the KV cache, the
-positions and the masks are the caller's.
+"""Transformer layers composed of the ops as DeepSpeed's ``DeepSpeedTransformerInference`` layer composes them,
+but holding no hidden state (DeepSpeed's keeps layer ids, the token counter and the KV cache process-global): the
+KV cache, the positions and the masks are the caller's.
 
 ``PostLNLayer`` is the post-LN arrangement (BERT), weights ``[out, in]`` (``transposed_mode``)::
 

@@ -1,7 +1,8 @@
 """LLaMA-style models (``LlamaForCausalLM`` checkpoints) on the ops.
 
 RMSNorm, rotary (rotate-half over the whole head, ``rope_theta``), grouped-query attention and a gated-SiLU
-MLP, no biases: ``layers.PreLNLayer`` with an RMSNorm config (ops-spec.md §10, "RMS/gated"). nn.Linear
+MLP, no biases: ``layers.PreLNLayer`` with an RMSNorm config, as DeepSpeed composes LLaMA layers
+(``r = x + Attn(RMS1(x))``, ``y = r + W_down(W_up RMS2(r) * silu(W_gate RMS2(r)))``). nn.Linear
 weights are ``[out, in]`` (``transposed_mode``); Q, K and V are fused into one ``[(h + 2 kv) d, H]`` weight
 and gate/up into one ``[up | gate]`` weight at load time. The LM head is ``lm_head.weight`` or, with
 ``tie_word_embeddings``, the embedding. ``rope_theta`` is read from the top level or from transformers 5's

@@ -1,13 +1,14 @@
 """The one configuration every op reads from: DeepSpeed's inference config, validated on construction.
 
-Field names follow ``DeepSpeedInferenceConfig`` (``ops-spec.md`` §9) where they exist there; every op reads
-only what it needs. Sizes are the *whole-model* sizes; with tensor parallelism (``mp_size`` = P) the
+Field names follow DeepSpeed's ``DeepSpeedInferenceConfig`` where it has them; every op reads only what it
+needs. Sizes are the *whole-model* sizes; with tensor parallelism (``mp_size`` = P) the
 ops see per-rank shards (``heads / P`` heads, ``intermediate_size / P`` columns), as in DeepSpeed.
 
-Dropped from DeepSpeed's choices: dtype int8 (int8 weights with per-group scales; LinearOp did not take them,
-VectorMatMulOp and GELUGemmOp ask for int8 kernels that are not exported: §1, §2, §7), a TypeError here like
-any dtype but fp16, bf16 (through ml_dtypes) and fp32; and norm type GroupNorm, which neither norm-fused op
-(§3, §6) implements, a ValueError, as is either enum's UNKNOWN (0). Every norm type works with every activation:
+Dropped from DeepSpeed's choices: dtype int8 (int8 weights with per-group scales, fp16 activations; DeepSpeed's
+LinearOp does not take them, and its VectorMatMulOp and GELUGemmOp ask for int8 kernels its extension does not
+export, so they fall back to PyTorch), a TypeError here like any dtype but fp16, bf16 (through ml_dtypes) and
+fp32; and norm type GroupNorm, which neither norm-fused op (QKVGemmOp, MLPGemmOp) implements in DeepSpeed, a
+ValueError, as is either enum's UNKNOWN (0). Every norm type works with every activation:
 MLPGemmOp applies the gated ones after LayerNorm too (DeepSpeed's LayerNorm MLP silently dropped their bias and
 activation), so no norm and activation pair is refused.
 """
