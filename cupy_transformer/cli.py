@@ -114,8 +114,10 @@ def _generate(args: argparse.Namespace) -> int:
         print(piece, end="", flush=True)
 
     text = generation.generate(
-        model, checkpoint.tokenizer(), [args.prompt], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-        args.seed, eos if isinstance(eos, int) else None, args.stop or (), stream if args.stream else None,
+        model, checkpoint.tokenizer(), [args.prompt], max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        eos_token_id=eos if isinstance(eos, int) else None, stop=args.stop or (),
+        stream=stream if args.stream else None,
     )[0]
     print() if args.stream else print(text)
     return 0
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cupy-transformer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, GPU, compile cache, and which kernels compile")
-    info.add_argument("--arch", action="append", help="without a GPU: compile for sm_ARCH (repeatable; default 80 and 90)")
+    info.add_argument("--arch", action="append",
+                      help="without a GPU: compile for sm_ARCH (repeatable; default 80 and 90)")
     info.set_defaults(func=_info)
     embed = sub.add_parser("embed", help="sentence embeddings (default model: all-MiniLM-L6-v2), as JSON or .npy")
     embed.add_argument("texts", nargs="+", metavar="TEXT")

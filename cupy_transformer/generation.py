@@ -46,7 +46,8 @@ def prefill(model, prompts: Sequence[Sequence[int]], cache):
     buffers = Buffers(model, len(prompts), cache.max_tokens)
     buffers.keep[:, :width] = buffers.xp.asarray(keep)
     positions = numpy.maximum(numpy.cumsum(keep, axis=1) - 1, 0)
-    logits = _last(model.forward(buffers.xp.asarray(ids), cache, buffers.keep, buffers.xp.asarray(positions)))
+    logits = _last(model.forward(buffers.xp.asarray(ids), cache, attn_mask=buffers.keep,
+                                 position_ids=buffers.xp.asarray(positions)))
     return logits, buffers, keep.sum(axis=1)
 
 
@@ -57,7 +58,7 @@ def decode_step(model, tokens, cache, buffers: Buffers, positions):
     buffers.ids[:, 0] = buffers.xp.asarray(tokens)
     buffers.positions[:, 0] = buffers.xp.asarray(positions)
     buffers.keep[:, column] = True
-    return _last(model.forward(buffers.ids, cache, buffers.keep, buffers.positions))
+    return _last(model.forward(buffers.ids, cache, attn_mask=buffers.keep, position_ids=buffers.positions))
 
 
 def _last(logits):

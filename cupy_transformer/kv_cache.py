@@ -79,7 +79,9 @@ class KVCache:
             raise ValueError(f"layer: expected an integer in [0, {self.layers - 1}]; got {layer!r}")
         start = numpy.asarray(start)
         if start.shape != (self.batch,) or start.dtype.kind not in "iu":
-            raise ValueError(f"start: expected {self.batch} integer positions; got {start.dtype} of shape {start.shape}")
+            raise ValueError(
+                f"start: expected {self.batch} integer positions; got {start.dtype} of shape {start.shape}"
+            )
         if (start < 0).any() or (start + tokens > self.max_tokens).any():
             raise ValueError(f"start: {tokens} tokens from {start.tolist()} do not fit {self.max_tokens} positions")
         return start

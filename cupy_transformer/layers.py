@@ -55,12 +55,14 @@ class PreLNLayer:
         self.residual = ops.ResidualAddOp(config)
 
     def __call__(self, x, w: PreLNWeights, cache=None, layer_id=0, start=None, attn_mask=None, position_ids=None):
-        """``x`` [B, S, H] → [B, S, H]; ``cache``/``start``/``attn_mask``/``position_ids`` as SoftmaxContextOp takes them."""
-        qkv, _ = self.qkv(x, w.w_qkv, w.b_qkv, w.ln1_gamma, w.ln1_beta)
-        context, _, _ = self.attention(qkv, attn_mask, cache, layer_id, start, position_ids)
+        """``x`` [B, S, H] → [B, S, H]; ``cache``/``start``/``attn_mask``/``position_ids`` as SoftmaxContextOp
+        takes them."""
+        qkv, _ = self.qkv(x, w.w_qkv, bias=w.b_qkv, gamma=w.ln1_gamma, beta=w.ln1_beta)
+        context, _, _ = self.attention(qkv, attn_mask=attn_mask, cache=cache, layer_id=layer_id, start=start,
+                                       position_ids=position_ids)
         a = self.out_proj(context, w.w_o)
-        h, _ = self.mlp(a, x, w.w1, w.w2, w.b_o, w.b1, w.ln2_gamma, w.ln2_beta)
-        return self.residual(h, x, True, a, None, w.b_o, w.b2)
+        h, _ = self.mlp(a, x, w.w1, w.w2, input_bias=w.b_o, bias=w.b1, gamma=w.ln2_gamma, beta=w.ln2_beta)
+        return self.residual(h, x, add_bias=True, attention_output=a, attention_bias=w.b_o, final_bias=w.b2)
 
 
 @dataclass
@@ -95,9 +97,9 @@ class PostLNLayer:
 
     def __call__(self, x, w: PostLNWeights, attn_mask=None):
         """``x`` [B, S, H] → [B, S, H]; ``attn_mask`` [B, S] boolean (False = padding) or None."""
-        qkv = self.qkv(x, w.w_qkv, w.b_qkv)
-        context, _, _ = self.attention(qkv, attn_mask)
+        qkv = self.qkv(x, w.w_qkv, bias=w.b_qkv)
+        context, _, _ = self.attention(qkv, attn_mask=attn_mask)
         a = self.out_proj(context, w.w_o)
-        m, h1 = self.mlp(a, x, w.w1, w.w2, w.b_o, w.b1, w.ln_attn_gamma, w.ln_attn_beta)
-        y = self.residual(m, x, False, None, h1, None, w.b2)
+        m, h1 = self.mlp(a, x, w.w1, w.w2, input_bias=w.b_o, bias=w.b1, gamma=w.ln_attn_gamma, beta=w.ln_attn_beta)
+        y = self.residual(m, x, add_bias=False, residual_add=h1, final_bias=w.b2)
         return ops.layer_norm(y, w.ln_out_gamma, w.ln_out_beta, eps=self.config.epsilon)

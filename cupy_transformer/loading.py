@@ -92,7 +92,9 @@ class Checkpoint:
                 raise ValueError(f"tensor {name!r} not found in {path.name} (where {INDEX} places it)")
             stored = f.get_tensor(name)
         if shape is not None and tuple(stored.shape) != tuple(shape):
-            raise ValueError(f"tensor {name!r} in {path.name}: expected shape {tuple(shape)}; got {tuple(stored.shape)}")
+            raise ValueError(
+                f"tensor {name!r} in {path.name}: expected shape {tuple(shape)}; got {tuple(stored.shape)}"
+            )
         if stored.dtype not in FLOAT_DTYPES + (numpy.dtype(numpy.float64),):
             raise TypeError(f"tensor {name!r} in {path.name}: expected floating-point weights; got {stored.dtype}")
         return array_module(backend).asarray(stored).astype(dtype)

@@ -45,7 +45,7 @@ def test_round_trip_gpu(rng):
 
 
 def test_capacity_is_checked_before_anything_changes(rng):
-    cache = KVCache(1, 2, 1, 8, 4, numpy.float32, backend="numpy")
+    cache = KVCache(layers=1, batch=2, kv_heads=1, max_tokens=8, head_dim=4, dtype=numpy.float32, backend="numpy")
     cache.reserve(5)
     with pytest.raises(ValueError, match=r"KV cache full: sequence 0 holds 5 of 8 tokens and cannot take 4 more"):
         cache.reserve(4)
@@ -60,12 +60,12 @@ def test_capacity_is_checked_before_anything_changes(rng):
 
 def test_bad_arguments_are_named_errors(rng):
     with pytest.raises(ValueError, match=r"max_tokens: expected a positive integer; got 0"):
-        KVCache(1, 1, 1, 0, 4, backend="numpy")
+        KVCache(layers=1, batch=1, kv_heads=1, max_tokens=0, head_dim=4, backend="numpy")
     with pytest.raises(TypeError, match=r"dtype: expected one of"):
-        KVCache(1, 1, 1, 4, 4, numpy.int32, backend="numpy")
+        KVCache(layers=1, batch=1, kv_heads=1, max_tokens=4, head_dim=4, dtype=numpy.int32, backend="numpy")
     with pytest.raises(ValueError, match=r"backend: expected 'cupy' or 'numpy'"):
-        KVCache(1, 1, 1, 4, 4, backend="torch")
-    cache = KVCache(2, 2, 2, 6, 4, numpy.float16, backend="numpy")
+        KVCache(layers=1, batch=1, kv_heads=1, max_tokens=4, head_dim=4, backend="torch")
+    cache = KVCache(layers=2, batch=2, kv_heads=2, max_tokens=6, head_dim=4, dtype=numpy.float16, backend="numpy")
     k = random(rng, (2, 2, 3, 4), numpy.float16)
     start = cache.reserve(3)
     with pytest.raises(ValueError, match=r"layer: expected an integer in \[0, 1\]; got 2"):

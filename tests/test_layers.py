@@ -56,8 +56,10 @@ def test_parallel_residual_layer_matches_the_formula(rng, gpu):
         import cupy as xp
     layer = PreLNLayer(cfg)
     w = PreLNWeights(**{k: xp.asarray(v) for k, v in host.items()})
-    cache = KVCache(1, 2, HEADS, 16, D, dtype, backend="cupy" if gpu else "numpy")
-    prompt = layer(xp.asarray(x[:, :5].copy()), w, cache, 0, cache.reserve(5))
-    step = [layer(xp.asarray(x[:, t:t + 1].copy()), w, cache, 0, cache.reserve(1)) for t in (5, 6)]
+    cache = KVCache(layers=1, batch=2, kv_heads=HEADS, max_tokens=16, head_dim=D, dtype=dtype,
+                    backend="cupy" if gpu else "numpy")
+    prompt = layer(xp.asarray(x[:, :5].copy()), w, cache=cache, layer_id=0, start=cache.reserve(5))
+    step = [layer(xp.asarray(x[:, t:t + 1].copy()), w, cache=cache, layer_id=0, start=cache.reserve(1))
+            for t in (5, 6)]
     got = numpy.concatenate([a.get() if gpu else a for a in [prompt] + step], axis=1)
     assert rel_error(got, want) < 1e-5

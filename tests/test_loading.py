@@ -94,10 +94,12 @@ def test_errors_name_the_file_or_tensor(tmp_path, tensors):
     ck = Checkpoint(tmp_path)
     with pytest.raises(ValueError, match=r"tensor 'h.1.attn.c_attn.weight' not found in the checkpoint"):
         ck.tensor("h.1.attn.c_attn.weight", numpy.float16, backend="numpy")
-    with pytest.raises(ValueError, match=r"tensor 'wte.weight' in model.safetensors: expected shape \(8, 10\); got \(10, 8\)"):
+    with pytest.raises(ValueError,
+                       match=r"tensor 'wte.weight' in model.safetensors: expected shape \(8, 10\); got \(10, 8\)"):
         ck.tensor("wte.weight", numpy.float16, (8, 10), backend="numpy")
     with pytest.raises(TypeError, match=r"dtype: expected one of"):
         ck.tensor("wte.weight", numpy.int8, backend="numpy")
     save_file({"mask": numpy.ones((2, 2), numpy.uint8)}, str(tmp_path / "model.safetensors"))
-    with pytest.raises(TypeError, match=r"tensor 'mask' in model.safetensors: expected floating-point weights; got uint8"):
+    with pytest.raises(TypeError,
+                       match=r"tensor 'mask' in model.safetensors: expected floating-point weights; got uint8"):
         Checkpoint(tmp_path).tensor("mask", numpy.float16, backend="numpy")

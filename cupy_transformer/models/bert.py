@@ -28,20 +28,23 @@ class BERT:
         if act not in ACTIVATIONS:
             raise ValueError(f"{ck.folder}/config.json: hidden_act {act!r} is not one of {sorted(ACTIVATIONS)}")
         h, inner, layers = ck.require("hidden_size"), ck.require("intermediate_size"), ck.require("num_hidden_layers")
-        self.vocab, self.max_positions, self.backend = ck.require("vocab_size"), ck.require("max_position_embeddings"), backend
+        self.vocab, self.max_positions = ck.require("vocab_size"), ck.require("max_position_embeddings")
+        self.backend = backend
         self.pad_id = c.get("pad_token_id", 0)
         self.config = ops.InferenceConfig(
-            hidden_size=h, heads=ck.require("num_attention_heads"), intermediate_size=inner, epsilon=c.get("layer_norm_eps", 1e-12),
-            pre_layer_norm=False, mlp_act_func_type=ACTIVATIONS[act], dtype=dtype, transposed_mode=True,
-            triangular_masking=False,
+            hidden_size=h, heads=ck.require("num_attention_heads"), intermediate_size=inner,
+            epsilon=c.get("layer_norm_eps", 1e-12), pre_layer_norm=False, mlp_act_func_type=ACTIVATIONS[act],
+            dtype=dtype, transposed_mode=True, triangular_masking=False,
         )
         p = "bert." if "bert.embeddings.word_embeddings.weight" in ck.names else ""
         e = f"{p}embeddings."
-        shapes = {f"{e}word_embeddings.weight": (self.vocab, h), f"{e}position_embeddings.weight": (self.max_positions, h),
+        shapes = {f"{e}word_embeddings.weight": (self.vocab, h),
+                  f"{e}position_embeddings.weight": (self.max_positions, h),
                   f"{e}token_type_embeddings.weight": (c.get("type_vocab_size", 2), h),
                   f"{e}LayerNorm.weight": (h,), f"{e}LayerNorm.bias": (h,)}
         per_layer = {
-            "attention.self.query.weight": (h, h), "attention.self.key.weight": (h, h), "attention.self.value.weight": (h, h),
+            "attention.self.query.weight": (h, h), "attention.self.key.weight": (h, h),
+            "attention.self.value.weight": (h, h),
             "attention.self.query.bias": (h,), "attention.self.key.bias": (h,), "attention.self.value.bias": (h,),
             "attention.output.dense.weight": (h, h), "attention.output.dense.bias": (h,),
             "attention.output.LayerNorm.weight": (h,), "attention.output.LayerNorm.bias": (h,),
@@ -53,18 +56,22 @@ class BERT:
             shapes.update({f"{p}encoder.layer.{i}.{name}": shape for name, shape in per_layer.items()})
         w = ck.load(shapes, dtype, backend, progress)
         xp = array_module(backend)
-        self.word, self.position, self.token_type = (w[f"{e}{n}_embeddings.weight"] for n in ("word", "position", "token_type"))
+        self.word, self.position, self.token_type = (
+            w[f"{e}{n}_embeddings.weight"] for n in ("word", "position", "token_type")
+        )
         self.embedding_norm = (w[f"{e}LayerNorm.weight"], w[f"{e}LayerNorm.bias"])
         self.weights = []
         for i in range(layers):
             t = {name: w.pop(f"{p}encoder.layer.{i}.{name}") for name in per_layer}
             qkv = [f"attention.self.{n}" for n in ("query", "key", "value")]
             self.weights.append(PostLNWeights(
-                xp.concatenate([t[n + ".weight"] for n in qkv]), xp.concatenate([t[n + ".bias"] for n in qkv]),
-                t["attention.output.dense.weight"], t["attention.output.dense.bias"],
-                t["attention.output.LayerNorm.weight"], t["attention.output.LayerNorm.bias"],
-                t["intermediate.dense.weight"], t["intermediate.dense.bias"], t["output.dense.weight"],
-                t["output.dense.bias"], t["output.LayerNorm.weight"], t["output.LayerNorm.bias"],
+                w_qkv=xp.concatenate([t[n + ".weight"] for n in qkv]),
+                b_qkv=xp.concatenate([t[n + ".bias"] for n in qkv]),
+                w_o=t["attention.output.dense.weight"], b_o=t["attention.output.dense.bias"],
+                ln_attn_gamma=t["attention.output.LayerNorm.weight"], ln_attn_beta=t["attention.output.LayerNorm.bias"],
+                w1=t["intermediate.dense.weight"], b1=t["intermediate.dense.bias"],
+                w2=t["output.dense.weight"], b2=t["output.dense.bias"],
+                ln_out_gamma=t["output.LayerNorm.weight"], ln_out_beta=t["output.LayerNorm.bias"],
             ))
         self.layer = PostLNLayer(self.config)
 
@@ -89,7 +96,7 @@ class BERT:
              + self.token_type[types].astype(compute)).astype(self.config.dtype)
         x = ops.layer_norm(x, *self.embedding_norm, eps=self.config.epsilon)
         for w in self.weights:
-            x = self.layer(x, w, keep)
+            x = self.layer(x, w, attn_mask=keep)
         return x
 
     def embed(self, input_ids, attention_mask=None):
@@ -97,6 +104,9 @@ class BERT:
         (sentence-transformers' Pooling(mean) + Normalize)."""
         xp = array_module(self.backend)
         hidden = self.forward(input_ids, attention_mask).astype(numpy.float32)
-        mask = xp.ones(hidden.shape[:2], numpy.float32) if attention_mask is None else xp.asarray(attention_mask, numpy.float32)
+        if attention_mask is None:
+            mask = xp.ones(hidden.shape[:2], numpy.float32)
+        else:
+            mask = xp.asarray(attention_mask, numpy.float32)
         pooled = (hidden * mask[..., None]).sum(1) / xp.maximum(mask.sum(1, keepdims=True), 1e-9)
         return pooled / xp.maximum(xp.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)

@@ -29,7 +29,9 @@ class GPT2(CausalLM):
         c = ck.config
         act = c.get("activation_function", "gelu_new")
         if act not in ACTIVATIONS:
-            raise ValueError(f"{ck.folder}/config.json: activation_function {act!r} is not one of {sorted(ACTIVATIONS)}")
+            raise ValueError(
+                f"{ck.folder}/config.json: activation_function {act!r} is not one of {sorted(ACTIVATIONS)}"
+            )
         h, self.layers_count = ck.require("n_embd"), ck.require("n_layer")
         self.vocab, self.max_positions, self.backend = ck.require("vocab_size"), ck.require("n_positions"), backend
         inner = c.get("n_inner") or 4 * h
@@ -39,10 +41,10 @@ class GPT2(CausalLM):
         p = "transformer." if "transformer.wte.weight" in ck.names else ""
         shapes = {f"{p}wte.weight": (self.vocab, h), f"{p}wpe.weight": (self.max_positions, h),
                   f"{p}ln_f.weight": (h,), f"{p}ln_f.bias": (h,)}
-        per_layer = {"ln_1.weight": (h,), "ln_1.bias": (h,), "attn.c_attn.weight": (h, 3 * h), "attn.c_attn.bias": (3 * h,),
-                     "attn.c_proj.weight": (h, h), "attn.c_proj.bias": (h,), "ln_2.weight": (h,), "ln_2.bias": (h,),
-                     "mlp.c_fc.weight": (h, inner), "mlp.c_fc.bias": (inner,), "mlp.c_proj.weight": (inner, h),
-                     "mlp.c_proj.bias": (h,)}
+        per_layer = {"ln_1.weight": (h,), "ln_1.bias": (h,), "attn.c_attn.weight": (h, 3 * h),
+                     "attn.c_attn.bias": (3 * h,), "attn.c_proj.weight": (h, h), "attn.c_proj.bias": (h,),
+                     "ln_2.weight": (h,), "ln_2.bias": (h,), "mlp.c_fc.weight": (h, inner), "mlp.c_fc.bias": (inner,),
+                     "mlp.c_proj.weight": (inner, h), "mlp.c_proj.bias": (h,)}
         for i in range(self.layers_count):
             shapes.update({f"{p}h.{i}.{name}": shape for name, shape in per_layer.items()})
         w = ck.load(shapes, dtype, backend, progress)
@@ -60,6 +62,6 @@ class GPT2(CausalLM):
         compute = numpy.float64 if xp is numpy else numpy.float32
         x = (self.wte[ids].astype(compute) + self.wpe[positions].astype(compute)).astype(self.config.dtype)
         for i, w in enumerate(self.weights):
-            x = self.layer(x, w, cache, i, start, attn_mask, positions)
+            x = self.layer(x, w, cache=cache, layer_id=i, start=start, attn_mask=attn_mask, position_ids=positions)
         x = ops.layer_norm(x, *self.lnf, eps=self.config.epsilon)
         return matmul(x, self.wte, True)  # the LM head is wte itself, [vocab, hidden]: [out, in]

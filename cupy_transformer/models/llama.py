@@ -53,7 +53,8 @@ class LLaMA(CausalLM):
         per_layer = {"input_layernorm.weight": (h,), "self_attn.q_proj.weight": (heads * d, h),
                      "self_attn.k_proj.weight": (kv * d, h), "self_attn.v_proj.weight": (kv * d, h),
                      "self_attn.o_proj.weight": (h, heads * d), "post_attention_layernorm.weight": (h,),
-                     "mlp.up_proj.weight": (inner, h), "mlp.gate_proj.weight": (inner, h), "mlp.down_proj.weight": (h, inner)}
+                     "mlp.up_proj.weight": (inner, h), "mlp.gate_proj.weight": (inner, h),
+                     "mlp.down_proj.weight": (h, inner)}
         for i in range(self.layers_count):
             shapes.update({f"model.layers.{i}.{name}": shape for name, shape in per_layer.items()})
         w = ck.load(shapes, dtype, backend, progress)
@@ -78,6 +79,6 @@ class LLaMA(CausalLM):
         _, ids, start, positions = self.begin(input_ids, cache, position_ids)
         x = self.embed_tokens[ids]
         for i, w in enumerate(self.weights):
-            x = self.layer(x, w, cache, i, start, attn_mask, positions)
+            x = self.layer(x, w, cache=cache, layer_id=i, start=start, attn_mask=attn_mask, position_ids=positions)
         x = ops.rms_norm(x, self.norm, eps=self.config.epsilon)
         return matmul(x, self.lm_head, True)

@@ -91,7 +91,8 @@ class InferenceConfig:
             raise ValueError(f"heads: expected a divisor of hidden_size {self.hidden_size}; got {self.heads}")
         if self.heads % self.num_kv:
             raise ValueError(f"num_kv: expected a divisor of heads {self.heads}; got {self.num_kv}")
-        for name, size in (("heads", self.heads), ("num_kv", self.num_kv), ("intermediate_size", self.intermediate_size)):
+        for name in ("heads", "num_kv", "intermediate_size"):
+            size = getattr(self, name)
             if size % self.mp_size:
                 raise ValueError(f"mp_size: expected a divisor of {name} {size}; got {self.mp_size}")
         if not (isinstance(self.epsilon, (int, float)) and not isinstance(self.epsilon, bool) and self.epsilon >= 0):
@@ -106,7 +107,8 @@ class InferenceConfig:
             if self.rotate_half == self.rotate_every_two:
                 raise ValueError("rotate_half, rotate_every_two: set exactly one with rotary_dim > 0 (DeepSpeed "
                                  f"applies both when both are set); got {self.rotate_half}, {self.rotate_every_two}")
-        if not (isinstance(self.rope_theta, (int, float)) and not isinstance(self.rope_theta, bool) and self.rope_theta > 0):
+        theta = self.rope_theta
+        if not (isinstance(theta, (int, float)) and not isinstance(theta, bool) and theta > 0):
             raise ValueError(f"rope_theta: expected a positive number; got {self.rope_theta!r}")
         self.window_size = positive_int("window_size", self.window_size)
 

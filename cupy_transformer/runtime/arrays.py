@@ -34,7 +34,8 @@ FLOAT_DTYPES = tuple(numpy.dtype(t) for t in (numpy.float16, numpy.float32, bflo
 
 # DLPack device types (dlpack.h): memory a CUDA kernel can read.
 _DLPACK_CUDA, _DLPACK_CUDA_MANAGED = 2, 13
-_DLPACK_NAMES = {1: "CPU", 2: "CUDA", 3: "CUDA host", 4: "OpenCL", 7: "Vulkan", 8: "Metal", 10: "ROCm", 13: "CUDA managed"}
+_DLPACK_NAMES = {1: "CPU", 2: "CUDA", 3: "CUDA host", 4: "OpenCL", 7: "Vulkan", 8: "Metal", 10: "ROCm",
+                 13: "CUDA managed"}
 
 _cupy = None
 
@@ -185,7 +186,9 @@ def as_array(
         array = value
         current = import_cupy().cuda.runtime.getDevice()
         if array.data.device_id != current:
-            raise ValueError(f"{name}: expected an array on the current GPU {current}; got one on GPU {array.data.device_id}")
+            raise ValueError(
+                f"{name}: expected an array on the current GPU {current}; got one on GPU {array.data.device_id}"
+            )
     else:
         array = _from_dlpack(name, value)
 

@@ -43,7 +43,8 @@ def reference_hidden(w, ids):
     """float64 BertModel last hidden states of one unpadded sentence."""
     def ln(x, p):
         mu = x.mean(-1, keepdims=True)
-        return (x - mu) / numpy.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-12) * w[p + ".weight"] + w[p + ".bias"]
+        normalised = (x - mu) / numpy.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-12)
+        return normalised * w[p + ".weight"] + w[p + ".bias"]
 
     def linear(x, p):
         return x @ w[p + ".weight"].T + w[p + ".bias"]
@@ -54,7 +55,8 @@ def reference_hidden(w, ids):
            + w["embeddings.token_type_embeddings.weight"][0], "embeddings.LayerNorm")
     for i in range(LAYERS):
         p = f"encoder.layer.{i}."
-        q, k, v = (linear(x, p + f"attention.self.{n}").reshape(s, HEADS, d).transpose(1, 0, 2) for n in ("query", "key", "value"))
+        q, k, v = (linear(x, p + f"attention.self.{n}").reshape(s, HEADS, d).transpose(1, 0, 2)
+                   for n in ("query", "key", "value"))
         scores = q @ k.transpose(0, 2, 1) / math.sqrt(d)
         att = numpy.exp(scores - scores.max(-1, keepdims=True))
         ctx = (att / att.sum(-1, keepdims=True) @ v).transpose(1, 0, 2).reshape(s, H)

@@ -21,13 +21,15 @@ def checkpoint(path, rng, prefix="transformer."):
     w = {"wte.weight": (VOCAB, H), "wpe.weight": (POSITIONS, H), "ln_f.weight": (H,), "ln_f.bias": (H,)}
     for i in range(LAYERS):
         w.update({f"h.{i}.ln_1.weight": (H,), f"h.{i}.ln_1.bias": (H,), f"h.{i}.attn.c_attn.weight": (H, 3 * H),
-                  f"h.{i}.attn.c_attn.bias": (3 * H,), f"h.{i}.attn.c_proj.weight": (H, H), f"h.{i}.attn.c_proj.bias": (H,),
-                  f"h.{i}.ln_2.weight": (H,), f"h.{i}.ln_2.bias": (H,), f"h.{i}.mlp.c_fc.weight": (H, 4 * H),
-                  f"h.{i}.mlp.c_fc.bias": (4 * H,), f"h.{i}.mlp.c_proj.weight": (4 * H, H), f"h.{i}.mlp.c_proj.bias": (H,)})
+                  f"h.{i}.attn.c_attn.bias": (3 * H,), f"h.{i}.attn.c_proj.weight": (H, H),
+                  f"h.{i}.attn.c_proj.bias": (H,), f"h.{i}.ln_2.weight": (H,), f"h.{i}.ln_2.bias": (H,),
+                  f"h.{i}.mlp.c_fc.weight": (H, 4 * H), f"h.{i}.mlp.c_fc.bias": (4 * H,),
+                  f"h.{i}.mlp.c_proj.weight": (4 * H, H), f"h.{i}.mlp.c_proj.bias": (H,)})
     tensors = {}
     for name, shape in w.items():
         scale = 0.3 if len(shape) == 2 else 0.1
-        t = rng.standard_normal(shape) * scale + (1.0 if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else 0.0)
+        gain = name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight"))
+        t = rng.standard_normal(shape) * scale + (1.0 if gain else 0.0)
         tensors[prefix + name] = t.astype(numpy.float32)
     save_file(tensors, str(path / "model.safetensors"))
     config = {"model_type": "gpt2", "n_embd": H, "n_head": HEADS, "n_layer": LAYERS, "vocab_size": VOCAB,
@@ -55,7 +57,8 @@ def reference_logits(w, ids):
         p_att = numpy.exp(scores - scores.max(-1, keepdims=True))
         ctx = (p_att / p_att.sum(-1, keepdims=True) @ v).transpose(1, 0, 2).reshape(s, H)
         x = x + ctx @ w[p + "attn.c_proj.weight"] + w[p + "attn.c_proj.bias"]
-        hidden = gelu(ln(x, w[p + "ln_2.weight"], w[p + "ln_2.bias"]) @ w[p + "mlp.c_fc.weight"] + w[p + "mlp.c_fc.bias"])
+        xn = ln(x, w[p + "ln_2.weight"], w[p + "ln_2.bias"])
+        hidden = gelu(xn @ w[p + "mlp.c_fc.weight"] + w[p + "mlp.c_fc.bias"])
         x = x + hidden @ w[p + "mlp.c_proj.weight"] + w[p + "mlp.c_proj.bias"]
     return ln(x, w["ln_f.weight"], w["ln_f.bias"]) @ w["wte.weight"].T
 

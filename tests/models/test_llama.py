@@ -28,8 +28,8 @@ def checkpoint(path, rng, tied):
                   p + "self_attn.o_proj.weight": (H, H), p + "post_attention_layernorm.weight": (H,),
                   p + "mlp.gate_proj.weight": (INNER, H), p + "mlp.up_proj.weight": (INNER, H),
                   p + "mlp.down_proj.weight": (H, INNER)})
-    tensors = {n: (rng.standard_normal(s) * (0.25 if len(s) == 2 else 0.1) + (1.0 if len(s) == 1 else 0.0)).astype(numpy.float32)
-               for n, s in w.items()}
+    tensors = {n: (rng.standard_normal(s) * (0.25 if len(s) == 2 else 0.1)
+                   + (1.0 if len(s) == 1 else 0.0)).astype(numpy.float32) for n, s in w.items()}
     save_file(tensors, str(path / "model.safetensors"))
     config = {"model_type": "llama", "hidden_size": H, "num_attention_heads": HEADS, "num_key_value_heads": KV,
               "intermediate_size": INNER, "num_hidden_layers": LAYERS, "vocab_size": VOCAB, "rms_norm_eps": 1e-6,

@@ -29,7 +29,8 @@ def test_enums_by_name_or_value():
         ({"heads": 5}, ValueError, r"heads: expected a divisor of hidden_size 64; got 5"),
         ({"num_kv": 3}, ValueError, r"num_kv: expected a divisor of heads 4; got 3"),
         ({"mp_size": 3}, ValueError, r"mp_size: expected a divisor of heads 4; got 3"),
-        ({"intermediate_size": 101, "mp_size": 2, "num_kv": 2}, ValueError, r"mp_size: expected a divisor of intermediate_size 101"),
+        ({"intermediate_size": 101, "mp_size": 2, "num_kv": 2}, ValueError,
+         r"mp_size: expected a divisor of intermediate_size 101"),
         ({"norm_type": "GroupNorm"}, ValueError, r"norm_type: expected one of LayerNorm, RMSNorm; got 'GroupNorm'"),
         ({"norm_type": 2}, ValueError, r"norm_type: expected one of LayerNorm, RMSNorm; got 2"),
         ({"mlp_act_func_type": 0}, ValueError, r"mlp_act_func_type: expected one of GELU, .*; got 0"),
@@ -45,7 +46,8 @@ def test_bad_config(kwargs, error, message):
 
 def test_registry_creates_ops_by_name():
     cfg = InferenceConfig(hidden_size=64, heads=4)
-    assert set(ops.TRANSFORMER_OPS) == {"linear", "vector_matmul", "qkv_gemm", "mlp_gemm", "gelu_gemm", "residual_add", "softmax", "softmax_context"}
+    assert set(ops.TRANSFORMER_OPS) == {"linear", "vector_matmul", "qkv_gemm", "mlp_gemm", "gelu_gemm", "residual_add",
+                                        "softmax", "softmax_context"}
     for name, cls in ops.TRANSFORMER_OPS.items():
         op = ops.create_op(name, cfg)
         assert isinstance(op, cls) and op.config is cfg
