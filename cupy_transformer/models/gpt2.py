@@ -13,7 +13,6 @@ import numpy
 from .. import ops
 from ..kv_cache import KVCache
 from ..layers import PreLNLayer, PreLNWeights
-from ..ops.matmul import matmul
 from .base import CausalLM, open_checkpoint
 
 ACTIVATIONS = {"gelu_new": "GELU", "gelu_pytorch_tanh": "GELU", "gelu": "GELU_EXACT", "relu": "ReLU"}
@@ -64,4 +63,4 @@ class GPT2(CausalLM):
         for i, w in enumerate(self.weights):
             x = self.layer(x, w, cache=cache, layer_id=i, start=start, attn_mask=attn_mask, position_ids=positions)
         x = ops.layer_norm(x, *self.lnf, eps=self.config.epsilon)
-        return matmul(x, self.wte, True)  # the LM head is wte itself, [vocab, hidden]: [out, in]
+        return ops.lm_logits(x, self.wte)  # the LM head is wte itself, [vocab, hidden]: [out, in]

@@ -16,7 +16,6 @@ import numpy
 from .. import ops
 from ..kv_cache import KVCache
 from ..layers import PreLNLayer, PreLNWeights
-from ..ops.matmul import matmul
 from ..runtime.arrays import array_module
 from .base import CausalLM, open_checkpoint
 
@@ -81,4 +80,4 @@ class LLaMA(CausalLM):
         for i, w in enumerate(self.weights):
             x = self.layer(x, w, cache=cache, layer_id=i, start=start, attn_mask=attn_mask, position_ids=positions)
         x = ops.rms_norm(x, self.norm, eps=self.config.epsilon)
-        return matmul(x, self.lm_head, True)
+        return ops.lm_logits(x, self.lm_head)
