@@ -33,12 +33,6 @@ class KVCache:
         self.layers, self.batch, self.kv_heads, self.max_tokens, self.head_dim = shape
         self.lengths = numpy.zeros(self.batch, numpy.int64)
 
-    @property
-    def kind(self) -> str:
-        """Alias of ``backend`` for the code that still reads ``kind`` (``ops/softmax_context.py``, the attention
-        tests); to be removed."""
-        return self.backend
-
     def check_room(self, tokens: int) -> int:
         """A ValueError naming the capacity and the request unless every sequence has room for ``tokens``
         more; returns ``tokens``."""

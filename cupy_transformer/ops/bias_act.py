@@ -17,7 +17,8 @@ import math
 
 import numpy
 
-from ..runtime.arrays import as_array, check_no_overlap, common_kind, deliver, empty_like_kind, to_caller
+from ..runtime.arrays import (as_array, check_no_overlap, common_kind, deliver, empty_like_kind, module_of,
+                              to_caller)
 from ..runtime.kernels import (CTYPES, KernelFamily, access_width, elementwise_grid, run_variants, vector_count,
                                whole_rows)
 from .config import ActivationType, parse_enum
@@ -98,7 +99,7 @@ def apply_bias_act(h, bias, act, out=None):
     """``bias_act`` on arrays already checked (NumPy or CuPy; ``out`` may be ``h`` when not gated)."""
     gated = act is not None and act.gated
     width = h.shape[-1] // 2 if gated else h.shape[-1]
-    if isinstance(h, numpy.ndarray):
+    if module_of(h) is numpy:
         return deliver(bias_act_reference(h, bias, act), out)
     if out is None:
         out = empty_like_kind("cupy", tuple(h.shape[:-1]) + (width,), h.dtype)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy
 
 from ..runtime import cublaslt, timing
-from ..runtime.arrays import as_array, common_kind, import_cupy, to_caller
+from ..runtime.arrays import as_array, common_kind, import_cupy, module_of, to_caller
 from .bias_act import apply_bias_act
 from .gemv import GEMV_MAX_ROWS, gemv, gemv_fits, gemv_workspace
 
@@ -51,7 +51,7 @@ def lm_logits(x, weight):
 def matmul(x, w, transposed: bool, bias=None, act=None):
     """``act(x[..., in] @ W + bias)`` → ``[..., out]`` on arrays already checked (``act`` not gated)."""
     global last_path
-    if isinstance(x, numpy.ndarray):
+    if module_of(x) is numpy:
         return matmul_reference(x, w, transposed, bias, act)
     out_features = w.shape[0] if transposed else w.shape[1]
     shape = tuple(x.shape[:-1]) + (out_features,)

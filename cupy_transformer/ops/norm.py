@@ -32,7 +32,7 @@ import numbers
 
 import numpy
 
-from ..runtime.arrays import as_array, check_no_overlap, common_kind, empty_like_kind, to_caller
+from ..runtime.arrays import as_array, check_no_overlap, common_kind, empty_like_kind, module_of, to_caller
 from ..runtime.kernels import CTYPES, KernelFamily, vector_width
 
 
@@ -154,7 +154,7 @@ def normalize(mode: str, x, gamma, beta, eps: float, *, out=None, residual=None,
     With ``residual``, the row normalised is ``z = round(x + residual [+ add_bias])``; ``want_sum`` also
     returns ``z``. Returns ``y`` or ``(y, z)``.
     """
-    numpy_path = isinstance(x, numpy.ndarray)
+    numpy_path = module_of(x) is numpy
     if out is None:
         out = empty_like_kind("numpy" if numpy_path else "cupy", tuple(x.shape), x.dtype)
     if numpy_path:

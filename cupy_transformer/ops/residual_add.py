@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy
 
-from ..runtime.arrays import check_no_overlap, common_kind, deliver, empty_like_kind, to_caller
+from ..runtime.arrays import check_no_overlap, common_kind, deliver, empty_like_kind, module_of, to_caller
 from ..runtime.kernels import (CTYPES, KernelFamily, access_width, elementwise_grid, run_variants, vector_count,
                                whole_rows)
 from .base import TransformerOp
@@ -50,7 +50,7 @@ def residual_add_reference(partial, replicated, biases, mp_size: int, dtype) -> 
 def combine(partial: list, replicated: list, biases: list, mp_size: int, out=None):
     """The combine on arrays already checked: 1-2 partial row tensors, 0-2 replicated, 0-2 biases."""
     first = partial[0]
-    if isinstance(first, numpy.ndarray):
+    if module_of(first) is numpy:
         return deliver(residual_add_reference(partial, replicated, biases, mp_size, first.dtype), out)
     if out is None:
         out = empty_like_kind("cupy", tuple(first.shape), first.dtype)

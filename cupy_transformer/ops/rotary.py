@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy
 
-from ..runtime.arrays import import_cupy
+from ..runtime.arrays import module_of
 
 STYLES = ("half", "every_two")
 
@@ -40,7 +40,7 @@ def inverse_frequencies(rotary_dim: int, theta: float, xp):
 
 def rotary_angles(positions, rotary_dim: int, theta: float):
     """``[batch, tokens, rotary_dim / 2]`` angles for integer ``positions`` [batch, tokens]."""
-    xp = numpy if isinstance(positions, numpy.ndarray) else import_cupy()
+    xp = module_of(positions)
     inv_freq = inverse_frequencies(rotary_dim, theta, xp)
     return positions.astype(inv_freq.dtype)[..., None] * inv_freq
 
@@ -49,7 +49,7 @@ def apply_rotary(x, positions, rotary_dim: int, theta: float, style: str):
     """``x`` [batch, heads, tokens, head_dim] turned at ``positions`` [batch, tokens] (same backend); a new
     array of ``x``'s dtype. Arguments are checked by the caller (``SoftmaxContextOp``)."""
     angle = rotary_angles(positions, rotary_dim, theta)[:, None]  # [batch, 1, tokens, rotary_dim / 2]
-    xp = numpy if isinstance(x, numpy.ndarray) else import_cupy()
+    xp = module_of(x)
     cos, sin = xp.cos(angle), xp.sin(angle)
     out = x.astype(angle.dtype)
     r = out[..., :rotary_dim]

@@ -38,7 +38,7 @@ import numbers
 
 import numpy
 
-from ..runtime.arrays import _from_dlpack, as_array, common_kind, import_cupy, kind_of, to_caller
+from ..runtime.arrays import _from_dlpack, as_array, common_kind, import_cupy, kind_of, module_of, to_caller
 from ..runtime.kernels import CTYPES, KernelFamily
 
 SAMPLE_THREADS = 1024  # kernels_cu/sampling.cu's SAMPLE_THREADS
@@ -144,7 +144,7 @@ def sample_tokens(logits, tokens, seed_step, temperature=0.0, top_k=0, top_p=1.0
     out = as_array("tokens", tokens, kind, dtypes=numpy.dtype(numpy.int32), shape=(batch,))
     state = as_array("seed_step", seed_step, kind, dtypes=numpy.dtype(numpy.uint64), shape=(2,))
     temperature, top_k, top_p = sampling_arguments(temperature, top_k, top_p)
-    if kind == "numpy":
+    if module_of(rows) is numpy:
         out[...] = sample_reference(rows, int(state[0]), int(state[1]), temperature, top_k, top_p)
         return out
     if vocab >= 2**31:

@@ -40,7 +40,8 @@ from typing import NamedTuple
 
 import numpy
 
-from ..runtime.arrays import as_array, check_no_overlap, common_kind, deliver, import_cupy, to_caller
+from ..runtime.arrays import (array_module, as_array, backend_of, check_no_overlap, common_kind, deliver, import_cupy,
+                              module_of, to_caller)
 from ..runtime.kernels import CTYPES, KernelFamily, access_width, sm_count, vector_width, wave_blocks
 from .base import TransformerOp
 
@@ -63,7 +64,7 @@ def softmax_reference(scores, mask=None, alibi=None, triangular=False, window_si
     """The formula on checked arrays of one backend: ``scores`` [B, h, Q, K]; ``mask`` broadcastable to it
     (additive or boolean); ``alibi`` [B, h, 1, K] (this rank's heads) or None; ``window_size`` None for no
     window. Computes in float64 (NumPy) or float32 (CuPy) and returns the scores' dtype."""
-    xp = numpy if isinstance(scores, numpy.ndarray) else import_cupy()
+    xp = module_of(scores)
     compute = numpy.float64 if xp is numpy else numpy.float32
     z = scores.astype(compute) * compute(layer_scale)
     if alibi is not None:
@@ -191,9 +192,9 @@ class SoftmaxOp(TransformerOp):
             window = window_size
         if out is not None:  # may be attn_scores itself (DeepSpeed's in-place update), but no other input
             out = as_array("out", out, kind, dtypes=cfg.dtype, shape=tuple(s.shape))
-            in_place = kind != "numpy" and out.data.ptr == s.data.ptr
+            in_place = array_module(backend_of(kind)) is not numpy and out.data.ptr == s.data.ptr
             check_no_overlap("out", out, **({} if in_place else {"attn_scores": s}), attn_mask=mask, alibi=rows)
-        if kind == "numpy":
+        if array_module(backend_of(kind)) is numpy:
             p = deliver(softmax_reference(s, mask, rows, bool(triangular), window, float(layer_scale)), out)
         else:
             p = _masked_softmax(s, mask, rows, bool(triangular), window, float(layer_scale), out)

@@ -51,7 +51,7 @@ import math
 import numpy
 
 from ..kv_cache import KVCache
-from ..runtime.arrays import as_array, common_kind, import_cupy, to_caller
+from ..runtime.arrays import array_module, as_array, backend_of, common_kind, module_of, to_caller
 from ..runtime.kernels import compute_capability
 from ..runtime.lru import device_int32
 from .base import TransformerOp
@@ -86,7 +86,7 @@ class SoftmaxContextOp(TransformerOp):
                              f"size {d} = {(h + 2 * kv) * d}; got shape {tuple(qkv.shape)}")
         if b == 0 or s == 0:
             raise ValueError(f"query_key_value: expected at least one sequence and token; got shape {tuple(qkv.shape)}")
-        xp = numpy if kind == "numpy" else import_cupy()
+        xp = array_module(backend_of(kind))
         if xp is not numpy and xp.cuda.get_current_stream().is_capturing():
             raise RuntimeError("SoftmaxContextOp: cannot be captured in a CUDA graph yet: the step's cache positions "
                                "and key ranges are host values, and a replay would repeat this step's")
@@ -146,8 +146,8 @@ class SoftmaxContextOp(TransformerOp):
             return numpy.zeros(b, numpy.int64)
         if not isinstance(cache, KVCache):
             raise TypeError(f"cache: expected a KVCache; got {type(cache).__name__}")
-        want = (b, kv, d, self.config.dtype, "numpy" if kind == "numpy" else "cupy")
-        have = (cache.batch, cache.kv_heads, cache.head_dim, cache.dtype, cache.kind)
+        want = (b, kv, d, self.config.dtype, backend_of(kind))
+        have = (cache.batch, cache.kv_heads, cache.head_dim, cache.dtype, cache.backend)
         if want != have:
             raise ValueError(f"cache: expected batch {b}, {kv} kv heads of size {d}, {want[3]}, {want[4]} arrays; "
                              f"got batch {have[0]}, {have[1]} kv heads of size {have[2]}, {have[3]}, {have[4]}")
@@ -160,7 +160,7 @@ class SoftmaxContextOp(TransformerOp):
             return None
         ids = as_array("position_ids", position_ids, kind, ndim=2, dtypes=tuple(
             numpy.dtype(t) for t in (numpy.int32, numpy.int64)), shape=(b, s))
-        if kind == "numpy" and (ids.min() < 0 or ids.max() >= 2**31):  # GPU ones: no sync to read them
+        if module_of(ids) is numpy and (ids.min() < 0 or ids.max() >= 2**31):  # GPU ones: no sync to read them
             raise ValueError(f"position_ids: expected positions in [0, 2^31); got {ids.min()} to {ids.max()}")
         return ids
 
@@ -172,7 +172,7 @@ def attention_reference(q, keys, values, start, mask=None, alibi=None, scale=1.0
     start[b] .. start[b] + S and its keys are the first start[b] + S slots (those past it may hold anything);
     ``mask`` broadcastable to [B, h, S, T' >= T] (additive or boolean) or None; ``alibi`` [B, h, 1, T] or None;
     ``causal``; ``window`` keys (None: none)."""
-    xp = numpy if isinstance(q, numpy.ndarray) else import_cupy()
+    xp = module_of(q)
     b, h, s, d = q.shape
     kv, t = keys.shape[1], keys.shape[2]
     keys_len = start + s

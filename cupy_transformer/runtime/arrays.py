@@ -60,6 +60,12 @@ def array_module(backend: str):
     return numpy if backend == "numpy" else import_cupy()
 
 
+def module_of(array: Any):
+    """NumPy for a NumPy array, CuPy for any other (already converted) array: with ``array_module``, the one way
+    this package asks whether it is on the NumPy path (``xp is numpy``)."""
+    return numpy if isinstance(array, numpy.ndarray) else import_cupy()
+
+
 def gpu_available() -> bool:
     """Whether CuPy is installed and sees a CUDA device (the question behind choosing the ``"cupy"`` backend)."""
     try:

@@ -20,7 +20,7 @@ def twin_caches(rng, dtype, kv, tokens, d, lengths, kinds=("numpy", "cupy")):
     caches = [KVCache(1, len(lengths), kv, tokens, d, dtype, backend=kind) for kind in kinds]
     content = [random(rng, (1, len(lengths), kv, tokens, d), dtype) for _ in range(2)]
     for cache in caches:
-        if cache.kind == "numpy":
+        if cache.backend == "numpy":
             xp = numpy
         else:
             import cupy as xp

@@ -79,7 +79,7 @@ def after_a_past(rng, launch, dtype, heads, kv, d, rule):
     content = [random(rng, (1, 3, kv, room, d), dtype) for _ in range(2)]
     caches = [KVCache(1, 3, kv, room, d, dtype, backend=kind) for kind in ("numpy", "cupy")]
     for cache in caches:
-        xp = numpy if cache.kind == "numpy" else cupy
+        xp = numpy if cache.backend == "numpy" else cupy
         cache.keys[...], cache.values[...] = xp.asarray(content[0]), xp.asarray(content[1])
         if xp is cupy:
             nan_past(cache, pasts)
@@ -184,7 +184,7 @@ def on_a_long_context(rng, launch):
     content = [random(rng, (1, 3, 2, room, 128), numpy.float16) for _ in range(2)]
     caches = [KVCache(1, 3, 2, room, 128, numpy.float16, backend=kind) for kind in ("numpy", "cupy")]
     for cache in caches:
-        xp = numpy if cache.kind == "numpy" else cupy
+        xp = numpy if cache.backend == "numpy" else cupy
         cache.keys[...], cache.values[...] = xp.asarray(content[0]), xp.asarray(content[1])
         cache.set_lengths(pasts)
     qkv = random(rng, (3, s, 8 * 128), numpy.float16)
