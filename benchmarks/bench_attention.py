@@ -23,8 +23,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (  # noqa: E402
-    copy_bandwidth_gbs, difference_line, fastest_in_turn, free_gpu_memory, header, memcpy_us, read_launch,
-    spin_up, time_us, write_table)
+    copy_bandwidth_gbs,
+    difference_line,
+    fastest_in_turn,
+    free_gpu_memory,
+    header,
+    memcpy_us,
+    read_launch,
+    spin_up,
+    time_us,
+    write_table,
+)
 from cupy_transformer.kv_cache import KVCache  # noqa: E402
 from cupy_transformer.ops import InferenceConfig, SoftmaxOp  # noqa: E402
 from cupy_transformer.ops.decode_attention import decode_attention  # noqa: E402
@@ -35,15 +44,28 @@ CASES = [(1, 32, 32, 4096), (16, 32, 32, 4096), (1, 32, 8, 4096), (16, 32, 8, 40
 D = 128
 # Prefill: (B, H, S, D, keys a query sees: "causal", "all", or "padding" (a boolean mask a sequence keeping
 # its first S/2 to S keys, every query))
-PREFILL = [(8, 16, 2048, 64, "causal"), (4, 32, 4096, 128, "causal"), (8, 16, 2048, 64, "all"),
-           (4, 32, 4096, 128, "all"), (32, 16, 512, 64, "causal"), (128, 16, 256, 64, "causal"),
-           (32, 32, 512, 128, "causal"), (64, 12, 256, 32, "padding"), (64, 12, 384, 64, "padding")]
+PREFILL = [
+    (8, 16, 2048, 64, "causal"),
+    (4, 32, 4096, 128, "causal"),
+    (8, 16, 2048, 64, "all"),
+    (4, 32, 4096, 128, "all"),
+    (32, 16, 512, 64, "causal"),
+    (128, 16, 256, 64, "causal"),
+    (32, 32, 512, 128, "causal"),
+    (64, 12, 256, 32, "padding"),
+    (64, 12, 384, 64, "padding"),
+]
 # SoftmaxOp: (B, h, Q, K, causal, mask kind, alibi)
-SOFTMAX = [(4, 16, 2048, 2048, True, "additive", False), (8, 16, 512, 512, False, "bool", True),
-           (16, 32, 1, 16384, False, "bool", False), (1, 32, 1, 131072, False, None, True),
-           (8, 32, 128, 128, True, None, False), (16, 16, 1024, 1024, True, None, False),
-           (2, 32, 1024, 4096, True, "bool", False),
-           (1, 32, 2048, 8192, True, None, False)]
+SOFTMAX = [
+    (4, 16, 2048, 2048, True, "additive", False),
+    (8, 16, 512, 512, False, "bool", True),
+    (16, 32, 1, 16384, False, "bool", False),
+    (1, 32, 1, 131072, False, None, True),
+    (8, 32, 128, 128, True, None, False),
+    (16, 16, 1024, 1024, True, None, False),
+    (2, 32, 1024, 4096, True, "bool", False),
+    (1, 32, 2048, 8192, True, None, False),
+]
 
 
 def on_flash(fn):
@@ -52,6 +74,7 @@ def on_flash(fn):
     def run():
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return fn()
+
     return run
 
 
@@ -92,22 +115,30 @@ def prefill_rows() -> list[str]:
 
         # In turn over three rounds (timed once, right after the matmul rate, ours read 13% slower on an H200
         # than in an A/B run minutes later).
-        fns = {"ours": lambda: launcher(q, k, v, start, mask, None, d**-0.5, causal, 0),
-               "other": lambda: prefill_attention(q, k, v, start, mask, None, d**-0.5, causal, 0), "theirs": sdpa}
+        fns = {
+            "ours": lambda: launcher(q, k, v, start, mask, None, d**-0.5, causal, 0),
+            "other": lambda: prefill_attention(q, k, v, start, mask, None, d**-0.5, causal, 0),
+            "theirs": sdpa,
+        }
         if mask is None:
             fns["flash"] = on_flash(sdpa)
         t = fastest_in_turn(fns, reps=20)
         ours, other, theirs, flash = t["ours"], t["other"], t["theirs"], t.get("flash")
         got = launcher(q, k, v, start, mask, None, d**-0.5, causal, 0).reshape(b, s, h, d)
-        err = float(cupy.linalg.norm(got.astype(cupy.float32) - cupy.asarray(sdpa().transpose(1, 2)).astype(
-            cupy.float32)) / cupy.linalg.norm(got.astype(cupy.float32)))
+        err = float(
+            cupy.linalg.norm(got.astype(cupy.float32) - cupy.asarray(sdpa().transpose(1, 2)).astype(cupy.float32))
+            / cupy.linalg.norm(got.astype(cupy.float32))
+        )
         flops = 4 * b * h * s * s * d / (2 if causal else 1)
         tf = [flops / us / 1e6 for us in (ours, theirs)]
-        flash_us, flash_tf, vs_flash = (f"{flash:.0f}", f"{flops / flash / 1e6:.0f}", f"{flash / ours:.2f}") \
-            if flash else ("-",) * 3
-        line = (f"| {b} | {h} | {s} | {d} | {keys} | {ours:.0f} | {tf[0]:.0f} | {100 * tf[0] / rate:.0f}% | "
-                f"{other:.0f} | {theirs:.0f} | {tf[1]:.0f} | {flash_us} | {flash_tf} | {theirs / ours:.2f} | "
-                f"{vs_flash} |")
+        flash_us, flash_tf, vs_flash = (
+            (f"{flash:.0f}", f"{flops / flash / 1e6:.0f}", f"{flash / ours:.2f}") if flash else ("-",) * 3
+        )
+        line = (
+            f"| {b} | {h} | {s} | {d} | {keys} | {ours:.0f} | {tf[0]:.0f} | {100 * tf[0] / rate:.0f}% | "
+            f"{other:.0f} | {theirs:.0f} | {tf[1]:.0f} | {flash_us} | {flash_tf} | {theirs / ours:.2f} | "
+            f"{vs_flash} |"
+        )
         print(line, f"(rel. diff vs SDPA {err:.1e})")
         lines.append(line)
         errors.append(err)
@@ -133,10 +164,18 @@ def softmax_rows(copy) -> list[str]:
     for b, h, q, k, causal, mask_kind, with_alibi in SOFTMAX:
         s = cupy.random.standard_normal((b, h, q, k), dtype=cupy.float32).astype(cupy.float16)
         keep = cupy.random.random((b, k)) < 0.9
-        mask = None if mask_kind is None else keep if mask_kind == "bool" else cupy.where(keep, 0, -1e4).astype(
-            cupy.float16)
-        alibi = (cupy.random.standard_normal((b, h, 1, k), dtype=cupy.float32) * 0.1).astype(cupy.float16) \
-            if with_alibi else None
+        mask = (
+            None
+            if mask_kind is None
+            else keep
+            if mask_kind == "bool"
+            else cupy.where(keep, 0, -1e4).astype(cupy.float16)
+        )
+        alibi = (
+            (cupy.random.standard_normal((b, h, 1, k), dtype=cupy.float32) * 0.1).astype(cupy.float16)
+            if with_alibi
+            else None
+        )
         op = SoftmaxOp(InferenceConfig(hidden_size=h * 64, heads=h, dtype=numpy.float16))
         ours = time_us(lambda: op(s, mask, alibi, causal, layer_scale=0.125), [()], reps=30)
         same = memcpy_us(s.nbytes, reps=30)
@@ -161,9 +200,11 @@ def softmax_rows(copy) -> list[str]:
         want = cupy.asarray(reference()).astype(cupy.float32)
         errors.append(float(cupy.linalg.norm(got - want) / cupy.linalg.norm(want)))
         gbs = 2 * s.nbytes / ours / 1e3
-        line = (f"| {b} | {h} | {q} | {k} | {'yes' if causal else 'no'} | {mask_kind or '-'} | "
-                f"{'yes' if with_alibi else '-'} | {ours:.1f} | {gbs:.0f} | {100 * gbs / copy:.0f}% | {same:.1f} | "
-                f"{100 * same / ours:.0f}% | {theirs:.1f} | {theirs / ours:.2f} |")
+        line = (
+            f"| {b} | {h} | {q} | {k} | {'yes' if causal else 'no'} | {mask_kind or '-'} | "
+            f"{'yes' if with_alibi else '-'} | {ours:.1f} | {gbs:.0f} | {100 * gbs / copy:.0f}% | {same:.1f} | "
+            f"{100 * same / ours:.0f}% | {theirs:.1f} | {theirs / ours:.2f} |"
+        )
         print(line, f"(rel. diff vs torch {errors[-1]:.1e})")
         lines.append(line)
         s = mask = alibi = ts = tmask = talibi = None
@@ -205,8 +246,11 @@ def main():
 
         flash_sdpa = on_flash(sdpa)
         nbytes = 2 * b * kv * t * D * 2
-        runs = {"ours": lambda: decode_attention(q, cache, 0, lo, hi, None, None, D**-0.5), "theirs": sdpa,
-                "read": read_launch(cupy.empty(nbytes, cupy.uint8))}
+        runs = {
+            "ours": lambda: decode_attention(q, cache, 0, lo, hi, None, None, D**-0.5),
+            "theirs": sdpa,
+            "read": read_launch(cupy.empty(nbytes, cupy.uint8)),
+        }
         try:
             flash_sdpa()
             runs["flash"] = flash_sdpa
@@ -217,9 +261,11 @@ def main():
         gbs = nbytes / ours / 1e3
         got = decode_attention(q, cache, 0, lo, hi, None, None, D**-0.5).reshape(b, h, D).astype(cupy.float32)
         err = float(cupy.linalg.norm(got - cupy.asarray(sdpa()[:, :, 0]).astype(cupy.float32)) / cupy.linalg.norm(got))
-        line = (f"| {b} | {h} | {kv} | {t} | {nbytes / 1e6:.1f} | {ours:.1f} | {gbs:.0f} | {100 * gbs / copy:.0f}% "
-                f"| {floor:.1f} | {100 * floor / ours:.0f}% | {theirs:.1f} | {flash:.1f} | {theirs / ours:.2f} "
-                f"| {flash / ours:.2f} |")
+        line = (
+            f"| {b} | {h} | {kv} | {t} | {nbytes / 1e6:.1f} | {ours:.1f} | {gbs:.0f} | {100 * gbs / copy:.0f}% "
+            f"| {floor:.1f} | {100 * floor / ours:.0f}% | {theirs:.1f} | {flash:.1f} | {theirs / ours:.2f} "
+            f"| {flash / ours:.2f} |"
+        )
         print(line, f"(rel. diff vs SDPA {err:.1e})")
         lines.append(line)
         errors.append(err)

@@ -22,7 +22,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_ops import GEMV_SHAPES  # noqa: E402
 from benchmarks.common import (  # noqa: E402
-    copy_bandwidth_gbs, difference_line, free_gpu_memory, header, read_launch, spin_up, time_us, write_table)
+    copy_bandwidth_gbs,
+    difference_line,
+    free_gpu_memory,
+    header,
+    read_launch,
+    spin_up,
+    time_us,
+    write_table,
+)
 from cupy_transformer.ops.gemv import gemv  # noqa: E402
 from cupy_transformer.ops.matmul import gemv_choice, matmul  # noqa: E402
 
@@ -49,10 +57,15 @@ def copies(nbytes: int) -> int:
 def read_rows(copy) -> list[str]:
     empty = cupy.RawKernel('extern "C" __global__ void empty() {}', "empty")
     empty_us = time_us(lambda: empty((1,), (32,), ()), [()])
-    lines = ["", f"Reading N MB once: a plain read kernel event-timed on its own (as bench_ops times the GEMV: "
-             f"an empty kernel takes {empty_us:.2f} µs that way), and per read in a graph of back-to-back reads "
-             "of different buffers. GB/s and % of the copy rate.", "",
-             "| MB | alone µs | GB/s | of copy | in a graph µs | GB/s | of copy |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        f"Reading N MB once: a plain read kernel event-timed on its own (as bench_ops times the GEMV: "
+        f"an empty kernel takes {empty_us:.2f} µs that way), and per read in a graph of back-to-back reads "
+        "of different buffers. GB/s and % of the copy rate.",
+        "",
+        "| MB | alone µs | GB/s | of copy | in a graph µs | GB/s | of copy |",
+        "|---|---|---|---|---|---|---|",
+    ]
     print("\n".join(lines))
     for mb in (5.1, 20.5, 33.6, 90.2, 134.2, 268.4):
         nbytes = int(mb * 1e6) // 16 * 16
@@ -60,8 +73,10 @@ def read_rows(copy) -> list[str]:
         alone = time_us(read_launch(bufs[0]), [()], reps=30)
         graph = time_us(captured([read_launch(b) for b in bufs]), [()], reps=20) / len(bufs)
         rates = [nbytes / us / 1e3 for us in (alone, graph)]
-        line = (f"| {mb} | {alone:.1f} | {rates[0]:.0f} | {100 * rates[0] / copy:.0f}% | {graph:.1f} | {rates[1]:.0f} "
-                f"| {100 * rates[1] / copy:.0f}% |")
+        line = (
+            f"| {mb} | {alone:.1f} | {rates[0]:.0f} | {100 * rates[0] / copy:.0f}% | {graph:.1f} | {rates[1]:.0f} "
+            f"| {100 * rates[1] / copy:.0f}% |"
+        )
         print(line)
         lines.append(line)
         bufs = None
@@ -70,14 +85,18 @@ def read_rows(copy) -> list[str]:
 
 
 def gemv_rows(copy) -> list[str]:
-    lines = ["", "Per product in a graph of N products over N weight copies (fp16, bias): GEMV = the GEMV kernel, "
-             "op = ops.matmul, which runs the GEMV or cuBLASLt ('op runs': the faster in a graph when its first "
-             "eager call timed both), each captured by CuPy; torch = addmm (cuBLAS) in torch.cuda.graph; read = a "
-             "plain read of each weight in a graph. GB/s of weight bytes; 'of copy' against the copy rate; 'of "
-             "read' = read time / GEMV's; 'vs torch' = torch time / ours.", "",
-             "| K x N | layout | rows | weights MB | N | GEMV µs | GB/s | of copy | of read | op runs | op µs "
-             "| torch µs | GEMV vs torch | op vs torch | read µs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "Per product in a graph of N products over N weight copies (fp16, bias): GEMV = the GEMV kernel, "
+        "op = ops.matmul, which runs the GEMV or cuBLASLt ('op runs': the faster in a graph when its first "
+        "eager call timed both), each captured by CuPy; torch = addmm (cuBLAS) in torch.cuda.graph; read = a "
+        "plain read of each weight in a graph. GB/s of weight bytes; 'of copy' against the copy rate; 'of "
+        "read' = read time / GEMV's; 'vs torch' = torch time / ours.",
+        "",
+        "| K x N | layout | rows | weights MB | N | GEMV µs | GB/s | of copy | of read | op runs | op µs "
+        "| torch µs | GEMV vs torch | op vs torch | read µs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     print("\n".join(lines))
     diffs = []
     for k, n in GEMV_SHAPES[:1] + [(1600, 4800)] + GEMV_SHAPES[1:]:  # and GPT-2 XL's fused QKV
@@ -95,10 +114,16 @@ def gemv_rows(copy) -> list[str]:
                 x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
                 xc = cupy.from_dlpack(x)
                 outs, op_outs = [], []
-                ours = time_us(captured([lambda w=w: outs.append(gemv(xc, w, transposed, bc)) for w in wc]), [()],
-                               reps=20) / count
-                op = time_us(captured([lambda w=w: op_outs.append(matmul(xc, w, transposed, bc)) for w in wc]),
-                             [()], reps=20) / count  # the warm-up calls before capture time the choice
+                ours = (
+                    time_us(captured([lambda w=w: outs.append(gemv(xc, w, transposed, bc)) for w in wc]), [()], reps=20)
+                    / count
+                )
+                op = (
+                    time_us(
+                        captured([lambda w=w: op_outs.append(matmul(xc, w, transposed, bc)) for w in wc]), [()], reps=20
+                    )
+                    / count
+                )  # the warm-up calls before capture time the choice
                 op_runs = "GEMV" if gemv_choice(xc, wc[0], transposed, bc)[1] else "cuBLASLt"
                 side = torch.cuda.Stream()
                 with torch.cuda.stream(side):
@@ -115,9 +140,11 @@ def gemv_rows(copy) -> list[str]:
                     diffs.append(float(cupy.linalg.norm(got - want) / cupy.linalg.norm(want)))
                 gbs = nbytes / ours / 1e3
                 layout = "[out,in]" if transposed else "[in,out]"
-                line = (f"| {k}x{n} | {layout} | {rows} | {nbytes / 1e6:.1f} | {count} "
-                        f"| {ours:.1f} | {gbs:.0f} | {100 * gbs / copy:.0f}% | {100 * read_us / ours:.0f}% | {op_runs} "
-                        f"| {op:.1f} | {theirs:.1f} | {theirs / ours:.2f} | {theirs / op:.2f} | {read_us:.1f} |")
+                line = (
+                    f"| {k}x{n} | {layout} | {rows} | {nbytes / 1e6:.1f} | {count} "
+                    f"| {ours:.1f} | {gbs:.0f} | {100 * gbs / copy:.0f}% | {100 * read_us / ours:.0f}% | {op_runs} "
+                    f"| {op:.1f} | {theirs:.1f} | {theirs / ours:.2f} | {theirs / op:.2f} | {read_us:.1f} |"
+                )
                 print(line)
                 lines.append(line)
                 graph = theirs_out = outs = op_outs = None
@@ -130,8 +157,11 @@ def gemv_rows(copy) -> list[str]:
 def main():
     spin_up()
     copy = copy_bandwidth_gbs()
-    lines = [header("Decode GEMVs in a CUDA graph, as a captured decode step runs them (fp16)"), "",
-             f"Copy rate measured here: {copy:.0f} GB/s (1 GiB memcpy, read + written)."]
+    lines = [
+        header("Decode GEMVs in a CUDA graph, as a captured decode step runs them (fp16)"),
+        "",
+        f"Copy rate measured here: {copy:.0f} GB/s (1 GiB memcpy, read + written).",
+    ]
     lines += read_rows(copy)
     lines += gemv_rows(copy)
     write_table("gemv-captured", lines)

@@ -17,7 +17,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (  # noqa: E402
-    copies_for, copy_bandwidth_gbs, free_gpu_memory, header, host_us, spin_up, time_us, write_table)
+    copies_for,
+    copy_bandwidth_gbs,
+    free_gpu_memory,
+    header,
+    host_us,
+    spin_up,
+    time_us,
+    write_table,
+)
 from cupy_transformer import ops  # noqa: E402
 from cupy_transformer.ops.norm import NORM_KERNELS, kernel_name  # noqa: E402
 
@@ -44,15 +52,24 @@ def run(shape, dtype_name, copy_gbs):
 
     t_copy = time_us(copy, list(zip(xc, oc)))
     for name, ours, theirs in (
-        ("layer_norm", lambda x, o: ops.layer_norm(x, gc, bc, eps=1e-5, out=o),
-         lambda x, o: F.layer_norm(x, (width,), gamma, beta, 1e-5)),
-        ("rms_norm", lambda x, o: ops.rms_norm(x, gc, eps=1e-6, out=o),
-         lambda x, o: F.rms_norm(x, (width,), gamma, 1e-6)),
+        (
+            "layer_norm",
+            lambda x, o: ops.layer_norm(x, gc, bc, eps=1e-5, out=o),
+            lambda x, o: F.layer_norm(x, (width,), gamma, beta, 1e-5),
+        ),
+        (
+            "rms_norm",
+            lambda x, o: ops.rms_norm(x, gc, eps=1e-6, out=o),
+            lambda x, o: F.rms_norm(x, (width,), gamma, 1e-6),
+        ),
     ):
         # Correctness against torch in fp32 before timing.
         ours(xc[0], oc[0])
-        ref = (F.layer_norm(xs[0].float(), (width,), gamma.float(), beta.float(), 1e-5) if name == "layer_norm"
-               else F.rms_norm(xs[0].float(), (width,), gamma.float(), 1e-6))
+        ref = (
+            F.layer_norm(xs[0].float(), (width,), gamma.float(), beta.float(), 1e-5)
+            if name == "layer_norm"
+            else F.rms_norm(xs[0].float(), (width,), gamma.float(), 1e-6)
+        )
         err = float((outs[0].float() - ref).norm() / ref.norm())
         t_ours = time_us(ours, list(zip(xc, oc)))
         t_torch = time_us(theirs, list(zip(xs, outs)))
@@ -82,8 +99,24 @@ def sweep(copy_gbs):
         name = kernel_name(numpy.dtype(numpy.float16), 8, vpt, warp_per_row=False, aligned=True)
 
         def launch(x, y):  # LayerNorm, no pre-add, every slot aligned; x and g stand in for the unread pointers
-            NORM_KERNELS.launch(name, (rows,), (threads,), x=x, residual=x, add_bias=g, gamma=g, beta=g, y=y, sum=y,
-                                rows=rows, width=width, eps=1e-5, mode=0, pre_add=0, params_aligned=1)
+            NORM_KERNELS.launch(
+                name,
+                (rows,),
+                (threads,),
+                x=x,
+                residual=x,
+                add_bias=g,
+                gamma=g,
+                beta=g,
+                y=y,
+                sum=y,
+                rows=rows,
+                width=width,
+                eps=1e-5,
+                mode=0,
+                pre_add=0,
+                params_aligned=1,
+            )
 
         for flush in ("read", "write"):
             us = time_us(launch, list(zip(xs, ys)), flush=flush)
@@ -138,7 +171,7 @@ def main():
     for name in NORM_KERNELS.name_expressions:
         k = NORM_KERNELS.kernel(name)
         lines.append(f"- `{name}`: {k.num_regs} registers, {k.local_size_bytes} B local")
-    print("\n".join(lines[-len(NORM_KERNELS.name_expressions) - 1:]))
+    print("\n".join(lines[-len(NORM_KERNELS.name_expressions) - 1 :]))
     write_table("norm", lines)
 
 

@@ -20,8 +20,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (  # noqa: E402
-    copy_bandwidth_gbs, fastest_in_turn, free_gpu_memory, header, memcpy_us, read_floor_us, spin_up, time_us,
-    write_table)
+    copy_bandwidth_gbs,
+    fastest_in_turn,
+    free_gpu_memory,
+    header,
+    memcpy_us,
+    read_floor_us,
+    spin_up,
+    time_us,
+    write_table,
+)
 from cupy_transformer import ops  # noqa: E402
 
 MODELS = {"GPT-2-XL": (1600, 6400, "LayerNorm", "GELU"), "LLaMA-7B": (4096, 11008, "RMSNorm", "GATED_SILU")}
@@ -42,16 +50,33 @@ def cases(hidden, inter, norm, act, rows):
     """(op name, ours, torch, cuBLAS-only, bytes, flops, bytes of our passes outside cuBLAS) for one size."""
     gated = act == "GATED_SILU"
     inter1 = 2 * inter if gated else inter
-    cfg = ops.InferenceConfig(hidden_size=hidden, heads=32, intermediate_size=inter, norm_type=norm,
-                              mlp_act_func_type=act, epsilon=1e-5)
+    cfg = ops.InferenceConfig(
+        hidden_size=hidden, heads=32, intermediate_size=inter, norm_type=norm, mlp_act_func_type=act, epsilon=1e-5
+    )
     x, r, a = t(rows, hidden), t(rows, hidden), t(rows, hidden)
     w_qkv, b_qkv = t(hidden, 3 * hidden, scale=hidden**-0.5), t(3 * hidden)
     w_o = t(hidden, hidden, scale=hidden**-0.5)
     w1, b1 = t(hidden, inter1, scale=hidden**-0.5), t(inter1)
     w2, b2 = t(inter, hidden, scale=inter**-0.5), t(hidden)
     gamma, beta, b_o = t(hidden) + 1, t(hidden), t(hidden)
-    c = {k: cupy.from_dlpack(v) for k, v in dict(x=x, r=r, a=a, w_qkv=w_qkv, b_qkv=b_qkv, w_o=w_o, w1=w1, b1=b1, w2=w2,
-                                                 b2=b2, gamma=gamma, beta=beta, b_o=b_o).items()}
+    c = {
+        k: cupy.from_dlpack(v)
+        for k, v in dict(
+            x=x,
+            r=r,
+            a=a,
+            w_qkv=w_qkv,
+            b_qkv=b_qkv,
+            w_o=w_o,
+            w1=w1,
+            b1=b1,
+            w2=w2,
+            b2=b2,
+            gamma=gamma,
+            beta=beta,
+            b_o=b_o,
+        ).items()
+    }
     rms = norm == "RMSNorm"
     mm = cupy.matmul
     h_act = cupy.empty((rows, inter), cupy.float16)  # the second GEMM's input, for the cuBLAS-only time
@@ -67,53 +92,103 @@ def cases(hidden, inter, norm, act, rows):
     beta_c = None if rms else c["beta"]
     act_bytes = 2 * rows * hidden * 2
     row_bytes = rows * hidden * 2
-    yield ("LinearOp (QKV)", lambda: linear(c["x"], c["w_qkv"], c["b_qkv"]), lambda: torch.addmm(b_qkv, x, w_qkv),
-           lambda: mm(c["x"], c["w_qkv"]), w_qkv.nbytes + 4 * row_bytes, 2 * rows * hidden * 3 * hidden, 0)
-    yield ("VectorMatMulOp (out proj)", lambda: vmm(c["a"], c["w_o"]), lambda: a @ w_o, lambda: mm(c["a"], c["w_o"]),
-           w_o.nbytes + act_bytes, 2 * rows * hidden * hidden, 0)
+    yield (
+        "LinearOp (QKV)",
+        lambda: linear(c["x"], c["w_qkv"], c["b_qkv"]),
+        lambda: torch.addmm(b_qkv, x, w_qkv),
+        lambda: mm(c["x"], c["w_qkv"]),
+        w_qkv.nbytes + 4 * row_bytes,
+        2 * rows * hidden * 3 * hidden,
+        0,
+    )
+    yield (
+        "VectorMatMulOp (out proj)",
+        lambda: vmm(c["a"], c["w_o"]),
+        lambda: a @ w_o,
+        lambda: mm(c["a"], c["w_o"]),
+        w_o.nbytes + act_bytes,
+        2 * rows * hidden * hidden,
+        0,
+    )
     # QKVGemmOp's norm pass reads x and writes xn (which the op returns).
-    yield ("QKVGemmOp (norm + QKV)", lambda: qkv(c["x"], c["w_qkv"], c["b_qkv"], c["gamma"], beta_c),
-           lambda: torch.addmm(b_qkv, torch_norm(x), w_qkv), lambda: mm(c["x"], c["w_qkv"]),
-           w_qkv.nbytes + 5 * row_bytes, 2 * rows * hidden * 3 * hidden, 2 * row_bytes)
+    yield (
+        "QKVGemmOp (norm + QKV)",
+        lambda: qkv(c["x"], c["w_qkv"], c["b_qkv"], c["gamma"], beta_c),
+        lambda: torch.addmm(b_qkv, torch_norm(x), w_qkv),
+        lambda: mm(c["x"], c["w_qkv"]),
+        w_qkv.nbytes + 5 * row_bytes,
+        2 * rows * hidden * 3 * hidden,
+        2 * row_bytes,
+    )
     mlp_bytes = w1.nbytes + w2.nbytes + 4 * row_bytes
     mlp_flops = 2 * rows * hidden * (inter1 + inter)
     # MLPGemmOp's add + norm pass reads input and residual and writes xn (and the sum z for RMSNorm); the
     # gated pass reads [up | gate] and writes their product.
     gated_bytes = 3 * rows * inter * 2 if gated else 0
-    yield ("MLPGemmOp (add + norm + MLP)",
-           lambda: mlp(c["a"], c["r"], c["w1"], c["w2"], c["b_o"], c["b1"], c["gamma"], beta_c),
-           lambda: torch_act(torch.addmm(b1, torch_norm(a + r + b_o), w1)) @ w2,
-           lambda: (mm(c["x"], c["w1"]), mm(h_act, c["w2"])), mlp_bytes, mlp_flops,
-           (4 if rms else 3) * row_bytes + gated_bytes)
+    yield (
+        "MLPGemmOp (add + norm + MLP)",
+        lambda: mlp(c["a"], c["r"], c["w1"], c["w2"], c["b_o"], c["b1"], c["gamma"], beta_c),
+        lambda: torch_act(torch.addmm(b1, torch_norm(a + r + b_o), w1)) @ w2,
+        lambda: (mm(c["x"], c["w1"]), mm(h_act, c["w2"])),
+        mlp_bytes,
+        mlp_flops,
+        (4 if rms else 3) * row_bytes + gated_bytes,
+    )
     if not gated:
-        yield ("GELUGemmOp (MLP, no norm)", lambda: gelu(c["x"], c["w1"], c["b1"], c["w2"]),
-               lambda: F.gelu(torch.addmm(b1, x, w1), approximate="tanh") @ w2,
-               lambda: (mm(c["x"], c["w1"]), mm(h_act, c["w2"])), mlp_bytes, mlp_flops, 0)
-    yield ("ResidualAddOp",
-           lambda: res(c["x"], c["r"], add_bias=True, attention_output=c["a"], attention_bias=c["b_o"],
-                       final_bias=c["b2"]),
-           lambda: x + r + a + b_o + b2, None, 4 * row_bytes, 0, 0)
+        yield (
+            "GELUGemmOp (MLP, no norm)",
+            lambda: gelu(c["x"], c["w1"], c["b1"], c["w2"]),
+            lambda: F.gelu(torch.addmm(b1, x, w1), approximate="tanh") @ w2,
+            lambda: (mm(c["x"], c["w1"]), mm(h_act, c["w2"])),
+            mlp_bytes,
+            mlp_flops,
+            0,
+        )
+    yield (
+        "ResidualAddOp",
+        lambda: res(
+            c["x"], c["r"], add_bias=True, attention_output=c["a"], attention_bias=c["b_o"], final_bias=c["b2"]
+        ),
+        lambda: x + r + a + b_o + b2,
+        None,
+        4 * row_bytes,
+        0,
+        0,
+    )
 
 
 def elementwise_rows(copy_gbs):
     """The elementwise passes alone at prefill size, GB/s of bytes read + written, against the 1 GiB copy rate
     and against a memcpy moving the same bytes timed the same way (the fair ceiling at that size)."""
-    lines = ["", "Elementwise passes alone (fp16, 2048 rows): GB/s of bytes read + written; 'of copy' against the "
-             "copy rate above; 'same-size copy' is a device-to-device memcpy moving as many bytes (read + written), "
-             "timed the same way, and 'of that' = its time / ours.", "",
-             "| pass | shape | ours µs | GB/s | of copy | same-size copy µs | of that | torch µs | vs torch |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name, act, width in [("bias + gated SiLU (LLaMA-7B MLP)", "GATED_SILU", 2 * 11008),
-                             ("bias + GELU tanh (GPT-2-XL MLP)", "GELU", 6400),
-                             ("bias + GELU erf (BERT)", "GELU_EXACT", 3072),
-                             ("ResidualAddOp (GPT-2-XL)", None, 1600), ("ResidualAddOp (LLaMA-7B)", None, 4096)]:
+    lines = [
+        "",
+        "Elementwise passes alone (fp16, 2048 rows): GB/s of bytes read + written; 'of copy' against the "
+        "copy rate above; 'same-size copy' is a device-to-device memcpy moving as many bytes (read + written), "
+        "timed the same way, and 'of that' = its time / ours.",
+        "",
+        "| pass | shape | ours µs | GB/s | of copy | same-size copy µs | of that | torch µs | vs torch |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, act, width in [
+        ("bias + gated SiLU (LLaMA-7B MLP)", "GATED_SILU", 2 * 11008),
+        ("bias + GELU tanh (GPT-2-XL MLP)", "GELU", 6400),
+        ("bias + GELU erf (BERT)", "GELU_EXACT", 3072),
+        ("ResidualAddOp (GPT-2-XL)", None, 1600),
+        ("ResidualAddOp (LLaMA-7B)", None, 4096),
+    ]:
         if act is None:  # out = x + residual + attention output + two biases (pre-LN, mp_size 1)
             cfg = ops.InferenceConfig(hidden_size=width, heads=32, intermediate_size=4 * width)
             res = ops.ResidualAddOp(cfg)
             x, r, a, b1, b2 = t(2048, width), t(2048, width), t(2048, width), t(width), t(width)
             xc, rc, ac, b1c, b2c = (cupy.from_dlpack(v) for v in (x, r, a, b1, b2))
-            run = lambda: res(xc, rc, add_bias=True, attention_output=ac,  # noqa: E731
-                              attention_bias=b1c, final_bias=b2c)
+            run = lambda: res(
+                xc,
+                rc,
+                add_bias=True,
+                attention_output=ac,  # noqa: E731
+                attention_bias=b1c,
+                final_bias=b2c,
+            )
             ref = lambda: x + r + a + b1 + b2  # noqa: E731
             nbytes = 4 * x.nbytes
         else:
@@ -129,8 +204,10 @@ def elementwise_rows(copy_gbs):
             run = lambda: ops.bias_act(hc, bc, act)  # noqa: E731
         ours, theirs, same = time_us(run, [()]), time_us(ref, [()]), memcpy_us(nbytes // 2)
         gbs = nbytes / ours / 1e3
-        line = (f"| {name} | 2048x{width} | {ours:.1f} | {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% | {same:.1f} "
-                f"| {100 * same / ours:.0f}% | {theirs:.1f} | {theirs / ours:.2f} |")
+        line = (
+            f"| {name} | 2048x{width} | {ours:.1f} | {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% | {same:.1f} "
+            f"| {100 * same / ours:.0f}% | {theirs:.1f} | {theirs / ours:.2f} |"
+        )
         print(line)
         lines.append(line)
     return lines
@@ -171,9 +248,11 @@ def gemv_rows(copy_gbs):
                 plain = time_us(lambda: cupy.matmul(xc, wc.T if transposed else wc), [()])
                 gbs = w.nbytes / ours / 1e3
                 layout = "[out,in]" if transposed else "[in,out]"
-                line = (f"| {k}x{n} | {layout} | {rows} | {w.nbytes / 1e6:.1f} | {ours:.1f} "
-                        f"| {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% | {floor:.0f} | {plain:.1f} | {plain / ours:.2f} "
-                        f"| {theirs:.1f} | {theirs / ours:.2f} |")
+                line = (
+                    f"| {k}x{n} | {layout} | {rows} | {w.nbytes / 1e6:.1f} | {ours:.1f} "
+                    f"| {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% | {floor:.0f} | {plain:.1f} | {plain / ours:.2f} "
+                    f"| {theirs:.1f} | {theirs / ours:.2f} |"
+                )
                 print(line)
                 lines.append(line)
     return lines
@@ -214,8 +293,10 @@ def main():
                     cub = f"{t_cublas:.1f} | {t_cublas / t_ours:.2f} | {floor:.1f} | {floor / t_ours:.2f}"
                 else:
                     cub = "- | - | - | -"
-                line = (f"| {model} | {rows} | {name} | {t_ours:.1f} | {t_torch:.1f} | {t_torch / t_ours:.2f} | {cub} "
-                        f"| {rate} | {ceiling} |")
+                line = (
+                    f"| {model} | {rows} | {name} | {t_ours:.1f} | {t_torch:.1f} | {t_torch / t_ours:.2f} | {cub} "
+                    f"| {rate} | {ceiling} |"
+                )
                 print(line)
                 lines.append(line)
             free_gpu_memory()

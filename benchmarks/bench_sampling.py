@@ -19,8 +19,12 @@ from cupy_transformer import ops  # noqa: E402
 VOCABS = [(50257, torch.float16), (128256, torch.bfloat16)]
 BATCHES = [1, 16]
 # (name, temperature, top_k, top_p)
-MODES = [("greedy", 0.0, 0, 1.0), ("T 1", 1.0, 0, 1.0), ("T 0.8, top-k 50, top-p 0.9", 0.8, 50, 0.9),
-         ("T 0.8, top-p 0.9", 0.8, 0, 0.9)]
+MODES = [
+    ("greedy", 0.0, 0, 1.0),
+    ("T 1", 1.0, 0, 1.0),
+    ("T 0.8, top-k 50, top-p 0.9", 0.8, 50, 0.9),
+    ("T 0.8, top-p 0.9", 0.8, 0, 0.9),
+]
 
 
 def torch_sample(logits, temperature, top_k, top_p):
@@ -52,12 +56,16 @@ def rows(batch, vocab, dtype):
         assert ((drawn >= 0) & (drawn < vocab)).all(), drawn
         if temperature == 0:
             assert drawn.tolist() == torch.argmax(logits, dim=-1).tolist()
-        t = fastest_in_turn({
-            "ours": lambda: ops.sample_tokens(ours_in, tokens, state, temperature, top_k, top_p),
-            "torch": lambda: torch_sample(logits, temperature, top_k, top_p),
-        })
-        line = (f"| {batch} | {vocab} | {str(dtype).split('.')[-1]} | {name} | {t['ours']:.1f} | {t['torch']:.1f} "
-                f"| {t['torch'] / t['ours']:.2f} |")
+        t = fastest_in_turn(
+            {
+                "ours": lambda: ops.sample_tokens(ours_in, tokens, state, temperature, top_k, top_p),
+                "torch": lambda: torch_sample(logits, temperature, top_k, top_p),
+            }
+        )
+        line = (
+            f"| {batch} | {vocab} | {str(dtype).split('.')[-1]} | {name} | {t['ours']:.1f} | {t['torch']:.1f} "
+            f"| {t['torch'] / t['ours']:.2f} |"
+        )
         print(line)
         lines.append(line)
     free_gpu_memory()

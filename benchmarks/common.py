@@ -31,11 +31,7 @@ def commit() -> str:
 
 def header(title: str) -> str:
     today = datetime.date.today().isoformat()
-    return (
-        f"# {title}\n\n{card_name()}, {today}, commit {commit()}, CuPy {cupy.__version__}"
-        + _torch_version()
-        + "\n"
-    )
+    return f"# {title}\n\n{card_name()}, {today}, commit {commit()}, CuPy {cupy.__version__}" + _torch_version() + "\n"
 
 
 def _torch_version() -> str:
@@ -104,7 +100,7 @@ def fastest_in_turn(fns: dict, rounds: int = 3, **kwargs) -> dict:
     items = list(fns.items())
     best = {name: float("inf") for name in fns}
     for r in range(rounds + 1):
-        for name, fn in items[r % len(items):] + items[: r % len(items)]:
+        for name, fn in items[r % len(items) :] + items[: r % len(items)]:
             t = time_us(fn, [()], **kwargs)
             if r:
                 best[name] = min(best[name], t)
@@ -170,7 +166,8 @@ def read_launch(array):
     flight per thread): the floor for a kernel that streams those bytes."""
     global _READ
     if _READ is None:
-        _READ = cupy.RawKernel(r"""
+        _READ = cupy.RawKernel(
+            r"""
         extern "C" __global__ void read_all(const uint4* p, long long n, unsigned* sink) {
             unsigned acc = 0;
             const long long stride = (long long)gridDim.x * blockDim.x;
@@ -181,7 +178,9 @@ def read_launch(array):
             }
             for (; i < n; i += stride) acc ^= p[i].x;
             if (acc == 0x12345678u) *sink = acc;  // keeps the loads
-        }""", "read_all")
+        }""",
+            "read_all",
+        )
     sink = cupy.zeros(1, cupy.uint32)
     sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
     n = cupy.int64(array.nbytes // 16)

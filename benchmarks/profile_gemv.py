@@ -12,8 +12,14 @@ import cupy
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cupy_transformer.ops.gemv import gemv  # noqa: E402
 
-CASES = [(1600, 6400, False, 1), (1600, 6400, False, 8), (1600, 6400, True, 1), (1600, 6400, True, 8),
-         (8192, 8192, False, 8), (8192, 8192, True, 8)]
+CASES = [
+    (1600, 6400, False, 1),
+    (1600, 6400, False, 8),
+    (1600, 6400, True, 1),
+    (1600, 6400, True, 8),
+    (8192, 8192, False, 8),
+    (8192, 8192, True, 8),
+]
 
 
 def main():

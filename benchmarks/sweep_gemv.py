@@ -30,11 +30,15 @@ def main():
     spin_up()
     copy = copy_bandwidth_gbs()
     family = GEMV_KERNELS.extended(_kernel_names())  # the launcher's kernels and every variant's
-    print(f"{card_name()}: copy {copy:.0f} GB/s; GB/s of weights; columns: launcher, then pieces/chunks/blocks "
-          "a SM; read floor and cuBLAS last")
+    print(
+        f"{card_name()}: copy {copy:.0f} GB/s; GB/s of weights; columns: launcher, then pieces/chunks/blocks "
+        "a SM; read floor and cuBLAS last"
+    )
     for tr in (False, True):
-        print(f"{'[out,in]' if tr else '[in,out]'}: " + " | ".join(
-            v if v == "launcher" else "/".join(map(str, v)) for v in VARIANTS[tr]))
+        print(
+            f"{'[out,in]' if tr else '[in,out]'}: "
+            + " | ".join(v if v == "launcher" else "/".join(map(str, v)) for v in VARIANTS[tr])
+        )
     worst = 0.0
     for k, n in SHAPES:
         for transposed in (False, True):
@@ -53,8 +57,10 @@ def main():
                     cells.append(f"{w.nbytes / us / 1e3:.0f}")
                 us = time_us(lambda: cupy.matmul(x, w.T if transposed else w), [()], reps=30)
                 cells += [f"{floor:.0f}", f"{w.nbytes / us / 1e3:.0f}"]
-                print(f"| {k}x{n} | {'[out,in]' if transposed else '[in,out]'} | {rows} | " + " | ".join(cells) + " |",
-                      flush=True)
+                print(
+                    f"| {k}x{n} | {'[out,in]' if transposed else '[in,out]'} | {rows} | " + " | ".join(cells) + " |",
+                    flush=True,
+                )
     print(f"largest error vs cuBLAS (fp32 product of the same fp16 operands), relative to max |y|: {worst:.2e}")
 
 

@@ -37,9 +37,10 @@ def main():
             ref = cupy.asarray(ref.transpose(1, 2)).astype(cupy.float32)
             row = [f"D{d} B{b} H{h} S{s} causal={causal}: flash {flops / flash / 1e6:.0f}"]
             for g in GEOMETRIES[d]:
+
                 def run():
-                    return prefill_attention(q, k, v, start, None, None, d**-0.5, causal, 0, geometry=g,
-                                             family=family)
+                    return prefill_attention(q, k, v, start, None, None, d**-0.5, causal, 0, geometry=g, family=family)
+
                 got = run().reshape(b, s, h, d).astype(cupy.float32)
                 err = float(cupy.linalg.norm(got - ref) / cupy.linalg.norm(ref))
                 us = time_us(run, [()], reps=20)

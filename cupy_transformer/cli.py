@@ -85,7 +85,7 @@ def _embed(args: argparse.Namespace) -> int:
     tokenizer.enable_padding(pad_id=model.pad_id)
     rows = []
     for first in range(0, len(args.texts), args.batch_size):
-        encoded = tokenizer.encode_batch(args.texts[first:first + args.batch_size])
+        encoded = tokenizer.encode_batch(args.texts[first : first + args.batch_size])
         ids = numpy.array([e.ids for e in encoded])
         mask = numpy.array([e.attention_mask for e in encoded])
         e = model.embed(ids, mask)
@@ -95,8 +95,15 @@ def _embed(args: argparse.Namespace) -> int:
         numpy.save(args.out, embeddings)
         print(f"{embeddings.shape[0]} embeddings of {embeddings.shape[1]} dims written to {args.out}")
     else:
-        print(json.dumps({"model": str(folder), "texts": args.texts,
-                          "embeddings": [[round(float(v), 7) for v in row] for row in embeddings]}))
+        print(
+            json.dumps(
+                {
+                    "model": str(folder),
+                    "texts": args.texts,
+                    "embeddings": [[round(float(v), 7) for v in row] for row in embeddings],
+                }
+            )
+        )
     return 0
 
 
@@ -114,9 +121,16 @@ def _generate(args: argparse.Namespace) -> int:
         print(piece, end="", flush=True)
 
     text = generation.generate(
-        model, checkpoint.tokenizer(), [args.prompt], max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-        eos_token_id=eos if isinstance(eos, int) else None, stop=args.stop or (),
+        model,
+        checkpoint.tokenizer(),
+        [args.prompt],
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        eos_token_id=eos if isinstance(eos, int) else None,
+        stop=args.stop or (),
         stream=stream if args.stream else None,
     )[0]
     print() if args.stream else print(text)
@@ -127,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cupy-transformer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, GPU, compile cache, and which kernels compile")
-    info.add_argument("--arch", action="append",
-                      help="without a GPU: compile for sm_ARCH (repeatable; default 80 and 90)")
+    info.add_argument(
+        "--arch", action="append", help="without a GPU: compile for sm_ARCH (repeatable; default 80 and 90)"
+    )
     info.set_defaults(func=_info)
     embed = sub.add_parser("embed", help="sentence embeddings (default model: all-MiniLM-L6-v2), as JSON or .npy")
     embed.add_argument("texts", nargs="+", metavar="TEXT")

@@ -42,12 +42,15 @@ def prefill(model, prompts: Sequence[Sequence[int]], cache):
     ids = numpy.zeros((len(prompts), width), numpy.int64)
     keep = numpy.zeros((len(prompts), width), bool)
     for b, p in enumerate(prompts):
-        ids[b, width - len(p):], keep[b, width - len(p):] = p, True
+        ids[b, width - len(p) :], keep[b, width - len(p) :] = p, True
     buffers = Buffers(model, len(prompts), cache.max_tokens)
     buffers.keep[:, :width] = buffers.xp.asarray(keep)
     positions = numpy.maximum(numpy.cumsum(keep, axis=1) - 1, 0)
-    logits = _last(model.forward(buffers.xp.asarray(ids), cache, attn_mask=buffers.keep,
-                                 position_ids=buffers.xp.asarray(positions)))
+    logits = _last(
+        model.forward(
+            buffers.xp.asarray(ids), cache, attn_mask=buffers.keep, position_ids=buffers.xp.asarray(positions)
+        )
+    )
     return logits, buffers, keep.sum(axis=1)
 
 
@@ -86,9 +89,19 @@ def sample(logits, rng, temperature: float = 0.0, top_k: int = 0, top_p: float =
     return out
 
 
-def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 20, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int | None = None, eos_token_id: int | None = None,
-             stop: Sequence[str] = (), stream: Callable[[int, str], None] | None = None) -> list[str]:
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 20,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    eos_token_id: int | None = None,
+    stop: Sequence[str] = (),
+    stream: Callable[[int, str], None] | None = None,
+) -> list[str]:
     """The generated text (without the prompt) of each prompt; arguments as the module docstring says."""
     max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
@@ -100,8 +113,10 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 20,
     if longest > model.max_positions:
         raise ValueError(f"prompts: {longest} tokens exceed the model's context of {model.max_positions}")
     if longest + max_new_tokens > model.max_positions:
-        raise ValueError(f"max_new_tokens: {longest} prompt tokens + {max_new_tokens} exceed the model's context "
-                         f"(and cache) of {model.max_positions} tokens")
+        raise ValueError(
+            f"max_new_tokens: {longest} prompt tokens + {max_new_tokens} exceed the model's context "
+            f"(and cache) of {model.max_positions} tokens"
+        )
     rng = numpy.random.default_rng(seed)
     cache = model.new_cache(len(prompts), longest + max_new_tokens)
     logits, buffers, positions = prefill(model, encoded, cache)
@@ -121,7 +136,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 20,
             if cut >= 0:
                 text, done[b] = text[:cut], True
             if stream is not None and text != texts[b] and text.startswith(texts[b]):
-                stream(b, text[len(texts[b]):])
+                stream(b, text[len(texts[b]) :])
             texts[b] = text
         if all(done) or step == max_new_tokens - 1:
             break

@@ -23,8 +23,16 @@ class KVCache:
     def __init__(self, layers, batch, kv_heads, max_tokens, head_dim, dtype=numpy.float16, backend="cupy"):
         """Zeroed ``keys``/``values`` of ``[layers, batch, kv_heads, max_tokens, head_dim]`` in ``dtype``, as
         CuPy arrays (``backend="cupy"``) or NumPy arrays (``"numpy"``: the reference path)."""
-        shape = tuple(positive_int(n, v) for n, v in (("layers", layers), ("batch", batch), ("kv_heads", kv_heads),
-                                                       ("max_tokens", max_tokens), ("head_dim", head_dim)))
+        shape = tuple(
+            positive_int(n, v)
+            for n, v in (
+                ("layers", layers),
+                ("batch", batch),
+                ("kv_heads", kv_heads),
+                ("max_tokens", max_tokens),
+                ("head_dim", head_dim),
+            )
+        )
         self.dtype = float_dtype("dtype", dtype)
         self.backend = check_backend("backend", backend)
         xp = array_module(backend)
@@ -40,8 +48,10 @@ class KVCache:
         full = numpy.flatnonzero(self.lengths + tokens > self.max_tokens)
         if full.size:
             b = int(full[0])
-            raise ValueError(f"KV cache full: sequence {b} holds {int(self.lengths[b])} of {self.max_tokens} "
-                             f"tokens and cannot take {tokens} more (reset it, or build a larger cache)")
+            raise ValueError(
+                f"KV cache full: sequence {b} holds {int(self.lengths[b])} of {self.max_tokens} "
+                f"tokens and cannot take {tokens} more (reset it, or build a larger cache)"
+            )
         return tokens
 
     def reserve(self, tokens: int) -> numpy.ndarray:
@@ -94,5 +104,5 @@ class KVCache:
             self.values[layer, :, :, at] = v
             return
         for b, s in enumerate(start.tolist()):
-            self.keys[layer, b, :, s:s + tokens] = k[b]
-            self.values[layer, b, :, s:s + tokens] = v[b]
+            self.keys[layer, b, :, s : s + tokens] = k[b]
+            self.values[layer, b, :, s : s + tokens] = v[b]

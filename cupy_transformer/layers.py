@@ -58,8 +58,9 @@ class PreLNLayer:
         """``x`` [B, S, H] → [B, S, H]; ``cache``/``start``/``attn_mask``/``position_ids`` as SoftmaxContextOp
         takes them."""
         qkv, _ = self.qkv(x, w.w_qkv, bias=w.b_qkv, gamma=w.ln1_gamma, beta=w.ln1_beta)
-        context, _, _ = self.attention(qkv, attn_mask=attn_mask, cache=cache, layer_id=layer_id, start=start,
-                                       position_ids=position_ids)
+        context, _, _ = self.attention(
+            qkv, attn_mask=attn_mask, cache=cache, layer_id=layer_id, start=start, position_ids=position_ids
+        )
         a = self.out_proj(context, w.w_o)
         h, _ = self.mlp(a, x, w.w1, w.w2, input_bias=w.b_o, bias=w.b1, gamma=w.ln2_gamma, beta=w.ln2_beta)
         return self.residual(h, x, add_bias=True, attention_output=a, attention_bias=w.b_o, final_bias=w.b2)
@@ -86,8 +87,10 @@ class PostLNWeights:
 class PostLNLayer:
     def __init__(self, config: ops.InferenceConfig):
         if config.pre_layer_norm or config.triangular_masking or not config.transposed_mode:
-            raise ValueError("config: a post-LN layer needs pre_layer_norm=False, triangular_masking=False (BERT "
-                             "attends both ways) and transposed_mode=True ([out, in] weights)")
+            raise ValueError(
+                "config: a post-LN layer needs pre_layer_norm=False, triangular_masking=False (BERT "
+                "attends both ways) and transposed_mode=True ([out, in] weights)"
+            )
         self.config = config
         self.qkv = ops.LinearOp(config)
         self.attention = ops.SoftmaxContextOp(config)

@@ -17,9 +17,14 @@ def main(folder, prompt, max_new_tokens=30):
     model = load_model(folder, "float16" if backend == "cupy" else "float32", backend)
     checkpoint = Checkpoint(folder)
     print(prompt, end="", flush=True)
-    text = generation.generate(model, checkpoint.tokenizer(), [prompt], max_new_tokens,
-                               eos_token_id=checkpoint.config.get("eos_token_id"),
-                               stream=lambda _, piece: print(piece, end="", flush=True))[0]
+    text = generation.generate(
+        model,
+        checkpoint.tokenizer(),
+        [prompt],
+        max_new_tokens,
+        eos_token_id=checkpoint.config.get("eos_token_id"),
+        stream=lambda _, piece: print(piece, end="", flush=True),
+    )[0]
     print()
     return text
 

@@ -1,6 +1,6 @@
 """Sentence similarity with all-MiniLM-L6-v2 (the embedded default model), on the GPU when there is one.
 
-    python examples/sentence_similarity.py ["sentence" ...]
+python examples/sentence_similarity.py ["sentence" ...]
 """
 
 import sys
@@ -11,8 +11,13 @@ from cupy_transformer.loading import Checkpoint, default_model_dir
 from cupy_transformer.models import load_model
 from cupy_transformer.runtime.arrays import gpu_available
 
-SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
-             "A man is riding a horse.", "A woman is playing violin."]
+SENTENCES = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The girl is carrying a baby.",
+    "A man is riding a horse.",
+    "A woman is playing violin.",
+]
 
 
 def main(sentences):

@@ -22,9 +22,9 @@ def test_setup_cfg_lists_every_package():
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "setup.cfg")
     listed = set(cfg["options"]["packages"].split())
-    found = {
-        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "cupy_transformer").rglob("__init__.py")
-    } | {"cupy_transformer.kernels_cu"}
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "cupy_transformer").rglob("__init__.py")} | {
+        "cupy_transformer.kernels_cu"
+    }
     assert listed == found
 
 
@@ -36,8 +36,12 @@ def test_embed_default_model_on_the_cpu(capsys):
 
     import numpy
 
-    assert cli.main(["embed", "hello world", "A man is eating food.", "A man is eating a piece of bread.",
-                     "--device", "cpu"]) == 0
+    assert (
+        cli.main(
+            ["embed", "hello world", "A man is eating food.", "A man is eating a piece of bread.", "--device", "cpu"]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     e = numpy.array(out["embeddings"])
     assert e.shape == (3, 384)
@@ -56,8 +60,12 @@ def test_embed_writes_npy_and_names_unsuitable_models(tmp_path, rng, capsys):
     bert.mkdir()
     test_bert.checkpoint(bert, rng)
     tokenizer_json(bert)
-    assert cli.main(["embed", "hello world", "world", "--model", str(bert), "--device", "cpu",
-                     "--out", str(tmp_path / "e.npy")]) == 0
+    assert (
+        cli.main(
+            ["embed", "hello world", "world", "--model", str(bert), "--device", "cpu", "--out", str(tmp_path / "e.npy")]
+        )
+        == 0
+    )
     assert "2 embeddings of 32 dims written to" in capsys.readouterr().out
     e = numpy.load(tmp_path / "e.npy")
     assert e.shape == (2, 32) and numpy.allclose(numpy.linalg.norm(e, axis=1), 1.0, atol=1e-6)
@@ -98,7 +106,9 @@ def test_main_job_imports_neither_torch_nor_transformers():
     import subprocess
     import sys
 
-    code = ("import sys; from cupy_transformer import cli; cli.main(['embed', 'hello world', '--device', 'cpu']); "
-            "print(sorted(m for m in ('torch', 'transformers', 'sentence_transformers') if m in sys.modules))")
+    code = (
+        "import sys; from cupy_transformer import cli; cli.main(['embed', 'hello world', '--device', 'cpu']); "
+        "print(sorted(m for m in ('torch', 'transformers', 'sentence_transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip().splitlines()[-1] == "[]"

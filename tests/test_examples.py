@@ -21,8 +21,9 @@ def test_layer_norm_example(capsys):
 
 
 def test_sentence_similarity_example(capsys):
-    similarity = load("sentence_similarity").main(["A man is eating food.", "A man is eating a piece of bread.",
-                                                   "The girl is carrying a baby."])
+    similarity = load("sentence_similarity").main(
+        ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby."]
+    )
     assert abs(similarity[0, 1] - 0.7553) < 5e-3 and similarity[0, 1] > similarity[0, 2]
     assert "closest: 'A man is eating a piece of bread.'" in capsys.readouterr().out
 

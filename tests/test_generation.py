@@ -101,6 +101,8 @@ def test_gpu_generation_matches_the_numpy_path(tmp_path, rng):
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(test_gpt2.VOCAB)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     prompts = [words([3, 17]), words([8, 1, 22, 30, 4, 11])]
-    texts = [generation.generate(GPT2(tmp_path, numpy.float32, backend, progress=False), tok, prompts, 12)
-             for backend in ("numpy", "cupy")]
+    texts = [
+        generation.generate(GPT2(tmp_path, numpy.float32, backend, progress=False), tok, prompts, 12)
+        for backend in ("numpy", "cupy")
+    ]
     assert texts[0] == texts[1]

@@ -20,8 +20,8 @@ def round_trip(rng, backend):
             v = random(rng, (2, 3, tokens, 8), numpy.float16)
             cache.write(layer, xp.asarray(k), xp.asarray(v), start)
             for b in range(2):
-                expect[0, layer, b, :, start[b]:start[b] + tokens] = k[b]
-                expect[1, layer, b, :, start[b]:start[b] + tokens] = v[b]
+                expect[0, layer, b, :, start[b] : start[b] + tokens] = k[b]
+                expect[1, layer, b, :, start[b] : start[b] + tokens] = v[b]
     assert cache.lengths.tolist() == [7, 7]
     assert (host(cache.keys) == expect[0]).all() and (host(cache.values) == expect[1]).all()
 

@@ -13,7 +13,7 @@ from cupy_transformer.layers import PreLNLayer, PreLNWeights
 from tests.helpers import random, rel_error
 from tests.ops.test_rotary import turned
 
-H, HEADS, D, I, ROT = 64, 4, 16, 256, 8
+H, HEADS, D, INNER, ROT = 64, 4, 16, 256, 8
 
 
 def layer_norm(x, g, b, eps=1e-5):
@@ -30,7 +30,7 @@ def parallel_layer(x, w):
     w = {k: numpy.asarray(v, numpy.float64) for k, v in vars(w).items()}
     b, s, _ = x.shape
     qkv = layer_norm(x, w["ln1_gamma"], w["ln1_beta"]) @ w["w_qkv"] + w["b_qkv"]
-    q, k, v = (qkv[..., i * H:(i + 1) * H].reshape(b, s, HEADS, D).transpose(0, 2, 1, 3) for i in range(3))
+    q, k, v = (qkv[..., i * H : (i + 1) * H].reshape(b, s, HEADS, D).transpose(0, 2, 1, 3) for i in range(3))
     positions = numpy.broadcast_to(numpy.arange(s), (b, s))
     q, k = turned(q, positions, ROT, 10000.0, "half"), turned(k, positions, ROT, 10000.0, "half")
     z = q @ k.transpose(0, 1, 3, 2) / math.sqrt(D) + numpy.triu(numpy.full((s, s), -numpy.inf), 1)
@@ -44,10 +44,31 @@ def parallel_layer(x, w):
 @pytest.mark.parametrize("gpu", [pytest.param(False, id="numpy"), pytest.param(True, id="gpu", marks=pytest.mark.gpu)])
 def test_parallel_residual_layer_matches_the_formula(rng, gpu):
     dtype = numpy.float32
-    cfg = ops.InferenceConfig(hidden_size=H, heads=HEADS, intermediate_size=I, epsilon=1e-5, mlp_after_attn=False,
-                              dtype=dtype, rotary_dim=ROT, rotate_half=True, rotate_every_two=False)
-    shapes = dict(ln1_gamma=(H,), ln1_beta=(H,), w_qkv=(H, 3 * H), b_qkv=(3 * H,), w_o=(H, H), b_o=(H,),
-                  ln2_gamma=(H,), ln2_beta=(H,), w1=(H, I), b1=(I,), w2=(I, H), b2=(H,))
+    cfg = ops.InferenceConfig(
+        hidden_size=H,
+        heads=HEADS,
+        intermediate_size=INNER,
+        epsilon=1e-5,
+        mlp_after_attn=False,
+        dtype=dtype,
+        rotary_dim=ROT,
+        rotate_half=True,
+        rotate_every_two=False,
+    )
+    shapes = dict(
+        ln1_gamma=(H,),
+        ln1_beta=(H,),
+        w_qkv=(H, 3 * H),
+        b_qkv=(3 * H,),
+        w_o=(H, H),
+        b_o=(H,),
+        ln2_gamma=(H,),
+        ln2_beta=(H,),
+        w1=(H, INNER),
+        b1=(INNER,),
+        w2=(INNER, H),
+        b2=(H,),
+    )
     host = {k: random(rng, v, dtype, scale=0.2, offset=1.0 if "gamma" in k else 0.0) for k, v in shapes.items()}
     x = random(rng, (2, 7, H), dtype)
     want = parallel_layer(x.astype(numpy.float64), PreLNWeights(**host))
@@ -56,10 +77,12 @@ def test_parallel_residual_layer_matches_the_formula(rng, gpu):
         import cupy as xp
     layer = PreLNLayer(cfg)
     w = PreLNWeights(**{k: xp.asarray(v) for k, v in host.items()})
-    cache = KVCache(layers=1, batch=2, kv_heads=HEADS, max_tokens=16, head_dim=D, dtype=dtype,
-                    backend="cupy" if gpu else "numpy")
+    cache = KVCache(
+        layers=1, batch=2, kv_heads=HEADS, max_tokens=16, head_dim=D, dtype=dtype, backend="cupy" if gpu else "numpy"
+    )
     prompt = layer(xp.asarray(x[:, :5].copy()), w, cache=cache, layer_id=0, start=cache.reserve(5))
-    step = [layer(xp.asarray(x[:, t:t + 1].copy()), w, cache=cache, layer_id=0, start=cache.reserve(1))
-            for t in (5, 6)]
+    step = [
+        layer(xp.asarray(x[:, t : t + 1].copy()), w, cache=cache, layer_id=0, start=cache.reserve(1)) for t in (5, 6)
+    ]
     got = numpy.concatenate([a.get() if gpu else a for a in [prompt] + step], axis=1)
     assert rel_error(got, want) < 1e-5

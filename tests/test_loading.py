@@ -22,9 +22,11 @@ def tokenizer_json(path):
 
 @pytest.fixture
 def tensors(rng):
-    return {"wte.weight": random(rng, (10, 8), numpy.float32),
-            "h.0.attn.c_attn.weight": random(rng, (8, 24), numpy.float32).astype(ml_dtypes.bfloat16),
-            "h.0.ln_1.bias": random(rng, (8,), numpy.float16)}
+    return {
+        "wte.weight": random(rng, (10, 8), numpy.float32),
+        "h.0.attn.c_attn.weight": random(rng, (8, 24), numpy.float32).astype(ml_dtypes.bfloat16),
+        "h.0.ln_1.bias": random(rng, (8,), numpy.float16),
+    }
 
 
 def write(path, tensors, shards=1):
@@ -94,12 +96,14 @@ def test_errors_name_the_file_or_tensor(tmp_path, tensors):
     ck = Checkpoint(tmp_path)
     with pytest.raises(ValueError, match=r"tensor 'h.1.attn.c_attn.weight' not found in the checkpoint"):
         ck.tensor("h.1.attn.c_attn.weight", numpy.float16, backend="numpy")
-    with pytest.raises(ValueError,
-                       match=r"tensor 'wte.weight' in model.safetensors: expected shape \(8, 10\); got \(10, 8\)"):
+    with pytest.raises(
+        ValueError, match=r"tensor 'wte.weight' in model.safetensors: expected shape \(8, 10\); got \(10, 8\)"
+    ):
         ck.tensor("wte.weight", numpy.float16, (8, 10), backend="numpy")
     with pytest.raises(TypeError, match=r"dtype: expected one of"):
         ck.tensor("wte.weight", numpy.int8, backend="numpy")
     save_file({"mask": numpy.ones((2, 2), numpy.uint8)}, str(tmp_path / "model.safetensors"))
-    with pytest.raises(TypeError,
-                       match=r"tensor 'mask' in model.safetensors: expected floating-point weights; got uint8"):
+    with pytest.raises(
+        TypeError, match=r"tensor 'mask' in model.safetensors: expected floating-point weights; got uint8"
+    ):
         Checkpoint(tmp_path).tensor("mask", numpy.float16, backend="numpy")

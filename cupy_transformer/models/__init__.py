@@ -13,8 +13,10 @@ def load_model(folder, dtype="float16", backend: str = "cupy", progress=None):
     checkpoint = Checkpoint(folder)
     model_type = checkpoint.config.get("model_type")
     if model_type not in MODELS:
-        raise ValueError(f"{checkpoint.folder}/config.json: model_type {model_type!r} is not supported; "
-                         f"supported: {', '.join(sorted(MODELS))}")
+        raise ValueError(
+            f"{checkpoint.folder}/config.json: model_type {model_type!r} is not supported; "
+            f"supported: {', '.join(sorted(MODELS))}"
+        )
     return MODELS[model_type](checkpoint, dtype, backend, progress)
 
 

@@ -46,8 +46,15 @@ class CausalLM:
         this rank's kv heads (``num_kv / mp_size``: the attention op's per-rank shard)."""
         tokens = self.max_positions if max_tokens is None else min(max_tokens, self.max_positions)
         cfg = self.config
-        return KVCache(layers=self.layers_count, batch=batch, kv_heads=cfg.num_kv // cfg.mp_size, max_tokens=tokens,
-                       head_dim=cfg.head_size, dtype=cfg.dtype, backend=self.backend)
+        return KVCache(
+            layers=self.layers_count,
+            batch=batch,
+            kv_heads=cfg.num_kv // cfg.mp_size,
+            max_tokens=tokens,
+            head_dim=cfg.head_size,
+            dtype=cfg.dtype,
+            backend=self.backend,
+        )
 
     def begin(self, input_ids, cache, position_ids):
         """A step's token ids, where they go in ``cache`` (``start``, reserved) and their positions (default:
@@ -64,7 +71,9 @@ class CausalLM:
         low, high, first_position, last_position = extremes(xp, ids, positions)
         check_ids(low, high, self.vocab)
         if positions.shape != (b, s) or last_position >= self.max_positions or first_position < 0:
-            raise ValueError(f"position_ids: the model has {self.max_positions} positions; this call needs "
-                             f"{last_position + 1} (a prompt or generation longer than the context)")
+            raise ValueError(
+                f"position_ids: the model has {self.max_positions} positions; this call needs "
+                f"{last_position + 1} (a prompt or generation longer than the context)"
+            )
         start = cache.reserve(s) if cache is not None else None  # checked: nothing to undo
         return xp, ids, start, positions

@@ -32,25 +32,42 @@ class BERT:
         self.backend = backend
         self.pad_id = c.get("pad_token_id", 0)
         self.config = ops.InferenceConfig(
-            hidden_size=h, heads=ck.require("num_attention_heads"), intermediate_size=inner,
-            epsilon=c.get("layer_norm_eps", 1e-12), pre_layer_norm=False, mlp_act_func_type=ACTIVATIONS[act],
-            dtype=dtype, transposed_mode=True, triangular_masking=False,
+            hidden_size=h,
+            heads=ck.require("num_attention_heads"),
+            intermediate_size=inner,
+            epsilon=c.get("layer_norm_eps", 1e-12),
+            pre_layer_norm=False,
+            mlp_act_func_type=ACTIVATIONS[act],
+            dtype=dtype,
+            transposed_mode=True,
+            triangular_masking=False,
         )
         p = "bert." if "bert.embeddings.word_embeddings.weight" in ck.names else ""
         e = f"{p}embeddings."
-        shapes = {f"{e}word_embeddings.weight": (self.vocab, h),
-                  f"{e}position_embeddings.weight": (self.max_positions, h),
-                  f"{e}token_type_embeddings.weight": (c.get("type_vocab_size", 2), h),
-                  f"{e}LayerNorm.weight": (h,), f"{e}LayerNorm.bias": (h,)}
+        shapes = {
+            f"{e}word_embeddings.weight": (self.vocab, h),
+            f"{e}position_embeddings.weight": (self.max_positions, h),
+            f"{e}token_type_embeddings.weight": (c.get("type_vocab_size", 2), h),
+            f"{e}LayerNorm.weight": (h,),
+            f"{e}LayerNorm.bias": (h,),
+        }
         per_layer = {
-            "attention.self.query.weight": (h, h), "attention.self.key.weight": (h, h),
+            "attention.self.query.weight": (h, h),
+            "attention.self.key.weight": (h, h),
             "attention.self.value.weight": (h, h),
-            "attention.self.query.bias": (h,), "attention.self.key.bias": (h,), "attention.self.value.bias": (h,),
-            "attention.output.dense.weight": (h, h), "attention.output.dense.bias": (h,),
-            "attention.output.LayerNorm.weight": (h,), "attention.output.LayerNorm.bias": (h,),
-            "intermediate.dense.weight": (inner, h), "intermediate.dense.bias": (inner,),
-            "output.dense.weight": (h, inner), "output.dense.bias": (h,),
-            "output.LayerNorm.weight": (h,), "output.LayerNorm.bias": (h,),
+            "attention.self.query.bias": (h,),
+            "attention.self.key.bias": (h,),
+            "attention.self.value.bias": (h,),
+            "attention.output.dense.weight": (h, h),
+            "attention.output.dense.bias": (h,),
+            "attention.output.LayerNorm.weight": (h,),
+            "attention.output.LayerNorm.bias": (h,),
+            "intermediate.dense.weight": (inner, h),
+            "intermediate.dense.bias": (inner,),
+            "output.dense.weight": (h, inner),
+            "output.dense.bias": (h,),
+            "output.LayerNorm.weight": (h,),
+            "output.LayerNorm.bias": (h,),
         }
         for i in range(layers):
             shapes.update({f"{p}encoder.layer.{i}.{name}": shape for name, shape in per_layer.items()})
@@ -64,15 +81,22 @@ class BERT:
         for i in range(layers):
             t = {name: w.pop(f"{p}encoder.layer.{i}.{name}") for name in per_layer}
             qkv = [f"attention.self.{n}" for n in ("query", "key", "value")]
-            self.weights.append(PostLNWeights(
-                w_qkv=xp.concatenate([t[n + ".weight"] for n in qkv]),
-                b_qkv=xp.concatenate([t[n + ".bias"] for n in qkv]),
-                w_o=t["attention.output.dense.weight"], b_o=t["attention.output.dense.bias"],
-                ln_attn_gamma=t["attention.output.LayerNorm.weight"], ln_attn_beta=t["attention.output.LayerNorm.bias"],
-                w1=t["intermediate.dense.weight"], b1=t["intermediate.dense.bias"],
-                w2=t["output.dense.weight"], b2=t["output.dense.bias"],
-                ln_out_gamma=t["output.LayerNorm.weight"], ln_out_beta=t["output.LayerNorm.bias"],
-            ))
+            self.weights.append(
+                PostLNWeights(
+                    w_qkv=xp.concatenate([t[n + ".weight"] for n in qkv]),
+                    b_qkv=xp.concatenate([t[n + ".bias"] for n in qkv]),
+                    w_o=t["attention.output.dense.weight"],
+                    b_o=t["attention.output.dense.bias"],
+                    ln_attn_gamma=t["attention.output.LayerNorm.weight"],
+                    ln_attn_beta=t["attention.output.LayerNorm.bias"],
+                    w1=t["intermediate.dense.weight"],
+                    b1=t["intermediate.dense.bias"],
+                    w2=t["output.dense.weight"],
+                    b2=t["output.dense.bias"],
+                    ln_out_gamma=t["output.LayerNorm.weight"],
+                    ln_out_beta=t["output.LayerNorm.bias"],
+                )
+            )
         self.layer = PostLNLayer(self.config)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
@@ -92,8 +116,11 @@ class BERT:
             keep = keep.astype(bool)
         types = xp.zeros((b, s), numpy.int64) if token_type_ids is None else xp.asarray(token_type_ids)
         compute = numpy.float64 if xp is numpy else numpy.float32
-        x = (self.word[ids].astype(compute) + self.position[xp.arange(s)].astype(compute)
-             + self.token_type[types].astype(compute)).astype(self.config.dtype)
+        x = (
+            self.word[ids].astype(compute)
+            + self.position[xp.arange(s)].astype(compute)
+            + self.token_type[types].astype(compute)
+        ).astype(self.config.dtype)
         x = ops.layer_norm(x, *self.embedding_norm, eps=self.config.epsilon)
         for w in self.weights:
             x = self.layer(x, w, attn_mask=keep)

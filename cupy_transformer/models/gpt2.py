@@ -34,24 +34,41 @@ class GPT2(CausalLM):
         h, self.layers_count = ck.require("n_embd"), ck.require("n_layer")
         self.vocab, self.max_positions, self.backend = ck.require("vocab_size"), ck.require("n_positions"), backend
         inner = c.get("n_inner") or 4 * h
-        self.config = ops.InferenceConfig(hidden_size=h, heads=ck.require("n_head"), intermediate_size=inner,
-                                          epsilon=c.get("layer_norm_epsilon", 1e-5), mlp_act_func_type=ACTIVATIONS[act],
-                                          dtype=dtype)
+        self.config = ops.InferenceConfig(
+            hidden_size=h,
+            heads=ck.require("n_head"),
+            intermediate_size=inner,
+            epsilon=c.get("layer_norm_epsilon", 1e-5),
+            mlp_act_func_type=ACTIVATIONS[act],
+            dtype=dtype,
+        )
         p = "transformer." if "transformer.wte.weight" in ck.names else ""
-        shapes = {f"{p}wte.weight": (self.vocab, h), f"{p}wpe.weight": (self.max_positions, h),
-                  f"{p}ln_f.weight": (h,), f"{p}ln_f.bias": (h,)}
-        per_layer = {"ln_1.weight": (h,), "ln_1.bias": (h,), "attn.c_attn.weight": (h, 3 * h),
-                     "attn.c_attn.bias": (3 * h,), "attn.c_proj.weight": (h, h), "attn.c_proj.bias": (h,),
-                     "ln_2.weight": (h,), "ln_2.bias": (h,), "mlp.c_fc.weight": (h, inner), "mlp.c_fc.bias": (inner,),
-                     "mlp.c_proj.weight": (inner, h), "mlp.c_proj.bias": (h,)}
+        shapes = {
+            f"{p}wte.weight": (self.vocab, h),
+            f"{p}wpe.weight": (self.max_positions, h),
+            f"{p}ln_f.weight": (h,),
+            f"{p}ln_f.bias": (h,),
+        }
+        per_layer = {
+            "ln_1.weight": (h,),
+            "ln_1.bias": (h,),
+            "attn.c_attn.weight": (h, 3 * h),
+            "attn.c_attn.bias": (3 * h,),
+            "attn.c_proj.weight": (h, h),
+            "attn.c_proj.bias": (h,),
+            "ln_2.weight": (h,),
+            "ln_2.bias": (h,),
+            "mlp.c_fc.weight": (h, inner),
+            "mlp.c_fc.bias": (inner,),
+            "mlp.c_proj.weight": (inner, h),
+            "mlp.c_proj.bias": (h,),
+        }
         for i in range(self.layers_count):
             shapes.update({f"{p}h.{i}.{name}": shape for name, shape in per_layer.items()})
         w = ck.load(shapes, dtype, backend, progress)
         self.wte, self.wpe = w[f"{p}wte.weight"], w[f"{p}wpe.weight"]
         self.lnf = (w[f"{p}ln_f.weight"], w[f"{p}ln_f.bias"])
-        self.weights = [
-            PreLNWeights(*(w[f"{p}h.{i}.{name}"] for name in per_layer)) for i in range(self.layers_count)
-        ]
+        self.weights = [PreLNWeights(*(w[f"{p}h.{i}.{name}"] for name in per_layer)) for i in range(self.layers_count)]
         self.layer = PreLNLayer(self.config)
 
     def forward(self, input_ids, cache: KVCache | None = None, attn_mask=None, position_ids=None):

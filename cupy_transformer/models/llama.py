@@ -41,19 +41,35 @@ class LLaMA(CausalLM):
         self.layers_count, self.vocab, self.backend = ck.require("num_hidden_layers"), ck.require("vocab_size"), backend
         self.max_positions = c.get("max_position_embeddings", 2048)
         self.config = ops.InferenceConfig(
-            hidden_size=h, heads=heads, num_kv=kv, intermediate_size=inner, epsilon=c.get("rms_norm_eps", 1e-6),
-            norm_type="RMSNorm", mlp_act_func_type="GATED_SILU", dtype=dtype, transposed_mode=True,
-            rotary_dim=d, rotate_half=True, rotate_every_two=False, rope_theta=theta,
+            hidden_size=h,
+            heads=heads,
+            num_kv=kv,
+            intermediate_size=inner,
+            epsilon=c.get("rms_norm_eps", 1e-6),
+            norm_type="RMSNorm",
+            mlp_act_func_type="GATED_SILU",
+            dtype=dtype,
+            transposed_mode=True,
+            rotary_dim=d,
+            rotate_half=True,
+            rotate_every_two=False,
+            rope_theta=theta,
         )
         self.tied = bool(c.get("tie_word_embeddings", False))
         shapes = {"model.embed_tokens.weight": (self.vocab, h), "model.norm.weight": (h,)}
         if not self.tied:
             shapes["lm_head.weight"] = (self.vocab, h)
-        per_layer = {"input_layernorm.weight": (h,), "self_attn.q_proj.weight": (heads * d, h),
-                     "self_attn.k_proj.weight": (kv * d, h), "self_attn.v_proj.weight": (kv * d, h),
-                     "self_attn.o_proj.weight": (h, heads * d), "post_attention_layernorm.weight": (h,),
-                     "mlp.up_proj.weight": (inner, h), "mlp.gate_proj.weight": (inner, h),
-                     "mlp.down_proj.weight": (h, inner)}
+        per_layer = {
+            "input_layernorm.weight": (h,),
+            "self_attn.q_proj.weight": (heads * d, h),
+            "self_attn.k_proj.weight": (kv * d, h),
+            "self_attn.v_proj.weight": (kv * d, h),
+            "self_attn.o_proj.weight": (h, heads * d),
+            "post_attention_layernorm.weight": (h,),
+            "mlp.up_proj.weight": (inner, h),
+            "mlp.gate_proj.weight": (inner, h),
+            "mlp.down_proj.weight": (h, inner),
+        }
         for i in range(self.layers_count):
             shapes.update({f"model.layers.{i}.{name}": shape for name, shape in per_layer.items()})
         w = ck.load(shapes, dtype, backend, progress)
@@ -64,13 +80,22 @@ class LLaMA(CausalLM):
         for i in range(self.layers_count):
             t = {name: w.pop(f"model.layers.{i}.{name}") for name in per_layer}
             attn, mlp = "self_attn.", "mlp."
-            self.weights.append(PreLNWeights(
-                ln1_gamma=t["input_layernorm.weight"], ln1_beta=None,
-                w_qkv=xp.concatenate([t[attn + f"{n}_proj.weight"] for n in "qkv"]), b_qkv=None,
-                w_o=t[attn + "o_proj.weight"], b_o=None, ln2_gamma=t["post_attention_layernorm.weight"], ln2_beta=None,
-                w1=xp.concatenate([t[mlp + "up_proj.weight"], t[mlp + "gate_proj.weight"]]), b1=None,
-                w2=t[mlp + "down_proj.weight"], b2=None,
-            ))
+            self.weights.append(
+                PreLNWeights(
+                    ln1_gamma=t["input_layernorm.weight"],
+                    ln1_beta=None,
+                    w_qkv=xp.concatenate([t[attn + f"{n}_proj.weight"] for n in "qkv"]),
+                    b_qkv=None,
+                    w_o=t[attn + "o_proj.weight"],
+                    b_o=None,
+                    ln2_gamma=t["post_attention_layernorm.weight"],
+                    ln2_beta=None,
+                    w1=xp.concatenate([t[mlp + "up_proj.weight"], t[mlp + "gate_proj.weight"]]),
+                    b1=None,
+                    w2=t[mlp + "down_proj.weight"],
+                    b2=None,
+                )
+            )
         self.layer = PreLNLayer(self.config)
 
     def forward(self, input_ids, cache: KVCache | None = None, attn_mask=None, position_ids=None):

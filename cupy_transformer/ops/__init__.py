@@ -56,4 +56,5 @@ __all__ = [
     "layer_norm",
     "lm_logits",
     "rms_norm",
+    "sample_tokens",
 ]

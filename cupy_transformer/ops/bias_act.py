@@ -17,12 +17,17 @@ import math
 
 import numpy
 
-from ..runtime.arrays import (as_array, check_no_overlap, common_kind, deliver, empty_like_kind, module_of,
-                              to_caller)
-from ..runtime.kernels import (CTYPES, KernelFamily, access_width, elementwise_grid, run_variants, vector_count,
-                               whole_rows)
+from ..runtime.arrays import as_array, check_no_overlap, common_kind, deliver, empty_like_kind, module_of, to_caller
+from ..runtime.kernels import (
+    CTYPES,
+    KernelFamily,
+    access_width,
+    elementwise_grid,
+    run_variants,
+    vector_count,
+    whole_rows,
+)
 from .config import ActivationType, parse_enum
-
 
 _ACTS = (0,) + tuple(int(a) for a in ActivationType)
 
@@ -109,6 +114,16 @@ def apply_bias_act(h, bias, act, out=None):
         vec = access_width(h.dtype, width, h, out, bias, any_width=not gated)
         name = _name(h.dtype, 0 if act is None else int(act), vec, whole_rows(width, vec))
         vectors, tail = divmod(rows * width, vec)
-        _KERNELS.launch(name, elementwise_grid(vectors), (256,), h=h, bias=h if bias is None else bias, y=out,
-                        vectors=vector_count(vectors), tail=tail, width=width, has_bias=bias is not None)
+        _KERNELS.launch(
+            name,
+            elementwise_grid(vectors),
+            (256,),
+            h=h,
+            bias=h if bias is None else bias,
+            y=out,
+            vectors=vector_count(vectors),
+            tail=tail,
+            width=width,
+            has_bias=bias is not None,
+        )
     return out

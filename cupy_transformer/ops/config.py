@@ -102,11 +102,14 @@ class InferenceConfig:
         self.dtype = float_dtype("dtype", self.dtype)
         if self.rotary_dim > 0:
             if self.rotary_dim % 2 or self.rotary_dim > self.head_size:
-                raise ValueError(f"rotary_dim: expected an even number up to the head size {self.head_size}; "
-                                 f"got {self.rotary_dim}")
+                raise ValueError(
+                    f"rotary_dim: expected an even number up to the head size {self.head_size}; got {self.rotary_dim}"
+                )
             if self.rotate_half == self.rotate_every_two:
-                raise ValueError("rotate_half, rotate_every_two: set exactly one with rotary_dim > 0 (DeepSpeed "
-                                 f"applies both when both are set); got {self.rotate_half}, {self.rotate_every_two}")
+                raise ValueError(
+                    "rotate_half, rotate_every_two: set exactly one with rotary_dim > 0 (DeepSpeed "
+                    f"applies both when both are set); got {self.rotate_half}, {self.rotate_every_two}"
+                )
         theta = self.rope_theta
         if not (isinstance(theta, (int, float)) and not isinstance(theta, bool) and theta > 0):
             raise ValueError(f"rope_theta: expected a positive number; got {self.rope_theta!r}")

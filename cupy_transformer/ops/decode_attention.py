@@ -20,8 +20,13 @@ TENSOR_CORE_HEAD_SIZES = (32, 64, 96, 128)  # attention_partial_tc's (fp16/bf16,
 _KERNELS = KernelFamily(
     "decode_attention.cu",
     [f"ct::attention_partial<{c}, {g}>" for c in CTYPES.values() for g in GROUPS]
-    + [f"ct::attention_partial_tc<{c}, {d}, {w}>" for t, c in CTYPES.items() if t.itemsize == 2
-       for d in TENSOR_CORE_HEAD_SIZES for w in (4, 8)]
+    + [
+        f"ct::attention_partial_tc<{c}, {d}, {w}>"
+        for t, c in CTYPES.items()
+        if t.itemsize == 2
+        for d in TENSOR_CORE_HEAD_SIZES
+        for w in (4, 8)
+    ],
 )
 
 
@@ -77,8 +82,10 @@ def decode_attention(q, cache, layer: int, lo, hi, mask, alibi, scale: float, *,
     if warps is None and chunks is None:
         warps, chunks = decode_geometry({w: _KERNELS.kernel(n) for w, n in names.items()}, b * kv)
     elif warps not in names or chunks is None or chunks < 1:
-        raise ValueError(f"warps, chunks: expected {' or '.join(map(str, names))} warps and a positive number of "
-                         f"chunks for {names[4]}; got {warps!r}, {chunks!r}")
+        raise ValueError(
+            f"warps, chunks: expected {' or '.join(map(str, names))} warps and a positive number of "
+            f"chunks for {names[4]}; got {warps!r}, {chunks!r}"
+        )
     # Chunks of a multiple of 64 keys (a 4-warp step, 16 keys a warp: ragged chunks were 6% slower).
     chunk = 64 * max(1, math.ceil(t / chunks / 64))
     chunks = math.ceil(t / chunk)
@@ -86,9 +93,27 @@ def decode_attention(q, cache, layer: int, lo, hi, mask, alibi, scale: float, *,
     out = cupy.empty((b, 1, h * d), q.dtype)
     m = mask_arguments(mask, alibi, b, h, q)
     _KERNELS.launch(
-        names[warps], (chunks, kv, b), (32 * warps,),
-        q=cupy.ascontiguousarray(q), k=cache.keys[layer], v=cache.values[layer], mask=m.mask, alibi=m.alibi,
-        lo=device_int32(lo), hi=device_int32(hi), partial=partial, out=out, counters=counters, h=h, kv=kv, d=d,
-        max_tokens=cache.max_tokens, chunk=chunk, mask_kind=m.mask_kind, mask_len=m.mask_len,
-        alibi_len=m.alibi_len, scale=scale)
+        names[warps],
+        (chunks, kv, b),
+        (32 * warps,),
+        q=cupy.ascontiguousarray(q),
+        k=cache.keys[layer],
+        v=cache.values[layer],
+        mask=m.mask,
+        alibi=m.alibi,
+        lo=device_int32(lo),
+        hi=device_int32(hi),
+        partial=partial,
+        out=out,
+        counters=counters,
+        h=h,
+        kv=kv,
+        d=d,
+        max_tokens=cache.max_tokens,
+        chunk=chunk,
+        mask_kind=m.mask_kind,
+        mask_len=m.mask_len,
+        alibi_len=m.alibi_len,
+        scale=scale,
+    )
     return out

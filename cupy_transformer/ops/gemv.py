@@ -56,8 +56,12 @@ def tc_kernel_name(ctype: str, transposed: bool, geometry) -> str:
 
 GEMV_KERNELS = KernelFamily(
     "gemv.cu",
-    [tc_kernel_name(c, tr, geo) for d, c in CTYPES.items() if d.itemsize == 2
-     for tr, geo in [(False, g) for g in GEMV_TC_KN] + [(True, g) for g in GEMV_TC_NK.values()]]
+    [
+        tc_kernel_name(c, tr, geo)
+        for d, c in CTYPES.items()
+        if d.itemsize == 2
+        for tr, geo in [(False, g) for g in GEMV_TC_KN] + [(True, g) for g in GEMV_TC_NK.values()]
+    ]
     + [f"ct::gemv_{layout}<float, {r}>" for layout in ("kn", "nk") for r in _FMA_ROWS],
 )
 
@@ -102,9 +106,22 @@ def gemv(x, w, transposed, bias=None, act=None, geometry=None, family=None):
     n = w.shape[0] if transposed else w.shape[1]
     y = cupy.empty((rows, n), x.dtype)
     (GEMV_KERNELS if family is None else family).launch(
-        name, grid, (_THREADS,), x=x, w=w, y=y, bias=x if bias is None else bias,  # x: unread without a bias
-        partials=partials, counters=counters, rows=rows, K=k, N=n, k_per_split=per_split,
-        act=0 if act is None else int(act), has_bias=int(bias is not None))
+        name,
+        grid,
+        (_THREADS,),
+        x=x,
+        w=w,
+        y=y,
+        bias=x if bias is None else bias,  # x: unread without a bias
+        partials=partials,
+        counters=counters,
+        rows=rows,
+        K=k,
+        N=n,
+        k_per_split=per_split,
+        act=0 if act is None else int(act),
+        has_bias=int(bias is not None),
+    )
     return y
 
 
@@ -132,8 +149,7 @@ def _launch_plan(x, w, transposed, geometry=None):
     per_split = gemv_k_per_split(k, n_tiles, k_step, blocks_per_sm, sms)
     splits = math.ceil(k / per_split)
     if x.dtype.itemsize == 2:
-        name = tc_kernel_name(CTYPES[x.dtype], transposed,
-                              geometry or (1, kn_chunks_a_batch(per_split), blocks_per_sm))
+        name = tc_kernel_name(CTYPES[x.dtype], transposed, geometry or (1, kn_chunks_a_batch(per_split), blocks_per_sm))
     else:
         name = f"ct::gemv_{'nk' if transposed else 'kn'}<float, {next(r for r in _FMA_ROWS if rows <= r)}>"
     workspace = split_workspace(splits * rows * n if splits > 1 else 0, n_tiles)

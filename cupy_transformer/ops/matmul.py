@@ -121,8 +121,10 @@ def use_gemv(x, w, transposed, bias, act) -> bool:
 
         eager = timing.fastest([run_gemv, lambda: _cublas(x, w, transposed, bias, act)]) == 0
         try:
-            graph = timing.fastest([run_gemv, lambda: _cublas(x, w, transposed, bias, act, fallback=False)],
-                                   graph=True) == 0
+            graph = (
+                timing.fastest([run_gemv, lambda: _cublas(x, w, transposed, bias, act, fallback=False)], graph=True)
+                == 0
+            )
         except cublaslt.CublasLtError:
             graph = True
         faster = _GEMV_FASTER[key] = (eager, graph)
@@ -140,8 +142,15 @@ def use_gemv(x, w, transposed, bias, act) -> bool:
 
 
 def _choice_key(x, w, transposed, bias, act) -> tuple:
-    return (import_cupy().cuda.runtime.getDevice(), x.dtype, x.shape, w.shape, transposed, bias is not None,
-            None if act is None else int(act))
+    return (
+        import_cupy().cuda.runtime.getDevice(),
+        x.dtype,
+        x.shape,
+        w.shape,
+        transposed,
+        bias is not None,
+        None if act is None else int(act),
+    )
 
 
 def gemv_choice(x, w, transposed, bias=None, act=None):

@@ -39,8 +39,14 @@ class MLPGemmOp(TransformerOp):
         intermediate bias, ``gamma``/``beta`` [H] the MLP norm. Returns ``(out [B, S, H], residual_add)``."""
         cfg = self.config
         kind = common_kind(
-            input=input, residual=residual, weight_interm=weight_interm, weight_out=weight_out,
-            input_bias=input_bias, bias=bias, gamma=gamma, beta=beta,
+            input=input,
+            residual=residual,
+            weight_interm=weight_interm,
+            weight_out=weight_out,
+            input_bias=input_bias,
+            bias=bias,
+            gamma=gamma,
+            beta=beta,
         )
         r = self.activations("residual", residual, kind)
         width = r.shape[-1]

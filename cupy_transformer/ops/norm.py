@@ -35,7 +35,6 @@ import numpy
 from ..runtime.arrays import as_array, check_no_overlap, common_kind, empty_like_kind, module_of, to_caller
 from ..runtime.kernels import CTYPES, KernelFamily, vector_width
 
-
 _MAX_THREADS = 1024
 _TARGET_THREADS = 128  # threads per row: fewer, fuller threads keep more rows in flight per SM
 _WARP_ROWS_PER_BLOCK = 4
@@ -57,10 +56,16 @@ def kernel_name(dtype: numpy.dtype, vec: int, vpt: int, warp_per_row: bool, alig
 # access, vec 1) are rare: one multi-pass variant each.
 NORM_KERNELS = KernelFamily(
     "norm.cu",
-    [kernel_name(dtype, vector_width(dtype), vpt, warp, aligned=True)
-     for dtype in CTYPES for vpt, warp in _ALIGNED_VARIANTS]
-    + [kernel_name(dtype, vec, 0, warp_per_row=False, aligned=vec == 1)
-       for dtype in CTYPES for vec in (vector_width(dtype), 1)],
+    [
+        kernel_name(dtype, vector_width(dtype), vpt, warp, aligned=True)
+        for dtype in CTYPES
+        for vpt, warp in _ALIGNED_VARIANTS
+    ]
+    + [
+        kernel_name(dtype, vec, 0, warp_per_row=False, aligned=vec == 1)
+        for dtype in CTYPES
+        for vec in (vector_width(dtype), 1)
+    ],
 )
 
 
@@ -167,8 +172,12 @@ def normalize(mode: str, x, gamma, beta, eps: float, *, out=None, residual=None,
     if rows:
         rows_at = {"x": x.data.ptr, "out": out.data.ptr}
         params_at = {"gamma": gamma.data.ptr}
-        for name, array, where in (("beta", beta, params_at), ("add_bias", add_bias, params_at),
-                                   ("residual", residual, rows_at), ("sum", total, rows_at)):
+        for name, array, where in (
+            ("beta", beta, params_at),
+            ("add_bias", add_bias, params_at),
+            ("residual", residual, rows_at),
+            ("sum", total, rows_at),
+        ):
             if array is not None:
                 where[name] = array.data.ptr
         name, grid, block, params_aligned = launch_config(rows, width, x.dtype, rows_at, params_at)
@@ -177,7 +186,22 @@ def normalize(mode: str, x, gamma, beta, eps: float, *, out=None, residual=None,
         def given(a):  # x stands in for the pointers that the mode and flags leave unread
             return x if a is None else a
 
-        NORM_KERNELS.launch(name, grid, block, x=x, residual=given(residual), add_bias=given(add_bias), gamma=gamma,
-                            beta=given(beta), y=out, sum=given(total), rows=rows, width=width, eps=eps,
-                            mode=_MODE[mode], pre_add=pre_add, params_aligned=params_aligned)
+        NORM_KERNELS.launch(
+            name,
+            grid,
+            block,
+            x=x,
+            residual=given(residual),
+            add_bias=given(add_bias),
+            gamma=gamma,
+            beta=given(beta),
+            y=out,
+            sum=given(total),
+            rows=rows,
+            width=width,
+            eps=eps,
+            mode=_MODE[mode],
+            pre_add=pre_add,
+            params_aligned=params_aligned,
+        )
     return (out, total) if want_sum else out

@@ -55,8 +55,9 @@ def token_strides(a) -> tuple[int, int, int]:
     return tuple(x // a.dtype.itemsize for x in a.strides[:-1])
 
 
-def prefill_attention(q, k, v, start, mask, alibi, scale: float, causal: bool, window: int, *, geometry=None,
-                      family=None, span=None):
+def prefill_attention(
+    q, k, v, start, mask, alibi, scale: float, causal: bool, window: int, *, geometry=None, family=None, span=None
+):
     """q [B, h, S, d] (any strides, d contiguous) against the keys [0, start[b] + S) of k, v [B, kv, T, d] (a
     cache layer, or this call's tokens with ``start`` 0); ``start`` int32 on the GPU; ``mask`` [B, 1, 1, T'] or
     None, ``alibi`` [B, h, 1, T] or None; ``causal``, and ``window`` keys (0: none). ``geometry`` (row tiles a
@@ -72,10 +73,35 @@ def prefill_attention(q, k, v, start, mask, alibi, scale: float, causal: bool, w
     rows, group = math.ceil(s / (64 * mt)), h // k.shape[1]
     (q_seq, q_head, q_tok), (k_seq, k_head, k_tok), (v_seq, v_head, v_tok) = (token_strides(a) for a in (q, k, v))
     family.launch(
-        name, (rows * h * b,), (128,), shared_mem=smem,
-        q=q, k=k, v=v, out=out, mask=m.mask, alibi=m.alibi, start=start,
-        q_seq=q_seq, q_head=q_head, q_tok=q_tok, k_seq=k_seq, k_head=k_head, k_tok=k_tok, v_seq=v_seq,
-        v_head=v_head, v_tok=v_tok, S=s, h=h, group=group, causal=int(causal),
-        window=window, mask_kind=m.mask_kind, mask_len=m.mask_len, alibi_len=m.alibi_len, scale=scale,
-        span=prefill_span(wave_blocks(kernel, 128, smem), rows, group) if span is None else span)
+        name,
+        (rows * h * b,),
+        (128,),
+        shared_mem=smem,
+        q=q,
+        k=k,
+        v=v,
+        out=out,
+        mask=m.mask,
+        alibi=m.alibi,
+        start=start,
+        q_seq=q_seq,
+        q_head=q_head,
+        q_tok=q_tok,
+        k_seq=k_seq,
+        k_head=k_head,
+        k_tok=k_tok,
+        v_seq=v_seq,
+        v_head=v_head,
+        v_tok=v_tok,
+        S=s,
+        h=h,
+        group=group,
+        causal=int(causal),
+        window=window,
+        mask_kind=m.mask_kind,
+        mask_len=m.mask_len,
+        alibi_len=m.alibi_len,
+        scale=scale,
+        span=prefill_span(wave_blocks(kernel, 128, smem), rows, group) if span is None else span,
+    )
     return out

@@ -29,8 +29,15 @@ PREFILL_SM90_SHORT = 384
 PREFILL_SM90_PERSIST = 1024
 
 
-def prefill_sm90_geometry(d: int, s: int, mask_bits: bool, causal: bool, *, short: int = PREFILL_SM90_SHORT,
-                          persist_up_to: int = PREFILL_SM90_PERSIST) -> tuple[int, int, bool]:
+def prefill_sm90_geometry(
+    d: int,
+    s: int,
+    mask_bits: bool,
+    causal: bool,
+    *,
+    short: int = PREFILL_SM90_SHORT,
+    persist_up_to: int = PREFILL_SM90_PERSIST,
+) -> tuple[int, int, bool]:
     """(keys a tile, warpgroups a block, persistent) for head size ``d`` and ``s`` query tokens; ``mask_bits``: a
     boolean mask without alibi. ``short``, ``persist_up_to``: the token counts up to which one-warpgroup blocks
     and persistent blocks are taken (a test's way to the other geometries)."""
@@ -47,11 +54,21 @@ def _name(ctype: str, d: int, geometry: tuple[int, int, bool]) -> str:
 
 _KERNELS = KernelFamily(  # every tile and block size prefill_sm90_geometry picks, persistent or not
     "prefill_attention_sm90.cu",
-    [_name(c, d, (bn, wg, persist)) for t, c in CTYPES.items() if t.itemsize == 2
-     for d, bn, wg in sorted({(d, *prefill_sm90_geometry(d, s, bits, causal)[:2]) for d in PREFILL_SM90_TILE
-                              for s in (1, PREFILL_SM90_SHORT + 1) for bits in (False, True)
-                              for causal in (False, True)})
-     for persist in (False, True)],
+    [
+        _name(c, d, (bn, wg, persist))
+        for t, c in CTYPES.items()
+        if t.itemsize == 2
+        for d, bn, wg in sorted(
+            {
+                (d, *prefill_sm90_geometry(d, s, bits, causal)[:2])
+                for d in PREFILL_SM90_TILE
+                for s in (1, PREFILL_SM90_SHORT + 1)
+                for bits in (False, True)
+                for causal in (False, True)
+            }
+        )
+        for persist in (False, True)
+    ],
     arch="90a",
 )
 
@@ -61,8 +78,9 @@ def prefill_sm90_runs(d: int) -> bool:
     return d in PREFILL_SM90_TILE and _KERNELS.builds_here()
 
 
-def prefill_attention_sm90(q, k, v, start, mask, alibi, scale: float, causal: bool, window: int, *,
-                           geometry=None, blocks=None, span=None):
+def prefill_attention_sm90(
+    q, k, v, start, mask, alibi, scale: float, causal: bool, window: int, *, geometry=None, blocks=None, span=None
+):
     """``prefill_attention``'s call on the Hopper kernel (k and v: 16-bit, 16-byte aligned strides).
     ``geometry``: (keys a tile, warpgroups a block, persistent), an instantiation of the family; ``blocks``: the
     blocks of one wave (a persistent launch's grid, and what ``prefill_span`` counts); ``span``: the grid's group
@@ -82,10 +100,31 @@ def prefill_attention_sm90(q, k, v, start, mask, alibi, scale: float, causal: bo
     # Persistent: one wave of blocks claims the items (a counter of split_workspace's); a block an item reads no
     # counter, and gets ``start`` in its place.
     _KERNELS.launch(
-        name, (min(items, wave) if persist else items,), (block,), shared_mem=smem,
-        q=q, kmap=tile_map(k, bn), vmap=tile_map(v, bn), out=out, mask=m.mask, alibi=m.alibi, start=start,
-        q_seq=q_seq, q_head=q_head, q_tok=q_tok, S=s, h=h, group=group, causal=int(causal), window=window,
-        mask_kind=m.mask_kind, mask_len=m.mask_len, alibi_len=m.alibi_len, scale=scale,
-        span=prefill_span(wave, rows, group) if span is None else span, items=items,
-        counter=split_workspace(0, 2)[1] if persist else start)
+        name,
+        (min(items, wave) if persist else items,),
+        (block,),
+        shared_mem=smem,
+        q=q,
+        kmap=tile_map(k, bn),
+        vmap=tile_map(v, bn),
+        out=out,
+        mask=m.mask,
+        alibi=m.alibi,
+        start=start,
+        q_seq=q_seq,
+        q_head=q_head,
+        q_tok=q_tok,
+        S=s,
+        h=h,
+        group=group,
+        causal=int(causal),
+        window=window,
+        mask_kind=m.mask_kind,
+        mask_len=m.mask_len,
+        alibi_len=m.alibi_len,
+        scale=scale,
+        span=prefill_span(wave, rows, group) if span is None else span,
+        items=items,
+        counter=split_workspace(0, 2)[1] if persist else start,
+    )
     return out

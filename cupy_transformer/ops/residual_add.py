@@ -25,8 +25,15 @@ from __future__ import annotations
 import numpy
 
 from ..runtime.arrays import check_no_overlap, common_kind, deliver, empty_like_kind, module_of, to_caller
-from ..runtime.kernels import (CTYPES, KernelFamily, access_width, elementwise_grid, run_variants, vector_count,
-                               whole_rows)
+from ..runtime.kernels import (
+    CTYPES,
+    KernelFamily,
+    access_width,
+    elementwise_grid,
+    run_variants,
+    vector_count,
+    whole_rows,
+)
 from .base import TransformerOp
 
 
@@ -62,21 +69,46 @@ def combine(partial: list, replicated: list, biases: list, mp_size: int, out=Non
     slots = [*partial, None][:2] + [*replicated, None, None][:2] + [*biases, None, None][:2]
     present = sum(1 << (i - 1) for i, a in enumerate(slots) if i and a is not None)
     terms = {name: first if a is None else a for name, a in zip(_SLOTS, slots)}
-    _KERNELS.launch(_name(first.dtype, vec, whole_rows(width, vec)), elementwise_grid(vectors), (256,), **terms,
-                    y=out, vectors=vector_count(vectors), tail=tail, width=width, inv_p=1.0 / mp_size, present=present)
+    _KERNELS.launch(
+        _name(first.dtype, vec, whole_rows(width, vec)),
+        elementwise_grid(vectors),
+        (256,),
+        **terms,
+        y=out,
+        vectors=vector_count(vectors),
+        tail=tail,
+        width=width,
+        inv_p=1.0 / mp_size,
+        present=present,
+    )
     return out
 
 
 class ResidualAddOp(TransformerOp):
-    def forward(self, hidden_state, residual, add_bias: bool, attention_output=None, residual_add=None,
-                attention_bias=None, final_bias=None, *, out=None):
+    def forward(
+        self,
+        hidden_state,
+        residual,
+        add_bias: bool,
+        attention_output=None,
+        residual_add=None,
+        attention_bias=None,
+        final_bias=None,
+        *,
+        out=None,
+    ):
         """``hidden_state`` [B, S, H] MLP output, ``residual`` [B, S, H] layer input, ``attention_output``
         [B, S, H], ``residual_add`` [B, S, H] (post-LN: MLPGemmOp's normalised sum), ``attention_bias`` and
         ``final_bias`` [H]. Returns the new residual stream [B, S, H]."""
         cfg = self.config
         kind = common_kind(
-            hidden_state=hidden_state, residual=residual, attention_output=attention_output,
-            residual_add=residual_add, attention_bias=attention_bias, final_bias=final_bias, out=out,
+            hidden_state=hidden_state,
+            residual=residual,
+            attention_output=attention_output,
+            residual_add=residual_add,
+            attention_bias=attention_bias,
+            final_bias=final_bias,
+            out=out,
         )
         h = self.activations("hidden_state", hidden_state, kind)
         width = h.shape[-1]

@@ -54,9 +54,9 @@ def apply_rotary(x, positions, rotary_dim: int, theta: float, style: str):
     out = x.astype(angle.dtype)
     r = out[..., :rotary_dim]
     if style == "half":
-        first, second = r[..., : rotary_dim // 2].copy(), r[..., rotary_dim // 2:].copy()
+        first, second = r[..., : rotary_dim // 2].copy(), r[..., rotary_dim // 2 :].copy()
         r[..., : rotary_dim // 2] = first * cos - second * sin
-        r[..., rotary_dim // 2:] = second * cos + first * sin
+        r[..., rotary_dim // 2 :] = second * cos + first * sin
     else:
         first, second = r[..., 0::2].copy(), r[..., 1::2].copy()
         r[..., 0::2] = first * cos - second * sin

@@ -27,9 +27,27 @@ def rotary_append(qkv, position_ids, cfg, h, kv, d, cache, layer, start, first):
     pairs = b * s * (h + kv + (kv if cache is not None else 0)) * d // 2
     kv_seq, kv_head, kv_tok = (x // qkv.dtype.itemsize for x in k_out.strides[:-1])
     _KERNELS.launch(
-        f"ct::rotary_append<{CTYPES[qkv.dtype]}>", elementwise_grid(pairs), (256,),
-        qkv=qkv, positions=q if position_ids is None else cupy.ascontiguousarray(position_ids, cupy.int32),
-        inv_freq=inv_freq, start=first, q_out=q, k_out=k_out, v_out=v_out, kv_seq=kv_seq, kv_head=kv_head,
-        kv_tok=kv_tok, S=s, h=h, kv=kv, d=d, rot=rot, half_style=int(cfg.rotary_style == "half"),
-        copy_v=int(cache is not None), has_positions=int(position_ids is not None), pairs=vector_count(pairs))
+        f"ct::rotary_append<{CTYPES[qkv.dtype]}>",
+        elementwise_grid(pairs),
+        (256,),
+        qkv=qkv,
+        positions=q if position_ids is None else cupy.ascontiguousarray(position_ids, cupy.int32),
+        inv_freq=inv_freq,
+        start=first,
+        q_out=q,
+        k_out=k_out,
+        v_out=v_out,
+        kv_seq=kv_seq,
+        kv_head=kv_head,
+        kv_tok=kv_tok,
+        S=s,
+        h=h,
+        kv=kv,
+        d=d,
+        rot=rot,
+        half_style=int(cfg.rotary_style == "half"),
+        copy_v=int(cache is not None),
+        has_positions=int(position_ids is not None),
+        pairs=vector_count(pairs),
+    )
     return q, (k_out if cache is None else None)

@@ -55,8 +55,11 @@ _KERNELS = KernelFamily("sampling.cu", [_name(d) for d in CTYPES])
 def sampling_arguments(temperature, top_k, top_p) -> tuple[float, int, float]:
     """The checked arguments: temperature and top_p as the float32 values the kernel takes (as Python floats),
     top_k as an int."""
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
-            0 <= temperature <= _FLOAT32_MAX):  # NaN fails too
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, numbers.Real)
+        or not (0 <= temperature <= _FLOAT32_MAX)
+    ):  # NaN fails too
         raise ValueError(f"temperature: expected a finite number >= 0 (0: greedy); got {temperature!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
         raise ValueError(f"top_k: expected an integer >= 0 (0: no top-k cut); got {top_k!r}")
@@ -115,19 +118,23 @@ def _logit_rows(logits, kind: str):
     elif own == "cupy":
         current = import_cupy().cuda.runtime.getDevice()
         if logits.data.device_id != current:
-            raise ValueError(f"logits: expected an array on the current GPU {current}; got one on GPU "
-                             f"{logits.data.device_id}")
+            raise ValueError(
+                f"logits: expected an array on the current GPU {current}; got one on GPU {logits.data.device_id}"
+            )
     if logits.ndim not in (2, 3) or (logits.ndim == 3 and logits.shape[1] != 1):
-        raise ValueError(f"logits: expected a [batch, vocab] or [batch, 1, vocab] array; got shape "
-                         f"{tuple(logits.shape)}")
+        raise ValueError(
+            f"logits: expected a [batch, vocab] or [batch, 1, vocab] array; got shape {tuple(logits.shape)}"
+        )
     if logits.dtype not in CTYPES:
         raise TypeError(f"logits: expected dtype {', '.join(str(d) for d in CTYPES)}; got {logits.dtype}")
     rows = logits[:, 0] if logits.ndim == 3 else logits
     if rows.shape[1] == 0:
         raise ValueError(f"logits: expected at least one value a row; got shape {tuple(logits.shape)}")
     if rows.shape[1] > 1 and rows.strides[1] != rows.itemsize or rows.strides[0] % rows.itemsize:
-        raise ValueError(f"logits: expected consecutive values in a row and rows a whole number of elements apart; "
-                         f"got strides {tuple(logits.strides)} (bytes) for dtype {logits.dtype}")
+        raise ValueError(
+            f"logits: expected consecutive values in a row and rows a whole number of elements apart; "
+            f"got strides {tuple(logits.strides)} (bytes) for dtype {logits.dtype}"
+        )
     return rows
 
 
@@ -150,7 +157,17 @@ def sample_tokens(logits, tokens, seed_step, temperature=0.0, top_k=0, top_p=1.0
     if vocab >= 2**31:
         raise ValueError(f"logits: {vocab} values a row exceed the kernel's 2^31; got shape {tuple(logits.shape)}")
     if batch:
-        _KERNELS.launch(_name(rows.dtype), (batch,), (SAMPLE_THREADS,), logits=rows,
-                        row_stride=rows.strides[0] // rows.itemsize, vocab=vocab, seed_step=state, tokens=out,
-                        temperature=temperature, top_k=top_k if top_k < vocab else 0, top_p=top_p)
+        _KERNELS.launch(
+            _name(rows.dtype),
+            (batch,),
+            (SAMPLE_THREADS,),
+            logits=rows,
+            row_stride=rows.strides[0] // rows.itemsize,
+            vocab=vocab,
+            seed_step=state,
+            tokens=out,
+            temperature=temperature,
+            top_k=top_k if top_k < vocab else 0,
+            top_p=top_p,
+        )
     return to_caller(out, kind)

@@ -40,15 +40,33 @@ from typing import NamedTuple
 
 import numpy
 
-from ..runtime.arrays import (array_module, as_array, backend_of, check_no_overlap, common_kind, deliver, import_cupy,
-                              module_of, to_caller)
+from ..runtime.arrays import (
+    array_module,
+    as_array,
+    backend_of,
+    check_no_overlap,
+    common_kind,
+    deliver,
+    import_cupy,
+    module_of,
+    to_caller,
+)
 from ..runtime.kernels import CTYPES, KernelFamily, access_width, sm_count, vector_width, wave_blocks
 from .base import TransformerOp
 
 # (lanes a row, vectors a lane, phase): 8, 16 or 32 lanes, or 2 to 8 warps a row (phase 0), or a block a chunk
 # of a row (phases 1, 2)
-_VARIANTS = ((8, 2, 0), (32, 2, 0), (16, 8, 0), (32, 8, 0), (64, 8, 0), (128, 8, 0), (256, 8, 0), (256, 8, 1),
-             (256, 8, 2))
+_VARIANTS = (
+    (8, 2, 0),
+    (32, 2, 0),
+    (16, 8, 0),
+    (32, 8, 0),
+    (64, 8, 0),
+    (128, 8, 0),
+    (256, 8, 0),
+    (256, 8, 1),
+    (256, 8, 2),
+)
 
 
 def _name(dtype, vec, row_threads, nv, phase):
@@ -101,8 +119,9 @@ def key_mask(attn_mask, kind, dtype, b, h, q, k, wider=False):
     keys, fits = (f"{k} or more", m.shape[-1] >= k) if wider else (f"{k}", m.shape[-1] == k)
     if m.ndim == 2:
         if m.shape[0] != b or not fits:
-            raise ValueError(f"attn_mask: expected a [batch, keys] = [{b}, {keys}] mask over key slots; "
-                             f"got shape {tuple(m.shape)}")
+            raise ValueError(
+                f"attn_mask: expected a [batch, keys] = [{b}, {keys}] mask over key slots; got shape {tuple(m.shape)}"
+            )
         return m[:, None, None, :]
     if m.shape[0] != b or m.shape[1] not in (1, h) or m.shape[2] not in (1, q) or not fits:
         raise ValueError(f"attn_mask: expected a [{b}, 1 or {h}, 1 or {q}, {keys}] mask; got shape {tuple(m.shape)}")
@@ -118,9 +137,11 @@ def alibi_rows(alibi, kind, dtype, b, total, h, head_offset, k):
     if a.ndim == 3 and tuple(a.shape) == (b * total, 1, k):
         a = a.reshape(b, total, 1, k)
     elif tuple(a.shape) != (b, total, 1, k):
-        raise ValueError(f"alibi: expected [{b * total}, 1, {k}] or [{b}, {total}, 1, {k}] (batch x {total} heads, "
-                         f"keys); got shape {tuple(a.shape)}")
-    return a[:, head_offset:head_offset + h]
+        raise ValueError(
+            f"alibi: expected [{b * total}, 1, {k}] or [{b}, {total}, 1, {k}] (batch x {total} heads, "
+            f"keys); got shape {tuple(a.shape)}"
+        )
+    return a[:, head_offset : head_offset + h]
 
 
 class MaskKind(enum.IntEnum):
@@ -164,8 +185,19 @@ def mask_arguments(mask, alibi, b: int, h: int, placeholder) -> MaskArguments:
 
 
 class SoftmaxOp(TransformerOp):
-    def forward(self, attn_scores, attn_mask=None, alibi=None, triangular=False, local_attention=False,
-                window_size=None, layer_scale=1.0, head_offset=0, *, out=None):
+    def forward(
+        self,
+        attn_scores,
+        attn_mask=None,
+        alibi=None,
+        triangular=False,
+        local_attention=False,
+        window_size=None,
+        layer_scale=1.0,
+        head_offset=0,
+        *,
+        out=None,
+    ):
         """``attn_scores`` [B, h, Q, K]; ``attn_mask`` [B, K] or [B, 1|h, Q|1, K], additive or boolean;
         ``alibi`` [B*H, 1, K] or [B, H, 1, K]; ``triangular``: causal; ``local_attention`` with
         ``window_size`` keys; ``layer_scale`` multiplies the scores; ``head_offset``: this rank's first head
@@ -176,14 +208,19 @@ class SoftmaxOp(TransformerOp):
         b, h, q, k = s.shape
         local_heads = cfg.heads // cfg.mp_size
         if h != local_heads:
-            raise ValueError(f"attn_scores: expected {local_heads} heads (config heads / mp_size) in dimension 1; "
-                             f"got shape {tuple(s.shape)}")
+            raise ValueError(
+                f"attn_scores: expected {local_heads} heads (config heads / mp_size) in dimension 1; "
+                f"got shape {tuple(s.shape)}"
+            )
         if s.size == 0:
             raise ValueError(f"attn_scores: expected at least one query and one key; got shape {tuple(s.shape)}")
         mask = key_mask(attn_mask, kind, cfg.dtype, b, h, q, k)
         rows = self._alibi(alibi, kind, s.shape, head_offset)
-        if (not isinstance(layer_scale, (int, float)) or isinstance(layer_scale, bool)
-                or not numpy.isfinite(layer_scale)):
+        if (
+            not isinstance(layer_scale, (int, float))
+            or isinstance(layer_scale, bool)
+            or not numpy.isfinite(layer_scale)
+        ):
             raise ValueError(f"layer_scale: expected a finite number; got {layer_scale!r}")
         window = None
         if local_attention:
@@ -205,8 +242,10 @@ class SoftmaxOp(TransformerOp):
         b, h, _, k = shape
         total = h * self.config.mp_size
         if isinstance(head_offset, bool) or not isinstance(head_offset, int) or not 0 <= head_offset <= total - h:
-            raise ValueError(f"head_offset: expected an integer in [0, {total - h}] (this rank's first of {total} "
-                             f"heads); got {head_offset!r}")
+            raise ValueError(
+                f"head_offset: expected an integer in [0, {total - h}] (this rank's first of {total} "
+                f"heads); got {head_offset!r}"
+            )
         return alibi_rows(alibi, kind, self.config.dtype, b, total, h, head_offset, k)
 
 
@@ -267,14 +306,37 @@ def _masked_softmax(s, mask, alibi, triangular, window, layer_scale, out):
     phases = (0,) if chunks == 1 else (1, 2)
     names = [_name(s.dtype, vec, threads, nv, phase) for phase in phases]
     # One chunk a row: at most one wave of blocks, each looping over rows. Chunks: a block each.
-    grid = (min(math.ceil(rows / (256 // threads)), wave_blocks(_KERNELS.kernel(names[0]), 256)) if chunks == 1
-            else rows * chunks)
+    grid = (
+        min(math.ceil(rows / (256 // threads)), wave_blocks(_KERNELS.kernel(names[0]), 256))
+        if chunks == 1
+        else rows * chunks
+    )
     stats = cupy.empty(2 * rows * chunks, cupy.float32) if chunks > 1 else s  # (max, sum) a chunk; else unread
     for name in names:
         _KERNELS.launch(
-            name, (grid,), (256,), s=s, p=p, mask=s if mask is None else mask, alibi=s if alibi is None else alibi,
-            stats=stats, rows=rows, chunks=chunks, h=h, q=q, k=k, chunk=chunk, layer_scale=layer_scale,
-            mask_kind=mask_kind(mask), mask_b=mask_strides[0], mask_h=mask_strides[1], mask_q=mask_strides[2],
-            has_alibi=int(alibi is not None), alibi_b=alibi_strides[0], alibi_h=alibi_strides[1],
-            causal=int(triangular), window=window or 0)
+            name,
+            (grid,),
+            (256,),
+            s=s,
+            p=p,
+            mask=s if mask is None else mask,
+            alibi=s if alibi is None else alibi,
+            stats=stats,
+            rows=rows,
+            chunks=chunks,
+            h=h,
+            q=q,
+            k=k,
+            chunk=chunk,
+            layer_scale=layer_scale,
+            mask_kind=mask_kind(mask),
+            mask_b=mask_strides[0],
+            mask_h=mask_strides[1],
+            mask_q=mask_strides[2],
+            has_alibi=int(alibi is not None),
+            alibi_b=alibi_strides[0],
+            alibi_h=alibi_strides[1],
+            causal=int(triangular),
+            window=window or 0,
+        )
     return p

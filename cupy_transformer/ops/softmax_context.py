@@ -67,8 +67,19 @@ _GRID_Y = 65535  # a launch's grid y and z; past it a call takes the array-opera
 
 
 class SoftmaxContextOp(TransformerOp):
-    def forward(self, query_key_value, attn_mask=None, cache=None, layer_id=0, start=None, position_ids=None,
-                alibi=None, norm_factor=None, *, scale=None):
+    def forward(
+        self,
+        query_key_value,
+        attn_mask=None,
+        cache=None,
+        layer_id=0,
+        start=None,
+        position_ids=None,
+        alibi=None,
+        norm_factor=None,
+        *,
+        scale=None,
+    ):
         """See the module docstring. ``start``: positions from ``cache.reserve`` (required with a cache; checked
         against its capacity before anything is written or launched); ``position_ids`` [B, S] int32 or int64:
         NumPy ones must lie in [0, 2^31) (the kernel's int32), GPU ones are trusted (reading them on the host
@@ -82,14 +93,18 @@ class SoftmaxContextOp(TransformerOp):
         qkv = as_array("query_key_value", query_key_value, kind, ndim=3, dtypes=cfg.dtype)
         b, s, width = qkv.shape
         if width != (h + 2 * kv) * d:
-            raise ValueError(f"query_key_value: expected a last dimension of (heads {h} + 2 x kv heads {kv}) x head "
-                             f"size {d} = {(h + 2 * kv) * d}; got shape {tuple(qkv.shape)}")
+            raise ValueError(
+                f"query_key_value: expected a last dimension of (heads {h} + 2 x kv heads {kv}) x head "
+                f"size {d} = {(h + 2 * kv) * d}; got shape {tuple(qkv.shape)}"
+            )
         if b == 0 or s == 0:
             raise ValueError(f"query_key_value: expected at least one sequence and token; got shape {tuple(qkv.shape)}")
         xp = array_module(backend_of(kind))
         if xp is not numpy and xp.cuda.get_current_stream().is_capturing():
-            raise RuntimeError("SoftmaxContextOp: cannot be captured in a CUDA graph yet: the step's cache positions "
-                               "and key ranges are host values, and a replay would repeat this step's")
+            raise RuntimeError(
+                "SoftmaxContextOp: cannot be captured in a CUDA graph yet: the step's cache positions "
+                "and key ranges are host values, and a replay would repeat this step's"
+            )
         start = self._start(cache, layer_id, kind, b, s, kv, d, start)
         keys_len = start + s  # keys per sequence
         t = int(keys_len.max())
@@ -98,14 +113,17 @@ class SoftmaxContextOp(TransformerOp):
         rows = alibi_rows(alibi, kind, cfg.dtype, b, h, h, 0, t)  # this rank's heads only
         if scale is not None and norm_factor is not None:
             raise ValueError("scale, norm_factor: give one (scale = norm_factor ** 2)")
-        factor = 1 / math.sqrt(d) if scale is None and norm_factor is None else (
-            scale if scale is not None else norm_factor**2)
+        factor = (
+            1 / math.sqrt(d)
+            if scale is None and norm_factor is None
+            else (scale if scale is not None else norm_factor**2)
+        )
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor):
             raise ValueError(f"scale: expected a finite number; got {factor!r}")
 
         q = qkv[..., : h * d].reshape(b, s, h, d).transpose(0, 2, 1, 3)
-        k = qkv[..., h * d:(h + kv) * d].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
-        v = qkv[..., (h + kv) * d:].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
+        k = qkv[..., h * d : (h + kv) * d].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
+        v = qkv[..., (h + kv) * d :].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
         first = None if xp is numpy else device_int32(start)
         if xp is not numpy and (cache is not None or cfg.rotary_style is not None):
             q, k = rotary_append(qkv, position_ids, cfg, h, kv, d, cache, layer_id, start, first)
@@ -126,15 +144,22 @@ class SoftmaxContextOp(TransformerOp):
         if decode and h // kv <= decode_max_group(cfg.dtype, d):
             lo = numpy.maximum(start + 1 - cfg.window_size, 0) if cfg.local_attention else numpy.zeros_like(start)
             context = decode_attention(q, cache, layer_id, lo, keys_len, mask, rows, factor)
-        elif (kernels and cfg.dtype.itemsize == 2 and d in PREFILL_GEOMETRY and per_key_mask
-                and compute_capability() >= 80):
+        elif (
+            kernels
+            and cfg.dtype.itemsize == 2
+            and d in PREFILL_GEOMETRY
+            and per_key_mask
+            and compute_capability() >= 80
+        ):
             src_k, src_v = (cache.keys[layer_id], cache.values[layer_id]) if cache is not None else (k, v)
             launch = prefill_attention_sm90 if prefill_sm90_runs(d) else prefill_attention
-            context = launch(q, src_k, src_v, first, mask, rows, factor, causal=cfg.triangular_masking,
-                             window=window or 0)
+            context = launch(
+                q, src_k, src_v, first, mask, rows, factor, causal=cfg.triangular_masking, window=window or 0
+            )
         else:
-            context = attention_reference(q, keys, values, start, mask, rows, factor, causal=cfg.triangular_masking,
-                                          window=window)
+            context = attention_reference(
+                q, keys, values, start, mask, rows, factor, causal=cfg.triangular_masking, window=window
+            )
         return to_caller(context, kind), to_caller(keys, kind), to_caller(values, kind)
 
     def _start(self, cache, layer_id, kind, b, s, kv, d, start):
@@ -149,8 +174,10 @@ class SoftmaxContextOp(TransformerOp):
         want = (b, kv, d, self.config.dtype, backend_of(kind))
         have = (cache.batch, cache.kv_heads, cache.head_dim, cache.dtype, cache.backend)
         if want != have:
-            raise ValueError(f"cache: expected batch {b}, {kv} kv heads of size {d}, {want[3]}, {want[4]} arrays; "
-                             f"got batch {have[0]}, {have[1]} kv heads of size {have[2]}, {have[3]}, {have[4]}")
+            raise ValueError(
+                f"cache: expected batch {b}, {kv} kv heads of size {d}, {want[3]}, {want[4]} arrays; "
+                f"got batch {have[0]}, {have[1]} kv heads of size {have[2]}, {have[3]}, {have[4]}"
+            )
         if start is None:
             raise ValueError("start: with a cache, pass where this step's tokens go (start = cache.reserve(tokens))")
         return cache.check_write(layer_id, s, start).astype(numpy.int64)
@@ -158,8 +185,14 @@ class SoftmaxContextOp(TransformerOp):
     def _position_ids(self, position_ids, kind, b, s):
         if position_ids is None:
             return None
-        ids = as_array("position_ids", position_ids, kind, ndim=2, dtypes=tuple(
-            numpy.dtype(t) for t in (numpy.int32, numpy.int64)), shape=(b, s))
+        ids = as_array(
+            "position_ids",
+            position_ids,
+            kind,
+            ndim=2,
+            dtypes=tuple(numpy.dtype(t) for t in (numpy.int32, numpy.int64)),
+            shape=(b, s),
+        )
         if module_of(ids) is numpy and (ids.min() < 0 or ids.max() >= 2**31):  # GPU ones: no sync to read them
             raise ValueError(f"position_ids: expected positions in [0, 2^31); got {ids.min()} to {ids.max()}")
         return ids

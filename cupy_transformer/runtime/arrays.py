@@ -34,8 +34,16 @@ FLOAT_DTYPES = tuple(numpy.dtype(t) for t in (numpy.float16, numpy.float32, bflo
 
 # DLPack device types (dlpack.h): memory a CUDA kernel can read.
 _DLPACK_CUDA, _DLPACK_CUDA_MANAGED = 2, 13
-_DLPACK_NAMES = {1: "CPU", 2: "CUDA", 3: "CUDA host", 4: "OpenCL", 7: "Vulkan", 8: "Metal", 10: "ROCm",
-                 13: "CUDA managed"}
+_DLPACK_NAMES = {
+    1: "CPU",
+    2: "CUDA",
+    3: "CUDA host",
+    4: "OpenCL",
+    7: "Vulkan",
+    8: "Metal",
+    10: "ROCm",
+    13: "CUDA managed",
+}
 
 _cupy = None
 
@@ -204,15 +212,11 @@ def as_array(
             want = " or ".join(f"{n}-D" for n in allowed)
             raise ValueError(f"{name}: expected a {want} array; got {array.ndim}-D with shape {tuple(array.shape)}")
     if min_ndim is not None and array.ndim < min_ndim:
-        raise ValueError(
-            f"{name}: expected an array of at least {min_ndim} dimension(s); got {array.ndim}-D"
-        )
+        raise ValueError(f"{name}: expected an array of at least {min_ndim} dimension(s); got {array.ndim}-D")
     if array.dtype != dtypes if isinstance(dtypes, numpy.dtype) else array.dtype not in dtypes:
         want = ", ".join(str(d) for d in ((dtypes,) if isinstance(dtypes, numpy.dtype) else dtypes))
         raise TypeError(f"{name}: expected dtype {want}; got {array.dtype}")
-    if shape is not None and (
-        len(shape) != array.ndim or any(w != -1 and w != g for w, g in zip(shape, array.shape))
-    ):
+    if shape is not None and (len(shape) != array.ndim or any(w != -1 and w != g for w, g in zip(shape, array.shape))):
         want = "(" + ", ".join("*" if w == -1 else str(w) for w in shape) + ")"
         raise ValueError(f"{name}: expected shape {want}; got {tuple(array.shape)}")
     if not array.flags.c_contiguous:

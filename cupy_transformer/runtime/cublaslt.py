@@ -135,8 +135,14 @@ class _Plan:
         a_shape = (k, n, k) if transposed else (n, k, n)  # rows, cols, leading dimension (column-major)
         for rows, cols, ld in (a_shape, (k, m, k), (n, m, n), (n, m, n)):  # A = W, B = X^T, C, D = Y^T
             layout = ctypes.c_void_p()
-            _call("cublasLtMatrixLayoutCreate", ctypes.byref(layout), t, ctypes.c_uint64(rows), ctypes.c_uint64(cols),
-                  ctypes.c_int64(ld))
+            _call(
+                "cublasLtMatrixLayoutCreate",
+                ctypes.byref(layout),
+                t,
+                ctypes.c_uint64(rows),
+                ctypes.c_uint64(cols),
+                ctypes.c_int64(ld),
+            )
             self.layouts.append(layout)
         pref = ctypes.c_void_p()
         _call("cublasLtMatmulPreferenceCreate", ctypes.byref(pref))
@@ -149,8 +155,16 @@ class _Plan:
             wanted = TUNE_CANDIDATES if timing.TUNE and m >= TUNE_MIN_ROWS else 1
             results = (_Heuristic * wanted)()
             found = ctypes.c_int(0)
-            _call("cublasLtMatmulAlgoGetHeuristic", handle, self.desc, *self.layouts, pref, wanted, results,
-                  ctypes.byref(found))
+            _call(
+                "cublasLtMatmulAlgoGetHeuristic",
+                handle,
+                self.desc,
+                *self.layouts,
+                pref,
+                wanted,
+                results,
+                ctypes.byref(found),
+            )
         finally:
             lib.cublasLtMatmulPreferenceDestroy(pref)
         if found.value < 1:
@@ -209,8 +223,10 @@ def matmul(x, w, transposed: bool, bias=None, activation: str | None = None):
     y = cupy.empty((m, n), x.dtype)
     epilogue = EPILOGUES[(activation, bias is not None)]
     alignments = tuple(_alignment(p) for p in (w.data.ptr, x.data.ptr, y.data.ptr, y.data.ptr))
-    plan = PLANS.get((x.dtype, m, n, k, transposed, epilogue, alignments),
-                      lambda: _Plan(handle, x.dtype, m, n, k, transposed, epilogue, alignments))
+    plan = PLANS.get(
+        (x.dtype, m, n, k, transposed, epilogue, alignments),
+        lambda: _Plan(handle, x.dtype, m, n, k, transposed, epilogue, alignments),
+    )
     if bias is not None:
         p = ctypes.c_void_p(bias.data.ptr)
         _call("cublasLtMatmulDescSetAttribute", plan.desc, _DESC_BIAS_POINTER, ctypes.byref(p), ctypes.sizeof(p))
@@ -219,10 +235,23 @@ def matmul(x, w, transposed: bool, bias=None, activation: str | None = None):
 
     def run(heuristic):
         _call(
-            "cublasLtMatmul", handle, plan.desc, ctypes.byref(_ONE), ctypes.c_void_p(w.data.ptr), a,
-            ctypes.c_void_p(x.data.ptr), b, ctypes.byref(_ZERO), ctypes.c_void_p(y.data.ptr), c,
-            ctypes.c_void_p(y.data.ptr), d, ctypes.byref(heuristic.algo), ctypes.c_void_p(workspace.data.ptr),
-            ctypes.c_size_t(_WORKSPACE_BYTES), ctypes.c_void_p(stream.ptr),
+            "cublasLtMatmul",
+            handle,
+            plan.desc,
+            ctypes.byref(_ONE),
+            ctypes.c_void_p(w.data.ptr),
+            a,
+            ctypes.c_void_p(x.data.ptr),
+            b,
+            ctypes.byref(_ZERO),
+            ctypes.c_void_p(y.data.ptr),
+            c,
+            ctypes.c_void_p(y.data.ptr),
+            d,
+            ctypes.byref(heuristic.algo),
+            ctypes.c_void_p(workspace.data.ptr),
+            ctypes.c_size_t(_WORKSPACE_BYTES),
+            ctypes.c_void_p(stream.ptr),
         )
 
     if len(plan.candidates) > 1 and not stream.is_capturing():

@@ -100,8 +100,7 @@ class KernelFamily:
 
     registry: dict[str, "KernelFamily"] = {}
 
-    def __init__(self, filename: str, name_expressions: Iterable[str], arch: str | None = None,
-                 register: bool = True):
+    def __init__(self, filename: str, name_expressions: Iterable[str], arch: str | None = None, register: bool = True):
         """``arch``: the one architecture the family is built for (e.g. "90a", for instructions only that
         target has); its launcher must run it on that architecture alone. None: the current device's.
         ``register``: list it in ``registry`` (what warmup and the CI compile cover)."""
@@ -131,11 +130,15 @@ class KernelFamily:
         if signature is None:
             params = self.parameters(name_expression)
             signature = self._signatures[name_expression] = (
-                tuple(name for _, name in params), tuple(_CONVERTERS[ctype] for ctype, _ in params))
+                tuple(name for _, name in params),
+                tuple(_CONVERTERS[ctype] for ctype, _ in params),
+            )
         names, converters = signature
         if tuple(arguments) != names:
-            raise KernelArgumentError(f"{self.filename}: {name_expression} takes ({', '.join(names)}); the launch "
-                                      f"gave ({', '.join(arguments)})")
+            raise KernelArgumentError(
+                f"{self.filename}: {name_expression} takes ({', '.join(names)}); the launch "
+                f"gave ({', '.join(arguments)})"
+            )
         values = tuple(v if convert is None else convert(v) for convert, v in zip(converters, arguments.values()))
         self.kernel(name_expression)(grid, block, values, shared_mem=shared_mem)
 
@@ -163,8 +166,9 @@ class KernelFamily:
             if name_expression not in self.name_expressions:
                 raise KeyError(f"{self.filename}: {name_expression!r} is not one of its instantiations")
             if not self.builds_here():
-                raise RuntimeError(f"{self.filename} is built for sm_{self.arch} alone; this GPU is "
-                                   f"sm_{compute_capability()}")
+                raise RuntimeError(
+                    f"{self.filename} is built for sm_{self.arch} alone; this GPU is sm_{compute_capability()}"
+                )
             try:
                 kernel = self.module().get_function(name_expression)
             except cupy.cuda.compiler.CompileException as e:
@@ -256,15 +260,14 @@ def kernel_parameters(source: str, name_expression: str) -> tuple[tuple[str, str
     read from ``source`` (includes inlined). The C type is "pointer" for any pointer, else the scalar type
     ("int", "unsigned", "long long", "float"). A parameter list that is one macro is expanded."""
     name = _kernel_name(name_expression)
-    head = re.search(r"__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?" + re.escape(name) + r"\s*\(",
-                     source)
+    head = re.search(r"__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?" + re.escape(name) + r"\s*\(", source)
     if head is None:
         raise KernelArgumentError(f"no __global__ function {name!r} found for {name_expression}")
     depth, at = 1, head.end()
     while depth:
         depth += {"(": 1, ")": -1}.get(source[at], 0)
         at += 1
-    text = re.sub(r"//[^\n]*|/\*.*?\*/", " ", source[head.end():at - 1], flags=re.S).strip()
+    text = re.sub(r"//[^\n]*|/\*.*?\*/", " ", source[head.end() : at - 1], flags=re.S).strip()
     if re.fullmatch(r"[A-Za-z_]\w*", text):  # a macro: #define NAME <list>, with line continuations
         macro = re.search(r"#\s*define\s+" + text + r"\b((?:[^\n\\]|\\\n|\\)*)", source)
         if macro is None:
@@ -279,11 +282,18 @@ def kernel_parameters(source: str, name_expression: str) -> tuple[tuple[str, str
             ctype = "pointer"
         else:
             ctype = " ".join(w for w in words[:-1] if w not in ("const", "__restrict__", "signed"))
-            ctype = {"unsigned int": "unsigned", "int32_t": "int", "uint32_t": "unsigned", "int64_t": "long long",
-                     "long long int": "long long"}.get(ctype, ctype)
+            ctype = {
+                "unsigned int": "unsigned",
+                "int32_t": "int",
+                "uint32_t": "unsigned",
+                "int64_t": "long long",
+                "long long int": "long long",
+            }.get(ctype, ctype)
             if ctype not in _CONVERTERS:
-                raise KernelArgumentError(f"{name_expression}: parameter {pname} has type {ctype!r}, which launches "
-                                          f"do not convert (one of {', '.join(_CONVERTERS)})")
+                raise KernelArgumentError(
+                    f"{name_expression}: parameter {pname} has type {ctype!r}, which launches "
+                    f"do not convert (one of {', '.join(_CONVERTERS)})"
+                )
         params.append((ctype, pname))
     return tuple(params)
 
@@ -373,9 +383,11 @@ def split_workspace(partial_floats: int, counters: int):
     if not (grow_partials or grow_counters):
         return partials, zeroed
     if cupy.cuda.get_current_stream().is_capturing():  # a captured memset would zero the counters only at replay
-        raise RuntimeError(f"split workspace: this launch needs more ({partial_floats} partial floats, {counters} "
-                           "counters) than the stream has, and it cannot be made while the stream is being "
-                           "captured; run the step once on this stream before capturing it")
+        raise RuntimeError(
+            f"split workspace: this launch needs more ({partial_floats} partial floats, {counters} "
+            "counters) than the stream has, and it cannot be made while the stream is being "
+            "captured; run the step once on this stream before capturing it"
+        )
     if grow_partials:
         outgrown.append(partials)
         partials = cupy.empty(max(partial_floats, 2 * partials.size, 1 << 16), cupy.float32)
@@ -428,8 +440,9 @@ def wave_blocks(kernel, threads: int, dynamic: int = 0) -> int:
     """Blocks of ``threads`` threads of ``kernel`` the whole GPU runs at once (``resident_blocks`` on every
     multiprocessor): the grid of one wave. Kept per (kernel, threads, dynamic): reading the device's and the
     kernel's attributes on every launch costs host time on a hot path (a model's every layer)."""
-    return _per_kernel(_WAVES, kernel, (threads, dynamic),
-                       lambda: resident_blocks(kernel, threads, dynamic) * sm_count())
+    return _per_kernel(
+        _WAVES, kernel, (threads, dynamic), lambda: resident_blocks(kernel, threads, dynamic) * sm_count()
+    )
 
 
 def sm_count() -> int:

@@ -35,8 +35,20 @@ def _encoder():
     if _encode is None:
         fn = ctypes.CDLL("libcuda.so.1").cuTensorMapEncodeTiled
         u32p, u64p = ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint64)
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p, u32p, u32p,
-                       ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        fn.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_uint32,
+            ctypes.c_void_p,
+            u64p,
+            u64p,
+            u32p,
+            u32p,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+        ]
         fn.restype = ctypes.c_int
         _encode = fn
     return _encode
@@ -48,11 +60,15 @@ def tile_map(a, rows: int):
     T and dimensions past D read as zeros. Returns a 128-byte device array holding it."""
     items = a.dtype.itemsize
     if a.dtype.name not in _DATA_TYPE or a.ndim != 4 or a.strides[-1] != items or a.shape[-1] % 8 or a.shape[-1] < 64:
-        raise ValueError(f"tile_map: expected an fp16 or bf16 [B, heads, T, D] array, D a multiple of 8, at least "
-                         f"64 and contiguous; got {a.dtype} {a.shape} strides {a.strides}")
+        raise ValueError(
+            f"tile_map: expected an fp16 or bf16 [B, heads, T, D] array, D a multiple of 8, at least "
+            f"64 and contiguous; got {a.dtype} {a.shape} strides {a.strides}"
+        )
     if a.data.ptr % 16 or any(s % 16 or s <= 0 for s in a.strides[:-1]) or not 0 < rows <= 256:
-        raise ValueError(f"tile_map: address and strides must be positive multiples of 16 bytes and rows 1..256; "
-                         f"got address {a.data.ptr:#x}, strides {a.strides}, rows {rows}")
+        raise ValueError(
+            f"tile_map: address and strides must be positive multiples of 16 bytes and rows 1..256; "
+            f"got address {a.data.ptr:#x}, strides {a.strides}, rows {rows}"
+        )
     return MAPS.get((a.data.ptr, a.shape, a.strides, a.dtype.str, rows), lambda: _encode_map(a, rows))
 
 
@@ -63,9 +79,23 @@ def _encode_map(a, rows: int):
     sizes = (ctypes.c_uint64 * 4)(d, t, heads, b)
     strides = (ctypes.c_uint64 * 3)(a.strides[2], a.strides[1], a.strides[0])
     box, steps = (ctypes.c_uint32 * 4)(64, rows, 1, 1), (ctypes.c_uint32 * 4)(1, 1, 1, 1)
-    status = _encoder()(host.ctypes.data + at, _DATA_TYPE[a.dtype.name], 4, a.data.ptr, sizes, strides,
-                        box, steps, _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_PROMOTION_256B, _OOB_FILL_ZEROS)
+    status = _encoder()(
+        host.ctypes.data + at,
+        _DATA_TYPE[a.dtype.name],
+        4,
+        a.data.ptr,
+        sizes,
+        strides,
+        box,
+        steps,
+        _INTERLEAVE_NONE,
+        _SWIZZLE_128B,
+        _L2_PROMOTION_256B,
+        _OOB_FILL_ZEROS,
+    )
     if status != 0:
-        raise TensorMapError(f"cuTensorMapEncodeTiled returned CUresult {status} for {a.dtype} {a.shape} "
-                             f"strides {a.strides}, box 64 x {rows}")
-    return import_cupy().asarray(host[at:at + 128])
+        raise TensorMapError(
+            f"cuTensorMapEncodeTiled returned CUresult {status} for {a.dtype} {a.shape} "
+            f"strides {a.strides}, box 64 x {rows}"
+        )
+    return import_cupy().asarray(host[at : at + 128])

@@ -14,6 +14,6 @@ def check_logits_and_decode(model, ids, reference, prompt):
     b, s = ids.shape
     cache = model.new_cache(b, s + 1)
     steps = [host(model.forward(ids[:, :prompt], cache))]
-    steps += [host(model.forward(ids[:, t:t + 1], cache)) for t in range(prompt, s)]
+    steps += [host(model.forward(ids[:, t : t + 1], cache)) for t in range(prompt, s)]
     assert rel_error(numpy.concatenate(steps, axis=1), logits) < 1e-5
     assert cache.lengths.tolist() == [s] * b

@@ -15,32 +15,56 @@ H, HEADS, LAYERS, INNER, VOCAB, POSITIONS = 32, 4, 2, 64, 40, 16
 
 
 def checkpoint(path, rng):
-    w = {"embeddings.word_embeddings.weight": (VOCAB, H), "embeddings.position_embeddings.weight": (POSITIONS, H),
-         "embeddings.token_type_embeddings.weight": (2, H), "embeddings.LayerNorm.weight": (H,),
-         "embeddings.LayerNorm.bias": (H,), "pooler.dense.weight": (H, H)}
+    w = {
+        "embeddings.word_embeddings.weight": (VOCAB, H),
+        "embeddings.position_embeddings.weight": (POSITIONS, H),
+        "embeddings.token_type_embeddings.weight": (2, H),
+        "embeddings.LayerNorm.weight": (H,),
+        "embeddings.LayerNorm.bias": (H,),
+        "pooler.dense.weight": (H, H),
+    }
     for i in range(LAYERS):
         p = f"encoder.layer.{i}."
         for n in ("query", "key", "value"):
             w[p + f"attention.self.{n}.weight"], w[p + f"attention.self.{n}.bias"] = (H, H), (H,)
-        w.update({p + "attention.output.dense.weight": (H, H), p + "attention.output.dense.bias": (H,),
-                  p + "attention.output.LayerNorm.weight": (H,), p + "attention.output.LayerNorm.bias": (H,),
-                  p + "intermediate.dense.weight": (INNER, H), p + "intermediate.dense.bias": (INNER,),
-                  p + "output.dense.weight": (H, INNER), p + "output.dense.bias": (H,),
-                  p + "output.LayerNorm.weight": (H,), p + "output.LayerNorm.bias": (H,)})
+        w.update(
+            {
+                p + "attention.output.dense.weight": (H, H),
+                p + "attention.output.dense.bias": (H,),
+                p + "attention.output.LayerNorm.weight": (H,),
+                p + "attention.output.LayerNorm.bias": (H,),
+                p + "intermediate.dense.weight": (INNER, H),
+                p + "intermediate.dense.bias": (INNER,),
+                p + "output.dense.weight": (H, INNER),
+                p + "output.dense.bias": (H,),
+                p + "output.LayerNorm.weight": (H,),
+                p + "output.LayerNorm.bias": (H,),
+            }
+        )
     tensors = {}
     for name, shape in w.items():
         t = rng.standard_normal(shape) * (0.3 if len(shape) == 2 else 0.1)
         tensors[name] = (t + (1.0 if name.endswith("LayerNorm.weight") else 0.0)).astype(numpy.float32)
     save_file(tensors, str(path / "model.safetensors"))
-    config = {"model_type": "bert", "hidden_size": H, "num_attention_heads": HEADS, "num_hidden_layers": LAYERS,
-              "intermediate_size": INNER, "vocab_size": VOCAB, "max_position_embeddings": POSITIONS,
-              "type_vocab_size": 2, "layer_norm_eps": 1e-12, "hidden_act": "gelu"}
+    config = {
+        "model_type": "bert",
+        "hidden_size": H,
+        "num_attention_heads": HEADS,
+        "num_hidden_layers": LAYERS,
+        "intermediate_size": INNER,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": POSITIONS,
+        "type_vocab_size": 2,
+        "layer_norm_eps": 1e-12,
+        "hidden_act": "gelu",
+    }
     (path / "config.json").write_text(json.dumps(config))
     return {k: v.astype(numpy.float64) for k, v in tensors.items()}
 
 
 def reference_hidden(w, ids):
     """float64 BertModel last hidden states of one unpadded sentence."""
+
     def ln(x, p):
         mu = x.mean(-1, keepdims=True)
         normalised = (x - mu) / numpy.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-12)
@@ -51,12 +75,18 @@ def reference_hidden(w, ids):
 
     erf = numpy.vectorize(math.erf)
     s, d = len(ids), H // HEADS
-    x = ln(w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:s]
-           + w["embeddings.token_type_embeddings.weight"][0], "embeddings.LayerNorm")
+    x = ln(
+        w["embeddings.word_embeddings.weight"][ids]
+        + w["embeddings.position_embeddings.weight"][:s]
+        + w["embeddings.token_type_embeddings.weight"][0],
+        "embeddings.LayerNorm",
+    )
     for i in range(LAYERS):
         p = f"encoder.layer.{i}."
-        q, k, v = (linear(x, p + f"attention.self.{n}").reshape(s, HEADS, d).transpose(1, 0, 2)
-                   for n in ("query", "key", "value"))
+        q, k, v = (
+            linear(x, p + f"attention.self.{n}").reshape(s, HEADS, d).transpose(1, 0, 2)
+            for n in ("query", "key", "value")
+        )
         scores = q @ k.transpose(0, 2, 1) / math.sqrt(d)
         att = numpy.exp(scores - scores.max(-1, keepdims=True))
         ctx = (att / att.sum(-1, keepdims=True) @ v).transpose(1, 0, 2).reshape(s, H)
@@ -73,12 +103,12 @@ def padded_batch(tmp_path, rng, backend):
     ids = numpy.zeros((3, 12), numpy.int64)
     mask = numpy.zeros((3, 12), numpy.int64)
     for b, sentence in enumerate(sentences):
-        ids[b, :len(sentence)], mask[b, :len(sentence)] = sentence, 1
+        ids[b, : len(sentence)], mask[b, : len(sentence)] = sentence, 1
     hidden = host(model.forward(ids, mask))
     embeddings = host(model.embed(ids, mask))
     for b, sentence in enumerate(sentences):
         want = reference_hidden(w, sentence)
-        assert rel_error(hidden[b, :len(sentence)], want) < 1e-5
+        assert rel_error(hidden[b, : len(sentence)], want) < 1e-5
         pooled = want.mean(0)
         assert rel_error(embeddings[b], pooled / numpy.linalg.norm(pooled)) < 1e-5
     assert numpy.allclose(numpy.linalg.norm(embeddings, axis=1), 1.0, atol=1e-6)

@@ -20,11 +20,22 @@ def checkpoint(path, rng, prefix="transformer."):
     """Random GPT2LMHeadModel-style weights (Conv1D: [in, out]) and config."""
     w = {"wte.weight": (VOCAB, H), "wpe.weight": (POSITIONS, H), "ln_f.weight": (H,), "ln_f.bias": (H,)}
     for i in range(LAYERS):
-        w.update({f"h.{i}.ln_1.weight": (H,), f"h.{i}.ln_1.bias": (H,), f"h.{i}.attn.c_attn.weight": (H, 3 * H),
-                  f"h.{i}.attn.c_attn.bias": (3 * H,), f"h.{i}.attn.c_proj.weight": (H, H),
-                  f"h.{i}.attn.c_proj.bias": (H,), f"h.{i}.ln_2.weight": (H,), f"h.{i}.ln_2.bias": (H,),
-                  f"h.{i}.mlp.c_fc.weight": (H, 4 * H), f"h.{i}.mlp.c_fc.bias": (4 * H,),
-                  f"h.{i}.mlp.c_proj.weight": (4 * H, H), f"h.{i}.mlp.c_proj.bias": (H,)})
+        w.update(
+            {
+                f"h.{i}.ln_1.weight": (H,),
+                f"h.{i}.ln_1.bias": (H,),
+                f"h.{i}.attn.c_attn.weight": (H, 3 * H),
+                f"h.{i}.attn.c_attn.bias": (3 * H,),
+                f"h.{i}.attn.c_proj.weight": (H, H),
+                f"h.{i}.attn.c_proj.bias": (H,),
+                f"h.{i}.ln_2.weight": (H,),
+                f"h.{i}.ln_2.bias": (H,),
+                f"h.{i}.mlp.c_fc.weight": (H, 4 * H),
+                f"h.{i}.mlp.c_fc.bias": (4 * H,),
+                f"h.{i}.mlp.c_proj.weight": (4 * H, H),
+                f"h.{i}.mlp.c_proj.bias": (H,),
+            }
+        )
     tensors = {}
     for name, shape in w.items():
         scale = 0.3 if len(shape) == 2 else 0.1
@@ -32,14 +43,23 @@ def checkpoint(path, rng, prefix="transformer."):
         t = rng.standard_normal(shape) * scale + (1.0 if gain else 0.0)
         tensors[prefix + name] = t.astype(numpy.float32)
     save_file(tensors, str(path / "model.safetensors"))
-    config = {"model_type": "gpt2", "n_embd": H, "n_head": HEADS, "n_layer": LAYERS, "vocab_size": VOCAB,
-              "n_positions": POSITIONS, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new"}
+    config = {
+        "model_type": "gpt2",
+        "n_embd": H,
+        "n_head": HEADS,
+        "n_layer": LAYERS,
+        "vocab_size": VOCAB,
+        "n_positions": POSITIONS,
+        "layer_norm_epsilon": 1e-5,
+        "activation_function": "gelu_new",
+    }
     (path / "config.json").write_text(json.dumps(config))
-    return {k[len(prefix):]: v.astype(numpy.float64) for k, v in tensors.items()}
+    return {k[len(prefix) :]: v.astype(numpy.float64) for k, v in tensors.items()}
 
 
 def reference_logits(w, ids):
     """float64 GPT-2 forward of one sequence ``ids`` [S]."""
+
     def ln(x, g, b):
         mu = x.mean(-1, keepdims=True)
         return (x - mu) / numpy.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-5) * g + b
@@ -52,7 +72,7 @@ def reference_logits(w, ids):
     for i in range(LAYERS):
         p = f"h.{i}."
         qkv = ln(x, w[p + "ln_1.weight"], w[p + "ln_1.bias"]) @ w[p + "attn.c_attn.weight"] + w[p + "attn.c_attn.bias"]
-        q, k, v = (qkv[:, j * H:(j + 1) * H].reshape(s, HEADS, d).transpose(1, 0, 2) for j in range(3))
+        q, k, v = (qkv[:, j * H : (j + 1) * H].reshape(s, HEADS, d).transpose(1, 0, 2) for j in range(3))
         scores = q @ k.transpose(0, 2, 1) / math.sqrt(d) + numpy.triu(numpy.full((s, s), -numpy.inf), 1)
         p_att = numpy.exp(scores - scores.max(-1, keepdims=True))
         ctx = (p_att / p_att.sum(-1, keepdims=True) @ v).transpose(1, 0, 2).reshape(s, H)

@@ -23,17 +23,40 @@ def checkpoint(path, rng, tied):
         w["lm_head.weight"] = (VOCAB, H)
     for i in range(LAYERS):
         p = f"model.layers.{i}."
-        w.update({p + "input_layernorm.weight": (H,), p + "self_attn.q_proj.weight": (HEADS * D, H),
-                  p + "self_attn.k_proj.weight": (KV * D, H), p + "self_attn.v_proj.weight": (KV * D, H),
-                  p + "self_attn.o_proj.weight": (H, H), p + "post_attention_layernorm.weight": (H,),
-                  p + "mlp.gate_proj.weight": (INNER, H), p + "mlp.up_proj.weight": (INNER, H),
-                  p + "mlp.down_proj.weight": (H, INNER)})
-    tensors = {n: (rng.standard_normal(s) * (0.25 if len(s) == 2 else 0.1)
-                   + (1.0 if len(s) == 1 else 0.0)).astype(numpy.float32) for n, s in w.items()}
+        w.update(
+            {
+                p + "input_layernorm.weight": (H,),
+                p + "self_attn.q_proj.weight": (HEADS * D, H),
+                p + "self_attn.k_proj.weight": (KV * D, H),
+                p + "self_attn.v_proj.weight": (KV * D, H),
+                p + "self_attn.o_proj.weight": (H, H),
+                p + "post_attention_layernorm.weight": (H,),
+                p + "mlp.gate_proj.weight": (INNER, H),
+                p + "mlp.up_proj.weight": (INNER, H),
+                p + "mlp.down_proj.weight": (H, INNER),
+            }
+        )
+    tensors = {
+        n: (rng.standard_normal(s) * (0.25 if len(s) == 2 else 0.1) + (1.0 if len(s) == 1 else 0.0)).astype(
+            numpy.float32
+        )
+        for n, s in w.items()
+    }
     save_file(tensors, str(path / "model.safetensors"))
-    config = {"model_type": "llama", "hidden_size": H, "num_attention_heads": HEADS, "num_key_value_heads": KV,
-              "intermediate_size": INNER, "num_hidden_layers": LAYERS, "vocab_size": VOCAB, "rms_norm_eps": 1e-6,
-              "rope_theta": THETA, "max_position_embeddings": 64, "hidden_act": "silu", "tie_word_embeddings": tied}
+    config = {
+        "model_type": "llama",
+        "hidden_size": H,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV,
+        "intermediate_size": INNER,
+        "num_hidden_layers": LAYERS,
+        "vocab_size": VOCAB,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": THETA,
+        "max_position_embeddings": 64,
+        "hidden_act": "silu",
+        "tie_word_embeddings": tied,
+    }
     (path / "config.json").write_text(json.dumps(config))
     return {k: v.astype(numpy.float64) for k, v in tensors.items()}
 
@@ -46,7 +69,7 @@ def reference_logits(w, ids, tied):
         inv = THETA ** (-numpy.arange(0, D, 2) / D)
         ang = numpy.arange(s)[:, None] * inv
         cos, sin = numpy.cos(numpy.concatenate([ang, ang], -1)), numpy.sin(numpy.concatenate([ang, ang], -1))
-        rotated = numpy.concatenate([-x[..., D // 2:], x[..., :D // 2]], -1)
+        rotated = numpy.concatenate([-x[..., D // 2 :], x[..., : D // 2]], -1)
         return x * cos + rotated * sin
 
     s = len(ids)

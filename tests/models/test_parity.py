@@ -40,9 +40,10 @@ def causal_parity(hf, path, rng, vocab):
     texts = generation.generate(ours, tok, [" ".join(f"w{i}" for i in p) for p in prompts], max_new_tokens=20)
     for prompt, text in zip(prompts, texts):  # a padded batch of two, each against HF's greedy alone
         with torch.no_grad():
-            out = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, pad_token_id=0,
-                              eos_token_id=None)
-        assert text == " ".join(f"w{i}" for i in out[0, len(prompt):].tolist())
+            out = hf.generate(
+                torch.tensor([prompt]), max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=None
+            )
+        assert text == " ".join(f"w{i}" for i in out[0, len(prompt) :].tolist())
 
 
 def test_gpt2_logits_and_greedy_tokens(tmp_path, rng):
@@ -53,15 +54,29 @@ def test_gpt2_logits_and_greedy_tokens(tmp_path, rng):
 
 def test_llama_logits_and_greedy_tokens(tmp_path, rng):
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=50, max_position_embeddings=40, rope_theta=500.0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=50,
+        max_position_embeddings=40,
+        rope_theta=500.0,
+    )
     causal_parity(transformers.LlamaForCausalLM(cfg), tmp_path, rng, 50)
 
 
 def test_bert_hidden_states(tmp_path, rng):
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                                  vocab_size=40, max_position_embeddings=16)
+    cfg = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=40,
+        max_position_embeddings=16,
+    )
     hf = transformers.BertModel(cfg)
     save(hf, tmp_path)
     ids = rng.integers(1, 40, (2, 7))
@@ -78,9 +93,16 @@ def test_minilm_embeddings_match_transformers_mean_pooling():
     from cupy_transformer.loading import Checkpoint
 
     folder = gt.get_model_path()
-    sentences = ["hello world", "A man is eating food.", "A man is eating a piece of bread.",
-                 "The girl is carrying a baby.", "A man is riding a horse.", "A woman is playing violin.",
-                 "Two men pushed carts through the woods.", "A monkey is playing drums."]
+    sentences = [
+        "hello world",
+        "A man is eating food.",
+        "A man is eating a piece of bread.",
+        "The girl is carrying a baby.",
+        "A man is riding a horse.",
+        "A woman is playing violin.",
+        "Two men pushed carts through the woods.",
+        "A monkey is playing drums.",
+    ]
     tok = Checkpoint(folder).tokenizer()
     tok.enable_padding(pad_id=0)
     enc = tok.encode_batch(sentences)
@@ -114,8 +136,9 @@ def test_gpu_gpt2_small_sized_against_transformers_on_cuda(tmp_path, rng, dtype,
         tok = word_tokenizer(tmp_path, 50257)
         text = generation.generate(ours, tok, [" ".join(f"w{i}" for i in ids[0])], max_new_tokens=20)[0]
         with torch.no_grad():
-            out = hf.generate(torch.from_numpy(ids[:1]).cuda(), max_new_tokens=20, do_sample=False, pad_token_id=0,
-                              eos_token_id=None)
+            out = hf.generate(
+                torch.from_numpy(ids[:1]).cuda(), max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=None
+            )
         assert text == " ".join(f"w{i}" for i in out[0, 16:].tolist())
 
 

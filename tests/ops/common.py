@@ -102,8 +102,8 @@ def history(qkv, c, positions, keep=None, alibi=None, scale=None):
     t = qkv.shape[0]
     x = qkv.astype(numpy.float64)
     q = x[:, : h * d].reshape(t, h, d).transpose(1, 0, 2)[None]
-    k = x[:, h * d:(h + kv) * d].reshape(t, kv, d).transpose(1, 0, 2)[None]
-    v = x[:, (h + kv) * d:].reshape(t, kv, d).transpose(1, 0, 2)
+    k = x[:, h * d : (h + kv) * d].reshape(t, kv, d).transpose(1, 0, 2)[None]
+    v = x[:, (h + kv) * d :].reshape(t, kv, d).transpose(1, 0, 2)
     if c.rotary_style:
         q = turned(q, positions[None], c.rotary_dim, c.rope_theta, c.rotary_style)
         k = turned(k, positions[None], c.rotary_dim, c.rope_theta, c.rotary_style)
@@ -113,8 +113,13 @@ def history(qkv, c, positions, keep=None, alibi=None, scale=None):
     for i in range(h):
         g = i // (h // kv)
         for s in range(t):
-            keys = [j for j in range(t) if (keep is None or keep[j]) and (not c.triangular_masking or j <= s)
-                    and (not c.local_attention or j > s - c.window_size)]
+            keys = [
+                j
+                for j in range(t)
+                if (keep is None or keep[j])
+                and (not c.triangular_masking or j <= s)
+                and (not c.local_attention or j > s - c.window_size)
+            ]
             z = numpy.array([q[i, s] @ k[g, j] * scale + (alibi[i, j] if alibi is not None else 0.0) for j in keys])
             if keys:
                 p = numpy.exp(z - z.max())
@@ -170,13 +175,24 @@ def launch_inputs(c, qkv, attn_mask=None, cache=None, start=None, alibi=None, la
     mask = key_mask(attn_mask, "cupy", c.dtype, b, h, s, t, wider=True)
     rows = alibi_rows(alibi, "cupy", c.dtype, b, h, h, 0, t)
     q = qkv[..., : h * d].reshape(b, s, h, d).transpose(0, 2, 1, 3)
-    k = qkv[..., h * d:(h + kv) * d].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
-    v = qkv[..., (h + kv) * d:].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
+    k = qkv[..., h * d : (h + kv) * d].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
+    v = qkv[..., (h + kv) * d :].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
     first = device_int32(start)
     if cache is not None or c.rotary_style is not None:
         q, k = rotary_append(qkv, None, c, h, kv, d, cache, layer, start, first)
     if cache is not None:
         k, v = cache.keys[layer], cache.values[layer]
     lo = numpy.maximum(start + 1 - c.window_size, 0) if c.local_attention else numpy.zeros_like(start)
-    return LaunchInputs(q, k, v, first, lo, hi, mask, rows, 1 / math.sqrt(d), c.triangular_masking,
-                        c.window_size if c.local_attention else 0)
+    return LaunchInputs(
+        q,
+        k,
+        v,
+        first,
+        lo,
+        hi,
+        mask,
+        rows,
+        1 / math.sqrt(d),
+        c.triangular_masking,
+        c.window_size if c.local_attention else 0,
+    )

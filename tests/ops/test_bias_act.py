@@ -73,11 +73,13 @@ def test_gpu_in_place(rng):
 
 def test_bad_input():
     h = numpy.ones((2, 8), numpy.float32)
-    with pytest.raises(ValueError,
-                       match=r"h: a gated activation needs \[up \| gate\] halves, an even last dimension; got 7"):
+    with pytest.raises(
+        ValueError, match=r"h: a gated activation needs \[up \| gate\] halves, an even last dimension; got 7"
+    ):
         ops.bias_act(h[:, :7].copy(), None, "GATED_SILU")
-    with pytest.raises(ValueError,
-                       match=r"activation: expected one of GELU, ReLU, GATED_GELU, GATED_SILU, GELU_EXACT; got 'tanh'"):
+    with pytest.raises(
+        ValueError, match=r"activation: expected one of GELU, ReLU, GATED_GELU, GATED_SILU, GELU_EXACT; got 'tanh'"
+    ):
         ops.bias_act(h, None, "tanh")
     with pytest.raises(ValueError, match=r"bias: expected shape \(8\); got \(4,\)"):
         ops.bias_act(h, numpy.ones(4, numpy.float32), "ReLU")

@@ -29,8 +29,11 @@ def test_enums_by_name_or_value():
         ({"heads": 5}, ValueError, r"heads: expected a divisor of hidden_size 64; got 5"),
         ({"num_kv": 3}, ValueError, r"num_kv: expected a divisor of heads 4; got 3"),
         ({"mp_size": 3}, ValueError, r"mp_size: expected a divisor of heads 4; got 3"),
-        ({"intermediate_size": 101, "mp_size": 2, "num_kv": 2}, ValueError,
-         r"mp_size: expected a divisor of intermediate_size 101"),
+        (
+            {"intermediate_size": 101, "mp_size": 2, "num_kv": 2},
+            ValueError,
+            r"mp_size: expected a divisor of intermediate_size 101",
+        ),
         ({"norm_type": "GroupNorm"}, ValueError, r"norm_type: expected one of LayerNorm, RMSNorm; got 'GroupNorm'"),
         ({"norm_type": 2}, ValueError, r"norm_type: expected one of LayerNorm, RMSNorm; got 2"),
         ({"mlp_act_func_type": 0}, ValueError, r"mlp_act_func_type: expected one of GELU, .*; got 0"),
@@ -46,8 +49,16 @@ def test_bad_config(kwargs, error, message):
 
 def test_registry_creates_ops_by_name():
     cfg = InferenceConfig(hidden_size=64, heads=4)
-    assert set(ops.TRANSFORMER_OPS) == {"linear", "vector_matmul", "qkv_gemm", "mlp_gemm", "gelu_gemm", "residual_add",
-                                        "softmax", "softmax_context"}
+    assert set(ops.TRANSFORMER_OPS) == {
+        "linear",
+        "vector_matmul",
+        "qkv_gemm",
+        "mlp_gemm",
+        "gelu_gemm",
+        "residual_add",
+        "softmax",
+        "softmax_context",
+    }
     for name, cls in ops.TRANSFORMER_OPS.items():
         op = ops.create_op(name, cfg)
         assert isinstance(op, cls) and op.config is cfg
@@ -58,16 +69,27 @@ def test_registry_creates_ops_by_name():
 
 
 @pytest.mark.parametrize(
-    "name, first", [("linear", "input"), ("vector_matmul", "input"), ("qkv_gemm", "input"), ("mlp_gemm", "residual"),
-                    ("gelu_gemm", "input")],
+    "name, first",
+    [
+        ("linear", "input"),
+        ("vector_matmul", "input"),
+        ("qkv_gemm", "input"),
+        ("mlp_gemm", "residual"),
+        ("gelu_gemm", "input"),
+    ],
 )
 @pytest.mark.parametrize("shape", [(0, 64), (0, 3, 64), (2, 0, 64)], ids=str)
 def test_empty_batch_is_refused(name, first, shape):
     # Named after the first activation checked (MLPGemmOp: residual; its input is unused when parallel).
     cfg = InferenceConfig(hidden_size=64, heads=4, intermediate_size=64, dtype=numpy.float32)
     x, w, v = numpy.ones(shape, numpy.float32), numpy.ones((64, 64), numpy.float32), numpy.ones(64, numpy.float32)
-    args = {"linear": (x, w, v), "vector_matmul": (x, w), "qkv_gemm": (x, w, v, v, v),
-            "mlp_gemm": (x, x, w, w, v, v, v, v), "gelu_gemm": (x, w, v, w)}[name]
+    args = {
+        "linear": (x, w, v),
+        "vector_matmul": (x, w),
+        "qkv_gemm": (x, w, v, v, v),
+        "mlp_gemm": (x, x, w, w, v, v, v, v),
+        "gelu_gemm": (x, w, v, w),
+    }[name]
     message = f"{first}: expected at least one token and a non-zero width; got shape {shape}"
     with pytest.raises(ValueError, match=re.escape(message)):
         ops.create_op(name, cfg)(*args)

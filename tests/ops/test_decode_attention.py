@@ -11,8 +11,8 @@ from cupy_transformer.kv_cache import KVCache
 from cupy_transformer.ops.decode_attention import decode_attention, decode_max_group, decode_on_tensor_cores
 from cupy_transformer.runtime.arrays import FLOAT_DTYPES
 from tests.helpers import TOL_CHAINED, host, random, rel_error
-from tests.ops.common import history, launch_inputs, nan_past
 from tests.ops.common import attention_config as cfg
+from tests.ops.common import history, launch_inputs, nan_past
 
 
 def twin_caches(rng, dtype, kv, tokens, d, lengths, kinds=("numpy", "cupy")):
@@ -51,13 +51,16 @@ def decode_step(op, geometry, qkv, mask, cache, start, alibi=None):
         return op(qkv, mask, cache, 0, start, alibi=alibi)
     c = op.config
     if c.heads // c.num_kv > decode_max_group(c.dtype, c.head_size):
-        pytest.skip("no decode kernel takes this many query heads a kv head (the op computes it with array "
-                    "operations, as the launcher's variant checks)")
+        pytest.skip(
+            "no decode kernel takes this many query heads a kv head (the op computes it with array "
+            "operations, as the launcher's variant checks)"
+        )
     if geometry[0] == 8 and not decode_on_tensor_cores(c.dtype, c.head_size):
         pytest.skip("attention_partial (fp32, or head sizes the tensor-core kernel lacks) has 4-warp blocks")
     x = launch_inputs(c, qkv, mask, cache, start, alibi)
-    context = decode_attention(x.q, cache, 0, x.lo, x.hi, x.mask, x.alibi, x.scale, warps=geometry[0],
-                               chunks=geometry[1])
+    context = decode_attention(
+        x.q, cache, 0, x.lo, x.hi, x.mask, x.alibi, x.scale, warps=geometry[0], chunks=geometry[1]
+    )
     t = int(x.hi.max())
     return context, cache.keys[0, :, :, :t], cache.values[0, :, :, :t]
 
@@ -65,7 +68,8 @@ def decode_step(op, geometry, qkv, mask, cache, start, alibi=None):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize(
-    "heads, kv, d", [(8, 1, 128), (32, 4, 128), (12, 1, 128), (4, 4, 80), (6, 2, 96), (2, 2, 256), (16, 2, 64)])
+    "heads, kv, d", [(8, 1, 128), (32, 4, 128), (12, 1, 128), (4, 4, 80), (6, 2, 96), (2, 2, 256), (16, 2, 64)]
+)
 def test_gpu_decode_kernel_on_long_contexts(rng, decode_chunks, dtype, heads, kv, d):
     """The decode kernel (one token, a cache, a per-key mask, alibi) against the NumPy reference on the same
     cache: sequences holding 0, 776 and 16383 tokens (keys up to 16384, no multiple of a chunk)."""
@@ -98,8 +102,11 @@ def test_gpu_decode_kernel_with_an_additive_mask(rng, poisoned_allocations, deco
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, heads, kv, d", [(numpy.float32, 6, 2, 64), (numpy.float16, 8, 1, 48),
-                                                 (numpy.float16, 2, 1, 200)], ids=["fp32", "fp16 d48", "fp16 d200"])
+@pytest.mark.parametrize(
+    "dtype, heads, kv, d",
+    [(numpy.float32, 6, 2, 64), (numpy.float16, 8, 1, 48), (numpy.float16, 2, 1, 200)],
+    ids=["fp32", "fp16 d48", "fp16 d200"],
+)
 def test_gpu_cuda_core_decode_kernel(rng, poisoned_allocations, decode_chunks, dtype, heads, kv, d):
     """attention_partial (fp32, or a head size the tensor-core kernel lacks; 3, 8 and 2 query heads a kv head)
     on a decode step after a 150-token prompt, one sequence trimmed to 77 (151 and 78 keys: no multiple of a
@@ -121,6 +128,8 @@ def test_gpu_cuda_core_decode_kernel(rng, poisoned_allocations, decode_chunks, d
         x = launch_inputs(c, cupy.asarray(tokens[:, 150:].copy()), cache=cache, start=start)
         again = decode_attention(x.q, cache, 0, x.lo, x.hi, x.mask, x.alibi, x.scale)
         assert (host(again) == host(ctx)).all()
-    want = [history(tokens[0], c, numpy.arange(151))[-1],
-            history(numpy.concatenate([tokens[1, :77], tokens[1, 150:]]), c, numpy.arange(78))[-1]]
+    want = [
+        history(tokens[0], c, numpy.arange(151))[-1],
+        history(numpy.concatenate([tokens[1, :77], tokens[1, 150:]]), c, numpy.arange(78))[-1],
+    ]
     assert rel_error(ctx[:, 0], numpy.stack(want)) < TOL_CHAINED[numpy.dtype(dtype)]

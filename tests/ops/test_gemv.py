@@ -7,7 +7,8 @@ from cupy_transformer.ops import ActivationType
 from cupy_transformer.ops.gemv import GEMV_MAX_ROWS, gemv, gemv_fits, gemv_k_per_split, kn_chunks_a_batch, nk_geometry
 from cupy_transformer.runtime.arrays import FLOAT_DTYPES
 from tests.helpers import TOL_CHAINED, random, rel_error
-from tests.ops.common import act as exact_act, dense, f64, on_backend, weight
+from tests.ops.common import act as exact_act
+from tests.ops.common import dense, f64, on_backend, weight
 
 EPILOGUES = [None, ActivationType.GELU, ActivationType.ReLU, ActivationType.GELU_EXACT]
 
@@ -15,8 +16,11 @@ EPILOGUES = [None, ActivationType.GELU, ActivationType.ReLU, ActivationType.GELU
 def check(rng, dtype, rows, k, n, transposed, with_bias, act):
     """The GEMV kernel against float64 math where it applies (``gemv_fits``, up to 8 rows); returns the
     arrays and its result (None where it does not apply: ops.matmul runs cuBLAS there, test_matmul)."""
-    host = {"x": random(rng, (rows, k), dtype), "w": weight(rng, k, n, dtype, transposed),
-            "bias": random(rng, (n,), dtype) if with_bias else None}
+    host = {
+        "x": random(rng, (rows, k), dtype),
+        "w": weight(rng, k, n, dtype, transposed),
+        "bias": random(rng, (n,), dtype) if with_bias else None,
+    }
     a = on_backend(host, gpu=True)
     if rows > GEMV_MAX_ROWS or not gemv_fits(a["x"], a["w"], transposed, a["bias"], act):
         return a, None
@@ -76,6 +80,7 @@ def test_gpu_captured_graph_outlives_a_larger_workspace(rng):
     writes the old one when replayed, so it is kept, not freed (freed, the pool would hand it to the next
     arrays of its size, and the replay would write over them)."""
     import cupy
+
     from cupy_transformer.runtime.kernels import sm_count, split_workspace
 
     host = {"x": random(rng, (2, 4096), numpy.float16), "w": weight(rng, 4096, 1024, numpy.float16, transposed=False)}
@@ -104,8 +109,10 @@ def test_gpu_split_workspace_does_not_grow_during_capture(rng):
     there (a captured memset runs only at replay), so it raises, naming what to do."""
     import cupy
 
-    a = on_backend({"x": random(rng, (2, 4096), numpy.float16),
-                    "w": weight(rng, 4096, 1024, numpy.float16, transposed=False)}, gpu=True)
+    a = on_backend(
+        {"x": random(rng, (2, 4096), numpy.float16), "w": weight(rng, 4096, 1024, numpy.float16, transposed=False)},
+        gpu=True,
+    )
     gemv(a["x"], a["w"], transposed=False)  # compiled: only the new stream's workspace is missing below
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
@@ -121,13 +128,32 @@ def test_nk_geometry_holds_the_tiles_in_one_wave():
     """[out, in]: fine tiles while coarse ones would leave SMs idle (at 1 block a SM for rows of K <= 3072),
     coarse at 3 blocks a SM where 2 would leave a second, partial wave, else coarse at 2 (132 SMs)."""
     geometry = {n: nk_geometry(n, 4096, sms=132) for n in (4096, 4232, 6400, 8448, 8480, 11008, 12672, 12704, 16384)}
-    assert geometry == {4096: (1, 1, 2), 4232: (2, 1, 2), 6400: (2, 1, 2), 8448: (2, 1, 2), 8480: (2, 1, 3),
-                        11008: (2, 1, 3), 12672: (2, 1, 3), 12704: (2, 1, 2), 16384: (2, 1, 2)}
+    assert geometry == {
+        4096: (1, 1, 2),
+        4232: (2, 1, 2),
+        6400: (2, 1, 2),
+        8448: (2, 1, 2),
+        8480: (2, 1, 3),
+        11008: (2, 1, 3),
+        12672: (2, 1, 3),
+        12704: (2, 1, 2),
+        16384: (2, 1, 2),
+    }
     short = {(n, k): nk_geometry(n, k, sms=132) for n in (256, 2048, 4232, 11008) for k in (768, 3072, 3080)}
-    assert short == {(256, 768): (1, 4, 1), (256, 3072): (1, 4, 1), (256, 3080): (1, 1, 2),
-                     (2048, 768): (1, 4, 1), (2048, 3072): (1, 4, 1), (2048, 3080): (1, 1, 2),
-                     (4232, 768): (2, 1, 2), (4232, 3072): (2, 1, 2), (4232, 3080): (2, 1, 2),
-                     (11008, 768): (2, 1, 3), (11008, 3072): (2, 1, 3), (11008, 3080): (2, 1, 3)}
+    assert short == {
+        (256, 768): (1, 4, 1),
+        (256, 3072): (1, 4, 1),
+        (256, 3080): (1, 1, 2),
+        (2048, 768): (1, 4, 1),
+        (2048, 3072): (1, 4, 1),
+        (2048, 3080): (1, 1, 2),
+        (4232, 768): (2, 1, 2),
+        (4232, 3072): (2, 1, 2),
+        (4232, 3080): (2, 1, 2),
+        (11008, 768): (2, 1, 3),
+        (11008, 3072): (2, 1, 3),
+        (11008, 3080): (2, 1, 3),
+    }
 
 
 @pytest.mark.gpu

@@ -69,8 +69,11 @@ def test_bad_input():
     x = numpy.ones((2, 3, 64), numpy.float32)
     w = numpy.ones((64, 96), numpy.float32)
     op = LinearOp(cfg)
-    with pytest.raises(ValueError, match=r"weight: expected a \[in, out\] weight whose in-dimension matches the input "
-                                         r"width 64; got shape \(96, 64\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"weight: expected a \[in, out\] weight whose in-dimension matches the input "
+        r"width 64; got shape \(96, 64\)",
+    ):
         op(x, w.T.copy())
     with pytest.raises(ValueError, match=r"bias: expected shape \(96\); got \(64,\)"):
         op(x, w, numpy.ones(64, numpy.float32))
@@ -78,8 +81,9 @@ def test_bad_input():
         op(x.astype(numpy.float16), w)
     with pytest.raises(TypeError, match=r"weight: expected dtype float32; got float16"):
         op(x, w.astype(numpy.float16))
-    with pytest.raises(ValueError,
-                       match=r"input: expected at least one token and a non-zero width; got shape \(2, 0, 64\)"):
+    with pytest.raises(
+        ValueError, match=r"input: expected at least one token and a non-zero width; got shape \(2, 0, 64\)"
+    ):
         op(numpy.ones((2, 0, 64), numpy.float32), w)
     with pytest.raises(ValueError, match=r"input: expected a 2-D or 3-D array; got 4-D"):
         VectorMatMulOp(cfg)(x[None], w)

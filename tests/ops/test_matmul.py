@@ -4,12 +4,13 @@ reference) and the LM head ``lm_logits``. gemv.cu's kernels themselves: test_gem
 import numpy
 import pytest
 
+import cupy_transformer.ops.matmul as mm
 from cupy_transformer import ops
 from cupy_transformer.ops import ActivationType
-import cupy_transformer.ops.matmul as mm
 from cupy_transformer.runtime.arrays import FLOAT_DTYPES
 from tests.helpers import TOL_CHAINED, random, rel_error
-from tests.ops.common import act as exact_act, dense, f64, on_backend, weight
+from tests.ops.common import act as exact_act
+from tests.ops.common import dense, f64, on_backend, weight
 
 EPILOGUES = [None, ActivationType.GELU, ActivationType.ReLU, ActivationType.GELU_EXACT]
 
@@ -24,8 +25,11 @@ def fresh_choices():
 
 def check(rng, dtype, rows, k, n, transposed, with_bias, act, gpu):
     """ops.matmul (NumPy: the reference; GPU: the GEMV or cuBLAS, as timed) against float64 math."""
-    host = {"x": random(rng, (rows, k), dtype), "w": weight(rng, k, n, dtype, transposed),
-            "bias": random(rng, (n,), dtype) if with_bias else None}
+    host = {
+        "x": random(rng, (rows, k), dtype),
+        "w": weight(rng, k, n, dtype, transposed),
+        "bias": random(rng, (n,), dtype) if with_bias else None,
+    }
     a = on_backend(host, gpu)
     z = f64(a["x"]) @ dense(f64(a["w"]), transposed) + (f64(a["bias"]) if with_bias else 0)
     exact = z if act is None else exact_act(z, act)
@@ -66,8 +70,11 @@ def test_gpu_lm_logits(rng, dtype, rows):
 
 def test_lm_logits_bad_input():
     x, w = numpy.ones((2, 64), numpy.float32), numpy.ones((100, 64), numpy.float32)
-    with pytest.raises(ValueError, match=r"weight: expected a \[out, in\] \(transposed_mode\) weight whose "
-                                         r"in-dimension matches the input width 64; got shape \(64, 100\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"weight: expected a \[out, in\] \(transposed_mode\) weight whose "
+        r"in-dimension matches the input width 64; got shape \(64, 100\)",
+    ):
         ops.lm_logits(x, w.T.copy())
     with pytest.raises(TypeError, match=r"weight: expected dtype float32; got float16"):
         ops.lm_logits(x, w.astype(numpy.float16))
@@ -103,8 +110,17 @@ def test_gpu_gemv_geometries_through_the_dispatch(rng, poisoned_allocations):
     check(rng, numpy.float16, 2, 8192, 512, transposed=False, with_bias=True, act=ActivationType.GELU, gpu=True)
     for dtype in [t for t in FLOAT_DTYPES if numpy.dtype(t).itemsize == 2]:
         for rows in (1, 8):
-            check(rng, dtype, rows, 520, 32 * (2 * sm_count() + 8) + 8, transposed=True, with_bias=True,
-                  act=ActivationType.GELU, gpu=True)
+            check(
+                rng,
+                dtype,
+                rows,
+                520,
+                32 * (2 * sm_count() + 8) + 8,
+                transposed=True,
+                with_bias=True,
+                act=ActivationType.GELU,
+                gpu=True,
+            )
 
 
 @pytest.mark.gpu
@@ -133,14 +149,19 @@ def test_gpu_captured_decode_step_takes_the_graph_choice(rng, monkeypatch, fresh
     for it; the replayed graph computes the product of whatever the input buffer holds at replay time,
     through cuBLASLt's epilogue as through the GEMV's."""
     import cupy
+
     from cupy_transformer.runtime import timing
 
     eager_choice, graph_choice = ("cublas", "gemv") if choices == "untimed" else choices.split()
-    monkeypatch.setattr(timing, "fastest", lambda runs, graph=False: int((graph_choice if graph else eager_choice)
-                                                                         == "cublas"))
+    monkeypatch.setattr(
+        timing, "fastest", lambda runs, graph=False: int((graph_choice if graph else eager_choice) == "cublas")
+    )
     monkeypatch.setattr(timing, "TUNE", choices != "untimed")
-    host = {"x": random(rng, (2, 4096), numpy.float16), "w": weight(rng, 4096, 1024, numpy.float16, transposed),
-            "bias": random(rng, (1024,), numpy.float16)}
+    host = {
+        "x": random(rng, (2, 4096), numpy.float16),
+        "w": weight(rng, 4096, 1024, numpy.float16, transposed),
+        "bias": random(rng, (1024,), numpy.float16),
+    }
     a = on_backend(host, gpu=True)
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
@@ -165,8 +186,9 @@ def test_gpu_cublaslt_plan_cache_evicts(rng, monkeypatch):
     monkeypatch.setattr(cublaslt.PLANS, "size", 2)
     for _ in range(2):
         for rows in (3, 17, 64, 130):
-            check(rng, numpy.float16, rows, 256, 96, transposed=False, with_bias=True, act=ActivationType.ReLU,
-                  gpu=True)
+            check(
+                rng, numpy.float16, rows, 256, 96, transposed=False, with_bias=True, act=ActivationType.ReLU, gpu=True
+            )
     assert len(cublaslt.PLANS) <= 2
 
 
@@ -180,8 +202,17 @@ def test_gpu_cublaslt_tuning_keeps_one_algorithm(rng, monkeypatch, tune):
     monkeypatch.setattr(timing, "TUNE", tune)
     cublaslt.PLANS.clear()
     for _ in range(2):
-        check(rng, numpy.float16, cublaslt.TUNE_MIN_ROWS + 3, 320, 136, transposed=False, with_bias=True,
-              act=ActivationType.GELU, gpu=True)
+        check(
+            rng,
+            numpy.float16,
+            cublaslt.TUNE_MIN_ROWS + 3,
+            320,
+            136,
+            transposed=False,
+            with_bias=True,
+            act=ActivationType.GELU,
+            gpu=True,
+        )
     (plan,) = cublaslt.PLANS.values()
     assert len(plan.candidates) == 1
     plan.destroy()
@@ -195,8 +226,11 @@ def test_gpu_eager_decode_product_keeps_the_faster(rng, monkeypatch, fresh_choic
     from cupy_transformer.runtime import timing
 
     timed = []
-    monkeypatch.setattr(timing, "fastest", lambda runs, graph=False: timed.append((len(runs), graph))
-                        or (0 if gemv_wins != graph else 1))
+    monkeypatch.setattr(
+        timing,
+        "fastest",
+        lambda runs, graph=False: timed.append((len(runs), graph)) or (0 if gemv_wins != graph else 1),
+    )
     for _ in range(2):
         a = check(rng, numpy.float16, 3, 320, 136, transposed=True, with_bias=True, act=ActivationType.GELU, gpu=True)
     assert timed == [(2, False), (2, True)]

@@ -30,8 +30,15 @@ def make(rng, dtype, rows, width, inter, act, transposed, with_biases):
 
 def check_mlp(rng, dtype, rows, width, inter, norm, after_attn, act, transposed, with_biases, gpu):
     cfg = InferenceConfig(
-        hidden_size=width, heads=1, intermediate_size=inter, dtype=dtype, norm_type=norm, mlp_after_attn=after_attn,
-        mlp_act_func_type=act, transposed_mode=transposed, epsilon=1e-5,
+        hidden_size=width,
+        heads=1,
+        intermediate_size=inter,
+        dtype=dtype,
+        norm_type=norm,
+        mlp_after_attn=after_attn,
+        mlp_act_func_type=act,
+        transposed_mode=transposed,
+        epsilon=1e-5,
     )
     host = make(rng, dtype, rows, width, inter, act, transposed, with_biases)
     if norm == "RMSNorm":
@@ -60,18 +67,41 @@ def check_mlp(rng, dtype, rows, width, inter, norm, after_attn, act, transposed,
 @pytest.mark.parametrize("after_attn", [True, False], ids=["sequential", "parallel"])
 @pytest.mark.parametrize("act", ACTS, ids=lambda a: a.name)
 def test_mlp_numpy_path(rng, dtype, norm, after_attn, act):
-    check_mlp(rng, dtype, 7, 96, 160, norm, after_attn, act, act == ActivationType.GATED_SILU, with_biases=True,
-              gpu=False)
+    check_mlp(
+        rng, dtype, 7, 96, 160, norm, after_attn, act, act == ActivationType.GATED_SILU, with_biases=True, gpu=False
+    )
     check_mlp(rng, dtype, 1, 100, 72, norm, after_attn, act, transposed=False, with_biases=False, gpu=False)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("rows, width, inter", CPU_SIZES)
 def test_mlp_numpy_path_issue_sizes(rng, dtype, rows, width, inter):
-    check_mlp(rng, dtype, rows, width, inter, "LayerNorm", after_attn=True, act=ActivationType.GELU, transposed=False,
-              with_biases=True, gpu=False)
-    check_mlp(rng, dtype, rows, width, inter, "RMSNorm", after_attn=False, act=ActivationType.GATED_SILU,
-              transposed=True, with_biases=False, gpu=False)
+    check_mlp(
+        rng,
+        dtype,
+        rows,
+        width,
+        inter,
+        "LayerNorm",
+        after_attn=True,
+        act=ActivationType.GELU,
+        transposed=False,
+        with_biases=True,
+        gpu=False,
+    )
+    check_mlp(
+        rng,
+        dtype,
+        rows,
+        width,
+        inter,
+        "RMSNorm",
+        after_attn=False,
+        act=ActivationType.GATED_SILU,
+        transposed=True,
+        with_biases=False,
+        gpu=False,
+    )
 
 
 @pytest.mark.gpu
@@ -88,10 +118,32 @@ def test_mlp_gpu_variants(rng, poisoned_allocations, dtype, norm, after_attn, ac
 @pytest.mark.parametrize("width", GPU_WIDTHS)
 @pytest.mark.parametrize("rows", GPU_ROWS)
 def test_mlp_gpu_sizes(rng, poisoned_allocations, dtype, width, rows):
-    check_mlp(rng, dtype, rows, width, 4 * width, "LayerNorm", after_attn=True, act=ActivationType.GELU,
-              transposed=False, with_biases=True, gpu=True)
-    check_mlp(rng, dtype, rows, width, 2 * width + 8, "RMSNorm", after_attn=True, act=ActivationType.GATED_SILU,
-              transposed=True, with_biases=False, gpu=True)
+    check_mlp(
+        rng,
+        dtype,
+        rows,
+        width,
+        4 * width,
+        "LayerNorm",
+        after_attn=True,
+        act=ActivationType.GELU,
+        transposed=False,
+        with_biases=True,
+        gpu=True,
+    )
+    check_mlp(
+        rng,
+        dtype,
+        rows,
+        width,
+        2 * width + 8,
+        "RMSNorm",
+        after_attn=True,
+        act=ActivationType.GATED_SILU,
+        transposed=True,
+        with_biases=False,
+        gpu=True,
+    )
 
 
 @pytest.mark.gpu
@@ -100,19 +152,69 @@ def test_mlp_gpu_sizes(rng, poisoned_allocations, dtype, width, rows):
 def test_mlp_gpu_acts_both_layouts(rng, poisoned_allocations, dtype, act):
     # Each activation in both layouts at 1 and 512 rows (test_mlp_gpu_variants: gated ones [out, in] only, others
     # [in, out] only), norms, arrangements and biases varied.
-    check_mlp(rng, dtype, 1, 1600, 2 * 1600 + 8, "LayerNorm", after_attn=True, act=act, transposed=True,
-              with_biases=True, gpu=True)
-    check_mlp(rng, dtype, 512, 768, 2 * 768 + 8, "RMSNorm", after_attn=False, act=act, transposed=True,
-              with_biases=False, gpu=True)
-    check_mlp(rng, dtype, 1, 768, 2 * 768 + 8, "RMSNorm", after_attn=True, act=act, transposed=False,
-              with_biases=True, gpu=True)
-    check_mlp(rng, dtype, 512, 1600, 2 * 1600 + 8, "LayerNorm", after_attn=False, act=act, transposed=False,
-              with_biases=False, gpu=True)
+    check_mlp(
+        rng,
+        dtype,
+        1,
+        1600,
+        2 * 1600 + 8,
+        "LayerNorm",
+        after_attn=True,
+        act=act,
+        transposed=True,
+        with_biases=True,
+        gpu=True,
+    )
+    check_mlp(
+        rng,
+        dtype,
+        512,
+        768,
+        2 * 768 + 8,
+        "RMSNorm",
+        after_attn=False,
+        act=act,
+        transposed=True,
+        with_biases=False,
+        gpu=True,
+    )
+    check_mlp(
+        rng,
+        dtype,
+        1,
+        768,
+        2 * 768 + 8,
+        "RMSNorm",
+        after_attn=True,
+        act=act,
+        transposed=False,
+        with_biases=True,
+        gpu=True,
+    )
+    check_mlp(
+        rng,
+        dtype,
+        512,
+        1600,
+        2 * 1600 + 8,
+        "LayerNorm",
+        after_attn=False,
+        act=act,
+        transposed=False,
+        with_biases=False,
+        gpu=True,
+    )
 
 
 def check_gelu_gemm(rng, dtype, rows, width, inter, act, transposed, gpu):
-    cfg = InferenceConfig(hidden_size=width, heads=1, intermediate_size=inter, dtype=dtype, mlp_act_func_type=act,
-                          transposed_mode=transposed)
+    cfg = InferenceConfig(
+        hidden_size=width,
+        heads=1,
+        intermediate_size=inter,
+        dtype=dtype,
+        mlp_act_func_type=act,
+        transposed_mode=transposed,
+    )
     host = make(rng, dtype, rows, width, inter, act, transposed, with_biases=True)
     a = on_backend(host, gpu)
     y = GELUGemmOp(cfg)(a["input"], a["weight_interm"], a["bias"], a["weight_out"])
@@ -158,8 +260,11 @@ def test_bad_input(rng):
     op = MLPGemmOp(cfg)
     with pytest.raises(ValueError, match=r"input: expected shape \(2, 3, 64\); got \(2, 2, 64\)"):
         op(**{**a, "input": a["input"][:, :2].copy()})
-    with pytest.raises(ValueError, match=r"weight_out: expected a \[in, out\] weight whose in-dimension matches the "
-                                         r"input width 96"):
+    with pytest.raises(
+        ValueError,
+        match=r"weight_out: expected a \[in, out\] weight whose in-dimension matches the "
+        r"input width 96",
+    ):
         op(**{**a, "weight_out": a["weight_out"].T.copy()})
     with pytest.raises(ValueError, match=r"weight_out: expected an out-dimension of the hidden width 64; got 63"):
         op(**{**a, "weight_out": a["weight_out"][:, :63].copy()})
@@ -167,11 +272,14 @@ def test_bad_input(rng):
         op(**{**a, "bias": a["bias"][:95].copy()})
     with pytest.raises(ValueError, match=r"gamma: the MLP norm needs its scale vector; got None"):
         op(**{**a, "gamma": None})
-    gated = InferenceConfig(hidden_size=64, heads=4, intermediate_size=96, dtype=numpy.float32,
-                            mlp_act_func_type="GATED_SILU")
-    with pytest.raises(ValueError,
-                       match=r"weight_interm: a gated activation needs \[up \| gate\] columns, an even count; got 95"):
+    gated = InferenceConfig(
+        hidden_size=64, heads=4, intermediate_size=96, dtype=numpy.float32, mlp_act_func_type="GATED_SILU"
+    )
+    with pytest.raises(
+        ValueError, match=r"weight_interm: a gated activation needs \[up \| gate\] columns, an even count; got 95"
+    ):
         MLPGemmOp(gated)(**{**a, "weight_interm": a["weight_interm"][:, :95].copy(), "bias": None})
-    with pytest.raises(ValueError,
-                       match=r"weight: a gated activation needs \[up \| gate\] columns, an even count; got 95"):
+    with pytest.raises(
+        ValueError, match=r"weight: a gated activation needs \[up \| gate\] columns, an even count; got 95"
+    ):
         GELUGemmOp(gated)(a["input"], a["weight_interm"][:, :95].copy(), bias=None, weight_out=a["weight_out"])

@@ -33,8 +33,18 @@ def make_inputs(rng, shape, dtype):
 CPU_SHAPES = [(1,), (3, 1), (2, 7), (5, 384), (3, 1000), (2, 3, 1001), (2, 4104)]
 # Warp-per-row launches cover 4 rows a block: (5, 384) and (13, 1024) leave a partial block.
 # (2, 65536) fp16 and (3, 8191) fill 1024 threads x 8 registers-held vectors.
-GPU_SHAPES = CPU_SHAPES + [(2, 65536), (3, 8191), (13, 1024), (64, 768), (7, 1600), (3, 4096 + 8), (512, 4095),
-                          (3, 65544), (2, 70001), (8192, 4096)]
+GPU_SHAPES = CPU_SHAPES + [
+    (2, 65536),
+    (3, 8191),
+    (13, 1024),
+    (64, 768),
+    (7, 1600),
+    (3, 4096 + 8),
+    (512, 4095),
+    (3, 65544),
+    (2, 70001),
+    (8192, 4096),
+]
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
@@ -71,8 +81,9 @@ def test_every_launch_config_is_instantiated():
     for dtype in FLOAT_DTYPES:
         for width in (1, 7, 8, 64, 127, 384, 1000, 1001, 1024, 1032, 4096, 4095, 8192 * 8, 8193 * 8, 70001):
             for rows_at, params_at in placements:
-                name, grid, block, _ = norm_module.launch_config(rows=37, width=width, dtype=dtype, rows_at=rows_at,
-                                                                 params_at=params_at)
+                name, grid, block, _ = norm_module.launch_config(
+                    rows=37, width=width, dtype=dtype, rows_at=rows_at, params_at=params_at
+                )
                 assert name in names
                 vec, vpt = (int(a) for a in name.split("<")[1].split(",")[1:3])
                 threads, rows_per_block = (block + (1,))[:2]
@@ -83,6 +94,7 @@ def test_every_launch_config_is_instantiated():
 
 
 # --- bad input: each names the argument ------------------------------------------------------------
+
 
 def test_bad_dtype():
     with pytest.raises(TypeError, match=r"x: expected dtype float16, float32.*got int32"):
@@ -130,6 +142,7 @@ def test_not_an_array():
 
 # --- GPU ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
@@ -139,8 +152,11 @@ def test_gpu_matches_float64(rng, dtype, shape):
     x, gamma, beta = make_inputs(rng, shape, dtype)
     xd, gd, bd = cupy.asarray(x), cupy.asarray(gamma), cupy.asarray(beta)
     for mode, call, exact in (
-        ("layer_norm", lambda out: ops.layer_norm(xd, gd, bd, eps=1e-5, out=out),
-         exact_layer_norm(x, gamma, beta, 1e-5)),
+        (
+            "layer_norm",
+            lambda out: ops.layer_norm(xd, gd, bd, eps=1e-5, out=out),
+            exact_layer_norm(x, gamma, beta, 1e-5),
+        ),
         ("no beta", lambda out: ops.layer_norm(xd, gd, eps=1e-5, out=out), exact_layer_norm(x, gamma, None, 1e-5)),
         ("rms_norm", lambda out: ops.rms_norm(xd, gd, eps=1e-6, out=out), exact_rms_norm(x, gamma, 1e-6)),
     ):

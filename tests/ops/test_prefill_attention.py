@@ -14,14 +14,16 @@ from cupy_transformer.ops.prefill_attention import prefill_attention
 from cupy_transformer.ops.prefill_attention_sm90 import PREFILL_SM90_TILE, prefill_attention_sm90, prefill_sm90_runs
 from cupy_transformer.runtime.arrays import FLOAT_DTYPES
 from tests.helpers import TOL_CHAINED, random, rel_error
-from tests.ops.common import launch_inputs, nan_past
 from tests.ops.common import attention_config as cfg
+from tests.ops.common import launch_inputs, nan_past
 
 PREFILL_RULES = {  # attention rule, mask, alibi
-    "causal": dict(), "causal, key mask, alibi": dict(mask="bool", alibi=True), "causal, key mask": dict(mask="bool"),
+    "causal": dict(),
+    "causal, key mask, alibi": dict(mask="bool", alibi=True),
+    "causal, key mask": dict(mask="bool"),
     "bidirectional, key mask": dict(triangular_masking=False, mask="bool"),
-    "bidirectional": dict(triangular_masking=False), "window 40, additive mask": dict(
-        local_attention=True, window_size=40, mask="additive"),
+    "bidirectional": dict(triangular_masking=False),
+    "window 40, additive mask": dict(local_attention=True, window_size=40, mask="additive"),
 }
 
 

@@ -7,19 +7,34 @@ import numpy
 import pytest
 
 from cupy_transformer import ops
-from cupy_transformer.ops.prefill_attention_sm90 import (PREFILL_SM90_PERSIST, PREFILL_SM90_SHORT, PREFILL_SM90_TILE,
-                                                         prefill_attention_sm90, prefill_sm90_geometry)
+from cupy_transformer.ops.prefill_attention_sm90 import (
+    PREFILL_SM90_PERSIST,
+    PREFILL_SM90_SHORT,
+    PREFILL_SM90_TILE,
+    prefill_attention_sm90,
+    prefill_sm90_geometry,
+)
 from cupy_transformer.runtime.arrays import FLOAT_DTYPES
 from cupy_transformer.runtime.kernels import CTYPES, KernelFamily
 from tests.helpers import TOL_CHAINED, random, rel_error
-from tests.ops.common import launch_inputs
 from tests.ops.common import attention_config as cfg
-from tests.ops.test_prefill_attention import (PREFILL_RULES, after_a_past, grid_in_groups, on_a_long_context,
-                                              scores_rising_along_the_keys, skip_the_launchers, without_a_cache)
+from tests.ops.common import launch_inputs
+from tests.ops.test_prefill_attention import (
+    PREFILL_RULES,
+    after_a_past,
+    grid_in_groups,
+    on_a_long_context,
+    scores_rising_along_the_keys,
+    skip_the_launchers,
+    without_a_cache,
+)
 
 # A variant's thresholds for prefill_sm90_geometry, and its blocks of one wave (None: the GPU's).
-VARIANTS = {"two warpgroups": (dict(short=0), None), "a block an item": (dict(persist_up_to=0), None),
-            "3 persistent blocks": (dict(persist_up_to=1 << 30), 3)}
+VARIANTS = {
+    "two warpgroups": (dict(short=0), None),
+    "a block an item": (dict(persist_up_to=0), None),
+    "3 persistent blocks": (dict(persist_up_to=1 << 30), 3),
+}
 
 
 def hopper(variant):
@@ -102,6 +117,7 @@ def test_gpu_persistent_prefill_leaves_its_counter_at_zero(rng, poisoned_allocat
     the last block done resets: three calls in a row on one stream and one on another, each as 3 blocks
     taking 32 items, all match the reference, and the counters read zero after each."""
     import cupy
+
     from cupy_transformer.runtime.kernels import compute_capability, split_workspace
 
     if compute_capability() != 90:

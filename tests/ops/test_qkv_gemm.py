@@ -15,8 +15,9 @@ CPU_SIZES = [(rows, 1000, 3000) for rows in GPU_ROWS] + [(rows, 4104, 1032) for 
 
 def check(rng, dtype, rows, width, norm, transposed, with_bias, gpu, heads=None, out_features=None):
     heads = heads or (width // 8 if width % 8 == 0 else 1)
-    cfg = InferenceConfig(hidden_size=width, heads=heads, dtype=dtype, norm_type=norm, transposed_mode=transposed,
-                          epsilon=1e-5)
+    cfg = InferenceConfig(
+        hidden_size=width, heads=heads, dtype=dtype, norm_type=norm, transposed_mode=transposed, epsilon=1e-5
+    )
     out_features = out_features or 3 * width
     host = {
         "input": random(rng, (2, rows, width), dtype, scale=2.0, offset=0.3),
@@ -84,6 +85,7 @@ def test_bad_input():
     rms = InferenceConfig(hidden_size=64, heads=4, dtype=numpy.float32, norm_type="RMSNorm")
     with pytest.raises(ValueError, match=r"beta: RMSNorm has no shift; pass None"):
         QKVGemmOp(rms)(x, w, bias=None, gamma=g, beta=g)
-    with pytest.raises(TypeError,
-                       match=r"bias: expected a CuPy array, a NumPy array or a CUDA array.*got builtins.list"):
+    with pytest.raises(
+        TypeError, match=r"bias: expected a CuPy array, a NumPy array or a CUDA array.*got builtins.list"
+    ):
         QKVGemmOp(cfg)(x, w, [0.0] * 192, g, g)

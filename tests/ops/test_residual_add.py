@@ -28,20 +28,35 @@ def exact(a, arrangement, mp, add_bias):
 
 def check(rng, dtype, rows, width, arrangement, mp, with_biases, add_bias, gpu, with_residual_add=True):
     pre, after = ARRANGEMENTS[arrangement]
-    cfg = InferenceConfig(hidden_size=width, heads=mp, dtype=dtype, pre_layer_norm=pre, mlp_after_attn=after,
-                          mp_size=mp, intermediate_size=4 * mp)
+    cfg = InferenceConfig(
+        hidden_size=width,
+        heads=mp,
+        dtype=dtype,
+        pre_layer_norm=pre,
+        mlp_after_attn=after,
+        mp_size=mp,
+        intermediate_size=4 * mp,
+    )
     host = {
         "hidden_state": random(rng, (2, rows, width), dtype),
         "residual": random(rng, (2, rows, width), dtype, scale=2.0),
         "attention_output": random(rng, (2, rows, width), dtype),
-        "residual_add": (random(rng, (2, rows, width), dtype) if with_residual_add and arrangement == "post-LN"
-                         else None),
+        "residual_add": (
+            random(rng, (2, rows, width), dtype) if with_residual_add and arrangement == "post-LN" else None
+        ),
         "attention_bias": random(rng, (width,), dtype) if with_biases else None,
         "final_bias": random(rng, (width,), dtype) if with_biases else None,
     }
     a = on_backend(host, gpu)
-    y = ResidualAddOp(cfg)(a["hidden_state"], a["residual"], add_bias, a["attention_output"], a["residual_add"],
-                           a["attention_bias"], a["final_bias"])
+    y = ResidualAddOp(cfg)(
+        a["hidden_state"],
+        a["residual"],
+        add_bias,
+        a["attention_output"],
+        a["residual_add"],
+        a["attention_bias"],
+        a["final_bias"],
+    )
     assert y.shape == (2, rows, width) and y.dtype == dtype
     assert rel_error(y, exact(a, arrangement, mp, add_bias)) < TOL_ROUNDED[numpy.dtype(dtype)]
     assert (host["residual"] == (a["residual"].get() if gpu else a["residual"])).all()  # not updated in place
@@ -52,11 +67,30 @@ def check(rng, dtype, rows, width, arrangement, mp, with_biases, add_bias, gpu, 
 @pytest.mark.parametrize("mp", [1, 2])
 @pytest.mark.parametrize("biases", ["both", "no add_bias", "none"])
 def test_numpy_path(rng, dtype, arrangement, mp, biases):
-    check(rng, dtype, rows=5, width=100, arrangement=arrangement, mp=mp, with_biases=biases != "none",
-          add_bias=biases == "both", gpu=False)
+    check(
+        rng,
+        dtype,
+        rows=5,
+        width=100,
+        arrangement=arrangement,
+        mp=mp,
+        with_biases=biases != "none",
+        add_bias=biases == "both",
+        gpu=False,
+    )
     if arrangement == "post-LN":
-        check(rng, dtype, rows=1, width=96, arrangement=arrangement, mp=mp, with_biases=True, add_bias=True, gpu=False,
-              with_residual_add=False)
+        check(
+            rng,
+            dtype,
+            rows=1,
+            width=96,
+            arrangement=arrangement,
+            mp=mp,
+            with_biases=True,
+            add_bias=True,
+            gpu=False,
+            with_residual_add=False,
+        )
 
 
 @pytest.mark.gpu

@@ -12,36 +12,48 @@ from tests.ops.test_rotary import turned
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, style, rotary_dim, given", [
-    (numpy.float16, "half", 64, False), (numpy.float32, "every_two", 24, True), (FLOAT_DTYPES[-1], "half", 32, True)],
-    ids=["fp16 half at the slots", "fp32 every_two 24 of 64", f"{FLOAT_DTYPES[-1]} half 32 of 64"])
+@pytest.mark.parametrize(
+    "dtype, style, rotary_dim, given",
+    [(numpy.float16, "half", 64, False), (numpy.float32, "every_two", 24, True), (FLOAT_DTYPES[-1], "half", 32, True)],
+    ids=["fp16 half at the slots", "fp32 every_two 24 of 64", f"{FLOAT_DTYPES[-1]} half 32 of 64"],
+)
 def test_gpu_rotary_append_kernel_writes_only_its_slots(rng, dtype, style, rotary_dim, given):
     """rotary_append.cu through rotary_append: 5 tokens into layer 1 at slots 2 and 9 of a 2-layer cache full
     of NaN; the queries and the written K slots against float64 rotary (at position_ids, or at the slots), the V
     slots copied exactly, every other slot (layer 0 too) still NaN."""
     import cupy
+
     from cupy_transformer.ops.rotary_append import rotary_append
     from cupy_transformer.runtime.lru import device_int32
 
     h, kv, d, s = 4, 2, 64, 5
-    c = cfg(dtype, heads=h, kv=kv, d=d, rotary_dim=rotary_dim, rotate_half=style == "half",
-            rotate_every_two=style == "every_two", rope_theta=20000.0)
+    c = cfg(
+        dtype,
+        heads=h,
+        kv=kv,
+        d=d,
+        rotary_dim=rotary_dim,
+        rotate_half=style == "half",
+        rotate_every_two=style == "every_two",
+        rope_theta=20000.0,
+    )
     cache = KVCache(2, 2, kv, 16, d, dtype, backend="cupy")
     cache.keys[...], cache.values[...] = numpy.nan, numpy.nan
     qkv = random(rng, (2, s, (h + 2 * kv) * d), dtype)
     start = numpy.array([2, 9])
     positions = numpy.array([[0, 0, 1, 2, 3], [40, 41, 42, 43, 44]]) if given else start[:, None] + numpy.arange(s)
-    q, k = rotary_append(cupy.asarray(qkv), cupy.asarray(positions) if given else None, c, h, kv, d, cache, 1,
-                         start, device_int32(start))
+    q, k = rotary_append(
+        cupy.asarray(qkv), cupy.asarray(positions) if given else None, c, h, kv, d, cache, 1, start, device_int32(start)
+    )
     assert k is None  # with a cache, the keys are read from it
     x = qkv.reshape(2, s, h + 2 * kv, d).transpose(0, 2, 1, 3)  # [B, heads, S, d]
     assert rel_error(q, turned(x[:, :h], positions, rotary_dim, 20000.0, style)) < TOL_CHAINED[numpy.dtype(dtype)]
-    want_k = turned(x[:, h:h + kv], positions, rotary_dim, 20000.0, style)
+    want_k = turned(x[:, h : h + kv], positions, rotary_dim, 20000.0, style)
     keys, values = host(cache.keys).astype(numpy.float32), host(cache.values).astype(numpy.float32)
     written = numpy.zeros(keys.shape, bool)
     for b in range(2):
         at = slice(start[b], start[b] + s)
         written[1, b, :, at] = True
         assert rel_error(keys[1, b, :, at], want_k[b]) < TOL_CHAINED[numpy.dtype(dtype)]
-        assert (values[1, b, :, at] == x[b, h + kv:].astype(numpy.float32)).all()
+        assert (values[1, b, :, at] == x[b, h + kv :].astype(numpy.float32)).all()
     assert numpy.isnan(keys[~written]).all() and numpy.isnan(values[~written]).all()

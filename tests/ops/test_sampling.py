@@ -34,23 +34,33 @@ def philox4x64_10(counter, key):
 
 def test_philox_rounds_give_random123s_known_answers():
     assert philox4x64_10((0, 0, 0, 0), (0, 0)) == (
-        0x16554D9ECA36314C, 0xDB20FE9D672D0FDC, 0xD7E772CEE186176B, 0x7E68B68AEC7BA23B)
+        0x16554D9ECA36314C,
+        0xDB20FE9D672D0FDC,
+        0xD7E772CEE186176B,
+        0x7E68B68AEC7BA23B,
+    )
     assert philox4x64_10((MASK,) * 4, (MASK, MASK)) == (
-        0x87B092C3013FE90B, 0x438C3C67BE8D0224, 0x9CC7D7C69CD777B6, 0xA09CAEBF594F0BA0)
+        0x87B092C3013FE90B,
+        0x438C3C67BE8D0224,
+        0x9CC7D7C69CD777B6,
+        0xA09CAEBF594F0BA0,
+    )
 
 
 def test_numpy_increments_the_counter_before_each_block():
     """NumPy's Philox from counter c gives the block at c + 1 first and then holds c + 1: so the NumPy twin starts at
     counter (0, step, row, 0) for the kernel's blocks (1, step, row, 0), (2, step, row, 0), ..."""
-    generator = numpy.random.Philox(key=numpy.array([5, 0], numpy.uint64),
-                                    counter=numpy.array([0, 7, 3, 0], numpy.uint64))
+    generator = numpy.random.Philox(
+        key=numpy.array([5, 0], numpy.uint64), counter=numpy.array([0, 7, 3, 0], numpy.uint64)
+    )
     assert [int(w) for w in generator.random_raw(4)] == list(philox4x64_10((1, 7, 3, 0), (5, 0)))
     assert generator.state["state"]["counter"].tolist() == [1, 7, 3, 0]
     assert [int(w) for w in generator.random_raw(4)] == list(philox4x64_10((2, 7, 3, 0), (5, 0)))
 
 
-@pytest.mark.parametrize("seed, step, row",
-                         [(0, 0, 0), (12345, 678, 3), (MASK, MASK, 15), (2**63 + 1, 2**40, 2**31 - 1)])
+@pytest.mark.parametrize(
+    "seed, step, row", [(0, 0, 0), (12345, 678, 3), (MASK, MASK, 15), (2**63 + 1, 2**40, 2**31 - 1)]
+)
 def test_a_rows_uniforms_are_the_kernels_philox_blocks(seed, step, row):
     """u_{4j+w} comes from word w of the block at counter (j + 1, step, row, 0), key (seed, 0), its top 52 bits plus a
     half, times 2^-52; 10 draws end inside a block."""
@@ -68,8 +78,9 @@ def test_uniforms_stay_inside_the_open_interval():
 
 
 def test_greedy_takes_the_first_index_of_the_maximum():
-    logits = numpy.array([[1, 3, 3, 2], [-0.0, 0.0, -1, -0.0], [5, 5, 5, 5], [-numpy.inf, -1, 4, -numpy.inf]],
-                         numpy.float16)
+    logits = numpy.array(
+        [[1, 3, 3, 2], [-0.0, 0.0, -1, -0.0], [5, 5, 5, 5], [-numpy.inf, -1, 4, -numpy.inf]], numpy.float16
+    )
     assert sample_reference(logits, seed=1, step=2).tolist() == [1, 0, 0, 2]
     assert sample_reference(logits, 1, 2, temperature=0.0, top_k=1, top_p=0.1).tolist() == [1, 0, 0, 2]
 
@@ -122,19 +133,24 @@ def test_steps_rows_and_seeds_draw_apart():
     assert min(len(by_step), len(by_row), len(by_seed)) >= 18
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p, allowed", [
-    (1.0, 0, 1.0, [0, 1, 2, 3, 4, 5, 6]),
-    (0.7, 3, 1.0, [0, 2, 5]),
-    (1.3, 0, 0.8, [0, 1, 2, 4, 5]),
-    (1.0, 4, 0.64, [2, 5]),  # over all seven, 0.64 would keep the 1.0 too
-])
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p, allowed",
+    [
+        (1.0, 0, 1.0, [0, 1, 2, 3, 4, 5, 6]),
+        (0.7, 3, 1.0, [0, 2, 5]),
+        (1.3, 0, 0.8, [0, 1, 2, 4, 5]),
+        (1.0, 4, 0.64, [2, 5]),  # over all seven, 0.64 would keep the 1.0 too
+    ],
+)
 def test_draw_frequencies_follow_the_restricted_softmax(temperature, top_k, top_p, allowed):
     """20,000 draws (100 rows x 200 steps) from a 7-token vocabulary: each allowed token's frequency lies within 4.5
     standard errors, sqrt(p (1 - p) / n), of softmax(l / T) over the allowed set; no other token is drawn."""
     logits = numpy.array([1.0, 0.5, 2.0, -1.0, 0.5, 1.5, 0.0])
     rows = numpy.tile(logits, (100, 1))
-    counts = sum(numpy.bincount(sample_reference(rows, 2024, step, temperature, top_k, top_p), minlength=7)
-                 for step in range(200))
+    counts = sum(
+        numpy.bincount(sample_reference(rows, 2024, step, temperature, top_k, top_p), minlength=7)
+        for step in range(200)
+    )
     assert numpy.flatnonzero(counts).tolist() == allowed
     p = numpy.zeros(7)
     p[allowed] = numpy.exp(logits[allowed] / temperature)
@@ -156,36 +172,51 @@ def test_numpy_arrays_run_the_reference_into_tokens(rng):
 
 
 def _bad(**change):
-    arguments = dict(logits=numpy.zeros((2, 5), numpy.float16), tokens=numpy.zeros(2, numpy.int32),
-                     seed_step=numpy.array([1, 2], numpy.uint64))
+    arguments = dict(
+        logits=numpy.zeros((2, 5), numpy.float16),
+        tokens=numpy.zeros(2, numpy.int32),
+        seed_step=numpy.array([1, 2], numpy.uint64),
+    )
     arguments.update(change)
     return arguments
 
 
-@pytest.mark.parametrize("arguments, error, message", [
-    (_bad(logits=numpy.zeros(5, numpy.float16)), ValueError,
-     r"logits: expected a \[batch, vocab\] or \[batch, 1, vocab\] array; got shape \(5,\)"),
-    (_bad(logits=numpy.zeros((2, 3, 5), numpy.float16)), ValueError, r"got shape \(2, 3, 5\)"),
-    (_bad(logits=numpy.zeros((2, 5), numpy.int32)), TypeError,
-     r"logits: expected dtype float16, float32, bfloat16; got int32"),
-    (_bad(logits=numpy.zeros((2, 0), numpy.float16)), ValueError, r"logits: expected at least one value a row"),
-    (_bad(logits=numpy.zeros((2, 10), numpy.float16)[:, ::2]), ValueError,
-     r"logits: expected consecutive values in a row .*got strides \(20, 4\)"),
-    (_bad(logits=[[0.0, 1.0]]), TypeError, r"logits: expected a CuPy array, a NumPy array"),
-    (_bad(tokens=numpy.zeros(2, numpy.int64)), TypeError, r"tokens: expected dtype int32; got int64"),
-    (_bad(tokens=numpy.zeros(3, numpy.int32)), ValueError, r"tokens: expected shape \(2\); got \(3,\)"),
-    (_bad(seed_step=numpy.array([1, 2], numpy.int64)), TypeError, r"seed_step: expected dtype uint64; got int64"),
-    (_bad(seed_step=numpy.zeros(3, numpy.uint64)), ValueError, r"seed_step: expected shape \(2\); got \(3,\)"),
-    (_bad(temperature=-0.5), ValueError, r"temperature: expected a finite number >= 0 \(0: greedy\); got -0.5"),
-    (_bad(temperature=math.nan), ValueError, r"temperature: .* got nan"),
-    (_bad(temperature=1e39), ValueError, r"temperature: .* got 1e\+39"),  # past float32
-    (_bad(temperature=True), ValueError, r"temperature: .* got True"),
-    (_bad(top_k=-1), ValueError, r"top_k: expected an integer >= 0 \(0: no top-k cut\); got -1"),
-    (_bad(top_k=2.0), ValueError, r"top_k: .* got 2.0"),
-    (_bad(top_p=0.0), ValueError, r"top_p: expected a number in \(0, 1\] \(1: no top-p cut\); got 0.0"),
-    (_bad(top_p=1.5), ValueError, r"top_p: .* got 1.5"),
-    (_bad(top_p=math.nan), ValueError, r"top_p: .* got nan"),
-])
+@pytest.mark.parametrize(
+    "arguments, error, message",
+    [
+        (
+            _bad(logits=numpy.zeros(5, numpy.float16)),
+            ValueError,
+            r"logits: expected a \[batch, vocab\] or \[batch, 1, vocab\] array; got shape \(5,\)",
+        ),
+        (_bad(logits=numpy.zeros((2, 3, 5), numpy.float16)), ValueError, r"got shape \(2, 3, 5\)"),
+        (
+            _bad(logits=numpy.zeros((2, 5), numpy.int32)),
+            TypeError,
+            r"logits: expected dtype float16, float32, bfloat16; got int32",
+        ),
+        (_bad(logits=numpy.zeros((2, 0), numpy.float16)), ValueError, r"logits: expected at least one value a row"),
+        (
+            _bad(logits=numpy.zeros((2, 10), numpy.float16)[:, ::2]),
+            ValueError,
+            r"logits: expected consecutive values in a row .*got strides \(20, 4\)",
+        ),
+        (_bad(logits=[[0.0, 1.0]]), TypeError, r"logits: expected a CuPy array, a NumPy array"),
+        (_bad(tokens=numpy.zeros(2, numpy.int64)), TypeError, r"tokens: expected dtype int32; got int64"),
+        (_bad(tokens=numpy.zeros(3, numpy.int32)), ValueError, r"tokens: expected shape \(2\); got \(3,\)"),
+        (_bad(seed_step=numpy.array([1, 2], numpy.int64)), TypeError, r"seed_step: expected dtype uint64; got int64"),
+        (_bad(seed_step=numpy.zeros(3, numpy.uint64)), ValueError, r"seed_step: expected shape \(2\); got \(3,\)"),
+        (_bad(temperature=-0.5), ValueError, r"temperature: expected a finite number >= 0 \(0: greedy\); got -0.5"),
+        (_bad(temperature=math.nan), ValueError, r"temperature: .* got nan"),
+        (_bad(temperature=1e39), ValueError, r"temperature: .* got 1e\+39"),  # past float32
+        (_bad(temperature=True), ValueError, r"temperature: .* got True"),
+        (_bad(top_k=-1), ValueError, r"top_k: expected an integer >= 0 \(0: no top-k cut\); got -1"),
+        (_bad(top_k=2.0), ValueError, r"top_k: .* got 2.0"),
+        (_bad(top_p=0.0), ValueError, r"top_p: expected a number in \(0, 1\] \(1: no top-p cut\); got 0.0"),
+        (_bad(top_p=1.5), ValueError, r"top_p: .* got 1.5"),
+        (_bad(top_p=math.nan), ValueError, r"top_p: .* got nan"),
+    ],
+)
 def test_bad_arguments_name_the_argument(arguments, error, message):
     with pytest.raises(error, match=message):
         ops.sample_tokens(**arguments)

@@ -8,8 +8,8 @@ import numpy
 import pytest
 
 from cupy_transformer import ops
-from cupy_transformer.runtime.arrays import FLOAT_DTYPES
 from cupy_transformer.ops.softmax import _VARIANTS, MaskKind, mask_kind, softmax_plan
+from cupy_transformer.runtime.arrays import FLOAT_DTYPES
 from tests.helpers import TOL_CHAINED, random, rel_error
 from tests.ops.common import on_backend
 
@@ -88,7 +88,7 @@ def inputs(rng, dtype, case, q=6, past=0, b=2, h=4):
     if case.get("alibi"):
         alibi = random(rng, (b * h * mp, 1, k), dtype)
         off = case.get("head_offset", 0)
-        rows = alibi.reshape(b, h * mp, k)[:, off:off + h]
+        rows = alibi.reshape(b, h * mp, k)[:, off : off + h]
     return s, mask, full_mask, alibi, rows
 
 
@@ -98,8 +98,16 @@ def run(rng, dtype, name, gpu):
     op = ops.SoftmaxOp(config(dtype, mp_size=case.get("mp_size", 1)))
     a = on_backend({"s": s, "mask": mask, "alibi": alibi}, gpu)
     window = case.get("window")
-    p = op(a["s"], a["mask"], a["alibi"], case.get("triangular", False), window is not None, window,
-           case.get("layer_scale", 1.0), case.get("head_offset", 0))
+    p = op(
+        a["s"],
+        a["mask"],
+        a["alibi"],
+        case.get("triangular", False),
+        window is not None,
+        window,
+        case.get("layer_scale", 1.0),
+        case.get("head_offset", 0),
+    )
     exact = row_by_row(s, full_mask, rows, case.get("triangular", False), window, case.get("layer_scale", 1.0))
     assert p.shape == s.shape and p.dtype == dtype
     assert rel_error(p, exact) < TOL_CHAINED[numpy.dtype(dtype)]
@@ -127,7 +135,7 @@ def test_rows_sum_to_one_and_out_may_be_the_scores(rng):
     p = op(s, triangular=True, out=s)
     assert p is s
     assert numpy.allclose(p.astype(numpy.float64).sum(-1), 1.0, atol=1e-5)
-    assert (p[..., -1, 70001 - 3 + 2 + 1:] == 0).all() and (p[..., 0, 70001 - 3 + 1:] == 0).all()
+    assert (p[..., -1, 70001 - 3 + 2 + 1 :] == 0).all() and (p[..., 0, 70001 - 3 + 1 :] == 0).all()
 
 
 @pytest.mark.gpu
@@ -150,8 +158,12 @@ LONG = {  # (b, h, q, k), the rule, the mask, alibi: the kernel's paths (a warp 
     # over chunks of a row), whole 16-byte vectors or not, rows far longer than a block's threads
     "70001 keys, causal past, 2-D bool mask, alibi": ((1, 4, 3, 70001), dict(triangular=True), "2d-bool", True),
     "4104 keys, window 300, per-head additive mask": ((2, 4, 5, 4104), dict(window=300), "4d-head", False),
-    "320 keys, a warp or 16 lanes a row, causal past, bool [B,1,Q,K]": ((2, 4, 300, 320), dict(triangular=True),
-                                                                         "4d-q", True),
+    "320 keys, a warp or 16 lanes a row, causal past, bool [B,1,Q,K]": (
+        (2, 4, 300, 320),
+        dict(triangular=True),
+        "4d-q",
+        True,
+    ),
     "1000 keys, 16 lanes a row (fp16), 2-D additive": ((2, 4, 50, 1000), {}, "2d-add", True),
     "1500 keys, few rows: 2 warps or chunks, causal past": ((1, 4, 2, 1500), dict(triangular=True), "2d-add", False),
     "3000 keys, 2 or 4 warps a row": ((2, 4, 40, 3000), dict(triangular=True), "2d-add", True),
@@ -169,10 +181,12 @@ def test_gpu_kernel_on_long_and_many_rows(rng, poisoned_allocations, dtype, name
 
     (b, h, q, k), rule, mask_kind, with_alibi = LONG[name]
     s = random(rng, (b, h, q, k), dtype, scale=3.0)
-    mask = {"2d-bool": lambda: rng.random((b, k)) < 0.8,
-            "2d-add": lambda: numpy.where(rng.random((b, k)) < 0.2, -1e4, 0.0).astype(dtype),
-            "4d-head": lambda: numpy.where(rng.random((b, h, 1, k)) < 0.2, -1e4, 0.0).astype(dtype),
-            "4d-q": lambda: rng.random((b, 1, q, k)) < 0.9}[mask_kind]()
+    mask = {
+        "2d-bool": lambda: rng.random((b, k)) < 0.8,
+        "2d-add": lambda: numpy.where(rng.random((b, k)) < 0.2, -1e4, 0.0).astype(dtype),
+        "4d-head": lambda: numpy.where(rng.random((b, h, 1, k)) < 0.2, -1e4, 0.0).astype(dtype),
+        "4d-q": lambda: rng.random((b, 1, q, k)) < 0.9,
+    }[mask_kind]()
     alibi = random(rng, (b, h, 1, k), dtype) if with_alibi else None
     op = ops.SoftmaxOp(config(dtype))
     window = rule.get("window")

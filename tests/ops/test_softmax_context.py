@@ -13,8 +13,8 @@ from cupy_transformer import ops
 from cupy_transformer.kv_cache import KVCache
 from cupy_transformer.ops.softmax_context import attention_reference
 from tests.helpers import TOL_CHAINED, host, random, rel_error
-from tests.ops.common import history, nan_past
 from tests.ops.common import attention_config as cfg
+from tests.ops.common import history, nan_past
 
 
 def backend(gpu):
@@ -43,13 +43,13 @@ def prompt_then_decode(rng, dtype, name, gpu):
     for first, count in [(0, 5), (5, 1), (6, 1), (7, 1), (8, 1)]:
         start = cache.reserve(count)
         for layer in (0, 1):  # both layers see the same step; each has its own block of the cache
-            step = xp.asarray(numpy.ascontiguousarray(tokens[:, first:first + count]))
+            step = xp.asarray(numpy.ascontiguousarray(tokens[:, first : first + count]))
             ctx, keys, values = op(step, cache=cache, layer_id=layer, start=start)
             assert ctx.shape == (2, count, c.heads * c.head_size) and ctx.dtype == dtype
             assert ctx.flags.c_contiguous  # the next op (a projection) requires it
             assert keys.shape == (2, c.num_kv, first + count, c.head_size)
             got = host(ctx).astype(numpy.float64)
-            want = numpy.stack([e[first:first + count] for e in exact])
+            want = numpy.stack([e[first : first + count] for e in exact])
             assert rel_error(got, want) < TOL_CHAINED[numpy.dtype(dtype)]
 
 
@@ -149,14 +149,14 @@ def alibi_on_one_rank_of_two(rng, gpu):
     alibi = random(rng, (2, 8, 1, 39), dtype, scale=0.5)
     for rank in (0, 1):
         tokens = random(rng, (2, 39, 6 * 64), dtype)
-        mine = alibi[:, 4 * rank:4 * rank + 4, 0]  # [B, 4, T]
+        mine = alibi[:, 4 * rank : 4 * rank + 4, 0]  # [B, 4, T]
         exact = [history(tokens[b], rank_heads, numpy.arange(39), alibi=mine[b]) for b in range(2)]
         cache = KVCache(1, 2, 1, 39, 64, dtype, backend=kind)
         for first, count in [(0, 37), (37, 1), (38, 1)]:
-            rows = xp.asarray(numpy.ascontiguousarray(alibi[:, 4 * rank:4 * rank + 4, :, :first + count]))
-            step = xp.asarray(numpy.ascontiguousarray(tokens[:, first:first + count]))
+            rows = xp.asarray(numpy.ascontiguousarray(alibi[:, 4 * rank : 4 * rank + 4, :, : first + count]))
+            step = xp.asarray(numpy.ascontiguousarray(tokens[:, first : first + count]))
             ctx, _, _ = op(step, cache=cache, layer_id=0, start=cache.reserve(count), alibi=rows)
-            want = numpy.stack([e[first:first + count] for e in exact])
+            want = numpy.stack([e[first : first + count] for e in exact])
             assert rel_error(host(ctx).astype(numpy.float64), want) < TOL_CHAINED[numpy.dtype(dtype)]
 
 
@@ -172,13 +172,13 @@ def test_bidirectional_with_padding_alibi_and_norm_factor(rng):
     keep = numpy.ones((2, 6), bool)
     keep[1, 4:] = False  # the second sequence is right-padded
     alibi = random(rng, (2, 2, 1, 6), numpy.float32)
-    ctx, _, _ = op(qkv, keep, alibi=alibi, norm_factor=32 ** -0.25)  # DeepSpeed's norm_factor: scale = nf^2
+    ctx, _, _ = op(qkv, keep, alibi=alibi, norm_factor=32**-0.25)  # DeepSpeed's norm_factor: scale = nf^2
     for b in range(2):
         want = history(qkv[b], c, numpy.arange(6), keep[b], alibi[b, :, 0])
         rows = 6 if b == 0 else 4  # padded queries are not compared: their outputs are unused
         assert rel_error(ctx[b, :rows], want[:rows]) < 1e-6
     additive = numpy.where(keep, 0.0, -1e9).astype(numpy.float32)
-    again, _, _ = op(qkv, additive, alibi=alibi.reshape(4, 1, 6), scale=32 ** -0.5)
+    again, _, _ = op(qkv, additive, alibi=alibi.reshape(4, 1, 6), scale=32**-0.5)
     assert rel_error(again[0], ctx[0]) < 1e-6 and rel_error(again[1, :4], ctx[1, :4]) < 1e-6
 
 
@@ -206,10 +206,12 @@ def test_attention_reference_matches_the_per_query_loop(rng):
     qkv = rng.standard_normal((2, 9, 8 * 16))
     keep = rng.random((2, 9)) < 0.7
     alibi = rng.standard_normal((2, 4, 1, 9))
-    q, k, v = (qkv[..., a * 16:(a + n) * 16].reshape(2, 9, n, 16).transpose(0, 2, 1, 3)
-               for a, n in ((0, 4), (4, 2), (6, 2)))
-    got = attention_reference(q[:, :, 4:], k, v, numpy.array([4, 4]), keep[:, None, None, :], alibi, 0.25,
-                              causal=True, window=3)
+    q, k, v = (
+        qkv[..., a * 16 : (a + n) * 16].reshape(2, 9, n, 16).transpose(0, 2, 1, 3) for a, n in ((0, 4), (4, 2), (6, 2))
+    )
+    got = attention_reference(
+        q[:, :, 4:], k, v, numpy.array([4, 4]), keep[:, None, None, :], alibi, 0.25, causal=True, window=3
+    )
     assert got.shape == (2, 5, 4 * 16) and got.dtype == numpy.float64
     for b in range(2):
         want = history(qkv[b], c, numpy.arange(9), keep[b], alibi[b, :, 0])[4:]
@@ -238,10 +240,11 @@ def torch_sdpa(qkv, c, queries=None, **kw):
     h, kv, d = c.heads, c.num_kv, c.head_size
     x = torch.from_numpy(qkv)
     b, t, _ = x.shape
-    q, k, v = (x[..., a * d:(a + n) * d].reshape(b, t, n, d).transpose(1, 2)
-               for a, n in ((0, h), (h, kv), (h + kv, kv)))
+    q, k, v = (
+        x[..., a * d : (a + n) * d].reshape(b, t, n, d).transpose(1, 2) for a, n in ((0, h), (h, kv), (h + kv, kv))
+    )
     k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
-    out = F.scaled_dot_product_attention(q[:, :, t - (queries or t):], k, v, **kw)
+    out = F.scaled_dot_product_attention(q[:, :, t - (queries or t) :], k, v, **kw)
     return out.transpose(1, 2).reshape(b, -1, h * d).numpy()
 
 
@@ -282,13 +285,15 @@ def test_bad_inputs_are_named_errors(rng):
     c = cfg(numpy.float16)
     op = ops.SoftmaxContextOp(c)
     qkv = random(rng, (2, 3, 8 * 32), numpy.float16)
-    with pytest.raises(ValueError,
-                       match=r"query_key_value: expected a last dimension of \(heads 4 \+ 2 x kv heads 2\)"):
+    with pytest.raises(
+        ValueError, match=r"query_key_value: expected a last dimension of \(heads 4 \+ 2 x kv heads 2\)"
+    ):
         op(qkv[..., :-32].copy())
     with pytest.raises(ValueError, match=r"head size 12 \(hidden_size / heads\): expected a multiple of 8 up to 256"):
         ops.SoftmaxContextOp(ops.InferenceConfig(hidden_size=48, heads=4, dtype=numpy.float16))(qkv)
-    with pytest.raises(ValueError,
-                       match=r"attn_mask: expected a \[batch, keys\] = \[2, 3 or more\] mask over key slots"):
+    with pytest.raises(
+        ValueError, match=r"attn_mask: expected a \[batch, keys\] = \[2, 3 or more\] mask over key slots"
+    ):
         op(qkv, numpy.ones((2, 2), bool))
     with pytest.raises(ValueError, match=r"attn_mask: expected a \[2, 1 or 4, 1 or 3, 3 or more\] mask"):
         op(qkv, numpy.ones((2, 3, 3, 3), bool))
@@ -353,6 +358,7 @@ def test_gpu_prefill_at_head_sizes_without_a_kernel(rng, poisoned_allocations, d
     """fp16 prefill at head sizes no prefill kernel takes (the rotary + append kernel, then fp32 array
     operations): a 37-token prompt, then 13 tokens after pasts of 37 and 20 (set_lengths); float64 reference."""
     import cupy
+
     from cupy_transformer.ops.prefill_attention import PREFILL_GEOMETRY
 
     assert d not in PREFILL_GEOMETRY
@@ -360,8 +366,10 @@ def test_gpu_prefill_at_head_sizes_without_a_kernel(rng, poisoned_allocations, d
     c = cfg(dtype, heads=4, kv=2, d=d, rotary_dim=d, rotate_half=True, rotate_every_two=False)
     op = ops.SoftmaxContextOp(c)
     tokens = random(rng, (2, 50, 8 * d), dtype)
-    exact = [history(tokens[0], c, numpy.arange(50)),
-             history(numpy.concatenate([tokens[1, :20], tokens[1, 37:]]), c, numpy.arange(33))]
+    exact = [
+        history(tokens[0], c, numpy.arange(50)),
+        history(numpy.concatenate([tokens[1, :20], tokens[1, 37:]]), c, numpy.arange(33)),
+    ]
     cache = KVCache(1, 2, 2, 64, d, dtype, backend="cupy")
     ctx, _, _ = op(cupy.asarray(tokens[:, :37].copy()), cache=cache, start=cache.reserve(37))
     assert rel_error(ctx[0], exact[0][:37]) < TOL_CHAINED[numpy.dtype(dtype)]
@@ -401,7 +409,7 @@ def decode_200_steps(rng, gpu):
     cache = KVCache(1, 2, 2, 208, 16, numpy.float32, backend=kind)
     op(xp.asarray(tokens[:, :8].copy()), cache=cache, start=cache.reserve(8))
     for t in range(8, 208):
-        ctx, _, _ = op(xp.asarray(tokens[:, t:t + 1].copy()), cache=cache, start=cache.reserve(1))
+        ctx, _, _ = op(xp.asarray(tokens[:, t : t + 1].copy()), cache=cache, start=cache.reserve(1))
         got = host(ctx)[:, 0]
         assert rel_error(got, numpy.stack([exact[0][t], exact[1][t]])) < 1e-5, t
     with pytest.raises(ValueError, match=r"KV cache full: sequence 0 holds 208 of 208 tokens"):

@@ -42,7 +42,8 @@ def test_compile_error_names_the_file_and_carries_the_log(tmp_path, monkeypatch)
     monkeypatch.setattr(kernels, "kernel_source_dir", lambda: tmp_path)
     monkeypatch.setattr(KernelFamily, "registry", {})
     family = KernelFamily("broken.cu", ["k"])
-    with pytest.raises(KernelCompileError, match=r"(?s)broken.cu \(sm_90\): NVRTC failed.*broken.cu\(2\).*undefined_name"):
+    message = r"(?s)broken.cu \(sm_90\): NVRTC failed.*broken.cu\(2\).*undefined_name"
+    with pytest.raises(KernelCompileError, match=message):
         family.compile_offline("90")
 
 
@@ -118,18 +119,24 @@ def test_compile_error_on_the_gpu_path(tmp_path, monkeypatch):
         KernelFamily("broken.cu", ["k"]).kernel("k")
 
 
-@pytest.mark.parametrize("regs, shared, dynamic, threads, blocks", [
-    (208, 33280, 0, 128, 2),  # registers bound: 2 warps of 6656 registers per sub-partition
-    (166, 25088, 0, 128, 3),  # 166 -> 168 a thread: 3 warps per sub-partition
-    (32, 100 << 10, 0, 128, 2),  # shared memory bound (1 KB reserved per block)
-    (32, 1024, 99 << 10, 128, 2),  # static and dynamic shared memory together
-    (16, 0, 0, 1024, 2),  # thread bound
-])
+@pytest.mark.parametrize(
+    "regs, shared, dynamic, threads, blocks",
+    [
+        (208, 33280, 0, 128, 2),  # registers bound: 2 warps of 6656 registers per sub-partition
+        (166, 25088, 0, 128, 3),  # 166 -> 168 a thread: 3 warps per sub-partition
+        (32, 100 << 10, 0, 128, 2),  # shared memory bound (1 KB reserved per block)
+        (32, 1024, 99 << 10, 128, 2),  # static and dynamic shared memory together
+        (16, 0, 0, 1024, 2),  # thread bound
+    ],
+)
 def test_resident_blocks_follows_the_occupancy_rules(monkeypatch, regs, shared, dynamic, threads, blocks):
     from types import SimpleNamespace
 
-    attributes = {"MaxRegistersPerMultiprocessor": 65536, "MaxSharedMemoryPerMultiprocessor": 228 << 10,
-                  "MaxThreadsPerMultiProcessor": 2048}
+    attributes = {
+        "MaxRegistersPerMultiprocessor": 65536,
+        "MaxSharedMemoryPerMultiprocessor": 228 << 10,
+        "MaxThreadsPerMultiProcessor": 2048,
+    }
     fake = SimpleNamespace(cuda=SimpleNamespace(Device=lambda: SimpleNamespace(attributes=attributes)))
     monkeypatch.setattr(kernels, "import_cupy", lambda: fake)
     kernel = SimpleNamespace(num_regs=regs, shared_size_bytes=shared)
@@ -140,11 +147,18 @@ def test_wave_blocks_is_resident_blocks_on_every_sm_read_once(monkeypatch):
     from types import SimpleNamespace
 
     reads = []
-    attributes = {"MaxRegistersPerMultiprocessor": 65536, "MaxSharedMemoryPerMultiprocessor": 228 << 10,
-                  "MaxThreadsPerMultiProcessor": 2048, "MultiProcessorCount": 132}
-    fake = SimpleNamespace(cuda=SimpleNamespace(
-        Device=lambda *device: reads.append(device) or SimpleNamespace(attributes=attributes),
-        runtime=SimpleNamespace(getDevice=lambda: 0)))
+    attributes = {
+        "MaxRegistersPerMultiprocessor": 65536,
+        "MaxSharedMemoryPerMultiprocessor": 228 << 10,
+        "MaxThreadsPerMultiProcessor": 2048,
+        "MultiProcessorCount": 132,
+    }
+    fake = SimpleNamespace(
+        cuda=SimpleNamespace(
+            Device=lambda *device: reads.append(device) or SimpleNamespace(attributes=attributes),
+            runtime=SimpleNamespace(getDevice=lambda: 0),
+        )
+    )
     monkeypatch.setattr(kernels, "import_cupy", lambda: fake)
     monkeypatch.setattr(kernels, "_WAVES", {})
     monkeypatch.setattr(kernels, "_SM_COUNTS", {})
@@ -196,9 +210,15 @@ def test_kernel_parameters_reads_types_names_and_macros():
         __global__ void second(ARGS) {}
     """)
     assert kernels.kernel_parameters(source, "ct::first<float, 2>") == (
-        ("pointer", "a"), ("float", "s"), ("long long", "stride"))
+        ("pointer", "a"),
+        ("float", "s"),
+        ("long long", "stride"),
+    )
     assert kernels.kernel_parameters(source, "ct::second<__half>") == (
-        ("pointer", "x"), ("int", "n"), ("unsigned", "count"))
+        ("pointer", "x"),
+        ("int", "n"),
+        ("unsigned", "count"),
+    )
     with pytest.raises(kernels.KernelArgumentError, match=r"no __global__ function 'third'"):
         kernels.kernel_parameters(source, "ct::third<float>")
 
