@@ -36,10 +36,7 @@ def _name(dtype: numpy.dtype, act: int, vec: int, whole: str) -> str:
     return f"ct::bias_act<{CTYPES[dtype]}, {act}, {vec}, {whole}>"
 
 
-_KERNELS = KernelFamily(
-    "bias_act.cu",
-    [_name(d, a, v, w) for d in CTYPES for a in _ACTS for v, w in run_variants(d)],
-)
+_KERNELS = KernelFamily("bias_act.cu", [_name(d, a, v, w) for d in CTYPES for a in _ACTS for v, w in run_variants(d)])
 
 
 def _erf(x: numpy.ndarray) -> numpy.ndarray:

@@ -50,6 +50,24 @@ def prefill_inputs(q, k, v, mask, alibi):
     return q, k, v, out, mask_arguments(mask, alibi, b, h, q)
 
 
+def block_rules(s: int, h: int, group: int, causal: bool, window: int, m, scale: float, span: int) -> dict:
+    """The arguments both prefill kernels pass to their PrefillBlock (attention_tile.cuh), by name in their
+    signatures' order: the queries' count, heads and grouping, the key rules, the mask and alibi (``m``:
+    ``mask_arguments``'s), the scale and the grid's group size."""
+    return dict(
+        S=s,
+        h=h,
+        group=group,
+        causal=int(causal),
+        window=window,
+        mask_kind=m.mask_kind,
+        mask_len=m.mask_len,
+        alibi_len=m.alibi_len,
+        scale=scale,
+        span=span,
+    )
+
+
 def token_strides(a) -> tuple[int, int, int]:
     """The (sequence, head, token) strides of a [B, heads, T, d] array, in elements."""
     return tuple(x // a.dtype.itemsize for x in a.strides[:-1])
@@ -93,15 +111,15 @@ def prefill_attention(
         v_seq=v_seq,
         v_head=v_head,
         v_tok=v_tok,
-        S=s,
-        h=h,
-        group=group,
-        causal=int(causal),
-        window=window,
-        mask_kind=m.mask_kind,
-        mask_len=m.mask_len,
-        alibi_len=m.alibi_len,
-        scale=scale,
-        span=prefill_span(wave_blocks(kernel, 128, smem), rows, group) if span is None else span,
+        **block_rules(
+            s,
+            h,
+            group,
+            causal,
+            window,
+            m,
+            scale,
+            prefill_span(wave_blocks(kernel, 128, smem), rows, group) if span is None else span,
+        ),
     )
     return out

@@ -9,7 +9,7 @@ import math
 
 from ..runtime.kernels import CTYPES, KernelFamily, dynamic_shared, split_workspace, wave_blocks
 from ..runtime.tensor_map import tile_map
-from .prefill_attention import prefill_inputs, prefill_span, token_strides
+from .prefill_attention import block_rules, prefill_inputs, prefill_span, token_strides
 from .softmax import MaskKind
 
 # Head size -> keys per tile (128 query rows a block): the faster of 64 and 128 per head size; 80 and 96 run
@@ -114,16 +114,7 @@ def prefill_attention_sm90(
         q_seq=q_seq,
         q_head=q_head,
         q_tok=q_tok,
-        S=s,
-        h=h,
-        group=group,
-        causal=int(causal),
-        window=window,
-        mask_kind=m.mask_kind,
-        mask_len=m.mask_len,
-        alibi_len=m.alibi_len,
-        scale=scale,
-        span=prefill_span(wave, rows, group) if span is None else span,
+        **block_rules(s, h, group, causal, window, m, scale, prefill_span(wave, rows, group) if span is None else span),
         items=items,
         counter=split_workspace(0, 2)[1] if persist else start,
     )
