@@ -7,6 +7,11 @@ sequence ``b`` holds (on the host, so checks need no GPU round trip); a step ask
 which fails with a ``ValueError`` naming the capacity and the request before anything is written, and
 sequences of different lengths share one batch.
 
+``device_lengths`` holds the same counts as int32 in the backend's arrays for steps that run without the host:
+a decode step captured into a CUDA graph reads its slots there and advances them itself (one capture serves
+every step), while the host counts the same tokens with ``reserve``, which only checks and counts.
+``sync_device`` copies ``lengths`` there (after a prompt; ``reset`` and ``set_lengths`` do it too).
+
 Layout: ``keys`` and ``values`` are ``[layers, batch, kv_heads, max_tokens, head_dim]``: one layer's block is
 contiguous, and one head's tokens are rows of ``head_dim`` in order (what an attention kernel streams).
 Keys are stored after rotary, at ``kv_heads`` (grouped-query models are not expanded to the query heads).
@@ -40,6 +45,7 @@ class KVCache:
         self.values = xp.zeros(shape, self.dtype)
         self.layers, self.batch, self.kv_heads, self.max_tokens, self.head_dim = shape
         self.lengths = numpy.zeros(self.batch, numpy.int64)
+        self.device_lengths = xp.zeros(self.batch, numpy.int32)
 
     def check_room(self, tokens: int) -> int:
         """A ValueError naming the capacity and the request unless every sequence has room for ``tokens``
@@ -71,16 +77,26 @@ class KVCache:
         if (new < 0).any() or (new > self.max_tokens).any():
             raise ValueError(f"lengths: expected values in [0, {self.max_tokens}]; got {new.tolist()}")
         self.lengths[:] = new
+        self.sync_device()
 
     def reset(self) -> None:
         """Every sequence empty (the stored values stay until overwritten; nothing reads past ``lengths``)."""
         self.lengths[:] = 0
+        self.sync_device()
+
+    def sync_device(self) -> None:
+        """``device_lengths`` = ``lengths`` (an upload, ordered on the current stream)."""
+        self.device_lengths[...] = array_module(self.backend).asarray(self.lengths.astype(numpy.int32))
+
+    def check_layer(self, layer: int) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, (int, numpy.integer)) or not 0 <= layer < self.layers:
+            raise ValueError(f"layer: expected an integer in [0, {self.layers - 1}]; got {layer!r}")
+        return int(layer)
 
     def check_write(self, layer: int, tokens: int, start) -> numpy.ndarray:
         """What ``write`` checks before writing ``tokens`` per sequence of ``layer`` at ``start`` (also for
         kernels that write the cache themselves); returns ``start`` as an array."""
-        if isinstance(layer, bool) or not isinstance(layer, (int, numpy.integer)) or not 0 <= layer < self.layers:
-            raise ValueError(f"layer: expected an integer in [0, {self.layers - 1}]; got {layer!r}")
+        self.check_layer(layer)
         start = numpy.asarray(start)
         if start.shape != (self.batch,) or start.dtype.kind not in "iu":
             raise ValueError(

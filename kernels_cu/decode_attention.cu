@@ -4,10 +4,11 @@
 // runs an online softmax over its keys, the warps' (max, sum, weighted V) merge in shared memory, and the
 // block writes its chunk's partial; the block of the (sequence, kv head) that finishes last merges the
 // chunks in order (deterministic) into the context rows (merge_chunks: one launch, no second kernel); a
-// launch of one chunk a pair writes each block's context straight (store_heads).
+// sequence whose keys fit one chunk has each block write its context straight (store_heads).
 //
-// Per key j in [lo[b], hi[b]): s = q . k_j * scale (+ mask[b, j] additive, or dropped where the boolean mask
-// is false) (+ alibi[b, head, j]); context = sum_j softmax(s)_j v_j (fp32 throughout, one rounding).
+// Per key j in [lo, hi) of sequence b (the slots up to its query's, start[b]; a window keeps the last ones):
+// s = q . k_j * scale (+ mask[b, j] additive, or dropped where the boolean mask is false) (+ alibi[b, head, j]);
+// context = sum_j softmax(s)_j v_j (fp32 throughout, one rounding).
 #include "common.cuh"
 #include "mask.cuh"
 #include "mma.cuh"
@@ -83,23 +84,39 @@ __device__ __forceinline__ void merge_max_sum(float& m, float& l, float m2, floa
     m = m_new;
 }
 
+// The keys of one block: sequence b's query sits in slot start[b] and sees slots [lo, hi), hi = start[b] + 1
+// and, with a window, lo = hi - window. The grid's `chunks` chunks a pair are sized per sequence from its own hi
+// (multiples of 64 keys, a 4-warp step; ragged chunks were 6% slower), so a launch sized for the cache's capacity
+// (a CUDA graph replayed every step) gives a short sequence few chunks: blocks past `used` return at once and the
+// merge waits for `used` blocks. Reading start on the device, not the host, is what lets one capture serve every
+// step.
+struct KeyChunk {
+    int first, last, used;
+    __device__ KeyChunk(int start, int window, int c, int chunks) {
+        const int hi = start + 1, lo = window > 0 ? max(hi - window, 0) : 0;
+        const int chunk = 64 * max(1, (hi + 64 * chunks - 1) / (64 * chunks));
+        used = (hi + chunk - 1) / chunk;
+        first = max(lo, c * chunk), last = min(hi, (c + 1) * chunk);
+    }
+};
+
 // partial rows [B, h, chunks, d + 4]: a chunk's weighted V sum (d), then m (natural-log units) and l, and two
 // unused slots (16-byte rows). Called by every thread of a partial block after its rows are written: the
 // last block of this (sequence, kv head) to finish (counter: zero between launches, reset here) merges the
-// chunks of heads h0 .. h0 + n (n <= 16, chunks <= 256) in chunk order into out [B, h, d]: per head the
+// `used` chunks (of `chunks` rows a head) of heads h0 .. h0 + n (n <= 16, chunks <= 256) in chunk order into out [B, h, d]: per head the
 // largest m and the sum of the chunks' l exp(m_c - m), then per 4 dims sum_c exp(m_c - m) acc_c / that sum
 // (0 for a head that saw no key). Each lane loads its chunks' m and l together (the merge is a chain of
 // round trips to L2 after the last block's stream). THREADS: the block's.
 template <int THREADS, typename T>
 __device__ void merge_chunks(const float* __restrict__ partial, T* __restrict__ out, int* counter, int b, int h,
-                             int h0, int n, int d, int chunks) {
-    if (!last_block_done(counter, chunks)) return;
+                             int h0, int n, int d, int chunks, int used) {
+    if (!last_block_done(counter, used)) return;
     __shared__ float head_m[16], head_inv_l[16];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, stride = d + 4;
     for (int g = warp; g < n; g += THREADS / 32) {
         const float* p = partial + (static_cast<size_t>(b) * h + h0 + g) * chunks * stride + d;
         float m = neg_inf(), l = 0.f;  // this lane's chunks (lane, lane + 32, ..), merged as they come
-        for (int c = lane; c < chunks; c += 32) {
+        for (int c = lane; c < used; c += 32) {
             const float2 x = __ldcg(reinterpret_cast<const float2*>(p + c * stride));
             merge_max_sum(m, l, x.x, x.y);
         }
@@ -114,7 +131,7 @@ __device__ void merge_chunks(const float* __restrict__ partial, T* __restrict__ 
         const float m = head_m[g];
         float acc[4] = {};
 #pragma unroll 8
-        for (int c = 0; c < chunks; ++c) {  // independent loads: the unroll keeps 8 chunks in flight
+        for (int c = 0; c < used; ++c) {  // independent loads: the unroll keeps 8 chunks in flight
             const float mc = __ldcg(p + c * stride + d), w = mc == neg_inf() ? 0.f : __expf(mc - m);
             const float4 x = __ldcg(reinterpret_cast<const float4*>(p + c * stride + e));
             acc[0] += w * x.x, acc[1] += w * x.y, acc[2] += w * x.z, acc[3] += w * x.w;
@@ -129,23 +146,25 @@ __device__ void merge_chunks(const float* __restrict__ partial, T* __restrict__ 
 
 // q [B, h, d] (rotated, one token); k, v: one layer's cache [B, kv, max_tokens, d]; mask [B, mask_len]
 // (T, or bool as bytes; read if mask_kind says so) and alibi [B, h, alibi_len] (read if alibi_len > 0);
-// keys [lo[b], hi[b]) of sequence b;
+// start [B]: the query's cache slot (keys as KeyChunk says; window 0: none);
 // partial [B, h, chunks, d + 4] fp32 (merge_chunks' rows), out [B, h, d] the context, counters [B, kv] zero.
 // G: query heads per kv head (the last group may have fewer: heads past h are skipped). d % 8 == 0,
 // d <= 256, arrays 16-byte aligned. Grid (chunks, kv, B).
 template <typename T, int G>
 __global__ void __launch_bounds__(DA_THREADS) attention_partial(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const void* __restrict__ mask,
-    const T* __restrict__ alibi, const int* __restrict__ lo, const int* __restrict__ hi, float* __restrict__ partial,
-    T* __restrict__ out, int* counters, int h, int kv, int d, int max_tokens, int chunk, int mask_kind, int mask_len,
-    int alibi_len, float scale) {
+    const T* __restrict__ alibi, const int* __restrict__ start, float* __restrict__ partial, T* __restrict__ out,
+    int* counters, int h, int kv, int d, int max_tokens, int window, int mask_kind, int mask_len, int alibi_len,
+    float scale) {
     const int c = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, chunks = gridDim.x;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int lanes = d / 8, width = lanes <= 4 ? 4 : lanes <= 8 ? 8 : lanes <= 16 ? 16 : 32;  // lanes per key
     const int per_warp = 32 / width, sub = lane % width, slot = lane / width;
     const bool active = sub < lanes;
     const int group = h / kv;  // query heads of this kv head: kvh * group ..
-    const int first = max(lo[b], c * chunk), last = min(hi[b], (c + 1) * chunk);
+    const KeyChunk span(start[b], window, c, chunks);
+    if (c >= span.used) return;
+    const int first = span.first, last = span.last;
 
     float qf[G][8];
 #pragma unroll
@@ -222,7 +241,7 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial(
         if (lane == 0) red_m[warp][g] = run[g].m, red_l[warp][g] = run[g].l;
     }
     __syncthreads();
-    if (chunks == 1)
+    if (span.used == 1)
         return store_heads<DA_THREADS>(out + (static_cast<size_t>(b) * h + kvh * group) * d, red_acc, red_m, red_l,
                                        group, d, [](float x) { return __expf(x); });
     for (int o = threadIdx.x; o < G * (d + 2); o += DA_THREADS) {  // slots d + 2, d + 3 stay unwritten
@@ -241,7 +260,8 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial(
         if (e == d) value = m;  // slot d holds the max, d + 1 the sum
         partial[((static_cast<size_t>(b) * h + kvh * group + g) * chunks + c) * (d + 4) + e] = value;
     }
-    merge_chunks<DA_THREADS>(partial, out, counters + b * kv + kvh, b, h, kvh * group, group, d, chunks);
+    merge_chunks<DA_THREADS>(partial, out, counters + b * kv + kvh, b, h, kvh * group, group, d, chunks,
+                             span.used);
 }
 
 // ---- Tensor cores (fp16, bf16; sm_80 and later) ----
@@ -261,14 +281,16 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial(
 template <typename T, int D, int W>
 __global__ void __launch_bounds__(32 * W) attention_partial_tc(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const void* __restrict__ mask,
-    const T* __restrict__ alibi, const int* __restrict__ lo, const int* __restrict__ hi, float* __restrict__ partial,
-    T* __restrict__ out, int* counters, int h, int kv, int d, int max_tokens, int chunk, int mask_kind, int mask_len,
-    int alibi_len, float scale) {
+    const T* __restrict__ alibi, const int* __restrict__ start, float* __restrict__ partial, T* __restrict__ out,
+    int* counters, int h, int kv, int d, int max_tokens, int window, int mask_kind, int mask_len, int alibi_len,
+    float scale) {
     constexpr int DB = D / 32;  // 32-dim blocks
     const int c = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, chunks = gridDim.x;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int group = h / kv;
-    const int first = max(lo[b], c * chunk), last = min(hi[b], (c + 1) * chunk);
+    const KeyChunk span(start[b], window, c, chunks);
+    if (c >= span.used) return;
+    const int first = span.first, last = span.last;
     const float sl2 = scale * LOG2E;
 
     uint4 qa[DB][2];  // heads g, g + 8 of the group: dims 8t .. 8t + 7 of each block
@@ -399,7 +421,7 @@ __global__ void __launch_bounds__(32 * W) attention_partial_tc(
     }
     if (W == DA_WARPS || warp < DA_WARPS) share();
     __syncthreads();
-    if (chunks == 1)
+    if (span.used == 1)
         return store_heads<32 * W>(out + (static_cast<size_t>(b) * h + kvh * group) * D, red_acc, red_m, red_l,
                                    group, D, [](float x) { return fast_exp2(x); });
     // As attention_partial's merge, but m is in log2 units: the partial keeps natural-log units for the combine.
@@ -418,7 +440,7 @@ __global__ void __launch_bounds__(32 * W) attention_partial_tc(
         if (e == D) value = mw == neg_inf() ? mw : mw / LOG2E;  // slot d: the max (natural log), d + 1: the sum
         partial[((static_cast<size_t>(b) * h + kvh * group + head) * chunks + c) * (D + 4) + e] = value;
     }
-    merge_chunks<32 * W>(partial, out, counters + b * kv + kvh, b, h, kvh * group, group, D, chunks);
+    merge_chunks<32 * W>(partial, out, counters + b * kv + kvh, b, h, kvh * group, group, D, chunks, span.used);
 }
 
 }  // namespace ct

@@ -70,14 +70,17 @@ def decode_geometry(kernels, pairs: int) -> tuple[int, int]:
     return 4, chunks
 
 
-def decode_attention(q, cache, layer: int, lo, hi, mask, alibi, scale: float, *, warps=None, chunks=None):
-    """q [B, h, 1, d] (one token a sequence) against the keys [lo[b], hi[b]) of ``cache``'s ``layer``
-    (``lo``, ``hi``: host integers); ``mask`` [B, 1, 1, T] or None, ``alibi`` [B, h, 1, T] or None. ``warps``
-    and ``chunks``: the launch's geometry (both or neither; None: ``decode_geometry``'s). Returns the context
-    [B, 1, h d]."""
+def decode_attention(q, cache, layer: int, start, window: int, mask, alibi, scale: float, *, warps=None, chunks=None):
+    """q [B, h, 1, d] (one token a sequence, in cache slot ``start[b]``) against the keys of ``cache``'s
+    ``layer`` up to that slot (the last ``window`` of them; 0: all). ``start``: host integers, or an int32
+    array on the GPU, which the kernel reads there (a captured step's). ``mask`` [B, 1, 1, T] or None,
+    ``alibi`` [B, h, 1, T] or None. ``warps`` and ``chunks``: the launch's geometry (both or neither; None:
+    ``decode_geometry``'s). Returns the context [B, 1, h d]."""
     cupy = import_cupy()
     b, h, _, d = q.shape
-    kv, t = cache.kv_heads, int(hi.max())
+    kv = cache.kv_heads
+    on_host = isinstance(start, numpy.ndarray)
+    t = int(start.max()) + 1 if on_host else cache.max_tokens  # the most keys a sequence has (at most)
     names = _names(q.dtype, d, h // kv)
     if warps is None and chunks is None:
         warps, chunks = decode_geometry({w: _KERNELS.kernel(n) for w, n in names.items()}, b * kv)
@@ -86,9 +89,8 @@ def decode_attention(q, cache, layer: int, lo, hi, mask, alibi, scale: float, *,
             f"warps, chunks: expected {' or '.join(map(str, names))} warps and a positive number of "
             f"chunks for {names[4]}; got {warps!r}, {chunks!r}"
         )
-    # Chunks of a multiple of 64 keys (a 4-warp step, 16 keys a warp: ragged chunks were 6% slower).
-    chunk = 64 * max(1, math.ceil(t / chunks / 64))
-    chunks = math.ceil(t / chunk)
+    # As many chunks of a multiple of 64 keys as the longest sequence fills (the kernel sizes each sequence's).
+    chunks = math.ceil(t / (64 * max(1, math.ceil(t / chunks / 64))))
     partial, counters = split_workspace(b * h * chunks * (d + 4), b * kv)  # the chunks' rows; the last merges
     out = cupy.empty((b, 1, h * d), q.dtype)
     m = mask_arguments(mask, alibi, b, h, q)
@@ -101,8 +103,7 @@ def decode_attention(q, cache, layer: int, lo, hi, mask, alibi, scale: float, *,
         v=cache.values[layer],
         mask=m.mask,
         alibi=m.alibi,
-        lo=device_int32(lo),
-        hi=device_int32(hi),
+        start=device_int32(start) if on_host else start,
         partial=partial,
         out=out,
         counters=counters,
@@ -110,7 +111,7 @@ def decode_attention(q, cache, layer: int, lo, hi, mask, alibi, scale: float, *,
         kv=kv,
         d=d,
         max_tokens=cache.max_tokens,
-        chunk=chunk,
+        window=window,
         mask_kind=m.mask_kind,
         mask_len=m.mask_len,
         alibi_len=m.alibi_len,

@@ -10,11 +10,11 @@ from .rotary import inverse_frequencies
 _KERNELS = KernelFamily("rotary_append.cu", [f"ct::rotary_append<{c}>" for c in CTYPES.values()])
 
 
-def rotary_append(qkv, position_ids, cfg, h, kv, d, cache, layer, start, first):
+def rotary_append(qkv, position_ids, cfg, h, kv, d, cache, layer, start):
     """q [B, h, S, d] of the projection ``qkv`` [B, S, (h + 2 kv) d], turned (where ``cfg`` has rotary), and K
-    (turned) and V written to ``cache``'s ``layer`` at ``start`` (``first`` is it as an int32 GPU array); without
-    a cache, K [B, kv, S, d] (V then stays a view of the projection). ``position_ids`` None: the slots. ``start``
-    must have passed ``cache.check_write``. Returns (q, k): k None with a cache (the keys are read from it)."""
+    (turned) and V written to ``cache``'s ``layer`` from slot ``start[b]`` on (int32 on the GPU; checked against
+    the cache by the caller); without a cache, K [B, kv, S, d] (V then stays a view of the projection).
+    ``position_ids`` None: the slots. Returns (q, k): k None with a cache (the keys are read from it)."""
     cupy = import_cupy()
     b, s, _ = qkv.shape
     rot = cfg.rotary_dim if cfg.rotary_style is not None else 0
@@ -33,7 +33,7 @@ def rotary_append(qkv, position_ids, cfg, h, kv, d, cache, layer, start, first):
         qkv=qkv,
         positions=q if position_ids is None else cupy.ascontiguousarray(position_ids, cupy.int32),
         inv_freq=inv_freq,
-        start=first,
+        start=start,
         q_out=q,
         k_out=k_out,
         v_out=v_out,

@@ -39,9 +39,13 @@ sizes 32, 64, 80, 96 or 128 and a per-key mask (or none) run ``prefill_attention
 FlashAttention-2 style, compute capability 8.0 and later), or on compute capability 9.0 (H100, H200) at head
 sizes 64 to 128 ``prefill_attention_sm90`` (ops/prefill_attention_sm90.py, the same math on Hopper's
 warpgroup instructions). The rest (fp32, other head sizes, masks per query or head) computes
-``attention_reference`` with CuPy array operations in fp32. A call on a stream being captured into a CUDA
-graph raises ``RuntimeError``: positions and key ranges are read on the host, so a replay would repeat the
-captured step's.
+``attention_reference`` with CuPy array operations in fp32.
+
+``start`` may also be an int32 array on the GPU (``KVCache.device_lengths``: a decode step that advances it on
+the device). Nothing is then read on the host: the kernels read the slots there, the key ranges are sized for
+the cache's capacity (the keys and values returned span it), and the caller has checked the room
+(``KVCache.reserve``). That is how a decode step is captured into a CUDA graph and replayed every token; a
+host ``start`` on a stream being captured raises ``RuntimeError`` (a replay would repeat the captured slots).
 """
 
 from __future__ import annotations
@@ -81,10 +85,11 @@ class SoftmaxContextOp(TransformerOp):
         scale=None,
     ):
         """See the module docstring. ``start``: positions from ``cache.reserve`` (required with a cache; checked
-        against its capacity before anything is written or launched); ``position_ids`` [B, S] int32 or int64:
-        NumPy ones must lie in [0, 2^31) (the kernel's int32), GPU ones are trusted (reading them on the host
-        would cost a sync every layer); ``alibi`` [B, h, 1, T] or [B * h, 1, T] for this rank's heads;
-        ``scale`` or DeepSpeed's ``norm_factor`` (scale = norm_factor ** 2), not both."""
+        against its capacity before anything is written or launched), or ``cache.device_lengths`` on the GPU;
+        ``position_ids`` [B, S] int32 or int64: NumPy ones must lie in [0, 2^31) (the kernel's int32), GPU ones
+        are trusted (reading them on the host would cost a sync every layer); ``alibi`` [B, h, 1, T] or
+        [B * h, 1, T] for this rank's heads; ``scale`` or DeepSpeed's ``norm_factor`` (scale = norm_factor ** 2),
+        not both."""
         cfg = self.config
         h, kv, d = cfg.heads // cfg.mp_size, cfg.num_kv // cfg.mp_size, cfg.head_size
         if d % 8 or d > MAX_HEAD_SIZE:
@@ -100,14 +105,15 @@ class SoftmaxContextOp(TransformerOp):
         if b == 0 or s == 0:
             raise ValueError(f"query_key_value: expected at least one sequence and token; got shape {tuple(qkv.shape)}")
         xp = array_module(backend_of(kind))
-        if xp is not numpy and xp.cuda.get_current_stream().is_capturing():
-            raise RuntimeError(
-                "SoftmaxContextOp: cannot be captured in a CUDA graph yet: the step's cache positions "
-                "and key ranges are host values, and a replay would repeat this step's"
-            )
         start = self._start(cache, layer_id, kind, b, s, kv, d, start)
+        on_device = not isinstance(start, numpy.ndarray)
+        if xp is not numpy and not on_device and xp.cuda.get_current_stream().is_capturing():
+            raise RuntimeError(
+                "start: a step captured into a CUDA graph needs its cache slots on the GPU "
+                "(cache.device_lengths); host ones would be repeated by every replay"
+            )
         keys_len = start + s  # keys per sequence
-        t = int(keys_len.max())
+        t = cache.max_tokens if on_device else int(keys_len.max())  # the most keys any sequence has
         position_ids = self._position_ids(position_ids, kind, b, s)  # None: start[b] + 0 .. S - 1
         mask = key_mask(attn_mask, kind, cfg.dtype, b, h, s, t, wider=True)
         rows = alibi_rows(alibi, kind, cfg.dtype, b, h, h, 0, t)  # this rank's heads only
@@ -124,9 +130,9 @@ class SoftmaxContextOp(TransformerOp):
         q = qkv[..., : h * d].reshape(b, s, h, d).transpose(0, 2, 1, 3)
         k = qkv[..., h * d : (h + kv) * d].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
         v = qkv[..., (h + kv) * d :].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
-        first = None if xp is numpy else device_int32(start)
+        first = None if xp is numpy else (start if on_device else device_int32(start))
         if xp is not numpy and (cache is not None or cfg.rotary_style is not None):
-            q, k = rotary_append(qkv, position_ids, cfg, h, kv, d, cache, layer_id, start, first)
+            q, k = rotary_append(qkv, position_ids, cfg, h, kv, d, cache, layer_id, first)
         elif cfg.rotary_style is not None:
             positions = position_ids if position_ids is not None else xp.asarray(start[:, None] + numpy.arange(s))
             q = apply_rotary(q, positions, cfg.rotary_dim, cfg.rope_theta, cfg.rotary_style)
@@ -142,8 +148,7 @@ class SoftmaxContextOp(TransformerOp):
         kernels = xp is not numpy and b <= _GRID_Y and h <= _GRID_Y and b * h * s < 2**31  # the kernels' grids
         decode = kernels and cache is not None and s == 1 and per_key_mask
         if decode and h // kv <= decode_max_group(cfg.dtype, d):
-            lo = numpy.maximum(start + 1 - cfg.window_size, 0) if cfg.local_attention else numpy.zeros_like(start)
-            context = decode_attention(q, cache, layer_id, lo, keys_len, mask, rows, factor)
+            context = decode_attention(q, cache, layer_id, start, window or 0, mask, rows, factor)
         elif (
             kernels
             and cfg.dtype.itemsize == 2
@@ -180,6 +185,9 @@ class SoftmaxContextOp(TransformerOp):
             )
         if start is None:
             raise ValueError("start: with a cache, pass where this step's tokens go (start = cache.reserve(tokens))")
+        if array_module(backend_of(kind)) is not numpy and module_of(start) is not numpy:  # checked by reserve
+            cache.check_layer(layer_id)
+            return as_array("start", start, kind, dtypes=numpy.dtype(numpy.int32), shape=(b,))
         return cache.check_write(layer_id, s, start).astype(numpy.int64)
 
     def _position_ids(self, position_ids, kind, b, s):
@@ -201,8 +209,9 @@ class SoftmaxContextOp(TransformerOp):
 def attention_reference(q, keys, values, start, mask=None, alibi=None, scale=1.0, causal=True, window=None):
     """The formula on one backend's arrays, in float64 (NumPy) or float32 (CuPy), returned in q's dtype as the
     context [B, S, h d]: q [B, h, S, d] against keys, values [B, kv, T, d] (T: the longest sequence's keys;
-    query head i with kv head i // (h / kv)); ``start`` [B] host integers: sequence b's queries sit in slots
-    start[b] .. start[b] + S and its keys are the first start[b] + S slots (those past it may hold anything);
+    query head i with kv head i // (h / kv)); ``start`` [B] integers (host, or q's backend): sequence b's
+    queries sit in slots start[b] .. start[b] + S and its keys are the first start[b] + S slots (those past it
+    may hold anything);
     ``mask`` broadcastable to [B, h, S, T' >= T] (additive or boolean) or None; ``alibi`` [B, h, 1, T] or None;
     ``causal``; ``window`` keys (None: none)."""
     xp = module_of(q)

@@ -144,8 +144,7 @@ class LaunchInputs(NamedTuple):
     k: object
     v: object
     first: object  # start on the GPU
-    lo: numpy.ndarray  # decode's key ranges [lo, hi)
-    hi: numpy.ndarray
+    start: numpy.ndarray  # the same on the host: each sequence's first slot
     mask: object
     alibi: object
     scale: float
@@ -170,8 +169,7 @@ def launch_inputs(c, qkv, attn_mask=None, cache=None, start=None, alibi=None, la
     h, kv, d = c.heads // c.mp_size, c.num_kv // c.mp_size, c.head_size
     b, s, _ = qkv.shape
     start = numpy.zeros(b, numpy.int64) if cache is None else numpy.asarray(start, numpy.int64)
-    hi = start + s
-    t = int(hi.max())
+    t = int(start.max()) + s
     mask = key_mask(attn_mask, "cupy", c.dtype, b, h, s, t, wider=True)
     rows = alibi_rows(alibi, "cupy", c.dtype, b, h, h, 0, t)
     q = qkv[..., : h * d].reshape(b, s, h, d).transpose(0, 2, 1, 3)
@@ -179,17 +177,15 @@ def launch_inputs(c, qkv, attn_mask=None, cache=None, start=None, alibi=None, la
     v = qkv[..., (h + kv) * d :].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
     first = device_int32(start)
     if cache is not None or c.rotary_style is not None:
-        q, k = rotary_append(qkv, None, c, h, kv, d, cache, layer, start, first)
+        q, k = rotary_append(qkv, None, c, h, kv, d, cache, layer, first)
     if cache is not None:
         k, v = cache.keys[layer], cache.values[layer]
-    lo = numpy.maximum(start + 1 - c.window_size, 0) if c.local_attention else numpy.zeros_like(start)
     return LaunchInputs(
         q,
         k,
         v,
         first,
-        lo,
-        hi,
+        start,
         mask,
         rows,
         1 / math.sqrt(d),

@@ -59,9 +59,9 @@ def decode_step(op, geometry, qkv, mask, cache, start, alibi=None):
         pytest.skip("attention_partial (fp32, or head sizes the tensor-core kernel lacks) has 4-warp blocks")
     x = launch_inputs(c, qkv, mask, cache, start, alibi)
     context = decode_attention(
-        x.q, cache, 0, x.lo, x.hi, x.mask, x.alibi, x.scale, warps=geometry[0], chunks=geometry[1]
+        x.q, cache, 0, x.start, x.window, x.mask, x.alibi, x.scale, warps=geometry[0], chunks=geometry[1]
     )
-    t = int(x.hi.max())
+    t = int(x.start.max()) + 1
     return context, cache.keys[0, :, :, :t], cache.values[0, :, :, :t]
 
 
@@ -126,7 +126,7 @@ def test_gpu_cuda_core_decode_kernel(rng, poisoned_allocations, decode_chunks, d
     ctx, _, _ = decode_step(op, decode_chunks, tokens[:, 150:].copy(), None, cache, start)
     if decode_chunks is None:
         x = launch_inputs(c, cupy.asarray(tokens[:, 150:].copy()), cache=cache, start=start)
-        again = decode_attention(x.q, cache, 0, x.lo, x.hi, x.mask, x.alibi, x.scale)
+        again = decode_attention(x.q, cache, 0, x.start, x.window, x.mask, x.alibi, x.scale)
         assert (host(again) == host(ctx)).all()
     want = [
         history(tokens[0], c, numpy.arange(151))[-1],

@@ -43,7 +43,7 @@ def test_gpu_rotary_append_kernel_writes_only_its_slots(rng, dtype, style, rotar
     start = numpy.array([2, 9])
     positions = numpy.array([[0, 0, 1, 2, 3], [40, 41, 42, 43, 44]]) if given else start[:, None] + numpy.arange(s)
     q, k = rotary_append(
-        cupy.asarray(qkv), cupy.asarray(positions) if given else None, c, h, kv, d, cache, 1, start, device_int32(start)
+        cupy.asarray(qkv), cupy.asarray(positions) if given else None, c, h, kv, d, cache, 1, device_int32(start)
     )
     assert k is None  # with a cache, the keys are read from it
     x = qkv.reshape(2, s, h + 2 * kv, d).transpose(0, 2, 1, 3)  # [B, heads, S, d]

@@ -380,9 +380,8 @@ def test_gpu_prefill_at_head_sizes_without_a_kernel(rng, poisoned_allocations, d
 
 
 @pytest.mark.gpu
-def test_gpu_capture_raises(rng):
-    """A decode step captured into a CUDA graph would replay its positions and key ranges (host values):
-    the op refuses before writing anything."""
+def test_gpu_capture_with_host_slots_raises(rng):
+    """A step captured with its cache slots on the host would replay them: the op refuses before writing."""
     import cupy
 
     op = ops.SoftmaxContextOp(cfg(numpy.float16, heads=4, kv=2, d=64))
@@ -393,10 +392,67 @@ def test_gpu_capture_raises(rng):
     with stream:
         stream.begin_capture()
         try:
-            with pytest.raises(RuntimeError, match="cannot be captured"):
+            with pytest.raises(RuntimeError, match="needs its cache slots on the GPU"):
                 op(step, cache=cache, start=start)
         finally:
             stream.end_capture()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "dtype, heads, kv, d, window",
+    [(numpy.float16, 8, 2, 64, None), (numpy.float16, 4, 4, 128, 5), (numpy.float32, 6, 2, 32, None)],
+    ids=["fp16 gqa", "fp16 window", "fp32"],
+)
+def test_gpu_slots_on_the_device_give_the_host_slots_results(rng, poisoned_allocations, dtype, heads, kv, d, window):
+    """A prompt of uneven lengths, then decode steps: with start = cache.device_lengths (the decode kernel and
+    rotary + append reading the slots on the GPU, a grid sized for the capacity) the contexts equal those with
+    host slots, to the bit, step after step; a CUDA graph of the device-slot step, replayed with the lengths
+    advanced on the device, gives the same again."""
+    import cupy
+
+    c = cfg(
+        dtype,
+        heads=heads,
+        kv=kv,
+        d=d,
+        rotary_dim=d,
+        rotate_half=True,
+        rotate_every_two=False,
+        local_attention=window is not None,
+        window_size=window or 1,
+    )
+    op = ops.SoftmaxContextOp(c)
+    width = (heads + 2 * kv) * d
+    tokens = cupy.asarray(random(rng, (3, 40, width), dtype))
+    caches = [KVCache(1, 3, kv, 300, d, dtype, backend="cupy") for _ in range(3)]
+    for cache in caches:
+        op(tokens[:, :30], cache=cache, start=cache.reserve(30))
+        cache.set_lengths([30, 17, 4])  # set_lengths also copies them to device_lengths
+    steps = []
+    for t in range(30, 40):
+        x = cupy.ascontiguousarray(tokens[:, t : t + 1])
+        host_ctx, _, _ = op(x, cache=caches[0], start=caches[0].reserve(1))
+        caches[1].reserve(1)
+        device_ctx, keys, _ = op(x, cache=caches[1], start=caches[1].device_lengths)
+        caches[1].device_lengths += 1
+        assert keys.shape == (3, kv, 300, d)  # the capacity: nothing read on the host
+        assert (host(device_ctx) == host(host_ctx)).all(), t
+        steps.append(host(host_ctx))
+    graph_cache, x = caches[2], cupy.empty((3, 1, width), dtype)
+    stream, pool = cupy.cuda.Stream(non_blocking=True), cupy.cuda.MemoryPool()  # the graph's own memory
+    with stream, cupy.cuda.using_allocator(pool.malloc):
+        x[...] = tokens[:, 30:31]
+        op(x, cache=graph_cache, start=graph_cache.device_lengths)  # warm: workspaces for this stream
+        stream.begin_capture()
+        ctx, _, _ = op(x, cache=graph_cache, start=graph_cache.device_lengths)
+        graph_cache.device_lengths += 1
+        graph = stream.end_capture()
+        for t in range(30, 40):
+            x[...] = tokens[:, t : t + 1]
+            graph.launch(stream)
+            stream.synchronize()
+            assert (host(ctx) == steps[t - 30]).all(), t
 
 
 def decode_200_steps(rng, gpu):
