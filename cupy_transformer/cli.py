@@ -129,11 +129,22 @@ def _generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
-        eos_token_id=eos if isinstance(eos, int) else None,
+        eos_token_id=eos if isinstance(eos, (int, list)) else None,
         stop=args.stop or (),
         stream=stream if args.stream else None,
+        cuda_graph=not args.no_cuda_graph,
     )[0]
     print() if args.stream else print(text)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from . import bench
+    from .runtime.arrays import gpu_available
+
+    if not gpu_available():
+        raise SystemExit("bench: needs a CUDA GPU (and CuPy); none is usable here")
+    print(bench.report(args.shape, args.batch_size, args.prompt_tokens, args.new_tokens, not args.no_cuda_graph))
     return 0
 
 
@@ -165,7 +176,19 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--dtype", choices=["fp16", "fp32"], help="default: fp16 on a GPU, fp32 on the CPU")
     gen.add_argument("--device", choices=["auto", "gpu", "cpu"], default="auto", help="cpu: the NumPy path")
     gen.add_argument("--stream", action="store_true", help="print tokens as they come")
+    gen.add_argument(
+        "--no-cuda-graph", action="store_true", help="run every decode step eagerly (for debugging; same tokens)"
+    )
     gen.set_defaults(func=_generate)
+    from .bench import SHAPES
+
+    ben = sub.add_parser("bench", help="time generation on the GPU with random weights of a named model shape")
+    ben.add_argument("--shape", choices=list(SHAPES), default="gpt2-small")
+    ben.add_argument("--batch-size", type=int, default=1)
+    ben.add_argument("--prompt-tokens", type=int, default=128)
+    ben.add_argument("--new-tokens", type=int, default=128)
+    ben.add_argument("--no-cuda-graph", action="store_true", help="run every decode step eagerly")
+    ben.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     return args.func(args)
 

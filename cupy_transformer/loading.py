@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy
 
-from .runtime.arrays import FLOAT_DTYPES, array_module, check_backend, float_dtype
+from .runtime.arrays import FLOAT_DTYPES, array_module, check_backend, float_dtype, import_cupy, kind_of, module_of
 
 WEIGHTS, INDEX, CONFIG, TOKENIZER = "model.safetensors", "model.safetensors.index.json", "config.json", "tokenizer.json"
 
@@ -52,6 +52,7 @@ class Checkpoint:
             raise FileNotFoundError(f"model folder {self.folder} does not exist")
         self.config = _read_json(self.folder / CONFIG)
         self._file: dict[str, Path] = {}
+        self._arrays: dict | None = None
         if (self.folder / INDEX).is_file():
             weight_map = _read_json(self.folder / INDEX).get("weight_map")
             if not isinstance(weight_map, dict):
@@ -67,6 +68,15 @@ class Checkpoint:
         else:
             raise FileNotFoundError(f"neither {WEIGHTS} nor {INDEX} found in {self.folder}")
 
+    @classmethod
+    def from_arrays(cls, config: dict, arrays: dict, name: str = "arrays") -> Checkpoint:
+        """A checkpoint of arrays already in memory: NumPy, CuPy, or DLPack producers such as a Hugging Face
+        model's ``state_dict()`` tensors, with ``config`` as config.json would hold it. Loading takes an array
+        without a copy where the backend, dtype and layout are already the model's."""
+        self = cls.__new__(cls)
+        self.folder, self.config, self._file, self._arrays = Path(f"<{name}>"), dict(config), {}, dict(arrays)
+        return self
+
     def require(self, key: str):
         """``config[key]``, or a ValueError naming the file and the key."""
         if key not in self.config:
@@ -75,7 +85,7 @@ class Checkpoint:
 
     @property
     def names(self) -> list[str]:
-        return sorted(self._file)
+        return sorted(self._file if self._arrays is None else self._arrays)
 
     def tensor(self, name: str, dtype, shape=None, backend: str = "cupy"):
         """Tensor ``name`` in ``dtype`` (one of the float dtypes), as a CuPy array (``backend="cupy"``: uploaded
@@ -84,6 +94,8 @@ class Checkpoint:
 
         dtype = float_dtype("dtype", dtype)
         check_backend("backend", backend)
+        if self._arrays is not None:
+            return self._array(name, dtype, shape, backend)
         path = self._file.get(name)
         if path is None:
             raise ValueError(f"tensor {name!r} not found in the checkpoint {self.folder}")
@@ -98,6 +110,23 @@ class Checkpoint:
         if stored.dtype not in FLOAT_DTYPES + (numpy.dtype(numpy.float64),):
             raise TypeError(f"tensor {name!r} in {path.name}: expected floating-point weights; got {stored.dtype}")
         return array_module(backend).asarray(stored).astype(dtype)
+
+    def _array(self, name: str, dtype, shape, backend: str):
+        """``tensor`` for a checkpoint of arrays (``from_arrays``)."""
+        if name not in self._arrays:
+            raise ValueError(f"tensor {name!r} not found in the checkpoint {self.folder}")
+        value = self._arrays[name]
+        if kind_of(name, value) in ("torch", "dlpack"):
+            on_gpu = value.__dlpack_device__()[0] != 1  # kDLCPU
+            value = import_cupy().from_dlpack(value) if on_gpu else numpy.from_dlpack(value)
+        if shape is not None and tuple(value.shape) != tuple(shape):
+            raise ValueError(f"tensor {name!r}: expected shape {tuple(shape)}; got {tuple(value.shape)}")
+        if value.dtype not in FLOAT_DTYPES + (numpy.dtype(numpy.float64),):
+            raise TypeError(f"tensor {name!r}: expected floating-point weights; got {value.dtype}")
+        xp = array_module(backend)
+        if xp is numpy and module_of(value) is not numpy:
+            value = value.get()
+        return xp.ascontiguousarray(xp.asarray(value).astype(dtype, copy=False))
 
     def load(self, shapes: dict, dtype, backend: str = "cupy", progress: bool | None = None) -> dict:
         """Every tensor of ``shapes`` (name -> expected shape), with a progress bar on a terminal."""

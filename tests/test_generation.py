@@ -57,15 +57,6 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(model_and_tokenizer):
     assert len(a[0].split()) == 8
 
 
-def test_sample_restricts_to_top_k_and_top_p():
-    logits = numpy.log(numpy.array([[0.5, 0.3, 0.15, 0.05]]))
-    rng = numpy.random.default_rng(0)
-    draws = {int(generation.sample(logits, rng, 1.0, top_k=2)[0]) for _ in range(200)}
-    assert draws == {0, 1}
-    draws = {int(generation.sample(logits, rng, 1.0, top_p=0.75)[0]) for _ in range(200)}
-    assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.75
-
-
 def test_eos_stop_strings_and_streaming(model_and_tokenizer):
     model, tok = model_and_tokenizer
     prompt = [3, 17, 5, 9]
@@ -106,3 +97,53 @@ def test_gpu_generation_matches_the_numpy_path(tmp_path, rng):
         for backend in ("numpy", "cupy")
     ]
     assert texts[0] == texts[1]
+
+
+def test_eos_may_be_several_ids_and_the_host_reads_one_step_behind(model_and_tokenizer):
+    """A list of eos ids (Llama-3 configs) stops at any of them; the decoder has drawn one step past the stop
+    (it runs a step ahead of the host), and that token is dropped."""
+    model, tok = model_and_tokenizer
+    prompt = [3, 17, 5, 9]
+    greedy = greedy_without_cache(model, prompt, 8)
+    k = next(i for i in range(1, 8) if greedy[i] not in greedy[:i])
+    assert generation.generate(model, tok, [words(prompt)], 8, eos_token_id=[49, greedy[k]]) == [words(greedy[:k])]
+    decoder = generation.Decoder(model, batch=1, capacity=16)
+    decoder.prefill([prompt])
+    decoder.step()  # step 1 runs before the host reads step 0
+    assert decoder.read(0).tolist() == [greedy[0]] and decoder.read(1).tolist() == [greedy[1]]
+    with pytest.raises(ValueError, match=r"step: the tokens of steps 0 and 1 are kept; asked for 2"):
+        decoder.read(2)
+    # The step's state advanced on the backend: positions, cache slots and the sampler's step.
+    assert decoder.positions[:, 0].tolist() == [5] and decoder.cache.device_lengths.tolist() == [5]
+    assert decoder.cache.lengths.tolist() == [5] and int(decoder.seed_step[1]) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_gpu_captured_steps_draw_the_eager_steps_tokens(tmp_path, rng, family):
+    """fp16, a padded batch of three, 100 steps, greedy and seeded top-k / top-p sampling: the decoder replaying
+    its CUDA graph draws every token the eager steps draw (the same kernels, the same product choices); a second
+    run with the same seed draws them again."""
+    from cupy_transformer.models import load_model
+    from tests.models import test_llama
+
+    if family == "gpt2":
+        test_gpt2.checkpoint(tmp_path, rng, h=256, heads=4, layers=3, vocab=1000, positions=160)
+    else:
+        test_llama.checkpoint(
+            tmp_path, rng, False, h=256, heads=8, kv=2, inner=512, layers=3, vocab=1000, positions=160
+        )
+    model = load_model(tmp_path, "float16", "cupy", progress=False)
+    prompts = [rng.integers(0, 1000, n).tolist() for n in (5, 13, 1)]
+    for sampling in (generation.Sampling(), generation.Sampling(0.8, 50, 0.9)):
+        runs = []
+        for graph in (True, False, True):
+            decoder = generation.Decoder(model, batch=3, capacity=13 + 101, cuda_graph=graph)
+            decoder.prefill(prompts, seed=11, sampling=sampling)
+            tokens = [decoder.read(0)]
+            for step in range(1, 101):
+                decoder.step()
+                tokens.append(decoder.read(step))
+            runs.append(numpy.stack(tokens))
+        assert (runs[0] == runs[1]).all() and (runs[0] == runs[2]).all(), sampling
+        assert len(numpy.unique(runs[0])) > 10  # not one token repeated

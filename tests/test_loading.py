@@ -107,3 +107,28 @@ def test_errors_name_the_file_or_tensor(tmp_path, tensors):
         TypeError, match=r"tensor 'mask' in model.safetensors: expected floating-point weights; got uint8"
     ):
         Checkpoint(tmp_path).tensor("mask", numpy.float16, backend="numpy")
+
+
+def test_a_checkpoint_of_arrays_loads_like_a_folder(tmp_path, rng):
+    """Checkpoint.from_arrays (a state dict in memory: NumPy arrays or torch tensors) gives the model a folder
+    with the same tensors gives, and names what is missing or misshapen."""
+    from safetensors.numpy import load_file
+
+    from cupy_transformer.loading import Checkpoint
+    from cupy_transformer.models import GPT2
+    from tests.models import test_gpt2
+
+    test_gpt2.checkpoint(tmp_path, rng)
+    config = json.loads((tmp_path / "config.json").read_text())
+    arrays = load_file(str(tmp_path / "model.safetensors"))
+    ids = numpy.array([[3, 1, 4, 1, 5]])
+    want = GPT2(tmp_path, numpy.float32, "numpy", progress=False).forward(ids)
+    got = GPT2(Checkpoint.from_arrays(config, arrays), numpy.float32, "numpy", progress=False).forward(ids)
+    assert (got == want).all()
+    torch = pytest.importorskip("torch")
+    tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    got = GPT2(Checkpoint.from_arrays(config, tensors), numpy.float32, "numpy", progress=False).forward(ids)
+    assert (got == want).all()
+    del arrays["transformer.ln_f.bias"]
+    with pytest.raises(ValueError, match=r"tensor 'transformer.ln_f.bias' not found in the checkpoint <arrays>"):
+        GPT2(Checkpoint.from_arrays(config, arrays), numpy.float32, "numpy", progress=False)

@@ -39,7 +39,35 @@ def check_ids(low: int, high: int, vocab: int) -> None:
 
 
 class CausalLM:
-    """A decoder over ``layers_count`` layers of ``config`` with ``max_positions`` positions, on ``backend``."""
+    """A decoder over ``layers_count`` layers of ``config`` with ``max_positions`` positions, on ``backend``.
+    A model defines ``token_embeddings(ids, positions)`` (token ids [B, S] to the first layer's input), its
+    ``weights`` and ``layer``, and ``head(x)`` (the last layer's output to logits)."""
+
+    def forward(self, input_ids, cache: KVCache | None = None, attn_mask=None, position_ids=None, *, last_only=False):
+        """Logits [B, S, vocab] for ``input_ids`` [B, S] (``last_only``: [B, 1, vocab], the last position's, as
+        generation needs); with a ``cache``, the tokens follow what it holds (and are added to it).
+        ``attn_mask`` [B, keys] boolean (False = padding), ``position_ids`` [B, S] (default: after what each
+        sequence holds). Token ids and positions are checked, which reads them back from the GPU once."""
+        _, ids, start, positions = self.begin(input_ids, cache, position_ids)
+        return self.run(ids, positions, cache, start, attn_mask, last_only=last_only)
+
+    def decode(self, ids, positions, cache: KVCache, attn_mask=None):
+        """One token per sequence with every input in the backend's arrays, read nowhere but there: ``ids`` and
+        ``positions`` [B, 1] int32, the cache slots ``cache.device_lengths``. What ``forward`` checks is the
+        caller's to know (``generation.Decoder`` counts the tokens with ``cache.reserve``); so one CUDA graph of
+        this call serves every step. Returns the logits [B, 1, vocab]; ``cache.device_lengths`` is left as it
+        was (the caller advances it)."""
+        return self.run(ids, positions, cache, cache.device_lengths, attn_mask)
+
+    def run(self, ids, positions, cache, start, attn_mask, last_only: bool = False):
+        """The layers between ``token_embeddings`` and ``head`` on checked inputs (``start``: where the tokens go in
+        ``cache``, from ``cache.reserve`` or on the device)."""
+        x = self.token_embeddings(ids, positions)
+        for i, w in enumerate(self.weights):
+            x = self.layer(x, w, cache=cache, layer_id=i, start=start, attn_mask=attn_mask, position_ids=positions)
+        if last_only:
+            x = array_module(self.backend).ascontiguousarray(x[:, -1:])
+        return self.head(x)
 
     def new_cache(self, batch: int, max_tokens: int | None = None) -> KVCache:
         """A KV cache for ``batch`` sequences of up to ``max_tokens`` (at most, and by default, the positions), with

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy
 
 from .. import ops
-from ..kv_cache import KVCache
 from ..layers import PreLNLayer, PreLNWeights
+from ..runtime.arrays import module_of
 from .base import CausalLM, open_checkpoint
 
 ACTIVATIONS = {"gelu_new": "GELU", "gelu_pytorch_tanh": "GELU", "gelu": "GELU_EXACT", "relu": "ReLU"}
@@ -71,13 +71,11 @@ class GPT2(CausalLM):
         self.weights = [PreLNWeights(*(w[f"{p}h.{i}.{name}"] for name in per_layer)) for i in range(self.layers_count)]
         self.layer = PreLNLayer(self.config)
 
-    def forward(self, input_ids, cache: KVCache | None = None, attn_mask=None, position_ids=None):
-        """Logits [B, S, vocab] for ``input_ids`` [B, S]; with a ``cache``, the tokens follow what it holds (and
-        are added to it). ``attn_mask`` [B, keys] boolean (False = padding), ``position_ids`` [B, S]."""
-        xp, ids, start, positions = self.begin(input_ids, cache, position_ids)
-        compute = numpy.float64 if xp is numpy else numpy.float32
-        x = (self.wte[ids].astype(compute) + self.wpe[positions].astype(compute)).astype(self.config.dtype)
-        for i, w in enumerate(self.weights):
-            x = self.layer(x, w, cache=cache, layer_id=i, start=start, attn_mask=attn_mask, position_ids=positions)
+    def token_embeddings(self, ids, positions):
+        """``wte[ids] + wpe[positions]``, summed in fp32 (float64 on the NumPy path), rounded once."""
+        compute = numpy.float64 if module_of(self.wte) is numpy else numpy.float32
+        return (self.wte[ids].astype(compute) + self.wpe[positions].astype(compute)).astype(self.config.dtype)
+
+    def head(self, x):
         x = ops.layer_norm(x, *self.lnf, eps=self.config.epsilon)
         return ops.lm_logits(x, self.wte)  # the LM head is wte itself, [vocab, hidden]: [out, in]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import numpy
 
 from .. import ops
-from ..kv_cache import KVCache
 from ..layers import PreLNLayer, PreLNWeights
 from ..runtime.arrays import array_module
 from .base import CausalLM, open_checkpoint
@@ -98,11 +97,9 @@ class LLaMA(CausalLM):
             )
         self.layer = PreLNLayer(self.config)
 
-    def forward(self, input_ids, cache: KVCache | None = None, attn_mask=None, position_ids=None):
-        """Logits [B, S, vocab] for ``input_ids`` [B, S]; arguments as ``GPT2.forward``."""
-        _, ids, start, positions = self.begin(input_ids, cache, position_ids)
-        x = self.embed_tokens[ids]
-        for i, w in enumerate(self.weights):
-            x = self.layer(x, w, cache=cache, layer_id=i, start=start, attn_mask=attn_mask, position_ids=positions)
+    def token_embeddings(self, ids, positions):
+        return self.embed_tokens[ids]
+
+    def head(self, x):
         x = ops.rms_norm(x, self.norm, eps=self.config.epsilon)
         return ops.lm_logits(x, self.lm_head)

@@ -7,7 +7,7 @@ from .bias_act import bias_act
 from .config import ActivationType, InferenceConfig, NormType
 from .gelu_gemm import GELUGemmOp
 from .linear import LinearOp
-from .matmul import lm_logits
+from .matmul import graph_choices, lm_logits
 from .mlp_gemm import MLPGemmOp
 from .norm import layer_norm, rms_norm
 from .qkv_gemm import QKVGemmOp
@@ -53,6 +53,7 @@ __all__ = [
     "VectorMatMulOp",
     "bias_act",
     "create_op",
+    "graph_choices",
     "layer_norm",
     "lm_logits",
     "rms_norm",

@@ -14,6 +14,8 @@ CUDA graphs, and keeps the faster of each: a decode step being captured runs the
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy
 
 from ..runtime import cublaslt, timing
@@ -96,6 +98,20 @@ def _cublas(x, w, transposed, bias, act, fallback: bool = True):
 _GEMV_FASTER: dict[tuple, tuple[bool, bool]] = {}
 # (that key, stream): where the eager choice differs from the graph's, the graph's per-stream workspace is made.
 _CAPTURE_READY: set[tuple] = set()
+_GRAPH_CHOICES = False
+
+
+@contextlib.contextmanager
+def graph_choices():
+    """Within it, eager decode products make the choice a captured one makes (the GEMV or cuBLASLt, as timed in a
+    graph), so that a step run eagerly computes what its CUDA graph computes, to the bit: the decode loop's first
+    step (which prepares the capture) and its eager mode (``--no-cuda-graph``) run under it."""
+    global _GRAPH_CHOICES
+    before, _GRAPH_CHOICES = _GRAPH_CHOICES, True
+    try:
+        yield
+    finally:
+        _GRAPH_CHOICES = before
 
 
 def use_gemv(x, w, transposed, bias, act) -> bool:
@@ -138,7 +154,7 @@ def use_gemv(x, w, transposed, bias, act) -> bool:
             else:
                 cublaslt.stream_workspace()
             _CAPTURE_READY.add(ready)
-    return faster[capturing]
+    return faster[capturing or _GRAPH_CHOICES]
 
 
 def _choice_key(x, w, transposed, bias, act) -> tuple:

@@ -16,8 +16,9 @@ from tests.models.common import check_logits_and_decode
 H, HEADS, LAYERS, VOCAB, POSITIONS = 32, 4, 2, 50, 24
 
 
-def checkpoint(path, rng, prefix="transformer."):
-    """Random GPT2LMHeadModel-style weights (Conv1D: [in, out]) and config."""
+def checkpoint(path, rng, prefix="transformer.", *, h=H, heads=HEADS, layers=LAYERS, vocab=VOCAB, positions=POSITIONS):
+    """Random GPT2LMHeadModel-style weights (Conv1D: [in, out]) and config (the tiny model unless sizes are given)."""
+    H, HEADS, LAYERS, VOCAB, POSITIONS = h, heads, layers, vocab, positions
     w = {"wte.weight": (VOCAB, H), "wpe.weight": (POSITIONS, H), "ln_f.weight": (H,), "ln_f.bias": (H,)}
     for i in range(LAYERS):
         w.update(

@@ -17,7 +17,9 @@ H, HEADS, KV, INNER, LAYERS, VOCAB, THETA = 64, 4, 2, 96, 2, 40, 500.0
 D = H // HEADS
 
 
-def checkpoint(path, rng, tied):
+def checkpoint(path, rng, tied, *, h=H, heads=HEADS, kv=KV, inner=INNER, layers=LAYERS, vocab=VOCAB, positions=64):
+    """Random LlamaForCausalLM-style weights and config (the tiny model unless sizes are given)."""
+    H, HEADS, KV, INNER, LAYERS, VOCAB, D = h, heads, kv, inner, layers, vocab, h // heads
     w = {"model.embed_tokens.weight": (VOCAB, H), "model.norm.weight": (H,)}
     if not tied:
         w["lm_head.weight"] = (VOCAB, H)
@@ -53,7 +55,7 @@ def checkpoint(path, rng, tied):
         "vocab_size": VOCAB,
         "rms_norm_eps": 1e-6,
         "rope_theta": THETA,
-        "max_position_embeddings": 64,
+        "max_position_embeddings": positions,
         "hidden_act": "silu",
         "tie_word_embeddings": tied,
     }

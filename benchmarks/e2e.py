@@ -1,0 +1,265 @@
+"""Whole models generating, beside Hugging Face in one process: prefill ms, decode ms/token, tokens/s, the share
+of the weight-bandwidth floor, and host µs per token.
+
+The models are ``cupy_transformer.bench.SHAPES`` (GPT-2 small / medium / XL in fp16, a LLaMA-3.2-1B shape in bf16
+and a LLaMA-7B shape in fp16), built by transformers with its own random initialisation on the GPU; ours reads
+the same tensors through DLPack (``Checkpoint.from_arrays``: no copy but LLaMA's fused QKV and up|gate weights),
+so both compute the same function and the greedy tokens are compared. Prompts are random token ids.
+
+Peers: Hugging Face eager (sdpa, its dynamic cache) through ``model.generate``, and Hugging Face with its static
+cache, whose decoding step transformers compiles itself (``cache_implementation="static"``), where asked. A
+peer's decode ms/token is (time of N + 1 new tokens - time of 1) / N, its prefill the time of one new token.
+Ours goes through ``generation.Decoder`` as ``generate`` runs it (``bench.time_generation``). The floor is the
+bytes a step must read (every weight once, the KV cache at the middle of the generation) over the
+device-to-device copy rate measured in this run.
+
+    python3 benchmarks/e2e.py [--models gpt2-small,llama-1b] [--batches 1,16] [--prompts 128,2048]
+                              [--compiled gpt2-small] [--sweeps] [--memory]
+
+Writes ``e2e-<card>.md`` (and with --sweeps the plots ``e2e-context-<card>.png``, ``e2e-batch-<card>.png``) to
+$OUT or benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import cupy  # noqa: E402
+import numpy  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.common import RESULTS, card_name, free_gpu_memory, header, write_table  # noqa: E402
+from cupy_transformer import bench  # noqa: E402
+from cupy_transformer.generation import Decoder  # noqa: E402
+from cupy_transformer.loading import Checkpoint  # noqa: E402
+from cupy_transformer.models import MODELS  # noqa: E402
+
+NEW_TOKENS = 128
+THROUGHPUT: dict[str, list] = {}  # the batch sweep's curves, per shape and runner
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def hf_model(shape: str):
+    """transformers' model of ``shape`` with its own random initialisation, on the GPU, eval mode."""
+    import transformers
+
+    config_dict, dtype = bench.shape_config(shape)
+    model_type = config_dict.pop("model_type")
+    config = (transformers.GPT2Config if model_type == "gpt2" else transformers.LlamaConfig)(**config_dict)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(
+            config, dtype=TORCH_DTYPES[dtype], attn_implementation="sdpa"
+        )
+    return model.eval(), dtype
+
+
+def ours_from(hf, dtype: str):
+    """Our model over ``hf``'s tensors."""
+    config = hf.config.to_dict()
+    tensors = {name: t.detach() for name, t in hf.state_dict().items()}
+    return MODELS[config["model_type"]](
+        Checkpoint.from_arrays(config, tensors, name="hf"), dtype, "cupy", progress=False
+    )
+
+
+def prompts_for(vocab: int, batch: int, prompt: int) -> numpy.ndarray:
+    return numpy.random.default_rng(prompt * 1000 + batch).integers(0, vocab, (batch, prompt))
+
+
+def hf_times(hf, prompts: numpy.ndarray, new_tokens: int, static: bool = False) -> dict:
+    """Prefill ms and decode ms/token of ``hf.generate`` (greedy) on ``prompts`` [B, S], each the best of a few
+    after a warm-up."""
+    ids = torch.from_numpy(prompts).cuda()
+    prompt = ids.shape[1]
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+    if static:
+        kwargs["cache_implementation"] = "static"
+
+    def generate(n):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start, out
+
+    with torch.inference_mode():
+        generate(2)
+        generate(new_tokens + 1)  # a static cache compiles on its first calls
+        one = min(generate(1)[0] for _ in range(3))
+        runs = [generate(new_tokens + 1) for _ in range(2)]
+    full, tokens = min(runs, key=lambda r: r[0])
+    return {"prefill_ms": one * 1e3, "decode_ms": (full - one) / new_tokens * 1e3, "tokens": tokens[:, prompt:]}
+
+
+def row(shape, batch, prompt, ours, eager, compiled, floor_ms, agree) -> str:
+    def ms(r, key):
+        return f"{r[key]:.3f}" if r else "–"
+
+    speed = batch * 1e3 / ours["decode_ms"]
+    vs = [f"{r['decode_ms'] / ours['decode_ms']:.1f}x" if r else "–" for r in (eager, compiled)]
+    prefill_vs = f"{eager['prefill_ms'] / ours['prefill_ms']:.2f}x" if eager else "–"
+    return (
+        f"| {shape} | {batch} | {prompt} | {ours['prefill_ms']:.2f} | {ms(eager, 'prefill_ms')} | {prefill_vs} "
+        f"| {ours['decode_ms']:.3f} | {ms(eager, 'decode_ms')} | {ms(compiled, 'decode_ms')} | {vs[0]} | {vs[1]} "
+        f"| {speed:.0f} | {floor_ms:.3f} | {100 * floor_ms / ours['decode_ms']:.0f}% | {ours['host_us']:.1f} "
+        f"| {agree} |"
+    )
+
+
+def agreement(ours_tokens, hf_tokens) -> str:
+    """How many leading greedy tokens of sequence 0 agree (fp16/bf16 products in another order drift apart
+    once two logits come within rounding)."""
+    a, b = ours_tokens[:, 0], hf_tokens[0].cpu().numpy()
+    n = min(len(a), len(b))
+    differ = numpy.flatnonzero(a[:n] != b[:n])
+    return f"{n if differ.size == 0 else differ[0]}/{n}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="gpt2-small,gpt2-medium,gpt2-xl,llama-1b,llama-7b")
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--prompts", default="128,2048")
+    parser.add_argument("--compiled", default="gpt2-small", help="shapes (batch 1, first prompt) run compiled too")
+    parser.add_argument("--sweeps", action="store_true", help="context and batch sweeps, with plots")
+    parser.add_argument("--memory", action="store_true", help="GPU memory over 10,000 steps")
+    args = parser.parse_args()
+    rate = bench.copy_rate()
+    lines = [
+        header("Generation end to end, beside Hugging Face"),
+        f"Device-to-device copy {rate / 1e12:.2f} TB/s (read + written). {NEW_TOKENS} new tokens, greedy. Decode "
+        "ms/token: a step of every sequence. Floor: the bytes a step reads (weights once, the KV cache at the middle "
+        "of the generation) at the copy rate. HF: transformers eager (sdpa, dynamic cache); HF static: its static "
+        "cache with the step compiled by transformers. Agree: leading greedy tokens of sequence 0 equal to HF's.\n",
+        "| model | batch | prompt | prefill ms | HF prefill | HF / ours | decode ms/token | HF | HF static | HF / ours "
+        "| HF static / ours | tokens/s | floor ms | of floor | host µs | agree |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for shape in args.models.split(","):
+        hf, dtype = hf_model(shape)
+        ours = ours_from(hf, dtype)
+        positions = ours.max_positions
+        for batch in map(int, args.batches.split(",")):
+            for prompt in map(int, args.prompts.split(",")):
+                if prompt + NEW_TOKENS > positions:
+                    continue
+                ids = prompts_for(ours.vocab, batch, prompt)
+                mine = bench.time_generation(ours, batch, prompt, NEW_TOKENS, prompts=ids.tolist())
+                eager = hf_times(hf, ids, NEW_TOKENS)
+                compiled = None
+                if shape in args.compiled.split(",") and batch == 1 and prompt == int(args.prompts.split(",")[0]):
+                    try:
+                        compiled = hf_times(hf, ids, NEW_TOKENS, static=True)
+                    except Exception as e:  # report what ran
+                        print(f"{shape}: HF static cache compiled failed: {type(e).__name__}: {e}"[:300])
+                floor = bench.step_bytes(ours, batch, prompt + NEW_TOKENS // 2) / rate * 1e3
+                lines.append(
+                    row(shape, batch, prompt, mine, eager, compiled, floor, agreement(mine["tokens"], eager["tokens"]))
+                )
+                print(lines[-1], flush=True)
+                free_gpu_memory()
+        if args.sweeps and shape in ("gpt2-small", "llama-1b"):
+            sweeps(shape, hf, ours, rate, lines)
+        if args.memory and shape == "llama-1b":
+            lines.append(memory_over_steps(ours))
+            print(lines[-1], flush=True)
+        del hf, ours
+        gc.collect()
+        free_gpu_memory()
+    print(write_table("e2e", lines))
+
+
+def sweeps(shape, hf, ours, rate, lines) -> None:
+    """ms/token against context at batch 1 (LLaMA-1B shape), tokens/s against batch (both shapes), with plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = 32
+    card = card_name().replace("NVIDIA ", "").split()[0].lower()
+    folder = os.environ.get("OUT", RESULTS)
+    if shape == "llama-1b":
+        contexts = [128, 512, 2048, 8192, 16384]
+        got = {"ours": [], "HF eager": [], "floor": []}
+        for ctx in contexts:
+            got["ours"].append(bench.time_generation(ours, 1, ctx, steps, repeats=1)["decode_ms"])
+            got["HF eager"].append(hf_times(hf, prompts_for(ours.vocab, 1, ctx), steps)["decode_ms"])
+            got["floor"].append(bench.step_bytes(ours, 1, ctx + steps // 2) / rate * 1e3)
+            free_gpu_memory()
+        lines.append(f"\nContext sweep, {shape}, batch 1, {steps} new tokens (ms/token):\n")
+        lines.append("| context | " + " | ".join(got) + " |")
+        lines.append("|---" * (len(got) + 1) + "|")
+        lines += [f"| {c} | " + " | ".join(f"{got[k][i]:.3f}" for k in got) + " |" for i, c in enumerate(contexts)]
+        plt.figure(figsize=(6, 4))
+        for name, ys in got.items():
+            plt.plot(contexts, ys, marker="o", label=name, linestyle="--" if name == "floor" else "-")
+        plt.xscale("log", base=2)
+        plt.xlabel("context (tokens)")
+        plt.ylabel("decode ms/token")
+        plt.title(f"{shape}, batch 1 ({card_name()})")
+        plt.legend()
+        plt.grid(alpha=0.3)
+        plt.savefig(os.path.join(folder, f"e2e-context-{card}.png"), dpi=120, bbox_inches="tight")
+        plt.close()
+    batches = [1, 4, 16, 64]
+    got = {"ours": [], "HF eager": []}
+    for b in batches:
+        got["ours"].append(b * 1e3 / bench.time_generation(ours, b, 128, steps, repeats=1)["decode_ms"])
+        got["HF eager"].append(b * 1e3 / hf_times(hf, prompts_for(ours.vocab, b, 128), steps)["decode_ms"])
+        free_gpu_memory()
+    lines.append(f"\nBatch sweep, {shape}, 128-token prompts, {steps} new tokens (tokens/s):\n")
+    lines.append("| batch | ours | HF eager |")
+    lines.append("|---|---|---|")
+    lines += [f"| {b} | {got['ours'][i]:.0f} | {got['HF eager'][i]:.0f} |" for i, b in enumerate(batches)]
+    THROUGHPUT.update({f"{shape} {k}": v for k, v in got.items()})
+    plt.figure(figsize=(6, 4))
+    for name, ys in THROUGHPUT.items():  # every shape swept so far, on one plot
+        plt.plot(batches, ys, marker="o", label=name)
+    plt.xscale("log", base=2)
+    plt.yscale("log")
+    plt.xlabel("batch")
+    plt.ylabel("tokens/s")
+    plt.title(f"decode throughput ({card_name()})")
+    plt.legend()
+    plt.grid(alpha=0.3)
+    plt.savefig(os.path.join(folder, f"e2e-batch-{card}.png"), dpi=120, bbox_inches="tight")
+    plt.close()
+
+
+def memory_over_steps(model, steps: int = 10_000) -> str:
+    """GPU memory in use after a warm-up and after ``steps`` more captured steps (batch 1)."""
+    decoder = Decoder(model, 1, 64 + steps + 8)
+    decoder.prefill([list(range(1, 65))])
+    for step in range(1, 4):
+        decoder.step()
+        decoder.read(step)
+
+    def in_use():
+        decoder.stream.synchronize()
+        free, total = cupy.cuda.runtime.memGetInfo()
+        return total - free, cupy.get_default_memory_pool().used_bytes()
+
+    before = in_use()
+    start = time.perf_counter()
+    for step in range(4, 4 + steps):
+        decoder.step()
+        decoder.read(step - 1)
+    seconds = time.perf_counter() - start
+    after = in_use()
+    return (
+        f"\nGPU memory over {steps} captured steps (LLaMA-1B shape, batch 1, {seconds:.1f} s): device in use "
+        f"{before[0] / 2**20:.1f} -> {after[0] / 2**20:.1f} MiB, CuPy's pool {before[1] / 2**20:.1f} -> "
+        f"{after[1] / 2**20:.1f} MiB."
+    )
+
+
+if __name__ == "__main__":
+    main()
