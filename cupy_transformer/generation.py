@@ -131,11 +131,13 @@ class Decoder:
         """One decode step: last step's tokens go in, each sequence's next token is drawn (``read(steps)``)."""
         self.cache.reserve(1)  # the capacity check, and the host's count; the step advances device_lengths
         self.steps += 1
+        graph = self._graphs.get(self.sampling)
+        if graph is not None:  # the hot path: one launch and one copy
+            graph.launch(self.stream)
+            self._copy_out(self.steps)
+            return
         with self._on_stream():
-            graph = self._graphs.get(self.sampling)
-            if graph is not None:
-                graph.launch(self.stream)
-            elif not self.cuda_graph or self.sampling not in self._warm:
+            if not self.cuda_graph or self.sampling not in self._warm:
                 with self._step_memory():
                     self._step_ops()
                 self._warm.add(self.sampling)

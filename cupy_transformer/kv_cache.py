@@ -46,11 +46,14 @@ class KVCache:
         self.layers, self.batch, self.kv_heads, self.max_tokens, self.head_dim = shape
         self.lengths = numpy.zeros(self.batch, numpy.int64)
         self.device_lengths = xp.zeros(self.batch, numpy.int32)
+        self._longest = 0  # lengths.max(), kept by the methods that change lengths
 
     def check_room(self, tokens: int) -> int:
         """A ValueError naming the capacity and the request unless every sequence has room for ``tokens``
         more; returns ``tokens``."""
         tokens = positive_int("tokens", tokens)
+        if self._longest + tokens <= self.max_tokens:  # every step asks: the common case without array work
+            return tokens
         full = numpy.flatnonzero(self.lengths + tokens > self.max_tokens)
         if full.size:
             b = int(full[0])
@@ -66,6 +69,7 @@ class KVCache:
         tokens = self.check_room(tokens)
         start = self.lengths.copy()
         self.lengths += tokens
+        self._longest += tokens
         return start
 
     def set_lengths(self, lengths) -> None:
@@ -87,6 +91,7 @@ class KVCache:
     def sync_device(self) -> None:
         """``device_lengths`` = ``lengths`` (an upload, ordered on the current stream)."""
         self.device_lengths[...] = array_module(self.backend).asarray(self.lengths.astype(numpy.int32))
+        self._longest = int(self.lengths.max())
 
     def check_layer(self, layer: int) -> int:
         if isinstance(layer, bool) or not isinstance(layer, (int, numpy.integer)) or not 0 <= layer < self.layers:

@@ -109,7 +109,7 @@ class KernelFamily:
         self.arch = arch
         self._module = None
         self._kernels: dict[tuple[int, str], object] = {}
-        self._signatures: dict[str, tuple[tuple[str, ...], tuple]] = {}
+        self._packers: dict[str, object] = {}
         if register:
             KernelFamily.registry[filename] = self
 
@@ -125,22 +125,44 @@ class KernelFamily:
 
     def launch(self, name_expression: str, grid, block, shared_mem: int = 0, **arguments) -> None:
         """Launch one instantiation on the current stream with ``arguments`` named and ordered as its
-        parameters; scalars are converted to their C types with a range check."""
-        signature = self._signatures.get(name_expression)
-        if signature is None:
-            params = self.parameters(name_expression)
-            signature = self._signatures[name_expression] = (
-                tuple(name for _, name in params),
-                tuple(_CONVERTERS[ctype] for ctype, _ in params),
-            )
-        names, converters = signature
-        if tuple(arguments) != names:
-            raise KernelArgumentError(
-                f"{self.filename}: {name_expression} takes ({', '.join(names)}); the launch "
-                f"gave ({', '.join(arguments)})"
-            )
-        values = tuple(v if convert is None else convert(v) for convert, v in zip(converters, arguments.values()))
+        parameters (``pack``)."""
+        values = self.pack(name_expression, arguments)  # checked before the kernel is loaded
         self.kernel(name_expression)(grid, block, values, shared_mem=shared_mem)
+
+    def pack(self, name_expression: str, arguments: dict) -> tuple:
+        """The kernel's argument tuple from a launch's ``arguments`` (name -> value, in the signature's order):
+        scalars converted to their C types, range-checked."""
+        pack = self._packers.get(name_expression)
+        if pack is None:
+            pack = self._packer(name_expression, tuple(arguments))
+        try:
+            return pack(**arguments)
+        except TypeError:  # a name the kernel lacks, or one missing: say which
+            self._packer(name_expression, tuple(arguments))
+            raise
+
+    def _packer(self, name_expression: str, given: tuple[str, ...]):
+        """The function that turns a launch's named arguments into the kernel's argument tuple (made once per
+        instantiation from its signature; launches are on the hot path, so it is generated code: each scalar
+        converted inline, no loop), after checking that ``given`` names the parameters in their order."""
+        params = self.parameters(name_expression)
+        names = tuple(name for _, name in params)
+        if given != names:
+            raise KernelArgumentError(
+                f"{self.filename}: {name_expression} takes ({', '.join(names)}); the launch gave ({', '.join(given)})"
+            )
+        items = []
+        for ctype, name in params:
+            if ctype == "pointer":
+                items.append(name)
+            else:  # the value's converted scalar from the memo, else made (and range-checked) there
+                tag = _SCALARS[ctype]
+                items.append(f"(_memo_{tag}[{name}] if {name} in _memo_{tag} else _scalar({tag!r}, {name!r}, {name}))")
+        source = f"def pack({', '.join(names)}):\n    return ({', '.join(items)},)\n"
+        scope = {"_scalar": _scalar, **{f"_memo_{tag}": memo for tag, memo in _SCALAR_MEMOS.items()}}
+        exec(compile(source, f"<launch {name_expression}>", "exec"), scope)
+        self._packers[name_expression] = scope["pack"]
+        return scope["pack"]
 
     def module(self):
         """The ``cupy.RawModule``; CuPy compiles (or loads from its cache) per device lazily."""
@@ -289,10 +311,10 @@ def kernel_parameters(source: str, name_expression: str) -> tuple[tuple[str, str
                 "int64_t": "long long",
                 "long long int": "long long",
             }.get(ctype, ctype)
-            if ctype not in _CONVERTERS:
+            if ctype not in _SCALARS:
                 raise KernelArgumentError(
                     f"{name_expression}: parameter {pname} has type {ctype!r}, which launches "
-                    f"do not convert (one of {', '.join(_CONVERTERS)})"
+                    f"do not convert (one of {', '.join(_SCALARS)})"
                 )
         params.append((ctype, pname))
     return tuple(params)
@@ -309,19 +331,26 @@ def f32(value: float) -> numpy.float32:
     return numpy.float32(value)
 
 
-def u32(value: int) -> numpy.uint32:
-    """A kernel's ``unsigned`` argument, range-checked."""
-    if not 0 <= value < 2**32:
-        raise ValueError(f"{value} does not fit an unsigned 32-bit kernel argument")
-    return numpy.uint32(value)
+# The NumPy type a launch converts each scalar parameter to (pointers go as they are: CuPy arrays or pointers).
+_SCALARS = {"int": "int32", "unsigned": "uint32", "long long": "int64", "float": "float32"}
+_RANGES = {"int32": (-(2**31), 2**31), "uint32": (0, 2**32), "int64": (-(2**63), 2**63)}
+# Converted scalars by value: a launch's sizes and flags repeat, and making a NumPy scalar costs more than
+# finding one (a decode step launches ~150 kernels of ~10 scalars each). Bounded: past it, values are made.
+_SCALAR_MEMOS: dict[str, dict] = {tag: {} for tag in _SCALARS.values()}
+_MEMO_SIZE = 1 << 16
 
 
-def i64(value: int) -> numpy.int64:
-    return numpy.int64(value)
-
-
-# What a launch converts each scalar parameter to (pointers go as they are: CuPy arrays or pointers).
-_CONVERTERS = {"pointer": None, "int": i32, "unsigned": u32, "long long": i64, "float": f32}
+def _scalar(tag: str, name: str, value):
+    """``value`` as the NumPy scalar of ``tag`` (a kernel parameter's C type), range-checked."""
+    if tag in _RANGES:
+        low, high = _RANGES[tag]
+        if not low <= value < high:
+            raise ValueError(f"{name}: {value} does not fit the kernel's {tag} argument")
+    converted = getattr(numpy, tag)(value)
+    memo = _SCALAR_MEMOS[tag]
+    if len(memo) < _MEMO_SIZE:
+        memo[value] = converted
+    return converted
 
 
 def vector_width(dtype: numpy.dtype) -> int:

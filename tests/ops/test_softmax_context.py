@@ -427,7 +427,7 @@ def test_gpu_slots_on_the_device_give_the_host_slots_results(rng, poisoned_alloc
     tokens = cupy.asarray(random(rng, (3, 40, width), dtype))
     caches = [KVCache(1, 3, kv, 300, d, dtype, backend="cupy") for _ in range(3)]
     for cache in caches:
-        op(tokens[:, :30], cache=cache, start=cache.reserve(30))
+        op(cupy.ascontiguousarray(tokens[:, :30]), cache=cache, start=cache.reserve(30))
         cache.set_lengths([30, 17, 4])  # set_lengths also copies them to device_lengths
     steps = []
     for t in range(30, 40):

@@ -235,8 +235,17 @@ def test_a_launch_must_name_the_arguments_in_signature_order(tmp_path, monkeypat
         family.launch("k", (1,), (1,), x=None, n=2)
 
 
-def test_scalar_arguments_are_converted_with_range_checks():
-    assert kernels.u32(2**32 - 1) == 2**32 - 1
-    with pytest.raises(ValueError, match=r"does not fit an unsigned 32-bit kernel argument"):
-        kernels.u32(-1)
-    assert kernels.i64(2**40).dtype == "int64"
+def test_scalar_arguments_are_converted_with_range_checks(tmp_path, monkeypatch):
+    (tmp_path / "k.cu").write_text(
+        "__global__ void k(float* x, int n, unsigned u, long long s, float f) { x[0] = n * f; }\n"
+    )
+    monkeypatch.setattr(kernels, "kernel_source_dir", lambda: tmp_path)
+    monkeypatch.setattr(KernelFamily, "registry", {})
+    family = KernelFamily("k.cu", ["k"])
+    values = family.pack("k", dict(x=None, n=-5, u=2**32 - 1, s=2**40, f=0.5))
+    assert values == (None, -5, 2**32 - 1, 2**40, 0.5)
+    assert [type(v).__name__ for v in values[1:]] == ["int32", "uint32", "int64", "float32"]
+    assert family.pack("k", dict(x=None, n=-5, u=7, s=1, f=0.5))[1] is values[1]  # made once, then found
+    for name, value, kind in [("n", 2**31, "int32"), ("u", -1, "uint32"), ("s", 2**63, "int64")]:
+        with pytest.raises(ValueError, match=rf"{name}: {value} does not fit the kernel's {kind} argument"):
+            family.pack("k", dict(dict(x=None, n=0, u=0, s=0, f=0.0), **{name: value}))
