@@ -36,7 +36,7 @@ def main(shape: str = "gpt2-small", batch: int = 1, steps: int = 20) -> None:
         if event.device_type == torch.autograd.DeviceType.CUDA:
             name = re.sub(r"<.*", "", event.name).replace("ct::", "")
             kernels[name][0] += 1
-            kernels[name][1] += event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time
+            kernels[name][1] += getattr(event, "device_time_total", None) or event.cuda_time
     total = sum(t for _, t in kernels.values()) / steps
     print(f"{shape}, batch {batch}: step {timing['decode_ms'] * 1e3:.1f} µs (graph replays back to back); kernels "
           f"{sum(c for c, _ in kernels.values()) / steps:.0f} a step, their GPU time {total:.1f} µs a step")  # fmt: skip
