@@ -173,6 +173,7 @@ def main() -> None:
         del hf, ours
         gc.collect()
         free_gpu_memory()
+        write_table("e2e", lines)  # what is done so far, should a later shape not finish
     print(write_table("e2e", lines))
 
 
