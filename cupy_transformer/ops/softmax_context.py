@@ -112,8 +112,7 @@ class SoftmaxContextOp(TransformerOp):
                 "start: a step captured into a CUDA graph needs its cache slots on the GPU "
                 "(cache.device_lengths); host ones would be repeated by every replay"
             )
-        keys_len = start + s  # keys per sequence
-        t = cache.max_tokens if on_device else int(keys_len.max())  # the most keys any sequence has
+        t = cache.max_tokens if on_device else int(start.max()) + s  # the most keys any sequence has
         position_ids = self._position_ids(position_ids, kind, b, s)  # None: start[b] + 0 .. S - 1
         mask = key_mask(attn_mask, kind, cfg.dtype, b, h, s, t, wider=True)
         rows = alibi_rows(alibi, kind, cfg.dtype, b, h, h, 0, t)  # this rank's heads only
