@@ -179,14 +179,8 @@ def main() -> None:
 
 def sweeps(shape, hf, ours, rate, lines) -> None:
     """ms/token against context at batch 1 (LLaMA-1B shape), tokens/s against batch (both shapes), with plots."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = 32
     card = card_name().replace("NVIDIA ", "").split()[0].lower()
-    folder = os.environ.get("OUT", RESULTS)
     if shape == "llama-1b":
         contexts = [128, 512, 2048, 8192, 16384]
         got = {"ours": [], "HF eager": [], "floor": []}
@@ -199,17 +193,7 @@ def sweeps(shape, hf, ours, rate, lines) -> None:
         lines.append("| context | " + " | ".join(got) + " |")
         lines.append("|---" * (len(got) + 1) + "|")
         lines += [f"| {c} | " + " | ".join(f"{got[k][i]:.3f}" for k in got) + " |" for i, c in enumerate(contexts)]
-        plt.figure(figsize=(6, 4))
-        for name, ys in got.items():
-            plt.plot(contexts, ys, marker="o", label=name, linestyle="--" if name == "floor" else "-")
-        plt.xscale("log", base=2)
-        plt.xlabel("context (tokens)")
-        plt.ylabel("decode ms/token")
-        plt.title(f"{shape}, batch 1 ({card_name()})")
-        plt.legend()
-        plt.grid(alpha=0.3)
-        plt.savefig(os.path.join(folder, f"e2e-context-{card}.png"), dpi=120, bbox_inches="tight")
-        plt.close()
+        plot(contexts, got, "context (tokens)", "decode ms/token", f"{shape}, batch 1", f"e2e-context-{card}.png")
     batches = [1, 4, 16, 64]
     got = {"ours": [], "HF eager": []}
     for b in batches:
@@ -220,18 +204,29 @@ def sweeps(shape, hf, ours, rate, lines) -> None:
     lines.append("| batch | ours | HF eager |")
     lines.append("|---|---|---|")
     lines += [f"| {b} | {got['ours'][i]:.0f} | {got['HF eager'][i]:.0f} |" for i, b in enumerate(batches)]
-    THROUGHPUT.update({f"{shape} {k}": v for k, v in got.items()})
+    THROUGHPUT.update({f"{shape} {k}": v for k, v in got.items()})  # every shape swept so far, on one plot
+    plot(batches, THROUGHPUT, "batch", "tokens/s", "decode throughput", f"e2e-batch-{card}.png", log_y=True)
+
+
+def plot(xs, curves: dict, xlabel: str, ylabel: str, title: str, filename: str, log_y: bool = False) -> None:
+    """Curves (name -> values at ``xs``, a log2 axis) in a PNG under $OUT or benchmarks/results/."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     plt.figure(figsize=(6, 4))
-    for name, ys in THROUGHPUT.items():  # every shape swept so far, on one plot
-        plt.plot(batches, ys, marker="o", label=name)
+    for name, ys in curves.items():
+        plt.plot(xs, ys, marker="o", label=name, linestyle="--" if name == "floor" else "-")
     plt.xscale("log", base=2)
-    plt.yscale("log")
-    plt.xlabel("batch")
-    plt.ylabel("tokens/s")
-    plt.title(f"decode throughput ({card_name()})")
+    if log_y:
+        plt.yscale("log")
+    plt.xlabel(xlabel)
+    plt.ylabel(ylabel)
+    plt.title(f"{title} ({card_name()})")
     plt.legend()
     plt.grid(alpha=0.3)
-    plt.savefig(os.path.join(folder, f"e2e-batch-{card}.png"), dpi=120, bbox_inches="tight")
+    plt.savefig(os.path.join(os.environ.get("OUT", RESULTS), filename), dpi=120, bbox_inches="tight")
     plt.close()
 
 

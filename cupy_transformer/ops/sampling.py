@@ -38,7 +38,7 @@ import numbers
 
 import numpy
 
-from ..runtime.arrays import _from_dlpack, as_array, common_kind, import_cupy, kind_of, module_of, to_caller
+from ..runtime.arrays import as_array, common_kind, from_dlpack, import_cupy, kind_of, module_of, to_caller
 from ..runtime.kernels import CTYPES, KernelFamily
 
 SAMPLE_THREADS = 1024  # kernels_cu/sampling.cu's SAMPLE_THREADS
@@ -114,7 +114,7 @@ def _logit_rows(logits, kind: str):
     whole number of elements apart (the last position of [B, S, V] logits, ``logits[:, -1:]``, is such a view)."""
     own = kind_of("logits", logits)
     if own in ("torch", "dlpack"):
-        logits = _from_dlpack("logits", logits)
+        logits = from_dlpack("logits", logits)
     elif own == "cupy":
         current = import_cupy().cuda.runtime.getDevice()
         if logits.data.device_id != current:

@@ -161,7 +161,9 @@ def common_kind(**arrays: Any) -> str:
     return first[1]
 
 
-def _from_dlpack(name: str, value: Any):
+def from_dlpack(name: str, value: Any):
+    """A DLPack producer on the current GPU (a torch CUDA tensor) as a CuPy array sharing its memory, ordered on
+    CuPy's current stream; a clear error for one elsewhere. Any strides (``as_array`` checks the layout)."""
     device_type, device_id = value.__dlpack_device__()
     if device_type not in (_DLPACK_CUDA, _DLPACK_CUDA_MANAGED):
         where = _DLPACK_NAMES.get(int(device_type), f"DLPack device type {int(device_type)}")
@@ -204,7 +206,7 @@ def as_array(
                 f"{name}: expected an array on the current GPU {current}; got one on GPU {array.data.device_id}"
             )
     else:
-        array = _from_dlpack(name, value)
+        array = from_dlpack(name, value)
 
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)

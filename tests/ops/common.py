@@ -2,6 +2,7 @@
 inputs, running an op on either backend (tolerances: ``tests.helpers``)."""
 
 import math
+from typing import NamedTuple
 
 import numpy
 
@@ -132,9 +133,6 @@ def nan_past(cache, lengths):
     read: 0 x NaN is NaN)."""
     for b, n in enumerate(lengths):
         cache.keys[:, b, :, n:], cache.values[:, b, :, n:] = numpy.nan, numpy.nan
-
-
-from typing import NamedTuple  # noqa: E402 (this section's)
 
 
 class LaunchInputs(NamedTuple):
