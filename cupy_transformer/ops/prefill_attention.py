@@ -68,9 +68,11 @@ def block_rules(s: int, h: int, group: int, causal: bool, window: int, m, scale:
     )
 
 
-def token_strides(a) -> tuple[int, int, int]:
-    """The (sequence, head, token) strides of a [B, heads, T, d] array, in elements."""
-    return tuple(x // a.dtype.itemsize for x in a.strides[:-1])
+def token_strides(name: str, a) -> dict:
+    """The (sequence, head, token) strides of a [B, heads, T, d] array in elements, as the kernels' arguments
+    ``{name}_seq``, ``{name}_head``, ``{name}_tok``."""
+    seq, head, tok = (x // a.dtype.itemsize for x in a.strides[:-1])
+    return {f"{name}_seq": seq, f"{name}_head": head, f"{name}_tok": tok}
 
 
 def prefill_attention(
@@ -89,7 +91,6 @@ def prefill_attention(
     kernel = family.kernel(name)
     smem = dynamic_shared(kernel, (64 * mt + 4 * bn) * (d + 8) * q.dtype.itemsize)  # the kernel's layout
     rows, group = math.ceil(s / (64 * mt)), h // k.shape[1]
-    (q_seq, q_head, q_tok), (k_seq, k_head, k_tok), (v_seq, v_head, v_tok) = (token_strides(a) for a in (q, k, v))
     family.launch(
         name,
         (rows * h * b,),
@@ -102,15 +103,9 @@ def prefill_attention(
         mask=m.mask,
         alibi=m.alibi,
         start=start,
-        q_seq=q_seq,
-        q_head=q_head,
-        q_tok=q_tok,
-        k_seq=k_seq,
-        k_head=k_head,
-        k_tok=k_tok,
-        v_seq=v_seq,
-        v_head=v_head,
-        v_tok=v_tok,
+        **token_strides("q", q),
+        **token_strides("k", k),
+        **token_strides("v", v),
         **block_rules(
             s,
             h,

@@ -96,7 +96,6 @@ def prefill_attention_sm90(
     rows, block, group = math.ceil(s / (64 * wg)), 128 * wg, h // k.shape[1]
     items = rows * h * b
     wave = wave_blocks(kernel, block, smem) if blocks is None else blocks
-    q_seq, q_head, q_tok = token_strides(q)
     # Persistent: one wave of blocks claims the items (a counter of split_workspace's); a block an item reads no
     # counter, and gets ``start`` in its place.
     _KERNELS.launch(
@@ -111,9 +110,7 @@ def prefill_attention_sm90(
         mask=m.mask,
         alibi=m.alibi,
         start=start,
-        q_seq=q_seq,
-        q_head=q_head,
-        q_tok=q_tok,
+        **token_strides("q", q),
         **block_rules(s, h, group, causal, window, m, scale, prefill_span(wave, rows, group) if span is None else span),
         items=items,
         counter=split_workspace(0, 2)[1] if persist else start,

@@ -320,17 +320,6 @@ def kernel_parameters(source: str, name_expression: str) -> tuple[tuple[str, str
     return tuple(params)
 
 
-def i32(value: int) -> numpy.int32:
-    """A kernel's ``int`` argument, range-checked (a silent wrap would be an out-of-bounds access)."""
-    if not -(2**31) <= value < 2**31:
-        raise ValueError(f"{value} does not fit a 32-bit kernel argument")
-    return numpy.int32(value)
-
-
-def f32(value: float) -> numpy.float32:
-    return numpy.float32(value)
-
-
 # The NumPy type a launch converts each scalar parameter to (pointers go as they are: CuPy arrays or pointers).
 _SCALARS = {"int": "int32", "unsigned": "uint32", "long long": "int64", "float": "float32"}
 _RANGES = {"int32": (-(2**31), 2**31), "uint32": (0, 2**32), "int64": (-(2**63), 2**63)}
