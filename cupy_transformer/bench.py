@@ -90,7 +90,7 @@ def step_bytes(model, batch: int, context: int) -> int:
     once (the embeddings' gathered rows are negligible), and the keys and values attended."""
     cupy = import_cupy()
     weights = sum(a.nbytes for w in model.weights for a in vars(w).values() if isinstance(a, cupy.ndarray))
-    head = model.wte if hasattr(model, "wte") else model.lm_head
+    head = model.head_weight
     cfg = model.config
     kv = 2 * model.layers_count * batch * context * (cfg.num_kv // cfg.mp_size) * cfg.head_size
     return weights + head.nbytes + kv * cfg.dtype.itemsize

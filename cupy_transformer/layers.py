@@ -15,6 +15,18 @@ KV cache, the positions and the masks are the caller's.
     h = MLPGemmOp(a, x; b_o, LN2, W1, b1, W2)          # MLP(LN2(x + a + b_o))
     y = ResidualAddOp(h, x, a, b_o, b2)                # x + a + b_o + MLP(...) + b2
 
+``PreLNLayer.stack`` runs the sequential arrangement for a model's stack of layers with the residual adds moved
+into the norms that follow them (the norm kernel's pre-add), one kernel a layer fewer than the ops above::
+
+    qkv = xn @ W_qkv + b_qkv                            # xn = LN1(x), from the layer before
+    a = SoftmaxContextOp(qkv) @ W_o
+    (xn2, z) = norm2(a + x + b_o), with z written       # z = round(x + a + b_o)
+    h = MLP(xn2)
+    (xn', y) = next_norm(h + z + b2), with y written    # the next layer's LN1 (the final norm after the last)
+
+so the residual stream is rounded where Hugging Face rounds it (after the attention block, after the MLP) and a
+layer hands the next both its output and that output normalised.
+
 With ``mlp_after_attn=False`` in its config the same layer is the parallel arrangement (GPT-J, GPT-NeoX):
 MLPGemmOp then normalises the layer input with LN2 (GPT-J: pass LN1's weights again) and ResidualAddOp
 takes its parallel formula, so ``y = x + a + b_o + MLP(LN2(x)) + b2``. LLaMA-style layers are this class
@@ -26,6 +38,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import ops
+from .ops.bias_act import apply_bias_act
+from .ops.config import NormType
+from .ops.matmul import matmul
+from .ops.norm import normalize
 
 
 @dataclass
@@ -48,6 +64,7 @@ class PreLNWeights:
 
 class PreLNLayer:
     def __init__(self, config: ops.InferenceConfig):
+        self.config = config
         self.qkv = ops.QKVGemmOp(config)
         self.attention = ops.SoftmaxContextOp(config)
         self.out_proj = ops.VectorMatMulOp(config)
@@ -64,6 +81,37 @@ class PreLNLayer:
         a = self.out_proj(context, w.w_o)
         h, _ = self.mlp(a, x, w.w1, w.w2, input_bias=w.b_o, bias=w.b1, gamma=w.ln2_gamma, beta=w.ln2_beta)
         return self.residual(h, x, add_bias=True, attention_output=a, attention_bias=w.b_o, final_bias=w.b2)
+
+    def norm(self, x, gamma, beta=None, *, residual=None, bias=None):
+        """The config's norm of ``x`` (with ``residual``: of ``round(x + residual [+ bias])``, returned too as
+        ``(normalised, sum)``) on a model's own arrays, checked when the model was loaded."""
+        cfg = self.config
+        if cfg.norm_type == NormType.RMSNorm:
+            mode = "rms_norm"
+        else:
+            mode = "layer_norm" if beta is not None else "layer_norm_no_beta"
+        if residual is None:
+            return normalize(mode, x, gamma, beta, cfg.epsilon)
+        return normalize(mode, x, gamma, beta, cfg.epsilon, residual=residual, add_bias=bias, want_sum=True)
+
+    def stack(self, x, xn, w: PreLNWeights, next_norm, cache=None, layer_id=0, start=None, attn_mask=None,
+              position_ids=None):  # fmt: skip
+        """The layer as a model's stack runs it (the module docstring's second form): ``x`` the residual stream,
+        ``xn`` its LN1, ``next_norm`` (gamma, beta) of the norm after this layer. Returns ``(y, next_norm(y))``."""
+        cfg = self.config
+        if not cfg.mlp_after_attn:
+            raise ValueError("config: PreLNLayer.stack runs the sequential arrangement (mlp_after_attn=True)")
+        t = cfg.transposed_mode
+        qkv = matmul(xn, w.w_qkv, t, w.b_qkv)
+        context, _, _ = self.attention(
+            qkv, attn_mask=attn_mask, cache=cache, layer_id=layer_id, start=start, position_ids=position_ids
+        )
+        a = matmul(context, w.w_o, t)
+        xn2, z = self.norm(a, w.ln2_gamma, w.ln2_beta, residual=x, bias=w.b_o)
+        act = cfg.mlp_act_func_type
+        h = apply_bias_act(matmul(xn2, w.w1, t), w.b1, act) if act.gated else matmul(xn2, w.w1, t, w.b1, act)
+        xn_next, y = self.norm(matmul(h, w.w2, t), *next_norm, residual=z, bias=w.b2)
+        return y, xn_next
 
 
 @dataclass

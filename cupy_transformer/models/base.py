@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy
 
+from .. import ops
 from ..kv_cache import KVCache
 from ..loading import Checkpoint
 from ..runtime.arrays import array_module
@@ -41,7 +42,9 @@ def check_ids(low: int, high: int, vocab: int) -> None:
 class CausalLM:
     """A decoder over ``layers_count`` layers of ``config`` with ``max_positions`` positions, on ``backend``.
     A model defines ``token_embeddings(ids, positions)`` (token ids [B, S] to the first layer's input), its
-    ``weights`` and ``layer``, and ``head(x)`` (the last layer's output to logits)."""
+    ``weights`` (``layers.PreLNWeights``) and ``layer`` (``layers.PreLNLayer``), ``final_norm`` (gamma, beta or
+    None) and ``head_weight`` (the LM head, [vocab, hidden]): the logits are final_norm(the last layer's output) @
+    head_weight.T."""
 
     def forward(self, input_ids, cache: KVCache | None = None, attn_mask=None, position_ids=None, *, last_only=False):
         """Logits [B, S, vocab] for ``input_ids`` [B, S] (``last_only``: [B, 1, vocab], the last position's, as
@@ -63,11 +66,16 @@ class CausalLM:
         """The layers between ``token_embeddings`` and ``head`` on checked inputs (``start``: where the tokens go in
         ``cache``, from ``cache.reserve`` or on the device)."""
         x = self.token_embeddings(ids, positions)
-        for i, w in enumerate(self.weights):
-            x = self.layer(x, w, cache=cache, layer_id=i, start=start, attn_mask=attn_mask, position_ids=positions)
+        w = self.weights
+        xn = self.layer.norm(x, w[0].ln1_gamma, w[0].ln1_beta)
+        for i in range(len(w)):
+            after = (w[i + 1].ln1_gamma, w[i + 1].ln1_beta) if i + 1 < len(w) else self.final_norm
+            x, xn = self.layer.stack(
+                x, xn, w[i], after, cache=cache, layer_id=i, start=start, attn_mask=attn_mask, position_ids=positions
+            )
         if last_only:
-            x = array_module(self.backend).ascontiguousarray(x[:, -1:])
-        return self.head(x)
+            xn = array_module(self.backend).ascontiguousarray(xn[:, -1:])
+        return ops.lm_logits(xn, self.head_weight)
 
     def new_cache(self, batch: int, max_tokens: int | None = None) -> KVCache:
         """A KV cache for ``batch`` sequences of up to ``max_tokens`` (at most, and by default, the positions), with

@@ -67,7 +67,8 @@ class GPT2(CausalLM):
             shapes.update({f"{p}h.{i}.{name}": shape for name, shape in per_layer.items()})
         w = ck.load(shapes, dtype, backend, progress)
         self.wte, self.wpe = w[f"{p}wte.weight"], w[f"{p}wpe.weight"]
-        self.lnf = (w[f"{p}ln_f.weight"], w[f"{p}ln_f.bias"])
+        self.final_norm = (w[f"{p}ln_f.weight"], w[f"{p}ln_f.bias"])
+        self.head_weight = self.wte  # the LM head is wte itself, [vocab, hidden]: [out, in]
         self.weights = [PreLNWeights(*(w[f"{p}h.{i}.{name}"] for name in per_layer)) for i in range(self.layers_count)]
         self.layer = PreLNLayer(self.config)
 
@@ -75,7 +76,3 @@ class GPT2(CausalLM):
         """``wte[ids] + wpe[positions]``, summed in fp32 (float64 on the NumPy path), rounded once."""
         compute = numpy.float64 if module_of(self.wte) is numpy else numpy.float32
         return (self.wte[ids].astype(compute) + self.wpe[positions].astype(compute)).astype(self.config.dtype)
-
-    def head(self, x):
-        x = ops.layer_norm(x, *self.lnf, eps=self.config.epsilon)
-        return ops.lm_logits(x, self.wte)  # the LM head is wte itself, [vocab, hidden]: [out, in]

@@ -75,6 +75,7 @@ class LLaMA(CausalLM):
         xp = array_module(backend)
         self.embed_tokens, self.norm = w["model.embed_tokens.weight"], w["model.norm.weight"]
         self.lm_head = self.embed_tokens if self.tied else w["lm_head.weight"]
+        self.final_norm, self.head_weight = (self.norm, None), self.lm_head
         self.weights = []
         for i in range(self.layers_count):
             t = {name: w.pop(f"model.layers.{i}.{name}") for name in per_layer}
@@ -99,7 +100,3 @@ class LLaMA(CausalLM):
 
     def token_embeddings(self, ids, positions):
         return self.embed_tokens[ids]
-
-    def head(self, x):
-        x = ops.rms_norm(x, self.norm, eps=self.config.epsilon)
-        return ops.lm_logits(x, self.lm_head)
