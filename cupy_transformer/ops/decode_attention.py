@@ -70,12 +70,21 @@ def decode_geometry(kernels, pairs: int) -> tuple[int, int]:
     return 4, chunks
 
 
-def decode_attention(q, cache, layer: int, start, window: int, mask, alibi, scale: float, *, warps=None, chunks=None):
+def short_chunk(warps: int) -> int:
+    """The fewest keys a chunk takes (a multiple of 64): a sequence this short takes one block and no merge. Two
+    16-key tiles a warp: the partial rows, the ticket and the merge cost more than a second tile's stream."""
+    return 2 * 16 * warps
+
+
+def decode_attention(
+    q, cache, layer: int, start, window: int, mask, alibi, scale: float, *, warps=None, chunks=None, min_chunk=None
+):
     """q [B, h, 1, d] (one token a sequence, in cache slot ``start[b]``) against the keys of ``cache``'s
     ``layer`` up to that slot (the last ``window`` of them; 0: all). ``start``: host integers, or an int32
     array on the GPU, which the kernel reads there (a captured step's). ``mask`` [B, 1, 1, T] or None,
     ``alibi`` [B, h, 1, T] or None. ``warps`` and ``chunks``: the launch's geometry (both or neither; None:
-    ``decode_geometry``'s). Returns the context [B, 1, h d]."""
+    ``decode_geometry``'s); ``min_chunk``: a chunk's fewest keys (a multiple of 64; None: ``short_chunk``'s).
+    Returns the context [B, 1, h d]."""
     cupy = import_cupy()
     b, h, _, d = q.shape
     kv = cache.kv_heads
@@ -89,8 +98,12 @@ def decode_attention(q, cache, layer: int, start, window: int, mask, alibi, scal
             f"warps, chunks: expected {' or '.join(map(str, names))} warps and a positive number of "
             f"chunks for {names[4]}; got {warps!r}, {chunks!r}"
         )
+    if min_chunk is None:
+        min_chunk = short_chunk(warps)
+    elif min_chunk < 64 or min_chunk % 64:
+        raise ValueError(f"min_chunk: expected a positive multiple of 64 keys; got {min_chunk!r}")
     # As many chunks of a multiple of 64 keys as the longest sequence fills (the kernel sizes each sequence's).
-    chunks = math.ceil(t / (64 * max(1, math.ceil(t / chunks / 64))))
+    chunks = math.ceil(t / max(min_chunk, 64 * max(1, math.ceil(t / chunks / 64))))
     partial, counters = split_workspace(b * h * chunks * (d + 4), b * kv)  # the chunks' rows; the last merges
     out = cupy.empty((b, 1, h * d), q.dtype)
     m = mask_arguments(mask, alibi, b, h, q)
@@ -112,6 +125,7 @@ def decode_attention(q, cache, layer: int, start, window: int, mask, alibi, scal
         d=d,
         max_tokens=cache.max_tokens,
         window=window,
+        min_chunk=min_chunk,
         mask_kind=m.mask_kind,
         mask_len=m.mask_len,
         alibi_len=m.alibi_len,

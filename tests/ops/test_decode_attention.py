@@ -32,17 +32,19 @@ def twin_caches(rng, dtype, kv, tokens, d, lengths, kinds=("numpy", "cupy")):
 @pytest.fixture(params=["launcher's", "4 warps, 5 chunks", "one chunk", "8 warps, one chunk"])
 def decode_chunks(request):
     """How a decode test splits the keys: as the launcher does for its few sequences (on a GPU whose kernel has
-    8-warp blocks, those, in up to 16 chunks a (sequence, kv head), merged by the last block), in 4-warp blocks
-    and 5 chunks (fewer where the keys take fewer), or in one chunk as for batches that fill the GPU (each
-    block writes its context straight), in blocks of 4 warps or of 8 (the tensor-core kernel's). Returns
-    (warps, chunks), or None for the launcher's choice."""
-    return {"4 warps, 5 chunks": (4, 5), "one chunk": (4, 1), "8 warps, one chunk": (8, 1)}.get(request.param)
+    8-warp blocks, those, in up to 16 chunks a (sequence, kv head), merged by the last block; a short sequence
+    in one), in 4-warp blocks and 5 chunks of at least 64 keys (fewer where the keys take fewer: short
+    sequences merged too), or in one chunk as for batches that fill the GPU (each block writes its context
+    straight), in blocks of 4 warps or of 8 (the tensor-core kernel's). Returns (warps, chunks, min_chunk), or
+    None for the launcher's choice."""
+    geometries = {"4 warps, 5 chunks": (4, 5, 64), "one chunk": (4, 1, None), "8 warps, one chunk": (8, 1, None)}
+    return geometries.get(request.param)
 
 
 def decode_step(op, geometry, qkv, mask, cache, start, alibi=None):
     """A decode step on the GPU from NumPy inputs into ``cache`` (a CuPy one) at ``start``: the op's results
     where ``geometry`` is None, else the op's steps up to its launch and decode_attention at ``geometry``
-    (warps, chunks), with the keys and values the op would return (skipped where no decode kernel takes the
+    (warps, chunks, min_chunk), with the keys and values the op would return (skipped where no decode kernel takes the
     case, or the kernel has no blocks of those warps)."""
     import cupy
 
@@ -59,7 +61,17 @@ def decode_step(op, geometry, qkv, mask, cache, start, alibi=None):
         pytest.skip("attention_partial (fp32, or head sizes the tensor-core kernel lacks) has 4-warp blocks")
     x = launch_inputs(c, qkv, mask, cache, start, alibi)
     context = decode_attention(
-        x.q, cache, 0, x.start, x.window, x.mask, x.alibi, x.scale, warps=geometry[0], chunks=geometry[1]
+        x.q,
+        cache,
+        0,
+        x.start,
+        x.window,
+        x.mask,
+        x.alibi,
+        x.scale,
+        warps=geometry[0],
+        chunks=geometry[1],
+        min_chunk=geometry[2],
     )
     t = int(x.start.max()) + 1
     return context, cache.keys[0, :, :, :t], cache.values[0, :, :, :t]
