@@ -1,0 +1,50 @@
+"""Where a prompt pass's host time goes: cProfile of ``Decoder.prefill`` on a random model, after a warm-up,
+sorted by own time; and the pass's wall time against its GPU time.
+
+    python3 benchmarks/profile_prefill.py [shape] [batch] [prompt]     # default gpt2-small 1 128
+"""
+
+from __future__ import annotations
+
+import cProfile
+import os
+import pstats
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import cupy  # noqa: E402
+
+from cupy_transformer import bench  # noqa: E402
+from cupy_transformer.generation import Decoder  # noqa: E402
+
+
+def main(shape: str = "gpt2-small", batch: int = 1, prompt: int = 128) -> None:
+    model = bench.random_model(shape)
+    decoder = Decoder(model, batch, prompt + 8)
+    prompts = [list(range(1, prompt + 1))] * batch
+    for _ in range(3):
+        decoder.prefill(prompts)
+    decoder.stream.synchronize()
+    begin = time.perf_counter()
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    start.record(decoder.stream)
+    decoder.prefill(prompts)
+    end.record(decoder.stream)
+    host = time.perf_counter() - begin
+    end.synchronize()
+    gpu = cupy.cuda.get_elapsed_time(start, end)
+    print(f"{shape} batch {batch} prompt {prompt}: host {host * 1e3:.2f} ms, stream {gpu:.2f} ms")
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(5):
+        decoder.prefill(prompts)
+    profile.disable()
+    decoder.stream.synchronize()
+    pstats.Stats(profile).sort_stats("tottime").print_stats(30)
+    pstats.Stats(profile).sort_stats("cumulative").print_stats(40)
+
+
+if __name__ == "__main__":
+    main(*(sys.argv[1:2] or ["gpt2-small"]), *[int(a) for a in sys.argv[2:4]])

@@ -1,0 +1,90 @@
+"""Decode attention at short contexts: µs a launch in a CUDA graph, as a captured decode step runs it (the grid
+sized for the cache's capacity, each sequence's chunks from its own length), for a chunk's fewest keys
+(``min_chunk``) from 64 up. Each launch follows a 64 MiB copy (the weights a step streams between two attention
+layers evict the cache from L2); the copies alone are timed too and taken off.
+
+    python3 benchmarks/sweep_decode_short.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import cupy  # noqa: E402
+
+from cupy_transformer.kv_cache import KVCache  # noqa: E402
+from cupy_transformer.ops.decode_attention import decode_attention, short_chunk  # noqa: E402
+
+SHAPES = {  # name: (heads, kv heads, head size, batch)
+    "gpt2-small": (12, 12, 64, 1),
+    "gpt2-xl": (25, 25, 64, 1),
+    "llama-1b": (32, 8, 64, 1),
+    "llama-7b": (32, 32, 128, 1),
+    "gpt2-small B16": (12, 12, 64, 16),
+}
+LENGTHS = (64, 150, 256, 400, 600, 1000, 2000)
+MIN_CHUNKS = (64, 128, 256, 512, 1024)
+CAPACITY = 2048
+REPEATS = 30
+
+
+def graph_us(body, rounds: int = 3) -> float:
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        body()  # compiles and allocates outside the capture
+        stream.begin_capture()
+        for _ in range(REPEATS):
+            body()
+        graph = stream.end_capture()
+        graph.launch(stream)
+        best = float("inf")
+        for _ in range(rounds):
+            start, end = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record(stream)
+            graph.launch(stream)
+            end.record(stream)
+            end.synchronize()
+            best = min(best, cupy.cuda.get_elapsed_time(start, end) * 1e3)
+    return best / REPEATS
+
+
+def main() -> None:
+    name = cupy.cuda.runtime.getDeviceProperties(0)["name"]
+    print(name.decode() if isinstance(name, bytes) else name)
+    src = cupy.ones(64 << 20, cupy.uint8)
+    dst = cupy.empty_like(src)
+
+    def flush():
+        dst[...] = src
+
+    flush_us = graph_us(flush)
+    print(f"64 MiB copy: {flush_us:.1f} µs\n")
+    rng = cupy.random.default_rng(0)
+    for shape, (h, kv, d, b) in SHAPES.items():
+        cache = KVCache(1, b, kv, CAPACITY, d, cupy.float16, backend="cupy")
+        cache.keys[...] = rng.standard_normal(cache.keys.shape, dtype=cupy.float32).astype(cupy.float16)
+        cache.values[...] = rng.standard_normal(cache.values.shape, dtype=cupy.float32).astype(cupy.float16)
+        q = rng.standard_normal((b, h, 1, d), dtype=cupy.float32).astype(cupy.float16)
+        print(f"{shape} (heads {h}, kv {kv}, d {d}, batch {b}): µs a launch; default min_chunk = short_chunk(warps)")
+        print("| keys | " + " | ".join(f"min {m}" for m in MIN_CHUNKS) + " |")
+        print("|---" * (len(MIN_CHUNKS) + 1) + "|")
+        for length in LENGTHS:
+            start = cupy.full(b, length - 1, cupy.int32)
+            times = []
+            for m in MIN_CHUNKS:
+
+                def body(m=m, start=start):
+                    flush()
+                    decode_attention(q, cache, 0, start, 0, None, None, d**-0.5, min_chunk=m)
+
+                times.append(graph_us(body) - flush_us)
+            print(f"| {length} | " + " | ".join(f"{t:.2f}" for t in times) + " |")
+        print()
+    print("short_chunk(4), short_chunk(8):", short_chunk(4), short_chunk(8))
+
+
+if __name__ == "__main__":
+    main()
