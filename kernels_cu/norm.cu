@@ -53,13 +53,6 @@ struct Row {
         for (int j = 0; j < VEC; ++j)
             if (valid(s, j)) p[first(s) + j] = t.v[j];
     }
-    // Asks L2 for the line of a per-column vector's slot: the vectors are read after the row's reductions,
-    // and from DRAM in a decode step (the weights between two norms evict them), a round trip on the critical
-    // path that the prefetch overlaps with the row's loads.
-    __device__ void prefetch_params(const T* p, int s) const {
-        const T* at = p + min(max(first(s), 0), width - 1);
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(at));
-    }
     // A per-column vector (gamma, beta, bias) for the slot's elements (0 outside the row).
     __device__ void params(const T* __restrict__ p, int s, float (&out)[VEC]) const {
         if (params_by_slot) {
@@ -162,14 +155,6 @@ __global__ void __launch_bounds__(1024)
     const float inv_width = 1.f / width;
 
     if constexpr (VPT > 0) {
-#pragma unroll
-        for (int k = 0; k < VPT; ++k) {
-            const int s = threadIdx.x + k * blockDim.x;
-            if (s < slots) {
-                row.prefetch_params(gamma, s);
-                if (mode == LAYER_NORM) row.prefetch_params(beta, s);
-            }
-        }
         Vec<T, VEC> raw[VPT];
 #pragma unroll
         for (int k = 0; k < VPT; ++k) {
