@@ -89,13 +89,13 @@ __device__ __forceinline__ void merge_max_sum(float& m, float& l, float m2, floa
 // (multiples of 64 keys, a 4-warp step; ragged chunks were 6% slower), so a launch sized for the cache's capacity
 // (a CUDA graph replayed every step) gives a short sequence few chunks: blocks past `used` return at once and the
 // merge waits for `used` blocks. Reading start on the device, not the host, is what lets one capture serve every
-// step. A chunk holds at least `min_chunk` keys (a multiple of 64): a short sequence takes one block, which writes
-// its context straight (no partial rows, no merge: they cost more than streaming a few hundred keys).
+// step. A sequence of at most `one_block` keys takes one block, which writes its context straight (the partial
+// rows, the ticket and the merge cost more than streaming a few hundred keys in one block).
 struct KeyChunk {
     int first, last, used;
-    __device__ KeyChunk(int start, int window, int min_chunk, int c, int chunks) {
+    __device__ KeyChunk(int start, int window, int one_block, int c, int chunks) {
         const int hi = start + 1, lo = window > 0 ? max(hi - window, 0) : 0;
-        const int chunk = max(min_chunk, 64 * max(1, (hi + 64 * chunks - 1) / (64 * chunks)));
+        const int chunk = 64 * (hi <= one_block ? (hi + 63) / 64 : max(1, (hi + 64 * chunks - 1) / (64 * chunks)));
         used = (hi + chunk - 1) / chunk;
         first = max(lo, c * chunk), last = min(hi, (c + 1) * chunk);
     }
@@ -147,7 +147,7 @@ __device__ void merge_chunks(const float* __restrict__ partial, T* __restrict__ 
 
 // q [B, h, d] (rotated, one token); k, v: one layer's cache [B, kv, max_tokens, d]; mask [B, mask_len]
 // (T, or bool as bytes; read if mask_kind says so) and alibi [B, h, alibi_len] (read if alibi_len > 0);
-// start [B]: the query's cache slot (keys as KeyChunk says; window 0: none; min_chunk: a chunk's fewest keys);
+// start [B]: the query's cache slot (keys as KeyChunk says; window 0: none; one_block: the most keys one block takes whole);
 // partial [B, h, chunks, d + 4] fp32 (merge_chunks' rows), out [B, h, d] the context, counters [B, kv] zero.
 // G: query heads per kv head (the last group may have fewer: heads past h are skipped). d % 8 == 0,
 // d <= 256, arrays 16-byte aligned. Grid (chunks, kv, B).
@@ -155,7 +155,7 @@ template <typename T, int G>
 __global__ void __launch_bounds__(DA_THREADS) attention_partial(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const void* __restrict__ mask,
     const T* __restrict__ alibi, const int* __restrict__ start, float* __restrict__ partial, T* __restrict__ out,
-    int* counters, int h, int kv, int d, int max_tokens, int window, int min_chunk, int mask_kind, int mask_len,
+    int* counters, int h, int kv, int d, int max_tokens, int window, int one_block, int mask_kind, int mask_len,
     int alibi_len, float scale) {
     const int c = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, chunks = gridDim.x;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -163,7 +163,7 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial(
     const int per_warp = 32 / width, sub = lane % width, slot = lane / width;
     const bool active = sub < lanes;
     const int group = h / kv;  // query heads of this kv head: kvh * group ..
-    const KeyChunk span(start[b], window, min_chunk, c, chunks);
+    const KeyChunk span(start[b], window, one_block, c, chunks);
     if (c >= span.used) return;
     const int first = span.first, last = span.last;
 
@@ -283,13 +283,13 @@ template <typename T, int D, int W>
 __global__ void __launch_bounds__(32 * W) attention_partial_tc(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const void* __restrict__ mask,
     const T* __restrict__ alibi, const int* __restrict__ start, float* __restrict__ partial, T* __restrict__ out,
-    int* counters, int h, int kv, int d, int max_tokens, int window, int min_chunk, int mask_kind, int mask_len,
+    int* counters, int h, int kv, int d, int max_tokens, int window, int one_block, int mask_kind, int mask_len,
     int alibi_len, float scale) {
     constexpr int DB = D / 32;  // 32-dim blocks
     const int c = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, chunks = gridDim.x;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int group = h / kv;
-    const KeyChunk span(start[b], window, min_chunk, c, chunks);
+    const KeyChunk span(start[b], window, one_block, c, chunks);
     if (c >= span.used) return;
     const int first = span.first, last = span.last;
     const float sl2 = scale * LOG2E;

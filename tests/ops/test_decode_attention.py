@@ -33,10 +33,10 @@ def twin_caches(rng, dtype, kv, tokens, d, lengths, kinds=("numpy", "cupy")):
 def decode_chunks(request):
     """How a decode test splits the keys: as the launcher does for its few sequences (on a GPU whose kernel has
     8-warp blocks, those, in up to 16 chunks a (sequence, kv head), merged by the last block; a short sequence
-    in one), in 4-warp blocks and 5 chunks of at least 64 keys (fewer where the keys take fewer: short
-    sequences merged too), or in one chunk as for batches that fill the GPU (each block writes its context
-    straight), in blocks of 4 warps or of 8 (the tensor-core kernel's). Returns (warps, chunks, min_chunk), or
-    None for the launcher's choice."""
+    in one block), in 4-warp blocks and 5 chunks (fewer where the keys take fewer; only sequences of at most 64
+    keys in one block: short ones merged too), or in one chunk as for batches that fill the GPU (each block
+    writes its context straight), in blocks of 4 warps or of 8 (the tensor-core kernel's). Returns (warps,
+    chunks, one_block), or None for the launcher's choice."""
     geometries = {"4 warps, 5 chunks": (4, 5, 64), "one chunk": (4, 1, None), "8 warps, one chunk": (8, 1, None)}
     return geometries.get(request.param)
 
@@ -44,7 +44,7 @@ def decode_chunks(request):
 def decode_step(op, geometry, qkv, mask, cache, start, alibi=None):
     """A decode step on the GPU from NumPy inputs into ``cache`` (a CuPy one) at ``start``: the op's results
     where ``geometry`` is None, else the op's steps up to its launch and decode_attention at ``geometry``
-    (warps, chunks, min_chunk), with the keys and values the op would return (skipped where no decode kernel takes the
+    (warps, chunks, one_block), with the keys and values the op would return (skipped where no decode kernel takes the
     case, or the kernel has no blocks of those warps)."""
     import cupy
 
@@ -71,7 +71,7 @@ def decode_step(op, geometry, qkv, mask, cache, start, alibi=None):
         x.scale,
         warps=geometry[0],
         chunks=geometry[1],
-        min_chunk=geometry[2],
+        one_block=geometry[2],
     )
     t = int(x.start.max()) + 1
     return context, cache.keys[0, :, :, :t], cache.values[0, :, :, :t]
