@@ -21,18 +21,19 @@ small+=" or (residual_add and test_gpu and not 4104 and not 512) or (test_gemv a
 small+=" or (softmax_context and (prompt_then_decode or padded or rank or captured))"
 small+=" or (prefill_attention and prefill_kernel_after_a_past) or (decode_attention and (additive or cuda_core))"
 small+=" or (softmax and gpu and not context and not 70001) or (test_sampling and kernel and not 128256)"
+small+=" or (test_sampling and greedy and not 128256)"
 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ops \
     -k "$small" 2>&1 | tail -4 | tee "$OUT/memcheck.log"
 # racecheck: our kernels with shared memory (norm, the GEMV, decode and prefill attention, the softmax's named
-# barriers, the sampler's histograms). The matmul tests also run cuBLAS, whose nvjet kernels synchronise through
-# TMA barriers that racecheck does not model and reports (and its --kernel-name-exclude crashes the sanitizer on
-# module load), so the races are counted outside them.
+# barriers, the sampler's histograms, greedy's block maximum). The matmul tests also run cuBLAS, whose nvjet kernels
+# synchronise through TMA barriers that racecheck does not model and reports (and its --kernel-name-exclude crashes
+# the sanitizer on module load), so the races are counted outside them.
 shared="gpu_matches and (384 or 1001 or 70001)"
 shared+=" or (test_gemv and (gpu_epilogue or (gpu_shapes and 1600 and 6400)) and not float32)"
 shared+=" or (softmax_context and prompt_then_decode and float16)"
 shared+=" or (prefill_attention and prefill_kernel_after_a_past and float16) or (decode_attention and additive)"
 shared+=" or (softmax and gpu and not context and (long or short) and not 70001)"
-shared+=" or (test_sampling and kernel and not 128256 and not strided)"
+shared+=" or (test_sampling and kernel and not 128256 and not strided) or (test_sampling and greedy_ties)"
 compute-sanitizer --tool racecheck --print-limit 10000 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ops \
     -k "$shared" > "$OUT/racecheck-full.log" 2>&1
 tail -2 "$OUT/racecheck-full.log" | tee "$OUT/racecheck.log"

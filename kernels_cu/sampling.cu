@@ -1,14 +1,17 @@
-// Next-token sampling: one block a row of logits [B, V] (rows `row_stride` elements apart), the token written to
-// tokens[row]. The seed and the step are read from device memory (seed_step = {seed, step}), so that one captured
-// CUDA graph serves every step and every seed. cupy_transformer/ops/sampling.py states the math; its
-// sample_reference is this kernel's NumPy twin, draw for draw.
+// Next-token sampling from logits [B, V] (rows `row_stride` elements apart), the token written to tokens[row].
+// cupy_transformer/ops/sampling.py states the math; its sample_reference is these kernels' NumPy twin, draw for draw.
 //
-// temperature == 0: the first index of the largest logit. Otherwise the allowed set is every index whose order key
-// (an unsigned integer that sorts as the logits do) reaches a threshold found by radix selection, 8 bits a pass,
-// most significant first, over a 256-bucket shared histogram: two passes for the 16-bit keys of fp16 / bf16, four
-// for fp32. top_k counts keys (the k-th largest value); top_p weighs them with exp((l - max) / T) in double, within
-// what top_k kept. A last pass draws by Gumbel-max: the allowed index with the largest l / T - log(-log(u)), u from
-// Philox4x64-10 keyed by the seed, at counter (j + 1, step, row, 0) for the four draws of indices 4j .. 4j + 3
+// Greedy (temperature 0), greedy_tokens: the first index of the largest logit, each row split over several blocks
+// (one block would read a 50k-128k row on one multiprocessor while the others idle), the last block of a row to
+// finish merging the blocks' results.
+//
+// Otherwise, sample_tokens: one block a row. The seed and the step are read from device memory (seed_step = {seed,
+// step}), so that one captured CUDA graph serves every step and every seed. The allowed set is every index whose
+// order key (an unsigned integer that sorts as the logits do) reaches a threshold found by radix selection, 8 bits a
+// pass, most significant first, over a 256-bucket shared histogram: two passes for the 16-bit keys of fp16 / bf16,
+// four for fp32. top_k counts keys (the k-th largest value); top_p weighs them with exp((l - max) / T) in double,
+// within what top_k kept. A last pass draws by Gumbel-max: the allowed index with the largest l / T - log(-log(u)), u
+// from Philox4x64-10 keyed by the seed, at counter (j + 1, step, row, 0) for the four draws of indices 4j .. 4j + 3
 // (numpy.random.Philox increments its counter before each block of four outputs, so
 // Philox(key=(seed, 0), counter=(0, step, row, 0)).random_raw(V) yields the same u's in order).
 // Scores are in double: the kernel and NumPy then differ only where two scores are within an ulp or so.
@@ -71,8 +74,9 @@ __device__ __forceinline__ double open_uniform(unsigned long long bits) {
 
 __device__ __forceinline__ double neg_inf64() { return -__longlong_as_double(0x7ff0000000000000ll); }
 
-// The largest `v` over the block, returned to every thread. `scratch` (SAMPLE_WARPS values) may be reused by the
-// next call (the first barrier protects it).
+// The largest `v` over a block of THREADS threads, returned to every thread. `scratch` (THREADS / 32 values) may be
+// reused by the next call (the first barrier protects it).
+template <int THREADS>
 __device__ __forceinline__ unsigned long long block_max(unsigned long long v, unsigned long long* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
@@ -80,7 +84,7 @@ __device__ __forceinline__ unsigned long long block_max(unsigned long long v, un
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    v = lane < SAMPLE_WARPS ? scratch[lane] : 0ull;
+    v = lane < THREADS / 32 ? scratch[lane] : 0ull;
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, offset));
     return v;
@@ -136,14 +140,19 @@ __device__ __forceinline__ void for_each_group(const T* __restrict__ row, unsign
     }
 }
 
-// The first index of the row's largest logit: the largest (key, ~index) packed in 64 bits (index < 2^31).
+// A logit and its index packed in 64 bits so that the largest packed value is the first index of the largest logit:
+// the order key above ~index. index < 2^31, so every element packs above 2^31 and 0 is the identity of the max.
+template <typename T>
+__device__ __forceinline__ unsigned long long argmax_key(T v, unsigned index) {
+    return static_cast<unsigned long long>(order_key(v)) << 32 | ~index;
+}
+
+// The first index of the row's largest logit: the largest argmax_key.
 template <typename T>
 __device__ unsigned row_argmax(const T* __restrict__ row, unsigned vocab, unsigned long long* scratch) {
     unsigned long long best = 0;
-    for_each_group<1, 8>(row, vocab, [&](const T* v, unsigned i) {
-        best = max(best, static_cast<unsigned long long>(order_key(v[0])) << 32 | ~i);
-    });
-    return ~static_cast<unsigned>(block_max(best, scratch));
+    for_each_group<1, 8>(row, vocab, [&](const T* v, unsigned i) { best = max(best, argmax_key(v[0], i)); });
+    return ~static_cast<unsigned>(block_max<SAMPLE_THREADS>(best, scratch));
 }
 
 // The radix selection's shared state: one pass's histogram over 8 bits of the key, and what the pass chose.
@@ -229,7 +238,7 @@ __device__ unsigned select_threshold(const T* __restrict__ row, unsigned vocab, 
 }
 
 // One token per row. `logits`: row b at logits + b * row_stride, `vocab` values; `seed_step`: {seed, step};
-// `temperature` 0 for greedy; `top_k` 0 (or >= vocab) for all; `top_p` 1 for all.
+// `temperature` > 0 (greedy is greedy_tokens); `top_k` 0 (or >= vocab) for all; `top_p` 1 for all.
 template <typename T>
 __global__ void __launch_bounds__(SAMPLE_THREADS) sample_tokens(
     const T* __restrict__ logits, long long row_stride, int vocab, const unsigned long long* __restrict__ seed_step,
@@ -241,11 +250,6 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_tokens(
     const T* __restrict__ row = logits + blockIdx.x * row_stride;
     const unsigned n = static_cast<unsigned>(vocab);
     const double t = exact_double(temperature);
-    if (t == 0.0) {
-        const unsigned token = row_argmax(row, n, max_scratch);
-        if (threadIdx.x == 0) tokens[blockIdx.x] = static_cast<int>(token);
-        return;
-    }
     unsigned threshold = 0;  // the allowed set: the keys >= threshold
     if (top_k > 0 && top_k < vocab) threshold = select_threshold<T, false>(row, n, 0, top_k, 0.0, t, selection);
     if (exact_double(top_p) < 1.0) {
@@ -279,6 +283,63 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_tokens(
     });
     const unsigned token = block_argmax(best, best_index, score_scratch, index_scratch);
     if (threadIdx.x == 0) tokens[blockIdx.x] = static_cast<int>(token);
+}
+
+constexpr int GREEDY_THREADS = 256;
+
+// Greedy: the first index of each row's largest logit, into tokens[b]. Grid (B, splits): block s of row b takes the
+// s-th of `splits` contiguous slices of the row's whole 16-byte vectors, counted from the row's first 16-byte boundary
+// (a slice ends on a multiple of 8 elements; the few elements before that boundary and after the last whole vector go
+// to the last block), each thread 16 elements a pass, all loaded before any is compared. With one block a row it
+// writes the token; else each block writes its largest argmax_key to partials [B, splits] and the last block of row b
+// to finish (counters [B]: zero between launches, reset by it) takes the largest of the row's partials, read in split
+// order, and writes the token. The max of argmax_keys keeps the first index of the maximum whatever the order.
+template <typename T>
+__global__ void __launch_bounds__(GREEDY_THREADS) greedy_tokens(
+    const T* __restrict__ logits, long long row_stride, int vocab, unsigned long long* partials, int* counters,
+    int* __restrict__ tokens) {
+    // A thread's 16 elements a pass are AHEAD vectors; a slice is a whole number of GRAIN vectors (8 elements).
+    constexpr unsigned VEC = 16 / sizeof(T), AHEAD = 16 / VEC, GRAIN = 8 / VEC;
+    using V = Vec<T, VEC>;
+    __shared__ unsigned long long scratch[GREEDY_THREADS / 32];
+    const unsigned b = blockIdx.x, s = blockIdx.y, splits = gridDim.y, n = static_cast<unsigned>(vocab);
+    const T* __restrict__ row = logits + b * row_stride;
+    // [0, head): before the row's first 16-byte boundary; then `vectors` whole vectors; [rest, n): after them.
+    const unsigned head = min(n, static_cast<unsigned>((16 - reinterpret_cast<size_t>(row) % 16) % 16 / sizeof(T)));
+    const unsigned vectors = (n - head) / VEC, rest = head + vectors * VEC;
+    const unsigned per = ((vectors + splits - 1) / splits + GRAIN - 1) / GRAIN * GRAIN;  // vectors a slice
+    const unsigned end = min(vectors, (s + 1) * per);
+    const V* __restrict__ body = reinterpret_cast<const V*>(row + head);
+    unsigned long long best = 0;
+    for (unsigned v = s * per + threadIdx.x; v < end; v += AHEAD * GREEDY_THREADS) {
+        V x[AHEAD];
+#pragma unroll
+        for (unsigned a = 0; a < AHEAD; ++a)
+            if (v + a * GREEDY_THREADS < end) x[a] = body[v + a * GREEDY_THREADS];
+#pragma unroll
+        for (unsigned a = 0; a < AHEAD; ++a) {
+            if (v + a * GREEDY_THREADS >= end) continue;
+            const unsigned first = head + (v + a * GREEDY_THREADS) * VEC;
+#pragma unroll
+            for (unsigned g = 0; g < VEC; ++g) best = max(best, argmax_key(x[a].v[g], first + g));
+        }
+    }
+    if (s == splits - 1 && threadIdx.x < head + (n - rest)) {  // fewer than 2 VEC elements
+        const unsigned i = threadIdx.x < head ? threadIdx.x : rest + (threadIdx.x - head);
+        best = max(best, argmax_key(row[i], i));
+    }
+    best = block_max<GREEDY_THREADS>(best, scratch);
+    if (splits == 1) {
+        if (threadIdx.x == 0) tokens[b] = static_cast<int>(~static_cast<unsigned>(best));
+        return;
+    }
+    unsigned long long* row_partials = partials + static_cast<size_t>(b) * splits;
+    if (threadIdx.x == 0) row_partials[s] = best;
+    if (!last_block_done(counters + b, splits)) return;
+    best = 0;
+    for (unsigned i = threadIdx.x; i < splits; i += GREEDY_THREADS) best = max(best, __ldcg(row_partials + i));
+    best = block_max<GREEDY_THREADS>(best, scratch);
+    if (threadIdx.x == 0) tokens[b] = static_cast<int>(~static_cast<unsigned>(best)), counters[b] = 0;
 }
 
 }  // namespace ct

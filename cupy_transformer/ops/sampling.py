@@ -22,13 +22,16 @@ scores are double on both sides. The top-p masses are summed in a different orde
 boundary only where a level's mass is within an ulp of the target.
 
 Logits must not be NaN, and a row's maximum must be finite (``-inf`` entries are fine: they are never drawn unless
-everything allowed is ``-inf``, which then gives the first allowed index).
+everything allowed is ``-inf``, which then gives the first allowed index; greedy gives a row of ``-inf`` its first
+index).
 
 On the GPU the seed and the step are read from ``seed_step`` (device uint64 [2]) when the kernel runs, so one
 captured CUDA graph serves every step and seed; temperature, top_k and top_p are launch arguments (fixed in a
-graph). One block of 1024 threads takes a row: greedy is one pass over it; top_k and top_p thresholds are found by
-radix selection over the logits' order-preserving integer keys, 8 bits a pass with a shared 256-bucket histogram
-(counts for top_k, double masses for top_p), two passes each for fp16 / bf16 keys and four for fp32; then one pass of
+graph). Greedy runs ``greedy_tokens``: each row split over several blocks of 256 threads (``greedy_splits``), each
+finding the first index of its slice's maximum, the last block of a row to finish merging them (through the stream's
+``split_workspace``). Otherwise one block of 1024 threads takes a row: top_k and top_p thresholds are found by radix
+selection over the logits' order-preserving integer keys, 8 bits a pass with a shared 256-bucket histogram (counts
+for top_k, double masses for top_p), two passes each for fp16 / bf16 keys and four for fp32; then one pass of
 Gumbel-max, which runs Philox only for blocks of four indices where one is allowed.
 """
 
@@ -39,9 +42,11 @@ import numbers
 import numpy
 
 from ..runtime.arrays import as_array, common_kind, from_dlpack, import_cupy, kind_of, module_of, to_caller
-from ..runtime.kernels import CTYPES, KernelFamily
+from ..runtime.kernels import CTYPES, KernelFamily, split_workspace, wave_blocks
 
 SAMPLE_THREADS = 1024  # kernels_cu/sampling.cu's SAMPLE_THREADS
+GREEDY_THREADS = 256  # and its GREEDY_THREADS
+GREEDY_MAX_SPLITS = 256
 _FLOAT32_MAX = float(numpy.finfo(numpy.float32).max)
 
 
@@ -49,7 +54,11 @@ def _name(dtype) -> str:
     return f"ct::sample_tokens<{CTYPES[numpy.dtype(dtype)]}>"
 
 
-_KERNELS = KernelFamily("sampling.cu", [_name(d) for d in CTYPES])
+def _greedy_name(dtype) -> str:
+    return f"ct::greedy_tokens<{CTYPES[numpy.dtype(dtype)]}>"
+
+
+_KERNELS = KernelFamily("sampling.cu", [_name(d) for d in CTYPES] + [_greedy_name(d) for d in CTYPES])
 
 
 def sampling_arguments(temperature, top_k, top_p) -> tuple[float, int, float]:
@@ -138,32 +147,59 @@ def _logit_rows(logits, kind: str):
     return rows
 
 
-def sample_tokens(logits, tokens, seed_step, temperature=0.0, top_k=0, top_p=1.0):
+def greedy_splits(dtype, batch: int, vocab: int) -> int:
+    """Blocks a row for ``greedy_tokens`` on ``batch`` rows of ``vocab`` logits of ``dtype``."""
+    wave = wave_blocks(_KERNELS.kernel(_greedy_name(dtype)), GREEDY_THREADS)
+    # A block per 16 elements a thread (4096 a block), all rows' blocks in one wave, at most 256, at least 1.
+    return max(1, min(-(-vocab // (GREEDY_THREADS * 16)), wave // batch, GREEDY_MAX_SPLITS))
+
+
+def sample_tokens(logits, tokens, seed_step, temperature=0.0, top_k=0, top_p=1.0, *, splits=None):
     """Write the next token of each row of ``logits`` ([B, V], or a [B, 1, V] view) into ``tokens`` (int32 [B]),
     drawn as the module docstring says with the seed and step in ``seed_step`` (uint64 [2]: seed, step), and return
     ``tokens``. All on the GPU (CuPy, or DLPack producers such as torch tensors), where nothing waits for the GPU and
     the launch can be captured in a CUDA graph; or all NumPy, where ``sample_reference`` computes the tokens.
 
-    ``temperature``: 0 for greedy, else > 0; ``top_k``: 0 for no cut; ``top_p`` in (0, 1], 1 for no cut."""
+    ``temperature``: 0 for greedy, else > 0; ``top_k``: 0 for no cut; ``top_p`` in (0, 1], 1 for no cut.
+    ``splits``: greedy's blocks a row (1 to ``GREEDY_MAX_SPLITS``; None: ``greedy_splits``'s). Greedy on several
+    blocks a row uses the current stream's ``split_workspace``: run it once on a stream before capturing it there."""
     kind = common_kind(logits=logits, tokens=tokens, seed_step=seed_step)
     rows = _logit_rows(logits, kind)
     batch, vocab = rows.shape
     out = as_array("tokens", tokens, kind, dtypes=numpy.dtype(numpy.int32), shape=(batch,))
     state = as_array("seed_step", seed_step, kind, dtypes=numpy.dtype(numpy.uint64), shape=(2,))
     temperature, top_k, top_p = sampling_arguments(temperature, top_k, top_p)
+    if splits is not None and (
+        isinstance(splits, bool) or not isinstance(splits, numbers.Integral) or not 1 <= splits <= GREEDY_MAX_SPLITS
+    ):
+        raise ValueError(f"splits: expected an integer in [1, {GREEDY_MAX_SPLITS}] or None; got {splits!r}")
     if module_of(rows) is numpy:
         out[...] = sample_reference(rows, int(state[0]), int(state[1]), temperature, top_k, top_p)
         return out
     if vocab >= 2**31:
         raise ValueError(f"logits: {vocab} values a row exceed the kernel's 2^31; got shape {tuple(logits.shape)}")
-    if batch:
+    if not batch:
+        return to_caller(out, kind)
+    row_arguments = dict(logits=rows, row_stride=rows.strides[0] // rows.itemsize, vocab=vocab)
+    if temperature == 0:
+        splits = greedy_splits(rows.dtype, batch, vocab) if splits is None else int(splits)
+        # Two of the workspace's fp32 words a uint64 partial. One block a row reads neither (placeholders).
+        partials, counters = split_workspace(2 * batch * splits, batch) if splits > 1 else (out, out)
+        _KERNELS.launch(
+            _greedy_name(rows.dtype),
+            (batch, splits),
+            (GREEDY_THREADS,),
+            **row_arguments,
+            partials=partials,
+            counters=counters,
+            tokens=out,
+        )
+    else:
         _KERNELS.launch(
             _name(rows.dtype),
             (batch,),
             (SAMPLE_THREADS,),
-            logits=rows,
-            row_stride=rows.strides[0] // rows.itemsize,
-            vocab=vocab,
+            **row_arguments,
             seed_step=state,
             tokens=out,
             temperature=temperature,

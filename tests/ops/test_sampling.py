@@ -1,8 +1,9 @@
 """sample_tokens and sample_reference: the Philox counter mapping against a Philox4x64-10 written here and NumPy's
 generator; the draw's rules (greedy ties, the top-k and top-p sets with their ties, draws by seed, step and row);
-draw frequencies against the restricted softmax on a small vocabulary; argument checks. On a GPU: the kernel's
+draw frequencies against the restricted softmax on a small vocabulary; argument checks. On a GPU: the kernels'
 tokens equal the reference's (fp16, bf16, fp32; a [B, 1, V] view; replayed in a CUDA graph with the step advanced
-on the device)."""
+on the device); greedy on several blocks a row equals numpy.argmax (ties across the blocks' slices, -inf, strided
+views, any number of blocks, repeated launches and graph replays leaving the counters at zero)."""
 
 import math
 
@@ -215,6 +216,9 @@ def _bad(**change):
         (_bad(top_p=0.0), ValueError, r"top_p: expected a number in \(0, 1\] \(1: no top-p cut\); got 0.0"),
         (_bad(top_p=1.5), ValueError, r"top_p: .* got 1.5"),
         (_bad(top_p=math.nan), ValueError, r"top_p: .* got nan"),
+        (_bad(splits=0), ValueError, r"splits: expected an integer in \[1, 256\] or None; got 0"),
+        (_bad(splits=257), ValueError, r"splits: .* got 257"),
+        (_bad(splits=2.0), ValueError, r"splits: .* got 2.0"),
     ],
 )
 def test_bad_arguments_name_the_argument(arguments, error, message):
@@ -305,3 +309,141 @@ def test_a_captured_graph_draws_each_steps_tokens_as_the_step_advances_on_the_de
             graph.launch(stream)
             assert tokens.get().tolist() == sample_reference(logits, 2024, step, 0.8, 40, 0.95).tolist(), step
         assert state.get().tolist() == [2024, 15]
+
+
+# --- GPU: greedy on several blocks a row ---
+
+GREEDY_VOCABS = [1, 7, 50257, 100003, 128256]  # 100003: prime
+
+
+def _greedy_logits(rng, batch, vocab, dtype):
+    """Rows of every kind greedy must order: even rows small integers (hundreds of ties at the maximum, spread over
+    every block's slice), odd rows normal; a third of the entries -inf; the last row all -inf (the first index)."""
+    logits = random(rng, (batch, vocab), numpy.float32, scale=4.0)
+    logits[::2] = rng.integers(-50, 50, logits[::2].shape)
+    logits[rng.random((batch, vocab)) < 1 / 3] = -numpy.inf
+    if batch > 1:
+        logits[-1] = -numpy.inf
+    return logits.astype(dtype)
+
+
+def _first_argmax(logits):
+    """numpy.argmax in float64: the first index of the maximum."""
+    return numpy.asarray(logits).astype(numpy.float64).argmax(axis=-1).tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab", GREEDY_VOCABS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_greedy_equals_numpy_argmax(rng, dtype, vocab):
+    """Batches 1, 3, 17 and 64 (the blocks a row from greedy_splits: up to 32 at 128256, fewer as the batch fills
+    the GPU), over tokens prefilled with -1."""
+    import cupy
+
+    for batch in (1, 3, 17, 64):
+        logits = _greedy_logits(rng, batch, vocab, dtype)
+        tokens = cupy.full(batch, -1, cupy.int32)
+        ops.sample_tokens(cupy.asarray(logits), tokens, _state(1, 2))
+        assert tokens.get().tolist() == _first_argmax(logits), batch
+
+
+def _slice_starts(address, itemsize, vocab, splits):
+    """Where greedy_tokens' blocks start in a row at ``address`` (kernels_cu/sampling.cu: whole 16-byte vectors from
+    the row's first 16-byte boundary, ceil(vectors / splits) a block rounded up to 8 elements), with the first
+    whole vector's index and the first index after the last (the elements before and after go to the last block)."""
+    vec = 16 // itemsize
+    head = min(vocab, (16 - address % 16) % 16 // itemsize)
+    vectors = (vocab - head) // vec
+    per = -(-vectors // splits)
+    per = -(-per // (8 // vec)) * (8 // vec)
+    starts = [head + k * per * vec for k in range(1, splits) if k * per < vectors]
+    return starts, head, head + vectors * vec
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [2, 5, 13, 256])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_greedy_ties_across_the_blocks_go_to_the_first_index(rng, dtype, splits):
+    """Each row holds its maximum twice, at the two sides of one edge of the kernel's slicing: the last element of a
+    block's slice and the first of the next one's; the element before the first whole vector (the last block's) and
+    the first; the last whole vector's last element and the one after it (the last block's). The edges are spread
+    over the batch's rows; the first index wins. Rows vocab + 1 elements apart, starting one element in, so that
+    their 16-byte alignments differ."""
+    import cupy
+
+    vocab, batch = 50257, 64
+    rows = cupy.asarray(random(rng, (batch, vocab + 1), dtype, scale=1.0))[:, 1:]
+    pairs = []
+    for b in range(batch):
+        starts, head, rest = _slice_starts(rows[b].data.ptr, rows.itemsize, vocab, splits)
+        edges = [(head - 1, head)] if 0 < head < vocab else []
+        edges += [(rest - 1, rest)] if 0 < rest < vocab else []
+        edges += [(start - 1, start) for start in starts]
+        pairs.append(edges[b * len(edges) // batch])
+    host = rows.get()
+    for b, (i, j) in enumerate(pairs):
+        host[b, [i, j]] = 100
+    rows[...] = cupy.asarray(host)
+    tokens = cupy.full(rows.shape[0], -1, cupy.int32)
+    ops.sample_tokens(rows, tokens, _state(1, 2), splits=splits)
+    assert tokens.get().tolist() == [i for i, _ in pairs] == _first_argmax(host)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, 2, 3, 7, 64, 256])
+@pytest.mark.parametrize("vocab", [7, 4097, 50257])
+def test_greedy_gives_one_answer_for_any_number_of_blocks(rng, vocab, splits):
+    """Blocks with empty slices (more blocks than vectors) included."""
+    import cupy
+
+    logits = _greedy_logits(rng, 5, vocab, numpy.float16)
+    tokens = cupy.full(5, -1, cupy.int32)
+    ops.sample_tokens(cupy.asarray(logits), tokens, _state(1, 2), splits=splits)
+    assert tokens.get().tolist() == _first_argmax(logits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab", [7, 50257])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_greedy_reads_the_rows_of_a_strided_view(rng, dtype, vocab):
+    """The last position of [B, 3, V] logits: rows 3 V elements apart, each at its own 16-byte alignment."""
+    import cupy
+
+    sequence = _greedy_logits(rng, 12, 3 * vocab, dtype).reshape(12, 3, vocab)
+    tokens = cupy.full(12, -1, cupy.int32)
+    ops.sample_tokens(cupy.asarray(sequence)[:, -1:], tokens, _state(1, 2))
+    assert tokens.get().tolist() == _first_argmax(sequence[:, -1])
+
+
+@pytest.mark.gpu
+def test_greedy_launches_leave_the_counters_at_zero(rng):
+    """Launch after launch on one stream (new logits each time, batches that use different counters) and then
+    replays of a captured launch: each gives numpy.argmax, and the stream's counters are zero afterwards."""
+    import cupy
+
+    from cupy_transformer.runtime.kernels import split_workspace
+
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        for launch in range(6):
+            batch = (17, 3, 64)[launch % 3]
+            logits = _greedy_logits(rng, batch, 128256, numpy.float16)
+            tokens = cupy.full(batch, -1, cupy.int32)
+            ops.sample_tokens(cupy.asarray(logits), tokens, _state(1, 2))
+            assert tokens.get().tolist() == _first_argmax(logits), launch
+        assert not split_workspace(0, 0)[1][:64].any()
+
+        on_gpu = cupy.empty((17, 50257), numpy.float16)
+        tokens = cupy.full(17, -1, cupy.int32)
+        state = _state(1, 2)
+        stream.begin_capture()
+        ops.sample_tokens(on_gpu, tokens, state)
+        graph = stream.end_capture()
+        for replay in range(5):
+            logits = _greedy_logits(rng, 17, 50257, numpy.float16)
+            on_gpu[...] = cupy.asarray(logits)
+            tokens.fill(-1)
+            graph.launch(stream)
+            assert tokens.get().tolist() == _first_argmax(logits), replay
+        stream.synchronize()
+        assert not split_workspace(0, 0)[1][:64].any()
