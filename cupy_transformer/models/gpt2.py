@@ -12,7 +12,6 @@ import numpy
 
 from .. import ops
 from ..layers import PreLNLayer, PreLNWeights
-from ..runtime.arrays import module_of
 from .base import CausalLM, open_checkpoint
 
 ACTIVATIONS = {"gelu_new": "GELU", "gelu_pytorch_tanh": "GELU", "gelu": "GELU_EXACT", "relu": "ReLU"}
@@ -73,6 +72,5 @@ class GPT2(CausalLM):
         self.layer = PreLNLayer(self.config)
 
     def token_embeddings(self, ids, positions):
-        """``wte[ids] + wpe[positions]``, summed in fp32 (float64 on the NumPy path), rounded once."""
-        compute = numpy.float64 if module_of(self.wte) is numpy else numpy.float32
-        return (self.wte[ids].astype(compute) + self.wpe[positions].astype(compute)).astype(self.config.dtype)
+        """``wte[ids] + wpe[positions]``, summed in fp32 (float64 on the NumPy path), rounded once: ``ops.embed``."""
+        return ops.embed(ids, self.wte, positions, self.wpe)

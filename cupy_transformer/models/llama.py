@@ -99,4 +99,5 @@ class LLaMA(CausalLM):
         self.layer = PreLNLayer(self.config)
 
     def token_embeddings(self, ids, positions):
-        return self.embed_tokens[ids]
+        """``embed_tokens[ids]``: ``ops.embed``."""
+        return ops.embed(ids, self.embed_tokens)

@@ -5,6 +5,7 @@
 
 from .bias_act import bias_act
 from .config import ActivationType, InferenceConfig, NormType
+from .embedding import embed
 from .gelu_gemm import GELUGemmOp
 from .linear import LinearOp
 from .matmul import graph_choices, lm_logits
@@ -53,6 +54,7 @@ __all__ = [
     "VectorMatMulOp",
     "bias_act",
     "create_op",
+    "embed",
     "graph_choices",
     "layer_norm",
     "lm_logits",
