@@ -9,6 +9,7 @@ from __future__ import annotations
 import cProfile
 import os
 import pstats
+import statistics
 import sys
 import time
 
@@ -26,16 +27,19 @@ def main(shape: str = "gpt2-small", batch: int = 1, prompt: int = 128) -> None:
     prompts = [list(range(1, prompt + 1))] * batch
     for _ in range(3):
         decoder.prefill(prompts)
-    decoder.stream.synchronize()
-    begin = time.perf_counter()
-    start, end = cupy.cuda.Event(), cupy.cuda.Event()
-    start.record(decoder.stream)
-    decoder.prefill(prompts)
-    end.record(decoder.stream)
-    host = time.perf_counter() - begin
-    end.synchronize()
-    gpu = cupy.cuda.get_elapsed_time(start, end)
-    print(f"{shape} batch {batch} prompt {prompt}: host {host * 1e3:.2f} ms, stream {gpu:.2f} ms")
+    hosts, gpus = [], []
+    for _ in range(10):
+        decoder.stream.synchronize()
+        begin = time.perf_counter()
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record(decoder.stream)
+        decoder.prefill(prompts)
+        end.record(decoder.stream)
+        hosts.append(time.perf_counter() - begin)
+        end.synchronize()
+        gpus.append(cupy.cuda.get_elapsed_time(start, end))
+    host, gpu = statistics.median(hosts) * 1e3, statistics.median(gpus)
+    print(f"{shape} batch {batch} prompt {prompt}: host {host:.2f} ms, stream {gpu:.2f} ms (medians of 10)")
     profile = cProfile.Profile()
     profile.enable()
     for _ in range(5):

@@ -70,7 +70,8 @@ def test_numpy_path_writes_out(rng):
     assert rel_error(out, exact_layer_norm(x, gamma, beta, 1e-5)) < 1e-5
 
 
-def test_every_launch_config_is_instantiated():
+@pytest.mark.parametrize("rows", [37, 1000])
+def test_every_launch_config_is_instantiated(rows):
     names = set(norm_module.NORM_KERNELS.name_expressions)
     placements = [  # (row tensors, per-column vectors): aligned; misaligned alike; x and out apart; gamma off
         ({"x": 0, "out": 256}, {"gamma": 512}),
@@ -82,13 +83,13 @@ def test_every_launch_config_is_instantiated():
         for width in (1, 7, 8, 64, 127, 384, 1000, 1001, 1024, 1032, 4096, 4095, 8192 * 8, 8193 * 8, 70001):
             for rows_at, params_at in placements:
                 name, grid, block, _ = norm_module.launch_config(
-                    rows=37, width=width, dtype=dtype, rows_at=rows_at, params_at=params_at
+                    rows=rows, width=width, dtype=dtype, rows_at=rows_at, params_at=params_at
                 )
                 assert name in names
                 vec, vpt = (int(a) for a in name.split("<")[1].split(",")[1:3])
                 threads, rows_per_block = (block + (1,))[:2]
                 assert threads % 32 == 0 and 32 <= threads * rows_per_block <= 1024
-                assert grid[0] * rows_per_block >= 37  # every row has a block or a warp
+                assert grid[0] * rows_per_block >= rows  # every row has a block or a warp
                 if vpt:  # register-held rows: only for aligned placements, and the registers cover the row
                     assert rows_at is placements[0][0] and width % vec == 0 and threads * vpt * vec >= width
 
