@@ -202,3 +202,37 @@ def write_table(stem: str, lines: list[str]) -> str:
         f.write("\n".join(lines) + "\n")
     print(f"written to {path}")
     return path
+
+
+def graph_node_us(launch, nodes: int, rounds: int = 3) -> float:
+    """µs a node of a CUDA graph of ``nodes`` calls ``launch(i)`` (captured once after one eager call that compiles
+    and allocates), the best of ``rounds`` replays."""
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        launch(0)
+        stream.begin_capture()
+        for i in range(nodes):
+            launch(i)
+        graph = stream.end_capture()
+        graph.launch(stream)
+        best = float("inf")
+        for _ in range(rounds):
+            start, end = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record(stream)
+            graph.launch(stream)
+            end.record(stream)
+            end.synchronize()
+            best = min(best, cupy.cuda.get_elapsed_time(start, end) * 1e3)
+    return best / nodes
+
+
+def l2_flush_in_graphs(nbytes: int = 64 << 20):
+    """(flush, its µs as a graph node): a copy of ``nbytes`` to put before each timed launch in a graph (a decode
+    step's weights evict what the launch would find in L2), whose own time is taken off."""
+    src = cupy.ones(nbytes, cupy.uint8)
+    dst = cupy.empty_like(src)
+
+    def flush():
+        dst[...] = src
+
+    return flush, graph_node_us(lambda i: flush(), 30)

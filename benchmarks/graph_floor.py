@@ -7,7 +7,14 @@ math), so that a step of N kernels reading B bytes cannot take less than about N
 
 from __future__ import annotations
 
+import os
+import sys
+
 import cupy
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import card_name, graph_node_us  # noqa: E402
 
 SOURCE = r"""
 extern "C" __global__ void empty(int* out) {
@@ -26,36 +33,14 @@ extern "C" __global__ void read(const uint4* __restrict__ src, long long n, unsi
 """
 
 
-def graph_time(launch_one, nodes: int, rounds: int = 5) -> float:
-    """Seconds a node of a graph of ``nodes`` dependent launches of ``launch_one(i)``, best of ``rounds``."""
-    stream = cupy.cuda.Stream(non_blocking=True)
-    with stream:
-        stream.begin_capture()
-        for i in range(nodes):
-            launch_one(i)
-        graph = stream.end_capture()
-        graph.launch(stream)
-        stream.synchronize()
-        best = float("inf")
-        for _ in range(rounds):
-            start, end = cupy.cuda.Event(), cupy.cuda.Event()
-            start.record(stream)
-            graph.launch(stream)
-            end.record(stream)
-            end.synchronize()
-            best = min(best, cupy.cuda.get_elapsed_time(start, end) * 1e-3)
-    return best / nodes
-
-
 def main() -> None:
     module = cupy.RawModule(code=SOURCE)
     empty, read = module.get_function("empty"), module.get_function("read")
     sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
-    name = cupy.cuda.runtime.getDeviceProperties(0)["name"]
-    print(f"{name.decode() if isinstance(name, bytes) else name}, {sms} SMs")
-    t0 = graph_time(lambda i: empty((1,), (32,), (0,)), 1000)
-    t0_wide = graph_time(lambda i: empty((2 * sms,), (256,), (0,)), 1000)
-    print(f"empty kernel, graph node: {t0 * 1e6:.2f} µs (1 block), {t0_wide * 1e6:.2f} µs ({2 * sms} blocks)")
+    print(f"{card_name()}, {sms} SMs")
+    t0 = graph_node_us(lambda i: empty((1,), (32,), (0,)), 1000)
+    t0_wide = graph_node_us(lambda i: empty((2 * sms,), (256,), (0,)), 1000)
+    print(f"empty kernel, graph node: {t0:.2f} µs (1 block), {t0_wide:.2f} µs ({2 * sms} blocks)")
     pool = cupy.random.default_rng(0).integers(0, 2**31, size=(1 << 30) // 4, dtype=cupy.int32)  # 1 GiB
     out = cupy.zeros(1 << 16, cupy.uint32)
     print("| bytes a kernel | µs a node | GB/s | of 1 GiB rate |\n|---|---|---|---|")
@@ -69,9 +54,9 @@ def main() -> None:
             offset = (i % slices) * n * 16
             read((4 * sms,), (512,), (pool.data.ptr + offset, cupy.int64(n), out))
 
-        t = graph_time(launch, nodes, rounds=3)
-        rates[size] = size / t
-        print(f"| {size} | {t * 1e6:.2f} | {size / t / 1e9:.0f} | {rates[size] / rates[1 << 30]:.0%} |")
+        t = graph_node_us(launch, nodes)
+        rates[size] = size / t  # bytes a µs
+        print(f"| {size} | {t:.2f} | {size / t / 1e3:.0f} | {rates[size] / rates[1 << 30]:.0%} |")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cupy  # noqa: E402
 
+from benchmarks.common import card_name, graph_node_us, l2_flush_in_graphs  # noqa: E402
 from cupy_transformer.kv_cache import KVCache  # noqa: E402
 from cupy_transformer.ops.decode_attention import decode_attention, one_block_keys  # noqa: E402
 
@@ -31,36 +32,13 @@ CAPACITY = 2048
 REPEATS = 30
 
 
-def graph_us(body, rounds: int = 3) -> float:
-    stream = cupy.cuda.Stream(non_blocking=True)
-    with stream:
-        body()  # compiles and allocates outside the capture
-        stream.begin_capture()
-        for _ in range(REPEATS):
-            body()
-        graph = stream.end_capture()
-        graph.launch(stream)
-        best = float("inf")
-        for _ in range(rounds):
-            start, end = cupy.cuda.Event(), cupy.cuda.Event()
-            start.record(stream)
-            graph.launch(stream)
-            end.record(stream)
-            end.synchronize()
-            best = min(best, cupy.cuda.get_elapsed_time(start, end) * 1e3)
-    return best / REPEATS
+def graph_us(body) -> float:
+    return graph_node_us(lambda i: body(), REPEATS)
 
 
 def main() -> None:
-    name = cupy.cuda.runtime.getDeviceProperties(0)["name"]
-    print(name.decode() if isinstance(name, bytes) else name)
-    src = cupy.ones(64 << 20, cupy.uint8)
-    dst = cupy.empty_like(src)
-
-    def flush():
-        dst[...] = src
-
-    flush_us = graph_us(flush)
+    print(card_name())
+    flush, flush_us = l2_flush_in_graphs()
     print(f"64 MiB copy: {flush_us:.1f} µs\n")
     rng = cupy.random.default_rng(0)
     for shape, (h, kv, d, b) in SHAPES.items():

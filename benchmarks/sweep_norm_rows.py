@@ -17,20 +17,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cupy  # noqa: E402
 import numpy  # noqa: E402
 
+from benchmarks.common import card_name, l2_flush_in_graphs  # noqa: E402
 from benchmarks.sweep_decode_short import graph_us  # noqa: E402
 from cupy_transformer.ops.norm import NORM_KERNELS, kernel_name, launch_config  # noqa: E402
 
 
 def main() -> None:
-    name = cupy.cuda.runtime.getDeviceProperties(0)["name"]
-    print(name.decode() if isinstance(name, bytes) else name)
-    src = cupy.ones(64 << 20, cupy.uint8)
-    dst = cupy.empty_like(src)
-
-    def flush():
-        dst[...] = src
-
-    flush_us = graph_us(flush)
+    print(card_name())
+    flush, flush_us = l2_flush_in_graphs()
     dtype = numpy.dtype(numpy.float16)
     print("| rows x width | launcher's | warp a row | block, 1 a thread | block, 2 | block, 4 |")
     print("|---|---|---|---|---|---|")
