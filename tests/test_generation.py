@@ -147,3 +147,118 @@ def test_gpu_captured_steps_draw_the_eager_steps_tokens(tmp_path, rng, family):
             runs.append(numpy.stack(tokens))
         assert (runs[0] == runs[1]).all() and (runs[0] == runs[2]).all(), sampling
         assert len(numpy.unique(runs[0])) > 10  # not one token repeated
+
+
+def write_json(path, value):
+    import json
+
+    path.write_text(json.dumps(value))
+
+
+def json_of(path):
+    import json
+
+    return json.loads(path.read_text())
+
+
+def load_model_fp32(path):
+    from cupy_transformer.models import load_model
+
+    return load_model(path, "float32", "numpy", progress=False)
+
+
+@pytest.mark.parametrize("hit", [0, 1])
+def test_eos_list_from_generation_config_stops_where_transformers_does(tmp_path, rng, hit):
+    """A Llama-3-style checkpoint: config.json's eos_token_id is one id, generation_config.json's a list (which
+    wins, as in transformers) and its max_new_tokens; our greedy generate stops where transformers' does, at
+    either id of the list (``hit``: which one the greedy tokens reach)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from tests.models.test_parity import save, word_tokenizer
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=50,
+        max_position_embeddings=40,
+        rope_theta=500.0,
+    )
+    save(transformers.LlamaForCausalLM(cfg), tmp_path)
+    tok = word_tokenizer(tmp_path, 50)
+    prompt = rng.integers(1, 50, 5).tolist()
+    with torch.no_grad():
+        free = (
+            transformers.LlamaForCausalLM.from_pretrained(tmp_path)
+            .generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)[
+                0, len(prompt) :
+            ]
+            .tolist()
+        )
+    k = next(i for i in range(3, 16) if free[i] not in free[:i])  # stop after a few tokens
+    unused = next(t for t in range(50) if t not in free)
+    eos = [free[k], unused] if hit == 0 else [unused, free[k]]
+    write_json(tmp_path / "config.json", {**json_of(tmp_path / "config.json"), "eos_token_id": free[0]})
+    write_json(tmp_path / "generation_config.json", {"eos_token_id": eos, "max_new_tokens": 16, "do_sample": False})
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path)
+    assert hf.generation_config.eos_token_id == eos
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([prompt]), pad_token_id=0)[0, len(prompt) :].tolist()
+    assert want == free[:k] + [free[k]]  # transformers keeps the eos token; we drop it
+    model = load_model_fp32(tmp_path)
+    defaults = generation.generation_defaults(tmp_path)
+    assert defaults.eos_token_id == tuple(eos) and defaults.max_new_tokens == 16
+    assert generation.generate(model, tok, [words(prompt)], defaults=defaults) == [words(free[:k])]
+
+
+def test_generation_defaults_come_from_generation_config_json_else_config_json(tmp_path, rng):
+    test_gpt2.checkpoint(tmp_path, rng)
+    config = json_of(tmp_path / "config.json")
+    assert generation.generation_defaults(tmp_path) == generation.GenerationDefaults()
+    write_json(tmp_path / "config.json", {**config, "eos_token_id": [7, 9], "temperature": 0.7})
+    assert generation.generation_defaults(tmp_path) == generation.GenerationDefaults((7, 9), temperature=0.7)
+    # Llama-3's generation_config.json: all of it is read, config.json's settings are not.
+    llama3 = {"bos_token_id": 1, "do_sample": True, "eos_token_id": [3, 4], "max_length": 20, "top_p": 0.9}
+    write_json(tmp_path / "generation_config.json", {**llama3, "temperature": 0.6})
+    assert generation.generation_defaults(tmp_path) == generation.GenerationDefaults(
+        (3, 4), True, 0.6, None, 0.9, None, 20
+    )
+    write_json(tmp_path / "generation_config.json", {"eos_token_id": 5})
+    assert generation.generation_defaults(tmp_path).eos_token_id == (5,)
+    bad = [
+        ({"eos_token_id": "2"}, r"generation_config.json: eos_token_id must be a token id or a list of token ids"),
+        ({"eos_token_id": [2, -1]}, r"eos_token_id must be a token id or a list"),
+        ({"do_sample": "yes"}, r"generation_config.json: do_sample must be true, false or null; got 'yes'"),
+        ({"top_k": 2.5}, r"generation_config.json: top_k must be an integer or null; got 2.5"),
+        ({"top_p": 0}, r"generation_config.json: top_p: expected a number in \(0, 1\]"),
+        ([1], r"generation_config.json: expected a JSON object; got list"),
+    ]
+    for value, message in bad:
+        write_json(tmp_path / "generation_config.json", value)
+        with pytest.raises(ValueError, match=message):
+            generation.generation_defaults(tmp_path)
+
+
+def test_settings_given_win_over_the_checkpoints_which_win_over_the_fallbacks():
+    resolve, G, S = generation.resolve_settings, generation.GenerationDefaults, generation.Sampling
+    assert resolve(None, 5, 100) == (20, S(), frozenset())  # greedy, 20 new tokens, no eos
+    assert resolve(None, 5, 100, temperature=0.5) == (20, S(0.5, 50, 1.0), frozenset())  # transformers' top_k 50
+    llama3 = G((3, 4), True, 0.6, None, 0.9, None, 40)
+    n, sampling, eos = resolve(llama3, 5, 100)
+    assert (n, eos) == (35, {3, 4}) and sampling == S(*(float(numpy.float32(v)) for v in (0.6, 50, 0.9)))
+    assert resolve(llama3, 5, 100, 7, temperature=0.0, eos_token_id=[]) == (7, S(), frozenset())
+    assert resolve(llama3, 5, 100, top_k=3, eos_token_id=2)[1:] == (S(sampling.temperature, 3, sampling.top_p), {2})
+    assert resolve(G(do_sample=False, temperature=0.6), 5, 100)[1] == S()  # do_sample false: greedy
+    assert resolve(G(max_new_tokens=8, max_length=9), 5, 100)[0] == 8  # max_new_tokens wins over max_length
+    assert resolve(G(max_length=4096), 5, 100)[0] == 95  # a length not given is cut to the context
+    with pytest.raises(ValueError, match=r"max_new_tokens: not given, and the checkpoint's max_length 5 less 5"):
+        resolve(G(max_length=5), 5, 100)
+    with pytest.raises(ValueError, match=r"max_new_tokens: 5 prompt tokens \+ 96 exceed the model's context"):
+        resolve(None, 5, 100, 96)
+    with pytest.raises(ValueError, match=r"temperature: expected a finite number >= 0"):
+        resolve(llama3, 5, 100, temperature=float("nan"))
+    with pytest.raises(ValueError, match=r"top_p: expected a number in \(0, 1\]"):
+        resolve(None, 5, 100, top_p=0.0)  # checked though greedy ignores it
