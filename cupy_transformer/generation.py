@@ -5,7 +5,10 @@ positions count real tokens only, so each sequence gets the tokens it would get 
 on the device (``ops.sample_tokens``: greedy, or temperature with top-k and top-p from a counter-based generator
 keyed by the seed, the step and the sequence, the same draws on the NumPy path). A sequence stops at an
 ``eos_token_id`` or when its text contains a stop string (cut before it); ``stream`` receives each sequence's
-new text as it comes.
+new text as it comes, decoded a few tokens at a time, in pieces that join to the result byte for byte: a
+character whose bytes have not all come, and a tail that could begin a stop string, wait. Settings not given
+come from the checkpoint's generation_config.json as transformers reads it (``generation_defaults``,
+``resolve_settings``).
 
 ``Decoder`` holds one batch's decode state in arrays of the model's backend: the token ids [B, 1] (the sampler
 writes the next ones there), their positions, the cache's slots (``KVCache.device_lengths``) and the sampler's

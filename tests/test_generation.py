@@ -262,3 +262,118 @@ def test_settings_given_win_over_the_checkpoints_which_win_over_the_fallbacks():
         resolve(llama3, 5, 100, temperature=float("nan"))
     with pytest.raises(ValueError, match=r"top_p: expected a number in \(0, 1\]"):
         resolve(None, 5, 100, top_p=0.0)  # checked though greedy ignores it
+
+
+STREAM_TEXT = "café 🚀 naïve — 日本語 über straße 🙂 ok"
+
+
+def byte_level_bpe(merges=20):
+    """A GPT-2-style byte-level BPE tokenizer (all 256 bytes and a few merges learnt on STREAM_TEXT, so that
+    tokens cut its characters: " na\\xc3" then "\\xafve")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=len(alphabet) + merges, initial_alphabet=alphabet, show_progress=False)
+    tok.train_from_iterator([STREAM_TEXT] * 3, trainer)
+    return tok
+
+
+class ScriptedDecoder:
+    """generation.Decoder's interface drawing scripted tokens: ``model.script[b]`` for sequence b."""
+
+    def __init__(self, model, batch, capacity, cuda_graph=True):
+        self.script, self.steps = model.script, 0
+
+    def prefill(self, prompts, seed=0, sampling=None):
+        pass
+
+    def step(self):
+        self.steps += 1
+
+    def read(self, step):
+        return numpy.array([s[step] for s in self.script])
+
+
+class ScriptedModel:
+    max_positions = 1000
+
+    def __init__(self, script):
+        self.script = script
+
+
+def streamed_and_returned(model, tok, prompts, **kwargs):
+    pieces = [[] for _ in prompts]
+    texts = generation.generate(model, tok, prompts, stream=lambda b, piece: pieces[b].append(piece), **kwargs)
+    assert all(piece for p in pieces for piece in p)  # no empty pieces
+    return ["".join(p) for p in pieces], texts
+
+
+def cut_at_stop(text, stop):
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return text[: min(cuts)] if cuts else text
+
+
+def test_streamed_text_is_the_result_for_scripted_multibyte_tokens_and_stops(monkeypatch, rng):
+    """Tokens that cut characters (the text's own, and random byte tokens that make invalid UTF-8), stop strings
+    spanning tokens, one met by the first token, one never met, and "" (ignored): the stream's pieces join to the
+    result, which is decode(the tokens) cut before the first stop."""
+    monkeypatch.setattr(generation, "Decoder", ScriptedDecoder)
+    tok = byte_level_bpe()
+    ids = tok.encode(STREAM_TEXT).ids
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # some tokens hold part of a character
+    scripts = [ids, rng.integers(0, tok.get_vocab_size(), 40).tolist(), ids[:3] + rng.integers(200, 290, 20).tolist()]
+    stops = [(), ("naïve",), ("ï",), ("🚀 n", "über"), ("caf",), ("c",), ("zzz", ""), ("ok",), ("\u65e5\u672c",)]
+    for script in scripts:
+        for stop in stops:
+            model = ScriptedModel([script, list(reversed(script))])
+            n = len(script)
+            streamed, returned = streamed_and_returned(model, tok, ["a", "b"], max_new_tokens=n, stop=stop)
+            assert streamed == returned, (script, stop)
+            assert returned == [cut_at_stop(tok.decode(s), stop) for s in model.script], (script, stop)
+    streamed, returned = streamed_and_returned(ScriptedModel([ids]), tok, ["a"], max_new_tokens=len(ids), stop=["c"])
+    assert streamed == returned == [""]  # a stop in the very first token: nothing shown
+    eos = ids[5]
+    streamed, returned = streamed_and_returned(
+        ScriptedModel([ids]), tok, ["a"], max_new_tokens=len(ids), eos_token_id=eos
+    )
+    assert streamed == returned == [tok.decode(ids[:5])]  # an incomplete character at eos is shown as decode shows it
+
+
+def test_streamed_text_is_the_result_for_sampled_byte_level_tokens(tmp_path, rng):
+    """A tiny random GPT-2 over a byte-level BPE vocabulary, sampled at temperature 1 with several seeds: the
+    draws cut characters and make invalid UTF-8; the stream still joins to the result, stop strings or not."""
+    tok = byte_level_bpe()
+    test_gpt2.checkpoint(tmp_path, rng, vocab=tok.get_vocab_size(), positions=64)
+    model = GPT2(tmp_path, numpy.float32, "numpy", progress=False)
+    seen = ""
+    for seed in range(6):
+        for stop in ((), ("\ufffd\ufffd",), ("é", "ï", " ")):
+            kwargs = dict(max_new_tokens=40, temperature=1.0, top_k=0, seed=seed, stop=stop)
+            streamed, returned = streamed_and_returned(model, tok, ["café", "naïve 🚀"], **kwargs)
+            assert streamed == returned, (seed, stop)
+            seen += "".join(returned)
+    assert any(ord(c) > 127 and c != "\ufffd" for c in seen) and "\ufffd" in seen
+
+
+def test_text_is_decoded_a_few_tokens_at_a_time(monkeypatch):
+    """Each step decodes a window of a few tokens, not the whole continuation (only the result is decoded
+    whole)."""
+    monkeypatch.setattr(generation, "Decoder", ScriptedDecoder)
+    tok, windows = byte_level_bpe(), []
+
+    class Counting:
+        def encode(self, text):
+            return tok.encode(text)
+
+        def decode(self, ids):
+            windows.append(len(ids))
+            return tok.decode(ids)
+
+    ids = tok.encode(STREAM_TEXT * 3).ids
+    pieces = []
+    text = generation.generate(ScriptedModel([ids]), Counting(), ["a"], len(ids), stream=lambda _, p: pieces.append(p))
+    assert text == ["".join(pieces)] == [STREAM_TEXT * 3] and len(ids) > 30
+    assert windows[-1] == len(ids) and max(windows[:-1]) <= 8  # a character cut over several tokens widens it
