@@ -79,6 +79,7 @@ class Decoder:
         self.cuda_graph = cuda_graph and self.gpu
         self.sampling = Sampling()
         self.steps = 0  # decode steps since the prompts: step n draws each sequence's token n
+        self._finite, self._prompts = None, None  # whether the prompts' logits are finite, and they (``prefill``)
         self._graphs: dict[Sampling, object] = {}
         self._warm: set[Sampling] = set()
         self._host = [numpy.zeros(self.batch, numpy.int32) for _ in range(2)]  # steps n and n + 1's tokens
@@ -127,6 +128,11 @@ class Decoder:
             self.cache.sync_device()
             self.positions[:, 0] = xp.asarray(keep.sum(axis=1).astype(numpy.int32))
             self.seed_step[...] = xp.asarray(numpy.array([seed % 2**64, 0], numpy.uint64))
+            # Non-finite logits (a checkpoint's NaN weights) are looked for here once per call, in the prompts'
+            # logits: read with the first tokens (``read(0)``), not per step (a NaN met only by a generated token
+            # goes unseen).
+            self._finite = xp.isfinite(logits[:, -1]).all()
+            self._prompts = ids, positions, keep
             ops.sample_tokens(logits[:, -1], self.ids[:, 0], self.seed_step, *self.sampling)
             self.seed_step[1:] += 1
             self._copy_out(0)
@@ -160,6 +166,10 @@ class Decoder:
         """The tokens [B] drawn by ``step`` (0: the prompt pass), once the device has them: the host may read
         step n while step n + 1 runs, not earlier steps."""
         self.wait(step)
+        if step == 0 and self._prompts is not None:
+            if not bool(self._finite):
+                raise self.model.non_finite_error(*self._prompts)
+            self._prompts = None  # checked
         return self._host[step % 2].astype(numpy.int64)
 
     def wait(self, step: int) -> None:
@@ -186,7 +196,8 @@ class Decoder:
         self._ready[step % 2].record(self.stream)
 
     def _on_stream(self):
-        return self.stream if self.gpu else contextlib.nullcontext()
+        # NumPy's warnings about NaN and inf are left out: the prompts' logits are checked (``read(0)``).
+        return self.stream if self.gpu else numpy.errstate(invalid="ignore", over="ignore", divide="ignore")
 
     @contextlib.contextmanager
     def _step_memory(self):

@@ -10,15 +10,18 @@ from cupy_transformer.models import GPT2
 from tests.models import test_gpt2
 
 
-@pytest.fixture
-def model_and_tokenizer(tmp_path, rng):
+def word_tokenizer(vocab):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    test_gpt2.checkpoint(tmp_path, rng)
-    vocab = {f"w{i}": i for i in range(test_gpt2.VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return GPT2(tmp_path, numpy.float32, "numpy", progress=False), tok
+    return tok
+
+
+@pytest.fixture
+def model_and_tokenizer(tmp_path, rng):
+    test_gpt2.checkpoint(tmp_path, rng)
+    return GPT2(tmp_path, numpy.float32, "numpy", progress=False), word_tokenizer(test_gpt2.VOCAB)
 
 
 def greedy_without_cache(model, ids, n):
@@ -377,3 +380,40 @@ def test_text_is_decoded_a_few_tokens_at_a_time(monkeypatch):
     text = generation.generate(ScriptedModel([ids]), Counting(), ["a"], len(ids), stream=lambda _, p: pieces.append(p))
     assert text == ["".join(pieces)] == [STREAM_TEXT * 3] and len(ids) > 30
     assert windows[-1] == len(ids) and max(windows[:-1]) <= 8  # a character cut over several tokens widens it
+
+
+@pytest.mark.parametrize(
+    "family, tensor, value, where",
+    [
+        ("llama", "model.layers.1.mlp.down_proj.weight", numpy.nan, r"layer 1's output \(model\.layers\.1\.\*\)"),
+        (
+            "llama",
+            "model.layers.0.post_attention_layernorm.weight",
+            numpy.inf,
+            r"layer 0's output \(model\.layers\.0\.\*\)",
+        ),
+        ("llama", "model.norm.weight", numpy.nan, r"the final norm or the LM head"),
+        ("gpt2", "transformer.h.1.mlp.c_fc.bias", -numpy.inf, r"layer 1's output \(transformer\.h\.1\.\*\)"),
+        ("gpt2", "transformer.wpe.weight", numpy.nan, r"the token embeddings"),
+    ],
+)
+def test_non_finite_weights_are_an_error_naming_the_first_layer(tmp_path, rng, family, tensor, value, where):
+    """One NaN or inf weight: generate raises (not an empty text) and names where non-finite values first
+    appear; a padded batch's padding rows are not mistaken for them."""
+    from safetensors.numpy import load_file, save_file
+
+    from tests.models import test_llama
+
+    if family == "llama":
+        test_llama.checkpoint(tmp_path, rng, False)
+    else:
+        test_gpt2.checkpoint(tmp_path, rng)
+    tok = word_tokenizer(test_gpt2.VOCAB if family == "gpt2" else test_llama.VOCAB)
+    prompts = [words([3, 17, 5, 9]), words([8, 1])]
+    assert generation.generate(load_model_fp32(tmp_path), tok, prompts, 3)  # finite weights: no error
+    weights = load_file(tmp_path / "model.safetensors")
+    weights[tensor].reshape(-1)[rng.integers(weights[tensor].shape[-1])] = value  # in the first row: position 0
+    save_file(weights, tmp_path / "model.safetensors")
+    message = rf"non-finite values \(NaN or inf\) first appear in {where}: the checkpoint holds non-finite weights\?"
+    with pytest.raises(ValueError, match=message):
+        generation.generate(load_model_fp32(tmp_path), tok, prompts, 3)
