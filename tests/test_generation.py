@@ -177,20 +177,9 @@ def test_eos_list_from_generation_config_stops_where_transformers_does(tmp_path,
     either id of the list (``hit``: which one the greedy tokens reach)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from tests.models.test_parity import save, word_tokenizer
+    from tests.models.test_parity import save, tiny_llama, word_tokenizer
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=50,
-        max_position_embeddings=40,
-        rope_theta=500.0,
-    )
-    save(transformers.LlamaForCausalLM(cfg), tmp_path)
+    save(tiny_llama(), tmp_path)
     tok = word_tokenizer(tmp_path, 50)
     prompt = rng.integers(1, 50, 5).tolist()
     with torch.no_grad():
