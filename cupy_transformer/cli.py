@@ -115,11 +115,12 @@ def _generate(args: argparse.Namespace) -> int:
     if not hasattr(model, "new_cache"):
         raise SystemExit(f"generate: {args.model} holds a {model.model_type} model, which does not generate text")
     checkpoint = Checkpoint(args.model)
-    eos = checkpoint.config.get("eos_token_id")
 
     def stream(_, piece):
         print(piece, end="", flush=True)
 
+    # Flags not given (None) take the checkpoint's generation_config.json (or config.json) values, as
+    # transformers does: generation.resolve_settings.
     text = generation.generate(
         model,
         checkpoint.tokenizer(),
@@ -129,10 +130,10 @@ def _generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
-        eos_token_id=eos if isinstance(eos, (int, list)) else None,
         stop=args.stop or (),
         stream=stream if args.stream else None,
         cuda_graph=not args.no_cuda_graph,
+        defaults=generation.generation_defaults(checkpoint),
     )[0]
     print() if args.stream else print(text)
     return 0
@@ -167,10 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     gen = sub.add_parser("generate", help="continue a prompt with a GPT-2 or LLaMA-style checkpoint")
     gen.add_argument("--model", required=True, help="checkpoint folder (config.json, safetensors, tokenizer.json)")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=20)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
+    given = "default: the checkpoint's generation_config.json (or config.json)"
+    gen.add_argument("--max-new-tokens", type=int, help=f"{given} max_new_tokens or max_length - prompt, else 20")
+    gen.add_argument("--temperature", type=float, help=f"0: greedy; {given} do_sample and temperature, else greedy")
+    gen.add_argument("--top-k", type=int, help=f"0: all tokens; {given} top_k, else 50 (as transformers)")
+    gen.add_argument("--top-p", type=float, help=f"1: no cut; {given} top_p, else 1")
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", help="stop before this text (repeatable)")
     gen.add_argument("--dtype", choices=["fp16", "fp32"], help="default: fp16 on a GPU, fp32 on the CPU")

@@ -5,7 +5,10 @@ positions count real tokens only, so each sequence gets the tokens it would get 
 on the device (``ops.sample_tokens``: greedy, or temperature with top-k and top-p from a counter-based generator
 keyed by the seed, the step and the sequence, the same draws on the NumPy path). A sequence stops at an
 ``eos_token_id`` or when its text contains a stop string (cut before it); ``stream`` receives each sequence's
-new text as it comes.
+new text as it comes, decoded a few tokens at a time, in pieces that join to the result byte for byte: a
+character whose bytes have not all come, and a tail that could begin a stop string, wait. Settings not given
+come from the checkpoint's generation_config.json as transformers reads it (``generation_defaults``,
+``resolve_settings``).
 
 ``Decoder`` holds one batch's decode state in arrays of the model's backend: the token ids [B, 1] (the sampler
 writes the next ones there), their positions, the cache's slots (``KVCache.device_lengths``) and the sampler's
@@ -20,6 +23,7 @@ runs, and discards what a sequence draws after it stopped.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Callable, NamedTuple, Sequence
 
 import numpy
@@ -75,6 +79,7 @@ class Decoder:
         self.cuda_graph = cuda_graph and self.gpu
         self.sampling = Sampling()
         self.steps = 0  # decode steps since the prompts: step n draws each sequence's token n
+        self._finite, self._prompts = None, None  # whether the prompts' logits are finite, and they (``prefill``)
         self._graphs: dict[Sampling, object] = {}
         self._warm: set[Sampling] = set()
         self._host = [numpy.zeros(self.batch, numpy.int32) for _ in range(2)]  # steps n and n + 1's tokens
@@ -123,6 +128,11 @@ class Decoder:
             self.cache.sync_device()
             self.positions[:, 0] = xp.asarray(keep.sum(axis=1).astype(numpy.int32))
             self.seed_step[...] = xp.asarray(numpy.array([seed % 2**64, 0], numpy.uint64))
+            # Non-finite logits (a checkpoint's NaN weights) are looked for here once per call, in the prompts'
+            # logits: read with the first tokens (``read(0)``), not per step (a NaN met only by a generated token
+            # goes unseen).
+            self._finite = xp.isfinite(logits[:, -1]).all()
+            self._prompts = ids, positions, keep
             ops.sample_tokens(logits[:, -1], self.ids[:, 0], self.seed_step, *self.sampling)
             self.seed_step[1:] += 1
             self._copy_out(0)
@@ -156,6 +166,10 @@ class Decoder:
         """The tokens [B] drawn by ``step`` (0: the prompt pass), once the device has them: the host may read
         step n while step n + 1 runs, not earlier steps."""
         self.wait(step)
+        if step == 0 and self._prompts is not None:
+            if not bool(self._finite):
+                raise self.model.non_finite_error(*self._prompts)
+            self._prompts = None  # checked
         return self._host[step % 2].astype(numpy.int64)
 
     def wait(self, step: int) -> None:
@@ -182,7 +196,8 @@ class Decoder:
         self._ready[step % 2].record(self.stream)
 
     def _on_stream(self):
-        return self.stream if self.gpu else contextlib.nullcontext()
+        # NumPy's warnings about NaN and inf are left out: the prompts' logits are checked (``read(0)``).
+        return self.stream if self.gpu else numpy.errstate(invalid="ignore", over="ignore", divide="ignore")
 
     @contextlib.contextmanager
     def _step_memory(self):
@@ -195,59 +210,234 @@ class Decoder:
                 yield
 
 
+class GenerationDefaults(NamedTuple):
+    """A checkpoint's generation settings (``generation_defaults``); None: not set there. ``generate`` uses them
+    where its caller passes None."""
+
+    eos_token_id: tuple[int, ...] = ()
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    max_new_tokens: int | None = None
+    max_length: int | None = None
+
+
+# Where neither the caller nor the checkpoint sets them, transformers' global defaults (GenerationConfig's
+# _get_default_generation_params), except the length: transformers' max_length 20 counts the prompt too, which
+# leaves nothing for a 20-token prompt; we generate 20 new tokens instead.
+FALLBACK_TEMPERATURE, FALLBACK_TOP_K, FALLBACK_TOP_P, FALLBACK_NEW_TOKENS = 1.0, 50, 1.0, 20
+
+
+def _first(*values):
+    """The first value that is not None."""
+    return next(v for v in values if v is not None)
+
+
+def generation_defaults(checkpoint) -> GenerationDefaults:
+    """The generation settings of ``checkpoint`` (a folder or a ``loading.Checkpoint``) as transformers 5 reads
+    them: its ``generation_config.json``, all of it, where there is one (its eos_token_id wins over config.json's,
+    which is then not read), else config.json's eos_token_id and any generation keys it holds. Checked: a
+    ValueError names the file and key."""
+    from .loading import Checkpoint
+
+    ck = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+    path, c = ck.generation_config()
+
+    def number(key, kind, name):
+        value = c.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+            raise ValueError(f"{path}: {key} must be {name} or null; got {value!r}")
+        return value
+
+    eos = c.get("eos_token_id")
+    eos = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else eos
+    if eos is not None and not (
+        isinstance(eos, list) and all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in eos)
+    ):
+        raise ValueError(f"{path}: eos_token_id must be a token id or a list of token ids; got {eos!r}")
+    do_sample = c.get("do_sample")
+    if do_sample is not None and not isinstance(do_sample, bool):
+        raise ValueError(f"{path}: do_sample must be true, false or null; got {do_sample!r}")
+    d = GenerationDefaults(
+        tuple(eos or ()),
+        do_sample,
+        number("temperature", numbers.Real, "a number"),
+        number("top_k", numbers.Integral, "an integer"),
+        number("top_p", numbers.Real, "a number"),
+        number("max_new_tokens", numbers.Integral, "an integer"),
+        number("max_length", numbers.Integral, "an integer"),
+    )
+    try:
+        sampling_arguments(
+            _first(d.temperature, FALLBACK_TEMPERATURE),
+            _first(d.top_k, FALLBACK_TOP_K),
+            _first(d.top_p, FALLBACK_TOP_P),
+        )
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return d
+
+
+def resolve_settings(
+    defaults: GenerationDefaults | None,
+    prompt_tokens: int,
+    context: int,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+) -> tuple[int, Sampling, frozenset]:
+    """``(max_new_tokens, Sampling, eos ids)`` for ``generate``: each argument given (not None) wins over
+    ``defaults`` (a checkpoint's), which win over the fallbacks, as transformers' generate merges them. Where this
+    departs from transformers, on purpose:
+    - a temperature given > 0 samples (transformers samples only with do_sample), and 0 is greedy; without one,
+      the checkpoint's do_sample decides (default greedy) and a sampling run takes its temperature, top_k, top_p;
+    - a length not given is the checkpoint's max_new_tokens, else its max_length less the longest prompt, else
+      20 new tokens, each cut to the model's context (a length given that does not fit is an error).
+    ``prompt_tokens``: the longest prompt's tokens; ``context``: the model's positions."""
+    d = defaults or GenerationDefaults()
+    # The values given are checked whether or not they are used (greedy ignores top_k and top_p).
+    sampling_arguments(_first(temperature, 0.0), _first(top_k, 0), _first(top_p, 1.0))
+    if _first(temperature, 1.0 if d.do_sample else 0.0) > 0:
+        sampling = Sampling(
+            *sampling_arguments(
+                _first(temperature, d.temperature, FALLBACK_TEMPERATURE),
+                _first(top_k, d.top_k, FALLBACK_TOP_K),
+                _first(top_p, d.top_p, FALLBACK_TOP_P),
+            )
+        )
+    else:
+        sampling = Sampling()
+    if max_new_tokens is not None:
+        max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
+        if prompt_tokens + max_new_tokens > context:
+            raise ValueError(
+                f"max_new_tokens: {prompt_tokens} prompt tokens + {max_new_tokens} exceed the model's context "
+                f"(and cache) of {context} tokens"
+            )
+    else:
+        if d.max_new_tokens is not None:
+            wanted, source = d.max_new_tokens, f"the checkpoint's max_new_tokens {d.max_new_tokens}"
+        elif d.max_length is not None:
+            wanted = d.max_length - prompt_tokens
+            source = f"the checkpoint's max_length {d.max_length} less {prompt_tokens} prompt tokens"
+        else:
+            wanted, source = FALLBACK_NEW_TOKENS, "the default"
+        max_new_tokens = min(wanted, context - prompt_tokens)
+        if max_new_tokens < 1:
+            raise ValueError(
+                f"max_new_tokens: not given, and {source} leaves no new token within the model's context of "
+                f"{context}; pass max_new_tokens"
+            )
+    eos = d.eos_token_id if eos_token_id is None else eos_token_id
+    eos = frozenset([eos] if isinstance(eos, (int, numpy.integer)) else eos)
+    return max_new_tokens, sampling, eos
+
+
+class _Text:
+    """One sequence's new text, decoded a few tokens at a time as vLLM's detokenize_incrementally does: the text
+    of ``tokens[prefix:]`` past that of ``tokens[prefix:read]`` (decoded with the token before it, so that a
+    decoder which drops a first token's leading space sees the same context) is new, unless it ends in U+FFFD (a
+    character whose bytes have not all come: it waits for the next token). ``text`` is cut before the first stop
+    string; ``piece`` gives what may be shown: all but a tail that could begin a stop string."""
+
+    def __init__(self, tokenizer, stop: Sequence[str]):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]  # "" would stop everything: ignored
+        self.longest = max(map(len, self.stop), default=0)
+        self.tokens: list[int] = []
+        self.prefix = self.read = self.sent = 0
+        self.text, self.done = "", False
+
+    def add(self, token: int) -> None:
+        self.tokens.append(token)
+        before = self.tokenizer.decode(self.tokens[self.prefix : self.read])
+        after = self.tokenizer.decode(self.tokens[self.prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return
+        checked = max(0, len(self.text) - self.longest + 1)  # a stop ending in the new text starts here or later
+        self.text += after[len(before) :]
+        self.prefix, self.read = self.read, len(self.tokens)
+        cut = min((i for i in (self.text.find(s, checked) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.done = self.text[:cut], True
+
+    def piece(self) -> str:
+        """The text not shown yet that will stay in the result (nothing past a stop, no start of one)."""
+        end = len(self.text) if self.done else len(self.text) - self._could_begin_a_stop()
+        piece, self.sent = self.text[self.sent : end], max(self.sent, end)
+        return piece
+
+    def _could_begin_a_stop(self) -> int:
+        """The length of the longest tail of ``text`` that begins a stop string (0: none)."""
+        for n in range(min(self.longest - 1, len(self.text)), 0, -1):
+            if any(s.startswith(self.text[-n:]) for s in self.stop):
+                return n
+        return 0
+
+    def final(self) -> str:
+        """``tokenizer.decode`` of all the kept tokens, cut before the first stop string; the stream's last piece
+        (held characters and tails) is what ``piece`` has not shown of it."""
+        text = self.tokenizer.decode(self.tokens)
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        self.text, self.done = (text[:cut] if cut >= 0 else text), True
+        return self.text
+
+
 def generate(
     model,
     tokenizer,
     prompts: Sequence[str],
-    max_new_tokens: int = 20,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
     seed: int | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     stop: Sequence[str] = (),
     stream: Callable[[int, str], None] | None = None,
     cuda_graph: bool = True,
+    defaults: GenerationDefaults | None = None,
 ) -> list[str]:
-    """The generated text (without the prompt) of each prompt; arguments as the module docstring says
-    (``eos_token_id``: one id or several; ``seed`` None: a fresh one; ``cuda_graph=False``: eager steps)."""
-    max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
-    sampling = Sampling(*sampling_arguments(temperature, top_k, top_p))
+    """The generated text (without the prompt) of each prompt; arguments as the module docstring says. None
+    (not given) takes the value from ``defaults``, a checkpoint's settings (``generation_defaults(folder)``), else
+    a fallback: ``resolve_settings`` says how (``eos_token_id``: one id or several, ``[]`` none; ``seed`` None: a
+    fresh one; ``cuda_graph=False``: eager steps). ``stream(b, piece)`` gets sequence b's text in pieces whose
+    concatenation is its result, byte for byte."""
     encoded = [tokenizer.encode(p).ids for p in prompts]
     if any(not ids for ids in encoded):
         raise ValueError("prompts: a prompt encodes to no tokens (empty prompt?)")
     longest = max(len(ids) for ids in encoded)
     if longest > model.max_positions:
         raise ValueError(f"prompts: {longest} tokens exceed the model's context of {model.max_positions}")
-    if longest + max_new_tokens > model.max_positions:
-        raise ValueError(
-            f"max_new_tokens: {longest} prompt tokens + {max_new_tokens} exceed the model's context "
-            f"(and cache) of {model.max_positions} tokens"
-        )
-    eos = {eos_token_id} if isinstance(eos_token_id, (int, numpy.integer)) else set(eos_token_id or ())
+    max_new_tokens, sampling, eos = resolve_settings(
+        defaults, longest, model.max_positions, max_new_tokens, temperature, top_k, top_p, eos_token_id
+    )
     if seed is None:
         seed = int(numpy.random.SeedSequence().entropy) % 2**64
     decoder = Decoder(model, len(prompts), longest + max_new_tokens, cuda_graph=cuda_graph)
     decoder.prefill(encoded, seed, sampling)
-    new = [[] for _ in prompts]
-    texts, done = [""] * len(prompts), [False] * len(prompts)
+    texts = [_Text(tokenizer, stop) for _ in prompts]
     for step in range(max_new_tokens):
         if step + 1 < max_new_tokens:
             decoder.step()  # the next tokens are drawn while the host reads these
         for b, token in enumerate(decoder.read(step).tolist()):
-            if done[b]:
+            text = texts[b]
+            if text.done:
                 continue
             if token in eos:
-                done[b] = True
-                continue
-            new[b].append(token)
-            text = tokenizer.decode(new[b])
-            cut = min((text.find(s) for s in stop if s and s in text), default=-1)
-            if cut >= 0:
-                text, done[b] = text[:cut], True
-            if stream is not None and text != texts[b] and text.startswith(texts[b]):
-                stream(b, text[len(texts[b]) :])
-            texts[b] = text
-        if all(done):
+                text.done = True
+            else:
+                text.add(token)
+            if stream is not None and (piece := text.piece()):
+                stream(b, piece)
+        if all(t.done for t in texts):
             break
-    return texts
+    results = []
+    for b, text in enumerate(texts):
+        shown = text.text[: text.sent]
+        results.append(text.final())
+        if stream is not None and len(results[-1]) > len(shown):
+            stream(b, results[-1][len(shown) :])
+    return results

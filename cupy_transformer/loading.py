@@ -18,6 +18,7 @@ import numpy
 from .runtime.arrays import FLOAT_DTYPES, array_module, check_backend, float_dtype, import_cupy, kind_of, module_of
 
 WEIGHTS, INDEX, CONFIG, TOKENIZER = "model.safetensors", "model.safetensors.index.json", "config.json", "tokenizer.json"
+GENERATION_CONFIG = "generation_config.json"
 
 
 def default_model_dir():
@@ -135,6 +136,18 @@ class Checkpoint:
         show = sys.stderr.isatty() if progress is None else progress
         names = tqdm(list(shapes), desc=f"loading {self.folder.name}", unit="tensor", disable=not show)
         return {name: self.tensor(name, dtype, shapes[name], backend) for name in names}
+
+    def generation_config(self) -> tuple[Path, dict]:
+        """Where the generation settings come from and what they are, as transformers reads them: the folder's
+        ``generation_config.json``, all of it, where there is one (config.json's eos_token_id is then not used);
+        else config.json (``generation.generation_defaults`` picks the keys)."""
+        path = self.folder / GENERATION_CONFIG
+        if self._arrays is not None or not path.is_file():
+            return self.folder / CONFIG, self.config
+        settings = _read_json(path)
+        if not isinstance(settings, dict):
+            raise ValueError(f"{path}: expected a JSON object; got {type(settings).__name__}")
+        return path, settings
 
     def tokenizer(self):
         """The folder's ``tokenizer.json`` as a ``tokenizers.Tokenizer``."""

@@ -22,7 +22,7 @@ def main(folder, prompt, max_new_tokens=30):
         checkpoint.tokenizer(),
         [prompt],
         max_new_tokens,
-        eos_token_id=checkpoint.config.get("eos_token_id"),
+        defaults=generation.generation_defaults(checkpoint),  # eos ids and sampling as transformers reads them
         stream=lambda _, piece: print(piece, end="", flush=True),
     )[0]
     print()

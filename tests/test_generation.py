@@ -10,15 +10,18 @@ from cupy_transformer.models import GPT2
 from tests.models import test_gpt2
 
 
-@pytest.fixture
-def model_and_tokenizer(tmp_path, rng):
+def word_tokenizer(vocab):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    test_gpt2.checkpoint(tmp_path, rng)
-    vocab = {f"w{i}": i for i in range(test_gpt2.VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return GPT2(tmp_path, numpy.float32, "numpy", progress=False), tok
+    return tok
+
+
+@pytest.fixture
+def model_and_tokenizer(tmp_path, rng):
+    test_gpt2.checkpoint(tmp_path, rng)
+    return GPT2(tmp_path, numpy.float32, "numpy", progress=False), word_tokenizer(test_gpt2.VOCAB)
 
 
 def greedy_without_cache(model, ids, n):
@@ -147,3 +150,259 @@ def test_gpu_captured_steps_draw_the_eager_steps_tokens(tmp_path, rng, family):
             runs.append(numpy.stack(tokens))
         assert (runs[0] == runs[1]).all() and (runs[0] == runs[2]).all(), sampling
         assert len(numpy.unique(runs[0])) > 10  # not one token repeated
+
+
+def write_json(path, value):
+    import json
+
+    path.write_text(json.dumps(value))
+
+
+def json_of(path):
+    import json
+
+    return json.loads(path.read_text())
+
+
+def load_model_fp32(path):
+    from cupy_transformer.models import load_model
+
+    return load_model(path, "float32", "numpy", progress=False)
+
+
+@pytest.mark.parametrize("hit", [0, 1])
+def test_eos_list_from_generation_config_stops_where_transformers_does(tmp_path, rng, hit):
+    """A Llama-3-style checkpoint: config.json's eos_token_id is one id, generation_config.json's a list (which
+    wins, as in transformers) and its max_new_tokens; our greedy generate stops where transformers' does, at
+    either id of the list (``hit``: which one the greedy tokens reach)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from tests.models.test_parity import save, tiny_llama, word_tokenizer
+
+    save(tiny_llama(), tmp_path)
+    tok = word_tokenizer(tmp_path, 50)
+    prompt = rng.integers(1, 50, 5).tolist()
+    with torch.no_grad():
+        free = (
+            transformers.LlamaForCausalLM.from_pretrained(tmp_path)
+            .generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)[
+                0, len(prompt) :
+            ]
+            .tolist()
+        )
+    k = next(i for i in range(3, 16) if free[i] not in free[:i])  # stop after a few tokens
+    unused = next(t for t in range(50) if t not in free)
+    eos = [free[k], unused] if hit == 0 else [unused, free[k]]
+    write_json(tmp_path / "config.json", {**json_of(tmp_path / "config.json"), "eos_token_id": free[0]})
+    write_json(tmp_path / "generation_config.json", {"eos_token_id": eos, "max_new_tokens": 16, "do_sample": False})
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path)
+    assert hf.generation_config.eos_token_id == eos
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([prompt]), pad_token_id=0)[0, len(prompt) :].tolist()
+    assert want == free[:k] + [free[k]]  # transformers keeps the eos token; we drop it
+    model = load_model_fp32(tmp_path)
+    defaults = generation.generation_defaults(tmp_path)
+    assert defaults.eos_token_id == tuple(eos) and defaults.max_new_tokens == 16
+    assert generation.generate(model, tok, [words(prompt)], defaults=defaults) == [words(free[:k])]
+
+
+def test_generation_defaults_come_from_generation_config_json_else_config_json(tmp_path, rng):
+    test_gpt2.checkpoint(tmp_path, rng)
+    config = json_of(tmp_path / "config.json")
+    assert generation.generation_defaults(tmp_path) == generation.GenerationDefaults()
+    write_json(tmp_path / "config.json", {**config, "eos_token_id": [7, 9], "temperature": 0.7})
+    assert generation.generation_defaults(tmp_path) == generation.GenerationDefaults((7, 9), temperature=0.7)
+    # Llama-3's generation_config.json: all of it is read, config.json's settings are not.
+    llama3 = {"bos_token_id": 1, "do_sample": True, "eos_token_id": [3, 4], "max_length": 20, "top_p": 0.9}
+    write_json(tmp_path / "generation_config.json", {**llama3, "temperature": 0.6})
+    assert generation.generation_defaults(tmp_path) == generation.GenerationDefaults(
+        (3, 4), True, 0.6, None, 0.9, None, 20
+    )
+    write_json(tmp_path / "generation_config.json", {"eos_token_id": 5})
+    assert generation.generation_defaults(tmp_path).eos_token_id == (5,)
+    bad = [
+        ({"eos_token_id": "2"}, r"generation_config.json: eos_token_id must be a token id or a list of token ids"),
+        ({"eos_token_id": [2, -1]}, r"eos_token_id must be a token id or a list"),
+        ({"do_sample": "yes"}, r"generation_config.json: do_sample must be true, false or null; got 'yes'"),
+        ({"top_k": 2.5}, r"generation_config.json: top_k must be an integer or null; got 2.5"),
+        ({"top_p": 0}, r"generation_config.json: top_p: expected a number in \(0, 1\]"),
+        ([1], r"generation_config.json: expected a JSON object; got list"),
+    ]
+    for value, message in bad:
+        write_json(tmp_path / "generation_config.json", value)
+        with pytest.raises(ValueError, match=message):
+            generation.generation_defaults(tmp_path)
+
+
+def test_settings_given_win_over_the_checkpoints_which_win_over_the_fallbacks():
+    resolve, G, S = generation.resolve_settings, generation.GenerationDefaults, generation.Sampling
+    assert resolve(None, 5, 100) == (20, S(), frozenset())  # greedy, 20 new tokens, no eos
+    assert resolve(None, 5, 100, temperature=0.5) == (20, S(0.5, 50, 1.0), frozenset())  # transformers' top_k 50
+    llama3 = G((3, 4), True, 0.6, None, 0.9, None, 40)
+    n, sampling, eos = resolve(llama3, 5, 100)
+    assert (n, eos) == (35, {3, 4}) and sampling == S(*(float(numpy.float32(v)) for v in (0.6, 50, 0.9)))
+    assert resolve(llama3, 5, 100, 7, temperature=0.0, eos_token_id=[]) == (7, S(), frozenset())
+    assert resolve(llama3, 5, 100, top_k=3, eos_token_id=2)[1:] == (S(sampling.temperature, 3, sampling.top_p), {2})
+    assert resolve(G(do_sample=False, temperature=0.6), 5, 100)[1] == S()  # do_sample false: greedy
+    assert resolve(G(max_new_tokens=8, max_length=9), 5, 100)[0] == 8  # max_new_tokens wins over max_length
+    assert resolve(G(max_length=4096), 5, 100)[0] == 95  # a length not given is cut to the context
+    with pytest.raises(ValueError, match=r"max_new_tokens: not given, and the checkpoint's max_length 5 less 5"):
+        resolve(G(max_length=5), 5, 100)
+    with pytest.raises(ValueError, match=r"max_new_tokens: 5 prompt tokens \+ 96 exceed the model's context"):
+        resolve(None, 5, 100, 96)
+    with pytest.raises(ValueError, match=r"temperature: expected a finite number >= 0"):
+        resolve(llama3, 5, 100, temperature=float("nan"))
+    with pytest.raises(ValueError, match=r"top_p: expected a number in \(0, 1\]"):
+        resolve(None, 5, 100, top_p=0.0)  # checked though greedy ignores it
+
+
+STREAM_TEXT = "café 🚀 naïve — 日本語 über straße 🙂 ok"
+
+
+def byte_level_bpe(merges=20):
+    """A GPT-2-style byte-level BPE tokenizer (all 256 bytes and a few merges learnt on STREAM_TEXT, so that
+    tokens cut its characters: " na\\xc3" then "\\xafve")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=len(alphabet) + merges, initial_alphabet=alphabet, show_progress=False)
+    tok.train_from_iterator([STREAM_TEXT] * 3, trainer)
+    return tok
+
+
+class ScriptedDecoder:
+    """generation.Decoder's interface drawing scripted tokens: ``model.script[b]`` for sequence b."""
+
+    def __init__(self, model, batch, capacity, cuda_graph=True):
+        self.script, self.steps = model.script, 0
+
+    def prefill(self, prompts, seed=0, sampling=None):
+        pass
+
+    def step(self):
+        self.steps += 1
+
+    def read(self, step):
+        return numpy.array([s[step] for s in self.script])
+
+
+class ScriptedModel:
+    max_positions = 1000
+
+    def __init__(self, script):
+        self.script = script
+
+
+def streamed_and_returned(model, tok, prompts, **kwargs):
+    pieces = [[] for _ in prompts]
+    texts = generation.generate(model, tok, prompts, stream=lambda b, piece: pieces[b].append(piece), **kwargs)
+    assert all(piece for p in pieces for piece in p)  # no empty pieces
+    return ["".join(p) for p in pieces], texts
+
+
+def cut_at_stop(text, stop):
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return text[: min(cuts)] if cuts else text
+
+
+def test_streamed_text_is_the_result_for_scripted_multibyte_tokens_and_stops(monkeypatch, rng):
+    """Tokens that cut characters (the text's own, and random byte tokens that make invalid UTF-8), stop strings
+    spanning tokens, one met by the first token, one never met, and "" (ignored): the stream's pieces join to the
+    result, which is decode(the tokens) cut before the first stop."""
+    monkeypatch.setattr(generation, "Decoder", ScriptedDecoder)
+    tok = byte_level_bpe()
+    ids = tok.encode(STREAM_TEXT).ids
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # some tokens hold part of a character
+    scripts = [ids, rng.integers(0, tok.get_vocab_size(), 40).tolist(), ids[:3] + rng.integers(200, 290, 20).tolist()]
+    stops = [(), ("naïve",), ("ï",), ("🚀 n", "über"), ("caf",), ("c",), ("zzz", ""), ("ok",), ("\u65e5\u672c",)]
+    for script in scripts:
+        for stop in stops:
+            model = ScriptedModel([script, list(reversed(script))])
+            n = len(script)
+            streamed, returned = streamed_and_returned(model, tok, ["a", "b"], max_new_tokens=n, stop=stop)
+            assert streamed == returned, (script, stop)
+            assert returned == [cut_at_stop(tok.decode(s), stop) for s in model.script], (script, stop)
+    streamed, returned = streamed_and_returned(ScriptedModel([ids]), tok, ["a"], max_new_tokens=len(ids), stop=["c"])
+    assert streamed == returned == [""]  # a stop in the very first token: nothing shown
+    eos = ids[5]
+    streamed, returned = streamed_and_returned(
+        ScriptedModel([ids]), tok, ["a"], max_new_tokens=len(ids), eos_token_id=eos
+    )
+    assert streamed == returned == [tok.decode(ids[:5])]  # an incomplete character at eos is shown as decode shows it
+
+
+def test_streamed_text_is_the_result_for_sampled_byte_level_tokens(tmp_path, rng):
+    """A tiny random GPT-2 over a byte-level BPE vocabulary, sampled at temperature 1 with several seeds: the
+    draws cut characters and make invalid UTF-8; the stream still joins to the result, stop strings or not."""
+    tok = byte_level_bpe()
+    test_gpt2.checkpoint(tmp_path, rng, vocab=tok.get_vocab_size(), positions=64)
+    model = GPT2(tmp_path, numpy.float32, "numpy", progress=False)
+    seen = ""
+    for seed in range(6):
+        for stop in ((), ("\ufffd\ufffd",), ("é", "ï", " ")):
+            kwargs = dict(max_new_tokens=40, temperature=1.0, top_k=0, seed=seed, stop=stop)
+            streamed, returned = streamed_and_returned(model, tok, ["café", "naïve 🚀"], **kwargs)
+            assert streamed == returned, (seed, stop)
+            seen += "".join(returned)
+    assert any(ord(c) > 127 and c != "\ufffd" for c in seen) and "\ufffd" in seen
+
+
+def test_text_is_decoded_a_few_tokens_at_a_time(monkeypatch):
+    """Each step decodes a window of a few tokens, not the whole continuation (only the result is decoded
+    whole)."""
+    monkeypatch.setattr(generation, "Decoder", ScriptedDecoder)
+    tok, windows = byte_level_bpe(), []
+
+    class Counting:
+        def encode(self, text):
+            return tok.encode(text)
+
+        def decode(self, ids):
+            windows.append(len(ids))
+            return tok.decode(ids)
+
+    ids = tok.encode(STREAM_TEXT * 3).ids
+    pieces = []
+    text = generation.generate(ScriptedModel([ids]), Counting(), ["a"], len(ids), stream=lambda _, p: pieces.append(p))
+    assert text == ["".join(pieces)] == [STREAM_TEXT * 3] and len(ids) > 30
+    assert windows[-1] == len(ids) and max(windows[:-1]) <= 8  # a character cut over several tokens widens it
+
+
+@pytest.mark.parametrize(
+    "family, tensor, value, where",
+    [
+        ("llama", "model.layers.1.mlp.down_proj.weight", numpy.nan, r"layer 1's output \(model\.layers\.1\.\*\)"),
+        (
+            "llama",
+            "model.layers.0.post_attention_layernorm.weight",
+            numpy.inf,
+            r"layer 0's output \(model\.layers\.0\.\*\)",
+        ),
+        ("llama", "model.norm.weight", numpy.nan, r"the final norm or the LM head"),
+        ("gpt2", "transformer.h.1.mlp.c_fc.bias", -numpy.inf, r"layer 1's output \(transformer\.h\.1\.\*\)"),
+        ("gpt2", "transformer.wpe.weight", numpy.nan, r"the token embeddings"),
+    ],
+)
+def test_non_finite_weights_are_an_error_naming_the_first_layer(tmp_path, rng, family, tensor, value, where):
+    """One NaN or inf weight: generate raises (not an empty text) and names where non-finite values first
+    appear; a padded batch's padding rows are not mistaken for them."""
+    from safetensors.numpy import load_file, save_file
+
+    from tests.models import test_llama
+
+    if family == "llama":
+        test_llama.checkpoint(tmp_path, rng, False)
+    else:
+        test_gpt2.checkpoint(tmp_path, rng)
+    tok = word_tokenizer(test_gpt2.VOCAB if family == "gpt2" else test_llama.VOCAB)
+    prompts = [words([3, 17, 5, 9]), words([8, 1])]
+    assert generation.generate(load_model_fp32(tmp_path), tok, prompts, 3)  # finite weights: no error
+    weights = load_file(tmp_path / "model.safetensors")
+    weights[tensor].reshape(-1)[rng.integers(weights[tensor].shape[-1])] = value  # in the first row: position 0
+    save_file(weights, tmp_path / "model.safetensors")
+    message = rf"non-finite values \(NaN or inf\) first appear in {where}: the checkpoint holds non-finite weights\?"
+    with pytest.raises(ValueError, match=message):
+        generation.generate(load_model_fp32(tmp_path), tok, prompts, 3)

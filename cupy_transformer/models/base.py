@@ -62,10 +62,13 @@ class CausalLM:
         was (the caller advances it)."""
         return self.run(ids, positions, cache, cache.device_lengths, attn_mask)
 
-    def run(self, ids, positions, cache, start, attn_mask, last_only: bool = False):
+    def run(self, ids, positions, cache, start, attn_mask, last_only: bool = False, inspect=None):
         """The layers between ``token_embeddings`` and ``head`` on checked inputs (``start``: where the tokens go in
-        ``cache``, from ``cache.reserve`` or on the device)."""
+        ``cache``, from ``cache.reserve`` or on the device). ``inspect(where, x)``, if given, sees the embeddings
+        (where: None) and each layer's output (where: the layer's index)."""
         x = self.token_embeddings(ids, positions)
+        if inspect is not None:
+            inspect(None, x)
         w = self.weights
         xn = self.layer.norm(x, w[0].ln1_gamma, w[0].ln1_beta)
         for i in range(len(w)):
@@ -73,9 +76,41 @@ class CausalLM:
             x, xn = self.layer.stack(
                 x, xn, w[i], after, cache=cache, layer_id=i, start=start, attn_mask=attn_mask, position_ids=positions
             )
+            if inspect is not None:
+                inspect(i, x)
         if last_only:
             xn = array_module(self.backend).ascontiguousarray(xn[:, -1:])
         return ops.lm_logits(xn, self.head_weight)
+
+    def non_finite_error(self, ids, positions, keep) -> ValueError:
+        """The error for prompts whose logits hold NaN or inf, naming where such values first appear: the prompts
+        ``ids`` [B, S] (``positions``, ``keep`` [B, S]: False at padding, whose rows are not looked at) run again
+        without a cache, one layer at a time, each output read back (a diagnostic path, slow on the GPU)."""
+        xp = array_module(self.backend)
+        rows = xp.asarray(keep)
+
+        class Found(Exception):
+            pass
+
+        def inspect(where, x):
+            if not bool(xp.isfinite(x[rows]).all()):
+                raise Found(where)
+
+        layer = getattr(self, "layer_prefix", "layer {}.")
+        try:
+            with numpy.errstate(invalid="ignore", over="ignore", divide="ignore"):
+                self.run(
+                    xp.asarray(ids), xp.asarray(positions), None, None, None if keep.all() else rows, inspect=inspect
+                )
+            where = "the final norm or the LM head"
+        except Found as found:
+            i = found.args[0]
+            where = "the token embeddings" if i is None else f"layer {i}'s output ({layer.format(i)}*)"
+        overflow = ", or float16 overflowed" if self.config.dtype == numpy.float16 else ""
+        return ValueError(
+            f"non-finite values (NaN or inf) first appear in {where}: the checkpoint holds non-finite weights"
+            f"{overflow}?"
+        )
 
     def new_cache(self, batch: int, max_tokens: int | None = None) -> KVCache:
         """A KV cache for ``batch`` sequences of up to ``max_tokens`` (at most, and by default, the positions), with

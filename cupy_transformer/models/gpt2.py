@@ -70,6 +70,7 @@ class GPT2(CausalLM):
         self.head_weight = self.wte  # the LM head is wte itself, [vocab, hidden]: [out, in]
         self.weights = [PreLNWeights(*(w[f"{p}h.{i}.{name}"] for name in per_layer)) for i in range(self.layers_count)]
         self.layer = PreLNLayer(self.config)
+        self.layer_prefix = f"{p}h.{{}}."  # layer i's tensor names, for errors
 
     def token_embeddings(self, ids, positions):
         """``wte[ids] + wpe[positions]``, summed in fp32 (float64 on the NumPy path), rounded once: ``ops.embed``."""

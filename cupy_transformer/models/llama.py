@@ -21,6 +21,7 @@ from .base import CausalLM, open_checkpoint
 
 class LLaMA(CausalLM):
     model_type = "llama"
+    layer_prefix = "model.layers.{}."  # layer i's tensor names, for errors
 
     def __init__(self, checkpoint, dtype=numpy.float16, backend: str = "cupy", progress=None):
         ck = open_checkpoint(checkpoint, self.model_type)

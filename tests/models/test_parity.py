@@ -52,7 +52,8 @@ def test_gpt2_logits_and_greedy_tokens(tmp_path, rng):
     causal_parity(transformers.GPT2LMHeadModel(cfg), tmp_path, rng, 50)
 
 
-def test_llama_logits_and_greedy_tokens(tmp_path, rng):
+def tiny_llama():
+    """A tiny random LlamaForCausalLM (grouped-query heads, vocabulary 50, 40 positions), the same each call."""
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         hidden_size=64,
@@ -64,7 +65,11 @@ def test_llama_logits_and_greedy_tokens(tmp_path, rng):
         max_position_embeddings=40,
         rope_theta=500.0,
     )
-    causal_parity(transformers.LlamaForCausalLM(cfg), tmp_path, rng, 50)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def test_llama_logits_and_greedy_tokens(tmp_path, rng):
+    causal_parity(tiny_llama(), tmp_path, rng, 50)
 
 
 def test_bert_hidden_states(tmp_path, rng):
