@@ -118,11 +118,23 @@ def _load(folder, args: argparse.Namespace):
     """The model in ``folder`` on the path ``--device`` names (auto: the GPU when there is one), in ``--dtype``
     (default fp16 on the GPU, fp32 on the NumPy path)."""
     from .models import load_model
-    from .runtime.arrays import gpu_available
+    from .runtime.arrays import gpu_problem, require_gpu
 
-    backend = {"gpu": "cupy", "cpu": "numpy"}.get(args.device) or ("cupy" if gpu_available() else "numpy")
-    dtype = args.dtype or ("fp16" if backend == "cupy" else "fp32")
-    return load_model(folder, {"fp16": "float16", "fp32": "float32"}[dtype], backend)
+    if args.device == "gpu":
+        try:
+            require_gpu("--device gpu")
+        except RuntimeError as e:
+            _fail(str(e))
+        backend = "cupy"
+    elif args.device == "cpu":
+        backend = "numpy"
+    else:
+        problem = gpu_problem()
+        if problem is not None:
+            print(f"{PROG}: no usable CUDA GPU ({problem}); running on the CPU (the NumPy path)", file=sys.stderr)
+        backend = "numpy" if problem else "cupy"
+    dtype = {"fp16": "float16", "fp32": "float32", None: None}[args.dtype]
+    return load_model(folder, dtype, backend)
 
 
 def _embed(args: argparse.Namespace) -> int:
@@ -199,10 +211,12 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from . import bench
-    from .runtime.arrays import gpu_available
+    from .runtime.arrays import require_gpu
 
-    if not gpu_available():
-        _fail("bench: needs a CUDA GPU (and CuPy); none is usable here")
+    try:
+        require_gpu("bench")
+    except RuntimeError as e:
+        _fail(str(e))
     print(bench.report(args.shape, args.batch_size, args.prompt_tokens, args.new_tokens, not args.no_cuda_graph))
     return 0
 

@@ -252,3 +252,23 @@ def test_a_closed_pipe_ends_quietly():
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait() == 1 and "Error" not in err and "Traceback" not in err, err
+
+
+def test_device_gpu_without_a_gpu_says_so(monkeypatch, tmp_path, rng, capsys):
+    from cupy_transformer.runtime import arrays
+
+    monkeypatch.setattr(arrays, "gpu_problem", lambda: "cudaErrorInsufficientDriver: too old")
+    folder = _gpt2_folder(tmp_path / "model", rng)
+    for args in (["generate", "--model", str(folder), "--prompt", "w1", "--device", "gpu"], ["bench"]):
+        with pytest.raises(SystemExit) as exit:
+            cli.main(args)
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and len(err.splitlines()) == 1
+        assert "no usable CUDA GPU (CuPy reports: cudaErrorInsufficientDriver: too old)" in err
+        assert err.startswith(f"cupy-transformer: error: {'--device gpu' if args[0] == 'generate' else 'bench'}: ")
+    # auto: the NumPy path, said once on stderr
+    assert cli.main(["generate", "--model", str(folder), "--prompt", "w1", "--max-new-tokens", "1"]) == 0
+    assert capsys.readouterr().err == (
+        "cupy-transformer: no usable CUDA GPU (cudaErrorInsufficientDriver: too old); running on the CPU "
+        "(the NumPy path)\n"
+    )
