@@ -3,7 +3,66 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import sys
+
+from .runtime.kernels import KernelArgumentError
+
+PROG = "cupy-transformer"
+
+
+def _fail(message: str) -> None:
+    """A user error: one line on stderr, exit status 2 (argparse's status for a usage error)."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (no usage text), like every other user error here."""
+
+    def error(self, message: str) -> None:
+        _fail(message)
+
+
+def _int_at_least(low: int, high: int | None = None):
+    """An argparse ``type``: an integer in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer; got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"expected an integer {bound}; got {value}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float | None, *, low_open: bool = False):
+    """An argparse ``type``: a finite number in [low, high] ((low, high] with ``low_open``; no upper bound
+    where ``high`` is None)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
+        below = value <= low if low_open else value < low
+        if not math.isfinite(value) or below or (high is not None and value > high):
+            lower = f"({low}" if low_open else f"[{low}"
+            raise argparse.ArgumentTypeError(
+                f"expected a finite number in {lower}, {'inf)' if high is None else f'{high}]'}; got {text}"
+            )
+        return value
+
+    return parse
+
+
+_POSITIVE = _int_at_least(1)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -34,9 +93,13 @@ def _info(args: argparse.Namespace) -> int:
         print(f"GPU: none ({reason})")
         archs = args.arch or ["80", "90"]
         for arch in archs:
-            seconds = kernels.compile_all(arch)
-            for name, t in seconds.items():
-                print(f"  compiled {name} for sm_{arch} with NVRTC alone: {t:.2f} s")
+            print(f"compiling every kernel family for sm_{arch} (each once; later runs read the cache):", flush=True)
+
+            def progress(name, seconds, cached, arch=arch):
+                how = "from the cache" if cached else "compiled"
+                print(f"  {name} for sm_{arch} with NVRTC alone: {seconds:.2f} s ({how})", flush=True)
+
+            kernels.compile_all(arch, progress)
         return 0
 
     def version(v: int) -> str:
@@ -59,11 +122,23 @@ def _load(folder, args: argparse.Namespace):
     """The model in ``folder`` on the path ``--device`` names (auto: the GPU when there is one), in ``--dtype``
     (default fp16 on the GPU, fp32 on the NumPy path)."""
     from .models import load_model
-    from .runtime.arrays import gpu_available
+    from .runtime.arrays import gpu_problem, require_gpu
 
-    backend = {"gpu": "cupy", "cpu": "numpy"}.get(args.device) or ("cupy" if gpu_available() else "numpy")
-    dtype = args.dtype or ("fp16" if backend == "cupy" else "fp32")
-    return load_model(folder, {"fp16": "float16", "fp32": "float32"}[dtype], backend)
+    if args.device == "gpu":
+        try:
+            require_gpu("--device gpu")
+        except RuntimeError as e:
+            _fail(str(e))
+        backend = "cupy"
+    elif args.device == "cpu":
+        backend = "numpy"
+    else:
+        problem = gpu_problem()
+        if problem is not None:
+            print(f"{PROG}: no usable CUDA GPU ({problem}); running on the CPU (the NumPy path)", file=sys.stderr)
+        backend = "numpy" if problem else "cupy"
+    dtype = {"fp16": "float16", "fp32": "float32", None: None}[args.dtype]
+    return load_model(folder, dtype, backend)
 
 
 def _embed(args: argparse.Namespace) -> int:
@@ -141,16 +216,22 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from . import bench
-    from .runtime.arrays import gpu_available
+    from .runtime.arrays import require_gpu
 
-    if not gpu_available():
-        raise SystemExit("bench: needs a CUDA GPU (and CuPy); none is usable here")
+    try:
+        require_gpu("bench")
+    except RuntimeError as e:
+        _fail(str(e))
     print(bench.report(args.shape, args.batch_size, args.prompt_tokens, args.new_tokens, not args.no_cuda_graph))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cupy-transformer", description=__doc__)
+    from . import __version__
+
+    parser = _Parser(prog=PROG, description=__doc__)
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--debug", action="store_true", help="a traceback with every error (for bug reports)")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, GPU, compile cache, and which kernels compile")
     info.add_argument(
@@ -163,17 +244,19 @@ def main(argv: list[str] | None = None) -> int:
     embed.add_argument("--dtype", choices=["fp16", "fp32"], help="default: fp16 on a GPU, fp32 on the CPU")
     embed.add_argument("--device", choices=["auto", "gpu", "cpu"], default="auto", help="cpu: the NumPy path")
     embed.add_argument("--out", help="write the embeddings [texts, dims] to this .npy file instead of printing JSON")
-    embed.add_argument("--batch-size", type=int, default=64)
+    embed.add_argument("--batch-size", type=_POSITIVE, default=64)
     embed.set_defaults(func=_embed)
     gen = sub.add_parser("generate", help="continue a prompt with a GPT-2 or LLaMA-style checkpoint")
     gen.add_argument("--model", required=True, help="checkpoint folder (config.json, safetensors, tokenizer.json)")
     gen.add_argument("--prompt", required=True)
     given = "default: the checkpoint's generation_config.json (or config.json)"
-    gen.add_argument("--max-new-tokens", type=int, help=f"{given} max_new_tokens or max_length - prompt, else 20")
-    gen.add_argument("--temperature", type=float, help=f"0: greedy; {given} do_sample and temperature, else greedy")
-    gen.add_argument("--top-k", type=int, help=f"0: all tokens; {given} top_k, else 50 (as transformers)")
-    gen.add_argument("--top-p", type=float, help=f"1: no cut; {given} top_p, else 1")
-    gen.add_argument("--seed", type=int)
+    gen.add_argument("--max-new-tokens", type=_POSITIVE, help=f"{given} max_new_tokens or max_length - prompt, else 20")
+    gen.add_argument(
+        "--temperature", type=_float_in(0.0, None), help=f"0: greedy; {given} do_sample and temperature, else greedy"
+    )
+    gen.add_argument("--top-k", type=_int_at_least(0), help=f"0: all tokens; {given} top_k, else 50 (as transformers)")
+    gen.add_argument("--top-p", type=_float_in(0.0, 1.0, low_open=True), help=f"1: no cut; {given} top_p, else 1")
+    gen.add_argument("--seed", type=_int_at_least(0, 2**64 - 1))
     gen.add_argument("--stop", action="append", help="stop before this text (repeatable)")
     gen.add_argument("--dtype", choices=["fp16", "fp32"], help="default: fp16 on a GPU, fp32 on the CPU")
     gen.add_argument("--device", choices=["auto", "gpu", "cpu"], default="auto", help="cpu: the NumPy path")
@@ -186,13 +269,58 @@ def main(argv: list[str] | None = None) -> int:
 
     ben = sub.add_parser("bench", help="time generation on the GPU with random weights of a named model shape")
     ben.add_argument("--shape", choices=list(SHAPES), default="gpt2-small")
-    ben.add_argument("--batch-size", type=int, default=1)
-    ben.add_argument("--prompt-tokens", type=int, default=128)
-    ben.add_argument("--new-tokens", type=int, default=128)
+    ben.add_argument("--batch-size", type=_POSITIVE, default=1)
+    ben.add_argument("--prompt-tokens", type=_POSITIVE, default=128)
+    ben.add_argument("--new-tokens", type=_POSITIVE, default=128)
     ben.add_argument("--no-cuda-graph", action="store_true", help="run every decode step eagerly")
     ben.set_defaults(func=_bench)
+    for command in sub.choices.values():  # --debug after the command too (SUPPRESS: it never resets the global one)
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    return args.func(args)
+    _check_utf8(sub.choices[args.command], args)
+    try:
+        status = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return status
+    except BrokenPipeError:
+        # The reader went away (`... | head`): drop what is still buffered for stdout and end quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except SystemExit as e:
+        if isinstance(e.code, str):  # raise SystemExit("...") in a command: a user error
+            _fail(e.code)
+        raise
+    except _USER_ERRORS as e:
+        if args.debug or isinstance(e, KernelArgumentError):  # the latter is a TypeError, but ours: a bug
+            raise
+        _fail(str(e))
+
+
+def _user_errors() -> tuple[type, ...]:
+    """What the library raises for bad input (a named argument, file or tensor), printed as one line: anything
+    else is a bug and keeps its traceback."""
+    from safetensors import SafetensorError
+
+    return (ValueError, TypeError, OSError, UnicodeError, json.JSONDecodeError, SafetensorError)
+
+
+_USER_ERRORS = _user_errors()
+
+
+def _check_utf8(command: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Text arguments must be UTF-8: Python keeps undecodable bytes of the command line as lone surrogates,
+    which would fail later, deep in the tokenizer."""
+    for action in command._actions:
+        values = getattr(args, action.dest, None)
+        for value in values if isinstance(values, list) else [values]:
+            if not isinstance(value, str):
+                continue
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                name = "/".join(action.option_strings) or action.metavar or action.dest
+                raw = value.encode("utf-8", "surrogateescape")[e.start : e.start + 1]
+                _fail(f"argument {name}: not valid UTF-8 (byte 0x{raw.hex()} at character {e.start})")
 
 
 if __name__ == "__main__":

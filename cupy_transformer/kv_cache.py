@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import numpy
 
-from .runtime.arrays import array_module, as_array, check_backend, float_dtype, positive_int
+from .runtime.arrays import array_module, as_array, float_dtype, positive_int, resolve_backend
 
 
 class KVCache:
-    def __init__(self, layers, batch, kv_heads, max_tokens, head_dim, dtype=numpy.float16, backend="cupy"):
+    def __init__(self, layers, batch, kv_heads, max_tokens, head_dim, dtype=numpy.float16, backend=None):
         """Zeroed ``keys``/``values`` of ``[layers, batch, kv_heads, max_tokens, head_dim]`` in ``dtype``, as
-        CuPy arrays (``backend="cupy"``) or NumPy arrays (``"numpy"``: the reference path)."""
+        CuPy arrays (``backend="cupy"``) or NumPy arrays (``"numpy"``: the reference path); None: CuPy where a
+        GPU is usable, else NumPy."""
         shape = tuple(
             positive_int(n, v)
             for n, v in (
@@ -39,8 +40,8 @@ class KVCache:
             )
         )
         self.dtype = float_dtype("dtype", dtype)
-        self.backend = check_backend("backend", backend)
-        xp = array_module(backend)
+        self.backend = resolve_backend("backend", backend)
+        xp = array_module(self.backend)
         self.keys = xp.zeros(shape, self.dtype)
         self.values = xp.zeros(shape, self.dtype)
         self.layers, self.batch, self.kv_heads, self.max_tokens, self.head_dim = shape

@@ -9,6 +9,7 @@ and wrong shapes are errors that name the file or tensor.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -38,16 +39,29 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path.name} not found in {path.parent}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object; got a {type(value).__name__}")
+    return value
+
+
+@contextlib.contextmanager
+def _open_weights(path: Path):
+    """``safe_open(path)`` whose errors (an empty or truncated file, a bad header) are ValueErrors naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            yield f
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 class Checkpoint:
     def __init__(self, folder):
         """Index the folder: its config, and which file holds each tensor (nothing is read yet)."""
-        from safetensors import safe_open
-
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise FileNotFoundError(f"model folder {self.folder} does not exist")
@@ -64,7 +78,7 @@ class Checkpoint:
                     raise FileNotFoundError(f"{shard} (holding {name}, listed in {INDEX}) not found in {self.folder}")
                 self._file[name] = path
         elif (self.folder / WEIGHTS).is_file():
-            with safe_open(self.folder / WEIGHTS, framework="numpy") as f:
+            with _open_weights(self.folder / WEIGHTS) as f:
                 self._file = dict.fromkeys(f.keys(), self.folder / WEIGHTS)
         else:
             raise FileNotFoundError(f"neither {WEIGHTS} nor {INDEX} found in {self.folder}")
@@ -91,8 +105,6 @@ class Checkpoint:
     def tensor(self, name: str, dtype, shape=None, backend: str = "cupy"):
         """Tensor ``name`` in ``dtype`` (one of the float dtypes), as a CuPy array (``backend="cupy"``: uploaded
         in its stored type, converted on the GPU) or a NumPy array. ``shape``, if given, must match."""
-        from safetensors import safe_open
-
         dtype = float_dtype("dtype", dtype)
         check_backend("backend", backend)
         if self._arrays is not None:
@@ -100,7 +112,7 @@ class Checkpoint:
         path = self._file.get(name)
         if path is None:
             raise ValueError(f"tensor {name!r} not found in the checkpoint {self.folder}")
-        with safe_open(path, framework="numpy") as f:
+        with _open_weights(path) as f:
             if name not in f.keys():
                 raise ValueError(f"tensor {name!r} not found in {path.name} (where {INDEX} places it)")
             stored = f.get_tensor(name)
@@ -156,4 +168,7 @@ class Checkpoint:
         path = self.folder / TOKENIZER
         if not path.is_file():
             raise FileNotFoundError(f"{TOKENIZER} not found in {self.folder}")
-        return Tokenizer.from_file(str(path))
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for a file it cannot read
+            raise ValueError(f"{path}: not a readable tokenizer file ({e})") from None

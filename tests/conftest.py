@@ -3,15 +3,23 @@ import pytest
 from cupy_transformer.runtime.arrays import gpu_available
 
 HAVE_GPU = gpu_available()
+try:
+    import cupy  # noqa: F401
+
+    HAVE_CUPY = True
+except ImportError:
+    HAVE_CUPY = False
 
 
 def pytest_collection_modifyitems(config, items):
-    if HAVE_GPU:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    for marker, present, reason in (
+        ("gpu", HAVE_GPU, "needs a CUDA GPU"),
+        ("cupy", HAVE_CUPY, "needs CuPy (the cuda13 or cuda12 extra) for NVRTC"),
+    ):
+        if not present:
+            for item in items:
+                if marker in item.keywords:
+                    item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture

@@ -1,8 +1,10 @@
 import configparser
 import pathlib
 
+import pytest
+
 from cupy_transformer import cli
-from tests.conftest import HAVE_GPU
+from tests.conftest import HAVE_CUPY, HAVE_GPU
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -10,6 +12,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_info_reports_versions_and_kernels(capsys):
     assert cli.main(["info", "--arch", "90"]) == 0
     text = capsys.readouterr().out
+    if not HAVE_CUPY:  # the plain (GPU-less) install
+        assert text.splitlines()[1].startswith("CuPy: not installed")
+        return
     assert "cupy_transformer" in text and "CuPy" in text and "compile cache" in text
     assert "norm.cu" in text
     if not HAVE_GPU:
@@ -73,8 +78,10 @@ def test_embed_writes_npy_and_names_unsuitable_models(tmp_path, rng, capsys):
     gpt2.mkdir()
     test_gpt2.checkpoint(gpt2, rng)
     tokenizer_json(gpt2)
-    with pytest.raises(SystemExit, match=r"holds a gpt2 model, which gives no sentence embeddings"):
+    with pytest.raises(SystemExit) as exit:
         cli.main(["embed", "hello", "--model", str(gpt2), "--device", "cpu"])
+    assert exit.value.code == 2
+    assert "holds a gpt2 model, which gives no sentence embeddings" in capsys.readouterr().err
 
 
 def test_generate_greedy_and_streamed(tmp_path, rng, capsys):
@@ -97,8 +104,10 @@ def test_generate_greedy_and_streamed(tmp_path, rng, capsys):
     assert capsys.readouterr().out.strip() == text
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(dict(config, model_type="bert")))
-    with pytest.raises(ValueError, match=r"config.json: 'hidden_size' missing"):
+    with pytest.raises(SystemExit) as exit:
         cli.main(args)
+    assert exit.value.code == 2
+    assert "config.json: 'hidden_size' missing" in capsys.readouterr().err
 
 
 def test_main_job_imports_neither_torch_nor_transformers():
@@ -112,3 +121,157 @@ def test_main_job_imports_neither_torch_nor_transformers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _gpt2_folder(path, rng):
+    """A tiny GPT-2 checkpoint with a word-level tokenizer: generate runs on it (the bad cases then break it)."""
+    from tests.models import test_gpt2
+    from tests.test_loading import tokenizer_json
+
+    path.mkdir()
+    test_gpt2.checkpoint(path, rng)
+    tokenizer_json(path)
+    return path
+
+
+def _edit_config(**changes):
+    def edit(folder):
+        import json
+
+        config = json.loads((folder / "config.json").read_text())
+        config.update(changes)
+        (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+
+    return edit
+
+
+def _truncate_weights(keep_bytes):
+    def edit(folder):
+        path = folder / "model.safetensors"
+        path.write_bytes(path.read_bytes()[:keep_bytes])
+
+    return edit
+
+
+def _reshape_tensor(name):
+    def edit(folder):
+        from safetensors.numpy import load_file, save_file
+
+        tensors = load_file(folder / "model.safetensors")
+        tensors[name] = tensors[name].T.copy()
+        save_file(tensors, folder / "model.safetensors")
+
+    return edit
+
+
+def _write(name, data):
+    def edit(folder):
+        (folder / name).write_bytes(data)
+
+    return edit
+
+
+def _remove(folder):
+    import shutil
+
+    shutil.rmtree(folder)
+
+
+QKV = "transformer.h.0.attn.c_attn.weight"
+GENERATE = ["generate", "--model", "{dir}", "--prompt", "w1 w2", "--max-new-tokens", "2", "--device", "cpu"]
+
+# (arguments, what is done to a good checkpoint folder first, what the one error line must name)
+BAD_INPUT = [
+    (GENERATE, _remove, "model folder {dir} does not exist"),
+    (GENERATE, _write("config.json", b"{not json"), "config.json: not valid JSON"),
+    (GENERATE, _write("config.json", b'{"model_type": "gpt2", "n_embd": "\xff"}'), "config.json: not valid JSON"),
+    (GENERATE, _write("config.json", b"[1, 2]"), "config.json: expected a JSON object; got a list"),
+    (GENERATE, _edit_config(n_embd=None), "config.json: 'n_embd' missing"),
+    (GENERATE, _edit_config(model_type="xlnet"), "config.json: model_type 'xlnet' is not supported"),
+    (GENERATE, _write("model.safetensors", b""), "model.safetensors: not a readable safetensors file"),
+    (GENERATE, _truncate_weights(-100), "model.safetensors: not a readable safetensors file"),
+    (GENERATE, _reshape_tensor(QKV), f"tensor {QKV!r} in model.safetensors: expected shape (32, 96); got (96, 32)"),
+    (GENERATE, _write("tokenizer.json", b"{}"), "tokenizer.json: not a readable tokenizer file"),
+    (GENERATE[:4] + ["w1 \udcff"] + GENERATE[5:], None, "argument --prompt: not valid UTF-8 (byte 0xff"),
+    (GENERATE + ["--seed", "-1"], None, "argument --seed: expected an integer in [0, "),
+    (GENERATE + ["--seed", "x"], None, "argument --seed: expected an integer; got 'x'"),
+    (GENERATE + ["--temperature", "nan"], None, "argument --temperature: expected a finite number"),
+    (GENERATE + ["--temperature", "-0.5"], None, "argument --temperature: expected a finite number in [0.0, inf)"),
+    (GENERATE + ["--top-p", "0"], None, "argument --top-p: expected a finite number in (0.0, 1.0]; got 0"),
+    (GENERATE + ["--top-p", "1.5"], None, "argument --top-p: expected a finite number in (0.0, 1.0]"),
+    (GENERATE + ["--top-k", "-1"], None, "argument --top-k: expected an integer >= 0; got -1"),
+    (GENERATE[:6] + ["0"] + GENERATE[7:], None, "argument --max-new-tokens: expected an integer >= 1; got 0"),
+    (["embed", "hello", "--model", "{dir}", "--batch-size", "0"], None, "argument --batch-size: expected an integer"),
+    (["embed", "hello", "--model", "{dir}", "--device", "cpu"], _remove, "model folder {dir} does not exist"),
+    (["bench", "--new-tokens", "0"], None, "argument --new-tokens: expected an integer >= 1"),
+    (["generate", "--prompt", "x"], None, "the following arguments are required: --model"),
+    (["frobnicate"], None, "argument command: invalid choice: 'frobnicate'"),
+]
+
+
+@pytest.mark.parametrize("args, breakage, expected", BAD_INPUT, ids=[c[2][:40] for c in BAD_INPUT])
+def test_bad_input_is_one_line_and_exit_status_2(tmp_path, rng, capsys, args, breakage, expected):
+    """Each user error: exit status 2, exactly one line on stderr naming the file, tensor or flag, no traceback."""
+    folder = _gpt2_folder(tmp_path / "model", rng)
+    if breakage is not None:
+        breakage(folder)
+    with pytest.raises(SystemExit) as exit:
+        cli.main([a.replace("{dir}", str(folder)) for a in args])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("cupy-transformer: error: ") and expected.replace("{dir}", str(folder)) in err, err
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cli.main(["--debug", "generate", "--model", str(tmp_path / "none"), "--prompt", "x", "--device", "cpu"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cli.main(["generate", "--model", str(tmp_path / "none"), "--prompt", "x", "--device", "cpu", "--debug"])
+
+
+def test_version(capsys):
+    import cupy_transformer
+
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["--version"])
+    assert exit.value.code == 0 and capsys.readouterr().out == f"cupy-transformer {cupy_transformer.__version__}\n"
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`embed ... | head`: the reader leaves early; no BrokenPipeError on stderr."""
+    import subprocess
+    import sys
+
+    texts = [f"sentence number {i}" for i in range(40)]  # JSON well past a pipe's 64 KiB buffer
+    code = "import sys; from cupy_transformer import cli; sys.exit(cli.main(sys.argv[1:]))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "embed", *texts, "--device", "cpu"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    assert proc.stdout.read(10) == b'{"model": '
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 1 and "Error" not in err and "Traceback" not in err, err
+
+
+def test_device_gpu_without_a_gpu_says_so(monkeypatch, tmp_path, rng, capsys):
+    from cupy_transformer.runtime import arrays
+
+    monkeypatch.setattr(arrays, "gpu_problem", lambda: "cudaErrorInsufficientDriver: too old")
+    folder = _gpt2_folder(tmp_path / "model", rng)
+    for args in (["generate", "--model", str(folder), "--prompt", "w1", "--device", "gpu"], ["bench"]):
+        with pytest.raises(SystemExit) as exit:
+            cli.main(args)
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and len(err.splitlines()) == 1
+        assert "no usable CUDA GPU (CuPy reports: cudaErrorInsufficientDriver: too old)" in err
+        assert err.startswith(f"cupy-transformer: error: {'--device gpu' if args[0] == 'generate' else 'bench'}: ")
+    # auto: the NumPy path, said once on stderr
+    assert cli.main(["generate", "--model", str(folder), "--prompt", "w1", "--max-new-tokens", "1"]) == 0
+    assert capsys.readouterr().err == (
+        "cupy-transformer: no usable CUDA GPU (cudaErrorInsufficientDriver: too old); running on the CPU "
+        "(the NumPy path)\n"
+    )

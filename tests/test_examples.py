@@ -40,3 +40,22 @@ def test_gpt2_generate_example(tmp_path, rng, capsys):
     text = load("gpt2_generate").main(str(tmp_path), "w1 w2", 4)
     assert len(text.split()) == 4 and text in capsys.readouterr().out
     assert numpy.all([w.startswith("w") for w in text.split()])
+
+
+def test_readme_use_snippets_run():
+    """The README's "Use" section, run as written (on the NumPy path here: no GPU needed, no CuPy error)."""
+    import re
+    import warnings
+
+    readme = (ROOT / "README.md").read_text()
+    use = readme.split("\n## Use\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", use, flags=re.S)
+    assert len(blocks) == 2
+    scope = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the one "no usable CUDA GPU" warning of a GPU-less machine
+        for block in blocks:
+            exec(compile(block, "README.md", "exec"), scope)
+    assert scope["y"].shape == (8, 4096) and scope["ctx"].shape == (1, 8, 4096)
+    assert scope["cache"].backend == ("cupy" if scope["xp"] is not numpy else "numpy")
+    assert numpy.isfinite(numpy.asarray(scope["z"])).all()

@@ -12,7 +12,7 @@ import numpy
 
 from .. import ops
 from ..layers import PostLNLayer, PostLNWeights
-from ..runtime.arrays import array_module
+from ..runtime.arrays import array_module, resolve_backend
 from .base import check_ids, extremes, open_checkpoint, token_ids
 
 ACTIVATIONS = {"gelu": "GELU_EXACT", "gelu_new": "GELU", "gelu_pytorch_tanh": "GELU", "relu": "ReLU"}
@@ -21,7 +21,8 @@ ACTIVATIONS = {"gelu": "GELU_EXACT", "gelu_new": "GELU", "gelu_pytorch_tanh": "G
 class BERT:
     model_type = "bert"
 
-    def __init__(self, checkpoint, dtype=numpy.float16, backend: str = "cupy", progress=None):
+    def __init__(self, checkpoint, dtype=numpy.float16, backend: str | None = None, progress=None):
+        backend = resolve_backend("backend", backend)  # None: the GPU where one is usable, else NumPy
         ck = open_checkpoint(checkpoint, self.model_type)
         c = ck.config
         act = c.get("hidden_act", "gelu")

@@ -12,6 +12,7 @@ import numpy
 
 from .. import ops
 from ..layers import PreLNLayer, PreLNWeights
+from ..runtime.arrays import resolve_backend
 from .base import CausalLM, open_checkpoint
 
 ACTIVATIONS = {"gelu_new": "GELU", "gelu_pytorch_tanh": "GELU", "gelu": "GELU_EXACT", "relu": "ReLU"}
@@ -20,9 +21,10 @@ ACTIVATIONS = {"gelu_new": "GELU", "gelu_pytorch_tanh": "GELU", "gelu": "GELU_EX
 class GPT2(CausalLM):
     model_type = "gpt2"
 
-    def __init__(self, checkpoint, dtype=numpy.float16, backend: str = "cupy", progress=None):
+    def __init__(self, checkpoint, dtype=numpy.float16, backend: str | None = None, progress=None):
         """``checkpoint``: a folder or a ``loading.Checkpoint``; weights go to ``backend`` ("cupy" or "numpy")
         in ``dtype``."""
+        backend = resolve_backend("backend", backend)  # None: the GPU where one is usable, else NumPy
         ck = open_checkpoint(checkpoint, self.model_type)
         c = ck.config
         act = c.get("activation_function", "gelu_new")

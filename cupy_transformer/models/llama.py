@@ -15,7 +15,7 @@ import numpy
 
 from .. import ops
 from ..layers import PreLNLayer, PreLNWeights
-from ..runtime.arrays import array_module
+from ..runtime.arrays import array_module, resolve_backend
 from .base import CausalLM, open_checkpoint
 
 
@@ -23,7 +23,8 @@ class LLaMA(CausalLM):
     model_type = "llama"
     layer_prefix = "model.layers.{}."  # layer i's tensor names, for errors
 
-    def __init__(self, checkpoint, dtype=numpy.float16, backend: str = "cupy", progress=None):
+    def __init__(self, checkpoint, dtype=numpy.float16, backend: str | None = None, progress=None):
+        backend = resolve_backend("backend", backend)  # None: the GPU where one is usable, else NumPy
         ck = open_checkpoint(checkpoint, self.model_type)
         c = ck.config
         if c.get("hidden_act", "silu") != "silu":

@@ -17,7 +17,8 @@ Where DeepSpeed's kernel is suspect we differ, each a fix:
 - ``local_attention`` keeps the ``window_size`` keys ``K - Q + i - window_size < j <= K - Q + i``, HF GPT-Neo's
   window, in prompts and in decode steps alike (DeepSpeed keeps one key fewer when decoding).
 - Excluded keys (causal, window, a False in a boolean mask) get a true ``-inf``, not ``-10000``, and no
-  ``1e-6`` is added to the sum; a row with every key excluded is all zeros rather than NaN.
+  ``1e-6`` is added to the sum; a row with every key excluded is all zeros rather than NaN. A NaN or +inf
+  score (not excluded) makes its row NaN, as in ``torch.softmax``.
 - The mask: 2-D ``[B, K]`` (one row per sequence, BERT's padding mask) or 4-D ``[B, 1 or h, Q or 1, K]``;
   a 3-D mask, which DeepSpeed silently misreads, is an error, and per-head masks work. It is additive (in
   the scores' dtype: 0 keeps, a large negative drops) or boolean (True keeps).
@@ -103,10 +104,11 @@ def softmax_reference(scores, mask=None, alibi=None, triangular=False, window_si
         keep = allowed if keep is None else keep & allowed
     if keep is not None:
         z = xp.where(keep, z, -xp.inf)
-    top = z.max(axis=-1, keepdims=True)
-    e = xp.exp(z - xp.where(xp.isfinite(top), top, 0))  # excluded keys: exp(-inf) = 0
-    total = e.sum(axis=-1, keepdims=True)
-    return xp.where(total > 0, e / xp.where(total > 0, total, 1), 0).astype(scores.dtype)
+    top = z.max(axis=-1, keepdims=True)  # NaN in a row with a NaN score, +inf with a +inf one
+    empty = top == -xp.inf  # every key excluded: a row of zeros (the documented choice)
+    with numpy.errstate(invalid="ignore"):  # a NaN or +inf score makes its whole row NaN, as in torch.softmax
+        e = xp.exp(z - xp.where(empty, 0, top))  # excluded keys: exp(-inf) = 0
+        return xp.where(empty, 0, e / e.sum(axis=-1, keepdims=True)).astype(scores.dtype)
 
 
 def key_mask(attn_mask, kind, dtype, b, h, q, k, wider=False):

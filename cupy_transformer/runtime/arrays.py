@@ -20,6 +20,7 @@ device, a size or a backend) naming the argument, what was expected and what was
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any, Iterable
 
 import numpy
@@ -74,14 +75,50 @@ def module_of(array: Any):
     return numpy if isinstance(array, numpy.ndarray) else import_cupy()
 
 
-def gpu_available() -> bool:
-    """Whether CuPy is installed and sees a CUDA device (the question behind choosing the ``"cupy"`` backend)."""
+def gpu_problem() -> str | None:
+    """None where CuPy is installed and sees a CUDA device; else why the GPU is not usable (CuPy's own words)."""
     try:
         import cupy
+    except ImportError as e:
+        return f"CuPy is not installed ({e})"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # no driver, an old driver, no device: CuPy says which
+        return str(e) or type(e).__name__
+    return None if count > 0 else "no CUDA device"
 
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # no CuPy, no driver, or no device: the NumPy path
-        return False
+
+def gpu_available() -> bool:
+    """Whether CuPy is installed and sees a CUDA device (the question behind choosing the ``"cupy"`` backend)."""
+    return gpu_problem() is None
+
+
+def require_gpu(what: str) -> None:
+    """A RuntimeError, ``what`` first, where the GPU was asked for and none is usable."""
+    problem = gpu_problem()
+    if problem is not None:
+        raise RuntimeError(f"{what}: no usable CUDA GPU (CuPy reports: {problem})")
+
+
+_SAID_NUMPY = False
+
+
+def resolve_backend(name: str, value: Any) -> str:
+    """The backend a model or cache runs on: ``value`` checked (``"cupy"`` needs a usable GPU: else a
+    RuntimeError saying so), or for None the GPU where one is usable and else the NumPy path, with a warning
+    once per process (a silent float64 CPU run could pass for a slow GPU)."""
+    global _SAID_NUMPY
+    if value is None:
+        problem = gpu_problem()
+        if problem is None:
+            return "cupy"
+        if not _SAID_NUMPY:
+            _SAID_NUMPY = True
+            warnings.warn(f"no usable CUDA GPU ({problem}): running on the NumPy path", stacklevel=3)
+        return "numpy"
+    if check_backend(name, value) == "cupy":
+        require_gpu(f"{name}='cupy'")
+    return value
 
 
 def check_backend(name: str, value: Any) -> str:

@@ -12,17 +12,19 @@ names its signature gives them, in its order: the family reads each kernel's par
 the parameter's C type with a range check (a silently wrapped ``int`` would be an out-of-bounds access).
 
 ``compile_offline`` compiles a family for a named architecture with NVRTC alone (no GPU, no driver),
-which is how CI proves that every kernel compiles.
+which is how CI proves that every kernel compiles; its cubins are kept in ``cache_dir()`` too (CuPy's cache
+covers only compiles for a GPU), so ``cupy-transformer info`` without a GPU compiles once, not every run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import os
 import re
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy
 
@@ -200,9 +202,11 @@ class KernelFamily:
 
     def compile_offline(self, arch: str) -> bytes:
         """Compile for ``sm_<arch>`` (the family's own architecture where it has one) with NVRTC alone (no GPU
-        needed); returns the cubin."""
+        needed); returns the cubin, kept in ``offline_cache_path`` so that the next call (any process) reads it."""
+        path = self.offline_cache_path(arch)
+        if path.is_file():
+            return path.read_bytes()
         arch = self.arch or arch
-        import_cupy()
         from cupy.cuda import nvrtc
 
         source = read_source(self.filename)
@@ -210,30 +214,58 @@ class KernelFamily:
         try:
             for name in self.name_expressions:
                 nvrtc.addNameExpression(prog, name)
-            options = _options() + ("-ftz=true", f"-arch=sm_{arch}")
             try:
-                nvrtc.compileProgram(prog, list(options))
+                nvrtc.compileProgram(prog, list(self._offline_options(arch)))
             except nvrtc.NVRTCError:
                 raise KernelCompileError(
                     f"{self.filename} (sm_{arch}): NVRTC failed:\n{nvrtc.getProgramLog(prog)}"
                 ) from None
             for name in self.name_expressions:
                 nvrtc.getLoweredName(prog, name)  # raises if an instantiation was not emitted
-            return nvrtc.getCUBIN(prog)
+            cubin = nvrtc.getCUBIN(prog)
         finally:
             nvrtc.destroyProgram(prog)
+        try:  # written whole, then renamed: a concurrent reader never sees half a file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            partial.write_bytes(cubin)
+            os.replace(partial, path)
+        except OSError:  # an unwritable cache costs the next run a compile, nothing more
+            pass
+        return cubin
+
+    def _offline_options(self, arch: str) -> tuple[str, ...]:
+        return _options() + ("-ftz=true", f"-arch=sm_{arch}")
+
+    def offline_cache_path(self, arch: str) -> Path:
+        """Where ``compile_offline`` keeps its cubin for ``sm_<arch>``: in ``cache_dir()``, named by a hash of
+        what decides the cubin (the source with its includes, the options, the instantiations, NVRTC's
+        version), as CuPy names its own cache files."""
+        arch = self.arch or arch
+        from cupy.cuda import nvrtc
+
+        import_cupy()
+        key = "\0".join(
+            (read_source(self.filename), *self._offline_options(arch), *self.name_expressions, str(nvrtc.getVersion()))
+        )
+        digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+        return Path(cache_dir()) / "offline" / f"{Path(self.filename).stem}-sm_{arch}-{digest}.cubin"
 
 
-def compile_all(arch: str) -> dict[str, float]:
-    """Compile every kernel family for ``sm_<arch>`` without a GPU; returns seconds per file.
+def compile_all(arch: str, progress: Callable[[str, float, bool], None] | None = None) -> dict[str, float]:
+    """Compile every kernel family for ``sm_<arch>`` without a GPU (or read it from the offline cache: see
+    ``compile_offline``); returns seconds per file, and calls ``progress(file, seconds, from_cache)`` after each.
 
     The families are those the ops registered; importing this module imports the package, and so
     every op, first."""
     seconds = {}
     for filename, family in sorted(KernelFamily.registry.items()):
+        cached = family.offline_cache_path(arch).is_file()
         start = time.perf_counter()
         family.compile_offline(arch)
         seconds[filename] = time.perf_counter() - start
+        if progress is not None:
+            progress(filename, seconds[filename], cached)
     return seconds
 
 

@@ -88,3 +88,45 @@ def test_torch_cuda_tensor_is_imported_without_a_copy():
     assert kind == "torch" and a.data.ptr == t.data_ptr()
     back = arrays.to_caller(a, kind)
     assert isinstance(back, torch.Tensor) and back.data_ptr() == t.data_ptr()
+
+
+def test_backend_defaults_to_the_numpy_path_without_a_gpu(monkeypatch):
+    """None picks the GPU where one is usable, else NumPy with one warning a process; "cupy" without a GPU says
+    so in a RuntimeError (not CuPy's driver error, later, from deep inside)."""
+    monkeypatch.setattr(arrays, "gpu_problem", lambda: "cudaErrorInsufficientDriver: too old")
+    monkeypatch.setattr(arrays, "_SAID_NUMPY", False)
+    with pytest.warns(UserWarning, match=r"no usable CUDA GPU \(cudaErrorInsufficientDriver: too old\)"):
+        assert arrays.resolve_backend("backend", None) == "numpy"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once: the second call is silent
+        assert arrays.resolve_backend("backend", None) == "numpy"
+    assert arrays.resolve_backend("backend", "numpy") == "numpy"
+    with pytest.raises(RuntimeError, match=r"backend='cupy': no usable CUDA GPU \(CuPy reports: cudaError"):
+        arrays.resolve_backend("backend", "cupy")
+    with pytest.raises(ValueError, match=r"backend: expected 'cupy' or 'numpy'; got 'gpu'"):
+        arrays.resolve_backend("backend", "gpu")
+    monkeypatch.setattr(arrays, "gpu_problem", lambda: None)
+    assert arrays.resolve_backend("backend", None) == "cupy"
+
+
+def test_models_and_caches_default_to_the_numpy_path_without_a_gpu(monkeypatch, tmp_path, rng):
+    import warnings
+
+    import cupy_transformer
+    from cupy_transformer.models import load_model
+    from tests.models import test_gpt2
+
+    monkeypatch.setattr(arrays, "gpu_problem", lambda: "no CUDA device")
+    test_gpt2.checkpoint(tmp_path, rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = load_model(tmp_path)
+        cache = cupy_transformer.KVCache(1, 1, 2, 4, 8)
+    assert model.backend == "numpy" and model.config.dtype == numpy.float32
+    assert cache.backend == "numpy" and isinstance(cache.keys, numpy.ndarray)
+    with pytest.raises(RuntimeError, match=r"backend='cupy': no usable CUDA GPU \(CuPy reports: no CUDA device\)"):
+        cupy_transformer.KVCache(1, 1, 2, 4, 8, backend="cupy")
+    with pytest.raises(RuntimeError, match=r"no usable CUDA GPU"):
+        load_model(tmp_path, backend="cupy")

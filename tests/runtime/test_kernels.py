@@ -29,13 +29,49 @@ def test_every_cu_file_belongs_to_a_family():
     assert on_disk == registered
 
 
+@pytest.mark.cupy
 @pytest.mark.parametrize("arch", ["80", "90"])
-def test_every_family_compiles_without_a_gpu(arch):
+def test_every_family_compiles_without_a_gpu(arch, tmp_path, monkeypatch):
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path))  # an empty cache: NVRTC compiles every family here
     seconds = kernels.compile_all(arch)
     assert set(seconds) == set(KernelFamily.registry)
     print({name: round(t, 2) for name, t in seconds.items()})
 
 
+@pytest.mark.cupy
+def test_offline_compiles_are_cached(tmp_path, monkeypatch):
+    """A second compile_all reads the cubin an earlier one (any process) left in the cache, without NVRTC; another
+    architecture or a changed source compiles again."""
+    from cupy.cuda import nvrtc
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "tiny.cu").write_text('#include "h.cuh"\n__global__ void k(float* x) { x[0] = VALUE; }\n')
+    (tmp_path / "src" / "h.cuh").write_text("#define VALUE 1.f\n")
+    monkeypatch.setattr(kernels, "kernel_source_dir", lambda: tmp_path / "src")
+    monkeypatch.setattr(KernelFamily, "registry", {})
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path / "cache"))
+    family = KernelFamily("tiny.cu", ["k"])
+    compiles = []
+    real = nvrtc.compileProgram
+    monkeypatch.setattr(nvrtc, "compileProgram", lambda *a: compiles.append(a) or real(*a))
+    seen = []
+
+    def progress(name, seconds, cached):
+        seen.append((name, cached))
+
+    kernels.compile_all("80", progress)
+    first = family.compile_offline("80")  # from the cache
+    kernels.compile_all("80", progress)
+    assert seen == [("tiny.cu", False), ("tiny.cu", True)] and len(compiles) == 1
+    assert [p.name for p in (tmp_path / "cache" / "offline").iterdir()] == [family.offline_cache_path("80").name]
+    assert first == family.offline_cache_path("80").read_bytes() and len(first) > 0
+    kernels.compile_all("90", progress)
+    (tmp_path / "src" / "h.cuh").write_text("#define VALUE 2.f\n")  # a header is part of the key
+    kernels.compile_all("80", progress)
+    assert seen[2:] == [("tiny.cu", False), ("tiny.cu", False)] and len(compiles) == 3
+
+
+@pytest.mark.cupy
 def test_compile_error_names_the_file_and_carries_the_log(tmp_path, monkeypatch):
     (tmp_path / "broken.cu").write_text('#include "ok.cuh"\n__global__ void k(float* x) { x[0] = undefined_name; }\n')
     (tmp_path / "ok.cuh").write_text("#pragma once\n")
@@ -91,6 +127,7 @@ def test_second_process_loads_from_the_disk_cache(tmp_path):
     assert runs[1]["nvrtc_calls"] == 0
 
 
+@pytest.mark.cupy
 def test_a_family_for_one_architecture_runs_there_alone(tmp_path, monkeypatch):
     """A family built for sm_90a: skipped by warmup on another GPU, and a clear error if asked for there."""
     (tmp_path / "hopper.cu").write_text("__global__ void k(float* x) { x[0] = 1.f; }\n")
