@@ -156,10 +156,7 @@ class Checkpoint:
         path = self.folder / GENERATION_CONFIG
         if self._arrays is not None or not path.is_file():
             return self.folder / CONFIG, self.config
-        settings = _read_json(path)
-        if not isinstance(settings, dict):
-            raise ValueError(f"{path}: expected a JSON object; got {type(settings).__name__}")
-        return path, settings
+        return path, _read_json(path)
 
     def tokenizer(self):
         """The folder's ``tokenizer.json`` as a ``tokenizers.Tokenizer``."""

@@ -226,7 +226,7 @@ def test_generation_defaults_come_from_generation_config_json_else_config_json(t
         ({"do_sample": "yes"}, r"generation_config.json: do_sample must be true, false or null; got 'yes'"),
         ({"top_k": 2.5}, r"generation_config.json: top_k must be an integer or null; got 2.5"),
         ({"top_p": 0}, r"generation_config.json: top_p: expected a number in \(0, 1\]"),
-        ([1], r"generation_config.json: expected a JSON object; got list"),
+        ([1], r"generation_config.json: expected a JSON object; got a list"),
     ]
     for value, message in bad:
         write_json(tmp_path / "generation_config.json", value)
