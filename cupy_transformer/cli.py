@@ -114,17 +114,8 @@ def _embed(args: argparse.Namespace) -> int:
     model = _load(folder, args)
     if not hasattr(model, "embed"):
         raise SystemExit(f"embed: {folder} holds a {model.model_type} model, which gives no sentence embeddings")
-    tokenizer = Checkpoint(folder).tokenizer()
-    tokenizer.enable_truncation(max_length=model.max_positions)
-    tokenizer.enable_padding(pad_id=model.pad_id)
-    rows = []
-    for first in range(0, len(texts), args.batch_size):
-        encoded = tokenizer.encode_batch(texts[first : first + args.batch_size])
-        ids = numpy.array([e.ids for e in encoded])
-        mask = numpy.array([e.attention_mask for e in encoded])
-        e = model.embed(ids, mask)
-        rows.append(e.get() if hasattr(e, "get") else e)
-    embeddings = numpy.concatenate(rows).astype(numpy.float32)
+    # Sorted-by-length batches, cut at the model's sentence-transformers max_seq_length (stderr names cut texts).
+    embeddings = model.embed_texts(texts, Checkpoint(folder).tokenizer(), args.batch_size)
     if args.out:
         # numpy.save appends .npy to a name without it: name the file it really writes.
         out = args.out if args.out.endswith(".npy") else args.out + ".npy"
