@@ -26,6 +26,7 @@ from ..runtime.arrays import array_module
 from .base import check_ids, extremes, open_checkpoint, token_ids
 
 ACTIVATIONS = {"gelu": "GELU_EXACT", "gelu_new": "GELU", "gelu_pytorch_tanh": "GELU", "relu": "ReLU"}
+CPU_BATCH_TOKENS = 2048
 # sentence-transformers' Pooling config keys for the modes we run (one at a time); the others are refused.
 POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max"}
 
@@ -103,17 +104,30 @@ def sentence_config(folder, max_positions: int) -> SentenceConfig:
 
 def _erf(x: numpy.ndarray) -> numpy.ndarray:
     """erf in float32, within 5e-7 (Eigen's rational approximation on [-4, 4]; erf is +-1 in float32 beyond):
-    NumPy has no erf, and math.erf per element is the reference path's slowest step."""
+    NumPy has no erf, and math.erf per element is the reference path's slowest step. In place where it can be:
+    these passes over [tokens, intermediate] are much of the fast path's time."""
     x = numpy.clip(x, -4.0, 4.0)
     x2 = x * x
-    p = numpy.float32(-2.72614225801306e-10)
+    p = numpy.full_like(x, -2.72614225801306e-10)
     for c in (2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05, -7.34990630326855e-04,
               -2.95459980854025e-03, -1.60960333262415e-02):  # fmt: skip
-        p = p * x2 + numpy.float32(c)
-    q = numpy.float32(-1.45660718464996e-05)
+        p *= x2
+        p += numpy.float32(c)
+    q = numpy.full_like(x, -1.45660718464996e-05)
     for c in (-2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03, -1.42647390514189e-02):
-        q = q * x2 + numpy.float32(c)
-    return x * p / q
+        q *= x2
+        q += numpy.float32(c)
+    p *= x
+    p /= q
+    return p
+
+
+def _gelu_exact(x: numpy.ndarray) -> numpy.ndarray:
+    y = _erf(x * numpy.float32(0.5**0.5))
+    y *= 0.5
+    y += 0.5
+    y *= x
+    return y
 
 
 def _fast_layer_norm(x: numpy.ndarray, gamma: numpy.ndarray, beta: numpy.ndarray, eps: float) -> numpy.ndarray:
@@ -125,7 +139,7 @@ def _fast_layer_norm(x: numpy.ndarray, gamma: numpy.ndarray, beta: numpy.ndarray
 
 
 FAST_ACTIVATIONS = {
-    "GELU_EXACT": lambda x: x * (0.5 + 0.5 * _erf(x * numpy.float32(0.5**0.5))),
+    "GELU_EXACT": _gelu_exact,
     "GELU": lambda x: x * (0.5 + 0.5 * numpy.tanh(numpy.float32(0.7978845608028654) * (x + 0.044715 * x * x * x))),
     "ReLU": lambda x: numpy.maximum(x, 0),
 }
@@ -269,7 +283,8 @@ class BERT:
         # Padding keys get float32's lowest score, as Hugging Face's additive mask: exp() makes them 0.
         mask = None if keep is None else numpy.where(keep, f32(0), numpy.finfo(f32).min)[:, None, None, :]
         for w in self._fast_weights:
-            qkv = x @ w.w_qkv.T + w.b_qkv
+            qkv = x @ w.w_qkv.T
+            qkv += w.b_qkv
             q, k, v = qkv.reshape(b, s, 3, heads, d).transpose(2, 0, 3, 1, 4)  # each [B, heads, S, d]
             scores = (q * f32(d**-0.5)) @ k.transpose(0, 1, 3, 2)
             if mask is not None:
@@ -278,8 +293,16 @@ class BERT:
             numpy.exp(scores, out=scores)
             scores /= scores.sum(-1, keepdims=True)
             context = (scores @ v).transpose(0, 2, 1, 3).reshape(b * s, h)
-            h1 = _fast_layer_norm(x + (context @ w.w_o.T + w.b_o), w.ln_attn_gamma, w.ln_attn_beta, eps)
-            x = _fast_layer_norm(h1 + (act(h1 @ w.w1.T + w.b1) @ w.w2.T + w.b2), w.ln_out_gamma, w.ln_out_beta, eps)
+            a = context @ w.w_o.T
+            a += x
+            a += w.b_o
+            h1 = _fast_layer_norm(a, w.ln_attn_gamma, w.ln_attn_beta, eps)
+            inner = h1 @ w.w1.T
+            inner += w.b1
+            m = act(inner) @ w.w2.T
+            m += h1
+            m += w.b2
+            x = _fast_layer_norm(m, w.ln_out_gamma, w.ln_out_beta, eps)
             yield x.reshape(b, s, h)
 
     def embed(self, input_ids, attention_mask=None, fast: bool = True):
@@ -330,7 +353,8 @@ class BERT:
         """Sentence embeddings [len(texts), H] (float32 NumPy) of ``texts`` (strings), tokenized by
         ``tokenizer`` (a ``tokenizers.Tokenizer``; default: the checkpoint folder's tokenizer.json), cut at
         ``self.sentence.max_seq_length`` tokens, in batches of up to ``batch_size`` texts of similar length
-        (sorted by length, each padded to its longest). Texts that were cut are listed on stderr, one line per
+        (sorted by length, each padded to its longest; on the NumPy backend also at most CPU_BATCH_TOKENS
+        padded tokens). Texts that were cut are listed on stderr, one line per
         call; ``progress``: a progress bar on stderr (default: when stderr is a terminal and there is more than
         one batch)."""
         from tokenizers import Tokenizer
@@ -359,8 +383,10 @@ class BERT:
         out = numpy.empty((len(texts), self.config.hidden_size), numpy.float32)
         show = sys.stderr.isatty() and len(texts) > batch_size if progress is None else progress
         with tqdm(total=len(texts), desc="embedding", unit="text", disable=not show) as bar:
-            for first in range(0, len(texts), batch_size):
-                rows = order[first : first + batch_size]
+            first = 0
+            while first < len(texts):
+                rows = order[first : first + self._batch_rows(batch_size, lengths[order[first]])]
+                first += len(rows)
                 ids = numpy.full((len(rows), max(lengths[rows[0]], 1)), self.pad_id, numpy.int64)
                 mask = numpy.zeros(ids.shape, numpy.int64)
                 for j, r in enumerate(rows):
@@ -369,6 +395,13 @@ class BERT:
                 out[rows] = e.get() if hasattr(e, "get") else e
                 bar.update(len(rows))
         return out
+
+    def _batch_rows(self, batch_size: int, longest: int) -> int:
+        """Texts in a batch whose longest has ``longest`` tokens: ``batch_size``, and on the NumPy backend no more
+        than CPU_BATCH_TOKENS padded tokens (smaller batches keep the attention scores in cache: faster there)."""
+        if self.backend != "numpy":
+            return batch_size
+        return max(1, min(batch_size, CPU_BATCH_TOKENS // max(longest, 1)))
 
     def _report_cut(self, tokenizer, texts, cut: list) -> None:
         """One stderr line naming the texts (counted from 1) cut at the limit, and their full token counts."""
