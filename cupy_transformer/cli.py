@@ -141,6 +141,39 @@ def _load(folder, args: argparse.Namespace):
     return load_model(folder, dtype, backend)
 
 
+def _embed_texts(args: argparse.Namespace) -> list[str]:
+    """The texts to embed, one output line each: the positional TEXTs in order, ``-`` standing for stdin's lines,
+    then the lines of ``--input FILE`` (one text a line; empty lines are texts too, so lines stay aligned)."""
+    from pathlib import Path
+
+    def lines(name: str, data: bytes) -> list[str]:
+        try:
+            return data.decode("utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{name}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+    if args.texts.count("-") > 1:
+        raise ValueError("embed: `-` (read stdin) may be given once")
+    texts = []
+    for i, text in enumerate(args.texts):
+        if text == "-":
+            texts += lines("stdin", sys.stdin.buffer.read())
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates
+            raise ValueError(f"embed: TEXT {i + 1} is not UTF-8 text") from None
+        texts.append(text)
+    if args.input is not None:
+        path = Path(args.input)
+        if not path.is_file():
+            raise FileNotFoundError(f"--input {path}: no such file")
+        texts += lines(f"--input {path}", path.read_bytes())
+    if not texts:
+        raise ValueError("embed: no texts to embed (give TEXT ..., `-` to read stdin, or --input FILE)")
+    return texts
+
+
 def _embed(args: argparse.Namespace) -> int:
     import json
 
@@ -148,6 +181,7 @@ def _embed(args: argparse.Namespace) -> int:
 
     from .loading import Checkpoint, default_model_dir
 
+    texts = _embed_texts(args)
     try:
         folder = args.model or default_model_dir()
     except ImportError as e:
@@ -155,30 +189,17 @@ def _embed(args: argparse.Namespace) -> int:
     model = _load(folder, args)
     if not hasattr(model, "embed"):
         raise SystemExit(f"embed: {folder} holds a {model.model_type} model, which gives no sentence embeddings")
-    tokenizer = Checkpoint(folder).tokenizer()
-    tokenizer.enable_truncation(max_length=model.max_positions)
-    tokenizer.enable_padding(pad_id=model.pad_id)
-    rows = []
-    for first in range(0, len(args.texts), args.batch_size):
-        encoded = tokenizer.encode_batch(args.texts[first : first + args.batch_size])
-        ids = numpy.array([e.ids for e in encoded])
-        mask = numpy.array([e.attention_mask for e in encoded])
-        e = model.embed(ids, mask)
-        rows.append(e.get() if hasattr(e, "get") else e)
-    embeddings = numpy.concatenate(rows).astype(numpy.float32)
+    # Sorted-by-length batches, cut at the model's sentence-transformers max_seq_length (stderr names cut texts).
+    embeddings = model.embed_texts(texts, Checkpoint(folder).tokenizer(), args.batch_size)
     if args.out:
-        numpy.save(args.out, embeddings)
-        print(f"{embeddings.shape[0]} embeddings of {embeddings.shape[1]} dims written to {args.out}")
-    else:
-        print(
-            json.dumps(
-                {
-                    "model": str(folder),
-                    "texts": args.texts,
-                    "embeddings": [[round(float(v), 7) for v in row] for row in embeddings],
-                }
-            )
-        )
+        # numpy.save appends .npy to a name without it: name the file it really writes.
+        out = args.out if args.out.endswith(".npy") else args.out + ".npy"
+        numpy.save(out, embeddings)
+        print(f"{embeddings.shape[0]} embeddings of {embeddings.shape[1]} dims written to {out}")
+        return 0
+    # One JSON array per text and line (JSON Lines), flushed line by line so that `| head -1` stops us early.
+    for row in embeddings:
+        print(json.dumps([round(float(v), 7) for v in row]), flush=True)
     return 0
 
 
@@ -238,12 +259,20 @@ def main(argv: list[str] | None = None) -> int:
         "--arch", action="append", help="without a GPU: compile for sm_ARCH (repeatable; default 80 and 90)"
     )
     info.set_defaults(func=_info)
-    embed = sub.add_parser("embed", help="sentence embeddings (default model: all-MiniLM-L6-v2), as JSON or .npy")
-    embed.add_argument("texts", nargs="+", metavar="TEXT")
+    embed = sub.add_parser(
+        "embed",
+        help="sentence embeddings (default model: all-MiniLM-L6-v2): one JSON array per text and line, or .npy",
+        description="Print each text's sentence embedding as a JSON array of numbers, one line per text in input "
+        "order (JSON Lines), or write them all to a .npy file with --out.",
+    )
+    embed.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed; `-` reads stdin, one text a line")
+    embed.add_argument("--input", metavar="FILE", help="read texts from FILE (UTF-8, one text a line), after TEXTs")
     embed.add_argument("--model", help="a BERT checkpoint folder (config.json, model.safetensors, tokenizer.json)")
     embed.add_argument("--dtype", choices=["fp16", "fp32"], help="default: fp16 on a GPU, fp32 on the CPU")
     embed.add_argument("--device", choices=["auto", "gpu", "cpu"], default="auto", help="cpu: the NumPy path")
-    embed.add_argument("--out", help="write the embeddings [texts, dims] to this .npy file instead of printing JSON")
+    embed.add_argument(
+        "--out", metavar="FILE", help="write the embeddings [texts, dims] to FILE (.npy appended if missing)"
+    )
     embed.add_argument("--batch-size", type=_POSITIVE, default=64)
     embed.set_defaults(func=_embed)
     gen = sub.add_parser("generate", help="continue a prompt with a GPT-2 or LLaMA-style checkpoint")

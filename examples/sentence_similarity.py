@@ -5,9 +5,7 @@ python examples/sentence_similarity.py ["sentence" ...]
 
 import sys
 
-import numpy
-
-from cupy_transformer.loading import Checkpoint, default_model_dir
+from cupy_transformer.loading import default_model_dir
 from cupy_transformer.models import load_model
 from cupy_transformer.runtime.arrays import gpu_available
 
@@ -24,11 +22,8 @@ def main(sentences):
     folder = default_model_dir()
     backend = "cupy" if gpu_available() else "numpy"
     model = load_model(folder, "float16" if backend == "cupy" else "float32", backend, progress=False)
-    tokenizer = Checkpoint(folder).tokenizer()
-    tokenizer.enable_padding(pad_id=model.pad_id)
-    encoded = tokenizer.encode_batch(sentences)
-    e = model.embed(numpy.array([x.ids for x in encoded]), numpy.array([x.attention_mask for x in encoded]))
-    e = e.get() if hasattr(e, "get") else e
+    # Tokenized, cut and pooled as the model's sentence-transformers files say; float32 NumPy rows.
+    e = model.embed_texts(sentences)
     similarity = e @ e.T  # the embeddings are unit vectors: dot products are cosines
     print(f"all-MiniLM-L6-v2 on {'the GPU' if backend == 'cupy' else 'the NumPy path'}; cosine similarity:")
     for i, sentence in enumerate(sentences):

@@ -47,8 +47,7 @@ def test_embed_default_model_on_the_cpu(capsys):
         )
         == 0
     )
-    out = json.loads(capsys.readouterr().out)
-    e = numpy.array(out["embeddings"])
+    e = numpy.array([json.loads(line) for line in capsys.readouterr().out.splitlines()])
     assert e.shape == (3, 384)
     assert numpy.allclose(e[0, :5], [-0.0344773, 0.0310232, 0.0067350, 0.0261090, -0.0393620], atol=2e-6)
     assert abs(e[1] @ e[2] - 0.7553) < 5e-4
