@@ -155,15 +155,8 @@ def _embed_texts(args: argparse.Namespace) -> list[str]:
     if args.texts.count("-") > 1:
         raise ValueError("embed: `-` (read stdin) may be given once")
     texts = []
-    for i, text in enumerate(args.texts):
-        if text == "-":
-            texts += lines("stdin", sys.stdin.buffer.read())
-            continue
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates
-            raise ValueError(f"embed: TEXT {i + 1} is not UTF-8 text") from None
-        texts.append(text)
+    for text in args.texts:  # main() has checked that each is UTF-8
+        texts += lines("stdin", sys.stdin.buffer.read()) if text == "-" else [text]
     if args.input is not None:
         path = Path(args.input)
         if not path.is_file():
