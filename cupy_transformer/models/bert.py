@@ -12,7 +12,6 @@ ops' NumPy path, the float64 reference the tests compare against. The GPU path h
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import deque
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import numpy
 
 from .. import ops
 from ..layers import PostLNLayer, PostLNWeights
+from ..loading import read_json
 from ..runtime.arrays import array_module, resolve_backend
 from .base import check_ids, extremes, open_checkpoint, token_ids
 
@@ -44,18 +44,11 @@ class SentenceConfig:
     normalize: bool = True
 
 
-def _json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
 def _pooling(path: Path) -> str:
     """The one pooling mode of sentence-transformers' ``1_Pooling/config.json`` at ``path``."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} (the Pooling module's config, listed in modules.json) not found")
-    config = _json(path)
+    config = read_json(path)
     named = config.get("pooling_mode")  # newer files may name the mode outright
     on = [named] if isinstance(named, str) else [k for k, v in config.items() if k.startswith("pooling_mode_") and v]
     on = [POOLING_MODES.get(k, k.removeprefix("pooling_mode_")) for k in on]
@@ -75,8 +68,8 @@ def sentence_config(folder, max_positions: int) -> SentenceConfig:
     limit, transformer, pooling, normalize = "max_position_embeddings in config.json", folder, "mean", True
     modules_path = folder / "modules.json"
     if modules_path.is_file():
-        modules = _json(modules_path)
-        if not isinstance(modules, list) or not all(isinstance(m, dict) and "type" in m for m in modules):
+        modules = read_json(modules_path, list)
+        if not all(isinstance(m, dict) and "type" in m for m in modules):
             raise ValueError(f"{modules_path}: expected a list of modules, each with a 'type'")
         kinds = {m["type"].rsplit(".", 1)[-1]: m for m in modules}
         unknown = sorted(set(kinds) - {"Transformer", "Pooling", "Normalize"})
@@ -92,7 +85,7 @@ def sentence_config(folder, max_positions: int) -> SentenceConfig:
     max_length, lower = max_positions, False
     st_path = transformer / "sentence_bert_config.json"
     if st_path.is_file():
-        st = _json(st_path)
+        st = read_json(st_path)
         lower = bool(st.get("do_lower_case", False))
         if st.get("max_seq_length") is not None:
             if not isinstance(st["max_seq_length"], int) or st["max_seq_length"] < 1:
