@@ -179,6 +179,19 @@ def test_compiles_with_no_graph_break(rng, device):
     assert torch.equal(compiled(x2), block(x2)) and not torch.equal(compiled(x2), eager)
 
 
+def test_dynamic_shapes_compile_once(rng):
+    # The fake implementations compute shapes from symbolic sizes: one graph serves every token count.
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    block, counter = Block(40, "cpu", torch.float32), CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend=counter, fullgraph=True, dynamic=True)
+    for tokens in (3, 5, 9):
+        x = randn(rng, (2, tokens, 40), torch.float32, "cpu")
+        assert torch.equal(compiled(x), block(x))
+    assert counter.frame_count == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch without CUDA")
 @pytest.mark.parametrize("tokens", [1, 40], ids=["decode row", "40 rows"])
