@@ -4,6 +4,7 @@ import importlib.util
 import pathlib
 
 import numpy
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -40,6 +41,14 @@ def test_gpt2_generate_example(tmp_path, rng, capsys):
     text = load("gpt2_generate").main(str(tmp_path), "w1 w2", 4)
     assert len(text.split()) == 4 and text in capsys.readouterr().out
     assert numpy.all([w.startswith("w") for w in text.split()])
+
+
+def test_torch_custom_op_example(capsys):
+    pytest.importorskip("torch")
+    differences = load("torch_custom_op").main()  # torch.compile's default backend, inductor
+    assert set(differences) == {"eager", "compiled (inductor)"}
+    assert max(differences.values()) < 1e-5  # fp32, an output of about unit size
+    assert "1 graph(s), 0 graph break(s)" in capsys.readouterr().out
 
 
 def test_readme_use_snippets_run():

@@ -1,0 +1,179 @@
+"""Our ops as PyTorch custom ops, so that torch modules calling them compile under ``torch.compile`` with no graph
+break and can be captured in ``torch.cuda.graph``.
+
+``import cupy_transformer.interop.torch_ops`` registers them (it imports torch; ``import cupy_transformer`` does
+not) under the namespace ``cupy_transformer``: ``torch.ops.cupy_transformer.layer_norm`` and so on, which this
+module's functions of the same names are:
+
+- ``layer_norm(x, gamma, beta=None, eps=1e-5)`` and ``rms_norm(x, gamma, eps=1e-6)``: ``ops.layer_norm`` and
+  ``ops.rms_norm`` over the last dimension (RMSNorm as Hugging Face's LLaMA rounds it).
+- ``linear(x, weight, bias=None, activation=None)``: ``act(x @ weight.T + bias)`` with ``nn.Linear``'s ``[out, in]``
+  weight, on ``ops.matmul``'s path (cuBLASLt with the bias and activation in its epilogue, or the GEMV kernel for
+  decode rows). ``activation``: None, or an ``ops.ActivationType`` name: "GELU" (tanh form), "GELU_EXACT" (erf),
+  "ReLU", or the gated "GATED_SILU" / "GATED_GELU", where the product's columns are ``[up | gate]`` and the result,
+  half as wide, is ``up * act(gate)`` (LLaMA's MLP with its up and gate projections stacked).
+
+Each has a fake implementation giving the result's shape, dtype and device, which is all the compiler needs to see.
+Inference only: no backward is registered.
+
+CUDA tensors go to our kernels zero-copy through DLPack. The kernels run on torch's current stream, and every CuPy
+allocation they make (results, temporaries) comes from torch's caching allocator on that stream; under
+``torch.cuda.graph`` that is the graph's private pool, so a replay writes memory the graph owns. As with our own
+graphs, run the module once on the capture stream before capturing (decode products make per-stream workspaces on
+first use, which a capture cannot): warm up under ``torch.cuda.stream(s)`` and capture with
+``torch.cuda.graph(g, stream=s)``. CPU tensors run the NumPy reference path (fp16, fp32 and, through ml_dtypes, bf16;
+float64 statistics, rounded to the dtype), sharing memory with the inputs where they are contiguous. Non-contiguous
+inputs are copied first. Bad input raises our ops' ``TypeError`` / ``ValueError`` naming the argument.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy
+import torch
+from ml_dtypes import bfloat16
+
+from .. import ops
+from ..ops.bias_act import apply_bias_act
+from ..ops.config import ActivationType, parse_enum
+from ..ops.matmul import matmul, weight_array
+from ..runtime.arrays import as_array, common_kind, import_cupy, to_caller
+
+__all__ = ["layer_norm", "linear", "rms_norm"]
+
+_torch_allocator = None
+
+
+def _torch_malloc(size: int, device_id: int) -> int:
+    return torch.cuda.caching_allocator_alloc(size, device_id, torch.cuda.current_stream(device_id))
+
+
+def _torch_free(pointer: int, device_id: int) -> None:
+    torch.cuda.caching_allocator_delete(pointer)
+
+
+@contextlib.contextmanager
+def _torch_stream(device: torch.device):
+    """CuPy on ``device``, on torch's current stream there, allocating from torch's caching allocator."""
+    global _torch_allocator
+    cupy = import_cupy()
+    if _torch_allocator is None:
+        _torch_allocator = cupy.cuda.memory.PythonFunctionAllocator(_torch_malloc, _torch_free)
+    stream = torch.cuda.current_stream(device)
+    # torch's legacy default stream is CUDA's null stream, which is CuPy's own default.
+    cupy_stream = cupy.cuda.Stream.null if stream.cuda_stream == 0 else cupy.cuda.Stream.from_external(stream)
+    with cupy.cuda.Device(device.index), cupy_stream, cupy.cuda.using_allocator(_torch_allocator.malloc):
+        yield
+
+
+def _as_numpy(tensor: torch.Tensor) -> numpy.ndarray:
+    if tensor.dtype == torch.bfloat16:  # NumPy has no bf16: the same bits, viewed as ml_dtypes' bfloat16
+        return tensor.view(torch.int16).numpy().view(bfloat16)
+    return tensor.numpy()
+
+
+def _from_numpy(array: numpy.ndarray) -> torch.Tensor:
+    if array.dtype == bfloat16:
+        return torch.from_numpy(array.view(numpy.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+def _on_one_device(tensors: dict) -> tuple[str, torch.Tensor]:
+    """The first (name, tensor), after checking that every given tensor is on its device (eagerly and, through the
+    fake implementations, while compiling)."""
+    first_name, first = next(iter(tensors.items()))
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != first.device:
+            where = f"{first.device} like {first_name}"
+            raise ValueError(f"{name}: expected a tensor on {where}; got one on {tensor.device}")
+    return first_name, first
+
+
+def _run(function, tensors: dict, **options) -> torch.Tensor:
+    """``function(**tensors, **options)``: on CUDA tensors as they are (on torch's stream and allocator), on CPU
+    tensors as NumPy arrays (the reference path); the result as a tensor. The first tensor decides the device."""
+    first_name, first = _on_one_device(tensors)
+    given = {name: None if t is None else t.detach().contiguous() for name, t in tensors.items()}
+    if first.device.type == "cuda":
+        with _torch_stream(first.device):
+            return function(**given, **options)
+    if first.device.type != "cpu":
+        raise ValueError(f"{first_name}: expected a CPU or CUDA tensor; got one on {first.device}")
+    return _from_numpy(function(**{name: None if t is None else _as_numpy(t) for name, t in given.items()}, **options))
+
+
+@torch.library.custom_op("cupy_transformer::layer_norm", mutates_args=())
+def layer_norm(
+    x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | None = None, eps: float = 1e-5
+) -> torch.Tensor:
+    """``ops.layer_norm`` over the last dimension of ``x``; ``beta`` optional."""
+    return _run(ops.layer_norm, {"x": x, "gamma": gamma, "beta": beta}, eps=eps)
+
+
+@layer_norm.register_fake
+def _(x, gamma, beta=None, eps=1e-5):
+    _on_one_device({"x": x, "gamma": gamma, "beta": beta})
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("cupy_transformer::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, gamma: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``ops.rms_norm`` over the last dimension of ``x``, as Hugging Face's LLaMA RMSNorm."""
+    return _run(ops.rms_norm, {"x": x, "gamma": gamma}, eps=eps)
+
+
+@rms_norm.register_fake
+def _(x, gamma, eps=1e-6):
+    _on_one_device({"x": x, "gamma": gamma})
+    return x.new_empty(x.shape)
+
+
+def _activation(value: str | None) -> ActivationType | None:
+    return None if value is None else parse_enum(ActivationType, "activation", value)
+
+
+def _linear_shape(x, weight, activation: str | None) -> tuple:
+    """The result's shape, after the checks it depends on (the same errors eagerly and while compiling)."""
+    if x.dim() < 1:
+        raise ValueError("x: expected a tensor of at least 1 dimension; got a 0-D tensor")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"weight: expected an [out, in] weight (nn.Linear's layout) whose in-dimension matches the input width "
+            f"{x.shape[-1]}; got shape {tuple(weight.shape)}"
+        )
+    act, out_features = _activation(activation), weight.shape[0]
+    if act is not None and act.gated:
+        if out_features % 2:
+            raise ValueError(f"weight: a gated activation needs [up | gate] rows, an even count; got {out_features}")
+        out_features //= 2
+    return tuple(x.shape[:-1]) + (out_features,)
+
+
+def _linear_arrays(x, weight, bias, act: ActivationType | None):
+    """``act(x @ weight.T + bias)`` on NumPy arrays or CUDA tensors, checked as ``LinearOp`` checks its inputs."""
+    kind = common_kind(x=x, weight=weight, bias=bias)
+    x = as_array("x", x, kind, min_ndim=1)
+    w, out_features = weight_array("weight", weight, kind, x.dtype, x.shape[-1], transposed=True)
+    b = None if bias is None else as_array("bias", bias, kind, dtypes=x.dtype, shape=(out_features,))
+    if act is not None and act.gated:  # as GELUGemmOp: the activation pairs two columns, after the product
+        return to_caller(apply_bias_act(matmul(x, w, True), b, act), kind)
+    return to_caller(matmul(x, w, True, b, act), kind)
+
+
+@torch.library.custom_op("cupy_transformer::linear", mutates_args=())
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
+) -> torch.Tensor:
+    """``act(x @ weight.T + bias)``: ``weight`` [out, in] as ``nn.Linear``'s, ``bias`` [out] or None,
+    ``activation`` None or an ``ActivationType`` name (gated ones halve the width)."""
+    shape = _linear_shape(x, weight, activation)
+    if x.shape[:-1].numel() == 0:  # no rows: nothing to launch (cuBLASLt takes no empty product)
+        return x.new_empty(shape)
+    return _run(_linear_arrays, {"x": x, "weight": weight, "bias": bias}, act=_activation(activation))
+
+
+@linear.register_fake
+def _(x, weight, bias=None, activation=None):
+    _on_one_device({"x": x, "weight": weight, "bias": bias})
+    return x.new_empty(_linear_shape(x, weight, activation))
