@@ -38,7 +38,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import ops
-from .ops.bias_act import apply_bias_act
 from .ops.config import NormType
 from .ops.matmul import matmul
 from .ops.norm import normalize
@@ -108,8 +107,7 @@ class PreLNLayer:
         )
         a = matmul(context, w.w_o, t)
         xn2, z = self.norm(a, w.ln2_gamma, w.ln2_beta, residual=x, bias=w.b_o)
-        act = cfg.mlp_act_func_type
-        h = apply_bias_act(matmul(xn2, w.w1, t), w.b1, act) if act.gated else matmul(xn2, w.w1, t, w.b1, act)
+        h = matmul(xn2, w.w1, t, w.b1, cfg.mlp_act_func_type)
         xn_next, y = self.norm(matmul(h, w.w2, t), *next_norm, residual=z, bias=w.b2)
         return y, xn_next
 

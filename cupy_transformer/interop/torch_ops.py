@@ -35,7 +35,6 @@ import torch
 from ml_dtypes import bfloat16
 
 from .. import ops
-from ..ops.bias_act import apply_bias_act
 from ..ops.config import ActivationType, parse_enum
 from ..ops.matmul import matmul, weight_array
 from ..runtime.arrays import as_array, common_kind, import_cupy, to_caller
@@ -156,8 +155,6 @@ def _linear_arrays(x, weight, bias, act: ActivationType | None):
     x = as_array("x", x, kind, min_ndim=1)
     w, out_features = weight_array("weight", weight, kind, x.dtype, x.shape[-1], transposed=True)
     b = None if bias is None else as_array("bias", bias, kind, dtypes=x.dtype, shape=(out_features,))
-    if act is not None and act.gated:  # as GELUGemmOp: the activation pairs two columns, after the product
-        return to_caller(apply_bias_act(matmul(x, w, True), b, act), kind)
     return to_caller(matmul(x, w, True, b, act), kind)
 
 

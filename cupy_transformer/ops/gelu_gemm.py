@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from ..runtime.arrays import common_kind, to_caller
 from .base import TransformerOp
-from .bias_act import apply_bias_act
 from .matmul import matmul
 
 
@@ -30,8 +29,5 @@ class GELUGemmOp(TransformerOp):
         act = cfg.mlp_act_func_type
         b1 = self.vector("bias", bias, kind, inter)
         w2, _ = self.weight("weight_out", weight_out, kind, act_width)
-        if act.gated:  # [up | gate] columns: the activation pairs two columns, after the product
-            h = apply_bias_act(matmul(x, w1, cfg.transposed_mode), b1, act)
-        else:
-            h = matmul(x, w1, cfg.transposed_mode, b1, act)
+        h = matmul(x, w1, cfg.transposed_mode, b1, act)
         return to_caller(matmul(h, w2, cfg.transposed_mode), kind)

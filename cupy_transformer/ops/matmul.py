@@ -21,6 +21,7 @@ import numpy
 from ..runtime import cublaslt, timing
 from ..runtime.arrays import as_array, common_kind, import_cupy, module_of, to_caller
 from .bias_act import apply_bias_act
+from .config import ActivationType
 from .gemv import GEMV_MAX_ROWS, gemv, gemv_fits, gemv_workspace
 
 #: Which product the latest ``matmul`` on GPU arrays ran: "gemv" or "cublas" (None before the first).
@@ -51,8 +52,12 @@ def lm_logits(x, weight):
 
 
 def matmul(x, w, transposed: bool, bias=None, act=None):
-    """``act(x[..., in] @ W + bias)`` → ``[..., out]`` on arrays already checked (``act`` not gated)."""
+    """``act(x[..., in] @ W + bias)`` → ``[..., out]`` on arrays already checked. A gated ``act`` takes ``W``'s
+    ``[up | gate]`` columns: the product, then ``bias_act`` pairs the halves (no epilogue pairs two columns), and
+    the result is half as wide."""
     global last_path
+    if act is not None and ActivationType(act).gated:
+        return apply_bias_act(matmul(x, w, transposed), bias, act)
     if module_of(x) is numpy:
         return matmul_reference(x, w, transposed, bias, act)
     out_features = w.shape[0] if transposed else w.shape[1]

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from ..runtime.arrays import common_kind, to_caller
 from .base import TransformerOp
-from .bias_act import apply_bias_act
 from .matmul import matmul
 from .norm import normalize
 
@@ -69,10 +68,7 @@ class MLPGemmOp(TransformerOp):
             xn = z = normalize(mode, x, g, b, cfg.epsilon, residual=r, add_bias=in_bias)
         else:
             xn, z = normalize(mode, r, g, b, cfg.epsilon), r
-        if act.gated:  # [up | gate] columns: the activation pairs two columns, after the product
-            h = apply_bias_act(matmul(xn, w1, cfg.transposed_mode), inter_bias, act)
-        else:
-            h = matmul(xn, w1, cfg.transposed_mode, inter_bias, act)
+        h = matmul(xn, w1, cfg.transposed_mode, inter_bias, act)
         out = matmul(h, w2, cfg.transposed_mode)
         residual_add = z if rms else xn
         return to_caller(out, kind), to_caller(residual_add, kind)
