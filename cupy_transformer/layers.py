@@ -38,7 +38,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import ops
-from .ops.config import NormType
 from .ops.matmul import matmul
 from .ops.norm import normalize
 
@@ -85,10 +84,7 @@ class PreLNLayer:
         """The config's norm of ``x`` (with ``residual``: of ``round(x + residual [+ bias])``, returned too as
         ``(normalised, sum)``) on a model's own arrays, checked when the model was loaded."""
         cfg = self.config
-        if cfg.norm_type == NormType.RMSNorm:
-            mode = "rms_norm"
-        else:
-            mode = "layer_norm" if beta is not None else "layer_norm_no_beta"
+        mode = cfg.norm_mode(beta is not None)
         if residual is None:
             return normalize(mode, x, gamma, beta, cfg.epsilon)
         return normalize(mode, x, gamma, beta, cfg.epsilon, residual=residual, add_bias=bias, want_sum=True)

@@ -55,8 +55,7 @@ class TransformerOp:
         if rms and beta is not None:
             raise ValueError("beta: RMSNorm has no shift; pass None")
         g, b = self.vector("gamma", gamma, kind, width), self.vector("beta", beta, kind, width)
-        mode = "rms_norm" if rms else ("layer_norm" if b is not None else "layer_norm_no_beta")
-        return mode, g, b
+        return self.config.norm_mode(b is not None), g, b
 
     def mlp_weight_in(self, name: str, value, kind: str, in_features: int):
         """The MLP's first weight: returns (array, its out width, the width after the activation). Gated

@@ -119,6 +119,12 @@ class InferenceConfig:
     def head_size(self) -> int:
         return self.hidden_size // self.heads
 
+    def norm_mode(self, has_shift: bool) -> str:
+        """``ops.norm``'s mode for this config's norm: RMSNorm, or LayerNorm with a shift (beta) or without."""
+        if self.norm_type == NormType.RMSNorm:
+            return "rms_norm"
+        return "layer_norm" if has_shift else "layer_norm_no_beta"
+
     @property
     def rotary_style(self) -> str | None:
         """``ops.rotary``'s pairing for this config, or None without rotary."""
