@@ -3,6 +3,8 @@ causal model's step (positions and the cache)."""
 
 from __future__ import annotations
 
+import collections
+
 import numpy
 
 from .. import ops
@@ -62,25 +64,28 @@ class CausalLM:
         was (the caller advances it)."""
         return self.run(ids, positions, cache, cache.device_lengths, attn_mask)
 
-    def run(self, ids, positions, cache, start, attn_mask, last_only: bool = False, inspect=None):
+    def run(self, ids, positions, cache, start, attn_mask, last_only: bool = False):
         """The layers between ``token_embeddings`` and ``head`` on checked inputs (``start``: where the tokens go in
-        ``cache``, from ``cache.reserve`` or on the device). ``inspect(where, x)``, if given, sees the embeddings
-        (where: None) and each layer's output (where: the layer's index)."""
+        ``cache``, from ``cache.reserve`` or on the device)."""
+        # The last layer's output, normalised by the final norm.
+        _, xn = collections.deque(self.hidden_states(ids, positions, cache, start, attn_mask), maxlen=1)[0]
+        if last_only:
+            xn = array_module(self.backend).ascontiguousarray(xn[:, -1:])
+        return ops.lm_logits(xn, self.head_weight)
+
+    def hidden_states(self, ids, positions, cache, start, attn_mask):
+        """Yields ``(x, xn)``: the token embeddings, then each layer's output, with ``xn`` x normalised by the norm
+        that follows (the next layer's input norm; after the last layer, the final norm). ``run``'s arguments."""
         x = self.token_embeddings(ids, positions)
-        if inspect is not None:
-            inspect(None, x)
         w = self.weights
         xn = self.layer.norm(x, w[0].ln1_gamma, w[0].ln1_beta)
+        yield x, xn
         for i in range(len(w)):
             after = (w[i + 1].ln1_gamma, w[i + 1].ln1_beta) if i + 1 < len(w) else self.final_norm
             x, xn = self.layer.stack(
                 x, xn, w[i], after, cache=cache, layer_id=i, start=start, attn_mask=attn_mask, position_ids=positions
             )
-            if inspect is not None:
-                inspect(i, x)
-        if last_only:
-            xn = array_module(self.backend).ascontiguousarray(xn[:, -1:])
-        return ops.lm_logits(xn, self.head_weight)
+            yield x, xn
 
     def non_finite_error(self, ids, positions, keep) -> ValueError:
         """The error for prompts whose logits hold NaN or inf, naming where such values first appear: the prompts
@@ -88,24 +93,15 @@ class CausalLM:
         without a cache, one layer at a time, each output read back (a diagnostic path, slow on the GPU)."""
         xp = array_module(self.backend)
         rows = xp.asarray(keep)
-
-        class Found(Exception):
-            pass
-
-        def inspect(where, x):
-            if not bool(xp.isfinite(x[rows]).all()):
-                raise Found(where)
-
         layer = getattr(self, "layer_prefix", "layer {}.")
-        try:
-            with numpy.errstate(invalid="ignore", over="ignore", divide="ignore"):
-                self.run(
-                    xp.asarray(ids), xp.asarray(positions), None, None, None if keep.all() else rows, inspect=inspect
-                )
-            where = "the final norm or the LM head"
-        except Found as found:
-            i = found.args[0]
-            where = "the token embeddings" if i is None else f"layer {i}'s output ({layer.format(i)}*)"
+        where = "the final norm or the LM head"
+        with numpy.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            mask = None if keep.all() else rows
+            outputs = self.hidden_states(xp.asarray(ids), xp.asarray(positions), None, None, mask)
+            for i, (x, _) in enumerate(outputs):
+                if not bool(xp.isfinite(x[rows]).all()):
+                    where = "the token embeddings" if i == 0 else f"layer {i - 1}'s output ({layer.format(i - 1)}*)"
+                    break
         overflow = ", or float16 overflowed" if self.config.dtype == numpy.float16 else ""
         return ValueError(
             f"non-finite values (NaN or inf) first appear in {where}: the checkpoint holds non-finite weights"
