@@ -76,32 +76,14 @@ def test_mlp_numpy_path(rng, dtype, norm, after_attn, act):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("rows, width, inter", CPU_SIZES)
 def test_mlp_numpy_path_issue_sizes(rng, dtype, rows, width, inter):
-    check_mlp(
-        rng,
-        dtype,
-        rows,
-        width,
-        inter,
-        "LayerNorm",
-        after_attn=True,
-        act=ActivationType.GELU,
-        transposed=False,
-        with_biases=True,
-        gpu=False,
-    )
-    check_mlp(
-        rng,
-        dtype,
-        rows,
-        width,
-        inter,
-        "RMSNorm",
-        after_attn=False,
-        act=ActivationType.GATED_SILU,
-        transposed=True,
-        with_biases=False,
-        gpu=False,
-    )
+    for norm, after_attn, act, transposed, with_biases in (
+        ("LayerNorm", True, ActivationType.GELU, False, True),
+        ("RMSNorm", False, ActivationType.GATED_SILU, True, False),
+    ):
+        check_mlp(
+            rng, dtype, rows, width, inter, norm, after_attn=after_attn, act=act, transposed=transposed,
+            with_biases=with_biases, gpu=False,
+        )  # fmt: skip
 
 
 @pytest.mark.gpu
