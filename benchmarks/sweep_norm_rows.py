@@ -17,8 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cupy  # noqa: E402
 import numpy  # noqa: E402
 
-from benchmarks.common import card_name, l2_flush_in_graphs  # noqa: E402
-from benchmarks.sweep_decode_short import graph_us  # noqa: E402
+from benchmarks.common import card_name, graph_node_us, l2_flush_in_graphs  # noqa: E402
 from cupy_transformer.ops.norm import NORM_KERNELS, kernel_name, launch_config  # noqa: E402
 
 
@@ -63,7 +62,7 @@ def main() -> None:
                                         sum=z, rows=rows, width=width, eps=1e-5, mode=0, pre_add=7,
                                         params_aligned=1)  # fmt: skip
 
-                cells.append(f"{graph_us(body) - flush_us:.2f}")
+                cells.append(f"{graph_node_us(lambda i, body=body: body(), 30) - flush_us:.2f}")
             print(f"| {rows} x {width} | " + " | ".join(cells) + " |")
 
 

@@ -72,8 +72,8 @@ def decode_geometry(kernels, pairs: int) -> tuple[int, int]:
 
 def one_block_keys(d: int, warps: int) -> int:
     """The most keys a sequence may have for one block to take them all, with no merge: four 16-key tiles a warp
-    at head size 64 (as many bytes at others). Past that, chunks of at least 64 keys merged by the last block
-    (H100, a 2048-token capacity, 150-256 keys: 5.4-5.7 against 7.4-7.8 µs)."""
+    at head size 64 (as many bytes at others). Past that, chunks of at least 64 keys merged by the last block,
+    whose partial rows, ticket and merge cost a short sequence about 2 µs more (benchmarks/notes/decode_attention.md)."""
     return max(64, 4096 * warps // d // 64 * 64)
 
 
