@@ -73,7 +73,7 @@ def decode_geometry(kernels, pairs: int) -> tuple[int, int]:
 def one_block_keys(d: int, warps: int) -> int:
     """The most keys a sequence may have for one block to take them all, with no merge: four 16-key tiles a warp
     at head size 64 (as many bytes at others). Past that, chunks of at least 64 keys merged by the last block,
-    whose partial rows, ticket and merge cost a short sequence about 2 µs more (benchmarks/notes/decode_attention.md)."""
+    whose partial rows, ticket and merge cost a short sequence about 2 µs more (notes: decode_attention.md)."""
     return max(64, 4096 * warps // d // 64 * 64)
 
 
