@@ -3,7 +3,8 @@
 //   z_j = s_j * layer_scale + alibi[b, head, j] + mask[b, head, i, j]   (additive; a false boolean drops j)
 //   keys outside [lo, hi) dropped: hi = position + 1 when causal (else K), lo = position - window + 1 with a
 //   window (else 0); p_j = exp(z_j - max z) / sum exp(z - max z), fp32, one rounding; a row with every key
-//   dropped is zeros.
+//   dropped is zeros; a NaN or +inf z among the kept keys makes its row's sum NaN and so the whole row NaN
+//   (torch.softmax's answer; fmaxf skips a NaN, the sum does not).
 // ROW_THREADS lanes (8, 16, or 1 to 8 warps) hold a chunk of a row in registers, NV vectors of VEC keys a
 // lane: one read, the maximum and the sum reduced over the lanes, one exp a key, one write. PHASE 0: the
 // chunk is the whole row (a grid of at most one wave loops over the rows). A row longer than the block holds
@@ -142,10 +143,10 @@ __global__ void __launch_bounds__(256, 2) masked_softmax(
             float l = 0.f;
             for (int c = threadIdx.x; c < chunks; c += 256) {
                 const float2 st = row_stats[c];
-                if (st.x != neg_inf()) l += st.y * exp_minus<FAST>(st.x, top, top_log2);
+                if (st.y != 0.f) l += st.y * exp_minus<FAST>(st.x, top, top_log2);  // 0: all dropped; NaN kept
             }
             l = row_reduce<256, false>(l, slots_l);
-            inv = l > 0.f ? 1.f / l : 0.f;
+            inv = l == 0.f ? 0.f : 1.f / l;  // a NaN sum: the row is NaN
         } else {
             m = row_reduce<ROW_THREADS, true>(m, slots_m);
             top = m == neg_inf() ? 0.f : m;  // every key dropped: exp(-inf - 0) = 0, not NaN
@@ -160,7 +161,7 @@ __global__ void __launch_bounds__(256, 2) masked_softmax(
                 if (threadIdx.x == 0) stats[blockIdx.x] = make_float2(m, l);
                 continue;
             }
-            inv = l > 0.f ? 1.f / l : 0.f;
+            inv = l == 0.f ? 0.f : 1.f / l;  // a NaN sum: the row is NaN
         }
         const float top_log2 = top * LOG2E;
 #pragma unroll

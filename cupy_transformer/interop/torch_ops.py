@@ -48,16 +48,20 @@ def _torch_malloc(size: int, device_id: int) -> int:
     return torch.cuda.caching_allocator_alloc(size, device_id, torch.cuda.current_stream(device_id))
 
 
+_raw_delete = None  # torch's C function, held so that frees at interpreter exit outlive torch.cuda's module globals
+
+
 def _torch_free(pointer: int, device_id: int) -> None:
-    torch.cuda.caching_allocator_delete(pointer)
+    _raw_delete(pointer)
 
 
 @contextlib.contextmanager
 def _torch_stream(device: torch.device):
     """CuPy on ``device``, on torch's current stream there, allocating from torch's caching allocator."""
-    global _torch_allocator
+    global _torch_allocator, _raw_delete
     cupy = import_cupy()
     if _torch_allocator is None:
+        _raw_delete = torch._C._cuda_cudaCachingAllocator_raw_delete  # what torch.cuda.caching_allocator_delete calls
         _torch_allocator = cupy.cuda.memory.PythonFunctionAllocator(_torch_malloc, _torch_free)
     stream = torch.cuda.current_stream(device)
     # torch's legacy default stream is CUDA's null stream, which is CuPy's own default.
