@@ -31,8 +31,8 @@ from benchmarks.common import (  # noqa: E402
     time_us,
     write_table,
 )
-from cupy_transformer.ops.gemv import gemv  # noqa: E402
-from cupy_transformer.ops.matmul import gemv_choice, matmul  # noqa: E402
+from cupy_transformer.ops.gemv import gemv, gemv_fits  # noqa: E402
+from cupy_transformer.ops.matmul import matmul  # noqa: E402
 
 
 def captured(calls):
@@ -124,7 +124,7 @@ def gemv_rows(copy) -> list[str]:
                     )
                     / count
                 )  # the warm-up calls before capture time the choice
-                op_runs = "GEMV" if gemv_choice(xc, wc[0], transposed, bc)[1] else "cuBLASLt"
+                op_runs = "GEMV" if gemv_fits(xc, wc[0], transposed, bc, None) else "cuBLASLt"  # in a graph
                 side = torch.cuda.Stream()
                 with torch.cuda.stream(side):
                     for m in mats:

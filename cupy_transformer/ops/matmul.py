@@ -98,19 +98,18 @@ def _cublas(x, w, transposed, bias, act, fallback: bool = True):
     return y
 
 
-# Per (device, dtype, x shape, W shape, transposed, bias, act): whether the GEMV timed faster than cuBLAS
-# eagerly, and in a CUDA graph.
-_GEMV_FASTER: dict[tuple, tuple[bool, bool]] = {}
-# (that key, stream): where the eager choice differs from the graph's, the graph's per-stream workspace is made.
+# Per (device, dtype, x shape, W shape, transposed, bias, act): whether the GEMV timed faster than cuBLAS eagerly.
+_GEMV_FASTER: dict[tuple, bool] = {}
+# (that key, stream): where cuBLAS runs eagerly, the GEMV's per-stream workspace is made for a capture there.
 _CAPTURE_READY: set[tuple] = set()
 _GRAPH_CHOICES = False
 
 
 @contextlib.contextmanager
 def graph_choices():
-    """Within it, eager decode products make the choice a captured one makes (the GEMV or cuBLASLt, as timed in a
-    graph), so that a step run eagerly computes what its CUDA graph computes, to the bit: the decode loop's first
-    step (which prepares the capture) and its eager mode (``--no-cuda-graph``) run under it."""
+    """Within it, eager decode products make the choice a captured one makes (the GEMV), so that a step run eagerly
+    computes what its CUDA graph computes, to the bit: the decode loop's first step (which prepares the capture)
+    and its eager mode (``--no-cuda-graph``) run under it."""
     global _GRAPH_CHOICES
     before, _GRAPH_CHOICES = _GRAPH_CHOICES, True
     try:
@@ -120,46 +119,31 @@ def graph_choices():
 
 
 def use_gemv(x, w, transposed, bias, act) -> bool:
-    """Whether this product runs the GEMV kernel: a decode shape it supports, where it timed faster than
-    cuBLAS on this shape's first eager call. That call times both eagerly and as CUDA graphs, and a call
-    being captured takes the graph ranking: the two differ (H200, [in, out], one row, 6400x1600: the eager
-    timing chose cuBLAS, and in a graph the GEMV was 11% faster). A shape first seen while capturing runs the
-    GEMV (nothing can be timed there), as does a graph where cuBLASLt finds no algorithm (its fallback,
-    ``cupy.matmul``, is not timed in graphs). ``CT_TUNE=0``: cuBLAS eagerly, the GEMV in a graph."""
+    """Whether this product runs the GEMV kernel: a decode shape it supports, and then always in a CUDA graph (a
+    call being captured, or under ``graph_choices``), eagerly where it timed faster than cuBLAS on this shape's
+    first eager call. In a graph the GEMV's kernels and their neighbours start while the kernel before finishes
+    (programmatic launches, ``runtime.programmatic``), which cuBLAS's kernels do not; timed alone, the products of
+    a GPT-2-small step chose cuBLAS 3 times in 4, and the step ran 1.15x faster on the GEMV alone (H100).
+    ``CT_TUNE=0``: cuBLAS eagerly."""
     cupy = import_cupy()
     if x.shape[0] > GEMV_MAX_ROWS or not gemv_fits(x, w, transposed, bias, act):
         return False
     stream = cupy.cuda.get_current_stream()
-    capturing = stream.is_capturing()
+    if _GRAPH_CHOICES or stream.is_capturing():
+        return True
     key = _choice_key(x, w, transposed, bias, act)
-    faster = _GEMV_FASTER.get(key) if timing.TUNE else (False, True)
+    faster = _GEMV_FASTER.get(key) if timing.TUNE else False
     if faster is None:
-        if capturing:
-            return True
-
-        def run_gemv():
-            return gemv(x, w, transposed, bias, act)
-
-        eager = timing.fastest([run_gemv, lambda: _cublas(x, w, transposed, bias, act)]) == 0
-        try:
-            graph = (
-                timing.fastest([run_gemv, lambda: _cublas(x, w, transposed, bias, act, fallback=False)], graph=True)
-                == 0
-            )
-        except cublaslt.CublasLtError:
-            graph = True
-        faster = _GEMV_FASTER[key] = (eager, graph)
-    if not capturing and faster[0] != faster[1]:
-        # A capture on this stream (which cannot make the GEMV's split workspace) runs the other one: its
-        # per-stream workspace is made now, by the call a capture needs first ("run the step once").
-        ready = (key, stream.ptr)
-        if ready not in _CAPTURE_READY:
-            if faster[1]:
-                gemv_workspace(x, w, transposed)
-            else:
-                cublaslt.stream_workspace()
-            _CAPTURE_READY.add(ready)
-    return faster[capturing or _GRAPH_CHOICES]
+        faster = _GEMV_FASTER[key] = (
+            timing.fastest([lambda: gemv(x, w, transposed, bias, act), lambda: _cublas(x, w, transposed, bias, act)])
+            == 0
+        )
+    if not faster and (key, stream.ptr) not in _CAPTURE_READY:
+        # A capture on this stream runs the GEMV, which cannot make its split workspace there: it is made now, by
+        # the call a capture needs first ("run the step once").
+        gemv_workspace(x, w, transposed)
+        _CAPTURE_READY.add((key, stream.ptr))
+    return faster
 
 
 def _choice_key(x, w, transposed, bias, act) -> tuple:
@@ -175,8 +159,8 @@ def _choice_key(x, w, transposed, bias, act) -> tuple:
 
 
 def gemv_choice(x, w, transposed, bias=None, act=None):
-    """(eager, in a graph): whether this decode product runs the GEMV, as its first eager call timed it; None
-    before that call (and always with ``CT_TUNE=0``)."""
+    """Whether an eager call of this decode product runs the GEMV, as its first eager call timed it; None before
+    that call (and always with ``CT_TUNE=0``). In a graph it always does (``use_gemv``)."""
     return _GEMV_FASTER.get(_choice_key(x, w, transposed, bias, act))
 
 
