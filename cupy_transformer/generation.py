@@ -31,6 +31,7 @@ import numpy
 from . import ops
 from .ops.sampling import sampling_arguments
 from .runtime.arrays import array_module, positive_int
+from .runtime.programmatic import programmatic_launches
 
 
 class Sampling(NamedTuple):
@@ -65,9 +66,11 @@ def _advance(xp, positions, lengths, seed_step) -> None:
 
 class Decoder:
     """``batch`` sequences of ``model`` in a cache of ``capacity`` tokens each. ``cuda_graph=False`` runs every
-    step eagerly: the same kernels making the same choices, for debugging."""
+    step eagerly: the same kernels making the same choices, for debugging. ``programmatic``: the captured step's
+    kernels start while the kernel before them finishes (``runtime.programmatic``; compute capability 9.0 and
+    later), False for a comparison."""
 
-    def __init__(self, model, batch: int, capacity: int, cuda_graph: bool = True):
+    def __init__(self, model, batch: int, capacity: int, cuda_graph: bool = True, programmatic: bool = True):
         self.model, self.batch = model, positive_int("batch", batch)
         self.xp = xp = array_module(model.backend)
         self.gpu = xp is not numpy
@@ -77,6 +80,7 @@ class Decoder:
         self.seed_step = xp.zeros(2, numpy.uint64)
         self.keep = None  # [B, capacity] boolean where a sequence is left-padded
         self.cuda_graph = cuda_graph and self.gpu
+        self.programmatic = programmatic
         self.sampling = Sampling()
         self.steps = 0  # decode steps since the prompts: step n draws each sequence's token n
         self._finite, self._prompts = None, None  # whether the prompts' logits are finite, and they (``prefill``)
@@ -152,7 +156,7 @@ class Decoder:
                     self._step_ops()
                 self._warm.add(self.sampling)
             else:
-                with self._step_memory():
+                with self._step_memory(), programmatic_launches(self.programmatic):
                     self.stream.begin_capture()
                     try:
                         self._step_ops()

@@ -9,6 +9,9 @@
 // it writes fp32 partials, and the last block of the tile to finish (an atomic counter per tile) adds the
 // splits in a fixed order (deterministic), applies the epilogue, writes y and resets the counter for the next
 // launch. Rows beyond `rows` are never written.
+//
+// Launched programmatically (common.cuh), a tensor-core block first asks L2 for up to `prefetch` bytes of its
+// weights, then waits for the kernel before (which wrote x): the weights stream in while that kernel finishes.
 #include "activation.cuh"
 #include "common.cuh"
 #include "mma.cuh"
@@ -65,12 +68,14 @@ struct GemvOut {
 // N % VEC == 0, K % VEC == 0, k_per_split % VEC == 0, W and x 16-byte aligned (the launcher checks).
 #define GEMV_ARGS                                                                                              \
     const T *__restrict__ x, const T *__restrict__ w, T *__restrict__ y, const T *__restrict__ bias, float *partials, \
-        int *counters, int rows, int K, int N, int k_per_split, int act, int has_bias
+        int *counters, int rows, int K, int N, int k_per_split, int act, int has_bias, int prefetch
 #define GEMV_OUT GemvOut<T> out{y, bias, partials, counters, rows, N, act, has_bias}
 
 template <typename T, int R>
 __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn(GEMV_ARGS) {
     const GEMV_OUT;
+    grid_dependency_wait();
+    allow_dependents();
     constexpr int VEC = 16 / sizeof(T), LANES_N = 8, TILE = LANES_N * VEC, KGROUPS = GEMV_THREADS / LANES_N;
     using V = Vec<T, VEC>;
     const int lane_n = threadIdx.x % LANES_N, kgroup = threadIdx.x / LANES_N;
@@ -125,6 +130,8 @@ __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn(GEMV_ARGS) {
 template <typename T, int R>
 __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk(GEMV_ARGS) {
     const GEMV_OUT;
+    grid_dependency_wait();
+    allow_dependents();
     constexpr int VEC = 16 / sizeof(T), NPW = 4, TILE = GEMV_WARPS * NPW;
     using V = Vec<T, VEC>;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -215,6 +222,12 @@ __global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_nk(GEMV_ARGS) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) wr[m][h] = w + static_cast<size_t>(min(tile_first + 16 * m + g + 8 * h, N - 1)) * K + 8 * t;
     const T* xr = x + static_cast<size_t>(min(g, rows - 1)) * K + 8 * t;
+    if (prefetch > 0 && threadIdx.x < TILE && tile_first + threadIdx.x < N && k_begin < k_end) {  // a row each
+        const unsigned row_bytes = min((k_end - k_begin) * static_cast<int>(sizeof(T)), prefetch / TILE) & ~15;
+        if (row_bytes > 0) prefetch_l2(w + static_cast<size_t>(tile_first + threadIdx.x) * K + k_begin, row_bytes);
+    }
+    grid_dependency_wait();
+    allow_dependents();
     float c[M][4] = {};
     for (int kb = k_begin + warp * U * CK; kb < k_end; kb += GEMV_WARPS * U * CK) {
         uint4 a[U][M][2], b[U];
@@ -266,6 +279,14 @@ __global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_kn(GEMV_ARGS) {
     for (int m = 0; m < M; ++m) col[m] = min(tile_first + 32 * m + 8 * t, N - 8);
     const int rho = 2 * g - g % 2;
     const T* xr = x + static_cast<size_t>(min(g, rows - 1)) * K + 8 * t;
+    if (prefetch > 0) {  // the tile's columns of each k row, a thread a row
+        const unsigned row_bytes = min(TILE, N - tile_first) * static_cast<int>(sizeof(T));
+        const int last = min(k_end, k_begin + prefetch / static_cast<int>(row_bytes));
+        for (int k = k_begin + threadIdx.x; k < last; k += GEMV_THREADS)
+            prefetch_l2(w + static_cast<size_t>(k) * N + tile_first, row_bytes);
+    }
+    grid_dependency_wait();
+    allow_dependents();
     float c[2 * M][4] = {};
     for (int kb = k_begin + warp * U * CK; kb < k_end; kb += GEMV_WARPS * U * CK) {
         uint4 a[U][M][2];

@@ -125,8 +125,9 @@ def test_eos_may_be_several_ids_and_the_host_reads_one_step_behind(model_and_tok
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_gpu_captured_steps_draw_the_eager_steps_tokens(tmp_path, rng, family):
     """fp16, a padded batch of three, 100 steps, greedy and seeded top-k / top-p sampling: the decoder replaying
-    its CUDA graph draws every token the eager steps draw (the same kernels, the same product choices); a second
-    run with the same seed draws them again."""
+    its CUDA graph draws every token the eager steps draw (the same kernels, the same product choices), with its
+    kernels launched programmatically (compute capability 9.0 and later) or not; a run with the same seed draws
+    them again."""
     from cupy_transformer.models import load_model
     from tests.models import test_llama
 
@@ -140,8 +141,8 @@ def test_gpu_captured_steps_draw_the_eager_steps_tokens(tmp_path, rng, family):
     prompts = [rng.integers(0, 1000, n).tolist() for n in (5, 13, 1)]
     for sampling in (generation.Sampling(), generation.Sampling(0.8, 50, 0.9)):
         runs = []
-        for graph in (True, False, True):
-            decoder = generation.Decoder(model, batch=3, capacity=13 + 101, cuda_graph=graph)
+        for graph, programmatic in ((True, True), (False, True), (True, False)):
+            decoder = generation.Decoder(model, batch=3, capacity=13 + 101, cuda_graph=graph, programmatic=programmatic)
             decoder.prefill(prompts, seed=11, sampling=sampling)
             tokens = [decoder.read(0)]
             for step in range(1, 101):

@@ -27,6 +27,7 @@ _KERNELS = KernelFamily(
         for d in TENSOR_CORE_HEAD_SIZES
         for w in (4, 8)
     ],
+    programmatic=True,
 )
 
 

@@ -40,7 +40,7 @@ def _name(dtype, vec: int) -> str:
     return f"ct::embed_tokens<{CTYPES[numpy.dtype(dtype)]}, {vec}>"
 
 
-_KERNELS = KernelFamily("embedding.cu", [_name(d, v) for d in CTYPES for v in (vector_width(d), 1)])
+_KERNELS = KernelFamily("embedding.cu", [_name(d, v) for d in CTYPES for v in (vector_width(d), 1)], programmatic=True)
 
 
 def embedding_reference(ids, table, positions=None, position_table=None) -> numpy.ndarray:

@@ -15,6 +15,7 @@ import math
 
 from ..runtime.arrays import import_cupy
 from ..runtime.kernels import CTYPES, KernelFamily, compute_capability, sm_count, split_workspace, vector_width
+from ..runtime.programmatic import weight_prefetch
 
 GEMV_MAX_ROWS = 8
 _THREADS = 256  # gemv.cu's GEMV_THREADS
@@ -63,6 +64,7 @@ GEMV_KERNELS = KernelFamily(
         for tr, geo in [(False, g) for g in GEMV_TC_KN] + [(True, g) for g in GEMV_TC_NK.values()]
     ]
     + [f"ct::gemv_{layout}<float, {r}>" for layout in ("kn", "nk") for r in _FMA_ROWS],
+    programmatic=True,
 )
 
 
@@ -121,6 +123,7 @@ def gemv(x, w, transposed, bias=None, act=None, geometry=None, family=None):
         k_per_split=per_split,
         act=0 if act is None else int(act),
         has_bias=int(bias is not None),
+        prefetch=weight_prefetch(),  # bytes of its weights a block asks L2 for before it waits (programmatic)
     )
     return y
 

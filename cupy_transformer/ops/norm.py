@@ -70,6 +70,7 @@ NORM_KERNELS = KernelFamily(
         for dtype in CTYPES
         for vec in (vector_width(dtype), 1)
     ],
+    programmatic=True,
 )
 
 

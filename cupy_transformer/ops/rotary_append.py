@@ -7,7 +7,7 @@ from ..runtime.arrays import import_cupy
 from ..runtime.kernels import CTYPES, KernelFamily, elementwise_grid, vector_count
 from .rotary import inverse_frequencies
 
-_KERNELS = KernelFamily("rotary_append.cu", [f"ct::rotary_append<{c}>" for c in CTYPES.values()])
+_KERNELS = KernelFamily("rotary_append.cu", [f"ct::rotary_append<{c}>" for c in CTYPES.values()], programmatic=True)
 
 
 def rotary_append(qkv, position_ids, cfg, h, kv, d, cache, layer, start):

@@ -58,7 +58,9 @@ def _greedy_name(dtype) -> str:
     return f"ct::greedy_tokens<{CTYPES[numpy.dtype(dtype)]}>"
 
 
-_KERNELS = KernelFamily("sampling.cu", [_name(d) for d in CTYPES] + [_greedy_name(d) for d in CTYPES])
+_KERNELS = KernelFamily(
+    "sampling.cu", [_name(d) for d in CTYPES] + [_greedy_name(d) for d in CTYPES], programmatic=True
+)
 
 
 def sampling_arguments(temperature, top_k, top_p) -> tuple[float, int, float]:

@@ -28,6 +28,7 @@ from typing import Callable, Iterable
 
 import numpy
 
+from . import programmatic
 from .arrays import FLOAT_DTYPES, import_cupy
 
 #: The C++ element type a kernel template is instantiated with, per dtype.
@@ -102,13 +103,23 @@ class KernelFamily:
 
     registry: dict[str, "KernelFamily"] = {}
 
-    def __init__(self, filename: str, name_expressions: Iterable[str], arch: str | None = None, register: bool = True):
+    def __init__(
+        self,
+        filename: str,
+        name_expressions: Iterable[str],
+        arch: str | None = None,
+        register: bool = True,
+        programmatic: bool = False,
+    ):
         """``arch``: the one architecture the family is built for (e.g. "90a", for instructions only that
         target has); its launcher must run it on that architecture alone. None: the current device's.
-        ``register``: list it in ``registry`` (what warmup and the CI compile cover)."""
+        ``register``: list it in ``registry`` (what warmup and the CI compile cover). ``programmatic``: every
+        kernel of the file waits for the kernel before (``grid_dependency_wait``), so inside
+        ``programmatic.programmatic_launches()`` its launches may start early (runtime/programmatic.py)."""
         self.filename = filename
         self.name_expressions = tuple(name_expressions)
         self.arch = arch
+        self.programmatic = programmatic
         self._module = None
         self._kernels: dict[tuple[int, str], object] = {}
         self._packers: dict[str, object] = {}
@@ -119,7 +130,7 @@ class KernelFamily:
         """A family of the same file with more instantiations (a sweep's geometries), outside the registry, so
         warmup and the CI compile keep to what the launchers run."""
         names = self.name_expressions + tuple(n for n in name_expressions if n not in self.name_expressions)
-        return KernelFamily(self.filename, names, self.arch, register=False)
+        return KernelFamily(self.filename, names, self.arch, register=False, programmatic=self.programmatic)
 
     def parameters(self, name_expression: str) -> tuple[tuple[str, str], ...]:
         """The (C type, name) of each parameter of the kernel that ``name_expression`` instantiates."""
@@ -129,7 +140,10 @@ class KernelFamily:
         """Launch one instantiation on the current stream with ``arguments`` named and ordered as its
         parameters (``pack``)."""
         values = self.pack(name_expression, arguments)  # checked before the kernel is loaded
-        self.kernel(name_expression)(grid, block, values, shared_mem=shared_mem)
+        if self.programmatic and programmatic.active():
+            programmatic.launch(self.kernel(name_expression), grid, block, shared_mem, values)
+        else:
+            self.kernel(name_expression)(grid, block, values, shared_mem=shared_mem)
 
     def pack(self, name_expression: str, arguments: dict) -> tuple:
         """The kernel's argument tuple from a launch's ``arguments`` (name -> value, in the signature's order):
