@@ -119,7 +119,8 @@ def _plan(model: BertModel) -> _EncoderState | None:
 
 
 def _check_layer(where: str, layer, config) -> None:
-    """``layer`` a BertLayer with every weight and bias of the config's shapes and layer norms of its epsilon."""
+    """``layer`` a BertLayer of plain Linears and LayerNorms, every weight and bias of the config's shapes, the
+    norms of its epsilon."""
     if not isinstance(layer, BertLayer) or isinstance(layer, InjectedBertLayer):
         raise ValueError(f"{where}: expected a BertLayer; got {type(layer).__name__}")
     h, inner = config.hidden_size, config.intermediate_size
@@ -133,6 +134,8 @@ def _check_layer(where: str, layer, config) -> None:
         "output.dense": (layer.output.dense, (h, inner)),
     }
     for name, (linear, shape) in linears.items():
+        if type(linear) is not torch.nn.Linear:  # a LoRA or quantized wrapper would be bypassed: refuse it
+            raise ValueError(f"{where}.{name}: expected a torch.nn.Linear; got {type(linear).__name__}")
         bias = getattr(linear, "bias", None)
         if tuple(linear.weight.shape) != shape or bias is None or tuple(bias.shape) != shape[:1]:
             got = f"weight {tuple(linear.weight.shape)}, bias {None if bias is None else tuple(bias.shape)}"
@@ -141,7 +144,8 @@ def _check_layer(where: str, layer, config) -> None:
         ("attention.output.LayerNorm", a.output.LayerNorm),
         ("output.LayerNorm", layer.output.LayerNorm),
     ):
-        if norm.weight is None or norm.bias is None or tuple(norm.weight.shape) != (h,) or norm.eps != config.epsilon:
+        plain = type(norm) is torch.nn.LayerNorm and norm.weight is not None and norm.bias is not None
+        if not plain or tuple(norm.weight.shape) != (h,) or norm.eps != config.epsilon:
             raise ValueError(
                 f"{where}.{name}: expected a LayerNorm over {h} with weight, bias and eps {config.epsilon}"
             )
@@ -180,7 +184,7 @@ class _EncoderState:
     def __init__(self, hf_config, config, count: int):
         self.hf_config, self.config, self.count = hf_config, config, count
         self.layers: dict[torch.dtype, PostLNLayer] = {}
-        self.mask_in = self.mask_out = None
+        self.last_mask = (None, None)  # (the encoder's mask, ours): one attribute, replaced whole
 
     def layer(self, dtype: torch.dtype) -> PostLNLayer:
         if dtype not in DTYPES:
@@ -192,11 +196,12 @@ class _EncoderState:
     def key_mask(self, index: int, mask):
         """``mask`` (as the encoder hands it to layer ``index``) as the attention op takes it; layer 0 makes it,
         the others reuse it while the encoder passes the same object, and the last lets it go."""
-        if index == 0 or mask is not self.mask_in:
-            self.mask_in, self.mask_out = mask, _key_mask(mask)
-        out = self.mask_out
+        given, out = self.last_mask
+        if index == 0 or mask is not given:
+            out = _key_mask(mask)
+            self.last_mask = (mask, out)
         if index == self.count - 1:
-            self.mask_in = self.mask_out = None
+            self.last_mask = (None, None)
         return out
 
 

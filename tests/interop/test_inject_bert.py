@@ -106,6 +106,17 @@ def test_a_mask_per_query_is_passed_as_it_is(layer_calls):
     assert len(layer_calls) == 2 and rel_error(got, want) < 1e-4
 
 
+def test_a_model_holding_a_bert_model(layer_calls):
+    """A task model over a BertModel (here sequence classification): its BertModel is found and injected."""
+    torch.manual_seed(0)
+    original = transformers.BertForSequenceClassification(tiny_config(num_labels=3)).eval()
+    injected = inject_bert(copy.deepcopy(original))
+    ids, mask, types = batch()
+    with torch.no_grad():
+        want, got = original(ids, mask, types).logits, injected(ids, mask, types).logits
+    assert len(layer_calls) == 2 and rel_error(got, want) < 1e-4
+
+
 def test_weights_are_shared_not_copied():
     original = tiny_bert()
     injected = copy.deepcopy(original)
@@ -154,6 +165,15 @@ def pruned(model):
     return model
 
 
+class LoRALinear(torch.nn.Linear):
+    """A stand-in for an adapter's Linear: injection would bypass its forward."""
+
+
+def wrapped(model):
+    model.encoder.layer[0].intermediate.dense = LoRALinear(64, 160)
+    return model
+
+
 def mixed_devices(model):
     model.pooler.to("meta")
     return model
@@ -176,6 +196,7 @@ REFUSED = {
     "float64": (lambda: tiny_bert().double(), r"one of float16, bfloat16 or float32; got torch.float64"),
     "two dtypes": (lambda: two_dtypes(tiny_bert()), r"got torch.float16, torch.float32"),
     "pruned heads": (lambda: pruned(tiny_bert()), r"encoder.layer.1.attention.self.query: expected weight \(64, 64\)"),
+    "wrapped linear": (lambda: wrapped(tiny_bert()), r"layer.0.intermediate.dense: expected a torch.nn.Linear"),
     "two devices": (lambda: mixed_devices(tiny_bert()), r"on one device.*got them on cpu, meta"),
 }
 
