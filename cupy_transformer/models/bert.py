@@ -138,6 +138,32 @@ FAST_ACTIVATIONS = {
 }
 
 
+def inference_config(config: dict, dtype, source: str) -> ops.InferenceConfig:
+    """The post-LN layers' ``InferenceConfig`` for a BERT config (config.json's fields as a dict) in ``dtype``;
+    errors name ``source``, where the fields came from. Shared by the checkpoint loader and Hugging Face model
+    injection (``interop.bert_inject``), so both accept and refuse the same configs."""
+
+    def require(key: str):
+        if key not in config:
+            raise ValueError(f"{source}: {key!r} missing (is this the right kind of model?)")
+        return config[key]
+
+    act = config.get("hidden_act", "gelu")
+    if not isinstance(act, str) or act not in ACTIVATIONS:
+        raise ValueError(f"{source}: hidden_act {act!r} is not one of {sorted(ACTIVATIONS)}")
+    return ops.InferenceConfig(
+        hidden_size=require("hidden_size"),
+        heads=require("num_attention_heads"),
+        intermediate_size=require("intermediate_size"),
+        epsilon=config.get("layer_norm_eps", 1e-12),
+        pre_layer_norm=False,
+        mlp_act_func_type=ACTIVATIONS[act],
+        dtype=dtype,
+        transposed_mode=True,
+        triangular_masking=False,
+    )
+
+
 class BERT:
     model_type = "bert"
 
@@ -145,26 +171,14 @@ class BERT:
         backend = resolve_backend("backend", backend)  # None: the GPU where one is usable, else NumPy
         ck = open_checkpoint(checkpoint, self.model_type)
         c = ck.config
-        act = c.get("hidden_act", "gelu")
-        if act not in ACTIVATIONS:
-            raise ValueError(f"{ck.folder}/config.json: hidden_act {act!r} is not one of {sorted(ACTIVATIONS)}")
-        h, inner, layers = ck.require("hidden_size"), ck.require("intermediate_size"), ck.require("num_hidden_layers")
+        config = inference_config(c, dtype, f"{ck.folder}/config.json")
+        h, inner, layers = config.hidden_size, config.intermediate_size, ck.require("num_hidden_layers")
         self.vocab, self.max_positions = ck.require("vocab_size"), ck.require("max_position_embeddings")
         self.backend = backend
         self.folder = ck.folder
         self.pad_id = c.get("pad_token_id", 0)
         self.sentence = sentence_config(ck.folder, self.max_positions)
-        self.config = ops.InferenceConfig(
-            hidden_size=h,
-            heads=ck.require("num_attention_heads"),
-            intermediate_size=inner,
-            epsilon=c.get("layer_norm_eps", 1e-12),
-            pre_layer_norm=False,
-            mlp_act_func_type=ACTIVATIONS[act],
-            dtype=dtype,
-            transposed_mode=True,
-            triangular_masking=False,
-        )
+        self.config = config
         p = "bert." if "bert.embeddings.word_embeddings.weight" in ck.names else ""
         e = f"{p}embeddings."
         shapes = {
