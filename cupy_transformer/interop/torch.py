@@ -222,8 +222,11 @@ class _Injection:
     """What the injected forward of one inner model needs: its family, our layer per dtype and the backend views
     of its weights (rebuilt whenever a Parameter's storage changes, e.g. after ``.to()``)."""
 
-    def __init__(self, family, hf_config, where: str):
+    def __init__(self, family, hf_config, where: str, inner_class):
         self.family, self.where = family, where
+        self.signature = inspect.signature(inner_class.forward)  # the original's, through its decorators
+        self.cache_name = "cache" if "cache" in self.signature.parameters else "past_key_values"
+        self.output_class = _output_class(self.signature)
         self.c = hf_config.to_dict()
         self.max_positions = family.positions(self.c)
         self.layers: dict = {}  # numpy dtype -> PreLNLayer
@@ -290,7 +293,7 @@ def inject(model):
         return model
     where = f"{type(model).__name__}.config"
     family.check(model.config.to_dict(), where)
-    injection = _Injection(family, model.config, where)
+    injection = _Injection(family, model.config, where, type(inner))
     injection.layer(DTYPES[dtype])  # the config's own checks
     if device.type == "cuda":
         import_cupy()  # CuPy's own error where it is missing
@@ -300,8 +303,14 @@ def inject(model):
         blocks[i] = InjectedBlock(block, i)
     setattr(inner, _ATTRIBUTE, injection)
     inner.forward = types.MethodType(_forward, inner)
-    injection.weights(inner, blocks)  # fuses the LLaMA-style projections now
+    with _on(device):
+        injection.weights(inner, blocks)  # fuses the LLaMA-style projections now
     return model
+
+
+def _on(device: torch.device):
+    """Where our ops run for tensors on ``device``: CUDA on torch's stream and allocator; the CPU as it is."""
+    return _torch_stream(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _check_cache(cache):
@@ -328,11 +337,10 @@ def _mask(attention_mask, dtype):
         return None
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() not in (2, 4):
         raise TypeError(f"attention_mask: expected a 2-D or 4-D tensor or None; got {attention_mask!r:.80}")
-    if attention_mask.dim() == 2:
-        return _array((attention_mask != 0).contiguous())
-    if attention_mask.dtype != torch.bool:
-        attention_mask = attention_mask.to(dtype)
-    return _array(attention_mask.contiguous())
+    if attention_mask.dim() == 2 or attention_mask.dtype == torch.bool:
+        # Booleans made on the backend's side (a byte copy in between: no bool tensor crosses DLPack).
+        return _array((attention_mask != 0).to(torch.uint8).contiguous()) != 0
+    return _array(attention_mask.to(dtype).contiguous())
 
 
 def _layer_cache(cache, i: int, b: int, s: int, past: int, cfg, like: torch.Tensor):
@@ -353,12 +361,11 @@ def _layer_cache(cache, i: int, b: int, s: int, past: int, cfg, like: torch.Tens
 def _forward(inner, *args, **kwargs):
     """The injected forward of a GPT-2 / LLaMA-style inner model: the original's signature and output class."""
     injection: _Injection = getattr(inner, _ATTRIBUTE)
-    original = type(inner).forward
-    bound = inspect.signature(original).bind(inner, *args, **kwargs)
+    bound = injection.signature.bind(inner, *args, **kwargs)
     a = dict(bound.arguments)
     a.pop("self", None)
     a.update(a.pop("kwargs", {}))
-    cache_name = "cache" if "cache" in inspect.signature(original).parameters else "past_key_values"
+    cache_name = injection.cache_name
     cache = a.pop(cache_name, None)
     if a.get("past_key_values") is not None:
         cache = a.pop("past_key_values")
@@ -409,8 +416,7 @@ def _forward(inner, *args, **kwargs):
         raise ValueError(f"position_ids: expected positions in [0, {limit}); got {int(low)}..{int(high)}")
     layer = injection.layer(DTYPES[dtype])
     blocks = getattr(inner, injection.family.blocks)
-    device_context = _torch_stream(device) if device.type == "cuda" else contextlib.nullcontext()
-    with torch.no_grad(), device_context:
+    with torch.no_grad(), _on(device):
         weights, final_norm = injection.weights(inner, blocks)
         mask, positions = _mask(attention_mask, dtype), _array(position_ids)
         x = injection.family.embeddings(inner, ids, position_ids, inputs_embeds)
@@ -426,13 +432,13 @@ def _forward(inner, *args, **kwargs):
         last = _tensor(xn)
         hidden = tuple(_tensor(h) for h in states[:-1]) + (last,) if want_hidden else None
     fields = {"last_hidden_state": last, cache_name: cache if use_cache or injection.family is _LLaMA else None}
-    output = _output_class(original)(**fields, hidden_states=hidden)
+    output = injection.output_class(**fields, hidden_states=hidden)
     return output if return_dict else output.to_tuple()
 
 
-def _output_class(original):
+def _output_class(signature: inspect.Signature):
     """The output class the original forward returns (its return annotation)."""
     import transformers.modeling_outputs as outputs
 
-    annotation = inspect.signature(original).return_annotation
+    annotation = signature.return_annotation
     return getattr(outputs, annotation) if isinstance(annotation, str) else annotation

@@ -259,16 +259,16 @@ def test_cuda_fp32_logits_greedy_beam_and_static(family):
         assert torch.equal(got.cpu(), want.cpu()), options
 
 
-@pytest.mark.gpu
-@CUDA
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])])
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_cuda_half_logits_within_bound(family, dtype):
+def test_half_logits_within_bound(family, dtype, device):
     """Our fp16 / bf16 logits against the fp32 original's: at most 3x Hugging Face's own error in that dtype plus
-    1% of the logits' largest magnitude (both round activations to the dtype, in different places)."""
-    reference = build(family).to("cuda")
-    original, injected = pair(family, "cuda", dtype)
-    ids, mask = padded_batch("cuda")
+    1% of the logits' largest magnitude (both round activations to the dtype, in different places; on the CPU ours
+    measured 0.6-1.5x theirs, 0.02-0.06 in fp16 and 0.16-0.24 in bf16 on logits up to 9)."""
+    reference = build(family).to(device)
+    original, injected = pair(family, device, dtype)
+    ids, mask = padded_batch(device)
     keep = mask.bool()
     with torch.no_grad():
         exact = reference(ids, attention_mask=mask).logits[keep].float()
