@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy
 
-from .runtime.arrays import array_module, as_array, float_dtype, positive_int, resolve_backend
+from .runtime.arrays import array_module, as_array, float_dtype, module_of, positive_int, resolve_backend
 
 
 class KVCache:
@@ -42,9 +42,35 @@ class KVCache:
         self.dtype = float_dtype("dtype", dtype)
         self.backend = resolve_backend("backend", backend)
         xp = array_module(self.backend)
-        self.keys = xp.zeros(shape, self.dtype)
-        self.values = xp.zeros(shape, self.dtype)
-        self.layers, self.batch, self.kv_heads, self.max_tokens, self.head_dim = shape
+        self._adopt(xp.zeros(shape, self.dtype), xp.zeros(shape, self.dtype))
+
+    @classmethod
+    def over(cls, keys, values) -> KVCache:
+        """A cache over existing ``keys`` and ``values`` (NumPy or CuPy arrays of one shape ``[layers, batch,
+        kv_heads, max_tokens, head_dim]`` and float dtype, C-contiguous), sharing their memory: what the ops write
+        lands in them (e.g. a view over another framework's cache tensors). ``lengths`` start at zero."""
+        xp = module_of(keys)
+        if module_of(values) is not xp:
+            raise TypeError(f"values: expected a {xp.__name__} array like keys; got {type(values).__name__}")
+        if keys.ndim != 5 or values.shape != keys.shape or values.dtype != keys.dtype:
+            raise ValueError(
+                "keys, values: expected [layers, batch, kv_heads, max_tokens, head_dim] arrays of one shape and "
+                f"dtype; got {keys.dtype} {tuple(keys.shape)} and {values.dtype} {tuple(values.shape)}"
+            )
+        for name, array in (("keys", keys), ("values", values)):
+            if not array.flags.c_contiguous or 0 in array.shape:
+                raise ValueError(f"{name}: expected a non-empty C-contiguous array (the kernels' layout)")
+        float_dtype("keys", keys.dtype)
+        cache = cls.__new__(cls)
+        cache.dtype, cache.backend = keys.dtype, "numpy" if xp is numpy else "cupy"
+        cache._adopt(keys, values)
+        return cache
+
+    def _adopt(self, keys, values) -> None:
+        """Hold ``keys`` and ``values`` (of this cache's dtype and backend) with every sequence empty."""
+        xp = array_module(self.backend)
+        self.keys, self.values = keys, values
+        self.layers, self.batch, self.kv_heads, self.max_tokens, self.head_dim = keys.shape
         self.lengths = numpy.zeros(self.batch, numpy.int64)
         self.device_lengths = xp.zeros(self.batch, numpy.int32)
         self._longest = 0  # lengths.max(), kept by the methods that change lengths

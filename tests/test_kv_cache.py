@@ -84,3 +84,22 @@ def test_bad_arguments_are_named_errors(rng):
         cache.set_lengths([7, 0])
     with pytest.raises(TypeError, match=r"k: expected a CuPy array, a NumPy array"):
         cache.write(0, object(), k, start)
+
+
+def test_cache_over_external_arrays_writes_into_them(rng):
+    keys = random(rng, (1, 2, 2, 6, 4), numpy.float32)
+    values = random(rng, (1, 2, 2, 6, 4), numpy.float32)
+    cache = KVCache.over(keys, values)
+    assert (cache.layers, cache.batch, cache.kv_heads, cache.max_tokens, cache.head_dim) == (1, 2, 2, 6, 4)
+    assert cache.backend == "numpy" and cache.dtype == numpy.float32 and cache.lengths.tolist() == [0, 0]
+    k, v = random(rng, (2, 2, 3, 4), numpy.float32), random(rng, (2, 2, 3, 4), numpy.float32)
+    before = keys.copy()
+    cache.write(0, k, v, numpy.array([2, 2]))
+    assert numpy.array_equal(keys[0, :, :, 2:5], k) and numpy.array_equal(values[0, :, :, 2:5], v)
+    assert numpy.array_equal(keys[0, :, :, :2], before[0, :, :, :2])  # the rest untouched
+    with pytest.raises(ValueError, match=r"keys, values: expected \[layers, batch, kv_heads, max_tokens, head_dim\]"):
+        KVCache.over(keys, values[:, :1])
+    with pytest.raises(ValueError, match="keys: expected a non-empty C-contiguous array"):
+        KVCache.over(keys[..., ::2], values[..., ::2])
+    with pytest.raises(TypeError, match="keys: expected one of float16"):
+        KVCache.over(keys.astype(numpy.float64), values.astype(numpy.float64))

@@ -18,6 +18,30 @@ from .base import CausalLM, open_checkpoint
 ACTIVATIONS = {"gelu_new": "GELU", "gelu_pytorch_tanh": "GELU", "gelu": "GELU_EXACT", "relu": "ReLU"}
 
 
+def require(c: dict, key: str, where: str):
+    """``c[key]``, or a ValueError naming ``where`` and the key."""
+    if key not in c:
+        raise ValueError(f"{where}: {key!r} missing (is this the right kind of model?)")
+    return c[key]
+
+
+def gpt2_config(c: dict, dtype, where: str) -> ops.InferenceConfig:
+    """Our config for a GPT-2 config's fields ``c`` (config.json's, or a transformers config's ``to_dict()``) in
+    ``dtype``; errors name ``where``."""
+    act = c.get("activation_function", "gelu_new")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"{where}: activation_function {act!r} is not one of {sorted(ACTIVATIONS)}")
+    h = require(c, "n_embd", where)
+    return ops.InferenceConfig(
+        hidden_size=h,
+        heads=require(c, "n_head", where),
+        intermediate_size=c.get("n_inner") or 4 * h,
+        epsilon=c.get("layer_norm_epsilon", 1e-5),
+        mlp_act_func_type=ACTIVATIONS[act],
+        dtype=dtype,
+    )
+
+
 class GPT2(CausalLM):
     model_type = "gpt2"
 
@@ -27,22 +51,10 @@ class GPT2(CausalLM):
         backend = resolve_backend("backend", backend)  # None: the GPU where one is usable, else NumPy
         ck = open_checkpoint(checkpoint, self.model_type)
         c = ck.config
-        act = c.get("activation_function", "gelu_new")
-        if act not in ACTIVATIONS:
-            raise ValueError(
-                f"{ck.folder}/config.json: activation_function {act!r} is not one of {sorted(ACTIVATIONS)}"
-            )
-        h, self.layers_count = ck.require("n_embd"), ck.require("n_layer")
+        self.config = gpt2_config(c, dtype, f"{ck.folder}/config.json")
+        h, self.layers_count = self.config.hidden_size, ck.require("n_layer")
         self.vocab, self.max_positions, self.backend = ck.require("vocab_size"), ck.require("n_positions"), backend
-        inner = c.get("n_inner") or 4 * h
-        self.config = ops.InferenceConfig(
-            hidden_size=h,
-            heads=ck.require("n_head"),
-            intermediate_size=inner,
-            epsilon=c.get("layer_norm_epsilon", 1e-5),
-            mlp_act_func_type=ACTIVATIONS[act],
-            dtype=dtype,
-        )
+        inner = self.config.intermediate_size
         p = "transformer." if "transformer.wte.weight" in ck.names else ""
         shapes = {
             f"{p}wte.weight": (self.vocab, h),

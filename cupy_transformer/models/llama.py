@@ -17,6 +17,39 @@ from .. import ops
 from ..layers import PreLNLayer, PreLNWeights
 from ..runtime.arrays import array_module, resolve_backend
 from .base import CausalLM, open_checkpoint
+from .gpt2 import require
+
+
+def llama_config(c: dict, dtype, where: str) -> ops.InferenceConfig:
+    """Our config for a LLaMA-style config's fields ``c`` (config.json's, or a transformers config's ``to_dict()``)
+    in ``dtype``; errors name ``where``."""
+    if c.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{where}: hidden_act {c.get('hidden_act')!r}: only 'silu' is supported")
+    # Older configs: rope_theta and rope_scaling; transformers 5 writes rope_parameters {rope_theta, rope_type}.
+    rope = dict(c.get("rope_parameters") or {}, **(c.get("rope_scaling") or {}))
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"{where}: rope scaling {rope!r} is not supported (only the default rope)")
+    theta = float(c.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+    h, heads = require(c, "hidden_size", where), require(c, "num_attention_heads", where)
+    inner = require(c, "intermediate_size", where)
+    d = c.get("head_dim") or h // heads
+    if d * heads != h:
+        raise ValueError(f"{where}: head_dim {d} x {heads} heads is not hidden_size {h}")
+    return ops.InferenceConfig(
+        hidden_size=h,
+        heads=heads,
+        num_kv=c.get("num_key_value_heads") or heads,
+        intermediate_size=inner,
+        epsilon=c.get("rms_norm_eps", 1e-6),
+        norm_type="RMSNorm",
+        mlp_act_func_type="GATED_SILU",
+        dtype=dtype,
+        transposed_mode=True,
+        rotary_dim=d,
+        rotate_half=True,
+        rotate_every_two=False,
+        rope_theta=theta,
+    )
 
 
 class LLaMA(CausalLM):
@@ -27,35 +60,11 @@ class LLaMA(CausalLM):
         backend = resolve_backend("backend", backend)  # None: the GPU where one is usable, else NumPy
         ck = open_checkpoint(checkpoint, self.model_type)
         c = ck.config
-        if c.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{ck.folder}/config.json: hidden_act {c.get('hidden_act')!r}: only 'silu' is supported")
-        # Older configs: rope_theta and rope_scaling; transformers 5 writes rope_parameters {rope_theta, rope_type}.
-        rope = dict(c.get("rope_parameters") or {}, **(c.get("rope_scaling") or {}))
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ValueError(f"{ck.folder}/config.json: rope scaling {rope!r} is not supported (only the default rope)")
-        theta = float(c.get("rope_theta") or rope.get("rope_theta") or 10000.0)
-        h, heads, inner = ck.require("hidden_size"), ck.require("num_attention_heads"), ck.require("intermediate_size")
-        kv = c.get("num_key_value_heads") or heads
-        d = c.get("head_dim") or h // heads
-        if d * heads != h:
-            raise ValueError(f"{ck.folder}/config.json: head_dim {d} x {heads} heads is not hidden_size {h}")
+        self.config = llama_config(c, dtype, f"{ck.folder}/config.json")
+        h, heads, inner = self.config.hidden_size, self.config.heads, self.config.intermediate_size
+        kv, d = self.config.num_kv, self.config.head_size
         self.layers_count, self.vocab, self.backend = ck.require("num_hidden_layers"), ck.require("vocab_size"), backend
         self.max_positions = c.get("max_position_embeddings", 2048)
-        self.config = ops.InferenceConfig(
-            hidden_size=h,
-            heads=heads,
-            num_kv=kv,
-            intermediate_size=inner,
-            epsilon=c.get("rms_norm_eps", 1e-6),
-            norm_type="RMSNorm",
-            mlp_act_func_type="GATED_SILU",
-            dtype=dtype,
-            transposed_mode=True,
-            rotary_dim=d,
-            rotate_half=True,
-            rotate_every_two=False,
-            rope_theta=theta,
-        )
         self.tied = bool(c.get("tie_word_embeddings", False))
         shapes = {"model.embed_tokens.weight": (self.vocab, h), "model.norm.weight": (h,)}
         if not self.tied:

@@ -1,0 +1,444 @@
+"""Kernel injection into Hugging Face decoders: ``inject(model)`` runs a transformers GPT-2 or LLaMA-style model's
+transformer blocks on our ops, in place, as DeepSpeed's ``init_inference(replace_with_kernel_inject=True)`` does.
+
+Supported: ``GPT2LMHeadModel`` / ``GPT2Model`` and ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``
+(QKV biases) and their bare ``*Model`` (any model whose ``base_model`` is one of these exactly). Afterwards
+``model(...)`` and ``model.generate(...)`` work as before (greedy, sampling, beam search, padded batches, caches
+handed back and forth, ``cache_implementation="static"``) with the blocks, the embeddings and the final norm on our
+ops; the LM head stays the model's own ``nn.Linear``.
+
+What changes:
+
+- The inner model's ``forward`` (``model.transformer`` / ``model.model``) is ours. It takes the original's
+  arguments (its signature, ``past_key_values`` too), and returns the original's output class. Each block in
+  ``h`` / ``layers`` becomes an ``InjectedBlock`` holding the original block's submodules, so the Parameters,
+  ``state_dict`` (names and values), ``.to()`` and device moves are unchanged. The layers run as our models run
+  them (``layers.PreLNLayer.stack``: each norm fused with the residual add before it).
+- The KV cache stays Hugging Face's (``DynamicCache``, ``StaticCache``; whatever ``generate`` or the caller passes),
+  so beam search's reordering, cropping, static caches and padding keep working as Hugging Face does them. Each
+  layer asks the cache for room with ``cache.update(k, v, layer)`` (placeholders of this step's [B, kv, S, d]),
+  gets back the layer's whole tensors [B, kv, T, d] (for these cache layers they are the cache's own storage),
+  and our attention op, given a one-layer ``KVCache.over`` view of that storage, writes the rotated keys and the
+  values into the step's slots and attends. So the cache holds what Hugging Face's own layers would have put
+  there. Padding: the 2-D ``attention_mask`` (1 = keep) becomes our per-key mask; a 4-D one (``generate`` makes
+  one for static caches) is passed as it is (per-query masks run the op's array-operation path on the GPU).
+- Weights: no second copy. GPT-2's Conv1D weights are already our ``[in, out]`` layout with Q, K, V fused; they
+  are used as they are. LLaMA-style q/k/v and up/gate ``[out, in]`` weights (and biases) are copied once into one
+  fused tensor per layer (``[(h + 2 kv) d, H]``; ``[up | gate]``) and each Parameter's ``.data`` re-pointed at its
+  rows of it: the model's parameter memory is unchanged, with a transient extra of one layer's q/k/v and up/gate
+  while fusing (the separate originals are freed once nothing else holds them). A later ``.to()`` gives the
+  Parameters separate storage again; the next forward fuses them again.
+
+Devices: CUDA tensors run our kernels zero-copy on torch's current stream with torch's caching allocator (as the
+custom ops of ``interop.torch_ops``); CPU tensors run the NumPy reference path on shared memory. Inference only:
+no gradients, no dropout. Refused with a clear error before anything changes: models or options whose math we do
+not implement (rope scaling, sliding windows, GPT-2's cross-attention and attention-scaling variants), dtypes other
+than fp16, bf16 and fp32, models split over devices. At call time: ``output_attentions=True`` (we never form the
+attention probabilities), GPT-2's ``token_type_ids`` and ``encoder_hidden_states``, caches other than Hugging Face's
+dynamic and static layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import types
+
+import numpy
+import torch
+from ml_dtypes import bfloat16
+from torch import nn
+
+from ..kv_cache import KVCache
+from ..layers import PreLNLayer, PreLNWeights
+from ..models.gpt2 import gpt2_config
+from ..models.llama import llama_config
+from ..ops import embed
+from ..runtime.arrays import from_dlpack, import_cupy
+from .torch_ops import _as_numpy, _from_numpy, _torch_stream
+
+__all__ = ["InjectedBlock", "inject"]
+
+DTYPES = {torch.float16: numpy.float16, torch.float32: numpy.float32, torch.bfloat16: bfloat16}
+_ATTRIBUTE = "_cupy_transformer_injection"  # on the inner model: its _Injection
+
+
+def _array(tensor: torch.Tensor):
+    """``tensor`` as the backend's array sharing its memory: CuPy for CUDA tensors, NumPy for CPU ones."""
+    tensor = tensor.detach()
+    return from_dlpack("tensor", tensor) if tensor.device.type == "cuda" else _as_numpy(tensor)
+
+
+def _tensor(array) -> torch.Tensor:
+    return _from_numpy(array) if isinstance(array, numpy.ndarray) else torch.from_dlpack(array)
+
+
+class InjectedBlock(nn.Module):
+    """A transformer block run by our ops inside its injected model's forward. It holds the original block's
+    submodules (the same Parameters, so ``state_dict`` names and values stay as they were) and, for LLaMA-style
+    blocks, the fused tensors its q/k/v and up/gate Parameters are views of."""
+
+    def __init__(self, block: nn.Module, layer_idx: int):
+        super().__init__()
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        self.layer_idx, self.original = layer_idx, type(block).__name__
+        self.fused: dict[str, torch.Tensor | None] = {}
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"{self.original} {self.layer_idx}: an injected block runs inside its model's forward")
+
+    def extra_repr(self) -> str:
+        return f"{self.original} {self.layer_idx} on cupy_transformer's ops"
+
+
+def _fuse(block: InjectedBlock, key: str, params: list) -> torch.Tensor | None:
+    """The rows of ``params`` (Parameters, or all None) stacked in one tensor that each Parameter is a view of:
+    ``block.fused[key]`` where they still are, else a new one with the values copied in and the Parameters'
+    ``.data`` re-pointed at it (one storage: no second copy)."""
+    if params[0] is None:
+        return None
+    fused = block.fused.get(key)
+    if fused is not None and fused.device == params[0].device and fused.dtype == params[0].dtype:
+        offset, row = 0, fused.stride(0) * fused.element_size()
+        for p in params:
+            if p.data_ptr() != fused.data_ptr() + offset * row or p.shape[1:] != fused.shape[1:]:
+                break
+            offset += p.shape[0]
+        else:
+            return fused
+    fused = torch.cat([p.detach() for p in params])
+    offset = 0
+    for p in params:
+        p.data = fused[offset : offset + p.shape[0]]
+        offset += p.shape[0]
+    block.fused[key] = fused
+    return fused
+
+
+class _GPT2:
+    blocks, final_norm_names = "h", ("ln_f",)
+
+    @staticmethod
+    def check(c: dict, where: str) -> None:
+        for field, value in (
+            ("add_cross_attention", False),
+            ("scale_attn_by_inverse_layer_idx", False),
+            ("reorder_and_upcast_attn", False),
+            ("scale_attn_weights", True),
+        ):
+            if bool(c.get(field, value)) != value:
+                raise ValueError(f"{where}: {field}={c.get(field)!r} is not supported (only {value})")
+
+    config = staticmethod(gpt2_config)
+
+    @staticmethod
+    def positions(c: dict) -> int:
+        return c["n_positions"]
+
+    @staticmethod
+    def prepare(block: InjectedBlock) -> None:  # Conv1D weights are our layout already
+        pass
+
+    @staticmethod
+    def weights(block: InjectedBlock) -> PreLNWeights:
+        attn, mlp = block.attn, block.mlp
+        return PreLNWeights(
+            *(block.ln_1.weight, block.ln_1.bias, attn.c_attn.weight, attn.c_attn.bias, attn.c_proj.weight),
+            *(attn.c_proj.bias, block.ln_2.weight, block.ln_2.bias, mlp.c_fc.weight, mlp.c_fc.bias),
+            *(mlp.c_proj.weight, mlp.c_proj.bias),
+        )
+
+    @staticmethod
+    def embeddings(inner, ids, positions, inputs_embeds):
+        """The first layer's input as a backend array: ``wte[ids] + wpe[positions]`` (ours), or with
+        ``inputs_embeds`` that plus ``wpe[positions]`` (torch's add, rounded once as ours is)."""
+        if ids is not None:
+            return embed(_array(ids), _array(inner.wte.weight), _array(positions), _array(inner.wpe.weight))
+        return _array((inputs_embeds + inner.wpe.weight[positions]).contiguous())
+
+    @staticmethod
+    def final_norm(inner):
+        return inner.ln_f.weight, inner.ln_f.bias
+
+
+class _LLaMA:
+    blocks, final_norm_names = "layers", ("norm",)
+
+    @staticmethod
+    def check(c: dict, where: str) -> None:
+        types_ = c.get("layer_types")
+        sliding = [t for t in types_ if t != "full_attention"] if types_ else c.get("sliding_window")
+        if sliding:
+            raise ValueError(
+                f"{where}: sliding-window attention ({'layer_types' if types_ else 'sliding_window'} "
+                f"{types_ or c.get('sliding_window')!r}) is not supported (only full attention)"
+            )
+
+    config = staticmethod(llama_config)
+
+    @staticmethod
+    def positions(c: dict) -> int:
+        return 2**31  # rotary: any position the kernels' int32 holds
+
+    @staticmethod
+    def prepare(block: InjectedBlock) -> None:
+        attn, mlp = block.self_attn, block.mlp
+        for key, modules in (("qkv", (attn.q_proj, attn.k_proj, attn.v_proj)), ("mlp", (mlp.up_proj, mlp.gate_proj))):
+            _fuse(block, key, [m.weight for m in modules])
+            _fuse(block, key + "_bias", [m.bias for m in modules])
+
+    @staticmethod
+    def weights(block: InjectedBlock) -> PreLNWeights:
+        f, attn, mlp = block.fused, block.self_attn, block.mlp
+        return PreLNWeights(
+            *(block.input_layernorm.weight, None, f["qkv"], f.get("qkv_bias"), attn.o_proj.weight, attn.o_proj.bias),
+            *(block.post_attention_layernorm.weight, None, f["mlp"], f.get("mlp_bias")),
+            *(mlp.down_proj.weight, mlp.down_proj.bias),
+        )
+
+    @staticmethod
+    def embeddings(inner, ids, positions, inputs_embeds):
+        return embed(_array(ids), _array(inner.embed_tokens.weight)) if ids is not None else _array(inputs_embeds)
+
+    @staticmethod
+    def final_norm(inner):
+        return inner.norm.weight, None
+
+
+def _families() -> dict:
+    """model_type -> (the inner model's class, its family)."""
+    import transformers
+
+    return {
+        "gpt2": (transformers.GPT2Model, _GPT2),
+        "llama": (transformers.LlamaModel, _LLaMA),
+        "mistral": (transformers.MistralModel, _LLaMA),
+        "qwen2": (transformers.Qwen2Model, _LLaMA),
+    }
+
+
+class _Injection:
+    """What the injected forward of one inner model needs: its family, our layer per dtype and the backend views
+    of its weights (rebuilt whenever a Parameter's storage changes, e.g. after ``.to()``)."""
+
+    def __init__(self, family, hf_config, where: str, inner_class):
+        self.family, self.where = family, where
+        self.signature = inspect.signature(inner_class.forward)  # the original's, through its decorators
+        self.cache_name = "cache" if "cache" in self.signature.parameters else "past_key_values"
+        self.output_class = _output_class(self.signature)
+        self.c = hf_config.to_dict()
+        self.max_positions = family.positions(self.c)
+        self.layers: dict = {}  # numpy dtype -> PreLNLayer
+        self.views = None  # (key, (embedding arrays), [PreLNWeights], final norm) for the current storage
+
+    def __getstate__(self):  # a copied model rebuilds its own views
+        return dict(self.__dict__, views=None)
+
+    def layer(self, dtype) -> PreLNLayer:
+        if dtype not in self.layers:
+            self.layers[dtype] = PreLNLayer(self.family.config(self.c, dtype, self.where))
+        return self.layers[dtype]
+
+    def weights(self, inner, blocks) -> tuple[list, tuple]:
+        """Each block's ``PreLNWeights`` and the final norm as backend arrays over the Parameters' memory."""
+        key = tuple(p.data_ptr() for p in inner.parameters())
+        if self.views is None or self.views[0] != key:
+            for block in blocks:
+                self.family.prepare(block)  # after a move: fuse again
+            key = tuple(p.data_ptr() for p in inner.parameters())
+
+            def arrays(values):
+                return [None if v is None else _array(v) for v in values]
+
+            weights = [PreLNWeights(*arrays(vars(self.family.weights(b)).values())) for b in blocks]
+            self.views = (key, weights, tuple(arrays(self.family.final_norm(inner))))
+        return self.views[1], self.views[2]
+
+
+def _check_model(model) -> tuple:
+    """(inner model, family, device, dtype) of a model ``inject`` supports, or a clear error (nothing changed)."""
+    import transformers
+
+    if not isinstance(model, transformers.PreTrainedModel):
+        raise TypeError(f"model: expected a transformers PreTrainedModel (GPT-2 or LLaMA-style); got {type(model)!r}")
+    inner = model.base_model
+    model_type = getattr(model.config, "model_type", None)
+    families = _families()
+    if model_type not in families or type(inner) is not families[model_type][0]:
+        names = ", ".join(f"{cls.__name__} ({t})" for t, (cls, _) in families.items())
+        raise TypeError(
+            f"model: unsupported: expected a model built on one of {names}; got {type(model).__name__} "
+            f"(model_type {model_type!r}, base model {type(inner).__name__})"
+        )
+    params = list(model.parameters())
+    devices = sorted({str(p.device) for p in params})
+    if len(devices) != 1:
+        raise ValueError(f"model: expected every parameter on one device; got a model split over {devices}")
+    dtypes = sorted({str(p.dtype) for p in params})
+    if len(dtypes) != 1 or params[0].dtype not in DTYPES:
+        raise TypeError(f"model: expected parameters of one dtype, float16, bfloat16 or float32; got {dtypes}")
+    device = params[0].device
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"model: expected a model on the CPU or a CUDA GPU; got one on {device}")
+    return inner, families[model_type][1], device, params[0].dtype
+
+
+def inject(model):
+    """Run ``model``'s transformer blocks on our ops, in place (the module docstring says how); returns ``model``.
+    A model already injected is returned as it is. Unsupported models and options raise ``TypeError`` /
+    ``ValueError`` before anything changes."""
+    inner, family, device, dtype = _check_model(model)
+    if hasattr(inner, _ATTRIBUTE):
+        return model
+    where = f"{type(model).__name__}.config"
+    family.check(model.config.to_dict(), where)
+    injection = _Injection(family, model.config, where, type(inner))
+    injection.layer(DTYPES[dtype])  # the config's own checks
+    if device.type == "cuda":
+        import_cupy()  # CuPy's own error where it is missing
+    blocks = getattr(inner, family.blocks)
+    # Everything is checked: swap.
+    for i, block in enumerate(blocks):
+        blocks[i] = InjectedBlock(block, i)
+    setattr(inner, _ATTRIBUTE, injection)
+    inner.forward = types.MethodType(_forward, inner)
+    with _on(device):
+        injection.weights(inner, blocks)  # fuses the LLaMA-style projections now
+    return model
+
+
+def _on(device: torch.device):
+    """Where our ops run for tensors on ``device``: CUDA on torch's stream and allocator; the CPU as it is."""
+    return _torch_stream(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _check_cache(cache):
+    """``cache`` if its layers are ones whose ``update`` returns the cache's own storage (dynamic and static)."""
+    from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
+
+    if not isinstance(cache, Cache):
+        raise TypeError(f"cache: expected a transformers Cache (DynamicCache, StaticCache); got {type(cache)!r}")
+    kinds = {type(layer) for layer in cache.layers} | {cache.layer_class_to_replicate} - {None}
+    if getattr(cache, "offloading", False) or not kinds <= {DynamicLayer, StaticLayer}:
+        raise ValueError(
+            f"cache: expected a {type(cache).__name__} of DynamicLayer or StaticLayer layers without offloading; "
+            f"got layers {sorted(k.__name__ for k in kinds)}, offloading {getattr(cache, 'offloading', False)}"
+        )
+    return cache
+
+
+def _mask(attention_mask, dtype):
+    """HF's attention mask as our op's: 2-D [B, T] (nonzero = keep) as booleans; 4-D as it is (also from a
+    per-layer-type mapping of full-attention layers only, as ``generate`` makes for static caches)."""
+    if isinstance(attention_mask, dict) and list(attention_mask) == ["full_attention"]:
+        attention_mask = attention_mask["full_attention"]
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() not in (2, 4):
+        raise TypeError(f"attention_mask: expected a 2-D or 4-D tensor or None; got {attention_mask!r:.80}")
+    if attention_mask.dim() == 2 or attention_mask.dtype == torch.bool:
+        # Booleans made on the backend's side (a byte copy in between: no bool tensor crosses DLPack).
+        return _array((attention_mask != 0).to(torch.uint8).contiguous()) != 0
+    return _array(attention_mask.to(dtype).contiguous())
+
+
+def _layer_cache(cache, i: int, b: int, s: int, past: int, cfg, like: torch.Tensor):
+    """Room for this step in layer ``i`` of HF's ``cache``: a one-layer ``KVCache`` view over the tensors
+    ``cache.update`` returns (our op writes the step's keys and values at ``start``) and ``start``."""
+    kv, d = cfg.num_kv, cfg.head_size
+    placeholder = like.new_empty((b, kv, s, d))  # every slot is overwritten by our op before anything reads it
+    keys, values = cache.update(placeholder, placeholder, i)
+    if keys.shape[:2] != (b, kv) or keys.shape[2] < past + s:
+        raise ValueError(
+            f"cache: layer {i} returned keys of shape {tuple(keys.shape)}; expected [{b}, {kv}, {past + s} or more, "
+            f"{d}] (a cache of another batch size or model?)"
+        )
+    view = KVCache.over(_array(keys)[None], _array(values)[None])
+    return view, numpy.full(b, past, numpy.int64)
+
+
+def _forward(inner, *args, **kwargs):
+    """The injected forward of a GPT-2 / LLaMA-style inner model: the original's signature and output class."""
+    injection: _Injection = getattr(inner, _ATTRIBUTE)
+    bound = injection.signature.bind(inner, *args, **kwargs)
+    a = dict(bound.arguments)
+    a.pop("self", None)
+    a.update(a.pop("kwargs", {}))
+    cache_name = injection.cache_name
+    cache = a.pop(cache_name, None)
+    if a.get("past_key_values") is not None:
+        cache = a.pop("past_key_values")
+    ids, inputs_embeds = a.pop("input_ids", None), a.pop("inputs_embeds", None)
+    attention_mask, position_ids = a.pop("attention_mask", None), a.pop("position_ids", None)
+    config = inner.config
+    use_cache = a.pop("use_cache", None)
+    use_cache = config.use_cache if use_cache is None else use_cache
+    want_hidden = a.pop("output_hidden_states", None)
+    want_hidden = config.output_hidden_states if want_hidden is None else want_hidden
+    return_dict = a.pop("return_dict", None)
+    return_dict = config.return_dict if return_dict is None else return_dict
+    want_attentions = a.pop("output_attentions", None)
+    if config.output_attentions if want_attentions is None else want_attentions:
+        raise ValueError(
+            "output_attentions=True: not supported by the injected model (our attention never forms the attention "
+            "probabilities); run the original model for them"
+        )
+    unsupported = {k: v for k, v in a.items() if v is not None}
+    if unsupported:
+        raise ValueError(f"{', '.join(unsupported)}: not supported by the injected model; got {unsupported!r:.200}")
+    if want_hidden not in (True, False):
+        raise ValueError(f"output_hidden_states: expected True or False; got {want_hidden!r}")
+    if (ids is None) == (inputs_embeds is None):
+        raise ValueError("input_ids, inputs_embeds: give exactly one")
+    first = ids if ids is not None else inputs_embeds
+    b, s = first.shape[:2]
+    if use_cache and cache is None:
+        from transformers.cache_utils import DynamicCache
+
+        cache = DynamicCache(config=config)
+    past = 0 if cache is None else int(_check_cache(cache).get_seq_length())  # StaticCache: a 0-d tensor
+    param = next(inner.parameters())
+    device, dtype = param.device, param.dtype
+    if dtype not in DTYPES:
+        raise TypeError(f"model: expected float16, bfloat16 or float32 parameters; got {dtype}")
+    if ids is not None:
+        ids = ids.reshape(b, s).to(device).contiguous()
+        low, high = torch.aminmax(ids)
+        if low < 0 or high >= config.vocab_size:
+            raise ValueError(f"input_ids: expected token ids in [0, {config.vocab_size}); got {int(low)}..{int(high)}")
+    if position_ids is None:
+        position_ids = torch.arange(past, past + s, device=device)[None]
+    position_ids = position_ids.to(device).expand(b, s).contiguous()
+    low, high = torch.aminmax(position_ids)
+    if low < 0 or high >= injection.max_positions:
+        limit = injection.max_positions
+        raise ValueError(f"position_ids: expected positions in [0, {limit}); got {int(low)}..{int(high)}")
+    layer = injection.layer(DTYPES[dtype])
+    blocks = getattr(inner, injection.family.blocks)
+    with torch.no_grad(), _on(device):
+        weights, final_norm = injection.weights(inner, blocks)
+        mask, positions = _mask(attention_mask, dtype), _array(position_ids)
+        x = injection.family.embeddings(inner, ids, position_ids, inputs_embeds)
+        xn = layer.norm(x, weights[0].ln1_gamma, weights[0].ln1_beta)
+        states = [x]
+        for i, w in enumerate(weights):
+            view, start = (None, None) if cache is None else _layer_cache(cache, i, b, s, past, layer.config, param)
+            after = (weights[i + 1].ln1_gamma, weights[i + 1].ln1_beta) if i + 1 < len(weights) else final_norm
+            x, xn = layer.stack(
+                x, xn, w, after, cache=view, layer_id=0, start=start, attn_mask=mask, position_ids=positions
+            )
+            states.append(x)
+        last = _tensor(xn)
+        hidden = tuple(_tensor(h) for h in states[:-1]) + (last,) if want_hidden else None
+    fields = {"last_hidden_state": last, cache_name: cache if use_cache or injection.family is _LLaMA else None}
+    output = injection.output_class(**fields, hidden_states=hidden)
+    return output if return_dict else output.to_tuple()
+
+
+def _output_class(signature: inspect.Signature):
+    """The output class the original forward returns (its return annotation)."""
+    import transformers.modeling_outputs as outputs
+
+    annotation = signature.return_annotation
+    return getattr(outputs, annotation) if isinstance(annotation, str) else annotation
