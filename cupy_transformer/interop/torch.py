@@ -2,8 +2,9 @@
 transformer blocks on our ops, in place, as DeepSpeed's ``init_inference(replace_with_kernel_inject=True)`` does.
 
 Supported: ``GPT2LMHeadModel`` / ``GPT2Model`` and ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``
-(QKV biases) and their bare ``*Model`` (any model whose ``base_model`` is one of these exactly). Afterwards
-``model(...)`` and ``model.generate(...)`` work as before (greedy, sampling, beam search, padded batches, caches
+(QKV biases) and their bare ``*Model`` (any model whose ``base_model`` is one of these exactly); and any module
+holding a ``BertModel`` (sentence-transformers models too), whose encoder layers ``interop.bert_inject`` swaps.
+Afterwards ``model(...)`` and ``model.generate(...)`` work as before (greedy, sampling, beam search, padded batches, caches
 handed back and forth, ``cache_implementation="static"``) with the blocks, the embeddings and the final norm on our
 ops; the LM head stays the model's own ``nn.Linear``.
 
@@ -287,7 +288,14 @@ def _check_model(model) -> tuple:
 def inject(model):
     """Run ``model``'s transformer blocks on our ops, in place (the module docstring says how); returns ``model``.
     A model already injected is returned as it is. Unsupported models and options raise ``TypeError`` /
-    ``ValueError`` before anything changes."""
+    ``ValueError`` before anything changes. A module holding a ``BertModel`` (a BertModel, a task model on one, a
+    sentence-transformers model) goes to ``interop.bert_inject.inject_bert``."""
+    import transformers
+
+    if isinstance(model, nn.Module) and any(isinstance(m, transformers.BertModel) for m in model.modules()):
+        from .bert_inject import inject_bert
+
+        return inject_bert(model)
     inner, family, device, dtype = _check_model(model)
     if hasattr(inner, _ATTRIBUTE):
         return model

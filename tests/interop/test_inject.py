@@ -208,9 +208,15 @@ def test_unsupported_config_is_refused_before_anything_changes(family, options, 
 def test_other_objects_and_split_models_are_refused():
     with pytest.raises(TypeError, match="expected a transformers PreTrainedModel"):
         inject(torch.nn.Linear(4, 4))
-    bert = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4))
+    neox = transformers.GPTNeoXModel(
+        transformers.GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    )
     with pytest.raises(TypeError, match="unsupported: expected a model built on one of GPT2Model"):
-        inject(bert)
+        inject(neox)
+    bert = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4))
+    from cupy_transformer.interop.bert_inject import InjectedBertLayer
+
+    assert inject(bert) is bert and isinstance(bert.encoder.layer[0], InjectedBertLayer)  # interop.bert_inject's
     model = build("gpt2")
     model.transformer.ln_f.to("meta")
     with pytest.raises(ValueError, match="split over"):
