@@ -4,9 +4,9 @@ transformer blocks on our ops, in place, as DeepSpeed's ``init_inference(replace
 Supported: ``GPT2LMHeadModel`` / ``GPT2Model`` and ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``
 (QKV biases) and their bare ``*Model`` (any model whose ``base_model`` is one of these exactly); and any module
 holding a ``BertModel`` (sentence-transformers models too), whose encoder layers ``interop.bert_inject`` swaps.
-Afterwards ``model(...)`` and ``model.generate(...)`` work as before (greedy, sampling, beam search, padded batches, caches
-handed back and forth, ``cache_implementation="static"``) with the blocks, the embeddings and the final norm on our
-ops; the LM head stays the model's own ``nn.Linear``.
+Afterwards ``model(...)`` and ``model.generate(...)`` work as before (greedy, sampling, beam search, padded
+batches, caches handed back and forth, ``cache_implementation="static"``) with the blocks, the embeddings and the
+final norm on our ops; the LM head stays the model's own ``nn.Linear``.
 
 What changes:
 
