@@ -310,7 +310,11 @@ def inject(model):
     for i, block in enumerate(blocks):
         blocks[i] = InjectedBlock(block, i)
     setattr(inner, _ATTRIBUTE, injection)
-    inner.forward = types.MethodType(_forward, inner)
+    # TorchDynamo cannot trace our ops (CuPy launches): under torch.compile the forward runs eagerly, and generate's
+    # own compile of a static-cache step (on CUDA) is turned off, as it would compile nothing.
+    inner.forward = types.MethodType(torch.compiler.disable(_forward), inner)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.disable_compile = True
     with _on(device):
         injection.weights(inner, blocks)  # fuses the LLaMA-style projections now
     return model

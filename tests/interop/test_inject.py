@@ -256,6 +256,10 @@ def test_cuda_fp32_logits_greedy_beam_and_static(family):
         want, got = original(ids, attention_mask=mask).logits, injected(ids, attention_mask=mask).logits
     keep = mask.bool()
     assert rel_error(got[keep].cpu(), want[keep].cpu()) < 1e-4
+    # On CUDA generate compiles a static-cache step; the injected model turns that off (TorchDynamo cannot trace our
+    # ops), and the original runs uncompiled too, so both compute the same fp32 math.
+    original.generation_config.disable_compile = True
+    assert injected.generation_config.disable_compile
     for options in (
         dict(max_new_tokens=64, do_sample=False),
         dict(max_new_tokens=16, num_beams=3, do_sample=False),
@@ -283,3 +287,14 @@ def test_half_logits_within_bound(family, dtype, device):
     theirs_error = (theirs - exact).abs().max().item()
     ours_error = (ours - exact).abs().max().item()
     assert ours_error <= 3 * theirs_error + 0.01 * exact.abs().max().item(), (ours_error, theirs_error)
+
+
+def test_torch_compile_of_an_injected_model_runs_our_forward_eagerly():
+    """TorchDynamo cannot trace CuPy launches: the injected forward is excluded from compilation, so a compiled
+    model gives the injected model's logits (and generate's own compile of static-cache steps is off)."""
+    original, injected = pair("gpt2")
+    ids, mask = padded_batch()
+    compiled = torch.compile(injected, backend="eager")
+    with torch.no_grad():
+        want, got = injected(ids, attention_mask=mask).logits, compiled(ids, attention_mask=mask).logits
+    assert torch.equal(got, want) and injected.generation_config.disable_compile
