@@ -24,6 +24,10 @@ small+=" or (softmax and gpu and not context and not 70001) or (test_sampling an
 small+=" or (test_sampling and greedy and not 128256) or (test_embedding and gpu)"
 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ops \
     -k "$small" 2>&1 | tail -4 | tee "$OUT/memcheck.log"
+# The decode kernels launched programmatically in captured graphs (each waits for the kernel before).
+compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -m gpu -q -p no:cacheprovider \
+    tests/runtime/test_programmatic.py tests/test_generation.py -k "programmatic or captured" 2>&1 | tail -4 \
+    | tee -a "$OUT/memcheck.log"
 # racecheck: our kernels with shared memory (norm, the GEMV, decode and prefill attention, the softmax's named
 # barriers, the sampler's histograms, greedy's block maximum). The matmul tests also run cuBLAS, whose nvjet kernels
 # synchronise through TMA barriers that racecheck does not model and reports (and its --kernel-name-exclude crashes
