@@ -21,11 +21,22 @@ from cupy_transformer.runtime import programmatic  # noqa: E402
 from cupy_transformer.runtime.kernels import compute_capability  # noqa: E402
 
 SOURCE = r"""
-extern "C" __global__ void empty(int* out) {
+// Programmatic launches: wait for the kernel before, then let the next start (runtime/programmatic.py).
+template <bool CHAINED> __device__ __forceinline__ void chain() {
+#if __CUDA_ARCH__ >= 900
+    if (CHAINED) {
+        asm volatile("griddepcontrol.wait;" ::: "memory");
+        asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    }
+#endif
+}
+template <bool CHAINED> __device__ void empty_body(int* out) {
+    chain<CHAINED>();
     if (out != nullptr && threadIdx.x == 1024) out[0] = 0;  // never true: the compiler keeps the kernel
 }
 // Reads n uint4 from src (grid-stride), writes one word per block so the reads are not dead.
-extern "C" __global__ void read(const uint4* __restrict__ src, long long n, unsigned* out) {
+template <bool CHAINED> __device__ void read_body(const uint4* __restrict__ src, long long n, unsigned* out) {
+    chain<CHAINED>();
     unsigned acc = 0;
     const long long step = (long long)gridDim.x * blockDim.x;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += step) {
@@ -34,27 +45,10 @@ extern "C" __global__ void read(const uint4* __restrict__ src, long long n, unsi
     }
     if (acc == 0x12345678u) out[blockIdx.x] = acc;
 }
-// The same two, waiting for the kernel before and then letting the next start (programmatic launches).
-__device__ __forceinline__ void chain() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-extern "C" __global__ void empty_chained(int* out) {
-    chain();
-    if (out != nullptr && threadIdx.x == 1024) out[0] = 0;
-}
-extern "C" __global__ void read_chained(const uint4* __restrict__ src, long long n, unsigned* out) {
-    chain();
-    unsigned acc = 0;
-    const long long step = (long long)gridDim.x * blockDim.x;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += step) {
-        uint4 v = __ldg(src + i);
-        acc ^= v.x ^ v.y ^ v.z ^ v.w;
-    }
-    if (acc == 0x12345678u) out[blockIdx.x] = acc;
-}
+extern "C" __global__ void empty(int* out) { empty_body<false>(out); }
+extern "C" __global__ void empty_chained(int* out) { empty_body<true>(out); }
+extern "C" __global__ void read(const uint4* src, long long n, unsigned* out) { read_body<false>(src, n, out); }
+extern "C" __global__ void read_chained(const uint4* src, long long n, unsigned* out) { read_body<true>(src, n, out); }
 """
 
 
