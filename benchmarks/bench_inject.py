@@ -19,7 +19,9 @@ equal to the eager original's (``bench.agreement``).
 
 ``--quick``: one small model, batch 1, 16 new tokens (GPT-2 small on CUDA; on the CPU a tiny GPT-2, ``gpt2-tiny``,
 whose injected model runs the NumPy path). Writes ``inject-<card>.md`` and the plot ``inject-<card>.png`` to $OUT or
-benchmarks/results/ (the table after each model, should a later one not finish).
+benchmarks/results/ (the table after each model, should a later one not finish). The default run takes minutes
+(transformers compiles its static step for each model and batch); where a command's time is limited, run the models
+one at a time (``--models gpt2-xl``), each into its own $OUT.
 """
 
 from __future__ import annotations
