@@ -243,14 +243,13 @@ def main(argv=None) -> str:
     """Runs the benchmark; returns the table's path."""
     args = parse_args(argv)
     import torch
+    import transformers
 
     from benchmarks.common import RESULTS, card_name, card_tag, free_gpu_memory, header, hf_model_from, write_table
     from cupy_transformer.interop.torch import inject
 
     cuda = args.device == "cuda"
     card = card_name() if cuda else "CPU"
-    import transformers
-
     lines = [
         header("Injected Hugging Face generate() beside the original", card).rstrip("\n")
         + f", transformers {transformers.__version__}\n",
@@ -276,9 +275,10 @@ def main(argv=None) -> str:
             if cuda:
                 free_gpu_memory()
         del original, injected
+        if cuda:
+            torch._dynamo.reset()  # the compiled steps of this model, which hold it and their CUDA graphs' memory
         gc.collect()
         if cuda:
-            torch._dynamo.reset()  # the compiled steps of this model (and their CUDA graphs' memory) go
             free_gpu_memory()
         path = write_table("inject", finish(lines, failures, cuda), card)
     png = os.path.join(os.environ.get("OUT", RESULTS), f"inject-{card_tag(card)}.png")
