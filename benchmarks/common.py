@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: card/date/commit header, copy-bandwidth ceiling, CUDA-event timing."""
+"""Shared benchmark plumbing: card/date/commit header, copy-bandwidth ceiling, CUDA-event timing, and random
+Hugging Face models timed through ``generate`` (torch and transformers imported where used)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 import cupy
 
@@ -29,9 +31,16 @@ def commit() -> str:
         return "unknown"
 
 
-def header(title: str) -> str:
+def card_tag(card: str | None = None) -> str:
+    """The short name of ``card`` (by default the current GPU's) in result file names: "h100", "h200"."""
+    return (card or card_name()).replace("NVIDIA ", "").split()[0].lower()
+
+
+def header(title: str, card: str | None = None) -> str:
+    """A table's title line and the run's card (by default the current GPU), date, commit and versions."""
     today = datetime.date.today().isoformat()
-    return f"# {title}\n\n{card_name()}, {today}, commit {commit()}, CuPy {cupy.__version__}" + _torch_version() + "\n"
+    card = card or card_name()
+    return f"# {title}\n\n{card}, {today}, commit {commit()}, CuPy {cupy.__version__}" + _torch_version() + "\n"
 
 
 def _torch_version() -> str:
@@ -192,12 +201,12 @@ def read_floor_us(array) -> float:
     return time_us(read_launch(array), [()], reps=30)
 
 
-def write_table(stem: str, lines: list[str]) -> str:
-    """Write a benchmark's Markdown to $OUT (on the device machine) or benchmarks/results/, named by card."""
-    card = card_name().replace("NVIDIA ", "").split()[0].lower()
+def write_table(stem: str, lines: list[str], card: str | None = None) -> str:
+    """Write a benchmark's Markdown to $OUT (on the device machine) or benchmarks/results/, named by ``card`` (by
+    default the current GPU)."""
     folder = os.environ.get("OUT", RESULTS)
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{stem}-{card}.md")
+    path = os.path.join(folder, f"{stem}-{card_tag(card)}.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"written to {path}")
@@ -236,3 +245,60 @@ def l2_flush_in_graphs(nbytes: int = 64 << 20):
         dst[...] = src
 
     return flush, graph_node_us(lambda i: flush(), 30)
+
+
+def hf_model_from(config: dict, dtype: str, device: str = "cuda"):
+    """transformers' GPT-2 or LLaMA model of ``config`` (config.json entries with ``model_type``) in ``dtype``
+    ("float16", "bfloat16", "float32") with its own random initialisation (seed 0: the same weights each call), on
+    ``device``, eval mode."""
+    import torch
+    import transformers
+
+    config = dict(config)
+    model_type = config.pop("model_type")
+    config = (transformers.GPT2Config if model_type == "gpt2" else transformers.LlamaConfig)(**config)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(
+            config, dtype=getattr(torch, dtype), attn_implementation="sdpa"
+        )
+    return model.eval()
+
+
+def hf_model(shape: str, device: str = "cuda"):
+    """(transformers' model of ``cupy_transformer.bench`` shape ``shape`` from ``hf_model_from``, its dtype)."""
+    from cupy_transformer import bench
+
+    config, dtype = bench.shape_config(shape)
+    return hf_model_from(config, dtype, device), dtype
+
+
+def hf_times(hf, prompts, new_tokens: int, static: bool = False) -> dict:
+    """Prefill ms and decode ms/token of ``hf.generate`` (greedy) on ``prompts`` [B, S] (a NumPy array of token
+    ids), each the best of a few after a warm-up, and the new tokens [B, new_tokens + 1]. A decode ms/token is
+    (time of N + 1 new tokens - time of 1) / N, the prefill the time of one new token. ``static``: transformers'
+    static cache, whose decoding step it compiles itself (on CUDA, unless the model's generation config says
+    ``disable_compile``)."""
+    import torch
+
+    ids = torch.from_numpy(prompts).to(hf.device)
+    prompt = ids.shape[1]
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+    if static:
+        kwargs["cache_implementation"] = "static"
+    synchronize = torch.cuda.synchronize if ids.device.type == "cuda" else (lambda: None)
+
+    def generate(n):
+        synchronize()
+        start = time.perf_counter()
+        out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        synchronize()
+        return time.perf_counter() - start, out
+
+    with torch.inference_mode():
+        generate(2)
+        generate(new_tokens + 1)  # a static cache compiles on its first calls
+        one = min(generate(1)[0] for _ in range(3))
+        runs = [generate(new_tokens + 1) for _ in range(2)]
+    full, tokens = min(runs, key=lambda r: r[0])
+    return {"prefill_ms": one * 1e3, "decode_ms": (full - one) / new_tokens * 1e3, "tokens": tokens[:, prompt:]}

@@ -31,10 +31,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cupy  # noqa: E402
-import numpy  # noqa: E402
-import torch  # noqa: E402
 
-from benchmarks.common import RESULTS, card_name, free_gpu_memory, header, write_table  # noqa: E402
+from benchmarks.common import RESULTS, card_name, card_tag, free_gpu_memory, header, hf_model, hf_times, write_table  # noqa: E402
 from cupy_transformer import bench  # noqa: E402
 from cupy_transformer.generation import Decoder  # noqa: E402
 from cupy_transformer.loading import Checkpoint  # noqa: E402
@@ -42,22 +40,6 @@ from cupy_transformer.models import MODELS  # noqa: E402
 
 NEW_TOKENS = 128
 THROUGHPUT: dict[str, list] = {}  # the batch sweep's curves, per shape and runner
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def hf_model(shape: str):
-    """transformers' model of ``shape`` with its own random initialisation, on the GPU, eval mode."""
-    import transformers
-
-    config_dict, dtype = bench.shape_config(shape)
-    model_type = config_dict.pop("model_type")
-    config = (transformers.GPT2Config if model_type == "gpt2" else transformers.LlamaConfig)(**config_dict)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = transformers.AutoModelForCausalLM.from_config(
-            config, dtype=TORCH_DTYPES[dtype], attn_implementation="sdpa"
-        )
-    return model.eval(), dtype
 
 
 def ours_from(hf, dtype: str):
@@ -67,35 +49,6 @@ def ours_from(hf, dtype: str):
     return MODELS[config["model_type"]](
         Checkpoint.from_arrays(config, tensors, name="hf"), dtype, "cupy", progress=False
     )
-
-
-def prompts_for(vocab: int, batch: int, prompt: int) -> numpy.ndarray:
-    return numpy.random.default_rng(prompt * 1000 + batch).integers(0, vocab, (batch, prompt))
-
-
-def hf_times(hf, prompts: numpy.ndarray, new_tokens: int, static: bool = False) -> dict:
-    """Prefill ms and decode ms/token of ``hf.generate`` (greedy) on ``prompts`` [B, S], each the best of a few
-    after a warm-up."""
-    ids = torch.from_numpy(prompts).cuda()
-    prompt = ids.shape[1]
-    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
-    if static:
-        kwargs["cache_implementation"] = "static"
-
-    def generate(n):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
-        torch.cuda.synchronize()
-        return time.perf_counter() - start, out
-
-    with torch.inference_mode():
-        generate(2)
-        generate(new_tokens + 1)  # a static cache compiles on its first calls
-        one = min(generate(1)[0] for _ in range(3))
-        runs = [generate(new_tokens + 1) for _ in range(2)]
-    full, tokens = min(runs, key=lambda r: r[0])
-    return {"prefill_ms": one * 1e3, "decode_ms": (full - one) / new_tokens * 1e3, "tokens": tokens[:, prompt:]}
 
 
 def row(shape, batch, prompt, ours, eager, compiled, floor_ms, agree) -> str:
@@ -114,12 +67,8 @@ def row(shape, batch, prompt, ours, eager, compiled, floor_ms, agree) -> str:
 
 
 def agreement(ours_tokens, hf_tokens) -> str:
-    """How many leading greedy tokens of sequence 0 agree (fp16/bf16 products in another order drift apart
-    once two logits come within rounding)."""
-    a, b = ours_tokens[:, 0], hf_tokens[0].cpu().numpy()
-    n = min(len(a), len(b))
-    differ = numpy.flatnonzero(a[:n] != b[:n])
-    return f"{n if differ.size == 0 else differ[0]}/{n}"
+    """``bench.agreement`` of sequence 0: ours [steps, B], Hugging Face's [B, steps] (a torch tensor)."""
+    return bench.agreement(ours_tokens[:, 0], hf_tokens[0].cpu().numpy())
 
 
 def main() -> None:
@@ -150,7 +99,7 @@ def main() -> None:
             for prompt in map(int, args.prompts.split(",")):
                 if prompt + NEW_TOKENS > positions:
                     continue
-                ids = prompts_for(ours.vocab, batch, prompt)
+                ids = bench.prompts_for(ours.vocab, batch, prompt)
                 mine = bench.time_generation(ours, batch, prompt, NEW_TOKENS, prompts=ids.tolist())
                 eager = hf_times(hf, ids, NEW_TOKENS)
                 compiled = None
@@ -180,13 +129,13 @@ def main() -> None:
 def sweeps(shape, hf, ours, rate, lines) -> None:
     """ms/token against context at batch 1 (LLaMA-1B shape), tokens/s against batch (both shapes), with plots."""
     steps = 32
-    card = card_name().replace("NVIDIA ", "").split()[0].lower()
+    card = card_tag()
     if shape == "llama-1b":
         contexts = [128, 512, 2048, 8192, 16384]
         got = {"ours": [], "HF eager": [], "floor": []}
         for ctx in contexts:
             got["ours"].append(bench.time_generation(ours, 1, ctx, steps, repeats=1)["decode_ms"])
-            got["HF eager"].append(hf_times(hf, prompts_for(ours.vocab, 1, ctx), steps)["decode_ms"])
+            got["HF eager"].append(hf_times(hf, bench.prompts_for(ours.vocab, 1, ctx), steps)["decode_ms"])
             got["floor"].append(bench.step_bytes(ours, 1, ctx + steps // 2) / rate * 1e3)
             free_gpu_memory()
         lines.append(f"\nContext sweep, {shape}, batch 1, {steps} new tokens (ms/token):\n")
@@ -198,7 +147,7 @@ def sweeps(shape, hf, ours, rate, lines) -> None:
     got = {"ours": [], "HF eager": []}
     for b in batches:
         got["ours"].append(b * 1e3 / bench.time_generation(ours, b, 128, steps, repeats=1)["decode_ms"])
-        got["HF eager"].append(b * 1e3 / hf_times(hf, prompts_for(ours.vocab, b, 128), steps)["decode_ms"])
+        got["HF eager"].append(b * 1e3 / hf_times(hf, bench.prompts_for(ours.vocab, b, 128), steps)["decode_ms"])
         free_gpu_memory()
     lines.append(f"\nBatch sweep, {shape}, 128-token prompts, {steps} new tokens (tokens/s):\n")
     lines.append("| batch | ours | HF eager |")

@@ -144,6 +144,20 @@ def time_generation(model, batch: int, prompt: int, new_tokens: int, *, cuda_gra
     }
 
 
+def prompts_for(vocab: int, batch: int, prompt: int) -> numpy.ndarray:
+    """Random token ids [batch, prompt], the same for the same sizes."""
+    return numpy.random.default_rng(prompt * 1000 + batch).integers(0, vocab, (batch, prompt))
+
+
+def agreement(a, b) -> str:
+    """ "n/N": how many leading tokens of two greedy sequences agree, of the N both have (fp16/bf16 products in
+    another order drift apart once two logits come within rounding)."""
+    a, b = numpy.asarray(a), numpy.asarray(b)
+    n = min(len(a), len(b))
+    differ = numpy.flatnonzero(a[:n] != b[:n])
+    return f"{n if differ.size == 0 else differ[0]}/{n}"
+
+
 def copy_rate(nbytes: int = 1 << 30, repeats: int = 10) -> float:
     """The device-to-device copy rate in bytes/s, counting bytes read and written (the memory ceiling a decode
     step's floor is taken against), the best of ``repeats`` copies of ``nbytes``."""
