@@ -273,3 +273,74 @@ def _nccl():
             "`pip install nvidia-nccl-cu13` (nvidia-nccl-cu12 for the cuda12 extra)"
         )
     return nccl
+
+
+class RankError(RuntimeError):
+    """A rank of ``launch`` failed: ``rank`` and its exception ``error`` (the message says both)."""
+
+    def __init__(self, rank: int, error: BaseException):
+        super().__init__(f"rank {rank}: {error}")
+        self.rank, self.error = rank, error
+
+
+def launch(size: int, target, args: tuple = (), timeout: float = 600.0) -> list:
+    """``target(comm, *args)`` in ``size`` processes, one per GPU (``multiprocessing`` spawn: a fresh interpreter
+    each, CUDA initialised in none but them): rank r runs on device r with an ``NcclCommunicator`` whose unique id
+    rank 0 makes and passes to the others. Returns each rank's result (it must pickle) in rank order. The first
+    rank to fail stops all ranks (the others are terminated, even mid-collective) and is raised as a
+    ``RankError`` holding its exception. ``timeout``: seconds to wait for the rendezvous id."""
+    import multiprocessing
+    import queue
+
+    ctx = multiprocessing.get_context("spawn")
+    ids, results = ctx.Queue(), ctx.Queue()
+    processes = [
+        ctx.Process(target=_rank_main, args=(r, size, ids, results, target, args, timeout), name=f"rank {r}")
+        for r in range(size)
+    ]
+    for p in processes:
+        p.start()
+    done: dict = {}
+    try:
+        while len(done) < size:
+            try:
+                rank, ok, value = results.get(timeout=1.0)
+            except queue.Empty:
+                for r, p in enumerate(processes):  # a rank that died without a word (a crash, a kill)
+                    if r not in done and p.exitcode is not None and results.empty():
+                        raise RankError(r, RuntimeError(f"exited with status {p.exitcode}")) from None
+                continue
+            if not ok:
+                raise RankError(rank, value)
+            done[rank] = value
+    finally:
+        for p in processes:
+            if p.is_alive() and len(done) < size:
+                p.terminate()
+        for p in processes:
+            p.join()
+    return [done[r] for r in range(size)]
+
+
+def _rank_main(rank, size, ids, results, target, args, timeout) -> None:
+    """One ``launch`` rank: its GPU, the rendezvous, ``target``; reports ``(rank, ok, result or exception)``."""
+    try:
+        from .runtime.arrays import import_cupy
+
+        import_cupy().cuda.Device(rank).use()
+        if rank == 0:
+            unique_id = NcclCommunicator.unique_id()
+            for _ in range(size - 1):
+                ids.put(unique_id)
+        else:
+            unique_id = ids.get(timeout=timeout)
+        value = target(NcclCommunicator(size, rank, unique_id), *args)
+        results.put((rank, True, value))
+    except BaseException as e:  # every failure goes to the launcher, which stops the other ranks
+        try:
+            import pickle
+
+            pickle.dumps(e)
+        except Exception:
+            e = RuntimeError(f"{type(e).__name__}: {e}")
+        results.put((rank, False, e))

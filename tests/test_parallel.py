@@ -10,11 +10,12 @@ import threading
 import numpy
 import pytest
 
-from cupy_transformer import loading, parallel
+from cupy_transformer import cli, loading, parallel
 from cupy_transformer.generation import Decoder
 from cupy_transformer.models import BERT, GPT2, LLaMA
 from cupy_transformer.ops import matmul
 from cupy_transformer.parallel import Split, run_simulated
+from tests.conftest import HAVE_GPU
 from tests.helpers import rel_error
 from tests.models import test_bert, test_gpt2, test_llama
 
@@ -214,3 +215,64 @@ def test_simulated_collectives_and_a_failing_rank():
 
     with pytest.raises(RuntimeError, match="rank 1 broke"):
         run_simulated(2, failing)
+
+
+def fail_if_called(*args, **kwargs):
+    raise AssertionError("a process was started")
+
+
+@pytest.mark.parametrize(
+    "args, gpus, expected",
+    [
+        (["--tp", "0"], 8, "argument --tp: expected an integer >= 1; got 0"),
+        (["--tp", "2", "--device", "cpu"], 8, "--tp 2: tensor parallelism runs on GPUs over NCCL; --device cpu"),
+        (["--tp", "4"], 2, "--tp 4: one process per GPU needs 4 GPUs; 2 found"),
+        (["--tp", "2"], None, "--tp 2: one process per GPU needs 2 GPUs; 0 found"),  # this machine's count: none
+    ],
+)
+def test_generate_tp_argument_errors_before_any_process_starts(tmp_path, monkeypatch, capsys, args, gpus, expected):
+    monkeypatch.setattr(parallel, "launch", fail_if_called)
+    if gpus is not None:
+        monkeypatch.setattr(cli, "_gpu_count", lambda: gpus)
+    elif HAVE_GPU:
+        pytest.skip("counts this machine's GPUs: none expected")
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["generate", "--model", str(tmp_path), "--prompt", "hi", *args])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cupy-transformer: error: {expected}") and err.count("\n") == 1
+
+
+def test_generate_tp_launches_one_rank_per_gpu_with_one_seed(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "_gpu_count", lambda: 4)
+    monkeypatch.setattr(parallel, "launch", lambda size, target, args: calls.append((size, target, args)))
+    assert cli.main(["generate", "--model", str(tmp_path), "--prompt", "hi", "--tp", "2"]) == 0
+    [(size, target, (args,))] = calls
+    assert size == 2 and target is cli._generate_rank and args.tp == 2
+    assert isinstance(args.seed, int)  # chosen once, before the ranks start: every rank samples the same tokens
+
+
+def test_a_rank_error_stops_every_rank_with_its_message(capsys, monkeypatch):
+    # No GPU here (or no CuPy): each spawned rank fails choosing its device; the launcher names the rank and
+    # raises its error, and every process has ended. On a GPU machine the ranks fail in the target instead.
+    with pytest.raises(parallel.RankError, match=r"^rank [01]: ") as failed:
+        parallel.launch(2, failing_rank)
+    if HAVE_GPU:
+        assert "rank 1 broke" in str(failed.value)
+    monkeypatch.setattr(parallel, "launch", lambda *a: (_ for _ in ()).throw(parallel.RankError(1, ValueError("x y"))))
+    monkeypatch.setattr(cli, "_gpu_count", lambda: 2)
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["generate", "--model", "m", "--prompt", "hi", "--tp", "2"])
+    assert exit.value.code == 2 and capsys.readouterr().err == "cupy-transformer: error: rank 1: x y\n"
+
+
+def failing_rank(comm):
+    """A ``launch`` target (module level: spawned processes import it): rank 1 fails, rank 0 waits in a
+    collective that rank 1 never joins (the launcher must stop it)."""
+    import cupy
+
+    if comm.rank == 1:
+        raise ValueError("rank 1 broke")
+    comm.all_reduce(cupy.zeros(4, cupy.float32))
+    cupy.cuda.Device().synchronize()
