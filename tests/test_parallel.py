@@ -276,3 +276,35 @@ def failing_rank(comm):
         raise ValueError("rank 1 broke")
     comm.all_reduce(cupy.zeros(4, cupy.float32))
     cupy.cuda.Device().synchronize()
+
+
+def gpu_count() -> int:
+    return cli._gpu_count() if HAVE_GPU else 0
+
+
+def gpu_rank_run(comm, folder, dtype, ids, prompts):
+    """A ``launch`` target: this rank's shards of the model in ``folder`` on its GPU; returns the logits of ``ids``
+    (host float32) and the greedy tokens of ``prompts`` through ``Decoder`` (its decode steps captured as CUDA
+    graphs, the all-reduces with them)."""
+    model = LLaMA(folder, dtype, "cupy", progress=False, comm=comm)
+    return model.forward(ids).get().astype(numpy.float32), greedy_tokens(model, prompts)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("size", [1, 2, 4])
+def test_gpu_ranks_give_the_one_gpu_tokens_and_logits(tmp_path, rng, size):
+    """1, 2 and 4 GPUs (NCCL, one process each): fp32 greedy tokens identical to one GPU's and logits within 1e-5;
+    fp16 logits within 3e-2 relative of one GPU's fp32 logits, the parity tests' fp16 bound (each rank rounds
+    its partial sums to fp16 before NCCL adds them)."""
+    if gpu_count() < size:
+        pytest.skip(f"multi_gpu: needs {size} GPUs; {gpu_count()} found")
+    llama_gqa4(tmp_path, rng)
+    ids = rng.integers(0, 40, (2, 6))
+    prompts = [ids[0, :5].tolist(), ids[1, :3].tolist()]
+    # The one-GPU run in a spawned process too (one communicator of size 1: the whole model, no all-reduce).
+    [(logits_1, tokens_1)] = parallel.launch(1, gpu_rank_run, (tmp_path, "float32", ids, prompts))
+    for logits, tokens in parallel.launch(size, gpu_rank_run, (tmp_path, "float32", ids, prompts)):
+        assert tokens.tolist() == tokens_1.tolist()
+        assert rel_error(logits, logits_1) < 1e-5
+    for logits, _ in parallel.launch(size, gpu_rank_run, (tmp_path, "float16", ids, prompts)):
+        assert rel_error(logits, logits_1) < 3e-2
