@@ -157,10 +157,10 @@ def inference_config(config: dict, dtype, source: str, mp_size: int = 1) -> ops.
     act = config.get("hidden_act", "gelu")
     if not isinstance(act, str) or act not in ACTIVATIONS:
         raise ValueError(f"{source}: hidden_act {act!r} is not one of {sorted(ACTIVATIONS)}")
-    heads, inner = require("num_attention_heads"), require("intermediate_size")
+    h, heads, inner = require("hidden_size"), require("num_attention_heads"), require("intermediate_size")
     check_divisible(source, {"num_attention_heads": heads, "intermediate_size": inner}, mp_size)
     return ops.InferenceConfig(
-        hidden_size=require("hidden_size"),
+        hidden_size=h,
         heads=heads,
         intermediate_size=inner,
         mp_size=mp_size,
