@@ -197,10 +197,59 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    if args.tp > 1:
+        return _generate_tp(args)
+    _generate_with(_load(args.model, args), args)
+    return 0
+
+
+def _generate_tp(args: argparse.Namespace) -> int:
+    """``generate --tp N``: one process per GPU (``parallel.launch``), each loading its shards; rank 0 prints.
+    The arguments are checked here, before any process starts."""
+    import random
+
+    from . import parallel
+
+    if args.device == "cpu":
+        _fail(f"--tp {args.tp}: tensor parallelism runs on GPUs over NCCL; --device cpu runs one process (--tp 1)")
+    gpus = _gpu_count()
+    if args.tp > gpus:
+        _fail(f"--tp {args.tp}: one process per GPU needs {args.tp} GPUs; {gpus} found")
+    if args.seed is None:  # every rank draws from the same seed, so all sample the same tokens
+        args.seed = random.getrandbits(64)
+    try:
+        parallel.launch(args.tp, _generate_rank, (args,))
+    except parallel.RankError as e:
+        if isinstance(e.error, (*_USER_ERRORS, SystemExit)) and not args.debug:
+            _fail(str(e))
+        raise
+    return 0
+
+
+def _gpu_count() -> int:
+    """How many CUDA GPUs CuPy sees (0 without CuPy, a driver or a GPU)."""
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # no CuPy, no driver, no device: none usable
+        return 0
+
+
+def _generate_rank(comm, args: argparse.Namespace) -> None:
+    """One rank of ``generate --tp``: its shards of the model on its GPU, the same generation as every rank."""
+    from .models import load_model
+
+    dtype = {"fp16": "float16", "fp32": "float32", None: "float16"}[args.dtype]
+    model = load_model(args.model, dtype, "cupy", progress=False if comm.rank else None, comm=comm)
+    _generate_with(model, args, show=comm.rank == 0)
+
+
+def _generate_with(model, args: argparse.Namespace, show: bool = True) -> None:
+    """Generate from ``args.prompt`` with ``model``; ``show``: print the text (rank 0 of several)."""
     from . import generation
     from .loading import Checkpoint
 
-    model = _load(args.model, args)
     if not hasattr(model, "new_cache"):
         raise SystemExit(f"generate: {args.model} holds a {model.model_type} model, which does not generate text")
     checkpoint = Checkpoint(args.model)
@@ -220,12 +269,12 @@ def _generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         stop=args.stop or (),
-        stream=stream if args.stream else None,
+        stream=stream if args.stream and show else None,
         cuda_graph=not args.no_cuda_graph,
         defaults=generation.generation_defaults(checkpoint),
     )[0]
-    print() if args.stream else print(text)
-    return 0
+    if show:
+        print(flush=True) if args.stream else print(text, flush=True)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -285,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--stream", action="store_true", help="print tokens as they come")
     gen.add_argument(
         "--no-cuda-graph", action="store_true", help="run every decode step eagerly (for debugging; same tokens)"
+    )
+    gen.add_argument(
+        "--tp", type=_POSITIVE, default=1, help="tensor parallelism: the model's shards over N GPUs, one process each"
     )
     gen.set_defaults(func=_generate)
     from .bench import SHAPES

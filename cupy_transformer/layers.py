@@ -31,6 +31,14 @@ With ``mlp_after_attn=False`` in its config the same layer is the parallel arran
 MLPGemmOp then normalises the layer input with LN2 (GPT-J: pass LN1's weights again) and ResidualAddOp
 takes its parallel formula, so ``y = x + a + b_o + MLP(LN2(x)) + b2``. LLaMA-style layers are this class
 with an RMSNorm config, gated SiLU, rotary and grouped-query heads (``models.llama``).
+
+Tensor parallelism (``parallel``): with ``mp_size = N`` in the config and an ``all_reduce`` (a communicator's sum
+over the ranks), each rank holds its heads' part of ``W_qkv`` and ``W_1`` (column-parallel) and the matching rows
+of ``W_o`` and ``W_2`` (row-parallel), so ``a`` and the MLP's output are partial sums. They are all-reduced right
+after ``@ W_o`` and after ``@ W_2``, before the residual add that follows, so the row-parallel biases ``b_o`` and
+``b_2`` (whole on every rank) are added once, after the sum, by the norm's pre-add in ``stack``. In the op form
+(``__call__``) ResidualAddOp divides the replicated terms by N and the layer's output is all-reduced instead.
+Without ``all_reduce`` nothing is called: a whole model's layers are unchanged.
 """
 
 from __future__ import annotations
@@ -61,8 +69,10 @@ class PreLNWeights:
 
 
 class PreLNLayer:
-    def __init__(self, config: ops.InferenceConfig):
+    def __init__(self, config: ops.InferenceConfig, all_reduce=None):
+        """``all_reduce``: the tensor-parallel sum over ranks (the module docstring), None for a whole model."""
         self.config = config
+        self.all_reduce = all_reduce
         self.qkv = ops.QKVGemmOp(config)
         self.attention = ops.SoftmaxContextOp(config)
         self.out_proj = ops.VectorMatMulOp(config)
@@ -76,9 +86,15 @@ class PreLNLayer:
         context, _, _ = self.attention(
             qkv, attn_mask=attn_mask, cache=cache, layer_id=layer_id, start=start, position_ids=position_ids
         )
-        a = self.out_proj(context, w.w_o)
+        a = self.reduce(self.out_proj(context, w.w_o))
         h, _ = self.mlp(a, x, w.w1, w.w2, input_bias=w.b_o, bias=w.b1, gamma=w.ln2_gamma, beta=w.ln2_beta)
-        return self.residual(h, x, add_bias=True, attention_output=a, attention_bias=w.b_o, final_bias=w.b2)
+        return self.reduce(
+            self.residual(h, x, add_bias=True, attention_output=a, attention_bias=w.b_o, final_bias=w.b2)
+        )
+
+    def reduce(self, x):
+        """The sum of ``x`` over the tensor-parallel ranks (``x`` itself for a whole model)."""
+        return x if self.all_reduce is None else self.all_reduce(x)
 
     def norm(self, x, gamma, beta=None, *, residual=None, bias=None):
         """The config's norm of ``x`` (with ``residual``: of ``round(x + residual [+ bias])``, returned too as
@@ -101,10 +117,10 @@ class PreLNLayer:
         context, _, _ = self.attention(
             qkv, attn_mask=attn_mask, cache=cache, layer_id=layer_id, start=start, position_ids=position_ids
         )
-        a = matmul(context, w.w_o, t)
+        a = self.reduce(matmul(context, w.w_o, t))
         xn2, z = self.norm(a, w.ln2_gamma, w.ln2_beta, residual=x, bias=w.b_o)
         h = matmul(xn2, w.w1, t, w.b1, cfg.mlp_act_func_type)
-        xn_next, y = self.norm(matmul(h, w.w2, t), *next_norm, residual=z, bias=w.b2)
+        xn_next, y = self.norm(self.reduce(matmul(h, w.w2, t)), *next_norm, residual=z, bias=w.b2)
         return y, xn_next
 
 
@@ -127,13 +143,14 @@ class PostLNWeights:
 
 
 class PostLNLayer:
-    def __init__(self, config: ops.InferenceConfig):
+    def __init__(self, config: ops.InferenceConfig, all_reduce=None):
         if config.pre_layer_norm or config.triangular_masking or not config.transposed_mode:
             raise ValueError(
                 "config: a post-LN layer needs pre_layer_norm=False, triangular_masking=False (BERT "
                 "attends both ways) and transposed_mode=True ([out, in] weights)"
             )
         self.config = config
+        self.all_reduce = all_reduce  # as PreLNLayer's
         self.qkv = ops.LinearOp(config)
         self.attention = ops.SoftmaxContextOp(config)
         self.out_proj = ops.VectorMatMulOp(config)
@@ -144,7 +161,10 @@ class PostLNLayer:
         """``x`` [B, S, H] → [B, S, H]; ``attn_mask`` [B, S] boolean (False = padding) or None."""
         qkv = self.qkv(x, w.w_qkv, bias=w.b_qkv)
         context, _, _ = self.attention(qkv, attn_mask=attn_mask)
-        a = self.out_proj(context, w.w_o)
+        a = self.reduce(self.out_proj(context, w.w_o))
         m, h1 = self.mlp(a, x, w.w1, w.w2, input_bias=w.b_o, bias=w.b1, gamma=w.ln_attn_gamma, beta=w.ln_attn_beta)
-        y = self.residual(m, x, add_bias=False, residual_add=h1, final_bias=w.b2)
+        # m is a partial sum; ResidualAddOp divides h1 + b2 by mp_size, so the sum over ranks counts them once.
+        y = self.reduce(self.residual(m, x, add_bias=False, residual_add=h1, final_bias=w.b2))
         return ops.layer_norm(y, w.ln_out_gamma, w.ln_out_beta, eps=self.config.epsilon)
+
+    reduce = PreLNLayer.reduce

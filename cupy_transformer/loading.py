@@ -104,29 +104,31 @@ class Checkpoint:
     def names(self) -> list[str]:
         return sorted(self._file if self._arrays is None else self._arrays)
 
-    def tensor(self, name: str, dtype, shape=None, backend: str = "cupy"):
+    def tensor(self, name: str, dtype, shape=None, backend: str = "cupy", split=None, rank: int = 0, size: int = 1):
         """Tensor ``name`` in ``dtype`` (one of the float dtypes), as a CuPy array (``backend="cupy"``: uploaded
-        in its stored type, converted on the GPU) or a NumPy array. ``shape``, if given, must match."""
+        in its stored type, converted on the GPU) or a NumPy array. ``shape``, if given, must match the stored
+        tensor's. With ``split`` (a ``parallel.Split``) only rank ``rank``'s part of ``size`` is read from the
+        file (safetensors' ``get_slice``: the rest of the tensor is never read)."""
         dtype = float_dtype("dtype", dtype)
         check_backend("backend", backend)
         if self._arrays is not None:
-            return self._array(name, dtype, shape, backend)
+            return self._array(name, dtype, shape, backend, split, rank, size)
         path = self._file.get(name)
         if path is None:
             raise ValueError(f"tensor {name!r} not found in the checkpoint {self.folder}")
         with _open_weights(path) as f:
             if name not in f.keys():
                 raise ValueError(f"tensor {name!r} not found in {path.name} (where {INDEX} places it)")
-            stored = f.get_tensor(name)
-        if shape is not None and tuple(stored.shape) != tuple(shape):
-            raise ValueError(
-                f"tensor {name!r} in {path.name}: expected shape {tuple(shape)}; got {tuple(stored.shape)}"
-            )
+            view = f.get_slice(name)
+            full = tuple(view.get_shape())
+            if shape is not None and full != tuple(shape):
+                raise ValueError(f"tensor {name!r} in {path.name}: expected shape {tuple(shape)}; got {full}")
+            stored = f.get_tensor(name) if split is None else split.take(name, view, full, rank, size)
         if stored.dtype not in FLOAT_DTYPES + (numpy.dtype(numpy.float64),):
             raise TypeError(f"tensor {name!r} in {path.name}: expected floating-point weights; got {stored.dtype}")
         return array_module(backend).asarray(stored).astype(dtype)
 
-    def _array(self, name: str, dtype, shape, backend: str):
+    def _array(self, name: str, dtype, shape, backend: str, split, rank: int, size: int):
         """``tensor`` for a checkpoint of arrays (``from_arrays``)."""
         if name not in self._arrays:
             raise ValueError(f"tensor {name!r} not found in the checkpoint {self.folder}")
@@ -138,18 +140,24 @@ class Checkpoint:
             raise ValueError(f"tensor {name!r}: expected shape {tuple(shape)}; got {tuple(value.shape)}")
         if value.dtype not in FLOAT_DTYPES + (numpy.dtype(numpy.float64),):
             raise TypeError(f"tensor {name!r}: expected floating-point weights; got {value.dtype}")
+        if split is not None:
+            value = split.take(name, value, tuple(value.shape), rank, size, module_of(value))
         xp = array_module(backend)
         if xp is numpy and module_of(value) is not numpy:
             value = value.get()
         return xp.ascontiguousarray(xp.asarray(value).astype(dtype, copy=False))
 
-    def load(self, shapes: dict, dtype, backend: str = "cupy", progress: bool | None = None) -> dict:
-        """Every tensor of ``shapes`` (name -> expected shape), with a progress bar on a terminal."""
+    def load(
+        self, shapes: dict, dtype, backend: str = "cupy", progress: bool | None = None, shards=None, rank=0, size=1
+    ) -> dict:
+        """Every tensor of ``shapes`` (name -> expected whole shape), with a progress bar on a terminal. ``shards``
+        (name -> ``parallel.Split``): those tensors are rank ``rank``'s parts of ``size`` (tensor parallelism)."""
         from tqdm import tqdm
 
+        shards = shards or {}
         show = sys.stderr.isatty() if progress is None else progress
         names = tqdm(list(shapes), desc=f"loading {self.folder.name}", unit="tensor", disable=not show)
-        return {name: self.tensor(name, dtype, shapes[name], backend) for name in names}
+        return {name: self.tensor(name, dtype, shapes[name], backend, shards.get(name), rank, size) for name in names}
 
     def generation_config(self) -> tuple[Path, dict]:
         """Where the generation settings come from and what they are, as transformers reads them: the folder's

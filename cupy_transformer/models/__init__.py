@@ -9,9 +9,10 @@ from .llama import LLaMA
 MODELS = {"bert": BERT, "gpt2": GPT2, "llama": LLaMA}
 
 
-def load_model(folder, dtype=None, backend: str | None = None, progress=None):
+def load_model(folder, dtype=None, backend: str | None = None, progress=None, comm=None):
     """The model of ``folder``'s config.json model_type; a clear error for an unsupported one. ``backend`` None:
-    the GPU where one is usable, else the NumPy path; ``dtype`` None: float16 on the GPU, float32 on NumPy."""
+    the GPU where one is usable, else the NumPy path; ``dtype`` None: float16 on the GPU, float32 on NumPy.
+    ``comm``: this rank's communicator for tensor parallelism (``parallel``), None for the whole model."""
     checkpoint = Checkpoint(folder)
     model_type = checkpoint.config.get("model_type")
     if model_type not in MODELS:
@@ -21,7 +22,7 @@ def load_model(folder, dtype=None, backend: str | None = None, progress=None):
         )
     backend = resolve_backend("backend", backend)
     dtype = dtype or ("float16" if backend == "cupy" else "float32")
-    return MODELS[model_type](checkpoint, dtype, backend, progress)
+    return MODELS[model_type](checkpoint, dtype, backend, progress, comm=comm)
 
 
 __all__ = ["BERT", "GPT2", "LLaMA", "MODELS", "load_model"]

@@ -8,6 +8,10 @@ the pooling that the sentence-transformers files beside the checkpoint name (``s
 On the NumPy backend a model runs, by default, its own fast path (``fast=True``): float32 throughout, every
 projection one BLAS product over the batch's tokens, the attention as batched products. ``fast=False`` runs the
 ops' NumPy path, the float64 reference the tests compare against. The GPU path has no such switch.
+
+With a communicator (``comm``) the model is one rank of a tensor-parallel group (``parallel``: Q, K, V and the
+intermediate projection cut by heads and columns, the attention output and output projections by rows; the
+embeddings and norms whole); both paths all-reduce after the two row-parallel products.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy
 from .. import ops
 from ..layers import PostLNLayer, PostLNWeights
 from ..loading import read_json
+from ..parallel import BERT_LAYER, all_reduce_of, check_divisible, layer_shards, rank_and_size
 from ..runtime.arrays import array_module, resolve_backend
 from .base import check_ids, extremes, open_checkpoint, token_ids
 
@@ -138,10 +143,11 @@ FAST_ACTIVATIONS = {
 }
 
 
-def inference_config(config: dict, dtype, source: str) -> ops.InferenceConfig:
+def inference_config(config: dict, dtype, source: str, mp_size: int = 1) -> ops.InferenceConfig:
     """The post-LN layers' ``InferenceConfig`` for a BERT config (config.json's fields as a dict) in ``dtype``;
     errors name ``source``, where the fields came from. Shared by the checkpoint loader and Hugging Face model
-    injection (``interop.bert_inject``), so both accept and refuse the same configs."""
+    injection (``interop.bert_inject``), so both accept and refuse the same configs. ``mp_size``: tensor-parallel
+    ranks."""
 
     def require(key: str):
         if key not in config:
@@ -151,10 +157,13 @@ def inference_config(config: dict, dtype, source: str) -> ops.InferenceConfig:
     act = config.get("hidden_act", "gelu")
     if not isinstance(act, str) or act not in ACTIVATIONS:
         raise ValueError(f"{source}: hidden_act {act!r} is not one of {sorted(ACTIVATIONS)}")
+    h, heads, inner = require("hidden_size"), require("num_attention_heads"), require("intermediate_size")
+    check_divisible(source, {"num_attention_heads": heads, "intermediate_size": inner}, mp_size)
     return ops.InferenceConfig(
-        hidden_size=require("hidden_size"),
-        heads=require("num_attention_heads"),
-        intermediate_size=require("intermediate_size"),
+        hidden_size=h,
+        heads=heads,
+        intermediate_size=inner,
+        mp_size=mp_size,
         epsilon=config.get("layer_norm_eps", 1e-12),
         pre_layer_norm=False,
         mlp_act_func_type=ACTIVATIONS[act],
@@ -167,11 +176,13 @@ def inference_config(config: dict, dtype, source: str) -> ops.InferenceConfig:
 class BERT:
     model_type = "bert"
 
-    def __init__(self, checkpoint, dtype=numpy.float16, backend: str | None = None, progress=None):
+    def __init__(self, checkpoint, dtype=numpy.float16, backend: str | None = None, progress=None, comm=None):
+        """As ``GPT2``'s: ``comm`` this rank's communicator, None for the whole model."""
         backend = resolve_backend("backend", backend)  # None: the GPU where one is usable, else NumPy
+        rank, size = rank_and_size(comm)
         ck = open_checkpoint(checkpoint, self.model_type)
         c = ck.config
-        config = inference_config(c, dtype, f"{ck.folder}/config.json")
+        config = inference_config(c, dtype, f"{ck.folder}/config.json", size)
         h, inner, layers = config.hidden_size, config.intermediate_size, ck.require("num_hidden_layers")
         self.vocab, self.max_positions = ck.require("vocab_size"), ck.require("max_position_embeddings")
         self.backend = backend
@@ -208,7 +219,8 @@ class BERT:
         }
         for i in range(layers):
             shapes.update({f"{p}encoder.layer.{i}.{name}": shape for name, shape in per_layer.items()})
-        w = ck.load(shapes, dtype, backend, progress)
+        shards = layer_shards(BERT_LAYER, f"{p}encoder.layer.{{}}.", layers) if size > 1 else None
+        w = ck.load(shapes, dtype, backend, progress, shards, rank, size)
         xp = array_module(backend)
         self.word, self.position, self.token_type = (
             w[f"{e}{n}_embeddings.weight"] for n in ("word", "position", "token_type")
@@ -234,7 +246,7 @@ class BERT:
                     ln_out_beta=t["output.LayerNorm.bias"],
                 )
             )
-        self.layer = PostLNLayer(self.config)
+        self.layer = PostLNLayer(self.config, all_reduce_of(comm))
         self._fast_weights = None
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, fast: bool = True):
@@ -283,8 +295,9 @@ class BERT:
             ]
         cfg = self.config
         b, s = ids.shape
-        heads, h = cfg.heads, cfg.hidden_size
-        d, eps, act = h // heads, cfg.epsilon, FAST_ACTIVATIONS[cfg.mlp_act_func_type.name]
+        heads, h = cfg.heads // cfg.mp_size, cfg.hidden_size  # this rank's heads
+        d, eps, act = cfg.head_size, cfg.epsilon, FAST_ACTIVATIONS[cfg.mlp_act_func_type.name]
+        reduce = self.layer.reduce  # the tensor-parallel sum of the row-parallel products' partial sums
         x = self.word[ids].astype(f32) + self.position[:s].astype(f32) + self.token_type[types].astype(f32)
         x = _fast_layer_norm(x.reshape(b * s, h), *(a.astype(f32) for a in self.embedding_norm), eps)
         yield x.reshape(b, s, h)
@@ -300,14 +313,14 @@ class BERT:
             scores -= scores.max(-1, keepdims=True)
             numpy.exp(scores, out=scores)
             scores /= scores.sum(-1, keepdims=True)
-            context = (scores @ v).transpose(0, 2, 1, 3).reshape(b * s, h)
-            a = context @ w.w_o.T
+            context = (scores @ v).transpose(0, 2, 1, 3).reshape(b * s, heads * d)
+            a = reduce(context @ w.w_o.T)
             a += x
             a += w.b_o
             h1 = _fast_layer_norm(a, w.ln_attn_gamma, w.ln_attn_beta, eps)
             inner = h1 @ w.w1.T
             inner += w.b1
-            m = act(inner) @ w.w2.T
+            m = reduce(act(inner) @ w.w2.T)
             m += h1
             m += w.b2
             x = _fast_layer_norm(m, w.ln_out_gamma, w.ln_out_beta, eps)

@@ -2,8 +2,10 @@
 
 Embeddings ``wte[ids] + wpe[positions]``, ``n_layer`` pre-LN layers (``layers.PreLNLayer``; Conv1D weights
 are already ``[in, out]``, DeepSpeed's default layout), the final LayerNorm, and the LM head tied to
-``wte``. Positions are explicit (a left-padded batch passes its own); the KV cache is the caller's
-(``new_cache``), which ``forward`` advances by the call's tokens.
+``wte``. With a communicator (``comm``) the model is one rank of a tensor-parallel group (``parallel``:
+``c_attn`` cut by heads in each of its Q, K and V blocks, ``c_fc`` by columns, the two ``c_proj`` by rows; the
+embeddings and the head whole). Positions are explicit (a left-padded batch passes its own); the KV cache is the
+caller's (``new_cache``), which ``forward`` advances by the call's tokens.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import numpy
 
 from .. import ops
 from ..layers import PreLNLayer, PreLNWeights
+from ..parallel import GPT2_LAYER, all_reduce_of, check_divisible, layer_shards, rank_and_size
 from ..runtime.arrays import resolve_backend
 from .base import CausalLM, open_checkpoint
 
@@ -25,17 +28,20 @@ def require(c: dict, key: str, where: str):
     return c[key]
 
 
-def gpt2_config(c: dict, dtype, where: str) -> ops.InferenceConfig:
+def gpt2_config(c: dict, dtype, where: str, mp_size: int = 1) -> ops.InferenceConfig:
     """Our config for a GPT-2 config's fields ``c`` (config.json's, or a transformers config's ``to_dict()``) in
-    ``dtype``; errors name ``where``."""
+    ``dtype``, for ``mp_size`` tensor-parallel ranks; errors name ``where``."""
     act = c.get("activation_function", "gelu_new")
     if act not in ACTIVATIONS:
         raise ValueError(f"{where}: activation_function {act!r} is not one of {sorted(ACTIVATIONS)}")
-    h = require(c, "n_embd", where)
+    h, heads = require(c, "n_embd", where), require(c, "n_head", where)
+    inner = c.get("n_inner") or 4 * h
+    check_divisible(where, {"n_head": heads, "n_inner (the MLP width)": inner}, mp_size)
     return ops.InferenceConfig(
         hidden_size=h,
-        heads=require(c, "n_head", where),
-        intermediate_size=c.get("n_inner") or 4 * h,
+        heads=heads,
+        intermediate_size=inner,
+        mp_size=mp_size,
         epsilon=c.get("layer_norm_epsilon", 1e-5),
         mlp_act_func_type=ACTIVATIONS[act],
         dtype=dtype,
@@ -45,13 +51,14 @@ def gpt2_config(c: dict, dtype, where: str) -> ops.InferenceConfig:
 class GPT2(CausalLM):
     model_type = "gpt2"
 
-    def __init__(self, checkpoint, dtype=numpy.float16, backend: str | None = None, progress=None):
+    def __init__(self, checkpoint, dtype=numpy.float16, backend: str | None = None, progress=None, comm=None):
         """``checkpoint``: a folder or a ``loading.Checkpoint``; weights go to ``backend`` ("cupy" or "numpy")
-        in ``dtype``."""
+        in ``dtype``. ``comm``: this rank's communicator (``parallel``), None for the whole model."""
         backend = resolve_backend("backend", backend)  # None: the GPU where one is usable, else NumPy
+        rank, size = rank_and_size(comm)
         ck = open_checkpoint(checkpoint, self.model_type)
         c = ck.config
-        self.config = gpt2_config(c, dtype, f"{ck.folder}/config.json")
+        self.config = gpt2_config(c, dtype, f"{ck.folder}/config.json", size)
         h, self.layers_count = self.config.hidden_size, ck.require("n_layer")
         self.vocab, self.max_positions, self.backend = ck.require("vocab_size"), ck.require("n_positions"), backend
         inner = self.config.intermediate_size
@@ -78,12 +85,13 @@ class GPT2(CausalLM):
         }
         for i in range(self.layers_count):
             shapes.update({f"{p}h.{i}.{name}": shape for name, shape in per_layer.items()})
-        w = ck.load(shapes, dtype, backend, progress)
+        shards = layer_shards(GPT2_LAYER, f"{p}h.{{}}.", self.layers_count) if size > 1 else None
+        w = ck.load(shapes, dtype, backend, progress, shards, rank, size)
         self.wte, self.wpe = w[f"{p}wte.weight"], w[f"{p}wpe.weight"]
         self.final_norm = (w[f"{p}ln_f.weight"], w[f"{p}ln_f.bias"])
         self.head_weight = self.wte  # the LM head is wte itself, [vocab, hidden]: [out, in]
         self.weights = [PreLNWeights(*(w[f"{p}h.{i}.{name}"] for name in per_layer)) for i in range(self.layers_count)]
-        self.layer = PreLNLayer(self.config)
+        self.layer = PreLNLayer(self.config, all_reduce_of(comm))
         self.layer_prefix = f"{p}h.{{}}."  # layer i's tensor names, for errors
 
     def token_embeddings(self, ids, positions):

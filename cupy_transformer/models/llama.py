@@ -6,7 +6,10 @@ MLP, no biases: ``layers.PreLNLayer`` with an RMSNorm config, as DeepSpeed compo
 weights are ``[out, in]`` (``transposed_mode``); Q, K and V are fused into one ``[(h + 2 kv) d, H]`` weight
 and gate/up into one ``[up | gate]`` weight at load time. The LM head is ``lm_head.weight`` or, with
 ``tie_word_embeddings``, the embedding. ``rope_theta`` is read from the top level or from transformers 5's
-``rope_parameters``; rope scaling variants are not supported (an error names them).
+``rope_parameters``; rope scaling variants are not supported (an error names them). With a communicator
+(``comm``) the model is one rank of a tensor-parallel group (``parallel``: q/k/v and gate/up cut by heads and
+columns, o_proj and down_proj by rows, the embedding, norms and head whole); ``num_key_value_heads`` must then be
+divisible by the rank count (K/V heads are not replicated: a clear error before anything is read).
 """
 
 from __future__ import annotations
@@ -15,14 +18,15 @@ import numpy
 
 from .. import ops
 from ..layers import PreLNLayer, PreLNWeights
+from ..parallel import LLAMA_LAYER, all_reduce_of, check_divisible, layer_shards, rank_and_size
 from ..runtime.arrays import array_module, resolve_backend
 from .base import CausalLM, open_checkpoint
 from .gpt2 import require
 
 
-def llama_config(c: dict, dtype, where: str) -> ops.InferenceConfig:
+def llama_config(c: dict, dtype, where: str, mp_size: int = 1) -> ops.InferenceConfig:
     """Our config for a LLaMA-style config's fields ``c`` (config.json's, or a transformers config's ``to_dict()``)
-    in ``dtype``; errors name ``where``."""
+    in ``dtype``, for ``mp_size`` tensor-parallel ranks; errors name ``where``."""
     if c.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{where}: hidden_act {c.get('hidden_act')!r}: only 'silu' is supported")
     # Older configs: rope_theta and rope_scaling; transformers 5 writes rope_parameters {rope_theta, rope_type}.
@@ -35,11 +39,15 @@ def llama_config(c: dict, dtype, where: str) -> ops.InferenceConfig:
     d = c.get("head_dim") or h // heads
     if d * heads != h:
         raise ValueError(f"{where}: head_dim {d} x {heads} heads is not hidden_size {h}")
+    kv = c.get("num_key_value_heads") or heads
+    sizes = {"num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": inner}
+    check_divisible(where, sizes, mp_size)
     return ops.InferenceConfig(
         hidden_size=h,
         heads=heads,
-        num_kv=c.get("num_key_value_heads") or heads,
+        num_kv=kv,
         intermediate_size=inner,
+        mp_size=mp_size,
         epsilon=c.get("rms_norm_eps", 1e-6),
         norm_type="RMSNorm",
         mlp_act_func_type="GATED_SILU",
@@ -56,11 +64,13 @@ class LLaMA(CausalLM):
     model_type = "llama"
     layer_prefix = "model.layers.{}."  # layer i's tensor names, for errors
 
-    def __init__(self, checkpoint, dtype=numpy.float16, backend: str | None = None, progress=None):
+    def __init__(self, checkpoint, dtype=numpy.float16, backend: str | None = None, progress=None, comm=None):
+        """As ``GPT2``'s: ``comm`` this rank's communicator, None for the whole model."""
         backend = resolve_backend("backend", backend)  # None: the GPU where one is usable, else NumPy
+        rank, size = rank_and_size(comm)
         ck = open_checkpoint(checkpoint, self.model_type)
         c = ck.config
-        self.config = llama_config(c, dtype, f"{ck.folder}/config.json")
+        self.config = llama_config(c, dtype, f"{ck.folder}/config.json", size)
         h, heads, inner = self.config.hidden_size, self.config.heads, self.config.intermediate_size
         kv, d = self.config.num_kv, self.config.head_size
         self.layers_count, self.vocab, self.backend = ck.require("num_hidden_layers"), ck.require("vocab_size"), backend
@@ -82,7 +92,8 @@ class LLaMA(CausalLM):
         }
         for i in range(self.layers_count):
             shapes.update({f"model.layers.{i}.{name}": shape for name, shape in per_layer.items()})
-        w = ck.load(shapes, dtype, backend, progress)
+        shards = layer_shards(LLAMA_LAYER, "model.layers.{}.", self.layers_count) if size > 1 else None
+        w = ck.load(shapes, dtype, backend, progress, shards, rank, size)
         xp = array_module(backend)
         self.embed_tokens, self.norm = w["model.embed_tokens.weight"], w["model.norm.weight"]
         self.lm_head = self.embed_tokens if self.tied else w["lm_head.weight"]
@@ -107,7 +118,7 @@ class LLaMA(CausalLM):
                     b2=None,
                 )
             )
-        self.layer = PreLNLayer(self.config)
+        self.layer = PreLNLayer(self.config, all_reduce_of(comm))
 
     def token_embeddings(self, ids, positions):
         """``embed_tokens[ids]``: ``ops.embed``."""

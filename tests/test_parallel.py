@@ -1,0 +1,310 @@
+"""Tensor parallelism on the NumPy path: N simulated ranks (one thread and one model each, each model loaded with
+only its shards) against the whole model, for GPT-2, LLaMA (grouped-query heads) and BERT: logits or hidden
+states within 1e-5 relative (fp32: the ranks' partial sums add in another order), identical greedy tokens over
+16 decode steps through ``generation.Decoder``, every rank's sharded weight 1/N of the whole, the loading reading
+only slices; and the refusals."""
+
+import contextlib
+import threading
+
+import numpy
+import pytest
+
+from cupy_transformer import cli, loading, parallel
+from cupy_transformer.generation import Decoder
+from cupy_transformer.models import BERT, GPT2, LLaMA
+from cupy_transformer.ops import matmul
+from cupy_transformer.parallel import Split, run_simulated
+from tests.conftest import HAVE_GPU
+from tests.helpers import rel_error
+from tests.models import test_bert, test_gpt2, test_llama
+
+STEPS = 16
+
+
+@pytest.fixture(autouse=True)
+def graph_choices_restored():
+    # The ranks' Decoders enter ops.graph_choices (a module flag) from several threads; their exits may leave it
+    # set. It only steers GPU products; restored here so no later test sees it.
+    before = matmul._GRAPH_CHOICES
+    yield
+    matmul._GRAPH_CHOICES = before
+
+
+def gpt2(path, rng):
+    test_gpt2.checkpoint(path, rng)
+    return GPT2, 50
+
+
+def llama(path, rng):
+    test_llama.checkpoint(path, rng, tied=False)  # 4 query heads, 2 kv heads
+    return LLaMA, 40
+
+
+def llama_gqa4(path, rng):
+    test_llama.checkpoint(path, rng, tied=True, heads=8, kv=4)  # 8 query heads over 4 kv heads
+    return LLaMA, 40
+
+
+CAUSAL = {"gpt2": (gpt2, (2, 4)), "llama": (llama, (2,)), "llama-gqa-8-4": (llama_gqa4, (2, 4))}
+CAUSAL_CASES = [(name, n) for name, (_, sizes) in CAUSAL.items() for n in sizes]
+
+
+def greedy_tokens(model, prompts):
+    """The first token and STEPS - 1 decode steps' greedy tokens [STEPS, B] through ``generation.Decoder``."""
+    decoder = Decoder(model, len(prompts), max(map(len, prompts)) + STEPS)
+    decoder.prefill(prompts, seed=7)
+    tokens = [decoder.read(0)]
+    for step in range(1, STEPS):
+        decoder.step()
+        tokens.append(decoder.read(step))
+    return numpy.array(tokens)
+
+
+@pytest.mark.parametrize("family, size", CAUSAL_CASES)
+def test_causal_ranks_match_the_whole_model(tmp_path, rng, family, size):
+    cls, vocab = CAUSAL[family][0](tmp_path, rng)
+    ids = rng.integers(0, vocab, (2, 6))
+    prompts = [ids[0, :5].tolist(), ids[1, :3].tolist()]  # left-padded: the mask and positions go through too
+    whole = cls(tmp_path, "float32", "numpy")
+    expected_logits, expected_tokens = whole.forward(ids), greedy_tokens(whole, prompts)
+
+    def rank(comm):
+        model = cls(tmp_path, "float32", "numpy", comm=comm)
+        return model.forward(ids), greedy_tokens(model, prompts)
+
+    results = run_simulated(size, rank)
+    for logits, tokens in results:
+        assert rel_error(logits, expected_logits) < 1e-5
+        assert tokens.tolist() == expected_tokens.tolist()
+    assert all(numpy.array_equal(logits, results[0][0]) for logits, _ in results)  # every rank the same values
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "reference"])
+@pytest.mark.parametrize("size", [2, 4])
+def test_bert_ranks_match_the_whole_model(tmp_path, rng, size, fast):
+    test_bert.checkpoint(tmp_path, rng)
+    ids = rng.integers(1, test_bert.VOCAB, (3, 7))
+    mask = numpy.ones(ids.shape, bool)
+    mask[1, 5:], mask[2, 2:] = False, False
+    expected = BERT(tmp_path, "float32", "numpy").forward(ids, mask, fast=fast)
+    model = lambda comm: BERT(tmp_path, "float32", "numpy", comm=comm)
+    results = run_simulated(size, lambda comm: model(comm).forward(ids, mask, fast=fast))
+    for hidden in results:
+        assert rel_error(hidden[mask], expected[mask]) < 1e-5
+
+
+def layer_arrays(model):
+    """Every per-layer weight of ``model`` by field name and layer: ``{(field, layer): array}``."""
+    return {(k, i): v for i, w in enumerate(model.weights) for k, v in vars(w).items() if v is not None}
+
+
+SHARDED = {"w_qkv", "b_qkv", "w_o", "w1", "b1", "w2"}  # the rest (norms, row-parallel biases) is replicated
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama-gqa-8-4", "bert"])
+def test_each_rank_holds_a_quarter_of_each_sharded_weight(tmp_path, rng, family):
+    if family == "bert":
+        test_bert.checkpoint(tmp_path, rng)
+        cls = BERT
+    else:
+        cls, _ = CAUSAL[family][0](tmp_path, rng)
+    whole = layer_arrays(cls(tmp_path, "float32", "numpy"))
+    ranks = [layer_arrays(m) for m in run_simulated(4, lambda comm: cls(tmp_path, "float32", "numpy", comm=comm))]
+    for key, full in whole.items():
+        for arrays in ranks:
+            assert arrays[key].size * (4 if key[0] in SHARDED else 1) == full.size, key
+    # The ranks' row-parallel parts, side by side, are the whole weight (rows of [in, out], columns of [out, in]).
+    axis = 0 if family == "gpt2" else 1
+    for layer in range(2):  # both layers of the tiny models
+        parts = [arrays[("w_o", layer)] for arrays in ranks]
+        assert numpy.array_equal(numpy.concatenate(parts, axis), whole[("w_o", layer)])
+
+
+@contextlib.contextmanager
+def recorded_reads(monkeypatch):
+    """Every safetensors read by the loader: ``get_tensor`` calls by name and the sliced elements by name."""
+    whole, sliced = [], {}
+    lock = threading.Lock()
+    original = loading._open_weights
+
+    class View:
+        def __init__(self, view, name):
+            self.view, self.name = view, name
+
+        def get_shape(self):
+            return self.view.get_shape()
+
+        def __getitem__(self, index):
+            part = self.view[index]
+            with lock:
+                sliced[self.name] = sliced.get(self.name, 0) + part.size
+            return part
+
+    class File:
+        def __init__(self, f):
+            self.f = f
+
+        def keys(self):
+            return self.f.keys()
+
+        def get_slice(self, name):
+            return View(self.f.get_slice(name), name)
+
+        def get_tensor(self, name):
+            with lock:
+                whole.append(name)
+            return self.f.get_tensor(name)
+
+    @contextlib.contextmanager
+    def opened(path):
+        with original(path) as f:
+            yield File(f)
+
+    monkeypatch.setattr(loading, "_open_weights", opened)
+    yield whole, sliced
+
+
+def test_sharded_loading_reads_only_the_rank_slices(tmp_path, rng, monkeypatch):
+    w = test_gpt2.checkpoint(tmp_path, rng)
+    shards = parallel.layer_shards(parallel.GPT2_LAYER, "transformer.h.{}.", test_gpt2.LAYERS)
+    with recorded_reads(monkeypatch) as (whole, sliced):
+        run_simulated(2, lambda comm: GPT2(tmp_path, "float32", "numpy", comm=comm))
+    assert set(sliced) == set(shards) and not set(whole) & set(shards)
+    for name, elements in sliced.items():  # two ranks, each its half: the tensor read once in all
+        assert elements == w[name.removeprefix("transformer.")].size, name
+    assert sorted(whole) == sorted(2 * [f"transformer.{n}" for n in w if f"transformer.{n}" not in shards])
+
+
+def test_fused_qkv_split_takes_each_rank_heads_from_q_k_and_v():
+    # GPT-2's c_attn [in, 3 * 8]: Q columns 0-7, K 8-15, V 16-23; rank 1 of 2 holds columns 4-7, 12-15, 20-23.
+    w = numpy.arange(2 * 24).reshape(2, 24)
+    part = Split(1, blocks=3).take("c_attn", w, w.shape, 1, 2)
+    assert part.tolist() == w[:, [4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23]].tolist()
+    with pytest.raises(ValueError, match=r"'c_attn': dimension 1 \(24\) does not split into 3 blocks of 3"):
+        Split(1, blocks=3).pieces("c_attn", w.shape, 0, 3)
+
+
+def test_refusals_name_the_field_and_the_rank_count(tmp_path, rng, monkeypatch):
+    for name in ("llama", "gpt2"):
+        (tmp_path / name).mkdir()
+    test_llama.checkpoint(tmp_path / "llama", rng, tied=False)  # 2 kv heads
+    test_gpt2.checkpoint(tmp_path / "gpt2", rng)  # 4 heads
+    with recorded_reads(monkeypatch) as (whole, sliced):
+        with pytest.raises(ValueError, match="num_key_value_heads 2 is not divisible by the 4 tensor-parallel ranks"):
+            run_simulated(4, lambda comm: LLaMA(tmp_path / "llama", "float32", "numpy", comm=comm))
+        with pytest.raises(ValueError, match="n_head 4 is not divisible by the 3 tensor-parallel ranks"):
+            run_simulated(3, lambda comm: GPT2(tmp_path / "gpt2", "float32", "numpy", comm=comm))
+    assert not whole and not sliced  # refused before any weight was read
+
+
+def test_simulated_collectives_and_a_failing_rank():
+    def body(comm):
+        x = numpy.full(3, comm.rank + 1.0)
+        comm.all_reduce(x)
+        y = numpy.full(2, float(comm.rank))
+        comm.broadcast(y, root=2)
+        return x.tolist(), y.tolist()
+
+    assert run_simulated(3, body) == [([6.0] * 3, [2.0] * 2)] * 3
+
+    def failing(comm):
+        if comm.rank == 1:
+            raise RuntimeError("rank 1 broke")
+        comm.all_reduce(numpy.zeros(1))  # would wait for rank 1 for ever: the group is aborted instead
+
+    with pytest.raises(RuntimeError, match="rank 1 broke"):
+        run_simulated(2, failing)
+
+
+def fail_if_called(*args, **kwargs):
+    raise AssertionError("a process was started")
+
+
+@pytest.mark.parametrize(
+    "args, gpus, expected",
+    [
+        (["--tp", "0"], 8, "argument --tp: expected an integer >= 1; got 0"),
+        (["--tp", "2", "--device", "cpu"], 8, "--tp 2: tensor parallelism runs on GPUs over NCCL; --device cpu"),
+        (["--tp", "4"], 2, "--tp 4: one process per GPU needs 4 GPUs; 2 found"),
+        (["--tp", "2"], None, "--tp 2: one process per GPU needs 2 GPUs; 0 found"),  # this machine's count: none
+    ],
+)
+def test_generate_tp_argument_errors_before_any_process_starts(tmp_path, monkeypatch, capsys, args, gpus, expected):
+    monkeypatch.setattr(parallel, "launch", fail_if_called)
+    if gpus is not None:
+        monkeypatch.setattr(cli, "_gpu_count", lambda: gpus)
+    elif HAVE_GPU:
+        pytest.skip("counts this machine's GPUs: none expected")
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["generate", "--model", str(tmp_path), "--prompt", "hi", *args])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cupy-transformer: error: {expected}") and err.count("\n") == 1
+
+
+def test_generate_tp_launches_one_rank_per_gpu_with_one_seed(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "_gpu_count", lambda: 4)
+    monkeypatch.setattr(parallel, "launch", lambda size, target, args: calls.append((size, target, args)))
+    assert cli.main(["generate", "--model", str(tmp_path), "--prompt", "hi", "--tp", "2"]) == 0
+    [(size, target, (args,))] = calls
+    assert size == 2 and target is cli._generate_rank and args.tp == 2
+    assert isinstance(args.seed, int)  # chosen once, before the ranks start: every rank samples the same tokens
+
+
+def test_a_rank_error_stops_every_rank_with_its_message(capsys, monkeypatch):
+    # No GPU here (or no CuPy): each spawned rank fails choosing its device; the launcher names the rank and
+    # raises its error, and every process has ended. On a GPU machine the ranks fail in the target instead.
+    with pytest.raises(parallel.RankError, match=r"^rank [01]: ") as failed:
+        parallel.launch(2, failing_rank)
+    if HAVE_GPU:
+        assert "rank 1 broke" in str(failed.value)
+    monkeypatch.setattr(parallel, "launch", lambda *a: (_ for _ in ()).throw(parallel.RankError(1, ValueError("x y"))))
+    monkeypatch.setattr(cli, "_gpu_count", lambda: 2)
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["generate", "--model", "m", "--prompt", "hi", "--tp", "2"])
+    assert exit.value.code == 2 and capsys.readouterr().err == "cupy-transformer: error: rank 1: x y\n"
+
+
+def failing_rank(comm):
+    """A ``launch`` target (module level: spawned processes import it): rank 1 fails, rank 0 waits in a
+    collective that rank 1 never joins (the launcher must stop it)."""
+    import cupy
+
+    if comm.rank == 1:
+        raise ValueError("rank 1 broke")
+    comm.all_reduce(cupy.zeros(4, cupy.float32))
+    cupy.cuda.Device().synchronize()
+
+
+def gpu_count() -> int:
+    return cli._gpu_count() if HAVE_GPU else 0
+
+
+def gpu_rank_run(comm, folder, dtype, ids, prompts):
+    """A ``launch`` target: this rank's shards of the model in ``folder`` on its GPU; returns the logits of ``ids``
+    (host float32) and the greedy tokens of ``prompts`` through ``Decoder`` (its decode steps captured as CUDA
+    graphs, the all-reduces with them)."""
+    model = LLaMA(folder, dtype, "cupy", progress=False, comm=comm)
+    return model.forward(ids).get().astype(numpy.float32), greedy_tokens(model, prompts)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("size", [1, 2, 4])
+def test_gpu_ranks_give_the_one_gpu_tokens_and_logits(tmp_path, rng, size):
+    """1, 2 and 4 GPUs (NCCL, one process each): fp32 greedy tokens identical to one GPU's and logits within 1e-5;
+    fp16 logits within 3e-2 relative of one GPU's fp32 logits, the parity tests' fp16 bound (each rank rounds
+    its partial sums to fp16 before NCCL adds them)."""
+    if gpu_count() < size:
+        pytest.skip(f"multi_gpu: needs {size} GPUs; {gpu_count()} found")
+    llama_gqa4(tmp_path, rng)
+    ids = rng.integers(0, 40, (2, 6))
+    prompts = [ids[0, :5].tolist(), ids[1, :3].tolist()]
+    # The one-GPU run in a spawned process too (one communicator of size 1: the whole model, no all-reduce).
+    [(logits_1, tokens_1)] = parallel.launch(1, gpu_rank_run, (tmp_path, "float32", ids, prompts))
+    for logits, tokens in parallel.launch(size, gpu_rank_run, (tmp_path, "float32", ids, prompts)):
+        assert tokens.tolist() == tokens_1.tolist()
+        assert rel_error(logits, logits_1) < 1e-5
+    for logits, _ in parallel.launch(size, gpu_rank_run, (tmp_path, "float16", ids, prompts)):
+        assert rel_error(logits, logits_1) < 3e-2
