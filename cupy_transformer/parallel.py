@@ -269,8 +269,8 @@ def _nccl():
 
     if not getattr(nccl, "available", True):
         raise RuntimeError(
-            "tensor parallelism on GPUs needs NCCL, which CuPy could not load: install it with "
-            "`pip install nvidia-nccl-cu13` (nvidia-nccl-cu12 for the cuda12 extra)"
+            "tensor parallelism on GPUs needs NCCL, which CuPy could not load: install it with the tp-cuda13 extra "
+            "(`pip install cupy-transformer[cuda13,tp-cuda13]`; tp-cuda12 with cuda12), or nvidia-nccl-cu13 itself"
         )
     return nccl
 
