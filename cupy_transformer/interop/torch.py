@@ -162,6 +162,11 @@ class _GPT2:
     def final_norm(inner):
         return inner.ln_f.weight, inner.ln_f.bias
 
+    @staticmethod
+    def tables(inner):
+        """The token and position embedding tables."""
+        return inner.wte.weight, inner.wpe.weight
+
 
 class _LLaMA:
     blocks, final_norm_names = "layers", ("norm",)
@@ -206,16 +211,21 @@ class _LLaMA:
     def final_norm(inner):
         return inner.norm.weight, None
 
+    @staticmethod
+    def tables(inner):
+        """The token embedding table (positions are rotary)."""
+        return (inner.embed_tokens.weight,)
+
 
 def _families() -> dict:
-    """model_type -> (the inner model's class, its family)."""
+    """model_type -> (the inner model's class, its family, its causal LM class)."""
     import transformers
 
     return {
-        "gpt2": (transformers.GPT2Model, _GPT2),
-        "llama": (transformers.LlamaModel, _LLaMA),
-        "mistral": (transformers.MistralModel, _LLaMA),
-        "qwen2": (transformers.Qwen2Model, _LLaMA),
+        "gpt2": (transformers.GPT2Model, _GPT2, transformers.GPT2LMHeadModel),
+        "llama": (transformers.LlamaModel, _LLaMA, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralModel, _LLaMA, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Model, _LLaMA, transformers.Qwen2ForCausalLM),
     }
 
 
@@ -231,7 +241,8 @@ class _Injection:
         self.c = hf_config.to_dict()
         self.max_positions = family.positions(self.c)
         self.layers: dict = {}  # numpy dtype -> PreLNLayer
-        self.views = None  # (key, (embedding arrays), [PreLNWeights], final norm) for the current storage
+        self.views = None  # (key, [PreLNWeights], final norm) for the current storage
+        self.fast = None  # causal_lm.FastGenerate where generate() runs our decode loop
 
     def __getstate__(self):  # a copied model rebuilds its own views
         return dict(self.__dict__, views=None)
@@ -267,7 +278,7 @@ def _check_model(model) -> tuple:
     model_type = getattr(model.config, "model_type", None)
     families = _families()
     if model_type not in families or type(inner) is not families[model_type][0]:
-        names = ", ".join(f"{cls.__name__} ({t})" for t, (cls, _) in families.items())
+        names = ", ".join(f"{cls.__name__} ({t})" for t, (cls, *_) in families.items())
         raise TypeError(
             f"model: unsupported: expected a model built on one of {names}; got {type(model).__name__} "
             f"(model_type {model_type!r}, base model {type(inner).__name__})"
@@ -285,13 +296,17 @@ def _check_model(model) -> tuple:
     return inner, families[model_type][1], device, params[0].dtype
 
 
-def inject(model):
+def inject(model, fast_generate: bool = True):
     """Run ``model``'s transformer blocks on our ops, in place (the module docstring says how); returns ``model``.
-    A model already injected is returned as it is. Unsupported models and options raise ``TypeError`` /
-    ``ValueError`` before anything changes. A module holding a ``BertModel`` (a BertModel, a task model on one, a
-    sentence-transformers model) goes to ``interop.bert_inject.inject_bert``."""
+    ``fast_generate``: a ``*ForCausalLM``'s ``generate`` runs the calls it can on our captured decode loop
+    (``interop.causal_lm``), the rest on Hugging Face's loop; False: Hugging Face's loop always. A model already
+    injected is returned as it is. Unsupported models and options raise ``TypeError`` / ``ValueError`` before
+    anything changes. A module holding a ``BertModel`` (a BertModel, a task model on one, a sentence-transformers
+    model) goes to ``interop.bert_inject.inject_bert``."""
     import transformers
 
+    if not isinstance(fast_generate, bool):
+        raise TypeError(f"fast_generate: expected True or False; got {fast_generate!r}")
     if isinstance(model, nn.Module) and any(isinstance(m, transformers.BertModel) for m in model.modules()):
         from .bert_inject import inject_bert
 
@@ -315,6 +330,11 @@ def inject(model):
     inner.forward = types.MethodType(torch.compiler.disable(_forward), inner)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.disable_compile = True
+    if fast_generate and type(model) is _families()[model.config.model_type][2]:
+        from .causal_lm import FastGenerate, generate
+
+        injection.fast = FastGenerate()
+        model.generate = types.MethodType(generate, model)
     with _on(device):
         injection.weights(inner, blocks)  # fuses the LLaMA-style projections now
     return model

@@ -93,7 +93,11 @@ def test_greedy_generation_of_a_padded_batch(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sampling_with_a_fixed_seed(family):
-    want, got = generate_both(*pair(family), seed=7, max_new_tokens=20, do_sample=True, top_k=0, temperature=0.8)
+    """Hugging Face's sampling loop over the injected forward draws the original's tokens (``fast_generate=False``:
+    our own loop, the default, draws with its own sampler; tests/interop/test_inject_generate.py tests it)."""
+    original = build(family)
+    injected = inject(copy.deepcopy(original), fast_generate=False)
+    want, got = generate_both(original, injected, seed=7, max_new_tokens=20, do_sample=True, top_k=0, temperature=0.8)
     assert torch.equal(got, want)
 
 
