@@ -252,14 +252,14 @@ def generate(model, *args, **kwargs):
     fast: FastGenerate = getattr(model.base_model, _ATTRIBUTE).fast
     ids = plan.input_ids
     batch, width = ids.shape
-    decoder = fast.decoder(model, batch, width + plan.steps)
     seed = int(torch.randint(2**63 - 1, ())) if plan.sampling.temperature > 0 else 0
     device = ids.device
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()  # the weights as torch last wrote them
     done = numpy.zeros(batch, bool)
     new = []
     with _on_gpu(device):
+        decoder = fast.decoder(model, batch, width + plan.steps)
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()  # the weights as torch last wrote them
         decoder.prefill(plan.prompts, seed, plan.sampling)
         for step in range(plan.steps):
             if step + 1 < plan.steps:
