@@ -6,7 +6,11 @@ Supported: ``GPT2LMHeadModel`` / ``GPT2Model`` and ``LlamaForCausalLM``, ``Mistr
 holding a ``BertModel`` (sentence-transformers models too), whose encoder layers ``interop.bert_inject`` swaps.
 Afterwards ``model(...)`` and ``model.generate(...)`` work as before (greedy, sampling, beam search, padded
 batches, caches handed back and forth, ``cache_implementation="static"``) with the blocks, the embeddings and the
-final norm on our ops; the LM head stays the model's own ``nn.Linear``.
+final norm on our ops; the LM head stays the model's own ``nn.Linear``. A ``*ForCausalLM``'s ``generate`` runs
+the calls it can (greedy or temperature / top-k / top-p sampling of left-padded batches, with Hugging Face's
+settings otherwise at their defaults) on our own decode loop, ``generation.Decoder`` with its CUDA-graph steps,
+over the same weights (``interop.causal_lm``; sampled tokens are our sampler's draws, not torch's), and hands the
+rest to Hugging Face's loop; ``inject(model, fast_generate=False)`` keeps Hugging Face's loop for every call.
 
 What changes:
 
