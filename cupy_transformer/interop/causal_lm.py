@@ -61,6 +61,8 @@ ACCEPTED = frozenset(
         "pad_token_id",
         "bos_token_id",  # only used without input_ids (which falls back)
         "decoder_start_token_id",  # encoder-decoder models only
+        "min_length",  # without an eos nothing (else it falls back)
+        "min_new_tokens",
         "use_cache",  # the same tokens with or without one
         "disable_compile",  # Hugging Face's compile of a static-cache step (inject turns it off)
         "compile_config",
@@ -216,6 +218,8 @@ def _plan(model, args, kwargs) -> _Plan | None:
         sampling = Sampling()
     mask = model_kwargs.get("attention_mask")
     model._prepare_special_tokens(config, mask is not None, device=device, batch_size=batch)
+    if config._eos_token_tensor is not None and ((config.min_length or 0) > 0 or (config.min_new_tokens or 0) > 0):
+        return None  # Hugging Face holds the eos back until then
     if mask is None:
         mask = model._prepare_attention_mask_for_generation(ids, config, model_kwargs)
     if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:

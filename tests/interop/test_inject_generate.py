@@ -107,6 +107,12 @@ def test_length_from_the_generation_config():
         model.generation_config.max_new_tokens = 5
     want, got = both(original, injected, ids, attention_mask=mask)
     assert torch.equal(got, want) and got.shape == (2, 14) and fast(injected).served == 2
+    # min_new_tokens does nothing without an eos (served), and holds an eos back (Hugging Face's loop).
+    want, got = both(original, injected, ids, attention_mask=mask, min_new_tokens=5)
+    assert torch.equal(got, want) and fast(injected).served == 3
+    eos = want[0, 10].item()
+    want, got = both(original, injected, ids, attention_mask=mask, min_new_tokens=5, eos_token_id=eos)
+    assert torch.equal(got, want) and fast(injected).served == 3
 
 
 @pytest.mark.parametrize("family", ["gpt2", "qwen2"])
