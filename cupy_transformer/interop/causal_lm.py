@@ -275,6 +275,9 @@ def generate(model, *args, **kwargs):
             new.append(tokens)
             if done.all():
                 break
+        # After an early stop the step drawn ahead may still run: nothing of ours is left running when we return
+        # (the weights it reads may be freed next, or its decoder dropped).
+        decoder.wait(decoder.steps)
     fast.served += 1
     out = torch.from_numpy(numpy.stack(new, axis=1)).to(device)
     return torch.cat([ids.to(torch.int64), out], dim=1)

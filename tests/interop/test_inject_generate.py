@@ -216,3 +216,19 @@ def test_half_greedy_picks_near_the_fp32_best(family, device):
     gap = logits.max(-1).values - picked
     assert gap.max().item() <= 0.15, gap.max().item()
     assert fast(injected).served == 1 and (device == "cpu" or fast(injected).decoders[(3, 73)]._graphs)
+
+
+def test_text_generation_pipeline_is_served():
+    """transformers' pipeline calls ``model.generate`` with its own generation_config: served, the original's text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", eos_token="w1")
+    tokenizer.padding_side = "left"
+    original, injected = pair("llama")
+    texts = []
+    for model in (original, injected):
+        pipe = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer, device="cpu")
+        texts.append(pipe(["w5 w6 w7", "w9 w3 w4 w8 w2"], max_new_tokens=8, do_sample=False, batch_size=2))
+    assert texts[0] == texts[1] and fast(injected).served == 1
