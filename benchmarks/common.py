@@ -283,7 +283,9 @@ def hf_times(hf, prompts, new_tokens: int, static: bool = False) -> dict:
 
     ids = torch.from_numpy(prompts).to(hf.device)
     prompt = ids.shape[1]
-    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+    # No eos: every run makes exactly its tokens (random weights draw eos at random), without the min-length
+    # processor, so an injected model's generate is served by our decode loop (interop.causal_lm).
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None)
     if static:
         kwargs["cache_implementation"] = "static"
     synchronize = torch.cuda.synchronize if ids.device.type == "cuda" else (lambda: None)
@@ -291,7 +293,7 @@ def hf_times(hf, prompts, new_tokens: int, static: bool = False) -> dict:
     def generate(n):
         synchronize()
         start = time.perf_counter()
-        out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        out = hf.generate(ids, max_new_tokens=n, **kwargs)
         synchronize()
         return time.perf_counter() - start, out
 
