@@ -61,6 +61,13 @@ def _open_weights(path: Path):
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def require(c: dict, key: str, where: str):
+    """``c[key]`` (a config's fields), or a ValueError naming ``where`` and the key."""
+    if key not in c:
+        raise ValueError(f"{where}: {key!r} missing (is this the right kind of model?)")
+    return c[key]
+
+
 class Checkpoint:
     def __init__(self, folder):
         """Index the folder: its config, and which file holds each tensor (nothing is read yet)."""
@@ -96,9 +103,7 @@ class Checkpoint:
 
     def require(self, key: str):
         """``config[key]``, or a ValueError naming the file and the key."""
-        if key not in self.config:
-            raise ValueError(f"{self.folder / CONFIG}: {key!r} missing (is this the right kind of model?)")
-        return self.config[key]
+        return require(self.config, key, f"{self.folder / CONFIG}")
 
     @property
     def names(self) -> list[str]:

@@ -25,7 +25,7 @@ import numpy
 
 from .. import ops
 from ..layers import PostLNLayer, PostLNWeights
-from ..loading import read_json
+from ..loading import read_json, require
 from ..parallel import BERT_LAYER, all_reduce_of, check_divisible, layer_shards, rank_and_size
 from ..runtime.arrays import array_module, resolve_backend
 from .base import check_ids, extremes, open_checkpoint, token_ids
@@ -149,15 +149,11 @@ def inference_config(config: dict, dtype, source: str, mp_size: int = 1) -> ops.
     injection (``interop.bert_inject``), so both accept and refuse the same configs. ``mp_size``: tensor-parallel
     ranks."""
 
-    def require(key: str):
-        if key not in config:
-            raise ValueError(f"{source}: {key!r} missing (is this the right kind of model?)")
-        return config[key]
-
     act = config.get("hidden_act", "gelu")
     if not isinstance(act, str) or act not in ACTIVATIONS:
         raise ValueError(f"{source}: hidden_act {act!r} is not one of {sorted(ACTIVATIONS)}")
-    h, heads, inner = require("hidden_size"), require("num_attention_heads"), require("intermediate_size")
+    h, heads = require(config, "hidden_size", source), require(config, "num_attention_heads", source)
+    inner = require(config, "intermediate_size", source)
     check_divisible(source, {"num_attention_heads": heads, "intermediate_size": inner}, mp_size)
     return ops.InferenceConfig(
         hidden_size=h,

@@ -14,18 +14,12 @@ import numpy
 
 from .. import ops
 from ..layers import PreLNLayer, PreLNWeights
+from ..loading import require
 from ..parallel import GPT2_LAYER, all_reduce_of, check_divisible, layer_shards, rank_and_size
 from ..runtime.arrays import resolve_backend
 from .base import CausalLM, open_checkpoint
 
 ACTIVATIONS = {"gelu_new": "GELU", "gelu_pytorch_tanh": "GELU", "gelu": "GELU_EXACT", "relu": "ReLU"}
-
-
-def require(c: dict, key: str, where: str):
-    """``c[key]``, or a ValueError naming ``where`` and the key."""
-    if key not in c:
-        raise ValueError(f"{where}: {key!r} missing (is this the right kind of model?)")
-    return c[key]
 
 
 def gpt2_config(c: dict, dtype, where: str, mp_size: int = 1) -> ops.InferenceConfig:

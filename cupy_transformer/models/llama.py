@@ -18,10 +18,10 @@ import numpy
 
 from .. import ops
 from ..layers import PreLNLayer, PreLNWeights
+from ..loading import require
 from ..parallel import LLAMA_LAYER, all_reduce_of, check_divisible, layer_shards, rank_and_size
 from ..runtime.arrays import array_module, resolve_backend
 from .base import CausalLM, open_checkpoint
-from .gpt2 import require
 
 
 def llama_config(c: dict, dtype, where: str, mp_size: int = 1) -> ops.InferenceConfig:
