@@ -440,16 +440,16 @@ def _forward(inner, *args, **kwargs):
         raise TypeError(f"model: expected float16, bfloat16 or float32 parameters; got {dtype}")
     if ids is not None:
         ids = ids.reshape(b, s).to(device).contiguous()
-        low, high = torch.aminmax(ids)
-        if low < 0 or high >= config.vocab_size:
-            raise ValueError(f"input_ids: expected token ids in [0, {config.vocab_size}); got {int(low)}..{int(high)}")
     if position_ids is None:
         position_ids = torch.arange(past, past + s, device=device)[None]
     position_ids = position_ids.to(device).expand(b, s).contiguous()
-    low, high = torch.aminmax(position_ids)
-    if low < 0 or high >= injection.max_positions:
-        limit = injection.max_positions
-        raise ValueError(f"position_ids: expected positions in [0, {limit}); got {int(low)}..{int(high)}")
+    # The ids' and the positions' ranges, read back together: one wait for the GPU a call, not two.
+    ranges = [("input_ids", "token ids", ids, config.vocab_size)] if ids is not None else []
+    ranges.append(("position_ids", "positions", position_ids, injection.max_positions))
+    extremes = torch.stack([v.to(torch.int64) for _, _, t, _ in ranges for v in torch.aminmax(t)]).tolist()
+    for (name, what, _, limit), low, high in zip(ranges, extremes[::2], extremes[1::2]):
+        if low < 0 or high >= limit:
+            raise ValueError(f"{name}: expected {what} in [0, {limit}); got {low}..{high}")
     layer = injection.layer(DTYPES[dtype])
     blocks = getattr(inner, injection.family.blocks)
     with torch.no_grad(), _on(device):

@@ -236,8 +236,10 @@ def test_unsupported_call_options_are_refused():
     ids, _ = padded_batch()
     with pytest.raises(ValueError, match="token_type_ids: not supported"):
         injected(ids, token_type_ids=ids)
-    with pytest.raises(ValueError, match="input_ids: expected token ids in"):
+    with pytest.raises(ValueError, match=rf"input_ids: expected token ids in \[0, {VOCAB}\); got"):
         injected(ids + VOCAB)
+    with pytest.raises(ValueError, match=r"position_ids: expected positions in \[0, \d+\); got -1\.\."):
+        injected(ids, position_ids=torch.full_like(ids, -1))
 
 
 def test_inject_generate_example(capsys):
