@@ -138,8 +138,12 @@ class VocabParallel:
         (``ops.lm_logits``), gathered from every rank, the padding columns dropped. Identical on every rank."""
         ours = ops.lm_logits(x, head)
         gathered = self.comm.all_gather(ours)
-        columns = [gathered[r, ..., : VocabParallel(self.vocab, r, self.size).rows] for r in range(self.size)]
-        return module_of(ours).concatenate(columns, axis=-1)
+        # [N, ..., part] to [..., N part] in one copy; the padding (the last ranks' zero rows) is at the end, dropped
+        # with a second copy where there is any. Copies, not cupy.concatenate: above 8 arrays that uploads a table
+        # of pointers, which a CUDA graph capture must not do.
+        xp = module_of(ours)
+        whole = xp.ascontiguousarray(xp.moveaxis(gathered, 0, -2)).reshape(ours.shape[:-1] + (self.size * self.part,))
+        return whole if self.size * self.part == self.vocab else xp.ascontiguousarray(whole[..., : self.vocab])
 
 
 def vocab_parallel_of(comm, vocab: int) -> VocabParallel | None:
