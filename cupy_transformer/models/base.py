@@ -78,6 +78,11 @@ class CausalLM:
             return self.vocab_parallel.logits(xn, self.head_weight)
         return ops.lm_logits(xn, self.head_weight)
 
+    def tied_head(self, table):
+        """The LM head tied to the token embedding ``table``: the table itself, or a vocab-parallel rank's rows of
+        it (a view without the zero row, ``parallel.VocabParallel.tied_head``)."""
+        return table if self.vocab_parallel is None else self.vocab_parallel.tied_head(table)
+
     def lookup(self, ids, table, positions=None, position_table=None):
         """``ops.embed`` of the token ``table`` (and the positions'), or a vocab-parallel rank's share of it summed
         over the ranks (``parallel.VocabParallel.embed``)."""

@@ -85,8 +85,7 @@ class GPT2(CausalLM):
         w = ck.load(shapes, dtype, backend, progress, shards if size > 1 else None, rank, size)
         self.wte, self.wpe = w[f"{p}wte.weight"], w[f"{p}wpe.weight"]
         self.final_norm = (w[f"{p}ln_f.weight"], w[f"{p}ln_f.bias"])
-        # The LM head is wte itself, [vocab, hidden]: [out, in] (a rank's: its rows of wte).
-        self.head_weight = self.wte if self.vocab_parallel is None else self.vocab_parallel.tied_head(self.wte)
+        self.head_weight = self.tied_head(self.wte)  # the LM head is wte itself, [vocab, hidden]: [out, in]
         self.weights = [PreLNWeights(*(w[f"{p}h.{i}.{name}"] for name in per_layer)) for i in range(self.layers_count)]
         self.layer = PreLNLayer(self.config, all_reduce_of(comm))
         self.layer_prefix = f"{p}h.{{}}."  # layer i's tensor names, for errors

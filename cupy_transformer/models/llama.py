@@ -9,8 +9,8 @@ and gate/up into one ``[up | gate]`` weight at load time. The LM head is ``lm_he
 ``rope_parameters``; rope scaling variants are not supported (an error names them). With a communicator
 (``comm``) the model is one rank of a tensor-parallel group (``parallel``: q/k/v and gate/up cut by heads and
 columns, o_proj and down_proj by rows, the embedding and the head, tied or not, by vocabulary rows, the norms
-whole); ``num_key_value_heads`` must then be
-divisible by the rank count (K/V heads are not replicated: a clear error before anything is read).
+whole); ``num_key_value_heads`` must then be divisible by the rank count (K/V heads are not replicated: a clear
+error before anything is read).
 """
 
 from __future__ import annotations
@@ -108,9 +108,7 @@ class LLaMA(CausalLM):
         w = ck.load(shapes, dtype, backend, progress, shards if size > 1 else None, rank, size)
         xp = array_module(backend)
         self.embed_tokens, self.norm = w["model.embed_tokens.weight"], w["model.norm.weight"]
-        self.lm_head = w["lm_head.weight"] if not self.tied else self.embed_tokens
-        if self.tied and self.vocab_parallel is not None:
-            self.lm_head = self.vocab_parallel.tied_head(self.embed_tokens)  # the rank's rows, not the zero row
+        self.lm_head = self.tied_head(self.embed_tokens) if self.tied else w["lm_head.weight"]
         self.final_norm, self.head_weight = (self.norm, None), self.lm_head
         self.weights = []
         for i in range(self.layers_count):
