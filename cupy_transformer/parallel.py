@@ -6,18 +6,25 @@ Sharding, applied at load (``loading.Checkpoint.load``'s ``shards``: each rank r
   Q and of K and V; a fused ``[Q | K | V]`` weight, GPT-2's ``c_attn``, is cut in each of its three blocks), the
   out-projection row-parallel (its input features, which are those heads);
 - MLP: the up (and gate) projection column-parallel, the down projection row-parallel;
-- biases of column-parallel products are cut with them; biases of row-parallel products, the norms, the
-  embeddings and the LM head are replicated (whole on every rank). Vocab-parallel embeddings and LM head are
-  not done yet: the logits come out whole and identical on every rank, so each rank samples the same token
-  from the same seed and nothing is broadcast.
+- biases of column-parallel products are cut with them; biases of row-parallel products and the norms are
+  replicated (whole on every rank), and so are the position tables (GPT-2's ``wpe``, BERT's position and
+  token-type tables: small);
+- the token embedding table and the LM head (tied or not) vocab-parallel (``VocabSplit``, ``VocabParallel``):
+  rank r holds rows ``r P .. (r + 1) P`` with ``P = ceil(V / N)``, zero rows where the vocabulary ends first
+  (the last rank's share padded to P; every rank holds P rows), and the table one zero row more, which the
+  lookup of an id outside the rank's rows reads. Each rank embeds its own ids (zeros for the others'), then an
+  all-reduce sums them (Megatron's VocabParallelEmbedding); each rank's head gives its P columns of the logits,
+  an all-gather joins them and drops the padding, so the logits come out whole and identical on every rank and
+  each rank samples the same token from the same seed (nothing is broadcast).
 
 Each layer then all-reduces (sums) twice: the out-projection's output and the down-projection's output, before
 the residual add that follows, which adds the row-parallel bias once, after the sum (``layers``). The ops take
 their per-rank head counts from the config's ``mp_size = N``. LLaMA's grouped-query attention needs
 ``num_key_value_heads`` divisible by N; otherwise loading refuses (replicating K/V heads is not done).
 
-A communicator has ``rank``, ``size``, ``all_reduce(x)`` (the sum over ranks, written into ``x`` and returned)
-and ``broadcast(x, root)``: ``NcclCommunicator`` on the GPU (NCCL through CuPy, on the current stream, so a
+A communicator has ``rank``, ``size``, ``all_reduce(x)`` (the sum over ranks, written into ``x`` and returned),
+``all_gather(x)`` (every rank's ``x``, stacked in rank order: a new array ``[size, *x.shape]``) and
+``broadcast(x, root)``: ``NcclCommunicator`` on the GPU (NCCL through CuPy, on the current stream, so a
 decode step with its all-reduces is captured as one CUDA graph) and ``SimulatedGroup`` for the NumPy path (N
 ranks as N threads of one process, each with its own model holding only its shards: ``run_simulated``).
 Without a communicator (or with one of size 1) a model is whole and runs as it always did.
@@ -29,6 +36,9 @@ import threading
 from dataclasses import dataclass
 
 import numpy
+
+from . import ops
+from .runtime.arrays import module_of
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,88 @@ class Split:
         parts = [view[index] for index in self.pieces(name, shape, rank, size)]
         return parts[0] if len(parts) == 1 else xp.concatenate(parts, self.axis)
 
+
+@dataclass(frozen=True)
+class VocabSplit:
+    """A ``[vocab, hidden]`` table cut by rows: rank r's ``VocabParallel.part`` rows from ``VocabParallel.first``,
+    zero rows after the vocabulary's end (so every rank holds ``part`` rows), then ``zero_rows`` zero rows more
+    (the embedding table's row for ids outside the rank's rows)."""
+
+    zero_rows: int = 0
+
+    def take(self, name: str, view, shape: tuple, rank: int, size: int, xp=numpy):
+        """As ``Split.take``: only the rank's rows of ``view`` are read."""
+        shard = VocabParallel(shape[0], rank, size)
+        padding = (shard.part - shard.rows + self.zero_rows,) + tuple(shape[1:])
+        if not shard.rows:  # a rank past the vocabulary's end (a tiny one): nothing to read (safetensors refuses
+            return xp.zeros(padding, numpy.float32)  # an empty slice); float32 zeros, cast to the model's dtype
+        rows = view[shard.first : shard.first + shard.rows]
+        return xp.concatenate([rows, xp.zeros(padding, rows.dtype)]) if padding[0] else rows
+
+
+class VocabParallel:
+    """Rank ``rank`` of ``size``'s share of a vocabulary of ``vocab`` ids: ``part = ceil(vocab / size)`` rows of
+    the table and the head, of which ``rows`` (from id ``first``) are real, the rest padding. With a
+    communicator ``comm`` (the model's), ``embed`` and ``logits`` run the vocab-parallel lookup and LM head."""
+
+    def __init__(self, vocab: int, rank: int, size: int, comm=None):
+        self.vocab, self.rank, self.size, self.comm = vocab, rank, size, comm
+        self.part = -(-vocab // size)
+        self.first = min(rank * self.part, vocab)
+        self.rows = min(self.part, vocab - self.first)  # 0 for a rank past the end of a tiny vocabulary
+
+    def tied_head(self, table):
+        """The LM head tied to this rank's embedding ``table``: its ``part`` rows, without the zero row (a view)."""
+        return table[: self.part]
+
+    def local_ids(self, ids):
+        """``ids`` as rows of this rank's table: ``id - first`` for ids among its rows, else ``part`` (its zero
+        row). A few elementwise operations on the [B, S] ids (NumPy or CuPy, as ``ids``): the embedding kernel
+        then looks the rows up as it does for a whole table."""
+        local = ids - self.first
+        return module_of(ids).where((local >= 0) & (local < self.rows), local, self.part)
+
+    def embed(self, ids, table, positions=None, position_table=None):
+        """The token embeddings of ``ids`` (``ops.embed``'s arguments; ``table`` this rank's, zero row included),
+        summed over the ranks: each rank looks up its own ids (zeros for the others') and rank 0 alone adds the
+        positions in the same kernel. Every sum then has one non-zero token term and the position, so it
+        rounds once, as the whole model's fused sum does: the whole model's values (but for the sign of a zero,
+        and an fp32 or bf16 subnormal position row that the GPU kernel's -ftz flushes where the token is not
+        rank 0's)."""
+        local = self.local_ids(ids)
+        if self.rank == 0 and positions is not None:
+            x = ops.embed(local, table, positions, position_table)
+        else:
+            x = ops.embed(local, table)
+        return self.comm.all_reduce(x)
+
+    def rows_of(self, ids, table):
+        """``table[ids]`` of the whole table from this rank's share (``table``, zero row included): each rank's
+        rows, summed over the ranks (exact: one non-zero term each)."""
+        return self.comm.all_reduce(table[self.local_ids(ids)])
+
+    def logits(self, x, head):
+        """The whole logits ``[..., vocab]`` from this rank's ``head`` rows [part, hidden]: its ``part`` columns
+        (``ops.lm_logits``), gathered from every rank, the padding columns dropped. Identical on every rank."""
+        ours = ops.lm_logits(x, head)
+        gathered = self.comm.all_gather(ours)
+        # [N, ..., part] to [..., N part] in one copy; the padding (the last ranks' zero rows) is at the end, dropped
+        # with a second copy where there is any. Copies, not cupy.concatenate: above 8 arrays that uploads a table
+        # of pointers, which a CUDA graph capture must not do.
+        xp = module_of(ours)
+        whole = xp.ascontiguousarray(xp.moveaxis(gathered, 0, -2)).reshape(ours.shape[:-1] + (self.size * self.part,))
+        return whole if self.size * self.part == self.vocab else xp.ascontiguousarray(whole[..., : self.vocab])
+
+
+def vocab_parallel_of(comm, vocab: int) -> VocabParallel | None:
+    """The model's ``VocabParallel`` for this rank of ``comm``, or None for a whole model (no communicator, or
+    one rank): then the embedding and the head run exactly as they always did."""
+    rank, size = rank_and_size(comm)
+    return VocabParallel(vocab, rank, size, comm) if size > 1 else None
+
+
+# The token embedding table (its zero row after the rank's rows) and an untied LM head, cut by vocabulary rows.
+TABLE, HEAD = VocabSplit(zero_rows=1), VocabSplit()
 
 # [in, out] weights (GPT-2's Conv1D): column-parallel cuts axis 1, row-parallel axis 0. [out, in] (nn.Linear):
 # column-parallel axis 0, row-parallel axis 1. A column-parallel bias is cut on its only axis.
@@ -174,6 +266,12 @@ class SimulatedCommunicator:
         x[...] = total
         return x
 
+    def all_gather(self, x):
+        """Every rank's ``x`` in rank order, stacked: a new array ``[size, *x.shape]``."""
+        gathered = numpy.stack(self.group._exchange(self.rank, x))
+        self.group._done()
+        return gathered
+
     def broadcast(self, x, root: int = 0):
         """Rank ``root``'s ``x``, written into every rank's ``x``."""
         source = self.group._exchange(self.rank, x)[root].copy()
@@ -248,6 +346,16 @@ class NcclCommunicator:
         kind, stream = self._call(x)
         self._comm.allReduce(x.data.ptr, x.data.ptr, x.size, kind, self._nccl.NCCL_SUM, stream)
         return x
+
+    def all_gather(self, x):
+        """Every rank's ``x`` in rank order, stacked: a new array ``[size, *x.shape]`` (NCCL's allGather, on the
+        current stream, so capturable as the all-reduce is)."""
+        import cupy
+
+        kind, stream = self._call(x)
+        out = cupy.empty((self.size,) + x.shape, x.dtype)
+        self._comm.allGather(x.data.ptr, out.data.ptr, x.size, kind, stream)
+        return out
 
     def broadcast(self, x, root: int = 0):
         """Rank ``root``'s ``x`` into every rank's ``x``."""

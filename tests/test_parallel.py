@@ -1,20 +1,22 @@
 """Tensor parallelism on the NumPy path: N simulated ranks (one thread and one model each, each model loaded with
-only its shards) against the whole model, for GPT-2, LLaMA (grouped-query heads) and BERT: logits or hidden
-states within 1e-5 relative (fp32: the ranks' partial sums add in another order), identical greedy tokens over
-16 decode steps through ``generation.Decoder``, every rank's sharded weight 1/N of the whole, the loading reading
-only slices; and the refusals."""
+only its shards) against the whole model, for GPT-2, LLaMA (grouped-query heads; tied and untied heads) and BERT:
+logits or hidden states within 1e-5 relative (fp32: the ranks' partial sums add in another order), identical
+greedy tokens over 16 decode steps through ``generation.Decoder``, every rank's sharded weight 1/N of the whole
+(the embedding table and the head: ceil(V / N) rows, vocabularies that N does not divide included), the loading
+reading only slices; and the refusals."""
 
 import contextlib
 import threading
 
 import numpy
 import pytest
+from safetensors.numpy import load_file
 
 from cupy_transformer import cli, loading, parallel
 from cupy_transformer.generation import Decoder
 from cupy_transformer.models import BERT, GPT2, LLaMA
 from cupy_transformer.ops import matmul
-from cupy_transformer.parallel import Split, run_simulated
+from cupy_transformer.parallel import Split, VocabParallel, VocabSplit, run_simulated
 from tests.conftest import HAVE_GPU
 from tests.helpers import rel_error
 from tests.models import test_bert, test_gpt2, test_llama
@@ -46,7 +48,24 @@ def llama_gqa4(path, rng):
     return LLaMA, 40
 
 
-CAUSAL = {"gpt2": (gpt2, (2, 4)), "llama": (llama, (2,)), "llama-gqa-8-4": (llama_gqa4, (2, 4))}
+def llama_untied_101(path, rng):
+    test_llama.checkpoint(path, rng, tied=False, heads=8, kv=4, vocab=101)  # 101 ids: 51 + 50, or 26 x 3 + 23
+    return LLaMA, 101
+
+
+def llama_tied_101(path, rng):
+    test_llama.checkpoint(path, rng, tied=True, heads=8, kv=4, vocab=101)
+    return LLaMA, 101
+
+
+# GPT-2's 50 ids split 25 + 25 and 13 x 3 + 11 (the last rank's share padded).
+CAUSAL = {
+    "gpt2": (gpt2, (2, 4)),
+    "llama": (llama, (2,)),
+    "llama-gqa-8-4": (llama_gqa4, (2, 4)),
+    "llama-untied-101": (llama_untied_101, (2, 4)),
+    "llama-tied-101": (llama_tied_101, (4,)),
+}
 CAUSAL_CASES = [(name, n) for name, (_, sizes) in CAUSAL.items() for n in sizes]
 
 
@@ -102,13 +121,17 @@ def layer_arrays(model):
 SHARDED = {"w_qkv", "b_qkv", "w_o", "w1", "b1", "w2"}  # the rest (norms, row-parallel biases) is replicated
 
 
+def model_class(family, path, rng):
+    """The model class of ``family`` (a ``CAUSAL`` key or "bert"), its random checkpoint written in ``path``."""
+    if family == "bert":
+        test_bert.checkpoint(path, rng)
+        return BERT
+    return CAUSAL[family][0](path, rng)[0]
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama-gqa-8-4", "bert"])
 def test_each_rank_holds_a_quarter_of_each_sharded_weight(tmp_path, rng, family):
-    if family == "bert":
-        test_bert.checkpoint(tmp_path, rng)
-        cls = BERT
-    else:
-        cls, _ = CAUSAL[family][0](tmp_path, rng)
+    cls = model_class(family, tmp_path, rng)
     whole = layer_arrays(cls(tmp_path, "float32", "numpy"))
     ranks = [layer_arrays(m) for m in run_simulated(4, lambda comm: cls(tmp_path, "float32", "numpy", comm=comm))]
     for key, full in whole.items():
@@ -119,6 +142,39 @@ def test_each_rank_holds_a_quarter_of_each_sharded_weight(tmp_path, rng, family)
     for layer in range(2):  # both layers of the tiny models
         parts = [arrays[("w_o", layer)] for arrays in ranks]
         assert numpy.array_equal(numpy.concatenate(parts, axis), whole[("w_o", layer)])
+
+
+TABLES = {"gpt2": "wte", "llama-untied-101": "embed_tokens", "llama-tied-101": "embed_tokens", "bert": "word"}
+
+
+@pytest.mark.parametrize("family, size", [("gpt2", 4), ("llama-untied-101", 4), ("llama-tied-101", 2), ("bert", 4)])
+def test_each_rank_holds_its_rows_of_the_embedding_table_and_the_head(tmp_path, rng, family, size):
+    cls = model_class(family, tmp_path, rng)
+    whole = cls(tmp_path, "float32", "numpy")
+    ranks = run_simulated(size, lambda comm: cls(tmp_path, "float32", "numpy", comm=comm))
+    vocab, hidden = getattr(whole, TABLES[family]).shape
+    part = -(-vocab // size)  # ceil(V / N) rows a rank; GPT-2's 50 ids over 4 ranks: 13, the last 11 and padding
+    tables = [getattr(m, TABLES[family]) for m in ranks]
+    assert all(t.shape == (part + 1, hidden) for t in tables)  # its rows, then the zero row other ranks' ids read
+    rows = numpy.concatenate([t[:part] for t in tables])
+    assert numpy.array_equal(rows[:vocab], getattr(whole, TABLES[family]))
+    assert not rows[vocab:].any() and not any(t[part:].any() for t in tables)  # the padding and the zero rows
+    if family == "bert":
+        return
+    heads = [m.head_weight for m in ranks]
+    assert all(head.shape == (part, hidden) for head in heads)
+    assert numpy.array_equal(numpy.concatenate(heads)[:vocab], whole.head_weight)
+    tied = whole.head_weight is getattr(whole, TABLES[family])
+    assert tied == (family != "llama-untied-101")
+    assert all(numpy.shares_memory(head, t) == tied for head, t in zip(heads, tables))  # tied: a view, no copy
+
+
+def test_one_rank_is_the_whole_model_unchanged(tmp_path, rng):
+    test_gpt2.checkpoint(tmp_path, rng)
+    [model] = run_simulated(1, lambda comm: GPT2(tmp_path, "float32", "numpy", comm=comm))
+    whole = GPT2(tmp_path, "float32", "numpy")
+    assert model.vocab_parallel is None and model.head_weight is model.wte  # the plain lookup and head
+    assert numpy.array_equal(model.wte, whole.wte)
 
 
 @contextlib.contextmanager
@@ -165,15 +221,41 @@ def recorded_reads(monkeypatch):
     yield whole, sliced
 
 
-def test_sharded_loading_reads_only_the_rank_slices(tmp_path, rng, monkeypatch):
-    w = test_gpt2.checkpoint(tmp_path, rng)
-    shards = parallel.layer_shards(parallel.GPT2_LAYER, "transformer.h.{}.", test_gpt2.LAYERS)
+SHARDED_NAMES = {
+    "gpt2": set(parallel.layer_shards(parallel.GPT2_LAYER, "transformer.h.{}.", test_gpt2.LAYERS))
+    | {"transformer.wte.weight"},
+    "llama-untied-101": set(parallel.layer_shards(parallel.LLAMA_LAYER, "model.layers.{}.", test_llama.LAYERS))
+    | {"model.embed_tokens.weight", "lm_head.weight"},
+}
+
+
+@pytest.mark.parametrize("family, size", [("gpt2", 2), ("llama-untied-101", 4)])
+def test_sharded_loading_reads_only_the_rank_slices(tmp_path, rng, monkeypatch, family, size):
+    cls = model_class(family, tmp_path, rng)
+    stored = load_file(tmp_path / "model.safetensors")
+    shards = SHARDED_NAMES[family]
     with recorded_reads(monkeypatch) as (whole, sliced):
-        run_simulated(2, lambda comm: GPT2(tmp_path, "float32", "numpy", comm=comm))
-    assert set(sliced) == set(shards) and not set(whole) & set(shards)
-    for name, elements in sliced.items():  # two ranks, each its half: the tensor read once in all
-        assert elements == w[name.removeprefix("transformer.")].size, name
-    assert sorted(whole) == sorted(2 * [f"transformer.{n}" for n in w if f"transformer.{n}" not in shards])
+        run_simulated(size, lambda comm: cls(tmp_path, "float32", "numpy", comm=comm))
+    assert set(sliced) == shards and not set(whole) & shards
+    for name, elements in sliced.items():  # each rank its part (its rows only, not the padding): read once in all
+        assert elements == stored[name].size, name
+    assert sorted(whole) == sorted(size * [n for n in stored if n not in shards])
+
+
+def test_vocab_split_pads_the_last_shares_and_sends_other_ranks_ids_to_the_zero_row():
+    table = numpy.arange(1, 11, dtype=numpy.float32).reshape(5, 2)  # 5 ids over 4 ranks: 2, 2, 1 and 0 rows
+    parts = [VocabSplit(zero_rows=1).take("t", table, table.shape, r, 4) for r in range(4)]
+    zero = [0.0, 0.0]
+    assert [p.tolist() for p in parts] == [
+        [[1, 2], [3, 4], zero],
+        [[5, 6], [7, 8], zero],
+        [[9, 10], zero, zero],
+        [zero, zero, zero],
+    ]
+    ids = numpy.array([[0, 1, 2, 3, 4]])
+    local = [VocabParallel(5, r, 4).local_ids(ids) for r in range(4)]
+    assert [x.tolist() for x in local] == [[[0, 1, 2, 2, 2]], [[2, 2, 0, 1, 2]], [[2, 2, 2, 2, 0]], [[2] * 5]]
+    assert numpy.array_equal(sum(p[x] for p, x in zip(parts, local)), table[ids])  # one rank's row, others' zeros
 
 
 def test_fused_qkv_split_takes_each_rank_heads_from_q_k_and_v():
@@ -203,10 +285,11 @@ def test_simulated_collectives_and_a_failing_rank():
         x = numpy.full(3, comm.rank + 1.0)
         comm.all_reduce(x)
         y = numpy.full(2, float(comm.rank))
+        gathered = comm.all_gather(y)
         comm.broadcast(y, root=2)
-        return x.tolist(), y.tolist()
+        return x.tolist(), y.tolist(), gathered.tolist()
 
-    assert run_simulated(3, body) == [([6.0] * 3, [2.0] * 2)] * 3
+    assert run_simulated(3, body) == [([6.0] * 3, [2.0] * 2, [[0.0] * 2, [1.0] * 2, [2.0] * 2])] * 3
 
     def failing(comm):
         if comm.rank == 1:
@@ -295,11 +378,12 @@ def gpu_rank_run(comm, folder, dtype, ids, prompts):
 def test_gpu_ranks_give_the_one_gpu_tokens_and_logits(tmp_path, rng, size):
     """1, 2 and 4 GPUs (NCCL, one process each): fp32 greedy tokens identical to one GPU's and logits within 1e-5;
     fp16 logits within 3e-2 relative of one GPU's fp32 logits, the parity tests' fp16 bound (each rank rounds
-    its partial sums to fp16 before NCCL adds them)."""
+    its partial sums to fp16 before NCCL adds them). A tied LLaMA of 101 ids: the vocab-parallel lookup and
+    head with the last rank's share padded (51 + 50 rows; 26 x 3 + 23), the logits all-gathered in the graph."""
     if gpu_count() < size:
         pytest.skip(f"multi_gpu: needs {size} GPUs; {gpu_count()} found")
-    llama_gqa4(tmp_path, rng)
-    ids = rng.integers(0, 40, (2, 6))
+    _, vocab = llama_tied_101(tmp_path, rng)
+    ids = rng.integers(0, vocab, (2, 6))
     prompts = [ids[0, :5].tolist(), ids[1, :3].tolist()]
     # The one-GPU run in a spawned process too (one communicator of size 1: the whole model, no all-reduce).
     [(logits_1, tokens_1)] = parallel.launch(1, gpu_rank_run, (tmp_path, "float32", ids, prompts))

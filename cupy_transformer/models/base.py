@@ -46,7 +46,10 @@ class CausalLM:
     A model defines ``token_embeddings(ids, positions)`` (token ids [B, S] to the first layer's input), its
     ``weights`` (``layers.PreLNWeights``) and ``layer`` (``layers.PreLNLayer``), ``final_norm`` (gamma, beta or
     None) and ``head_weight`` (the LM head, [vocab, hidden]): the logits are final_norm(the last layer's output) @
-    head_weight.T."""
+    head_weight.T. A tensor-parallel rank sets ``vocab_parallel`` (``parallel.VocabParallel``): its table and head
+    are then its rows of the vocabulary, looked up (``lookup``) and gathered (``run``) across the ranks."""
+
+    vocab_parallel = None  # a whole model
 
     def forward(self, input_ids, cache: KVCache | None = None, attn_mask=None, position_ids=None, *, last_only=False):
         """Logits [B, S, vocab] for ``input_ids`` [B, S] (``last_only``: [B, 1, vocab], the last position's, as
@@ -71,7 +74,21 @@ class CausalLM:
         _, xn = collections.deque(self.hidden_states(ids, positions, cache, start, attn_mask), maxlen=1)[0]
         if last_only:
             xn = array_module(self.backend).ascontiguousarray(xn[:, -1:])
+        if self.vocab_parallel is not None:
+            return self.vocab_parallel.logits(xn, self.head_weight)
         return ops.lm_logits(xn, self.head_weight)
+
+    def tied_head(self, table):
+        """The LM head tied to the token embedding ``table``: the table itself, or a vocab-parallel rank's rows of
+        it (a view without the zero row, ``parallel.VocabParallel.tied_head``)."""
+        return table if self.vocab_parallel is None else self.vocab_parallel.tied_head(table)
+
+    def lookup(self, ids, table, positions=None, position_table=None):
+        """``ops.embed`` of the token ``table`` (and the positions'), or a vocab-parallel rank's share of it summed
+        over the ranks (``parallel.VocabParallel.embed``)."""
+        if self.vocab_parallel is not None:
+            return self.vocab_parallel.embed(ids, table, positions, position_table)
+        return ops.embed(ids, table, positions, position_table)
 
     def hidden_states(self, ids, positions, cache, start, attn_mask):
         """Yields ``(x, xn)``: the token embeddings, then each layer's output, with ``xn`` x normalised by the norm

@@ -10,8 +10,10 @@ projection one BLAS product over the batch's tokens, the attention as batched pr
 ops' NumPy path, the float64 reference the tests compare against. The GPU path has no such switch.
 
 With a communicator (``comm``) the model is one rank of a tensor-parallel group (``parallel``: Q, K, V and the
-intermediate projection cut by heads and columns, the attention output and output projections by rows; the
-embeddings and norms whole); both paths all-reduce after the two row-parallel products.
+intermediate projection cut by heads and columns, the attention output and output projections by rows, the word
+embeddings by vocabulary rows (each rank's rows of ``word[ids]``, zeros for the others' ids, all-reduced before
+the position and token-type rows are added, so the sum is the whole model's); the position and token-type tables
+and the norms whole); both paths all-reduce after the two row-parallel products.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy
 from .. import ops
 from ..layers import PostLNLayer, PostLNWeights
 from ..loading import read_json, require
-from ..parallel import BERT_LAYER, all_reduce_of, check_divisible, layer_shards, rank_and_size
+from ..parallel import BERT_LAYER, TABLE, all_reduce_of, check_divisible, layer_shards, rank_and_size, vocab_parallel_of
 from ..runtime.arrays import array_module, resolve_backend
 from .base import check_ids, extremes, open_checkpoint, token_ids
 
@@ -215,8 +217,9 @@ class BERT:
         }
         for i in range(layers):
             shapes.update({f"{p}encoder.layer.{i}.{name}": shape for name, shape in per_layer.items()})
-        shards = layer_shards(BERT_LAYER, f"{p}encoder.layer.{{}}.", layers) if size > 1 else None
-        w = ck.load(shapes, dtype, backend, progress, shards, rank, size)
+        self.vocab_parallel = vocab_parallel_of(comm, self.vocab)
+        shards = {**layer_shards(BERT_LAYER, f"{p}encoder.layer.{{}}.", layers), f"{e}word_embeddings.weight": TABLE}
+        w = ck.load(shapes, dtype, backend, progress, shards if size > 1 else None, rank, size)
         xp = array_module(backend)
         self.word, self.position, self.token_type = (
             w[f"{e}{n}_embeddings.weight"] for n in ("word", "position", "token_type")
@@ -271,7 +274,7 @@ class BERT:
             return
         compute = numpy.float64 if xp is numpy else numpy.float32
         x = (
-            self.word[ids].astype(compute)
+            self.word_rows(ids).astype(compute)
             + self.position[xp.arange(s)].astype(compute)
             + self.token_type[types].astype(compute)
         ).astype(self.config.dtype)
@@ -280,6 +283,10 @@ class BERT:
         for w in self.weights:
             x = self.layer(x, w, attn_mask=keep)
             yield x
+
+    def word_rows(self, ids):
+        """``word[ids]``; a vocab-parallel rank's: its rows, summed over the ranks (``parallel.VocabParallel``)."""
+        return self.word[ids] if self.vocab_parallel is None else self.vocab_parallel.rows_of(ids, self.word)
 
     def _fast_hidden_states(self, ids, keep, types):
         """``hidden_states`` on the NumPy backend in float32: ``layers.PostLNLayer``'s math with the tokens of
@@ -294,7 +301,7 @@ class BERT:
         heads, h = cfg.heads // cfg.mp_size, cfg.hidden_size  # this rank's heads
         d, eps, act = cfg.head_size, cfg.epsilon, FAST_ACTIVATIONS[cfg.mlp_act_func_type.name]
         reduce = self.layer.reduce  # the tensor-parallel sum of the row-parallel products' partial sums
-        x = self.word[ids].astype(f32) + self.position[:s].astype(f32) + self.token_type[types].astype(f32)
+        x = self.word_rows(ids).astype(f32) + self.position[:s].astype(f32) + self.token_type[types].astype(f32)
         x = _fast_layer_norm(x.reshape(b * s, h), *(a.astype(f32) for a in self.embedding_norm), eps)
         yield x.reshape(b, s, h)
         # Padding keys get float32's lowest score, as Hugging Face's additive mask: exp() makes them 0.

@@ -3,9 +3,10 @@
 Embeddings ``wte[ids] + wpe[positions]``, ``n_layer`` pre-LN layers (``layers.PreLNLayer``; Conv1D weights
 are already ``[in, out]``, DeepSpeed's default layout), the final LayerNorm, and the LM head tied to
 ``wte``. With a communicator (``comm``) the model is one rank of a tensor-parallel group (``parallel``:
-``c_attn`` cut by heads in each of its Q, K and V blocks, ``c_fc`` by columns, the two ``c_proj`` by rows; the
-embeddings and the head whole). Positions are explicit (a left-padded batch passes its own); the KV cache is the
-caller's (``new_cache``), which ``forward`` advances by the call's tokens.
+``c_attn`` cut by heads in each of its Q, K and V blocks, ``c_fc`` by columns, the two ``c_proj`` by rows,
+``wte`` and with it the tied head by vocabulary rows; ``wpe`` whole). Positions are explicit (a left-padded
+batch passes its own); the KV cache is the caller's (``new_cache``), which ``forward`` advances by the call's
+tokens.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy
 from .. import ops
 from ..layers import PreLNLayer, PreLNWeights
 from ..loading import require
-from ..parallel import GPT2_LAYER, all_reduce_of, check_divisible, layer_shards, rank_and_size
+from ..parallel import GPT2_LAYER, TABLE, all_reduce_of, check_divisible, layer_shards, rank_and_size, vocab_parallel_of
 from ..runtime.arrays import resolve_backend
 from .base import CausalLM, open_checkpoint
 
@@ -79,15 +80,16 @@ class GPT2(CausalLM):
         }
         for i in range(self.layers_count):
             shapes.update({f"{p}h.{i}.{name}": shape for name, shape in per_layer.items()})
-        shards = layer_shards(GPT2_LAYER, f"{p}h.{{}}.", self.layers_count) if size > 1 else None
-        w = ck.load(shapes, dtype, backend, progress, shards, rank, size)
+        self.vocab_parallel = vocab_parallel_of(comm, self.vocab)
+        shards = {**layer_shards(GPT2_LAYER, f"{p}h.{{}}.", self.layers_count), f"{p}wte.weight": TABLE}
+        w = ck.load(shapes, dtype, backend, progress, shards if size > 1 else None, rank, size)
         self.wte, self.wpe = w[f"{p}wte.weight"], w[f"{p}wpe.weight"]
         self.final_norm = (w[f"{p}ln_f.weight"], w[f"{p}ln_f.bias"])
-        self.head_weight = self.wte  # the LM head is wte itself, [vocab, hidden]: [out, in]
+        self.head_weight = self.tied_head(self.wte)  # the LM head is wte itself, [vocab, hidden]: [out, in]
         self.weights = [PreLNWeights(*(w[f"{p}h.{i}.{name}"] for name in per_layer)) for i in range(self.layers_count)]
         self.layer = PreLNLayer(self.config, all_reduce_of(comm))
         self.layer_prefix = f"{p}h.{{}}."  # layer i's tensor names, for errors
 
     def token_embeddings(self, ids, positions):
         """``wte[ids] + wpe[positions]``, summed in fp32 (float64 on the NumPy path), rounded once: ``ops.embed``."""
-        return ops.embed(ids, self.wte, positions, self.wpe)
+        return self.lookup(ids, self.wte, positions, self.wpe)

@@ -8,8 +8,9 @@ and gate/up into one ``[up | gate]`` weight at load time. The LM head is ``lm_he
 ``tie_word_embeddings``, the embedding. ``rope_theta`` is read from the top level or from transformers 5's
 ``rope_parameters``; rope scaling variants are not supported (an error names them). With a communicator
 (``comm``) the model is one rank of a tensor-parallel group (``parallel``: q/k/v and gate/up cut by heads and
-columns, o_proj and down_proj by rows, the embedding, norms and head whole); ``num_key_value_heads`` must then be
-divisible by the rank count (K/V heads are not replicated: a clear error before anything is read).
+columns, o_proj and down_proj by rows, the embedding and the head, tied or not, by vocabulary rows, the norms
+whole); ``num_key_value_heads`` must then be divisible by the rank count (K/V heads are not replicated: a clear
+error before anything is read).
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ import numpy
 from .. import ops
 from ..layers import PreLNLayer, PreLNWeights
 from ..loading import require
-from ..parallel import LLAMA_LAYER, all_reduce_of, check_divisible, layer_shards, rank_and_size
+from ..parallel import (
+    HEAD,
+    LLAMA_LAYER,
+    TABLE,
+    all_reduce_of,
+    check_divisible,
+    layer_shards,
+    rank_and_size,
+    vocab_parallel_of,
+)
 from ..runtime.arrays import array_module, resolve_backend
 from .base import CausalLM, open_checkpoint
 
@@ -92,11 +102,13 @@ class LLaMA(CausalLM):
         }
         for i in range(self.layers_count):
             shapes.update({f"model.layers.{i}.{name}": shape for name, shape in per_layer.items()})
-        shards = layer_shards(LLAMA_LAYER, "model.layers.{}.", self.layers_count) if size > 1 else None
-        w = ck.load(shapes, dtype, backend, progress, shards, rank, size)
+        self.vocab_parallel = vocab_parallel_of(comm, self.vocab)
+        shards = layer_shards(LLAMA_LAYER, "model.layers.{}.", self.layers_count)
+        shards.update({"model.embed_tokens.weight": TABLE, "lm_head.weight": HEAD})
+        w = ck.load(shapes, dtype, backend, progress, shards if size > 1 else None, rank, size)
         xp = array_module(backend)
         self.embed_tokens, self.norm = w["model.embed_tokens.weight"], w["model.norm.weight"]
-        self.lm_head = self.embed_tokens if self.tied else w["lm_head.weight"]
+        self.lm_head = self.tied_head(self.embed_tokens) if self.tied else w["lm_head.weight"]
         self.final_norm, self.head_weight = (self.norm, None), self.lm_head
         self.weights = []
         for i in range(self.layers_count):
@@ -122,4 +134,4 @@ class LLaMA(CausalLM):
 
     def token_embeddings(self, ids, positions):
         """``embed_tokens[ids]``: ``ops.embed``."""
-        return ops.embed(ids, self.embed_tokens)
+        return self.lookup(ids, self.embed_tokens)
