@@ -12,6 +12,17 @@ module's functions of the same names are:
   decode rows). ``activation``: None, or an ``ops.ActivationType`` name: "GELU" (tanh form), "GELU_EXACT" (erf),
   "ReLU", or the gated "GATED_SILU" / "GATED_GELU", where the product's columns are ``[up | gate]`` and the result,
   half as wide, is ``up * act(gate)`` (LLaMA's MLP with its up and gate projections stacked).
+- ``attention(q, k, v, causal=True, scale=None, key_mask=None)``: self-attention without a cache in
+  ``F.scaled_dot_product_attention``'s layout: q ``[B, h, S, d]``, k and v ``[B, kv, S, d]`` with ``h`` a multiple
+  of ``kv`` (grouped-query: query head i attends with kv head ``i // (h / kv)``, K and V not expanded), ``scale``
+  None for ``1 / sqrt(d)``, ``key_mask`` ``[B, S]`` boolean (True keeps a key: padding) or None; head sizes
+  multiples of 8 up to 256. Returns ``[B, h, S, d]``, a transposed view of a ``[B, S, h, d]`` tensor (the
+  kernels' layout, as SDPA's flash path returns). A query row whose keys are all masked gives zeros (as SDPA's).
+  On CUDA, fp16 / bf16 at head sizes 32, 64, 80, 96 and 128 run the prefill attention kernels (FlashAttention-2
+  style; compute capability 8.0 and later) on q, k and v as they are, any strides with the head size contiguous
+  and 16-byte aligned (others are copied first); the rest runs ``attention_reference``'s array operations in
+  fp32. The SoftmaxContextOp path is not used: it takes the fused ``[B, S, (h + 2 kv) d]`` projection, which
+  would cost a copy here.
 
 Each has a fake implementation giving the result's shape, dtype and device, which is all the compiler needs to see.
 Inference only: no backward is registered.
@@ -23,12 +34,14 @@ graphs, run the module once on the capture stream before capturing (decode produ
 first use, which a capture cannot): warm up under ``torch.cuda.stream(s)`` and capture with
 ``torch.cuda.graph(g, stream=s)``. CPU tensors run the NumPy reference path (fp16, fp32 and, through ml_dtypes, bf16;
 float64 statistics, rounded to the dtype), sharing memory with the inputs where they are contiguous. Non-contiguous
-inputs are copied first. Bad input raises our ops' ``TypeError`` / ``ValueError`` naming the argument.
+inputs are copied first (attention's are not: it takes any strides). Bad input raises our ops' ``TypeError`` /
+``ValueError`` naming the argument, eagerly and while compiling (the fake implementations check it too).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numpy
 import torch
@@ -37,9 +50,13 @@ from ml_dtypes import bfloat16
 from .. import ops
 from ..ops.config import ActivationType, parse_enum
 from ..ops.matmul import matmul, weight_array
-from ..runtime.arrays import as_array, common_kind, import_cupy, to_caller
+from ..ops.prefill_attention import PREFILL_GEOMETRY, prefill_attention
+from ..ops.prefill_attention_sm90 import prefill_attention_sm90, prefill_sm90_runs
+from ..ops.softmax_context import MAX_HEAD_SIZE, attention_reference
+from ..runtime.arrays import as_array, common_kind, from_dlpack, import_cupy, to_caller
+from ..runtime.kernels import compute_capability
 
-__all__ = ["layer_norm", "linear", "rms_norm"]
+__all__ = ["attention", "layer_norm", "linear", "rms_norm"]
 
 _torch_allocator = None
 
@@ -93,11 +110,14 @@ def _on_one_device(tensors: dict) -> tuple[str, torch.Tensor]:
     return first_name, first
 
 
-def _run(function, tensors: dict, **options) -> torch.Tensor:
+def _run(function, tensors: dict, contiguous: bool = True, **options) -> torch.Tensor:
     """``function(**tensors, **options)``: on CUDA tensors as they are (on torch's stream and allocator), on CPU
-    tensors as NumPy arrays (the reference path); the result as a tensor. The first tensor decides the device."""
+    tensors as NumPy arrays (the reference path); the result as a tensor. The first tensor decides the device.
+    ``contiguous``: copy non-contiguous tensors first (False: the function takes any strides)."""
     first_name, first = _on_one_device(tensors)
-    given = {name: None if t is None else t.detach().contiguous() for name, t in tensors.items()}
+    given = {name: None if t is None else t.detach() for name, t in tensors.items()}
+    if contiguous:
+        given = {name: None if t is None else t.contiguous() for name, t in given.items()}
     if first.device.type == "cuda":
         with _torch_stream(first.device):
             return function(**given, **options)
@@ -178,3 +198,101 @@ def linear(
 def _(x, weight, bias=None, activation=None):
     _on_one_device({"x": x, "weight": weight, "bias": bias})
     return x.new_empty(_linear_shape(x, weight, activation))
+
+
+_ATTENTION_DTYPES = (torch.float16, torch.float32, torch.bfloat16)
+
+
+def _attention_shape(q, k, v, key_mask, scale) -> tuple[int, int, int, int]:
+    """(B, h, S, d), after the checks (the same errors eagerly and while compiling)."""
+    _on_one_device({"q": q, "k": k, "v": v, "key_mask": key_mask})
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            want = "a 4-D [batch, heads, tokens, head size] tensor"
+            raise ValueError(f"{name}: expected {want}; got shape {tuple(t.shape)}")
+    if q.dtype not in _ATTENTION_DTYPES:
+        raise TypeError(f"q: expected dtype float16, float32 or bfloat16; got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: expected dtype {q.dtype} like q; got {t.dtype}")
+    b, h, s, d = q.shape
+    kv = k.shape[1]
+    if k.shape[0] != b or k.shape[2:] != (s, d):
+        want = f"[{b}, kv heads, {s}, {d}] (q's batch, tokens and head size)"
+        raise ValueError(f"k: expected shape {want}; got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v: expected k's shape {tuple(k.shape)}; got {tuple(v.shape)}")
+    if kv == 0 or h % kv:
+        raise ValueError(f"k: expected a number of kv heads that divides q's {h} heads (grouped-query); got {kv}")
+    if d % 8 or not 8 <= d <= MAX_HEAD_SIZE:
+        raise ValueError(f"q: expected a head size that is a multiple of 8 from 8 to {MAX_HEAD_SIZE}; got {d}")
+    if key_mask is not None and (key_mask.dtype != torch.bool or key_mask.shape != (b, s)):
+        raise ValueError(
+            f"key_mask: expected a boolean [batch, keys] = [{b}, {s}] mask (True keeps a key); "
+            f"got {key_mask.dtype} of shape {tuple(key_mask.shape)}"
+        )
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite number; got {scale!r}")
+    return b, h, s, d
+
+
+def _prefill_kernel_runs(dtype, b: int, h: int, s: int, d: int) -> bool:
+    """Whether the prefill kernels take this call: SoftmaxContextOp's conditions (16-bit, their head sizes,
+    compute capability 8.0 and later, the grids' limits)."""
+    return (
+        dtype.itemsize == 2
+        and d in PREFILL_GEOMETRY
+        and b <= 65535
+        and h <= 65535
+        and b * h * s < 2**31
+        and compute_capability() >= 80
+    )
+
+
+def _attention_arrays(q, k, v, key_mask, causal: bool, scale: float):
+    """The context [B, S, h d] of NumPy arrays (the reference, in float64) or CUDA tensors (the prefill kernels,
+    else the reference in fp32), taken as views of any strides: the kernels copy only rows they cannot read
+    (a head size not contiguous or not 16-byte aligned)."""
+    kind = common_kind(q=q, k=k, v=v, key_mask=key_mask)
+    if kind != "numpy":
+        q, k, v = (from_dlpack(name, t) for name, t in (("q", q), ("k", k), ("v", v)))
+        key_mask = None if key_mask is None else from_dlpack("key_mask", key_mask)
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    b, h, s, d = q.shape
+    if kind == "numpy":
+        return attention_reference(q, k, v, numpy.zeros(b, numpy.int64), mask, None, scale, causal)
+    # Every sequence's keys start at slot 0; made on the device (a memset, which a CUDA graph captures).
+    start = import_cupy().zeros(b, numpy.int32)
+    if _prefill_kernel_runs(q.dtype, b, h, s, d):
+        launch = prefill_attention_sm90 if prefill_sm90_runs(d) else prefill_attention
+        context = launch(q, k, v, start, mask, None, scale, causal=causal, window=0)
+    else:
+        context = attention_reference(q, k, v, start, mask, None, scale, causal)
+    return to_caller(context, kind)
+
+
+@torch.library.custom_op("cupy_transformer::attention", mutates_args=())
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``softmax(q k^T * scale + mask) v`` as ``F.scaled_dot_product_attention``: q [B, h, S, d], k and v
+    [B, kv, S, d] (query head i with kv head i // (h / kv)), ``scale`` None for 1 / sqrt(d), ``key_mask`` [B, S]
+    boolean (True keeps a key) or None. Returns [B, h, S, d]."""
+    b, h, s, d = _attention_shape(q, k, v, key_mask, scale)
+    factor = 1 / math.sqrt(d) if scale is None else scale
+    if b * h * s == 0:  # nothing to attend: no launch
+        return q.new_empty((b, s, h, d)).transpose(1, 2)
+    tensors = {"q": q, "k": k, "v": v, "key_mask": key_mask}
+    context = _run(_attention_arrays, tensors, contiguous=False, causal=causal, scale=factor)
+    return context.view(b, s, h, d).transpose(1, 2)  # the kernels' [B, S, h, d] layout, as SDPA's flash path
+
+
+@attention.register_fake
+def _(q, k, v, causal=True, scale=None, key_mask=None):
+    b, h, s, d = _attention_shape(q, k, v, key_mask, scale)
+    return q.new_empty((b, s, h, d)).transpose(1, 2)
