@@ -18,11 +18,12 @@ module's functions of the same names are:
   None for ``1 / sqrt(d)``, ``key_mask`` ``[B, S]`` boolean (True keeps a key: padding) or None; head sizes
   multiples of 8 up to 256. Returns ``[B, h, S, d]``, a transposed view of a ``[B, S, h, d]`` tensor (the
   kernels' layout, as SDPA's flash path returns). A query row whose keys are all masked gives zeros (as SDPA's).
-  On CUDA, fp16 / bf16 at head sizes 32, 64, 80, 96 and 128 run the prefill attention kernels (FlashAttention-2
-  style; compute capability 8.0 and later) on q, k and v as they are, any strides with the head size contiguous
-  and 16-byte aligned (others are copied first); the rest runs ``attention_reference``'s array operations in
-  fp32. The SoftmaxContextOp path is not used: it takes the fused ``[B, S, (h + 2 kv) d]`` projection, which
-  would cost a copy here.
+  On CUDA, fp16 / bf16 at head sizes 32, 64, 80, 96 and 128 run the prefill attention kernel
+  (``ops/prefill_attention.py``, FlashAttention-2 style, compute capability 8.0 and later) on q, k and v as they
+  are: any strides with the head size contiguous and 16-byte aligned (others are copied first). Not the Hopper
+  kernel (``prefill_attention_sm90``), whose tensor maps are uploaded per K/V address, which a capture cannot do.
+  The rest runs ``attention_reference``'s array operations in fp32. Not through SoftmaxContextOp: it takes the
+  fused ``[B, S, (h + 2 kv) d]`` projection, which would cost a copy here, and refuses capture without a cache.
 
 Each has a fake implementation giving the result's shape, dtype and device, which is all the compiler needs to see.
 Inference only: no backward is registered.
@@ -51,7 +52,6 @@ from .. import ops
 from ..ops.config import ActivationType, parse_enum
 from ..ops.matmul import matmul, weight_array
 from ..ops.prefill_attention import PREFILL_GEOMETRY, prefill_attention
-from ..ops.prefill_attention_sm90 import prefill_attention_sm90, prefill_sm90_runs
 from ..ops.softmax_context import MAX_HEAD_SIZE, attention_reference
 from ..runtime.arrays import as_array, common_kind, from_dlpack, import_cupy, to_caller
 from ..runtime.kernels import compute_capability
@@ -237,8 +237,8 @@ def _attention_shape(q, k, v, key_mask, scale) -> tuple[int, int, int, int]:
 
 
 def _prefill_kernel_runs(dtype, b: int, h: int, s: int, d: int) -> bool:
-    """Whether the prefill kernels take this call: SoftmaxContextOp's conditions (16-bit, their head sizes,
-    compute capability 8.0 and later, the grids' limits)."""
+    """Whether the prefill kernel takes this call: SoftmaxContextOp's conditions (16-bit, its head sizes, compute
+    capability 8.0 and later, the grids' limits)."""
     return (
         dtype.itemsize == 2
         and d in PREFILL_GEOMETRY
@@ -250,13 +250,14 @@ def _prefill_kernel_runs(dtype, b: int, h: int, s: int, d: int) -> bool:
 
 
 def _attention_arrays(q, k, v, key_mask, causal: bool, scale: float):
-    """The context [B, S, h d] of NumPy arrays (the reference, in float64) or CUDA tensors (the prefill kernels,
-    else the reference in fp32), taken as views of any strides: the kernels copy only rows they cannot read
-    (a head size not contiguous or not 16-byte aligned)."""
+    """The context [B, S, h d] of NumPy arrays (the reference, in float64) or CUDA tensors (the prefill kernel,
+    else the reference in fp32), taken as views of any strides: the kernel copies only arrays whose rows it
+    cannot read (a head size not contiguous or not 16-byte aligned)."""
     kind = common_kind(q=q, k=k, v=v, key_mask=key_mask)
     if kind != "numpy":
         q, k, v = (from_dlpack(name, t) for name, t in (("q", q), ("k", k), ("v", v)))
-        key_mask = None if key_mask is None else from_dlpack("key_mask", key_mask)
+        # Booleans travel as bytes (DLPack's boolean type is not accepted everywhere), viewed back as booleans.
+        key_mask = None if key_mask is None else from_dlpack("key_mask", key_mask.view(torch.uint8)).view(numpy.bool_)
     mask = None if key_mask is None else key_mask[:, None, None, :]
     b, h, s, d = q.shape
     if kind == "numpy":
@@ -264,8 +265,10 @@ def _attention_arrays(q, k, v, key_mask, causal: bool, scale: float):
     # Every sequence's keys start at slot 0; made on the device (a memset, which a CUDA graph captures).
     start = import_cupy().zeros(b, numpy.int32)
     if _prefill_kernel_runs(q.dtype, b, h, s, d):
-        launch = prefill_attention_sm90 if prefill_sm90_runs(d) else prefill_attention
-        context = launch(q, k, v, start, mask, None, scale, causal=causal, window=0)
+        # prefill_attention.cu on every GPU, not the Hopper kernel: that one reads K and V through tensor maps
+        # made and uploaded per address, which a torch.cuda.graph capture (new addresses, from the graph's
+        # pool) cannot do.
+        context = prefill_attention(q, k, v, start, mask, None, scale, causal=causal, window=0)
     else:
         context = attention_reference(q, k, v, start, mask, None, scale, causal)
     return to_caller(context, kind)
