@@ -379,19 +379,19 @@ def _mask(attention_mask, dtype):
     return _array(attention_mask.to(dtype).contiguous())
 
 
-def _layer_cache(cache, i: int, b: int, s: int, past: int, cfg, like: torch.Tensor):
+def _layer_cache(cache, i: int, placeholder: torch.Tensor, past: int) -> KVCache:
     """Room for this step in layer ``i`` of HF's ``cache``: a one-layer ``KVCache`` view over the tensors
-    ``cache.update`` returns (our op writes the step's keys and values at ``start``) and ``start``."""
-    kv, d = cfg.num_kv, cfg.head_size
-    placeholder = like.new_empty((b, kv, s, d))  # every slot is overwritten by our op before anything reads it
+    ``cache.update`` returns, where our op writes the step's keys and values (at ``past``). ``placeholder``: the
+    step's [B, kv, S, d] (every slot is overwritten by our op before anything reads it; one for every layer, as
+    dynamic and static layers copy what they are given)."""
+    b, kv, s, d = placeholder.shape
     keys, values = cache.update(placeholder, placeholder, i)
     if keys.shape[:2] != (b, kv) or keys.shape[2] < past + s:
         raise ValueError(
             f"cache: layer {i} returned keys of shape {tuple(keys.shape)}; expected [{b}, {kv}, {past + s} or more, "
             f"{d}] (a cache of another batch size or model?)"
         )
-    view = KVCache.over(_array(keys)[None], _array(values)[None])
-    return view, numpy.full(b, past, numpy.int64)
+    return KVCache.over(_array(keys)[None], _array(values)[None])
 
 
 def _forward(inner, *args, **kwargs):
@@ -458,8 +458,12 @@ def _forward(inner, *args, **kwargs):
         x = injection.family.embeddings(inner, ids, position_ids, inputs_embeds)
         xn = layer.norm(x, weights[0].ln1_gamma, weights[0].ln1_beta)
         states = [x]
+        start = placeholder = None
+        if cache is not None:  # where the step's keys go in every layer, and what stands in for them in update
+            start = numpy.full(b, past, numpy.int64)
+            placeholder = param.new_empty((b, layer.config.num_kv, s, layer.config.head_size))
         for i, w in enumerate(weights):
-            view, start = (None, None) if cache is None else _layer_cache(cache, i, b, s, past, layer.config, param)
+            view = None if cache is None else _layer_cache(cache, i, placeholder, past)
             after = (weights[i + 1].ln1_gamma, weights[i + 1].ln1_beta) if i + 1 < len(weights) else final_norm
             x, xn = layer.stack(
                 x, xn, w, after, cache=view, layer_id=0, start=start, attn_mask=mask, position_ids=positions
