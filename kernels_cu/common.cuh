@@ -62,28 +62,23 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return warp_sum(lane < warps ? scratch[lane] : 0.f);
 }
 
-// Programmatic dependent launch (sm_90 and later; `runtime.kernels.programmatic_launches`): a kernel launched so
-// may start while the kernel before it in the stream is still running. allow_dependents() lets the next kernel
-// start once every block of this one has called it (or exited); grid_dependency_wait() returns once the kernel
-// before has finished and its writes are visible. Without such a launch, and before sm_90, both do nothing. A
-// kernel of a family launched so calls grid_dependency_wait() before its first read of anything an earlier
-// kernel writes and before its first global write (which an earlier kernel may still be reading), then
-// allow_dependents(): so only the next kernel's blocks wait beside a running kernel (allowed before the wait, a
-// chain of kernels came to wait on the SMs, and a GPT-2-small step took 1.06x longer).
-__device__ __forceinline__ void allow_dependents() {
+// Programmatic dependent launch (sm_90 and later; `runtime.programmatic`): a kernel launched so may start while
+// the kernel before it in the stream is still running. follow_previous_kernel() waits until that kernel has
+// finished and its writes are visible (griddepcontrol.wait), then lets the next kernel start once every block of
+// this one has called it or exited (launch_dependents). Without such a launch, and before sm_90, it does nothing.
+// A kernel of a family launched so calls it before its first read of anything an earlier kernel writes and
+// before its first global write (which an earlier kernel may still be reading). Waiting first keeps only the next
+// kernel's blocks waiting beside a running one (letting the next start before the wait, a chain of kernels came
+// to wait on the SMs, and a GPT-2-small step took 1.06x longer).
+__device__ __forceinline__ void follow_previous_kernel() {
 #if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
 
-__device__ __forceinline__ void grid_dependency_wait() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 // Asks L2 for `bytes` (a multiple of 16) from p (16-byte aligned) without waiting for them: read-only data that
-// no kernel writes (weights), fetched before grid_dependency_wait() so that the fetch overlaps the kernel before.
+// no kernel writes (weights), fetched before follow_previous_kernel() so that the fetch overlaps the kernel before.
 __device__ __forceinline__ void prefetch_l2(const void* p, unsigned bytes) {
 #if __CUDA_ARCH__ >= 900
     asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");

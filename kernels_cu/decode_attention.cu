@@ -157,8 +157,7 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial(
     const T* __restrict__ alibi, const int* __restrict__ start, float* __restrict__ partial, T* __restrict__ out,
     int* counters, int h, int kv, int d, int max_tokens, int window, int one_block, int mask_kind, int mask_len,
     int alibi_len, float scale) {
-    grid_dependency_wait();
-    allow_dependents();
+    follow_previous_kernel();
     const int c = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, chunks = gridDim.x;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int lanes = d / 8, width = lanes <= 4 ? 4 : lanes <= 8 ? 8 : lanes <= 16 ? 16 : 32;  // lanes per key
@@ -287,8 +286,7 @@ __global__ void __launch_bounds__(32 * W) attention_partial_tc(
     const T* __restrict__ alibi, const int* __restrict__ start, float* __restrict__ partial, T* __restrict__ out,
     int* counters, int h, int kv, int d, int max_tokens, int window, int one_block, int mask_kind, int mask_len,
     int alibi_len, float scale) {
-    grid_dependency_wait();
-    allow_dependents();
+    follow_previous_kernel();
     constexpr int DB = D / 32;  // 32-dim blocks
     const int c = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, chunks = gridDim.x;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;

@@ -19,8 +19,7 @@ template <typename T, int VEC>
 __global__ void embed_tokens(const void* __restrict__ ids, int id_bytes, const T* __restrict__ table,
                              const void* __restrict__ positions, int position_bytes,
                              const T* __restrict__ position_table, T* __restrict__ out, int width, unsigned vectors) {
-    grid_dependency_wait();
-    allow_dependents();
+    follow_previous_kernel();
     using V = Vec<T, VEC>;
     const unsigned w = width;
     for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < vectors; i += gridDim.x * blockDim.x) {

@@ -74,8 +74,7 @@ struct GemvOut {
 template <typename T, int R>
 __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn(GEMV_ARGS) {
     const GEMV_OUT;
-    grid_dependency_wait();
-    allow_dependents();
+    follow_previous_kernel();
     constexpr int VEC = 16 / sizeof(T), LANES_N = 8, TILE = LANES_N * VEC, KGROUPS = GEMV_THREADS / LANES_N;
     using V = Vec<T, VEC>;
     const int lane_n = threadIdx.x % LANES_N, kgroup = threadIdx.x / LANES_N;
@@ -130,8 +129,7 @@ __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn(GEMV_ARGS) {
 template <typename T, int R>
 __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk(GEMV_ARGS) {
     const GEMV_OUT;
-    grid_dependency_wait();
-    allow_dependents();
+    follow_previous_kernel();
     constexpr int VEC = 16 / sizeof(T), NPW = 4, TILE = GEMV_WARPS * NPW;
     using V = Vec<T, VEC>;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -226,8 +224,7 @@ __global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_nk(GEMV_ARGS) {
         const unsigned row_bytes = min((k_end - k_begin) * static_cast<int>(sizeof(T)), prefetch / TILE) & ~15;
         if (row_bytes > 0) prefetch_l2(w + static_cast<size_t>(tile_first + threadIdx.x) * K + k_begin, row_bytes);
     }
-    grid_dependency_wait();
-    allow_dependents();
+    follow_previous_kernel();
     float c[M][4] = {};
     for (int kb = k_begin + warp * U * CK; kb < k_end; kb += GEMV_WARPS * U * CK) {
         uint4 a[U][M][2], b[U];
@@ -285,8 +282,7 @@ __global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_kn(GEMV_ARGS) {
         for (int k = k_begin + threadIdx.x; k < last; k += GEMV_THREADS)
             prefetch_l2(w + static_cast<size_t>(k) * N + tile_first, row_bytes);
     }
-    grid_dependency_wait();
-    allow_dependents();
+    follow_previous_kernel();
     float c[2 * M][4] = {};
     for (int kb = k_begin + warp * U * CK; kb < k_end; kb += GEMV_WARPS * U * CK) {
         uint4 a[U][M][2];

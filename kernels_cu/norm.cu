@@ -143,8 +143,7 @@ __global__ void __launch_bounds__(1024)
     norm_rows(const T* __restrict__ x, const T* __restrict__ residual, const T* __restrict__ add_bias,
               const T* __restrict__ gamma, const T* __restrict__ beta, T* __restrict__ y, T* __restrict__ sum,
               int rows, int width, float eps, int mode, int pre_add, int params_aligned) {
-    grid_dependency_wait();
-    allow_dependents();
+    follow_previous_kernel();
     __shared__ float scratch[32];
     const int row_index = WARP_PER_ROW ? blockIdx.x * blockDim.y + threadIdx.y : blockIdx.x;
     if (WARP_PER_ROW && row_index >= rows) return;  // whole warps leave; their reductions need no barrier

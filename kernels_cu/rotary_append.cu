@@ -18,8 +18,7 @@ __global__ void rotary_append(const T* __restrict__ qkv, const int* __restrict__
                               T* __restrict__ k_out, T* __restrict__ v_out, long long kv_seq, long long kv_head,
                               long long kv_tok, int S, int h, int kv, int d, int rot, int half_style, int copy_v,
                               int has_positions, unsigned pairs) {
-    grid_dependency_wait();
-    allow_dependents();
+    follow_previous_kernel();
     const int heads = h + kv + (copy_v ? kv : 0), width = (h + 2 * kv) * d, per_head = d / 2;
     for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < pairs; i += gridDim.x * blockDim.x) {
         const int p = i % per_head, head = i / per_head % heads, token = i / per_head / heads;

@@ -243,8 +243,7 @@ template <typename T>
 __global__ void __launch_bounds__(SAMPLE_THREADS) sample_tokens(
     const T* __restrict__ logits, long long row_stride, int vocab, const unsigned long long* __restrict__ seed_step,
     int* __restrict__ tokens, float temperature, int top_k, float top_p) {
-    grid_dependency_wait();
-    allow_dependents();
+    follow_previous_kernel();
     __shared__ Selection selection;
     __shared__ unsigned long long max_scratch[SAMPLE_WARPS];
     __shared__ double score_scratch[SAMPLE_WARPS];
@@ -300,8 +299,7 @@ template <typename T>
 __global__ void __launch_bounds__(GREEDY_THREADS) greedy_tokens(
     const T* __restrict__ logits, long long row_stride, int vocab, unsigned long long* partials, int* counters,
     int* __restrict__ tokens) {
-    grid_dependency_wait();
-    allow_dependents();
+    follow_previous_kernel();
     // A thread's 16 elements a pass are AHEAD vectors; a slice is a whole number of GRAIN vectors (8 elements).
     constexpr unsigned VEC = 16 / sizeof(T), AHEAD = 16 / VEC, GRAIN = 8 / VEC;
     using V = Vec<T, VEC>;

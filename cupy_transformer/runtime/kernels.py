@@ -114,7 +114,7 @@ class KernelFamily:
         """``arch``: the one architecture the family is built for (e.g. "90a", for instructions only that
         target has); its launcher must run it on that architecture alone. None: the current device's.
         ``register``: list it in ``registry`` (what warmup and the CI compile cover). ``programmatic``: every
-        kernel of the file waits for the kernel before (``grid_dependency_wait``), so inside
+        kernel of the file waits for the kernel before (``follow_previous_kernel``), so inside
         ``programmatic.programmatic_launches()`` its launches may start early (runtime/programmatic.py)."""
         self.filename = filename
         self.name_expressions = tuple(name_expressions)

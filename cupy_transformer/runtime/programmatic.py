@@ -1,10 +1,10 @@
 """Programmatic dependent launch (compute capability 9.0 and later): a kernel may start while the kernel before it
 in the stream is still running, so that its launch, its blocks' start and whatever it does before
-``grid_dependency_wait()`` (kernels_cu/common.cuh: a GEMV asks L2 for its weights) overlap that kernel's tail. In a
+``follow_previous_kernel()`` (kernels_cu/common.cuh: a GEMV asks L2 for its weights) overlap that kernel's tail. In a
 CUDA graph of many short kernels (a decode step), each node otherwise pays its whole ramp.
 
 CuPy's kernel launch takes no launch attributes, so a family that opts in (``KernelFamily(..., programmatic=True)``:
-every kernel of its file calls ``grid_dependency_wait()`` before it reads another kernel's output or writes memory)
+every kernel of its file calls ``follow_previous_kernel()`` before it reads another kernel's output or writes memory)
 is launched through the driver's ``cuLaunchKernelEx`` with the programmatic-stream-serialization attribute, inside
 ``with programmatic_launches():``. The decode step's capture runs so (a captured launch becomes a programmatic edge
 of the graph); eager launches keep CuPy's faster call (ctypes costs host time where the host is the bottleneck).
