@@ -22,7 +22,7 @@ from .arrays import import_cupy
 #: The bytes of weights a GEMV block asks L2 for before it waits (up to a wave of blocks: a few MB in flight).
 WEIGHT_PREFETCH = 32 * 1024
 
-_state = {"on": False, "prefetch": 0}
+_state = {"on": False}
 _CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # cuda.h's CUlaunchAttributeID
 
 
@@ -55,24 +55,23 @@ def active() -> bool:
 
 
 def weight_prefetch() -> int:
-    """The bytes a GEMV block prefetches before it waits: ``WEIGHT_PREFETCH`` inside ``programmatic_launches``
-    (unless turned off there), else 0 (a kernel that does not start early has nothing to overlap)."""
-    return _state["prefetch"]
+    """The bytes a GEMV block prefetches before it waits: ``WEIGHT_PREFETCH`` inside ``programmatic_launches``,
+    else 0 (a kernel that does not start early has nothing to overlap)."""
+    return WEIGHT_PREFETCH if _state["on"] else 0
 
 
 @contextlib.contextmanager
-def programmatic_launches(enabled: bool = True, prefetch: bool = True):
+def programmatic_launches(enabled: bool = True):
     """Launches of opted-in families inside are programmatic on compute capability 9.0 and later (``enabled``:
-    False turns them off, for a comparison); ``prefetch``: whether GEMV blocks prefetch their weights then."""
+    False turns them off, for a comparison)."""
     from .kernels import compute_capability
 
-    on = enabled and compute_capability() >= 90
-    saved = dict(_state)
-    _state.update(on=on, prefetch=WEIGHT_PREFETCH if on and prefetch else 0)
+    saved = _state["on"]
+    _state["on"] = enabled and compute_capability() >= 90
     try:
         yield
     finally:
-        _state.update(saved)
+        _state["on"] = saved
 
 
 def _cu_launch_kernel_ex():
