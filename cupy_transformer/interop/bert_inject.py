@@ -45,6 +45,7 @@ from ..layers import PostLNLayer, PostLNWeights
 from ..models.bert import inference_config
 from ..ops.softmax_context import MAX_HEAD_SIZE
 from ..runtime.arrays import from_dlpack, import_cupy
+from .torch import fuse_rows
 from .torch_ops import _as_numpy, _from_numpy, _torch_stream
 
 __all__ = ["InjectedBertLayer", "inject_bert"]
@@ -151,30 +152,11 @@ def _check_layer(where: str, layer, config) -> None:
             )
 
 
-def _fuse(attention) -> tuple[torch.Tensor, torch.Tensor]:
-    """One ``[3H, H]`` weight and ``[3H]`` bias holding Q, K and V, with the three Linears' Parameters pointed at
-    row blocks of them (their old storage is then freed). Outside inference mode, so that the Parameters stay
-    ordinary tensors (``load_state_dict`` copies into them)."""
+def _fuse(attention, fused=(None, None)) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``[3H, H]`` weight and ``[3H]`` bias holding Q, K and V (``fused`` where the three Linears' Parameters
+    are still its row blocks), the Parameters pointed at row blocks of them (``interop.torch.fuse_rows``)."""
     linears = (attention.query, attention.key, attention.value)
-    with torch.inference_mode(False), torch.no_grad():
-        weight = torch.cat([linear.weight.detach() for linear in linears])
-        bias = torch.cat([linear.bias.detach() for linear in linears])
-        rows = linears[0].weight.shape[0]
-        for i, linear in enumerate(linears):
-            linear.weight.data = weight[i * rows : (i + 1) * rows]
-            linear.bias.data = bias[i * rows : (i + 1) * rows]
-    return weight, bias
-
-
-def _is_block(part: torch.Tensor, whole: torch.Tensor, i: int) -> bool:
-    """``part`` is still row block ``i`` of three of ``whole`` (same storage, place, dtype and device)."""
-    return (
-        part.device == whole.device
-        and part.dtype == whole.dtype
-        and part.is_contiguous()
-        and 3 * part.shape[0] == whole.shape[0]
-        and part.data_ptr() == whole.data_ptr() + i * part.numel() * part.element_size()
-    )
+    return tuple(fuse_rows([getattr(lin, name) for lin in linears], f) for name, f in zip(("weight", "bias"), fused))
 
 
 class _EncoderState:
@@ -278,12 +260,7 @@ class InjectedBertLayer(BertLayer):
         """The layer's Parameters (detached), Q, K and V as the fused weight and bias (fused again if they are no
         longer its views)."""
         a = self.attention
-        linears = (a.self.query, a.self.key, a.self.value)
-        fused = self._ct_qkv
-        if fused is None or not all(
-            _is_block(lin.weight, fused[0], i) and _is_block(lin.bias, fused[1], i) for i, lin in enumerate(linears)
-        ):
-            fused = self._ct_qkv = _fuse(a.self)
+        fused = self._ct_qkv = _fuse(a.self, self._ct_qkv or (None, None))
         parts = (a.output.dense, a.output.LayerNorm, self.intermediate.dense, self.output.dense, self.output.LayerNorm)
         (w_o, b_o), (g1, be1), (w1, b1), (w2, b2), (g2, be2) = ((m.weight.detach(), m.bias.detach()) for m in parts)
         return PostLNWeights(fused[0], fused[1], w_o, b_o, g1, be1, w1, b1, w2, b2, g2, be2)

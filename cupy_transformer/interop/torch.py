@@ -97,13 +97,11 @@ class InjectedBlock(nn.Module):
         return f"{self.original} {self.layer_idx} on cupy_transformer's ops"
 
 
-def _fuse(block: InjectedBlock, key: str, params: list) -> torch.Tensor | None:
-    """The rows of ``params`` (Parameters, or all None) stacked in one tensor that each Parameter is a view of:
-    ``block.fused[key]`` where they still are, else a new one with the values copied in and the Parameters'
-    ``.data`` re-pointed at it (one storage: no second copy)."""
-    if params[0] is None:
-        return None
-    fused = block.fused.get(key)
+def fuse_rows(params: list, fused: torch.Tensor | None) -> torch.Tensor:
+    """The rows of ``params`` (Parameters) stacked in one tensor that each is a view of: ``fused`` where they still
+    are its views (same device, dtype and places), else a new one with their values copied in and their ``.data``
+    re-pointed at it (one storage: no second copy). Made outside inference mode, so that the Parameters stay
+    ordinary tensors (``load_state_dict`` copies into them)."""
     if fused is not None and fused.device == params[0].device and fused.dtype == params[0].dtype:
         offset, row = 0, fused.stride(0) * fused.element_size()
         for p in params:
@@ -112,13 +110,21 @@ def _fuse(block: InjectedBlock, key: str, params: list) -> torch.Tensor | None:
             offset += p.shape[0]
         else:
             return fused
-    fused = torch.cat([p.detach() for p in params])
-    offset = 0
-    for p in params:
-        p.data = fused[offset : offset + p.shape[0]]
-        offset += p.shape[0]
-    block.fused[key] = fused
+    with torch.inference_mode(False), torch.no_grad():
+        fused = torch.cat([p.detach() for p in params])
+        offset = 0
+        for p in params:
+            p.data = fused[offset : offset + p.shape[0]]
+            offset += p.shape[0]
     return fused
+
+
+def _fuse(block: InjectedBlock, key: str, params: list) -> torch.Tensor | None:
+    """``fuse_rows`` of ``params`` (or None where they are None) kept as ``block.fused[key]``."""
+    if params[0] is None:
+        return None
+    block.fused[key] = fuse_rows(params, block.fused.get(key))
+    return block.fused[key]
 
 
 class _GPT2:
