@@ -37,16 +37,15 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy
 import torch
 from transformers.models.bert.modeling_bert import BertLayer, BertModel
 
 from ..layers import PostLNLayer, PostLNWeights
 from ..models.bert import inference_config
 from ..ops.softmax_context import MAX_HEAD_SIZE
-from ..runtime.arrays import from_dlpack, import_cupy
+from ..runtime.arrays import import_cupy
 from .torch import fuse_rows
-from .torch_ops import _as_numpy, _from_numpy, _torch_stream
+from .torch_ops import _as_backend, _as_numpy, _from_numpy, _torch_stream
 
 __all__ = ["InjectedBertLayer", "inject_bert"]
 
@@ -208,21 +207,13 @@ def _key_mask(mask):
     return mask.contiguous()
 
 
-def _cupy(name: str, tensor: torch.Tensor):
-    """A CUDA tensor as a CuPy array on its memory. Booleans travel as bytes (DLPack's boolean type is not
-    accepted everywhere) and are viewed back as booleans."""
-    if tensor.dtype == torch.bool:
-        return from_dlpack(name, tensor.view(torch.uint8)).view(numpy.bool_)
-    return from_dlpack(name, tensor)
-
-
 def _run(layer: PostLNLayer, x: torch.Tensor, weights: PostLNWeights, keys) -> torch.Tensor:
     """``layer`` on torch tensors: CUDA ones as CuPy arrays on their memory (torch's stream and allocator), CPU
     ones as NumPy views (the reference path)."""
     tensors = {"hidden_states": x, "attention_mask": keys, **vars(weights)}
     if x.device.type == "cuda":
         with _torch_stream(x.device):
-            arrays = {name: None if t is None else _cupy(name, t) for name, t in tensors.items()}
+            arrays = {name: None if t is None else _as_backend(name, t) for name, t in tensors.items()}
             return torch.from_dlpack(_call(layer, arrays))
     if x.device.type != "cpu":
         raise ValueError(f"hidden_states: expected a CPU or CUDA tensor; got one on {x.device}")

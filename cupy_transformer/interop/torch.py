@@ -59,8 +59,8 @@ from ..layers import PreLNLayer, PreLNWeights
 from ..models.gpt2 import gpt2_config
 from ..models.llama import llama_config
 from ..ops import embed
-from ..runtime.arrays import from_dlpack, import_cupy
-from .torch_ops import _as_numpy, _from_numpy, _torch_stream
+from ..runtime.arrays import import_cupy
+from .torch_ops import _as_backend, _from_numpy, _torch_stream
 
 __all__ = ["InjectedBlock", "inject"]
 
@@ -70,8 +70,7 @@ _ATTRIBUTE = "_cupy_transformer_injection"  # on the inner model: its _Injection
 
 def _array(tensor: torch.Tensor):
     """``tensor`` as the backend's array sharing its memory: CuPy for CUDA tensors, NumPy for CPU ones."""
-    tensor = tensor.detach()
-    return from_dlpack("tensor", tensor) if tensor.device.type == "cuda" else _as_numpy(tensor)
+    return _as_backend("tensor", tensor)
 
 
 def _tensor(array) -> torch.Tensor:
@@ -380,8 +379,7 @@ def _mask(attention_mask, dtype):
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() not in (2, 4):
         raise TypeError(f"attention_mask: expected a 2-D or 4-D tensor or None; got {attention_mask!r:.80}")
     if attention_mask.dim() == 2 or attention_mask.dtype == torch.bool:
-        # Booleans made on the backend's side (a byte copy in between: no bool tensor crosses DLPack).
-        return _array((attention_mask != 0).to(torch.uint8).contiguous()) != 0
+        return _array((attention_mask != 0).contiguous())  # booleans (they cross DLPack as bytes: _as_backend)
     return _array(attention_mask.to(dtype).contiguous())
 
 

@@ -93,6 +93,18 @@ def _as_numpy(tensor: torch.Tensor) -> numpy.ndarray:
     return tensor.numpy()
 
 
+def _as_backend(name: str, tensor: torch.Tensor):
+    """``tensor`` as the backend's array on its memory: a CuPy array for a CUDA tensor (through DLPack; booleans
+    travel as bytes, DLPack's boolean type not being accepted everywhere, and are viewed back as booleans), a NumPy
+    view for a CPU one (``_as_numpy``). ``name``: the argument, for errors."""
+    tensor = tensor.detach()
+    if tensor.device.type != "cuda":
+        return _as_numpy(tensor)
+    if tensor.dtype == torch.bool:
+        return from_dlpack(name, tensor.view(torch.uint8)).view(numpy.bool_)
+    return from_dlpack(name, tensor)
+
+
 def _from_numpy(array: numpy.ndarray) -> torch.Tensor:
     if array.dtype == bfloat16:
         return torch.from_numpy(array.view(numpy.int16)).view(torch.bfloat16)
@@ -255,9 +267,8 @@ def _attention_arrays(q, k, v, key_mask, causal: bool, scale: float):
     cannot read (a head size not contiguous or not 16-byte aligned)."""
     kind = common_kind(q=q, k=k, v=v, key_mask=key_mask)
     if kind != "numpy":
-        q, k, v = (from_dlpack(name, t) for name, t in (("q", q), ("k", k), ("v", v)))
-        # Booleans travel as bytes (DLPack's boolean type is not accepted everywhere), viewed back as booleans.
-        key_mask = None if key_mask is None else from_dlpack("key_mask", key_mask.view(torch.uint8)).view(numpy.bool_)
+        q, k, v = (_as_backend(name, t) for name, t in (("q", q), ("k", k), ("v", v)))
+        key_mask = None if key_mask is None else _as_backend("key_mask", key_mask)
     mask = None if key_mask is None else key_mask[:, None, None, :]
     b, h, s, d = q.shape
     if kind == "numpy":
