@@ -4,9 +4,11 @@ in one process: prefill ms and decode ms/token of four variants of the same weig
 - eager: the original, transformers eager (sdpa, its dynamic cache);
 - HF static + compile: the original with ``cache_implementation="static"``, whose decoding step transformers compiles
   itself (as ``benchmarks/e2e.py`` runs it; on CUDA only: transformers compiles nothing on the CPU);
-- injected: ``inject`` of a deep copy of the original (the same weights), Hugging Face's dynamic cache;
-- injected static: the injected copy with ``cache_implementation="static"`` (``inject`` turns generate's own compile
-  off, as TorchDynamo cannot trace our CuPy launches: this is the static cache run eagerly on our ops).
+- injected: ``inject`` of a deep copy of the original (the same weights), whose
+  ``generate`` is served by our decode loop (``interop.causal_lm``: the captured step, the sampler on the device);
+- injected, HF loop: ``inject(..., fast_generate=False)`` of another copy: Hugging Face's own generation loop calling
+  the injected forward each step with its dynamic cache, which is what the calls our loop does not serve get (beam
+  search, logits processors, a cache passed in).
 
 The models are ``cupy_transformer.bench`` shapes (GPT-2 small / XL in fp16, a LLaMA-3.2-1B shape in bf16) built by
 transformers with its own random initialisation (``benchmarks.common.hf_model``); prompts are random token ids
@@ -47,12 +49,12 @@ TINY = {
         "float32",
     )
 }
-VARIANTS = ("eager", "compiled", "injected", "injected static")
+VARIANTS = ("eager", "compiled", "injected", "injected hf loop")
 LABELS = {
     "eager": "HF eager",
     "compiled": "HF static + compile",
     "injected": "injected",
-    "injected static": "injected, static cache",
+    "injected hf loop": "injected, Hugging Face's loop",
 }
 #: DeepSpeed 0.19.8's kernel injection on an H200, as issue 27 records it (not measured here): ms/token of its
 #: injected model and of Hugging Face eager in the same run.
@@ -129,14 +131,14 @@ def table_head(new_tokens: int, prompt: int) -> list[str]:
     return [
         f"Hugging Face generate(), greedy, {prompt}-token prompts, {new_tokens} new tokens. Decode ms/token: a step "
         "of every sequence; prefill: one new token. eager: transformers eager (sdpa, dynamic cache); compiled: its "
-        "static cache with the step compiled by transformers; injected: `inject` of a copy of the same model (its "
-        "dynamic cache); injected static: the injected copy with the static cache (run eagerly: inject turns "
-        "generate's compile off). x columns: eager's (compiled's) ms/token over the injected one's, above 1 the "
-        "injected is faster. Agree: leading greedy tokens of sequence 0 equal to eager's (compiled, injected, "
-        "injected static).\n",
-        "| model | dtype | batch | eager ms/token | compiled | injected | injected static | injected vs eager "
-        "| vs compiled | injected static vs eager | vs compiled | prefill ms: eager | compiled | injected "
-        "| injected static | agree |",
+        "static cache with the step compiled by transformers; injected: `inject` of a copy of the same model, its "
+        "generate() served by our decode loop; HF loop: another injected copy with `fast_generate=False`, Hugging "
+        "Face's loop and dynamic cache calling the injected forward (what beam search and logits processors get). x "
+        "columns: eager's (compiled's) ms/token over the injected one's, above 1 the injected is faster. Agree: "
+        "leading greedy tokens of sequence 0 equal to eager's (compiled, injected, HF loop).\n",
+        "| model | dtype | batch | eager ms/token | compiled | injected | HF loop | injected vs eager "
+        "| vs compiled | HF loop vs eager | vs compiled | prefill ms: eager | compiled | injected "
+        "| HF loop | agree |",
         "|---" * 16 + "|",
     ]
 
@@ -147,7 +149,7 @@ def row(shape: str, dtype: str, batch: int, results: dict, agree: dict) -> str:
     decode = [ms(r[v], "decode_ms", 3) for v in VARIANTS]
     prefill = [ms(r[v], "prefill_ms", 2) for v in VARIANTS]
     ratios = [
-        ratio(r[base], r[injected]) for injected in ("injected", "injected static") for base in ("eager", "compiled")
+        ratio(r[base], r[injected]) for injected in ("injected", "injected hf loop") for base in ("eager", "compiled")
     ]
     agreed = ", ".join(agree.get(v, "–") for v in VARIANTS[1:])
     return "| " + " | ".join([shape, dtype, str(batch), *decode, *ratios, *prefill, agreed]) + " |"
@@ -176,7 +178,7 @@ def timed(label: str, failures: list, fn):
         return None
 
 
-def measure(original, injected, prompts, new_tokens: int, cuda: bool, failures: list, where: str) -> dict:
+def measure(original, injected, looped, prompts, new_tokens: int, cuda: bool, failures: list, where: str) -> dict:
     """variant -> ``hf_times`` result (None where it failed or cannot run: the compiled static cache on the CPU)."""
     from benchmarks.common import hf_times
 
@@ -184,7 +186,7 @@ def measure(original, injected, prompts, new_tokens: int, cuda: bool, failures: 
         "eager": (original, False),
         "compiled": (original, True),
         "injected": (injected, False),
-        "injected static": (injected, True),
+        "injected hf loop": (looped, False),
     }
     results = {}
     for variant, (model, static) in runs.items():
@@ -263,10 +265,11 @@ def main(argv=None) -> str:
         config, dtype = shape_config(shape)
         original = hf_model_from(config, dtype, args.device)
         injected = inject(copy.deepcopy(original))  # copied before any run: nothing compiled is carried over
+        looped = inject(copy.deepcopy(original), fast_generate=False)
         for batch in args.batches:
             prompts = bench.prompts_for(original.config.vocab_size, batch, args.prompt)
             where = f"{shape} batch {batch}"
-            results = measure(original, injected, prompts, args.new_tokens, cuda, failures, where)
+            results = measure(original, injected, looped, prompts, args.new_tokens, cuda, failures, where)
             lines.append(row(shape, dtype, batch, results, agreements(results)))
             print(lines[-1], flush=True)
             groups.append(f"{shape}\nbatch {batch}")
@@ -274,7 +277,7 @@ def main(argv=None) -> str:
                 curves[v].append(results[v]["decode_ms"] if results[v] else None)
             if cuda:
                 free_gpu_memory()
-        del original, injected
+        del original, injected, looped
         if cuda:
             torch._dynamo.reset()  # the compiled steps of this model, which hold it and their CUDA graphs' memory
         gc.collect()

@@ -42,14 +42,14 @@ def test_ratio_and_row():
     injected, static = {"decode_ms": 4.0, "prefill_ms": 8.0}, {"decode_ms": 2.5, "prefill_ms": 9.0}
     assert bench_inject.ratio(eager, injected) == "2.50x" and bench_inject.ratio(compiled, injected) == "1.25x"
     assert bench_inject.ratio(None, injected) == bench_inject.ratio(eager, None) == "–"
-    results = {"eager": eager, "compiled": compiled, "injected": injected, "injected static": static}
-    agree = {"compiled": "129/129", "injected": "40/129", "injected static": "41/129"}
+    results = {"eager": eager, "compiled": compiled, "injected": injected, "injected hf loop": static}
+    agree = {"compiled": "129/129", "injected": "40/129", "injected hf loop": "41/129"}
     line = bench_inject.row("gpt2-xl", "float16", 16, results, agree)
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells == [
         *("gpt2-xl", "float16", "16"),
         *("10.000", "5.000", "4.000", "2.500"),  # decode ms/token
-        *("2.50x", "1.25x", "4.00x", "2.00x"),  # injected vs eager, vs compiled; the same for injected static
+        *("2.50x", "1.25x", "4.00x", "2.00x"),  # injected vs eager, vs compiled; the same for the HF loop
         *("20.00", "30.00", "8.00", "9.00"),  # prefill ms
         "129/129, 40/129, 41/129",
     ]
@@ -88,6 +88,6 @@ def test_quick_run_on_the_cpu(tmp_path, monkeypatch):
 
 def test_plot_draws_the_variants_that_ran(tmp_path):
     pytest.importorskip("matplotlib")
-    curves = {"eager": [10.0, 20.0], "compiled": [None, None], "injected": [4.0, None], "injected static": [3.0, 5.0]}
+    curves = {"eager": [10.0, 20.0], "compiled": [None, None], "injected": [4.0, None], "injected hf loop": [3.0, 5.0]}
     path = bench_inject.plot(curves, ["a\nbatch 1", "a\nbatch 16"], "title", str(tmp_path / "p.png"))
     assert path and (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

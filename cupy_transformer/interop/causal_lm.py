@@ -64,12 +64,15 @@ ACCEPTED = frozenset(
         "min_length",  # without an eos nothing (else it falls back)
         "min_new_tokens",
         "use_cache",  # the same tokens with or without one
+        "cache_implementation",  # "static" / "dynamic": the same tokens (our loop keeps its own cache); others fall back
         "disable_compile",  # Hugging Face's compile of a static-cache step (inject turns it off)
         "compile_config",
         "transformers_version",  # metadata
         "_from_model_config",
     }
 )
+# A static cache asks for fixed shapes so that the step can be compiled: our loop's captured step is that already.
+_SERVED_CACHES = (None, "dynamic", "static")
 DECODERS_KEPT = 4  # Decoders (each with its KV cache and captured graph) per injected model
 
 
@@ -193,6 +196,8 @@ def _plan(model, args, kwargs) -> _Plan | None:
     settings = config.to_dict()
     if any(k not in ACCEPTED and not _at_default(v, defaults.get(k)) for k, v in settings.items()):
         return None
+    if settings.get("cache_implementation") not in _SERVED_CACHES:
+        return None  # offloaded, quantized, sliding-window, hybrid: Hugging Face's loop
     ids = model_kwargs.get("input_ids") if inputs is None else inputs
     if inputs is not None and model_kwargs.get("input_ids") is not None:
         return None

@@ -70,7 +70,11 @@ def test_greedy_padded_batch_and_batch_of_one(family):
     decoder = fast(injected).decoders[(2, 25)]
     want, got = both(original, injected, ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
     assert torch.equal(got, want) and fast(injected).decoders[(2, 25)] is decoder
-    assert fast(injected).served == 3
+    # A static cache asks for what our loop does anyway (fixed shapes, a captured step): served, the same decoder.
+    want, got = both(original, injected, ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                     cache_implementation="static")  # fmt: skip
+    assert torch.equal(got, want) and fast(injected).decoders[(2, 25)] is decoder
+    assert fast(injected).served == 4
 
 
 def test_eos_mid_way_pads_and_stops_as_hugging_face():
@@ -141,10 +145,10 @@ def test_sampling_is_seeded_and_draws_allowed_tokens(family):
         dict(repetition_penalty=1.3),
         dict(output_scores=True, return_dict_in_generate=True),
         dict(logits_processor=transformers.LogitsProcessorList([transformers.MinLengthLogitsProcessor(30, 5)])),
-        dict(cache_implementation="static"),
+        dict(cache_implementation="sliding_window"),
         dict(right_padding=True),
     ],
-    ids=["beams", "repetition_penalty", "scores", "logits_processor", "static_cache", "right_padding"],
+    ids=["beams", "repetition_penalty", "scores", "logits_processor", "sliding_window_cache", "right_padding"],
 )
 def test_unserved_calls_fall_back_to_hugging_face(options):
     original, injected = pair("qwen2")
