@@ -10,8 +10,8 @@ forward). Prints each variant's wall time and the functions with the most cumula
 from __future__ import annotations
 
 import argparse
-import cProfile
 import copy
+import cProfile
 import os
 import pstats
 import sys

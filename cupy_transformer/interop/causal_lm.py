@@ -64,7 +64,7 @@ ACCEPTED = frozenset(
         "min_length",  # without an eos nothing (else it falls back)
         "min_new_tokens",
         "use_cache",  # the same tokens with or without one
-        "cache_implementation",  # "static" / "dynamic": the same tokens (our loop keeps its own cache); others fall back
+        "cache_implementation",  # "static" / "dynamic" (_SERVED_CACHES): our loop keeps its own cache; others fall back
         "disable_compile",  # Hugging Face's compile of a static-cache step (inject turns it off)
         "compile_config",
         "transformers_version",  # metadata

@@ -58,13 +58,10 @@ from ..runtime.kernels import compute_capability
 
 __all__ = ["attention", "layer_norm", "linear", "rms_norm"]
 
-_torch_allocator = None
-
-
-def _torch_malloc(size: int, device_id: int) -> int:
-    return torch.cuda.caching_allocator_alloc(size, device_id, torch.cuda.current_stream(device_id))
-
-
+# Per torch stream (its CUDA pointer): a CuPy allocator drawing from torch's caching allocator for that stream. The
+# stream is bound once here, not looked up per allocation (torch.cuda.caching_allocator_alloc asks torch for the
+# current stream and enters the device each call, which cost more than the rest of an allocation).
+_torch_allocators: dict = {}
 _raw_delete = None  # torch's C function, held so that frees at interpreter exit outlive torch.cuda's module globals
 
 
@@ -72,19 +69,31 @@ def _torch_free(pointer: int, device_id: int) -> None:
     _raw_delete(pointer)
 
 
+def _allocator_for(stream: int):
+    global _raw_delete
+    allocator = _torch_allocators.get(stream)
+    if allocator is None:
+        _raw_delete = torch._C._cuda_cudaCachingAllocator_raw_delete  # what torch.cuda.caching_allocator_delete calls
+        raw_alloc = torch._C._cuda_cudaCachingAllocator_raw_alloc  # on torch's current device: _torch_stream sets it
+
+        def malloc(size: int, device_id: int) -> int:
+            return raw_alloc(size, stream)
+
+        allocator = _torch_allocators[stream] = import_cupy().cuda.memory.PythonFunctionAllocator(malloc, _torch_free)
+    return allocator
+
+
 @contextlib.contextmanager
 def _torch_stream(device: torch.device):
     """CuPy on ``device``, on torch's current stream there, allocating from torch's caching allocator."""
-    global _torch_allocator, _raw_delete
     cupy = import_cupy()
-    if _torch_allocator is None:
-        _raw_delete = torch._C._cuda_cudaCachingAllocator_raw_delete  # what torch.cuda.caching_allocator_delete calls
-        _torch_allocator = cupy.cuda.memory.PythonFunctionAllocator(_torch_malloc, _torch_free)
     stream = torch.cuda.current_stream(device)
     # torch's legacy default stream is CUDA's null stream, which is CuPy's own default.
     cupy_stream = cupy.cuda.Stream.null if stream.cuda_stream == 0 else cupy.cuda.Stream.from_external(stream)
-    with cupy.cuda.Device(device.index), cupy_stream, cupy.cuda.using_allocator(_torch_allocator.malloc):
-        yield
+    allocator = _allocator_for(stream.cuda_stream)
+    with torch.cuda.device(device), cupy.cuda.Device(device.index), cupy_stream:
+        with cupy.cuda.using_allocator(allocator.malloc):
+            yield
 
 
 def _as_numpy(tensor: torch.Tensor) -> numpy.ndarray:
