@@ -9,9 +9,14 @@
 // Per key j in [lo, hi) of sequence b (the slots up to its query's, start[b]; a window keeps the last ones):
 // s = q . k_j * scale (+ mask[b, j] additive, or dropped where the boolean mask is false) (+ alibi[b, head, j]);
 // context = sum_j softmax(s)_j v_j (fp32 throughout, one rounding).
+//
+// The query comes from the fused QKV projection (or a q array: then turned, its key and value already in the
+// cache): with `append`, the kernel turns the token's query and key (rotary.cuh, what rotary_append does, to the
+// bit) and writes its key and value into cache slot start[b], in place of a rotary_append launch a layer.
 #include "common.cuh"
 #include "mask.cuh"
 #include "mma.cuh"
+#include "rotary.cuh"
 
 namespace ct {
 
@@ -101,6 +106,35 @@ struct KeyChunk {
     }
 };
 
+// Sequence b's new token for a block of kv head kvh (src: its row of the projection, [q heads | kv key heads |
+// kv value heads] of d each, or of a q array [h, d]): query heads kvh * group + i, i < n, into sq (row i at
+// sq + i d), turned (pairs p < rot / 2, at `position`, rounded once to T as rotary_append rounds); where `own`
+// the kv head's key (turned) and value into sk and sv and into their cache slot (k_slot, v_slot). A thread a
+// pair p (its angle computed once) and every (THREADS / (d / 2))-th head. The caller syncs before reading.
+template <int THREADS, typename T>
+__device__ void stage_token(const T* __restrict__ src, int n, int h, int kv, int kvh, int group, int d, int rot,
+                            bool half_style, const float* __restrict__ inv_freq, int position, bool own, T* sq,
+                            T* sk, T* sv, T* k_slot, T* v_slot) {
+    const int half = d / 2, per = THREADS / half, p = threadIdx.x % half;  // d <= 2 THREADS: per >= 1
+    if (threadIdx.x >= per * half) return;
+    const bool turn = p < rot / 2;
+    const float2 cs_sn = turn ? rotary_cos_sin(position, inv_freq[p]) : make_float2(1.f, 0.f);
+    for (int i = threadIdx.x / half; i < n + (own ? 2 : 0); i += per) {
+        const bool value = i == n + 1, turned = turn && !value;
+        const T* x = src + (i < n ? kvh * group + i : h + kvh + (value ? kv : 0)) * d;
+        const int2 e = rotary_pair(p, rot, turned, half_style);
+        float2 y = make_float2(to_float(x[e.x]), to_float(x[e.y]));
+        if (turned) y = rotary_turn(y.x, y.y, cs_sn);
+        const T y0 = from_float<T>(y.x), y1 = from_float<T>(y.y);
+        T* to = i < n ? sq + i * d : value ? sv : sk;
+        to[e.x] = y0, to[e.y] = y1;
+        if (i >= n) {
+            T* slot = value ? v_slot : k_slot;
+            slot[e.x] = y0, slot[e.y] = y1;
+        }
+    }
+}
+
 // partial rows [B, h, chunks, d + 4]: a chunk's weighted V sum (d), then m (natural-log units) and l, and two
 // unused slots (16-byte rows). Called by every thread of a partial block after its rows are written: the
 // last block of this (sequence, kv head) to finish (counter: zero between launches, reset here) merges the
@@ -145,7 +179,15 @@ __device__ void merge_chunks(const float* __restrict__ partial, T* __restrict__ 
     if (threadIdx.x == 0) *counter = 0;
 }
 
-// q [B, h, d] (rotated, one token); k, v: one layer's cache [B, kv, max_tokens, d]; mask [B, mask_len]
+// q: sequence b's token at q + b q_seq, query heads first (d each): the projection [B, (h + 2 kv) d] (append
+// set: the query and key turned here where rot > 0, at positions[b] if has_positions, else start[b]; the key
+// and value written to cache slot start[b]), or q [B, h, d] (turned, the slot written already; rot 0, append 0);
+// inv_freq [rot / 2]; half_style: rotate-half pairs, else every-two.
+// k, v: one layer's cache [B, kv, max_tokens, d], read; k_out, v_out: the same arrays, written at start[b] only,
+// by the block whose chunk holds it (the sequence's last). That block feeds the new key and value from shared
+// memory into its own scores and sums, and no block reads the slot from global memory: the cache loads are
+// non-coherent (ld.global.nc through const __restrict__, load_stream) and would not be sure to see a write
+// of this kernel, even after a barrier; the other blocks' keys all lie below the slot. mask [B, mask_len]
 // (T, or bool as bytes; read if mask_kind says so) and alibi [B, h, alibi_len] (read if alibi_len > 0);
 // start [B]: the query's cache slot (keys as KeyChunk says; window 0: none; one_block: the most keys one block takes whole);
 // partial [B, h, chunks, d + 4] fp32 (merge_chunks' rows), out [B, h, d] the context, counters [B, kv] zero.
@@ -153,10 +195,11 @@ __device__ void merge_chunks(const float* __restrict__ partial, T* __restrict__ 
 // d <= 256, arrays 16-byte aligned. Grid (chunks, kv, B).
 template <typename T, int G>
 __global__ void __launch_bounds__(DA_THREADS) attention_partial(
-    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const void* __restrict__ mask,
+    const T* __restrict__ q, const int* __restrict__ positions, const float* __restrict__ inv_freq,
+    const T* __restrict__ k, const T* __restrict__ v, T* k_out, T* v_out, const void* __restrict__ mask,
     const T* __restrict__ alibi, const int* __restrict__ start, float* __restrict__ partial, T* __restrict__ out,
-    int* counters, int h, int kv, int d, int max_tokens, int window, int one_block, int mask_kind, int mask_len,
-    int alibi_len, float scale) {
+    int* counters, long long q_seq, int h, int kv, int d, int max_tokens, int window, int one_block, int mask_kind,
+    int mask_len, int alibi_len, int rot, int half_style, int has_positions, int append, float scale) {
     follow_previous_kernel();
     const int c = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, chunks = gridDim.x;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -164,23 +207,29 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial(
     const int per_warp = 32 / width, sub = lane % width, slot = lane / width;
     const bool active = sub < lanes;
     const int group = h / kv;  // query heads of this kv head: kvh * group ..
-    const KeyChunk span(start[b], window, one_block, c, chunks);
+    const int self = start[b];  // the new token's slot
+    const KeyChunk span(self, window, one_block, c, chunks);
     if (c >= span.used) return;
     const int first = span.first, last = span.last;
+    const bool own = append && c == span.used - 1;  // this block writes the slot and feeds it from sk, sv
 
+    const size_t row0 = (static_cast<size_t>(b) * kv + kvh) * max_tokens;
+    __shared__ __align__(32) T sq[G * DA_MAX_D], sk[DA_MAX_D], sv[DA_MAX_D];
+    stage_token<DA_THREADS>(q + b * q_seq, group, h, kv, kvh, group, d, rot, half_style, inv_freq,
+                            has_positions ? positions[b] : self, own, sq, sk, sv, k_out + (row0 + self) * d,
+                            v_out + (row0 + self) * d);
+    __syncthreads();
     float qf[G][8];
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-        const int head = kvh * group + g;
 #pragma unroll
         for (int e = 0; e < 8; ++e) qf[g][e] = 0.f;
         if (active && g < group) {
-            load8(q + (static_cast<size_t>(b) * h + head) * d + sub * 8, qf[g]);
+            load8(sq + g * d + sub * 8, qf[g]);
 #pragma unroll
             for (int e = 0; e < 8; ++e) qf[g][e] *= scale;
         }
     }
-    const size_t row0 = (static_cast<size_t>(b) * kv + kvh) * max_tokens;
     Running run[G];
     // U keys per lane group per step, their K and V loads issued before any is used. Warp-uniform bounds
     // (the shuffles need every lane); a lane group past `last` contributes nothing.
@@ -191,7 +240,10 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial(
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int j = min(base + u * per_warp + slot, last - 1);  // clamped: counted out below
-            if (active) {
+            if (active && own && j == self) {
+                kr[u] = *reinterpret_cast<const V8*>(sk + sub * 8);
+                vr[u] = *reinterpret_cast<const V8*>(sv + sub * 8);
+            } else if (active) {
                 kr[u] = *reinterpret_cast<const V8*>(k + (row0 + j) * d + sub * 8);
                 vr[u] = *reinterpret_cast<const V8*>(v + (row0 + j) * d + sub * 8);
             }
@@ -282,43 +334,60 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial(
 // merge than one wave of 4-warp blocks would (two chunks a pair, or more than 16; decode_attention.py).
 template <typename T, int D, int W>
 __global__ void __launch_bounds__(32 * W) attention_partial_tc(
-    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const void* __restrict__ mask,
+    const T* __restrict__ q, const int* __restrict__ positions, const float* __restrict__ inv_freq,
+    const T* __restrict__ k, const T* __restrict__ v, T* k_out, T* v_out, const void* __restrict__ mask,
     const T* __restrict__ alibi, const int* __restrict__ start, float* __restrict__ partial, T* __restrict__ out,
-    int* counters, int h, int kv, int d, int max_tokens, int window, int one_block, int mask_kind, int mask_len,
-    int alibi_len, float scale) {
+    int* counters, long long q_seq, int h, int kv, int d, int max_tokens, int window, int one_block, int mask_kind,
+    int mask_len, int alibi_len, int rot, int half_style, int has_positions, int append, float scale) {
     follow_previous_kernel();
     constexpr int DB = D / 32;  // 32-dim blocks
     const int c = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, chunks = gridDim.x;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int group = h / kv;
-    const KeyChunk span(start[b], window, one_block, c, chunks);
+    const int self = start[b];  // the new token's slot
+    const KeyChunk span(self, window, one_block, c, chunks);
     if (c >= span.used) return;
     const int first = span.first, last = span.last;
+    const bool own = append && c == span.used - 1;  // this block writes the slot and feeds it from sk, sv
     const float sl2 = scale * LOG2E;
 
+    const size_t row0 = (static_cast<size_t>(b) * kv + kvh) * max_tokens;
+    __shared__ __align__(16) T sq[16 * D], sk[D], sv[D];
+    stage_token<32 * W>(q + b * q_seq, group, h, kv, kvh, group, D, rot, half_style, inv_freq,
+                        has_positions ? positions[b] : self, own, sq, sk, sv, k_out + (row0 + self) * D,
+                        v_out + (row0 + self) * D);
+    __syncthreads();
     uint4 qa[DB][2];  // heads g, g + 8 of the group: dims 8t .. 8t + 7 of each block
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int head = g + 8 * r;
 #pragma unroll
         for (int db = 0; db < DB; ++db)
-            qa[db][r] = head < group ? *reinterpret_cast<const uint4*>(
-                                           q + (static_cast<size_t>(b) * h + kvh * group + head) * D + 32 * db + 8 * t)
+            qa[db][r] = head < group ? *reinterpret_cast<const uint4*>(sq + head * D + 32 * db + 8 * t)
                                      : make_uint4(0, 0, 0, 0);
     }
-    const T* kb = k + (static_cast<size_t>(b) * kv + kvh) * max_tokens * D + 8 * t;
-    const T* vb = v + (static_cast<size_t>(b) * kv + kvh) * max_tokens * D + 8 * t;
+    const T* kb = k + row0 * D + 8 * t;
+    const T* vb = v + row0 * D + 8 * t;
     float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};  // per fragment row (head g, g + 8); l this lane's
     float o[DB][4][4] = {};  // O: dims 32 db + 8t + 2r + {0, 1}; [2], [3] for head g + 8
     for (int j0 = first + 16 * warp; j0 < last; j0 += 16 * W) {
         uint4 kr[2][DB], vr[2][DB];  // keys j0 + g and j0 + 8 + g (past `last`: the last key, masked below)
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
-            const size_t row = static_cast<size_t>(min(j0 + 8 * n + g, last - 1)) * D;
+            const int key = min(j0 + 8 * n + g, last - 1);
+            const size_t row = static_cast<size_t>(key) * D;
+            if (own && key == self) {
 #pragma unroll
-            for (int db = 0; db < DB; ++db) {
-                kr[n][db] = load_stream(kb + row + 32 * db);
-                vr[n][db] = load_stream(vb + row + 32 * db);
+                for (int db = 0; db < DB; ++db) {
+                    kr[n][db] = *reinterpret_cast<const uint4*>(sk + 32 * db + 8 * t);
+                    vr[n][db] = *reinterpret_cast<const uint4*>(sv + 32 * db + 8 * t);
+                }
+            } else {
+#pragma unroll
+                for (int db = 0; db < DB; ++db) {
+                    kr[n][db] = load_stream(kb + row + 32 * db);
+                    vr[n][db] = load_stream(vb + row + 32 * db);
+                }
             }
         }
         float s[2][4] = {};  // keys j0 + 8n + 2t + {0, 1}; heads g ([0], [1]) and g + 8 ([2], [3])

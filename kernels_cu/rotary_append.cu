@@ -3,12 +3,12 @@
 // sequence b (a cache layer, or [B, kv, S, d] with start 0); the value heads are copied to v_out likewise
 // when copy_v is set (with no cache they stay views of the projection).
 //
-// Pair p < rot / 2 of a query or key head turns by position * inv_freq[p], the position being
-// positions[b, s] if has_positions, else the slot start[b] + s: elements (p, p + rot / 2)
-// (rotate-half) or (2p, 2p + 1) (every-two); y0 = x0 cos - x1 sin, y1 = x1 cos + x0 sin, in fp32, rounded
-// once. Elements from rot on (and all of a value head) are copied: pair p >= rot / 2 is (2p, 2p + 1) in
-// both pairings. One thread per pair (a grid-stride loop over B S (h + kv [+ kv]) d / 2 pairs, < 2^31).
+// Pair p < rot / 2 of a query or key head turns as rotary.cuh says (rounded once to T), the position being
+// positions[b, s] if has_positions, else the slot start[b] + s. Elements from rot on (and all of a value head)
+// are copied. One thread per pair (a grid-stride loop over B S (h + kv [+ kv]) d / 2 pairs, < 2^31). A decode
+// step (one token, a cache) does not run this kernel: decode_attention.cu turns and appends its token itself.
 #include "common.cuh"
+#include "rotary.cuh"
 
 namespace ct {
 
@@ -25,14 +25,13 @@ __global__ void rotary_append(const T* __restrict__ qkv, const int* __restrict__
         const int b = token / S, s = token % S;
         const T* src = qkv + static_cast<long long>(token) * width + head * d;
         const bool turn = head < h + kv && p < rot / 2;
-        const int e0 = turn && half_style ? p : 2 * p, e1 = turn && half_style ? p + rot / 2 : 2 * p + 1;
+        const int2 e = rotary_pair(p, rot, turn, half_style);
+        const int e0 = e.x, e1 = e.y;
         float x0 = to_float(src[e0]), x1 = to_float(src[e1]);
         if (turn) {
-            float sn, cs;
             const int position = has_positions ? positions[token] : start[b] + s;
-            sincosf(static_cast<float>(position) * inv_freq[p], &sn, &cs);
-            const float y0 = x0 * cs - x1 * sn, y1 = x1 * cs + x0 * sn;
-            x0 = y0, x1 = y1;
+            const float2 y = rotary_turn(x0, x1, rotary_cos_sin(position, inv_freq[p]));
+            x0 = y.x, x1 = y.y;
         }
         T* dst;
         if (head < h) {

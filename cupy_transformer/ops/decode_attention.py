@@ -2,7 +2,9 @@
 (SoftmaxContextOp's decode steps), split along the keys in chunks across blocks, the chunks merged by the block
 of a (sequence, kv head) that finishes last (one launch). fp16/bf16 at head sizes 32, 64, 96 and 128 run on
 tensor cores (``attention_partial_tc``, the query heads sharing a kv head as the rows of the products), the rest
-on CUDA cores (``attention_partial``)."""
+on CUDA cores (``attention_partial``). A decode step of SoftmaxContextOp launches from the fused QKV projection
+(``decode_attention_qkv``): the kernel turns the token's query and key (rotary) and appends its key and value to
+the cache itself, so the step runs no rotary_append kernel."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import numpy
 from ..runtime.arrays import import_cupy
 from ..runtime.kernels import CTYPES, KernelFamily, compute_capability, split_workspace, wave_blocks
 from ..runtime.lru import device_int32
+from .rotary_append import rotary_arguments
 from .softmax import mask_arguments
 
 GROUPS = (1, 2, 4, 8)  # query heads per key/value head that attention_partial takes (rounded up)
@@ -31,15 +34,18 @@ _KERNELS = KernelFamily(
 )
 
 
-def decode_on_tensor_cores(dtype, d) -> bool:
-    """Whether decode runs attention_partial_tc (up to 16 query heads a kv head) or attention_partial (8)."""
-    return numpy.dtype(dtype).itemsize == 2 and d in TENSOR_CORE_HEAD_SIZES and compute_capability() >= 80
+def decode_on_tensor_cores(dtype, d, capability=None) -> bool:
+    """Whether decode runs attention_partial_tc (up to 16 query heads a kv head) or attention_partial (8), on a
+    GPU of compute ``capability`` (None: the current one's)."""
+    if numpy.dtype(dtype).itemsize != 2 or d not in TENSOR_CORE_HEAD_SIZES:
+        return False
+    return (compute_capability() if capability is None else capability) >= 80
 
 
-def decode_max_group(dtype, d) -> int:
+def decode_max_group(dtype, d, capability=None) -> int:
     """The most query heads per key/value head a decode launch takes: 16 on tensor cores (the rows of an
     m16n8k16 product), else 8."""
-    return 16 if decode_on_tensor_cores(dtype, d) else GROUPS[-1]
+    return 16 if decode_on_tensor_cores(dtype, d, capability) else GROUPS[-1]
 
 
 def _names(dtype, d: int, group: int) -> dict[int, str]:
@@ -81,15 +87,72 @@ def one_block_keys(d: int, warps: int) -> int:
 def decode_attention(
     q, cache, layer: int, start, window: int, mask, alibi, scale: float, *, warps=None, chunks=None, one_block=None
 ):
-    """q [B, h, 1, d] (one token a sequence, in cache slot ``start[b]``) against the keys of ``cache``'s
-    ``layer`` up to that slot (the last ``window`` of them; 0: all). ``start``: host integers, or an int32
-    array on the GPU, which the kernel reads there (a captured step's). ``mask`` [B, 1, 1, T] or None,
-    ``alibi`` [B, h, 1, T] or None. ``warps`` and ``chunks``: the launch's geometry (both or neither; None:
-    ``decode_geometry``'s); ``one_block``: the most keys a sequence has for one block to take them (None:
-    ``one_block_keys``'; 0: always chunks).
-    Returns the context [B, 1, h d]."""
-    cupy = import_cupy()
+    """q [B, h, 1, d] (one token a sequence, in cache slot ``start[b]``, turned, its key and value in the cache
+    already: rotary_append's) against the keys of ``cache``'s ``layer`` up to that slot (the last ``window`` of
+    them; 0: all). ``start``: host integers, or an int32 array on the GPU, which the kernel reads there (a
+    captured step's). ``mask`` [B, 1, 1, T] or None, ``alibi`` [B, h, 1, T] or None. ``warps`` and ``chunks``:
+    the launch's geometry (both or neither; None: ``decode_geometry``'s); ``one_block``: the most keys a sequence
+    has for one block to take them (None: ``one_block_keys``'; 0: always chunks).
+    Returns the context [B, 1, h d]. (SoftmaxContextOp's decode steps run ``decode_attention_qkv``.)"""
     b, h, _, d = q.shape
+    q = import_cupy().ascontiguousarray(q)
+    return _launch(
+        q, h * d, None, None, h, d, cache, layer, start, window, mask, alibi, scale, warps, chunks, one_block
+    )
+
+
+def decode_attention_qkv(
+    qkv,
+    position_ids,
+    cfg,
+    h: int,
+    cache,
+    layer: int,
+    start,
+    window: int,
+    mask,
+    alibi,
+    scale: float,
+    *,
+    warps=None,
+    chunks=None,
+    one_block=None,
+):
+    """A decode step from the fused projection ``qkv`` [B, 1, (h + 2 kv) d] (C-contiguous; ``kv``, ``d``:
+    ``cache``'s) in one launch, in place of rotary_append then ``decode_attention``: the kernel turns the query
+    and key where ``cfg`` has rotary (as rotary_append turns them, to the bit: kernels_cu/rotary.cuh) at
+    ``position_ids`` [B, 1] (GPU integers; None: the slots ``start``), writes the key and value into slot
+    ``start[b]`` of ``cache``'s ``layer`` (the caller reserved it) and attends as ``decode_attention`` does, whose
+    other arguments these are. Returns the context [B, 1, h d]."""
+    cupy = import_cupy()
+    positions = None if position_ids is None else cupy.ascontiguousarray(position_ids, cupy.int32)
+    return _launch(
+        qkv,
+        qkv.shape[-1],
+        rotary_arguments(cfg),
+        positions,
+        h,
+        cache.head_dim,
+        cache,
+        layer,
+        start,
+        window,
+        mask,
+        alibi,
+        scale,
+        warps,
+        chunks,
+        one_block,
+    )
+
+
+def _launch(
+    q, q_seq, rotary, positions, h, d, cache, layer, start, window, mask, alibi, scale, warps, chunks, one_block
+):
+    """The decode launch: sequence b's token at ``q`` + b ``q_seq`` (query heads first), with ``rotary``
+    (rotary_arguments') the kernel turns and appends it; None: q turned and appended already."""
+    cupy = import_cupy()
+    b = q.shape[0]
     kv = cache.kv_heads
     on_host = isinstance(start, numpy.ndarray)
     t = int(start.max()) + 1 if on_host else cache.max_tokens  # the most keys a sequence has (at most)
@@ -110,19 +173,27 @@ def decode_attention(
     partial, counters = split_workspace(b * h * chunks * (d + 4), b * kv)  # the chunks' rows; the last merges
     out = cupy.empty((b, 1, h * d), q.dtype)
     m = mask_arguments(mask, alibi, b, h, q)
+    start = device_int32(start) if on_host else start
+    rot, inv_freq, half_style = rotary if rotary is not None else (0, out, 0)  # out: a placeholder, never read
+    keys, values = cache.keys[layer], cache.values[layer]
     _KERNELS.launch(
         names[warps],
         (chunks, kv, b),
         (32 * warps,),
-        q=cupy.ascontiguousarray(q),
-        k=cache.keys[layer],
-        v=cache.values[layer],
+        q=q,
+        positions=start if positions is None else positions,  # start: a placeholder, never read
+        inv_freq=inv_freq,
+        k=keys,
+        v=values,
+        k_out=keys,
+        v_out=values,
         mask=m.mask,
         alibi=m.alibi,
-        start=device_int32(start) if on_host else start,
+        start=start,
         partial=partial,
         out=out,
         counters=counters,
+        q_seq=q_seq,
         h=h,
         kv=kv,
         d=d,
@@ -132,6 +203,10 @@ def decode_attention(
         mask_kind=m.mask_kind,
         mask_len=m.mask_len,
         alibi_len=m.alibi_len,
+        rot=rot,
+        half_style=half_style,
+        has_positions=int(positions is not None),
+        append=int(rotary is not None),
         scale=scale,
     )
     return out

@@ -31,10 +31,11 @@ config error; head sizes are multiples of 8 up to 256 (what the kernels will tak
 ``(context, keys, values)``: the keys and values attended, ``[B, kv, T, d]`` (cache views with a cache), not
 expanded to the query heads (DeepSpeed stores them expanded).
 
-On the GPU, each step is a kernel family's launcher: ``rotary_append`` (ops/rotary_append.py) turns Q and K
-and writes K and V into the cache in one pass over the projection (where there is a cache or rotary). A decode
-step (one token per sequence, with a cache, up to 8 query heads per key/value head, 16 on tensor cores, a
-per-key mask or none) runs ``decode_attention`` (ops/decode_attention.py). Other fp16/bf16 calls with head
+On the GPU, each step is a kernel family's launcher (``attention_path`` chooses): a decode step (one token per
+sequence, with a cache, up to 8 query heads per key/value head, 16 on tensor cores, a per-key mask or none) is one
+launch, ``decode_attention_qkv`` (ops/decode_attention.py), which turns the token's Q and K, writes its K and V
+into the cache and attends. Otherwise ``rotary_append`` (ops/rotary_append.py) turns Q and K and writes K and V
+into the cache in one pass over the projection (where there is a cache or rotary). Other fp16/bf16 calls with head
 sizes 32, 64, 80, 96 or 128 and a per-key mask (or none) run ``prefill_attention`` (ops/prefill_attention.py,
 FlashAttention-2 style, compute capability 8.0 and later), or on compute capability 9.0 (H100, H200) at head
 sizes 64 to 128 ``prefill_attention_sm90`` (ops/prefill_attention_sm90.py, the same math on Hopper's
@@ -59,7 +60,7 @@ from ..runtime.arrays import array_module, as_array, backend_of, common_kind, mo
 from ..runtime.kernels import compute_capability
 from ..runtime.lru import device_int32
 from .base import TransformerOp
-from .decode_attention import decode_attention, decode_max_group
+from .decode_attention import decode_attention_qkv, decode_max_group
 from .prefill_attention import PREFILL_GEOMETRY, prefill_attention
 from .prefill_attention_sm90 import prefill_attention_sm90, prefill_sm90_runs
 from .rotary import apply_rotary
@@ -126,11 +127,19 @@ class SoftmaxContextOp(TransformerOp):
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor):
             raise ValueError(f"scale: expected a finite number; got {factor!r}")
 
+        window = cfg.window_size if cfg.local_attention else None
+        per_key_mask = mask is None or (mask.shape[1] == 1 and mask.shape[2] == 1)
+        capability = compute_capability() if xp is not numpy else 0
+        path = attention_path(xp is not numpy, b, h, kv, s, d, cfg.dtype, cache is not None, per_key_mask, capability)
         q = qkv[..., : h * d].reshape(b, s, h, d).transpose(0, 2, 1, 3)
         k = qkv[..., h * d : (h + kv) * d].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
         v = qkv[..., (h + kv) * d :].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
         first = None if xp is numpy else (start if on_device else device_int32(start))
-        if xp is not numpy and (cache is not None or cfg.rotary_style is not None):
+        if path == "decode":  # the kernel turns q and k and appends k and v itself
+            context = decode_attention_qkv(
+                qkv, position_ids, cfg, h, cache, layer_id, start, window or 0, mask, rows, factor
+            )
+        elif xp is not numpy and (cache is not None or cfg.rotary_style is not None):
             q, k = rotary_append(qkv, position_ids, cfg, h, kv, d, cache, layer_id, first)
         elif cfg.rotary_style is not None:
             positions = position_ids if position_ids is not None else xp.asarray(start[:, None] + numpy.arange(s))
@@ -142,25 +151,13 @@ class SoftmaxContextOp(TransformerOp):
             keys, values = cache.keys[layer_id, :, :, :t], cache.values[layer_id, :, :, :t]
         else:
             keys, values = k, v
-        window = cfg.window_size if cfg.local_attention else None
-        per_key_mask = mask is None or (mask.shape[1] == 1 and mask.shape[2] == 1)
-        kernels = xp is not numpy and b <= _GRID_Y and h <= _GRID_Y and b * h * s < 2**31  # the kernels' grids
-        decode = kernels and cache is not None and s == 1 and per_key_mask
-        if decode and h // kv <= decode_max_group(cfg.dtype, d):
-            context = decode_attention(q, cache, layer_id, start, window or 0, mask, rows, factor)
-        elif (
-            kernels
-            and cfg.dtype.itemsize == 2
-            and d in PREFILL_GEOMETRY
-            and per_key_mask
-            and compute_capability() >= 80
-        ):
+        if path == "prefill":
             src_k, src_v = (cache.keys[layer_id], cache.values[layer_id]) if cache is not None else (k, v)
             launch = prefill_attention_sm90 if prefill_sm90_runs(d) else prefill_attention
             context = launch(
                 q, src_k, src_v, first, mask, rows, factor, causal=cfg.triangular_masking, window=window or 0
             )
-        else:
+        elif path == "reference":
             context = attention_reference(
                 q, keys, values, start, mask, rows, factor, causal=cfg.triangular_masking, window=window
             )
@@ -203,6 +200,20 @@ class SoftmaxContextOp(TransformerOp):
         if module_of(ids) is numpy and (ids.min() < 0 or ids.max() >= 2**31):  # GPU ones: no sync to read them
             raise ValueError(f"position_ids: expected positions in [0, 2^31); got {ids.min()} to {ids.max()}")
         return ids
+
+
+def attention_path(gpu, b, h, kv, s, d, dtype, cached, per_key_mask, capability) -> str:
+    """Which launch computes SoftmaxContextOp's attention: "decode" (``decode_attention_qkv``: one token a
+    sequence, a cache, a per-key mask or none, up to 8 query heads a kv head, 16 on tensor cores; it turns and
+    appends the token itself), "prefill" (fp16/bf16, a head size of PREFILL_GEOMETRY, a per-key mask or none,
+    compute ``capability`` 8.0 and later; after rotary_append) or "reference" (``attention_reference``, with
+    array operations: NumPy, and what no kernel takes). ``gpu``: CuPy arrays; ``cached``: a cache is given."""
+    kernels = gpu and b <= _GRID_Y and h <= _GRID_Y and b * h * s < 2**31  # the kernels' grids
+    if kernels and cached and s == 1 and per_key_mask and h // kv <= decode_max_group(dtype, d, capability):
+        return "decode"
+    if kernels and numpy.dtype(dtype).itemsize == 2 and d in PREFILL_GEOMETRY and per_key_mask and capability >= 80:
+        return "prefill"
+    return "reference"
 
 
 def attention_reference(q, keys, values, start, mask=None, alibi=None, scale=1.0, causal=True, window=None):

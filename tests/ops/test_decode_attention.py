@@ -8,7 +8,12 @@ import pytest
 
 from cupy_transformer import ops
 from cupy_transformer.kv_cache import KVCache
-from cupy_transformer.ops.decode_attention import decode_attention, decode_max_group, decode_on_tensor_cores
+from cupy_transformer.ops.decode_attention import (
+    decode_attention,
+    decode_attention_qkv,
+    decode_max_group,
+    decode_on_tensor_cores,
+)
 from cupy_transformer.runtime.arrays import FLOAT_DTYPES
 from tests.helpers import TOL_CHAINED, host, random, rel_error
 from tests.ops.common import attention_config as cfg
@@ -145,3 +150,118 @@ def test_gpu_cuda_core_decode_kernel(rng, poisoned_allocations, decode_chunks, d
         history(numpy.concatenate([tokens[1, :77], tokens[1, 150:]]), c, numpy.arange(78))[-1],
     ]
     assert rel_error(ctx[:, 0], numpy.stack(want)) < TOL_CHAINED[numpy.dtype(dtype)]
+
+
+# The fused decode step (decode_attention_qkv: the kernel turns the token's query and key and appends its key and
+# value itself) against rotary_append then decode_attention, the two launches it replaces.
+
+ROTARY = {
+    "none": {},
+    "half": dict(rotate_half=True, rotate_every_two=False),
+    "every_two": dict(rotate_half=False, rotate_every_two=True),
+}
+
+
+def fused_case(rng, dtype, heads, kv, d, rotary, lengths, capacity=1024):
+    """A config with ``rotary`` over half the head (rot < d), a one-layer cache of ``capacity`` slots full of random
+    values (twice on the GPU, and its NumPy copy), and a random projection [B, 1, (h + 2 kv) d] for a token in slot
+    ``lengths[b]`` of sequence b."""
+    import cupy
+
+    c = cfg(dtype, heads=heads, kv=kv, d=d, rotary_dim=d // 2 if ROTARY[rotary] else 0, **ROTARY[rotary])
+    content = [random(rng, (1, len(lengths), kv, capacity, d), dtype) for _ in range(2)]
+    caches = [KVCache(1, len(lengths), kv, capacity, d, dtype, backend=kind) for kind in ("cupy", "cupy", "numpy")]
+    for cache in caches:
+        xp = numpy if cache.backend == "numpy" else cupy
+        cache.keys[...], cache.values[...] = xp.asarray(content[0]), xp.asarray(content[1])
+    qkv = random(rng, (len(lengths), 1, (heads + 2 * kv) * d), dtype)
+    return c, caches, content, qkv
+
+
+def unfused_step(c, qkv, positions, cache, start):
+    """rotary_append (q turned, k turned and v written at start[b]) then decode_attention on its q."""
+    from cupy_transformer.ops.rotary_append import rotary_append
+    from cupy_transformer.runtime.lru import device_int32
+
+    h, kv, d = c.heads, c.num_kv, c.head_size
+    first = start if not isinstance(start, numpy.ndarray) else device_int32(start)
+    q, _ = rotary_append(qkv, positions, c, h, kv, d, cache, 0, first)
+    return decode_attention(q, cache, 0, start, 0, None, None, d**-0.5)
+
+
+def same_bits(a, b) -> bool:
+    return numpy.array_equal(a.get().view(numpy.uint8), b.get().view(numpy.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("rotary", list(ROTARY))
+@pytest.mark.parametrize(
+    "heads, kv, d", [(8, 8, 64), (16, 4, 128), (16, 2, 80)], ids=["group 1 d64", "group 4 d128", "group 8 d80"]
+)
+@pytest.mark.parametrize("on_device", [False, True], ids=["host start", "device start"])
+@pytest.mark.parametrize("given", [False, True], ids=["at the slots", "position_ids"])
+def test_gpu_fused_decode_step_equals_rotary_append_then_decode(
+    rng, poisoned_allocations, dtype, rotary, heads, kv, d, on_device, given
+):
+    """decode_attention_qkv against rotary_append then decode_attention on a twin cache (fp16/bf16 at head sizes
+    64 and 128 on tensor cores, 80 and fp32 on CUDA cores; 1, 4 and 8 query heads a kv head), batch 3 with tokens
+    in slots 0, 37 (one block) and 700 (several chunks, merged) of 1024, the slots given on the host or on the GPU:
+    - the context bit-identical: the same kernel math on the same values (the turned query rounded once to T by
+      the same rotary.cuh code as rotary_append's, the new key and value fed from shared memory holding exactly
+      what rotary_append writes to the slot);
+    - both caches bit-identical (slot start[b] holds rotary_append's turned key and its value), and every other
+      slot still the random values it held;
+    - the context against the NumPy path's float64 attention (SoftmaxContextOp on a NumPy copy of the cache)."""
+    import cupy
+
+    lengths = [0, 37, 700]
+    c, (fused, unfused, reference), content, qkv = fused_case(rng, dtype, heads, kv, d, rotary, lengths)
+    positions = numpy.array([[5], [37], [1000]]) if given else None
+    start = numpy.array(lengths)
+    first = cupy.asarray(start, cupy.int32) if on_device else start
+    x, pos = cupy.asarray(qkv), None if positions is None else cupy.asarray(positions)
+    want = unfused_step(c, x, pos, unfused, first)
+    got = decode_attention_qkv(x, pos, c, heads, fused, 0, first, 0, None, None, d**-0.5)
+    assert got.shape == (3, 1, heads * d)
+    assert same_bits(got, want)
+    assert same_bits(fused.keys, unfused.keys) and same_bits(fused.values, unfused.values)
+    others = numpy.ones(fused.keys.shape, bool)
+    others[0, numpy.arange(3), :, start] = False
+    assert (fused.keys.get()[others] == content[0][others]).all()
+    assert (fused.values.get()[others] == content[1][others]).all()
+    np_ctx, _, _ = ops.SoftmaxContextOp(c)(qkv, cache=reference, start=start, position_ids=positions)
+    assert rel_error(got, np_ctx) < TOL_CHAINED[numpy.dtype(dtype)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "dtype, heads, kv, d", [(numpy.float16, 16, 4, 128), (numpy.float32, 8, 1, 80)], ids=["fp16 d128", "fp32 d80"]
+)
+def test_gpu_fused_decode_step_replayed_from_a_cuda_graph(rng, poisoned_allocations, dtype, heads, kv, d):
+    """The fused call captured with a device start (programmatic launches where the GPU has them, as the Decoder
+    captures), replayed twice with the slots advanced by the caller in between and a new token each time: each
+    replay's context and caches bit-identical to rotary_append then decode_attention on a twin cache."""
+    import cupy
+
+    from cupy_transformer.runtime import programmatic
+
+    lengths = [3, 200, 600]
+    c, (fused, unfused, _), _, qkv = fused_case(rng, dtype, heads, kv, d, "half", lengths)
+    start, x = cupy.asarray(lengths, cupy.int32), cupy.asarray(qkv)
+    stream, pool = cupy.cuda.Stream(non_blocking=True), cupy.cuda.MemoryPool()  # the graph's own memory
+    with stream, cupy.cuda.using_allocator(pool.malloc):
+        warm = KVCache(1, 3, kv, 1024, d, dtype, backend="cupy")
+        decode_attention_qkv(x, None, c, heads, warm, 0, start, 0, None, None, d**-0.5)  # this stream's workspace
+        with programmatic.programmatic_launches():
+            stream.begin_capture()
+            ctx = decode_attention_qkv(x, None, c, heads, fused, 0, start, 0, None, None, d**-0.5)
+            graph = stream.end_capture()
+        for step in range(2):
+            x[...] = cupy.asarray(random(rng, qkv.shape, dtype))
+            graph.launch(stream)
+            want = unfused_step(c, x, None, unfused, start)
+            stream.synchronize()
+            assert same_bits(ctx, want), step
+            assert same_bits(fused.keys, unfused.keys) and same_bits(fused.values, unfused.values), step
+            start += 1

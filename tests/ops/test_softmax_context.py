@@ -490,3 +490,25 @@ def test_mask_over_the_whole_cache_equals_one_over_the_keys(rng):
         mask[:, :4] = keep
         results.append(op(qkv, mask, cache, 0, cache.reserve(4))[0])
     assert (results[0] == results[1]).all()
+
+
+def test_attention_path_takes_the_fused_decode_kernel_for_decode_steps():
+    """attention_path (no GPU needed): one token a sequence with a cache and a per-key mask (or none) is the fused
+    decode launch (which turns and appends the token itself: no rotary_append) for every dtype, up to 8 query
+    heads a kv head on CUDA cores and 16 on tensor cores (fp16/bf16 at their head sizes, compute capability 8.0
+    and later); prompts, no cache, masks per query and NumPy arrays are not."""
+    from cupy_transformer.ops.softmax_context import attention_path
+
+    f16, f32 = numpy.dtype(numpy.float16), numpy.dtype(numpy.float32)
+    #                   gpu, b, h, kv, s, d, dtype, cached, per_key_mask, capability
+    assert attention_path(True, 3, 12, 12, 1, 64, f16, True, True, 90) == "decode"
+    assert attention_path(True, 3, 32, 8, 1, 80, f32, True, True, 80) == "decode"
+    assert attention_path(True, 1, 32, 2, 1, 128, f16, True, True, 80) == "decode"  # 16 a kv head: tensor cores
+    assert attention_path(True, 1, 32, 2, 1, 128, f16, True, True, 75) == "reference"  # CUDA cores take 8
+    assert attention_path(True, 1, 32, 2, 1, 80, f16, True, True, 90) == "prefill"  # 16 a kv head on CUDA cores
+    assert attention_path(True, 1, 16, 2, 1, 80, f16, True, True, 90) == "decode"
+    assert attention_path(True, 3, 12, 12, 5, 64, f16, True, True, 90) == "prefill"  # a prompt
+    assert attention_path(True, 3, 12, 12, 1, 64, f16, False, True, 90) == "prefill"  # no cache
+    assert attention_path(True, 3, 12, 12, 1, 64, f16, True, False, 90) == "reference"  # a mask per query
+    assert attention_path(False, 3, 12, 12, 1, 64, f16, True, True, 0) == "reference"  # NumPy
+    assert attention_path(True, 70000, 12, 12, 1, 64, f16, True, True, 90) == "reference"  # past a grid's y and z
