@@ -1,6 +1,8 @@
 """benchmarks/bench_inject.py: its command line, table rows and ratios, and a quick run on the CPU (a tiny GPT-2,
 the injected copy on the NumPy path) whose injected greedy tokens must equal the original's."""
 
+import math
+
 import pytest
 
 from benchmarks import bench_inject
@@ -80,7 +82,9 @@ def test_quick_run_on_the_cpu(tmp_path, monkeypatch):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[:3] == ["gpt2-tiny", "float32", str(batch)]
         decode = cells[3:7]
-        assert decode[1] == "–" and all(float(x) > 0 for x in decode[:1] + decode[2:])  # nothing compiled on the CPU
+        # Nothing compiled on the CPU; the others ran (a difference of two timings of this tiny model can come out
+        # at or below zero: a number is what is checked).
+        assert decode[1] == "–" and all(math.isfinite(float(x)) for x in decode[:1] + decode[2:])
         assert cells[7].endswith("x") and cells[9].endswith("x") and cells[8] == cells[10] == "–"
         assert cells[-1] == "–, 7/7, 7/7"  # fp32: the injected greedy tokens are the original's, every one
     assert "not measured here" in text and "no compiled column" in text and "Failed" not in text
