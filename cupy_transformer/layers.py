@@ -27,6 +27,19 @@ into the norms that follow them (the norm kernel's pre-add), one kernel a layer 
 so the residual stream is rounded where Hugging Face rounds it (after the attention block, after the MLP) and a
 layer hands the next both its output and that output normalised.
 
+On the decode path (a whole model's fp16/bf16 step of up to 8 rows whose products run as in a CUDA graph:
+``PreLNLayer.fuses``) the norms go into the GEMV products instead (``ops.matmul``'s ``norm=`` and ``residual=``),
+four kernels a layer and attention's::
+
+    qkv = LN1(x) @ W_qkv + b_qkv                        # the norm as the GEMV's prologue
+    z = round(x + (SoftmaxContextOp(qkv) @ W_o + b_o))  # the residual add as its epilogue
+    h = MLP-up(LN2(z))
+    y = round(z + (h @ W_2 + b_2))                       # the next product normalises y
+
+where a product cannot take its norm (its rows do not fit the prologue's shared memory) the norm runs before it,
+and where one cannot take the residual the unfused form runs. The fused residual add rounds once, ``round(x + (acc +
+b_o))``, where the unfused form gives ``round(x + round(acc) + b_o)``: the two paths agree to a rounding, not bit.
+
 With ``mlp_after_attn=False`` in its config the same layer is the parallel arrangement (GPT-J, GPT-NeoX):
 MLPGemmOp then normalises the layer input with LN2 (GPT-J: pass LN1's weights again) and ResidualAddOp
 takes its parallel formula, so ``y = x + a + b_o + MLP(LN2(x)) + b2``. LLaMA-style layers are this class
@@ -45,9 +58,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy
+
 from . import ops
-from .ops.matmul import matmul
+from .ops.gemv import GEMV_MAX_ROWS, GemvNorm
+from .ops.matmul import fused_fits, graph_products, matmul
 from .ops.norm import normalize
+from .runtime.arrays import module_of
 
 
 @dataclass
@@ -105,23 +122,66 @@ class PreLNLayer:
             return normalize(mode, x, gamma, beta, cfg.epsilon)
         return normalize(mode, x, gamma, beta, cfg.epsilon, residual=residual, add_bias=bias, want_sum=True)
 
+    def norm_spec(self, gamma, beta=None) -> GemvNorm:
+        """The config's norm with these weights, as a fused product takes it (``ops.matmul``'s ``norm``)."""
+        cfg = self.config
+        return GemvNorm(cfg.norm_mode(beta is not None), gamma, beta, cfg.epsilon)
+
+    def fuses(self, x) -> bool:
+        """Whether this step's products may take the norms and residual adds (the module docstring's decode form):
+        a whole model (tensor parallelism sums between the product and the add), GPU fp16/bf16 arrays of up to 8
+        rows, products that run as in a CUDA graph (``ops.matmul.graph_products``: all of them on the GEMV)."""
+        return (
+            self.all_reduce is None
+            and module_of(x) is not numpy
+            and x.dtype.itemsize == 2
+            and x.size // x.shape[-1] <= GEMV_MAX_ROWS
+            and graph_products()
+        )
+
+    def normed_product(self, x, xn, w, bias, act, norm: GemvNorm):
+        """``act(norm(x) @ w + bias)``: from ``xn`` (x normalised) where given, else with the norm in the GEMV's
+        prologue where it fits, else after a norm kernel."""
+        t = self.config.transposed_mode
+        if xn is None:
+            if fused_fits(_rows(x), w, t, bias, act, norm=norm):
+                return matmul(x, w, t, bias, act, norm=norm)
+            xn = self.norm(x, norm.gamma, norm.beta)
+        return matmul(xn, w, t, bias, act)
+
     def stack(self, x, xn, w: PreLNWeights, next_norm, cache=None, layer_id=0, start=None, attn_mask=None,
-              position_ids=None):  # fmt: skip
+              position_ids=None, lazy_norm=False):  # fmt: skip
         """The layer as a model's stack runs it (the module docstring's second form): ``x`` the residual stream,
-        ``xn`` its LN1, ``next_norm`` (gamma, beta) of the norm after this layer. Returns ``(y, next_norm(y))``."""
+        ``xn`` its LN1 (None: not made; the QKV product normalises x), ``next_norm`` (gamma, beta) of the norm after
+        this layer. Returns ``(y, next_norm(y))``; with ``lazy_norm`` on the decode path (``fuses``) ``(y, None)``
+        where the product after the layer is to normalise y (the caller's: the next layer's ``stack``, or
+        ``norm_spec`` for the LM head)."""
         cfg = self.config
         if not cfg.mlp_after_attn:
             raise ValueError("config: PreLNLayer.stack runs the sequential arrangement (mlp_after_attn=True)")
         t = cfg.transposed_mode
-        qkv = matmul(xn, w.w_qkv, t, w.b_qkv)
+        fuse = self.fuses(x)
+        qkv = self.normed_product(x, xn, w.w_qkv, w.b_qkv, None, self.norm_spec(w.ln1_gamma, w.ln1_beta))
         context, _, _ = self.attention(
             qkv, attn_mask=attn_mask, cache=cache, layer_id=layer_id, start=start, position_ids=position_ids
         )
-        a = self.reduce(matmul(context, w.w_o, t))
-        xn2, z = self.norm(a, w.ln2_gamma, w.ln2_beta, residual=x, bias=w.b_o)
-        h = matmul(xn2, w.w1, t, w.b1, cfg.mlp_act_func_type)
+        ln2 = self.norm_spec(w.ln2_gamma, w.ln2_beta)
+        if fuse and fused_fits(_rows(context), w.w_o, t, w.b_o, residual=_rows(x)):
+            z = matmul(context, w.w_o, t, w.b_o, residual=x)
+            h = self.normed_product(z, None, w.w1, w.b1, cfg.mlp_act_func_type, ln2)
+        else:
+            a = self.reduce(matmul(context, w.w_o, t))
+            xn2, z = self.norm(a, ln2.gamma, ln2.beta, residual=x, bias=w.b_o)
+            h = matmul(xn2, w.w1, t, w.b1, cfg.mlp_act_func_type)
+        if lazy_norm and fuse and fused_fits(_rows(h), w.w2, t, w.b2, residual=_rows(z)):
+            return matmul(h, w.w2, t, w.b2, residual=z), None
         xn_next, y = self.norm(self.reduce(matmul(h, w.w2, t)), *next_norm, residual=z, bias=w.b2)
         return y, xn_next
+
+
+def _rows(a):
+    """``a`` as [rows, width] (a view)."""
+    return a.reshape(-1, a.shape[-1])
 
 
 @dataclass

@@ -12,26 +12,40 @@
 //
 // Launched programmatically (common.cuh), a tensor-core block first asks L2 for up to `prefetch` bytes of its
 // weights, then waits for the kernel before (which wrote x): the weights stream in while that kernel finishes.
+//
+// The fused tensor-core kernels (gemv_tc_*_fused, FUSE below) take the norm before the product as a prologue or
+// the residual add after it as the epilogue, so that a decode layer needs no norm kernel of its own.
 #include "activation.cuh"
 #include "common.cuh"
 #include "mma.cuh"
+#include "norm_row.cuh"
 
 namespace ct {
 
 constexpr int GEMV_THREADS = 256;
 constexpr int GEMV_WARPS = GEMV_THREADS / 32;
+constexpr int GEMV_MAX_ROWS = 8;
 
-template <typename T>
+// What a fused kernel adds: the norm of x as its prologue (y = act(NORM(x) @ W + bias)), or the residual add as
+// its epilogue (y = round(residual + (x @ W + bias)), no activation).
+enum GemvFuse : int { FUSE_NONE = 0, FUSE_NORM = 1, FUSE_RESIDUAL = 2 };
+
+// RESIDUAL: y = round(residual + v) for the product-plus-bias v, summed in fp32 (act is the identity).
+template <typename T, bool RESIDUAL = false>
 struct GemvOut {
     T* y;
     const T* bias;    // unread unless has_bias
     float* partials;  // [splits, rows, N] fp32, used when gridDim.y > 1
     int* counters;    // [column tiles], zero between launches
     int rows, N, act, has_bias;
+    const T* residual;  // [rows, N], read when RESIDUAL
 
     __device__ void finish(int r, int n, float v) const {
         if (has_bias) v += to_float(bias[n]);
-        y[static_cast<size_t>(r) * N + n] = from_float<T>(activate<sizeof(T) == 2>(v, act));
+        if constexpr (RESIDUAL)
+            y[static_cast<size_t>(r) * N + n] = from_float<T>(to_float(residual[static_cast<size_t>(r) * N + n]) + v);
+        else
+            y[static_cast<size_t>(r) * N + n] = from_float<T>(activate<sizeof(T) == 2>(v, act));
     }
     // This block's sum for (r, n): final, or one split's partial.
     __device__ void put(int r, int n, float v) const {
@@ -182,9 +196,9 @@ __device__ __forceinline__ uint4 select(bool keep, uint4 v) { return keep ? v : 
 
 // After the streaming loop: c[m][i] is this warp's sum for tile output out_of(m, i), x row 2t + i % 2.
 // The 8 warps' sums meet in shared memory; then GemvOut finishes (one split) or keeps a partial.
-template <typename T, int TILE, int NC, typename OutOf>
-__device__ __forceinline__ void gemv_tc_reduce(const GemvOut<T>& out, const float (&c)[NC][4], int tile_first,
-                                               OutOf out_of) {
+template <typename T, int TILE, bool RESIDUAL, int NC, typename OutOf>
+__device__ __forceinline__ void gemv_tc_reduce(const GemvOut<T, RESIDUAL>& out, const float (&c)[NC][4],
+                                               int tile_first, OutOf out_of) {
     __shared__ float red[GEMV_WARPS][8][TILE];
     const int warp = threadIdx.x / 32, t = threadIdx.x % 4;
 #pragma unroll
@@ -203,13 +217,90 @@ __device__ __forceinline__ void gemv_tc_reduce(const GemvOut<T>& out, const floa
     out.reduce_splits(tile_first, TILE);
 }
 
+// The norm prologue's parameters: gamma, beta ([K]; beta read in LAYER_NORM mode only), eps, the NormMode, and
+// the row stride of the normalised rows in shared memory (elements; 64 bytes past a multiple of 128, so the 8
+// rows a quarter-warp's B loads touch fall in distinct banks).
+template <typename T>
+struct GemvNorm {
+    const T* gamma;
+    const T* beta;
+    float eps;
+    int mode, stride;
+};
+
+extern __shared__ uint4 gemv_dynamic_shared[];  // the norm prologue's normalised rows, [rows][stride]
+
+// The norm prologue: each row's statistics over the whole row (every block computes them itself: no ordering
+// between blocks, deterministic), then the block's K range [k_begin, k_end) of each normalised row into xs. The
+// statistics are summed as norm.cu's launch for up to 64 rows of at most 1024 slots sums them (a thread a slot, each
+// warp's 32 slots by warp_sum, then the warps' sums by warp_sum), and the values come from the same norm_row.cuh
+// code, so the result is that kernel's to the bit (the launcher keeps to K / VEC <= 1024 slots). Reads x, which
+// the kernel before wrote: after follow_previous_kernel().
+template <typename T>
+__device__ __forceinline__ void normalize_rows_into(T* xs, const T* x, const GemvNorm<T>& nm, int rows, int K,
+                                                    int k_begin, int k_end) {
+    constexpr int VEC = 16 / sizeof(T);
+    __shared__ float part[GEMV_MAX_ROWS][32];  // (row, warp of norm.cu's block) sums
+    __shared__ float stat[2][GEMV_MAX_ROWS];   // mean, rstd
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int slots = K / VEC, warps = (slots + 31) / 32;
+    const float inv_width = 1.f / K;
+    const bool rms = nm.mode == RMS_NORM;
+    for (int pass = rms ? 1 : 0; pass < 2; ++pass) {  // 0: the mean (LayerNorm), 1: rstd from the exact variance
+        for (int task = warp; task < rows * warps; task += GEMV_WARPS) {
+            const int r = task / warps, s = task % warps * 32 + lane;
+            const T* xrow = x + static_cast<size_t>(r) * K;
+            const Row<T, VEC, true> row(xrow, K, true);
+            float v = 0.f;
+            if (s < slots) {
+                const Vec<T, VEC> in = row.load(xrow, s);
+                v += pass == 0 ? slot_sum(in) : slot_sq(row, s, in, rms ? 0.f : stat[0][r]);
+            }
+            v = warp_sum(v);
+            if (lane == 0) part[r][task % warps] = v;
+        }
+        __syncthreads();
+        if (warp < rows) {
+            const float total = warp_sum(lane < warps ? part[warp][lane] : 0.f);
+            if (lane == 0) stat[pass][warp] = pass == 0 ? total * inv_width : norm_rstd(total, inv_width, nm.eps);
+        }
+        __syncthreads();
+    }
+    const int first = k_begin / VEC, count = (k_end - k_begin) / VEC;
+    for (int o = threadIdx.x; o < rows * count; o += GEMV_THREADS) {
+        const int r = o / count, s = first + o % count;
+        const T* xrow = x + static_cast<size_t>(r) * K;
+        const Row<T, VEC, true> row(xrow, K, true);
+        const float mean = rms ? 0.f : stat[0][r];
+        *reinterpret_cast<Vec<T, VEC>*>(xs + r * nm.stride + s * VEC - k_begin) =
+            normalized_slot(row, nm.gamma, nm.beta, nm.mode, s, row.load(xrow, s), mean, stat[1][r]);
+    }
+    __syncthreads();
+}
+
+// The fused kernels' parameters: the plain ones, then residual ([rows, N], FUSE_RESIDUAL), and the norm's (gamma,
+// beta, eps, norm_mode, x_stride: FUSE_NORM); what the FUSE leaves unused is a placeholder, never read.
+#define GEMV_FUSED_ARGS                                                                                             \
+    const T *__restrict__ x, const T *__restrict__ w, T *__restrict__ y, const T *__restrict__ bias, float *partials, \
+        int *counters, int rows, int K, int N, int k_per_split, int act, int has_bias, int prefetch,                \
+        const T *__restrict__ residual, const T *__restrict__ gamma, const T *__restrict__ beta, float eps,         \
+        int norm_mode, int x_stride
+#define GEMV_BODY_ARGS                                                                                    \
+    const T *__restrict__ x, const T *__restrict__ w, const GemvOut<T, FUSE == FUSE_RESIDUAL>&out, int K, \
+        int k_per_split, int prefetch, const GemvNorm<T>&nm
+#define GEMV_FUSED_OUT \
+    GemvOut<T, FUSE == FUSE_RESIDUAL> { y, bias, partials, counters, rows, N, act, has_bias, residual }
+#define GEMV_FUSED_NORM \
+    GemvNorm<T> { gamma, beta, eps, norm_mode, x_stride }
+
 // W [N, K] (nn.Linear's [out, in], transposed_mode). A block's tile is 16 M weight rows; a chunk is 32 k.
 // Lane (g, t) loads k 8t .. 8t + 7 of the chunk from rows g and g + 8 of each 16-row piece, and x row g's
 // same 8 k: the chunk's k are permuted alike in both operands (mma step s takes each lane's pairs 2s, 2s +
 // 1). K % 8 == 0, k_per_split % 32 == 0, W and x 16-byte aligned (the launcher checks).
-template <typename T, int M, int U, int BLOCKS>
-__global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_nk(GEMV_ARGS) {
-    const GEMV_OUT;
+// FUSE_NORM: x's rows normalised into shared memory by the prologue, which the B operands then read.
+template <typename T, int M, int U, int FUSE>
+__device__ __forceinline__ void gemv_tc_nk_body(GEMV_BODY_ARGS) {
+    const int rows = out.rows, N = out.N;
     constexpr int TILE = 16 * M, CK = 32;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int tile_first = blockIdx.x * TILE;
@@ -219,12 +310,15 @@ __global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_nk(GEMV_ARGS) {
     for (int m = 0; m < M; ++m)
 #pragma unroll
         for (int h = 0; h < 2; ++h) wr[m][h] = w + static_cast<size_t>(min(tile_first + 16 * m + g + 8 * h, N - 1)) * K + 8 * t;
-    const T* xr = x + static_cast<size_t>(min(g, rows - 1)) * K + 8 * t;
+    T* const xs = reinterpret_cast<T*>(gemv_dynamic_shared);
+    const T* xr = FUSE == FUSE_NORM ? xs + min(g, rows - 1) * nm.stride + 8 * t
+                                    : x + static_cast<size_t>(min(g, rows - 1)) * K + 8 * t;
     if (prefetch > 0 && threadIdx.x < TILE && tile_first + threadIdx.x < N && k_begin < k_end) {  // a row each
         const unsigned row_bytes = min((k_end - k_begin) * static_cast<int>(sizeof(T)), prefetch / TILE) & ~15;
         if (row_bytes > 0) prefetch_l2(w + static_cast<size_t>(tile_first + threadIdx.x) * K + k_begin, row_bytes);
     }
     follow_previous_kernel();
+    if constexpr (FUSE == FUSE_NORM) normalize_rows_into(xs, x, nm, rows, K, k_begin, k_end);
     float c[M][4] = {};
     for (int kb = k_begin + warp * U * CK; kb < k_end; kb += GEMV_WARPS * U * CK) {
         uint4 a[U][M][2], b[U];
@@ -237,7 +331,8 @@ __global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_nk(GEMV_ARGS) {
             for (int m = 0; m < M; ++m)
 #pragma unroll
                 for (int h = 0; h < 2; ++h) a[u][m][h] = load_stream(wr[m][h] + kc);
-            b[u] = select(in && g < rows, *reinterpret_cast<const uint4*>(xr + kc));
+            const int xk = FUSE != FUSE_NORM ? kc : in ? k - k_begin : 0;  // shared: the block's K range
+            b[u] = select(in && g < rows, *reinterpret_cast<const uint4*>(xr + xk));
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -253,6 +348,17 @@ __global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_nk(GEMV_ARGS) {
     gemv_tc_reduce<T, TILE>(out, c, tile_first, [](int m, int i) { return 16 * m + threadIdx.x % 32 / 4 + 8 * (i / 2); });
 }
 
+template <typename T, int M, int U, int BLOCKS>
+__global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_nk(GEMV_ARGS) {
+    gemv_tc_nk_body<T, M, U, FUSE_NONE>(x, w, GemvOut<T>{y, bias, partials, counters, rows, N, act, has_bias}, K,
+                                        k_per_split, prefetch, GemvNorm<T>{});
+}
+
+template <typename T, int M, int U, int BLOCKS, int FUSE>
+__global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_nk_fused(GEMV_FUSED_ARGS) {
+    gemv_tc_nk_body<T, M, U, FUSE>(x, w, GEMV_FUSED_OUT, K, k_per_split, prefetch, GEMV_FUSED_NORM);
+}
+
 // W [K, N] (DeepSpeed's default [in, out]). A block's tile is 32 M columns; a chunk is 16 k, and chunks go
 // in pairs (32 k). Lane (g, t) loads columns 8t .. 8t + 7 of each 32-column piece from chunk rows rho(g) and
 // rho(g) + 2, rho(g) = 2g - g % 2 (0, 1, 4, 5, .. 12, 13): each of its four registers is a fragment of an 8
@@ -263,10 +369,10 @@ __global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_nk(GEMV_ARGS) {
 // for both chunks are x row g's k 8t .. 8t + 7: one 16-byte load a pair (x loads were a third of the
 // instructions at one piece a tile). N % 8 == 0, K % 8 == 0, k_per_split % 16 == 0, W and x 16-byte aligned
 // (the launcher checks).
-template <typename T, int M, int U, int BLOCKS>
-__global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_kn(GEMV_ARGS) {
+template <typename T, int M, int U, int FUSE>
+__device__ __forceinline__ void gemv_tc_kn_body(GEMV_BODY_ARGS) {
     static_assert(U % 2 == 0, "a batch is whole chunk pairs");
-    const GEMV_OUT;
+    const int rows = out.rows, N = out.N;
     constexpr int TILE = 32 * M, CK = 16;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int tile_first = blockIdx.x * TILE;
@@ -275,7 +381,10 @@ __global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_kn(GEMV_ARGS) {
 #pragma unroll
     for (int m = 0; m < M; ++m) col[m] = min(tile_first + 32 * m + 8 * t, N - 8);
     const int rho = 2 * g - g % 2;
-    const T* xr = x + static_cast<size_t>(min(g, rows - 1)) * K + 8 * t;
+    T* const xs = reinterpret_cast<T*>(gemv_dynamic_shared);
+    const T* xr = FUSE == FUSE_NORM ? xs + min(g, rows - 1) * nm.stride + 8 * t
+                                    : x + static_cast<size_t>(min(g, rows - 1)) * K + 8 * t;
+    const int x_origin = FUSE == FUSE_NORM ? k_begin : 0;  // shared memory holds the block's K range
     if (prefetch > 0) {  // the tile's columns of each k row, a thread a row
         const unsigned row_bytes = min(TILE, N - tile_first) * static_cast<int>(sizeof(T));
         const int last = min(k_end, k_begin + prefetch / static_cast<int>(row_bytes));
@@ -283,6 +392,7 @@ __global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_kn(GEMV_ARGS) {
             prefetch_l2(w + static_cast<size_t>(k) * N + tile_first, row_bytes);
     }
     follow_previous_kernel();
+    if constexpr (FUSE == FUSE_NORM) normalize_rows_into(xs, x, nm, rows, K, k_begin, k_end);
     float c[2 * M][4] = {};
     for (int kb = k_begin + warp * U * CK; kb < k_end; kb += GEMV_WARPS * U * CK) {
         uint4 a[U][M][2];
@@ -300,8 +410,9 @@ __global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_kn(GEMV_ARGS) {
                 for (int m = 0; m < M; ++m) a[u][m][h] = load_stream(w + row * N + col[m]);
             }
             if (u % 2 == 0) {  // k_end - pair is a multiple of 8, so the eight k are in range together
-                const uint4 v = pair + 8 * t < k_end && g < rows ? *reinterpret_cast<const uint4*>(xr + pair)
-                                                                 : make_uint4(0, 0, 0, 0);
+                const uint4 v = pair + 8 * t < k_end && g < rows
+                                    ? *reinterpret_cast<const uint4*>(xr + (pair - x_origin))
+                                    : make_uint4(0, 0, 0, 0);
                 b[u] = make_uint2(v.x, v.y);
                 b[u + 1] = make_uint2(v.z, v.w);
             }
@@ -323,6 +434,17 @@ __global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_kn(GEMV_ARGS) {
         const int g = threadIdx.x % 32 / 4;
         return 32 * (mp / 2) + 8 * (g / 2) + 2 * (2 * (mp % 2) + i / 2) + g % 2;
     });
+}
+
+template <typename T, int M, int U, int BLOCKS>
+__global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_kn(GEMV_ARGS) {
+    gemv_tc_kn_body<T, M, U, FUSE_NONE>(x, w, GemvOut<T>{y, bias, partials, counters, rows, N, act, has_bias}, K,
+                                        k_per_split, prefetch, GemvNorm<T>{});
+}
+
+template <typename T, int M, int U, int BLOCKS, int FUSE>
+__global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_kn_fused(GEMV_FUSED_ARGS) {
+    gemv_tc_kn_body<T, M, U, FUSE>(x, w, GEMV_FUSED_OUT, K, k_per_split, prefetch, GEMV_FUSED_NORM);
 }
 
 }  // namespace ct

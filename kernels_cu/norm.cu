@@ -7,64 +7,13 @@
 // and the variance is an exact second pass over registers. VPT == 0 is the path for rows too long for
 // registers: three passes over the row, the second and third served mostly from L2. Statistics and the
 // affine transform are in fp32.
-#include "common.cuh"
+#include "norm_row.cuh"
 
 namespace ct {
 
-enum NormMode : int { LAYER_NORM = 0, LAYER_NORM_NO_BETA = 1, RMS_NORM = 2 };
 // Optional pre-add (MLPGemmOp's "x + residual + bias, then normalise"): z = round(x + residual [+ bias]),
 // optionally written out, and the row normalised is z.
 enum PreAdd : int { PRE_ADD = 1, PRE_ADD_BIAS = 2, WRITE_SUM = 4 };
-
-// Slot geometry of one row. Every row-shaped tensor (x, residual, y, sum) shares x's alignment modulo 16
-// bytes (the launcher checks), so a slot is aligned in all of them; `lead` is how many elements of the
-// first slot lie before the row's start. ALIGNED (the launcher's promise: rows and the per-column
-// vectors 16-byte aligned, width % VEC == 0) makes every slot whole at compile time, which keeps the
-// common case free of per-element checks.
-template <typename T, int VEC, bool ALIGNED>
-struct Row {
-    using V = Vec<T, VEC>;
-    int width, lead;
-    bool params_by_slot;  // the per-column vectors (gamma, beta, bias) line up with the slots
-
-    __device__ Row(const T* x, int width_, bool params_aligned) : width(width_) {
-        lead = ALIGNED ? 0 : static_cast<int>((reinterpret_cast<size_t>(x) % sizeof(V)) / sizeof(T));
-        params_by_slot = ALIGNED || (lead == 0 && width % VEC == 0 && params_aligned);
-    }
-    __device__ int slots() const { return (lead + width + VEC - 1) / VEC; }
-    __device__ int first(int s) const { return s * VEC - lead; }  // row index of the slot's first element
-    __device__ bool whole(int s) const { return ALIGNED || (first(s) >= 0 && first(s) + VEC <= width); }
-    __device__ bool valid(int s, int j) const { return ALIGNED || (first(s) + j >= 0 && first(s) + j < width); }
-
-    // A slot of a row-shaped tensor (p points at the row's first element); outside the row reads as 0.
-    __device__ V load(const T* p, int s) const {
-        if (whole(s)) return *reinterpret_cast<const V*>(p + first(s));
-        V t;
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) t.v[j] = valid(s, j) ? p[first(s) + j] : from_float<T>(0.f);
-        return t;
-    }
-    __device__ void store(T* p, int s, const V& t) const {
-        if (whole(s)) {
-            *reinterpret_cast<V*>(p + first(s)) = t;
-            return;
-        }
-#pragma unroll
-        for (int j = 0; j < VEC; ++j)
-            if (valid(s, j)) p[first(s) + j] = t.v[j];
-    }
-    // A per-column vector (gamma, beta, bias) for the slot's elements (0 outside the row).
-    __device__ void params(const T* __restrict__ p, int s, float (&out)[VEC]) const {
-        if (params_by_slot) {
-            const V t = reinterpret_cast<const V*>(p)[s];
-#pragma unroll
-            for (int j = 0; j < VEC; ++j) out[j] = to_float(t.v[j]);
-            return;
-        }
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) out[j] = valid(s, j) ? to_float(p[first(s) + j]) : 0.f;
-    }
-};
 
 // Everything one launch reads and writes; row pointers already offset to the block's row.
 template <typename T>
@@ -98,38 +47,7 @@ template <typename T, int VEC, bool ALIGNED>
 __device__ __forceinline__ void normalize_slot(const Row<T, VEC, ALIGNED>& row, const NormArgs<T>& a, int s,
                                                const Vec<T, VEC>& in, float mean, float rstd) {
     if (a.pre_add & WRITE_SUM) row.store(a.sum, s, in);
-    float g[VEC], b[VEC];
-    row.params(a.gamma, s, g);
-    if (a.mode == LAYER_NORM) row.params(a.beta, s, b);
-    Vec<T, VEC> out;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-        const float v = to_float(in.v[j]);
-        if (a.mode == RMS_NORM)  // as Hugging Face's RMSNorm: normalise in fp32, round to T, times gamma in T
-            out.v[j] = from_float<T>(to_float(from_float<T>(v * rstd)) * g[j]);
-        else
-            out.v[j] = from_float<T>((v - mean) * rstd * g[j] + (a.mode == LAYER_NORM ? b[j] : 0.f));
-    }
-    row.store(a.y, s, out);
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ float slot_sum(const Vec<T, VEC>& t) {
-    float sum = 0.f;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) sum += to_float(t.v[j]);  // outside-row elements are 0
-    return sum;
-}
-
-template <typename T, int VEC, bool ALIGNED>
-__device__ __forceinline__ float slot_sq(const Row<T, VEC, ALIGNED>& row, int s, const Vec<T, VEC>& t, float mean) {
-    float sq = 0.f;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-        const float d = to_float(t.v[j]) - mean;
-        sq += row.valid(s, j) ? d * d : 0.f;
-    }
-    return sq;
+    row.store(a.y, s, normalized_slot(row, a.gamma, a.beta, a.mode, s, in, mean, rstd));
 }
 
 // x, residual, y, sum: [rows, width] contiguous; add_bias, gamma, beta: [width]. Pointers a mode or
@@ -176,7 +94,7 @@ __global__ void __launch_bounds__(1024)
             const int s = threadIdx.x + k * blockDim.x;
             if (s < slots) sq += slot_sq(row, s, raw[k], mean);
         }
-        const float rstd = rsqrtf(reduce(sq) * inv_width + eps);
+        const float rstd = norm_rstd(reduce(sq), inv_width, eps);
 #pragma unroll
         for (int k = 0; k < VPT; ++k) {
             const int s = threadIdx.x + k * blockDim.x;
@@ -191,7 +109,7 @@ __global__ void __launch_bounds__(1024)
         }
         float sq = 0.f;
         for (int s = threadIdx.x; s < slots; s += blockDim.x) sq += slot_sq(row, s, input_slot(row, a, s), mean);
-        const float rstd = rsqrtf(reduce(sq) * inv_width + eps);
+        const float rstd = norm_rstd(reduce(sq), inv_width, eps);
         for (int s = threadIdx.x; s < slots; s += blockDim.x)
             normalize_slot(row, a, s, input_slot(row, a, s), mean, rstd);
     }

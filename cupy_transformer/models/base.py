@@ -10,6 +10,7 @@ import numpy
 from .. import ops
 from ..kv_cache import KVCache
 from ..loading import Checkpoint
+from ..ops.matmul import fused_fits, matmul
 from ..runtime.arrays import array_module
 
 
@@ -70,10 +71,17 @@ class CausalLM:
     def run(self, ids, positions, cache, start, attn_mask, last_only: bool = False):
         """The layers between ``token_embeddings`` and ``head`` on checked inputs (``start``: where the tokens go in
         ``cache``, from ``cache.reserve`` or on the device)."""
-        # The last layer's output, normalised by the final norm.
-        _, xn = collections.deque(self.hidden_states(ids, positions, cache, start, attn_mask), maxlen=1)[0]
+        # The last layer's output, normalised by the final norm (or, xn None, to be normalised by the LM head).
+        x, xn = collections.deque(self.hidden_states(ids, positions, cache, start, attn_mask), maxlen=1)[0]
         if last_only:
-            xn = array_module(self.backend).ascontiguousarray(xn[:, -1:])
+            last = array_module(self.backend).ascontiguousarray
+            x, xn = last(x[:, -1:]), None if xn is None else last(xn[:, -1:])
+        if xn is None:
+            norm = self.layer.norm_spec(*self.final_norm)
+            rows = x.reshape(-1, x.shape[-1])
+            if self.vocab_parallel is None and fused_fits(rows, self.head_weight, True, norm=norm):
+                return matmul(x, self.head_weight, True, norm=norm)
+            xn = self.layer.norm(x, *self.final_norm)
         if self.vocab_parallel is not None:
             return self.vocab_parallel.logits(xn, self.head_weight)
         return ops.lm_logits(xn, self.head_weight)
@@ -92,15 +100,26 @@ class CausalLM:
 
     def hidden_states(self, ids, positions, cache, start, attn_mask):
         """Yields ``(x, xn)``: the token embeddings, then each layer's output, with ``xn`` x normalised by the norm
-        that follows (the next layer's input norm; after the last layer, the final norm). ``run``'s arguments."""
+        that follows (the next layer's input norm; after the last layer, the final norm), or None on the decode path
+        (``layers.PreLNLayer.fuses``), where the product that follows normalises x in its prologue (``self.layer.norm``
+        makes it). ``run``'s arguments."""
         x = self.token_embeddings(ids, positions)
         w = self.weights
-        xn = self.layer.norm(x, w[0].ln1_gamma, w[0].ln1_beta)
+        xn = None if self.layer.fuses(x) else self.layer.norm(x, w[0].ln1_gamma, w[0].ln1_beta)
         yield x, xn
         for i in range(len(w)):
             after = (w[i + 1].ln1_gamma, w[i + 1].ln1_beta) if i + 1 < len(w) else self.final_norm
             x, xn = self.layer.stack(
-                x, xn, w[i], after, cache=cache, layer_id=i, start=start, attn_mask=attn_mask, position_ids=positions
+                x,
+                xn,
+                w[i],
+                after,
+                cache=cache,
+                layer_id=i,
+                start=start,
+                attn_mask=attn_mask,
+                position_ids=positions,
+                lazy_norm=True,
             )
             yield x, xn
 

@@ -1,6 +1,11 @@
 """``kernels_cu/gemv.cu``'s launcher: ``act(x[rows <= 8, K] @ W + bias)`` for decode shapes, with W ``[in, out]``
 or (``transposed``) ``[out, in]``, and the bias and activation in the kernel's epilogue (fp32, one rounding).
 
+fp16 and bf16 may fuse a decode layer's neighbours into the product (``gemv_fused_fits``): ``norm=`` computes
+``act(NORM(x) @ W + bias)``, NORM normalising each row of x in the kernel's prologue to the bit as ``ops.norm``'s
+kernel does for these rows, and ``residual=`` computes ``round(residual + (x @ W + bias))`` (fp32 sum, one rounding,
+where the unfused path rounds the product first: ``round(residual + round(x @ W) + bias)``).
+
 fp16 and bf16 run the tensor-core kernels at a geometry (pieces a tile, chunks a batch, blocks resident a SM)
 chosen per shape; fp32 runs the FMA kernels with the rows rounded up to 1, 2, 4 or 8. A launch is a grid of
 (column tiles, K splits), as many splits as fill the SMs, with the current stream's split workspace
@@ -12,9 +17,18 @@ runs it on checked CuPy arrays, and takes ``geometry`` and ``family`` for the ge
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from ..runtime.arrays import import_cupy
-from ..runtime.kernels import CTYPES, KernelFamily, compute_capability, sm_count, split_workspace, vector_width
+from ..runtime.kernels import (
+    CTYPES,
+    KernelFamily,
+    compute_capability,
+    dynamic_shared,
+    sm_count,
+    split_workspace,
+    vector_width,
+)
 from ..runtime.programmatic import weight_prefetch
 
 GEMV_MAX_ROWS = 8
@@ -55,17 +69,65 @@ def tc_kernel_name(ctype: str, transposed: bool, geometry) -> str:
     return f"ct::gemv_tc_{'nk' if transposed else 'kn'}<{ctype}, {', '.join(map(str, geometry))}>"
 
 
+# gemv.cu's GemvFuse: the norm prologue, the residual epilogue.
+FUSE_NORM, FUSE_RESIDUAL = 1, 2
+
+
+def fused_kernel_name(ctype: str, transposed: bool, geometry, fuse: int) -> str:
+    """The name expression of a fused tensor-core kernel (``FUSE_NORM`` or ``FUSE_RESIDUAL``) at ``geometry``."""
+    return f"ct::gemv_tc_{'nk' if transposed else 'kn'}_fused<{ctype}, {', '.join(map(str, geometry))}, {fuse}>"
+
+
+_TC_GEOMETRIES = [(False, g) for g in GEMV_TC_KN] + [(True, g) for g in GEMV_TC_NK.values()]
 GEMV_KERNELS = KernelFamily(
     "gemv.cu",
-    [
-        tc_kernel_name(c, tr, geo)
+    [tc_kernel_name(c, tr, geo) for d, c in CTYPES.items() if d.itemsize == 2 for tr, geo in _TC_GEOMETRIES]
+    + [f"ct::gemv_{layout}<float, {r}>" for layout in ("kn", "nk") for r in _FMA_ROWS]
+    + [
+        fused_kernel_name(c, tr, geo, fuse)
         for d, c in CTYPES.items()
         if d.itemsize == 2
-        for tr, geo in [(False, g) for g in GEMV_TC_KN] + [(True, g) for g in GEMV_TC_NK.values()]
-    ]
-    + [f"ct::gemv_{layout}<float, {r}>" for layout in ("kn", "nk") for r in _FMA_ROWS],
+        for tr, geo in _TC_GEOMETRIES
+        for fuse in (FUSE_NORM, FUSE_RESIDUAL)
+    ],
     programmatic=True,
 )
+
+
+class GemvNorm(NamedTuple):
+    """The norm a fused product applies to x first: ``mode`` as ``ops.norm.normalize`` takes it ("layer_norm",
+    "layer_norm_no_beta" or "rms_norm"), ``gamma`` and ``beta`` ([K]; beta None but for "layer_norm"), ``eps``."""
+
+    mode: str
+    gamma: object
+    beta: object
+    eps: float
+
+
+_NORM_MODES = {"layer_norm": 0, "layer_norm_no_beta": 1, "rms_norm": 2}  # norm_row.cuh's NormMode
+# The norm prologue's statistics are norm.cu's for rows of at most this many 16-byte slots (its launch for a few
+# rows: a thread a slot, one block a row); past it that kernel sums in another order.
+NORM_MAX_SLOTS = 1024
+# Dynamic shared memory for the normalised rows of a block's K range: with the kernels' ~9.3 KiB of static shared
+# memory under the 48 KiB a launch gets without opting in, and 3 blocks a SM within an A100's 164 KiB. 8 rows of
+# K 2048 (LLaMA-1B) fit; where they do not, the caller normalises first (``gemv_fused_fits``).
+PROLOGUE_SHARED_BYTES = 36 * 1024
+
+
+def prologue_stride(k_per_split: int) -> int:
+    """Elements between the normalised rows in shared memory: the K range rounded up to 64 elements (128 bytes),
+    plus 32 (64 bytes), so the rows of a quarter-warp's 16-byte loads fall in distinct banks."""
+    return math.ceil(k_per_split / 64) * 64 + 32
+
+
+def prologue_fits(rows: int, k: int, k_per_split: int, itemsize: int) -> bool:
+    """Whether the norm prologue takes rows of ``k`` (``k_per_split`` of them a block) of a 16-bit dtype: norm.cu's
+    summation order (``NORM_MAX_SLOTS``) and the normalised rows within ``PROLOGUE_SHARED_BYTES``."""
+    return (
+        itemsize == 2
+        and k // (16 // itemsize) <= NORM_MAX_SLOTS
+        and rows * prologue_stride(k_per_split) * itemsize <= PROLOGUE_SHARED_BYTES
+    )
 
 
 # Per transposed: the fp32 kernels' (output columns a block, k a loop step: a split holds whole steps).
@@ -90,6 +152,26 @@ def gemv_fits(x, w, transposed, bias, act) -> bool:
     return aligned and whole_vectors and tensor_cores_if_needed and (act is None or int(act) in _GEMV_ACTS)
 
 
+def gemv_fused_fits(x, w, transposed, bias=None, act=None, norm: GemvNorm | None = None, residual=None) -> bool:
+    """Whether a fused GEMV takes this product (``gemv_fits`` must hold; ``gemv``'s ``norm`` and ``residual``, one
+    of them): fp16/bf16 (the tensor-core kernels; fp32 products normalise and add as before), up to 8 rows; the norm
+    with 16-byte aligned gamma and beta and its rows within ``prologue_fits`` at this launch's K split; the residual
+    a contiguous [rows, N] array of x's dtype, with no activation."""
+    if x.dtype.itemsize != 2 or x.shape[0] > GEMV_MAX_ROWS or (norm is None) == (residual is None):
+        return False
+    if norm is not None:
+        params = [norm.gamma] + ([norm.beta] if norm.mode == "layer_norm" else [])
+        if any(p.data.ptr % 16 for p in params):
+            return False
+        return prologue_fits(
+            x.shape[0], x.shape[1], _launch_plan(x, w, transposed, make_workspace=False)[2], x.dtype.itemsize
+        )
+    n = w.shape[0] if transposed else w.shape[1]
+    return (
+        act is None and residual.shape == (x.shape[0], n) and residual.dtype == x.dtype and residual.flags.c_contiguous
+    )
+
+
 def gemv_k_per_split(k: int, n_tiles: int, k_step: int, blocks_per_sm: int, sms: int) -> int:
     """The K range of one split, a multiple of ``k_step``: K shared evenly by the most splits for which column
     tiles x splits gives each of the ``sms`` SMs at most ``blocks_per_sm`` blocks (at least one split). Every
@@ -98,19 +180,20 @@ def gemv_k_per_split(k: int, n_tiles: int, k_step: int, blocks_per_sm: int, sms:
     return math.ceil(math.ceil(k / splits) / k_step) * k_step
 
 
-def gemv(x, w, transposed, bias=None, act=None, geometry=None, family=None):
+def gemv(x, w, transposed, bias=None, act=None, geometry=None, family=None, *, norm=None, residual=None):
     """The GEMV kernel on checked CuPy arrays (``gemv_fits`` must hold): ``act(x[rows<=8, K] @ W + bias)``.
     ``geometry``: (pieces, chunks, blocks a SM) for fp16/bf16 instead of the launcher's choice; ``family``: one
-    that has that geometry's kernel (``GEMV_KERNELS.extended``) instead of ``GEMV_KERNELS``."""
+    that has that geometry's kernel (``GEMV_KERNELS.extended``) instead of ``GEMV_KERNELS``.
+    Fused (``gemv_fused_fits`` must hold too): ``norm`` (a ``GemvNorm``): ``act(NORM(x) @ W + bias)``;
+    ``residual`` [rows, N]: ``round(residual + (x @ W + bias))``, a new array (``residual`` is only read)."""
     cupy = import_cupy()
     rows, k = x.shape
-    name, grid, per_split, (partials, counters) = _launch_plan(x, w, transposed, geometry)
+    fuse = FUSE_NORM if norm is not None else FUSE_RESIDUAL if residual is not None else 0
+    name, grid, per_split, (partials, counters) = _launch_plan(x, w, transposed, geometry, fuse=fuse)
     n = w.shape[0] if transposed else w.shape[1]
     y = cupy.empty((rows, n), x.dtype)
-    (GEMV_KERNELS if family is None else family).launch(
-        name,
-        grid,
-        (_THREADS,),
+    family = GEMV_KERNELS if family is None else family
+    arguments = dict(
         x=x,
         w=w,
         y=y,
@@ -125,6 +208,20 @@ def gemv(x, w, transposed, bias=None, act=None, geometry=None, family=None):
         has_bias=int(bias is not None),
         prefetch=weight_prefetch(),  # bytes of its weights a block asks L2 for before it waits (programmatic)
     )
+    shared = 0
+    if fuse:
+        stride = prologue_stride(per_split)
+        if norm is not None:  # the normalised rows of the block's K range
+            shared = dynamic_shared(family.kernel(name), rows * stride * x.dtype.itemsize)
+        arguments.update(
+            residual=x if residual is None else residual,  # x stands in for what the fusion leaves unread
+            gamma=x if norm is None else norm.gamma,
+            beta=x if norm is None or norm.beta is None else norm.beta,
+            eps=0.0 if norm is None else norm.eps,
+            norm_mode=0 if norm is None else _NORM_MODES[norm.mode],
+            x_stride=stride,
+        )
+    family.launch(name, grid, (_THREADS,), shared, **arguments)
     return y
 
 
@@ -134,9 +231,10 @@ def gemv_workspace(x, w, transposed):
     return _launch_plan(x, w, transposed)[3]
 
 
-def _launch_plan(x, w, transposed, geometry=None):
-    """The GEMV's kernel for this product, its grid (column tiles, K splits), the K range of a split, and the
-    current stream's split workspace (made here where the stream has none large enough)."""
+def _launch_plan(x, w, transposed, geometry=None, make_workspace=True, fuse=0):
+    """The GEMV's kernel for this product (``fuse``: the fused kernel, ``FUSE_NORM`` or ``FUSE_RESIDUAL``), its grid
+    (column tiles, K splits), the K range of a split, and the current stream's split workspace (made here where the
+    stream has none large enough; None without ``make_workspace``)."""
     rows, k = x.shape
     n = w.shape[0] if transposed else w.shape[1]
     sms = sm_count()
@@ -152,8 +250,14 @@ def _launch_plan(x, w, transposed, geometry=None):
     per_split = gemv_k_per_split(k, n_tiles, k_step, blocks_per_sm, sms)
     splits = math.ceil(k / per_split)
     if x.dtype.itemsize == 2:
-        name = tc_kernel_name(CTYPES[x.dtype], transposed, geometry or (1, kn_chunks_a_batch(per_split), blocks_per_sm))
+        geometry = geometry or (1, kn_chunks_a_batch(per_split), blocks_per_sm)
+        ctype = CTYPES[x.dtype]
+        name = (
+            fused_kernel_name(ctype, transposed, geometry, fuse)
+            if fuse
+            else tc_kernel_name(ctype, transposed, geometry)
+        )
     else:
         name = f"ct::gemv_{'nk' if transposed else 'kn'}<float, {next(r for r in _FMA_ROWS if rows <= r)}>"
-    workspace = split_workspace(splits * rows * n if splits > 1 else 0, n_tiles)
+    workspace = split_workspace(splits * rows * n if splits > 1 else 0, n_tiles) if make_workspace else None
     return name, (n_tiles, splits), per_split, workspace

@@ -22,7 +22,8 @@ from ..runtime import cublaslt, timing
 from ..runtime.arrays import as_array, common_kind, import_cupy, module_of, to_caller
 from .bias_act import apply_bias_act
 from .config import ActivationType
-from .gemv import GEMV_MAX_ROWS, gemv, gemv_fits, gemv_workspace
+from .gemv import GEMV_MAX_ROWS, GemvNorm, gemv, gemv_fits, gemv_fused_fits, gemv_workspace
+from .norm import norm_reference
 
 #: Which product the latest ``matmul`` on GPU arrays ran: "gemv" or "cublas" (None before the first).
 last_path: str | None = None
@@ -51,31 +52,65 @@ def lm_logits(x, weight):
     return to_caller(matmul(x, w, transposed=True), kind)
 
 
-def matmul(x, w, transposed: bool, bias=None, act=None):
+def matmul(x, w, transposed: bool, bias=None, act=None, *, norm: GemvNorm | None = None, residual=None):
     """``act(x[..., in] @ W + bias)`` → ``[..., out]`` on arrays already checked. A gated ``act`` takes ``W``'s
     ``[up | gate]`` columns: the product, then ``bias_act`` pairs the halves (no epilogue pairs two columns), and
-    the result is half as wide."""
+    the result is half as wide.
+
+    Fused decode products (one GEMV kernel; on GPU arrays only where ``fused_fits`` holds, else ValueError):
+    ``norm``: ``act(NORM(x) @ W + bias)``; ``residual`` (x's shape but ``out``): ``round(residual + (x @ W + bias))``
+    in fp32, a new array, where the unfused path gives ``round(residual + round(x @ W) + bias)``."""
     global last_path
     if act is not None and ActivationType(act).gated:
-        return apply_bias_act(matmul(x, w, transposed), bias, act)
+        if residual is not None:
+            raise ValueError("matmul: a residual epilogue takes no activation")
+        return apply_bias_act(matmul(x, w, transposed, norm=norm), bias, act)
     if module_of(x) is numpy:
-        return matmul_reference(x, w, transposed, bias, act)
+        return matmul_reference(x, w, transposed, bias, act, norm=norm, residual=residual)
     out_features = w.shape[0] if transposed else w.shape[1]
     shape = tuple(x.shape[:-1]) + (out_features,)
     x2 = x.reshape(-1, x.shape[-1])
-    if use_gemv(x2, w, transposed, bias, act):
+    if norm is not None or residual is not None:
+        r2 = None if residual is None else residual.reshape(-1, out_features)
+        if not fused_fits(x2, w, transposed, bias, act, norm, r2):
+            raise ValueError("matmul: this product cannot take the norm or the residual in the GEMV (fused_fits)")
+        last_path, y = "gemv", gemv(x2, w, transposed, bias, act, norm=norm, residual=r2)
+    elif use_gemv(x2, w, transposed, bias, act):
         last_path, y = "gemv", gemv(x2, w, transposed, bias, act)
     else:
         last_path, y = "cublas", _cublas(x2, w, transposed, bias, act)
     return y.reshape(shape)
 
 
-def matmul_reference(x: numpy.ndarray, w: numpy.ndarray, transposed: bool, bias=None, act=None) -> numpy.ndarray:
+def fused_fits(x, w, transposed, bias=None, act=None, norm: GemvNorm | None = None, residual=None) -> bool:
+    """Whether ``matmul`` runs this product (x [rows, in] on the GPU) with ``norm`` or ``residual`` fused into one
+    GEMV kernel: up to 8 rows in a graph's products (``graph_products``), where the GEMV takes it (``gemv_fits``,
+    ``gemv_fused_fits``: fp16/bf16). A gated ``act`` is applied after the product, as ``matmul`` does."""
+    if module_of(x) is numpy or x.shape[0] > GEMV_MAX_ROWS or not graph_products():
+        return False
+    if act is not None and ActivationType(act).gated:
+        bias = act = None
+    return gemv_fits(x, w, transposed, bias, act) and gemv_fused_fits(x, w, transposed, bias, act, norm, residual)
+
+
+def matmul_reference(
+    x: numpy.ndarray, w: numpy.ndarray, transposed: bool, bias=None, act=None, *, norm=None, residual=None
+) -> numpy.ndarray:
     """NumPy reference: the product in float64 rounded to ``x.dtype``, then (with a bias or an activation)
-    ``bias_act``'s reference, rounded again."""
+    ``bias_act``'s reference, rounded again. ``norm`` (a ``GemvNorm``): x normalised first as ``ops.norm``'s
+    reference does (rounded to x.dtype); ``residual``: ``round(residual + (x @ W + bias))`` from the float64 product
+    and bias, rounded once (the fused GEMV's math; no activation)."""
     out_features = w.shape[0] if transposed else w.shape[1]
+    if norm is not None:
+        x = norm_reference(norm.mode, x, norm.gamma, norm.beta, norm.eps)
     wf = w.astype(numpy.float64)
-    y = (x.reshape(-1, x.shape[-1]).astype(numpy.float64) @ (wf.T if transposed else wf)).astype(x.dtype)
+    y = x.reshape(-1, x.shape[-1]).astype(numpy.float64) @ (wf.T if transposed else wf)
+    if residual is not None:
+        if act is not None:
+            raise ValueError("matmul: a residual epilogue takes no activation")
+        y = y + (0.0 if bias is None else bias.astype(numpy.float64)) + residual.reshape(y.shape).astype(numpy.float64)
+        return y.astype(x.dtype).reshape(tuple(x.shape[:-1]) + (out_features,))
+    y = y.astype(x.dtype)
     if bias is not None or act is not None:
         y = apply_bias_act(y, bias, act, out=y)
     return y.reshape(tuple(x.shape[:-1]) + (out_features,))
@@ -118,6 +153,11 @@ def graph_choices():
         _GRAPH_CHOICES = before
 
 
+def graph_products() -> bool:
+    """Whether products run as in a CUDA graph: a capture on the current stream, or ``graph_choices``."""
+    return _GRAPH_CHOICES or import_cupy().cuda.get_current_stream().is_capturing()
+
+
 def use_gemv(x, w, transposed, bias, act) -> bool:
     """Whether this product runs the GEMV kernel: a decode shape it supports, and then always in a CUDA graph (a
     call being captured, or under ``graph_choices``), eagerly where it timed faster than cuBLAS on this shape's
@@ -128,9 +168,9 @@ def use_gemv(x, w, transposed, bias, act) -> bool:
     cupy = import_cupy()
     if x.shape[0] > GEMV_MAX_ROWS or not gemv_fits(x, w, transposed, bias, act):
         return False
-    stream = cupy.cuda.get_current_stream()
-    if _GRAPH_CHOICES or stream.is_capturing():
+    if graph_products():
         return True
+    stream = cupy.cuda.get_current_stream()
     key = _choice_key(x, w, transposed, bias, act)
     faster = _GEMV_FASTER.get(key) if timing.TUNE else False
     if faster is None:

@@ -6,7 +6,7 @@ import pytest
 from cupy_transformer.ops import ActivationType
 from cupy_transformer.ops.gemv import GEMV_MAX_ROWS, gemv, gemv_fits, gemv_k_per_split, kn_chunks_a_batch, nk_geometry
 from cupy_transformer.runtime.arrays import FLOAT_DTYPES
-from tests.helpers import TOL_CHAINED, random, rel_error
+from tests.helpers import TOL_CHAINED, TOL_ROUNDED, random, rel_error
 from tests.ops.common import act as exact_act
 from tests.ops.common import dense, f64, on_backend, weight
 
@@ -174,3 +174,166 @@ def test_kn_chunks_a_batch_shares_chunks_evenly():
     assert kn_chunks_a_batch(1280) == 2  # 80: 10 against 12
     assert kn_chunks_a_batch(64) == 2  # 4 chunks: two warps with 2 each rather than one with 4
     assert [kn_chunks_a_batch(k) for k in (320, 2048, 5504)] == [4, 4, 4]  # ties take 4
+
+
+# ---- The fused GEMV: the norm as its prologue, the residual add as its epilogue ----
+
+NORM_MODES = ["layer_norm", "layer_norm_no_beta", "rms_norm"]
+HALF_DTYPES = [t for t in FLOAT_DTYPES if numpy.dtype(t).itemsize == 2]
+
+
+def norm_inputs(rng, dtype, rows, k, n, transposed, mode, with_bias):
+    """x, W, bias and a GemvNorm (gamma around 1, beta around 0: random, never trivial) on the host."""
+    from cupy_transformer.ops.gemv import GemvNorm
+
+    x = random(rng, (rows, k), dtype, scale=2.0, offset=0.5)
+    norm = GemvNorm(
+        mode,
+        random(rng, (k,), dtype, scale=0.2, offset=1.0),
+        random(rng, (k,), dtype, scale=0.2) if mode == "layer_norm" else None,
+        1e-5,
+    )
+    return x, weight(rng, k, n, dtype, transposed), random(rng, (n,), dtype) if with_bias else None, norm
+
+
+def test_fused_reference_is_the_float64_math(rng):
+    """matmul_reference's norm= and residual= against float64 formulas written apart from ops.norm (tests.ops.common):
+    the normalised row rounded to the dtype, the product; round(residual + x @ W + bias)."""
+    from cupy_transformer.ops.matmul import matmul_reference
+    from tests.ops.common import layer_norm, rms_norm
+
+    for dtype in FLOAT_DTYPES:
+        for mode in NORM_MODES:
+            x, w, bias, norm = norm_inputs(rng, dtype, 3, 72, 40, False, mode, with_bias=True)
+            g, b = f64(norm.gamma), f64(norm.beta)
+            xn = rms_norm(f64(x), g, norm.eps) if mode == "rms_norm" else layer_norm(f64(x), g, b, norm.eps)
+            got = matmul_reference(x, w, False, bias, ActivationType.GELU, norm=norm)
+            want = exact_act(f64(xn.astype(dtype)) @ f64(w) + f64(bias), ActivationType.GELU)
+            assert got.dtype == dtype and rel_error(got, want) < TOL_CHAINED[numpy.dtype(dtype)], (dtype, mode)
+        x, w, bias, _ = norm_inputs(rng, dtype, 3, 72, 40, True, "rms_norm", with_bias=True)
+        r = random(rng, (3, 40), dtype)
+        got = matmul_reference(x, w, True, bias, residual=r)
+        want = f64(r) + f64(x) @ f64(w).T + f64(bias)
+        # one rounding of the float64 sum
+        assert got.dtype == dtype and rel_error(got, want) < TOL_ROUNDED[numpy.dtype(dtype)]
+
+
+def test_prologue_fits_bounds_shared_memory_and_slots():
+    """The fused norm falls back (the caller normalises first) where the block's normalised rows pass
+    PROLOGUE_SHARED_BYTES or the row passes NORM_MAX_SLOTS (norm.cu then sums in another order), and for fp32."""
+    from cupy_transformer.ops.gemv import PROLOGUE_SHARED_BYTES, prologue_fits, prologue_stride
+
+    assert prologue_stride(1600) == 1632 and prologue_stride(2048) == 2080 and prologue_stride(16) == 96
+    assert all(prologue_stride(k) * 2 % 128 == 64 for k in (16, 768, 1000, 4096))  # rows in distinct banks
+    assert prologue_fits(8, 2048, 2048, 2)  # LLaMA-1B, one split: 8 x 2080 x 2 bytes
+    assert 8 * prologue_stride(2048) * 2 <= PROLOGUE_SHARED_BYTES < 8 * prologue_stride(2304) * 2
+    assert not prologue_fits(8, 2304, 2304, 2) and prologue_fits(7, 2304, 2304, 2)
+    assert prologue_fits(8, 4096, 1024, 2) and not prologue_fits(8, 4096, 4096, 2) and prologue_fits(1, 4096, 4096, 2)
+    assert prologue_fits(1, 8192, 2048, 2) and not prologue_fits(1, 8200, 2048, 2)  # 1025 slots
+    assert not prologue_fits(1, 64, 64, 4)  # fp32: the FMA kernels have no prologue
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("transposed", [False, True], ids=["[in,out]", "[out,in]"])
+@pytest.mark.parametrize("mode", NORM_MODES)
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("k", [776, 1600, 4104])
+def test_gpu_norm_prologue(rng, poisoned_allocations, dtype, transposed, mode, rows, k):
+    """gemv(x, norm=NORM) against the reference (NORM in float64, rounded; the product in float64, rounded), and to
+    the bit against norm.cu's kernel followed by the plain GEMV: the prologue's statistics and values are that
+    kernel's, and the fused kernel accumulates as the plain one at the same geometry. K = 776, 4104: not multiples
+    of the 32-k chunks or of a warp's 32 slots; N = 1032: a partial tile."""
+    from cupy_transformer.ops.gemv import gemv_fused_fits
+    from cupy_transformer.ops.matmul import matmul_reference
+    from cupy_transformer.ops.norm import normalize
+
+    n = 1032
+    for with_bias, act in ((True, ActivationType.GELU), (False, None)):
+        x, w, bias, norm = norm_inputs(rng, dtype, rows, k, n, transposed, mode, with_bias)
+        a = on_backend({"x": x, "w": w, "bias": bias, "gamma": norm.gamma, "beta": norm.beta}, gpu=True)
+        gpu_norm = norm._replace(gamma=a["gamma"], beta=a["beta"])
+        assert gemv_fits(a["x"], a["w"], transposed, a["bias"], act)
+        assert gemv_fused_fits(a["x"], a["w"], transposed, a["bias"], act, norm=gpu_norm)
+        y = gemv(a["x"], a["w"], transposed, a["bias"], act, norm=gpu_norm)
+        assert y.shape == (rows, n) and y.dtype == dtype
+        want = matmul_reference(x, w, transposed, bias, act, norm=norm)
+        assert rel_error(y, want) < TOL_CHAINED[numpy.dtype(dtype)]
+        xn = normalize(mode, a["x"], a["gamma"], a["beta"], norm.eps)
+        unfused = gemv(xn, a["w"], transposed, a["bias"], act)
+        assert bool((y == unfused).all()), "the fused norm differs from norm.cu's kernel + the plain GEMV"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("transposed", [False, True], ids=["[in,out]", "[out,in]"])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("k", [776, 1600, 4104])
+def test_gpu_residual_epilogue(rng, poisoned_allocations, dtype, transposed, rows, k):
+    """gemv(x, residual=r) = round(r + (x @ W + bias)) against the float64 reference, r unchanged; with r = 0 to the
+    bit the plain GEMV's round(x @ W + bias) (the same fp32 sum, then the one rounding)."""
+    from cupy_transformer.ops.gemv import gemv_fused_fits
+    from cupy_transformer.ops.matmul import matmul_reference
+
+    n = 1032
+    for with_bias in (True, False):
+        x, w, bias, _ = norm_inputs(rng, dtype, rows, k, n, transposed, "rms_norm", with_bias)
+        r = random(rng, (rows, n), dtype, scale=4.0)
+        a = on_backend({"x": x, "w": w, "bias": bias, "r": r, "zero": numpy.zeros((rows, n), dtype)}, gpu=True)
+        assert gemv_fused_fits(a["x"], a["w"], transposed, a["bias"], residual=a["r"])
+        assert not gemv_fused_fits(a["x"], a["w"], transposed, a["bias"], ActivationType.GELU, residual=a["r"])
+        y = gemv(a["x"], a["w"], transposed, a["bias"], residual=a["r"])
+        assert y.shape == (rows, n) and y.dtype == dtype
+        assert bool((a["r"].get() == r).all())  # only read
+        assert rel_error(y, matmul_reference(x, w, transposed, bias, residual=r)) < TOL_CHAINED[numpy.dtype(dtype)]
+        zero_added = gemv(a["x"], a["w"], transposed, a["bias"], residual=a["zero"])
+        assert bool((zero_added == gemv(a["x"], a["w"], transposed, a["bias"])).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transposed", [False, True], ids=["[in,out]", "[out,in]"])
+def test_gpu_fused_calls_replay_as_captured(rng, transposed):
+    """A norm-prologue call and a residual-epilogue call captured in a CUDA graph (programmatic launches, as a decode
+    step runs them) and replayed give the eager calls' bits, for new inputs written into the captured arrays."""
+    import cupy
+
+    from cupy_transformer.runtime.programmatic import programmatic_launches
+
+    dtype, rows, k, n = numpy.float16, 3, 1600, 1032
+    x, w, bias, norm = norm_inputs(rng, dtype, rows, k, n, transposed, "layer_norm", True)
+    a = on_backend({"x": x, "w": w, "bias": bias, "gamma": norm.gamma, "beta": norm.beta}, gpu=True)
+    gpu_norm = norm._replace(gamma=a["gamma"], beta=a["beta"])
+    w2 = cupy.asarray(weight(rng, n, k, dtype, transposed))
+
+    def step():
+        h = gemv(a["x"], a["w"], transposed, a["bias"], ActivationType.GELU, norm=gpu_norm)
+        return gemv(h, w2, transposed, residual=a["x"])
+
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream, programmatic_launches():
+        step()  # warm: kernels, the stream's split workspace
+        stream.begin_capture()
+        captured = step()
+        graph = stream.end_capture()
+        a["x"][...] = cupy.asarray(random(rng, (rows, k), dtype, scale=2.0, offset=0.5))
+        graph.launch()
+        eager = step()
+    stream.synchronize()
+    assert bool(cupy.isfinite(captured).all()) and bool((captured == eager).all())
+
+
+@pytest.mark.gpu
+def test_gpu_matmul_fused_outside_a_graph_or_unfit_is_an_error(rng):
+    """ops.matmul takes norm= / residual= only where the fused GEMV runs (graph products, fp16/bf16, <= 8 rows)."""
+    from cupy_transformer import ops
+    from cupy_transformer.ops.matmul import fused_fits, matmul
+
+    x, w, bias, norm = norm_inputs(rng, numpy.float16, 9, 64, 40, False, "rms_norm", True)
+    a = on_backend({"x": x, "w": w, "gamma": norm.gamma}, gpu=True)
+    gpu_norm = norm._replace(gamma=a["gamma"])
+    assert not fused_fits(a["x"][:2], a["w"], False, norm=gpu_norm)  # eager, not under graph_choices
+    with ops.graph_choices():
+        assert fused_fits(a["x"][:2], a["w"], False, norm=gpu_norm)
+        assert not fused_fits(a["x"], a["w"], False, norm=gpu_norm)  # 9 rows
+        with pytest.raises(ValueError, match="fused_fits"):
+            matmul(a["x"], a["w"], False, norm=gpu_norm)
