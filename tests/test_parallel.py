@@ -458,7 +458,8 @@ def test_gpu_ranks_give_the_one_gpu_tokens_and_logits(tmp_path, rng, size):
     """1, 2 and 4 GPUs (NCCL, one process each): fp32 greedy tokens identical to one GPU's and logits within 1e-5;
     fp16 logits within 3e-2 relative of one GPU's fp32 logits, the parity tests' fp16 bound (each rank rounds
     its partial sums to fp16 before NCCL adds them). A tied LLaMA of 101 ids: the vocab-parallel lookup and
-    head with the last rank's share padded (51 + 50 rows; 26 x 3 + 23), the logits all-gathered in the graph."""
+    head with the last rank's share padded (51 + 50 rows; 26 x 3 + 23); the prompt pass gathers its logits, the
+    captured greedy decode steps each rank's (value, id) pairs (``VocabParallel.greedy_tokens``)."""
     if gpu_count() < size:
         pytest.skip(f"multi_gpu: needs {size} GPUs; {gpu_count()} found")
     _, vocab = llama_tied_101(tmp_path, rng)
