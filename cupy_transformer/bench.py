@@ -52,6 +52,19 @@ SHAPES = {
         ),
         "float16",
     ),
+    "llama-13b": (
+        "llama",
+        dict(
+            hidden_size=5120,
+            num_hidden_layers=40,
+            num_attention_heads=40,
+            num_key_value_heads=40,
+            intermediate_size=13824,
+            vocab_size=32000,
+            max_position_embeddings=4096,
+        ),
+        "float16",
+    ),
 }
 
 

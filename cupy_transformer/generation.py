@@ -184,8 +184,18 @@ class Decoder:
             self._ready[step % 2].synchronize()
 
     def _step_ops(self) -> None:
-        logits = self.model.decode(self.ids, self.positions, self.cache, attn_mask=self.keep)
-        ops.sample_tokens(logits[:, -1], self.ids[:, 0], self.seed_step, *self.sampling)
+        # A vocab-parallel rank (``parallel``) at greedy keeps its own columns of the logits and picks the token
+        # with the other ranks from their maxima, gathering no logits; sampling with a temperature (top-k, top-p)
+        # needs whole rows, which the model gathers. The prompt pass gathers them too (once a generation; its
+        # logits' finiteness is checked).
+        shard = getattr(self.model, "vocab_parallel", None) if self.sampling.temperature == 0 else None
+        if shard is not None:
+            with shard.own_logits():
+                logits = self.model.decode(self.ids, self.positions, self.cache, attn_mask=self.keep)
+            shard.greedy_tokens(logits[:, -1], self.ids[:, 0], self.seed_step)
+        else:
+            logits = self.model.decode(self.ids, self.positions, self.cache, attn_mask=self.keep)
+            ops.sample_tokens(logits[:, -1], self.ids[:, 0], self.seed_step, *self.sampling)
         _advance(self.xp, self.positions, self.cache.device_lengths, self.seed_step)
 
     def _copy_out(self, step: int) -> None:

@@ -15,7 +15,10 @@ Sharding, applied at load (``loading.Checkpoint.load``'s ``shards``: each rank r
   lookup of an id outside the rank's rows reads. Each rank embeds its own ids (zeros for the others'), then an
   all-reduce sums them (Megatron's VocabParallelEmbedding); each rank's head gives its P columns of the logits,
   an all-gather joins them and drops the padding, so the logits come out whole and identical on every rank and
-  each rank samples the same token from the same seed (nothing is broadcast).
+  each rank samples the same token from the same seed (nothing is broadcast). A greedy decode step
+  (``generation.Decoder``) gathers no logits: inside ``VocabParallel.own_logits`` the head gives the rank's
+  columns alone and ``VocabParallel.greedy_tokens`` picks the token from each rank's maximum and its id (one
+  all-gather of [B, 2] values instead of [B, V]); sampling with a temperature needs whole rows, gathered.
 
 Each layer then all-reduces (sums) twice: the out-projection's output and the down-projection's output, before
 the residual add that follows, which adds the row-parallel bias once, after the sum (``layers``). The ops take
@@ -32,6 +35,7 @@ Without a communicator (or with one of size 1) a model is whole and runs as it a
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 
@@ -102,6 +106,7 @@ class VocabParallel:
         self.part = -(-vocab // size)
         self.first = min(rank * self.part, vocab)
         self.rows = min(self.part, vocab - self.first)  # 0 for a rank past the end of a tiny vocabulary
+        self._own = False  # ``own_logits``
 
     def tied_head(self, table):
         """The LM head tied to this rank's embedding ``table``: its ``part`` rows, without the zero row (a view)."""
@@ -137,6 +142,8 @@ class VocabParallel:
         """The whole logits ``[..., vocab]`` from this rank's ``head`` rows [part, hidden]: its ``part`` columns
         (``ops.lm_logits``), gathered from every rank, the padding columns dropped. Identical on every rank."""
         ours = ops.lm_logits(x, head)
+        if self._own:
+            return ours
         gathered = self.comm.all_gather(ours)
         # [N, ..., part] to [..., N part] in one copy; the padding (the last ranks' zero rows) is at the end, dropped
         # with a second copy where there is any. Copies, not cupy.concatenate: above 8 arrays that uploads a table
@@ -144,6 +151,42 @@ class VocabParallel:
         xp = module_of(ours)
         whole = xp.ascontiguousarray(xp.moveaxis(gathered, 0, -2)).reshape(ours.shape[:-1] + (self.size * self.part,))
         return whole if self.size * self.part == self.vocab else xp.ascontiguousarray(whole[..., : self.vocab])
+
+    @contextlib.contextmanager
+    def own_logits(self):
+        """Inside, ``logits`` gives this rank's ``part`` columns [..., part] (padding included), not gathered: for
+        ``greedy_tokens``, which needs no other rank's logits."""
+        self._own = True
+        try:
+            yield
+        finally:
+            self._own = False
+
+    def greedy_tokens(self, logits, tokens, seed_step):
+        """The whole model's greedy tokens (``ops.sample_tokens`` at temperature 0: the first index of the maximum,
+        so the smallest id among equal maxima) from this rank's columns ``logits`` [B, part] (``own_logits``),
+        written into ``tokens`` (int32 [B]) identically on every rank, and returned. Each rank takes the first
+        index of its real columns' maximum (``ops.sample_tokens``; the padding columns are not looked at), then
+        one all-gather of every rank's (value, id) pairs [B, 2] in float64 (exact for every logit dtype and any
+        id below 2^53), and each rank picks the largest value, the smallest id among equal ones: 2 values a row
+        move instead of V. ``seed_step``: the sampler's (not used at temperature 0). Device work only, nothing
+        read by the host, so it is captured in a decode step's CUDA graph."""
+        xp = module_of(logits)
+        batch = logits.shape[0]
+        pairs = xp.empty((batch, 2), numpy.float64)
+        if self.rows:
+            local = xp.empty(batch, numpy.int32)
+            ops.sample_tokens(logits[:, : self.rows], local, seed_step)
+            pairs[:, 0] = logits[xp.arange(batch), local]
+            pairs[:, 1] = local
+            pairs[:, 1] += self.first
+        else:  # a rank past the end of a tiny vocabulary: -inf never beats a real rank's value, nor its smaller id
+            pairs[:, 0], pairs[:, 1] = -numpy.inf, self.vocab
+        gathered = self.comm.all_gather(pairs)  # [N, B, 2], in rank order on every rank
+        values, ids = gathered[..., 0], gathered[..., 1]
+        tied = values == values.max(axis=0)
+        tokens[...] = xp.where(tied, ids, numpy.inf).min(axis=0).astype(numpy.int32)
+        return tokens
 
 
 def vocab_parallel_of(comm, vocab: int) -> VocabParallel | None:

@@ -12,8 +12,8 @@ import numpy
 import pytest
 from safetensors.numpy import load_file
 
-from cupy_transformer import cli, loading, parallel
-from cupy_transformer.generation import Decoder
+from cupy_transformer import cli, loading, ops, parallel
+from cupy_transformer.generation import Decoder, Sampling
 from cupy_transformer.models import BERT, GPT2, LLaMA
 from cupy_transformer.ops import matmul
 from cupy_transformer.parallel import Split, VocabParallel, VocabSplit, run_simulated
@@ -69,10 +69,11 @@ CAUSAL = {
 CAUSAL_CASES = [(name, n) for name, (_, sizes) in CAUSAL.items() for n in sizes]
 
 
-def greedy_tokens(model, prompts):
-    """The first token and STEPS - 1 decode steps' greedy tokens [STEPS, B] through ``generation.Decoder``."""
+def greedy_tokens(model, prompts, sampling=None):
+    """The first token and STEPS - 1 decode steps' greedy tokens [STEPS, B] through ``generation.Decoder`` (drawn
+    with ``sampling`` where given)."""
     decoder = Decoder(model, len(prompts), max(map(len, prompts)) + STEPS)
-    decoder.prefill(prompts, seed=7)
+    decoder.prefill(prompts, seed=7, sampling=sampling)
     tokens = [decoder.read(0)]
     for step in range(1, STEPS):
         decoder.step()
@@ -242,6 +243,84 @@ def test_sharded_loading_reads_only_the_rank_slices(tmp_path, rng, monkeypatch, 
     assert sorted(whole) == sorted(size * [n for n in stored if n not in shards])
 
 
+def planted_logits(rng, vocab: int, dtype) -> numpy.ndarray:
+    """[8, vocab] logits whose greedy token is decided by planted ties: across ranks, within a rank and a later
+    one, at the last id, all equal, all -inf, all negative (a padding column's 0 would win), and one random row."""
+    rows = rng.standard_normal((8, vocab)).astype(dtype)
+    top = rows.max() + 1
+    for row, ids in enumerate([[1, vocab // 2 + 1, vocab - 1], [vocab - 3, vocab - 2, vocab - 1], [vocab - 1]]):
+        rows[row, ids] = top
+    rows[3] = 2  # every id the maximum: id 0
+    rows[4] = -numpy.inf  # every id -inf: id 0, as the whole greedy gives it
+    rows[5] = -numpy.abs(rows[5]) - 1  # all negative: the padding columns (0 in a model, poisoned here) must not win
+    rows[6, [0, vocab - 1]] = top  # the first id and the last
+    return rows
+
+
+def own_columns(whole, rank: int, size: int, poison) -> numpy.ndarray:
+    """Rank ``rank``'s ``ceil(V / size)`` columns of ``whole`` [B, V], its padding columns filled with ``poison``."""
+    shard = VocabParallel(whole.shape[1], rank, size)
+    out = numpy.full((whole.shape[0], shard.part), poison, whole.dtype)
+    out[:, : shard.rows] = whole[:, shard.first : shard.first + shard.rows]
+    return out
+
+
+class Recording:
+    """A communicator that records the shape of each array it all-gathers."""
+
+    def __init__(self, comm):
+        self.comm, self.rank, self.size, self.gathered = comm, comm.rank, comm.size, []
+
+    def all_reduce(self, x):
+        return self.comm.all_reduce(x)
+
+    def all_gather(self, x):
+        self.gathered.append(x.shape)
+        return self.comm.all_gather(x)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("vocab, size", [(101, 2), (101, 4), (100, 4), (5, 4)])  # 5 over 4: 2, 2, 1 and 0 rows
+def test_vocab_parallel_greedy_is_the_whole_greedy_on_planted_ties(rng, dtype, vocab, size):
+    whole = planted_logits(rng, vocab, dtype)
+    expected = numpy.argmax(whole, axis=1)
+    assert expected[:7].tolist() == [1, vocab - 3, vocab - 1, 0, 0, expected[5], 0]
+    assert (expected == ops.sample_tokens(whole, numpy.zeros(8, numpy.int32), numpy.zeros(2, numpy.uint64))).all()
+
+    def rank(comm):
+        comm = Recording(comm)
+        shard = VocabParallel(vocab, comm.rank, comm.size, comm)
+        tokens = numpy.full(8, -1, numpy.int32)
+        out = shard.greedy_tokens(own_columns(whole, comm.rank, size, numpy.inf), tokens, numpy.zeros(2, numpy.uint64))
+        assert out is tokens
+        return tokens, comm.gathered
+
+    for tokens, gathered in run_simulated(size, rank):
+        assert tokens.tolist() == expected.tolist()
+        assert gathered == [(8, 2)]  # the (value, id) pairs: no logits
+
+
+def test_greedy_steps_gather_pairs_and_sampling_gathers_logits(tmp_path, rng):
+    cls, vocab = llama_untied_101(tmp_path, rng)
+    prompts = [rng.integers(0, vocab, 5).tolist(), rng.integers(0, vocab, 3).tolist()]
+    sampling = Sampling(0.8, 20, 0.9)
+    whole = cls(tmp_path, "float32", "numpy")
+    expected = [greedy_tokens(whole, prompts), greedy_tokens(whole, prompts, sampling)]
+
+    def rank(comm):
+        comm = Recording(comm)
+        model = cls(tmp_path, "float32", "numpy", comm=comm)
+        greedy = greedy_tokens(model, prompts)
+        gathered, comm.gathered = comm.gathered, []
+        return greedy, gathered, greedy_tokens(model, prompts, sampling), comm.gathered
+
+    for greedy, gathered, sampled, sampled_gathered in run_simulated(4, rank):
+        assert greedy.tolist() == expected[0].tolist() and sampled.tolist() == expected[1].tolist()
+        # The prompt pass gathers its logits (26 columns a rank), each greedy decode step (value, id) pairs only.
+        assert gathered == [(2, 1, 26)] + [(2, 2)] * (STEPS - 1)
+        assert sampled_gathered == [(2, 1, 26)] * STEPS
+
+
 def test_vocab_split_pads_the_last_shares_and_sends_other_ranks_ids_to_the_zero_row():
     table = numpy.arange(1, 11, dtype=numpy.float32).reshape(5, 2)  # 5 ids over 4 ranks: 2, 2, 1 and 0 rows
     parts = [VocabSplit(zero_rows=1).take("t", table, table.shape, r, 4) for r in range(4)]
@@ -379,7 +458,8 @@ def test_gpu_ranks_give_the_one_gpu_tokens_and_logits(tmp_path, rng, size):
     """1, 2 and 4 GPUs (NCCL, one process each): fp32 greedy tokens identical to one GPU's and logits within 1e-5;
     fp16 logits within 3e-2 relative of one GPU's fp32 logits, the parity tests' fp16 bound (each rank rounds
     its partial sums to fp16 before NCCL adds them). A tied LLaMA of 101 ids: the vocab-parallel lookup and
-    head with the last rank's share padded (51 + 50 rows; 26 x 3 + 23), the logits all-gathered in the graph."""
+    head with the last rank's share padded (51 + 50 rows; 26 x 3 + 23); the prompt pass gathers its logits, the
+    captured greedy decode steps each rank's (value, id) pairs (``VocabParallel.greedy_tokens``)."""
     if gpu_count() < size:
         pytest.skip(f"multi_gpu: needs {size} GPUs; {gpu_count()} found")
     _, vocab = llama_tied_101(tmp_path, rng)
@@ -392,3 +472,41 @@ def test_gpu_ranks_give_the_one_gpu_tokens_and_logits(tmp_path, rng, size):
         assert rel_error(logits, logits_1) < 1e-5
     for logits, _ in parallel.launch(size, gpu_rank_run, (tmp_path, "float16", ids, prompts)):
         assert rel_error(logits, logits_1) < 3e-2
+
+
+def gpu_greedy_rank(comm, whole, vocab):
+    """A ``launch`` target: ``VocabParallel.greedy_tokens`` of this rank's columns of ``whole`` (host [B, V], the
+    padding columns poisoned with +inf) over NCCL, run eagerly and then captured as a CUDA graph and replayed
+    (each into tokens poisoned with -1), and ``ops.sample_tokens``' greedy of the whole logits on this GPU."""
+    import cupy
+
+    size = comm.size
+    shard = VocabParallel(vocab, comm.rank, size, comm)
+    local = cupy.asarray(own_columns(whole, comm.rank, size, numpy.inf))
+    seed_step = cupy.zeros(2, numpy.uint64)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        eager = shard.greedy_tokens(local, cupy.full(len(whole), -1, numpy.int32), seed_step).get()
+        tokens = cupy.full(len(whole), -1, numpy.int32)
+        stream.begin_capture()
+        shard.greedy_tokens(local, tokens, seed_step)
+        graph = stream.end_capture()
+        graph.launch(stream)
+        stream.synchronize()
+        one_gpu = ops.sample_tokens(cupy.asarray(whole), cupy.full(len(whole), -1, numpy.int32), seed_step)
+        return eager, tokens.get(), one_gpu.get()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("size", [2, 4])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_gpu_vocab_parallel_greedy_is_the_one_gpu_greedy_on_planted_ties(rng, size, dtype):
+    """2 and 4 GPUs (NCCL): the vocab-parallel greedy of planted ties (``planted_logits``: 101 ids, the last rank's
+    share padded with +inf columns that must not win), eager and captured, gives the first index of each row's
+    maximum, as the one-GPU greedy kernel does (checked here too: the smallest id on ties)."""
+    if gpu_count() < size:
+        pytest.skip(f"multi_gpu: needs {size} GPUs; {gpu_count()} found")
+    whole = planted_logits(rng, 101, dtype)
+    expected = numpy.argmax(whole, axis=1).tolist()
+    for eager, captured, one_gpu in parallel.launch(size, gpu_greedy_rank, (whole, 101)):
+        assert eager.tolist() == captured.tolist() == one_gpu.tolist() == expected
