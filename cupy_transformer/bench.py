@@ -85,7 +85,10 @@ class _RandomWeights(Checkpoint):
         self.folder, self.config, self._file, self._arrays = Path(f"<random {name}>"), config, {}, None
         self._rng = import_cupy().random.default_rng(seed)
 
-    def tensor(self, name: str, dtype, shape=None, backend: str = "cupy"):
+    def tensor(self, name: str, dtype, shape=None, backend: str = "cupy", split=None, rank: int = 0, size: int = 1):
+        """``Checkpoint.tensor``'s signature; whole tensors only (``benchmarks/bench_tp.py`` makes sharded ones)."""
+        if size != 1:
+            raise ValueError(f"size: a random model is whole (size 1); got {size}")
         cupy = import_cupy()
         if len(shape) == 1:
             return (cupy.ones if name.endswith("weight") else cupy.zeros)(shape, dtype)
