@@ -467,10 +467,13 @@ _SHARED_OPT_IN: dict[tuple, tuple] = {}
 
 def dynamic_shared(kernel, size: int) -> int:
     """``size`` bytes of dynamic shared memory for ``kernel``, opting in (once per kernel and size) where it
-    passes the 48 KB a launch gets by default; returns ``size`` for the launch's ``shared_mem``."""
+    passes what the kernel allows now (by default 48 KB less its static shared memory); returns ``size`` for the
+    launch's ``shared_mem``. The limit is only ever raised: a kernel launched at several sizes (the GEMV's norm
+    prologue) failed its larger launches once a smaller one had lowered it."""
 
     def opt_in():
-        kernel.max_dynamic_shared_size_bytes = size
+        if size > kernel.max_dynamic_shared_size_bytes:
+            kernel.max_dynamic_shared_size_bytes = size
         return size
 
     return _per_kernel(_SHARED_OPT_IN, kernel, size, opt_in)

@@ -210,6 +210,7 @@ def test_dynamic_shared_opts_in_every_kernel_once(monkeypatch):
 
     class Kernel:
         sets = 0
+        max_dynamic_shared_size_bytes = 48 * 1024  # CUDA's default limit for a kernel without static shared memory
 
         def __setattr__(self, name, value):
             assert name == "max_dynamic_shared_size_bytes"
@@ -222,6 +223,13 @@ def test_dynamic_shared_opts_in_every_kernel_once(monkeypatch):
         kernels.dynamic_shared(k, 70000)
         del k
     assert Kernel.sets == 50
+    # The limit only rises: a smaller launch of the same kernel (the GEMV's prologue at another K split) leaves it,
+    # as lowering it made the larger launches fail; sizes within the default set nothing.
+    k = Kernel()
+    kernels.dynamic_shared(k, 70000)
+    assert kernels.dynamic_shared(k, 20000) == 20000 and k.max_dynamic_shared_size_bytes == 70000
+    kernels.dynamic_shared(Kernel(), 30000)
+    assert Kernel.sets == 51
 
 
 def test_every_kernel_signature_is_read_from_its_source():
