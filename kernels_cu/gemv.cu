@@ -234,8 +234,8 @@ extern __shared__ uint4 gemv_dynamic_shared[];  // the norm prologue's normalise
 // between blocks, deterministic), then the block's K range [k_begin, k_end) of each normalised row into xs. The
 // statistics are summed as norm.cu's launch for up to 64 rows of at most 1024 slots sums them (a thread a slot, each
 // warp's 32 slots by warp_sum, then the warps' sums by warp_sum), and the values come from the same norm_row.cuh
-// code, so the result is that kernel's to the bit (the launcher keeps to K / VEC <= 1024 slots). Reads x, which
-// the kernel before wrote: after follow_previous_kernel().
+// code (the launcher keeps to K / VEC <= 1024 slots): the same values, but for a last bit at times (LayerNorm at
+// K 4104). Reads x, which the kernel before wrote: after follow_previous_kernel().
 template <typename T>
 __device__ __forceinline__ void normalize_rows_into(T* xs, const T* x, const GemvNorm<T>& nm, int rows, int K,
                                                     int k_begin, int k_end) {

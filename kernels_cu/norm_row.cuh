@@ -1,6 +1,6 @@
 // One row of a norm (LayerNorm with or without beta, RMSNorm): its 16-byte slots, the per-thread sums of its
 // statistics and the normalised values. norm.cu's kernel and gemv.cu's norm prologue share them, so the fused
-// product normalises to the bit what the norm kernel does.
+// product normalises as the norm kernel does (the same bits but for a last-bit difference seen at K 4104).
 #pragma once
 #include "common.cuh"
 

@@ -2,9 +2,10 @@
 or (``transposed``) ``[out, in]``, and the bias and activation in the kernel's epilogue (fp32, one rounding).
 
 fp16 and bf16 may fuse a decode layer's neighbours into the product (``gemv_fused_fits``): ``norm=`` computes
-``act(NORM(x) @ W + bias)``, NORM normalising each row of x in the kernel's prologue to the bit as ``ops.norm``'s
-kernel does for these rows, and ``residual=`` computes ``round(residual + (x @ W + bias))`` (fp32 sum, one rounding,
-where the unfused path rounds the product first: ``round(residual + round(x @ W) + bias)``).
+``act(NORM(x) @ W + bias)``, NORM normalising each row of x in the kernel's prologue with ``ops.norm``'s kernel's
+code and summation order (its bits, but for a last-bit difference seen at K 4104), and ``residual=`` computes
+``round(residual + (x @ W + bias))`` (fp32 sum, one rounding, where the unfused path rounds the product first:
+``round(residual + round(x @ W) + bias)``).
 
 fp16 and bf16 run the tensor-core kernels at a geometry (pieces a tile, chunks a batch, blocks resident a SM)
 chosen per shape; fp32 runs the FMA kernels with the rows rounded up to 1, 2, 4 or 8. A launch is a grid of
