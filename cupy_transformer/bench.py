@@ -114,19 +114,19 @@ def step_bytes(model, batch: int, context: int) -> int:
 
 def time_generation(model, batch: int, prompt: int, new_tokens: int, *, cuda_graph: bool = True, seed: int = 0,
                     sampling: Sampling | None = None, repeats: int = 3, prompts=None,
-                    programmatic: bool = True) -> dict:  # fmt: skip
+                    programmatic: bool = True, fused: bool = True) -> dict:  # fmt: skip
     """Prefill and decode of ``batch`` random prompts (or ``prompts``, token id lists) of ``prompt`` tokens and
     ``new_tokens`` new ones, as
     ``generation.generate`` runs them (a step ahead of the host, which reads each step's tokens), after a
     warm-up run: ``prefill_ms`` (the prompt pass and its first token, median of ``repeats``), ``decode_ms``
     (a token of every sequence, GPU time over the whole loop), ``host_us`` (the host's own time per step:
-    launching it and reading the tokens) and ``tokens`` (the last run's, [steps + 1, B]). ``programmatic``: the
-    decoder's (``generation.Decoder``)."""
+    launching it and reading the tokens) and ``tokens`` (the last run's, [steps + 1, B]). ``programmatic``,
+    ``fused``: the decoder's (``generation.Decoder``)."""
     cupy = import_cupy()
     rng = numpy.random.default_rng(seed)
     if prompts is None:
         prompts = [rng.integers(0, model.vocab, prompt).tolist() for _ in range(batch)]
-    decoder = Decoder(model, batch, prompt + new_tokens, cuda_graph=cuda_graph, programmatic=programmatic)
+    decoder = Decoder(model, batch, prompt + new_tokens, cuda_graph=cuda_graph, programmatic=programmatic, fused=fused)
     stream = decoder.stream
 
     def run():

@@ -68,9 +68,12 @@ class Decoder:
     """``batch`` sequences of ``model`` in a cache of ``capacity`` tokens each. ``cuda_graph=False`` runs every
     step eagerly: the same kernels making the same choices, for debugging. ``programmatic``: the captured step's
     kernels start while the kernel before them finishes (``runtime.programmatic``; compute capability 9.0 and
-    later), False for a comparison."""
+    later), False for a comparison. ``fused``: the step's norms, residual adds and rotary + append inside its
+    products and attention kernel (``ops.fused_decode``), False for a comparison."""
 
-    def __init__(self, model, batch: int, capacity: int, cuda_graph: bool = True, programmatic: bool = True):
+    def __init__(
+        self, model, batch: int, capacity: int, cuda_graph: bool = True, programmatic: bool = True, fused: bool = True
+    ):
         self.model, self.batch = model, positive_int("batch", batch)
         self.xp = xp = array_module(model.backend)
         self.gpu = xp is not numpy
@@ -81,6 +84,7 @@ class Decoder:
         self.keep = None  # [B, capacity] boolean where a sequence is left-padded
         self.cuda_graph = cuda_graph and self.gpu
         self.programmatic = programmatic
+        self.fused = fused
         self.sampling = Sampling()
         self.steps = 0  # decode steps since the prompts: step n draws each sequence's token n
         self._finite, self._prompts = None, None  # whether the prompts' logits are finite, and they (``prefill``)
@@ -216,7 +220,7 @@ class Decoder:
     @contextlib.contextmanager
     def _step_memory(self):
         """A step's allocations from the decoder's own pool, and its products chosen as a graph chooses them."""
-        with ops.graph_choices():
+        with ops.graph_choices(), ops.fused_decode(self.fused):
             if not self.gpu:
                 yield
                 return

@@ -62,7 +62,7 @@ import numpy
 
 from . import ops
 from .ops.gemv import GEMV_MAX_ROWS, GemvNorm
-from .ops.matmul import fused_fits, graph_products, matmul
+from .ops.matmul import fused_fits, fusing, graph_products, matmul
 from .ops.norm import normalize
 from .runtime.arrays import module_of
 
@@ -130,13 +130,15 @@ class PreLNLayer:
     def fuses(self, x) -> bool:
         """Whether this step's products may take the norms and residual adds (the module docstring's decode form):
         a whole model (tensor parallelism sums between the product and the add), GPU fp16/bf16 arrays of up to 8
-        rows, products that run as in a CUDA graph (``ops.matmul.graph_products``: all of them on the GEMV)."""
+        rows, products that run as in a CUDA graph (``ops.matmul.graph_products``: all of them on the GEMV), and
+        fusions not turned off (``ops.matmul.fused_decode``)."""
         return (
             self.all_reduce is None
             and module_of(x) is not numpy
             and x.dtype.itemsize == 2
             and x.size // x.shape[-1] <= GEMV_MAX_ROWS
             and graph_products()
+            and fusing()
         )
 
     def normed_product(self, x, xn, w, bias, act, norm: GemvNorm):

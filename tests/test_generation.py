@@ -153,6 +153,80 @@ def test_gpu_captured_steps_draw_the_eager_steps_tokens(tmp_path, rng, family):
         assert len(numpy.unique(runs[0])) > 10  # not one token repeated
 
 
+def test_fused_decode_switch_nests_and_restores():
+    """``ops.fused_decode(False)`` turns the decode fusions off inside it (``Decoder(fused=False)``'s steps), and each
+    exit restores what was set before it."""
+    from cupy_transformer import ops
+    from cupy_transformer.ops.matmul import fusing
+
+    assert fusing()
+    with ops.fused_decode(False):
+        assert not fusing()
+        with ops.fused_decode(True):
+            assert fusing()
+        assert not fusing()
+    assert fusing()
+    with pytest.raises(RuntimeError), ops.fused_decode(False):
+        raise RuntimeError("the switch is restored on the way out")
+    assert fusing()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_gpu_unfused_steps_replay_their_eager_tokens(tmp_path, rng, family):
+    """``Decoder(fused=False)``, the kernels before the decode fusions (a norm kernel before each product, rotary +
+    append before decode attention), captured and eager: the same greedy tokens for 40 steps of a padded batch, and
+    its step launches the norm and rotary_append kernels that the fused step does not."""
+    from cupy_transformer import layers
+    from cupy_transformer.models import load_model
+    from cupy_transformer.ops import softmax_context
+    from tests.models import test_llama
+
+    if family == "gpt2":
+        test_gpt2.checkpoint(tmp_path, rng, h=256, heads=4, layers=3, vocab=1000, positions=160)
+    else:
+        test_llama.checkpoint(
+            tmp_path, rng, False, h=256, heads=8, kv=2, inner=512, layers=3, vocab=1000, positions=160
+        )
+    model = load_model(tmp_path, "float16", "cupy", progress=False)
+    prompts = [rng.integers(0, 1000, n).tolist() for n in (5, 13, 1)]
+    calls = {"norm": 0, "rotary_append": 0}
+
+    def counting(module, name):
+        original = getattr(module, name)
+
+        def counted(*args, **kwargs):
+            calls[name if name != "normalize" else "norm"] += 1
+            return original(*args, **kwargs)
+
+        return counted
+
+    runs = []
+    for graph in (True, False):
+        decoder = generation.Decoder(model, batch=3, capacity=13 + 41, cuda_graph=graph, fused=False)
+        decoder.prefill(prompts)
+        tokens = [decoder.read(0)]
+        for step in range(1, 41):
+            decoder.step()
+            tokens.append(decoder.read(step))
+        runs.append(numpy.stack(tokens))
+    assert (runs[0] == runs[1]).all() and len(numpy.unique(runs[0])) > 5
+    # One eager unfused step and one eager fused step, their norm and rotary_append calls counted.
+    originals = layers.normalize, softmax_context.rotary_append
+    try:
+        layers.normalize = counting(layers, "normalize")
+        softmax_context.rotary_append = counting(softmax_context, "rotary_append")
+        for fused, want_calls in ((False, True), (True, False)):
+            decoder = generation.Decoder(model, batch=3, capacity=13 + 4, cuda_graph=False, fused=fused)
+            decoder.prefill(prompts)
+            calls.update(norm=0, rotary_append=0)
+            decoder.step()
+            decoder.read(1)
+            assert (calls["norm"] > 0 and calls["rotary_append"] > 0) == want_calls, (fused, calls)
+    finally:
+        layers.normalize, softmax_context.rotary_append = originals
+
+
 def write_json(path, value):
     import json
 

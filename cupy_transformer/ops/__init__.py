@@ -8,7 +8,7 @@ from .config import ActivationType, InferenceConfig, NormType
 from .embedding import embed
 from .gelu_gemm import GELUGemmOp
 from .linear import LinearOp
-from .matmul import graph_choices, lm_logits
+from .matmul import fused_decode, graph_choices, lm_logits
 from .mlp_gemm import MLPGemmOp
 from .norm import layer_norm, rms_norm
 from .qkv_gemm import QKVGemmOp
@@ -55,6 +55,7 @@ __all__ = [
     "bias_act",
     "create_op",
     "embed",
+    "fused_decode",
     "graph_choices",
     "layer_norm",
     "lm_logits",

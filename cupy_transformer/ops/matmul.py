@@ -86,7 +86,7 @@ def fused_fits(x, w, transposed, bias=None, act=None, norm: GemvNorm | None = No
     """Whether ``matmul`` runs this product (x [rows, in] on the GPU) with ``norm`` or ``residual`` fused into one
     GEMV kernel: up to 8 rows in a graph's products (``graph_products``), where the GEMV takes it (``gemv_fits``,
     ``gemv_fused_fits``: fp16/bf16). A gated ``act`` is applied after the product, as ``matmul`` does."""
-    if module_of(x) is numpy or x.shape[0] > GEMV_MAX_ROWS or not graph_products():
+    if module_of(x) is numpy or x.shape[0] > GEMV_MAX_ROWS or not graph_products() or not _FUSED:
         return False
     if act is not None and ActivationType(act).gated:
         bias = act = None
@@ -138,6 +138,7 @@ _GEMV_FASTER: dict[tuple, bool] = {}
 # (that key, stream): where cuBLAS runs eagerly, the GEMV's per-stream workspace is made for a capture there.
 _CAPTURE_READY: set[tuple] = set()
 _GRAPH_CHOICES = False
+_FUSED = True
 
 
 @contextlib.contextmanager
@@ -151,6 +152,24 @@ def graph_choices():
         yield
     finally:
         _GRAPH_CHOICES = before
+
+
+@contextlib.contextmanager
+def fused_decode(enabled: bool = True):
+    """Within it with ``enabled`` False, a decode step runs its kernels unfused, as before the fusions: a norm kernel
+    before each product (the residual adds as its pre-add) and rotary_append before the decode attention kernel;
+    for comparisons and debugging (``generation.Decoder(fused=False)``)."""
+    global _FUSED
+    before, _FUSED = _FUSED, enabled
+    try:
+        yield
+    finally:
+        _FUSED = before
+
+
+def fusing() -> bool:
+    """Whether decode steps take the fused kernels (``fused_decode``; the default)."""
+    return _FUSED
 
 
 def graph_products() -> bool:

@@ -60,7 +60,8 @@ from ..runtime.arrays import array_module, as_array, backend_of, common_kind, mo
 from ..runtime.kernels import compute_capability
 from ..runtime.lru import device_int32
 from .base import TransformerOp
-from .decode_attention import decode_attention_qkv, decode_max_group
+from .decode_attention import decode_attention, decode_attention_qkv, decode_max_group
+from .matmul import fusing
 from .prefill_attention import PREFILL_GEOMETRY, prefill_attention
 from .prefill_attention_sm90 import prefill_attention_sm90, prefill_sm90_runs
 from .rotary import apply_rotary
@@ -135,10 +136,13 @@ class SoftmaxContextOp(TransformerOp):
         k = qkv[..., h * d : (h + kv) * d].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
         v = qkv[..., (h + kv) * d :].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
         first = None if xp is numpy else (start if on_device else device_int32(start))
-        if path == "decode":  # the kernel turns q and k and appends k and v itself
+        if path == "decode" and fusing():  # the kernel turns q and k and appends k and v itself
             context = decode_attention_qkv(
                 qkv, position_ids, cfg, h, cache, layer_id, start, window or 0, mask, rows, factor
             )
+        elif path == "decode":  # unfused (ops.matmul.fused_decode(False)): rotary_append first, as before
+            q, _ = rotary_append(qkv, position_ids, cfg, h, kv, d, cache, layer_id, first)
+            context = decode_attention(q, cache, layer_id, start, window or 0, mask, rows, factor)
         elif xp is not numpy and (cache is not None or cfg.rotary_style is not None):
             q, k = rotary_append(qkv, position_ids, cfg, h, kv, d, cache, layer_id, first)
         elif cfg.rotary_style is not None:
