@@ -121,13 +121,9 @@ def test_eos_may_be_several_ids_and_the_host_reads_one_step_behind(model_and_tok
     assert decoder.cache.lengths.tolist() == [5] and int(decoder.seed_step[1]) == 2
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_gpu_captured_steps_draw_the_eager_steps_tokens(tmp_path, rng, family):
-    """fp16, a padded batch of three, 100 steps, greedy and seeded top-k / top-p sampling: the decoder replaying
-    its CUDA graph draws every token the eager steps draw (the same kernels, the same product choices), with its
-    kernels launched programmatically (compute capability 9.0 and later) or not; a run with the same seed draws
-    them again."""
+def small_fp16_model(tmp_path, rng, family):
+    """A 3-layer fp16 GPT-2 or LLaMA (8 heads over 2 kv heads) of hidden size 256 on the GPU, and a padded batch's
+    prompts of 5, 13 and 1 tokens."""
     from cupy_transformer.models import load_model
     from tests.models import test_llama
 
@@ -138,7 +134,17 @@ def test_gpu_captured_steps_draw_the_eager_steps_tokens(tmp_path, rng, family):
             tmp_path, rng, False, h=256, heads=8, kv=2, inner=512, layers=3, vocab=1000, positions=160
         )
     model = load_model(tmp_path, "float16", "cupy", progress=False)
-    prompts = [rng.integers(0, 1000, n).tolist() for n in (5, 13, 1)]
+    return model, [rng.integers(0, 1000, n).tolist() for n in (5, 13, 1)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_gpu_captured_steps_draw_the_eager_steps_tokens(tmp_path, rng, family):
+    """fp16, a padded batch of three, 100 steps, greedy and seeded top-k / top-p sampling: the decoder replaying
+    its CUDA graph draws every token the eager steps draw (the same kernels, the same product choices), with its
+    kernels launched programmatically (compute capability 9.0 and later) or not; a run with the same seed draws
+    them again."""
+    model, prompts = small_fp16_model(tmp_path, rng, family)
     for sampling in (generation.Sampling(), generation.Sampling(0.8, 50, 0.9)):
         runs = []
         for graph, programmatic in ((True, True), (False, True), (True, False)):
@@ -178,18 +184,9 @@ def test_gpu_unfused_steps_replay_their_eager_tokens(tmp_path, rng, family):
     append before decode attention), captured and eager: the same greedy tokens for 40 steps of a padded batch, and
     its step launches the norm and rotary_append kernels that the fused step does not."""
     from cupy_transformer import layers
-    from cupy_transformer.models import load_model
     from cupy_transformer.ops import softmax_context
-    from tests.models import test_llama
 
-    if family == "gpt2":
-        test_gpt2.checkpoint(tmp_path, rng, h=256, heads=4, layers=3, vocab=1000, positions=160)
-    else:
-        test_llama.checkpoint(
-            tmp_path, rng, False, h=256, heads=8, kv=2, inner=512, layers=3, vocab=1000, positions=160
-        )
-    model = load_model(tmp_path, "float16", "cupy", progress=False)
-    prompts = [rng.integers(0, 1000, n).tolist() for n in (5, 13, 1)]
+    model, prompts = small_fp16_model(tmp_path, rng, family)
     calls = {"norm": 0, "rotary_append": 0}
 
     def counting(module, name):
