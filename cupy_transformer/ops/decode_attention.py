@@ -182,7 +182,7 @@ def _launch(
         (32 * warps,),
         q=q,
         positions=start if positions is None else positions,  # start: a placeholder, never read
-        inv_freq=inv_freq,
+        inv_freq=out if inv_freq is None else inv_freq,  # out: a placeholder, never read without rotary
         k=keys,
         v=values,
         k_out=keys,

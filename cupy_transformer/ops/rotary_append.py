@@ -14,10 +14,10 @@ _KERNELS = KernelFamily("rotary_append.cu", [f"ct::rotary_append<{c}>" for c in 
 def rotary_arguments(cfg) -> tuple[int, object, int]:
     """(rot, inv_freq, half_style) of the kernels that turn q and k as kernels_cu/rotary.cuh does (this family's
     and decode_attention.cu's): the dims turned (0: no rotary), the pairs' inverse frequencies as float32 on the
-    GPU (a placeholder without rotary), 1 for rotate-half pairs (else every-two)."""
-    cupy = import_cupy()
+    GPU (None without rotary: the caller passes any array, never read, rather than allocate one each layer and
+    step), 1 for rotate-half pairs (else every-two)."""
     rot = cfg.rotary_dim if cfg.rotary_style is not None else 0
-    inv_freq = inverse_frequencies(rot, cfg.rope_theta, cupy) if rot else cupy.empty(1, cupy.float32)
+    inv_freq = inverse_frequencies(rot, cfg.rope_theta, import_cupy()) if rot else None
     return rot, inv_freq, int(cfg.rotary_style == "half")
 
 
@@ -42,7 +42,7 @@ def rotary_append(qkv, position_ids, cfg, h, kv, d, cache, layer, start):
         (256,),
         qkv=qkv,
         positions=q if position_ids is None else cupy.ascontiguousarray(position_ids, cupy.int32),
-        inv_freq=inv_freq,
+        inv_freq=q if inv_freq is None else inv_freq,  # q: a placeholder, never read without rotary
         start=start,
         q_out=q,
         k_out=k_out,
