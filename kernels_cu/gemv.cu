@@ -11,7 +11,10 @@
 // launch. Rows beyond `rows` are never written.
 //
 // Launched programmatically (common.cuh), a tensor-core block first asks L2 for up to `prefetch` bytes of its
-// weights, then waits for the kernel before (which wrote x): the weights stream in while that kernel finishes.
+// weights, then waits for the kernel before (which wrote x): the weights stream in while that kernel finishes. With
+// `early` (the launcher's choice: short K ranges) each warp's first batch of weights is loaded into registers before
+// the wait and the norm prologue, and the bias, gamma and beta are asked of L2 there too. So W, bias, gamma and beta
+// must not be written by a kernel of the same step (they are a model's weights).
 //
 // The fused tensor-core kernels (gemv_tc_*_fused, FUSE below) take the norm before the product as a prologue or
 // the residual add after it as the epilogue, so that a decode layer needs no norm kernel of its own.
@@ -82,7 +85,7 @@ struct GemvOut {
 // N % VEC == 0, K % VEC == 0, k_per_split % VEC == 0, W and x 16-byte aligned (the launcher checks).
 #define GEMV_ARGS                                                                                              \
     const T *__restrict__ x, const T *__restrict__ w, T *__restrict__ y, const T *__restrict__ bias, float *partials, \
-        int *counters, int rows, int K, int N, int k_per_split, int act, int has_bias, int prefetch
+        int *counters, int rows, int K, int N, int k_per_split, int act, int has_bias, int prefetch, int early
 #define GEMV_OUT GemvOut<T> out{y, bias, partials, counters, rows, N, act, has_bias}
 
 template <typename T, int R>
@@ -278,16 +281,33 @@ __device__ __forceinline__ void normalize_rows_into(T* xs, const T* x, const Gem
     __syncthreads();
 }
 
+// Before the wait, L2 is asked for the small per-column vectors the kernel reads after it: the norm's gamma and beta
+// over the block's K range, the bias over its tile (read by the tile's last block). They are weights, never written
+// inside a step; each would otherwise be a DRAM round trip on the kernel's path.
+template <typename T, int FUSE, bool RESIDUAL>
+__device__ __forceinline__ void prefetch_vectors(const GemvOut<T, RESIDUAL>& out, const GemvNorm<T>& nm, int k_begin,
+                                                 int k_end, int tile_first, int tile) {
+    const auto ask = [](const T* p, int count) {
+        const unsigned bytes = count * static_cast<int>(sizeof(T)) & ~15;
+        if (bytes > 0 && reinterpret_cast<size_t>(p) % 16 == 0) prefetch_l2(p, bytes);
+    };
+    if (threadIdx.x == 0 && out.has_bias) ask(out.bias + tile_first, min(tile, out.N - tile_first));
+    if constexpr (FUSE == FUSE_NORM) {
+        if (threadIdx.x == 32) ask(nm.gamma + k_begin, k_end - k_begin);
+        if (threadIdx.x == 64 && nm.mode == LAYER_NORM) ask(nm.beta + k_begin, k_end - k_begin);
+    }
+}
+
 // The fused kernels' parameters: the plain ones, then residual ([rows, N], FUSE_RESIDUAL), and the norm's (gamma,
 // beta, eps, norm_mode, x_stride: FUSE_NORM); what the FUSE leaves unused is a placeholder, never read.
 #define GEMV_FUSED_ARGS                                                                                             \
     const T *__restrict__ x, const T *__restrict__ w, T *__restrict__ y, const T *__restrict__ bias, float *partials, \
-        int *counters, int rows, int K, int N, int k_per_split, int act, int has_bias, int prefetch,                \
+        int *counters, int rows, int K, int N, int k_per_split, int act, int has_bias, int prefetch, int early,     \
         const T *__restrict__ residual, const T *__restrict__ gamma, const T *__restrict__ beta, float eps,         \
         int norm_mode, int x_stride
 #define GEMV_BODY_ARGS                                                                                    \
     const T *__restrict__ x, const T *__restrict__ w, const GemvOut<T, FUSE == FUSE_RESIDUAL>&out, int K, \
-        int k_per_split, int prefetch, const GemvNorm<T>&nm
+        int k_per_split, int prefetch, int early, const GemvNorm<T>&nm
 #define GEMV_FUSED_OUT \
     GemvOut<T, FUSE == FUSE_RESIDUAL> { y, bias, partials, counters, rows, N, act, has_bias, residual }
 #define GEMV_FUSED_NORM \
@@ -317,21 +337,26 @@ __device__ __forceinline__ void gemv_tc_nk_body(GEMV_BODY_ARGS) {
         const unsigned row_bytes = min((k_end - k_begin) * static_cast<int>(sizeof(T)), prefetch / TILE) & ~15;
         if (row_bytes > 0) prefetch_l2(w + static_cast<size_t>(tile_first + threadIdx.x) * K + k_begin, row_bytes);
     }
-    follow_previous_kernel();
-    if constexpr (FUSE == FUSE_NORM) normalize_rows_into(xs, x, nm, rows, K, k_begin, k_end);
-    float c[M][4] = {};
-    for (int kb = k_begin + warp * U * CK; kb < k_end; kb += GEMV_WARPS * U * CK) {
-        uint4 a[U][M][2], b[U];
+    uint4 a[U][M][2];
+    const auto load_weights = [&](int kb) {  // past k_end: a valid address, zeroed before the mma
 #pragma unroll
-        for (int u = 0; u < U; ++u) {  // past k_end: a valid address, zeros
-            const int k = kb + u * CK;
-            const bool in = k + 8 * t < k_end;
-            const int kc = in ? k : k_end - 8 - 8 * t;
+        for (int u = 0; u < U; ++u) {
+            const int k = kb + u * CK, kc = k + 8 * t < k_end ? k : k_end - 8 - 8 * t;
 #pragma unroll
             for (int m = 0; m < M; ++m)
 #pragma unroll
                 for (int h = 0; h < 2; ++h) a[u][m][h] = load_stream(wr[m][h] + kc);
-            const int xk = FUSE != FUSE_NORM ? kc : in ? k - k_begin : 0;  // shared: the block's K range
+        }
+    };
+    float c[M][4] = {};
+    const auto multiply = [&](int kb) {
+        uint4 b[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int k = kb + u * CK;
+            const bool in = k + 8 * t < k_end;
+            // x's k (as the weights', clamped), or in shared memory, where the block's K range starts at 0
+            const int xk = FUSE != FUSE_NORM ? (in ? k : k_end - 8 - 8 * t) : in ? k - k_begin : 0;
             b[u] = select(in && g < rows, *reinterpret_cast<const uint4*>(xr + xk));
         }
 #pragma unroll
@@ -344,6 +369,17 @@ __device__ __forceinline__ void gemv_tc_nk_body(GEMV_BODY_ARGS) {
                 mma_16816<T>(c[m], {lo.z, hi.z, lo.w, hi.w}, b[u].z, b[u].w);
             }
         }
+    };
+    const int first = k_begin + warp * U * CK;
+    if (early && first < k_end) load_weights(first);  // in flight through the wait and the prologue
+    prefetch_vectors<T, FUSE>(out, nm, k_begin, k_end, tile_first, TILE);
+    follow_previous_kernel();
+    if constexpr (FUSE == FUSE_NORM) normalize_rows_into(xs, x, nm, rows, K, k_begin, k_end);
+    if (!early && first < k_end) load_weights(first);
+    if (first < k_end) multiply(first);
+    for (int kb = first + GEMV_WARPS * U * CK; kb < k_end; kb += GEMV_WARPS * U * CK) {
+        load_weights(kb);
+        multiply(kb);
     }
     gemv_tc_reduce<T, TILE>(out, c, tile_first, [](int m, int i) { return 16 * m + threadIdx.x % 32 / 4 + 8 * (i / 2); });
 }
@@ -351,12 +387,12 @@ __device__ __forceinline__ void gemv_tc_nk_body(GEMV_BODY_ARGS) {
 template <typename T, int M, int U, int BLOCKS>
 __global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_nk(GEMV_ARGS) {
     gemv_tc_nk_body<T, M, U, FUSE_NONE>(x, w, GemvOut<T>{y, bias, partials, counters, rows, N, act, has_bias}, K,
-                                        k_per_split, prefetch, GemvNorm<T>{});
+                                        k_per_split, prefetch, early, GemvNorm<T>{});
 }
 
 template <typename T, int M, int U, int BLOCKS, int FUSE>
 __global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_nk_fused(GEMV_FUSED_ARGS) {
-    gemv_tc_nk_body<T, M, U, FUSE>(x, w, GEMV_FUSED_OUT, K, k_per_split, prefetch, GEMV_FUSED_NORM);
+    gemv_tc_nk_body<T, M, U, FUSE>(x, w, GEMV_FUSED_OUT, K, k_per_split, prefetch, early, GEMV_FUSED_NORM);
 }
 
 // W [K, N] (DeepSpeed's default [in, out]). A block's tile is 32 M columns; a chunk is 16 k, and chunks go
@@ -391,31 +427,32 @@ __device__ __forceinline__ void gemv_tc_kn_body(GEMV_BODY_ARGS) {
         for (int k = k_begin + threadIdx.x; k < last; k += GEMV_THREADS)
             prefetch_l2(w + static_cast<size_t>(k) * N + tile_first, row_bytes);
     }
-    follow_previous_kernel();
-    if constexpr (FUSE == FUSE_NORM) normalize_rows_into(xs, x, nm, rows, K, k_begin, k_end);
-    float c[2 * M][4] = {};
-    for (int kb = k_begin + warp * U * CK; kb < k_end; kb += GEMV_WARPS * U * CK) {
-        uint4 a[U][M][2];
-        bool in[U][2];
-        uint2 b[U];
+    uint4 a[U][M][2];
+    bool in[U][2];
+    const auto load_weights = [&](int kb) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int pair = kb + (u / 2) * 2 * CK;
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {  // rows past k_end: a valid address, zeros
+            for (int h = 0; h < 2; ++h) {  // rows past k_end: a valid address, zeroed before the mma
                 const int q = rho + 2 * h, k = pair + 8 * (q / 4) + 4 * (u % 2) + q % 4;
                 in[u][h] = k < k_end;
                 const size_t row = in[u][h] ? k : k_end - 1;
 #pragma unroll
                 for (int m = 0; m < M; ++m) a[u][m][h] = load_stream(w + row * N + col[m]);
             }
-            if (u % 2 == 0) {  // k_end - pair is a multiple of 8, so the eight k are in range together
-                const uint4 v = pair + 8 * t < k_end && g < rows
-                                    ? *reinterpret_cast<const uint4*>(xr + (pair - x_origin))
-                                    : make_uint4(0, 0, 0, 0);
-                b[u] = make_uint2(v.x, v.y);
-                b[u + 1] = make_uint2(v.z, v.w);
-            }
+        }
+    };
+    float c[2 * M][4] = {};
+    const auto multiply = [&](int kb) {
+        uint2 b[U];
+#pragma unroll
+        for (int u = 0; u < U; u += 2) {  // k_end - pair is a multiple of 8, so the eight k are in range together
+            const int pair = kb + (u / 2) * 2 * CK;
+            const uint4 v = pair + 8 * t < k_end && g < rows ? *reinterpret_cast<const uint4*>(xr + (pair - x_origin))
+                                                            : make_uint4(0, 0, 0, 0);
+            b[u] = make_uint2(v.x, v.y);
+            b[u + 1] = make_uint2(v.z, v.w);
         }
 #pragma unroll
         for (int u = 0; u < U; ++u)
@@ -428,6 +465,17 @@ __device__ __forceinline__ void gemv_tc_kn_body(GEMV_BODY_ARGS) {
                 mma_16816<T>(c[2 * m], {l0, l1, h0, h1}, b[u].x, b[u].y);      // columns j = 0, 1
                 mma_16816<T>(c[2 * m + 1], {l2, l3, h2, h3}, b[u].x, b[u].y);  // columns j = 2, 3
             }
+    };
+    const int first = k_begin + warp * U * CK;
+    if (early && first < k_end) load_weights(first);  // in flight through the wait and the prologue
+    prefetch_vectors<T, FUSE>(out, nm, k_begin, k_end, tile_first, TILE);
+    follow_previous_kernel();
+    if constexpr (FUSE == FUSE_NORM) normalize_rows_into(xs, x, nm, rows, K, k_begin, k_end);
+    if (!early && first < k_end) load_weights(first);
+    if (first < k_end) multiply(first);
+    for (int kb = first + GEMV_WARPS * U * CK; kb < k_end; kb += GEMV_WARPS * U * CK) {
+        load_weights(kb);
+        multiply(kb);
     }
     // c[2m + p][i]: piece m, column n(g, 2p + i / 2), x row 2t + i % 2.
     gemv_tc_reduce<T, TILE>(out, c, tile_first, [](int mp, int i) {
@@ -439,12 +487,12 @@ __device__ __forceinline__ void gemv_tc_kn_body(GEMV_BODY_ARGS) {
 template <typename T, int M, int U, int BLOCKS>
 __global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_kn(GEMV_ARGS) {
     gemv_tc_kn_body<T, M, U, FUSE_NONE>(x, w, GemvOut<T>{y, bias, partials, counters, rows, N, act, has_bias}, K,
-                                        k_per_split, prefetch, GemvNorm<T>{});
+                                        k_per_split, prefetch, early, GemvNorm<T>{});
 }
 
 template <typename T, int M, int U, int BLOCKS, int FUSE>
 __global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_kn_fused(GEMV_FUSED_ARGS) {
-    gemv_tc_kn_body<T, M, U, FUSE>(x, w, GEMV_FUSED_OUT, K, k_per_split, prefetch, GEMV_FUSED_NORM);
+    gemv_tc_kn_body<T, M, U, FUSE>(x, w, GEMV_FUSED_OUT, K, k_per_split, prefetch, early, GEMV_FUSED_NORM);
 }
 
 }  // namespace ct

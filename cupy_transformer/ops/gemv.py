@@ -45,6 +45,13 @@ GEMV_TC_KN = ((1, 2, 2), (1, 4, 2))
 GEMV_TC_NK = {"fine": (1, 1, 2), "fine, short rows": (1, 4, 1), "coarse": (2, 1, 2), "coarse, 3 a SM": (2, 1, 3)}
 
 
+# A block whose K range is at most this loads its first batch of weights before it waits for the kernel before
+# (and before the norm prologue): a short range's stream is mostly those round trips (GPT-2 small's decode step,
+# every product under it, 11% faster on an H100), while a long one hides them and lost a little loading early
+# (GPT-2 XL's MLP up product, K 1600 unsplit). benchmarks/notes/gemv.md.
+EARLY_WEIGHTS_K = 1024
+
+
 def nk_geometry(n: int, k: int, sms: int):
     """The [out, in] geometry for N x K on ``sms`` SMs. Fine (one piece: twice the tiles, half the K splits)
     where coarse tiles alone would not give every SM a block (4-9% faster at N = 4096 on an H200), and there,
@@ -181,12 +188,14 @@ def gemv_k_per_split(k: int, n_tiles: int, k_step: int, blocks_per_sm: int, sms:
     return math.ceil(math.ceil(k / splits) / k_step) * k_step
 
 
-def gemv(x, w, transposed, bias=None, act=None, geometry=None, family=None, *, norm=None, residual=None):
+def gemv(x, w, transposed, bias=None, act=None, geometry=None, family=None, *, norm=None, residual=None, early=None):
     """The GEMV kernel on checked CuPy arrays (``gemv_fits`` must hold): ``act(x[rows<=8, K] @ W + bias)``.
     ``geometry``: (pieces, chunks, blocks a SM) for fp16/bf16 instead of the launcher's choice; ``family``: one
     that has that geometry's kernel (``GEMV_KERNELS.extended``) instead of ``GEMV_KERNELS``.
     Fused (``gemv_fused_fits`` must hold too): ``norm`` (a ``GemvNorm``): ``act(NORM(x) @ W + bias)``;
-    ``residual`` [rows, N]: ``round(residual + (x @ W + bias))``, a new array (``residual`` is only read)."""
+    ``residual`` [rows, N]: ``round(residual + (x @ W + bias))``, a new array (``residual`` is only read).
+    ``early``: whether a block loads its first weights before it waits (``EARLY_WEIGHTS_K``) instead of the launcher's
+    choice (the same result either way)."""
     cupy = import_cupy()
     rows, k = x.shape
     fuse = FUSE_NORM if norm is not None else FUSE_RESIDUAL if residual is not None else 0
@@ -208,6 +217,7 @@ def gemv(x, w, transposed, bias=None, act=None, geometry=None, family=None, *, n
         act=0 if act is None else int(act),
         has_bias=int(bias is not None),
         prefetch=weight_prefetch(),  # bytes of its weights a block asks L2 for before it waits (programmatic)
+        early=int(per_split <= EARLY_WEIGHTS_K if early is None else early),
     )
     shared = 0
     if fuse:

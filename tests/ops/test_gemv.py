@@ -325,6 +325,53 @@ def test_gpu_fused_calls_replay_as_captured(rng, transposed):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("transposed", [False, True], ids=["[in,out]", "[out,in]"])
+@pytest.mark.parametrize("k", [776, 4104])
+def test_gpu_early_weights_change_nothing(rng, poisoned_allocations, transposed, k):
+    """A block that loads its first weights before it waits (and before the norm prologue) gives the bits of one
+    that loads them after, for the plain, norm-prologue and residual-epilogue kernels, eagerly and captured with
+    programmatic launches (where the early loads overlap the kernel before). K 776: a batch past the split's end;
+    K 4104 (1032 columns): splits of more than ``EARLY_WEIGHTS_K``, where the launcher loads late."""
+    import cupy
+
+    from cupy_transformer.ops.gemv import EARLY_WEIGHTS_K, _launch_plan
+    from cupy_transformer.runtime.programmatic import programmatic_launches
+
+    dtype, rows, n = numpy.float16, 3, 1032
+    x, w, bias, norm = norm_inputs(rng, dtype, rows, k, n, transposed, "layer_norm", True)
+    a = on_backend({"x": x, "w": w, "bias": bias, "gamma": norm.gamma, "beta": norm.beta}, gpu=True)
+    gpu_norm = norm._replace(gamma=a["gamma"], beta=a["beta"])
+    r = cupy.asarray(random(rng, (rows, n), dtype, scale=4.0))
+    if k == 4104:
+        assert _launch_plan(a["x"], a["w"], transposed, make_workspace=False)[2] > EARLY_WEIGHTS_K
+
+    def products(early):
+        return [
+            gemv(a["x"], a["w"], transposed, a["bias"], early=early),
+            gemv(a["x"], a["w"], transposed, a["bias"], ActivationType.GELU, norm=gpu_norm, early=early),
+            gemv(a["x"], a["w"], transposed, a["bias"], residual=r, early=early),
+        ]
+
+    late = products(False)
+    for y in late:
+        assert bool(cupy.isfinite(y).all())
+    for y, want in zip(products(True), late):
+        assert bool((y == want).all())
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream, programmatic_launches():
+        products(True)  # warm: the stream's split workspace
+        stream.begin_capture()
+        captured = products(True) + products(False)
+        graph = stream.end_capture()
+        for y in captured:
+            y.fill(numpy.nan)
+        graph.launch()
+    stream.synchronize()
+    for y, want in zip(captured, late + late):
+        assert bool((y == want).all())
+
+
+@pytest.mark.gpu
 def test_gpu_matmul_fused_outside_a_graph_or_unfit_is_an_error(rng):
     """ops.matmul takes norm= / residual= only where the fused GEMV runs (graph products, fp16/bf16, <= 8 rows)."""
     from cupy_transformer import ops
