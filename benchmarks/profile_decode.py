@@ -1,7 +1,7 @@
 """Where a captured decode step's time goes: the step as it runs, with plain launches instead of programmatic ones and
 with the unfused kernels (alternating, in one process), then the kernels of ``generation.Decoder``'s CUDA graph,
-from CUPTI (through torch.profiler), grouped by kernel, with their count and GPU time per step, against the step's
-time.
+from CUPTI (through torch.profiler), by place in a layer, with plain launches (each kernel's own time) and with
+programmatic ones (overlapping).
 
     python3 benchmarks/profile_decode.py [shape] [batch]     # default gpt2-small 1
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import os
 import re
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -46,7 +47,15 @@ def main(shape: str = "gpt2-small", batch: int = 1, steps: int = 20) -> None:
         f"{shape}, batch {batch}: step {now['decode_ms'] * 1e3:.1f} µs; {others}; same tokens with plain launches: "
         f"{same}; unfused tokens agree {agree}"
     )
-    decoder = Decoder(model, batch, 128 + 8 + steps)
+    for programmatic in (False, True):
+        kernel_table(model, batch, steps, programmatic)
+
+
+def kernel_table(model, batch: int, steps: int, programmatic: bool) -> None:
+    """The captured step's kernels from CUPTI, by place: each place of a layer over the layers, then the step's own
+    (embedding, LM head, sampler, advance), median µs a kernel. With plain launches a kernel's time is its own; with
+    programmatic ones it includes its wait for the kernel before (they overlap)."""
+    decoder = Decoder(model, batch, 128 + 8 + steps, programmatic=programmatic)
     decoder.prefill([list(range(1, 129))] * batch)
     for step in range(1, 4):  # eager, captured, replayed
         decoder.step()
@@ -55,18 +64,28 @@ def main(shape: str = "gpt2-small", batch: int = 1, steps: int = 20) -> None:
         for step in range(4, 4 + steps):
             decoder.step()
             decoder.read(step)
-    kernels = collections.defaultdict(lambda: [0, 0.0])
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            name = re.sub(r"<.*", "", event.name).replace("ct::", "")
-            kernels[name][0] += 1
-            kernels[name][1] += getattr(event, "device_time_total", None) or event.cuda_time
-    total = sum(t for _, t in kernels.values()) / steps
-    count = sum(c for c, _ in kernels.values()) / steps
-    print(f"programmatic step's kernels: {count:.0f} a step, their GPU time {total:.1f} µs a step (overlapping)")
-    print("| kernel | a step | µs a step | µs each |\n|---|---|---|---|")
-    for name, (count, t) in sorted(kernels.items(), key=lambda kv: -kv[1][1]):
-        print(f"| {name[:60]} | {count / steps:.0f} | {t / steps:.1f} | {t / count:.2f} |")
+    events = [
+        e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("Memcpy")
+    ]
+    events.sort(key=lambda e: e.time_range.start)
+    n = len(events) // steps
+    per_layer = (n - 4) // model.layers_count  # the step's own: embedding, LM head, sampler, advance
+    places = collections.defaultdict(list)
+    spans = []
+    for step in range(steps):
+        kernels = events[step * n : (step + 1) * n]
+        spans.append(kernels[-1].time_range.end - kernels[0].time_range.start)
+        for i, e in enumerate(kernels):
+            in_layer = 1 <= i < 1 + per_layer * model.layers_count
+            place = f"layer, {(i - 1) % per_layer + 1} of {per_layer}" if in_layer else f"step, {i}"
+            name = re.sub(r"<.*", "", e.name).replace("void ", "").replace("ct::", "")
+            places[place, name].append(e.time_range.end - e.time_range.start)
+    how = "programmatic (overlapping)" if programmatic else "plain"
+    print(f"\n{how} launches: {n} kernels a step, span {statistics.median(spans):.1f} µs (median)")
+    print("| place | kernel | a step | µs each (median) | µs a step |\n|---|---|---|---|---|")
+    for (place, name), times in places.items():
+        count = len(times) // steps
+        print(f"| {place} | {name[:40]} | {count} | {statistics.median(times):.2f} | {sum(times) / steps:.1f} |")
 
 
 if __name__ == "__main__":
