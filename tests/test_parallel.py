@@ -510,3 +510,47 @@ def test_gpu_vocab_parallel_greedy_is_the_one_gpu_greedy_on_planted_ties(rng, si
     expected = numpy.argmax(whole, axis=1).tolist()
     for eager, captured, one_gpu in parallel.launch(size, gpu_greedy_rank, (whole, 101)):
         assert eager.tolist() == captured.tolist() == one_gpu.tolist() == expected
+
+
+def gpu_one_rank_collectives(comm):
+    """A ``launch`` target: each NCCL collective of a one-rank communicator on random arrays of every dtype the
+    binding maps (a sum over one rank is the array itself), eagerly, then the all-reduce captured in a CUDA graph
+    between two kernels and replayed on new values."""
+    import cupy
+
+    from cupy_transformer.runtime.arrays import bfloat16
+
+    rng = numpy.random.default_rng(7)
+    checked = []
+    for dtype in (numpy.float16, bfloat16, numpy.float32, numpy.float64, numpy.int32, numpy.int64):
+        host = (rng.standard_normal(37) * 100).astype(dtype)
+        x = cupy.asarray(host)
+        assert comm.all_reduce(x) is x and bool((x.get() == host).all())
+        gathered = comm.all_gather(x)
+        assert gathered.shape == (1, 37) and bool((gathered[0].get() == host).all())
+        assert bool((comm.broadcast(x).get() == host).all())
+        checked.append(numpy.dtype(dtype).name)
+    x = cupy.asarray(rng.standard_normal(1000).astype(numpy.float32))
+    y = cupy.empty_like(x)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        x *= 2
+        comm.all_reduce(x)
+        cupy.add(x, 1, out=y)
+        graph = stream.end_capture()
+        new = rng.standard_normal(1000).astype(numpy.float32)
+        x[...] = cupy.asarray(new)
+        graph.launch(stream)
+        stream.synchronize()
+    return checked, y.get(), new * 2 + 1
+
+
+@pytest.mark.gpu
+def test_gpu_one_rank_nccl_collectives_run_eagerly_and_captured():
+    """NCCL through the launcher on one GPU (one rank): every collective ``NcclCommunicator`` makes, for each dtype
+    it maps, returns what a sum, gather or broadcast over one rank must, and an all-reduce captured in a CUDA graph
+    replays (what a decode step does with two or more GPUs, which this checks the calls of on any one-GPU machine)."""
+    [(checked, y, want)] = parallel.launch(1, gpu_one_rank_collectives)
+    assert checked == ["float16", "bfloat16", "float32", "float64", "int32", "int64"]
+    assert numpy.array_equal(y, want)
