@@ -68,12 +68,19 @@ class KVCache:
 
     def _adopt(self, keys, values) -> None:
         """Hold ``keys`` and ``values`` (of this cache's dtype and backend) with every sequence empty."""
-        xp = array_module(self.backend)
         self.keys, self.values = keys, values
         self.layers, self.batch, self.kv_heads, self.max_tokens, self.head_dim = keys.shape
         self.lengths = numpy.zeros(self.batch, numpy.int64)
-        self.device_lengths = xp.zeros(self.batch, numpy.int32)
+        self._device_lengths = None  # made on first use (a cache over another framework's tensors for one call,
+        # as an injected layer makes every step, never needs it)
         self._longest = 0  # lengths.max(), kept by the methods that change lengths
+
+    @property
+    def device_lengths(self):
+        """The int32 counts on the backend (zeros until ``sync_device`` or a device step sets them)."""
+        if self._device_lengths is None:
+            self._device_lengths = array_module(self.backend).zeros(self.batch, numpy.int32)
+        return self._device_lengths
 
     def check_room(self, tokens: int) -> int:
         """A ValueError naming the capacity and the request unless every sequence has room for ``tokens``

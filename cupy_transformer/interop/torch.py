@@ -251,10 +251,18 @@ class _Injection:
         self.max_positions = family.positions(self.c)
         self.layers: dict = {}  # numpy dtype -> PreLNLayer
         self.views = None  # (key, [PreLNWeights], final norm) for the current storage
+        self.slots = None  # (module, name) of every Parameter of the inner model, for the views' key
         self.fast = None  # causal_lm.FastGenerate where generate() runs our decode loop
 
-    def __getstate__(self):  # a copied model rebuilds its own views
-        return dict(self.__dict__, views=None)
+    def __getstate__(self):  # a copied model rebuilds its own views (and slots, which name the original's modules)
+        return dict(self.__dict__, views=None, slots=None)
+
+    def _key(self) -> tuple | None:
+        """Where each Parameter's storage is now, looked up in its module (a Parameter replaced or moved changes it),
+        without walking the module tree each call (a forward's Python cost)."""
+        if self.slots is None:
+            return None
+        return tuple(None if (p := m._parameters[n]) is None else p.data_ptr() for m, n in self.slots)
 
     def layer(self, dtype) -> PreLNLayer:
         if dtype not in self.layers:
@@ -263,11 +271,12 @@ class _Injection:
 
     def weights(self, inner, blocks) -> tuple[list, tuple]:
         """Each block's ``PreLNWeights`` and the final norm as backend arrays over the Parameters' memory."""
-        key = tuple(p.data_ptr() for p in inner.parameters())
+        key = self._key()
         if self.views is None or self.views[0] != key:
             for block in blocks:
                 self.family.prepare(block)  # after a move: fuse again
-            key = tuple(p.data_ptr() for p in inner.parameters())
+            self.slots = [(m, n) for m in inner.modules() for n in m._parameters]
+            key = self._key()
 
             def arrays(values):
                 return [None if v is None else _array(v) for v in values]

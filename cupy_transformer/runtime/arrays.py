@@ -130,6 +130,8 @@ def check_backend(name: str, value: Any) -> str:
 
 def float_dtype(name: str, value: Any) -> numpy.dtype:
     """``value`` as one of ``FLOAT_DTYPES``; else a TypeError naming ``name`` and the accepted dtypes."""
+    if isinstance(value, numpy.dtype) and value in FLOAT_DTYPES:  # an array's dtype, on every op call: no message
+        return value
     want = ", ".join(map(str, FLOAT_DTYPES))
     try:
         dtype = numpy.dtype(value)

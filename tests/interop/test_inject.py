@@ -179,6 +179,28 @@ def test_state_dict_unchanged_and_parameters_not_copied(family):
     assert storage_bytes(model) == size
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_replaced_parameters_are_read_on_the_next_call(family):
+    """A Parameter the user replaces after injection (a new object in its module, as ``module.weight =
+    nn.Parameter(...)`` or a conversion that makes new Parameters does) is what the next call computes with, as is
+    one loaded in place; the original model given the same Parameters agrees."""
+    original, injected = pair(family)
+    ids, mask = padded_batch()
+    norm = {"gpt2": lambda m: m.transformer.h[1].ln_2, "llama": lambda m: m.model.layers[1].post_attention_layernorm}
+    head_in = {"gpt2": lambda m: m.transformer.h[0].mlp.c_fc, "llama": lambda m: m.model.layers[0].mlp.up_proj}
+    with torch.no_grad():
+        injected(ids, attention_mask=mask)  # the views of the first weights
+        for model in (original, injected):
+            generator = torch.Generator().manual_seed(3)
+            module = norm[family](model)
+            module.weight = torch.nn.Parameter(torch.rand(module.weight.shape, generator=generator) + 0.5)
+            head_in[family](model).weight.mul_(1.5)  # in place: the same storage, new values
+        want, got = original(ids, attention_mask=mask).logits, injected(ids, attention_mask=mask).logits
+        before = build(family)(ids, attention_mask=mask).logits
+    assert rel_error(got[mask.bool()], want[mask.bool()]) < 1e-4
+    assert rel_error(want[mask.bool()], before[mask.bool()]) > 1e-2  # the change mattered
+
+
 def test_output_attentions_is_refused():
     original, injected = pair("llama")
     ids, mask = padded_batch()
