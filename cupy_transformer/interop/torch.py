@@ -467,7 +467,8 @@ def _forward(inner, *args, **kwargs):
     blocks = getattr(inner, injection.family.blocks)
     with torch.no_grad(), _on(device):
         weights, final_norm = injection.weights(inner, blocks)
-        mask, positions = _mask(attention_mask, dtype), _array(position_ids)
+        # int32 positions (checked above), which the attention kernels read: no conversion in every layer
+        mask, positions = _mask(attention_mask, dtype), _array(position_ids.to(torch.int32))
         x = injection.family.embeddings(inner, ids, position_ids, inputs_embeds)
         xn = layer.norm(x, weights[0].ln1_gamma, weights[0].ln1_beta)
         states = [x]

@@ -179,4 +179,5 @@ class CausalLM:
                 f"{last_position + 1} (a prompt or generation longer than the context)"
             )
         start = cache.reserve(s) if cache is not None else None  # checked: nothing to undo
-        return xp, ids, start, positions
+        # int32, the kernels' (below max_positions, checked): not converted again by every layer's attention
+        return xp, ids, start, positions.astype(numpy.int32, copy=False)
