@@ -298,6 +298,25 @@ __device__ __forceinline__ void prefetch_vectors(const GemvOut<T, RESIDUAL>& out
     }
 }
 
+// The K loop of both layouts: a warp's batches from `first`, `step` apart, each loaded (load_weights) then multiplied
+// (multiply); with `early` the first batch's loads go before the wait and the prologue (weights are never written
+// inside a step), and the bias, gamma and beta are asked of L2 there in any case.
+template <typename T, int FUSE, bool RESIDUAL, typename Load, typename Multiply>
+__device__ __forceinline__ void gemv_stream(const GemvOut<T, RESIDUAL>& out, const GemvNorm<T>& nm, T* xs, const T* x,
+                                            int K, int k_begin, int k_end, int tile_first, int tile, int first,
+                                            int step, int early, const Load& load_weights, const Multiply& multiply) {
+    if (early && first < k_end) load_weights(first);  // in flight through the wait and the prologue
+    prefetch_vectors<T, FUSE>(out, nm, k_begin, k_end, tile_first, tile);
+    follow_previous_kernel();
+    if constexpr (FUSE == FUSE_NORM) normalize_rows_into(xs, x, nm, out.rows, K, k_begin, k_end);
+    if (!early && first < k_end) load_weights(first);
+    if (first < k_end) multiply(first);
+    for (int kb = first + step; kb < k_end; kb += step) {
+        load_weights(kb);
+        multiply(kb);
+    }
+}
+
 // The fused kernels' parameters: the plain ones, then residual ([rows, N], FUSE_RESIDUAL), and the norm's (gamma,
 // beta, eps, norm_mode, x_stride: FUSE_NORM); what the FUSE leaves unused is a placeholder, never read.
 #define GEMV_FUSED_ARGS                                                                                             \
@@ -370,17 +389,8 @@ __device__ __forceinline__ void gemv_tc_nk_body(GEMV_BODY_ARGS) {
             }
         }
     };
-    const int first = k_begin + warp * U * CK;
-    if (early && first < k_end) load_weights(first);  // in flight through the wait and the prologue
-    prefetch_vectors<T, FUSE>(out, nm, k_begin, k_end, tile_first, TILE);
-    follow_previous_kernel();
-    if constexpr (FUSE == FUSE_NORM) normalize_rows_into(xs, x, nm, rows, K, k_begin, k_end);
-    if (!early && first < k_end) load_weights(first);
-    if (first < k_end) multiply(first);
-    for (int kb = first + GEMV_WARPS * U * CK; kb < k_end; kb += GEMV_WARPS * U * CK) {
-        load_weights(kb);
-        multiply(kb);
-    }
+    gemv_stream<T, FUSE>(out, nm, xs, x, K, k_begin, k_end, tile_first, TILE, k_begin + warp * U * CK,
+                         GEMV_WARPS * U * CK, early, load_weights, multiply);
     gemv_tc_reduce<T, TILE>(out, c, tile_first, [](int m, int i) { return 16 * m + threadIdx.x % 32 / 4 + 8 * (i / 2); });
 }
 
@@ -466,17 +476,8 @@ __device__ __forceinline__ void gemv_tc_kn_body(GEMV_BODY_ARGS) {
                 mma_16816<T>(c[2 * m + 1], {l2, l3, h2, h3}, b[u].x, b[u].y);  // columns j = 2, 3
             }
     };
-    const int first = k_begin + warp * U * CK;
-    if (early && first < k_end) load_weights(first);  // in flight through the wait and the prologue
-    prefetch_vectors<T, FUSE>(out, nm, k_begin, k_end, tile_first, TILE);
-    follow_previous_kernel();
-    if constexpr (FUSE == FUSE_NORM) normalize_rows_into(xs, x, nm, rows, K, k_begin, k_end);
-    if (!early && first < k_end) load_weights(first);
-    if (first < k_end) multiply(first);
-    for (int kb = first + GEMV_WARPS * U * CK; kb < k_end; kb += GEMV_WARPS * U * CK) {
-        load_weights(kb);
-        multiply(kb);
-    }
+    gemv_stream<T, FUSE>(out, nm, xs, x, K, k_begin, k_end, tile_first, TILE, k_begin + warp * U * CK,
+                         GEMV_WARPS * U * CK, early, load_weights, multiply);
     // c[2m + p][i]: piece m, column n(g, 2p + i / 2), x row 2t + i % 2.
     gemv_tc_reduce<T, TILE>(out, c, tile_first, [](int mp, int i) {
         const int g = threadIdx.x % 32 / 4;
