@@ -330,20 +330,21 @@ def test_gpu_fused_calls_replay_as_captured(rng, transposed):
 def test_gpu_early_weights_change_nothing(rng, poisoned_allocations, transposed, k):
     """A block that loads its first weights before it waits (and before the norm prologue) gives the bits of one
     that loads them after, for the plain, norm-prologue and residual-epilogue kernels, eagerly and captured with
-    programmatic launches (where the early loads overlap the kernel before). K 776: a batch past the split's end;
-    K 4104 (1032 columns): splits of more than ``EARLY_WEIGHTS_K``, where the launcher loads late."""
+    programmatic launches (where the early loads overlap the kernel before). K 776 (1032 columns, short K splits): a
+    batch past the split's end; K 4104 (6400 columns, one split): more than ``EARLY_WEIGHTS_K``, where
+    the launcher loads late."""
     import cupy
 
     from cupy_transformer.ops.gemv import EARLY_WEIGHTS_K, _launch_plan
     from cupy_transformer.runtime.programmatic import programmatic_launches
 
-    dtype, rows, n = numpy.float16, 3, 1032
+    dtype, rows, n = numpy.float16, 3, 1032 if k == 776 else 6400
     x, w, bias, norm = norm_inputs(rng, dtype, rows, k, n, transposed, "layer_norm", True)
     a = on_backend({"x": x, "w": w, "bias": bias, "gamma": norm.gamma, "beta": norm.beta}, gpu=True)
     gpu_norm = norm._replace(gamma=a["gamma"], beta=a["beta"])
     r = cupy.asarray(random(rng, (rows, n), dtype, scale=4.0))
-    if k == 4104:
-        assert _launch_plan(a["x"], a["w"], transposed, make_workspace=False)[2] > EARLY_WEIGHTS_K
+    per_split = _launch_plan(a["x"], a["w"], transposed, make_workspace=False)[2]
+    assert (per_split <= EARLY_WEIGHTS_K) == (k == 776)  # the launcher's own choice: early at 776, late at 4104
 
     def products(early):
         return [
