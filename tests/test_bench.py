@@ -11,3 +11,29 @@ def test_random_weights_take_what_the_loader_passes():
     they must take the same ones (a parameter added to the loader once broke every random model on the GPU)."""
     ours = list(inspect.signature(bench._RandomWeights.tensor).parameters)
     assert ours == list(inspect.signature(Checkpoint.tensor).parameters)
+
+
+def test_decode_product_sweep_covers_each_models_products():
+    """``benchmarks/sweep_gemv_decode.py`` times the products a decode step runs: their K x N and layouts follow
+    from the shapes (GPT-2: [in, out] Conv1D weights, 4h MLP; LLaMA: [out, in], grouped-query QKV, up|gate fused;
+    both: the token table as the LM head)."""
+    from benchmarks.sweep_gemv_decode import products
+
+    rows, dtype, mode = products("gpt2-small")
+    assert (dtype, mode) == ("float16", "layer_norm")
+    assert [(k, n, tr, fused) for _, k, n, tr, fused, _, _ in rows] == [
+        (768, 2304, False, "norm"),
+        (768, 768, False, "residual"),
+        (768, 3072, False, "norm"),
+        (3072, 768, False, "residual"),
+        (768, 50257, True, "norm"),
+    ]
+    rows, dtype, mode = products("llama-1b")
+    assert (dtype, mode) == ("bfloat16", "rms_norm")
+    assert [(k, n, tr) for _, k, n, tr, _, _, _ in rows] == [
+        (2048, 3072, True),  # (32 + 2 x 8) heads of 64
+        (2048, 2048, True),
+        (2048, 16384, True),
+        (8192, 2048, True),
+        (2048, 128256, True),
+    ]
