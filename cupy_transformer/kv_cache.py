@@ -43,6 +43,8 @@ class KVCache:
         self.backend = resolve_backend("backend", backend)
         xp = array_module(self.backend)
         self._adopt(xp.zeros(shape, self.dtype), xp.zeros(shape, self.dtype))
+        # Made now: a first use inside a CUDA-graph capture would make it (zeroed) in every replay.
+        self._device_lengths = xp.zeros(self.batch, numpy.int32)
 
     @classmethod
     def over(cls, keys, values) -> KVCache:
@@ -71,15 +73,21 @@ class KVCache:
         self.keys, self.values = keys, values
         self.layers, self.batch, self.kv_heads, self.max_tokens, self.head_dim = keys.shape
         self.lengths = numpy.zeros(self.batch, numpy.int64)
-        self._device_lengths = None  # made on first use (a cache over another framework's tensors for one call,
-        # as an injected layer makes every step, never needs it)
+        self._device_lengths = None  # made on first use by a cache ``over`` another framework's tensors (an
+        # injected layer makes one every step and never uses it); at once by one of its own (__init__)
         self._longest = 0  # lengths.max(), kept by the methods that change lengths
 
     @property
     def device_lengths(self):
         """The int32 counts on the backend (zeros until ``sync_device`` or a device step sets them)."""
         if self._device_lengths is None:
-            self._device_lengths = array_module(self.backend).zeros(self.batch, numpy.int32)
+            xp = array_module(self.backend)
+            if xp is not numpy and xp.cuda.get_current_stream().is_capturing():
+                raise RuntimeError(
+                    "cache.device_lengths: first asked for inside a CUDA-graph capture, which would make it anew "
+                    "(zeroed) in every replay; call cache.sync_device() before capturing"
+                )
+            self._device_lengths = xp.zeros(self.batch, numpy.int32)
         return self._device_lengths
 
     def check_room(self, tokens: int) -> int:

@@ -103,3 +103,36 @@ def test_cache_over_external_arrays_writes_into_them(rng):
         KVCache.over(keys[..., ::2], values[..., ::2])
     with pytest.raises(TypeError, match="keys: expected one of float16"):
         KVCache.over(keys.astype(numpy.float64), values.astype(numpy.float64))
+
+
+def test_cache_over_external_arrays_makes_device_lengths_when_asked(rng):
+    """A cache ``over`` other arrays (as an injected layer makes every step) holds no device counts until asked for;
+    then zeros, and ``sync_device`` copies ``lengths`` there, as for a cache of its own."""
+    keys = random(rng, (1, 2, 2, 6, 4), numpy.float16)
+    cache = KVCache.over(keys, keys.copy())
+    assert cache._device_lengths is None
+    cache.reserve(3)
+    assert cache.device_lengths.tolist() == [0, 0] and cache.device_lengths.dtype == numpy.int32
+    cache.sync_device()
+    assert cache.device_lengths.tolist() == [3, 3]
+
+
+@pytest.mark.gpu
+def test_gpu_device_lengths_first_asked_for_inside_a_capture_is_refused(rng):
+    """Made inside a capture, the counts would be made anew (zeroed) by every replay: a cache ``over`` GPU arrays
+    refuses that; one of its own made them at construction."""
+    import cupy
+
+    keys = cupy.asarray(random(rng, (1, 2, 2, 6, 4), numpy.float16))
+    over, own = KVCache.over(keys, keys.copy()), KVCache(1, 2, 2, 6, 4, backend="cupy")
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        try:
+            with pytest.raises(RuntimeError, match="inside a CUDA-graph capture"):
+                _ = over.device_lengths
+            own.device_lengths += 1
+        finally:
+            stream.end_capture()
+    over.sync_device()
+    assert over.device_lengths.tolist() == [0, 0]
