@@ -24,7 +24,7 @@ from cupy_transformer.ops import ActivationType  # noqa: E402
 # token table [vocab, hidden] in both. (product, K, N, transposed, fused: "norm" or "residual", activation, bias)
 PRODUCTS = {
     "gpt2": lambda h, inter, q, vocab: [
-        ("QKV + LN1", h, 3 * h, False, "norm", None, True),
+        ("QKV + LN1", h, q, False, "norm", None, True),
         ("out + residual", h, h, False, "residual", None, True),
         ("up + LN2, GELU", h, inter, False, "norm", ActivationType.GELU, True),
         ("down + residual", inter, h, False, "residual", None, True),
