@@ -233,50 +233,84 @@ struct GemvNorm {
 
 extern __shared__ uint4 gemv_dynamic_shared[];  // the norm prologue's normalised rows, [rows][stride]
 
-// The norm prologue: each row's statistics over the whole row (every block computes them itself: no ordering
-// between blocks, deterministic), then the block's K range [k_begin, k_end) of each normalised row into xs. The
-// statistics are summed as norm.cu's launch for up to 64 rows of at most 1024 slots sums them (a thread a slot, each
-// warp's 32 slots by warp_sum, then the warps' sums by warp_sum), and the values come from the same norm_row.cuh
-// code (the launcher keeps to K / VEC <= 1024 slots): the same values, but for a last bit at times (LayerNorm at
-// K 4104). Reads x, which the kernel before wrote: after follow_previous_kernel().
+// The gamma and beta of a thread's first slot of the block's K range (slot k_begin / VEC + threadIdx.x), read
+// before the wait (weights, never written inside a step): the prologue's last step then needs no L2 round trip.
 template <typename T>
-__device__ __forceinline__ void normalize_rows_into(T* xs, const T* x, const GemvNorm<T>& nm, int rows, int K,
-                                                    int k_begin, int k_end) {
+struct GemvNormSlot {
+    static constexpr int VEC = 16 / sizeof(T);
+    Vec<T, VEC> g{}, b{};  // as loaded: half the registers of floats, live through the wait beside early weights
+
+    __device__ GemvNormSlot(const GemvNorm<T>& nm, int k_begin, int k_end) {
+        load(nm, k_begin / VEC + threadIdx.x, k_end);
+    }
+    // slot s of gamma and beta (aligned, whole slots: the launcher checks)
+    __device__ void load(const GemvNorm<T>& nm, int s, int k_end) {
+        if (s * VEC >= k_end) return;
+        g = reinterpret_cast<const Vec<T, VEC>*>(nm.gamma)[s];
+        if (nm.mode == LAYER_NORM) b = reinterpret_cast<const Vec<T, VEC>*>(nm.beta)[s];
+    }
+};
+
+// The norm prologue: each row's statistics over the whole row (every block computes them itself: no ordering
+// between blocks, deterministic), then the block's K range [k_begin, k_end) of each normalised row into xs. One pass
+// sums each row's values and squares, shifted by its first value (var = E[(x - x0)^2] - E[x - x0]^2 keeps the
+// cancellation of a large mean away; RMSNorm sums squares, unshifted): the same norm as norm.cu's two passes within
+// a rounding of its output, a barrier pair and a warp reduction shorter. The statistics are summed by slot (a lane
+// a 16-byte slot, warp_sum a warp's 32, then warp_sum over the row's warps); the values come from norm_row.cuh's
+// code. Reads x, which the kernel before wrote: after follow_previous_kernel().
+template <typename T>
+__device__ __forceinline__ void normalize_rows_into(T* xs, const T* x, const GemvNorm<T>& nm,
+                                                    const GemvNormSlot<T>& mine, int rows, int K, int k_begin,
+                                                    int k_end) {
     constexpr int VEC = 16 / sizeof(T);
-    __shared__ float part[GEMV_MAX_ROWS][32];  // (row, warp of norm.cu's block) sums
-    __shared__ float stat[2][GEMV_MAX_ROWS];   // mean, rstd
+    __shared__ float part[2][GEMV_MAX_ROWS][32];  // (shifted sum, sum of squares; row, warp of the row) sums
+    __shared__ float stat[2][GEMV_MAX_ROWS];      // mean, rstd
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int slots = K / VEC, warps = (slots + 31) / 32;
     const float inv_width = 1.f / K;
     const bool rms = nm.mode == RMS_NORM;
-    for (int pass = rms ? 1 : 0; pass < 2; ++pass) {  // 0: the mean (LayerNorm), 1: rstd from the exact variance
-        for (int task = warp; task < rows * warps; task += GEMV_WARPS) {
-            const int r = task / warps, s = task % warps * 32 + lane;
-            const T* xrow = x + static_cast<size_t>(r) * K;
-            const Row<T, VEC, true> row(xrow, K, true);
-            float v = 0.f;
-            if (s < slots) {
-                const Vec<T, VEC> in = row.load(xrow, s);
-                v += pass == 0 ? slot_sum(in) : slot_sq(row, s, in, rms ? 0.f : stat[0][r]);
-            }
-            v = warp_sum(v);
-            if (lane == 0) part[r][task % warps] = v;
-        }
-        __syncthreads();
-        if (warp < rows) {
-            const float total = warp_sum(lane < warps ? part[warp][lane] : 0.f);
-            if (lane == 0) stat[pass][warp] = pass == 0 ? total * inv_width : norm_rstd(total, inv_width, nm.eps);
-        }
-        __syncthreads();
-    }
-    const int first = k_begin / VEC, count = (k_end - k_begin) / VEC;
-    for (int o = threadIdx.x; o < rows * count; o += GEMV_THREADS) {
-        const int r = o / count, s = first + o % count;
+    for (int task = warp; task < rows * warps; task += GEMV_WARPS) {
+        const int r = task / warps, s = task % warps * 32 + lane;
         const T* xrow = x + static_cast<size_t>(r) * K;
-        const Row<T, VEC, true> row(xrow, K, true);
-        const float mean = rms ? 0.f : stat[0][r];
-        *reinterpret_cast<Vec<T, VEC>*>(xs + r * nm.stride + s * VEC - k_begin) =
-            normalized_slot(row, nm.gamma, nm.beta, nm.mode, s, row.load(xrow, s), mean, stat[1][r]);
+        const float shift = rms ? 0.f : to_float(xrow[0]);
+        float sum = 0.f, sq = 0.f;
+        if (s < slots) {
+            const Vec<T, VEC> in = *reinterpret_cast<const Vec<T, VEC>*>(xrow + s * VEC);
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+                const float d = to_float(in.v[j]) - shift;
+                sum += d;
+                sq += d * d;
+            }
+        }
+        sum = warp_sum(sum);
+        sq = warp_sum(sq);
+        if (lane == 0) part[0][r][task % warps] = sum, part[1][r][task % warps] = sq;
+    }
+    __syncthreads();
+    if (warp < rows) {
+        const float sum = warp_sum(lane < warps ? part[0][warp][lane] : 0.f) * inv_width;
+        const float sq = warp_sum(lane < warps ? part[1][warp][lane] : 0.f);
+        if (lane == 0) {
+            const float shift = rms ? 0.f : to_float(x[static_cast<size_t>(warp) * K]);
+            stat[0][warp] = shift + sum;
+            stat[1][warp] = norm_rstd(rms ? sq : fmaxf(sq - sum * sum * K, 0.f), inv_width, nm.eps);
+        }
+    }
+    __syncthreads();
+    const int first = k_begin / VEC, count = (k_end - k_begin) / VEC;
+    for (int i = threadIdx.x; i < count; i += GEMV_THREADS) {  // a slot a thread, every row
+        GemvNormSlot<T> p = mine;
+        if (i != threadIdx.x) p.load(nm, first + i, k_end);
+        float g[VEC], b[VEC];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) g[j] = to_float(p.g.v[j]), b[j] = to_float(p.b.v[j]);
+        for (int r = 0; r < rows; ++r) {
+            const T* xrow = x + static_cast<size_t>(r) * K;
+            const Vec<T, VEC> in = *reinterpret_cast<const Vec<T, VEC>*>(xrow + (first + i) * VEC);
+            *reinterpret_cast<Vec<T, VEC>*>(xs + r * nm.stride + i * VEC) =
+                normalized_slot<T, VEC>(g, b, nm.mode, in, stat[0][r], stat[1][r]);
+        }
     }
     __syncthreads();
 }
@@ -307,8 +341,13 @@ __device__ __forceinline__ void gemv_stream(const GemvOut<T, RESIDUAL>& out, con
                                             int step, int early, const Load& load_weights, const Multiply& multiply) {
     if (early && first < k_end) load_weights(first);  // in flight through the wait and the prologue
     prefetch_vectors<T, FUSE>(out, nm, k_begin, k_end, tile_first, tile);
-    follow_previous_kernel();
-    if constexpr (FUSE == FUSE_NORM) normalize_rows_into(xs, x, nm, out.rows, K, k_begin, k_end);
+    if constexpr (FUSE == FUSE_NORM) {
+        const GemvNormSlot<T> mine(nm, k_begin, k_end);
+        follow_previous_kernel();
+        normalize_rows_into(xs, x, nm, mine, out.rows, K, k_begin, k_end);
+    } else {
+        follow_previous_kernel();
+    }
     if (!early && first < k_end) load_weights(first);
     if (first < k_end) multiply(first);
     for (int kb = first + step; kb < k_end; kb += step) {

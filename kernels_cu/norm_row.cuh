@@ -1,6 +1,6 @@
 // One row of a norm (LayerNorm with or without beta, RMSNorm): its 16-byte slots, the per-thread sums of its
-// statistics and the normalised values. norm.cu's kernel and gemv.cu's norm prologue share them, so the fused
-// product normalises as the norm kernel does (the same bits but for a last-bit difference seen at K 4104).
+// statistics and the normalised values. norm.cu's kernel and gemv.cu's norm prologue share the values' code, so the
+// fused product normalises as the norm kernel does (within a rounding: the prologue sums its statistics otherwise).
 #pragma once
 #include "common.cuh"
 
@@ -77,16 +77,12 @@ __device__ __forceinline__ float slot_sq(const Row<T, VEC, ALIGNED>& row, int s,
     return sq;
 }
 
-// The normalised slot (rounded to T) of a row slot `in` with the row's statistics: LayerNorm (v - mean) * rstd * g
-// [+ b] rounded once; RMSNorm round(round(v * rstd) * g), as Hugging Face's RMSNorm (normalise in fp32, round to T,
-// times gamma in T). gamma and beta are per-column vectors ([width]); beta is read in LAYER_NORM mode only.
-template <typename T, int VEC, bool ALIGNED>
-__device__ __forceinline__ Vec<T, VEC> normalized_slot(const Row<T, VEC, ALIGNED>& row, const T* __restrict__ gamma,
-                                                       const T* __restrict__ beta, int mode, int s,
+// The normalised slot (rounded to T) of a row slot `in` with the row's statistics and the slot's gamma and beta:
+// LayerNorm (v - mean) * rstd * g [+ b] rounded once; RMSNorm round(round(v * rstd) * g), as Hugging Face's RMSNorm
+// (normalise in fp32, round to T, times gamma in T). b is read in LAYER_NORM mode only.
+template <typename T, int VEC>
+__device__ __forceinline__ Vec<T, VEC> normalized_slot(const float (&g)[VEC], const float (&b)[VEC], int mode,
                                                        const Vec<T, VEC>& in, float mean, float rstd) {
-    float g[VEC], b[VEC];
-    row.params(gamma, s, g);
-    if (mode == LAYER_NORM) row.params(beta, s, b);
     Vec<T, VEC> out;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
@@ -97,6 +93,17 @@ __device__ __forceinline__ Vec<T, VEC> normalized_slot(const Row<T, VEC, ALIGNED
             out.v[j] = from_float<T>((v - mean) * rstd * g[j] + (mode == LAYER_NORM ? b[j] : 0.f));
     }
     return out;
+}
+
+// The same with gamma and beta read here from the per-column vectors ([width]; beta in LAYER_NORM mode only).
+template <typename T, int VEC, bool ALIGNED>
+__device__ __forceinline__ Vec<T, VEC> normalized_slot(const Row<T, VEC, ALIGNED>& row, const T* __restrict__ gamma,
+                                                       const T* __restrict__ beta, int mode, int s,
+                                                       const Vec<T, VEC>& in, float mean, float rstd) {
+    float g[VEC], b[VEC];
+    row.params(gamma, s, g);
+    if (mode == LAYER_NORM) row.params(beta, s, b);
+    return normalized_slot<T, VEC>(g, b, mode, in, mean, rstd);
 }
 
 // 1 / sqrt(variance + eps) from the row's sum of squared deviations (of squares, for RMSNorm) and 1 / width.

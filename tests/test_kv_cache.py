@@ -131,7 +131,7 @@ def test_gpu_device_lengths_first_asked_for_inside_a_capture_is_refused(rng):
         try:
             with pytest.raises(RuntimeError, match="inside a CUDA-graph capture"):
                 _ = over.device_lengths
-            own.device_lengths += 1
+            own.device_lengths[...] += 1  # captured: the array itself, no new one
         finally:
             stream.end_capture()
     over.sync_device()

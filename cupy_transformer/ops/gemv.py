@@ -3,7 +3,7 @@ or (``transposed``) ``[out, in]``, and the bias and activation in the kernel's e
 
 fp16 and bf16 may fuse a decode layer's neighbours into the product (``gemv_fused_fits``): ``norm=`` computes
 ``act(NORM(x) @ W + bias)``, NORM normalising each row of x in the kernel's prologue with ``ops.norm``'s kernel's
-code and summation order (its bits, but for a last-bit difference seen at K 4104), and ``residual=`` computes
+code for the values, its statistics in one pass (within a rounding of that kernel's output), and ``residual=`` computes
 ``round(residual + (x @ W + bias))`` (fp32 sum, one rounding, where the unfused path rounds the product first:
 ``round(residual + round(x @ W) + bias)``).
 
@@ -113,10 +113,10 @@ class GemvNorm(NamedTuple):
 
 
 _NORM_MODES = {"layer_norm": 0, "layer_norm_no_beta": 1, "rms_norm": 2}  # norm_row.cuh's NormMode
-# The norm prologue's statistics are norm.cu's for rows of at most this many 16-byte slots (its launch for a few
-# rows: a thread a slot, one block a row); past it that kernel sums in another order.
+# The norm prologue sums a row's statistics a 16-byte slot a lane, then over the row's warps in one warp: rows of
+# at most 32 x 32 slots.
 NORM_MAX_SLOTS = 1024
-# Dynamic shared memory for the normalised rows of a block's K range: with the kernels' ~9.3 KiB of static shared
+# Dynamic shared memory for the normalised rows of a block's K range: with the kernels' ~10 KiB of static shared
 # memory under the 48 KiB a launch gets without opting in, and 3 blocks a SM within an A100's 164 KiB. 8 rows of
 # K 2048 (LLaMA-1B) fit; where they do not, the caller normalises first (``gemv_fused_fits``).
 PROLOGUE_SHARED_BYTES = 36 * 1024
@@ -129,8 +129,8 @@ def prologue_stride(k_per_split: int) -> int:
 
 
 def prologue_fits(rows: int, k: int, k_per_split: int, itemsize: int) -> bool:
-    """Whether the norm prologue takes rows of ``k`` (``k_per_split`` of them a block) of a 16-bit dtype: norm.cu's
-    summation order (``NORM_MAX_SLOTS``) and the normalised rows within ``PROLOGUE_SHARED_BYTES``."""
+    """Whether the norm prologue takes rows of ``k`` (``k_per_split`` of them a block) of a 16-bit dtype: at most
+    ``NORM_MAX_SLOTS`` slots a row and the normalised rows within ``PROLOGUE_SHARED_BYTES``."""
     return (
         itemsize == 2
         and k // (16 // itemsize) <= NORM_MAX_SLOTS
