@@ -283,9 +283,10 @@ def main(argv=None) -> str:
         gc.collect()
         if cuda:
             free_gpu_memory()
+        # table and plot after each model: a run cut short keeps what it measured
         path = write_table("inject", finish(lines, failures, cuda), card)
-    png = os.path.join(os.environ.get("OUT", RESULTS), f"inject-{card_tag(card)}.png")
-    plot(curves, groups, f"generate() decode, {args.prompt}-token prompts ({card})", png)
+        png = os.path.join(os.environ.get("OUT", RESULTS), f"inject-{card_tag(card)}.png")
+        plot(curves, groups, f"generate() decode, {args.prompt}-token prompts ({card})", png)
     return path
 
 
