@@ -37,3 +37,33 @@ def test_decode_product_sweep_covers_each_models_products():
         (8192, 2048, True),
         (2048, 128256, True),
     ]
+
+
+def test_ab_step_times_each_tree_in_its_own_process(tmp_path, capsys):
+    """``benchmarks/ab_step.py`` runs each tree's own ``cupy_transformer.bench`` in a process of its own (two stub
+    trees whose steps take 300 / 400 and 330 / 440 µs here), keeps each tree's best over the counted rounds and
+    gives the ratio to the first tree; a tree without the package is refused before anything runs."""
+    import pytest
+
+    from benchmarks import ab_step
+
+    def stub(name: str, us: float):
+        package = tmp_path / name / "cupy_transformer"
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text("")
+        (package / "bench.py").write_text(
+            "def random_model(shape):\n    return shape\n"
+            "def time_generation(model, batch, prompt, new_tokens, repeats, programmatic):\n"
+            f"    return {{'decode_ms': ({us} if programmatic else {us * 4 / 3}) / 1e3 * (2 if model == 'b' else 1)}}\n"
+        )
+        return str(tmp_path / name)
+
+    old, new = stub("old", 300.0), stub("new", 330.0)
+    ab_step.main(["--shapes", "a,b", "--rounds", "1", old, new])
+    out = capsys.readouterr().out
+    assert f"| a | {old} | 300.0 | 1.000x | 400.0 | 1.000x |" in out
+    assert f"| a | {new} | 330.0 | 1.100x | 440.0 | 1.100x |" in out
+    assert f"| b | {new} | 660.0 | 1.100x | 880.0 | 1.100x |" in out
+    with pytest.raises(SystemExit) as e:
+        ab_step.parse_args([str(tmp_path)])
+    assert e.value.code == 2 and "cupy_transformer/bench.py" in capsys.readouterr().err
