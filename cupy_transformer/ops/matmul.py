@@ -86,7 +86,7 @@ def fused_fits(x, w, transposed, bias=None, act=None, norm: GemvNorm | None = No
     """Whether ``matmul`` runs this product (x [rows, in] on the GPU) with ``norm`` or ``residual`` fused into one
     GEMV kernel: up to 8 rows in a graph's products (``graph_products``), where the GEMV takes it (``gemv_fits``,
     ``gemv_fused_fits``: fp16/bf16). A gated ``act`` is applied after the product, as ``matmul`` does."""
-    if module_of(x) is numpy or x.shape[0] > GEMV_MAX_ROWS or not graph_products() or not _FUSED:
+    if module_of(x) is numpy or x.shape[0] > GEMV_MAX_ROWS or not graph_products() or not fusing():
         return False
     if act is not None and ActivationType(act).gated:
         bias = act = None

@@ -136,13 +136,11 @@ class SoftmaxContextOp(TransformerOp):
         k = qkv[..., h * d : (h + kv) * d].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
         v = qkv[..., (h + kv) * d :].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
         first = None if xp is numpy else (start if on_device else device_int32(start))
-        if path == "decode" and fusing():  # the kernel turns q and k and appends k and v itself
+        fused = path == "decode" and fusing()
+        if fused:  # the kernel turns q and k and appends k and v itself
             context = decode_attention_qkv(
                 qkv, position_ids, cfg, h, cache, layer_id, start, window or 0, mask, rows, factor
             )
-        elif path == "decode":  # unfused (ops.matmul.fused_decode(False)): rotary_append first, as before
-            q, _ = rotary_append(qkv, position_ids, cfg, h, kv, d, cache, layer_id, first)
-            context = decode_attention(q, cache, layer_id, start, window or 0, mask, rows, factor)
         elif xp is not numpy and (cache is not None or cfg.rotary_style is not None):
             q, k = rotary_append(qkv, position_ids, cfg, h, kv, d, cache, layer_id, first)
         elif cfg.rotary_style is not None:
@@ -161,6 +159,8 @@ class SoftmaxContextOp(TransformerOp):
             context = launch(
                 q, src_k, src_v, first, mask, rows, factor, causal=cfg.triangular_masking, window=window or 0
             )
+        elif path == "decode" and not fused:  # unfused (ops.matmul.fused_decode(False)): after rotary_append above
+            context = decode_attention(q, cache, layer_id, start, window or 0, mask, rows, factor)
         elif path == "reference":
             context = attention_reference(
                 q, keys, values, start, mask, rows, factor, causal=cfg.triangular_masking, window=window
