@@ -238,7 +238,7 @@ extern __shared__ uint4 gemv_dynamic_shared[];  // the norm prologue's normalise
 template <typename T>
 struct GemvNormSlot {
     static constexpr int VEC = 16 / sizeof(T);
-    Vec<T, VEC> g{}, b{};  // as loaded: half the registers of floats, live through the wait beside early weights
+    Vec<T, VEC> g, b;  // as loaded: half the registers of floats, live through the wait beside early weights
 
     __device__ GemvNormSlot(const GemvNorm<T>& nm, int k_begin, int k_end) {
         load(nm, k_begin / VEC + threadIdx.x, k_end);
@@ -305,12 +305,11 @@ __device__ __forceinline__ void normalize_rows_into(T* xs, const T* x, const Gem
         float g[VEC], b[VEC];
 #pragma unroll
         for (int j = 0; j < VEC; ++j) g[j] = to_float(p.g.v[j]), b[j] = to_float(p.b.v[j]);
-        for (int r = 0; r < rows; ++r) {
-            const T* xrow = x + static_cast<size_t>(r) * K;
-            const Vec<T, VEC> in = *reinterpret_cast<const Vec<T, VEC>*>(xrow + (first + i) * VEC);
-            *reinterpret_cast<Vec<T, VEC>*>(xs + r * nm.stride + i * VEC) =
-                normalized_slot<T, VEC>(g, b, nm.mode, in, stat[0][r], stat[1][r]);
-        }
+        for (int r = 0; r < rows; ++r)
+            *reinterpret_cast<Vec<T, VEC>*>(xs + r * nm.stride + i * VEC) = normalized_slot<T, VEC>(
+                g, b, nm.mode,
+                *reinterpret_cast<const Vec<T, VEC>*>(x + static_cast<size_t>(r) * K + (first + i) * VEC),
+                stat[0][r], stat[1][r]);
     }
     __syncthreads();
 }
