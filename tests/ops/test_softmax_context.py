@@ -435,7 +435,7 @@ def test_gpu_slots_on_the_device_give_the_host_slots_results(rng, poisoned_alloc
         host_ctx, _, _ = op(x, cache=caches[0], start=caches[0].reserve(1))
         caches[1].reserve(1)
         device_ctx, keys, _ = op(x, cache=caches[1], start=caches[1].device_lengths)
-        caches[1].device_lengths += 1
+        caches[1].device_lengths[...] += 1
         assert keys.shape == (3, kv, 300, d)  # the capacity: nothing read on the host
         assert (host(device_ctx) == host(host_ctx)).all(), t
         steps.append(host(host_ctx))
@@ -446,7 +446,7 @@ def test_gpu_slots_on_the_device_give_the_host_slots_results(rng, poisoned_alloc
         op(x, cache=graph_cache, start=graph_cache.device_lengths)  # warm: workspaces for this stream
         stream.begin_capture()
         ctx, _, _ = op(x, cache=graph_cache, start=graph_cache.device_lengths)
-        graph_cache.device_lengths += 1
+        graph_cache.device_lengths[...] += 1
         graph = stream.end_capture()
         for t in range(30, 40):
             x[...] = tokens[:, t : t + 1]
