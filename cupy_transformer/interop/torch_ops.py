@@ -42,6 +42,7 @@ inputs are copied first (attention's are not: it takes any strides). Bad input r
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 
 import numpy
@@ -83,6 +84,11 @@ def _allocator_for(stream: int):
     return allocator
 
 
+# The device whose torch stream CuPy runs on (inside _torch_stream), else None: there a CUDA tensor of that device
+# is read and written in stream order without DLPack's stream handshake (_cuda_view).
+_on_torch_stream: contextvars.ContextVar = contextvars.ContextVar("on_torch_stream", default=None)
+
+
 @contextlib.contextmanager
 def _torch_stream(device: torch.device):
     """CuPy on ``device``, on torch's current stream there, allocating from torch's caching allocator."""
@@ -91,9 +97,40 @@ def _torch_stream(device: torch.device):
     # torch's legacy default stream is CUDA's null stream, which is CuPy's own default.
     cupy_stream = cupy.cuda.Stream.null if stream.cuda_stream == 0 else cupy.cuda.Stream.from_external(stream)
     allocator = _allocator_for(stream.cuda_stream)
-    with torch.cuda.device(device), cupy.cuda.Device(device.index), cupy_stream:
-        with cupy.cuda.using_allocator(allocator.malloc):
-            yield
+    token = _on_torch_stream.set(device.index)
+    try:
+        with torch.cuda.device(device), cupy.cuda.Device(device.index), cupy_stream:
+            with cupy.cuda.using_allocator(allocator.malloc):
+                yield
+    finally:
+        _on_torch_stream.reset(token)
+
+
+# torch dtypes a CuPy view takes as they are (bf16 and the rest cross through DLPack).
+_VIEW_DTYPES = {
+    torch.float16: numpy.dtype(numpy.float16),
+    torch.float32: numpy.dtype(numpy.float32),
+    torch.int32: numpy.dtype(numpy.int32),
+    torch.int64: numpy.dtype(numpy.int64),
+    torch.uint8: numpy.dtype(numpy.uint8),
+    torch.bool: numpy.dtype(numpy.bool_),
+}
+
+
+def _cuda_view(tensor: torch.Tensor):
+    """A CuPy array over a CUDA tensor's memory (its shape and strides), or None where DLPack must do it. Only on
+    torch's stream (``_torch_stream``), where CuPy's work is ordered with torch's without DLPack's handshake,
+    which cost more than the rest of an injected layer's host work per tensor; the tensor is the memory's owner,
+    so torch's allocator keeps it while the view lives."""
+    dtype = _VIEW_DTYPES.get(tensor.dtype)
+    if dtype is None or tensor.device.index != _on_torch_stream.get() or tensor.numel() == 0:
+        return None
+    cupy = import_cupy()
+    size = tensor.element_size()
+    span = (sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride())) + 1) * size
+    memory = cupy.cuda.UnownedMemory(tensor.data_ptr(), span, tensor, tensor.device.index)
+    strides = tuple(s * size for s in tensor.stride())
+    return cupy.ndarray(tuple(tensor.shape), dtype, cupy.cuda.MemoryPointer(memory, 0), strides)
 
 
 def _as_numpy(tensor: torch.Tensor) -> numpy.ndarray:
@@ -103,12 +140,16 @@ def _as_numpy(tensor: torch.Tensor) -> numpy.ndarray:
 
 
 def _as_backend(name: str, tensor: torch.Tensor):
-    """``tensor`` as the backend's array on its memory: a CuPy array for a CUDA tensor (through DLPack; booleans
-    travel as bytes, DLPack's boolean type not being accepted everywhere, and are viewed back as booleans), a NumPy
-    view for a CPU one (``_as_numpy``). ``name``: the argument, for errors."""
+    """``tensor`` as the backend's array on its memory: a CuPy array for a CUDA tensor (on torch's stream a view
+    made directly, ``_cuda_view``; otherwise through DLPack, where booleans travel as bytes, DLPack's boolean type
+    not being accepted everywhere, and are viewed back as booleans), a NumPy view for a CPU one (``_as_numpy``).
+    ``name``: the argument, for errors."""
     tensor = tensor.detach()
     if tensor.device.type != "cuda":
         return _as_numpy(tensor)
+    view = _cuda_view(tensor)
+    if view is not None:
+        return view
     if tensor.dtype == torch.bool:
         return from_dlpack(name, tensor.view(torch.uint8)).view(numpy.bool_)
     return from_dlpack(name, tensor)

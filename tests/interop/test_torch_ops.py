@@ -438,3 +438,32 @@ def test_importing_the_package_does_not_import_torch():
         "assert 'torch' in sys.modules and hasattr(sys.modules['torch'].ops.cupy_transformer, 'linear')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch without CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.int32, torch.int64, torch.bool, torch.bfloat16])
+def test_gpu_tensors_on_torchs_stream_are_viewed_in_place(rng, dtype):
+    """On torch's stream (``_torch_stream``) a CUDA tensor becomes a CuPy view made directly (no DLPack): a strided
+    slice at an offset into its storage keeps its shape, strides, address and values, and writes through the view
+    show in the tensor; bf16 (and anything off torch's stream) still crosses through DLPack, with the same result."""
+    import cupy
+
+    full = torch.from_numpy(rng.standard_normal((6, 40)).astype(numpy.float32) * 50).to("cuda")
+    full = full > 0 if dtype == torch.bool else full.to(dtype)
+    tensor = full[1:5, 3:35:2]  # strided, at an offset into its storage
+    with torch_ops._torch_stream(tensor.device):
+        view = torch_ops._as_backend("x", tensor)
+        direct = torch_ops._cuda_view(tensor)
+    assert (direct is None) == (dtype == torch.bfloat16)
+    assert isinstance(view, cupy.ndarray) and view.shape == tuple(tensor.shape)
+    assert view.data.ptr == tensor.data_ptr()
+    assert view.strides == tuple(s * tensor.element_size() for s in tensor.stride())
+    got = torch.from_dlpack(view.copy()) if dtype != torch.bfloat16 else torch.from_dlpack(view)
+    assert torch.equal(got.to(tensor.dtype), tensor)
+    if dtype != torch.bfloat16:
+        with torch_ops._torch_stream(tensor.device):
+            view[0, 0] = view[1, 1]
+        torch.cuda.synchronize()
+        assert tensor[0, 0] == tensor[1, 1] and full[1, 3] == full[2, 5]
+    assert torch_ops._cuda_view(tensor) is None  # off torch's stream: DLPack's handshake orders the streams
