@@ -339,19 +339,46 @@ __global__ void __launch_bounds__(32 * W) attention_partial_tc(
     const T* __restrict__ alibi, const int* __restrict__ start, float* __restrict__ partial, T* __restrict__ out,
     int* counters, long long q_seq, int h, int kv, int d, int max_tokens, int window, int one_block, int mask_kind,
     int mask_len, int alibi_len, int rot, int half_style, int has_positions, int append, float scale) {
-    follow_previous_kernel();
     constexpr int DB = D / 32;  // 32-dim blocks
     const int c = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, chunks = gridDim.x;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int group = h / kv;
+    // Before the wait: start (the step's decode state, advanced after the last layer of the step before) and each
+    // warp's first tile of cached keys and values, all rows below the new token's slot, written by earlier steps
+    // (the slot itself is this kernel's write or, without append, the kernel's just before: loaded after the wait).
+    // With programmatic launches the kernel before has passed its own wait when this one starts, so every kernel
+    // before that one has finished.
     const int self = start[b];  // the new token's slot
     const KeyChunk span(self, window, one_block, c, chunks);
-    if (c >= span.used) return;
+    if (c >= span.used) {
+        follow_previous_kernel();
+        return;
+    }
     const int first = span.first, last = span.last;
     const bool own = append && c == span.used - 1;  // this block writes the slot and feeds it from sk, sv
     const float sl2 = scale * LOG2E;
-
     const size_t row0 = (static_cast<size_t>(b) * kv + kvh) * max_tokens;
+    const T* kb = k + row0 * D + 8 * t;
+    const T* vb = v + row0 * D + 8 * t;
+    // keys j0 + g and j0 + 8 + g (past `last`: the last key, masked later); `cached`: rows below the slot only
+    uint4 kr[2][DB], vr[2][DB];
+    const auto load_tile = [&](int j0, bool cached) {
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+            const int key = min(j0 + 8 * n + g, last - 1);
+            if (cached && key == self) continue;
+            const size_t row = static_cast<size_t>(key) * D;
+#pragma unroll
+            for (int db = 0; db < DB; ++db) {
+                kr[n][db] = load_stream(kb + row + 32 * db);
+                vr[n][db] = load_stream(vb + row + 32 * db);
+            }
+        }
+    };
+    const int j_first = first + 16 * warp;
+    if (j_first < last) load_tile(j_first, true);
+    follow_previous_kernel();
+
     __shared__ __align__(16) T sq[16 * D], sk[D], sv[D];
     stage_token<32 * W>(q + b * q_seq, group, h, kv, kvh, group, D, rot, half_style, inv_freq,
                         has_positions ? positions[b] : self, own, sq, sk, sv, k_out + (row0 + self) * D,
@@ -366,28 +393,19 @@ __global__ void __launch_bounds__(32 * W) attention_partial_tc(
             qa[db][r] = head < group ? *reinterpret_cast<const uint4*>(sq + head * D + 32 * db + 8 * t)
                                      : make_uint4(0, 0, 0, 0);
     }
-    const T* kb = k + row0 * D + 8 * t;
-    const T* vb = v + row0 * D + 8 * t;
     float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};  // per fragment row (head g, g + 8); l this lane's
     float o[DB][4][4] = {};  // O: dims 32 db + 8t + 2r + {0, 1}; [2], [3] for head g + 8
-    for (int j0 = first + 16 * warp; j0 < last; j0 += 16 * W) {
-        uint4 kr[2][DB], vr[2][DB];  // keys j0 + g and j0 + 8 + g (past `last`: the last key, masked below)
+    for (int j0 = j_first; j0 < last; j0 += 16 * W) {
+        if (j0 != j_first) load_tile(j0, true);
 #pragma unroll
-        for (int n = 0; n < 2; ++n) {
-            const int key = min(j0 + 8 * n + g, last - 1);
-            const size_t row = static_cast<size_t>(key) * D;
-            if (own && key == self) {
+        for (int n = 0; n < 2; ++n) {  // the slot's row: from shared memory (own) or now, after the wait
+            if (min(j0 + 8 * n + g, last - 1) != self) continue;
 #pragma unroll
-                for (int db = 0; db < DB; ++db) {
-                    kr[n][db] = *reinterpret_cast<const uint4*>(sk + 32 * db + 8 * t);
-                    vr[n][db] = *reinterpret_cast<const uint4*>(sv + 32 * db + 8 * t);
-                }
-            } else {
-#pragma unroll
-                for (int db = 0; db < DB; ++db) {
-                    kr[n][db] = load_stream(kb + row + 32 * db);
-                    vr[n][db] = load_stream(vb + row + 32 * db);
-                }
+            for (int db = 0; db < DB; ++db) {
+                kr[n][db] = own ? *reinterpret_cast<const uint4*>(sk + 32 * db + 8 * t)
+                                : load_stream(kb + static_cast<size_t>(self) * D + 32 * db);
+                vr[n][db] = own ? *reinterpret_cast<const uint4*>(sv + 32 * db + 8 * t)
+                                : load_stream(vb + static_cast<size_t>(self) * D + 32 * db);
             }
         }
         float s[2][4] = {};  // keys j0 + 8n + 2t + {0, 1}; heads g ([0], [1]) and g + 8 ([2], [3])
