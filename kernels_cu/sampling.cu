@@ -1,25 +1,30 @@
 // Next-token sampling from logits [B, V] (rows `row_stride` elements apart), the token written to tokens[row].
 // cupy_transformer/ops/sampling.py states the math; its sample_reference is these kernels' NumPy twin, draw for draw.
 //
-// Greedy (temperature 0), greedy_tokens: the first index of the largest logit, each row split over several blocks
-// (one block would read a 50k-128k row on one multiprocessor while the others idle), the last block of a row to
-// finish merging the blocks' results.
+// Every kernel splits each row over several blocks (grid (B, splits): one block would read a 50k-128k row on one
+// multiprocessor while the others idle), block s taking the s-th contiguous slice, and the last block of a row to
+// finish (last_block_done) merging the blocks' results.
 //
-// Otherwise, sample_tokens: one block a row. The seed and the step are read from device memory (seed_step = {seed,
-// step}), so that one captured CUDA graph serves every step and every seed. The allowed set is every index whose
-// order key (an unsigned integer that sorts as the logits do) reaches a threshold found by radix selection, 8 bits a
-// pass, most significant first, over a 256-bucket shared histogram: two passes for the 16-bit keys of fp16 / bf16,
-// four for fp32. top_k counts keys (the k-th largest value); top_p weighs them with exp((l - max) / T) in double,
-// within what top_k kept. A last pass draws by Gumbel-max: the allowed index with the largest l / T - log(-log(u)), u
-// from Philox4x64-10 keyed by the seed, at counter (j + 1, step, row, 0) for the four draws of indices 4j .. 4j + 3
-// (numpy.random.Philox increments its counter before each block of four outputs, so
+// Greedy (temperature 0), greedy_tokens: the first index of the largest logit.
+//
+// Otherwise a few launches in stream order, their state between them in the stream's split workspace (SampleRow a
+// row, SamplePart a block). The seed and the step are read from device memory (seed_step = {seed, step}), so that one
+// captured CUDA graph serves every step and every seed. The allowed set is every index whose order key (an unsigned
+// integer that sorts as the logits do) reaches a threshold found by radix selection, 8 bits a launch of
+// sample_select, most significant first: each block counts its slice's keys into a 256-bucket histogram, the last
+// block adds the blocks' histograms in block order and chooses the digit; two launches for the 16-bit keys of fp16 /
+// bf16, four for fp32. top_k counts keys (the k-th largest value); top_p weighs them with exp((l - max) / T) in
+// double, within what top_k kept (the first launch, before the row's max is known, weighs a slice against its own max
+// and the merge rescales). Then sample_draw, by Gumbel-max: the allowed index with the largest
+// l / T - log(-log(u)), u from Philox4x64-10 keyed by the seed, at counter (j + 1, step, row, 0) for the four draws
+// of indices 4j .. 4j + 3 (numpy.random.Philox increments its counter before each block of four outputs, so
 // Philox(key=(seed, 0), counter=(0, step, row, 0)).random_raw(V) yields the same u's in order).
-// Scores are in double: the kernel and NumPy then differ only where two scores are within an ulp or so.
+// Scores are in double: the kernels and NumPy then differ only where two scores are within an ulp or so.
 #include "common.cuh"
 
 namespace ct {
 
-constexpr int SAMPLE_THREADS = 1024;
+constexpr int SAMPLE_THREADS = 256;
 constexpr int SAMPLE_WARPS = SAMPLE_THREADS / 32;
 
 // Order keys: unsigned integers ordered as the values are (-0 and +0 share one key; NaN is not ordered).
@@ -90,13 +95,15 @@ __device__ __forceinline__ unsigned long long block_max(unsigned long long v, un
     return v;
 }
 
+
 // Whether (score, index) goes before (best, best_index): the larger score, ties to the smaller index.
 __device__ __forceinline__ bool ahead(double score, unsigned index, double best, unsigned best_index) {
     return score > best || (score == best && index < best_index);
 }
 
-// The block's first (score, index) in the order of `ahead`, returned to every thread; scratch as block_max's.
-__device__ __forceinline__ unsigned block_argmax(double score, unsigned index, double* scores, unsigned* indices) {
+// The block's first (score, index) in the order of `ahead`: the index returned and its score left in `score`, in
+// every thread; scratch as block_max's.
+__device__ __forceinline__ unsigned block_argmax(double& score, unsigned index, double* scores, unsigned* indices) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) {
@@ -118,25 +125,34 @@ __device__ __forceinline__ unsigned block_argmax(double score, unsigned index, d
     return index;
 }
 
-// A pass over the row: f(values, first) for each group of G consecutive values this thread takes (groups
-// threadIdx.x, + SAMPLE_THREADS, ...; first = the group's first index; values past the row's end are unset, f checks
-// first + g < vocab). The values of AHEAD groups are loaded before any is used: one block covers a whole row, so a
-// pass that waited on each load in turn would take the load latency times the row's length over the block's.
+// Block s's slice of a row of `vocab`: [begin, end), `per` elements a slice, a multiple of 64 (so that the draw's
+// groups of four never straddle two blocks).
+struct Slice {
+    unsigned begin, end;
+};
+__device__ __forceinline__ Slice row_slice(unsigned vocab) {
+    const unsigned per = ((vocab + gridDim.y - 1) / gridDim.y + 63) / 64 * 64;
+    return {min(vocab, blockIdx.y * per), min(vocab, (blockIdx.y + 1) * per)};
+}
+
+// A pass over the block's slice: f(values, first) for each group of G consecutive values this thread takes (groups
+// threadIdx.x, + SAMPLE_THREADS, ... from the slice's first; first = the group's first index; values past the slice's
+// end are unset, f checks first + g < end). The values of AHEAD groups are loaded before any is used.
 template <int G, int AHEAD, typename T, typename F>
-__device__ __forceinline__ void for_each_group(const T* __restrict__ row, unsigned vocab, F&& f) {
-    const unsigned groups = vocab / G + (vocab % G != 0);
+__device__ __forceinline__ void for_each_group(const T* __restrict__ row, Slice slice, F&& f) {
+    const unsigned groups = (slice.end - slice.begin + G - 1) / G;
     for (unsigned base = threadIdx.x; base < groups; base += AHEAD * SAMPLE_THREADS) {
         T values[AHEAD][G];
 #pragma unroll
         for (int a = 0; a < AHEAD; ++a)
 #pragma unroll
             for (int g = 0; g < G; ++g) {
-                const unsigned i = (base + a * SAMPLE_THREADS) * G + g;
-                if (i < vocab) values[a][g] = row[i];
+                const unsigned i = slice.begin + (base + a * SAMPLE_THREADS) * G + g;
+                if (i < slice.end) values[a][g] = row[i];
             }
 #pragma unroll
         for (int a = 0; a < AHEAD; ++a)
-            if (base + a * SAMPLE_THREADS < groups) f(values[a], (base + a * SAMPLE_THREADS) * G);
+            if (base + a * SAMPLE_THREADS < groups) f(values[a], slice.begin + (base + a * SAMPLE_THREADS) * G);
     }
 }
 
@@ -147,20 +163,25 @@ __device__ __forceinline__ unsigned long long argmax_key(T v, unsigned index) {
     return static_cast<unsigned long long>(order_key(v)) << 32 | ~index;
 }
 
-// The first index of the row's largest logit: the largest argmax_key.
-template <typename T>
-__device__ unsigned row_argmax(const T* __restrict__ row, unsigned vocab, unsigned long long* scratch) {
-    unsigned long long best = 0;
-    for_each_group<1, 8>(row, vocab, [&](const T* v, unsigned i) { best = max(best, argmax_key(v[0], i)); });
-    return ~static_cast<unsigned>(block_max<SAMPLE_THREADS>(best, scratch));
+// The value of an order key, exactly, as a double (order_key's inverse, -0 coming back as +0); the row pointer
+// picks the type.
+__device__ __forceinline__ unsigned key_bits16(unsigned key) { return key & 0x8000u ? key & 0x7FFFu : ~key & 0xFFFFu; }
+__device__ __forceinline__ double key_value(unsigned key, const float*) {
+    return exact_double(__uint_as_float(key & 0x80000000u ? key & 0x7FFFFFFFu : ~key));
+}
+__device__ __forceinline__ double key_value(unsigned key, const __half*) {
+    return exact_double(__ushort_as_half(static_cast<unsigned short>(key_bits16(key))));
+}
+__device__ __forceinline__ double key_value(unsigned key, const __nv_bfloat16*) {
+    return exact_double(__ushort_as_bfloat16(static_cast<unsigned short>(key_bits16(key))));
 }
 
-// The radix selection's shared state: one pass's histogram over 8 bits of the key, and what the pass chose.
+// The merging block's radix-selection state: the row's histogram over 8 bits of the key, and what the launch chose.
 struct Selection {
     unsigned counts[256];
     double masses[256];  // top_p's weights
-    unsigned prefix;   // the key bits chosen so far
-    double remaining;  // the weight still wanted below them
+    unsigned prefix;     // the key bits chosen so far
+    double remaining;    // the weight still wanted below them
 };
 
 // Warp 0, after a histogram pass at `shift`: the highest digit d at which the weight of the digits above d and of d
@@ -208,72 +229,168 @@ __device__ void choose_digit(Selection& s, int shift, bool of_total) {
     }
 }
 
-// Radix selection over the row's keys that reach `floor`: the largest key lambda such that the weight of
-// {i : key_i >= lambda} reaches `want` (top_k: weight 1, want k; top_p: weight exp((l_i - top) / t), want the
-// fraction top_p of their total). lambda is a key of the row, so the set it keeps is never empty.
-template <typename T, bool MASS>
-__device__ unsigned select_threshold(const T* __restrict__ row, unsigned vocab, unsigned floor, double want,
-                                     double top, double t, Selection& s) {
-    constexpr int BITS = 8 * sizeof(T);
-    __syncthreads();  // every thread has read the previous selection's result
-    if (threadIdx.x == 0) s.prefix = 0, s.remaining = want;
-    unsigned prefix = 0, chosen = 0;  // the digits chosen by the passes so far, and their bits
-    for (int shift = BITS - 8; shift >= 0; shift -= 8) {
-        for (int d = threadIdx.x; d < 256; d += SAMPLE_THREADS) s.counts[d] = 0, s.masses[d] = 0.0;
-        __syncthreads();
-        for_each_group<1, 4>(row, vocab, [&](const T* v, unsigned) {  // 8 ahead would spill (64 registers)
-            const unsigned key = order_key(v[0]);
-            if (key < floor || (key & chosen) != prefix) return;
-            const unsigned d = (key >> shift) & 255u;
-            atomicAdd(&s.counts[d], 1u);
-            if (MASS) atomicAdd(&s.masses[d], exp((exact_double(v[0]) - top) / t));
-        });
-        __syncthreads();
-        if (threadIdx.x < 32) choose_digit<MASS>(s, shift, MASS && shift == BITS - 8);
-        __syncthreads();
-        prefix = s.prefix;
-        chosen |= 255u << shift;
+// A row's state between launches, in the split workspace.
+struct alignas(16) SampleRow {
+    double top;          // top_p: the largest logit the selection counts (set by its first launch)
+    double remaining;    // the weight still wanted below `prefix`
+    unsigned prefix;     // the key bits the running selection has chosen
+    unsigned threshold;  // the finished selections' allowed set: the keys >= threshold
+};
+
+// A block's results, for the merging block.
+struct alignas(16) SamplePart {
+    double masses[256];
+    unsigned counts[256];
+    unsigned top_key;     // top_p's first launch: the slice's largest counted key (0: none)
+    unsigned best_index;  // sample_draw: the slice's draw
+    double best_score;
+};
+static_assert(sizeof(SampleRow) == 32 && sizeof(SamplePart) == 3088, "ops/sampling.py sizes the workspace so");
+
+constexpr int MAX_SPLITS = 256;  // ops/sampling.py's MAX_SPLITS
+
+// One histogram entry a lane (digit d > 255: none). A warp's lanes with the same digit add once, their leader the
+// group's count and mass (summed in lane order): a launch's entries fall on a few digits (the logits' leading key
+// bits), where the threads would contend for the same shared-memory words, and a double's atomic add there is a
+// compare-and-swap loop.
+__device__ __forceinline__ void add_to_histogram(Selection& s, unsigned d, double mass) {
+    const unsigned peers = __match_any_sync(__activemask(), d);
+    if (d > 255u) return;
+    double total = 0.0;
+    for (unsigned m = peers; m; m &= m - 1) total += __shfl_sync(peers, mass, __ffs(m) - 1);
+    if (static_cast<int>(threadIdx.x % 32) == __ffs(peers) - 1) {
+        atomicAdd(&s.counts[d], static_cast<unsigned>(__popc(peers)));
+        atomicAdd(&s.masses[d], total);
     }
-    return prefix;
 }
 
-// One token per row. `logits`: row b at logits + b * row_stride, `vocab` values; `seed_step`: {seed, step};
-// `temperature` > 0 (greedy is greedy_tokens); `top_k` 0 (or >= vocab) for all; `top_p` 1 for all.
-template <typename T>
-__global__ void __launch_bounds__(SAMPLE_THREADS) sample_tokens(
-    const T* __restrict__ logits, long long row_stride, int vocab, const unsigned long long* __restrict__ seed_step,
-    int* __restrict__ tokens, float temperature, int top_k, float top_p) {
+// One launch of a radix selection, the 8 bits of the key at `shift` (the first launch: the key's top 8): towards the
+// largest key lambda such that the weight of {i : key_i >= floor, key_i >= lambda} reaches the wanted weight (top_k:
+// weight 1, want top_k; MASS, top_p: weight exp((l_i - top) / t), want the fraction top_p of their total), floor
+// being the top_k selection's threshold where `after_top_k`, else 0. The merging block leaves the prefix chosen and
+// the weight still wanted in rows[b], after the last launch (shift 0) the threshold. lambda is a key of the row, so
+// the set it keeps is never empty.
+template <typename T, bool MASS>
+__global__ void __launch_bounds__(SAMPLE_THREADS) sample_select(
+    const T* __restrict__ logits, long long row_stride, int vocab, int shift, int top_k, float top_p,
+    float temperature, int after_top_k, SampleRow* rows, SamplePart* parts, int* counters) {
+    constexpr int BITS = 8 * sizeof(T);
+    static_assert(SAMPLE_THREADS == 256, "a thread a digit");
     follow_previous_kernel();
-    __shared__ Selection selection;
+    __shared__ Selection s;
+    __shared__ double scales[MAX_SPLITS];
     __shared__ unsigned long long max_scratch[SAMPLE_WARPS];
+    const unsigned b = blockIdx.x, splits = gridDim.y, d = threadIdx.x;
+    const T* __restrict__ row = logits + b * row_stride;
+    SampleRow& state = rows[b];
+    SamplePart* row_parts = parts + static_cast<size_t>(b) * splits;
+    const bool first = shift == BITS - 8;
+    const unsigned floor = after_top_k ? state.threshold : 0u;
+    const unsigned prefix = first ? 0u : state.prefix;
+    const unsigned chosen = first ? 0u : ~0u << (shift + 8);  // the bits of the digits chosen before
+    const auto counted = [&](unsigned key) { return key >= floor && (key & chosen) == prefix; };
+    const double t = exact_double(temperature);
+    const Slice slice = row_slice(static_cast<unsigned>(vocab));
+
+    // Weights exp((l - base) / t). Before the row's max is known (top_p's first launch) a block weighs its slice
+    // against the slice's own largest counted value, and the merge rescales (a slice of -inf: base 0, weights 0).
+    double base = MASS && !first ? state.top : 0.0;
+    unsigned top_key = 0;
+    if (MASS && first) {
+        unsigned long long largest = 0;
+        for_each_group<1, 8>(row, slice, [&](const T* v, unsigned) {
+            const unsigned key = order_key(v[0]);
+            if (counted(key)) largest = max(largest, static_cast<unsigned long long>(key));
+        });
+        top_key = static_cast<unsigned>(block_max<SAMPLE_THREADS>(largest, max_scratch));
+        if (top_key && !isinf(key_value(top_key, row))) base = key_value(top_key, row);
+    }
+    s.counts[d] = 0;
+    if (MASS) s.masses[d] = 0.0;
+    __syncthreads();
+    for_each_group<1, 8>(row, slice, [&](const T* v, unsigned) {
+        const unsigned key = order_key(v[0]);
+        const bool in = counted(key);
+        if (!MASS) {  // a shared unsigned atomic is one instruction: no warp aggregation
+            if (in) atomicAdd(&s.counts[(key >> shift) & 255u], 1u);
+            return;
+        }
+        add_to_histogram(s, in ? (key >> shift) & 255u : 256u, in ? exp((exact_double(v[0]) - base) / t) : 0.0);
+    });
+    __syncthreads();
+    SamplePart& part = row_parts[blockIdx.y];
+    part.counts[d] = s.counts[d];
+    if (MASS) part.masses[d] = s.masses[d];
+    if (d == 0) part.top_key = top_key;
+    __threadfence();
+    if (!last_block_done(counters + b, splits)) return;
+
+    // The merge, in block order: a launch's sums do not depend on which block finished first.
+    double top = base;
+    if (MASS && first) {
+        unsigned long long largest = 0;
+        for (unsigned p = d; p < splits; p += SAMPLE_THREADS)
+            largest = max(largest, static_cast<unsigned long long>(__ldcg(&row_parts[p].top_key)));
+        top = key_value(static_cast<unsigned>(block_max<SAMPLE_THREADS>(largest, max_scratch)), row);
+        for (unsigned p = d; p < splits; p += SAMPLE_THREADS) {
+            const unsigned key = __ldcg(&row_parts[p].top_key);
+            const double value = key ? key_value(key, row) : 0.0;
+            scales[p] = key && !isinf(value) ? exp((value - top) / t) : 0.0;
+        }
+        __syncthreads();
+    }
+    unsigned count = 0;
+    double mass = 0.0;
+#pragma unroll 8
+    for (unsigned p = 0; p < splits; ++p) {
+        count += __ldcg(&row_parts[p].counts[d]);
+        if (MASS) mass += (first ? scales[p] : 1.0) * __ldcg(&row_parts[p].masses[d]);
+    }
+    s.counts[d] = count;
+    if (MASS) s.masses[d] = mass;
+    if (d == 0) s.prefix = prefix, s.remaining = first ? (MASS ? exact_double(top_p) : top_k) : state.remaining;
+    __syncthreads();
+    if (d < 32) choose_digit<MASS>(s, shift, MASS && first);
+    __syncthreads();
+    if (d == 0) {
+        state.prefix = s.prefix;
+        state.remaining = s.remaining;
+        if (MASS && first) state.top = top;
+        if (shift == 0) state.threshold = s.prefix;
+        counters[b] = 0;
+    }
+}
+
+// The draw, one token per row: Gumbel-max over the allowed set (the keys >= rows[b].threshold where `selected`,
+// else every index). Indices 4j .. 4j + 3 go together, the four outputs of the Philox block at counter j + 1, which is
+// skipped where none of them is allowed. `seed_step`: {seed, step}; `temperature` > 0.
+template <typename T>
+__global__ void __launch_bounds__(SAMPLE_THREADS) sample_draw(
+    const T* __restrict__ logits, long long row_stride, int vocab, const unsigned long long* __restrict__ seed_step,
+    float temperature, int selected, const SampleRow* rows, SamplePart* parts, int* counters,
+    int* __restrict__ tokens) {
+    follow_previous_kernel();
     __shared__ double score_scratch[SAMPLE_WARPS];
     __shared__ unsigned index_scratch[SAMPLE_WARPS];
-    const T* __restrict__ row = logits + blockIdx.x * row_stride;
-    const unsigned n = static_cast<unsigned>(vocab);
+    const unsigned b = blockIdx.x, splits = gridDim.y;
+    const T* __restrict__ row = logits + b * row_stride;
+    const unsigned threshold = selected ? rows[b].threshold : 0u;
     const double t = exact_double(temperature);
-    unsigned threshold = 0;  // the allowed set: the keys >= threshold
-    if (top_k > 0 && top_k < vocab) threshold = select_threshold<T, false>(row, n, 0, top_k, 0.0, t, selection);
-    if (exact_double(top_p) < 1.0) {
-        const double top = exact_double(row[row_argmax(row, n, max_scratch)]);
-        threshold = select_threshold<T, true>(row, n, threshold, exact_double(top_p), top, t, selection);
-    }
-
-    // Gumbel-max over the allowed set: indices 4j .. 4j + 3 go together, the four outputs of the Philox block at
-    // counter j + 1, which is skipped where none of them is allowed.
     const unsigned long long seed = seed_step[0], step = seed_step[1];
+    const Slice slice = row_slice(static_cast<unsigned>(vocab));
     double best = neg_inf64();
     unsigned best_index = 0xFFFFFFFFu;
-    for_each_group<4, 2>(row, n, [&](const T* v, unsigned first) {
+    for_each_group<4, 2>(row, slice, [&](const T* v, unsigned first) {
         double scaled[4];  // l / T, before Philox's registers are live
         bool allowed[4], any = false;
 #pragma unroll
         for (int w = 0; w < 4; ++w) {
-            allowed[w] = first + w < n && order_key(v[w]) >= threshold;
+            allowed[w] = first + w < slice.end && order_key(v[w]) >= threshold;
             if (allowed[w]) scaled[w] = exact_double(v[w]) / t;
             any |= allowed[w];
         }
         if (!any) return;
-        unsigned long long c[4] = {first / 4 + 1ull, step, blockIdx.x, 0ull};
+        unsigned long long c[4] = {first / 4 + 1ull, step, b, 0ull};
         philox4x64_10(c, seed, 0ull);
 #pragma unroll
         for (int w = 0; w < 4; ++w) {
@@ -282,8 +399,23 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_tokens(
             if (ahead(score, first + w, best, best_index)) best = score, best_index = first + w;
         }
     });
-    const unsigned token = block_argmax(best, best_index, score_scratch, index_scratch);
-    if (threadIdx.x == 0) tokens[blockIdx.x] = static_cast<int>(token);
+    unsigned token = block_argmax(best, best_index, score_scratch, index_scratch);
+    if (splits > 1) {
+        SamplePart* row_parts = parts + static_cast<size_t>(b) * splits;
+        if (threadIdx.x == 0) row_parts[blockIdx.y].best_score = best, row_parts[blockIdx.y].best_index = token;
+        if (!last_block_done(counters + b, splits)) return;
+        best = neg_inf64(), best_index = 0xFFFFFFFFu;
+        for (unsigned p = threadIdx.x; p < splits; p += SAMPLE_THREADS) {
+            const double score = __ldcg(&row_parts[p].best_score);
+            const unsigned index = __ldcg(&row_parts[p].best_index);
+            if (ahead(score, index, best, best_index)) best = score, best_index = index;
+        }
+        token = block_argmax(best, best_index, score_scratch, index_scratch);
+    }
+    if (threadIdx.x == 0) {
+        tokens[b] = static_cast<int>(token);
+        if (splits > 1) counters[b] = 0;
+    }
 }
 
 constexpr int GREEDY_THREADS = 256;

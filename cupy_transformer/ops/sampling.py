@@ -25,14 +25,17 @@ Logits must not be NaN, and a row's maximum must be finite (``-inf`` entries are
 everything allowed is ``-inf``, which then gives the first allowed index; greedy gives a row of ``-inf`` its first
 index).
 
-On the GPU the seed and the step are read from ``seed_step`` (device uint64 [2]) when the kernel runs, so one
+On the GPU the seed and the step are read from ``seed_step`` (device uint64 [2]) when the kernels run, so one
 captured CUDA graph serves every step and seed; temperature, top_k and top_p are launch arguments (fixed in a
-graph). Greedy runs ``greedy_tokens``: each row split over several blocks of 256 threads (``greedy_splits``), each
-finding the first index of its slice's maximum, the last block of a row to finish merging them (through the stream's
-``split_workspace``). Otherwise one block of 1024 threads takes a row: top_k and top_p thresholds are found by radix
-selection over the logits' order-preserving integer keys, 8 bits a pass with a shared 256-bucket histogram (counts
-for top_k, double masses for top_p), two passes each for fp16 / bf16 keys and four for fp32; then one pass of
-Gumbel-max, which runs Philox only for blocks of four indices where one is allowed.
+graph). Every kernel splits each row over several blocks of 256 threads (``sample_splits``: a row of 50k-128k values
+on one multiprocessor would leave the others idle), the last block of a row to finish merging the blocks' results in
+block order, through the stream's ``split_workspace``. Greedy is one launch of ``greedy_tokens``. Otherwise top_k and
+top_p thresholds are found by radix selection over the logits' order-preserving integer keys, 8 bits a launch of
+``sample_select`` (each block a histogram of its slice: counts for top_k, double masses for top_p; the merging block
+adds them and chooses the digit), two launches each for fp16 / bf16 keys and four for fp32; then one launch of
+``sample_draw`` (Gumbel-max, Philox only for blocks of four indices where one is allowed). top_p's first launch
+weighs each slice against the slice's own largest value before the row's is known, and the merge rescales: its
+masses differ from NumPy's by rounding alone.
 """
 
 from __future__ import annotations
@@ -44,14 +47,20 @@ import numpy
 from ..runtime.arrays import as_array, common_kind, from_dlpack, import_cupy, kind_of, module_of, to_caller
 from ..runtime.kernels import CTYPES, KernelFamily, split_workspace, wave_blocks
 
-SAMPLE_THREADS = 1024  # kernels_cu/sampling.cu's SAMPLE_THREADS
-GREEDY_THREADS = 256  # and its GREEDY_THREADS
-GREEDY_MAX_SPLITS = 256
+SAMPLE_THREADS = 256  # kernels_cu/sampling.cu's SAMPLE_THREADS
+GREEDY_THREADS = 256  # its GREEDY_THREADS
+MAX_SPLITS = 256  # its MAX_SPLITS
+# The workspace's floats for a row (sampling.cu's SampleRow, 32 bytes) and for each block of it (SamplePart).
+_ROW_FLOATS, _PART_FLOATS = 32 // 4, 3088 // 4
 _FLOAT32_MAX = float(numpy.finfo(numpy.float32).max)
 
 
-def _name(dtype) -> str:
-    return f"ct::sample_tokens<{CTYPES[numpy.dtype(dtype)]}>"
+def _select_name(dtype, mass: bool) -> str:
+    return f"ct::sample_select<{CTYPES[numpy.dtype(dtype)]}, {'true' if mass else 'false'}>"
+
+
+def _draw_name(dtype) -> str:
+    return f"ct::sample_draw<{CTYPES[numpy.dtype(dtype)]}>"
 
 
 def _greedy_name(dtype) -> str:
@@ -59,7 +68,11 @@ def _greedy_name(dtype) -> str:
 
 
 _KERNELS = KernelFamily(
-    "sampling.cu", [_name(d) for d in CTYPES] + [_greedy_name(d) for d in CTYPES], programmatic=True
+    "sampling.cu",
+    [_select_name(d, m) for d in CTYPES for m in (False, True)]
+    + [_draw_name(d) for d in CTYPES]
+    + [_greedy_name(d) for d in CTYPES],
+    programmatic=True,
 )
 
 
@@ -149,11 +162,12 @@ def _logit_rows(logits, kind: str):
     return rows
 
 
-def greedy_splits(dtype, batch: int, vocab: int) -> int:
-    """Blocks a row for ``greedy_tokens`` on ``batch`` rows of ``vocab`` logits of ``dtype``."""
-    wave = wave_blocks(_KERNELS.kernel(_greedy_name(dtype)), GREEDY_THREADS)
+def sample_splits(dtype, batch: int, vocab: int, greedy: bool) -> int:
+    """Blocks a row for ``batch`` rows of ``vocab`` logits of ``dtype``, greedy or sampled."""
+    name, threads = (_greedy_name(dtype), GREEDY_THREADS) if greedy else (_draw_name(dtype), SAMPLE_THREADS)
+    wave = wave_blocks(_KERNELS.kernel(name), threads)
     # A block per 16 elements a thread (4096 a block), all rows' blocks in one wave, at most 256, at least 1.
-    return max(1, min(-(-vocab // (GREEDY_THREADS * 16)), wave // batch, GREEDY_MAX_SPLITS))
+    return max(1, min(-(-vocab // (threads * 16)), wave // batch, MAX_SPLITS))
 
 
 def sample_tokens(logits, tokens, seed_step, temperature=0.0, top_k=0, top_p=1.0, *, splits=None):
@@ -163,8 +177,8 @@ def sample_tokens(logits, tokens, seed_step, temperature=0.0, top_k=0, top_p=1.0
     the launch can be captured in a CUDA graph; or all NumPy, where ``sample_reference`` computes the tokens.
 
     ``temperature``: 0 for greedy, else > 0; ``top_k``: 0 for no cut; ``top_p`` in (0, 1], 1 for no cut.
-    ``splits``: greedy's blocks a row (1 to ``GREEDY_MAX_SPLITS``; None: ``greedy_splits``'s). Greedy on several
-    blocks a row uses the current stream's ``split_workspace``: run it once on a stream before capturing it there."""
+    ``splits``: blocks a row (1 to ``MAX_SPLITS``; None: ``sample_splits``'s). The kernels use the current stream's
+    ``split_workspace``: run a launch once on a stream before capturing it there."""
     kind = common_kind(logits=logits, tokens=tokens, seed_step=seed_step)
     rows = _logit_rows(logits, kind)
     batch, vocab = rows.shape
@@ -172,9 +186,9 @@ def sample_tokens(logits, tokens, seed_step, temperature=0.0, top_k=0, top_p=1.0
     state = as_array("seed_step", seed_step, kind, dtypes=numpy.dtype(numpy.uint64), shape=(2,))
     temperature, top_k, top_p = sampling_arguments(temperature, top_k, top_p)
     if splits is not None and (
-        isinstance(splits, bool) or not isinstance(splits, numbers.Integral) or not 1 <= splits <= GREEDY_MAX_SPLITS
+        isinstance(splits, bool) or not isinstance(splits, numbers.Integral) or not 1 <= splits <= MAX_SPLITS
     ):
-        raise ValueError(f"splits: expected an integer in [1, {GREEDY_MAX_SPLITS}] or None; got {splits!r}")
+        raise ValueError(f"splits: expected an integer in [1, {MAX_SPLITS}] or None; got {splits!r}")
     if module_of(rows) is numpy:
         out[...] = sample_reference(rows, int(state[0]), int(state[1]), temperature, top_k, top_p)
         return out
@@ -183,8 +197,9 @@ def sample_tokens(logits, tokens, seed_step, temperature=0.0, top_k=0, top_p=1.0
     if not batch:
         return to_caller(out, kind)
     row_arguments = dict(logits=rows, row_stride=rows.strides[0] // rows.itemsize, vocab=vocab)
+    if splits is None:
+        splits = sample_splits(rows.dtype, batch, vocab, greedy=temperature == 0)
     if temperature == 0:
-        splits = greedy_splits(rows.dtype, batch, vocab) if splits is None else int(splits)
         # Two of the workspace's fp32 words a uint64 partial. One block a row reads neither (placeholders).
         partials, counters = split_workspace(2 * batch * splits, batch) if splits > 1 else (out, out)
         _KERNELS.launch(
@@ -196,16 +211,36 @@ def sample_tokens(logits, tokens, seed_step, temperature=0.0, top_k=0, top_p=1.0
             counters=counters,
             tokens=out,
         )
-    else:
-        _KERNELS.launch(
-            _name(rows.dtype),
-            (batch,),
-            (SAMPLE_THREADS,),
-            **row_arguments,
-            seed_step=state,
-            tokens=out,
-            temperature=temperature,
-            top_k=top_k if top_k < vocab else 0,
-            top_p=top_p,
-        )
+        return to_caller(out, kind)
+    workspace, counters = split_workspace(batch * (_ROW_FLOATS + splits * _PART_FLOATS), batch)
+    states = dict(rows=workspace, parts=workspace[batch * _ROW_FLOATS :], counters=counters)
+    grid, block = (batch, splits), (SAMPLE_THREADS,)
+    top_k = top_k if top_k < vocab else 0
+    shifts = range(8 * rows.itemsize - 8, -1, -8)  # a launch per 8 bits of the keys, the top ones first
+    selections = [False] * (top_k > 0) + [True] * (top_p < 1)  # top_k's (counts), then top_p's (masses)
+    for mass in selections:
+        for shift in shifts:
+            _KERNELS.launch(
+                _select_name(rows.dtype, mass),
+                grid,
+                block,
+                **row_arguments,
+                shift=shift,
+                top_k=top_k,
+                top_p=top_p,
+                temperature=temperature,
+                after_top_k=int(mass and top_k > 0),
+                **states,
+            )
+    _KERNELS.launch(
+        _draw_name(rows.dtype),
+        grid,
+        block,
+        **row_arguments,
+        seed_step=state,
+        temperature=temperature,
+        selected=int(bool(selections)),
+        **states,
+        tokens=out,
+    )
     return to_caller(out, kind)

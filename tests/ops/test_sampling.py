@@ -311,6 +311,34 @@ def test_a_captured_graph_draws_each_steps_tokens_as_the_step_advances_on_the_de
         assert state.get().tolist() == [2024, 15]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, 2, 3, 7, 64, 256])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_sampling_draws_the_references_tokens_for_any_number_of_blocks(rng, dtype, splits):
+    """Vocabularies 7 (blocks with empty slices) and 5003, every cut of the grid and deeper ones: rows normal, rows
+    of small integers (ties at every boundary), rows whose first 60% are -inf (slices with nothing but -inf, whose
+    top_p weights the merge must not turn into NaN). The stream's counters are zero afterwards."""
+    import cupy
+
+    from cupy_transformer.runtime.kernels import split_workspace
+
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        for vocab in (7, 5003):
+            logits = random(rng, (6, vocab), numpy.float32, scale=4.0)
+            logits[1::3] = rng.integers(-4, 5, logits[1::3].shape)
+            logits[2::3, : vocab * 3 // 5] = -numpy.inf
+            logits = logits.astype(dtype)
+            on_gpu = cupy.asarray(logits)
+            for step, (top_k, top_p) in enumerate(GPU_CUTS + [(1000, 0.2), (3, 0.999)]):
+                tokens = cupy.full(6, -1, cupy.int32)
+                ops.sample_tokens(on_gpu, tokens, _state(31, step), 0.8, top_k, top_p, splits=splits)
+                expected = sample_reference(logits, 31, step, 0.8, top_k, top_p)
+                assert tokens.get().tolist() == expected.tolist(), (vocab, top_k, top_p)
+        stream.synchronize()
+        assert not split_workspace(0, 0)[1][:64].any()
+
+
 # --- GPU: greedy on several blocks a row ---
 
 GREEDY_VOCABS = [1, 7, 50257, 100003, 128256]  # 100003: prime
@@ -336,7 +364,7 @@ def _first_argmax(logits):
 @pytest.mark.parametrize("vocab", GREEDY_VOCABS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_greedy_equals_numpy_argmax(rng, dtype, vocab):
-    """Batches 1, 3, 17 and 64 (the blocks a row from greedy_splits: up to 32 at 128256, fewer as the batch fills
+    """Batches 1, 3, 17 and 64 (the blocks a row from sample_splits: up to 32 at 128256, fewer as the batch fills
     the GPU), over tokens prefilled with -1."""
     import cupy
 
