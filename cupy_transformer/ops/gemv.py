@@ -47,21 +47,23 @@ GEMV_TC_NK = {"fine": (1, 1, 2), "fine, short rows": (1, 4, 1), "coarse": (2, 1,
 
 # A block whose K range is at most this loads its first batch of weights before it waits for the kernel before
 # (and before the norm prologue): a short range's stream is mostly those round trips (GPT-2 small's decode step,
-# every product under it, 11% faster on an H100), while a long one hides them and lost a little loading early
-# (GPT-2 XL's MLP up product, K 1600 unsplit). benchmarks/notes/gemv.md.
-EARLY_WEIGHTS_K = 1024
+# every product under it, 11% faster on an H100). Since the norm prologue's one pass, ranges up to 4096 gain too
+# (every decode product of GPT-2 XL and LLaMA-1B; XL's captured step 3.7% faster than with 1024 here); longer ones
+# are not measured. benchmarks/notes/gemv.md.
+EARLY_WEIGHTS_K = 4096
 
 
 def nk_geometry(n: int, k: int, sms: int):
-    """The [out, in] geometry for N x K on ``sms`` SMs. Fine (one piece: twice the tiles, half the K splits)
-    where coarse tiles alone would not give every SM a block (4-9% faster at N = 4096 on an H200), and there,
-    for rows of K <= 3072, one block a SM with 4 chunks a batch: half the K splits again (none where the tiles
-    fill the SMs), as a split's partials and last-block pass cost more than they save on short rows. Coarse at
-    3 blocks a SM where 2 would leave a second, partial wave (N = 11008: 344 tiles on 132 SMs; 4-5% faster on
-    an H200, in a CUDA graph); else coarse at 2."""
+    """The [out, in] geometry for N x K on ``sms`` SMs. Where coarse (two-piece) tiles would not give every SM a
+    block and rows are short (K <= 3072): fine tiles (one piece: twice the tiles) at one block a SM with 4 chunks a
+    batch, which halves the K splits twice over (none where the tiles fill the SMs), as a split's partials and
+    last-block pass cost more than they save on short rows. Longer rows: coarse, their K splits filling the SMs
+    (LLaMA-1B's down product, N 2048 x K 8192: the captured step 2.4% faster than with fine tiles on an H100;
+    neutral at the LLaMA-7B shape). Coarse at 3 blocks a SM where 2 would leave a second, partial wave (N = 11008:
+    344 tiles on 132 SMs; 4-5% faster on an H200, in a CUDA graph); else coarse at 2."""
     tiles = math.ceil(n / 32)
-    if tiles <= sms:
-        return GEMV_TC_NK["fine, short rows" if k <= 3072 else "fine"]
+    if tiles <= sms and k <= 3072:
+        return GEMV_TC_NK["fine, short rows"]
     return GEMV_TC_NK["coarse, 3 a SM" if 2 * sms < tiles <= 3 * sms else "coarse"]
 
 

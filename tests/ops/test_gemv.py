@@ -125,11 +125,11 @@ def test_gpu_split_workspace_does_not_grow_during_capture(rng):
 
 
 def test_nk_geometry_holds_the_tiles_in_one_wave():
-    """[out, in]: fine tiles while coarse ones would leave SMs idle (at 1 block a SM for rows of K <= 3072),
+    """[out, in]: fine tiles at 1 block a SM while coarse ones would leave SMs idle and rows are of K <= 3072,
     coarse at 3 blocks a SM where 2 would leave a second, partial wave, else coarse at 2 (132 SMs)."""
     geometry = {n: nk_geometry(n, 4096, sms=132) for n in (4096, 4232, 6400, 8448, 8480, 11008, 12672, 12704, 16384)}
     assert geometry == {
-        4096: (1, 1, 2),
+        4096: (2, 1, 2),
         4232: (2, 1, 2),
         6400: (2, 1, 2),
         8448: (2, 1, 2),
@@ -143,10 +143,10 @@ def test_nk_geometry_holds_the_tiles_in_one_wave():
     assert short == {
         (256, 768): (1, 4, 1),
         (256, 3072): (1, 4, 1),
-        (256, 3080): (1, 1, 2),
+        (256, 3080): (2, 1, 2),
         (2048, 768): (1, 4, 1),
         (2048, 3072): (1, 4, 1),
-        (2048, 3080): (1, 1, 2),
+        (2048, 3080): (2, 1, 2),
         (4232, 768): (2, 1, 2),
         (4232, 3072): (2, 1, 2),
         (4232, 3080): (2, 1, 2),
