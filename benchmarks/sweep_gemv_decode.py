@@ -76,7 +76,8 @@ def main(argv=None) -> None:
         gemv,
         prologue_fits,
     )
-    from cupy_transformer.runtime.arrays import CTYPES, bfloat16
+    from cupy_transformer.runtime.arrays import bfloat16
+    from cupy_transformer.runtime.kernels import CTYPES
     from cupy_transformer.runtime.programmatic import programmatic_launches
 
     geometries = {False: sorted(set(GEMV_TC_KN) | {(1, 2, 1), (1, 4, 1)}), True: sorted(set(GEMV_TC_NK.values()))}
