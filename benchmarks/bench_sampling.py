@@ -79,8 +79,8 @@ def main():
         "GPU times: lower of two medians of 60 event-timed calls, each behind a 1 GiB read that evicts L2 and hides "
         "host overhead; ours and torch's timed in turn over three rounds, the fastest of each kept. Ours: each row "
         "over several blocks (greedy: one launch; top-k / top-p: a radix-selection launch per 8 key bits; then "
-        "Gumbel-max with Philox4x64-10, scores in double), launched eagerly. Torch: argmax, or fp32 softmax with topk / sort + cumsum masking and "
-        "multinomial. 'vs torch' = torch time / ours.\n",
+        "Gumbel-max with Philox4x64-10, scores in double), launched eagerly. Torch: argmax, or fp32 softmax with "
+        "topk / sort + cumsum masking and multinomial. 'vs torch' = torch time / ours.\n",
         "| batch | vocab | dtype | mode | ours µs | torch µs | vs torch |",
         "|---|---|---|---|---|---|---|",
     ]

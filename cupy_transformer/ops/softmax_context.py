@@ -132,21 +132,30 @@ class SoftmaxContextOp(TransformerOp):
         per_key_mask = mask is None or (mask.shape[1] == 1 and mask.shape[2] == 1)
         capability = compute_capability() if xp is not numpy else 0
         path = attention_path(xp is not numpy, b, h, kv, s, d, cfg.dtype, cache is not None, per_key_mask, capability)
-        q = qkv[..., : h * d].reshape(b, s, h, d).transpose(0, 2, 1, 3)
-        k = qkv[..., h * d : (h + kv) * d].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
-        v = qkv[..., (h + kv) * d :].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
+
+        def heads(first_head, count):  # qkv's heads first_head .. + count as a [B, count, S, d] view
+            part = qkv[..., first_head * d : (first_head + count) * d]
+            return part.reshape(b, s, count, d).transpose(0, 2, 1, 3)
+
+        # Views are made only where a branch reads them: a prompt pass on the GPU with a cache reads q from
+        # rotary_append and k / v from the cache, and nine array views a layer are host time a prompt pays.
         first = None if xp is numpy else (start if on_device else device_int32(start))
         fused = path == "decode" and fusing()
+        q = k = v = None
         if fused:  # the kernel turns q and k and appends k and v itself
             context = decode_attention_qkv(
                 qkv, position_ids, cfg, h, cache, layer_id, start, window or 0, mask, rows, factor
             )
         elif xp is not numpy and (cache is not None or cfg.rotary_style is not None):
             q, k = rotary_append(qkv, position_ids, cfg, h, kv, d, cache, layer_id, first)
-        elif cfg.rotary_style is not None:
-            positions = position_ids if position_ids is not None else xp.asarray(start[:, None] + numpy.arange(s))
-            q = apply_rotary(q, positions, cfg.rotary_dim, cfg.rope_theta, cfg.rotary_style)
-            k = apply_rotary(k, positions, cfg.rotary_dim, cfg.rope_theta, cfg.rotary_style)
+        else:
+            q, k = heads(0, h), heads(h, kv)
+            if cfg.rotary_style is not None:
+                positions = position_ids if position_ids is not None else xp.asarray(start[:, None] + numpy.arange(s))
+                q = apply_rotary(q, positions, cfg.rotary_dim, cfg.rope_theta, cfg.rotary_style)
+                k = apply_rotary(k, positions, cfg.rotary_dim, cfg.rope_theta, cfg.rotary_style)
+        if cache is None or xp is numpy:
+            v = heads(h + kv, kv)
         if cache is not None:
             if xp is numpy:
                 cache.write(layer_id, xp.ascontiguousarray(k), xp.ascontiguousarray(v), start)
