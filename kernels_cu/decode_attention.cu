@@ -360,13 +360,13 @@ __global__ void __launch_bounds__(32 * W) attention_partial_tc(
     const size_t row0 = (static_cast<size_t>(b) * kv + kvh) * max_tokens;
     const T* kb = k + row0 * D + 8 * t;
     const T* vb = v + row0 * D + 8 * t;
-    // keys j0 + g and j0 + 8 + g (past `last`: the last key, masked later); `cached`: rows below the slot only
+    // keys j0 + g and j0 + 8 + g (past `last`: the last key, masked later), but the new token's slot (below)
     uint4 kr[2][DB], vr[2][DB];
-    const auto load_tile = [&](int j0, bool cached) {
+    const auto load_tile = [&](int j0) {
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
             const int key = min(j0 + 8 * n + g, last - 1);
-            if (cached && key == self) continue;
+            if (key == self) continue;
             const size_t row = static_cast<size_t>(key) * D;
 #pragma unroll
             for (int db = 0; db < DB; ++db) {
@@ -376,7 +376,7 @@ __global__ void __launch_bounds__(32 * W) attention_partial_tc(
         }
     };
     const int j_first = first + 16 * warp;
-    if (j_first < last) load_tile(j_first, true);
+    if (j_first < last) load_tile(j_first);
     follow_previous_kernel();
 
     __shared__ __align__(16) T sq[16 * D], sk[D], sv[D];
@@ -396,7 +396,7 @@ __global__ void __launch_bounds__(32 * W) attention_partial_tc(
     float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};  // per fragment row (head g, g + 8); l this lane's
     float o[DB][4][4] = {};  // O: dims 32 db + 8t + 2r + {0, 1}; [2], [3] for head g + 8
     for (int j0 = j_first; j0 < last; j0 += 16 * W) {
-        if (j0 != j_first) load_tile(j0, true);
+        if (j0 != j_first) load_tile(j0);
 #pragma unroll
         for (int n = 0; n < 2; ++n) {  // the slot's row: from shared memory (own) or now, after the wait
             if (min(j0 + 8 * n + g, last - 1) != self) continue;
