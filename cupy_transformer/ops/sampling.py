@@ -197,8 +197,7 @@ def sample_tokens(logits, tokens, seed_step, temperature=0.0, top_k=0, top_p=1.0
     if not batch:
         return to_caller(out, kind)
     row_arguments = dict(logits=rows, row_stride=rows.strides[0] // rows.itemsize, vocab=vocab)
-    if splits is None:
-        splits = sample_splits(rows.dtype, batch, vocab, greedy=temperature == 0)
+    splits = sample_splits(rows.dtype, batch, vocab, greedy=temperature == 0) if splits is None else int(splits)
     if temperature == 0:
         # Two of the workspace's fp32 words a uint64 partial. One block a row reads neither (placeholders).
         partials, counters = split_workspace(2 * batch * splits, batch) if splits > 1 else (out, out)
