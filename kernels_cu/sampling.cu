@@ -264,6 +264,18 @@ __device__ __forceinline__ void add_to_histogram(Selection& s, unsigned d, doubl
     }
 }
 
+// top_p's first launch: the value a slice's weights are taken against, its largest counted value (the order key
+// `key`), into `base`; false where there is none (nothing counted, or only -inf), the slice's weights then being 0
+// whatever the base. The blocks and the merge both ask it, so that each block's rescaling matches its weights.
+template <typename T>
+__device__ __forceinline__ bool slice_base(unsigned key, const T* row, double& base) {
+    if (!key) return false;
+    const double value = key_value(key, row);
+    if (isinf(value)) return false;
+    base = value;
+    return true;
+}
+
 // One launch of a radix selection, the 8 bits of the key at `shift` (the first launch: the key's top 8): towards the
 // largest key lambda such that the weight of {i : key_i >= floor, key_i >= lambda} reaches the wanted weight (top_k:
 // weight 1, want top_k; MASS, top_p: weight exp((l_i - top) / t), want the fraction top_p of their total), floor
@@ -293,7 +305,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_select(
     const Slice slice = row_slice(static_cast<unsigned>(vocab));
 
     // Weights exp((l - base) / t). Before the row's max is known (top_p's first launch) a block weighs its slice
-    // against the slice's own largest counted value, and the merge rescales (a slice of -inf: base 0, weights 0).
+    // against the slice's own largest counted value (slice_base), and the merge rescales.
     double base = MASS && !first ? state.top : 0.0;
     unsigned top_key = 0;
     if (MASS && first) {
@@ -303,7 +315,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_select(
             if (counted(key)) largest = max(largest, static_cast<unsigned long long>(key));
         });
         top_key = static_cast<unsigned>(block_max<SAMPLE_THREADS>(largest, max_scratch));
-        if (top_key && !isinf(key_value(top_key, row))) base = key_value(top_key, row);
+        slice_base(top_key, row, base);
     }
     s.counts[d] = 0;
     if (MASS) s.masses[d] = 0.0;
@@ -333,9 +345,8 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_select(
             largest = max(largest, static_cast<unsigned long long>(__ldcg(&row_parts[p].top_key)));
         top = key_value(static_cast<unsigned>(block_max<SAMPLE_THREADS>(largest, max_scratch)), row);
         for (unsigned p = d; p < splits; p += SAMPLE_THREADS) {
-            const unsigned key = __ldcg(&row_parts[p].top_key);
-            const double value = key ? key_value(key, row) : 0.0;
-            scales[p] = key && !isinf(value) ? exp((value - top) / t) : 0.0;
+            double value;
+            scales[p] = slice_base(__ldcg(&row_parts[p].top_key), row, value) ? exp((value - top) / t) : 0.0;
         }
         __syncthreads();
     }
