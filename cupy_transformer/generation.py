@@ -22,6 +22,7 @@ runs, and discards what a sequence draws after it stopped.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import numbers
 from typing import Callable, NamedTuple, Sequence
@@ -44,6 +45,11 @@ class Sampling(NamedTuple):
 
 
 _ADVANCE = None
+PROMPT_GRAPHS_KEPT = 4  # prompt passes a decoder keeps captured (by width, padding and sampling)
+# Prompt passes of up to this many tokens (batch x width) are captured; longer ones run eagerly on the default
+# allocator: their kernels outlast the host's launches (a 7B shape's 2048-token pass on an H100: 51 ms of kernels,
+# 26 ms of host time), and a capture would keep their activations in the decoder's own pool.
+PROMPT_GRAPH_TOKENS = 8192
 
 
 def _advance(xp, positions, lengths, seed_step) -> None:
@@ -81,15 +87,20 @@ class Decoder:
         self.ids = xp.zeros((self.batch, 1), numpy.int32)
         self.positions = xp.zeros((self.batch, 1), numpy.int32)
         self.seed_step = xp.zeros(2, numpy.uint64)
-        self.keep = None  # [B, capacity] boolean where a sequence is left-padded
+        self.keep = None  # the padding mask [B, capacity] (False: padding) where a sequence is left-padded
+        self._keep = None  # its buffer, made at the first padded prompts; graphs read it where it is
         self.cuda_graph = cuda_graph and self.gpu
         self.programmatic = programmatic
         self.fused = fused
         self.sampling = Sampling()
         self.steps = 0  # decode steps since the prompts: step n draws each sequence's token n
-        self._finite, self._prompts = None, None  # whether the prompts' logits are finite, and they (``prefill``)
-        self._graphs: dict[Sampling, object] = {}
-        self._warm: set[Sampling] = set()
+        self._finite = xp.ones((), bool)  # whether the prompts' logits are finite (``prefill`` writes it)
+        self._prompts = None  # the prompts' (ids, positions, keep) until ``read(0)`` has checked ``_finite``
+        # Graphs by what they run: a decode step by ("step", sampling, padded); a prompt pass by ("prompt", width,
+        # padded, sampling), with its inputs' buffers, the last PROMPT_GRAPHS_KEPT widths and settings.
+        self._graphs: dict[tuple, object] = {}
+        self._warm: set[tuple] = set()
+        self._prompt_inputs: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
         self._host = [numpy.zeros(self.batch, numpy.int32) for _ in range(2)]  # steps n and n + 1's tokens
         if self.gpu:
             import cupyx
@@ -106,7 +117,9 @@ class Decoder:
 
     def prefill(self, prompts: Sequence[Sequence[int]], seed: int = 0, sampling: Sampling | None = None) -> None:
         """Run the prompts (token id lists, one per sequence; left-padded into the cache) and draw each
-        sequence's first new token (``read(0)``)."""
+        sequence's first new token (``read(0)``). The pass is checked on the host (token ids, positions, room)
+        and, as a decode step is, run eagerly the first time at a width (with the same padding and sampling),
+        captured the second, then replayed: what a repeated prompt shape costs the host is one launch."""
         if len(prompts) != self.batch or any(len(p) == 0 for p in prompts):
             raise ValueError(
                 f"prompts: expected {self.batch} prompts of at least one token each; got lengths "
@@ -120,55 +133,82 @@ class Decoder:
         for b, p in enumerate(prompts):
             ids[b, width - len(p) :], keep[b, width - len(p) :] = p, True
         positions = numpy.maximum(numpy.cumsum(keep, axis=1) - 1, 0).astype(numpy.int32)
-        self.sampling, self.steps = Sampling(*(sampling or ())), 0
+        self.model.check_prompts(ids, positions)
+        sampling = Sampling(*(sampling or ()))
+        sampling_arguments(*sampling)  # checked before anything is written
+        self.sampling, self.steps = sampling, 0
+        padded = not keep.all()
+        key = ("prompt", width, padded, sampling)
         xp = self.xp
         with self._on_stream():
             self.cache.reset()
+            self.cache.reserve(width)  # the host's count; the pass writes slots 0 .. width - 1 and device_lengths
             # Padding is masked by cache slot, and every slot after the prompts holds a real token: the mask is
             # written once here (slots past a sequence's length are never read).
             self.keep = None
-            if not keep.all():
-                self.keep = xp.ones((self.batch, self.capacity), bool)
-                self.keep[:, :width] = xp.asarray(keep)
-            logits = self.model.forward(
-                xp.asarray(ids), self.cache, attn_mask=self.keep, position_ids=xp.asarray(positions), last_only=True
-            )
-            self.cache.sync_device()
-            self.positions[:, 0] = xp.asarray(keep.sum(axis=1).astype(numpy.int32))
-            self.seed_step[...] = xp.asarray(numpy.array([seed % 2**64, 0], numpy.uint64))
+            if padded:
+                if self._keep is None:
+                    self._keep = xp.ones((self.batch, self.capacity), bool)
+                whole = numpy.ones((self.batch, self.capacity), bool)
+                whole[:, :width] = keep
+                _upload(self._keep, whole)
+                self.keep = self._keep
+            inputs = self._prompt_inputs.pop(key, None)
+            if inputs is None:
+                inputs = (xp.empty(ids.shape, numpy.int32), xp.empty(ids.shape, numpy.int32))
+                while len(self._prompt_inputs) >= PROMPT_GRAPHS_KEPT:
+                    old, _ = self._prompt_inputs.popitem(last=False)
+                    self._graphs.pop(old, None)
+                    self._warm.discard(old)
+            self._prompt_inputs[key] = inputs
+            _upload(inputs[0], ids)
+            _upload(inputs[1], positions)
+            _upload(self.seed_step, numpy.array([seed % 2**64, 0], numpy.uint64))
             # Non-finite logits (a checkpoint's NaN weights) are looked for here once per call, in the prompts'
             # logits: read with the first tokens (``read(0)``), not per step (a NaN met only by a generated token
             # goes unseen).
-            self._finite = xp.isfinite(logits[:, -1]).all()
             self._prompts = ids, positions, keep
-            ops.sample_tokens(logits[:, -1], self.ids[:, 0], self.seed_step, *self.sampling)
-            self.seed_step[1:] += 1
+            self._run(key, lambda: self._prompt_ops(*inputs, width), self.batch * width <= PROMPT_GRAPH_TOKENS)
             self._copy_out(0)
 
     def step(self) -> None:
         """One decode step: last step's tokens go in, each sequence's next token is drawn (``read(steps)``)."""
         self.cache.reserve(1)  # the capacity check, and the host's count; the step advances device_lengths
         self.steps += 1
-        graph = self._graphs.get(self.sampling)
+        key = ("step", self.sampling, self.keep is not None)
+        graph = self._graphs.get(key)
         if graph is not None:  # the hot path: one launch and one copy
             graph.launch(self.stream)
             self._copy_out(self.steps)
             return
         with self._on_stream():
-            if not self.cuda_graph or self.sampling not in self._warm:
-                with self._step_memory():
-                    self._step_ops()
-                self._warm.add(self.sampling)
-            else:
-                with self._step_memory(), programmatic_launches(self.programmatic):
-                    self.stream.begin_capture()
-                    try:
-                        self._step_ops()
-                    finally:
-                        graph = self.stream.end_capture()
-                self._graphs[self.sampling] = graph
-                graph.launch(self.stream)
+            self._run(key, self._step_ops)
             self._copy_out(self.steps)
+
+    def _run(self, key: tuple, work: Callable[[], None], capture: bool = True) -> None:
+        """``work`` (a step's or a prompt pass's launches, on the decoder's stream) as ``key``'s graph: run eagerly
+        the first time (it times each product's GEMV / cuBLAS choice and makes the per-stream workspaces a capture
+        needs), captured the second, launched after that; always eagerly without ``cuda_graph``, and without
+        ``capture`` on the default allocator (nothing a replay writes to keep apart)."""
+        if not capture:
+            with self._step_memory(own_pool=False):
+                work()
+            return
+        graph = self._graphs.get(key)
+        if graph is None and (not self.cuda_graph or key not in self._warm):
+            with self._step_memory():
+                work()
+            self._warm.add(key)
+            return
+        if graph is None:
+            with self._step_memory(), programmatic_launches(self.programmatic):
+                self.stream.begin_capture()
+                try:
+                    work()
+                finally:
+                    graph = self.stream.end_capture()
+            self._graphs[key] = graph
+        graph.launch(self.stream)
 
     def read(self, step: int) -> numpy.ndarray:
         """The tokens [B] drawn by ``step`` (0: the prompt pass), once the device has them: the host may read
@@ -186,6 +226,17 @@ class Decoder:
             raise ValueError(f"step: the tokens of steps {self.steps - 1} and {self.steps} are kept; asked for {step}")
         if self.gpu:
             self._ready[step % 2].synchronize()
+
+    def _prompt_ops(self, ids, positions, width: int) -> None:
+        """The prompt pass on its inputs' buffers (``ids``, ``positions`` [B, width]), all on the device: the
+        cache's slots are its device lengths (zero after ``reset``; one graph serves every pass at a width)."""
+        cache = self.cache
+        logits = self.model.run(ids, positions, cache, cache.device_lengths, self.keep, last_only=True)
+        cache.device_lengths.fill(width)
+        self.positions[:, 0] = positions[:, -1] + 1  # the real tokens each sequence holds: its next position
+        self._finite[...] = self.xp.isfinite(logits[:, -1]).all()
+        ops.sample_tokens(logits[:, -1], self.ids[:, 0], self.seed_step, *self.sampling)
+        self.seed_step[1:] += 1
 
     def _step_ops(self) -> None:
         # A vocab-parallel rank (``parallel``) at greedy keeps its own columns of the logits and picks the token
@@ -218,14 +269,23 @@ class Decoder:
         return self.stream if self.gpu else numpy.errstate(invalid="ignore", over="ignore", divide="ignore")
 
     @contextlib.contextmanager
-    def _step_memory(self):
-        """A step's allocations from the decoder's own pool, and its products chosen as a graph chooses them."""
+    def _step_memory(self, own_pool: bool = True):
+        """A step's allocations from the decoder's own pool (``own_pool``), and its products chosen as a graph
+        chooses them."""
         with ops.graph_choices(), ops.fused_decode(self.fused):
-            if not self.gpu:
+            if not self.gpu or not own_pool:
                 yield
                 return
             with self.xp.cuda.using_allocator(self._pool.malloc):
                 yield
+
+
+def _upload(device, host) -> None:
+    """``device[...] = host``, a copy on the current stream for a GPU array (into memory a graph reads)."""
+    if isinstance(device, numpy.ndarray):
+        device[...] = host
+    else:
+        device.set(numpy.ascontiguousarray(host, device.dtype))
 
 
 class GenerationDefaults(NamedTuple):

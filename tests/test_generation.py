@@ -159,6 +159,58 @@ def test_gpu_captured_steps_draw_the_eager_steps_tokens(tmp_path, rng, family):
         assert len(numpy.unique(runs[0])) > 10  # not one token repeated
 
 
+def decode_tokens(decoder, prompts, steps, seed=0, sampling=None):
+    """The tokens [steps + 1, B] a decoder draws for ``prompts``: its prompt pass's, then ``steps`` steps'."""
+    decoder.prefill(prompts, seed=seed, sampling=sampling)
+    tokens = [decoder.read(0)]
+    for step in range(1, steps + 1):
+        decoder.step()
+        tokens.append(decoder.read(step))
+    return numpy.stack(tokens)
+
+
+# Prompt passes one decoder runs in turn: padded, unpadded, sampled, then padded again (its graphs by then).
+PASSES = [("padded", None), ("same width", None), ("padded", None), ("padded", (0.8, 50, 0.9)), ("padded", None)]
+
+
+def passes_prompts(rng, vocab):
+    padded = [rng.integers(0, vocab, n).tolist() for n in (5, 13, 1)]
+    return {"padded": padded, "same width": [rng.integers(0, vocab, 9).tolist() for _ in range(3)]}
+
+
+def test_a_decoder_reused_for_other_prompts_draws_what_a_new_one_draws(model_and_tokenizer, rng):
+    """One decoder through prompt passes of other widths, with and without padding, greedy and sampled, draws
+    each pass's tokens as a decoder made for it does (its padding mask, positions and lengths are rewritten)."""
+    model, _ = model_and_tokenizer
+    prompts = passes_prompts(rng, 50)
+    decoder = generation.Decoder(model, batch=3, capacity=13 + 6)
+    for name, sampling in PASSES:
+        want = decode_tokens(generation.Decoder(model, batch=3, capacity=13 + 6), prompts[name], 5, 3, sampling)
+        assert (decode_tokens(decoder, prompts[name], 5, 3, sampling) == want).all(), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("graph_tokens", [8192, 20])
+def test_gpu_repeated_prompt_passes_replay_their_eager_tokens(tmp_path, rng, monkeypatch, family, graph_tokens):
+    """fp16: one decoder through prompt passes in turn (padded; unpadded; padded again, now a replayed graph of the
+    pass and of its steps; sampled; a batch of 2-token prompts, whose 6 rows take the decode step's fused products)
+    draws each pass's tokens as an eager decoder made for it does, to the bit; the padded pass after the unpadded
+    one keeps its padding mask (a decode graph is captured per padding). With ``PROMPT_GRAPH_TOKENS`` 20 the
+    passes of 27 and 39 tokens run eagerly every time, the 6-token one is captured."""
+    monkeypatch.setattr(generation, "PROMPT_GRAPH_TOKENS", graph_tokens)
+    model, _ = small_fp16_model(tmp_path, rng, family)
+    prompts = dict(passes_prompts(rng, 1000), short=[rng.integers(0, 1000, 2).tolist() for _ in range(3)])
+    decoder = generation.Decoder(model, batch=3, capacity=13 + 21)
+    for name, sampling in PASSES + [("short", None), ("short", None), ("short", None)]:
+        eager = generation.Decoder(model, batch=3, capacity=13 + 21, cuda_graph=False)
+        want = decode_tokens(eager, prompts[name], 20, 5, sampling)
+        assert (decode_tokens(decoder, prompts[name], 20, 5, sampling) == want).all(), name
+    width, padded = 13, True
+    assert (("prompt", width, padded, generation.Sampling()) in decoder._graphs) == (graph_tokens > 3 * width)
+    assert ("prompt", 2, False, generation.Sampling()) in decoder._graphs
+
+
 def test_fused_decode_switch_nests_and_restores():
     """``ops.fused_decode(False)`` turns the decode fusions off inside it (``Decoder(fused=False)``'s steps), and each
     exit restores what was set before it."""

@@ -42,6 +42,15 @@ def check_ids(low: int, high: int, vocab: int) -> None:
         raise ValueError(f"input_ids: expected token ids in [0, {vocab}); got {low}..{high}")
 
 
+def check_positions(first: int, last: int, max_positions: int, shaped: bool = True) -> None:
+    """Positions from ``first`` to ``last`` (``shaped``: given as [B, S]) must lie inside the model's context."""
+    if not shaped or last >= max_positions or first < 0:
+        raise ValueError(
+            f"position_ids: the model has {max_positions} positions; this call needs "
+            f"{last + 1} (a prompt or generation longer than the context)"
+        )
+
+
 class CausalLM:
     """A decoder over ``layers_count`` layers of ``config`` with ``max_positions`` positions, on ``backend``.
     A model defines ``token_embeddings(ids, positions)`` (token ids [B, S] to the first layer's input), its
@@ -159,6 +168,12 @@ class CausalLM:
             backend=self.backend,
         )
 
+    def check_prompts(self, ids: numpy.ndarray, positions: numpy.ndarray) -> None:
+        """What ``begin`` checks of token ids and positions [B, S], on host arrays: a caller that holds its inputs
+        on the host (``generation.Decoder``) checks them with no device read and runs ``run``."""
+        check_ids(int(ids.min()), int(ids.max()), self.vocab)
+        check_positions(int(positions.min()), int(positions.max()), self.max_positions)
+
     def begin(self, input_ids, cache, position_ids):
         """A step's token ids, where they go in ``cache`` (``start``, reserved) and their positions (default:
         after what each sequence holds), all checked; returns ``(xp, ids, start, positions)``."""
@@ -173,11 +188,7 @@ class CausalLM:
         positions = xp.asarray(position_ids)
         low, high, first_position, last_position = extremes(xp, ids, positions)
         check_ids(low, high, self.vocab)
-        if positions.shape != (b, s) or last_position >= self.max_positions or first_position < 0:
-            raise ValueError(
-                f"position_ids: the model has {self.max_positions} positions; this call needs "
-                f"{last_position + 1} (a prompt or generation longer than the context)"
-            )
+        check_positions(first_position, last_position, self.max_positions, positions.shape == (b, s))
         start = cache.reserve(s) if cache is not None else None  # checked: nothing to undo
         # int32, the kernels' (below max_positions, checked): not converted again by every layer's attention
         return xp, ids, start, positions.astype(numpy.int32, copy=False)
