@@ -8,7 +8,8 @@ keyed by the seed, the step and the sequence, the same draws on the NumPy path).
 new text as it comes, decoded a few tokens at a time, in pieces that join to the result byte for byte: a
 character whose bytes have not all come, and a tail that could begin a stop string, wait. Settings not given
 come from the checkpoint's generation_config.json as transformers reads it (``generation_defaults``,
-``resolve_settings``).
+``resolve_settings``). ``generate`` keeps its decoder (KV cache, buffers, CUDA graphs) on the model for the next
+call of the same batch size and capacity (rounded up to ``CAPACITY_STEP`` tokens); ``release(model)`` lets it go.
 
 ``Decoder`` holds one batch's decode state in arrays of the model's backend: the token ids [B, 1] (the sampler
 writes the next ones there), their positions, the cache's slots (``KVCache.device_lengths``) and the sampler's
@@ -25,6 +26,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import numbers
+import threading
 from typing import Callable, NamedTuple, Sequence
 
 import numpy
@@ -494,7 +496,7 @@ def generate(
     )
     if seed is None:
         seed = int(numpy.random.SeedSequence().entropy) % 2**64
-    decoder = Decoder(model, len(prompts), longest + max_new_tokens, cuda_graph=cuda_graph)
+    decoder = _take_decoder(model, len(prompts), longest + max_new_tokens, cuda_graph)
     decoder.prefill(encoded, seed, sampling)
     texts = [_Text(tokenizer, stop) for _ in prompts]
     for step in range(max_new_tokens):
@@ -512,6 +514,7 @@ def generate(
                 stream(b, piece)
         if all(t.done for t in texts):
             break
+    _keep_decoder(model, decoder)
     results = []
     for b, text in enumerate(texts):
         shown = text.text[: text.sent]
@@ -519,3 +522,42 @@ def generate(
         if stream is not None and len(results[-1]) > len(shown):
             stream(b, results[-1][len(shown) :])
     return results
+
+
+# ``generate`` keeps its last decoder on the model (``_KEPT``) for the next call of the same batch size, graph
+# setting and capacity, rounded up to CAPACITY_STEP tokens so that nearby lengths share one: a new decoder's cache,
+# eager first pass and step and the step's capture took a GPT-2-small call of 32 new tokens from 11 to 45 ms (H100).
+CAPACITY_STEP = 256
+_KEPT = "_generation_decoder"
+_KEEPING = threading.Lock()
+
+
+def _take_decoder(model, batch: int, tokens: int, cuda_graph: bool) -> Decoder:
+    """The decoder for a ``generate`` call of ``batch`` sequences of up to ``tokens``: the model's kept one where it
+    matches (taken off the model while in use, so a concurrent call makes its own), else a new one, made after the
+    kept one is let go (its cache is freed first)."""
+    capacity = min(-(-tokens // CAPACITY_STEP) * CAPACITY_STEP, max(tokens, model.max_positions))
+    with _KEEPING:
+        kept = getattr(model, _KEPT, None)
+        if kept is not None:
+            setattr(model, _KEPT, None)
+    if kept is not None and (kept.batch, kept.capacity, kept.cuda_graph) == (batch, capacity, cuda_graph and kept.gpu):
+        return kept
+    del kept
+    return Decoder(model, batch, capacity, cuda_graph=cuda_graph)
+
+
+def _keep_decoder(model, decoder: Decoder) -> None:
+    """Keep ``decoder`` on ``model`` for the next ``generate`` call (after a call that ended normally: one that
+    raised leaves nothing kept)."""
+    try:
+        setattr(model, _KEPT, decoder)
+    except AttributeError:  # a model that takes no attributes keeps nothing
+        pass
+
+
+def release(model) -> None:
+    """Let go of the decoder ``generate`` keeps on ``model`` (its KV cache, buffers and CUDA graphs)."""
+    with _KEEPING:
+        if getattr(model, _KEPT, None) is not None:
+            setattr(model, _KEPT, None)

@@ -189,6 +189,36 @@ def test_a_decoder_reused_for_other_prompts_draws_what_a_new_one_draws(model_and
         assert (decode_tokens(decoder, prompts[name], 5, 3, sampling) == want).all(), name
 
 
+def test_generate_keeps_its_decoder_for_the_next_call_of_its_size(model_and_tokenizer):
+    """``generate`` keeps its decoder on the model for the next call of the same batch size and capacity (rounded up
+    to CAPACITY_STEP tokens, at most the context): the same texts as with a new decoder each call; another batch size
+    replaces it; a call that raises keeps nothing; ``release`` lets it go."""
+    model, tok = model_and_tokenizer
+    prompts = [words([3, 17, 5]), words([8, 1, 22, 30])]
+    first = generation.generate(model, tok, prompts, max_new_tokens=6, temperature=0.9, seed=5)
+    kept = model._generation_decoder
+    assert kept.batch == 2 and kept.capacity == min(generation.CAPACITY_STEP, model.max_positions)
+    again = generation.generate(model, tok, prompts[::-1], max_new_tokens=9)
+    assert model._generation_decoder is kept  # 4 + 9 tokens: the same capacity
+    generation.release(model)
+    assert model._generation_decoder is None
+    # Each call's texts on a new decoder and on the kept one: the same.
+    assert generation.generate(model, tok, prompts[::-1], max_new_tokens=9) == again
+    assert generation.generate(model, tok, prompts, max_new_tokens=6, temperature=0.9, seed=5) == first
+    generation.generate(model, tok, prompts[:1], max_new_tokens=2)
+    assert model._generation_decoder is not kept and model._generation_decoder.batch == 1
+
+    def failing(b, piece):
+        raise RuntimeError("a stream callback fails")
+
+    with pytest.raises(RuntimeError, match="a stream callback fails"):
+        generation.generate(model, tok, prompts[:1], max_new_tokens=4, stream=failing)
+    assert model._generation_decoder is None
+    assert generation.generate(model, tok, prompts[:1], max_new_tokens=2) == [
+        generation.generate(model, tok, prompts[:1], max_new_tokens=2)[0]
+    ]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("graph_tokens", [8192, 20])
