@@ -27,6 +27,7 @@ import collections
 import contextlib
 import numbers
 import threading
+import weakref
 from typing import Callable, NamedTuple, Sequence
 
 import numpy
@@ -544,16 +545,21 @@ def _take_decoder(model, batch: int, tokens: int, cuda_graph: bool) -> Decoder:
     if kept is not None and (kept.batch, kept.capacity, kept.cuda_graph) == (batch, capacity, cuda_graph and kept.gpu):
         return kept
     del kept
+    try:  # the model holds its kept decoder, which holds it weakly: no cycle keeps a deleted model's memory
+        model = weakref.proxy(model)
+    except TypeError:  # a model that takes no weak reference: its decoder is not kept (``_keep_decoder``)
+        pass
     return Decoder(model, batch, capacity, cuda_graph=cuda_graph)
 
 
 def _keep_decoder(model, decoder: Decoder) -> None:
     """Keep ``decoder`` on ``model`` for the next ``generate`` call (after a call that ended normally: one that
     raised leaves nothing kept)."""
-    try:
-        setattr(model, _KEPT, decoder)
-    except AttributeError:  # a model that takes no attributes keeps nothing
-        pass
+    if isinstance(getattr(decoder, "model", None), weakref.ProxyTypes):  # made by _take_decoder
+        try:
+            setattr(model, _KEPT, decoder)
+        except AttributeError:  # a model that takes no attributes keeps nothing
+            pass
 
 
 def release(model) -> None:

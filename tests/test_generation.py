@@ -219,6 +219,25 @@ def test_generate_keeps_its_decoder_for_the_next_call_of_its_size(model_and_toke
     ]
 
 
+def test_a_deleted_model_goes_with_its_kept_decoder(tmp_path, rng):
+    """The kept decoder refers to its model weakly: deleting the model frees both at once (no reference cycle
+    waiting for the garbage collector while they hold the weights and the KV cache)."""
+    import gc
+    import weakref
+
+    test_gpt2.checkpoint(tmp_path, rng)
+    model = GPT2(tmp_path, numpy.float32, "numpy", progress=False)
+    tok = word_tokenizer(test_gpt2.VOCAB)
+    generation.generate(model, tok, [words([3, 17, 5])], max_new_tokens=3)
+    model_ref, decoder_ref = weakref.ref(model), weakref.ref(model._generation_decoder)
+    gc.disable()
+    try:
+        del model
+        assert model_ref() is None and decoder_ref() is None
+    finally:
+        gc.enable()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("graph_tokens", [8192, 20])
