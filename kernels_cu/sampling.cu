@@ -334,8 +334,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_select(
     part.counts[d] = s.counts[d];
     if (MASS) part.masses[d] = s.masses[d];
     if (d == 0) part.top_key = top_key;
-    __threadfence();
-    if (!last_block_done(counters + b, splits)) return;
+    if (!last_block_done(counters + b, splits)) return;  // its ticket publishes the block's part
 
     // The merge, in block order: a launch's sums do not depend on which block finished first.
     double top = base;
