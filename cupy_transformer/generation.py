@@ -48,11 +48,23 @@ class Sampling(NamedTuple):
 
 
 _ADVANCE = None
-PROMPT_GRAPHS_KEPT = 4  # prompt passes a decoder keeps captured (by width, padding and sampling)
+# Prompt passes a decoder keeps captured (by width, padding and sampling). Their temporaries share the decoder's
+# pool (each replay, on the decoder's stream, rewrites what it reads), so a kept pass costs its graph only.
+PROMPT_GRAPHS_KEPT = 8
 # Prompt passes of up to this many tokens (batch x width) are captured; longer ones run eagerly on the default
 # allocator: their kernels outlast the host's launches (a 7B shape's 2048-token pass on an H100: 51 ms of kernels,
 # 26 ms of host time), and a capture would keep their activations in the decoder's own pool.
 PROMPT_GRAPH_TOKENS = 8192
+
+
+def prompt_width(batch: int, tokens: int, capacity: int) -> int:
+    """The width a prompt pass of ``batch`` prompts of up to ``tokens`` runs at, so that prompts of nearby lengths
+    replay one captured pass: rounded up to a multiple of 16, past 256 tokens of an eighth of the power of two
+    below (at most 12.5% more past 128 tokens), and to at most ``capacity``; a pass too long to be captured (over
+    ``PROMPT_GRAPH_TOKENS``) runs at its own width."""
+    step = max(16, 1 << max(0, (tokens - 1).bit_length() - 4))
+    width = min(-(-tokens // step) * step, capacity)
+    return width if batch * width <= PROMPT_GRAPH_TOKENS else tokens
 
 
 def _advance(xp, positions, lengths, seed_step) -> None:
@@ -122,7 +134,10 @@ class Decoder:
         """Run the prompts (token id lists, one per sequence; left-padded into the cache) and draw each
         sequence's first new token (``read(0)``). The pass is checked on the host (token ids, positions, room)
         and, as a decode step is, run eagerly the first time at a width (with the same padding and sampling),
-        captured the second, then replayed: what a repeated prompt shape costs the host is one launch."""
+        captured the second, then replayed: what a repeated prompt shape costs the host is one launch. The width
+        is rounded up (``prompt_width``): the columns after the prompts repeat their last token and position, and
+        causal attention keeps them out of the prompts' results; the cache's lengths count the prompts only, so the
+        steps overwrite their slots."""
         if len(prompts) != self.batch or any(len(p) == 0 for p in prompts):
             raise ValueError(
                 f"prompts: expected {self.batch} prompts of at least one token each; got lengths "
@@ -141,11 +156,12 @@ class Decoder:
         sampling_arguments(*sampling)  # checked before anything is written
         self.sampling, self.steps = sampling, 0
         padded = not keep.all()
-        key = ("prompt", width, padded, sampling)
+        run_width = prompt_width(self.batch, width, self.capacity)
+        key = ("prompt", run_width, padded, sampling)
         xp = self.xp
         with self._on_stream():
             self.cache.reset()
-            self.cache.reserve(width)  # the host's count; the pass writes slots 0 .. width - 1 and device_lengths
+            self.cache.reserve(width)  # the host's count; the pass writes slots 0 .. run_width - 1, device_lengths
             # Padding is masked by cache slot, and every slot after the prompts holds a real token: the mask is
             # written once here (slots past a sequence's length are never read).
             self.keep = None
@@ -158,20 +174,23 @@ class Decoder:
                 self.keep = self._keep
             inputs = self._prompt_inputs.pop(key, None)
             if inputs is None:
-                inputs = (xp.empty(ids.shape, numpy.int32), xp.empty(ids.shape, numpy.int32))
+                shape = (self.batch, run_width)
+                inputs = (xp.empty(shape, numpy.int32), xp.empty(shape, numpy.int32), xp.empty(1, numpy.int32))
                 while len(self._prompt_inputs) >= PROMPT_GRAPHS_KEPT:
                     old, _ = self._prompt_inputs.popitem(last=False)
                     self._graphs.pop(old, None)
                     self._warm.discard(old)
             self._prompt_inputs[key] = inputs
-            _upload(inputs[0], ids)
-            _upload(inputs[1], positions)
+            tail = run_width - width  # right padding: the last column repeated
+            _upload(inputs[0], numpy.pad(ids, ((0, 0), (0, tail)), mode="edge"))
+            _upload(inputs[1], numpy.pad(positions, ((0, 0), (0, tail)), mode="edge"))
+            _upload(inputs[2], numpy.array([width - 1], numpy.int32))
             _upload(self.seed_step, numpy.array([seed % 2**64, 0], numpy.uint64))
             # Non-finite logits (a checkpoint's NaN weights) are looked for here once per call, in the prompts'
             # logits: read with the first tokens (``read(0)``), not per step (a NaN met only by a generated token
             # goes unseen).
             self._prompts = ids, positions, keep
-            self._run(key, lambda: self._prompt_ops(*inputs, width), self.batch * width <= PROMPT_GRAPH_TOKENS)
+            self._run(key, lambda: self._prompt_ops(*inputs), self.batch * run_width <= PROMPT_GRAPH_TOKENS)
             self._copy_out(0)
 
     def step(self) -> None:
@@ -230,14 +249,15 @@ class Decoder:
         if self.gpu:
             self._ready[step % 2].synchronize()
 
-    def _prompt_ops(self, ids, positions, width: int) -> None:
-        """The prompt pass on its inputs' buffers (``ids``, ``positions`` [B, width]), all on the device: the
-        cache's slots are its device lengths (zero after ``reset``; one graph serves every pass at a width)."""
-        cache = self.cache
-        logits = self.model.run(ids, positions, cache, cache.device_lengths, self.keep, last_only=True)
-        cache.device_lengths.fill(width)
-        self.positions[:, 0] = positions[:, -1] + 1  # the real tokens each sequence holds: its next position
-        self._finite[...] = self.xp.isfinite(logits[:, -1]).all()
+    def _prompt_ops(self, ids, positions, last) -> None:
+        """The prompt pass on its inputs' buffers (``ids``, ``positions`` [B, width]; ``last`` [1], the prompts'
+        last column), all on the device: the cache's slots are its device lengths (zero after ``reset``), so one
+        graph serves every pass at a width."""
+        cache, xp = self.cache, self.xp
+        logits = self.model.run(ids, positions, cache, cache.device_lengths, self.keep, last=last)
+        cache.device_lengths[...] = last + 1
+        self.positions[...] = xp.take(positions, last, axis=1) + 1  # the real tokens each sequence holds
+        self._finite[...] = xp.isfinite(logits[:, -1]).all()
         ops.sample_tokens(logits[:, -1], self.ids[:, 0], self.seed_step, *self.sampling)
         self.seed_step[1:] += 1
 

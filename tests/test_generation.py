@@ -169,13 +169,54 @@ def decode_tokens(decoder, prompts, steps, seed=0, sampling=None):
     return numpy.stack(tokens)
 
 
-# Prompt passes one decoder runs in turn: padded, unpadded, sampled, then padded again (its graphs by then).
-PASSES = [("padded", None), ("same width", None), ("padded", None), ("padded", (0.8, 50, 0.9)), ("padded", None)]
+# Prompt passes one decoder runs in turn: padded, unpadded, sampled, then padded again (its graphs by then), and
+# padded prompts of another length in the same width bucket (16: the padded pass's graph, for another last column).
+PASSES = [
+    ("padded", None),
+    ("same width", None),
+    ("padded", None),
+    ("padded", (0.8, 50, 0.9)),
+    ("padded", None),
+    ("near", None),
+    ("near", None),
+]
 
 
 def passes_prompts(rng, vocab):
     padded = [rng.integers(0, vocab, n).tolist() for n in (5, 13, 1)]
-    return {"padded": padded, "same width": [rng.integers(0, vocab, 9).tolist() for _ in range(3)]}
+    near = [rng.integers(0, vocab, n).tolist() for n in (4, 7, 11)]
+    return {"padded": padded, "same width": [rng.integers(0, vocab, 9).tolist() for _ in range(3)], "near": near}
+
+
+def test_prompt_widths_round_up_to_buckets():
+    """A prompt pass's width: a multiple of 16, past 256 tokens of an eighth of the power of two below (at most 12.5%
+    more past 128), at most the cache's capacity; a pass too long to be captured keeps its own width."""
+    width = generation.prompt_width
+    assert [width(1, n, 4096) for n in (1, 5, 16, 17, 100, 129, 256, 257, 1000, 1025)] == [
+        16, 16, 16, 32, 112, 144, 256, 288, 1024, 1152
+    ]  # fmt: skip
+    assert all(width(1, n, 10**6) <= n * 1.125 for n in range(128, 8193))
+    assert width(1, 5, 9) == 9 and width(3, 13, 14) == 14
+    assert width(16, 600, 4096) == 600 and width(16, 500, 4096) == 512  # 16 x 640 tokens > PROMPT_GRAPH_TOKENS
+
+
+def test_prompts_of_nearby_lengths_share_a_pass_and_draw_their_own_tokens(model_and_tokenizer, rng, monkeypatch):
+    """Prompts of 5 and of 9 tokens run one pass of width 16 (right-padded: the last token and position repeated),
+    and draw the tokens, positions and cache lengths of passes at their own widths (PROMPT_GRAPH_TOKENS 0: no
+    rounding)."""
+    model, _ = model_and_tokenizer
+    decoder = generation.Decoder(model, batch=2, capacity=20)
+    for n in (5, 9):
+        prompts = [rng.integers(0, 50, n).tolist(), rng.integers(0, 50, n - 2).tolist()]
+        tokens = decode_tokens(decoder, prompts, 4)
+        state = decoder.positions.tolist(), decoder.cache.device_lengths.tolist(), decoder.cache.lengths.tolist()
+        with monkeypatch.context() as patch:
+            patch.setattr(generation, "PROMPT_GRAPH_TOKENS", 0)
+            exact = generation.Decoder(model, batch=2, capacity=20)
+            assert (decode_tokens(exact, prompts, 4) == tokens).all(), n
+            assert state == (exact.positions.tolist(), exact.cache.device_lengths.tolist(), [n + 4] * 2)
+            assert list(exact._prompt_inputs) == [("prompt", n, True, generation.Sampling())]
+    assert list(decoder._prompt_inputs) == [("prompt", 16, True, generation.Sampling())]
 
 
 def test_a_decoder_reused_for_other_prompts_draws_what_a_new_one_draws(model_and_tokenizer, rng):
@@ -243,10 +284,11 @@ def test_a_deleted_model_goes_with_its_kept_decoder(tmp_path, rng):
 @pytest.mark.parametrize("graph_tokens", [8192, 20])
 def test_gpu_repeated_prompt_passes_replay_their_eager_tokens(tmp_path, rng, monkeypatch, family, graph_tokens):
     """fp16: one decoder through prompt passes in turn (padded; unpadded; padded again, now a replayed graph of the
-    pass and of its steps; sampled; a batch of 2-token prompts, whose 6 rows take the decode step's fused products)
-    draws each pass's tokens as an eager decoder made for it does, to the bit; the padded pass after the unpadded
-    one keeps its padding mask (a decode graph is captured per padding). With ``PROMPT_GRAPH_TOKENS`` 20 the
-    passes of 27 and 39 tokens run eagerly every time, the 6-token one is captured."""
+    pass and of its steps; sampled; prompts of other lengths in the padded pass's width bucket, replaying its graph;
+    a batch of 2-token prompts) draws each pass's tokens as an eager decoder made for it does, to the bit; the padded
+    pass after the unpadded one keeps its padding mask (a decode graph is captured per padding). With
+    ``PROMPT_GRAPH_TOKENS`` 20 the passes of 27 to 39 tokens run eagerly at their own widths every time, the 2-token
+    one is captured at its own width (6 rows: the decode step's fused products)."""
     monkeypatch.setattr(generation, "PROMPT_GRAPH_TOKENS", graph_tokens)
     model, _ = small_fp16_model(tmp_path, rng, family)
     prompts = dict(passes_prompts(rng, 1000), short=[rng.integers(0, 1000, 2).tolist() for _ in range(3)])
@@ -255,9 +297,10 @@ def test_gpu_repeated_prompt_passes_replay_their_eager_tokens(tmp_path, rng, mon
         eager = generation.Decoder(model, batch=3, capacity=13 + 21, cuda_graph=False)
         want = decode_tokens(eager, prompts[name], 20, 5, sampling)
         assert (decode_tokens(decoder, prompts[name], 20, 5, sampling) == want).all(), name
-    width, padded = 13, True
-    assert (("prompt", width, padded, generation.Sampling()) in decoder._graphs) == (graph_tokens > 3 * width)
-    assert ("prompt", 2, False, generation.Sampling()) in decoder._graphs
+    # The padded passes (13 and 11 tokens) ran at width 16 where they are captured, the 2-token ones too.
+    width = generation.prompt_width(3, 13, decoder.capacity)
+    assert (("prompt", width, True, generation.Sampling()) in decoder._graphs) == (graph_tokens > 3 * 13)
+    assert ("prompt", generation.prompt_width(3, 2, decoder.capacity), False, generation.Sampling()) in decoder._graphs
 
 
 def test_fused_decode_switch_nests_and_restores():

@@ -77,14 +77,20 @@ class CausalLM:
         was (the caller advances it)."""
         return self.run(ids, positions, cache, cache.device_lengths, attn_mask)
 
-    def run(self, ids, positions, cache, start, attn_mask, last_only: bool = False):
+    def run(self, ids, positions, cache, start, attn_mask, last_only: bool = False, last=None):
         """The layers between ``token_embeddings`` and ``head`` on checked inputs (``start``: where the tokens go in
-        ``cache``, from ``cache.reserve`` or on the device)."""
+        ``cache``, from ``cache.reserve`` or on the device). ``last_only``: the logits of the last position only
+        ([B, 1, vocab]); ``last``: of column ``last`` instead (an int32 array [1] of the backend's, read where it
+        is: a captured pass replays for another column)."""
         # The last layer's output, normalised by the final norm (or, xn None, to be normalised by the LM head).
         x, xn = collections.deque(self.hidden_states(ids, positions, cache, start, attn_mask), maxlen=1)[0]
-        if last_only:
-            last = array_module(self.backend).ascontiguousarray
-            x, xn = last(x[:, -1:]), None if xn is None else last(xn[:, -1:])
+        if last_only or last is not None:
+            xp = array_module(self.backend)
+
+            def pick(a):
+                return xp.ascontiguousarray(a[:, -1:]) if last is None else xp.take(a, last, axis=1)
+
+            x, xn = pick(x), None if xn is None else pick(xn)
         if xn is None:
             norm = self.layer.norm_spec(*self.final_norm)
             rows = x.reshape(-1, x.shape[-1])
