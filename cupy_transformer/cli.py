@@ -198,6 +198,8 @@ def _embed(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     if args.tp > 1:
+        if args.prompt == "-":
+            _fail(f"--prompt -: prompts from stdin run in one process (--tp 1); got --tp {args.tp}")
         return _generate_tp(args)
     _generate_with(_load(args.model, args), args)
     return 0
@@ -245,36 +247,54 @@ def _generate_rank(comm, args: argparse.Namespace) -> None:
     _generate_with(model, args, show=comm.rank == 0)
 
 
+def _stdin_prompts():
+    """``--prompt -``: stdin's lines as they come (a line a prompt, its line break dropped; blank lines skipped)."""
+    got = False
+    for number, raw in enumerate(sys.stdin.buffer, 1):
+        try:
+            line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompt -: stdin line {number}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        if line.strip():
+            got = True
+            yield line
+    if not got:
+        raise ValueError("--prompt -: stdin held no prompt (one a line; blank lines are skipped)")
+
+
 def _generate_with(model, args: argparse.Namespace, show: bool = True) -> None:
-    """Generate from ``args.prompt`` with ``model``; ``show``: print the text (rank 0 of several)."""
+    """Generate from ``args.prompt`` with ``model`` (``-``: from each line of stdin in turn, one model and one kept
+    decoder for all); ``show``: print the text (rank 0 of several)."""
     from . import generation
     from .loading import Checkpoint
 
     if not hasattr(model, "new_cache"):
         raise SystemExit(f"generate: {args.model} holds a {model.model_type} model, which does not generate text")
     checkpoint = Checkpoint(args.model)
+    tokenizer, defaults = checkpoint.tokenizer(), generation.generation_defaults(checkpoint)
 
     def stream(_, piece):
         print(piece, end="", flush=True)
 
-    # Flags not given (None) take the checkpoint's generation_config.json (or config.json) values, as
-    # transformers does: generation.resolve_settings.
-    text = generation.generate(
-        model,
-        checkpoint.tokenizer(),
-        [args.prompt],
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop=args.stop or (),
-        stream=stream if args.stream and show else None,
-        cuda_graph=not args.no_cuda_graph,
-        defaults=generation.generation_defaults(checkpoint),
-    )[0]
-    if show:
-        print(flush=True) if args.stream else print(text, flush=True)
+    for prompt in _stdin_prompts() if args.prompt == "-" else [args.prompt]:
+        # Flags not given (None) take the checkpoint's generation_config.json (or config.json) values, as
+        # transformers does: generation.resolve_settings.
+        text = generation.generate(
+            model,
+            tokenizer,
+            [prompt],
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop=args.stop or (),
+            stream=stream if args.stream and show else None,
+            cuda_graph=not args.no_cuda_graph,
+            defaults=defaults,
+        )[0]
+        if show:
+            print(flush=True) if args.stream else print(text, flush=True)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -319,7 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     embed.set_defaults(func=_embed)
     gen = sub.add_parser("generate", help="continue a prompt with a GPT-2 or LLaMA-style checkpoint")
     gen.add_argument("--model", required=True, help="checkpoint folder (config.json, safetensors, tokenizer.json)")
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument(
+        "--prompt",
+        required=True,
+        help="the text to continue; `-`: each line of stdin in turn (one model and decoder; blank lines skipped)",
+    )
     given = "default: the checkpoint's generation_config.json (or config.json)"
     gen.add_argument("--max-new-tokens", type=_POSITIVE, help=f"{given} max_new_tokens or max_length - prompt, else 20")
     gen.add_argument(

@@ -109,6 +109,42 @@ def test_generate_greedy_and_streamed(tmp_path, rng, capsys):
     assert "config.json: 'hidden_size' missing" in capsys.readouterr().err
 
 
+def test_generate_reads_prompts_from_stdin(tmp_path, rng, capsys, monkeypatch):
+    """``--prompt -``: each line of stdin in turn (blank lines skipped, a CRLF line break dropped), each text as
+    ``--prompt LINE`` alone gives it; stdin that is not UTF-8, holds no prompt, or meets ``--tp 2``: one line, exit
+    status 2."""
+    import io
+    import sys
+
+    folder = _gpt2_folder(tmp_path / "model", rng)
+    args = ["generate", "--model", str(folder), "--max-new-tokens", "4", "--device", "cpu"]
+    lines = ["w3 w17 w5", "w8 w1", "w2 w2 w9 w40"]
+    alone = []
+    for line in lines:
+        assert cli.main(args + ["--prompt", line]) == 0
+        alone.append(capsys.readouterr().out)
+
+    def stdin(data: bytes):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+
+    stdin(f"{lines[0]}\n\n{lines[1]}\r\n  \n{lines[2]}".encode())
+    assert cli.main(args + ["--prompt", "-"]) == 0
+    assert capsys.readouterr().out == "".join(alone)
+    stdin(f"{lines[0]}\n{lines[1]}\n".encode())
+    assert cli.main(args + ["--prompt", "-", "--stream"]) == 0
+    assert capsys.readouterr().out == "".join(alone[:2])
+    for data, extra, expected in (
+        (b"w1 w2\nw3 \xff\n", [], "--prompt -: stdin line 2: not UTF-8 text (byte 3: invalid start byte)"),
+        (b"\n \n", [], "--prompt -: stdin held no prompt (one a line; blank lines are skipped)"),
+        (b"w1\n", ["--tp", "2"], "--prompt -: prompts from stdin run in one process (--tp 1); got --tp 2"),
+    ):
+        stdin(data)
+        with pytest.raises(SystemExit) as exit:
+            cli.main(args + ["--prompt", "-"] + extra)
+        captured = capsys.readouterr()
+        assert exit.value.code == 2 and captured.err == f"cupy-transformer: error: {expected}\n", captured.err
+
+
 def test_main_job_imports_neither_torch_nor_transformers():
     """The test set-up installs torch and transformers (for the parity tests); the runtime must not use them."""
     import subprocess
