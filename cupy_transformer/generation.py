@@ -553,11 +553,18 @@ _KEPT = "_generation_decoder"
 _KEEPING = threading.Lock()
 
 
+def decoder_capacity(tokens: int, max_positions: int) -> int:
+    """The cache capacity of a decoder made for sequences of up to ``tokens`` (prompt and new tokens): rounded up to
+    CAPACITY_STEP so that calls of nearby lengths share one decoder, at most the model's ``max_positions`` (or
+    ``tokens`` where more: the decoder's cache caps it, and its checks name the positions)."""
+    return min(-(-tokens // CAPACITY_STEP) * CAPACITY_STEP, max(tokens, max_positions))
+
+
 def _take_decoder(model, batch: int, tokens: int, cuda_graph: bool) -> Decoder:
     """The decoder for a ``generate`` call of ``batch`` sequences of up to ``tokens``: the model's kept one where it
     matches (taken off the model while in use, so a concurrent call makes its own), else a new one, made after the
     kept one is let go (its cache is freed first)."""
-    capacity = min(-(-tokens // CAPACITY_STEP) * CAPACITY_STEP, max(tokens, model.max_positions))
+    capacity = decoder_capacity(tokens, model.max_positions)
     with _KEEPING:
         kept = getattr(model, _KEPT, None)
         if kept is not None:

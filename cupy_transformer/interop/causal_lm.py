@@ -8,9 +8,10 @@ The model our loop runs is ``InjectedCausalLM``: a ``models.CausalLM`` over the 
 copy): the blocks' and the final norm's backend views that the injected forward uses, the embeddings through
 ``ops.embed`` on the Hugging Face embedding weights, and the LM head on ``lm_head.weight`` ([vocab, hidden], our
 [out, in]). CUDA models run on CuPy (the decoder's own stream, and CuPy's memory pool for its KV cache and steps),
-CPU ones on the NumPy path. One ``Decoder`` is kept per (batch, cache capacity), the last few in an LRU on the
-injected model (each captures its own graph on its second step); all are dropped when the weights' storage moves
-(``.to()``), since a captured graph holds their addresses.
+CPU ones on the NumPy path. One ``Decoder`` is kept per (batch, cache capacity: rounded up to 256 tokens, as
+``generation.generate`` rounds it), the last few in an LRU on the injected model (each captures its own graph on
+its second step); all are dropped when the weights' storage moves (``.to()``), since a captured graph holds their
+addresses.
 
 Served (anything else falls back to Hugging Face, silently): ``input_ids`` [B, S] (int32 / int64, on the model's
 device) with an optional ``attention_mask`` that is left padding only (each row zeros, then at least one one;
@@ -41,7 +42,7 @@ import numpy
 import torch
 
 from .. import ops
-from ..generation import Decoder, Sampling
+from ..generation import Decoder, Sampling, decoder_capacity
 from ..models.base import CausalLM
 from ..ops.sampling import sampling_arguments
 from .torch import _ATTRIBUTE, DTYPES, _array, _on
@@ -114,8 +115,10 @@ class FastGenerate:
     def __getstate__(self):  # a copied model builds its own (graphs and caches are not copied)
         return dict(self.__dict__, key=None, model=None, decoders=collections.OrderedDict())
 
-    def decoder(self, model, batch: int, capacity: int) -> Decoder:
-        """The ``Decoder`` for ``batch`` sequences of ``capacity`` tokens over ``model``'s current weights."""
+    def decoder(self, model, batch: int, tokens: int) -> Decoder:
+        """The ``Decoder`` for ``batch`` sequences of up to ``tokens`` over ``model``'s current weights: its capacity
+        rounded up as ``generation.generate``'s is (``decoder_capacity``), so that calls of nearby lengths share
+        one (its cache, and its graphs: prompt widths are rounded too)."""
         param = next(model.parameters())
         device = param.device
         with _on(device):
@@ -127,6 +130,7 @@ class FastGenerate:
                 self.decoders.clear()
                 self.key, self.model = key, None  # the old views go first
                 self.model = InjectedCausalLM(model, "cupy" if device.type == "cuda" else "numpy")
+        capacity = decoder_capacity(tokens, self.model.max_positions)
         decoder = self.decoders.pop((batch, capacity), None)
         if decoder is None:
             while len(self.decoders) >= DECODERS_KEPT:

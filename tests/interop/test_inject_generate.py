@@ -62,19 +62,23 @@ def test_greedy_padded_batch_and_batch_of_one(family):
     want, got = both(original, injected, ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
     assert torch.equal(got, want) and got.dtype == torch.int64 and got.shape == (2, 9 + 16)
     assert len(set(want[0, 9:].tolist())) > 3  # distinct tokens, not one repeated
-    assert fast(injected).served == 1 and list(fast(injected).decoders) == [(2, 25)]
+    # Decoders by (batch, capacity): 25 tokens rounded up (generation.decoder_capacity), to these models' 128 positions
+    assert fast(injected).served == 1 and list(fast(injected).decoders) == [(2, 128)]
     # A batch of one without a mask (Hugging Face infers it: no pad token in the prompt, all ones), and a second
     # call of the first shape, which reuses its decoder.
     want, got = both(original, injected, ids[:1], max_new_tokens=12, do_sample=False)
     assert torch.equal(got, want) and got.shape == (1, 21)
-    decoder = fast(injected).decoders[(2, 25)]
+    decoder = fast(injected).decoders[(2, 128)]
     want, got = both(original, injected, ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
-    assert torch.equal(got, want) and fast(injected).decoders[(2, 25)] is decoder
+    assert torch.equal(got, want) and fast(injected).decoders[(2, 128)] is decoder
+    # Another length (a shorter prompt, fewer new tokens): the same decoder.
+    want, got = both(original, injected, ids[:, 2:], attention_mask=mask[:, 2:], max_new_tokens=7, do_sample=False)
+    assert torch.equal(got, want) and fast(injected).decoders[(2, 128)] is decoder
     # A static cache asks for what our loop does anyway (fixed shapes, a captured step): served, the same decoder.
     want, got = both(original, injected, ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
                      cache_implementation="static")  # fmt: skip
-    assert torch.equal(got, want) and fast(injected).decoders[(2, 25)] is decoder
-    assert fast(injected).served == 4
+    assert torch.equal(got, want) and fast(injected).decoders[(2, 128)] is decoder
+    assert fast(injected).served == 5
 
 
 def test_eos_mid_way_pads_and_stops_as_hugging_face():
@@ -178,10 +182,10 @@ def test_moved_weights_drop_the_decoders():
     ids, mask = padded_batch()
     options = dict(attention_mask=mask, max_new_tokens=8, do_sample=False)
     want, got = both(original, injected, ids, **options)
-    decoder = fast(injected).decoders[(2, 17)]
+    decoder = fast(injected).decoders[(2, 128)]
     injected.to(torch.float64).to(torch.float32)
     want, got = both(original, injected, ids, **options)
-    assert torch.equal(got, want) and fast(injected).decoders[(2, 17)] is not decoder
+    assert torch.equal(got, want) and fast(injected).decoders[(2, 128)] is not decoder
     copied = copy.deepcopy(injected)  # a copy starts without decoders and builds its own
     assert not fast(copied).decoders and torch.equal(both(original, copied, ids, **options)[1], want)
 
@@ -198,7 +202,7 @@ def test_cuda_fp32_greedy_through_the_captured_graph(family):
     want, got = both(original, injected, ids, attention_mask=mask, max_new_tokens=64, do_sample=False)
     assert got.device == ids.device and got.shape == (3, 9 + 64)
     assert torch.equal(got.cpu(), want.cpu())
-    decoder = fast(injected).decoders[(3, 73)]
+    decoder = fast(injected).decoders[(3, 128)]
     assert decoder.steps == 63 and decoder._graphs  # every step after the second replayed the captured graph
 
 
@@ -219,7 +223,7 @@ def test_half_greedy_picks_near_the_fp32_best(family, device):
     picked = logits.gather(-1, got[:, 9:, None])[..., 0]
     gap = logits.max(-1).values - picked
     assert gap.max().item() <= 0.15, gap.max().item()
-    assert fast(injected).served == 1 and (device == "cpu" or fast(injected).decoders[(3, 73)]._graphs)
+    assert fast(injected).served == 1 and (device == "cpu" or fast(injected).decoders[(3, 128)]._graphs)
 
 
 def test_text_generation_pipeline_is_served():
