@@ -50,7 +50,7 @@ def main() -> None:
         model = bench.random_model(shape)
         passes_ms(model, lengths[:2], 1)  # compiles the kernels, times the products
         rounded = passes_ms(model, lengths)
-        generation.prompt_width = lambda batch, tokens, capacity: tokens
+        generation.prompt_width = lambda batch, tokens, capacity, hidden: tokens
         try:
             exact = passes_ms(model, lengths)
         finally:

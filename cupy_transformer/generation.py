@@ -55,16 +55,22 @@ PROMPT_GRAPHS_KEPT = 8
 # allocator: their kernels outlast the host's launches (a 7B shape's 2048-token pass on an H100: 51 ms of kernels,
 # 26 ms of host time), and a capture would keep their activations in the decoder's own pool.
 PROMPT_GRAPH_TOKENS = 8192
+# Widths are rounded up (``prompt_width``) where a pass's kernels take less time than its eager launches, so that a
+# replayed graph gives back more than the padding costs: up to this many tokens x hidden size squared, 1024 tokens at
+# a 7B shape's hidden 4096 (whose 2048-token pass, above, ran kernels for twice its host time).
+PROMPT_BUCKET_WORK = 2**34
 
 
-def prompt_width(batch: int, tokens: int, capacity: int) -> int:
-    """The width a prompt pass of ``batch`` prompts of up to ``tokens`` runs at, so that prompts of nearby lengths
-    replay one captured pass: rounded up to a multiple of 16, past 256 tokens of an eighth of the power of two
-    below (at most 12.5% more past 128 tokens), and to at most ``capacity``; a pass too long to be captured (over
-    ``PROMPT_GRAPH_TOKENS``) runs at its own width."""
+def prompt_width(batch: int, tokens: int, capacity: int, hidden: int) -> int:
+    """The width a prompt pass of ``batch`` prompts of up to ``tokens`` runs at in a model of ``hidden`` features, so
+    that prompts of nearby lengths replay one captured pass: rounded up to a multiple of 16, past 256 tokens of an
+    eighth of the power of two below (at most 12.5% more past 128 tokens), and to at most ``capacity``; a pass too
+    long to be captured (``PROMPT_GRAPH_TOKENS``) or whose kernels would outlast its launches (``PROMPT_BUCKET_WORK``)
+    runs at its own width."""
     step = max(16, 1 << max(0, (tokens - 1).bit_length() - 4))
     width = min(-(-tokens // step) * step, capacity)
-    return width if batch * width <= PROMPT_GRAPH_TOKENS else tokens
+    fits = batch * width <= PROMPT_GRAPH_TOKENS and batch * width * hidden**2 <= PROMPT_BUCKET_WORK
+    return width if fits else tokens
 
 
 def _advance(xp, positions, lengths, seed_step) -> None:
@@ -156,7 +162,7 @@ class Decoder:
         sampling_arguments(*sampling)  # checked before anything is written
         self.sampling, self.steps = sampling, 0
         padded = not keep.all()
-        run_width = prompt_width(self.batch, width, self.capacity)
+        run_width = prompt_width(self.batch, width, self.capacity, self.model.config.hidden_size)
         key = ("prompt", run_width, padded, sampling)
         xp = self.xp
         with self._on_stream():

@@ -190,14 +190,19 @@ def passes_prompts(rng, vocab):
 
 def test_prompt_widths_round_up_to_buckets():
     """A prompt pass's width: a multiple of 16, past 256 tokens of an eighth of the power of two below (at most 12.5%
-    more past 128), at most the cache's capacity; a pass too long to be captured keeps its own width."""
+    more past 128), at most the cache's capacity; a pass too long to be captured, or whose kernels would outlast its
+    launches (tokens x hidden^2 past PROMPT_BUCKET_WORK), keeps its own width."""
     width = generation.prompt_width
-    assert [width(1, n, 4096) for n in (1, 5, 16, 17, 100, 129, 256, 257, 1000, 1025)] == [
+    assert [width(1, n, 4096, 768) for n in (1, 5, 16, 17, 100, 129, 256, 257, 1000, 1025)] == [
         16, 16, 16, 32, 112, 144, 256, 288, 1024, 1152
     ]  # fmt: skip
-    assert all(width(1, n, 10**6) <= n * 1.125 for n in range(128, 8193))
-    assert width(1, 5, 9) == 9 and width(3, 13, 14) == 14
-    assert width(16, 600, 4096) == 600 and width(16, 500, 4096) == 512  # 16 x 640 tokens > PROMPT_GRAPH_TOKENS
+    assert all(width(1, n, 10**6, 768) <= n * 1.125 for n in range(128, 8193))
+    assert width(1, 5, 9, 768) == 9 and width(3, 13, 14, 768) == 14
+    assert width(16, 600, 4096, 768) == 600 and width(16, 500, 4096, 768) == 512  # 16 x 640 > PROMPT_GRAPH_TOKENS
+    # A 7B shape (hidden 4096): up to 1024 tokens; GPT-2 XL (1600): up to 6700.
+    assert width(1, 1000, 4096, 4096) == 1024 and width(1, 1025, 4096, 4096) == 1025
+    assert width(4, 250, 4096, 4096) == 256 and width(8, 250, 4096, 4096) == 250
+    assert width(1, 6000, 8192, 1600) == 6144 and width(1, 6700, 8192, 1600) == 6700
 
 
 def test_prompts_of_nearby_lengths_share_a_pass_and_draw_their_own_tokens(model_and_tokenizer, rng, monkeypatch):
@@ -298,9 +303,12 @@ def test_gpu_repeated_prompt_passes_replay_their_eager_tokens(tmp_path, rng, mon
         want = decode_tokens(eager, prompts[name], 20, 5, sampling)
         assert (decode_tokens(decoder, prompts[name], 20, 5, sampling) == want).all(), name
     # The padded passes (13 and 11 tokens) ran at width 16 where they are captured, the 2-token ones too.
-    width = generation.prompt_width(3, 13, decoder.capacity)
+    hidden = model.config.hidden_size
+    width = generation.prompt_width(3, 13, decoder.capacity, hidden)
     assert (("prompt", width, True, generation.Sampling()) in decoder._graphs) == (graph_tokens > 3 * 13)
-    assert ("prompt", generation.prompt_width(3, 2, decoder.capacity), False, generation.Sampling()) in decoder._graphs
+    assert ("prompt", generation.prompt_width(3, 2, decoder.capacity, hidden), False, generation.Sampling()) in (
+        decoder._graphs
+    )
 
 
 def test_fused_decode_switch_nests_and_restores():
