@@ -380,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
         status = args.func(args)
         sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
         return status
+    except KeyboardInterrupt:  # Ctrl-C (how an interactive `generate --prompt -` ends): no traceback, status 130
+        if args.debug:
+            raise
+        print(file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # The reader went away (`... | head`): drop what is still buffered for stdout and end quietly.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

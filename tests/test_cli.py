@@ -145,6 +145,22 @@ def test_generate_reads_prompts_from_stdin(tmp_path, rng, capsys, monkeypatch):
         assert exit.value.code == 2 and captured.err == f"cupy-transformer: error: {expected}\n", captured.err
 
 
+def test_ctrl_c_ends_without_a_traceback(tmp_path, rng, capsys, monkeypatch):
+    """Ctrl-C during a generation (an interactive ``--prompt -`` ends so): exit status 130, a line break on stderr and
+    no traceback; with ``--debug`` the KeyboardInterrupt goes on."""
+    from cupy_transformer import generation
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    folder = _gpt2_folder(tmp_path / "model", rng)
+    monkeypatch.setattr(generation, "generate", interrupted)
+    args = ["generate", "--model", str(folder), "--prompt", "w1", "--device", "cpu"]
+    assert cli.main(args) == 130 and capsys.readouterr().err == "\n"
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(args + ["--debug"])
+
+
 def test_main_job_imports_neither_torch_nor_transformers():
     """The test set-up installs torch and transformers (for the parity tests); the runtime must not use them."""
     import subprocess
