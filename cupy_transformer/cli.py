@@ -141,16 +141,21 @@ def _load(folder, args: argparse.Namespace):
     return load_model(folder, dtype, backend)
 
 
+def _utf8(name: str, data: bytes) -> str:
+    """``data`` as text, or a ValueError naming ``name`` and the first byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{name}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
 def _embed_texts(args: argparse.Namespace) -> list[str]:
     """The texts to embed, one output line each: the positional TEXTs in order, ``-`` standing for stdin's lines,
     then the lines of ``--input FILE`` (one text a line; empty lines are texts too, so lines stay aligned)."""
     from pathlib import Path
 
     def lines(name: str, data: bytes) -> list[str]:
-        try:
-            return data.decode("utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{name}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        return _utf8(name, data).splitlines()
 
     if args.texts.count("-") > 1:
         raise ValueError("embed: `-` (read stdin) may be given once")
@@ -251,10 +256,7 @@ def _stdin_prompts():
     """``--prompt -``: stdin's lines as they come (a line a prompt, its line break dropped; blank lines skipped)."""
     got = False
     for number, raw in enumerate(sys.stdin.buffer, 1):
-        try:
-            line = raw.decode("utf-8").rstrip("\r\n")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"--prompt -: stdin line {number}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        line = _utf8(f"--prompt -: stdin line {number}", raw).rstrip("\r\n")
         if line.strip():
             got = True
             yield line
