@@ -64,7 +64,8 @@ from . import ops
 from .ops.gemv import GEMV_MAX_ROWS, GemvNorm
 from .ops.matmul import fused_fits, fusing, graph_products, matmul
 from .ops.norm import normalize
-from .runtime.arrays import module_of
+from .ops.softmax import key_mask
+from .runtime.arrays import common_kind, module_of
 
 
 @dataclass
@@ -151,22 +152,31 @@ class PreLNLayer:
             xn = self.norm(x, norm.gamma, norm.beta)
         return matmul(xn, w, t, bias, act)
 
+    def attention_mask(self, attn_mask, x, keys: int):
+        """A caller's ``attn_mask`` (``SoftmaxContextOp``'s: [B, key slots] boolean or additive, or [B, 1|h, S|1,
+        key slots]) checked once for a stack of layers over ``x`` [B, S, H] attending ``keys`` key slots
+        (``ops.softmax_context.key_count``), as ``stack`` takes it; None stays None."""
+        cfg = self.config
+        b, s = x.shape[0], x.shape[1]
+        kind = common_kind(x=x, attn_mask=attn_mask)
+        return key_mask(attn_mask, kind, cfg.dtype, b, cfg.heads // cfg.mp_size, s, keys, wider=True)
+
     def stack(self, x, xn, w: PreLNWeights, next_norm, cache=None, layer_id=0, start=None, attn_mask=None,
               position_ids=None, lazy_norm=False):  # fmt: skip
         """The layer as a model's stack runs it (the module docstring's second form): ``x`` the residual stream,
         ``xn`` its LN1 (None: not made; the QKV product normalises x), ``next_norm`` (gamma, beta) of the norm after
         this layer. Returns ``(y, next_norm(y))``; with ``lazy_norm`` on the decode path (``fuses``) ``(y, None)``
         where the product after the layer is to normalise y (the caller's: the next layer's ``stack``, or
-        ``norm_spec`` for the LM head)."""
+        ``norm_spec`` for the LM head). The attention takes checked arguments (``SoftmaxContextOp.attend``):
+        ``attn_mask`` from ``attention_mask``, ``start`` from ``cache.reserve`` or the cache's device lengths (None
+        without a cache), int32 ``position_ids``."""
         cfg = self.config
         if not cfg.mlp_after_attn:
             raise ValueError("config: PreLNLayer.stack runs the sequential arrangement (mlp_after_attn=True)")
         t = cfg.transposed_mode
         fuse = self.fuses(x)
         qkv = self.normed_product(x, xn, w.w_qkv, w.b_qkv, None, self.norm_spec(w.ln1_gamma, w.ln1_beta))
-        context, _, _ = self.attention(
-            qkv, attn_mask=attn_mask, cache=cache, layer_id=layer_id, start=start, position_ids=position_ids
-        )
+        context, _, _ = self.attention.attend(qkv, cache, layer_id, start, position_ids, attn_mask)
         ln2 = self.norm_spec(w.ln2_gamma, w.ln2_beta)
         if fuse and fused_fits(_rows(context), w.w_o, t, w.b_o, residual=_rows(x)):
             z = matmul(context, w.w_o, t, w.b_o, residual=x)

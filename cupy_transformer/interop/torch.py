@@ -470,6 +470,7 @@ def _forward(inner, *args, **kwargs):
         # int32 positions (checked above), which the attention kernels read: no conversion in every layer
         mask, positions = _mask(attention_mask, dtype), _array(position_ids.to(torch.int32))
         x = injection.family.embeddings(inner, ids, position_ids, inputs_embeds)
+        mask = layer.attention_mask(mask, x, past + s)  # every layer's keys: the cached ones and this call's
         xn = layer.norm(x, weights[0].ln1_gamma, weights[0].ln1_beta)
         states = [x]
         start = placeholder = None

@@ -11,6 +11,7 @@ from .. import ops
 from ..kv_cache import KVCache
 from ..loading import Checkpoint
 from ..ops.matmul import fused_fits, matmul
+from ..ops.softmax_context import key_count
 from ..runtime.arrays import array_module
 
 
@@ -119,6 +120,8 @@ class CausalLM:
         (``layers.PreLNLayer.fuses``), where the product that follows normalises x in its prologue (``self.layer.norm``
         makes it). ``run``'s arguments."""
         x = self.token_embeddings(ids, positions)
+        s = x.shape[1]
+        attn_mask = self.layer.attention_mask(attn_mask, x, s if cache is None else key_count(cache, start, s))
         w = self.weights
         xn = None if self.layer.fuses(x) else self.layer.norm(x, w[0].ln1_gamma, w[0].ln1_beta)
         yield x, xn

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 from ..runtime.kernels import CTYPES, KernelFamily, dynamic_shared, split_workspace, wave_blocks
+from ..runtime.lru import DeviceLRU
 from ..runtime.tensor_map import tile_map
 from .prefill_attention import block_rules, prefill_inputs, prefill_span, token_strides
 from .softmax import MaskKind
@@ -78,6 +79,29 @@ def prefill_sm90_runs(d: int) -> bool:
     return d in PREFILL_SM90_TILE and _KERNELS.builds_here()
 
 
+# A launch's shape-derived parts per (device, call shape): every layer of a prompt pass repeats them.
+_PLANS = DeviceLRU(256)
+
+
+def _plan(q, group, m, scale, causal, window, geometry=None, blocks=None, span=None) -> tuple:
+    """(name, grid, block, shared memory, keys a tile, persistent, block_rules + items) of a launch on ``q``
+    [B, h, S, d] with ``group`` query heads a kv head and mask arguments ``m``; ``prefill_attention_sm90``'s
+    keyword arguments, None: the launcher's choice."""
+    b, h, s, d = q.shape
+    if geometry is None:
+        geometry = prefill_sm90_geometry(d, s, m.mask_kind == MaskKind.BOOLEAN and m.alibi_len == 0, causal)
+    bn, wg, persist = geometry
+    name = _name(CTYPES[q.dtype], d, geometry)
+    kernel = _KERNELS.kernel(name)
+    smem = dynamic_shared(kernel, (64 * wg + 4 * bn) * (64 * math.ceil(d / 64)) * q.dtype.itemsize + 1024)
+    rows, block = math.ceil(s / (64 * wg)), 128 * wg
+    items = rows * h * b
+    wave = wave_blocks(kernel, block, smem) if blocks is None else blocks
+    span = prefill_span(wave, rows, group) if span is None else span
+    rules = dict(block_rules(s, h, group, causal, window, m, scale, span), items=items)
+    return name, (min(items, wave) if persist else items,), (block,), smem, bn, persist, rules
+
+
 def prefill_attention_sm90(
     q, k, v, start, mask, alibi, scale: float, causal: bool, window: int, *, geometry=None, blocks=None, span=None
 ):
@@ -87,21 +111,19 @@ def prefill_attention_sm90(
     size. None: the launcher's choice (``prefill_sm90_geometry``, ``wave_blocks``, ``prefill_span``)."""
     b, h, s, d = q.shape
     q, k, v, out, m = prefill_inputs(q, k, v, mask, alibi)
-    if geometry is None:
-        geometry = prefill_sm90_geometry(d, s, m.mask_kind == MaskKind.BOOLEAN and m.alibi_len == 0, causal)
-    bn, wg, persist = geometry
-    name = _name(CTYPES[q.dtype], d, geometry)
-    kernel = _KERNELS.kernel(name)
-    smem = dynamic_shared(kernel, (64 * wg + 4 * bn) * (64 * math.ceil(d / 64)) * q.dtype.itemsize + 1024)
-    rows, block, group = math.ceil(s / (64 * wg)), 128 * wg, h // k.shape[1]
-    items = rows * h * b
-    wave = wave_blocks(kernel, block, smem) if blocks is None else blocks
+    group = h // k.shape[1]
+    if geometry is None and blocks is None and span is None:  # the launcher's choice: one per call shape
+        key = (q.dtype, q.shape, group, m.mask_kind, m.mask_len, m.alibi_len, causal, window, scale)
+        plan = _PLANS.get(key, lambda: _plan(q, group, m, scale, causal, window))
+    else:
+        plan = _plan(q, group, m, scale, causal, window, geometry, blocks, span)
+    name, grid, block, smem, bn, persist, rules = plan
     # Persistent: one wave of blocks claims the items (a counter of split_workspace's); a block an item reads no
     # counter, and gets ``start`` in its place.
     _KERNELS.launch(
         name,
-        (min(items, wave) if persist else items,),
-        (block,),
+        grid,
+        block,
         shared_mem=smem,
         q=q,
         kmap=tile_map(k, bn),
@@ -111,8 +133,7 @@ def prefill_attention_sm90(
         alibi=m.alibi,
         start=start,
         **token_strides("q", q),
-        **block_rules(s, h, group, causal, window, m, scale, prefill_span(wave, rows, group) if span is None else span),
-        items=items,
+        **rules,
         counter=split_workspace(0, 2)[1] if persist else start,
     )
     return out

@@ -106,15 +106,8 @@ class SoftmaxContextOp(TransformerOp):
             )
         if b == 0 or s == 0:
             raise ValueError(f"query_key_value: expected at least one sequence and token; got shape {tuple(qkv.shape)}")
-        xp = array_module(backend_of(kind))
         start = self._start(cache, layer_id, kind, b, s, kv, d, start)
-        on_device = not isinstance(start, numpy.ndarray)
-        if xp is not numpy and not on_device and xp.cuda.get_current_stream().is_capturing():
-            raise RuntimeError(
-                "start: a step captured into a CUDA graph needs its cache slots on the GPU "
-                "(cache.device_lengths); host ones would be repeated by every replay"
-            )
-        t = cache.max_tokens if on_device else int(start.max()) + s  # the most keys any sequence has
+        t = key_count(cache, start, s)
         position_ids = self._position_ids(position_ids, kind, b, s)  # None: start[b] + 0 .. S - 1
         mask = key_mask(attn_mask, kind, cfg.dtype, b, h, s, t, wider=True)
         rows = alibi_rows(alibi, kind, cfg.dtype, b, h, h, 0, t)  # this rank's heads only
@@ -127,7 +120,31 @@ class SoftmaxContextOp(TransformerOp):
         )
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor):
             raise ValueError(f"scale: expected a finite number; got {factor!r}")
+        context, k, v = self.attend(qkv, cache, layer_id, start, position_ids, mask, rows, factor)
+        if cache is not None:
+            k, v = cache.keys[layer_id, :, :, :t], cache.values[layer_id, :, :, :t]
+        return to_caller(context, kind), to_caller(k, kind), to_caller(v, kind)
 
+    def attend(self, qkv, cache=None, layer_id=0, start=None, position_ids=None, mask=None, alibi=None, scale=None):
+        """The attention on arguments ``forward`` has checked, or a model's layer has from checked inputs (its
+        projection [B, S, (h + 2 kv) d]; its cache with ``start`` from ``cache.reserve``, int64 on the host, or the
+        cache's device lengths; ``position_ids`` int32 [B, S] or None; ``mask`` as ``key_mask`` returns it (over
+        ``key_count`` keys or more), ``alibi`` as ``alibi_rows`` does; ``scale`` default 1 / sqrt(d)): nothing is
+        checked again. Returns (context [B, S, h d], k, v): without a cache the keys and values attended, else
+        None, None (they are the cache's)."""
+        cfg = self.config
+        h, kv, d = cfg.heads // cfg.mp_size, cfg.num_kv // cfg.mp_size, cfg.head_size
+        b, s, _ = qkv.shape
+        xp = module_of(qkv)
+        if start is None:  # no cache: the keys are this call's, from slot 0
+            start = numpy.zeros(b, numpy.int64)
+        on_device = not isinstance(start, numpy.ndarray)
+        if xp is not numpy and not on_device and xp.cuda.get_current_stream().is_capturing():
+            raise RuntimeError(
+                "start: a step captured into a CUDA graph needs its cache slots on the GPU "
+                "(cache.device_lengths); host ones would be repeated by every replay"
+            )
+        factor = 1 / math.sqrt(d) if scale is None else scale
         window = cfg.window_size if cfg.local_attention else None
         per_key_mask = mask is None or (mask.shape[1] == 1 and mask.shape[2] == 1)
         capability = compute_capability() if xp is not numpy else 0
@@ -144,7 +161,7 @@ class SoftmaxContextOp(TransformerOp):
         q = k = v = None
         if fused:  # the kernel turns q and k and appends k and v itself
             context = decode_attention_qkv(
-                qkv, position_ids, cfg, h, cache, layer_id, start, window or 0, mask, rows, factor
+                qkv, position_ids, cfg, h, cache, layer_id, start, window or 0, mask, alibi, factor
             )
         elif xp is not numpy and (cache is not None or cfg.rotary_style is not None):
             q, k = rotary_append(qkv, position_ids, cfg, h, kv, d, cache, layer_id, first)
@@ -156,25 +173,25 @@ class SoftmaxContextOp(TransformerOp):
                 k = apply_rotary(k, positions, cfg.rotary_dim, cfg.rope_theta, cfg.rotary_style)
         if cache is None or xp is numpy:
             v = heads(h + kv, kv)
-        if cache is not None:
-            if xp is numpy:
-                cache.write(layer_id, xp.ascontiguousarray(k), xp.ascontiguousarray(v), start)
-            keys, values = cache.keys[layer_id, :, :, :t], cache.values[layer_id, :, :, :t]
-        else:
-            keys, values = k, v
+        if cache is not None and xp is numpy:
+            cache.write(layer_id, xp.ascontiguousarray(k), xp.ascontiguousarray(v), start)
         if path == "prefill":
             src_k, src_v = (cache.keys[layer_id], cache.values[layer_id]) if cache is not None else (k, v)
             launch = prefill_attention_sm90 if prefill_sm90_runs(d) else prefill_attention
             context = launch(
-                q, src_k, src_v, first, mask, rows, factor, causal=cfg.triangular_masking, window=window or 0
+                q, src_k, src_v, first, mask, alibi, factor, causal=cfg.triangular_masking, window=window or 0
             )
         elif path == "decode" and not fused:  # unfused (ops.matmul.fused_decode(False)): after rotary_append above
-            context = decode_attention(q, cache, layer_id, start, window or 0, mask, rows, factor)
+            context = decode_attention(q, cache, layer_id, start, window or 0, mask, alibi, factor)
         elif path == "reference":
+            keys, values = (k, v)
+            if cache is not None:
+                t = key_count(cache, start, s)
+                keys, values = cache.keys[layer_id, :, :, :t], cache.values[layer_id, :, :, :t]
             context = attention_reference(
-                q, keys, values, start, mask, rows, factor, causal=cfg.triangular_masking, window=window
+                q, keys, values, start, mask, alibi, factor, causal=cfg.triangular_masking, window=window
             )
-        return to_caller(context, kind), to_caller(keys, kind), to_caller(values, kind)
+        return (context, None, None) if cache is not None else (context, k, v)
 
     def _start(self, cache, layer_id, kind, b, s, kv, d, start):
         """Each sequence's first slot for this call's ``s`` tokens (zeros without a cache), checked against the
@@ -213,6 +230,12 @@ class SoftmaxContextOp(TransformerOp):
         if module_of(ids) is numpy and (ids.min() < 0 or ids.max() >= 2**31):  # GPU ones: no sync to read them
             raise ValueError(f"position_ids: expected positions in [0, 2^31); got {ids.min()} to {ids.max()}")
         return ids
+
+
+def key_count(cache, start, s: int) -> int:
+    """The most keys any sequence attends for ``s`` tokens from ``start``: the cache's capacity where ``start`` is
+    on the device (nothing is read there), else the furthest slot written plus one."""
+    return cache.max_tokens if not isinstance(start, numpy.ndarray) else int(start.max()) + s
 
 
 def attention_path(gpu, b, h, kv, s, d, dtype, cached, per_key_mask, capability) -> str:
