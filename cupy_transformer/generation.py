@@ -196,7 +196,10 @@ class Decoder:
             # logits: read with the first tokens (``read(0)``), not per step (a NaN met only by a generated token
             # goes unseen).
             self._prompts = ids, positions, keep
-            self._run(key, lambda: self._prompt_ops(*inputs), self.batch * run_width <= PROMPT_GRAPH_TOKENS)
+            capture = self.batch * run_width <= PROMPT_GRAPH_TOKENS and (
+                not self.gpu or self.model.layer.attention.prompt_kernels(self.batch, run_width)
+            )
+            self._run(key, lambda: self._prompt_ops(*inputs), capture)
             self._copy_out(0)
 
     def step(self) -> None:

@@ -512,3 +512,19 @@ def test_attention_path_takes_the_fused_decode_kernel_for_decode_steps():
     assert attention_path(True, 3, 12, 12, 1, 64, f16, True, False, 90) == "reference"  # a mask per query
     assert attention_path(False, 3, 12, 12, 1, 64, f16, True, True, 0) == "reference"  # NumPy
     assert attention_path(True, 70000, 12, 12, 1, 64, f16, True, True, 90) == "reference"  # past a grid's y and z
+
+
+@pytest.mark.parametrize(
+    "dtype, head_size, capability, kernels",
+    [(numpy.float16, 64, 90, True), (numpy.float32, 64, 90, False), (numpy.float16, 64, 75, False)],
+)
+def test_prompt_kernels_is_false_where_a_prompt_pass_takes_the_array_operations(
+    monkeypatch, dtype, head_size, capability, kernels
+):
+    """A decoder captures a prompt pass only where its attention is a kernel: attention_reference's CuPy einsum
+    calls cuBLAS, which CuPy refuses inside a stream capture (fp32 prompts; compute capability below 8.0)."""
+    from cupy_transformer.ops import softmax_context
+
+    monkeypatch.setattr(softmax_context, "compute_capability", lambda: capability)
+    c = cfg(dtype, d=head_size)
+    assert ops.SoftmaxContextOp(c).prompt_kernels(2, 48) is kernels
