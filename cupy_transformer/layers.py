@@ -27,9 +27,10 @@ into the norms that follow them (the norm kernel's pre-add), one kernel a layer 
 so the residual stream is rounded where Hugging Face rounds it (after the attention block, after the MLP) and a
 layer hands the next both its output and that output normalised.
 
-On the decode path (a whole model's fp16/bf16 step of up to 8 rows whose products run as in a CUDA graph:
-``PreLNLayer.fuses``) the norms go into the GEMV products instead (``ops.matmul``'s ``norm=`` and ``residual=``),
-four kernels a layer and attention's::
+On the decode path (a whole model's fp16/bf16 step of up to 16 rows whose products run as in a CUDA graph:
+``PreLNLayer.fuses``) the norms go into the GEMV products instead (``ops.matmul``'s ``norm=`` and ``residual=``; the
+norms up to 8 rows and where the rows fit the prologue, else a norm kernel before the product), four kernels a layer
+and attention's::
 
     qkv = LN1(x) @ W_qkv + b_qkv                        # the norm as the GEMV's prologue
     z = round(x + (SoftmaxContextOp(qkv) @ W_o + b_o))  # the residual add as its epilogue
@@ -130,8 +131,8 @@ class PreLNLayer:
 
     def fuses(self, x) -> bool:
         """Whether this step's products may take the norms and residual adds (the module docstring's decode form):
-        a whole model (tensor parallelism sums between the product and the add), GPU fp16/bf16 arrays of up to 8
-        rows, products that run as in a CUDA graph (``ops.matmul.graph_products``: all of them on the GEMV), and
+        a whole model (tensor parallelism sums between the product and the add), GPU fp16/bf16 arrays of up to
+        16 rows, products that run as in a CUDA graph (``ops.matmul.graph_products``: all of them on the GEMV), and
         fusions not turned off (``ops.matmul.fused_decode``)."""
         return (
             self.all_reduce is None

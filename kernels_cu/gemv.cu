@@ -1,10 +1,11 @@
-// Decode-shape matrix products: y[R, N] = act(x[R, K] @ W + bias) for R <= 8 rows, reading every weight
-// once with 16-byte loads. The weight stream is the whole cost.
+// Decode-shape matrix products: y[R, N] = act(x[R, K] @ W + bias) for R <= 16 rows (fp32: 8), reading every
+// weight once with 16-byte loads. The weight stream is the whole cost.
 //
 // fp16 and bf16 run on the tensor cores (gemv_tc_*, further down): the weights are mma.sync's A operand
 // (16 outputs x 16 k) and x its B operand (16 k x 8 input rows, padded), so one instruction does what 256
-// FMAs per lane would and every row count up to 8 costs about the same. fp32 (gemv_kn / gemv_nk, first)
-// uses FMAs with R = rows rounded up to 1, 2, 4 or 8. Both run on a grid of (column tiles, K splits): each
+// FMAs per lane would and every row count up to 8 costs about the same; X8 = 2 kernels take 9-16 rows as two B
+// operands (two mma an A fragment). fp32 (gemv_kn / gemv_nk, first) uses FMAs with R = rows rounded up to 1, 2,
+// 4 or 8. Both run on a grid of (column tiles, K splits): each
 // block reduces its tile over its K range; with one split it applies the epilogue and writes y, with several
 // it writes fp32 partials, and the last block of the tile to finish (an atomic counter per tile) adds the
 // splits in a fixed order (deterministic), applies the epilogue, writes y and resets the counter for the next
@@ -27,7 +28,10 @@ namespace ct {
 
 constexpr int GEMV_THREADS = 256;
 constexpr int GEMV_WARPS = GEMV_THREADS / 32;
-constexpr int GEMV_MAX_ROWS = 8;
+constexpr int GEMV_MAX_ROWS = 16;
+// The norm prologue takes up to 8 rows, a warp a row's statistics: at 16 rows its per-block statistics cost more
+// than a norm kernel before the product saves (the launcher's prologue_fits).
+constexpr int NORM_MAX_ROWS = GEMV_WARPS;
 
 // What a fused kernel adds: the norm of x as its prologue (y = act(NORM(x) @ W + bias)), or the residual add as
 // its epilogue (y = round(residual + (x @ W + bias)), no activation).
@@ -197,17 +201,19 @@ __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk(GEMV_ARGS) {
 
 __device__ __forceinline__ uint4 select(bool keep, uint4 v) { return keep ? v : make_uint4(0, 0, 0, 0); }
 
-// After the streaming loop: c[m][i] is this warp's sum for tile output out_of(m, i), x row 2t + i % 2.
+// After the streaming loop: c[m][j][i] is this warp's sum for tile output out_of(m, i), x row 8j + 2t + i % 2.
 // The 8 warps' sums meet in shared memory; then GemvOut finishes (one split) or keeps a partial.
-template <typename T, int TILE, bool RESIDUAL, int NC, typename OutOf>
-__device__ __forceinline__ void gemv_tc_reduce(const GemvOut<T, RESIDUAL>& out, const float (&c)[NC][4],
+template <typename T, int TILE, bool RESIDUAL, int NC, int X8, typename OutOf>
+__device__ __forceinline__ void gemv_tc_reduce(const GemvOut<T, RESIDUAL>& out, const float (&c)[NC][X8][4],
                                                int tile_first, OutOf out_of) {
-    __shared__ float red[GEMV_WARPS][8][TILE];
+    __shared__ float red[GEMV_WARPS][8 * X8][TILE];
     const int warp = threadIdx.x / 32, t = threadIdx.x % 4;
 #pragma unroll
     for (int m = 0; m < NC; ++m)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) red[warp][2 * t + i % 2][out_of(m, i)] = c[m][i];
+        for (int j = 0; j < X8; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) red[warp][8 * j + 2 * t + i % 2][out_of(m, i)] = c[m][j][i];
     __syncthreads();
     for (int o = threadIdx.x; o < out.rows * TILE; o += GEMV_THREADS) {
         const int r = o / TILE, col = o % TILE, n = tile_first + col;
@@ -263,8 +269,8 @@ __device__ __forceinline__ void normalize_rows_into(T* xs, const T* x, const Gem
                                                     const GemvNormSlot<T>& mine, int rows, int K, int k_begin,
                                                     int k_end) {
     constexpr int VEC = 16 / sizeof(T);
-    __shared__ float part[2][GEMV_MAX_ROWS][32];  // (shifted sum, sum of squares; row, warp of the row) sums
-    __shared__ float stat[2][GEMV_MAX_ROWS];      // mean, rstd
+    __shared__ float part[2][NORM_MAX_ROWS][32];  // (shifted sum, sum of squares; row, warp of the row) sums
+    __shared__ float stat[2][NORM_MAX_ROWS];      // mean, rstd
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int slots = K / VEC, warps = (slots + 31) / 32;
     const float inv_width = 1.f / K;
@@ -374,8 +380,9 @@ __device__ __forceinline__ void gemv_stream(const GemvOut<T, RESIDUAL>& out, con
 // Lane (g, t) loads k 8t .. 8t + 7 of the chunk from rows g and g + 8 of each 16-row piece, and x row g's
 // same 8 k: the chunk's k are permuted alike in both operands (mma step s takes each lane's pairs 2s, 2s +
 // 1). K % 8 == 0, k_per_split % 32 == 0, W and x 16-byte aligned (the launcher checks).
-// FUSE_NORM: x's rows normalised into shared memory by the prologue, which the B operands then read.
-template <typename T, int M, int U, int FUSE>
+// FUSE_NORM: x's rows normalised into shared memory by the prologue, which the B operands then read. X8 = 2: lane
+// (g, t) loads x rows g and g + 8, the B operands of two mma an A fragment.
+template <typename T, int M, int U, int FUSE, int X8>
 __device__ __forceinline__ void gemv_tc_nk_body(GEMV_BODY_ARGS) {
     const int rows = out.rows, N = out.N;
     constexpr int TILE = 16 * M, CK = 32;
@@ -388,8 +395,12 @@ __device__ __forceinline__ void gemv_tc_nk_body(GEMV_BODY_ARGS) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) wr[m][h] = w + static_cast<size_t>(min(tile_first + 16 * m + g + 8 * h, N - 1)) * K + 8 * t;
     T* const xs = reinterpret_cast<T*>(gemv_dynamic_shared);
-    const T* xr = FUSE == FUSE_NORM ? xs + min(g, rows - 1) * nm.stride + 8 * t
-                                    : x + static_cast<size_t>(min(g, rows - 1)) * K + 8 * t;
+    const T* xr[X8];
+#pragma unroll
+    for (int j = 0; j < X8; ++j) {
+        const int r = min(g + 8 * j, rows - 1);
+        xr[j] = FUSE == FUSE_NORM ? xs + r * nm.stride + 8 * t : x + static_cast<size_t>(r) * K + 8 * t;
+    }
     if (prefetch > 0 && threadIdx.x < TILE && tile_first + threadIdx.x < N && k_begin < k_end) {  // a row each
         const unsigned row_bytes = min((k_end - k_begin) * static_cast<int>(sizeof(T)), prefetch / TILE) & ~15;
         if (row_bytes > 0) prefetch_l2(w + static_cast<size_t>(tile_first + threadIdx.x) * K + k_begin, row_bytes);
@@ -405,16 +416,18 @@ __device__ __forceinline__ void gemv_tc_nk_body(GEMV_BODY_ARGS) {
                 for (int h = 0; h < 2; ++h) a[u][m][h] = load_stream(wr[m][h] + kc);
         }
     };
-    float c[M][4] = {};
+    float c[M][X8][4] = {};
     const auto multiply = [&](int kb) {
-        uint4 b[U];
+        uint4 b[U][X8];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int k = kb + u * CK;
             const bool in = k + 8 * t < k_end;
             // x's k (as the weights', clamped), or in shared memory, where the block's K range starts at 0
             const int xk = FUSE != FUSE_NORM ? (in ? k : k_end - 8 - 8 * t) : in ? k - k_begin : 0;
-            b[u] = select(in && g < rows, *reinterpret_cast<const uint4*>(xr + xk));
+#pragma unroll
+            for (int j = 0; j < X8; ++j)
+                b[u][j] = select(in && g + 8 * j < rows, *reinterpret_cast<const uint4*>(xr[j] + xk));
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -422,8 +435,11 @@ __device__ __forceinline__ void gemv_tc_nk_body(GEMV_BODY_ARGS) {
 #pragma unroll
             for (int m = 0; m < M; ++m) {
                 const uint4 lo = select(in, a[u][m][0]), hi = select(in, a[u][m][1]);
-                mma_16816<T>(c[m], {lo.x, hi.x, lo.y, hi.y}, b[u].x, b[u].y);
-                mma_16816<T>(c[m], {lo.z, hi.z, lo.w, hi.w}, b[u].z, b[u].w);
+#pragma unroll
+                for (int j = 0; j < X8; ++j) {
+                    mma_16816<T>(c[m][j], {lo.x, hi.x, lo.y, hi.y}, b[u][j].x, b[u][j].y);
+                    mma_16816<T>(c[m][j], {lo.z, hi.z, lo.w, hi.w}, b[u][j].z, b[u][j].w);
+                }
             }
         }
     };
@@ -432,15 +448,15 @@ __device__ __forceinline__ void gemv_tc_nk_body(GEMV_BODY_ARGS) {
     gemv_tc_reduce<T, TILE>(out, c, tile_first, [](int m, int i) { return 16 * m + threadIdx.x % 32 / 4 + 8 * (i / 2); });
 }
 
-template <typename T, int M, int U, int BLOCKS>
+template <typename T, int M, int U, int BLOCKS, int X8>
 __global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_nk(GEMV_ARGS) {
-    gemv_tc_nk_body<T, M, U, FUSE_NONE>(x, w, GemvOut<T>{y, bias, partials, counters, rows, N, act, has_bias}, K,
-                                        k_per_split, prefetch, early, GemvNorm<T>{});
+    gemv_tc_nk_body<T, M, U, FUSE_NONE, X8>(x, w, GemvOut<T>{y, bias, partials, counters, rows, N, act, has_bias},
+                                            K, k_per_split, prefetch, early, GemvNorm<T>{});
 }
 
-template <typename T, int M, int U, int BLOCKS, int FUSE>
+template <typename T, int M, int U, int BLOCKS, int FUSE, int X8>
 __global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_nk_fused(GEMV_FUSED_ARGS) {
-    gemv_tc_nk_body<T, M, U, FUSE>(x, w, GEMV_FUSED_OUT, K, k_per_split, prefetch, early, GEMV_FUSED_NORM);
+    gemv_tc_nk_body<T, M, U, FUSE, X8>(x, w, GEMV_FUSED_OUT, K, k_per_split, prefetch, early, GEMV_FUSED_NORM);
 }
 
 // W [K, N] (DeepSpeed's default [in, out]). A block's tile is 32 M columns; a chunk is 16 k, and chunks go
@@ -453,7 +469,7 @@ __global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_nk_fused(GEMV_FU
 // for both chunks are x row g's k 8t .. 8t + 7: one 16-byte load a pair (x loads were a third of the
 // instructions at one piece a tile). N % 8 == 0, K % 8 == 0, k_per_split % 16 == 0, W and x 16-byte aligned
 // (the launcher checks).
-template <typename T, int M, int U, int FUSE>
+template <typename T, int M, int U, int FUSE, int X8>
 __device__ __forceinline__ void gemv_tc_kn_body(GEMV_BODY_ARGS) {
     static_assert(U % 2 == 0, "a batch is whole chunk pairs");
     const int rows = out.rows, N = out.N;
@@ -466,8 +482,12 @@ __device__ __forceinline__ void gemv_tc_kn_body(GEMV_BODY_ARGS) {
     for (int m = 0; m < M; ++m) col[m] = min(tile_first + 32 * m + 8 * t, N - 8);
     const int rho = 2 * g - g % 2;
     T* const xs = reinterpret_cast<T*>(gemv_dynamic_shared);
-    const T* xr = FUSE == FUSE_NORM ? xs + min(g, rows - 1) * nm.stride + 8 * t
-                                    : x + static_cast<size_t>(min(g, rows - 1)) * K + 8 * t;
+    const T* xr[X8];  // x rows g (and g + 8: X8 = 2, two B operands an A fragment)
+#pragma unroll
+    for (int j = 0; j < X8; ++j) {
+        const int r = min(g + 8 * j, rows - 1);
+        xr[j] = FUSE == FUSE_NORM ? xs + r * nm.stride + 8 * t : x + static_cast<size_t>(r) * K + 8 * t;
+    }
     const int x_origin = FUSE == FUSE_NORM ? k_begin : 0;  // shared memory holds the block's K range
     if (prefetch > 0) {  // the tile's columns of each k row, a thread a row
         const unsigned row_bytes = min(TILE, N - tile_first) * static_cast<int>(sizeof(T));
@@ -491,16 +511,20 @@ __device__ __forceinline__ void gemv_tc_kn_body(GEMV_BODY_ARGS) {
             }
         }
     };
-    float c[2 * M][4] = {};
+    float c[2 * M][X8][4] = {};
     const auto multiply = [&](int kb) {
-        uint2 b[U];
+        uint2 b[U][X8];
 #pragma unroll
         for (int u = 0; u < U; u += 2) {  // k_end - pair is a multiple of 8, so the eight k are in range together
             const int pair = kb + (u / 2) * 2 * CK;
-            const uint4 v = pair + 8 * t < k_end && g < rows ? *reinterpret_cast<const uint4*>(xr + (pair - x_origin))
-                                                            : make_uint4(0, 0, 0, 0);
-            b[u] = make_uint2(v.x, v.y);
-            b[u + 1] = make_uint2(v.z, v.w);
+#pragma unroll
+            for (int j = 0; j < X8; ++j) {
+                const uint4 v = pair + 8 * t < k_end && g + 8 * j < rows
+                                    ? *reinterpret_cast<const uint4*>(xr[j] + (pair - x_origin))
+                                    : make_uint4(0, 0, 0, 0);
+                b[u][j] = make_uint2(v.x, v.y);
+                b[u + 1][j] = make_uint2(v.z, v.w);
+            }
         }
 #pragma unroll
         for (int u = 0; u < U; ++u)
@@ -510,28 +534,31 @@ __device__ __forceinline__ void gemv_tc_kn_body(GEMV_BODY_ARGS) {
                 const unsigned l0 = transpose8x8(lo.x), l1 = transpose8x8(lo.y), l2 = transpose8x8(lo.z),
                                l3 = transpose8x8(lo.w), h0 = transpose8x8(hi.x), h1 = transpose8x8(hi.y),
                                h2 = transpose8x8(hi.z), h3 = transpose8x8(hi.w);
-                mma_16816<T>(c[2 * m], {l0, l1, h0, h1}, b[u].x, b[u].y);      // columns j = 0, 1
-                mma_16816<T>(c[2 * m + 1], {l2, l3, h2, h3}, b[u].x, b[u].y);  // columns j = 2, 3
+#pragma unroll
+                for (int j = 0; j < X8; ++j) {
+                    mma_16816<T>(c[2 * m][j], {l0, l1, h0, h1}, b[u][j].x, b[u][j].y);      // columns 0, 1 (n(g, .))
+                    mma_16816<T>(c[2 * m + 1][j], {l2, l3, h2, h3}, b[u][j].x, b[u][j].y);  // columns 2, 3
+                }
             }
     };
     gemv_stream<T, FUSE>(out, nm, xs, x, K, k_begin, k_end, tile_first, TILE, k_begin + warp * U * CK,
                          GEMV_WARPS * U * CK, early, load_weights, multiply);
-    // c[2m + p][i]: piece m, column n(g, 2p + i / 2), x row 2t + i % 2.
+    // c[2m + p][j][i]: piece m, column n(g, 2p + i / 2), x row 8j + 2t + i % 2.
     gemv_tc_reduce<T, TILE>(out, c, tile_first, [](int mp, int i) {
         const int g = threadIdx.x % 32 / 4;
         return 32 * (mp / 2) + 8 * (g / 2) + 2 * (2 * (mp % 2) + i / 2) + g % 2;
     });
 }
 
-template <typename T, int M, int U, int BLOCKS>
+template <typename T, int M, int U, int BLOCKS, int X8>
 __global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_kn(GEMV_ARGS) {
-    gemv_tc_kn_body<T, M, U, FUSE_NONE>(x, w, GemvOut<T>{y, bias, partials, counters, rows, N, act, has_bias}, K,
-                                        k_per_split, prefetch, early, GemvNorm<T>{});
+    gemv_tc_kn_body<T, M, U, FUSE_NONE, X8>(x, w, GemvOut<T>{y, bias, partials, counters, rows, N, act, has_bias},
+                                            K, k_per_split, prefetch, early, GemvNorm<T>{});
 }
 
-template <typename T, int M, int U, int BLOCKS, int FUSE>
+template <typename T, int M, int U, int BLOCKS, int FUSE, int X8>
 __global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_kn_fused(GEMV_FUSED_ARGS) {
-    gemv_tc_kn_body<T, M, U, FUSE>(x, w, GEMV_FUSED_OUT, K, k_per_split, prefetch, early, GEMV_FUSED_NORM);
+    gemv_tc_kn_body<T, M, U, FUSE, X8>(x, w, GEMV_FUSED_OUT, K, k_per_split, prefetch, early, GEMV_FUSED_NORM);
 }
 
 }  // namespace ct

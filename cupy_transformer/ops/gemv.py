@@ -1,5 +1,6 @@
-"""``kernels_cu/gemv.cu``'s launcher: ``act(x[rows <= 8, K] @ W + bias)`` for decode shapes, with W ``[in, out]``
-or (``transposed``) ``[out, in]``, and the bias and activation in the kernel's epilogue (fp32, one rounding).
+"""``kernels_cu/gemv.cu``'s launcher: ``act(x[rows <= 16, K] @ W + bias)`` (fp32: 8 rows) for decode shapes, with W
+``[in, out]`` or (``transposed``) ``[out, in]``, and the bias and activation in the kernel's epilogue (fp32, one
+rounding).
 
 fp16 and bf16 may fuse a decode layer's neighbours into the product (``gemv_fused_fits``): ``norm=`` computes
 ``act(NORM(x) @ W + bias)``, NORM normalising each row of x in the kernel's prologue with ``ops.norm``'s kernel's
@@ -8,7 +9,8 @@ code for the values, its statistics in one pass (within a rounding of that kerne
 ``round(residual + round(x @ W) + bias)``).
 
 fp16 and bf16 run the tensor-core kernels at a geometry (pieces a tile, chunks a batch, blocks resident a SM)
-chosen per shape; fp32 runs the FMA kernels with the rows rounded up to 1, 2, 4 or 8. A launch is a grid of
+chosen per shape, and 9-16 rows as two mma B operands an A fragment (``X8`` 2: the weights are read once for
+16 rows as for 8); fp32 runs the FMA kernels with the rows rounded up to 1, 2, 4 or 8. A launch is a grid of
 (column tiles, K splits), as many splits as fill the SMs, with the current stream's split workspace
 (``runtime.kernels.split_workspace``). ``ops.matmul`` decides where this kernel runs instead of cuBLASLt; ``gemv``
 runs it on checked CuPy arrays, and takes ``geometry`` and ``family`` for the geometries a sweep compares
@@ -32,7 +34,7 @@ from ..runtime.kernels import (
 )
 from ..runtime.programmatic import weight_prefetch
 
-GEMV_MAX_ROWS = 8
+GEMV_MAX_ROWS = 16  # fp16 / bf16 (the tensor-core kernels); fp32: _FMA_ROWS
 _THREADS = 256  # gemv.cu's GEMV_THREADS
 _FMA_ROWS = (1, 2, 4, 8)  # the fp32 kernels' row counts (rows round up)
 _GEMV_ACTS = (0, 1, 2, 5)  # identity and the ActivationType values a per-column epilogue can apply
@@ -53,18 +55,19 @@ GEMV_TC_NK = {"fine": (1, 1, 2), "fine, short rows": (1, 4, 1), "coarse": (2, 1,
 EARLY_WEIGHTS_K = 4096
 
 
-def nk_geometry(n: int, k: int, sms: int):
+def nk_geometry(n: int, k: int, sms: int, rows: int = 1):
     """The [out, in] geometry for N x K on ``sms`` SMs. Where coarse (two-piece) tiles would not give every SM a
     block and rows are short (K <= 3072): fine tiles (one piece: twice the tiles) at one block a SM with 4 chunks a
     batch, which halves the K splits twice over (none where the tiles fill the SMs), as a split's partials and
     last-block pass cost more than they save on short rows. Longer rows: coarse, their K splits filling the SMs
     (LLaMA-1B's down product, N 2048 x K 8192: the captured step 2.4% faster than with fine tiles on an H100;
     neutral at the LLaMA-7B shape). Coarse at 3 blocks a SM where 2 would leave a second, partial wave (N = 11008:
-    344 tiles on 132 SMs; 4-5% faster on an H200, in a CUDA graph); else coarse at 2."""
+    344 tiles on 132 SMs; 4-5% faster on an H200, in a CUDA graph), but for 9-16 ``rows`` (their kernel would spill
+    registers within the 80 that 3 a SM leave); else coarse at 2."""
     tiles = math.ceil(n / 32)
     if tiles <= sms and k <= 3072:
         return GEMV_TC_NK["fine, short rows"]
-    return GEMV_TC_NK["coarse, 3 a SM" if 2 * sms < tiles <= 3 * sms else "coarse"]
+    return GEMV_TC_NK["coarse, 3 a SM" if 2 * sms < tiles <= 3 * sms and rows <= 8 else "coarse"]
 
 
 def kn_chunks_a_batch(k_per_split: int) -> int:
@@ -74,34 +77,49 @@ def kn_chunks_a_batch(k_per_split: int) -> int:
     return min((4, 2), key=lambda u: u * math.ceil(chunks / (8 * u)))
 
 
-def tc_kernel_name(ctype: str, transposed: bool, geometry) -> str:
-    """The name expression of a tensor-core kernel at ``geometry`` (pieces, chunks, blocks a SM)."""
-    return f"ct::gemv_tc_{'nk' if transposed else 'kn'}<{ctype}, {', '.join(map(str, geometry))}>"
+def x8_of(rows: int) -> int:
+    """gemv.cu's X8 for ``rows`` rows of x: the groups of 8 a lane's B operands cover."""
+    return 1 if rows <= 8 else 2
+
+
+def tc_kernel_name(ctype: str, transposed: bool, geometry, x8: int = 1) -> str:
+    """The name expression of a tensor-core kernel at ``geometry`` (pieces, chunks, blocks a SM) for up to 8 ``x8``
+    rows."""
+    return f"ct::gemv_tc_{'nk' if transposed else 'kn'}<{ctype}, {', '.join(map(str, geometry))}, {x8}>"
 
 
 # gemv.cu's GemvFuse: the norm prologue, the residual epilogue.
 FUSE_NORM, FUSE_RESIDUAL = 1, 2
 
 
-def fused_kernel_name(ctype: str, transposed: bool, geometry, fuse: int) -> str:
+def fused_kernel_name(ctype: str, transposed: bool, geometry, fuse: int, x8: int = 1) -> str:
     """The name expression of a fused tensor-core kernel (``FUSE_NORM`` or ``FUSE_RESIDUAL``) at ``geometry``."""
-    return f"ct::gemv_tc_{'nk' if transposed else 'kn'}_fused<{ctype}, {', '.join(map(str, geometry))}, {fuse}>"
+    layout = "nk" if transposed else "kn"
+    return f"ct::gemv_tc_{layout}_fused<{ctype}, {', '.join(map(str, geometry))}, {fuse}, {x8}>"
 
 
 _TC_GEOMETRIES = [(False, g) for g in GEMV_TC_KN] + [(True, g) for g in GEMV_TC_NK.values()]
+
+
+def _tc_kernels(x8: int) -> list[str]:
+    """The tensor-core kernels the launcher runs for up to 8 ``x8`` rows, plain and fused (9-16 rows: never at 3
+    blocks a SM)."""
+    geometries = [(tr, g) for tr, g in _TC_GEOMETRIES if x8 == 1 or g[2] < 3]
+    halves = [c for d, c in CTYPES.items() if d.itemsize == 2]
+    return [tc_kernel_name(c, tr, geo, x8) for c in halves for tr, geo in geometries] + [
+        fused_kernel_name(c, tr, geo, fuse, x8) for c in halves for tr, geo in geometries
+        for fuse in ((FUSE_NORM, FUSE_RESIDUAL) if x8 == 1 else (FUSE_RESIDUAL,))  # the norm: up to NORM_MAX_ROWS
+    ]  # fmt: skip
+
+
 GEMV_KERNELS = KernelFamily(
     "gemv.cu",
-    [tc_kernel_name(c, tr, geo) for d, c in CTYPES.items() if d.itemsize == 2 for tr, geo in _TC_GEOMETRIES]
-    + [f"ct::gemv_{layout}<float, {r}>" for layout in ("kn", "nk") for r in _FMA_ROWS]
-    + [
-        fused_kernel_name(c, tr, geo, fuse)
-        for d, c in CTYPES.items()
-        if d.itemsize == 2
-        for tr, geo in _TC_GEOMETRIES
-        for fuse in (FUSE_NORM, FUSE_RESIDUAL)
-    ],
+    _tc_kernels(1) + [f"ct::gemv_{layout}<float, {r}>" for layout in ("kn", "nk") for r in _FMA_ROWS],
     programmatic=True,
 )
+# The 9-16-row kernels, compiled on their first use (a batch of 9-16 sequences): the family's compile time doubles
+# with them, which a batch of one need not wait for.
+GEMV16_KERNELS = KernelFamily("gemv.cu", _tc_kernels(2), programmatic=True, part="9-16 rows")
 
 
 class GemvNorm(NamedTuple):
@@ -118,9 +136,14 @@ _NORM_MODES = {"layer_norm": 0, "layer_norm_no_beta": 1, "rms_norm": 2}  # norm_
 # The norm prologue sums a row's statistics a 16-byte slot a lane, then over the row's warps in one warp: rows of
 # at most 32 x 32 slots.
 NORM_MAX_SLOTS = 1024
-# Dynamic shared memory for the normalised rows of a block's K range: with the kernels' ~10 KiB of static shared
-# memory under the 48 KiB a launch gets without opting in, and 3 blocks a SM within an A100's 164 KiB. 8 rows of
-# K 2048 (LLaMA-1B) fit; where they do not, the caller normalises first (``gemv_fused_fits``).
+# ... and takes up to 8 rows. At 16, every block's statistics over 16 whole rows cost more than a norm kernel before
+# the product saves: GPT-2 small's batch-16 step took 1.16x as long with the prologue in its QKV and up products as
+# with norm kernels before them (H100).
+NORM_MAX_ROWS = 8
+# Dynamic shared memory for the normalised rows of a block's K range: with the kernels' ~12 KiB of static shared
+# memory under the 48 KiB a launch gets without opting in (16-row kernels, ~22 KiB, opt in), and 3 blocks a SM
+# within an A100's 164 KiB. 8 rows of K 2048 (LLaMA-1B) fit; where they do not, the caller normalises first
+# (``gemv_fused_fits``).
 PROLOGUE_SHARED_BYTES = 36 * 1024
 
 
@@ -132,9 +155,10 @@ def prologue_stride(k_per_split: int) -> int:
 
 def prologue_fits(rows: int, k: int, k_per_split: int, itemsize: int) -> bool:
     """Whether the norm prologue takes rows of ``k`` (``k_per_split`` of them a block) of a 16-bit dtype: at most
-    ``NORM_MAX_SLOTS`` slots a row and the normalised rows within ``PROLOGUE_SHARED_BYTES``."""
+    ``NORM_MAX_ROWS`` rows of at most ``NORM_MAX_SLOTS`` slots, the normalised rows within ``PROLOGUE_SHARED_BYTES``."""
     return (
         itemsize == 2
+        and rows <= NORM_MAX_ROWS
         and k // (16 // itemsize) <= NORM_MAX_SLOTS
         and rows * prologue_stride(k_per_split) * itemsize <= PROLOGUE_SHARED_BYTES
     )
@@ -152,8 +176,11 @@ _FMA_BLOCKS_PER_SM = {False: 4, True: 2}
 
 
 def gemv_fits(x, w, transposed, bias, act) -> bool:
-    """The GEMV kernel's requirements: 16-byte aligned operands, whole vectors along the weight's rows,
-    an activation it can apply per column, and for fp16/bf16 tensor cores with mma.sync m16n8k16 (sm_80+)."""
+    """The GEMV kernel's requirements: up to ``GEMV_MAX_ROWS`` rows (fp32: 8), 16-byte aligned operands, whole
+    vectors along the weight's rows, an activation it can apply per column, and for fp16/bf16 tensor cores with
+    mma.sync m16n8k16 (sm_80+)."""
+    if x.shape[0] > (GEMV_MAX_ROWS if x.dtype.itemsize == 2 else _FMA_ROWS[-1]):
+        return False
     vec = vector_width(x.dtype)
     k, n = x.shape[1], (w.shape[0] if transposed else w.shape[1])
     aligned = all(a.data.ptr % 16 == 0 for a in (x, w) + ((bias,) if bias is not None else ()))
@@ -164,9 +191,9 @@ def gemv_fits(x, w, transposed, bias, act) -> bool:
 
 def gemv_fused_fits(x, w, transposed, bias=None, act=None, norm: GemvNorm | None = None, residual=None) -> bool:
     """Whether a fused GEMV takes this product (``gemv_fits`` must hold; ``gemv``'s ``norm`` and ``residual``, one
-    of them): fp16/bf16 (the tensor-core kernels; fp32 products normalise and add as before), up to 8 rows; the norm
-    with 16-byte aligned gamma and beta and its rows within ``prologue_fits`` at this launch's K split; the residual
-    a contiguous [rows, N] array of x's dtype, with no activation."""
+    of them): fp16/bf16 (the tensor-core kernels; fp32 products normalise and add as before), up to 16 rows; the
+    norm with 16-byte aligned gamma and beta and its rows within ``prologue_fits`` (up to 8) at this launch's K
+    split; the residual a contiguous [rows, N] array of x's dtype, with no activation."""
     if x.dtype.itemsize != 2 or x.shape[0] > GEMV_MAX_ROWS or (norm is None) == (residual is None):
         return False
     if norm is not None:
@@ -191,7 +218,7 @@ def gemv_k_per_split(k: int, n_tiles: int, k_step: int, blocks_per_sm: int, sms:
 
 
 def gemv(x, w, transposed, bias=None, act=None, geometry=None, family=None, *, norm=None, residual=None, early=None):
-    """The GEMV kernel on checked CuPy arrays (``gemv_fits`` must hold): ``act(x[rows<=8, K] @ W + bias)``.
+    """The GEMV kernel on checked CuPy arrays (``gemv_fits`` must hold): ``act(x[rows, K] @ W + bias)``.
     ``geometry``: (pieces, chunks, blocks a SM) for fp16/bf16 instead of the launcher's choice; ``family``: one
     that has that geometry's kernel (``GEMV_KERNELS.extended``) instead of ``GEMV_KERNELS``.
     Fused (``gemv_fused_fits`` must hold too): ``norm`` (a ``GemvNorm``): ``act(NORM(x) @ W + bias)``;
@@ -204,7 +231,7 @@ def gemv(x, w, transposed, bias=None, act=None, geometry=None, family=None, *, n
     name, grid, per_split, (partials, counters) = _launch_plan(x, w, transposed, geometry, fuse=fuse)
     n = w.shape[0] if transposed else w.shape[1]
     y = cupy.empty((rows, n), x.dtype)
-    family = GEMV_KERNELS if family is None else family
+    family = family or (GEMV16_KERNELS if x8_of(rows) == 2 and x.dtype.itemsize == 2 else GEMV_KERNELS)
     arguments = dict(
         x=x,
         w=w,
@@ -253,7 +280,7 @@ def _launch_plan(x, w, transposed, geometry=None, make_workspace=True, fuse=0):
     sms = sm_count()
     if x.dtype.itemsize == 2:
         if geometry is None and transposed:
-            geometry = nk_geometry(n, k, sms)
+            geometry = nk_geometry(n, k, sms, rows)
         # gemv.cu: pieces of 16 rows / 32 columns a tile; a split holds whole chunks of 32 / 16 k
         pieces, _, blocks_per_sm = geometry or (1, None, 2)  # [in, out]: chunks a batch from the split, below
         tile, k_step = (16 * pieces, 32) if transposed else (32 * pieces, 16)
@@ -265,10 +292,11 @@ def _launch_plan(x, w, transposed, geometry=None, make_workspace=True, fuse=0):
     if x.dtype.itemsize == 2:
         geometry = geometry or (1, kn_chunks_a_batch(per_split), blocks_per_sm)
         ctype = CTYPES[x.dtype]
+        x8 = x8_of(rows)
         name = (
-            fused_kernel_name(ctype, transposed, geometry, fuse)
+            fused_kernel_name(ctype, transposed, geometry, fuse, x8)
             if fuse
-            else tc_kernel_name(ctype, transposed, geometry)
+            else tc_kernel_name(ctype, transposed, geometry, x8)
         )
     else:
         name = f"ct::gemv_{'nk' if transposed else 'kn'}<float, {next(r for r in _FMA_ROWS if rows <= r)}>"

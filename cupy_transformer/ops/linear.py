@@ -1,7 +1,7 @@
 """LinearOp: ``y = x @ W (+ bias)``, DeepSpeed's plain projection, which its post-LN models use for the fused QKV
 projection.
 
-``ops.matmul`` does the product, with the bias in the epilogue of cuBLASLt or (up to 8 rows, where it timed faster)
+``ops.matmul`` does the product, with the bias in the epilogue of cuBLASLt or (up to 16 rows, where it timed faster)
 of the GEMV kernel. DeepSpeed's ``do_flash_attn`` rearrangement is not offered: its own attention never asks for it.
 """
 

@@ -5,7 +5,7 @@ Weights are ``[in, out]`` (DeepSpeed's default, GPT-2's Conv1D) or, with ``trans
 (``nn.Linear``). Products go to cuBLASLt (``runtime.cublaslt``: fp32 accumulation), whose epilogue adds the
 bias and applies ReLU or GELU (tanh form) before the one rounding to the dtype; other activations
 (GELU_EXACT) take ``bias_act``'s extra pass. Where cuBLASLt finds no algorithm, ``cupy.matmul`` plus that
-pass does it. Up to 8 rows the GEMV kernel may run instead; it applies bias and activation in its epilogue
+pass does it. Up to 16 rows (fp32: 8) the GEMV kernel may run instead; it applies bias and activation in its epilogue
 (fp32, one rounding). Which is faster depends on the shape and the card (on an H200 the GEMV ran at 0.88-1.19x
 cuBLAS's speed), so the first eager call of each decode shape times both (``runtime.timing``), eagerly and as
 CUDA graphs, and keeps the faster of each: a decode step being captured runs the one faster in a graph
@@ -84,7 +84,7 @@ def matmul(x, w, transposed: bool, bias=None, act=None, *, norm: GemvNorm | None
 
 def fused_fits(x, w, transposed, bias=None, act=None, norm: GemvNorm | None = None, residual=None) -> bool:
     """Whether ``matmul`` runs this product (x [rows, in] on the GPU) with ``norm`` or ``residual`` fused into one
-    GEMV kernel: up to 8 rows in a graph's products (``graph_products``), where the GEMV takes it (``gemv_fits``,
+    GEMV kernel: up to 16 rows in a graph's products (``graph_products``), where the GEMV takes it (``gemv_fits``,
     ``gemv_fused_fits``: fp16/bf16). A gated ``act`` is applied after the product, as ``matmul`` does."""
     if module_of(x) is numpy or x.shape[0] > GEMV_MAX_ROWS or not graph_products() or not fusing():
         return False

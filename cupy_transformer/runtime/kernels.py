@@ -110,10 +110,13 @@ class KernelFamily:
         arch: str | None = None,
         register: bool = True,
         programmatic: bool = False,
+        part: str | None = None,
     ):
         """``arch``: the one architecture the family is built for (e.g. "90a", for instructions only that
         target has); its launcher must run it on that architecture alone. None: the current device's.
-        ``register``: list it in ``registry`` (what warmup and the CI compile cover). ``programmatic``: every
+        ``register``: list it in ``registry`` (what warmup and the CI compile cover), by file name, or with
+        ``part`` as "file (part)": a second family of a file's kernels that few calls need, compiled apart on
+        their first use (the GEMV's 9-16-row kernels). ``programmatic``: every
         kernel of the file waits for the kernel before (``follow_previous_kernel``), so inside
         ``programmatic.programmatic_launches()`` its launches may start early (runtime/programmatic.py)."""
         self.filename = filename
@@ -124,7 +127,7 @@ class KernelFamily:
         self._kernels: dict[tuple[int, str], object] = {}
         self._packers: dict[str, object] = {}
         if register:
-            KernelFamily.registry[filename] = self
+            KernelFamily.registry[filename if part is None else f"{filename} ({part})"] = self
 
     def extended(self, name_expressions: Iterable[str]) -> "KernelFamily":
         """A family of the same file with more instantiations (a sweep's geometries), outside the registry, so

@@ -1,4 +1,5 @@
-"""ops.gemv: gemv.cu's kernels for up to 8 rows (both layouts, split-K or not, epilogue) and their geometry."""
+"""ops.gemv: gemv.cu's kernels for up to 16 rows (fp32: 8; both layouts, split-K or not, epilogue) and their
+geometry."""
 
 import numpy
 import pytest
@@ -14,7 +15,7 @@ EPILOGUES = [None, ActivationType.GELU, ActivationType.ReLU, ActivationType.GELU
 
 
 def check(rng, dtype, rows, k, n, transposed, with_bias, act):
-    """The GEMV kernel against float64 math where it applies (``gemv_fits``, up to 8 rows); returns the
+    """The GEMV kernel against float64 math where it applies (``gemv_fits``, up to 16 rows, fp32 8); returns the
     arrays and its result (None where it does not apply: ops.matmul runs cuBLAS there, test_matmul)."""
     host = {
         "x": random(rng, (rows, k), dtype),
@@ -35,7 +36,7 @@ def check(rng, dtype, rows, k, n, transposed, with_bias, act):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("transposed", [False, True], ids=["[in,out]", "[out,in]"])
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 13, 16])
 @pytest.mark.parametrize(
     "k, n", [(64, 40), (1600, 6400), (4096, 4096 + 8), (11008, 1000), (2072, 520), (768, 1001)], ids=str
 )
@@ -43,7 +44,8 @@ def test_gpu_shapes(rng, poisoned_allocations, dtype, transposed, rows, k, n):
     # (64, 40): one split, a partial tile; (11008, 1000): many splits; (2072, 520): splits that are not whole
     # block steps and a last split ending in half a chunk (with 132 SMs, [in, out]: splits of 144 k, the last
     # of 56: 16 and 24 k into a chunk pair); n = 1001 with [in, out] weights is not a whole number of 16-byte
-    # vectors: no GEMV (test_matmul's test_gpu_shapes runs every shape, and 9 rows, through ops.matmul).
+    # vectors: no GEMV (test_matmul's test_gpu_shapes runs every shape, and 17 rows, through ops.matmul). 9-16 rows
+    # (fp16 / bf16): the kernels with x rows g and g + 8 a lane (X8 = 2); fp32 runs the FMA kernels up to 8.
     check(rng, dtype, rows, k, n, transposed, with_bias=True, act=None)
 
 
@@ -126,7 +128,8 @@ def test_gpu_split_workspace_does_not_grow_during_capture(rng):
 
 def test_nk_geometry_holds_the_tiles_in_one_wave():
     """[out, in]: fine tiles at 1 block a SM while coarse ones would leave SMs idle and rows are of K <= 3072,
-    coarse at 3 blocks a SM where 2 would leave a second, partial wave, else coarse at 2 (132 SMs)."""
+    coarse at 3 blocks a SM where 2 would leave a second, partial wave (not for 9-16 rows of x), else coarse at 2
+    (132 SMs)."""
     geometry = {n: nk_geometry(n, 4096, sms=132) for n in (4096, 4232, 6400, 8448, 8480, 11008, 12672, 12704, 16384)}
     assert geometry == {
         4096: (2, 1, 2),
@@ -154,13 +157,15 @@ def test_nk_geometry_holds_the_tiles_in_one_wave():
         (11008, 3072): (2, 1, 3),
         (11008, 3080): (2, 1, 3),
     }
+    assert nk_geometry(11008, 4096, 132, rows=8) == (2, 1, 3) and nk_geometry(11008, 4096, 132, rows=9) == (2, 1, 2)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [t for t in FLOAT_DTYPES if numpy.dtype(t).itemsize == 2], ids=str)
-@pytest.mark.parametrize("rows", [1, 8])
+@pytest.mark.parametrize("rows", [1, 8, 16])
 def test_gpu_nk_at_three_blocks_a_sm(rng, poisoned_allocations, dtype, rows):
-    """[out, in] with a width whose coarse tiles take 3 blocks a SM for one wave, the last tile partial."""
+    """[out, in] with a width whose coarse tiles take 3 blocks a SM for one wave, the last tile partial (16 rows: at
+    2 a SM)."""
     from cupy_transformer.runtime.kernels import sm_count
 
     n = 32 * (2 * sm_count() + 8) + 8
@@ -221,7 +226,7 @@ def test_fused_reference_is_the_float64_math(rng):
 def test_prologue_fits_bounds_shared_memory_and_slots():
     """The fused norm falls back (the caller normalises first) where the block's normalised rows pass
     PROLOGUE_SHARED_BYTES or the row passes NORM_MAX_SLOTS (the prologue sums a slot a lane over at most 32 warps),
-    and for fp32."""
+    past NORM_MAX_ROWS rows, and for fp32."""
     from cupy_transformer.ops.gemv import PROLOGUE_SHARED_BYTES, prologue_fits, prologue_stride
 
     assert prologue_stride(1600) == 1632 and prologue_stride(2048) == 2080 and prologue_stride(16) == 96
@@ -232,6 +237,7 @@ def test_prologue_fits_bounds_shared_memory_and_slots():
     assert prologue_fits(8, 4096, 1024, 2) and not prologue_fits(8, 4096, 4096, 2) and prologue_fits(1, 4096, 4096, 2)
     assert prologue_fits(1, 8192, 2048, 2) and not prologue_fits(1, 8200, 2048, 2)  # 1025 slots
     assert not prologue_fits(1, 64, 64, 4)  # fp32: the FMA kernels have no prologue
+    assert prologue_fits(8, 64, 64, 2) and not prologue_fits(9, 64, 64, 2)  # up to NORM_MAX_ROWS
 
 
 @pytest.mark.gpu
@@ -272,7 +278,7 @@ def test_gpu_norm_prologue(rng, poisoned_allocations, dtype, transposed, mode, r
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("transposed", [False, True], ids=["[in,out]", "[out,in]"])
-@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("rows", [1, 3, 8, 11, 16])
 @pytest.mark.parametrize("k", [776, 1600, 4104])
 def test_gpu_residual_epilogue(rng, poisoned_allocations, dtype, transposed, rows, k):
     """gemv(x, residual=r) = round(r + (x @ W + bias)) against the float64 reference, r unchanged; with r = 0 to the
@@ -377,16 +383,16 @@ def test_gpu_early_weights_change_nothing(rng, poisoned_allocations, transposed,
 
 @pytest.mark.gpu
 def test_gpu_matmul_fused_outside_a_graph_or_unfit_is_an_error(rng):
-    """ops.matmul takes norm= / residual= only where the fused GEMV runs (graph products, fp16/bf16, <= 8 rows)."""
+    """ops.matmul takes norm= / residual= only where the fused GEMV runs (graph products, fp16/bf16, <= 16 rows)."""
     from cupy_transformer import ops
     from cupy_transformer.ops.matmul import fused_fits, matmul
 
-    x, w, bias, norm = norm_inputs(rng, numpy.float16, 9, 64, 40, False, "rms_norm", True)
+    x, w, bias, norm = norm_inputs(rng, numpy.float16, 17, 64, 40, False, "rms_norm", True)
     a = on_backend({"x": x, "w": w, "gamma": norm.gamma}, gpu=True)
     gpu_norm = norm._replace(gamma=a["gamma"])
     assert not fused_fits(a["x"][:2], a["w"], False, norm=gpu_norm)  # eager, not under graph_choices
     with ops.graph_choices():
         assert fused_fits(a["x"][:2], a["w"], False, norm=gpu_norm)
-        assert not fused_fits(a["x"], a["w"], False, norm=gpu_norm)  # 9 rows
+        assert not fused_fits(a["x"], a["w"], False, norm=gpu_norm)  # 17 rows
         with pytest.raises(ValueError, match="fused_fits"):
             matmul(a["x"], a["w"], False, norm=gpu_norm)

@@ -83,13 +83,13 @@ def test_lm_logits_bad_input():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("transposed", [False, True], ids=["[in,out]", "[out,in]"])
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 16, 17])
 @pytest.mark.parametrize(
     "k, n", [(64, 40), (1600, 6400), (4096, 4096 + 8), (11008, 1000), (2072, 520), (768, 1001)], ids=str
 )
 def test_gpu_shapes(rng, poisoned_allocations, dtype, transposed, rows, k, n):
     # test_gemv's shapes through the dispatch: n = 1001 with [in, out] weights is not a whole number of 16-byte
-    # vectors, and 9 rows are too many: cuBLAS only.
+    # vectors, and 17 rows are too many (fp32: 9): cuBLAS only.
     check(rng, dtype, rows, k, n, transposed, with_bias=True, act=None, gpu=True)
 
 
@@ -109,7 +109,7 @@ def test_gpu_gemv_geometries_through_the_dispatch(rng, poisoned_allocations):
 
     check(rng, numpy.float16, 2, 8192, 512, transposed=False, with_bias=True, act=ActivationType.GELU, gpu=True)
     for dtype in [t for t in FLOAT_DTYPES if numpy.dtype(t).itemsize == 2]:
-        for rows in (1, 8):
+        for rows in (1, 8, 16):
             check(
                 rng,
                 dtype,
