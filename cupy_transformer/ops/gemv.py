@@ -103,7 +103,7 @@ _TC_GEOMETRIES = [(False, g) for g in GEMV_TC_KN] + [(True, g) for g in GEMV_TC_
 
 def _tc_kernels(x8: int) -> list[str]:
     """The tensor-core kernels the launcher runs for up to 8 ``x8`` rows, plain and fused (9-16 rows: never at 3
-    blocks a SM)."""
+    blocks a SM, and the residual epilogue only)."""
     geometries = [(tr, g) for tr, g in _TC_GEOMETRIES if x8 == 1 or g[2] < 3]
     halves = [c for d, c in CTYPES.items() if d.itemsize == 2]
     return [tc_kernel_name(c, tr, geo, x8) for c in halves for tr, geo in geometries] + [
