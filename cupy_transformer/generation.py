@@ -113,6 +113,7 @@ class Decoder:
         self.cuda_graph = cuda_graph and self.gpu
         self.programmatic = programmatic
         self.fused = fused
+        self._step_capturable = self._capturable(1)
         self.sampling = Sampling()
         self.steps = 0  # decode steps since the prompts: step n draws each sequence's token n
         self._finite = xp.ones((), bool)  # whether the prompts' logits are finite (``prefill`` writes it)
@@ -196,9 +197,7 @@ class Decoder:
             # logits: read with the first tokens (``read(0)``), not per step (a NaN met only by a generated token
             # goes unseen).
             self._prompts = ids, positions, keep
-            capture = self.batch * run_width <= PROMPT_GRAPH_TOKENS and (
-                not self.gpu or self.model.layer.attention.prompt_kernels(self.batch, run_width)
-            )
+            capture = self.batch * run_width <= PROMPT_GRAPH_TOKENS and self._capturable(run_width)
             self._run(key, lambda: self._prompt_ops(*inputs), capture)
             self._copy_out(0)
 
@@ -213,8 +212,13 @@ class Decoder:
             self._copy_out(self.steps)
             return
         with self._on_stream():
-            self._run(key, self._step_ops)
+            self._run(key, self._step_ops, self._step_capturable)
             self._copy_out(self.steps)
+
+    def _capturable(self, tokens: int) -> bool:
+        """Whether a pass of ``tokens`` tokens a sequence may be captured: its attention is a kernel (a model whose
+        attention takes the array operations, such as fp32 with more than 8 query heads a kv head, runs eagerly)."""
+        return not self.gpu or self.model.layer.attention.kernels(self.batch, tokens)
 
     def _run(self, key: tuple, work: Callable[[], None], capture: bool = True) -> None:
         """``work`` (a step's or a prompt pass's launches, on the decoder's stream) as ``key``'s graph: run eagerly

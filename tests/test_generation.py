@@ -159,6 +159,25 @@ def test_gpu_captured_steps_draw_the_eager_steps_tokens(tmp_path, rng, family):
         assert len(numpy.unique(runs[0])) > 10  # not one token repeated
 
 
+@pytest.mark.gpu
+def test_gpu_a_model_whose_attention_takes_the_array_operations_decodes_uncaptured(tmp_path, rng):
+    """fp32 LLaMA with 16 query heads over one kv head (the CUDA-core decode kernel takes 8): its prompt pass and its
+    steps take attention_reference, whose CuPy einsum calls cuBLAS, refused in a stream capture. The decoder runs
+    them eagerly (no capture, no error) and draws what a decoder without CUDA graphs draws, twice over (the second
+    prompt pass at a width already run)."""
+    from cupy_transformer.models import load_model
+    from tests.models import test_llama
+
+    test_llama.checkpoint(tmp_path, rng, False, h=256, heads=16, kv=1, inner=512, layers=2, vocab=500, positions=64)
+    model = load_model(tmp_path, "float32", "cupy", progress=False)
+    assert not model.layer.attention.kernels(2, 1) and not model.layer.attention.kernels(2, 16)
+    prompts = [rng.integers(0, 500, n).tolist() for n in (5, 9)]
+    runs = [decode_tokens(generation.Decoder(model, 2, 40, cuda_graph=False), prompts, 20)]
+    decoder = generation.Decoder(model, 2, 40)
+    runs += [decode_tokens(decoder, prompts, 20) for _ in range(2)]
+    assert all((r == runs[0]).all() for r in runs[1:]) and not decoder._graphs
+
+
 def decode_tokens(decoder, prompts, steps, seed=0, sampling=None):
     """The tokens [steps + 1, B] a decoder draws for ``prompts``: its prompt pass's, then ``steps`` steps'."""
     decoder.prefill(prompts, seed=seed, sampling=sampling)

@@ -193,10 +193,10 @@ class SoftmaxContextOp(TransformerOp):
             )
         return (context, None, None) if cache is not None else (context, k, v)
 
-    def prompt_kernels(self, batch: int, tokens: int) -> bool:
+    def kernels(self, batch: int, tokens: int) -> bool:
         """Whether a GPU pass of ``tokens`` tokens a sequence with a cache (its padding masked by key, or none)
         runs on this op's kernels rather than ``attention_reference``, whose array operations call CuPy's cuBLAS:
-        refused inside a stream capture, so such a pass is not captured."""
+        refused inside a stream capture, so a decoder does not capture such a prompt pass or step."""
         cfg = self.config
         h, kv = cfg.heads // cfg.mp_size, cfg.num_kv // cfg.mp_size
         path = attention_path(True, batch, h, kv, tokens, cfg.head_size, cfg.dtype, True, True, compute_capability())

@@ -515,16 +515,23 @@ def test_attention_path_takes_the_fused_decode_kernel_for_decode_steps():
 
 
 @pytest.mark.parametrize(
-    "dtype, head_size, capability, kernels",
-    [(numpy.float16, 64, 90, True), (numpy.float32, 64, 90, False), (numpy.float16, 64, 75, False)],
+    "dtype, heads, capability, tokens, kernels",
+    [
+        (numpy.float16, 4, 90, 48, True),
+        (numpy.float32, 4, 90, 48, False),  # an fp32 prompt
+        (numpy.float16, 4, 75, 48, False),
+        (numpy.float32, 4, 90, 1, True),  # a step: the decode kernel takes fp32
+        (numpy.float32, 32, 90, 1, False),  # 16 query heads a kv head: past the CUDA-core decode kernel's 8
+        (numpy.float16, 32, 90, 1, True),  # on tensor cores
+    ],
 )
-def test_prompt_kernels_is_false_where_a_prompt_pass_takes_the_array_operations(
-    monkeypatch, dtype, head_size, capability, kernels
+def test_kernels_is_false_where_a_pass_takes_the_array_operations(
+    monkeypatch, dtype, heads, capability, tokens, kernels
 ):
-    """A decoder captures a prompt pass only where its attention is a kernel: attention_reference's CuPy einsum
-    calls cuBLAS, which CuPy refuses inside a stream capture (fp32 prompts; compute capability below 8.0)."""
+    """A decoder captures a prompt pass or a step only where its attention is a kernel: attention_reference's CuPy
+    einsum calls cuBLAS, which CuPy refuses inside a stream capture."""
     from cupy_transformer.ops import softmax_context
 
     monkeypatch.setattr(softmax_context, "compute_capability", lambda: capability)
-    c = cfg(dtype, d=head_size)
-    assert ops.SoftmaxContextOp(c).prompt_kernels(2, 48) is kernels
+    c = cfg(dtype, heads=heads, kv=2, d=64)
+    assert ops.SoftmaxContextOp(c).kernels(2, tokens) is kernels
