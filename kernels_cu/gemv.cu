@@ -28,7 +28,6 @@ namespace ct {
 
 constexpr int GEMV_THREADS = 256;
 constexpr int GEMV_WARPS = GEMV_THREADS / 32;
-constexpr int GEMV_MAX_ROWS = 16;
 // The norm prologue takes up to 8 rows, a warp a row's statistics: at 16 rows its per-block statistics cost more
 // than a norm kernel before the product saves (the launcher's prologue_fits).
 constexpr int NORM_MAX_ROWS = GEMV_WARPS;

@@ -231,7 +231,8 @@ def gemv(x, w, transposed, bias=None, act=None, geometry=None, family=None, *, n
     name, grid, per_split, (partials, counters) = _launch_plan(x, w, transposed, geometry, fuse=fuse)
     n = w.shape[0] if transposed else w.shape[1]
     y = cupy.empty((rows, n), x.dtype)
-    family = family or (GEMV16_KERNELS if x8_of(rows) == 2 and x.dtype.itemsize == 2 else GEMV_KERNELS)
+    if family is None:
+        family = GEMV16_KERNELS if x8_of(rows) == 2 and x.dtype.itemsize == 2 else GEMV_KERNELS
     arguments = dict(
         x=x,
         w=w,
