@@ -36,6 +36,7 @@ from . import ops
 from .ops.sampling import sampling_arguments
 from .runtime.arrays import array_module, positive_int
 from .runtime.programmatic import programmatic_launches
+from .runtime.tensor_map import holding
 
 
 class Sampling(NamedTuple):
@@ -122,6 +123,7 @@ class Decoder:
         # padded, sampling), with its inputs' buffers, the last PROMPT_GRAPHS_KEPT widths and settings.
         self._graphs: dict[tuple, object] = {}
         self._warm: set[tuple] = set()
+        self._held: dict[tuple, object] = {}  # the tensor maps its passes read (``runtime.tensor_map.holding``)
         self._prompt_inputs: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
         self._host = [numpy.zeros(self.batch, numpy.int32) for _ in range(2)]  # steps n and n + 1's tokens
         if self.gpu:
@@ -306,13 +308,13 @@ class Decoder:
 
     @contextlib.contextmanager
     def _step_memory(self, own_pool: bool = True):
-        """A step's allocations from the decoder's own pool (``own_pool``), and its products chosen as a graph
-        chooses them."""
+        """A step's allocations from the decoder's own pool (``own_pool``), the tensor maps its graphs read held by the
+        decoder (``own_pool``), and its products chosen as a graph chooses them."""
         with ops.graph_choices(), ops.fused_decode(self.fused):
             if not self.gpu or not own_pool:
                 yield
                 return
-            with self.xp.cuda.using_allocator(self._pool.malloc):
+            with self.xp.cuda.using_allocator(self._pool.malloc), holding(self._held):
                 yield
 
 

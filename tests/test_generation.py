@@ -330,6 +330,27 @@ def test_gpu_repeated_prompt_passes_replay_their_eager_tokens(tmp_path, rng, mon
     )
 
 
+@pytest.mark.gpu
+def test_gpu_a_captured_prompt_pass_keeps_its_tensor_maps_after_the_memo_lets_them_go(tmp_path, rng):
+    """fp16 GPT-2 of head size 64, whose prompt pass on an H100 / H200 reads the cache through tensor maps (device
+    arrays its graph holds the addresses of): after the process-wide memo of maps has let them go and their memory
+    has been handed out again and overwritten, the replayed pass still draws the eager pass's tokens, since the
+    decoder holds its passes' maps. (On other GPUs the pass reads no maps, and this shows the replay only.)"""
+    import cupy
+
+    from cupy_transformer.runtime import tensor_map
+
+    model, prompts = small_fp16_model(tmp_path, rng, "gpt2")
+    decoder = generation.Decoder(model, batch=3, capacity=13 + 21)
+    want = [decode_tokens(decoder, prompts, 20) for _ in range(2)]  # eager, then captured
+    assert (want[0] == want[1]).all() and any(key[0] == "prompt" for key in decoder._graphs)
+    tensor_map.MAPS.clear()
+    with decoder.stream, cupy.cuda.using_allocator(decoder._pool.malloc):
+        junk = [cupy.full(32, -1, cupy.int32) for _ in range(256)]  # blocks of the maps' size, overwritten
+    assert (decode_tokens(decoder, prompts, 20) == want[0]).all()  # the pass's graph replayed
+    del junk
+
+
 def test_fused_decode_switch_nests_and_restores():
     """``ops.fused_decode(False)`` turns the decode fusions off inside it (``Decoder(fused=False)``'s steps), and each
     exit restores what was set before it."""

@@ -5,13 +5,16 @@ A kernel that fetches tiles with ``cp.async.bulk.tensor`` (``kernels_cu/tma.cuh`
 128-byte struct as a kernel argument, so the map is encoded through ctypes and handed to the kernel in global
 memory (which the copy instruction accepts, after the kernel's ``fence.proxy.tensormap`` acquire). Maps
 depend only on the address and the layout, so they are kept per (device, address, shape, strides, dtype,
-box): a layer's cache and a repeated prefill shape encode and upload once.
+box): a layer's cache and a repeated prefill shape encode and upload once. A CUDA graph reads its maps by
+address, long after the capture: whatever owns the graph holds them too (``holding``), since the LRU lets the
+least recently used go and their memory would then be reused under the graph.
 
 Constants are cuda.h's (CUDA 12 and 13 agree on them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 
 import numpy
@@ -23,6 +26,7 @@ _DATA_TYPE = {"float16": 6, "bfloat16": 9}  # CU_TENSOR_MAP_DATA_TYPE_*
 _SWIZZLE_128B, _L2_PROMOTION_256B, _INTERLEAVE_NONE, _OOB_FILL_ZEROS = 3, 3, 0, 0
 _KEEP = 512  # maps kept: each layer's K and V cache views have their own (2 x 80 for a 70B model's layers)
 MAPS = DeviceLRU(_KEEP)
+_HOLDERS: list[dict] = []  # the maps of each ``holding`` now open, innermost last
 _encode = None
 
 
@@ -69,7 +73,26 @@ def tile_map(a, rows: int):
             f"tile_map: address and strides must be positive multiples of 16 bytes and rows 1..256; "
             f"got address {a.data.ptr:#x}, strides {a.strides}, rows {rows}"
         )
-    return MAPS.get((a.data.ptr, a.shape, a.strides, a.dtype.str, rows), lambda: _encode_map(a, rows))
+    key = (a.data.ptr, a.shape, a.strides, a.dtype.str, rows)
+    held = _HOLDERS[-1] if _HOLDERS else None
+    if held is not None and key in held:
+        return held[key]
+    device_map = MAPS.get(key, lambda: _encode_map(a, rows))
+    if held is not None:
+        held[key] = device_map
+    return device_map
+
+
+@contextlib.contextmanager
+def holding(maps: dict):
+    """Within it, ``tile_map`` answers from ``maps`` and keeps there every map it returns: the owner of a CUDA graph
+    captured within it keeps ``maps`` as long as the graph, and a capture after an eager run within it finds that
+    run's maps (making one means an upload, which a capture refuses)."""
+    _HOLDERS.append(maps)
+    try:
+        yield
+    finally:
+        _HOLDERS.pop()
 
 
 def _encode_map(a, rows: int):

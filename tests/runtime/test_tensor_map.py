@@ -1,11 +1,13 @@
-"""runtime/tensor_map.py: the layouts a TMA tile map refuses (CPU: checked before the driver is asked). The
-maps themselves run in every prefill GPU test on an H100/H200 (prefill_attention_sm90.cu)."""
+"""runtime/tensor_map.py: the layouts a TMA tile map refuses (CPU: checked before the driver is asked), and the
+maps a graph's owner holds (``holding``). The maps themselves run in every prefill GPU test on an H100/H200
+(prefill_attention_sm90.cu); a decoder's captured pass after the memo has let its maps go, in test_generation.py."""
 
 import types
 
 import numpy
 import pytest
 
+from cupy_transformer.runtime import tensor_map
 from cupy_transformer.runtime.tensor_map import tile_map
 
 
@@ -35,3 +37,25 @@ def test_layouts_a_tile_map_cannot_describe_are_refused(array, rows, words):
     with pytest.raises(ValueError, match="tile_map") as err:
         tile_map(array, rows)
     assert words in str(err.value)
+
+
+def test_maps_returned_while_holding_are_kept_and_answered_from_there(monkeypatch):
+    asked = []
+
+    class Memo:  # the LRU's part: a new value each time it is asked
+        def get(self, key, make):
+            asked.append(key)
+            return object()
+
+    monkeypatch.setattr(tensor_map, "MAPS", Memo())
+    a, b = stand_in((2, 4, 100, 64)), stand_in((2, 4, 100, 64), address=0x2000)
+    held, inner = {}, {}
+    with tensor_map.holding(held):
+        first = tile_map(a, 64)
+        assert tile_map(a, 64) is first  # from ``held``: the memo is not asked again
+        with tensor_map.holding(inner):
+            in_inner = tile_map(b, 64)
+        assert tile_map(a, 32) is not first  # another box: another map
+    outside = tile_map(a, 64)
+    assert outside is not first and len(asked) == 4
+    assert list(inner.values()) == [in_inner] and first in held.values() and len(held) == 2
