@@ -1,7 +1,8 @@
 """Where a prompt pass's host time goes: cProfile of ``Decoder.prefill`` eagerly on a random model, after a
-warm-up, sorted by own time; and the pass's host time against its time on the stream, eager and replayed.
+warm-up, sorted by own time; and the pass's host time against its time on the stream, eager and replayed. With
+``--new``: the first pass of new decoders instead (each ``generate`` call's), after one on another decoder.
 
-    python3 benchmarks/profile_prefill.py [shape] [batch] [prompt]     # default gpt2-small 1 128
+    python3 benchmarks/profile_prefill.py [shape] [batch] [prompt] [--new]     # default gpt2-small 1 128
 """
 
 from __future__ import annotations
@@ -37,9 +38,38 @@ def times(decoder, prompts, runs: int = 10) -> tuple[float, float]:
     return statistics.median(hosts) * 1e3, statistics.median(gpus)
 
 
-def main(shape: str = "gpt2-small", batch: int = 1, prompt: int = 128) -> None:
+def first_passes(shape: str, model, batch: int, prompt: int, prompts, runs: int = 5) -> None:
+    """Each new decoder's first pass (eager, on its own stream and memory pool), timed and then profiled."""
+    Decoder(model, batch, prompt + 8).prefill(prompts)  # compiles, chooses the products
+    decoders = [Decoder(model, batch, prompt + 8) for _ in range(2 * runs)]
+    hosts, gpus = [], []
+    for decoder in decoders[:runs]:
+        hosts.append(-time.perf_counter())
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record(decoder.stream)
+        decoder.prefill(prompts)
+        end.record(decoder.stream)
+        hosts[-1] += time.perf_counter()
+        end.synchronize()
+        gpus.append(cupy.cuda.get_elapsed_time(start, end))
+    print(
+        f"{shape} batch {batch} prompt {prompt}, a new decoder's first pass: host "
+        f"{statistics.median(hosts) * 1e3:.2f} ms, stream {statistics.median(gpus):.2f} ms (medians of {runs})"
+    )
+    profile = cProfile.Profile()
+    for decoder in decoders[runs:]:
+        profile.enable()
+        decoder.prefill(prompts)
+        profile.disable()
+        decoder.stream.synchronize()
+    pstats.Stats(profile).sort_stats("tottime").print_stats(30)
+
+
+def main(shape: str = "gpt2-small", batch: int = 1, prompt: int = 128, new: bool = False) -> None:
     model = bench.random_model(shape)
     prompts = [list(range(1, prompt + 1))] * batch
+    if new:
+        return first_passes(shape, model, batch, prompt, prompts)
     # The eager pass (every pass of a decoder without graphs; a new decoder's first), then the replayed graph.
     eager, graph = Decoder(model, batch, prompt + 8, cuda_graph=False), Decoder(model, batch, prompt + 8)
     for decoder in (eager, graph):
@@ -59,4 +89,5 @@ def main(shape: str = "gpt2-small", batch: int = 1, prompt: int = 128) -> None:
 
 
 if __name__ == "__main__":
-    main(*(sys.argv[1:2] or ["gpt2-small"]), *[int(a) for a in sys.argv[2:4]])
+    args = [a for a in sys.argv[1:] if a != "--new"]
+    main(*(args[0:1] or ["gpt2-small"]), *[int(a) for a in args[1:3]], new="--new" in sys.argv)
