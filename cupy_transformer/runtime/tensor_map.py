@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import threading
 
 import numpy
 
@@ -26,7 +27,7 @@ _DATA_TYPE = {"float16": 6, "bfloat16": 9}  # CU_TENSOR_MAP_DATA_TYPE_*
 _SWIZZLE_128B, _L2_PROMOTION_256B, _INTERLEAVE_NONE, _OOB_FILL_ZEROS = 3, 3, 0, 0
 _KEEP = 512  # maps kept: each layer's K and V cache views have their own (2 x 80 for a 70B model's layers)
 MAPS = DeviceLRU(_KEEP)
-_HOLDERS: list[dict] = []  # the maps of each ``holding`` now open, innermost last
+_HOLDING = threading.local()  # .maps: the maps of each ``holding`` open on this thread, innermost last
 _encode = None
 
 
@@ -74,7 +75,8 @@ def tile_map(a, rows: int):
             f"got address {a.data.ptr:#x}, strides {a.strides}, rows {rows}"
         )
     key = (a.data.ptr, a.shape, a.strides, a.dtype.str, rows)
-    held = _HOLDERS[-1] if _HOLDERS else None
+    holders = getattr(_HOLDING, "maps", None)
+    held = holders[-1] if holders else None
     if held is not None and key in held:
         return held[key]
     device_map = MAPS.get(key, lambda: _encode_map(a, rows))
@@ -87,12 +89,15 @@ def tile_map(a, rows: int):
 def holding(maps: dict):
     """Within it, ``tile_map`` answers from ``maps`` and keeps there every map it returns: the owner of a CUDA graph
     captured within it keeps ``maps`` as long as the graph, and a capture after an eager run within it finds that
-    run's maps (making one means an upload, which a capture refuses)."""
-    _HOLDERS.append(maps)
+    run's maps (making one means an upload, which a capture refuses). Per thread: decoders may run side by side,
+    a thread each."""
+    if not hasattr(_HOLDING, "maps"):
+        _HOLDING.maps = []
+    _HOLDING.maps.append(maps)
     try:
         yield
     finally:
-        _HOLDERS.pop()
+        _HOLDING.maps.pop()
 
 
 def _encode_map(a, rows: int):

@@ -2,6 +2,7 @@
 maps a graph's owner holds (``holding``). The maps themselves run in every prefill GPU test on an H100/H200
 (prefill_attention_sm90.cu); a decoder's captured pass after the memo has let its maps go, in test_generation.py."""
 
+import threading
 import types
 
 import numpy
@@ -56,6 +57,9 @@ def test_maps_returned_while_holding_are_kept_and_answered_from_there(monkeypatc
         with tensor_map.holding(inner):
             in_inner = tile_map(b, 64)
         assert tile_map(a, 32) is not first  # another box: another map
+        elsewhere = threading.Thread(target=tile_map, args=(stand_in((2, 4, 100, 64), address=0x3000), 64))
+        elsewhere.start()
+        elsewhere.join()  # another thread's map: not held here
     outside = tile_map(a, 64)
-    assert outside is not first and len(asked) == 4
+    assert outside is not first and len(asked) == 5
     assert list(inner.values()) == [in_inner] and first in held.values() and len(held) == 2
