@@ -10,7 +10,7 @@ import numpy
 import pytest
 from safetensors.numpy import save_file
 
-from cupy_transformer.models import BERT, load_model
+from cupy_transformer.models import BERT, bert, load_model
 from tests.helpers import host, rel_error
 
 H, HEADS, LAYERS, INNER, VOCAB, POSITIONS = 32, 4, 2, 64, 40, 16
@@ -295,3 +295,27 @@ def test_long_texts_match_sentence_transformers(capsys, fast):
     theirs = sentence_transformers_embeddings(folder, texts)
     cosines = (ours * theirs).sum(1) / numpy.linalg.norm(ours, axis=1) / numpy.linalg.norm(theirs, axis=1)
     assert cosines.min() >= 0.99999, cosines
+
+
+@pytest.mark.parametrize("cores", [1, 2, 3])
+def test_cpu_passes_in_blocks_on_every_core_equal_the_whole_arrays(monkeypatch, rng, cores):
+    """The fast path's GELU and masked softmax, run by ``_on_cores`` in blocks of rows (a block's size not dividing
+    the rows) on 1-3 threads, give the whole array's result to the bit; a block's error reaches the caller."""
+    monkeypatch.setattr(bert, "_CORES", cores)
+    monkeypatch.setattr(bert, "_BLOCK", 700)
+    x = rng.standard_normal((37, 96)).astype(numpy.float32) * 4
+    got = x.copy()
+    bert._on_cores(lambda rows: bert._activate(bert._gelu_exact, rows), got)
+    assert numpy.array_equal(got, bert._gelu_exact(x)) and not numpy.array_equal(got, x)
+    scores = rng.standard_normal((11, 9, 9)).astype(numpy.float32)
+    mask = numpy.where(rng.random((11, 1, 9)) < 0.3, numpy.finfo(numpy.float32).min, 0).astype(numpy.float32)
+    want = scores.copy()
+    bert._softmax(want, mask)
+    bert._on_cores(bert._softmax, scores, mask)
+    assert numpy.array_equal(scores, want) and numpy.allclose(scores.sum(-1), 1, atol=1e-6)
+
+    def fails(rows):
+        raise ValueError("block")
+
+    with pytest.raises(ValueError, match="block"):
+        bert._on_cores(fails, x)
