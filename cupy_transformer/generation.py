@@ -308,8 +308,8 @@ class Decoder:
 
     @contextlib.contextmanager
     def _step_memory(self, own_pool: bool = True):
-        """A step's allocations from the decoder's own pool (``own_pool``), the tensor maps its graphs read held by the
-        decoder (``own_pool``), and its products chosen as a graph chooses them."""
+        """A step's products chosen as a graph chooses them; with ``own_pool`` (a pass that may be captured), its
+        allocations from the decoder's own pool and the tensor maps it reads held by the decoder."""
         with ops.graph_choices(), ops.fused_decode(self.fused):
             if not self.gpu or not own_pool:
                 yield

@@ -156,8 +156,8 @@ def _on_cores(fn, *arrays) -> None:
         return
     if _THREADS is None:
         _THREADS = concurrent.futures.ThreadPoolExecutor(_CORES, thread_name_prefix="ct-cpu")
-    for done in _THREADS.map(lambda block: fn(*block), blocks):  # raises what a block raised
-        del done
+    for _ in _THREADS.map(lambda block: fn(*block), blocks):  # each result in turn: raises what a block raised
+        pass
 
 
 def _activate(act, x: numpy.ndarray) -> None:
