@@ -57,6 +57,42 @@ def layer_ends(decoder, prompts) -> tuple[list[float], list[float]]:
     return [(t - begin) * 1e3 for t, _ in marks], [cupy.cuda.get_elapsed_time(start, e) for _, e in marks]
 
 
+def beside_hf(shape: str, batch: int, prompt: int) -> None:
+    from benchmarks.common import hf_model, hf_times
+    from benchmarks.e2e import ours_from
+
+    hf, dtype = hf_model(shape)
+    ours = ours_from(hf, dtype)
+    ids = bench.prompts_for(ours.vocab, batch, prompt)
+    hf_times(hf, ids, 4)
+    pauses, started = [], {}
+
+    def on_gc(phase, info):
+        if phase == "start":
+            started["t"] = time.perf_counter()
+        else:
+            pauses.append((info["generation"], (time.perf_counter() - started["t"]) * 1e3))
+
+    random = None
+    for label in ["over HF's tensors"] * 3 + ["gc frozen"] * 3 + ["random"] * 2:
+        if label == "gc frozen" and not gc.get_freeze_count():
+            gc.collect()
+            gc.freeze()
+        if label == "random" and random is None:
+            random = bench.random_model(shape)
+        model = random if label == "random" else ours
+        Decoder(model, batch, prompt + 8).prefill(ids.tolist())  # the warm-up decoder, let go before the next
+        decoder = Decoder(model, batch, prompt + 8)
+        pauses.clear()
+        gc.callbacks.append(on_gc)
+        try:
+            host, stream = timed(decoder, ids.tolist())
+        finally:
+            gc.callbacks.remove(on_gc)
+        collected = ", ".join(f"gen {g} {ms:.1f}" for g, ms in pauses) or "none"
+        print(f"{shape} B{batch} first pass, {label}: host {host:.2f} ms, stream {stream:.2f} ms; gc: {collected}")
+
+
 def main(shape: str, batch: int, prompt: int) -> None:
     model = bench.random_model(shape)
     prompts = [list(range(1, prompt + 1))] * batch
@@ -96,4 +132,4 @@ def main(shape: str, batch: int, prompt: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    (beside_hf if "--beside-hf" in sys.argv else main)(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
