@@ -4,7 +4,13 @@ second pass (the capture) and third (the replay); an eager-only decoder's repeat
 the stream's at the ends of layers (an event after each layer) in that decoder's pass, which tell a host-bound pass
 from one that waits for the device. Host / stream ms.
 
-    python3 benchmarks/first_pass.py gpt2-xl 16 128
+With ``--beside-hf``: as ``e2e.py`` runs it instead, our model over transformers' tensors in a process holding
+transformers' model (after one of its generations): a new decoder's first pass after a warm-up decoder's (as
+``bench.time_generation`` measures it), with the garbage collector's pauses inside it (``gc.callbacks``); then the
+same after ``gc.collect(); gc.freeze()`` (the objects alive then no longer scanned), and (still frozen) on a random
+model of the shape.
+
+    python3 benchmarks/first_pass.py gpt2-xl 16 128 [--beside-hf]
 """
 
 import gc
