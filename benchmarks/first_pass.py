@@ -23,21 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cupy  # noqa: E402
 
+from benchmarks.profile_prefill import timed  # noqa: E402
 from cupy_transformer import bench, layers  # noqa: E402
 from cupy_transformer.generation import Decoder  # noqa: E402
-
-
-def timed(decoder, prompts) -> tuple[float, float]:
-    """A prompt pass's host ms (issuing it) and stream ms."""
-    cupy.cuda.Device().synchronize()
-    begin = time.perf_counter()
-    start, end = cupy.cuda.Event(), cupy.cuda.Event()
-    start.record(decoder.stream)
-    decoder.prefill(prompts)
-    end.record(decoder.stream)
-    host = time.perf_counter() - begin
-    end.synchronize()
-    return host * 1e3, cupy.cuda.get_elapsed_time(start, end)
 
 
 def layer_ends(decoder, prompts) -> tuple[list[float], list[float]]:

@@ -22,39 +22,32 @@ from cupy_transformer import bench  # noqa: E402
 from cupy_transformer.generation import Decoder  # noqa: E402
 
 
-def times(decoder, prompts, runs: int = 10) -> tuple[float, float]:
-    """Medians of the host's time to issue a prompt pass and of its time on the stream, in ms."""
-    hosts, gpus = [], []
-    for _ in range(runs):
-        decoder.stream.synchronize()
-        begin = time.perf_counter()
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record(decoder.stream)
-        decoder.prefill(prompts)
-        end.record(decoder.stream)
-        hosts.append(time.perf_counter() - begin)
-        end.synchronize()
-        gpus.append(cupy.cuda.get_elapsed_time(start, end))
-    return statistics.median(hosts) * 1e3, statistics.median(gpus)
+def timed(decoder, prompts) -> tuple[float, float]:
+    """One prompt pass's host ms (issuing it) and stream ms, the device idle before it."""
+    cupy.cuda.Device().synchronize()
+    begin = time.perf_counter()
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    start.record(decoder.stream)
+    decoder.prefill(prompts)
+    end.record(decoder.stream)
+    host = time.perf_counter() - begin
+    end.synchronize()
+    return host * 1e3, cupy.cuda.get_elapsed_time(start, end)
+
+
+def medians(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    """The median host ms and stream ms of ``timed`` runs."""
+    return statistics.median(h for h, _ in runs), statistics.median(g for _, g in runs)
 
 
 def first_passes(shape: str, model, batch: int, prompt: int, prompts, runs: int = 5) -> None:
     """Each new decoder's first pass (eager, on its own stream and memory pool), timed and then profiled."""
     Decoder(model, batch, prompt + 8).prefill(prompts)  # compiles, chooses the products
     decoders = [Decoder(model, batch, prompt + 8) for _ in range(2 * runs)]
-    hosts, gpus = [], []
-    for decoder in decoders[:runs]:
-        hosts.append(-time.perf_counter())
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record(decoder.stream)
-        decoder.prefill(prompts)
-        end.record(decoder.stream)
-        hosts[-1] += time.perf_counter()
-        end.synchronize()
-        gpus.append(cupy.cuda.get_elapsed_time(start, end))
+    host, gpu = medians([timed(decoder, prompts) for decoder in decoders[:runs]])
     print(
-        f"{shape} batch {batch} prompt {prompt}, a new decoder's first pass: host "
-        f"{statistics.median(hosts) * 1e3:.2f} ms, stream {statistics.median(gpus):.2f} ms (medians of {runs})"
+        f"{shape} batch {batch} prompt {prompt}, a new decoder's first pass: host {host:.2f} ms, stream {gpu:.2f} ms "
+        f"(medians of {runs})"
     )
     profile = cProfile.Profile()
     for decoder in decoders[runs:]:
@@ -76,7 +69,7 @@ def main(shape: str = "gpt2-small", batch: int = 1, prompt: int = 128, new: bool
         for _ in range(3):
             decoder.prefill(prompts)
     for name, decoder in (("eager", eager), ("replayed graph", graph)):
-        host, gpu = times(decoder, prompts)
+        host, gpu = medians([timed(decoder, prompts) for _ in range(10)])
         print(f"{shape} batch {batch} prompt {prompt}, {name}: host {host:.2f} ms, stream {gpu:.2f} ms (medians of 10)")
     profile = cProfile.Profile()
     profile.enable()
