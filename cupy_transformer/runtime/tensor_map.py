@@ -27,7 +27,14 @@ _DATA_TYPE = {"float16": 6, "bfloat16": 9}  # CU_TENSOR_MAP_DATA_TYPE_*
 _SWIZZLE_128B, _L2_PROMOTION_256B, _INTERLEAVE_NONE, _OOB_FILL_ZEROS = 3, 3, 0, 0
 _KEEP = 512  # maps kept: each layer's K and V cache views have their own (2 x 80 for a 70B model's layers)
 MAPS = DeviceLRU(_KEEP)
-_HOLDING = threading.local()  # .maps: the maps of each ``holding`` open on this thread, innermost last
+
+
+class _Holding(threading.local):
+    def __init__(self):
+        self.maps: list[dict] = []  # the maps of each ``holding`` open on this thread, innermost last
+
+
+_HOLDING = _Holding()
 _encode = None
 
 
@@ -75,8 +82,7 @@ def tile_map(a, rows: int):
             f"got address {a.data.ptr:#x}, strides {a.strides}, rows {rows}"
         )
     key = (a.data.ptr, a.shape, a.strides, a.dtype.str, rows)
-    holders = getattr(_HOLDING, "maps", None)
-    held = holders[-1] if holders else None
+    held = _HOLDING.maps[-1] if _HOLDING.maps else None
     if held is not None and key in held:
         return held[key]
     device_map = MAPS.get(key, lambda: _encode_map(a, rows))
@@ -91,8 +97,6 @@ def holding(maps: dict):
     captured within it keeps ``maps`` as long as the graph, and a capture after an eager run within it finds that
     run's maps (making one means an upload, which a capture refuses). Per thread: decoders may run side by side,
     a thread each."""
-    if not hasattr(_HOLDING, "maps"):
-        _HOLDING.maps = []
     _HOLDING.maps.append(maps)
     try:
         yield
