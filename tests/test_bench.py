@@ -2,8 +2,11 @@
 
 import inspect
 
+import pytest
+
 from cupy_transformer import bench
 from cupy_transformer.loading import Checkpoint
+from cupy_transformer.ops import ActivationType
 
 
 def test_random_weights_take_what_the_loader_passes():
@@ -67,3 +70,35 @@ def test_ab_step_times_each_tree_in_its_own_process(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         ab_step.parse_args([str(tmp_path)])
     assert e.value.code == 2 and "cupy_transformer/bench.py" in capsys.readouterr().err
+
+
+@pytest.mark.cupy
+def test_same_code_shows_the_kernels_a_source_change_touches(tmp_path, capsys):
+    """``benchmarks/same_code.py`` compiles a family from each tree's own sources (not an installed copy's) and
+    compares each kernel's machine code: a change to bias_act.cu's gated branch alone leaves every other kernel of
+    the family as it was, and shows each gated one as differing."""
+    import importlib
+    import shutil
+    from pathlib import Path
+
+    from benchmarks import same_code
+
+    bias_act = importlib.import_module("cupy_transformer.ops.bias_act")  # the module (ops names its function so)
+
+    root = Path(__file__).resolve().parents[1]
+    for tree in ("old", "new"):
+        for part in ("cupy_transformer", "kernels_cu"):
+            shutil.copytree(root / part, tmp_path / tree / part, ignore=shutil.ignore_patterns("__pycache__"))
+    source = tmp_path / "new" / "kernels_cu" / "bias_act.cu"
+    text = source.read_text()
+    assert text.count("from_float<T>(u * g)") == 1
+    source.write_text(text.replace("from_float<T>(u * g)", "from_float<T>(u * g + 1.f)"))
+    names = bias_act._KERNELS.name_expressions
+    gated = sum(int(name.split(", ")[1]) in (ActivationType.GATED_GELU, ActivationType.GATED_SILU) for name in names)
+    assert 0 < gated < len(names)
+    same_code.main(
+        ["--arch", "80", "cupy_transformer.ops.bias_act:_KERNELS", str(tmp_path / "old"), str(tmp_path / "new")]
+    )
+    out = capsys.readouterr().out
+    assert f"{len(names) - gated} of {len(names)} kernels the same code" in out
+    assert out.count("  differs: ") == gated
