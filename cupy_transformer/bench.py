@@ -120,9 +120,11 @@ def time_generation(model, batch: int, prompt: int, new_tokens: int, *, cuda_gra
     tokens), after a warm-up run on another decoder (compiles, times the products' choices): ``prefill_first_ms``
     (the prompt pass and its first token on a new decoder, eager, as every ``generate`` call's is), ``prefill_ms``
     (the same pass repeated on that decoder, captured the first time: median of ``repeats``), ``decode_ms`` (a token
-    of every sequence, GPU time over the whole loop, the best run), ``host_us`` (the host's own time per step:
-    launching it and reading the tokens), ``tokens`` (that run's, [steps + 1, B]) and ``repeatable`` (whether every
-    run drew them). ``programmatic``, ``fused``: the decoder's (``generation.Decoder``)."""
+    of every sequence, GPU time over the whole loop, the best run), ``host_us`` and ``host_mean_us`` (the host's own
+    time per step, launching it and reading the tokens: the median and the mean step of the repeated runs; an
+    operating-system pause of a few ms moves the mean, not the median), ``tokens`` (that run's, [steps + 1, B]) and
+    ``repeatable`` (whether every run drew them). ``programmatic``, ``fused``: the decoder's
+    (``generation.Decoder``)."""
     cupy = import_cupy()
     rng = numpy.random.default_rng(seed)
     if prompts is None:
@@ -137,7 +139,7 @@ def time_generation(model, batch: int, prompt: int, new_tokens: int, *, cuda_gra
         start.record(stream)
         decoder.prefill(prompts, seed, sampling)
         after_prefill.record(stream)
-        tokens, host = [], 0.0
+        tokens, host = [], []
         for step in range(new_tokens):
             begin = time.perf_counter()
             if step + 1 < new_tokens:
@@ -146,7 +148,7 @@ def time_generation(model, batch: int, prompt: int, new_tokens: int, *, cuda_gra
             decoder.wait(step)  # the wait is the GPU's time, not the host's
             waited = time.perf_counter()
             tokens.append(decoder.read(step))
-            host += launched - begin + time.perf_counter() - waited
+            host.append(launched - begin + time.perf_counter() - waited)
         end.record(stream)
         end.synchronize()
         prefill = cupy.cuda.get_elapsed_time(start, after_prefill)
@@ -156,6 +158,7 @@ def time_generation(model, batch: int, prompt: int, new_tokens: int, *, cuda_gra
     decoder = new_decoder()
     runs = [run(decoder) for _ in range(repeats + 1)]
     best = min(runs, key=lambda r: r[1])
+    steps = [t for r in runs[1:] for t in r[2]] or [0.0]
     # The eager pass, its capture and its replays draw the same tokens (a difference is a defect, not noise).
     repeat = all(numpy.array_equal(numpy.stack(r[3]), numpy.stack(runs[0][3])) for r in runs)
     return {
@@ -163,7 +166,8 @@ def time_generation(model, batch: int, prompt: int, new_tokens: int, *, cuda_gra
         "prefill_first_ms": runs[0][0],
         "prefill_ms": statistics.median(r[0] for r in runs[1:]),
         "decode_ms": best[1],
-        "host_us": best[2] / max(1, new_tokens - 1) * 1e6,
+        "host_us": statistics.median(steps) * 1e6,
+        "host_mean_us": statistics.fmean(steps) * 1e6,
         "tokens": numpy.stack(best[3]),
     }
 
@@ -214,7 +218,7 @@ def report(shape: str, batch: int, prompt: int, new_tokens: int, cuda_graph: boo
         f"prefill: {result['prefill_first_ms']:.2f} ms (a new decoder's), {result['prefill_ms']:.2f} ms repeated "
         "(replayed)",
         f"decode: {result['decode_ms']:.3f} ms/token, {batch * 1e3 / result['decode_ms']:.0f} tokens/s, "
-        f"host {result['host_us']:.1f} µs/token",
+        f"host {result['host_us']:.1f} µs/token (median step; mean {result['host_mean_us']:.1f})",
         f"floor: {floor_ms:.3f} ms/token (the bytes a step reads at copy rate, {rate / 1e12:.2f} TB/s): "
         f"{100 * floor_ms / result['decode_ms']:.0f}% of it",
     ])  # fmt: skip
