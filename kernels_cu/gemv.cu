@@ -33,11 +33,20 @@ constexpr int GEMV_WARPS = GEMV_THREADS / 32;
 constexpr int NORM_MAX_ROWS = GEMV_WARPS;
 
 // What a fused kernel adds: the norm of x as its prologue (y = act(NORM(x) @ W + bias)), or the residual add as
-// its epilogue (y = round(residual + (x @ W + bias)), no activation).
-enum GemvFuse : int { FUSE_NONE = 0, FUSE_NORM = 1, FUSE_RESIDUAL = 2 };
+// its epilogue (y = round(residual + (x @ W + bias)), no activation), or the gated activation as its epilogue
+// (GemvOut's GATED; [out, in] only, alone or with the norm). Flags.
+enum GemvFuse : int { FUSE_NONE = 0, FUSE_NORM = 1, FUSE_RESIDUAL = 2, FUSE_GATED = 4 };
 
 // RESIDUAL: y = round(residual + v) for the product-plus-bias v, summed in fp32 (act is the identity).
-template <typename T, bool RESIDUAL = false>
+//
+// GATED (FUSE_GATED: act GATED_GELU or GATED_SILU; [out, in] tensor-core kernels only, the launcher checks): W's N
+// rows are [up | gate] halves and y [rows, N / 2] = up * act(gate) as bias_act.cu computes it from the product
+// rounded to T, so the same bits as the product followed by bias_act, one kernel and no [rows, N] round trip fewer.
+// A tile's 16-row pieces take 8 outputs' up rows, then the same outputs' gate rows: the tile's column 16 m + p (its
+// "column n" below, N / 2 % 8 == 0) is output (n / 16) 8 + p % 8's up row for p < 8, its gate row for p >= 8. A
+// template flag, not a run-time act, so the other kernels keep their machine code (a run-time branch cost GPT-2
+// small's step 4%).
+template <typename T, bool RESIDUAL = false, bool GATED = false>
 struct GemvOut {
     T* y;
     const T* bias;    // unread unless has_bias
@@ -46,6 +55,11 @@ struct GemvOut {
     int rows, N, act, has_bias;
     const T* residual;  // [rows, N], read when RESIDUAL
 
+    // The weight row of a tile's column n (gated: its output's up or gate row; past the outputs, the last one's).
+    __device__ int weight_row(int n) const {
+        if constexpr (!GATED) return min(n, N - 1);
+        else return (n % 16 >= 8 ? N / 2 : 0) + min(n / 16 * 8 + n % 8, N / 2 - 1);
+    }
     __device__ void finish(int r, int n, float v) const {
         if (has_bias) v += to_float(bias[n]);
         if constexpr (RESIDUAL)
@@ -53,30 +67,53 @@ struct GemvOut {
         else
             y[static_cast<size_t>(r) * N + n] = from_float<T>(activate<sizeof(T) == 2>(v, act));
     }
+    // Gated: the output of up column n from the up and gate sums, as bias_act.cu's gated form.
+    __device__ void finish_gated(int r, int n, float up, float gate) const {
+        const int half = N / 2, o = n / 16 * 8 + n % 8;
+        float u = to_float(from_float<T>(up));
+        if (has_bias) u = to_float(from_float<T>(u + to_float(bias[o])));
+        const float gate_in = to_float(from_float<T>(gate)) + (has_bias ? to_float(bias[half + o]) : 0.f);
+        constexpr bool FAST = sizeof(T) == 2;
+        const float g = to_float(from_float<T>(act == GATED_GELU ? activate<GATED_GELU, FAST>(gate_in)
+                                                                 : activate<GATED_SILU, FAST>(gate_in)));
+        y[static_cast<size_t>(r) * half + o] = from_float<T>(u * g);
+    }
     // This block's sum for (r, n): final, or one split's partial.
     __device__ void put(int r, int n, float v) const {
         if (gridDim.y == 1) finish(r, n, v);
         else partials[(static_cast<size_t>(blockIdx.y) * rows + r) * N + n] = v;
     }
+    __device__ void put_gated(int r, int n, float up, float gate) const {
+        if (gridDim.y == 1) return finish_gated(r, n, up, gate);
+        float* p = partials + (static_cast<size_t>(blockIdx.y) * rows + r) * N + n;
+        p[0] = up, p[8] = gate;
+    }
+    // (r, n)'s sum of the splits' partials: loads in groups of 8 (independent, in flight together), added in split
+    // order.
+    __device__ float split_sum(int r, int n) const {
+        const float* p = partials + static_cast<size_t>(r) * N + n;
+        const size_t stride = static_cast<size_t>(rows) * N;
+        const int splits = gridDim.y;
+        float v = 0.f;
+        for (int s = 0; s < splits; s += 8) {
+            float q[8];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) q[j] = s + j < splits ? __ldcg(p + (s + j) * stride) : 0.f;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) v += q[j];
+        }
+        return v;
+    }
     // After every put of the block: the last block of the tile adds the splits and finishes the tile.
     __device__ void reduce_splits(int tile_first, int tile_width) const {
         if (gridDim.y == 1 || !last_block_done(&counters[blockIdx.x], gridDim.y)) return;
-        for (int o = threadIdx.x; o < rows * tile_width; o += blockDim.x) {
-            const int r = o / tile_width, n = tile_first + o % tile_width;
+        const int width = GATED ? tile_width / 2 : tile_width;
+        for (int o = threadIdx.x; o < rows * width; o += blockDim.x) {
+            const int r = o / width, c = o % width;
+            const int n = tile_first + (GATED ? c / 8 * 16 + c % 8 : c);  // gated: up columns only
             if (n >= N) continue;
-            // Loads in groups of 8 (independent, in flight together), added in split order.
-            const float* p = partials + static_cast<size_t>(r) * N + n;
-            const size_t stride = static_cast<size_t>(rows) * N;
-            const int splits = gridDim.y;
-            float v = 0.f;
-            for (int s = 0; s < splits; s += 8) {
-                float q[8];
-#pragma unroll
-                for (int j = 0; j < 8; ++j) q[j] = s + j < splits ? __ldcg(p + (s + j) * stride) : 0.f;
-#pragma unroll
-                for (int j = 0; j < 8; ++j) v += q[j];
-            }
-            finish(r, n, v);
+            if constexpr (GATED) finish_gated(r, n, split_sum(r, n), split_sum(r, n + 8));
+            else finish(r, n, split_sum(r, n));
         }
         if (threadIdx.x == 0) counters[blockIdx.x] = 0;
     }
@@ -202,8 +239,8 @@ __device__ __forceinline__ uint4 select(bool keep, uint4 v) { return keep ? v : 
 
 // After the streaming loop: c[m][j][i] is this warp's sum for tile output out_of(m, i), x row 8j + 2t + i % 2.
 // The 8 warps' sums meet in shared memory; then GemvOut finishes (one split) or keeps a partial.
-template <typename T, int TILE, bool RESIDUAL, int NC, int X8, typename OutOf>
-__device__ __forceinline__ void gemv_tc_reduce(const GemvOut<T, RESIDUAL>& out, const float (&c)[NC][X8][4],
+template <typename T, int TILE, bool RESIDUAL, bool GATED, int NC, int X8, typename OutOf>
+__device__ __forceinline__ void gemv_tc_reduce(const GemvOut<T, RESIDUAL, GATED>& out, const float (&c)[NC][X8][4],
                                                int tile_first, OutOf out_of) {
     __shared__ float red[GEMV_WARPS][8 * X8][TILE];
     const int warp = threadIdx.x / 32, t = threadIdx.x % 4;
@@ -214,13 +251,24 @@ __device__ __forceinline__ void gemv_tc_reduce(const GemvOut<T, RESIDUAL>& out, 
 #pragma unroll
             for (int i = 0; i < 4; ++i) red[warp][8 * j + 2 * t + i % 2][out_of(m, i)] = c[m][j][i];
     __syncthreads();
-    for (int o = threadIdx.x; o < out.rows * TILE; o += GEMV_THREADS) {
-        const int r = o / TILE, col = o % TILE, n = tile_first + col;
-        if (n >= out.N) continue;
-        float v = 0.f;
+    if constexpr (GATED) {  // an up column and its gate column (8 further) a thread
+        for (int o = threadIdx.x; o < out.rows * TILE / 2; o += GEMV_THREADS) {
+            const int r = o / (TILE / 2), col = o % (TILE / 2) / 8 * 16 + o % 8, n = tile_first + col;
+            if (n >= out.N) continue;
+            float up = 0.f, gate = 0.f;
 #pragma unroll
-        for (int wi = 0; wi < GEMV_WARPS; ++wi) v += red[wi][r][col];
-        out.put(r, n, v);
+            for (int wi = 0; wi < GEMV_WARPS; ++wi) up += red[wi][r][col], gate += red[wi][r][col + 8];
+            out.put_gated(r, n, up, gate);
+        }
+    } else {
+        for (int o = threadIdx.x; o < out.rows * TILE; o += GEMV_THREADS) {
+            const int r = o / TILE, col = o % TILE, n = tile_first + col;
+            if (n >= out.N) continue;
+            float v = 0.f;
+#pragma unroll
+            for (int wi = 0; wi < GEMV_WARPS; ++wi) v += red[wi][r][col];
+            out.put(r, n, v);
+        }
     }
     out.reduce_splits(tile_first, TILE);
 }
@@ -322,15 +370,15 @@ __device__ __forceinline__ void normalize_rows_into(T* xs, const T* x, const Gem
 // Before the wait, L2 is asked for the small per-column vectors the kernel reads after it: the norm's gamma and beta
 // over the block's K range, the bias over its tile (read by the tile's last block). They are weights, never written
 // inside a step; each would otherwise be a DRAM round trip on the kernel's path.
-template <typename T, int FUSE, bool RESIDUAL>
-__device__ __forceinline__ void prefetch_vectors(const GemvOut<T, RESIDUAL>& out, const GemvNorm<T>& nm, int k_begin,
-                                                 int k_end, int tile_first, int tile) {
+template <typename T, int FUSE, bool RESIDUAL, bool GATED>
+__device__ __forceinline__ void prefetch_vectors(const GemvOut<T, RESIDUAL, GATED>& out, const GemvNorm<T>& nm,
+                                                 int k_begin, int k_end, int tile_first, int tile) {
     const auto ask = [](const T* p, int count) {
         const unsigned bytes = count * static_cast<int>(sizeof(T)) & ~15;
         if (bytes > 0 && reinterpret_cast<size_t>(p) % 16 == 0) prefetch_l2(p, bytes);
     };
     if (threadIdx.x == 0 && out.has_bias) ask(out.bias + tile_first, min(tile, out.N - tile_first));
-    if constexpr (FUSE == FUSE_NORM) {
+    if constexpr ((FUSE & FUSE_NORM) != 0) {
         if (threadIdx.x == 32) ask(nm.gamma + k_begin, k_end - k_begin);
         if (threadIdx.x == 64 && nm.mode == LAYER_NORM) ask(nm.beta + k_begin, k_end - k_begin);
     }
@@ -339,13 +387,14 @@ __device__ __forceinline__ void prefetch_vectors(const GemvOut<T, RESIDUAL>& out
 // The K loop of both layouts: a warp's batches from `first`, `step` apart, each loaded (load_weights) then multiplied
 // (multiply); with `early` the first batch's loads go before the wait and the prologue (weights are never written
 // inside a step), and the bias, gamma and beta are asked of L2 there in any case.
-template <typename T, int FUSE, bool RESIDUAL, typename Load, typename Multiply>
-__device__ __forceinline__ void gemv_stream(const GemvOut<T, RESIDUAL>& out, const GemvNorm<T>& nm, T* xs, const T* x,
-                                            int K, int k_begin, int k_end, int tile_first, int tile, int first,
-                                            int step, int early, const Load& load_weights, const Multiply& multiply) {
+template <typename T, int FUSE, bool RESIDUAL, bool GATED, typename Load, typename Multiply>
+__device__ __forceinline__ void gemv_stream(const GemvOut<T, RESIDUAL, GATED>& out, const GemvNorm<T>& nm, T* xs,
+                                            const T* x, int K, int k_begin, int k_end, int tile_first, int tile,
+                                            int first, int step, int early, const Load& load_weights,
+                                            const Multiply& multiply) {
     if (early && first < k_end) load_weights(first);  // in flight through the wait and the prologue
     prefetch_vectors<T, FUSE>(out, nm, k_begin, k_end, tile_first, tile);
-    if constexpr (FUSE == FUSE_NORM) {
+    if constexpr ((FUSE & FUSE_NORM) != 0) {
         const GemvNormSlot<T> mine(nm, k_begin, k_end);
         follow_previous_kernel();
         normalize_rows_into(xs, x, nm, mine, out.rows, K, k_begin, k_end);
@@ -360,6 +409,10 @@ __device__ __forceinline__ void gemv_stream(const GemvOut<T, RESIDUAL>& out, con
     }
 }
 
+// A FUSE's output (its epilogue).
+template <typename T, int FUSE>
+using GemvFusedOut = GemvOut<T, FUSE == FUSE_RESIDUAL, (FUSE & FUSE_GATED) != 0>;
+
 // The fused kernels' parameters: the plain ones, then residual ([rows, N], FUSE_RESIDUAL), and the norm's (gamma,
 // beta, eps, norm_mode, x_stride: FUSE_NORM); what the FUSE leaves unused is a placeholder, never read.
 #define GEMV_FUSED_ARGS                                                                                             \
@@ -367,11 +420,11 @@ __device__ __forceinline__ void gemv_stream(const GemvOut<T, RESIDUAL>& out, con
         int *counters, int rows, int K, int N, int k_per_split, int act, int has_bias, int prefetch, int early,     \
         const T *__restrict__ residual, const T *__restrict__ gamma, const T *__restrict__ beta, float eps,         \
         int norm_mode, int x_stride
-#define GEMV_BODY_ARGS                                                                                    \
-    const T *__restrict__ x, const T *__restrict__ w, const GemvOut<T, FUSE == FUSE_RESIDUAL>&out, int K, \
-        int k_per_split, int prefetch, int early, const GemvNorm<T>&nm
+#define GEMV_BODY_ARGS                                                                                          \
+    const T *__restrict__ x, const T *__restrict__ w, const GemvFusedOut<T, FUSE>&out, int K, int k_per_split, \
+        int prefetch, int early, const GemvNorm<T>&nm
 #define GEMV_FUSED_OUT \
-    GemvOut<T, FUSE == FUSE_RESIDUAL> { y, bias, partials, counters, rows, N, act, has_bias, residual }
+    GemvFusedOut<T, FUSE> { y, bias, partials, counters, rows, N, act, has_bias, residual }
 #define GEMV_FUSED_NORM \
     GemvNorm<T> { gamma, beta, eps, norm_mode, x_stride }
 
@@ -388,21 +441,23 @@ __device__ __forceinline__ void gemv_tc_nk_body(GEMV_BODY_ARGS) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int tile_first = blockIdx.x * TILE;
     const int k_begin = blockIdx.y * k_per_split, k_end = min(K, k_begin + k_per_split);
-    const T* wr[M][2];  // rows past N re-read the last row; their sums are never written
+    const T* wr[M][2];  // rows past N (gated: past the outputs) re-read the last; their sums are never written
 #pragma unroll
     for (int m = 0; m < M; ++m)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) wr[m][h] = w + static_cast<size_t>(min(tile_first + 16 * m + g + 8 * h, N - 1)) * K + 8 * t;
+        for (int h = 0; h < 2; ++h)
+            wr[m][h] = w + static_cast<size_t>(out.weight_row(tile_first + 16 * m + g + 8 * h)) * K + 8 * t;
     T* const xs = reinterpret_cast<T*>(gemv_dynamic_shared);
     const T* xr[X8];
 #pragma unroll
     for (int j = 0; j < X8; ++j) {
         const int r = min(g + 8 * j, rows - 1);
-        xr[j] = FUSE == FUSE_NORM ? xs + r * nm.stride + 8 * t : x + static_cast<size_t>(r) * K + 8 * t;
+        xr[j] = (FUSE & FUSE_NORM) ? xs + r * nm.stride + 8 * t : x + static_cast<size_t>(r) * K + 8 * t;
     }
     if (prefetch > 0 && threadIdx.x < TILE && tile_first + threadIdx.x < N && k_begin < k_end) {  // a row each
         const unsigned row_bytes = min((k_end - k_begin) * static_cast<int>(sizeof(T)), prefetch / TILE) & ~15;
-        if (row_bytes > 0) prefetch_l2(w + static_cast<size_t>(tile_first + threadIdx.x) * K + k_begin, row_bytes);
+        const unsigned n = tile_first + threadIdx.x, row = (FUSE & FUSE_GATED) ? out.weight_row(n) : n;
+        if (row_bytes > 0) prefetch_l2(w + static_cast<size_t>(row) * K + k_begin, row_bytes);
     }
     uint4 a[U][M][2];
     const auto load_weights = [&](int kb) {  // past k_end: a valid address, zeroed before the mma
@@ -423,7 +478,7 @@ __device__ __forceinline__ void gemv_tc_nk_body(GEMV_BODY_ARGS) {
             const int k = kb + u * CK;
             const bool in = k + 8 * t < k_end;
             // x's k (as the weights', clamped), or in shared memory, where the block's K range starts at 0
-            const int xk = FUSE != FUSE_NORM ? (in ? k : k_end - 8 - 8 * t) : in ? k - k_begin : 0;
+            const int xk = !(FUSE & FUSE_NORM) ? (in ? k : k_end - 8 - 8 * t) : in ? k - k_begin : 0;
 #pragma unroll
             for (int j = 0; j < X8; ++j)
                 b[u][j] = select(in && g + 8 * j < rows, *reinterpret_cast<const uint4*>(xr[j] + xk));
@@ -471,6 +526,7 @@ __global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_nk_fused(GEMV_FU
 template <typename T, int M, int U, int FUSE, int X8>
 __device__ __forceinline__ void gemv_tc_kn_body(GEMV_BODY_ARGS) {
     static_assert(U % 2 == 0, "a batch is whole chunk pairs");
+    static_assert(!(FUSE & FUSE_GATED), "the gated epilogue pairs [out, in] rows");
     const int rows = out.rows, N = out.N;
     constexpr int TILE = 32 * M, CK = 16;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -485,9 +541,9 @@ __device__ __forceinline__ void gemv_tc_kn_body(GEMV_BODY_ARGS) {
 #pragma unroll
     for (int j = 0; j < X8; ++j) {
         const int r = min(g + 8 * j, rows - 1);
-        xr[j] = FUSE == FUSE_NORM ? xs + r * nm.stride + 8 * t : x + static_cast<size_t>(r) * K + 8 * t;
+        xr[j] = (FUSE & FUSE_NORM) ? xs + r * nm.stride + 8 * t : x + static_cast<size_t>(r) * K + 8 * t;
     }
-    const int x_origin = FUSE == FUSE_NORM ? k_begin : 0;  // shared memory holds the block's K range
+    const int x_origin = (FUSE & FUSE_NORM) ? k_begin : 0;  // shared memory holds the block's K range
     if (prefetch > 0) {  // the tile's columns of each k row, a thread a row
         const unsigned row_bytes = min(TILE, N - tile_first) * static_cast<int>(sizeof(T));
         const int last = min(k_end, k_begin + prefetch / static_cast<int>(row_bytes));

@@ -374,12 +374,13 @@ def test_fused_decode_switch_nests_and_restores():
 def test_gpu_unfused_steps_replay_their_eager_tokens(tmp_path, rng, family):
     """``Decoder(fused=False)``, the kernels before the decode fusions (a norm kernel before each product, rotary +
     append before decode attention), captured and eager: the same greedy tokens for 40 steps of a padded batch, and
-    its step launches the norm and rotary_append kernels that the fused step does not."""
+    its step launches the norm and rotary_append kernels (and LLaMA's bias_act) that the fused step does not."""
     from cupy_transformer import layers
+    from cupy_transformer.ops import matmul as matmul_module
     from cupy_transformer.ops import softmax_context
 
     model, prompts = small_fp16_model(tmp_path, rng, family)
-    calls = {"norm": 0, "rotary_append": 0}
+    calls = {"norm": 0, "rotary_append": 0, "apply_bias_act": 0}
 
     def counting(module, name):
         original = getattr(module, name)
@@ -400,20 +401,23 @@ def test_gpu_unfused_steps_replay_their_eager_tokens(tmp_path, rng, family):
             tokens.append(decoder.read(step))
         runs.append(numpy.stack(tokens))
     assert (runs[0] == runs[1]).all() and len(numpy.unique(runs[0])) > 5
-    # One eager unfused step and one eager fused step, their norm and rotary_append calls counted.
-    originals = layers.normalize, softmax_context.rotary_append
+    # One eager unfused step and one eager fused step, their norm, rotary_append and bias_act calls counted (LLaMA's
+    # gated activation is the fused step's up|gate product's epilogue).
+    originals = layers.normalize, softmax_context.rotary_append, matmul_module.apply_bias_act
     try:
         layers.normalize = counting(layers, "normalize")
         softmax_context.rotary_append = counting(softmax_context, "rotary_append")
+        matmul_module.apply_bias_act = counting(matmul_module, "apply_bias_act")
         for fused, want_calls in ((False, True), (True, False)):
             decoder = generation.Decoder(model, batch=3, capacity=13 + 4, cuda_graph=False, fused=fused)
             decoder.prefill(prompts)
-            calls.update(norm=0, rotary_append=0)
+            calls.update(norm=0, rotary_append=0, apply_bias_act=0)
             decoder.step()
             decoder.read(1)
             assert (calls["norm"] > 0 and calls["rotary_append"] > 0) == want_calls, (fused, calls)
+            assert (calls["apply_bias_act"] > 0) == (want_calls and family == "llama"), (fused, calls)
     finally:
-        layers.normalize, softmax_context.rotary_append = originals
+        layers.normalize, softmax_context.rotary_append, matmul_module.apply_bias_act = originals
 
 
 def write_json(path, value):

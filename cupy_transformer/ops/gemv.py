@@ -15,6 +15,11 @@ chosen per shape, and 9-16 rows as two mma B operands an A fragment (``X8`` 2: t
 (``runtime.kernels.split_workspace``). ``ops.matmul`` decides where this kernel runs instead of cuBLASLt; ``gemv``
 runs it on checked CuPy arrays, and takes ``geometry`` and ``family`` for the geometries a sweep compares
 (``benchmarks/sweep_gemv.py``).
+
+A gated activation (LLaMA's SiLU, GATED_GELU) on fp16 / bf16 ``[out, in]`` weights of ``[up | gate]`` rows is the
+epilogue too: ``y[rows, N / 2] = up * act(gate)``, to the bit what the product followed by ``bias_act`` gives (each
+tile takes 8 outputs' up rows and then their gate rows, so both sums meet in one block), where N / 2 is a multiple of
+8. It saves a decode layer's ``bias_act`` launch and the [rows, N] round trip through memory.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ GEMV_MAX_ROWS = 16  # fp16 / bf16 (the tensor-core kernels); fp32: _FMA_ROWS
 _THREADS = 256  # gemv.cu's GEMV_THREADS
 _FMA_ROWS = (1, 2, 4, 8)  # the fp32 kernels' row counts (rows round up)
 _GEMV_ACTS = (0, 1, 2, 5)  # identity and the ActivationType values a per-column epilogue can apply
+_GATED_ACTS = (3, 4)  # GATED_GELU, GATED_SILU: the [out, in] tensor-core kernels pair W's [up | gate] rows
 # The tensor-core kernels' (16- or 32-column pieces a tile, chunks a batch, blocks resident a SM: the launch
 # bounds, and how many the K split fills). [in, out]: one piece, and 4 chunks (two 16-byte x loads a lane)
 # unless 2 share a split's chunks out over the 8 warps more evenly (`kn_chunks_a_batch`); on an H100 in a CUDA
@@ -88,12 +94,14 @@ def tc_kernel_name(ctype: str, transposed: bool, geometry, x8: int = 1) -> str:
     return f"ct::gemv_tc_{'nk' if transposed else 'kn'}<{ctype}, {', '.join(map(str, geometry))}, {x8}>"
 
 
-# gemv.cu's GemvFuse: the norm prologue, the residual epilogue.
-FUSE_NORM, FUSE_RESIDUAL = 1, 2
+# gemv.cu's GemvFuse flags: the norm prologue, the residual epilogue, the gated activation's epilogue ([out, in];
+# alone or with the norm).
+FUSE_NORM, FUSE_RESIDUAL, FUSE_GATED = 1, 2, 4
 
 
 def fused_kernel_name(ctype: str, transposed: bool, geometry, fuse: int, x8: int = 1) -> str:
-    """The name expression of a fused tensor-core kernel (``FUSE_NORM`` or ``FUSE_RESIDUAL``) at ``geometry``."""
+    """The name expression of a fused tensor-core kernel (``fuse``: ``FUSE_NORM``, ``FUSE_RESIDUAL``, ``FUSE_GATED``
+    or ``FUSE_GATED | FUSE_NORM``) at ``geometry``."""
     layout = "nk" if transposed else "kn"
     return f"ct::gemv_tc_{layout}_fused<{ctype}, {', '.join(map(str, geometry))}, {fuse}, {x8}>"
 
@@ -112,14 +120,26 @@ def _tc_kernels(x8: int) -> list[str]:
     ]  # fmt: skip
 
 
+def _gated_kernels(x8: int) -> list[str]:
+    """The [out, in] kernels with the gated epilogue (up to 8 rows: alone and with the norm prologue)."""
+    halves = [c for d, c in CTYPES.items() if d.itemsize == 2]
+    geometries = [g for g in GEMV_TC_NK.values() if x8 == 1 or g[2] < 3]
+    fuses = (FUSE_GATED, FUSE_GATED | FUSE_NORM) if x8 == 1 else (FUSE_GATED,)
+    return [fused_kernel_name(c, True, g, fuse, x8) for c in halves for g in geometries for fuse in fuses]
+
+
 GEMV_KERNELS = KernelFamily(
     "gemv.cu",
     _tc_kernels(1) + [f"ct::gemv_{layout}<float, {r}>" for layout in ("kn", "nk") for r in _FMA_ROWS],
     programmatic=True,
 )
-# The 9-16-row kernels, compiled on their first use (a batch of 9-16 sequences): the family's compile time doubles
-# with them, which a batch of one need not wait for.
+# Compiled on their first use, apart, which the other calls need not wait for: the 9-16-row kernels (a batch of 9-16
+# sequences; the family's compile time doubles with them) and the gated ones (LLaMA-style MLPs), by rows.
 GEMV16_KERNELS = KernelFamily("gemv.cu", _tc_kernels(2), programmatic=True, part="9-16 rows")
+GATED_KERNELS = {
+    x8: KernelFamily("gemv.cu", _gated_kernels(x8), programmatic=True, part=part)
+    for x8, part in ((1, "gated"), (2, "gated, 9-16 rows"))
+}
 
 
 class GemvNorm(NamedTuple):
@@ -178,7 +198,8 @@ _FMA_BLOCKS_PER_SM = {False: 4, True: 2}
 def gemv_fits(x, w, transposed, bias, act) -> bool:
     """The GEMV kernel's requirements: up to ``GEMV_MAX_ROWS`` rows (fp32: 8), 16-byte aligned operands, whole
     vectors along the weight's rows, an activation it can apply per column, and for fp16/bf16 tensor cores with
-    mma.sync m16n8k16 (sm_80+)."""
+    mma.sync m16n8k16 (sm_80+); a gated activation on fp16/bf16 ``[out, in]`` weights of N rows, N / 2 a multiple
+    of 8."""
     if x.shape[0] > (GEMV_MAX_ROWS if x.dtype.itemsize == 2 else _FMA_ROWS[-1]):
         return False
     vec = vector_width(x.dtype)
@@ -186,7 +207,11 @@ def gemv_fits(x, w, transposed, bias, act) -> bool:
     aligned = all(a.data.ptr % 16 == 0 for a in (x, w) + ((bias,) if bias is not None else ()))
     whole_vectors = k % vec == 0 and (transposed or n % vec == 0)
     tensor_cores_if_needed = x.dtype.itemsize == 4 or compute_capability() >= 80
-    return aligned and whole_vectors and tensor_cores_if_needed and (act is None or int(act) in _GEMV_ACTS)
+    if act is not None and int(act) in _GATED_ACTS:
+        act_fits = transposed and x.dtype.itemsize == 2 and n % 16 == 0
+    else:
+        act_fits = act is None or int(act) in _GEMV_ACTS
+    return aligned and whole_vectors and tensor_cores_if_needed and act_fits
 
 
 def gemv_fused_fits(x, w, transposed, bias=None, act=None, norm: GemvNorm | None = None, residual=None) -> bool:
@@ -218,7 +243,8 @@ def gemv_k_per_split(k: int, n_tiles: int, k_step: int, blocks_per_sm: int, sms:
 
 
 def gemv(x, w, transposed, bias=None, act=None, geometry=None, family=None, *, norm=None, residual=None, early=None):
-    """The GEMV kernel on checked CuPy arrays (``gemv_fits`` must hold): ``act(x[rows, K] @ W + bias)``.
+    """The GEMV kernel on checked CuPy arrays (``gemv_fits`` must hold): ``act(x[rows, K] @ W + bias)`` (gated: [rows,
+    N / 2], the module docstring's).
     ``geometry``: (pieces, chunks, blocks a SM) for fp16/bf16 instead of the launcher's choice; ``family``: one
     that has that geometry's kernel (``GEMV_KERNELS.extended``) instead of ``GEMV_KERNELS``.
     Fused (``gemv_fused_fits`` must hold too): ``norm`` (a ``GemvNorm``): ``act(NORM(x) @ W + bias)``;
@@ -227,11 +253,14 @@ def gemv(x, w, transposed, bias=None, act=None, geometry=None, family=None, *, n
     choice (the same result either way)."""
     cupy = import_cupy()
     rows, k = x.shape
-    fuse = FUSE_NORM if norm is not None else FUSE_RESIDUAL if residual is not None else 0
+    gated = act is not None and int(act) in _GATED_ACTS
+    fuse = (FUSE_NORM if norm is not None else FUSE_RESIDUAL if residual is not None else 0) | (FUSE_GATED * gated)
     name, grid, per_split, (partials, counters) = _launch_plan(x, w, transposed, geometry, fuse=fuse)
     n = w.shape[0] if transposed else w.shape[1]
-    y = cupy.empty((rows, n), x.dtype)
-    if family is None:
+    y = cupy.empty((rows, n // 2 if gated else n), x.dtype)
+    if family is None and gated:
+        family = GATED_KERNELS[x8_of(rows)]
+    elif family is None:
         family = GEMV16_KERNELS if x8_of(rows) == 2 and x.dtype.itemsize == 2 else GEMV_KERNELS
     arguments = dict(
         x=x,

@@ -54,8 +54,8 @@ def lm_logits(x, weight):
 
 def matmul(x, w, transposed: bool, bias=None, act=None, *, norm: GemvNorm | None = None, residual=None):
     """``act(x[..., in] @ W + bias)`` → ``[..., out]`` on arrays already checked. A gated ``act`` takes ``W``'s
-    ``[up | gate]`` columns: the product, then ``bias_act`` pairs the halves (no epilogue pairs two columns), and
-    the result is half as wide.
+    ``[up | gate]`` columns and the result is half as wide: in a decode graph's products the GEMV's epilogue pairs
+    them where it can (``gated_fits``), else the product runs and then ``bias_act``.
 
     Fused decode products (one GEMV kernel; on GPU arrays only where ``fused_fits`` holds, else ValueError):
     ``norm``: ``act(NORM(x) @ W + bias)``; ``residual`` (x's shape but ``out``): ``round(residual + (x @ W + bias))``
@@ -64,7 +64,11 @@ def matmul(x, w, transposed: bool, bias=None, act=None, *, norm: GemvNorm | None
     if act is not None and ActivationType(act).gated:
         if residual is not None:
             raise ValueError("matmul: a residual epilogue takes no activation")
-        return apply_bias_act(matmul(x, w, transposed, norm=norm), bias, act)
+        x2 = x.reshape(-1, x.shape[-1])
+        if not gated_fits(x2, w, transposed, bias, act, norm):
+            return apply_bias_act(matmul(x, w, transposed, norm=norm), bias, act)
+        last_path, y = "gemv", gemv(x2, w, transposed, bias, act, norm=norm)
+        return y.reshape(tuple(x.shape[:-1]) + (y.shape[-1],))
     if module_of(x) is numpy:
         return matmul_reference(x, w, transposed, bias, act, norm=norm, residual=residual)
     out_features = w.shape[0] if transposed else w.shape[1]
@@ -85,12 +89,24 @@ def matmul(x, w, transposed: bool, bias=None, act=None, *, norm: GemvNorm | None
 def fused_fits(x, w, transposed, bias=None, act=None, norm: GemvNorm | None = None, residual=None) -> bool:
     """Whether ``matmul`` runs this product (x [rows, in] on the GPU) with ``norm`` or ``residual`` fused into one
     GEMV kernel: up to 16 rows in a graph's products (``graph_products``), where the GEMV takes it (``gemv_fits``,
-    ``gemv_fused_fits``: fp16/bf16). A gated ``act`` is applied after the product, as ``matmul`` does."""
+    ``gemv_fused_fits``: fp16/bf16). A gated ``act`` is no part of the question: ``matmul`` applies it in the
+    epilogue or after the product (``gated_fits``)."""
     if module_of(x) is numpy or x.shape[0] > GEMV_MAX_ROWS or not graph_products() or not fusing():
         return False
     if act is not None and ActivationType(act).gated:
         bias = act = None
     return gemv_fits(x, w, transposed, bias, act) and gemv_fused_fits(x, w, transposed, bias, act, norm, residual)
+
+
+def gated_fits(x, w, transposed, bias, act, norm: GemvNorm | None = None) -> bool:
+    """Whether ``matmul`` applies the gated ``act`` in the GEMV's epilogue (x [rows, in]): a decode graph's product
+    (``graph_products``, ``fusing``: a fusion like the others) that the GEMV takes with it (``gemv_fits``), and with
+    its ``norm`` where given (``gemv_fused_fits``). Eagerly the product takes the path timed faster, then
+    ``bias_act``."""
+    if module_of(x) is numpy or x.shape[0] > GEMV_MAX_ROWS or not graph_products() or not fusing():
+        return False
+    fits = gemv_fits(x, w, transposed, bias, act)
+    return fits and (norm is None or gemv_fused_fits(x, w, transposed, bias, act, norm=norm))
 
 
 def matmul_reference(
@@ -111,6 +127,8 @@ def matmul_reference(
         y = y + (0.0 if bias is None else bias.astype(numpy.float64)) + residual.reshape(y.shape).astype(numpy.float64)
         return y.astype(x.dtype).reshape(tuple(x.shape[:-1]) + (out_features,))
     y = y.astype(x.dtype)
+    if act is not None and ActivationType(act).gated:  # [up | gate] halves: half as wide
+        return apply_bias_act(y, bias, act).reshape(tuple(x.shape[:-1]) + (out_features // 2,))
     if bias is not None or act is not None:
         y = apply_bias_act(y, bias, act, out=y)
     return y.reshape(tuple(x.shape[:-1]) + (out_features,))

@@ -396,3 +396,76 @@ def test_gpu_matmul_fused_outside_a_graph_or_unfit_is_an_error(rng):
         assert not fused_fits(a["x"], a["w"], False, norm=gpu_norm)  # 17 rows
         with pytest.raises(ValueError, match="fused_fits"):
             matmul(a["x"], a["w"], False, norm=gpu_norm)
+
+
+# ---- The gated activation in the [out, in] epilogue ----
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("act", [ActivationType.GATED_SILU, ActivationType.GATED_GELU], ids=lambda a: a.name)
+@pytest.mark.parametrize("rows", [1, 3, 8, 11, 16])
+@pytest.mark.parametrize("k, half", [(776, 1032), (4104, 520), (2048, 8192)], ids=str)
+def test_gpu_gated_epilogue(rng, poisoned_allocations, dtype, act, rows, k, half):
+    """gemv with a gated act on [out, in] weights of [up | gate] rows ([2 half, K]): y [rows, half] = up * act(gate),
+    to the bit the plain GEMV followed by bias_act (the same sums; bias_act's math from the rounded product), and
+    against the float64 reference; with and without a bias, and with the norm prologue (up to 8 rows) beside the
+    fused-norm GEMV followed by bias_act. (776, 1032): one split; (4104, 520): 8 K splits and a half tile of
+    32-row tiles; (2048, 8192): LLaMA-1B's up|gate product."""
+    from cupy_transformer.ops.bias_act import apply_bias_act
+    from cupy_transformer.ops.gemv import gemv_fused_fits
+    from cupy_transformer.ops.matmul import matmul_reference
+
+    n = 2 * half
+    for with_bias in (True, False):
+        x, w, bias, norm = norm_inputs(rng, dtype, rows, k, n, True, "rms_norm", with_bias)
+        a = on_backend({"x": x, "w": w, "bias": bias, "gamma": norm.gamma}, gpu=True)
+        assert gemv_fits(a["x"], a["w"], True, a["bias"], act)
+        y = gemv(a["x"], a["w"], True, a["bias"], act)
+        assert y.shape == (rows, half) and y.dtype == dtype
+        assert bool((y == apply_bias_act(gemv(a["x"], a["w"], True), a["bias"], act)).all())
+        assert rel_error(y, matmul_reference(x, w, True, bias, act)) < TOL_CHAINED[numpy.dtype(dtype)]
+        gpu_norm = norm._replace(gamma=a["gamma"])
+        if rows <= 8 and gemv_fused_fits(a["x"], a["w"], True, a["bias"], act, norm=gpu_norm):
+            y = gemv(a["x"], a["w"], True, a["bias"], act, norm=gpu_norm)
+            unfused = apply_bias_act(gemv(a["x"], a["w"], True, norm=gpu_norm), a["bias"], act)
+            assert y.shape == (rows, half) and bool((y == unfused).all())
+            want = matmul_reference(x, w, True, bias, act, norm=norm)
+            assert rel_error(y, want) < TOL_CHAINED[numpy.dtype(dtype)]
+
+
+@pytest.mark.gpu
+def test_gpu_gated_epilogue_where_it_runs(rng, monkeypatch):
+    """The gated epilogue takes fp16 / bf16 [out, in] weights whose halves are whole 8-output pieces; ops.matmul
+    applies it in a graph's products (graph_choices), not with the decode fusions off (the product, then bias_act)
+    and not eagerly, whose result it gives to the bit where the eager product ran the GEMV."""
+    from cupy_transformer import ops
+    from cupy_transformer.ops import matmul as matmul_module
+    from cupy_transformer.ops.matmul import matmul
+
+    silu = ActivationType.GATED_SILU
+    x, w, bias, _ = norm_inputs(rng, numpy.float16, 4, 1024, 2064, True, "rms_norm", True)
+    a = on_backend({"x": x, "w": w, "bias": bias, "x32": x.astype(numpy.float32)}, gpu=True)
+    assert gemv_fits(a["x"], a["w"], True, a["bias"], silu)
+    assert not gemv_fits(a["x"], a["w"].T, False, a["bias"], silu)  # [in, out]
+    assert not gemv_fits(a["x"], a["w"][:2056], True, None, silu)  # halves of 1028 outputs
+    assert not gemv_fits(a["x32"], a["w"].astype(numpy.float32), True, None, silu)  # fp32: the FMA kernels
+    acts, plain_gemv = [], matmul_module.gemv
+
+    def recording(x, w, transposed, bias=None, act=None, **kwargs):
+        acts.append(act)
+        return plain_gemv(x, w, transposed, bias, act, **kwargs)
+
+    monkeypatch.setattr(matmul_module, "gemv", recording)
+    eager = matmul(a["x"][None], a["w"], True, a["bias"], silu)
+    assert silu not in acts
+    with ops.graph_choices():
+        graph = matmul(a["x"][None], a["w"], True, a["bias"], silu)
+        assert acts[-1] == silu and graph.shape == (1, 4, 1032)
+        with ops.fused_decode(False):
+            unfused = matmul(a["x"][None], a["w"], True, a["bias"], silu)
+            assert acts[-1] is None and bool((unfused == graph).all())
+    if matmul_module.gemv_choice(a["x"], a["w"], True):  # the eager product ran the GEMV: the same sums
+        assert bool((graph == eager).all())
+    else:
+        assert rel_error(graph, eager) < TOL_CHAINED[numpy.dtype(numpy.float16)]
