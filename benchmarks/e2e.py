@@ -95,6 +95,7 @@ def main() -> None:
         "| HF static | HF / ours | HF static / ours | tokens/s | floor ms | of floor | host µs median / mean | agree |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    after = []  # the sweeps' tables and the memory line, after the main table
     for shape in args.models.split(","):
         hf, dtype = hf_model(shape)
         ours = ours_from(hf, dtype)
@@ -104,8 +105,17 @@ def main() -> None:
                 if prompt + NEW_TOKENS > positions:
                     continue
                 ids = bench.prompts_for(ours.vocab, batch, prompt)
-                mine = bench.time_generation(ours, batch, prompt, NEW_TOKENS, prompts=ids.tolist())
-                eager = hf_times(hf, ids, NEW_TOKENS)
+                try:
+                    mine = bench.time_generation(ours, batch, prompt, NEW_TOKENS, prompts=ids.tolist())
+                    free_gpu_memory()  # our decoder's cache and activations, before Hugging Face's run
+                    eager = hf_times(hf, ids, NEW_TOKENS)
+                except Exception as e:  # CuPy's and torch's: the row says so, the other rows run
+                    if type(e).__name__ != "OutOfMemoryError":
+                        raise
+                    lines.append(f"| {shape} | {batch} | {prompt} | out of memory |" + " |" * 12)
+                    print(lines[-1], f"{e}"[:300], flush=True)
+                    free_gpu_memory()
+                    continue
                 compiled = None
                 if shape in args.compiled.split(",") and batch == 1 and prompt == int(args.prompts.split(",")[0]):
                     try:
@@ -118,15 +128,15 @@ def main() -> None:
                 print(lines[-1], flush=True)
                 free_gpu_memory()
         if args.sweeps and shape in ("gpt2-small", "llama-1b"):
-            sweeps(shape, hf, ours, rate, lines)
+            sweeps(shape, hf, ours, rate, after)
         if args.memory and shape == "llama-1b":
-            lines.append(memory_over_steps(ours))
-            print(lines[-1], flush=True)
+            after.append(memory_over_steps(ours))
+            print(after[-1], flush=True)
         del hf, ours
         gc.collect()
         free_gpu_memory()
-        write_table("e2e", lines)  # what is done so far, should a later shape not finish
-    print(write_table("e2e", lines))
+        write_table("e2e", lines + after)  # what is done so far, should a later shape not finish
+    print(write_table("e2e", lines + after))
 
 
 def sweeps(shape, hf, ours, rate, lines) -> None:
