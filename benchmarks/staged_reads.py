@@ -1,0 +1,117 @@
+"""Whether a chain of kernels can read a decode step's weights faster than one plain read a product: each kernel
+copies (part of) its block's weight slice into shared memory *before* it waits on the kernel before it
+(programmatic launch, `griddepcontrol.wait`), so that DRAM stays busy across the kernel boundary instead of
+ramping down and up again at every product.
+
+Each model's products (bytes a product as the decode step's [out, in] weights are, one layer after another) become
+a CUDA graph of read kernels, consecutive nodes reading different bytes. A node reads its bytes in contiguous
+slices, one a block, and XORs them into a word (no math: the weight stream alone). Ways:
+
+- ``plain``: programmatic launches, every read after the wait (the graph-of-kernels reads floor);
+- ``staged K``: up to K KiB an SM of the slice copied into shared memory (`cp.async`) before the wait, the rest
+  read after it; the next kernel's blocks fit beside the running one's only while two stages fit an SM's
+  shared memory (K <= about 112 with a block an SM, 108 with two).
+
+Against the bytes floor: the same bytes read by one kernel at the rate of a 1 GiB read.
+
+    python3 benchmarks/staged_reads.py [--models gpt2-small,gpt2-xl,llama-1b] [--stages 0,32,64,96,108]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import cupy
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import card_name, graph_node_us  # noqa: E402
+from cupy_transformer.runtime import programmatic  # noqa: E402
+from cupy_transformer.runtime.kernels import compute_capability  # noqa: E402
+
+SOURCE = r"""
+__device__ __forceinline__ unsigned fold(uint4 v) { return v.x ^ v.y ^ v.z ^ v.w; }
+
+// Reads n uint4 from w, a contiguous slice a block; the first `staged` of a block's slice into shared memory
+// before griddepcontrol.wait. Writes a word only when the XOR is a magic value, so the reads are not dead.
+extern "C" __global__ void __launch_bounds__(512) read_staged(const uint4* __restrict__ w, long long n,
+                                                              long long staged, unsigned* out) {
+    extern __shared__ uint4 stage[];
+    const long long per = (n + gridDim.x - 1) / gridDim.x;
+    const long long begin = blockIdx.x * per, end = min(n, begin + per), mid = min(end, begin + staged);
+    for (long long i = begin + threadIdx.x; i < mid; i += blockDim.x) {
+        const unsigned dst = (unsigned)__cvta_generic_to_shared(stage + (i - begin));
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(w + i) : "memory");
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+    unsigned acc = 0;
+    for (long long i = mid + threadIdx.x; i < end; i += blockDim.x) acc ^= fold(__ldg(w + i));
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    for (long long i = threadIdx.x; i < mid - begin; i += blockDim.x) acc ^= fold(stage[i]);
+    if (acc == 0x12345678u) out[blockIdx.x] = acc;
+}
+"""
+
+# Bytes of each decode product of a layer ([out, in] weights, 16-bit), and the layers.
+MODELS = {
+    "gpt2-small": ([768 * 2304, 768 * 768, 768 * 3072, 3072 * 768], 12),
+    "gpt2-xl": ([1600 * 4800, 1600 * 1600, 1600 * 6400, 6400 * 1600], 48),
+    "llama-1b": ([2048 * 3072, 2048 * 2048, 2048 * 16384, 8192 * 2048], 16),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="gpt2-small,gpt2-xl,llama-1b")
+    parser.add_argument("--stages", default="0,32,64,96,108", help="KiB an SM staged before the wait")
+    args = parser.parse_args()
+    if compute_capability() < 90:
+        sys.exit("staged_reads.py: programmatic launches need compute capability 9.0 or later")
+    kernel = cupy.RawModule(code=SOURCE, options=("-std=c++17",)).get_function("read_staged")
+    kernel.max_dynamic_shared_size_bytes = 113 * 1024
+    sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
+    pool = cupy.random.default_rng(0).integers(0, 2**31, size=(1 << 30) // 4, dtype=cupy.int32)  # 1 GiB
+    out = cupy.zeros(1 << 16, cupy.uint32)
+
+    def node(offset: int, nbytes: int, staged_kib: int, blocks: int) -> None:
+        staged = staged_kib * 1024 // 16 * sms // blocks  # uint4 a block
+        args = (pool.data.ptr + offset, cupy.int64(nbytes // 16), cupy.int64(staged), out)
+        programmatic.launch(kernel, (blocks,), (512,), staged * 16, args)
+
+    whole = graph_node_us(lambda i: node(0, 1 << 30, 0, 4 * sms), 3)
+    rate = (1 << 30) / whole  # bytes a µs
+    print(f"{card_name()}, {sms} SMs; one kernel reading 1 GiB: {rate / 1e3:.0f} GB/s")
+    for name in args.models.split(","):
+        sizes, layers = MODELS[name]
+        products = [2 * s for s in sizes] * layers
+        total = sum(products)
+        offsets, at = [], 0
+        for size in products:  # consecutive nodes read different bytes, wrapping within the pool
+            at = 0 if at + size > (1 << 30) else at
+            offsets.append(at)
+            at += (size + 255) // 256 * 256
+        print(f"\n{name}: {len(products)} products, {total / 1e6:.1f} MB a step; bytes floor {total / rate:.1f} µs")
+        print("| way | blocks | µs a step | of bytes floor |")
+        print("|---|---|---|---|")
+        for blocks in (sms, 2 * sms):
+            for kib in map(int, args.stages.split(",")):
+                if kib * 1024 // (blocks // sms) > 113 * 1024:
+                    continue
+
+                def step(i, kib=kib, blocks=blocks):
+                    for offset, size in zip(offsets, products):
+                        node(offset, size, kib, blocks)
+
+                t = graph_node_us(step, 1)
+                way = "plain" if kib == 0 else f"staged {kib} KiB an SM"
+                print(f"| {way} | {blocks} | {t:.1f} | {total / rate / t:.0%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
