@@ -23,13 +23,9 @@ import argparse
 import os
 import sys
 
-import cupy
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import card_name, graph_node_us  # noqa: E402
-from cupy_transformer.runtime import programmatic  # noqa: E402
-from cupy_transformer.runtime.kernels import compute_capability  # noqa: E402
+from benchmarks.sweep_gemv_decode import products  # noqa: E402
 
 SOURCE = r"""
 __device__ __forceinline__ unsigned fold(uint4 v) { return v.x ^ v.y ^ v.z ^ v.w; }
@@ -58,12 +54,17 @@ extern "C" __global__ void __launch_bounds__(512) read_staged(const uint4* __res
 }
 """
 
-# Bytes of each decode product of a layer ([out, in] weights, 16-bit), and the layers.
-MODELS = {
-    "gpt2-small": ([768 * 2304, 768 * 768, 768 * 3072, 3072 * 768], 12),
-    "gpt2-xl": ([1600 * 4800, 1600 * 1600, 1600 * 6400, 6400 * 1600], 48),
-    "llama-1b": ([2048 * 3072, 2048 * 2048, 2048 * 16384, 8192 * 2048], 16),
-}
+
+def step_products(shape: str) -> list[int]:
+    """The bytes of each weight product a decode step of ``bench.SHAPES[shape]`` runs in its layers, in order
+    (``sweep_gemv_decode.products``, 16-bit; the LM head, one long read, left out)."""
+    from cupy_transformer import bench
+
+    rows, _, _ = products(shape)
+    family, config, _ = bench.SHAPES[shape]
+    layers = config["n_layer" if family == "gpt2" else "num_hidden_layers"]
+    sizes = [2 * k * n for _, k, n, *_ in rows]
+    return sizes[:-1] * layers
 
 
 def main() -> None:
@@ -71,6 +72,12 @@ def main() -> None:
     parser.add_argument("--models", default="gpt2-small,gpt2-xl,llama-1b")
     parser.add_argument("--stages", default="0,32,64,96,108", help="KiB an SM staged before the wait")
     args = parser.parse_args()
+    import cupy
+
+    from benchmarks.common import card_name, graph_node_us
+    from cupy_transformer.runtime import programmatic
+    from cupy_transformer.runtime.kernels import compute_capability
+
     if compute_capability() < 90:
         sys.exit("staged_reads.py: programmatic launches need compute capability 9.0 or later")
     kernel = cupy.RawModule(code=SOURCE, options=("-std=c++17",)).get_function("read_staged")
@@ -88,15 +95,14 @@ def main() -> None:
     rate = (1 << 30) / whole  # bytes a µs
     print(f"{card_name()}, {sms} SMs; one kernel reading 1 GiB: {rate / 1e3:.0f} GB/s")
     for name in args.models.split(","):
-        sizes, layers = MODELS[name]
-        products = [2 * s for s in sizes] * layers
-        total = sum(products)
+        sizes = step_products(name)
+        total = sum(sizes)
         offsets, at = [], 0
-        for size in products:  # consecutive nodes read different bytes, wrapping within the pool
+        for size in sizes:  # consecutive nodes read different bytes, wrapping within the pool
             at = 0 if at + size > (1 << 30) else at
             offsets.append(at)
             at += (size + 255) // 256 * 256
-        print(f"\n{name}: {len(products)} products, {total / 1e6:.1f} MB a step; bytes floor {total / rate:.1f} µs")
+        print(f"\n{name}: {len(sizes)} products, {total / 1e6:.1f} MB a step; bytes floor {total / rate:.1f} µs")
         print("| way | blocks | µs a step | of bytes floor |")
         print("|---|---|---|---|")
         for blocks in (sms, 2 * sms):
@@ -105,7 +111,7 @@ def main() -> None:
                     continue
 
                 def step(i, kib=kib, blocks=blocks):
-                    for offset, size in zip(offsets, products):
+                    for offset, size in zip(offsets, sizes):
                         node(offset, size, kib, blocks)
 
                 t = graph_node_us(step, 1)

@@ -102,3 +102,25 @@ def test_same_code_shows_the_kernels_a_source_change_touches(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"{len(names) - gated} of {len(names)} kernels the same code" in out
     assert out.count("  differs: ") == gated
+
+
+def test_staged_reads_reads_each_layers_products():
+    """``benchmarks/staged_reads.py`` reads the bytes of a step's layer products in order (GPT-2 XL: 48 layers of
+    QKV, out, up and down; LLaMA-1B: QKV, o, up|gate, down; 16-bit)."""
+    from benchmarks.staged_reads import step_products
+
+    sizes = step_products("gpt2-xl")
+    assert sizes == [2 * 1600 * 4800, 2 * 1600 * 1600, 2 * 1600 * 6400, 2 * 6400 * 1600] * 48
+    assert step_products("llama-1b") == [2 * 2048 * 3072, 2 * 2048 * 2048, 2 * 2048 * 16384, 2 * 8192 * 2048] * 16
+
+
+@pytest.mark.cupy
+def test_staged_reads_kernel_compiles_for_sm90():
+    """Its kernel (cp.async into shared memory before griddepcontrol.wait) compiles for sm_90 without a GPU."""
+    from cupy.cuda import nvrtc
+
+    from benchmarks.staged_reads import SOURCE
+
+    program = nvrtc.createProgram(SOURCE, "staged_reads.cu", [], [])
+    nvrtc.compileProgram(program, ["-std=c++17", "--gpu-architecture=sm_90"])
+    assert len(nvrtc.getCUBIN(program)) > 0
