@@ -12,9 +12,13 @@ slices, one a block, and XORs them into a word (no math: the weight stream alone
   read after it; the next kernel's blocks fit beside the running one's only while two stages fit an SM's
   shared memory (K <= about 112 with a block an SM, 108 with two).
 
-Against the bytes floor: the same bytes read by one kernel at the rate of a 1 GiB read.
+Against the bytes floor: the same bytes read by one kernel at the rate of a 1 GiB read. The read kernel needs few
+registers, so the next kernel's blocks fit beside the running ones; the GEMV's registers (54-126 a thread, 256
+threads) leave room for 1-2 more blocks an SM at most: `--threads 256 --resident 3` gives each block a third of
+an SM's shared memory, so that no more than three blocks of any kernel share an SM, as 72 registers allow.
 
     python3 benchmarks/staged_reads.py [--models gpt2-small,gpt2-xl,llama-1b] [--stages 0,32,64,96,108]
+                                       [--threads 512] [--resident 0]
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ extern "C" __global__ void __launch_bounds__(512) read_staged(const uint4* __res
 }
 """
 
+SM_SHARED = 228 * 1024  # an H100 SM's shared memory
+MAX_STAGE = 113 * 1024  # a block's, so that two blocks fit an SM
+
 
 def step_products(shape: str) -> list[int]:
     """The bytes of each weight product a decode step of ``bench.SHAPES[shape]`` runs in its layers, in order
@@ -71,7 +78,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="gpt2-small,gpt2-xl,llama-1b")
     parser.add_argument("--stages", default="0,32,64,96,108", help="KiB an SM staged before the wait")
+    parser.add_argument("--threads", type=int, default=512, help="a block's (the GEMV's: 256)")
+    parser.add_argument(
+        "--resident",
+        type=int,
+        default=0,
+        help="blocks of any kernel an SM holds at once, as the GEMV's registers allow (72 a thread: 3), by giving "
+        "each block that share of the SM's shared memory (0: as many as fit)",
+    )
     args = parser.parse_args()
+    if args.resident == 1 or args.resident < 0:
+        parser.error(f"--resident: expected 0 or at least 2 (two blocks of a kernel an SM), got {args.resident}")
     import cupy
 
     from benchmarks.common import card_name, graph_node_us
@@ -81,19 +98,24 @@ def main() -> None:
     if compute_capability() < 90:
         sys.exit("staged_reads.py: programmatic launches need compute capability 9.0 or later")
     kernel = cupy.RawModule(code=SOURCE, options=("-std=c++17",)).get_function("read_staged")
-    kernel.max_dynamic_shared_size_bytes = 113 * 1024
+    kernel.max_dynamic_shared_size_bytes = MAX_STAGE
     sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
     pool = cupy.random.default_rng(0).integers(0, 2**31, size=(1 << 30) // 4, dtype=cupy.int32)  # 1 GiB
     out = cupy.zeros(1 << 16, cupy.uint32)
 
+    pad = (SM_SHARED // args.resident - 1024) // 16 * 16 if args.resident else 0  # 1 KiB a block is reserved
+
     def node(offset: int, nbytes: int, staged_kib: int, blocks: int) -> None:
         staged = staged_kib * 1024 // 16 * sms // blocks  # uint4 a block
-        args = (pool.data.ptr + offset, cupy.int64(nbytes // 16), cupy.int64(staged), out)
-        programmatic.launch(kernel, (blocks,), (512,), staged * 16, args)
+        launch_args = (pool.data.ptr + offset, cupy.int64(nbytes // 16), cupy.int64(staged), out)
+        programmatic.launch(kernel, (blocks,), (args.threads,), max(staged * 16, pad), launch_args)
 
     whole = graph_node_us(lambda i: node(0, 1 << 30, 0, 4 * sms), 3)
     rate = (1 << 30) / whole  # bytes a µs
-    print(f"{card_name()}, {sms} SMs; one kernel reading 1 GiB: {rate / 1e3:.0f} GB/s")
+    print(
+        f"{card_name()}, {sms} SMs; one kernel reading 1 GiB: {rate / 1e3:.0f} GB/s; blocks of {args.threads} "
+        f"threads, {f'{args.resident} an SM at most' if args.resident else 'as many an SM as fit'}"
+    )
     for name in args.models.split(","):
         sizes = step_products(name)
         total = sum(sizes)
@@ -107,7 +129,7 @@ def main() -> None:
         print("|---|---|---|---|")
         for blocks in (sms, 2 * sms):
             for kib in map(int, args.stages.split(",")):
-                if kib * 1024 // (blocks // sms) > 113 * 1024:
+                if kib * 1024 // (blocks // sms) > (pad or MAX_STAGE):
                     continue
 
                 def step(i, kib=kib, blocks=blocks):
