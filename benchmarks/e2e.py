@@ -64,7 +64,7 @@ def row(shape, batch, prompt, ours, eager, compiled, floor_ms, agree) -> str:
         f"| {shape} | {batch} | {prompt} | {first:.2f} / {again:.2f} | {ms(eager, 'prefill_ms')} | {prefill_vs} "
         f"| {ours['decode_ms']:.3f} | {ms(eager, 'decode_ms')} | {ms(compiled, 'decode_ms')} | {vs[0]} | {vs[1]} "
         f"| {speed:.0f} | {floor_ms:.3f} | {100 * floor_ms / ours['decode_ms']:.0f}% "
-        f"| {ours['host_us']:.1f} / {ours['host_mean_us']:.1f} | {agree} |"
+        f"| {ours['host_us']:.1f} / {ours['host_mean_us']:.1f} / {ours['host_launch_us']:.1f} | {agree} |"
     )
 
 
@@ -92,7 +92,8 @@ def main() -> None:
         "Prefill: a new decoder's prompt pass (eager, as each `generate` call's) / the same pass repeated on it "
         "(a replayed CUDA graph); HF's, repeated.\n",
         "| model | batch | prompt | prefill ms new / repeated | HF prefill | HF / ours | decode ms/token | HF "
-        "| HF static | HF / ours | HF static / ours | tokens/s | floor ms | of floor | host µs median / mean | agree |",
+        "| HF static | HF / ours | HF static / ours | tokens/s | floor ms | of floor | host µs median / mean / launch "
+        "| agree |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     after = []  # the sweeps' tables and the memory line, after the main table

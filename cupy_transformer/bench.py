@@ -122,9 +122,9 @@ def time_generation(model, batch: int, prompt: int, new_tokens: int, *, cuda_gra
     (the same pass repeated on that decoder, captured the first time: median of ``repeats``), ``decode_ms`` (a token
     of every sequence, GPU time over the whole loop, the best run), ``host_us`` and ``host_mean_us`` (the host's own
     time per step, launching it and reading the tokens: the median and the mean step of the repeated runs; an
-    operating-system pause of a few ms moves the mean, not the median), ``tokens`` (that run's, [steps + 1, B]) and
-    ``repeatable`` (whether every run drew them). ``programmatic``, ``fused``: the decoder's
-    (``generation.Decoder``)."""
+    operating-system pause of a few ms moves the mean, not the median), ``host_launch_us`` (the median step's launch
+    alone: the graph's and the token copy's), ``tokens`` (that run's, [steps + 1, B]) and ``repeatable`` (whether
+    every run drew them). ``programmatic``, ``fused``: the decoder's (``generation.Decoder``)."""
     cupy = import_cupy()
     rng = numpy.random.default_rng(seed)
     if prompts is None:
@@ -148,7 +148,7 @@ def time_generation(model, batch: int, prompt: int, new_tokens: int, *, cuda_gra
             decoder.wait(step)  # the wait is the GPU's time, not the host's
             waited = time.perf_counter()
             tokens.append(decoder.read(step))
-            host.append(launched - begin + time.perf_counter() - waited)
+            host.append((launched - begin + time.perf_counter() - waited, launched - begin))
         end.record(stream)
         end.synchronize()
         prefill = cupy.cuda.get_elapsed_time(start, after_prefill)
@@ -158,7 +158,8 @@ def time_generation(model, batch: int, prompt: int, new_tokens: int, *, cuda_gra
     decoder = new_decoder()
     runs = [run(decoder) for _ in range(repeats + 1)]
     best = min(runs, key=lambda r: r[1])
-    steps = [t for r in runs[1:] for t in r[2]] or [0.0]
+    steps = [t for r in runs[1:] for t, _ in r[2]] or [0.0]
+    launches = [t for r in runs[1:] for _, t in r[2][:-1]] or [0.0]  # the last step launches nothing
     # The eager pass, its capture and its replays draw the same tokens (a difference is a defect, not noise).
     repeat = all(numpy.array_equal(numpy.stack(r[3]), numpy.stack(runs[0][3])) for r in runs)
     return {
@@ -168,6 +169,7 @@ def time_generation(model, batch: int, prompt: int, new_tokens: int, *, cuda_gra
         "decode_ms": best[1],
         "host_us": statistics.median(steps) * 1e6,
         "host_mean_us": statistics.fmean(steps) * 1e6,
+        "host_launch_us": statistics.median(launches) * 1e6,
         "tokens": numpy.stack(best[3]),
     }
 
@@ -218,7 +220,8 @@ def report(shape: str, batch: int, prompt: int, new_tokens: int, cuda_graph: boo
         f"prefill: {result['prefill_first_ms']:.2f} ms (a new decoder's), {result['prefill_ms']:.2f} ms repeated "
         "(replayed)",
         f"decode: {result['decode_ms']:.3f} ms/token, {batch * 1e3 / result['decode_ms']:.0f} tokens/s, "
-        f"host {result['host_us']:.1f} µs/token (median step; mean {result['host_mean_us']:.1f})",
+        f"host {result['host_us']:.1f} µs/token (median step; mean {result['host_mean_us']:.1f}; launching "
+        f"{result['host_launch_us']:.1f})",
         f"floor: {floor_ms:.3f} ms/token (the bytes a step reads at copy rate, {rate / 1e12:.2f} TB/s): "
         f"{100 * floor_ms / result['decode_ms']:.0f}% of it",
     ])  # fmt: skip
