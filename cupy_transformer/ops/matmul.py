@@ -86,12 +86,18 @@ def matmul(x, w, transposed: bool, bias=None, act=None, *, norm: GemvNorm | None
     return y.reshape(shape)
 
 
+def _fusing_here(x) -> bool:
+    """Whether the decode fusions may take a product of x [rows, in]: GPU arrays of up to 16 rows, in a graph's
+    products (``graph_products``) with the fusions on (``fusing``)."""
+    return module_of(x) is not numpy and x.shape[0] <= GEMV_MAX_ROWS and graph_products() and fusing()
+
+
 def fused_fits(x, w, transposed, bias=None, act=None, norm: GemvNorm | None = None, residual=None) -> bool:
     """Whether ``matmul`` runs this product (x [rows, in] on the GPU) with ``norm`` or ``residual`` fused into one
     GEMV kernel: up to 16 rows in a graph's products (``graph_products``), where the GEMV takes it (``gemv_fits``,
     ``gemv_fused_fits``: fp16/bf16). A gated ``act`` is no part of the question: ``matmul`` applies it in the
     epilogue or after the product (``gated_fits``)."""
-    if module_of(x) is numpy or x.shape[0] > GEMV_MAX_ROWS or not graph_products() or not fusing():
+    if not _fusing_here(x):
         return False
     if act is not None and ActivationType(act).gated:
         bias = act = None
@@ -103,7 +109,7 @@ def gated_fits(x, w, transposed, bias, act, norm: GemvNorm | None = None) -> boo
     (``graph_products``, ``fusing``: a fusion like the others) that the GEMV takes with it (``gemv_fits``), and with
     its ``norm`` where given (``gemv_fused_fits``). Eagerly the product takes the path timed faster, then
     ``bias_act``."""
-    if module_of(x) is numpy or x.shape[0] > GEMV_MAX_ROWS or not graph_products() or not fusing():
+    if not _fusing_here(x):
         return False
     fits = gemv_fits(x, w, transposed, bias, act)
     return fits and (norm is None or gemv_fused_fits(x, w, transposed, bias, act, norm=norm))
