@@ -31,32 +31,41 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.sweep_gemv_decode import products  # noqa: E402
 
-SOURCE = r"""
+KERNEL = r"""
+namespace ct {
 __device__ __forceinline__ unsigned fold(uint4 v) { return v.x ^ v.y ^ v.z ^ v.w; }
 
 // Reads n uint4 from w, a contiguous slice a block; the first `staged` of a block's slice into shared memory
-// before griddepcontrol.wait. Writes a word only when the XOR is a magic value, so the reads are not dead.
+// before the wait (follow_previous_kernel). Writes a word only when the XOR is a magic value, so the reads are not
+// dead. Its own cp.async calls: mma.cuh's copy16 asks L2 for 256 bytes, and its group calls have no memory clobber
+// (its users reach the copies through a barrier; here a thread reads its own copies, so the wait must order them).
 extern "C" __global__ void __launch_bounds__(512) read_staged(const uint4* __restrict__ w, long long n,
                                                               long long staged, unsigned* out) {
     extern __shared__ uint4 stage[];
     const long long per = (n + gridDim.x - 1) / gridDim.x;
     const long long begin = blockIdx.x * per, end = min(n, begin + per), mid = min(end, begin + staged);
-    for (long long i = begin + threadIdx.x; i < mid; i += blockDim.x) {
-        const unsigned dst = (unsigned)__cvta_generic_to_shared(stage + (i - begin));
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(w + i) : "memory");
-    }
+    for (long long i = begin + threadIdx.x; i < mid; i += blockDim.x)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_address(stage + (i - begin))),
+                     "l"(w + i) : "memory");
     asm volatile("cp.async.commit_group;" ::: "memory");
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
+    follow_previous_kernel();
     unsigned acc = 0;
     for (long long i = mid + threadIdx.x; i < end; i += blockDim.x) acc ^= fold(__ldg(w + i));
     asm volatile("cp.async.wait_all;" ::: "memory");
     for (long long i = threadIdx.x; i < mid - begin; i += blockDim.x) acc ^= fold(stage[i]);
     if (acc == 0x12345678u) out[blockIdx.x] = acc;
 }
+}  // namespace ct
 """
+
+
+def source() -> str:
+    """The kernel with the project's helpers it calls (kernels_cu/common.cuh: the programmatic wait,
+    ``shared_address``)."""
+    from cupy_transformer.runtime.kernels import read_source
+
+    return read_source("common.cuh") + KERNEL
+
 
 SM_SHARED = 228 * 1024  # an H100 SM's shared memory
 MAX_STAGE = 113 * 1024  # a block's, so that two blocks fit an SM
@@ -93,11 +102,11 @@ def main() -> None:
 
     from benchmarks.common import card_name, graph_node_us
     from cupy_transformer.runtime import programmatic
-    from cupy_transformer.runtime.kernels import compute_capability
+    from cupy_transformer.runtime.kernels import compile_options, compute_capability
 
     if compute_capability() < 90:
         sys.exit("staged_reads.py: programmatic launches need compute capability 9.0 or later")
-    kernel = cupy.RawModule(code=SOURCE, options=("-std=c++17",)).get_function("read_staged")
+    kernel = cupy.RawModule(code=source(), options=compile_options()).get_function("read_staged")
     kernel.max_dynamic_shared_size_bytes = MAX_STAGE
     sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
     pool = cupy.random.default_rng(0).integers(0, 2**31, size=(1 << 30) // 4, dtype=cupy.int32)  # 1 GiB

@@ -119,8 +119,9 @@ def test_staged_reads_kernel_compiles_for_sm90():
     """Its kernel (cp.async into shared memory before griddepcontrol.wait) compiles for sm_90 without a GPU."""
     from cupy.cuda import nvrtc
 
-    from benchmarks.staged_reads import SOURCE
+    from benchmarks.staged_reads import source
+    from cupy_transformer.runtime.kernels import compile_options
 
-    program = nvrtc.createProgram(SOURCE, "staged_reads.cu", [], [])
-    nvrtc.compileProgram(program, ["-std=c++17", "--gpu-architecture=sm_90"])
+    program = nvrtc.createProgram(source(), "staged_reads.cu", [], [])
+    nvrtc.compileProgram(program, [*compile_options(), "--gpu-architecture=sm_90"])
     assert len(nvrtc.getCUBIN(program)) > 0

@@ -93,7 +93,8 @@ def cuda_include_dir() -> str | None:
     return None
 
 
-def _options() -> tuple[str, ...]:
+def compile_options() -> tuple[str, ...]:
+    """NVRTC options of every kernel compile: ``COMPILE_OPTIONS`` and the CUDA headers CuPy uses."""
     include = cuda_include_dir()
     return COMPILE_OPTIONS + ((f"-I{include}",) if include else ())
 
@@ -190,7 +191,9 @@ class KernelFamily:
             # CuPy appends the device's -arch=sm_90 after these options; NVRTC then still builds for sm_90a.
             arch = (f"-arch=sm_{self.arch}",) if self.arch else ()
             self._module = cupy.RawModule(
-                code=read_source(self.filename), options=_options() + arch, name_expressions=self.name_expressions
+                code=read_source(self.filename),
+                options=compile_options() + arch,
+                name_expressions=self.name_expressions,
             )
         return self._module
 
@@ -252,7 +255,7 @@ class KernelFamily:
         return cubin
 
     def _offline_options(self, arch: str) -> tuple[str, ...]:
-        return _options() + ("-ftz=true", f"-arch=sm_{arch}")
+        return compile_options() + ("-ftz=true", f"-arch=sm_{arch}")
 
     def offline_cache_path(self, arch: str) -> Path:
         """Where ``compile_offline`` keeps its cubin for ``sm_<arch>``: in ``cache_dir()``, named by a hash of
