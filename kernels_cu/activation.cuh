@@ -1,6 +1,7 @@
 // The activations of ActivationType (its values; 0 = identity), in fp32, for the elementwise pass
 // (bias_act.cu) and the GEMV epilogue (gemv.cu).
 #pragma once
+#include "common.cuh"
 
 namespace ct {
 
@@ -42,6 +43,14 @@ __device__ __forceinline__ float activate(float x) {
     else if constexpr (ACT == GATED_GELU || ACT == GELU_ERF) return gelu_erf<FAST>(x);
     else if constexpr (ACT == GATED_SILU) return silu<FAST>(x);
     else return x;
+}
+
+// A gated activation's output from its up and gate values as T holds them (u, g) and their biases: up + bias and
+// act(gate + bias) each rounded to T, then their product, as Hugging Face computes act_fn(gate) * up in T.
+template <typename T, int ACT, bool FAST>
+__device__ __forceinline__ T gated_output(float u, float g, float up_bias, float gate_bias, bool has_bias) {
+    const float up = has_bias ? to_float(from_float<T>(u + up_bias)) : u;
+    return from_float<T>(up * to_float(from_float<T>(activate<ACT, FAST>(g + gate_bias))));
 }
 
 // The per-column activations at run time (the GEMV epilogue: the gated forms need two columns).

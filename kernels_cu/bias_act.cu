@@ -31,11 +31,8 @@ struct BiasAct {
             float bg[N] = {};
             if (has_bias) column_values<WHOLE>(b, bias, col, width), column_values<WHOLE>(bg, bias + width, col, width);
 #pragma unroll
-            for (int j = 0; j < N; ++j) {
-                const float u = has_bias ? to_float(from_float<T>(to_float(up.v[j]) + b[j])) : to_float(up.v[j]);
-                const float g = to_float(from_float<T>(activate<ACT, FAST>(to_float(gate.v[j]) + bg[j])));
-                out.v[j] = from_float<T>(u * g);
-            }
+            for (int j = 0; j < N; ++j)
+                out.v[j] = gated_output<T, ACT, FAST>(to_float(up.v[j]), to_float(gate.v[j]), b[j], bg[j], has_bias);
         } else {
             const V x = *reinterpret_cast<const V*>(h + at);
             if (has_bias) column_values<WHOLE>(b, bias, col, width);

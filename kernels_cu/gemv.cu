@@ -70,13 +70,12 @@ struct GemvOut {
     // Gated: the output of up column n from the up and gate sums, as bias_act.cu's gated form.
     __device__ void finish_gated(int r, int n, float up, float gate) const {
         const int half = N / 2, o = n / 16 * 8 + n % 8;
-        float u = to_float(from_float<T>(up));
-        if (has_bias) u = to_float(from_float<T>(u + to_float(bias[o])));
-        const float gate_in = to_float(from_float<T>(gate)) + (has_bias ? to_float(bias[half + o]) : 0.f);
+        const float u = to_float(from_float<T>(up)), g = to_float(from_float<T>(gate));  // the product's, in T
+        const float bu = has_bias ? to_float(bias[o]) : 0.f, bg = has_bias ? to_float(bias[half + o]) : 0.f;
         constexpr bool FAST = sizeof(T) == 2;
-        const float g = to_float(from_float<T>(act == GATED_GELU ? activate<GATED_GELU, FAST>(gate_in)
-                                                                 : activate<GATED_SILU, FAST>(gate_in)));
-        y[static_cast<size_t>(r) * half + o] = from_float<T>(u * g);
+        y[static_cast<size_t>(r) * half + o] = act == GATED_GELU
+                                                   ? gated_output<T, GATED_GELU, FAST>(u, g, bu, bg, has_bias)
+                                                   : gated_output<T, GATED_SILU, FAST>(u, g, bu, bg, has_bias);
     }
     // This block's sum for (r, n): final, or one split's partial.
     __device__ void put(int r, int n, float v) const {

@@ -75,8 +75,9 @@ def test_ab_step_times_each_tree_in_its_own_process(tmp_path, capsys):
 @pytest.mark.cupy
 def test_same_code_shows_the_kernels_a_source_change_touches(tmp_path, capsys):
     """``benchmarks/same_code.py`` compiles a family from each tree's own sources (not an installed copy's) and
-    compares each kernel's machine code: a change to bias_act.cu's gated branch alone leaves every other kernel of
-    the family as it was, and shows each gated one as differing."""
+    compares each kernel's machine code: a change to the gated activations' output (activation.cuh's
+    ``gated_output``, which bias_act.cu's gated branch calls) leaves every other kernel of the family as it was, and
+    shows each gated one as differing."""
     import importlib
     import shutil
     from pathlib import Path
@@ -89,10 +90,10 @@ def test_same_code_shows_the_kernels_a_source_change_touches(tmp_path, capsys):
     for tree in ("old", "new"):
         for part in ("cupy_transformer", "kernels_cu"):
             shutil.copytree(root / part, tmp_path / tree / part, ignore=shutil.ignore_patterns("__pycache__"))
-    source = tmp_path / "new" / "kernels_cu" / "bias_act.cu"
+    source = tmp_path / "new" / "kernels_cu" / "activation.cuh"
     text = source.read_text()
-    assert text.count("from_float<T>(u * g)") == 1
-    source.write_text(text.replace("from_float<T>(u * g)", "from_float<T>(u * g + 1.f)"))
+    assert text.count("return from_float<T>(up * ") == 1
+    source.write_text(text.replace("return from_float<T>(up * ", "return from_float<T>(1.f + up * "))
     names = bias_act._KERNELS.name_expressions
     gated = sum(int(name.split(", ")[1]) in (ActivationType.GATED_GELU, ActivationType.GATED_SILU) for name in names)
     assert 0 < gated < len(names)
