@@ -58,10 +58,11 @@ def row(shape, batch, prompt, ours, eager, compiled, floor_ms, agree) -> str:
 
     speed = batch * 1e3 / ours["decode_ms"]
     vs = [f"{r['decode_ms'] / ours['decode_ms']:.1f}x" if r else "–" for r in (eager, compiled)]
-    first, again = ours["prefill_first_ms"], ours["prefill_ms"]
+    first, host, again = ours["prefill_first_ms"], ours["prefill_first_host_ms"], ours["prefill_ms"]
     prefill_vs = f"{eager['prefill_ms'] / first:.2f}x / {eager['prefill_ms'] / again:.2f}x" if eager else "–"
     return (
-        f"| {shape} | {batch} | {prompt} | {first:.2f} / {again:.2f} | {ms(eager, 'prefill_ms')} | {prefill_vs} "
+        f"| {shape} | {batch} | {prompt} | {first:.2f} ({host:.1f}) / {again:.2f} | {ms(eager, 'prefill_ms')} "
+        f"| {prefill_vs} "
         f"| {ours['decode_ms']:.3f} | {ms(eager, 'decode_ms')} | {ms(compiled, 'decode_ms')} | {vs[0]} | {vs[1]} "
         f"| {speed:.0f} | {floor_ms:.3f} | {100 * floor_ms / ours['decode_ms']:.0f}% "
         f"| {ours['host_us']:.1f} / {ours['host_mean_us']:.1f} / {ours['host_launch_us']:.1f} | {agree} |"
@@ -89,9 +90,9 @@ def main() -> None:
         "ms/token: a step of every sequence. Floor: the bytes a step reads (weights once, the KV cache at the middle "
         "of the generation) at the copy rate. HF: transformers eager (sdpa, dynamic cache); HF static: its static "
         "cache with the step compiled by transformers. Agree: leading greedy tokens of sequence 0 equal to HF's. "
-        "Prefill: a new decoder's prompt pass (eager, as each `generate` call's) / the same pass repeated on it "
-        "(a replayed CUDA graph); HF's, repeated.\n",
-        "| model | batch | prompt | prefill ms new / repeated | HF prefill | HF / ours | decode ms/token | HF "
+        "Prefill: a new decoder's prompt pass (eager, as each `generate` call's; in brackets the host's time in it) "
+        "/ the same pass repeated on it (a replayed CUDA graph); HF's, repeated.\n",
+        "| model | batch | prompt | prefill ms new (host) / repeated | HF prefill | HF / ours | decode ms/token | HF "
         "| HF static | HF / ours | HF static / ours | tokens/s | floor ms | of floor | host µs median / mean / launch "
         "| agree |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",

@@ -118,13 +118,15 @@ def time_generation(model, batch: int, prompt: int, new_tokens: int, *, cuda_gra
     """Prefill and decode of ``batch`` random prompts (or ``prompts``, token id lists) of ``prompt`` tokens and
     ``new_tokens`` new ones, as ``generation.generate`` runs them (a step ahead of the host, which reads each step's
     tokens), after a warm-up run on another decoder (compiles, times the products' choices): ``prefill_first_ms``
-    (the prompt pass and its first token on a new decoder, eager, as every ``generate`` call's is), ``prefill_ms``
-    (the same pass repeated on that decoder, captured the first time: median of ``repeats``), ``decode_ms`` (a token
-    of every sequence, GPU time over the whole loop, the best run), ``host_us`` and ``host_mean_us`` (the host's own
-    time per step, launching it and reading the tokens: the median and the mean step of the repeated runs; an
-    operating-system pause of a few ms moves the mean, not the median), ``host_launch_us`` (the median step's launch
-    alone: the graph's and the token copy's), ``tokens`` (that run's, [steps + 1, B]) and ``repeatable`` (whether
-    every run drew them). ``programmatic``, ``fused``: the decoder's (``generation.Decoder``)."""
+    (the prompt pass and its first token on a new decoder, eager, as every ``generate`` call's is),
+    ``prefill_first_host_ms`` (the host's time in that call: near the pass's own where the pass waits on the host),
+    ``prefill_ms`` (the same pass repeated on that decoder, captured the first time: median of ``repeats``),
+    ``decode_ms`` (a token of every sequence, GPU time over the whole loop, the best run), ``host_us`` and
+    ``host_mean_us`` (the host's own time per step, launching it and reading the tokens: the median and the mean
+    step of the repeated runs; an operating-system pause of a few ms moves the mean, not the median),
+    ``host_launch_us`` (the median step's launch alone: the graph's and the token copy's), ``tokens`` (that run's,
+    [steps + 1, B]) and ``repeatable`` (whether every run drew them). ``programmatic``, ``fused``: the decoder's
+    (``generation.Decoder``)."""
     cupy = import_cupy()
     rng = numpy.random.default_rng(seed)
     if prompts is None:
@@ -137,7 +139,9 @@ def time_generation(model, batch: int, prompt: int, new_tokens: int, *, cuda_gra
         stream = decoder.stream
         start, after_prefill, end = (cupy.cuda.Event() for _ in range(3))
         start.record(stream)
+        began = time.perf_counter()
         decoder.prefill(prompts, seed, sampling)
+        prefill_host = time.perf_counter() - began
         after_prefill.record(stream)
         tokens, host = [], []
         for step in range(new_tokens):
@@ -152,7 +156,8 @@ def time_generation(model, batch: int, prompt: int, new_tokens: int, *, cuda_gra
         end.record(stream)
         end.synchronize()
         prefill = cupy.cuda.get_elapsed_time(start, after_prefill)
-        return prefill, cupy.cuda.get_elapsed_time(after_prefill, end) / max(1, new_tokens - 1), host, tokens
+        per_step = cupy.cuda.get_elapsed_time(after_prefill, end) / max(1, new_tokens - 1)
+        return prefill, per_step, host, tokens, prefill_host * 1e3
 
     run(new_decoder())  # warm-up (its cache is freed before the next one's is made)
     decoder = new_decoder()
@@ -165,6 +170,7 @@ def time_generation(model, batch: int, prompt: int, new_tokens: int, *, cuda_gra
     return {
         "repeatable": repeat,
         "prefill_first_ms": runs[0][0],
+        "prefill_first_host_ms": runs[0][4],
         "prefill_ms": statistics.median(r[0] for r in runs[1:]),
         "decode_ms": best[1],
         "host_us": statistics.median(steps) * 1e6,
@@ -217,8 +223,8 @@ def report(shape: str, batch: int, prompt: int, new_tokens: int, cuda_graph: boo
     return "\n".join([
         f"{shape}, batch {batch}, {prompt}-token prompts, {new_tokens} new tokens, "
         f"{'CUDA graph' if cuda_graph else 'eager steps'}, {card}",
-        f"prefill: {result['prefill_first_ms']:.2f} ms (a new decoder's), {result['prefill_ms']:.2f} ms repeated "
-        "(replayed)",
+        f"prefill: {result['prefill_first_ms']:.2f} ms (a new decoder's; the host's time in it "
+        f"{result['prefill_first_host_ms']:.2f}), {result['prefill_ms']:.2f} ms repeated (replayed)",
         f"decode: {result['decode_ms']:.3f} ms/token, {batch * 1e3 / result['decode_ms']:.0f} tokens/s, "
         f"host {result['host_us']:.1f} µs/token (median step; mean {result['host_mean_us']:.1f}; launching "
         f"{result['host_launch_us']:.1f})",
