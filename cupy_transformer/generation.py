@@ -119,8 +119,8 @@ class Decoder:
         self.steps = 0  # decode steps since the prompts: step n draws each sequence's token n
         self._finite = xp.ones((), bool)  # whether the prompts' logits are finite (``prefill`` writes it)
         self._prompts = None  # the prompts' (ids, positions, keep) until ``read(0)`` has checked ``_finite``
-        # Graphs by what they run: a decode step by ("step", sampling, padded); a prompt pass by ("prompt", width,
-        # padded, sampling), with its inputs' buffers, the last PROMPT_GRAPHS_KEPT widths and settings.
+        # Graphs by what they run: a decode step by ("step", sampling, padded, parity); a prompt pass by ("prompt",
+        # width, padded, sampling), with its inputs' buffers, the last PROMPT_GRAPHS_KEPT widths and settings.
         self._graphs: dict[tuple, object] = {}
         self._warm: set[tuple] = set()
         self._held: dict[tuple, object] = {}  # the tensor maps its passes read (``runtime.tensor_map.holding``)
@@ -207,35 +207,42 @@ class Decoder:
         """One decode step: last step's tokens go in, each sequence's next token is drawn (``read(steps)``)."""
         self.cache.reserve(1)  # the capacity check, and the host's count; the step advances device_lengths
         self.steps += 1
-        key = ("step", self.sampling, self.keep is not None)
+        # A graph a parity of the step: each copies its tokens into its own pinned buffer as its last node, so a
+        # replayed step costs the host a launch and an event, not a copy call too (the host's largest part of it).
+        key = ("step", self.sampling, self.keep is not None, self.steps % 2)
         graph = self._graphs.get(key)
-        if graph is not None:  # the hot path: one launch and one copy
+        if graph is not None:  # the hot path
             graph.launch(self.stream)
-            self._copy_out(self.steps)
-            return
-        with self._on_stream():
-            self._run(key, self._step_ops, self._step_capturable)
-            self._copy_out(self.steps)
+        else:
+            with self._on_stream():
+                self._run(key, self._step_and_copy, self._step_capturable, warm=key[:3])
+        self._mark_ready(self.steps)
+
+    def _step_and_copy(self) -> None:
+        self._step_ops()
+        self._copy_tokens(self.steps)
 
     def _capturable(self, tokens: int) -> bool:
         """Whether a pass of ``tokens`` tokens a sequence may be captured: its attention is a kernel (a model whose
         attention takes the array operations, such as fp32 with more than 8 query heads a kv head, runs eagerly)."""
         return not self.gpu or self.model.layer.attention.kernels(self.batch, tokens)
 
-    def _run(self, key: tuple, work: Callable[[], None], capture: bool = True) -> None:
+    def _run(self, key: tuple, work: Callable[[], None], capture: bool = True, warm: tuple | None = None) -> None:
         """``work`` (a step's or a prompt pass's launches, on the decoder's stream) as ``key``'s graph: run eagerly
         the first time (it times each product's GEMV / cuBLAS choice and makes the per-stream workspaces a capture
         needs), captured the second, launched after that; always eagerly without ``cuda_graph``, and without
-        ``capture`` on the default allocator (nothing a replay writes to keep apart)."""
+        ``capture`` on the default allocator (nothing a replay writes to keep apart). ``warm``: the key whose eager
+        run serves this one's (the step's two parities share one)."""
+        warm = warm or key
         if not capture:
             with self._step_memory(own_pool=False):
                 work()
             return
         graph = self._graphs.get(key)
-        if graph is None and (not self.cuda_graph or key not in self._warm):
+        if graph is None and (not self.cuda_graph or warm not in self._warm):
             with self._step_memory():
                 work()
-            self._warm.add(key)
+            self._warm.add(warm)
             return
         if graph is None:
             with self._step_memory(), programmatic_launches(self.programmatic):
@@ -292,6 +299,11 @@ class Decoder:
         _advance(self.xp, self.positions, self.cache.device_lengths, self.seed_step)
 
     def _copy_out(self, step: int) -> None:
+        self._copy_tokens(step)
+        self._mark_ready(step)
+
+    def _copy_tokens(self, step: int) -> None:
+        """``step``'s tokens into its pinned buffer, on the stream (a copy node where a step is captured)."""
         host = self._host[step % 2]
         if not self.gpu:
             host[...] = self.ids[:, 0]
@@ -300,7 +312,11 @@ class Decoder:
         runtime.memcpyAsync(
             host.ctypes.data, self.ids.data.ptr, host.nbytes, runtime.memcpyDeviceToHost, self.stream.ptr
         )
-        self._ready[step % 2].record(self.stream)
+
+    def _mark_ready(self, step: int) -> None:
+        """The event ``wait(step)`` waits for, after the copy of its tokens."""
+        if self.gpu:
+            self._ready[step % 2].record(self.stream)
 
     def _on_stream(self):
         # NumPy's warnings about NaN and inf are left out: the prompts' logits are checked (``read(0)``).

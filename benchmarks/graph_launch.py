@@ -1,0 +1,108 @@
+"""What launching a captured decode step costs the host: ``Graph.launch`` with the step before still running
+(as ``generate`` runs it, a step ahead of the host), with the GPU idle, alternating two executable graphs of the
+same capture (whether the driver waits for the running instance of the one it is asked to launch again), and the whole
+``Decoder.step`` (the capacity count, the launch, the tokens' copy into pinned memory).
+
+    python3 benchmarks/graph_launch.py [--shapes gpt2-small,llama-7b] [--batch 1] [--steps 200]
+
+Each figure: the median and the 90th percentile of the host's µs in the launch call, over ``--steps`` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import cupy  # noqa: E402
+import numpy  # noqa: E402
+
+from cupy_transformer import bench  # noqa: E402
+from cupy_transformer.generation import Decoder  # noqa: E402
+
+PROMPT = 128
+
+
+def spread(times: list[float]) -> str:
+    us = sorted(t * 1e6 for t in times)
+    return f"{statistics.median(us):.1f} / {us[int(0.9 * (len(us) - 1))]:.1f}"
+
+
+def measure(model, shape: str, batch: int, steps: int) -> str:
+    decoder = Decoder(model, batch, PROMPT + 4 * steps + 16)
+    rng = numpy.random.default_rng(0)
+    decoder.prefill([rng.integers(0, model.vocab, PROMPT).tolist() for _ in range(batch)])
+    for _ in range(3):  # eager, captured, replayed
+        decoder.step()
+    cupy.cuda.Device().synchronize()
+    graph = next(g for key, g in decoder._graphs.items() if key[0] == "step")
+    stream = decoder.stream
+    second = cupy.cuda.runtime.graphInstantiate(graph.graph)
+    execs = (graph.graphExec, second)
+
+    def run(launch, idle: bool) -> list[float]:
+        times = []
+        for i in range(steps):
+            decoder.cache.reserve(1)  # the host's count of the capacity the replays use
+            if idle:
+                stream.synchronize()
+            begin = time.perf_counter()
+            launch(i)
+            times.append(time.perf_counter() - begin)
+            if not idle and i:
+                done.synchronize()  # the step before this one, as generate waits for it
+            done.record(stream)
+        stream.synchronize()
+        return times
+
+    done = cupy.cuda.Event(disable_timing=True)
+    same = run(lambda i: graph.launch(stream), idle=False)
+    idle = run(lambda i: graph.launch(stream), idle=True)
+    alternating = run(lambda i: cupy.cuda.runtime.graphLaunch(execs[i % 2], stream.ptr), idle=False)
+    whole = []  # Decoder.step as generate calls it (the capacity count, the launch, the tokens' copy)
+    for _ in range(steps):
+        begin = time.perf_counter()
+        decoder.step()
+        whole.append(time.perf_counter() - begin)
+        decoder.wait(decoder.steps - 1)
+    stream.synchronize()
+    cupy.cuda.runtime.graphExecDestroy(second)
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    start.record(stream)
+    for _ in range(8):
+        decoder.cache.reserve(1)
+        graph.launch(stream)  # the capacity (16 slots) left for these
+    end.record(stream)
+    end.synchronize()
+    step_us = cupy.cuda.get_elapsed_time(start, end) / 8 * 1e3
+    columns = [f"{step_us:.0f}", *map(spread, (same, idle, alternating, whole))]
+    return f"| {shape} | {batch} | {' | '.join(columns)} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="gpt2-small,gpt2-xl,llama-1b,llama-7b")
+    parser.add_argument("--batch", default="1,16")
+    parser.add_argument("--steps", type=int, default=200)
+    args = parser.parse_args()
+    props = cupy.cuda.runtime.getDeviceProperties(0)
+    print(f"{props['name'].decode()}: host µs in the step's launch call, median / 90th percentile\n")
+    print(
+        "| shape | batch | step µs (GPU) | step before running | GPU idle | two graphs alternating "
+        "| Decoder.step, step before running |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for shape in args.shapes.split(","):
+        model = bench.random_model(shape)
+        for batch in map(int, args.batch.split(",")):
+            print(measure(model, shape, batch, args.steps), flush=True)
+        del model
+        cupy.get_default_memory_pool().free_all_blocks()
+
+
+if __name__ == "__main__":
+    main()
