@@ -1,9 +1,10 @@
 """What launching a captured decode step costs the host: ``Graph.launch`` with the step before still running
 (as ``generate`` runs it, a step ahead of the host), with the GPU idle, alternating two executable graphs of the
 same capture (whether the driver waits for the running instance of the one it is asked to launch again), and the whole
-``Decoder.step`` (the capacity count, the launch, the tokens' copy into pinned memory).
+``Decoder.step`` (the capacity count, the launch, the event its tokens' read waits for) in turn with the same and a
+copy call of the tokens added (what a step cost the host before its graph copied them itself).
 
-    python3 benchmarks/graph_launch.py [--shapes gpt2-small,llama-7b] [--batch 1] [--steps 200]
+    python3 benchmarks/graph_launch.py [--shapes gpt2-small,llama-7b] [--batch 1] [--steps 160]
 
 Each figure: the median and the 90th percentile of the host's µs in the launch call, over ``--steps`` steps.
 """
@@ -33,7 +34,7 @@ def spread(times: list[float]) -> str:
 
 
 def measure(model, shape: str, batch: int, steps: int) -> str:
-    decoder = Decoder(model, batch, PROMPT + 4 * steps + 16)
+    decoder = Decoder(model, batch, PROMPT + 5 * steps + 16)
     rng = numpy.random.default_rng(0)
     decoder.prefill([rng.integers(0, model.vocab, PROMPT).tolist() for _ in range(batch)])
     for _ in range(3):  # eager, captured, replayed
@@ -63,11 +64,17 @@ def measure(model, shape: str, batch: int, steps: int) -> str:
     same = run(lambda i: graph.launch(stream), idle=False)
     idle = run(lambda i: graph.launch(stream), idle=True)
     alternating = run(lambda i: cupy.cuda.runtime.graphLaunch(execs[i % 2], stream.ptr), idle=False)
-    whole = []  # Decoder.step as generate calls it (the capacity count, the launch, the tokens' copy)
-    for _ in range(steps):
+    # Decoder.step as generate calls it, and in turn with a copy call of the tokens added (as a step was before
+    # its graph copied them): the two in one loop, so that the host's drift is the same for both.
+    whole, with_copy = [], []
+    runtime = cupy.cuda.runtime
+    for i in range(2 * steps):
         begin = time.perf_counter()
         decoder.step()
-        whole.append(time.perf_counter() - begin)
+        if i % 2:
+            host = decoder._host[decoder.steps % 2]
+            runtime.memcpyAsync(host.ctypes.data, decoder.ids.data.ptr, host.nbytes, 1, stream.ptr)  # 1: D2H
+        (with_copy if i % 2 else whole).append(time.perf_counter() - begin)
         decoder.wait(decoder.steps - 1)
     stream.synchronize()
     cupy.cuda.runtime.graphExecDestroy(second)
@@ -79,7 +86,7 @@ def measure(model, shape: str, batch: int, steps: int) -> str:
     end.record(stream)
     end.synchronize()
     step_us = cupy.cuda.get_elapsed_time(start, end) / 8 * 1e3
-    columns = [f"{step_us:.0f}", *map(spread, (same, idle, alternating, whole))]
+    columns = [f"{step_us:.0f}", *map(spread, (same, idle, alternating, whole, with_copy))]
     return f"| {shape} | {batch} | {' | '.join(columns)} |"
 
 
@@ -87,15 +94,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="gpt2-small,gpt2-xl,llama-1b,llama-7b")
     parser.add_argument("--batch", default="1,16")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=160)  # GPT-2: 1024 positions
     args = parser.parse_args()
     props = cupy.cuda.runtime.getDeviceProperties(0)
     print(f"{props['name'].decode()}: host µs in the step's launch call, median / 90th percentile\n")
     print(
         "| shape | batch | step µs (GPU) | step before running | GPU idle | two graphs alternating "
-        "| Decoder.step, step before running |"
+        "| Decoder.step | Decoder.step and a copy call |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for shape in args.shapes.split(","):
         model = bench.random_model(shape)
         for batch in map(int, args.batch.split(",")):
