@@ -2,7 +2,7 @@
 (as ``generate`` runs it, a step ahead of the host), with the GPU idle, alternating two executable graphs of the
 same capture (whether the driver waits for the running instance of the one it is asked to launch again), and the whole
 ``Decoder.step`` (the capacity count, the launch, the event its tokens' read waits for) in turn with the same and a
-copy call of the tokens added (what a step cost the host before its graph copied them itself).
+copy call of the tokens added (what a step cost the host before it wrote them itself).
 
     python3 benchmarks/graph_launch.py [--shapes gpt2-small,llama-7b] [--batch 1] [--steps 160]
 
@@ -65,7 +65,7 @@ def measure(model, shape: str, batch: int, steps: int) -> str:
     idle = run(lambda i: graph.launch(stream), idle=True)
     alternating = run(lambda i: cupy.cuda.runtime.graphLaunch(execs[i % 2], stream.ptr), idle=False)
     # Decoder.step as generate calls it, and in turn with a copy call of the tokens added (as a step was before
-    # its graph copied them): the two in one loop, so that the host's drift is the same for both.
+    # it wrote them itself): the two in one loop, so that the host's drift is the same for both.
     whole, with_copy = [], []
     runtime = cupy.cuda.runtime
     for i in range(2 * steps):

@@ -92,6 +92,23 @@ def _advance(xp, positions, lengths, seed_step) -> None:
     _ADVANCE(positions, lengths, seed_step, size=positions.size)
 
 
+_TOKENS_OUT = None
+
+
+def _tokens_out(xp, ids, seed_step, ring) -> None:
+    """Step n's tokens (``ids`` [B, 1]) into row n % 2 of ``ring`` [2, B], n read on the device after the step's
+    advance (``seed_step[1]``: n + 1), so one captured step serves both rows."""
+    global _TOKENS_OUT
+    if _TOKENS_OUT is None:
+        _TOKENS_OUT = xp.ElementwiseKernel(
+            "",
+            "raw int32 ids, raw uint64 seed_step, raw int32 ring",
+            "ring[((seed_step[1] - 1) & 1) * ids.size() + i] = ids[i];",
+            "ct_tokens_out",
+        )
+    _TOKENS_OUT(ids, seed_step, ring, size=ids.size)
+
+
 class Decoder:
     """``batch`` sequences of ``model`` in a cache of ``capacity`` tokens each. ``cuda_graph=False`` runs every
     step eagerly: the same kernels making the same choices, for debugging. ``programmatic``: the captured step's
@@ -119,8 +136,8 @@ class Decoder:
         self.steps = 0  # decode steps since the prompts: step n draws each sequence's token n
         self._finite = xp.ones((), bool)  # whether the prompts' logits are finite (``prefill`` writes it)
         self._prompts = None  # the prompts' (ids, positions, keep) until ``read(0)`` has checked ``_finite``
-        # Graphs by what they run: a decode step by ("step", sampling, padded, parity); a prompt pass by ("prompt",
-        # width, padded, sampling), with its inputs' buffers, the last PROMPT_GRAPHS_KEPT widths and settings.
+        # Graphs by what they run: a decode step by ("step", sampling, padded); a prompt pass by ("prompt", width,
+        # padded, sampling), with its inputs' buffers, the last PROMPT_GRAPHS_KEPT widths and settings.
         self._graphs: dict[tuple, object] = {}
         self._warm: set[tuple] = set()
         self._held: dict[tuple, object] = {}  # the tensor maps its passes read (``runtime.tensor_map.holding``)
@@ -131,7 +148,12 @@ class Decoder:
 
             self.stream = xp.cuda.Stream(non_blocking=True)
             self._pool = xp.cuda.MemoryPool()  # the steps' own: the memory a graph's replay writes is its alone
-            self._host = [cupyx.empty_pinned((self.batch,), numpy.int32) for _ in range(2)]
+            # Steps n and n + 1's tokens: rows of one page-locked block, which a step's last kernel writes itself
+            # (with unified addressing a kernel may write page-locked host memory) and the prompt pass's copy fills.
+            ring = cupyx.empty_pinned((2, self.batch), numpy.int32)
+            self._host = [ring[0], ring[1]]
+            memory = xp.cuda.UnownedMemory(ring.ctypes.data, ring.nbytes, ring, xp.cuda.Device().id)
+            self._ring = xp.ndarray(ring.shape, ring.dtype, xp.cuda.MemoryPointer(memory, 0))
             self._ready = [xp.cuda.Event(disable_timing=True) for _ in range(2)]
             xp.cuda.Device().synchronize()  # the weights and the cache, made on other streams, are ready
 
@@ -207,42 +229,41 @@ class Decoder:
         """One decode step: last step's tokens go in, each sequence's next token is drawn (``read(steps)``)."""
         self.cache.reserve(1)  # the capacity check, and the host's count; the step advances device_lengths
         self.steps += 1
-        # A graph a parity of the step: each copies its tokens into its own pinned buffer as its last node, so a
-        # replayed step costs the host a launch and an event, not a copy call too (the host's largest part of it).
-        key = ("step", self.sampling, self.keep is not None, self.steps % 2)
+        key = ("step", self.sampling, self.keep is not None)
         graph = self._graphs.get(key)
-        if graph is not None:  # the hot path
+        if graph is not None:  # the hot path: one launch and the event the read waits for
             graph.launch(self.stream)
         else:
             with self._on_stream():
-                self._run(key, self._step_and_copy, self._step_capturable, warm=key[:3])
+                self._run(key, self._step_and_copy, self._step_capturable)
         self._mark_ready(self.steps)
 
     def _step_and_copy(self) -> None:
         self._step_ops()
-        self._copy_tokens(self.steps)
+        if self.gpu:  # the step writes its tokens into the host's buffer itself: no copy call a step
+            _tokens_out(self.xp, self.ids, self.seed_step, self._ring)
+        else:
+            self._copy_tokens(self.steps)
 
     def _capturable(self, tokens: int) -> bool:
         """Whether a pass of ``tokens`` tokens a sequence may be captured: its attention is a kernel (a model whose
         attention takes the array operations, such as fp32 with more than 8 query heads a kv head, runs eagerly)."""
         return not self.gpu or self.model.layer.attention.kernels(self.batch, tokens)
 
-    def _run(self, key: tuple, work: Callable[[], None], capture: bool = True, warm: tuple | None = None) -> None:
+    def _run(self, key: tuple, work: Callable[[], None], capture: bool = True) -> None:
         """``work`` (a step's or a prompt pass's launches, on the decoder's stream) as ``key``'s graph: run eagerly
         the first time (it times each product's GEMV / cuBLAS choice and makes the per-stream workspaces a capture
         needs), captured the second, launched after that; always eagerly without ``cuda_graph``, and without
-        ``capture`` on the default allocator (nothing a replay writes to keep apart). ``warm``: the key whose eager
-        run serves this one's (the step's two parities share one)."""
-        warm = warm or key
+        ``capture`` on the default allocator (nothing a replay writes to keep apart)."""
         if not capture:
             with self._step_memory(own_pool=False):
                 work()
             return
         graph = self._graphs.get(key)
-        if graph is None and (not self.cuda_graph or warm not in self._warm):
+        if graph is None and (not self.cuda_graph or key not in self._warm):
             with self._step_memory():
                 work()
-            self._warm.add(warm)
+            self._warm.add(key)
             return
         if graph is None:
             with self._step_memory(), programmatic_launches(self.programmatic):
