@@ -15,10 +15,10 @@ call of the same batch size and capacity (rounded up to ``CAPACITY_STEP`` tokens
 writes the next ones there), their positions, the cache's slots (``KVCache.device_lengths``) and the sampler's
 (seed, step); a step advances them itself. So every step is the same work: on the GPU the first runs eagerly
 (it times each product's GEMV / cuBLAS choice and makes the per-stream workspaces), the second is captured as a
-CUDA graph, and every later one is one graph launch, with no upload and no read but the new token ids, copied
-asynchronously into pinned memory. The host keeps what its checks need from what it already knows (how many
-tokens each sequence holds) and runs at most one step behind the GPU: it reads step n's tokens while step n + 1
-runs, and discards what a sequence draws after it stopped.
+CUDA graph, and every later one is one graph launch, with no upload and no read but the new token ids, which the
+step's last kernel writes into page-locked host memory. The host keeps what its checks need from what it already
+knows (how many tokens each sequence holds) and runs at most one step behind the GPU: it reads step n's tokens while
+step n + 1 runs, and discards what a sequence draws after it stopped.
 """
 
 from __future__ import annotations
@@ -324,7 +324,7 @@ class Decoder:
         self._mark_ready(step)
 
     def _copy_tokens(self, step: int) -> None:
-        """``step``'s tokens into its pinned buffer, on the stream (a copy node where a step is captured)."""
+        """``step``'s tokens into its pinned buffer, on the stream (the prompt pass's; a step writes its own)."""
         host = self._host[step % 2]
         if not self.gpu:
             host[...] = self.ids[:, 0]
