@@ -48,7 +48,6 @@ class Sampling(NamedTuple):
     top_p: float = 1.0
 
 
-_ADVANCE = None
 # Prompt passes a decoder keeps captured (by width, padding and sampling). Their temporaries share the decoder's
 # pool (each replay, on the decoder's stream, rewrites what it reads), so a kept pass costs its graph only.
 PROMPT_GRAPHS_KEPT = 8
@@ -74,39 +73,37 @@ def prompt_width(batch: int, tokens: int, capacity: int, hidden: int) -> int:
     return width if fits else tokens
 
 
+# The step's small elementwise kernels (name: parameters, body), built on first use: the advance at the end of a
+# step (each sequence's position and cache length, and the sampler's step, plus one); then step n's tokens (ids [B, 1])
+# into row n % 2 of the host's ring [2, B], n read on the device after the advance (seed_step[1]: n + 1), so one
+# captured step serves both rows.
+_STEP_CODE = {
+    "ct_advance_step": (
+        "raw int32 positions, raw int32 lengths, raw uint64 seed_step",
+        "positions[i] += 1; lengths[i] += 1; if (i == 0) seed_step[1] += 1;",
+    ),
+    "ct_tokens_out": (
+        "raw int32 ids, raw uint64 seed_step, raw int32 ring",
+        "ring[((seed_step[1] - 1) & 1) * ids.size() + i] = ids[i];",
+    ),
+}
+_STEP_KERNELS: dict[str, object] = {}
+
+
+def _step_kernel(xp, name: str, *arrays, size: int) -> None:
+    if name not in _STEP_KERNELS:
+        _STEP_KERNELS[name] = xp.ElementwiseKernel("", *_STEP_CODE[name], name)
+    _STEP_KERNELS[name](*arrays, size=size)
+
+
 def _advance(xp, positions, lengths, seed_step) -> None:
     """The end of a step: each sequence's position and cache length, and the sampler's step, plus one."""
-    global _ADVANCE
     if xp is numpy:
         positions += 1
         lengths += 1
         seed_step[1] += 1
         return
-    if _ADVANCE is None:
-        _ADVANCE = xp.ElementwiseKernel(
-            "",
-            "raw int32 positions, raw int32 lengths, raw uint64 seed_step",
-            "positions[i] += 1; lengths[i] += 1; if (i == 0) seed_step[1] += 1;",
-            "ct_advance_step",
-        )
-    _ADVANCE(positions, lengths, seed_step, size=positions.size)
-
-
-_TOKENS_OUT = None
-
-
-def _tokens_out(xp, ids, seed_step, ring) -> None:
-    """Step n's tokens (``ids`` [B, 1]) into row n % 2 of ``ring`` [2, B], n read on the device after the step's
-    advance (``seed_step[1]``: n + 1), so one captured step serves both rows."""
-    global _TOKENS_OUT
-    if _TOKENS_OUT is None:
-        _TOKENS_OUT = xp.ElementwiseKernel(
-            "",
-            "raw int32 ids, raw uint64 seed_step, raw int32 ring",
-            "ring[((seed_step[1] - 1) & 1) * ids.size() + i] = ids[i];",
-            "ct_tokens_out",
-        )
-    _TOKENS_OUT(ids, seed_step, ring, size=ids.size)
+    _step_kernel(xp, "ct_advance_step", positions, lengths, seed_step, size=positions.size)
 
 
 class Decoder:
@@ -241,7 +238,7 @@ class Decoder:
     def _step_and_copy(self) -> None:
         self._step_ops()
         if self.gpu:  # the step writes its tokens into the host's buffer itself: no copy call a step
-            _tokens_out(self.xp, self.ids, self.seed_step, self._ring)
+            _step_kernel(self.xp, "ct_tokens_out", self.ids, self.seed_step, self._ring, size=self.batch)
         else:
             self._copy_tokens(self.steps)
 
