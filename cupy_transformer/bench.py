@@ -124,7 +124,7 @@ def time_generation(model, batch: int, prompt: int, new_tokens: int, *, cuda_gra
     ``decode_ms`` (a token of every sequence, GPU time over the whole loop, the best run), ``host_us`` and
     ``host_mean_us`` (the host's own time per step, launching it and reading the tokens: the median and the mean
     step of the repeated runs; an operating-system pause of a few ms moves the mean, not the median),
-    ``host_launch_us`` (the median step's launch alone: the graph's and the token copy's), ``tokens`` (that run's,
+    ``host_launch_us`` (the median step's launch alone: the graph's and its tokens' event), ``tokens`` (that run's,
     [steps + 1, B]) and ``repeatable`` (whether every run drew them). ``programmatic``, ``fused``: the decoder's
     (``generation.Decoder``)."""
     cupy = import_cupy()
