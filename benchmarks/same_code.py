@@ -3,7 +3,7 @@ family offline with NVRTC (in a process of its own, with an empty kernel cache) 
 kernel's code (its cubin's ``.text.<kernel>`` section) is compared. What shows that a change leaves the kernels it
 does not mean to touch as they were (so their timings stand).
 
-    python3 benchmarks/same_code.py [--arch 90] MODULE:FAMILY OLD_TREE NEW_TREE
+    python3 benchmarks/same_code.py [--arch 90] MODULE:FAMILY OLD_TREE NEW_TREE    # FAMILY or NAME[KEY] of a dict
 
 e.g. ``cupy_transformer.ops.gemv:GEMV_KERNELS old/head .`` (a TREE as ``ab_step.py`` takes it).
 """
@@ -23,7 +23,9 @@ import importlib, pathlib, sys
 from cupy_transformer.runtime import kernels
 kernels.kernel_source_dir = lambda: pathlib.Path("kernels_cu").resolve()  # this tree's, not an installed copy's
 module, name = sys.argv[1].split(":")
+name, _, key = name.partition("[")  # NAME[KEY]: a family of a dict of them
 family = getattr(importlib.import_module(module), name)
+family = family[int(key.rstrip("]"))] if key else family
 open(sys.argv[3], "wb").write(family.compile_offline(sys.argv[2]))
 """
 
@@ -55,7 +57,7 @@ def compiled(tree: str, family: str, arch: str, out: str) -> dict[str, bytes]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("family", help="MODULE:FAMILY, a KernelFamily")
+    parser.add_argument("family", help="MODULE:FAMILY (a KernelFamily) or MODULE:NAME[KEY] (one of a dict of them)")
     parser.add_argument("old")
     parser.add_argument("new")
     parser.add_argument("--arch", default="90")
