@@ -46,6 +46,11 @@ enum GemvFuse : int { FUSE_NONE = 0, FUSE_NORM = 1, FUSE_RESIDUAL = 2, FUSE_GATE
 // "column n" below, N / 2 % 8 == 0) is output (n / 16) 8 + p % 8's up row for p < 8, its gate row for p >= 8. A
 // template flag, not a run-time act, so the other kernels keep their machine code (a run-time branch cost GPT-2
 // small's step 4%).
+// The gated layout: a tile's column n holds output gated_output_index(n)'s up row (n % 16 < 8) or gate row; the up
+// column of a tile's c-th output is gated_up_column(c).
+__device__ __forceinline__ int gated_output_index(int n) { return n / 16 * 8 + n % 8; }
+__device__ __forceinline__ int gated_up_column(int c) { return c / 8 * 16 + c % 8; }
+
 template <typename T, bool RESIDUAL = false, bool GATED = false>
 struct GemvOut {
     T* y;
@@ -58,7 +63,7 @@ struct GemvOut {
     // The weight row of a tile's column n (gated: its output's up or gate row; past the outputs, the last one's).
     __device__ int weight_row(int n) const {
         if constexpr (!GATED) return min(n, N - 1);
-        else return (n % 16 >= 8 ? N / 2 : 0) + min(n / 16 * 8 + n % 8, N / 2 - 1);
+        else return (n % 16 >= 8 ? N / 2 : 0) + min(gated_output_index(n), N / 2 - 1);
     }
     __device__ void finish(int r, int n, float v) const {
         if (has_bias) v += to_float(bias[n]);
@@ -69,7 +74,7 @@ struct GemvOut {
     }
     // Gated: the output of up column n from the up and gate sums, as bias_act.cu's gated form.
     __device__ void finish_gated(int r, int n, float up, float gate) const {
-        const int half = N / 2, o = n / 16 * 8 + n % 8;
+        const int half = N / 2, o = gated_output_index(n);
         const float u = to_float(from_float<T>(up)), g = to_float(from_float<T>(gate));  // the product's, in T
         const float bu = has_bias ? to_float(bias[o]) : 0.f, bg = has_bias ? to_float(bias[half + o]) : 0.f;
         constexpr bool FAST = sizeof(T) == 2;
@@ -109,7 +114,7 @@ struct GemvOut {
         const int width = GATED ? tile_width / 2 : tile_width;
         for (int o = threadIdx.x; o < rows * width; o += blockDim.x) {
             const int r = o / width, c = o % width;
-            const int n = tile_first + (GATED ? c / 8 * 16 + c % 8 : c);  // gated: up columns only
+            const int n = tile_first + (GATED ? gated_up_column(c) : c);  // gated: up columns only
             if (n >= N) continue;
             if constexpr (GATED) finish_gated(r, n, split_sum(r, n), split_sum(r, n + 8));
             else finish(r, n, split_sum(r, n));
@@ -252,6 +257,7 @@ __device__ __forceinline__ void gemv_tc_reduce(const GemvOut<T, RESIDUAL, GATED>
     __syncthreads();
     if constexpr (GATED) {  // an up column and its gate column (8 further) a thread
         for (int o = threadIdx.x; o < out.rows * TILE / 2; o += GEMV_THREADS) {
+            // col: gated_up_column(o % (TILE / 2)), its % 8 taken of o (the same value; the measured machine code)
             const int r = o / (TILE / 2), col = o % (TILE / 2) / 8 * 16 + o % 8, n = tile_first + col;
             if (n >= out.N) continue;
             float up = 0.f, gate = 0.f;
