@@ -48,7 +48,7 @@ def measure(model, shape: str, batch: int, steps: int) -> str:
     def run(launch, idle: bool) -> list[float]:
         times = []
         for i in range(steps):
-            decoder.cache.reserve(1)  # the host's count of the capacity the replays use
+            decoder.cache.advance(1)  # the host's count of the capacity the replays use
             if idle:
                 stream.synchronize()
             begin = time.perf_counter()
@@ -73,7 +73,8 @@ def measure(model, shape: str, batch: int, steps: int) -> str:
         decoder.step()
         if i % 2:
             host = decoder._host[decoder.steps % 2]
-            runtime.memcpyAsync(host.ctypes.data, decoder.ids.data.ptr, host.nbytes, 1, stream.ptr)  # 1: D2H
+            ids, d2h = decoder.ids.data.ptr, runtime.memcpyDeviceToHost
+            runtime.memcpyAsync(host.ctypes.data, ids, host.nbytes, d2h, stream.ptr)
         (with_copy if i % 2 else whole).append(time.perf_counter() - begin)
         decoder.wait(decoder.steps - 1)
     stream.synchronize()
@@ -81,7 +82,7 @@ def measure(model, shape: str, batch: int, steps: int) -> str:
     start, end = cupy.cuda.Event(), cupy.cuda.Event()
     start.record(stream)
     for _ in range(8):
-        decoder.cache.reserve(1)
+        decoder.cache.advance(1)
         graph.launch(stream)  # the capacity (16 slots) left for these
     end.record(stream)
     end.synchronize()

@@ -189,7 +189,7 @@ class Decoder:
         xp = self.xp
         with self._on_stream():
             self.cache.reset()
-            self.cache.reserve(width)  # the host's count; the pass writes slots 0 .. run_width - 1, device_lengths
+            self.cache.advance(width)  # the host's count; the pass writes slots 0 .. run_width - 1, device_lengths
             # Padding is masked by cache slot, and every slot after the prompts holds a real token: the mask is
             # written once here (slots past a sequence's length are never read).
             self.keep = None
@@ -224,7 +224,7 @@ class Decoder:
 
     def step(self) -> None:
         """One decode step: last step's tokens go in, each sequence's next token is drawn (``read(steps)``)."""
-        self.cache.reserve(1)  # the capacity check, and the host's count; the step advances device_lengths
+        self.cache.advance(1)  # the capacity check, and the host's count; the step advances device_lengths
         self.steps += 1
         key = ("step", self.sampling, self.keep is not None)
         graph = self._graphs.get(key)

@@ -108,11 +108,16 @@ class KVCache:
     def reserve(self, tokens: int) -> numpy.ndarray:
         """Room for ``tokens`` more tokens in every sequence: returns where they start (each sequence's
         length before the call) and counts them in ``lengths``. Nothing changes if any sequence lacks room."""
-        tokens = self.check_room(tokens)
         start = self.lengths.copy()
+        self.advance(tokens)
+        return start
+
+    def advance(self, tokens: int) -> None:
+        """``reserve`` without the starts (a decoder's step, whose slots are on the device): room checked, then
+        ``tokens`` more counted in every sequence."""
+        tokens = self.check_room(tokens)
         self.lengths += tokens
         self._longest += tokens
-        return start
 
     def set_lengths(self, lengths) -> None:
         """Set how many tokens each sequence holds, e.g. to drop a right-padded prompt's padding or undo

@@ -58,6 +58,17 @@ def test_capacity_is_checked_before_anything_changes(rng):
     assert cache.lengths.tolist() == [0, 0] and cache.reserve(8).tolist() == [0, 0]
 
 
+def test_advance_counts_as_reserve_does_and_checks_first():
+    """``advance``: ``reserve``'s count and capacity check without the starts."""
+    cache = KVCache(layers=1, batch=2, kv_heads=1, max_tokens=8, head_dim=4, dtype=numpy.float32, backend="numpy")
+    cache.set_lengths([1, 5])
+    cache.advance(2)
+    assert cache.lengths.tolist() == [3, 7]
+    with pytest.raises(ValueError, match=r"KV cache full: sequence 1 holds 7 of 8 tokens and cannot take 2 more"):
+        cache.advance(2)
+    assert cache.lengths.tolist() == [3, 7] and cache.reserve(1).tolist() == [3, 7]
+
+
 def test_bad_arguments_are_named_errors(rng):
     with pytest.raises(ValueError, match=r"max_tokens: expected a positive integer; got 0"):
         KVCache(layers=1, batch=1, kv_heads=1, max_tokens=0, head_dim=4, backend="numpy")
