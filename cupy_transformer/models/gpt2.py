@@ -1,12 +1,13 @@
 """GPT-2 (``GPT2LMHeadModel`` / ``GPT2Model`` checkpoints) on the ops.
 
-Embeddings ``wte[ids] + wpe[positions]``, ``n_layer`` pre-LN layers (``layers.PreLNLayer``; Conv1D weights
-are already ``[in, out]``, DeepSpeed's default layout), the final LayerNorm, and the LM head tied to
-``wte``. With a communicator (``comm``) the model is one rank of a tensor-parallel group (``parallel``:
-``c_attn`` cut by heads in each of its Q, K and V blocks, ``c_fc`` by columns, the two ``c_proj`` by rows,
-``wte`` and with it the tied head by vocabulary rows; ``wpe`` whole). Positions are explicit (a left-padded
-batch passes its own); the KV cache is the caller's (``new_cache``), which ``forward`` advances by the call's
-tokens.
+Embeddings ``wte[ids] + wpe[positions]``, ``n_layer`` pre-LN layers (``layers.PreLNLayer``), the final
+LayerNorm, and the LM head tied to ``wte``. The checkpoint's Conv1D weights are ``[in, out]``; the loader stores
+them ``[out, in]`` (``transposed_mode``, each copied once at load), the layout the decode step's GEMV reads
+fastest: an output's weights are then one contiguous run of K values instead of 64-byte pieces a row of N apart.
+With a communicator (``comm``) the model is one rank of a tensor-parallel group (``parallel``: ``c_attn`` cut by
+heads in each of its Q, K and V blocks, ``c_fc`` by columns, the two ``c_proj`` by rows, as the file holds them;
+``wte`` and with it the tied head by vocabulary rows; ``wpe`` whole). Positions are explicit (a left-padded batch
+passes its own); the KV cache is the caller's (``new_cache``), which ``forward`` advances by the call's tokens.
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ from .. import ops
 from ..layers import PreLNLayer, PreLNWeights
 from ..loading import require
 from ..parallel import GPT2_LAYER, TABLE, all_reduce_of, check_divisible, layer_shards, rank_and_size, vocab_parallel_of
-from ..runtime.arrays import resolve_backend
+from ..runtime.arrays import module_of, resolve_backend
 from .base import CausalLM, open_checkpoint
 
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 ACTIVATIONS = {"gelu_new": "GELU", "gelu_pytorch_tanh": "GELU", "gelu": "GELU_EXACT", "relu": "ReLU"}
 
 
-def gpt2_config(c: dict, dtype, where: str, mp_size: int = 1) -> ops.InferenceConfig:
+def gpt2_config(c: dict, dtype, where: str, mp_size: int = 1, transposed: bool = False) -> ops.InferenceConfig:
     """Our config for a GPT-2 config's fields ``c`` (config.json's, or a transformers config's ``to_dict()``) in
-    ``dtype``, for ``mp_size`` tensor-parallel ranks; errors name ``where``."""
+    ``dtype``, for ``mp_size`` tensor-parallel ranks, weights ``[out, in]`` where ``transposed`` (else Conv1D's
+    ``[in, out]``); errors name ``where``."""
     act = c.get("activation_function", "gelu_new")
     if act not in ACTIVATIONS:
         raise ValueError(f"{where}: activation_function {act!r} is not one of {sorted(ACTIVATIONS)}")
@@ -40,6 +43,7 @@ def gpt2_config(c: dict, dtype, where: str, mp_size: int = 1) -> ops.InferenceCo
         epsilon=c.get("layer_norm_epsilon", 1e-5),
         mlp_act_func_type=ACTIVATIONS[act],
         dtype=dtype,
+        transposed_mode=transposed,
     )
 
 
@@ -53,7 +57,7 @@ class GPT2(CausalLM):
         rank, size = rank_and_size(comm)
         ck = open_checkpoint(checkpoint, self.model_type)
         c = ck.config
-        self.config = gpt2_config(c, dtype, f"{ck.folder}/config.json", size)
+        self.config = gpt2_config(c, dtype, f"{ck.folder}/config.json", size, transposed=True)
         h, self.layers_count = self.config.hidden_size, ck.require("n_layer")
         self.vocab, self.max_positions, self.backend = ck.require("vocab_size"), ck.require("n_positions"), backend
         inner = self.config.intermediate_size
@@ -83,6 +87,10 @@ class GPT2(CausalLM):
         self.vocab_parallel = vocab_parallel_of(comm, self.vocab)
         shards = {**layer_shards(GPT2_LAYER, f"{p}h.{{}}.", self.layers_count), f"{p}wte.weight": TABLE}
         w = ck.load(shapes, dtype, backend, progress, shards if size > 1 else None, rank, size)
+        for i in range(self.layers_count):  # [in, out] -> [out, in] (the module docstring), a rank's part alike
+            for name in CONV1D:
+                key = f"{p}h.{i}.{name}"
+                w[key] = module_of(w[key]).ascontiguousarray(w[key].T)
         self.wte, self.wpe = w[f"{p}wte.weight"], w[f"{p}wpe.weight"]
         self.final_norm = (w[f"{p}ln_f.weight"], w[f"{p}ln_f.bias"])
         self.head_weight = self.tied_head(self.wte)  # the LM head is wte itself, [vocab, hidden]: [out, in]
