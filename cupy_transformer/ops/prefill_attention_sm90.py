@@ -9,7 +9,7 @@ import math
 
 from ..runtime.kernels import CTYPES, KernelFamily, dynamic_shared, split_workspace, wave_blocks
 from ..runtime.lru import DeviceLRU
-from ..runtime.tensor_map import tile_map
+from ..runtime.tensor_map import layer_maps, tile_map
 from .prefill_attention import block_rules, prefill_inputs, prefill_span, token_strides
 from .softmax import MaskKind
 
@@ -103,12 +103,15 @@ def _plan(q, group, m, scale, causal, window, geometry=None, blocks=None, span=N
 
 
 def prefill_attention_sm90(
-    q, k, v, start, mask, alibi, scale: float, causal: bool, window: int, *, geometry=None, blocks=None, span=None
-):
+    q, k, v, start, mask, alibi, scale: float, causal: bool, window: int, *, geometry=None, blocks=None, span=None,
+    layers=None,
+):  # fmt: skip
     """``prefill_attention``'s call on the Hopper kernel (k and v: 16-bit, 16-byte aligned strides).
     ``geometry``: (keys a tile, warpgroups a block, persistent), an instantiation of the family; ``blocks``: the
     blocks of one wave (a persistent launch's grid, and what ``prefill_span`` counts); ``span``: the grid's group
-    size. None: the launcher's choice (``prefill_sm90_geometry``, ``wave_blocks``, ``prefill_span``)."""
+    size. None: the launcher's choice (``prefill_sm90_geometry``, ``wave_blocks``, ``prefill_span``).
+    ``layers``: (keys, values, layer) where k and v are layer ``layer`` of a cache's [layers, B, kv, T, D] arrays:
+    their maps come from one upload for every layer (``layer_maps``) instead of one each."""
     b, h, s, d = q.shape
     q, k, v, out, m = prefill_inputs(q, k, v, mask, alibi)
     group = h // k.shape[1]
@@ -118,6 +121,10 @@ def prefill_attention_sm90(
     else:
         plan = _plan(q, group, m, scale, causal, window, geometry, blocks, span)
     name, grid, block, smem, bn, persist, rules = plan
+    if layers is not None and all(_is_layer(a, whole, layers[2]) for a, whole in zip((k, v), layers)):
+        kmap, vmap = (layer_maps(whole, bn)[layers[2]] for whole in layers[:2])
+    else:
+        kmap, vmap = tile_map(k, bn), tile_map(v, bn)
     # Persistent: one wave of blocks claims the items (a counter of split_workspace's); a block an item reads no
     # counter, and gets ``start`` in its place.
     _KERNELS.launch(
@@ -126,8 +133,8 @@ def prefill_attention_sm90(
         block,
         shared_mem=smem,
         q=q,
-        kmap=tile_map(k, bn),
-        vmap=tile_map(v, bn),
+        kmap=kmap,
+        vmap=vmap,
         out=out,
         mask=m.mask,
         alibi=m.alibi,
@@ -137,3 +144,13 @@ def prefill_attention_sm90(
         counter=split_workspace(0, 2)[1] if persist else start,
     )
     return out
+
+
+def _is_layer(a, whole, layer: int) -> bool:
+    """Whether ``a`` is ``whole[layer]`` (a view the kernel may read through ``whole``'s layer maps)."""
+    return (
+        a.data.ptr == whole.data.ptr + layer * whole.strides[0]
+        and a.shape == whole.shape[1:]
+        and a.strides == whole.strides[1:]
+        and a.dtype == whole.dtype
+    )

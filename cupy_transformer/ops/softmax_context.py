@@ -177,10 +177,12 @@ class SoftmaxContextOp(TransformerOp):
             cache.write(layer_id, xp.ascontiguousarray(k), xp.ascontiguousarray(v), start)
         if path == "prefill":
             src_k, src_v = (cache.keys[layer_id], cache.values[layer_id]) if cache is not None else (k, v)
-            launch = prefill_attention_sm90 if prefill_sm90_runs(d) else prefill_attention
-            context = launch(
-                q, src_k, src_v, first, mask, alibi, factor, causal=cfg.triangular_masking, window=window or 0
-            )
+            rules = dict(causal=cfg.triangular_masking, window=window or 0)
+            if prefill_sm90_runs(d):  # a cache's layers share one upload of their tensor maps
+                layers = None if cache is None else (cache.keys, cache.values, layer_id)
+                context = prefill_attention_sm90(q, src_k, src_v, first, mask, alibi, factor, **rules, layers=layers)
+            else:
+                context = prefill_attention(q, src_k, src_v, first, mask, alibi, factor, **rules)
         elif path == "decode" and not fused:  # unfused (ops.matmul.fused_decode(False)): after rotary_append above
             context = decode_attention(q, cache, layer_id, start, window or 0, mask, alibi, factor)
         elif path == "reference":

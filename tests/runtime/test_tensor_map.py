@@ -63,3 +63,46 @@ def test_maps_returned_while_holding_are_kept_and_answered_from_there(monkeypatc
     outside = tile_map(a, 64)
     assert outside is not first and len(asked) == 5
     assert list(inner.values()) == [in_inner] and first in held.values() and len(held) == 2
+
+
+def test_layer_maps_are_each_layers_tile_map_in_one_upload(monkeypatch):
+    """``layer_maps`` of a [layers, B, heads, T, D] cache array: row l is the map ``tile_map`` makes of layer l
+    (the driver's encoder stood in by one writing its arguments), and all rows come from one upload."""
+    import ctypes
+
+    def encode(out, dtype, rank, address, sizes, strides, box, steps, *flags):
+        words = [dtype, rank, address, *sizes[:4], *strides[:3], *box[:4], *steps[:4], *flags]
+        ctypes.memmove(out, (ctypes.c_uint64 * 16)(*words[:16]), 128)
+        return 0
+
+    uploads = []
+
+    class Memo:
+        def get(self, key, make):
+            return make()
+
+    monkeypatch.setattr(tensor_map, "_encode", encode)
+    monkeypatch.setattr(tensor_map, "_upload", lambda host: uploads.append(host.copy()) or uploads[-1])
+    monkeypatch.setattr(tensor_map, "MAPS", Memo())
+    layers, shape = 3, (2, 4, 100, 64)
+    whole = stand_in((layers, *shape), address=0x10000)
+    rows = tensor_map.layer_maps(whole, 64)
+    assert len(uploads) == 1 and rows.shape == (layers, 128)
+    for layer in range(layers):
+        one = tile_map(stand_in(shape, address=0x10000 + layer * whole.strides[0]), 64)
+        numpy.testing.assert_array_equal(rows[layer], one)
+    assert len(uploads) == 1 + layers  # tile_map: one upload a map
+    with pytest.raises(ValueError, match=r"layer_maps: expected an fp16 or bf16 \[layers, B, heads, T, D\]"):
+        tensor_map.layer_maps(stand_in(shape), 64)
+
+
+@pytest.mark.gpu
+def test_gpu_layer_maps_equal_each_layers_tile_map():
+    """On the driver: each row of a cache array's ``layer_maps`` is, byte for byte, ``tile_map`` of that layer
+    (a 5-layer fp16 cache of 3 sequences, 2 kv heads, 100 slots, head size 64; boxes of 64 and 128 rows)."""
+    cupy = pytest.importorskip("cupy")
+    whole = cupy.zeros((5, 3, 2, 100, 64), cupy.float16)
+    for rows in (64, 128):
+        maps = tensor_map.layer_maps(whole, rows).get()
+        for layer in range(whole.shape[0]):
+            numpy.testing.assert_array_equal(maps[layer], tile_map(whole[layer], rows).get())
