@@ -3,8 +3,9 @@ of the weight-bandwidth floor, and host µs per token.
 
 The models are ``cupy_transformer.bench.SHAPES`` (GPT-2 small / medium / XL in fp16, a LLaMA-3.2-1B shape in bf16
 and a LLaMA-7B shape in fp16), built by transformers with its own random initialisation on the GPU; ours reads
-the same tensors through DLPack (``Checkpoint.from_arrays``: no copy but LLaMA's fused QKV and up|gate weights),
-so both compute the same function and the greedy tokens are compared. Prompts are random token ids.
+the same tensors through DLPack (``Checkpoint.from_arrays``: no copy but LLaMA's fused QKV and up|gate weights and
+GPT-2's layer weights, which our loader stores [out, in]), so both compute the same function and the greedy tokens
+are compared. Prompts are random token ids.
 
 Peers: Hugging Face eager (sdpa, its dynamic cache) through ``model.generate``, and Hugging Face with its static
 cache, whose decoding step transformers compiles itself (``cache_implementation="static"``), where asked. A

@@ -27,12 +27,13 @@ What changes:
   values into the step's slots and attends. So the cache holds what Hugging Face's own layers would have put
   there. Padding: the 2-D ``attention_mask`` (1 = keep) becomes our per-key mask; a 4-D one (``generate`` makes
   one for static caches) is passed as it is (per-query masks run the op's array-operation path on the GPU).
-- Weights: no second copy. GPT-2's Conv1D weights are already our ``[in, out]`` layout with Q, K, V fused; they
-  are used as they are. LLaMA-style q/k/v and up/gate ``[out, in]`` weights (and biases) are copied once into one
-  fused tensor per layer (``[(h + 2 kv) d, H]``; ``[up | gate]``) and each Parameter's ``.data`` re-pointed at its
-  rows of it: the model's parameter memory is unchanged, with a transient extra of one layer's q/k/v and up/gate
-  while fusing (the separate originals are freed once nothing else holds them). A later ``.to()`` gives the
-  Parameters separate storage again; the next forward fuses them again.
+- Weights: no second copy. GPT-2's Conv1D weights (Q, K, V fused already) are copied once each into ``[out, in]``
+  storage, the layout our GPT-2 loads and the decode step reads fastest, and each Parameter re-pointed at it as its
+  ``[in, out]`` transposed view. LLaMA-style q/k/v and up/gate ``[out, in]`` weights (and biases) are copied once
+  into one fused tensor per layer (``[(h + 2 kv) d, H]``; ``[up | gate]``) and each Parameter's ``.data``
+  re-pointed at its rows of it. So the model's parameter memory is unchanged, with a transient extra of one
+  weight (GPT-2) or one layer's q/k/v and up/gate (LLaMA) while relaying (the originals are freed once nothing
+  else holds them). A ``.to()`` that gives the Parameters separate storage is fused again on the next forward.
 
 Devices: CUDA tensors run our kernels zero-copy on torch's current stream with torch's caching allocator (as the
 custom ops of ``interop.torch_ops``); CPU tensors run the NumPy reference path on shared memory. Inference only:
@@ -46,6 +47,7 @@ dynamic and static layers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import types
 
@@ -140,23 +142,33 @@ class _GPT2:
             if bool(c.get(field, value)) != value:
                 raise ValueError(f"{where}: {field}={c.get(field)!r} is not supported (only {value})")
 
-    config = staticmethod(gpt2_config)
+    config = staticmethod(functools.partial(gpt2_config, transposed=True))  # [out, in], as models.gpt2 loads them
 
     @staticmethod
     def positions(c: dict) -> int:
         return c["n_positions"]
 
     @staticmethod
-    def prepare(block: InjectedBlock) -> None:  # Conv1D weights are our layout already
-        pass
+    def conv1d(block: InjectedBlock) -> tuple:
+        return block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj
+
+    @staticmethod
+    def prepare(block: InjectedBlock) -> None:
+        """Each Conv1D weight's storage laid out ``[out, in]`` (the layout ``models.gpt2`` loads, which the decode
+        step reads fastest), the Parameter re-pointed at it as its ``[in, out]`` transposed view: torch sees the same
+        values, and the storage is replaced, not doubled."""
+        for m in _GPT2.conv1d(block):
+            if not m.weight.t().is_contiguous():
+                with torch.inference_mode(False), torch.no_grad():
+                    m.weight.data = m.weight.detach().t().contiguous().t()
 
     @staticmethod
     def weights(block: InjectedBlock) -> PreLNWeights:
         attn, mlp = block.attn, block.mlp
+        c_attn, c_proj, c_fc, mlp_proj = (m.weight.t() for m in _GPT2.conv1d(block))
         return PreLNWeights(
-            *(block.ln_1.weight, block.ln_1.bias, attn.c_attn.weight, attn.c_attn.bias, attn.c_proj.weight),
-            *(attn.c_proj.bias, block.ln_2.weight, block.ln_2.bias, mlp.c_fc.weight, mlp.c_fc.bias),
-            *(mlp.c_proj.weight, mlp.c_proj.bias),
+            *(block.ln_1.weight, block.ln_1.bias, c_attn, attn.c_attn.bias, c_proj, attn.c_proj.bias),
+            *(block.ln_2.weight, block.ln_2.bias, c_fc, mlp.c_fc.bias, mlp_proj, mlp.c_proj.bias),
         )
 
     @staticmethod

@@ -169,14 +169,28 @@ def test_state_dict_unchanged_and_parameters_not_copied(family):
         attn = model.model.layers[0].self_attn
         assert attn.q_proj.weight.untyped_storage().data_ptr() == attn.v_proj.weight.untyped_storage().data_ptr()
         assert attn.q_proj.bias.untyped_storage().data_ptr() == attn.k_proj.bias.untyped_storage().data_ptr()
+    if family == "gpt2":  # each Conv1D weight [in, out] a transposed view of [out, in] storage
+        assert all(conv1d_relaid(model))
     assert inject(model) is model  # a second injection changes nothing
     # A moved model (new, separate storages) is fused again on its next call and still matches.
     model.to(torch.float64).to(torch.float32)
+    if family == "gpt2":  # relaid only where a move made them [in, out] again
+        for m in model.transformer.h[0].mlp.c_fc, model.transformer.h[1].attn.c_proj:
+            m.weight.data = m.weight.detach().contiguous()
+        assert not all(conv1d_relaid(model))
     ids, mask = padded_batch()
     with torch.no_grad():
         want, got = original(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
     assert rel_error(got[mask.bool()], want[mask.bool()]) < 1e-4
     assert storage_bytes(model) == size
+    if family == "gpt2":
+        assert all(conv1d_relaid(model))
+
+
+def conv1d_relaid(model):
+    """Per Conv1D weight of a GPT-2 model, whether its storage is [out, in] (its [in, out] a transposed view)."""
+    modules = [(b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj) for b in model.transformer.h]
+    return [m.weight.t().is_contiguous() for block in modules for m in block]
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
