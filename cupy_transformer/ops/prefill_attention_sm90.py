@@ -147,9 +147,12 @@ def prefill_attention_sm90(
 
 
 def _is_layer(a, whole, layer: int) -> bool:
-    """Whether ``a`` is ``whole[layer]`` (a view the kernel may read through ``whole``'s layer maps)."""
+    """Whether ``a`` is ``whole[layer]`` (a view the kernel may read through ``whole``'s layer maps) and ``whole``
+    has layers to share them: one layer gains nothing, and a one-layer view made by indexing (an injected model's
+    view of a Hugging Face cache layer) may have a layer stride of 0, which no map takes."""
     return (
-        a.data.ptr == whole.data.ptr + layer * whole.strides[0]
+        whole.shape[0] > 1
+        and a.data.ptr == whole.data.ptr + layer * whole.strides[0]
         and a.shape == whole.shape[1:]
         and a.strides == whole.strides[1:]
         and a.dtype == whole.dtype

@@ -183,6 +183,23 @@ def test_bidirectional_with_padding_alibi_and_norm_factor(rng):
 
 
 @pytest.mark.gpu
+def test_gpu_prefill_through_a_cache_over_one_layer_with_a_zero_layer_stride(rng, poisoned_allocations):
+    """An injected model's view of a Hugging Face cache layer: ``KVCache.over`` one layer's arrays given a leading
+    layer axis of stride 0 (as they come through DLPack). fp16, head size 64: the Hopper kernel where one runs
+    (its maps come per layer, not from one array of every layer's); against float64 attention."""
+    import cupy
+    from cupy.lib.stride_tricks import as_strided
+
+    c = cfg(numpy.float16, heads=4, kv=2, d=64)
+    tokens = random(rng, (2, 37, 8 * 64), numpy.float16)
+    keys, values = (cupy.empty((2, 2, 48, 64), numpy.float16) for _ in range(2))
+    cache = KVCache.over(*(as_strided(a, (1, *a.shape), (0, *a.strides)) for a in (keys, values)))
+    ctx, _, _ = ops.SoftmaxContextOp(c)(cupy.asarray(tokens), cache=cache, layer_id=0, start=cache.reserve(37))
+    want = numpy.stack([history(tokens[b], c, numpy.arange(37)) for b in range(2)])
+    assert rel_error(host(ctx).astype(numpy.float64), want) < TOL_CHAINED[numpy.dtype(numpy.float16)]
+
+
+@pytest.mark.gpu
 def test_gpu_matches_torch_sdpa_with_gqa(rng):
     import torch
     import torch.nn.functional as F
