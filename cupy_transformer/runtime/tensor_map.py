@@ -114,8 +114,12 @@ def layer_maps(a, rows: int):
     makes one upload, not one a layer."""
     _check(a, rows, "layer_maps", ndim=5)
     key = ("layers", a.data.ptr, a.shape, a.strides, a.dtype.str, rows)
-    addresses = [a.data.ptr + layer * a.strides[0] for layer in range(a.shape[0])]
-    return _memo(key, lambda: _encode_maps(addresses, a.shape[1:], a.strides[1:], a.dtype, rows))
+    return _memo(key, lambda: _encode_maps(_layer_addresses(a), a.shape[1:], a.strides[1:], a.dtype, rows))
+
+
+def _layer_addresses(a) -> list[int]:
+    """Where each ``a[l]`` begins (made only for a map not yet kept: every layer's call asks for the maps)."""
+    return [a.data.ptr + layer * a.strides[0] for layer in range(a.shape[0])]
 
 
 @contextlib.contextmanager
