@@ -20,14 +20,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cupy_transformer.ops import ActivationType  # noqa: E402
 
-# GPT-2's Conv1D weights are [in, out] (transposed False), LLaMA's nn.Linear ones [out, in]; the LM head is the
-# token table [vocab, hidden] in both. (product, K, N, transposed, fused: "norm" or "residual", activation, bias)
+# Every model's layer weights are [out, in] (transposed True) once loaded (GPT-2's Conv1D [in, out] is transposed at
+# load); the LM head is the token table [vocab, hidden]. (product, K, N, transposed, fused: "norm" or "residual",
+# activation, bias)
 PRODUCTS = {
     "gpt2": lambda h, inter, q, vocab: [
-        ("QKV + LN1", h, q, False, "norm", None, True),
-        ("out + residual", h, h, False, "residual", None, True),
-        ("up + LN2, GELU", h, inter, False, "norm", ActivationType.GELU, True),
-        ("down + residual", inter, h, False, "residual", None, True),
+        ("QKV + LN1", h, q, True, "norm", None, True),
+        ("out + residual", h, h, True, "residual", None, True),
+        ("up + LN2, GELU", h, inter, True, "norm", ActivationType.GELU, True),
+        ("down + residual", inter, h, True, "residual", None, True),
         ("LM head + final norm", h, vocab, True, "norm", None, False),
     ],
     "llama": lambda h, inter, q, vocab: [

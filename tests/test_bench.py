@@ -18,17 +18,17 @@ def test_random_weights_take_what_the_loader_passes():
 
 def test_decode_product_sweep_covers_each_models_products():
     """``benchmarks/sweep_gemv_decode.py`` times the products a decode step runs: their K x N and layouts follow
-    from the shapes (GPT-2: [in, out] Conv1D weights, 4h MLP; LLaMA: [out, in], grouped-query QKV, up|gate fused;
-    both: the token table as the LM head)."""
+    from the shapes (GPT-2: 4h MLP; LLaMA: grouped-query QKV, up|gate fused; both: [out, in] layer weights as the
+    loaders store them, the token table as the LM head)."""
     from benchmarks.sweep_gemv_decode import products
 
     rows, dtype, mode = products("gpt2-small")
     assert (dtype, mode) == ("float16", "layer_norm")
     assert [(k, n, tr, fused) for _, k, n, tr, fused, _, _ in rows] == [
-        (768, 2304, False, "norm"),
-        (768, 768, False, "residual"),
-        (768, 3072, False, "norm"),
-        (3072, 768, False, "residual"),
+        (768, 2304, True, "norm"),
+        (768, 768, True, "residual"),
+        (768, 3072, True, "norm"),
+        (3072, 768, True, "residual"),
         (768, 50257, True, "norm"),
     ]
     rows, dtype, mode = products("llama-1b")
