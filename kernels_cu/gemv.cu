@@ -42,12 +42,10 @@ enum GemvFuse : int { FUSE_NONE = 0, FUSE_NORM = 1, FUSE_RESIDUAL = 2, FUSE_GATE
 // GATED (FUSE_GATED: act GATED_GELU or GATED_SILU; [out, in] tensor-core kernels only, the launcher checks): W's N
 // rows are [up | gate] halves and y [rows, N / 2] = up * act(gate) as bias_act.cu computes it from the product
 // rounded to T, so the same bits as the product followed by bias_act, one kernel and no [rows, N] round trip fewer.
-// A tile's 16-row pieces take 8 outputs' up rows, then the same outputs' gate rows: the tile's column 16 m + p (its
-// "column n" below, N / 2 % 8 == 0) is output (n / 16) 8 + p % 8's up row for p < 8, its gate row for p >= 8. A
-// template flag, not a run-time act, so the other kernels keep their machine code (a run-time branch cost GPT-2
-// small's step 4%).
-// The gated layout: a tile's column n holds output gated_output_index(n)'s up row (n % 16 < 8) or gate row; the up
-// column of a tile's c-th output is gated_up_column(c).
+// A tile's 16-row pieces take 8 outputs' up rows, then the same outputs' gate rows (N / 2 % 8 == 0): the tile's
+// column n holds output gated_output_index(n)'s up row where n % 16 < 8, else its gate row; the up column of the
+// tile's c-th output is gated_up_column(c). A template flag, not a run-time act, so the other kernels keep their
+// machine code (a run-time branch cost GPT-2 small's step 4%).
 __device__ __forceinline__ int gated_output_index(int n) { return n / 16 * 8 + n % 8; }
 __device__ __forceinline__ int gated_up_column(int c) { return c / 8 * 16 + c % 8; }
 
