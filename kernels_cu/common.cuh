@@ -77,8 +77,9 @@ __device__ __forceinline__ void follow_previous_kernel() {
 #endif
 }
 
-// Asks L2 for `bytes` (a multiple of 16) from p (16-byte aligned) without waiting for them: read-only data that
-// no kernel writes (weights), fetched before follow_previous_kernel() so that the fetch overlaps the kernel before.
+// Asks L2 for `bytes` (a multiple of 16) from p (16-byte aligned) without waiting for them: data the kernel before
+// does not write (weights, cached keys of earlier steps), fetched before follow_previous_kernel() so that the fetch
+// overlaps the kernel before.
 __device__ __forceinline__ void prefetch_l2(const void* p, unsigned bytes) {
 #if __CUDA_ARCH__ >= 900
     asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
