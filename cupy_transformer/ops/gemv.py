@@ -68,12 +68,14 @@ def nk_geometry(n: int, k: int, sms: int, rows: int = 1):
     last-block pass cost more than they save on short rows. Longer rows: coarse, their K splits filling the SMs
     (LLaMA-1B's down product, N 2048 x K 8192: the captured step 2.4% faster than with fine tiles on an H100;
     neutral at the LLaMA-7B shape). Coarse at 3 blocks a SM where 2 would leave a second, partial wave (N = 11008:
-    344 tiles on 132 SMs; 4-5% faster on an H200, in a CUDA graph), but for 9-16 ``rows`` (their kernel would spill
-    registers within the 80 that 3 a SM leave); else coarse at 2."""
+    344 tiles on 132 SMs; 4-5% faster on an H200, in a CUDA graph), and where rows of K <= 1024 fill more than a
+    wave (GPT-2's LM head, 768 x 50257: 11% faster, more of the short rows in flight a SM), but for 9-16 ``rows``
+    (their kernel would spill registers within the 80 that 3 a SM leave); else coarse at 2."""
     tiles = math.ceil(n / 32)
     if tiles <= sms and k <= 3072:
         return GEMV_TC_NK["fine, short rows"]
-    return GEMV_TC_NK["coarse, 3 a SM" if 2 * sms < tiles <= 3 * sms and rows <= 8 else "coarse"]
+    three = 2 * sms < tiles <= 3 * sms or (k <= 1024 and tiles > 3 * sms)
+    return GEMV_TC_NK["coarse, 3 a SM" if three and rows <= 8 else "coarse"]
 
 
 def kn_chunks_a_batch(k_per_split: int) -> int:

@@ -128,8 +128,8 @@ def test_gpu_split_workspace_does_not_grow_during_capture(rng):
 
 def test_nk_geometry_holds_the_tiles_in_one_wave():
     """[out, in]: fine tiles at 1 block a SM while coarse ones would leave SMs idle and rows are of K <= 3072,
-    coarse at 3 blocks a SM where 2 would leave a second, partial wave (not for 9-16 rows of x), else coarse at 2
-    (132 SMs)."""
+    coarse at 3 blocks a SM where 2 would leave a second, partial wave or where rows of K <= 1024 fill more than one
+    wave at 3 (not for 9-16 rows of x), else coarse at 2 (132 SMs)."""
     geometry = {n: nk_geometry(n, 4096, sms=132) for n in (4096, 4232, 6400, 8448, 8480, 11008, 12672, 12704, 16384)}
     assert geometry == {
         4096: (2, 1, 2),
@@ -158,6 +158,19 @@ def test_nk_geometry_holds_the_tiles_in_one_wave():
         (11008, 3080): (2, 1, 3),
     }
     assert nk_geometry(11008, 4096, 132, rows=8) == (2, 1, 3) and nk_geometry(11008, 4096, 132, rows=9) == (2, 1, 2)
+    vocab = {(n, k): nk_geometry(n, k, sms=132) for n in (12704, 12736, 50257) for k in (768, 1024, 1032)}
+    assert vocab == {
+        (12704, 768): (2, 1, 3),  # 397 tiles: past one wave at 3 a SM
+        (12704, 1024): (2, 1, 3),
+        (12704, 1032): (2, 1, 2),
+        (12736, 768): (2, 1, 3),
+        (12736, 1024): (2, 1, 3),
+        (12736, 1032): (2, 1, 2),
+        (50257, 768): (2, 1, 3),  # GPT-2 small's LM head
+        (50257, 1024): (2, 1, 3),
+        (50257, 1032): (2, 1, 2),
+    }
+    assert nk_geometry(50257, 768, 132, rows=9) == (2, 1, 2)
 
 
 @pytest.mark.gpu
