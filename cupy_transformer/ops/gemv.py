@@ -62,17 +62,19 @@ EARLY_WEIGHTS_K = 4096
 
 
 def nk_geometry(n: int, k: int, sms: int, rows: int = 1):
-    """The [out, in] geometry for N x K on ``sms`` SMs. Where coarse (two-piece) tiles would not give every SM a
-    block and rows are short (K <= 3072): fine tiles (one piece: twice the tiles) at one block a SM with 4 chunks a
-    batch, which halves the K splits twice over (none where the tiles fill the SMs), as a split's partials and
-    last-block pass cost more than they save on short rows. Longer rows: coarse, their K splits filling the SMs
-    (LLaMA-1B's down product, N 2048 x K 8192: the captured step 2.4% faster than with fine tiles on an H100;
-    neutral at the LLaMA-7B shape). Coarse at 3 blocks a SM where 2 would leave a second, partial wave (N = 11008:
-    344 tiles on 132 SMs; 4-5% faster on an H200, in a CUDA graph), and where rows of K <= 1024 fill more than a
-    wave (GPT-2's LM head, 768 x 50257: 11% faster, more of the short rows in flight a SM), but for 9-16 ``rows``
-    (their kernel would spill registers within the 80 that 3 a SM leave); else coarse at 2."""
+    """The [out, in] geometry for N x K on ``sms`` SMs. Where coarse (two-piece) tiles would not give every SM a block
+    and rows are short (K <= 3072): fine tiles (one piece: twice the tiles) at one block a SM with 4 chunks a batch,
+    which halves the K splits twice over (none where the tiles fill the SMs), as a split's partials and last-block pass
+    cost more than they save on short rows. Fine so too at any width for rows of 2048-3072 and up to 8 ``rows``:
+    0.92-0.99x the coarse tiles' time at N 16384 and 128256 (LLaMA-1B's up|gate product and LM head; H100, in a graph as
+    the step runs them), where rows of 768-1600 take 1.03-1.12x. Longer rows: coarse, their K splits filling the SMs
+    (LLaMA-1B's down product, N 2048 x K 8192: the captured step 2.4% faster than with fine tiles on an H100; neutral at
+    the LLaMA-7B shape). Coarse at 3 blocks a SM where 2 would leave a second, partial wave (N = 11008: 344 tiles on 132
+    SMs; 4-5% faster on an H200, in a CUDA graph), and where rows of K <= 1024 fill more than a wave (GPT-2's LM head,
+    768 x 50257: 11% faster, more of the short rows in flight a SM), but for 9-16 ``rows`` (their kernel would spill
+    registers within the 80 that 3 a SM leave); else coarse at 2."""
     tiles = math.ceil(n / 32)
-    if tiles <= sms and k <= 3072:
+    if k <= 3072 and (tiles <= sms or (k >= 2048 and rows <= 8)):
         return GEMV_TC_NK["fine, short rows"]
     three = 2 * sms < tiles <= 3 * sms or (k <= 1024 and tiles > 3 * sms)
     return GEMV_TC_NK["coarse, 3 a SM" if three and rows <= 8 else "coarse"]

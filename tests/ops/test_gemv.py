@@ -127,7 +127,8 @@ def test_gpu_split_workspace_does_not_grow_during_capture(rng):
 
 
 def test_nk_geometry_holds_the_tiles_in_one_wave():
-    """[out, in]: fine tiles at 1 block a SM while coarse ones would leave SMs idle and rows are of K <= 3072,
+    """[out, in]: fine tiles at 1 block a SM while coarse ones would leave SMs idle and rows are of K <= 3072 (at any
+    width for K 2048-3072 and up to 8 rows of x),
     coarse at 3 blocks a SM where 2 would leave a second, partial wave or where rows of K <= 1024 fill more than one
     wave at 3 (not for 9-16 rows of x), else coarse at 2 (132 SMs)."""
     geometry = {n: nk_geometry(n, 4096, sms=132) for n in (4096, 4232, 6400, 8448, 8480, 11008, 12672, 12704, 16384)}
@@ -151,10 +152,10 @@ def test_nk_geometry_holds_the_tiles_in_one_wave():
         (2048, 3072): (1, 4, 1),
         (2048, 3080): (2, 1, 2),
         (4232, 768): (2, 1, 2),
-        (4232, 3072): (2, 1, 2),
+        (4232, 3072): (1, 4, 1),
         (4232, 3080): (2, 1, 2),
         (11008, 768): (2, 1, 3),
-        (11008, 3072): (2, 1, 3),
+        (11008, 3072): (1, 4, 1),
         (11008, 3080): (2, 1, 3),
     }
     assert nk_geometry(11008, 4096, 132, rows=8) == (2, 1, 3) and nk_geometry(11008, 4096, 132, rows=9) == (2, 1, 2)
@@ -171,6 +172,18 @@ def test_nk_geometry_holds_the_tiles_in_one_wave():
         (50257, 1032): (2, 1, 2),
     }
     assert nk_geometry(50257, 768, 132, rows=9) == (2, 1, 2)
+    wide = {(n, k): nk_geometry(n, k, sms=132) for n in (16384, 128256) for k in (2040, 2048, 3072, 3080)}
+    assert wide == {
+        (16384, 2040): (2, 1, 2),
+        (16384, 2048): (1, 4, 1),  # LLaMA-1B's up|gate
+        (16384, 3072): (1, 4, 1),
+        (16384, 3080): (2, 1, 2),
+        (128256, 2040): (2, 1, 2),
+        (128256, 2048): (1, 4, 1),  # its LM head
+        (128256, 3072): (1, 4, 1),
+        (128256, 3080): (2, 1, 2),
+    }
+    assert nk_geometry(16384, 2048, 132, rows=9) == (2, 1, 2)
 
 
 @pytest.mark.gpu
