@@ -13,12 +13,12 @@ call of the same batch size and capacity (rounded up to ``CAPACITY_STEP`` tokens
 
 ``Decoder`` holds one batch's decode state in arrays of the model's backend: the token ids [B, 1] (the sampler
 writes the next ones there), their positions, the cache's slots (``KVCache.device_lengths``) and the sampler's
-(seed, step); a step advances them itself. So every step is the same work: on the GPU the first runs eagerly
-(it times each product's GEMV / cuBLAS choice and makes the per-stream workspaces), the second is captured as a
-CUDA graph, and every later one is one graph launch, with no upload and no read but the new token ids, which the
-step's last kernel writes into page-locked host memory. The host keeps what its checks need from what it already
-knows (how many tokens each sequence holds) and runs at most one step behind the GPU: it reads step n's tokens while
-step n + 1 runs, and discards what a sequence draws after it stopped.
+(seed, step); a step advances them itself (``ops.decode_state``). So every step is the same work: on the GPU the
+first runs eagerly (it times each product's GEMV / cuBLAS choice and makes the per-stream workspaces), the second
+is captured as a CUDA graph, and every later one is one graph launch, with no upload and no read but the new token
+ids, which the step's last kernel writes into page-locked host memory. The host keeps what its checks need from
+what it already knows (how many tokens each sequence holds) and runs at most one step behind the GPU: it reads step
+n's tokens while step n + 1 runs, and discards what a sequence draws after it stopped.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy
 
 from . import ops
+from .ops.decode_state import end_step
 from .ops.sampling import sampling_arguments
 from .runtime.arrays import array_module, positive_int
 from .runtime.programmatic import programmatic_launches
@@ -73,39 +74,6 @@ def prompt_width(batch: int, tokens: int, capacity: int, hidden: int) -> int:
     return width if fits else tokens
 
 
-# The step's small elementwise kernels (name: parameters, body), built on first use: the advance at the end of a
-# step (each sequence's position and cache length, and the sampler's step, plus one); then step n's tokens (ids [B, 1])
-# into row n % 2 of the host's ring [2, B], n read on the device after the advance (seed_step[1]: n + 1), so one
-# captured step serves both rows.
-_STEP_CODE = {
-    "ct_advance_step": (
-        "raw int32 positions, raw int32 lengths, raw uint64 seed_step",
-        "positions[i] += 1; lengths[i] += 1; if (i == 0) seed_step[1] += 1;",
-    ),
-    "ct_tokens_out": (
-        "raw int32 ids, raw uint64 seed_step, raw int32 ring",
-        "ring[((seed_step[1] - 1) & 1) * ids.size() + i] = ids[i];",
-    ),
-}
-_STEP_KERNELS: dict[str, object] = {}
-
-
-def _step_kernel(xp, name: str, *arrays, size: int) -> None:
-    if name not in _STEP_KERNELS:
-        _STEP_KERNELS[name] = xp.ElementwiseKernel("", *_STEP_CODE[name], name)
-    _STEP_KERNELS[name](*arrays, size=size)
-
-
-def _advance(xp, positions, lengths, seed_step) -> None:
-    """The end of a step: each sequence's position and cache length, and the sampler's step, plus one."""
-    if xp is numpy:
-        positions += 1
-        lengths += 1
-        seed_step[1] += 1
-        return
-    _step_kernel(xp, "ct_advance_step", positions, lengths, seed_step, size=positions.size)
-
-
 class Decoder:
     """``batch`` sequences of ``model`` in a cache of ``capacity`` tokens each. ``cuda_graph=False`` runs every
     step eagerly: the same kernels making the same choices, for debugging. ``programmatic``: the captured step's
@@ -139,16 +107,16 @@ class Decoder:
         self._warm: set[tuple] = set()
         self._held: dict[tuple, object] = {}  # the tensor maps its passes read (``runtime.tensor_map.holding``)
         self._prompt_inputs: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
-        self._host = [numpy.zeros(self.batch, numpy.int32) for _ in range(2)]  # steps n and n + 1's tokens
+        # Steps n and n + 1's tokens: rows of one [2, B] block, written by the pass or step that draws them
+        # (``ops.decode_state``); on a GPU page-locked, which the step's last kernel writes itself (with unified
+        # addressing a kernel may write page-locked host memory).
+        self._ring = self._host = numpy.zeros((2, self.batch), numpy.int32)
         if self.gpu:
             import cupyx
 
             self.stream = xp.cuda.Stream(non_blocking=True)
             self._pool = xp.cuda.MemoryPool()  # the steps' own: the memory a graph's replay writes is its alone
-            # Steps n and n + 1's tokens: rows of one page-locked block, which a step's last kernel writes itself
-            # (with unified addressing a kernel may write page-locked host memory) and the prompt pass's copy fills.
-            ring = cupyx.empty_pinned((2, self.batch), numpy.int32)
-            self._host = [ring[0], ring[1]]
+            self._host = ring = cupyx.empty_pinned((2, self.batch), numpy.int32)
             memory = xp.cuda.UnownedMemory(ring.ctypes.data, ring.nbytes, ring, xp.cuda.Device().id)
             self._ring = xp.ndarray(ring.shape, ring.dtype, xp.cuda.MemoryPointer(memory, 0))
             self._ready = [xp.cuda.Event(disable_timing=True) for _ in range(2)]
@@ -220,7 +188,7 @@ class Decoder:
             self._prompts = ids, positions, keep
             capture = self.batch * run_width <= PROMPT_GRAPH_TOKENS and self._capturable(run_width)
             self._run(key, lambda: self._prompt_ops(*inputs), capture)
-            self._copy_out(0)
+            self._mark_ready(0)
 
     def step(self) -> None:
         """One decode step: last step's tokens go in, each sequence's next token is drawn (``read(steps)``)."""
@@ -232,15 +200,8 @@ class Decoder:
             graph.launch(self.stream)
         else:
             with self._on_stream():
-                self._run(key, self._step_and_copy, self._step_capturable)
+                self._run(key, self._step_ops, self._step_capturable)
         self._mark_ready(self.steps)
-
-    def _step_and_copy(self) -> None:
-        self._step_ops()
-        if self.gpu:  # the step writes its tokens into the host's buffer itself: no copy call a step
-            _step_kernel(self.xp, "ct_tokens_out", self.ids, self.seed_step, self._ring, size=self.batch)
-        else:
-            self._copy_tokens(self.steps)
 
     def _capturable(self, tokens: int) -> bool:
         """Whether a pass of ``tokens`` tokens a sequence may be captured: its attention is a kernel (a model whose
@@ -299,7 +260,7 @@ class Decoder:
         self.positions[...] = xp.take(positions, last, axis=1) + 1  # the real tokens each sequence holds
         self._finite[...] = xp.isfinite(logits[:, -1]).all()
         ops.sample_tokens(logits[:, -1], self.ids[:, 0], self.seed_step, *self.sampling)
-        self.seed_step[1:] += 1
+        end_step(self.ids, self.positions, cache.device_lengths, self.seed_step, self._ring, advance=False)  # row 0
 
     def _step_ops(self) -> None:
         # A vocab-parallel rank (``parallel``) at greedy keeps its own columns of the logits and picks the token
@@ -314,25 +275,10 @@ class Decoder:
         else:
             logits = self.model.decode(self.ids, self.positions, self.cache, attn_mask=self.keep)
             ops.sample_tokens(logits[:, -1], self.ids[:, 0], self.seed_step, *self.sampling)
-        _advance(self.xp, self.positions, self.cache.device_lengths, self.seed_step)
-
-    def _copy_out(self, step: int) -> None:
-        self._copy_tokens(step)
-        self._mark_ready(step)
-
-    def _copy_tokens(self, step: int) -> None:
-        """``step``'s tokens into its pinned buffer, on the stream (the prompt pass's; a step writes its own)."""
-        host = self._host[step % 2]
-        if not self.gpu:
-            host[...] = self.ids[:, 0]
-            return
-        runtime = self.xp.cuda.runtime
-        runtime.memcpyAsync(
-            host.ctypes.data, self.ids.data.ptr, host.nbytes, runtime.memcpyDeviceToHost, self.stream.ptr
-        )
+        end_step(self.ids, self.positions, self.cache.device_lengths, self.seed_step, self._ring)
 
     def _mark_ready(self, step: int) -> None:
-        """The event ``wait(step)`` waits for, after the copy of its tokens."""
+        """The event ``wait(step)`` waits for, after the pass or step that writes its tokens."""
         if self.gpu:
             self._ready[step % 2].record(self.stream)
 
