@@ -6,6 +6,7 @@ step), against a plain read of the same bytes in a graph. What the launcher's ru
 ``nk_geometry``, the K split) are set from at decode sizes.
 
     python3 benchmarks/sweep_gemv_decode.py [--models gpt2-small,gpt2-xl,llama-1b] [--rows 1]
+    python3 benchmarks/sweep_gemv_decode.py --products 2048x16384,3072x128256    # K x N, bf16, [out, in], RMS norm
 
 Writes ``gemv-decode-<card>.md`` to $OUT or benchmarks/results/.
 """
@@ -54,11 +55,29 @@ def products(shape: str) -> list[tuple]:
     return PRODUCTS[family](h, c["intermediate_size"], (heads + 2 * kv) * head, c["vocab_size"]), dtype, "rms_norm"
 
 
+def chosen_products(text: str) -> list[tuple]:
+    """``--products``' K x N list as products with the RMS-norm prologue, [out, in], bf16 (a LLaMA-style model's
+    QKV, up|gate or LM head at other sizes), with the dtype name and norm mode."""
+    rows = []
+    for item in text.split(","):
+        k, _, n = item.strip().partition("x")
+        if not (k.isdigit() and n.isdigit() and int(k) > 0 and int(n) > 0):
+            raise SystemExit(f"--products: expected K x N pairs such as 2048x16384; got {item.strip()!r}")
+        rows.append((f"{k} x {n} + norm", int(k), int(n), True, "norm", None, False))
+    return rows, "bfloat16", "rms_norm"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="gpt2-small,gpt2-xl,llama-1b")
     parser.add_argument("--rows", type=int, default=1)
+    parser.add_argument("--products", help="K x N pairs instead of the models' products")
     args = parser.parse_args(argv)
+    groups = (
+        [("products", *chosen_products(args.products))]
+        if args.products
+        else [(shape, *products(shape)) for shape in args.models.split(",")]
+    )
 
     import cupy
 
@@ -100,8 +119,7 @@ def main(argv=None) -> None:
         "geometry at the launcher's early rule ('–': the norm prologue does not fit its split).",
     ]
     worst = 0.0
-    for shape in args.models.split(","):
-        rows_of, dtype_name, mode = products(shape)
+    for shape, rows_of, dtype_name, mode in groups:
         dtype = cupy.dtype(bfloat16 if dtype_name == "bfloat16" else dtype_name)
         lines += ["", f"{shape} ({dtype_name})", ""]
         for transposed in (False, True):

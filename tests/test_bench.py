@@ -42,6 +42,21 @@ def test_decode_product_sweep_covers_each_models_products():
     ]
 
 
+def test_decode_product_sweep_takes_chosen_sizes():
+    """``--products``: K x N pairs as [out, in] bf16 products with the RMS-norm prologue; a malformed pair is
+    refused."""
+    from benchmarks.sweep_gemv_decode import chosen_products
+
+    rows, dtype, mode = chosen_products("2048x16384, 3072x128256")
+    assert (dtype, mode) == ("bfloat16", "rms_norm")
+    assert [(k, n, tr, fused) for _, k, n, tr, fused, _, _ in rows] == [
+        (2048, 16384, True, "norm"),
+        (3072, 128256, True, "norm"),
+    ]
+    with pytest.raises(SystemExit, match="--products: expected K x N pairs such as 2048x16384; got '2048'"):
+        chosen_products("2048")
+
+
 def test_ab_step_times_each_tree_in_its_own_process(tmp_path, capsys):
     """``benchmarks/ab_step.py`` runs each tree's own ``cupy_transformer.bench`` in a process of its own (two stub
     trees whose steps take 300 / 400 and 330 / 440 µs here), keeps each tree's best over the counted rounds and
