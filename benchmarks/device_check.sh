@@ -31,7 +31,7 @@ small+=" or (residual_add and test_gpu and not 4104 and not 512) or (test_gemv a
 small+=" or (softmax_context and (prompt_then_decode or padded or rank or captured))"
 small+=" or (prefill_attention and prefill_kernel_after_a_past) or (decode_attention and (additive or cuda_core))"
 small+=" or (softmax and gpu and not context and not 70001) or (test_sampling and kernel and not 128256)"
-small+=" or (test_sampling and greedy and not 128256) or (test_embedding and gpu)"
+small+=" or (test_sampling and greedy and not 128256) or (test_embedding and gpu) or (test_decode_state and gpu)"
 part memcheck && compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -m gpu -q -p no:cacheprovider \
     tests/ops -k "$small" 2>&1 | tail -4 | tee "$OUT/memcheck.log"
 # The decode kernels launched programmatically in captured graphs (each waits for the kernel before).
