@@ -1,6 +1,8 @@
 """cupy_transformer/bench.py: what the CPU can check of the benchmark models."""
 
+import importlib
 import inspect
+import re
 
 import pytest
 
@@ -93,7 +95,6 @@ def test_same_code_shows_the_kernels_a_source_change_touches(tmp_path, capsys):
     compares each kernel's machine code: a change to the gated activations' output (activation.cuh's
     ``gated_output``, which bias_act.cu's gated branch calls) leaves every other kernel of the family as it was, and
     shows each gated one as differing."""
-    import importlib
     import shutil
     from pathlib import Path
 
@@ -118,6 +119,21 @@ def test_same_code_shows_the_kernels_a_source_change_touches(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"{len(names) - gated} of {len(names)} kernels the same code" in out
     assert out.count("  differs: ") == gated
+    lines = [line for line in out.splitlines() if line.startswith("  differs: ")]
+    assert all(re.search(r"\(\d+ registers, 0 B of stack -> \d+ registers, 0 B of stack\)$", line) for line in lines)
+
+
+@pytest.mark.cupy
+def test_same_code_reads_each_kernels_registers_from_its_cubin():
+    """``resources``: every kernel of a family, its registers a thread (within sm_80's 255, at least the few a
+    kernel needs) and no stack (none of bias_act's kernels spills); the kernels are those of the cubin's code."""
+    from benchmarks import same_code
+
+    bias_act = importlib.import_module("cupy_transformer.ops.bias_act")
+    cubin = bias_act._KERNELS.compile_offline("80")
+    use = same_code.resources(cubin)
+    assert set(use) == set(same_code.text_sections(cubin)) and len(use) == len(bias_act._KERNELS.name_expressions)
+    assert all(8 <= registers <= 255 and frame == 0 for registers, frame in use.values())
 
 
 def test_staged_reads_reads_each_layers_products():
