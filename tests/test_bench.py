@@ -74,13 +74,15 @@ def test_ab_step_times_each_tree_in_its_own_process(tmp_path, capsys):
         (package / "bench.py").write_text(
             "def random_model(shape):\n    return shape\n"
             "def time_generation(model, batch, prompt, new_tokens, repeats, programmatic):\n"
+            "    assert prompt == 2048, prompt\n"
             f"    return {{'decode_ms': ({us} if programmatic else {us * 4 / 3}) / 1e3 * (2 if model == 'b' else 1)}}\n"
         )
         return str(tmp_path / name)
 
     old, new = stub("old", 300.0), stub("new", 330.0)
-    ab_step.main(["--shapes", "a,b", "--rounds", "1", old, new])
+    ab_step.main(["--shapes", "a,b", "--rounds", "1", "--prompt", "2048", old, new])
     out = capsys.readouterr().out
+    assert "Decode step, batch 1, 2048-token prompts, best of 1 rounds:" in out
     assert f"| a | {old} | 300.0 | 1.000x | 400.0 | 1.000x |" in out
     assert f"| a | {new} | 330.0 | 1.100x | 440.0 | 1.100x |" in out
     assert f"| b | {new} | 660.0 | 1.100x | 880.0 | 1.100x |" in out
