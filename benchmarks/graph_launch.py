@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cupy  # noqa: E402
 import numpy  # noqa: E402
 
+from benchmarks.common import card_name, free_gpu_memory  # noqa: E402
 from cupy_transformer import bench  # noqa: E402
 from cupy_transformer.generation import Decoder  # noqa: E402
 
@@ -97,8 +98,7 @@ def main() -> None:
     parser.add_argument("--batch", default="1,16")
     parser.add_argument("--steps", type=int, default=160)  # GPT-2: 1024 positions
     args = parser.parse_args()
-    props = cupy.cuda.runtime.getDeviceProperties(0)
-    print(f"{props['name'].decode()}: host µs in the step's launch call, median / 90th percentile\n")
+    print(f"{card_name()}: host µs in the step's launch call, median / 90th percentile\n")
     print(
         "| shape | batch | step µs (GPU) | step before running | GPU idle | two graphs alternating "
         "| Decoder.step | Decoder.step and a copy call |"
@@ -109,7 +109,7 @@ def main() -> None:
         for batch in map(int, args.batch.split(",")):
             print(measure(model, shape, batch, args.steps), flush=True)
         del model
-        cupy.get_default_memory_pool().free_all_blocks()
+        free_gpu_memory()
 
 
 if __name__ == "__main__":

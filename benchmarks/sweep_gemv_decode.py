@@ -42,7 +42,7 @@ PRODUCTS = {
 }
 
 
-def products(shape: str) -> list[tuple]:
+def products(shape: str) -> tuple[list[tuple], str, str]:
     """The decode products of ``bench.SHAPES[shape]``, with its dtype name and norm mode."""
     from cupy_transformer import bench
 
@@ -55,7 +55,7 @@ def products(shape: str) -> list[tuple]:
     return PRODUCTS[family](h, c["intermediate_size"], (heads + 2 * kv) * head, c["vocab_size"]), dtype, "rms_norm"
 
 
-def chosen_products(text: str) -> list[tuple]:
+def chosen_products(text: str) -> tuple[list[tuple], str, str]:
     """``--products``' K x N list as products with the RMS-norm prologue, [out, in], bf16 (a LLaMA-style model's
     QKV, up|gate or LM head at other sizes), with the dtype name and norm mode."""
     rows = []

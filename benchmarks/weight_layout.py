@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import statistics
 
+from benchmarks.common import free_gpu_memory
 from cupy_transformer import bench
 from cupy_transformer.layers import PreLNLayer
 from cupy_transformer.runtime.arrays import import_cupy
@@ -40,7 +41,6 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    cupy = import_cupy()
     print("| shape | batch | decode µs [in, out] | [out, in] | ratio | prompt pass ms [in, out] | [out, in] | ratio "
           "| greedy tokens agreeing |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
@@ -61,7 +61,7 @@ def main(argv=None) -> None:
             print(f"| {shape} | {batch} | {a:.1f} | {b:.1f} | {a / b:.3f} | {pa:.3f} | {pb:.3f} | {pa / pb:.3f} "
                   f"| {agree} |", flush=True)  # fmt: skip
         del model, layouts
-        cupy.get_default_memory_pool().free_all_blocks()
+        free_gpu_memory()
 
 
 if __name__ == "__main__":

@@ -107,11 +107,12 @@ class Decoder:
         self._warm: set[tuple] = set()
         self._held: dict[tuple, object] = {}  # the tensor maps its passes read (``runtime.tensor_map.holding``)
         self._prompt_inputs: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
-        # Steps n and n + 1's tokens: rows of one [2, B] block, written by the pass or step that draws them
-        # (``ops.decode_state``); on a GPU page-locked, which the step's last kernel writes itself (with unified
-        # addressing a kernel may write page-locked host memory).
-        self._ring = self._host = numpy.zeros((2, self.batch), numpy.int32)
-        if self.gpu:
+        # Steps n and n + 1's tokens: rows of one [2, B] block (``_host``, which ``read`` returns rows of), written
+        # by the pass or step that draws them through ``_ring`` (``ops.decode_state``); on a GPU page-locked, which
+        # the step's last kernel writes itself (with unified addressing a kernel may write page-locked host memory).
+        if not self.gpu:
+            self._ring = self._host = numpy.zeros((2, self.batch), numpy.int32)
+        else:
             import cupyx
 
             self.stream = xp.cuda.Stream(non_blocking=True)
