@@ -5,6 +5,7 @@
 
 from .bias_act import bias_act
 from .config import ActivationType, InferenceConfig, NormType
+from .decode_state import end_step
 from .embedding import embed
 from .gelu_gemm import GELUGemmOp
 from .linear import LinearOp
@@ -55,6 +56,7 @@ __all__ = [
     "bias_act",
     "create_op",
     "embed",
+    "end_step",
     "fused_decode",
     "graph_choices",
     "layer_norm",

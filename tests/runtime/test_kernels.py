@@ -22,9 +22,16 @@ def test_sources_are_found_and_includes_inlined():
     assert source.count('#line 1 "common.cuh"') == 1
 
 
-def test_every_cu_file_belongs_to_a_family():
-    # compile_all covers registered families; a .cu file nobody registers would escape the compile check.
-    registered = {key.split(" (")[0] for key in KernelFamily.registry}  # "gemv.cu (9-16 rows)": a second part
+def test_every_cu_file_belongs_to_a_family_the_package_import_registers():
+    # compile_all and warmup cover the families registered once `import cupy_transformer` has run: a .cu file
+    # whose launcher only another module imports would escape the compile check, the offline compile and the
+    # warm-up. A fresh process, since this one has imported every op file through the tests.
+    program = "import json, cupy_transformer as ct; print(json.dumps(sorted(ct.runtime.kernels.KernelFamily.registry)))"
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    registry = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(registry) == set(KernelFamily.registry)
+    registered = {key.split(" (")[0] for key in registry}  # "gemv.cu (9-16 rows)": a second part
     on_disk = {p.name for p in kernels.kernel_source_dir().iterdir() if p.name.endswith(".cu")}
     assert on_disk == registered
     assert {f.filename for key, f in KernelFamily.registry.items() if " (" in key} == {"gemv.cu"}
