@@ -1,4 +1,4 @@
-"""Shared test helpers: relative error against a float64 reference, tolerances, random inputs."""
+"""Shared test helpers: relative error against a float64 reference, tolerances, random inputs, a side stream."""
 
 import numpy
 
@@ -38,3 +38,14 @@ def rel_error(out, ref) -> float:
 
 def random(rng, shape, dtype, scale=1.0, offset=0.0) -> numpy.ndarray:
     return (rng.standard_normal(shape, dtype=numpy.float32) * scale + offset).astype(dtype)
+
+
+def side_stream():
+    """A non-blocking CuPy stream (as the Decoder's) that first waits for what the null stream has queued, where
+    a test makes its inputs: a non-blocking stream waits for no other stream by itself, and its kernels could read
+    an input the null stream is still writing (seen with 16 test processes on one GPU)."""
+    import cupy
+
+    stream = cupy.cuda.Stream(non_blocking=True)
+    stream.wait_event(cupy.cuda.Stream.null.record())
+    return stream

@@ -5,7 +5,7 @@ import pytest
 
 from cupy_transformer.kv_cache import KVCache
 from cupy_transformer.runtime.arrays import array_module
-from tests.helpers import host, random
+from tests.helpers import host, random, side_stream
 
 
 def round_trip(rng, backend):
@@ -136,7 +136,7 @@ def test_gpu_device_lengths_first_asked_for_inside_a_capture_is_refused(rng):
 
     keys = cupy.asarray(random(rng, (1, 2, 2, 6, 4), numpy.float16))
     over, own = KVCache.over(keys, keys.copy()), KVCache(1, 2, 2, 6, 4, backend="cupy")
-    stream = cupy.cuda.Stream(non_blocking=True)
+    stream = side_stream()
     with stream:
         stream.begin_capture()
         try:

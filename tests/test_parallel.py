@@ -18,7 +18,7 @@ from cupy_transformer.models import BERT, GPT2, LLaMA
 from cupy_transformer.ops import matmul
 from cupy_transformer.parallel import Split, VocabParallel, VocabSplit, run_simulated
 from tests.conftest import HAVE_GPU
-from tests.helpers import rel_error
+from tests.helpers import rel_error, side_stream
 from tests.models import test_bert, test_gpt2, test_llama
 
 STEPS = 16
@@ -484,7 +484,7 @@ def gpu_greedy_rank(comm, whole, vocab):
     shard = VocabParallel(vocab, comm.rank, size, comm)
     local = cupy.asarray(own_columns(whole, comm.rank, size, numpy.inf))
     seed_step = cupy.zeros(2, numpy.uint64)
-    stream = cupy.cuda.Stream(non_blocking=True)
+    stream = side_stream()
     with stream:
         eager = shard.greedy_tokens(local, cupy.full(len(whole), -1, numpy.int32), seed_step).get()
         tokens = cupy.full(len(whole), -1, numpy.int32)
@@ -532,7 +532,7 @@ def gpu_one_rank_collectives(comm):
         checked.append(numpy.dtype(dtype).name)
     x = cupy.asarray(rng.standard_normal(1000).astype(numpy.float32))
     y = cupy.empty_like(x)
-    stream = cupy.cuda.Stream(non_blocking=True)
+    stream = side_stream()
     with stream:
         stream.begin_capture()
         x *= 2

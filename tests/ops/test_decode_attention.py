@@ -15,7 +15,7 @@ from cupy_transformer.ops.decode_attention import (
     decode_on_tensor_cores,
 )
 from cupy_transformer.runtime.arrays import FLOAT_DTYPES
-from tests.helpers import TOL_CHAINED, host, random, rel_error
+from tests.helpers import TOL_CHAINED, host, random, rel_error, side_stream
 from tests.ops.common import attention_config as cfg
 from tests.ops.common import history, launch_inputs, nan_past
 
@@ -249,7 +249,7 @@ def test_gpu_fused_decode_step_replayed_from_a_cuda_graph(rng, poisoned_allocati
     lengths = [3, 200, 600]
     c, (fused, unfused, _), _, qkv = fused_case(rng, dtype, heads, kv, d, "half", lengths)
     start, x = cupy.asarray(lengths, cupy.int32), cupy.asarray(qkv)
-    stream, pool = cupy.cuda.Stream(non_blocking=True), cupy.cuda.MemoryPool()  # the graph's own memory
+    stream, pool = side_stream(), cupy.cuda.MemoryPool()  # the graph's own memory
     with stream, cupy.cuda.using_allocator(pool.malloc):
         warm = KVCache(1, 3, kv, 1024, d, dtype, backend="cupy")
         decode_attention_qkv(x, None, c, heads, warm, 0, start, 0, None, None, d**-0.5)  # this stream's workspace

@@ -8,6 +8,7 @@ import numpy
 import pytest
 
 from cupy_transformer.ops.decode_state import end_step, end_step_reference
+from tests.helpers import side_stream
 
 
 def _state(rng, batch, step):
@@ -79,7 +80,7 @@ def test_gpu_replays_of_a_captured_launch_fill_the_rows_in_turn(rng):
     import cupy
 
     ids, positions, lengths, seed_step, ring = (cupy.asarray(a) for a in _state(rng, 4, 0))
-    stream = cupy.cuda.Stream(non_blocking=True)
+    stream = side_stream()
     with stream:
         end_step(ids, positions, lengths, seed_step, ring)  # eager: step 0 -> row 0
         stream.begin_capture()

@@ -7,7 +7,7 @@ import pytest
 from cupy_transformer.ops import ActivationType
 from cupy_transformer.ops.gemv import GEMV_MAX_ROWS, gemv, gemv_fits, gemv_k_per_split, kn_chunks_a_batch, nk_geometry
 from cupy_transformer.runtime.arrays import FLOAT_DTYPES
-from tests.helpers import TOL_CHAINED, TOL_ROUNDED, random, rel_error
+from tests.helpers import TOL_CHAINED, TOL_ROUNDED, random, rel_error, side_stream
 from tests.ops.common import act as exact_act
 from tests.ops.common import dense, f64, on_backend, weight
 
@@ -88,7 +88,7 @@ def test_gpu_captured_graph_outlives_a_larger_workspace(rng):
     host = {"x": random(rng, (2, 4096), numpy.float16), "w": weight(rng, 4096, 1024, numpy.float16, transposed=False)}
     a = on_backend(host, gpu=True)
     assert gemv_k_per_split(4096, 1024 // 32, 16, 2, sm_count()) < 4096  # the launch splits K: it uses the workspace
-    stream = cupy.cuda.Stream(non_blocking=True)
+    stream = side_stream()
     with stream:
         gemv(a["x"], a["w"], transposed=False)  # warm: kernels, pool, workspace
         stream.begin_capture()
@@ -109,14 +109,12 @@ def test_gpu_captured_graph_outlives_a_larger_workspace(rng):
 def test_gpu_split_workspace_does_not_grow_during_capture(rng):
     """The first split launch on a stream, made while capturing: the workspace cannot be made and zeroed
     there (a captured memset runs only at replay), so it raises, naming what to do."""
-    import cupy
-
     a = on_backend(
         {"x": random(rng, (2, 4096), numpy.float16), "w": weight(rng, 4096, 1024, numpy.float16, transposed=False)},
         gpu=True,
     )
     gemv(a["x"], a["w"], transposed=False)  # compiled: only the new stream's workspace is missing below
-    stream = cupy.cuda.Stream(non_blocking=True)
+    stream = side_stream()
     with stream:
         stream.begin_capture()
         try:
@@ -346,7 +344,7 @@ def test_gpu_fused_calls_replay_as_captured(rng, transposed):
         h = gemv(a["x"], a["w"], transposed, a["bias"], ActivationType.GELU, norm=gpu_norm)
         return gemv(h, w2, transposed, residual=a["x"])
 
-    stream = cupy.cuda.Stream(non_blocking=True)
+    stream = side_stream()
     with stream, programmatic_launches():
         step()  # warm: kernels, the stream's split workspace
         stream.begin_capture()
@@ -393,7 +391,7 @@ def test_gpu_early_weights_change_nothing(rng, poisoned_allocations, transposed,
         assert bool(cupy.isfinite(y).all())
     for y, want in zip(products(True), late):
         assert bool((y == want).all())
-    stream = cupy.cuda.Stream(non_blocking=True)
+    stream = side_stream()
     with stream, programmatic_launches():
         products(True)  # warm: the stream's split workspace
         stream.begin_capture()

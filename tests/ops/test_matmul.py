@@ -8,7 +8,7 @@ import cupy_transformer.ops.matmul as mm
 from cupy_transformer import ops
 from cupy_transformer.ops import ActivationType
 from cupy_transformer.runtime.arrays import FLOAT_DTYPES
-from tests.helpers import TOL_CHAINED, random, rel_error
+from tests.helpers import TOL_CHAINED, random, rel_error, side_stream
 from tests.ops.common import act as exact_act
 from tests.ops.common import dense, f64, on_backend, weight
 
@@ -160,7 +160,7 @@ def test_gpu_captured_decode_step_runs_the_gemv(rng, monkeypatch, fresh_choices,
         "bias": random(rng, (1024,), numpy.float16),
     }
     a = on_backend(host, gpu=True)
-    stream = cupy.cuda.Stream(non_blocking=True)
+    stream = side_stream()
     with stream:
         mm.matmul(a["x"], a["w"], transposed, a["bias"], ActivationType.GELU)  # warm: kernels, pool, workspaces
         assert mm.last_path == {"untimed": "cublas"}.get(eager_choice, eager_choice)

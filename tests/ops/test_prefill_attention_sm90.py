@@ -16,7 +16,7 @@ from cupy_transformer.ops.prefill_attention_sm90 import (
 )
 from cupy_transformer.runtime.arrays import FLOAT_DTYPES
 from cupy_transformer.runtime.kernels import CTYPES, KernelFamily
-from tests.helpers import TOL_CHAINED, random, rel_error
+from tests.helpers import TOL_CHAINED, random, rel_error, side_stream
 from tests.ops.common import attention_config as cfg
 from tests.ops.common import launch_inputs
 from tests.ops.test_prefill_attention import (
@@ -126,7 +126,7 @@ def test_gpu_persistent_prefill_leaves_its_counter_at_zero(rng, poisoned_allocat
     qkv = random(rng, (2, 200, 8 * 64), numpy.float16)
     assert prefill_sm90_geometry(64, 200, False, True) == (64, 1, True)  # the launcher's: persistent
     want, _, _ = op(qkv)
-    for stream in [cupy.cuda.Stream.null] * 3 + [cupy.cuda.Stream(non_blocking=True)]:
+    for stream in [cupy.cuda.Stream.null] * 3 + [side_stream()]:
         with stream:
             got = prefill_attention_sm90(*launch_inputs(op.config, cupy.asarray(qkv)).prefill_args, blocks=3)
             assert rel_error(got, want) < TOL_CHAINED[numpy.dtype(numpy.float16)]

@@ -13,7 +13,7 @@ import pytest
 from cupy_transformer import ops
 from cupy_transformer.ops.sampling import allowed_tokens, philox_uniforms, sample_reference
 from cupy_transformer.runtime.arrays import FLOAT_DTYPES
-from tests.helpers import random
+from tests.helpers import random, side_stream
 
 M0, M1 = 0xD2E7470EE14C6C93, 0xCA5A826395121157
 W0, W1 = 0x9E3779B97F4A7C15, 0xBB67AE8584CAA73B
@@ -294,7 +294,7 @@ def test_a_captured_graph_draws_each_steps_tokens_as_the_step_advances_on_the_de
     on_gpu = cupy.asarray(logits)
     tokens = cupy.full(3, -1, cupy.int32)
     state = _state(2024, 0)
-    stream = cupy.cuda.Stream(non_blocking=True)
+    stream = side_stream()
     with stream:
         ops.sample_tokens(on_gpu, tokens, state, 0.8, 40, 0.95)  # compile and load before the capture
         state[1:] += 1
@@ -322,7 +322,7 @@ def test_sampling_draws_the_references_tokens_for_any_number_of_blocks(rng, dtyp
 
     from cupy_transformer.runtime.kernels import split_workspace
 
-    stream = cupy.cuda.Stream(non_blocking=True)
+    stream = side_stream()
     with stream:
         for vocab in (7, 5003):
             logits = random(rng, (6, vocab), numpy.float32, scale=4.0)
@@ -451,7 +451,7 @@ def test_greedy_launches_leave_the_counters_at_zero(rng):
 
     from cupy_transformer.runtime.kernels import split_workspace
 
-    stream = cupy.cuda.Stream(non_blocking=True)
+    stream = side_stream()
     with stream:
         for launch in range(6):
             batch = (17, 3, 64)[launch % 3]

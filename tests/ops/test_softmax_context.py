@@ -12,7 +12,7 @@ import pytest
 from cupy_transformer import ops
 from cupy_transformer.kv_cache import KVCache
 from cupy_transformer.ops.softmax_context import attention_reference
-from tests.helpers import TOL_CHAINED, host, random, rel_error
+from tests.helpers import TOL_CHAINED, host, random, rel_error, side_stream
 from tests.ops.common import attention_config as cfg
 from tests.ops.common import history, nan_past
 
@@ -405,7 +405,7 @@ def test_gpu_capture_with_host_slots_raises(rng):
     cache = KVCache(1, 2, 2, 16, 64, numpy.float16, backend="cupy")
     op(cupy.asarray(random(rng, (2, 3, 8 * 64), numpy.float16)), cache=cache, start=cache.reserve(3))
     step, start = cupy.asarray(random(rng, (2, 1, 8 * 64), numpy.float16)), cache.reserve(1)
-    stream = cupy.cuda.Stream(non_blocking=True)
+    stream = side_stream()
     with stream:
         stream.begin_capture()
         try:
@@ -457,7 +457,7 @@ def test_gpu_slots_on_the_device_give_the_host_slots_results(rng, poisoned_alloc
         assert (host(device_ctx) == host(host_ctx)).all(), t
         steps.append(host(host_ctx))
     graph_cache, x = caches[2], cupy.empty((3, 1, width), dtype)
-    stream, pool = cupy.cuda.Stream(non_blocking=True), cupy.cuda.MemoryPool()  # the graph's own memory
+    stream, pool = side_stream(), cupy.cuda.MemoryPool()  # the graph's own memory
     with stream, cupy.cuda.using_allocator(pool.malloc):
         x[...] = tokens[:, 30:31]
         op(x, cache=graph_cache, start=graph_cache.device_lengths)  # warm: workspaces for this stream

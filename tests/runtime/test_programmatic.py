@@ -7,6 +7,7 @@ import numpy
 import pytest
 
 from cupy_transformer.runtime import programmatic
+from tests.helpers import side_stream
 
 
 def test_arguments_are_packed_as_their_c_types():
@@ -51,7 +52,7 @@ def test_gpu_captured_programmatic_chain_gives_the_eager_bits(rng, dtype):
         ops.sample_tokens(logits, tokens, seed_step)  # greedy
         return logits
 
-    stream = cupy.cuda.Stream(non_blocking=True)
+    stream = side_stream()
     with stream, ops.graph_choices():  # eager products choose as captured ones do (GEMV or cuBLASLt)
         x[...] = cupy.asarray(rng.standard_normal((1, h)).astype(dtype))
         chain()  # first calls make the choices and the workspaces, which a capture cannot
