@@ -377,11 +377,12 @@ __global__ void __launch_bounds__(32 * W) attention_partial_tc(
     };
     const int j_first = first + 16 * warp;
     if (j_first < last) load_tile(j_first);
-    // The block's next rounds of keys (up to three more, below the slot) asked of L2 by one thread: after the wait
-    // a round's loads then wait on L2, not DRAM (a short sequence's block runs two to four rounds, each a round
-    // trip after the wait).
-    const int ahead = first + 16 * W, ahead_end = min(min(last, self), first + 64 * W);
-    if (threadIdx.x == 0 && ahead < ahead_end) {
+    // A short span's later rounds (at most three more, below the slot) asked of L2 by one thread: after the wait a
+    // round's loads then wait on L2, not DRAM (a short sequence's block runs two to four rounds, each a round trip
+    // after the wait). Not for longer chunks: a wave of their blocks would ask for half of L2 (26 MB at D128) and
+    // could evict what the streams read next.
+    const int ahead = first + 16 * W, ahead_end = min(last, self);
+    if (threadIdx.x == 0 && ahead < ahead_end && last - first <= 64 * W) {
         const unsigned bytes = static_cast<unsigned>(ahead_end - ahead) * D * sizeof(T);
         prefetch_l2(k + (row0 + ahead) * D, bytes);
         prefetch_l2(v + (row0 + ahead) * D, bytes);
