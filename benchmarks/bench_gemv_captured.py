@@ -27,6 +27,7 @@ from benchmarks.common import (  # noqa: E402
     free_gpu_memory,
     header,
     read_launch,
+    side_stream,
     spin_up,
     time_us,
     write_table,
@@ -38,7 +39,7 @@ from cupy_transformer.ops.matmul import matmul  # noqa: E402
 def captured(calls):
     """A CuPy graph of ``calls`` and a call that replays it. The calls run once on the capturing stream first:
     the GEMV's split workspace is kept per stream and cannot be made during capture."""
-    stream = cupy.cuda.Stream(non_blocking=True)
+    stream = side_stream()
     with stream:
         for call in calls:
             call()

@@ -213,10 +213,18 @@ def write_table(stem: str, lines: list[str], card: str | None = None) -> str:
     return path
 
 
+def side_stream():
+    """A non-blocking stream to capture on that first waits for the null stream's work so far (the inputs, made
+    there): a non-blocking stream waits for no other stream by itself."""
+    stream = cupy.cuda.Stream(non_blocking=True)
+    stream.wait_event(cupy.cuda.Stream.null.record())
+    return stream
+
+
 def graph_node_us(launch, nodes: int, rounds: int = 3) -> float:
     """µs a node of a CUDA graph of ``nodes`` calls ``launch(i)`` (captured once after one eager call that compiles
     and allocates), the best of ``rounds`` replays."""
-    stream = cupy.cuda.Stream(non_blocking=True)
+    stream = side_stream()
     with stream:
         launch(0)
         stream.begin_capture()
