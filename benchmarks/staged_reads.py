@@ -11,6 +11,10 @@ slices, one a block, and XORs them into a word (no math: the weight stream alone
 - ``staged K``: up to K KiB an SM of the slice copied into shared memory (`cp.async`) before the wait, the rest
   read after it; the next kernel's blocks fit beside the running one's only while two stages fit an SM's
   shared memory (K <= about 112 with a block an SM, 108 with two).
+- ``persistent, staged K`` (``--persistent``): one kernel reads every product in turn, its blocks meeting at a grid
+  barrier after each (where a persistent decode step's next product would need this one's output); up to K KiB an
+  SM of the next product's slice copied into shared memory before the barrier (two buffers: K <= 112). Its grid is
+  one or two blocks an SM, all resident (or the barrier would wait forever).
 
 Against the bytes floor: the same bytes read by one kernel at the rate of a 1 GiB read. The read kernel needs few
 registers, so the next kernel's blocks fit beside the running ones; the GEMV's registers (54-126 a thread, 256
@@ -18,7 +22,7 @@ threads) leave room for 1-2 more blocks an SM at most: `--threads 256 --resident
 an SM's shared memory, so that no more than three blocks of any kernel share an SM, as 72 registers allow.
 
     python3 benchmarks/staged_reads.py [--models gpt2-small,gpt2-xl,llama-1b] [--stages 0,32,64,96,108]
-                                       [--threads 512] [--resident 0]
+                                       [--threads 512] [--resident 0] [--persistent]
 """
 
 from __future__ import annotations
@@ -53,6 +57,58 @@ extern "C" __global__ void __launch_bounds__(512) read_staged(const uint4* __res
     for (long long i = mid + threadIdx.x; i < end; i += blockDim.x) acc ^= fold(__ldg(w + i));
     asm volatile("cp.async.wait_all;" ::: "memory");
     for (long long i = threadIdx.x; i < mid - begin; i += blockDim.x) acc ^= fold(stage[i]);
+    if (acc == 0x12345678u) out[blockIdx.x] = acc;
+}
+
+// Block blockIdx.x's slice [begin, end) of n uint4, its first `staged` into shared memory (buf) by cp.async: each
+// thread copies the elements it later reads itself, so its own cp.async wait orders them (no block barrier).
+struct Slice {
+    long long begin, mid, end;
+};
+__device__ Slice stage_slice(uint4* buf, const uint4* src, long long n, long long staged) {
+    const long long per = (n + gridDim.x - 1) / gridDim.x, begin = min(n, blockIdx.x * per);
+    const Slice s{begin, min(min(n, begin + per), begin + staged), min(n, begin + per)};
+    for (long long i = s.begin + threadIdx.x; i < s.mid; i += blockDim.x)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_address(buf + (i - s.begin))),
+                     "l"(src + i) : "memory");
+    asm volatile("cp.async.commit_group;" ::: "memory");
+    return s;
+}
+
+// Every product (offsets and sizes in uint4) in one launch: block b reads its slice of product p, then the grid
+// meets (count: a counter only ever added to, a multiple of gridDim.x between launches); the next product's
+// staged part was asked for before, into the other of two buffers of `staged` uint4.
+extern "C" __global__ void __launch_bounds__(512) read_persistent(const uint4* __restrict__ w,
+                                                                  const long long* __restrict__ offsets,
+                                                                  const long long* __restrict__ sizes,
+                                                                  int products, long long staged, unsigned* out,
+                                                                  unsigned* count) {
+    extern __shared__ uint4 stage[];
+    unsigned acc = 0;
+    Slice s = stage_slice(stage, w + offsets[0], sizes[0], staged);
+    for (int p = 0; p < products; ++p) {
+        const uint4* src = w + offsets[p];
+        const uint4* buf = stage + (p & 1) * staged;
+        Slice next = s;
+        if (p + 1 < products)
+            next = stage_slice(stage + ((p + 1) & 1) * staged, w + offsets[p + 1], sizes[p + 1], staged);
+        else
+            asm volatile("cp.async.commit_group;" ::: "memory");  // an empty group: the wait below stays right
+        for (long long i = s.mid + threadIdx.x; i < s.end; i += blockDim.x) acc ^= fold(__ldg(src + i));
+        asm volatile("cp.async.wait_group 1;" ::: "memory");  // this product's copies (all but the newest group)
+        for (long long i = threadIdx.x; i < s.mid - s.begin; i += blockDim.x) acc ^= fold(buf[i]);
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            unsigned old, now;
+            asm volatile("atom.add.release.gpu.u32 %0, [%1], 1;" : "=r"(old) : "l"(count) : "memory");
+            const unsigned target = (old / gridDim.x + 1) * gridDim.x;
+            do {
+                asm volatile("ld.acquire.gpu.u32 %0, [%1];" : "=r"(now) : "l"(count) : "memory");
+            } while (static_cast<int>(now - target) < 0);
+        }
+        __syncthreads();
+        s = next;
+    }
     if (acc == 0x12345678u) out[blockIdx.x] = acc;
 }
 }  // namespace ct
@@ -95,19 +151,23 @@ def main() -> None:
         help="blocks of any kernel an SM holds at once, as the GEMV's registers allow (72 a thread: 3), by giving "
         "each block that share of the SM's shared memory (0: as many as fit)",
     )
+    parser.add_argument("--persistent", action="store_true", help="also one kernel for all products (grid barriers)")
     args = parser.parse_args()
     if args.resident == 1 or args.resident < 0:
         parser.error(f"--resident: expected 0 or at least 2 (two blocks of a kernel an SM), got {args.resident}")
     import cupy
+    import numpy
 
     from benchmarks.common import card_name, graph_node_us
     from cupy_transformer.runtime import programmatic
-    from cupy_transformer.runtime.kernels import compile_options, compute_capability
+    from cupy_transformer.runtime.kernels import compile_options, compute_capability, resident_blocks
 
     if compute_capability() < 90:
         sys.exit("staged_reads.py: programmatic launches need compute capability 9.0 or later")
-    kernel = cupy.RawModule(code=source(), options=compile_options()).get_function("read_staged")
+    module = cupy.RawModule(code=source(), options=compile_options())
+    kernel, persistent = module.get_function("read_staged"), module.get_function("read_persistent")
     kernel.max_dynamic_shared_size_bytes = MAX_STAGE
+    persistent.max_dynamic_shared_size_bytes = 2 * MAX_STAGE - 1024
     sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
     pool = cupy.random.default_rng(0).integers(0, 2**31, size=(1 << 30) // 4, dtype=cupy.int32)  # 1 GiB
     out = cupy.zeros(1 << 16, cupy.uint32)
@@ -148,6 +208,24 @@ def main() -> None:
                 t = graph_node_us(step, 1)
                 way = "plain" if kib == 0 else f"staged {kib} KiB an SM"
                 print(f"| {way} | {blocks} | {t:.1f} | {total / rate / t:.0%} |", flush=True)
+        if args.persistent:
+            starts = cupy.asarray([o // 16 for o in offsets], cupy.int64)
+            counts = cupy.asarray([n // 16 for n in sizes], cupy.int64)
+            for per_sm in (1, 2):
+                for kib in map(int, args.stages.split(",")):
+                    staged = kib * 1024 // 16 // per_sm  # uint4 a block of a product, as "staged K" above
+                    dynamic = max(2 * staged * 16, pad)  # two buffers
+                    if 2 * kib > 224 or resident_blocks(persistent, args.threads, dynamic) < per_sm:
+                        continue  # the barrier needs every block resident
+                    count = cupy.zeros(1, cupy.uint32)  # one a grid: it stays a multiple of the grid's blocks
+                    launch_args = (pool, starts, counts, numpy.int32(len(sizes)), numpy.int64(staged), out, count)
+
+                    def step(i, per_sm=per_sm, dynamic=dynamic, launch_args=launch_args):
+                        persistent((per_sm * sms,), (args.threads,), launch_args, shared_mem=dynamic)
+
+                    t = graph_node_us(step, 1)
+                    way = f"persistent, staged {kib} KiB an SM" if kib else "persistent"
+                    print(f"| {way} | {per_sm * sms} | {t:.1f} | {total / rate / t:.0%} |", flush=True)
 
 
 if __name__ == "__main__":
