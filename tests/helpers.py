@@ -43,7 +43,7 @@ def random(rng, shape, dtype, scale=1.0, offset=0.0) -> numpy.ndarray:
 def side_stream():
     """A non-blocking CuPy stream (as the Decoder's) that first waits for what the null stream has queued, where
     a test makes its inputs: a non-blocking stream waits for no other stream by itself, and its kernels could read
-    an input the null stream is still writing (seen with 16 test processes on one GPU)."""
+    an input the null stream is still writing (more likely with 16 test processes sharing one GPU)."""
     import cupy
 
     stream = cupy.cuda.Stream(non_blocking=True)
