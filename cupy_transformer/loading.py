@@ -72,6 +72,8 @@ class Checkpoint:
     def __init__(self, folder):
         """Index the folder: its config, and which file holds each tensor (nothing is read yet)."""
         self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise NotADirectoryError(f"model folder {self.folder} is a file (give the folder that holds config.json)")
         if not self.folder.is_dir():
             raise FileNotFoundError(f"model folder {self.folder} does not exist")
         self.config = read_json(self.folder / CONFIG)

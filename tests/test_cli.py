@@ -228,12 +228,18 @@ def _remove(folder):
     shutil.rmtree(folder)
 
 
+def _file_instead(folder):
+    _remove(folder)
+    folder.write_text("not a folder")
+
+
 QKV = "transformer.h.0.attn.c_attn.weight"
 GENERATE = ["generate", "--model", "{dir}", "--prompt", "w1 w2", "--max-new-tokens", "2", "--device", "cpu"]
 
 # (arguments, what is done to a good checkpoint folder first, what the one error line must name)
 BAD_INPUT = [
     (GENERATE, _remove, "model folder {dir} does not exist"),
+    (GENERATE, _file_instead, "model folder {dir} is a file (give the folder that holds config.json)"),
     (GENERATE, _write("config.json", b"{not json"), "config.json: not valid JSON"),
     (GENERATE, _write("config.json", b'{"model_type": "gpt2", "n_embd": "\xff"}'), "config.json: not valid JSON"),
     (GENERATE, _write("config.json", b"[1, 2]"), "config.json: expected a JSON object; got a list"),

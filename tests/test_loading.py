@@ -79,6 +79,9 @@ def test_tokenizer(tmp_path, tensors):
 def test_errors_name_the_file_or_tensor(tmp_path, tensors):
     with pytest.raises(FileNotFoundError, match=r"model folder .* does not exist"):
         Checkpoint(tmp_path / "absent")
+    (tmp_path / "a file").write_text("")
+    with pytest.raises(NotADirectoryError, match=r"model folder .*a file is a file \(give the folder"):
+        Checkpoint(tmp_path / "a file")
     with pytest.raises(FileNotFoundError, match=r"config.json not found in"):
         Checkpoint(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
