@@ -104,32 +104,48 @@ def sentence_config(folder, max_positions: int) -> SentenceConfig:
     return SentenceConfig(max_length, limit, lower, pooling, normalize)
 
 
+# erf(z) = z P(z^2) / Q(z^2) in float32 on [-4, 4], within 5e-7 (Eigen's rational approximation; erf is +-1 in
+# float32 beyond): NumPy has no erf, and math.erf per element is the reference path's slowest step.
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)  # fmt: skip
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+          -1.42647390514189e-02)  # fmt: skip
+
+
+def _horner(z2: numpy.ndarray, coefficients, scale: float = 1.0) -> numpy.ndarray:
+    """scale * sum_i c_i z2^(n - i) by Horner's rule, in place after the first product: each step is a pass over
+    the block, and these passes are much of the fast path's time."""
+    c = [numpy.float32(scale * a) for a in coefficients]
+    p = z2 * c[0]
+    p += c[1]
+    for a in c[2:]:
+        p *= z2
+        p += a
+    return p
+
+
 def _erf(x: numpy.ndarray) -> numpy.ndarray:
-    """erf in float32, within 5e-7 (Eigen's rational approximation on [-4, 4]; erf is +-1 in float32 beyond):
-    NumPy has no erf, and math.erf per element is the reference path's slowest step. In place where it can be:
-    these passes over [tokens, intermediate] are much of the fast path's time."""
-    x = numpy.clip(x, -4.0, 4.0)
-    x2 = x * x
-    p = numpy.full_like(x, -2.72614225801306e-10)
-    for c in (2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05, -7.34990630326855e-04,
-              -2.95459980854025e-03, -1.60960333262415e-02):  # fmt: skip
-        p *= x2
-        p += numpy.float32(c)
-    q = numpy.full_like(x, -1.45660718464996e-05)
-    for c in (-2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03, -1.42647390514189e-02):
-        q *= x2
-        q += numpy.float32(c)
-    p *= x
-    p /= q
+    """erf in float32 (``_ERF_P`` / ``_ERF_Q``)."""
+    z = numpy.clip(x, -4.0, 4.0)
+    z2 = z * z
+    p = _horner(z2, _ERF_P)
+    p *= z
+    p /= _horner(z2, _ERF_Q)
     return p
 
 
 def _gelu_exact(x: numpy.ndarray) -> numpy.ndarray:
-    y = _erf(x * numpy.float32(0.5**0.5))
-    y *= 0.5
-    y += 0.5
-    y *= x
-    return y
+    """x (1 + erf(x / sqrt 2)) / 2, ``_erf``'s rational function with the 1/2 taken into its numerator: three
+    passes fewer than 0.5 x (1 + _erf(...))."""
+    z = x * numpy.float32(0.5**0.5)
+    numpy.clip(z, -4.0, 4.0, out=z)
+    z2 = z * z
+    p = _horner(z2, _ERF_P, 0.5)
+    p *= z
+    p /= _horner(z2, _ERF_Q)
+    p += numpy.float32(0.5)
+    p *= x
+    return p
 
 
 def _cores() -> int:

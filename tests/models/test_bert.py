@@ -146,6 +146,17 @@ def test_fast_erf_matches_math_erf(rng):
     assert numpy.abs(_erf(x) - numpy.vectorize(math.erf)(x.astype(numpy.float64))).max() < 5e-7
 
 
+def test_fast_gelu_matches_math_gelu(rng):
+    """The fast path's GELU (the rational erf with the 1/2 taken into its numerator) against x Phi(x) in float64:
+    within 1e-6 of max(1, |gelu|), as float32 passes allow."""
+    from cupy_transformer.models.bert import _gelu_exact
+
+    x = numpy.concatenate([rng.standard_normal(20000) * 3, numpy.linspace(-8, 8, 2001)]).astype(numpy.float32)
+    x64 = x.astype(numpy.float64)
+    want = x64 * (1 + numpy.vectorize(math.erf)(x64 / math.sqrt(2))) / 2
+    assert (numpy.abs(_gelu_exact(x) - want) <= 1e-6 * numpy.maximum(1, numpy.abs(want))).all()
+
+
 def sentence_files(path, pooling="pooling_mode_mean_tokens", normalize=True, max_seq_length=None, lower=False):
     """sentence-transformers' files for the checkpoint in ``path``: modules.json, 1_Pooling/config.json and
     (with ``max_seq_length``) sentence_bert_config.json."""
