@@ -124,25 +124,20 @@ def _horner(z2: numpy.ndarray, coefficients, scale: float = 1.0) -> numpy.ndarra
     return p
 
 
-def _erf(x: numpy.ndarray) -> numpy.ndarray:
-    """erf in float32 (``_ERF_P`` / ``_ERF_Q``)."""
-    z = numpy.clip(x, -4.0, 4.0)
+def _erf(x: numpy.ndarray, scale: float = 1.0, overwrite: bool = False) -> numpy.ndarray:
+    """scale * erf(x) in float32 (``_ERF_P`` / ``_ERF_Q``; ``scale`` taken into the numerator's coefficients);
+    ``overwrite``: x may be clipped in place (a new array a call cost GELU a fifth of its time)."""
+    z = numpy.clip(x, -4.0, 4.0, out=x if overwrite else None)
     z2 = z * z
-    p = _horner(z2, _ERF_P)
+    p = _horner(z2, _ERF_P, scale)
     p *= z
     p /= _horner(z2, _ERF_Q)
     return p
 
 
 def _gelu_exact(x: numpy.ndarray) -> numpy.ndarray:
-    """x (1 + erf(x / sqrt 2)) / 2, ``_erf``'s rational function with the 1/2 taken into its numerator: three
-    passes fewer than 0.5 x (1 + _erf(...))."""
-    z = x * numpy.float32(0.5**0.5)
-    numpy.clip(z, -4.0, 4.0, out=z)
-    z2 = z * z
-    p = _horner(z2, _ERF_P, 0.5)
-    p *= z
-    p /= _horner(z2, _ERF_Q)
+    """x (1 + erf(x / sqrt 2)) / 2 as x (1/2 + erf(x / sqrt 2) / 2): the 1/2 in erf's numerator saves passes."""
+    p = _erf(x * numpy.float32(0.5**0.5), 0.5, overwrite=True)
     p += numpy.float32(0.5)
     p *= x
     return p
