@@ -106,6 +106,16 @@ struct KeyChunk {
     }
 };
 
+// A slot outside the cache (a start on the device, which the host cannot check without a read; the caller's
+// reserve() checks its own): no key is read or written and no ticket taken (a slot of -1 gives a chunk size of 0,
+// and a chunk count divided by it could leave the counter short, merging a later launch's chunks early); block 0
+// of the pair writes its n context values (its heads') as NaN, which a finiteness check sees. THREADS: the block's.
+template <int THREADS, typename T>
+__device__ void refuse_slot(T* out, int n, int c) {
+    if (c != 0) return;
+    for (int i = threadIdx.x; i < n; i += THREADS) out[i] = from_float<T>(__int_as_float(0x7fc00000));
+}
+
 // Sequence b's new token for a block of kv head kvh (src: its row of the projection, [q heads | kv key heads |
 // kv value heads] of d each, or of a q array [h, d]): query heads kvh * group + i, i < n, into sq (row i at
 // sq + i d), turned (pairs p < rot / 2, at `position`, rounded once to T as rotary_append rounds); where `own`
@@ -208,6 +218,8 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial(
     const bool active = sub < lanes;
     const int group = h / kv;  // query heads of this kv head: kvh * group ..
     const int self = start[b];  // the new token's slot
+    if (self < 0 || self >= max_tokens)
+        return refuse_slot<DA_THREADS>(out + (static_cast<size_t>(b) * h + kvh * group) * d, group * d, c);
     const KeyChunk span(self, window, one_block, c, chunks);
     if (c >= span.used) return;
     const int first = span.first, last = span.last;
@@ -349,6 +361,10 @@ __global__ void __launch_bounds__(32 * W) attention_partial_tc(
     // With programmatic launches the kernel before has passed its own wait when this one starts, so every kernel
     // before that one has finished.
     const int self = start[b];  // the new token's slot
+    if (self < 0 || self >= max_tokens) {
+        follow_previous_kernel();
+        return refuse_slot<32 * W>(out + (static_cast<size_t>(b) * h + kvh * group) * D, group * D, c);
+    }
     const KeyChunk span(self, window, one_block, c, chunks);
     if (c >= span.used) {
         follow_previous_kernel();

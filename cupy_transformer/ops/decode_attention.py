@@ -90,9 +90,10 @@ def decode_attention(
     """q [B, h, 1, d] (one token a sequence, in cache slot ``start[b]``, turned, its key and value in the cache
     already: rotary_append's) against the keys of ``cache``'s ``layer`` up to that slot (the last ``window`` of
     them; 0: all). ``start``: host integers, or an int32 array on the GPU, which the kernel reads there (a
-    captured step's). ``mask`` [B, 1, 1, T] or None, ``alibi`` [B, h, 1, T] or None. ``warps`` and ``chunks``:
-    the launch's geometry (both or neither; None: ``decode_geometry``'s); ``one_block``: the most keys a sequence
-    has for one block to take them (None: ``one_block_keys``'; 0: always chunks).
+    captured step's; a slot outside the cache gives that sequence a NaN context, and nothing is read or written
+    for it). ``mask`` [B, 1, 1, T] or None, ``alibi`` [B, h, 1, T] or None. ``warps`` and ``chunks``: the launch's
+    geometry (both or neither; None: ``decode_geometry``'s); ``one_block``: the most keys a sequence has for one
+    block to take them (None: ``one_block_keys``'; 0: always chunks).
     Returns the context [B, 1, h d]. (SoftmaxContextOp's decode steps run ``decode_attention_qkv``.)"""
     b, h, _, d = q.shape
     q = import_cupy().ascontiguousarray(q)

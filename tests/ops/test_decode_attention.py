@@ -238,6 +238,39 @@ def test_gpu_fused_decode_step_equals_rotary_append_then_decode(
 @pytest.mark.parametrize(
     "dtype, heads, kv, d", [(numpy.float16, 16, 4, 128), (numpy.float32, 8, 1, 80)], ids=["fp16 d128", "fp32 d80"]
 )
+def test_gpu_device_slots_outside_the_cache_give_nan_and_leave_the_stream_sound(rng, dtype, heads, kv, d):
+    """Device slots -1 and the capacity (which the host cannot check without a read) beside a valid one: those
+    sequences' contexts NaN, the valid one's bit-identical to rotary_append then decode on a twin cache, nothing of
+    the cache written but the valid slot; the next launch on the stream, all slots valid (two several-chunk
+    sequences, merged by tickets), bit-identical to the twin's again: no ticket was left short."""
+    import cupy
+
+    lengths = [3, 200, 600]
+    c, (fused, unfused, _), content, qkv = fused_case(rng, dtype, heads, kv, d, "half", lengths)
+    stream = side_stream()
+    with stream:
+        x = cupy.asarray(qkv)
+        bad = cupy.asarray([-1, 200, fused.max_tokens], cupy.int32)
+        got = decode_attention_qkv(x, None, c, heads, fused, 0, bad, 0, None, None, d**-0.5).get()
+        want = unfused_step(c, x, None, unfused, cupy.asarray(lengths, cupy.int32)).get()  # the twin: valid slots
+        assert numpy.isnan(got[0]).all() and numpy.isnan(got[2]).all()
+        assert numpy.array_equal(got[1].view(numpy.uint8), want[1].view(numpy.uint8))
+        others = numpy.ones(fused.keys.shape, bool)
+        others[0, 1, :, 200] = False
+        assert (fused.keys.get()[others] == content[0][others]).all()
+        assert (fused.values.get()[others] == content[1][others]).all()
+        unfused.keys[...], unfused.values[...] = fused.keys, fused.values  # the twin as the refused slots left it
+        good = cupy.asarray([4, 201, 601], cupy.int32)
+        x[...] = cupy.asarray(random(rng, qkv.shape, dtype))
+        got = decode_attention_qkv(x, None, c, heads, fused, 0, good, 0, None, None, d**-0.5)
+        want = unfused_step(c, x, None, unfused, good)
+        assert same_bits(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "dtype, heads, kv, d", [(numpy.float16, 16, 4, 128), (numpy.float32, 8, 1, 80)], ids=["fp16 d128", "fp32 d80"]
+)
 def test_gpu_fused_decode_step_replayed_from_a_cuda_graph(rng, poisoned_allocations, dtype, heads, kv, d):
     """The fused call captured with a device start (programmatic launches where the GPU has them, as the Decoder
     captures), replayed twice with the slots advanced by the caller in between and a new token each time: each
