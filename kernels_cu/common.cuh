@@ -28,6 +28,8 @@ __device__ __forceinline__ unsigned shared_address(const void* p) {
 }
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+// A quiet NaN: what a kernel writes for a result it refuses to compute (a slot outside the cache).
+__device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
 
 // exp(x) = 2^(x log2 e): the kernels take their exps as fast_exp2 in log2 units.
 constexpr float LOG2E = 1.4426950408889634f;

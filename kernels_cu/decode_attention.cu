@@ -113,7 +113,7 @@ struct KeyChunk {
 template <int THREADS, typename T>
 __device__ void refuse_slot(T* out, int n, int c) {
     if (c != 0) return;
-    for (int i = threadIdx.x; i < n; i += THREADS) out[i] = from_float<T>(__int_as_float(0x7fc00000));
+    for (int i = threadIdx.x; i < n; i += THREADS) out[i] = from_float<T>(quiet_nan());
 }
 
 // Sequence b's new token for a block of kv head kvh (src: its row of the projection, [q heads | kv key heads |

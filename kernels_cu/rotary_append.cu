@@ -7,6 +7,10 @@
 // positions[b, s] if has_positions, else the slot start[b] + s. Elements from rot on (and all of a value head)
 // are copied. One thread per pair (a grid-stride loop over B S (h + kv [+ kv]) d / 2 pairs, < 2^31). A decode
 // step (one token, a cache) does not run this kernel: decode_attention.cu turns and appends its token itself.
+//
+// A token whose slot start[b] + s falls outside [0, slots) (a start on the device, which the host cannot check
+// without a read) writes nothing to the cache, which would otherwise take another sequence's or layer's rows or
+// memory past the cache, and gets a NaN query, which attention carries to its context and a finiteness check sees.
 #include "common.cuh"
 #include "rotary.cuh"
 
@@ -17,7 +21,7 @@ __global__ void rotary_append(const T* __restrict__ qkv, const int* __restrict__
                               const float* __restrict__ inv_freq, const int* __restrict__ start, T* __restrict__ q_out,
                               T* __restrict__ k_out, T* __restrict__ v_out, long long kv_seq, long long kv_head,
                               long long kv_tok, int S, int h, int kv, int d, int rot, int half_style, int copy_v,
-                              int has_positions, unsigned pairs) {
+                              int has_positions, int slots, unsigned pairs) {
     follow_previous_kernel();
     const int heads = h + kv + (copy_v ? kv : 0), width = (h + 2 * kv) * d, per_head = d / 2;
     for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < pairs; i += gridDim.x * blockDim.x) {
@@ -27,9 +31,17 @@ __global__ void rotary_append(const T* __restrict__ qkv, const int* __restrict__
         const bool turn = head < h + kv && p < rot / 2;
         const int2 e = rotary_pair(p, rot, turn, half_style);
         const int e0 = e.x, e1 = e.y;
+        const int slot = start[b] + s;
+        if (slot < 0 || slot >= slots) {
+            if (head < h) {
+                T* q = q_out + ((static_cast<long long>(b) * h + head) * S + s) * d;
+                q[e0] = q[e1] = from_float<T>(quiet_nan());
+            }
+            continue;
+        }
         float x0 = to_float(src[e0]), x1 = to_float(src[e1]);
         if (turn) {
-            const int position = has_positions ? positions[token] : start[b] + s;
+            const int position = has_positions ? positions[token] : slot;
             const float2 y = rotary_turn(x0, x1, rotary_cos_sin(position, inv_freq[p]));
             x0 = y.x, x1 = y.y;
         }
@@ -38,7 +50,7 @@ __global__ void rotary_append(const T* __restrict__ qkv, const int* __restrict__
             dst = q_out + ((static_cast<long long>(b) * h + head) * S + s) * d;
         } else {
             const bool key = head < h + kv;
-            dst = (key ? k_out : v_out) + b * kv_seq + (head - h - (key ? 0 : kv)) * kv_head + (start[b] + s) * kv_tok;
+            dst = (key ? k_out : v_out) + b * kv_seq + (head - h - (key ? 0 : kv)) * kv_head + slot * kv_tok;
         }
         dst[e0] = from_float<T>(x0);
         dst[e1] = from_float<T>(x1);

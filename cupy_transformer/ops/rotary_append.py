@@ -24,7 +24,8 @@ def rotary_arguments(cfg) -> tuple[int, object, int]:
 def rotary_append(qkv, position_ids, cfg, h, kv, d, cache, layer, start):
     """q [B, h, S, d] of the projection ``qkv`` [B, S, (h + 2 kv) d], turned (where ``cfg`` has rotary), and K
     (turned) and V written to ``cache``'s ``layer`` from slot ``start[b]`` on (int32 on the GPU; checked against
-    the cache by the caller); without a cache, K [B, kv, S, d] (V then stays a view of the projection).
+    the cache by the caller; a token whose slot falls outside the cache, as a device start may put it, gets a NaN
+    query and writes nothing); without a cache, K [B, kv, S, d] (V then stays a view of the projection).
     ``position_ids`` None: the slots. Returns (q, k): k None with a cache (the keys are read from it)."""
     cupy = import_cupy()
     b, s, _ = qkv.shape
@@ -58,6 +59,7 @@ def rotary_append(qkv, position_ids, cfg, h, kv, d, cache, layer, start):
         half_style=half_style,
         copy_v=int(cache is not None),
         has_positions=int(position_ids is not None),
+        slots=k_out.shape[2],
         pairs=vector_count(pairs),
     )
     return q, (k_out if cache is None else None)
