@@ -72,7 +72,7 @@ def test_gpu_tokens_whose_slots_fall_outside_the_cache_write_nothing(rng, dtype)
     from cupy_transformer.runtime.lru import device_int32
 
     h, kv, d, s = 4, 2, 64, 5
-    c = cfg(dtype, heads=h, kv=kv, d=d, rotary_dim=d, rotate_half=True, rope_theta=10000.0)
+    c = cfg(dtype, heads=h, kv=kv, d=d, rotary_dim=d, rotate_half=True, rotate_every_two=False, rope_theta=10000.0)
     cache = KVCache(2, 2, kv, 16, d, dtype, backend="cupy")
     cache.keys[...], cache.values[...] = numpy.nan, numpy.nan
     qkv = random(rng, (2, s, (h + 2 * kv) * d), dtype)
