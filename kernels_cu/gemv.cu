@@ -11,8 +11,8 @@
 // splits in a fixed order (deterministic), applies the epilogue, writes y and resets the counter for the next
 // launch. Rows beyond `rows` are never written.
 //
-// Launched programmatically (common.cuh), a tensor-core block first asks L2 for up to `prefetch` bytes of its
-// weights, then waits for the kernel before (which wrote x): the weights stream in while that kernel finishes. With
+// Launched programmatically (common.cuh), a tensor-core block may first ask L2 for up to `prefetch` bytes of its
+// weights (the launcher passes 0: it made steps slower), then waits for the kernel before (which wrote x). With
 // `early` (the launcher's choice: short K ranges) each warp's first batch of weights is loaded into registers before
 // the wait and the norm prologue, and the bias, gamma and beta are asked of L2 there too. So W, bias, gamma and beta
 // must not be written by a kernel of the same step (they are a model's weights).

@@ -1,6 +1,6 @@
 """Programmatic dependent launch (compute capability 9.0 and later): a kernel may start while the kernel before it
 in the stream is still running, so that its launch, its blocks' start and whatever it does before
-``follow_previous_kernel()`` (kernels_cu/common.cuh: a GEMV asks L2 for its weights) overlap that kernel's tail. In a
+``follow_previous_kernel()`` (kernels_cu/common.cuh: a GEMV loads its first weights) overlap that kernel's tail. In a
 CUDA graph of many short kernels (a decode step), each node otherwise pays its whole ramp.
 
 CuPy's kernel launch takes no launch attributes, so a family that opts in (``KernelFamily(..., programmatic=True)``:
@@ -19,8 +19,10 @@ import numpy
 
 from .arrays import import_cupy
 
-#: The bytes of weights a GEMV block asks L2 for before it waits (up to a wave of blocks: a few MB in flight).
-WEIGHT_PREFETCH = 32 * 1024
+#: The bytes of weights a GEMV block asks L2 for before it waits. None: with the early weights already loaded
+#: into registers there, asking for more made whole captured steps slower (32 KiB a block: 1.02-1.06x at every
+#: shape but GPT-2 XL batch 1), so the kernels' prefetch is kept for sweeps only.
+WEIGHT_PREFETCH = 0
 
 _state = {"on": False}
 _CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # cuda.h's CUlaunchAttributeID
