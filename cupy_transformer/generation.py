@@ -289,9 +289,10 @@ class Decoder:
 
     @contextlib.contextmanager
     def _step_memory(self, own_pool: bool = True):
-        """A step's products chosen as a graph chooses them; with ``own_pool`` (a pass that may be captured), its
-        allocations from the decoder's own pool and the tensor maps it reads held by the decoder."""
-        with ops.graph_choices(), ops.fused_decode(self.fused):
+        """A step's products chosen as a graph chooses them (on the CPU: float32 ones from BLAS, not the float64
+        reference); with ``own_pool`` (a pass that may be captured), its allocations from the decoder's own pool and
+        the tensor maps it reads held by the decoder."""
+        with ops.graph_choices(), ops.fused_decode(self.fused), ops.cpu_blas_products(not self.gpu):
             if not self.gpu or not own_pool:
                 yield
                 return

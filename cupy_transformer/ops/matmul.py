@@ -9,7 +9,8 @@ pass does it. Up to 16 rows (fp32: 8) the GEMV kernel may run instead; it applie
 (fp32, one rounding). Which is faster depends on the shape and the card (on an H200 the GEMV ran at 0.88-1.19x
 cuBLAS's speed), so the first eager call of each decode shape times both (``runtime.timing``), eagerly and as
 CUDA graphs, and keeps the faster of each: a decode step being captured runs the one faster in a graph
-(cuBLASLt, called through ctypes, can be captured). NumPy arrays take ``matmul_reference``.
+(cuBLASLt, called through ctypes, can be captured). NumPy arrays take ``matmul_reference``, or inside
+``cpu_blas_products`` (a model's generation on the CPU) float32 products from BLAS.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def matmul(x, w, transposed: bool, bias=None, act=None, *, norm: GemvNorm | None
         last_path, y = "gemv", gemv(x2, w, transposed, bias, act, norm=norm)
         return y.reshape(tuple(x.shape[:-1]) + (y.shape[-1],))
     if module_of(x) is numpy:
+        if _CPU_BLAS and x.dtype == w.dtype == numpy.float32:
+            return _blas_product(x, w, transposed, bias, act, norm, residual)
         return matmul_reference(x, w, transposed, bias, act, norm=norm, residual=residual)
     out_features = w.shape[0] if transposed else w.shape[1]
     shape = tuple(x.shape[:-1]) + (out_features,)
@@ -140,6 +143,24 @@ def matmul_reference(
     return y.reshape(tuple(x.shape[:-1]) + (out_features,))
 
 
+def _blas_product(x, w, transposed, bias, act, norm, residual):
+    """``matmul``'s product on float32 NumPy arrays inside ``cpu_blas_products``: BLAS's float32 product (its own
+    accumulation), the bias, activation and residual added in float32 (the residual form: one float32 sum a term)."""
+    if norm is not None:
+        x = norm_reference(norm.mode, x, norm.gamma, norm.beta, norm.eps)
+    out_features = w.shape[0] if transposed else w.shape[1]
+    y = x.reshape(-1, x.shape[-1]) @ (w.T if transposed else w)
+    if residual is not None:
+        if act is not None:
+            raise ValueError("matmul: a residual epilogue takes no activation")
+        if bias is not None:
+            y += bias
+        y += residual.reshape(y.shape)
+    elif bias is not None or act is not None:
+        y = apply_bias_act(y, bias, act, out=y)
+    return y.reshape(tuple(x.shape[:-1]) + (out_features,))
+
+
 def _cublas(x, w, transposed, bias, act, fallback: bool = True):
     """The product through cuBLASLt (its epilogue where it has one), else (with ``fallback``; without,
     ``CublasLtError`` gets out) ``cupy.matmul``; then our pass."""
@@ -163,6 +184,7 @@ _GEMV_FASTER: dict[tuple, bool] = {}
 _CAPTURE_READY: set[tuple] = set()
 _GRAPH_CHOICES = False
 _FUSED = True
+_CPU_BLAS = False
 
 
 @contextlib.contextmanager
@@ -189,6 +211,20 @@ def fused_decode(enabled: bool = True):
         yield
     finally:
         _FUSED = before
+
+
+@contextlib.contextmanager
+def cpu_blas_products(enabled: bool = True):
+    """Within it (with ``enabled``), ``matmul`` on float32 NumPy arrays takes BLAS's float32 product instead of the
+    float64 reference (which copies each weight to float64 a call): the product PyTorch's CPU path computes, for a
+    model's own passes on the CPU (``generation.Decoder``: a GPT-2-small token 2-3x faster). Outside it NumPy arrays
+    get the reference, what the kernels are tested against."""
+    global _CPU_BLAS
+    before, _CPU_BLAS = _CPU_BLAS, enabled
+    try:
+        yield
+    finally:
+        _CPU_BLAS = before
 
 
 def fusing() -> bool:

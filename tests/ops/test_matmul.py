@@ -46,6 +46,33 @@ def test_numpy_path(rng, dtype, transposed, act):
     check(rng, dtype, 3, 40, 24, transposed, with_bias=True, act=act, gpu=False)
 
 
+@pytest.mark.parametrize(
+    "fusion", ["plain", "bias+GELU", "gated", "residual", "norm"], ids=lambda f: f.replace("+", " ")
+)
+def test_cpu_blas_products_give_the_references_float32_product(rng, fusion):
+    """Inside ``cpu_blas_products`` a float32 NumPy product is BLAS's (not the reference's float64 product, to the
+    bit), within float32's chained tolerance of it, whatever the epilogue or prologue; float16 ones and any product
+    outside it stay the reference, bit for bit."""
+    k, n = 96, 40
+    x, w = random(rng, (3, k), numpy.float32), weight(rng, k, n, numpy.float32, transposed=True)
+    kwargs = {
+        "plain": {},
+        "bias+GELU": {"bias": random(rng, (n,), numpy.float32), "act": ActivationType.GELU_EXACT},
+        "gated": {"bias": random(rng, (n,), numpy.float32), "act": ActivationType.GATED_SILU},
+        "residual": {"bias": random(rng, (n,), numpy.float32), "residual": random(rng, (3, n), numpy.float32)},
+        "norm": {"norm": mm.GemvNorm("rms_norm", random(rng, (k,), numpy.float32), None, 1e-5)},
+    }[fusion]
+    want = mm.matmul_reference(x, w, True, **kwargs)
+    with ops.cpu_blas_products():
+        got = mm.matmul(x, w, True, **kwargs)
+        half = [a.astype(numpy.float16) for a in (x, w)]
+        assert numpy.array_equal(mm.matmul(*half, True), mm.matmul_reference(*half, True))
+    assert got.shape == want.shape and got.dtype == numpy.float32
+    assert rel_error(got, want) < TOL_CHAINED[numpy.dtype(numpy.float32)]
+    assert not numpy.array_equal(got, want)  # BLAS's product, not the reference's
+    assert numpy.array_equal(mm.matmul(x, w, True, **kwargs), want)  # outside it: the reference again
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("lead", [(5,), (2, 3)], ids=["[tokens,hidden]", "[B,S,hidden]"])
 def test_lm_logits_numpy_path(rng, dtype, lead):
