@@ -1,0 +1,135 @@
+"""Greedy generation on the CPU: our NumPy path (``generation.Decoder``, float32 products from BLAS inside
+``ops.cpu_blas_products``) beside Hugging Face eager (PyTorch, its KV cache), the same random float32 weights, the
+same prompt, in one process; and our path with the float64 reference products (what it ran before), with
+``--reference``. Prints a markdown table: prefill ms, ms per new token (best of the rounds), the tokens the same.
+
+    python benchmarks/bench_cpu_generate.py [--shapes gpt2-small,llama-small] [--prompt 32] [--tokens 32]
+                                            [--rounds 3] [--reference]
+
+Needs the parity extra (PyTorch and transformers) for the checkpoints and the peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import time
+
+import numpy
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.bench_cpu_embed import cpu_model  # noqa: E402
+
+SHAPES = {  # small enough for a CI-class CPU: GPT-2 small, and a LLaMA-style model of about 0.3B parameters
+    "gpt2-small": ("gpt2", dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)),
+    "llama-small": (
+        "llama",
+        dict(
+            num_hidden_layers=8,
+            hidden_size=1024,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            intermediate_size=4096,
+            vocab_size=32000,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+        ),
+    ),
+}
+
+
+def hf_model(shape: str):
+    import torch
+    import transformers
+
+    family, config = SHAPES[shape]
+    torch.manual_seed(0)
+    if family == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(**config)).eval()
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval()
+
+
+def theirs(model, prompt: list[int], tokens: int) -> tuple[float, float, list[int]]:
+    """(prefill ms, ms a new token, tokens) of Hugging Face eager greedy decoding with its cache."""
+    import torch
+
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = model(torch.tensor([prompt]), use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        first = time.perf_counter()
+        drawn = [int(nxt)]
+        for _ in range(tokens):
+            out = model(nxt, past_key_values=out.past_key_values, use_cache=True)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            drawn.append(int(nxt))
+        end = time.perf_counter()
+    return (first - start) * 1e3, (end - first) / tokens * 1e3, drawn
+
+
+def ours(model, prompt: list[int], tokens: int, reference: bool = False) -> tuple[float, float, list[int]]:
+    """The same for ``generation.Decoder`` on the NumPy backend (``reference``: the float64 reference products)."""
+    from cupy_transformer import ops
+    from cupy_transformer.generation import Decoder
+
+    saved = ops.cpu_blas_products
+    if reference:
+        ops.cpu_blas_products = lambda enabled=True: contextlib.nullcontext()
+    try:
+        decoder = Decoder(model, 1, len(prompt) + tokens + 1)
+        start = time.perf_counter()
+        decoder.prefill([prompt])
+        drawn = [int(decoder.read(0)[0])]
+        first = time.perf_counter()
+        for _ in range(tokens):
+            decoder.step()
+            drawn.append(int(decoder.read(decoder.steps)[0]))
+        end = time.perf_counter()
+    finally:
+        ops.cpu_blas_products = saved
+    return (first - start) * 1e3, (end - first) / tokens * 1e3, drawn
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="gpt2-small,llama-small")
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--reference", action="store_true", help="also our path with the float64 reference products")
+    args = parser.parse_args(argv)
+    import torch
+
+    from cupy_transformer.models import load_model
+
+    print(f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print("| shape | path | prefill ms | ms a token | vs Hugging Face | same tokens |")
+    print("|---|---|---|---|---|---|")
+    for shape in args.shapes.split(","):
+        hf = hf_model(shape)
+        with tempfile.TemporaryDirectory() as folder:
+            hf.save_pretrained(folder)
+            model = load_model(folder, dtype="float32", backend="numpy")
+        prompt = numpy.random.default_rng(0).integers(0, hf.config.vocab_size, args.prompt).tolist()
+        paths = {"Hugging Face eager": lambda: theirs(hf, prompt, args.tokens)}
+        paths["ours"] = lambda: ours(model, prompt, args.tokens)
+        if args.reference:
+            paths["ours, float64 reference products"] = lambda: ours(model, prompt, args.tokens, reference=True)
+        best = {name: (float("inf"), float("inf"), None) for name in paths}
+        for _ in range(args.rounds):  # alternating, best of the rounds
+            for name, run in paths.items():
+                prefill, step, drawn = run()
+                old = best[name]
+                best[name] = (min(old[0], prefill), min(old[1], step), drawn)
+        peer = best["Hugging Face eager"]
+        for name, (prefill, step, drawn) in best.items():
+            same = "yes" if drawn == peer[2] else f"{sum(a == b for a, b in zip(drawn, peer[2]))} of {len(drawn)}"
+            print(f"| {shape} | {name} | {prefill:.1f} | {step:.2f} | {step / peer[1]:.2f}x | {same} |")
+
+
+if __name__ == "__main__":
+    main()
