@@ -1,6 +1,6 @@
-"""Greedy generation on the CPU: our NumPy path (``generation.Decoder``, float32 products from BLAS inside
-``ops.cpu_blas_products``) beside Hugging Face eager (PyTorch, its KV cache), the same random float32 weights, the
-same prompt, in one process; and our path with the float64 reference products (what it ran before), with
+"""Greedy generation on the CPU: our NumPy path (``generation.Decoder``, float32 math inside
+``runtime.arrays.cpu_float32``) beside Hugging Face eager (PyTorch, its KV cache), the same random float32 weights,
+the same prompt, in one process; and our path with the float64 references (what it ran before), with
 ``--reference``. Prints a markdown table: prefill ms, ms per new token (best of the rounds), the tokens the same.
 
     python benchmarks/bench_cpu_generate.py [--shapes gpt2-small,llama-small] [--prompt 32] [--tokens 32]
@@ -72,15 +72,14 @@ def theirs(model, prompt: list[int], tokens: int) -> tuple[float, float, list[in
 
 
 def ours(model, prompt: list[int], tokens: int, reference: bool = False) -> tuple[float, float, list[int]]:
-    """The same for ``generation.Decoder`` on the NumPy backend (``reference``: the float64 reference products)."""
-    from cupy_transformer import ops
-    from cupy_transformer.generation import Decoder
+    """The same for ``generation.Decoder`` on the NumPy backend (``reference``: the float64 references)."""
+    from cupy_transformer import generation
 
-    saved = ops.cpu_blas_products
+    saved = generation.cpu_float32
     if reference:
-        ops.cpu_blas_products = lambda enabled=True: contextlib.nullcontext()
+        generation.cpu_float32 = lambda enabled=True: contextlib.nullcontext()
     try:
-        decoder = Decoder(model, 1, len(prompt) + tokens + 1)
+        decoder = generation.Decoder(model, 1, len(prompt) + tokens + 1)
         start = time.perf_counter()
         decoder.prefill([prompt])
         drawn = [int(decoder.read(0)[0])]
@@ -90,7 +89,7 @@ def ours(model, prompt: list[int], tokens: int, reference: bool = False) -> tupl
             drawn.append(int(decoder.read(decoder.steps)[0]))
         end = time.perf_counter()
     finally:
-        ops.cpu_blas_products = saved
+        generation.cpu_float32 = saved
     return (first - start) * 1e3, (end - first) / tokens * 1e3, drawn
 
 
@@ -100,7 +99,7 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--reference", action="store_true", help="also our path with the float64 reference products")
+    parser.add_argument("--reference", action="store_true", help="also our path with the float64 references")
     args = parser.parse_args(argv)
     import torch
 
@@ -118,7 +117,7 @@ def main(argv=None) -> None:
         paths = {"Hugging Face eager": lambda: theirs(hf, prompt, args.tokens)}
         paths["ours"] = lambda: ours(model, prompt, args.tokens)
         if args.reference:
-            paths["ours, float64 reference products"] = lambda: ours(model, prompt, args.tokens, reference=True)
+            paths["ours, float64 references"] = lambda: ours(model, prompt, args.tokens, reference=True)
         best = {name: (float("inf"), float("inf"), None) for name in paths}
         for _ in range(args.rounds):  # alternating, best of the rounds
             for name, run in paths.items():

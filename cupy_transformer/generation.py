@@ -35,7 +35,7 @@ import numpy
 from . import ops
 from .ops.decode_state import end_step
 from .ops.sampling import sampling_arguments
-from .runtime.arrays import array_module, positive_int
+from .runtime.arrays import array_module, cpu_float32, positive_int
 from .runtime.programmatic import programmatic_launches
 from .runtime.tensor_map import holding
 
@@ -289,10 +289,10 @@ class Decoder:
 
     @contextlib.contextmanager
     def _step_memory(self, own_pool: bool = True):
-        """A step's products chosen as a graph chooses them (on the CPU: float32 ones from BLAS, not the float64
-        reference); with ``own_pool`` (a pass that may be captured), its allocations from the decoder's own pool and
+        """A step's products chosen as a graph chooses them (on the CPU: float32 math, not the float64
+        references); with ``own_pool`` (a pass that may be captured), its allocations from the decoder's own pool and
         the tensor maps it reads held by the decoder."""
-        with ops.graph_choices(), ops.fused_decode(self.fused), ops.cpu_blas_products(not self.gpu):
+        with ops.graph_choices(), ops.fused_decode(self.fused), cpu_float32(not self.gpu):
             if not self.gpu or not own_pool:
                 yield
                 return

@@ -44,7 +44,8 @@ def test_greedy_matches_recomputing_every_step(model_and_tokenizer):
 
 def test_cpu_passes_take_blas_products_and_the_model_alone_the_reference(model_and_tokenizer, monkeypatch):
     """On the NumPy backend the decoder's prompt pass and steps run their products through BLAS in float32
-    (``ops.cpu_blas_products``: the reference's float64 copies made CPU generation 2.5x slower than Hugging Face's);
+    (``runtime.arrays.cpu_float32``: the reference's float64 copies made CPU generation 2.5x slower than Hugging
+    Face's);
     the model called outside a decoder keeps the reference. The tokens are the reference's (the test above)."""
     import cupy_transformer.ops.matmul as mm
 

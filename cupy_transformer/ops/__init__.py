@@ -9,7 +9,7 @@ from .decode_state import end_step
 from .embedding import embed
 from .gelu_gemm import GELUGemmOp
 from .linear import LinearOp
-from .matmul import cpu_blas_products, fused_decode, graph_choices, lm_logits
+from .matmul import fused_decode, graph_choices, lm_logits
 from .mlp_gemm import MLPGemmOp
 from .norm import layer_norm, rms_norm
 from .qkv_gemm import QKVGemmOp
@@ -57,7 +57,6 @@ __all__ = [
     "create_op",
     "embed",
     "end_step",
-    "cpu_blas_products",
     "fused_decode",
     "graph_choices",
     "layer_norm",

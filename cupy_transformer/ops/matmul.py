@@ -10,7 +10,7 @@ pass does it. Up to 16 rows (fp32: 8) the GEMV kernel may run instead; it applie
 cuBLAS's speed), so the first eager call of each decode shape times both (``runtime.timing``), eagerly and as
 CUDA graphs, and keeps the faster of each: a decode step being captured runs the one faster in a graph
 (cuBLASLt, called through ctypes, can be captured). NumPy arrays take ``matmul_reference``, or inside
-``cpu_blas_products`` (a model's generation on the CPU) float32 products from BLAS.
+``runtime.arrays.cpu_float32`` (a model's generation on the CPU) float32 products from BLAS.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import contextlib
 import numpy
 
 from ..runtime import cublaslt, timing
-from ..runtime.arrays import as_array, common_kind, import_cupy, module_of, to_caller
+from ..runtime.arrays import as_array, common_kind, cpu_float32_products, import_cupy, module_of, to_caller
 from .bias_act import apply_bias_act
 from .config import ActivationType
 from .gemv import GEMV_MAX_ROWS, GemvNorm, gemv, gemv_fits, gemv_fused_fits, gemv_workspace
@@ -71,7 +71,7 @@ def matmul(x, w, transposed: bool, bias=None, act=None, *, norm: GemvNorm | None
         last_path, y = "gemv", gemv(x2, w, transposed, bias, act, norm=norm)
         return y.reshape(tuple(x.shape[:-1]) + (y.shape[-1],))
     if module_of(x) is numpy:
-        if _CPU_BLAS and x.dtype == w.dtype == numpy.float32:
+        if cpu_float32_products(x.dtype) and w.dtype == x.dtype:
             return _blas_product(x, w, transposed, bias, act, norm, residual)
         return matmul_reference(x, w, transposed, bias, act, norm=norm, residual=residual)
     out_features = w.shape[0] if transposed else w.shape[1]
@@ -144,7 +144,7 @@ def matmul_reference(
 
 
 def _blas_product(x, w, transposed, bias, act, norm, residual):
-    """``matmul``'s product on float32 NumPy arrays inside ``cpu_blas_products``: BLAS's float32 product (its own
+    """``matmul``'s product on float32 NumPy arrays inside ``cpu_float32``: BLAS's float32 product (its own
     accumulation), the bias, activation and residual added in float32 (the residual form: one float32 sum a term)."""
     if norm is not None:
         x = norm_reference(norm.mode, x, norm.gamma, norm.beta, norm.eps)
@@ -184,7 +184,6 @@ _GEMV_FASTER: dict[tuple, bool] = {}
 _CAPTURE_READY: set[tuple] = set()
 _GRAPH_CHOICES = False
 _FUSED = True
-_CPU_BLAS = False
 
 
 @contextlib.contextmanager
@@ -211,20 +210,6 @@ def fused_decode(enabled: bool = True):
         yield
     finally:
         _FUSED = before
-
-
-@contextlib.contextmanager
-def cpu_blas_products(enabled: bool = True):
-    """Within it (with ``enabled``), ``matmul`` on float32 NumPy arrays takes BLAS's float32 product instead of the
-    float64 reference (which copies each weight to float64 a call): the product PyTorch's CPU path computes, for a
-    model's own passes on the CPU (``generation.Decoder``: a GPT-2-small token 2-3x faster). Outside it NumPy arrays
-    get the reference, what the kernels are tested against."""
-    global _CPU_BLAS
-    before, _CPU_BLAS = _CPU_BLAS, enabled
-    try:
-        yield
-    finally:
-        _CPU_BLAS = before
 
 
 def fusing() -> bool:

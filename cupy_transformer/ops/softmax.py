@@ -50,6 +50,7 @@ from ..runtime.arrays import (
     deliver,
     import_cupy,
     module_of,
+    reference_compute,
     to_caller,
 )
 from ..runtime.kernels import CTYPES, KernelFamily, access_width, sm_count, vector_width, wave_blocks
@@ -82,9 +83,9 @@ _KERNELS = KernelFamily(
 def softmax_reference(scores, mask=None, alibi=None, triangular=False, window_size=None, layer_scale=1.0):
     """The formula on checked arrays of one backend: ``scores`` [B, h, Q, K]; ``mask`` broadcastable to it
     (additive or boolean); ``alibi`` [B, h, 1, K] (this rank's heads) or None; ``window_size`` None for no
-    window. Computes in float64 (NumPy) or float32 (CuPy) and returns the scores' dtype."""
+    window. Computes in ``reference_compute``'s type (NumPy: float64; CuPy: float32) and returns the scores' dtype."""
     xp = module_of(scores)
-    compute = numpy.float64 if xp is numpy else numpy.float32
+    compute = reference_compute(xp, scores.dtype)
     z = scores.astype(compute) * compute(layer_scale)
     if alibi is not None:
         z = z + alibi.astype(compute)

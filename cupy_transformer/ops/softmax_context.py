@@ -56,7 +56,7 @@ import math
 import numpy
 
 from ..kv_cache import KVCache
-from ..runtime.arrays import array_module, as_array, backend_of, common_kind, module_of, to_caller
+from ..runtime.arrays import array_module, as_array, backend_of, common_kind, module_of, reference_compute, to_caller
 from ..runtime.kernels import compute_capability
 from ..runtime.lru import device_int32
 from .base import TransformerOp
@@ -264,7 +264,8 @@ def attention_path(gpu, b, h, kv, s, d, dtype, cached, per_key_mask, capability)
 
 
 def attention_reference(q, keys, values, start, mask=None, alibi=None, scale=1.0, causal=True, window=None):
-    """The formula on one backend's arrays, in float64 (NumPy) or float32 (CuPy), returned in q's dtype as the
+    """The formula on one backend's arrays, in ``reference_compute``'s type (NumPy: float64; CuPy: float32),
+    returned in q's dtype as the
     context [B, S, h d]: q [B, h, S, d] against keys, values [B, kv, T, d] (T: the longest sequence's keys;
     query head i with kv head i // (h / kv)); ``start`` [B] integers (host, or q's backend): sequence b's
     queries sit in slots start[b] .. start[b] + S and its keys are the first start[b] + S slots (those past it
@@ -283,7 +284,7 @@ def attention_reference(q, keys, values, start, mask=None, alibi=None, scale=1.0
         keep = keep & (key <= slot)
     if window is not None:
         keep = keep & (key > slot - window)
-    compute = numpy.float64 if xp is numpy else numpy.float32
+    compute = reference_compute(xp, q.dtype)
     bias = xp.where(keep[:, None], 0.0, -numpy.inf).astype(compute)  # [B, 1, S, T]: -inf drops a key
     if mask is not None:
         mask = mask[..., :t]
@@ -293,11 +294,17 @@ def attention_reference(q, keys, values, start, mask=None, alibi=None, scale=1.0
     groups = h // kv
     # A cache slot past a shorter sequence's keys may hold anything, NaN too (0 x NaN is NaN): zeros.
     filled = (key[0] < xp.asarray(keys_len)[:, None])[:, None, :, None]  # [B, 1, T, 1]
-    k_all, v_all = (xp.where(filled, a.astype(compute), 0) for a in (keys, values))
+    if xp is numpy and filled.all():  # every slot a key (a CPU decode step at batch 1): no copy in float32
+        k_all, v_all = keys.astype(compute, copy=False), values.astype(compute, copy=False)
+    else:
+        k_all, v_all = (xp.where(filled, a.astype(compute), 0) for a in (keys, values))
     qg = q.astype(compute).reshape(b, kv, groups, s, d)
-    scores = xp.einsum("bkgsd,bktd->bkgst", qg, k_all).reshape(b, h, s, t)
-    p = softmax_reference(scores, bias, layer_scale=scale)
-    context = xp.einsum("bkgst,bktd->bkgsd", p.reshape(b, kv, groups, s, t), v_all)
+    if xp is numpy:  # BLAS a (sequence, kv head, group); NumPy's einsum loops in C without it
+        scores = (qg @ k_all[:, :, None].swapaxes(-1, -2)).reshape(b, h, s, t)
+    else:
+        scores = xp.einsum("bkgsd,bktd->bkgst", qg, k_all).reshape(b, h, s, t)
+    p = softmax_reference(scores, bias, layer_scale=scale).reshape(b, kv, groups, s, t)
+    context = p @ v_all[:, :, None] if xp is numpy else xp.einsum("bkgst,bktd->bkgsd", p, v_all)
     # CuPy's einsum may pick any output layout, so the reshape below can be a strided view.
     context = context.reshape(b, h, s, d).transpose(0, 2, 1, 3).reshape(b, s, h * d)
     return xp.ascontiguousarray(context.astype(q.dtype, copy=False))

@@ -19,6 +19,7 @@ device, a size or a backend) naming the argument, what was expected and what was
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from typing import Any, Iterable
@@ -73,6 +74,36 @@ def module_of(array: Any):
     """NumPy for a NumPy array, CuPy for any other (already converted) array: with ``array_module``, the one way
     this package asks whether it is on the NumPy path (``xp is numpy``)."""
     return numpy if isinstance(array, numpy.ndarray) else import_cupy()
+
+
+_CPU_FLOAT32 = False
+
+
+@contextlib.contextmanager
+def cpu_float32(enabled: bool = True):
+    """Within it (with ``enabled``), the NumPy path computes float32 arrays in float32: products through BLAS,
+    attention, softmax and activations in float32 (``reference_compute``), what PyTorch's CPU path computes, for a
+    model's own passes on the CPU (``generation.Decoder``: a GPT-2-small token 5x faster). Outside it the NumPy
+    references compute in float64: what the kernels are tested against."""
+    global _CPU_FLOAT32
+    before, _CPU_FLOAT32 = _CPU_FLOAT32, enabled
+    try:
+        yield
+    finally:
+        _CPU_FLOAT32 = before
+
+
+def reference_compute(xp, dtype) -> type:
+    """The float type a reference formula computes arrays of ``dtype`` in on ``xp``: float32 on CuPy, float64 on
+    NumPy, but float32 for float32 arrays inside ``cpu_float32``."""
+    if xp is not numpy or (_CPU_FLOAT32 and numpy.dtype(dtype) == numpy.float32):
+        return numpy.float32
+    return numpy.float64
+
+
+def cpu_float32_products(dtype) -> bool:
+    """Whether a NumPy product of ``dtype`` arrays runs through BLAS in float32 (inside ``cpu_float32``)."""
+    return _CPU_FLOAT32 and numpy.dtype(dtype) == numpy.float32
 
 
 def gpu_problem() -> str | None:

@@ -7,7 +7,7 @@ import pytest
 import cupy_transformer.ops.matmul as mm
 from cupy_transformer import ops
 from cupy_transformer.ops import ActivationType
-from cupy_transformer.runtime.arrays import FLOAT_DTYPES
+from cupy_transformer.runtime.arrays import FLOAT_DTYPES, cpu_float32
 from tests.helpers import TOL_CHAINED, random, rel_error, side_stream
 from tests.ops.common import act as exact_act
 from tests.ops.common import dense, f64, on_backend, weight
@@ -49,8 +49,8 @@ def test_numpy_path(rng, dtype, transposed, act):
 @pytest.mark.parametrize(
     "fusion", ["plain", "bias+GELU", "gated", "residual", "norm"], ids=lambda f: f.replace("+", " ")
 )
-def test_cpu_blas_products_give_the_references_float32_product(rng, fusion):
-    """Inside ``cpu_blas_products`` a float32 NumPy product is BLAS's (not the reference's float64 product, to the
+def test_cpu_float32_products_are_blas_float32_products(rng, fusion):
+    """Inside ``cpu_float32`` a float32 NumPy product is BLAS's (not the reference's float64 product, to the
     bit), within float32's chained tolerance of it, whatever the epilogue or prologue; float16 ones and any product
     outside it stay the reference, bit for bit."""
     k, n = 96, 40
@@ -63,7 +63,7 @@ def test_cpu_blas_products_give_the_references_float32_product(rng, fusion):
         "norm": {"norm": mm.GemvNorm("rms_norm", random(rng, (k,), numpy.float32), None, 1e-5)},
     }[fusion]
     want = mm.matmul_reference(x, w, True, **kwargs)
-    with ops.cpu_blas_products():
+    with cpu_float32():
         got = mm.matmul(x, w, True, **kwargs)
         half = [a.astype(numpy.float16) for a in (x, w)]
         assert numpy.array_equal(mm.matmul(*half, True), mm.matmul_reference(*half, True))
