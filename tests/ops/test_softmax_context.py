@@ -235,6 +235,24 @@ def test_attention_reference_matches_the_per_query_loop(rng):
         assert rel_error(got[b], want) < 1e-12
 
 
+@pytest.mark.parametrize("starts", [[6, 6], [6, 2]], ids=["every slot a key", "a shorter sequence"])
+def test_attention_reference_in_float32_on_the_cpu(rng, starts):
+    """Inside ``cpu_float32`` (a model's CPU passes) float32 arrays are attended in float32, within float32's
+    chained tolerance of the float64 formula; a shorter sequence's slots past its keys (NaN here) stay out of it."""
+    from cupy_transformer.runtime.arrays import cpu_float32
+
+    q = random(rng, (2, 4, 1, 16), numpy.float32)
+    keys, values = random(rng, (2, 2, 7, 16), numpy.float32), random(rng, (2, 2, 7, 16), numpy.float32)
+    start = numpy.array(starts)
+    keys[1, :, starts[1] + 1 :] = values[1, :, starts[1] + 1 :] = numpy.nan  # past sequence 1's keys
+    want = attention_reference(*(a.astype(numpy.float64) for a in (q, keys, values)), start, scale=0.25)
+    with cpu_float32():
+        got = attention_reference(q, keys, values, start, scale=0.25)
+    assert got.dtype == numpy.float32 and numpy.isfinite(got).all()
+    assert rel_error(got, want) < TOL_CHAINED[numpy.dtype(numpy.float32)]
+    assert not numpy.array_equal(got, attention_reference(q, keys, values, start, scale=0.25))  # float64 outside
+
+
 SDPA_TOL = 1e-10  # float64 on both sides: a few roundings of 2^-53 per sum (about 1e-16 seen)
 
 

@@ -130,3 +130,16 @@ def test_models_and_caches_default_to_the_numpy_path_without_a_gpu(monkeypatch, 
         cupy_transformer.KVCache(1, 1, 2, 4, 8, backend="cupy")
     with pytest.raises(RuntimeError, match=r"no usable CUDA GPU"):
         load_model(tmp_path, backend="cupy")
+
+
+def test_references_compute_in_float64_on_numpy_but_float32_arrays_inside_cpu_float32():
+    from cupy_transformer.runtime.arrays import cpu_float32, reference_compute
+
+    assert reference_compute(numpy, numpy.float32) is numpy.float64
+    with cpu_float32():
+        assert reference_compute(numpy, numpy.float32) is numpy.float32
+        assert reference_compute(numpy, numpy.float16) is numpy.float64  # float16 keeps the float64 reference
+        with cpu_float32(False):
+            assert reference_compute(numpy, numpy.float32) is numpy.float64
+        assert reference_compute(numpy, numpy.float32) is numpy.float32
+    assert reference_compute(numpy, numpy.float32) is numpy.float64
