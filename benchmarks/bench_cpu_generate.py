@@ -23,9 +23,10 @@ import numpy
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_cpu_embed import cpu_model  # noqa: E402
+from cupy_transformer import bench  # noqa: E402
 
-SHAPES = {  # small enough for a CI-class CPU: GPT-2 small, and a LLaMA-style model of about 0.3B parameters
-    "gpt2-small": ("gpt2", dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)),
+SHAPES = {  # small enough for a CI-class CPU: GPT-2 small (the GPU benchmarks'), a LLaMA-style model of 0.3B
+    "gpt2-small": bench.SHAPES["gpt2-small"][:2],
     "llama-small": (
         "llama",
         dict(
