@@ -77,7 +77,8 @@ def activation_reference(x: numpy.ndarray, act) -> numpy.ndarray:
 
 
 def bias_act_reference(h: numpy.ndarray, bias, act) -> numpy.ndarray:
-    """NumPy reference: float64 math (``reference_compute``'s type), rounded to ``h.dtype`` where the kernel rounds."""
+    """NumPy reference: float64 math (float32 for float32 inside ``cpu_float32``: ``reference_compute``), rounded to
+    ``h.dtype`` where the kernel rounds."""
     dtype, compute = h.dtype, reference_compute(numpy, h.dtype)
     hf = h.astype(compute)
     if bias is not None:

@@ -265,13 +265,11 @@ def attention_path(gpu, b, h, kv, s, d, dtype, cached, per_key_mask, capability)
 
 def attention_reference(q, keys, values, start, mask=None, alibi=None, scale=1.0, causal=True, window=None):
     """The formula on one backend's arrays, in ``reference_compute``'s type (NumPy: float64; CuPy: float32),
-    returned in q's dtype as the
-    context [B, S, h d]: q [B, h, S, d] against keys, values [B, kv, T, d] (T: the longest sequence's keys;
-    query head i with kv head i // (h / kv)); ``start`` [B] integers (host, or q's backend): sequence b's
-    queries sit in slots start[b] .. start[b] + S and its keys are the first start[b] + S slots (those past it
-    may hold anything);
-    ``mask`` broadcastable to [B, h, S, T' >= T] (additive or boolean) or None; ``alibi`` [B, h, 1, T] or None;
-    ``causal``; ``window`` keys (None: none)."""
+    returned in q's dtype as the context [B, S, h d]: q [B, h, S, d] against keys, values [B, kv, T, d] (T: the
+    longest sequence's keys; query head i with kv head i // (h / kv)); ``start`` [B] integers (host, or q's
+    backend): sequence b's queries sit in slots start[b] .. start[b] + S and its keys are the first start[b] + S
+    slots (those past it may hold anything); ``mask`` broadcastable to [B, h, S, T' >= T] (additive or boolean)
+    or None; ``alibi`` [B, h, 1, T] or None; ``causal``; ``window`` keys (None: none)."""
     xp = module_of(q)
     b, h, s, d = q.shape
     kv, t = keys.shape[1], keys.shape[2]
