@@ -30,6 +30,7 @@ import numpy
 from .. import ops
 from ..layers import PostLNLayer, PostLNWeights
 from ..loading import read_json, require
+from ..ops.bias_act import gelu_exact_float32
 from ..parallel import BERT_LAYER, TABLE, all_reduce_of, check_divisible, layer_shards, rank_and_size, vocab_parallel_of
 from ..runtime.arrays import array_module, resolve_backend
 from .base import check_ids, extremes, open_checkpoint, token_ids
@@ -104,45 +105,6 @@ def sentence_config(folder, max_positions: int) -> SentenceConfig:
     return SentenceConfig(max_length, limit, lower, pooling, normalize)
 
 
-# erf(z) = z P(z^2) / Q(z^2) in float32 on [-4, 4], within 5e-7 (Eigen's rational approximation; erf is +-1 in
-# float32 beyond): NumPy has no erf, and math.erf per element is the reference path's slowest step.
-_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
-          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)  # fmt: skip
-_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
-          -1.42647390514189e-02)  # fmt: skip
-
-
-def _horner(z2: numpy.ndarray, coefficients, scale: float = 1.0) -> numpy.ndarray:
-    """scale * sum_i c_i z2^(n - i) by Horner's rule, in place after the first product: each step is a pass over
-    the block, and these passes are much of the fast path's time."""
-    c = [numpy.float32(scale * a) for a in coefficients]
-    p = z2 * c[0]
-    p += c[1]
-    for a in c[2:]:
-        p *= z2
-        p += a
-    return p
-
-
-def _erf(x: numpy.ndarray, scale: float = 1.0, overwrite: bool = False) -> numpy.ndarray:
-    """scale * erf(x) in float32 (``_ERF_P`` / ``_ERF_Q``; ``scale`` taken into the numerator's coefficients);
-    ``overwrite``: x may be clipped in place (a new array a call cost GELU a fifth of its time)."""
-    z = numpy.clip(x, -4.0, 4.0, out=x if overwrite else None)
-    z2 = z * z
-    p = _horner(z2, _ERF_P, scale)
-    p *= z
-    p /= _horner(z2, _ERF_Q)
-    return p
-
-
-def _gelu_exact(x: numpy.ndarray) -> numpy.ndarray:
-    """x (1 + erf(x / sqrt 2)) / 2 as x (1/2 + erf(x / sqrt 2) / 2): the 1/2 in erf's numerator saves passes."""
-    p = _erf(x * numpy.float32(0.5**0.5), 0.5, overwrite=True)
-    p += numpy.float32(0.5)
-    p *= x
-    return p
-
-
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -193,7 +155,7 @@ def _fast_layer_norm(x: numpy.ndarray, gamma: numpy.ndarray, beta: numpy.ndarray
 
 
 FAST_ACTIVATIONS = {
-    "GELU_EXACT": _gelu_exact,
+    "GELU_EXACT": gelu_exact_float32,
     "GELU": lambda x: x * (0.5 + 0.5 * numpy.tanh(numpy.float32(0.7978845608028654) * (x + 0.044715 * x * x * x))),
     "ReLU": lambda x: numpy.maximum(x, 0),
 }

@@ -53,6 +53,46 @@ def _erf(x: numpy.ndarray) -> numpy.ndarray:
     return numpy.vectorize(math.erf, otypes=[numpy.float64])(x)
 
 
+# erf(z) = z P(z^2) / Q(z^2) in float32 on [-4, 4], within 5e-7 (Eigen's rational approximation; erf is +-1 in
+# float32 beyond), for the CPU's float32 passes (BERT's fast path, generation inside ``cpu_float32``): NumPy has no
+# erf, and math.erf per element is the float64 reference's slowest step.
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)  # fmt: skip
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+          -1.42647390514189e-02)  # fmt: skip
+
+
+def _horner(z2: numpy.ndarray, coefficients, scale: float = 1.0) -> numpy.ndarray:
+    """scale * sum_i c_i z2^(n - i) by Horner's rule, in place after the first product: each step is a pass over
+    the array, and these passes are much of a CPU GELU's time."""
+    c = [numpy.float32(scale * a) for a in coefficients]
+    p = z2 * c[0]
+    p += c[1]
+    for a in c[2:]:
+        p *= z2
+        p += a
+    return p
+
+
+def erf_float32(x: numpy.ndarray, scale: float = 1.0, overwrite: bool = False) -> numpy.ndarray:
+    """scale * erf(x) in float32 (``_ERF_P`` / ``_ERF_Q``; ``scale`` taken into the numerator's coefficients);
+    ``overwrite``: x may be clipped in place (a new array a call cost GELU a fifth of its time)."""
+    z = numpy.clip(x, -4.0, 4.0, out=x if overwrite else None)
+    z2 = z * z
+    p = _horner(z2, _ERF_P, scale)
+    p *= z
+    p /= _horner(z2, _ERF_Q)
+    return p
+
+
+def gelu_exact_float32(x: numpy.ndarray) -> numpy.ndarray:
+    """x (1 + erf(x / sqrt 2)) / 2 as x (1/2 + erf(x / sqrt 2) / 2): the 1/2 in erf's numerator saves passes."""
+    p = erf_float32(x * numpy.float32(0.5**0.5), 0.5, overwrite=True)
+    p += numpy.float32(0.5)
+    p *= x
+    return p
+
+
 def activation_reference(x: numpy.ndarray, act) -> numpy.ndarray:
     """The activation in x's float type (float64 from ``bias_act_reference``)."""
     if act is None:
@@ -70,6 +110,8 @@ def activation_reference(x: numpy.ndarray, act) -> numpy.ndarray:
     if act == ActivationType.ReLU:
         return numpy.maximum(x, 0)
     if act in (ActivationType.GELU_EXACT, ActivationType.GATED_GELU):
+        if x.dtype == numpy.float32:  # inside cpu_float32: math.erf per element took 0.3 µs an element
+            return gelu_exact_float32(x)
         return 0.5 * x * (1 + _erf(x / math.sqrt(2)))
     if act == ActivationType.GATED_SILU:
         return x / (1 + numpy.exp(-x))

@@ -11,6 +11,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from cupy_transformer.models import BERT, bert, load_model
+from cupy_transformer.ops.bias_act import gelu_exact_float32
 from tests.helpers import host, rel_error
 
 H, HEADS, LAYERS, INNER, VOCAB, POSITIONS = 32, 4, 2, 64, 40, 16
@@ -137,24 +138,6 @@ def test_errors(tmp_path, rng):
     (tmp_path / "config.json").write_text(json.dumps(dict(config, hidden_act="swish")))
     with pytest.raises(ValueError, match=r"hidden_act 'swish' is not one of"):
         BERT(tmp_path, numpy.float32, "numpy")
-
-
-def test_fast_erf_matches_math_erf(rng):
-    from cupy_transformer.models.bert import _erf
-
-    x = numpy.concatenate([rng.standard_normal(20000) * 3, numpy.linspace(-8, 8, 2001)]).astype(numpy.float32)
-    assert numpy.abs(_erf(x) - numpy.vectorize(math.erf)(x.astype(numpy.float64))).max() < 5e-7
-
-
-def test_fast_gelu_matches_math_gelu(rng):
-    """The fast path's GELU (the rational erf with the 1/2 taken into its numerator) against x Phi(x) in float64:
-    within 1e-6 of max(1, |gelu|), as float32 passes allow."""
-    from cupy_transformer.models.bert import _gelu_exact
-
-    x = numpy.concatenate([rng.standard_normal(20000) * 3, numpy.linspace(-8, 8, 2001)]).astype(numpy.float32)
-    x64 = x.astype(numpy.float64)
-    want = x64 * (1 + numpy.vectorize(math.erf)(x64 / math.sqrt(2))) / 2
-    assert (numpy.abs(_gelu_exact(x) - want) <= 1e-6 * numpy.maximum(1, numpy.abs(want))).all()
 
 
 def sentence_files(path, pooling="pooling_mode_mean_tokens", normalize=True, max_seq_length=None, lower=False):
@@ -316,8 +299,8 @@ def test_cpu_passes_in_blocks_on_every_core_equal_the_whole_arrays(monkeypatch, 
     monkeypatch.setattr(bert, "_BLOCK", 700)
     x = rng.standard_normal((37, 96)).astype(numpy.float32) * 4
     got = x.copy()
-    bert._on_cores(lambda rows: bert._activate(bert._gelu_exact, rows), got)
-    assert numpy.array_equal(got, bert._gelu_exact(x)) and not numpy.array_equal(got, x)
+    bert._on_cores(lambda rows: bert._activate(gelu_exact_float32, rows), got)
+    assert numpy.array_equal(got, gelu_exact_float32(x)) and not numpy.array_equal(got, x)
     scores = rng.standard_normal((11, 9, 9)).astype(numpy.float32)
     mask = numpy.where(rng.random((11, 1, 9)) < 0.3, numpy.finfo(numpy.float32).min, 0).astype(numpy.float32)
     want = scores.copy()

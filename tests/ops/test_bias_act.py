@@ -1,11 +1,14 @@
 """bias_act: bias + every activation (gated halves too), NumPy and GPU, aligned and not."""
 
+import math
+
 import numpy
 import pytest
 
 from cupy_transformer import ops
 from cupy_transformer.ops import ActivationType
-from cupy_transformer.runtime.arrays import FLOAT_DTYPES
+from cupy_transformer.ops.bias_act import bias_act_reference, erf_float32, gelu_exact_float32
+from cupy_transformer.runtime.arrays import FLOAT_DTYPES, cpu_float32
 from tests.helpers import TOL_ROUNDED, random, rel_error
 from tests.ops.common import f64, mlp_act, on_backend
 
@@ -85,3 +88,30 @@ def test_bad_input():
         ops.bias_act(h, numpy.ones(4, numpy.float32), "ReLU")
     with pytest.raises(ValueError, match=r"out: expected shape \(2, 4\); got \(2, 8\)"):
         ops.bias_act(h, None, "GATED_GELU", out=h)
+
+
+def test_float32_erf_matches_math_erf(rng):
+    x = numpy.concatenate([rng.standard_normal(20000) * 3, numpy.linspace(-8, 8, 2001)]).astype(numpy.float32)
+    assert numpy.abs(erf_float32(x) - numpy.vectorize(math.erf)(x.astype(numpy.float64))).max() < 5e-7
+
+
+def test_float32_gelu_matches_math_gelu(rng):
+    """The CPU's float32 GELU (the rational erf with the 1/2 taken into its numerator) against x Phi(x) in float64:
+    within 1e-6 of max(1, |gelu|), as float32 passes allow."""
+    x = numpy.concatenate([rng.standard_normal(20000) * 3, numpy.linspace(-8, 8, 2001)]).astype(numpy.float32)
+    x64 = x.astype(numpy.float64)
+    want = x64 * (1 + numpy.vectorize(math.erf)(x64 / math.sqrt(2))) / 2
+    assert (numpy.abs(gelu_exact_float32(x) - want) <= 1e-6 * numpy.maximum(1, numpy.abs(want))).all()
+
+
+@pytest.mark.parametrize("act", list(ActivationType), ids=lambda a: a.name)
+def test_float32_reference_inside_cpu_float32(rng, act):
+    """Inside ``cpu_float32`` float32 arrays' bias + activation is computed in float32 (the exact GELUs through
+    ``gelu_exact_float32``), within float32's rounded tolerance of the float64 reference; outside it, the reference."""
+    h, bias = random(rng, (5, 64), numpy.float32) * 3, random(rng, (64,), numpy.float32)
+    want = bias_act_reference(h, bias, act)
+    with cpu_float32():
+        got = bias_act_reference(h, bias, act)
+    assert got.dtype == numpy.float32 and got.shape == want.shape
+    assert rel_error(got, want) < TOL_ROUNDED[numpy.dtype(numpy.float32)]
+    assert numpy.array_equal(bias_act_reference(h, bias, act), want)
