@@ -20,7 +20,7 @@ import contextlib
 import numpy
 
 from ..runtime import cublaslt, timing
-from ..runtime.arrays import as_array, common_kind, cpu_float32_products, import_cupy, module_of, to_caller
+from ..runtime.arrays import as_array, common_kind, import_cupy, module_of, reference_compute, to_caller
 from .bias_act import apply_bias_act
 from .config import ActivationType
 from .gemv import GEMV_MAX_ROWS, GemvNorm, gemv, gemv_fits, gemv_fused_fits, gemv_workspace
@@ -71,7 +71,7 @@ def matmul(x, w, transposed: bool, bias=None, act=None, *, norm: GemvNorm | None
         last_path, y = "gemv", gemv(x2, w, transposed, bias, act, norm=norm)
         return y.reshape(tuple(x.shape[:-1]) + (y.shape[-1],))
     if module_of(x) is numpy:
-        if cpu_float32_products(x.dtype) and w.dtype == x.dtype:
+        if reference_compute(numpy, x.dtype) is numpy.float32 and w.dtype == x.dtype:  # inside cpu_float32
             return _blas_product(x, w, transposed, bias, act, norm, residual)
         return matmul_reference(x, w, transposed, bias, act, norm=norm, residual=residual)
     out_features = w.shape[0] if transposed else w.shape[1]

@@ -101,11 +101,6 @@ def reference_compute(xp, dtype) -> type:
     return numpy.float64
 
 
-def cpu_float32_products(dtype) -> bool:
-    """Whether a NumPy product of ``dtype`` arrays runs through BLAS in float32 (inside ``cpu_float32``)."""
-    return _CPU_FLOAT32 and numpy.dtype(dtype) == numpy.float32
-
-
 def gpu_problem() -> str | None:
     """None where CuPy is installed and sees a CUDA device; else why the GPU is not usable (CuPy's own words)."""
     try:
