@@ -30,7 +30,7 @@ import numpy
 from .. import ops
 from ..layers import PostLNLayer, PostLNWeights
 from ..loading import read_json, require
-from ..ops.bias_act import gelu_exact_float32
+from ..ops.bias_act import activation_reference
 from ..parallel import BERT_LAYER, TABLE, all_reduce_of, check_divisible, layer_shards, rank_and_size, vocab_parallel_of
 from ..runtime.arrays import array_module, resolve_backend
 from .base import check_ids, extremes, open_checkpoint, token_ids
@@ -154,11 +154,10 @@ def _fast_layer_norm(x: numpy.ndarray, gamma: numpy.ndarray, beta: numpy.ndarray
     return x
 
 
-FAST_ACTIVATIONS = {
-    "GELU_EXACT": gelu_exact_float32,
-    "GELU": lambda x: x * (0.5 + 0.5 * numpy.tanh(numpy.float32(0.7978845608028654) * (x + 0.044715 * x * x * x))),
-    "ReLU": lambda x: numpy.maximum(x, 0),
-}
+def _fast_activation(act):
+    """The MLP's activation on float32 rows: ``ops``' reference in float32 (the exact GELU through its rational
+    erf), the formula generation's float32 passes use too."""
+    return lambda x: activation_reference(x, act)
 
 
 def inference_config(config: dict, dtype, source: str, mp_size: int = 1) -> ops.InferenceConfig:
@@ -315,7 +314,7 @@ class BERT:
         cfg = self.config
         b, s = ids.shape
         heads, h = cfg.heads // cfg.mp_size, cfg.hidden_size  # this rank's heads
-        d, eps, act = cfg.head_size, cfg.epsilon, FAST_ACTIVATIONS[cfg.mlp_act_func_type.name]
+        d, eps, act = cfg.head_size, cfg.epsilon, _fast_activation(cfg.mlp_act_func_type)
         reduce = self.layer.reduce  # the tensor-parallel sum of the row-parallel products' partial sums
         x = self.word_rows(ids).astype(f32) + self.position[:s].astype(f32) + self.token_type[types].astype(f32)
         x = _fast_layer_norm(x.reshape(b * s, h), *(a.astype(f32) for a in self.embedding_norm), eps)
