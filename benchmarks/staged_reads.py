@@ -39,29 +39,10 @@ KERNEL = r"""
 namespace ct {
 __device__ __forceinline__ unsigned fold(uint4 v) { return v.x ^ v.y ^ v.z ^ v.w; }
 
-// Reads n uint4 from w, a contiguous slice a block; the first `staged` of a block's slice into shared memory
-// before the wait (follow_previous_kernel). Writes a word only when the XOR is a magic value, so the reads are not
-// dead. Its own cp.async calls: mma.cuh's copy16 asks L2 for 256 bytes, and its group calls have no memory clobber
-// (its users reach the copies through a barrier; here a thread reads its own copies, so the wait must order them).
-extern "C" __global__ void __launch_bounds__(512) read_staged(const uint4* __restrict__ w, long long n,
-                                                              long long staged, unsigned* out) {
-    extern __shared__ uint4 stage[];
-    const long long per = (n + gridDim.x - 1) / gridDim.x;
-    const long long begin = blockIdx.x * per, end = min(n, begin + per), mid = min(end, begin + staged);
-    for (long long i = begin + threadIdx.x; i < mid; i += blockDim.x)
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_address(stage + (i - begin))),
-                     "l"(w + i) : "memory");
-    asm volatile("cp.async.commit_group;" ::: "memory");
-    follow_previous_kernel();
-    unsigned acc = 0;
-    for (long long i = mid + threadIdx.x; i < end; i += blockDim.x) acc ^= fold(__ldg(w + i));
-    asm volatile("cp.async.wait_all;" ::: "memory");
-    for (long long i = threadIdx.x; i < mid - begin; i += blockDim.x) acc ^= fold(stage[i]);
-    if (acc == 0x12345678u) out[blockIdx.x] = acc;
-}
-
 // Block blockIdx.x's slice [begin, end) of n uint4, its first `staged` into shared memory (buf) by cp.async: each
-// thread copies the elements it later reads itself, so its own cp.async wait orders them (no block barrier).
+// thread copies the elements it later reads itself, so its own cp.async wait orders them (no block barrier). Its
+// own cp.async calls: mma.cuh's copy16 asks L2 for 256 bytes, and its group calls have no memory clobber (its users
+// reach the copies through a barrier; here a thread reads its own copies, so the wait must order them).
 struct Slice {
     long long begin, mid, end;
 };
@@ -73,6 +54,21 @@ __device__ Slice stage_slice(uint4* buf, const uint4* src, long long n, long lon
                      "l"(src + i) : "memory");
     asm volatile("cp.async.commit_group;" ::: "memory");
     return s;
+}
+
+// Reads n uint4 from w, a contiguous slice a block; the first `staged` of a block's slice into shared memory
+// before the wait (follow_previous_kernel). Writes a word only when the XOR is a magic value, so the reads are not
+// dead.
+extern "C" __global__ void __launch_bounds__(512) read_staged(const uint4* __restrict__ w, long long n,
+                                                              long long staged, unsigned* out) {
+    extern __shared__ uint4 stage[];
+    const Slice s = stage_slice(stage, w, n, staged);
+    follow_previous_kernel();
+    unsigned acc = 0;
+    for (long long i = s.mid + threadIdx.x; i < s.end; i += blockDim.x) acc ^= fold(__ldg(w + i));
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    for (long long i = threadIdx.x; i < s.mid - s.begin; i += blockDim.x) acc ^= fold(stage[i]);
+    if (acc == 0x12345678u) out[blockIdx.x] = acc;
 }
 
 // Every product (offsets and sizes in uint4) in one launch: block b reads its slice of product p, then the grid
