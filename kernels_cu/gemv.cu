@@ -11,8 +11,7 @@
 // splits in a fixed order (deterministic), applies the epilogue, writes y and resets the counter for the next
 // launch. Rows beyond `rows` are never written.
 //
-// Launched programmatically (common.cuh), a tensor-core block may first ask L2 for up to `prefetch` bytes of its
-// weights (the launcher passes 0: it made steps slower), then waits for the kernel before (which wrote x). With
+// Launched programmatically (common.cuh), a block waits for the kernel before (which wrote x). With
 // `early` (the launcher's choice: short K ranges) each warp's first batch of weights is loaded into registers before
 // the wait and the norm prologue, and the bias, gamma and beta are asked of L2 there too. So W, bias, gamma and beta
 // must not be written by a kernel of the same step (they are a model's weights).
@@ -127,7 +126,7 @@ struct GemvOut {
 // N % VEC == 0, K % VEC == 0, k_per_split % VEC == 0, W and x 16-byte aligned (the launcher checks).
 #define GEMV_ARGS                                                                                              \
     const T *__restrict__ x, const T *__restrict__ w, T *__restrict__ y, const T *__restrict__ bias, float *partials, \
-        int *counters, int rows, int K, int N, int k_per_split, int act, int has_bias, int prefetch, int early
+        int *counters, int rows, int K, int N, int k_per_split, int act, int has_bias, int early
 #define GEMV_OUT GemvOut<T> out{y, bias, partials, counters, rows, N, act, has_bias}
 
 template <typename T, int R>
@@ -420,12 +419,12 @@ using GemvFusedOut = GemvOut<T, FUSE == FUSE_RESIDUAL, (FUSE & FUSE_GATED) != 0>
 // beta, eps, norm_mode, x_stride: FUSE_NORM); what the FUSE leaves unused is a placeholder, never read.
 #define GEMV_FUSED_ARGS                                                                                             \
     const T *__restrict__ x, const T *__restrict__ w, T *__restrict__ y, const T *__restrict__ bias, float *partials, \
-        int *counters, int rows, int K, int N, int k_per_split, int act, int has_bias, int prefetch, int early,     \
+        int *counters, int rows, int K, int N, int k_per_split, int act, int has_bias, int early,                   \
         const T *__restrict__ residual, const T *__restrict__ gamma, const T *__restrict__ beta, float eps,         \
         int norm_mode, int x_stride
 #define GEMV_BODY_ARGS                                                                                          \
     const T *__restrict__ x, const T *__restrict__ w, const GemvFusedOut<T, FUSE>&out, int K, int k_per_split, \
-        int prefetch, int early, const GemvNorm<T>&nm
+        int early, const GemvNorm<T>&nm
 #define GEMV_FUSED_OUT \
     GemvFusedOut<T, FUSE> { y, bias, partials, counters, rows, N, act, has_bias, residual }
 #define GEMV_FUSED_NORM \
@@ -456,11 +455,6 @@ __device__ __forceinline__ void gemv_tc_nk_body(GEMV_BODY_ARGS) {
     for (int j = 0; j < X8; ++j) {
         const int r = min(g + 8 * j, rows - 1);
         xr[j] = (FUSE & FUSE_NORM) ? xs + r * nm.stride + 8 * t : x + static_cast<size_t>(r) * K + 8 * t;
-    }
-    if (prefetch > 0 && threadIdx.x < TILE && tile_first + threadIdx.x < N && k_begin < k_end) {  // a row each
-        const unsigned row_bytes = min((k_end - k_begin) * static_cast<int>(sizeof(T)), prefetch / TILE) & ~15;
-        const unsigned n = tile_first + threadIdx.x, row = (FUSE & FUSE_GATED) ? out.weight_row(n) : n;
-        if (row_bytes > 0) prefetch_l2(w + static_cast<size_t>(row) * K + k_begin, row_bytes);
     }
     uint4 a[U][M][2];
     const auto load_weights = [&](int kb) {  // past k_end: a valid address, zeroed before the mma
@@ -508,12 +502,12 @@ __device__ __forceinline__ void gemv_tc_nk_body(GEMV_BODY_ARGS) {
 template <typename T, int M, int U, int BLOCKS, int X8>
 __global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_nk(GEMV_ARGS) {
     gemv_tc_nk_body<T, M, U, FUSE_NONE, X8>(x, w, GemvOut<T>{y, bias, partials, counters, rows, N, act, has_bias},
-                                            K, k_per_split, prefetch, early, GemvNorm<T>{});
+                                            K, k_per_split, early, GemvNorm<T>{});
 }
 
 template <typename T, int M, int U, int BLOCKS, int FUSE, int X8>
 __global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_nk_fused(GEMV_FUSED_ARGS) {
-    gemv_tc_nk_body<T, M, U, FUSE, X8>(x, w, GEMV_FUSED_OUT, K, k_per_split, prefetch, early, GEMV_FUSED_NORM);
+    gemv_tc_nk_body<T, M, U, FUSE, X8>(x, w, GEMV_FUSED_OUT, K, k_per_split, early, GEMV_FUSED_NORM);
 }
 
 // W [K, N] (DeepSpeed's default [in, out]). A block's tile is 32 M columns; a chunk is 16 k, and chunks go
@@ -547,12 +541,6 @@ __device__ __forceinline__ void gemv_tc_kn_body(GEMV_BODY_ARGS) {
         xr[j] = (FUSE & FUSE_NORM) ? xs + r * nm.stride + 8 * t : x + static_cast<size_t>(r) * K + 8 * t;
     }
     const int x_origin = (FUSE & FUSE_NORM) ? k_begin : 0;  // shared memory holds the block's K range
-    if (prefetch > 0) {  // the tile's columns of each k row, a thread a row
-        const unsigned row_bytes = min(TILE, N - tile_first) * static_cast<int>(sizeof(T));
-        const int last = min(k_end, k_begin + prefetch / static_cast<int>(row_bytes));
-        for (int k = k_begin + threadIdx.x; k < last; k += GEMV_THREADS)
-            prefetch_l2(w + static_cast<size_t>(k) * N + tile_first, row_bytes);
-    }
     uint4 a[U][M][2];
     bool in[U][2];
     const auto load_weights = [&](int kb) {
@@ -611,12 +599,12 @@ __device__ __forceinline__ void gemv_tc_kn_body(GEMV_BODY_ARGS) {
 template <typename T, int M, int U, int BLOCKS, int X8>
 __global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_kn(GEMV_ARGS) {
     gemv_tc_kn_body<T, M, U, FUSE_NONE, X8>(x, w, GemvOut<T>{y, bias, partials, counters, rows, N, act, has_bias},
-                                            K, k_per_split, prefetch, early, GemvNorm<T>{});
+                                            K, k_per_split, early, GemvNorm<T>{});
 }
 
 template <typename T, int M, int U, int BLOCKS, int FUSE, int X8>
 __global__ void __launch_bounds__(GEMV_THREADS, BLOCKS) gemv_tc_kn_fused(GEMV_FUSED_ARGS) {
-    gemv_tc_kn_body<T, M, U, FUSE, X8>(x, w, GEMV_FUSED_OUT, K, k_per_split, prefetch, early, GEMV_FUSED_NORM);
+    gemv_tc_kn_body<T, M, U, FUSE, X8>(x, w, GEMV_FUSED_OUT, K, k_per_split, early, GEMV_FUSED_NORM);
 }
 
 }  // namespace ct

@@ -37,7 +37,6 @@ from ..runtime.kernels import (
     split_workspace,
     vector_width,
 )
-from ..runtime.programmatic import weight_prefetch
 
 GEMV_MAX_ROWS = 16  # fp16 / bf16 (the tensor-core kernels); fp32: _FMA_ROWS
 _THREADS = 256  # gemv.cu's GEMV_THREADS
@@ -279,7 +278,6 @@ def gemv(x, w, transposed, bias=None, act=None, geometry=None, family=None, *, n
         k_per_split=per_split,
         act=0 if act is None else int(act),
         has_bias=int(bias is not None),
-        prefetch=weight_prefetch(),  # bytes of its weights a block asks L2 for before it waits (programmatic)
         early=int(per_split <= EARLY_WEIGHTS_K if early is None else early),
     )
     shared = 0

@@ -19,11 +19,6 @@ import numpy
 
 from .arrays import import_cupy
 
-#: The bytes of weights a GEMV block asks L2 for before it waits. None: with the early weights already loaded
-#: into registers there, asking for more made whole captured steps slower (32 KiB a block: 1.02-1.06x at every
-#: shape but GPT-2 XL batch 1), so the kernels' prefetch is kept for sweeps only.
-WEIGHT_PREFETCH = 0
-
 _state = {"on": False}
 _CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # cuda.h's CUlaunchAttributeID
 
@@ -54,12 +49,6 @@ _C_SCALARS = {
 
 def active() -> bool:
     return _state["on"]
-
-
-def weight_prefetch() -> int:
-    """The bytes a GEMV block prefetches before it waits: ``WEIGHT_PREFETCH`` inside ``programmatic_launches``,
-    else 0 (a kernel that does not start early has nothing to overlap)."""
-    return WEIGHT_PREFETCH if _state["on"] else 0
 
 
 @contextlib.contextmanager
