@@ -31,12 +31,10 @@ __global__ void rotary_append(const T* __restrict__ qkv, const int* __restrict__
         const bool turn = head < h + kv && p < rot / 2;
         const int2 e = rotary_pair(p, rot, turn, half_style);
         const int e0 = e.x, e1 = e.y;
+        T* const q = head < h ? q_out + ((static_cast<long long>(b) * h + head) * S + s) * d : nullptr;  // a query
         const int slot = start[b] + s;
         if (slot < 0 || slot >= slots) {
-            if (head < h) {
-                T* q = q_out + ((static_cast<long long>(b) * h + head) * S + s) * d;
-                q[e0] = q[e1] = from_float<T>(quiet_nan());
-            }
+            if (q) q[e0] = q[e1] = from_float<T>(quiet_nan());
             continue;
         }
         float x0 = to_float(src[e0]), x1 = to_float(src[e1]);
@@ -45,13 +43,9 @@ __global__ void rotary_append(const T* __restrict__ qkv, const int* __restrict__
             const float2 y = rotary_turn(x0, x1, rotary_cos_sin(position, inv_freq[p]));
             x0 = y.x, x1 = y.y;
         }
-        T* dst;
-        if (head < h) {
-            dst = q_out + ((static_cast<long long>(b) * h + head) * S + s) * d;
-        } else {
-            const bool key = head < h + kv;
-            dst = (key ? k_out : v_out) + b * kv_seq + (head - h - (key ? 0 : kv)) * kv_head + slot * kv_tok;
-        }
+        const bool key = head < h + kv;
+        T* const dst =
+            q ? q : (key ? k_out : v_out) + b * kv_seq + (head - h - (key ? 0 : kv)) * kv_head + slot * kv_tok;
         dst[e0] = from_float<T>(x0);
         dst[e1] = from_float<T>(x1);
     }
