@@ -134,58 +134,17 @@ def test_mlp_gpu_sizes(rng, poisoned_allocations, dtype, width, rows):
 def test_mlp_gpu_acts_both_layouts(rng, poisoned_allocations, dtype, act):
     # Each activation in both layouts at 1 and 512 rows (test_mlp_gpu_variants: gated ones [out, in] only, others
     # [in, out] only), norms, arrangements and biases varied.
-    check_mlp(
-        rng,
-        dtype,
-        1,
-        1600,
-        2 * 1600 + 8,
-        "LayerNorm",
-        after_attn=True,
-        act=act,
-        transposed=True,
-        with_biases=True,
-        gpu=True,
+    cases = (  # rows, width, norm, after_attn, transposed, with_biases
+        (1, 1600, "LayerNorm", True, True, True),
+        (512, 768, "RMSNorm", False, True, False),
+        (1, 768, "RMSNorm", True, False, True),
+        (512, 1600, "LayerNorm", False, False, False),
     )
-    check_mlp(
-        rng,
-        dtype,
-        512,
-        768,
-        2 * 768 + 8,
-        "RMSNorm",
-        after_attn=False,
-        act=act,
-        transposed=True,
-        with_biases=False,
-        gpu=True,
-    )
-    check_mlp(
-        rng,
-        dtype,
-        1,
-        768,
-        2 * 768 + 8,
-        "RMSNorm",
-        after_attn=True,
-        act=act,
-        transposed=False,
-        with_biases=True,
-        gpu=True,
-    )
-    check_mlp(
-        rng,
-        dtype,
-        512,
-        1600,
-        2 * 1600 + 8,
-        "LayerNorm",
-        after_attn=False,
-        act=act,
-        transposed=False,
-        with_biases=False,
-        gpu=True,
-    )
+    for rows, width, norm, after_attn, transposed, with_biases in cases:
+        check_mlp(
+            rng, dtype, rows, width, 2 * width + 8, norm, after_attn=after_attn, act=act, transposed=transposed,
+            with_biases=with_biases, gpu=True,
+        )  # fmt: skip
 
 
 def check_gelu_gemm(rng, dtype, rows, width, inter, act, transposed, gpu):
