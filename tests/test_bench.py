@@ -159,3 +159,29 @@ def test_staged_reads_kernel_compiles_for_sm90():
     program = nvrtc.createProgram(source(), "staged_reads.cu", [], [])
     nvrtc.compileProgram(program, [*compile_options(), "--gpu-architecture=sm_90"])
     assert len(nvrtc.getCUBIN(program)) > 0
+
+
+def test_chain_floor_chains_each_layers_products():
+    """``benchmarks/chain_floor.py`` chains a step's layer products in order ((K, N): GPT-2 small's QKV, out, up,
+    down, 12 times), and a block stages the rows its share of an SM's KiB holds, at most its own."""
+    from benchmarks.chain_floor import staged_rows, step_shapes
+
+    assert step_shapes("gpt2-small") == [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * 12
+    assert staged_rows(768, 3072, 32, 132, 132) == 21  # 32 KiB / 1536 B a row
+    assert staged_rows(768, 3072, 96, 132, 132) == 24  # all of its ceil(3072 / 132) rows
+    assert staged_rows(6400, 1600, 96, 264, 132) == 3  # 48 KiB a block / 12800 B a row
+    assert staged_rows(768, 768, 0, 264, 132) == 0
+
+
+@pytest.mark.cupy
+def test_chain_floor_kernel_compiles_for_sm90():
+    """Its kernel (cp.async into shared memory before griddepcontrol.wait, then the product) compiles for sm_90
+    without a GPU."""
+    from cupy.cuda import nvrtc
+
+    from benchmarks.chain_floor import source
+    from cupy_transformer.runtime.kernels import compile_options
+
+    program = nvrtc.createProgram(source(), "chain_floor.cu", [], [])
+    nvrtc.compileProgram(program, [*compile_options(), "--gpu-architecture=sm_90"])
+    assert len(nvrtc.getCUBIN(program)) > 0

@@ -1,0 +1,174 @@
+"""How fast a decode step's chain of batch-1 products can run as a CUDA graph of kernels when each kernel copies its
+weights into shared memory before it waits. Unlike ``staged_reads.py``'s reads, each product here depends on the one
+before as in a step: it waits (programmatic launch, ``griddepcontrol.wait``), reads the vector that product wrote
+(through L2), sums and writes its own. Beside it, in the same process and graph form, the GEMV (``ops.gemv``, the
+launcher's geometry and early weights, programmatic) over the same products: whether the staged reads' gain survives
+a real dependency, and how far the GEMV stands from a kernel that has it.
+
+The chain kernel (fp16, W [N, K] as the step's [out, in] weights, y = W x, fp32 sums and one rounding; no bias,
+norm or residual, and the GEMV runs plain too): a block takes a contiguous run of rows (its weight slice is one run
+of bytes), a warp every 8th row (4 at a time), a lane every 32nd 16-byte vector of a row. ``staged K``: the block's
+first rows, up to K KiB an SM, copied into shared memory before the wait (`cp.async`), each lane copying the vectors
+it later reads itself, so its own wait orders them; the other rows read after the wait.
+
+    python3 benchmarks/chain_floor.py [--models gpt2-small,gpt2-xl,llama-1b] [--stages 0,32,96]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.sweep_gemv_decode import products  # noqa: E402
+
+KERNEL = r"""
+namespace ct {
+__device__ __forceinline__ float dot8(uint4 a, uint4 b) {
+    const __half2* ha = reinterpret_cast<const __half2*>(&a);
+    const __half2* hb = reinterpret_cast<const __half2*>(&b);
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 fa = __half22float2(ha[i]), fb = __half22float2(hb[i]);
+        s += fa.x * fb.x + fa.y * fb.y;
+    }
+    return s;
+}
+
+// y[N] = W[N, K] x[K], K % 8 == 0; the block's first `staged_rows` rows copied to shared memory before the wait.
+extern "C" __global__ void __launch_bounds__(256) chain_product(const uint4* __restrict__ w, const uint4* x,
+                                                               __half* y, int N, int K, int staged_rows) {
+    extern __shared__ uint4 stage[];
+    const int kv = K / 8, per = (N + gridDim.x - 1) / gridDim.x;
+    const int r0 = min(N, static_cast<int>(blockIdx.x) * per), rows = min(N, r0 + per) - r0;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, staged = min(rows, staged_rows);
+    for (int r = warp; r < staged; r += 8)
+        for (int v = lane; v < kv; v += 32)
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_address(stage + r * kv + v)),
+                         "l"(w + static_cast<long long>(r0 + r) * kv + v) : "memory");
+    asm volatile("cp.async.commit_group;" ::: "memory");
+    follow_previous_kernel();  // x is the kernel before's output: read only after this (a coherent load)
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    for (int r = warp; r < rows; r += 32) {  // rows r, r + 8, r + 16, r + 24: their loads in flight together
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 2
+        for (int v = lane; v < kv; v += 32) {
+            const uint4 b = x[v];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int q = r + 8 * j;
+                if (q < rows) acc[j] += dot8(q < staged ? stage[q * kv + v] : __ldg(w + (r0 + q) * 1ll * kv + v), b);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float s = warp_sum(acc[j]);
+            if (lane == 0 && r + 8 * j < rows) y[r0 + r + 8 * j] = __float2half(s);
+        }
+    }
+}
+}  // namespace ct
+"""
+
+MAX_STAGE = 113 * 1024  # a block's shared memory, so that two blocks fit an SM
+
+
+def source() -> str:
+    """The kernel with the project's helpers it calls (kernels_cu/common.cuh: the programmatic wait, ``warp_sum``,
+    ``shared_address``)."""
+    from cupy_transformer.runtime.kernels import read_source
+
+    return read_source("common.cuh") + KERNEL
+
+
+def step_shapes(shape: str) -> list[tuple[int, int]]:
+    """(K, N) of each weight product a decode step of ``bench.SHAPES[shape]`` runs in its layers, in order (the LM
+    head left out)."""
+    from cupy_transformer import bench
+
+    rows, _, _ = products(shape)
+    family, config, _ = bench.SHAPES[shape]
+    layers = config["n_layer" if family == "gpt2" else "num_hidden_layers"]
+    return [(k, n) for _, k, n, *_ in rows[:-1]] * layers
+
+
+def staged_rows(k: int, n: int, kib_an_sm: int, blocks: int, sms: int) -> int:
+    """Rows a block stages: as many of its rows as fit its share of ``kib_an_sm`` KiB an SM (and ``MAX_STAGE``)."""
+    per = -(-n // blocks)
+    return min(per, min(MAX_STAGE, kib_an_sm * 1024 * sms // blocks) // (2 * k))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="gpt2-small,gpt2-xl,llama-1b")
+    parser.add_argument("--stages", default="0,32,96", help="KiB an SM staged before the wait")
+    args = parser.parse_args()
+    import cupy
+    import numpy
+
+    from benchmarks.common import card_name, graph_node_us
+    from cupy_transformer.ops.gemv import gemv
+    from cupy_transformer.runtime import programmatic
+    from cupy_transformer.runtime.kernels import compile_options, compute_capability
+
+    if compute_capability() < 90:
+        sys.exit("chain_floor.py: programmatic launches need compute capability 9.0 or later")
+    kernel = cupy.RawModule(code=source(), options=compile_options()).get_function("chain_product")
+    kernel.max_dynamic_shared_size_bytes = MAX_STAGE
+    sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
+    rng = cupy.random.default_rng(0)
+
+    def chain(x, w, staged, blocks):
+        n, k = w.shape
+        y = cupy.empty((1, n), cupy.float16)
+        launch_args = (w, x, y, numpy.int32(n), numpy.int32(k), numpy.int32(staged))
+        programmatic.launch(kernel, (blocks,), (256,), staged * 2 * k, launch_args)
+        return y
+
+    print(f"{card_name()}, {sms} SMs; µs a step of the layers' products (no LM head), a CUDA graph, best of 3")
+    for name in args.models.split(","):
+        shapes = step_shapes(name)
+        total = sum(2 * k * n for k, n in shapes)
+        weights = [(rng.standard_normal((n, k), dtype=cupy.float32) / k**0.5).astype(cupy.float16) for k, n in shapes]
+        x0 = rng.standard_normal((1, shapes[0][0]), dtype=cupy.float32).astype(cupy.float16)
+        w = weights[2]  # an up product: more rows than 264 blocks take, some staged and some not at 96 KiB
+        x = rng.standard_normal((1, w.shape[1]), dtype=cupy.float32).astype(cupy.float16)
+        with programmatic.programmatic_launches():  # the kernel against float32 sums of the same fp16 values
+            want = x.astype(cupy.float32) @ w.astype(cupy.float32).T
+            for blocks in (sms, 2 * sms):
+                got = chain(x, w, staged_rows(w.shape[1], w.shape[0], 96, blocks, sms), blocks).astype(cupy.float32)
+                err = float(cupy.abs(got - want).max() / cupy.abs(want).max())
+                assert err < 2e-3, f"chain_product at {blocks} blocks: relative error {err:.2e}"
+        print(f"\n{name}: {len(shapes)} products, {total / 1e6:.1f} MB a step")
+        print("| way | blocks | µs a step | µs a product |")
+        print("|---|---|---|---|")
+
+        def run(product, weights=weights, x0=x0) -> float:
+            def step(i):
+                v = x0
+                for w in weights:
+                    v = product(v[:, : w.shape[1]], w)
+
+            with programmatic.programmatic_launches():
+                return graph_node_us(step, 1)
+
+        t = run(lambda v, w: gemv(v, w, True))
+        print(f"| GEMV (ops.gemv, plain) | launcher's | {t:.1f} | {t / len(shapes):.2f} |", flush=True)
+        for blocks in (sms, 2 * sms):
+            for kib in map(int, args.stages.split(",")):
+
+                def product(v, w, kib=kib, blocks=blocks):
+                    return chain(v, w, staged_rows(w.shape[1], w.shape[0], kib, blocks, sms), blocks)
+
+                t = run(product)
+                way = "chain, plain" if kib == 0 else f"chain, staged {kib} KiB an SM"
+                print(f"| {way} | {blocks} | {t:.1f} | {t / len(shapes):.2f} |", flush=True)
+        del weights
+        cupy.get_default_memory_pool().free_all_blocks()
+
+
+if __name__ == "__main__":
+    main()
