@@ -180,6 +180,11 @@ def _embed(args: argparse.Namespace) -> int:
     from .loading import Checkpoint, default_model_dir
 
     texts = _embed_texts(args)
+    out = None
+    if args.out:  # numpy.save appends .npy to a name without it: name the file it really writes
+        out = args.out if args.out.endswith(".npy") else args.out + ".npy"
+        if not os.path.isdir(os.path.dirname(os.path.abspath(out))):  # before the model loads and the texts run
+            raise FileNotFoundError(f"--out {out}: no folder {os.path.dirname(os.path.abspath(out))} to write it in")
     try:
         folder = args.model or default_model_dir()
     except ImportError as e:
@@ -189,10 +194,11 @@ def _embed(args: argparse.Namespace) -> int:
         raise SystemExit(f"embed: {folder} holds a {model.model_type} model, which gives no sentence embeddings")
     # Sorted-by-length batches, cut at the model's sentence-transformers max_seq_length (stderr names cut texts).
     embeddings = model.embed_texts(texts, Checkpoint(folder).tokenizer(), args.batch_size)
-    if args.out:
-        # numpy.save appends .npy to a name without it: name the file it really writes.
-        out = args.out if args.out.endswith(".npy") else args.out + ".npy"
-        numpy.save(out, embeddings)
+    if out:
+        try:
+            numpy.save(out, embeddings)
+        except OSError as e:
+            raise OSError(f"--out {out}: {e.strerror or e}") from None
         print(f"{embeddings.shape[0]} embeddings of {embeddings.shape[1]} dims written to {out}")
         return 0
     # One JSON array per text and line (JSON Lines), flushed line by line so that `| head -1` stops us early.

@@ -73,6 +73,14 @@ def test_embed_writes_npy_and_names_unsuitable_models(tmp_path, rng, capsys):
     assert "2 embeddings of 32 dims written to" in capsys.readouterr().out
     e = numpy.load(tmp_path / "e.npy")
     assert e.shape == (2, 32) and numpy.allclose(numpy.linalg.norm(e, axis=1), 1.0, atol=1e-6)
+    missing = tmp_path / "no" / "e"  # refused before the model loads, naming the file numpy.save would write
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["embed", "hello", "--model", str(tmp_path / "absent"), "--out", str(missing)])
+    err = capsys.readouterr().err
+    assert (
+        exit.value.code == 2
+        and err == f"cupy-transformer: error: --out {missing}.npy: no folder {missing.parent} to write it in\n"
+    )
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
     test_gpt2.checkpoint(gpt2, rng)
