@@ -11,7 +11,12 @@ of bytes), a warp every 8th row (4 at a time), a lane every 32nd 16-byte vector 
 first rows, up to K KiB an SM, copied into shared memory before the wait (`cp.async`), each lane copying the vectors
 it later reads itself, so its own wait orders them; the other rows read after the wait.
 
-    python3 benchmarks/chain_floor.py [--models gpt2-small,gpt2-xl,llama-1b] [--stages 0,32,96]
+``--parts``: where a product's time beyond its weight stream goes. The same slices read with no math, plain and with
+96 KiB an SM staged (264 blocks), adding a product's chain after the wait part by part: a dependent read of x, the
+write of y, a block's sum (two barriers) before it. The first is ``staged_reads.py``'s read; the last has every
+step of a GEMV's chain but its products.
+
+    python3 benchmarks/chain_floor.py [--models gpt2-small,gpt2-xl,llama-1b] [--stages 0,32,96] [--parts]
 """
 
 from __future__ import annotations
@@ -70,9 +75,40 @@ extern "C" __global__ void __launch_bounds__(256) chain_product(const uint4* __r
         }
     }
 }
+
+__device__ __forceinline__ unsigned fold(uint4 v) { return v.x ^ v.y ^ v.z ^ v.w; }
+
+// chain_product's slice read with no math (XOR-folded), with parts of a product's chain after the wait by `parts`:
+// READ_X each thread loads a vector of x (written by the kernel before), SUM a block_sum (two barriers), WRITE a
+// thread a row writes y (else nothing is written but a never-taken magic case, so the reads are not dead).
+constexpr int READ_X = 1, WRITE = 2, SUM = 4;
+extern "C" __global__ void __launch_bounds__(256) chain_read(const uint4* __restrict__ w, const uint4* x, __half* y,
+                                                            int N, int K, int staged_rows, int parts) {
+    extern __shared__ uint4 stage[];
+    __shared__ float scratch[32];
+    const int kv = K / 8, per = (N + gridDim.x - 1) / gridDim.x;
+    const int r0 = min(N, static_cast<int>(blockIdx.x) * per), rows = min(N, r0 + per) - r0;
+    const long long n = static_cast<long long>(rows) * kv, mid = static_cast<long long>(min(rows, staged_rows)) * kv;
+    const uint4* src = w + static_cast<long long>(r0) * kv;
+    for (long long i = threadIdx.x; i < mid; i += blockDim.x)  // a thread copies what it later reads itself
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_address(stage + i)), "l"(src + i)
+                     : "memory");
+    asm volatile("cp.async.commit_group;" ::: "memory");
+    follow_previous_kernel();
+    unsigned acc = (parts & READ_X) ? fold(x[threadIdx.x % kv]) : 0u;
+    for (long long i = mid + threadIdx.x; i < n; i += blockDim.x) acc ^= fold(__ldg(src + i));
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    for (long long i = threadIdx.x; i < mid; i += blockDim.x) acc ^= fold(stage[i]);
+    float v = __uint_as_float(acc & 0x3f7fffffu);  // a finite float from the bits
+    if (parts & SUM) v = block_sum(v, scratch);
+    const int t = threadIdx.x;
+    if ((parts & WRITE) ? t < rows : acc == 0x12345678u && rows > 0) y[r0 + min(t, rows - 1)] = __float2half(v);
+}
 }  // namespace ct
 """
 
+# chain_read's parts (READ_X, WRITE, SUM): each added to the one before.
+PARTS = ((0, "no chain"), (1, "+ x read"), (3, "+ x read, y written"), (7, "+ x read, block sum, y written"))
 MAX_STAGE = 113 * 1024  # a block's shared memory, so that two blocks fit an SM
 
 
@@ -105,6 +141,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="gpt2-small,gpt2-xl,llama-1b")
     parser.add_argument("--stages", default="0,32,96", help="KiB an SM staged before the wait")
+    parser.add_argument(
+        "--parts", action="store_true", help="also the slices read with no math, adding a product's chain part by part"
+    )
     args = parser.parse_args()
     import cupy
     import numpy
@@ -116,8 +155,9 @@ def main() -> None:
 
     if compute_capability() < 90:
         sys.exit("chain_floor.py: programmatic launches need compute capability 9.0 or later")
-    kernel = cupy.RawModule(code=source(), options=compile_options()).get_function("chain_product")
-    kernel.max_dynamic_shared_size_bytes = MAX_STAGE
+    module = cupy.RawModule(code=source(), options=compile_options())
+    kernel, read = module.get_function("chain_product"), module.get_function("chain_read")
+    kernel.max_dynamic_shared_size_bytes = read.max_dynamic_shared_size_bytes = MAX_STAGE
     sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
     rng = cupy.random.default_rng(0)
 
@@ -166,6 +206,21 @@ def main() -> None:
                 t = run(product)
                 way = "chain, plain" if kib == 0 else f"chain, staged {kib} KiB an SM"
                 print(f"| {way} | {blocks} | {t:.1f} | {t / len(shapes):.2f} |", flush=True)
+        if args.parts:  # 264 blocks, as the GEMV's launches mostly are; staged 0 and 96 KiB an SM
+            for kib in (0, 96):
+                for parts, way in PARTS:
+
+                    def product(v, w, kib=kib, parts=parts):
+                        n, k = w.shape
+                        y = cupy.empty((1, n), cupy.float16)
+                        staged = staged_rows(k, n, kib, 2 * sms, sms)
+                        launch_args = (w, v, y, numpy.int32(n), numpy.int32(k), numpy.int32(staged), numpy.int32(parts))
+                        programmatic.launch(read, (2 * sms,), (256,), staged * 2 * k, launch_args)
+                        return y
+
+                    t = run(product)
+                    staging = f"staged {kib} KiB an SM" if kib else "plain"
+                    print(f"| read, {staging}, {way} | {2 * sms} | {t:.1f} | {t / len(shapes):.2f} |", flush=True)
         del weights
         cupy.get_default_memory_pool().free_all_blocks()
 
