@@ -22,10 +22,18 @@ def card_name() -> str:
 
 
 def commit() -> str:
+    """The tree a result came from: ``CT_COMMIT`` if set, else git's HEAD as a hash, "-dirty" where tracked files
+    differ from it (a copy of a working tree whose git metadata is older than its files says so, not the old
+    commit)."""
     if os.environ.get("CT_COMMIT"):
         return os.environ["CT_COMMIT"]
     try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=7", "--exclude=*"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return done.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

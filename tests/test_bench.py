@@ -185,3 +185,28 @@ def test_chain_floor_kernel_compiles_for_sm90():
     program = nvrtc.createProgram(source(), "chain_floor.cu", [], [])
     nvrtc.compileProgram(program, [*compile_options(), "--gpu-architecture=sm_90"])
     assert len(nvrtc.getCUBIN(program)) > 0
+
+
+def test_results_name_a_dirty_tree_as_dirty(tmp_path, monkeypatch):
+    """A result's commit: ``CT_COMMIT`` when set; else HEAD's hash, with "-dirty" once a tracked file differs from it
+    (a copy of a tree with older git metadata does not pass for that older commit)."""
+    import subprocess
+
+    from benchmarks.common import commit
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "a.txt").write_text("a\n")
+    git("add", "a.txt")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
+    git("tag", "v1")  # a tag is not what names the tree
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CT_COMMIT", raising=False)
+    head = git("rev-parse", "--short=7", "HEAD")
+    assert commit() == head
+    (tmp_path / "a.txt").write_text("b\n")
+    assert commit() == f"{head}-dirty"
+    monkeypatch.setenv("CT_COMMIT", "abc1234")
+    assert commit() == "abc1234"
