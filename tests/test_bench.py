@@ -187,6 +187,7 @@ def test_chain_floor_kernel_compiles_for_sm90():
     assert len(nvrtc.getCUBIN(program)) > 0
 
 
+@pytest.mark.cupy  # benchmarks.common imports CuPy
 def test_results_name_a_dirty_tree_as_dirty(tmp_path, monkeypatch):
     """A result's commit: ``CT_COMMIT`` when set; else HEAD's hash, with "-dirty" once a tracked file differs from it
     (a copy of a tree with older git metadata does not pass for that older commit)."""
