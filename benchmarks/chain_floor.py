@@ -27,7 +27,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.sweep_gemv_decode import products  # noqa: E402
+from benchmarks.staged_reads import MAX_STAGE, step_shapes  # noqa: E402
+from benchmarks.staged_reads import source as staged_source  # noqa: E402
 
 KERNEL = r"""
 namespace ct {
@@ -76,7 +77,6 @@ extern "C" __global__ void __launch_bounds__(256) chain_product(const uint4* __r
     }
 }
 
-__device__ __forceinline__ unsigned fold(uint4 v) { return v.x ^ v.y ^ v.z ^ v.w; }
 
 // chain_product's slice read with no math (XOR-folded), with parts of a product's chain after the wait by `parts`:
 // READ_X each thread loads a vector of x (written by the kernel before), SUM a block_sum (two barriers), WRITE a
@@ -90,10 +90,7 @@ extern "C" __global__ void __launch_bounds__(256) chain_read(const uint4* __rest
     const int r0 = min(N, static_cast<int>(blockIdx.x) * per), rows = min(N, r0 + per) - r0;
     const long long n = static_cast<long long>(rows) * kv, mid = static_cast<long long>(min(rows, staged_rows)) * kv;
     const uint4* src = w + static_cast<long long>(r0) * kv;
-    for (long long i = threadIdx.x; i < mid; i += blockDim.x)  // a thread copies what it later reads itself
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_address(stage + i)), "l"(src + i)
-                     : "memory");
-    asm volatile("cp.async.commit_group;" ::: "memory");
+    stage_copy(stage, src, 0, mid);  // staged_reads.py's copy: a thread copies what it later reads itself
     follow_previous_kernel();
     unsigned acc = (parts & READ_X) ? fold(x[threadIdx.x % kv]) : 0u;
     for (long long i = mid + threadIdx.x; i < n; i += blockDim.x) acc ^= fold(__ldg(src + i));
@@ -109,26 +106,11 @@ extern "C" __global__ void __launch_bounds__(256) chain_read(const uint4* __rest
 
 # chain_read's parts (READ_X, WRITE, SUM): each added to the one before.
 PARTS = ((0, "no chain"), (1, "+ x read"), (3, "+ x read, y written"), (7, "+ x read, block sum, y written"))
-MAX_STAGE = 113 * 1024  # a block's shared memory, so that two blocks fit an SM
 
 
 def source() -> str:
-    """The kernel with the project's helpers it calls (kernels_cu/common.cuh: the programmatic wait, ``warp_sum``,
-    ``shared_address``)."""
-    from cupy_transformer.runtime.kernels import read_source
-
-    return read_source("common.cuh") + KERNEL
-
-
-def step_shapes(shape: str) -> list[tuple[int, int]]:
-    """(K, N) of each weight product a decode step of ``bench.SHAPES[shape]`` runs in its layers, in order (the LM
-    head left out)."""
-    from cupy_transformer import bench
-
-    rows, _, _ = products(shape)
-    family, config, _ = bench.SHAPES[shape]
-    layers = config["n_layer" if family == "gpt2" else "num_hidden_layers"]
-    return [(k, n) for _, k, n, *_ in rows[:-1]] * layers
+    """The kernels with the helpers they call (kernels_cu/common.cuh's and ``staged_reads.HELPERS``)."""
+    return staged_source(KERNEL)
 
 
 def staged_rows(k: int, n: int, kib_an_sm: int, blocks: int, sms: int) -> int:

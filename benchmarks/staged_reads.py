@@ -35,24 +35,35 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.sweep_gemv_decode import products  # noqa: E402
 
-KERNEL = r"""
+# What this file's kernels and chain_floor.py's share: a read's fold and the staging copy.
+HELPERS = r"""
 namespace ct {
 __device__ __forceinline__ unsigned fold(uint4 v) { return v.x ^ v.y ^ v.z ^ v.w; }
 
-// Block blockIdx.x's slice [begin, end) of n uint4, its first `staged` into shared memory (buf) by cp.async: each
-// thread copies the elements it later reads itself, so its own cp.async wait orders them (no block barrier). Its
-// own cp.async calls: mma.cuh's copy16 asks L2 for 256 bytes, and its group calls have no memory clobber (its users
-// reach the copies through a barrier; here a thread reads its own copies, so the wait must order them).
+// src[begin, end) (uint4) into shared memory from buf on by cp.async, one commit group: each thread copies the
+// elements it later reads itself (begin + threadIdx.x + j blockDim.x), so its own cp.async wait orders them (no
+// block barrier). Its own cp.async calls: mma.cuh's copy16 asks L2 for 256 bytes, and its group calls have no memory
+// clobber (its users reach the copies through a barrier; here a thread reads its own copies, so the wait must order
+// them).
+__device__ __forceinline__ void stage_copy(uint4* buf, const uint4* src, long long begin, long long end) {
+    for (long long i = begin + threadIdx.x; i < end; i += blockDim.x)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_address(buf + (i - begin))),
+                     "l"(src + i) : "memory");
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+}  // namespace ct
+"""
+
+KERNEL = r"""
+namespace ct {
+// Block blockIdx.x's slice [begin, end) of n uint4, its first `staged` into shared memory (buf).
 struct Slice {
     long long begin, mid, end;
 };
 __device__ Slice stage_slice(uint4* buf, const uint4* src, long long n, long long staged) {
     const long long per = (n + gridDim.x - 1) / gridDim.x, begin = min(n, blockIdx.x * per);
     const Slice s{begin, min(min(n, begin + per), begin + staged), min(n, begin + per)};
-    for (long long i = s.begin + threadIdx.x; i < s.mid; i += blockDim.x)
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_address(buf + (i - s.begin))),
-                     "l"(src + i) : "memory");
-    asm volatile("cp.async.commit_group;" ::: "memory");
+    stage_copy(buf, src, s.begin, s.mid);
     return s;
 }
 
@@ -111,28 +122,32 @@ extern "C" __global__ void __launch_bounds__(512) read_persistent(const uint4* _
 """
 
 
-def source() -> str:
-    """The kernel with the project's helpers it calls (kernels_cu/common.cuh: the programmatic wait,
-    ``shared_address``)."""
+def source(kernel: str = KERNEL) -> str:
+    """``kernel`` (this file's) with the helpers it calls: kernels_cu/common.cuh's (the programmatic wait,
+    ``shared_address``, ``warp_sum``, ``block_sum``) and ``HELPERS``."""
     from cupy_transformer.runtime.kernels import read_source
 
-    return read_source("common.cuh") + KERNEL
+    return read_source("common.cuh") + HELPERS + kernel
 
 
 SM_SHARED = 228 * 1024  # an H100 SM's shared memory
 MAX_STAGE = 113 * 1024  # a block's, so that two blocks fit an SM
 
 
-def step_products(shape: str) -> list[int]:
-    """The bytes of each weight product a decode step of ``bench.SHAPES[shape]`` runs in its layers, in order
-    (``sweep_gemv_decode.products``, 16-bit; the LM head, one long read, left out)."""
+def step_shapes(shape: str) -> list[tuple[int, int]]:
+    """(K, N) of each weight product a decode step of ``bench.SHAPES[shape]`` runs in its layers, in order
+    (``sweep_gemv_decode.products``; the LM head, one long read, left out)."""
     from cupy_transformer import bench
 
     rows, _, _ = products(shape)
     family, config, _ = bench.SHAPES[shape]
     layers = config["n_layer" if family == "gpt2" else "num_hidden_layers"]
-    sizes = [2 * k * n for _, k, n, *_ in rows]
-    return sizes[:-1] * layers
+    return [(k, n) for _, k, n, *_ in rows[:-1]] * layers
+
+
+def step_products(shape: str) -> list[int]:
+    """The bytes of each of ``step_shapes``' products (16-bit)."""
+    return [2 * k * n for k, n in step_shapes(shape)]
 
 
 def main() -> None:
