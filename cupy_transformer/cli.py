@@ -183,8 +183,9 @@ def _embed(args: argparse.Namespace) -> int:
     out = None
     if args.out:  # numpy.save appends .npy to a name without it: name the file it really writes
         out = args.out if args.out.endswith(".npy") else args.out + ".npy"
-        if not os.path.isdir(os.path.dirname(os.path.abspath(out))):  # before the model loads and the texts run
-            raise FileNotFoundError(f"--out {out}: no folder {os.path.dirname(os.path.abspath(out))} to write it in")
+        out_folder = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(out_folder):  # before the model loads and the texts run
+            raise FileNotFoundError(f"--out {out}: no folder {out_folder} to write it in")
     try:
         folder = args.model or default_model_dir()
     except ImportError as e:
