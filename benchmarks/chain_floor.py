@@ -16,7 +16,14 @@ it later reads itself, so its own wait orders them; the other rows read after th
 write of y, a block's sum (two barriers) before it. The first is ``staged_reads.py``'s read; the last has every
 step of a GEMV's chain but its products.
 
-    python3 benchmarks/chain_floor.py [--models gpt2-small,gpt2-xl,llama-1b] [--stages 0,32,96] [--parts]
+``--step``: the whole decode step's floor as a graph of kernels, beside the step as it runs (``bench.time_generation``,
+batch 1, a 128-token prompt and 128 new tokens, in the same process): every kernel of the fused step (``step_kernels``:
+the embedding, a layer's QKV product, attention over the cached keys and values at the generation's middle, out, up
+and down products, then the LM head, the sampler's read of the logits and the step's end) as ``chain_read`` of its
+bytes with every part of the chain (264 blocks, plain and staged), then the GEMV for the products (the LM head too)
+with the other kernels as those reads: how far the step stands from a graph of the same kernels computing nothing.
+
+    python3 benchmarks/chain_floor.py [--models gpt2-small,gpt2-xl,llama-1b] [--stages 0,32,96] [--parts] [--step]
 """
 
 from __future__ import annotations
@@ -113,6 +120,27 @@ def source() -> str:
     return staged_source(KERNEL)
 
 
+def step_kernels(shape: str, context: int = 192) -> list[tuple[str, int, int]]:
+    """A fused decode step's kernels at batch 1 in order, each as (what, K, N): a read of N x K 16-bit values (K % 8
+    == 0). Products are their weights ([out, in]); attention its cached keys and values at ``context`` tokens, [2 kv
+    heads x context, head size]; the embedding a token's row and position row; the sampler the logits in 64-wide
+    rows; the step's end a row of ids."""
+    from benchmarks.sweep_gemv_decode import products
+    from cupy_transformer import bench
+
+    rows, _, _ = products(shape)
+    family, c, _ = bench.SHAPES[shape]
+    if family == "gpt2":
+        layers, hidden, heads, kv, vocab = c["n_layer"], c["n_embd"], c["n_head"], c["n_head"], c["vocab_size"]
+    else:
+        layers, hidden, heads = c["num_hidden_layers"], c["hidden_size"], c["num_attention_heads"]
+        kv, vocab = c["num_key_value_heads"], c["vocab_size"]
+    head = c.get("head_dim", hidden // heads)
+    (qkv, *rest), lm_head = [(what, k, n) for what, k, n, *_ in rows[:-1]], rows[-1][:3]
+    layer = [qkv, ("attention", head, 2 * kv * context), *rest]
+    return [("embedding", hidden, 2), *layer * layers, lm_head, ("sampler", 64, -(-vocab // 64)), ("end", 8, 1)]
+
+
 def staged_rows(k: int, n: int, kib_an_sm: int, blocks: int, sms: int) -> int:
     """Rows a block stages: as many of its rows as fit its share of ``kib_an_sm`` KiB an SM (and ``MAX_STAGE``)."""
     per = -(-n // blocks)
@@ -126,6 +154,7 @@ def main() -> None:
     parser.add_argument(
         "--parts", action="store_true", help="also the slices read with no math, adding a product's chain part by part"
     )
+    parser.add_argument("--step", action="store_true", help="also the whole step's kernels as reads, beside the step")
     args = parser.parse_args()
     import cupy
     import numpy
@@ -148,6 +177,16 @@ def main() -> None:
         y = cupy.empty((1, n), cupy.float16)
         launch_args = (w, x, y, numpy.int32(n), numpy.int32(k), numpy.int32(staged))
         programmatic.launch(kernel, (blocks,), (256,), staged * 2 * k, launch_args)
+        return y
+
+    def read_kernel(v, w, kib, parts=7, width=0):
+        """``chain_read`` of w at 264 blocks (as the GEMV's launches mostly are), up to ``kib`` KiB an SM staged; its
+        y at least ``width`` wide, so that a next kernel's x (its K values) lies inside it."""
+        n, k = w.shape
+        y = cupy.empty((1, max(n, width)), cupy.float16)
+        staged = staged_rows(k, n, kib, 2 * sms, sms)
+        launch_args = (w, v, y, numpy.int32(n), numpy.int32(k), numpy.int32(staged), numpy.int32(parts))
+        programmatic.launch(read, (2 * sms,), (256,), staged * 2 * k, launch_args)
         return y
 
     print(f"{card_name()}, {sms} SMs; µs a step of the layers' products (no LM head), a CUDA graph, best of 3")
@@ -191,20 +230,59 @@ def main() -> None:
         if args.parts:  # 264 blocks, as the GEMV's launches mostly are; staged 0 and 96 KiB an SM
             for kib in (0, 96):
                 for parts, way in PARTS:
-
-                    def product(v, w, kib=kib, parts=parts):
-                        n, k = w.shape
-                        y = cupy.empty((1, n), cupy.float16)
-                        staged = staged_rows(k, n, kib, 2 * sms, sms)
-                        launch_args = (w, v, y, numpy.int32(n), numpy.int32(k), numpy.int32(staged), numpy.int32(parts))
-                        programmatic.launch(read, (2 * sms,), (256,), staged * 2 * k, launch_args)
-                        return y
-
-                    t = run(product)
+                    t = run(lambda v, w, kib=kib, parts=parts: read_kernel(v, w, kib, parts))
                     staging = f"staged {kib} KiB an SM" if kib else "plain"
                     print(f"| read, {staging}, {way} | {2 * sms} | {t:.1f} | {t / len(shapes):.2f} |", flush=True)
         del weights
         cupy.get_default_memory_pool().free_all_blocks()
+        if args.step:
+            whole_step(name, read_kernel, rng)
+
+
+def whole_step(name: str, read_kernel, rng) -> None:
+    """``--step``: the step as it runs against ``step_kernels`` as reads, and as the GEMV for the products with the
+    others read, one CUDA graph each (best of 3)."""
+    import cupy
+
+    from benchmarks.common import graph_node_us
+    from cupy_transformer import bench
+    from cupy_transformer.ops.gemv import gemv
+    from cupy_transformer.runtime import programmatic
+
+    model = bench.random_model(name)
+    step_ms = min(bench.time_generation(model, 1, 128, 128, repeats=1)["decode_ms"] for _ in range(3))
+    del model
+    cupy.get_default_memory_pool().free_all_blocks()
+    kernels = step_kernels(name)
+    arrays = [rng.standard_normal((n, k), dtype=cupy.float32).astype(cupy.float16) for _, k, n in kernels]
+    width = max(k for _, k, _ in kernels)
+    x0 = rng.standard_normal((1, width), dtype=cupy.float32).astype(cupy.float16)
+    products = {what for what, *_ in kernels if what not in ("embedding", "attention", "sampler", "end")}
+
+    def run(kernel) -> float:
+        def step(i):
+            v = x0
+            for (what, k, _), w in zip(kernels, arrays):
+                v = kernel(what, v[:, :k], w)
+
+        with programmatic.programmatic_launches():
+            return graph_node_us(step, 1)
+
+    total = sum(2 * k * n for _, k, n in kernels)
+    print(f"\n{name}, the whole step: {len(kernels)} kernels, {total / 1e6:.1f} MB")
+    print("| way | µs a step | the step as it runs / this |\n|---|---|---|")
+    print(f"| the step as it runs (batch 1, prompt 128, 128 new tokens) | {step_ms * 1e3:.1f} | 1.00 |")
+    ways = [
+        ("every kernel a read, plain", lambda what, v, w: read_kernel(v, w, 0, width=width)),
+        ("every kernel a read, staged 96 KiB an SM", lambda what, v, w: read_kernel(v, w, 96, width=width)),
+        (
+            "GEMV products (ops.gemv, plain), the others reads staged 96",
+            lambda what, v, w: gemv(v, w, True) if what in products else read_kernel(v, w, 96, width=width),
+        ),
+    ]
+    for way, kernel in ways:
+        t = run(kernel)
+        print(f"| {way} | {t:.1f} | {step_ms * 1e3 / t:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -173,6 +173,25 @@ def test_chain_floor_chains_each_layers_products():
     assert staged_rows(768, 768, 0, 264, 132) == 0
 
 
+def test_chain_floor_step_is_the_fused_steps_kernels():
+    """``--step``'s kernels are the fused decode step's, in order: the embedding, five a layer (QKV, attention over
+    [2 kv heads x context, head size], out, up, down), the LM head, the sampler's logits (64-wide rows), the end."""
+    from benchmarks.chain_floor import step_kernels
+
+    kernels = step_kernels("gpt2-small", context=192)
+    assert len(kernels) == 1 + 5 * 12 + 3
+    assert [(k, n) for _, k, n in kernels[1:6]] == [
+        (768, 2304),
+        (64, 2 * 12 * 192),
+        (768, 768),
+        (768, 3072),
+        (3072, 768),
+    ]
+    assert [(k, n) for _, k, n in kernels[-3:]] == [(768, 50257), (64, 786), (8, 1)]
+    llama = step_kernels("llama-1b", context=100)  # 8 kv heads of 64; up|gate one product
+    assert len(llama) == 1 + 5 * 16 + 3 and llama[2][1:] == (64, 2 * 8 * 100) and llama[4][1:] == (2048, 16384)
+
+
 @pytest.mark.cupy
 def test_chain_floor_kernel_compiles_for_sm90():
     """Its kernel (cp.async into shared memory before griddepcontrol.wait, then the product) compiles for sm_90
