@@ -29,6 +29,7 @@ with the other kernels as those reads: how far the step stands from a graph of t
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -141,6 +142,21 @@ def step_kernels(shape: str, context: int = 192) -> list[tuple[str, int, int]]:
     return [("embedding", hidden, 2), *layer * layers, lm_head, ("sampler", 64, -(-vocab // 64)), ("end", 8, 1)]
 
 
+def chained_us(products, weights, x0) -> float:
+    """µs of one CUDA graph of programmatic launches (best of 3): ``products[i](v, weights[i])`` in turn from x0, each
+    on the first K values (``weights[i]``'s [N, K]) of the vector the one before wrote."""
+    from benchmarks.common import graph_node_us
+    from cupy_transformer.runtime import programmatic
+
+    def step(i):
+        v = x0
+        for product, w in zip(products, weights):
+            v = product(v[:, : w.shape[1]], w)
+
+    with programmatic.programmatic_launches():
+        return graph_node_us(step, 1)
+
+
 def staged_rows(k: int, n: int, kib_an_sm: int, blocks: int, sms: int) -> int:
     """Rows a block stages: as many of its rows as fit its share of ``kib_an_sm`` KiB an SM (and ``MAX_STAGE``)."""
     per = -(-n // blocks)
@@ -159,7 +175,7 @@ def main() -> None:
     import cupy
     import numpy
 
-    from benchmarks.common import card_name, graph_node_us
+    from benchmarks.common import card_name
     from cupy_transformer.ops.gemv import gemv
     from cupy_transformer.runtime import programmatic
     from cupy_transformer.runtime.kernels import compile_options, compute_capability
@@ -208,13 +224,7 @@ def main() -> None:
         print("|---|---|---|---|")
 
         def run(product, weights=weights, x0=x0) -> float:
-            def step(i):
-                v = x0
-                for w in weights:
-                    v = product(v[:, : w.shape[1]], w)
-
-            with programmatic.programmatic_launches():
-                return graph_node_us(step, 1)
+            return chained_us([product] * len(weights), weights, x0)
 
         t = run(lambda v, w: gemv(v, w, True))
         print(f"| GEMV (ops.gemv, plain) | launcher's | {t:.1f} | {t / len(shapes):.2f} |", flush=True)
@@ -244,10 +254,8 @@ def whole_step(name: str, read_kernel, rng) -> None:
     others read, one CUDA graph each (best of 3)."""
     import cupy
 
-    from benchmarks.common import graph_node_us
     from cupy_transformer import bench
     from cupy_transformer.ops.gemv import gemv
-    from cupy_transformer.runtime import programmatic
 
     model = bench.random_model(name)
     step_ms = min(bench.time_generation(model, 1, 128, 128, repeats=1)["decode_ms"] for _ in range(3))
@@ -258,15 +266,6 @@ def whole_step(name: str, read_kernel, rng) -> None:
     width = max(k for _, k, _ in kernels)
     x0 = rng.standard_normal((1, width), dtype=cupy.float32).astype(cupy.float16)
     products = {what for what, *_ in kernels if what not in ("embedding", "attention", "sampler", "end")}
-
-    def run(kernel) -> float:
-        def step(i):
-            v = x0
-            for (what, k, _), w in zip(kernels, arrays):
-                v = kernel(what, v[:, :k], w)
-
-        with programmatic.programmatic_launches():
-            return graph_node_us(step, 1)
 
     total = sum(2 * k * n for _, k, n in kernels)
     print(f"\n{name}, the whole step: {len(kernels)} kernels, {total / 1e6:.1f} MB")
@@ -281,7 +280,7 @@ def whole_step(name: str, read_kernel, rng) -> None:
         ),
     ]
     for way, kernel in ways:
-        t = run(kernel)
+        t = chained_us([functools.partial(kernel, what) for what, *_ in kernels], arrays, x0)
         print(f"| {way} | {t:.1f} | {step_ms * 1e3 / t:.2f} |", flush=True)
 
 
