@@ -116,19 +116,25 @@ __device__ void refuse_slot(T* out, int n, int c) {
     for (int i = threadIdx.x; i < n; i += THREADS) out[i] = from_float<T>(quiet_nan());
 }
 
+// The (cos, sin) of this thread's rotary pair in stage_token (pair threadIdx.x % (d / 2), turned where it is below
+// rot / 2) at `position`; (1, 0) for a pair not turned. It reads inv_freq (a weight) and the position only, so a
+// kernel may take it before it waits for the kernel before.
+__device__ __forceinline__ float2 token_angle(int d, int rot, const float* __restrict__ inv_freq, int position) {
+    const int p = threadIdx.x % (d / 2);
+    return p < rot / 2 ? rotary_cos_sin(position, inv_freq[p]) : make_float2(1.f, 0.f);
+}
+
 // Sequence b's new token for a block of kv head kvh (src: its row of the projection, [q heads | kv key heads |
 // kv value heads] of d each, or of a q array [h, d]): query heads kvh * group + i, i < n, into sq (row i at
-// sq + i d), turned (pairs p < rot / 2, at `position`, rounded once to T as rotary_append rounds); where `own`
-// the kv head's key (turned) and value into sk and sv and into their cache slot (k_slot, v_slot). A thread a
-// pair p (its angle computed once) and every (THREADS / (d / 2))-th head. The caller syncs before reading.
+// sq + i d), turned (pairs p < rot / 2 by cs_sn, token_angle's, rounded once to T as rotary_append rounds); where
+// `own` the kv head's key (turned) and value into sk and sv and into their cache slot (k_slot, v_slot). A thread a
+// pair p and every (THREADS / (d / 2))-th head. The caller syncs before reading.
 template <int THREADS, typename T>
 __device__ void stage_token(const T* __restrict__ src, int n, int h, int kv, int kvh, int group, int d, int rot,
-                            bool half_style, const float* __restrict__ inv_freq, int position, bool own, T* sq,
-                            T* sk, T* sv, T* k_slot, T* v_slot) {
+                            bool half_style, float2 cs_sn, bool own, T* sq, T* sk, T* sv, T* k_slot, T* v_slot) {
     const int half = d / 2, per = THREADS / half, p = threadIdx.x % half;  // d <= 2 THREADS: per >= 1
     if (threadIdx.x >= per * half) return;
     const bool turn = p < rot / 2;
-    const float2 cs_sn = turn ? rotary_cos_sin(position, inv_freq[p]) : make_float2(1.f, 0.f);
     for (int i = threadIdx.x / half; i < n + (own ? 2 : 0); i += per) {
         const bool value = i == n + 1, turned = turn && !value;
         const T* x = src + (i < n ? kvh * group + i : h + kvh + (value ? kv : 0)) * d;
@@ -227,9 +233,9 @@ __global__ void __launch_bounds__(DA_THREADS) attention_partial(
 
     const size_t row0 = (static_cast<size_t>(b) * kv + kvh) * max_tokens;
     __shared__ __align__(32) T sq[G * DA_MAX_D], sk[DA_MAX_D], sv[DA_MAX_D];
-    stage_token<DA_THREADS>(q + b * q_seq, group, h, kv, kvh, group, d, rot, half_style, inv_freq,
-                            has_positions ? positions[b] : self, own, sq, sk, sv, k_out + (row0 + self) * d,
-                            v_out + (row0 + self) * d);
+    stage_token<DA_THREADS>(q + b * q_seq, group, h, kv, kvh, group, d, rot, half_style,
+                            token_angle(d, rot, inv_freq, has_positions ? positions[b] : self), own, sq, sk, sv,
+                            k_out + (row0 + self) * d, v_out + (row0 + self) * d);
     __syncthreads();
     float qf[G][8];
 #pragma unroll
@@ -355,9 +361,10 @@ __global__ void __launch_bounds__(32 * W) attention_partial_tc(
     const int c = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, chunks = gridDim.x;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int group = h / kv;
-    // Before the wait: start (the step's decode state, advanced after the last layer of the step before) and each
-    // warp's first tile of cached keys and values, all rows below the new token's slot, written by earlier steps
-    // (the slot itself is this kernel's write or, without append, the kernel's just before: loaded after the wait).
+    // Before the wait: start and positions (the step's decode state, advanced after the last layer of the step
+    // before), the token's rotary angle, and each warp's first tile of cached keys and values, all rows below the
+    // new token's slot, written by earlier steps (the slot itself is this kernel's write or, without append, the
+    // kernel's just before: loaded after the wait).
     // With programmatic launches the kernel before has passed its own wait when this one starts, so every kernel
     // before that one has finished.
     const int self = start[b];  // the new token's slot
@@ -403,12 +410,13 @@ __global__ void __launch_bounds__(32 * W) attention_partial_tc(
         prefetch_l2(k + (row0 + ahead) * D, bytes);
         prefetch_l2(v + (row0 + ahead) * D, bytes);
     }
+    // The token's rotary angle too: its position, like start, is the step's decode state, and inv_freq a weight.
+    const float2 angle = token_angle(D, rot, inv_freq, has_positions ? positions[b] : self);
     follow_previous_kernel();
 
     __shared__ __align__(16) T sq[16 * D], sk[D], sv[D];
-    stage_token<32 * W>(q + b * q_seq, group, h, kv, kvh, group, D, rot, half_style, inv_freq,
-                        has_positions ? positions[b] : self, own, sq, sk, sv, k_out + (row0 + self) * D,
-                        v_out + (row0 + self) * D);
+    stage_token<32 * W>(q + b * q_seq, group, h, kv, kvh, group, D, rot, half_style, angle, own, sq, sk, sv,
+                        k_out + (row0 + self) * D, v_out + (row0 + self) * D);
     __syncthreads();
     uint4 qa[DB][2];  // heads g, g + 8 of the group: dims 8t .. 8t + 7 of each block
 #pragma unroll
