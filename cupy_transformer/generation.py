@@ -91,6 +91,7 @@ class Decoder:
         self.ids = xp.zeros((self.batch, 1), numpy.int32)
         self.positions = xp.zeros((self.batch, 1), numpy.int32)
         self.seed_step = xp.zeros(2, numpy.uint64)
+        self._best = xp.zeros(self.batch, numpy.uint64)  # a greedy LM head's keys (``CausalLM.run``'s argmax)
         self.keep = None  # the padding mask [B, capacity] (False: padding) where a sequence is left-padded
         self._keep = None  # its buffer, made at the first padded prompts; graphs read it where it is
         self.cuda_graph = cuda_graph and self.gpu
@@ -269,14 +270,20 @@ class Decoder:
         # needs whole rows, which the model gathers. The prompt pass gathers them too (once a generation; its
         # logits' finiteness is checked).
         shard = getattr(self.model, "vocab_parallel", None) if self.sampling.temperature == 0 else None
+        best = None
         if shard is not None:
             with shard.own_logits():
                 logits = self.model.decode(self.ids, self.positions, self.cache, attn_mask=self.keep)
             shard.greedy_tokens(logits[:, -1], self.ids[:, 0], self.seed_step)
         else:
-            logits = self.model.decode(self.ids, self.positions, self.cache, attn_mask=self.keep)
-            ops.sample_tokens(logits[:, -1], self.ids[:, 0], self.seed_step, *self.sampling)
-        end_step(self.ids, self.positions, self.cache.device_lengths, self.seed_step, self._ring)
+            # Greedy: the LM head may leave each sequence's token as a key in _best (no logits, no sampler kernel),
+            # which end_step turns into the ids.
+            best = self._best if self.sampling.temperature == 0 else None
+            logits = self.model.decode(self.ids, self.positions, self.cache, attn_mask=self.keep, argmax=best)
+            if logits is not None:
+                best = None
+                ops.sample_tokens(logits[:, -1], self.ids[:, 0], self.seed_step, *self.sampling)
+        end_step(self.ids, self.positions, self.cache.device_lengths, self.seed_step, self._ring, best=best)
 
     def _mark_ready(self, step: int) -> None:
         """The event ``wait(step)`` waits for, after the pass or step that writes its tokens."""

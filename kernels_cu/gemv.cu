@@ -19,6 +19,7 @@
 // The fused tensor-core kernels (gemv_tc_*_fused, FUSE below) take the norm before the product as a prologue or
 // the residual add after it as the epilogue, so that a decode layer needs no norm kernel of its own.
 #include "activation.cuh"
+#include "argmax.cuh"
 #include "common.cuh"
 #include "mma.cuh"
 #include "norm_row.cuh"
@@ -33,8 +34,9 @@ constexpr int NORM_MAX_ROWS = GEMV_WARPS;
 
 // What a fused kernel adds: the norm of x as its prologue (y = act(NORM(x) @ W + bias)), or the residual add as
 // its epilogue (y = round(residual + (x @ W + bias)), no activation), or the gated activation as its epilogue
-// (GemvOut's GATED; [out, in] only, alone or with the norm). Flags.
-enum GemvFuse : int { FUSE_NONE = 0, FUSE_NORM = 1, FUSE_RESIDUAL = 2, FUSE_GATED = 4 };
+// (GemvOut's GATED; [out, in] only, alone or with the norm), or greedy's argmax (GemvOut's ARGMAX; [out, in], up to
+// 8 rows, one K split, alone or with the norm). Flags.
+enum GemvFuse : int { FUSE_NONE = 0, FUSE_NORM = 1, FUSE_RESIDUAL = 2, FUSE_GATED = 4, FUSE_ARGMAX = 8 };
 
 // RESIDUAL: y = round(residual + v) for the product-plus-bias v, summed in fp32 (act is the identity).
 //
@@ -48,7 +50,13 @@ enum GemvFuse : int { FUSE_NONE = 0, FUSE_NORM = 1, FUSE_RESIDUAL = 2, FUSE_GATE
 __device__ __forceinline__ int gated_output_index(int n) { return n / 16 * 8 + n % 8; }
 __device__ __forceinline__ int gated_up_column(int c) { return c / 8 * 16 + c % 8; }
 
-template <typename T, bool RESIDUAL = false, bool GATED = false>
+// ARGMAX (FUSE_ARGMAX: an LM head at greedy decoding): y is a [rows] array of uint64 argmax_keys instead, and no
+// product is written: each block offers each row's largest argmax_key of its tile's values (each rounded to T as
+// the written product would be, act the identity) by atomicMax, so y[r] ends as argmax_key(max, first index of it)
+// of the row's N values, the same as greedy_tokens over the written product, whatever order the blocks finish in.
+// y[r] must hold 0 (or a key of a smaller value) before the launch: the step's end (decode_state.cu) reads and zeroes
+// it.
+template <typename T, bool RESIDUAL = false, bool GATED = false, bool ARGMAX = false>
 struct GemvOut {
     T* y;
     const T* bias;    // unread unless has_bias
@@ -78,6 +86,16 @@ struct GemvOut {
         y[static_cast<size_t>(r) * half + o] = act == GATED_GELU
                                                    ? gated_output<T, GATED_GELU, FAST>(u, g, bu, bg, has_bias)
                                                    : gated_output<T, GATED_SILU, FAST>(u, g, bu, bg, has_bias);
+    }
+    // ARGMAX: the key of output (r, n) whose sum is v.
+    __device__ unsigned long long argmax_of(int n, float v) const {
+        return argmax_key(from_float<T>(has_bias ? v + to_float(bias[n]) : v), static_cast<unsigned>(n));
+    }
+    // ARGMAX: this block's largest key of row r, offered where it beats the row's (a read first: once the row's
+    // largest keys are in, most blocks skip the atomic).
+    __device__ void offer(int r, unsigned long long key) const {
+        unsigned long long* best = reinterpret_cast<unsigned long long*>(y) + r;
+        if (key > __ldcg(best)) atomicMax(best, key);
     }
     // This block's sum for (r, n): final, or one split's partial.
     __device__ void put(int r, int n, float v) const {
@@ -240,9 +258,9 @@ __device__ __forceinline__ uint4 select(bool keep, uint4 v) { return keep ? v : 
 
 // After the streaming loop: c[m][j][i] is this warp's sum for tile output out_of(m, i), x row 8j + 2t + i % 2.
 // The 8 warps' sums meet in shared memory; then GemvOut finishes (one split) or keeps a partial.
-template <typename T, int TILE, bool RESIDUAL, bool GATED, int NC, int X8, typename OutOf>
-__device__ __forceinline__ void gemv_tc_reduce(const GemvOut<T, RESIDUAL, GATED>& out, const float (&c)[NC][X8][4],
-                                               int tile_first, OutOf out_of) {
+template <typename T, int TILE, bool RESIDUAL, bool GATED, bool ARGMAX, int NC, int X8, typename OutOf>
+__device__ __forceinline__ void gemv_tc_reduce(const GemvOut<T, RESIDUAL, GATED, ARGMAX>& out,
+                                               const float (&c)[NC][X8][4], int tile_first, OutOf out_of) {
     __shared__ float red[GEMV_WARPS][8 * X8][TILE];
     const int warp = threadIdx.x / 32, t = threadIdx.x % 4;
 #pragma unroll
@@ -252,7 +270,20 @@ __device__ __forceinline__ void gemv_tc_reduce(const GemvOut<T, RESIDUAL, GATED>
 #pragma unroll
             for (int i = 0; i < 4; ++i) red[warp][8 * j + 2 * t + i % 2][out_of(m, i)] = c[m][j][i];
     __syncthreads();
-    if constexpr (GATED) {  // an up column and its gate column (8 further) a thread
+    if constexpr (ARGMAX) {  // a thread an output (rows x TILE <= 8 x 32); one K split, so no partials
+        static_assert(X8 == 1 && TILE <= 32 && 8 * TILE <= GEMV_THREADS, "a thread an output of up to 8 rows");
+        const int r = threadIdx.x / TILE, col = threadIdx.x % TILE, n = tile_first + col;
+        unsigned long long key = 0;  // argmax_key's identity
+        if (r < out.rows && n < out.N) {
+            float v = 0.f;
+#pragma unroll
+            for (int wi = 0; wi < GEMV_WARPS; ++wi) v += red[wi][r][col];  // as the plain epilogue sums
+            key = out.argmax_of(n, v);
+        }
+        for (int off = TILE / 2; off > 0; off >>= 1) key = max(key, __shfl_xor_sync(0xffffffffu, key, off));
+        if (col == 0 && r < out.rows) out.offer(r, key);
+        return;
+    } else if constexpr (GATED) {  // an up column and its gate column (8 further) a thread
         for (int o = threadIdx.x; o < out.rows * TILE / 2; o += GEMV_THREADS) {
             // col: gated_up_column(o % (TILE / 2)), its % 8 taken of o (the same value; the measured machine code)
             const int r = o / (TILE / 2), col = o % (TILE / 2) / 8 * 16 + o % 8, n = tile_first + col;
@@ -372,8 +403,8 @@ __device__ __forceinline__ void normalize_rows_into(T* xs, const T* x, const Gem
 // Before the wait, L2 is asked for the small per-column vectors the kernel reads after it: the norm's gamma and beta
 // over the block's K range, the bias over its tile (read by the tile's last block). They are weights, never written
 // inside a step; each would otherwise be a DRAM round trip on the kernel's path.
-template <typename T, int FUSE, bool RESIDUAL, bool GATED>
-__device__ __forceinline__ void prefetch_vectors(const GemvOut<T, RESIDUAL, GATED>& out, const GemvNorm<T>& nm,
+template <typename T, int FUSE, bool RESIDUAL, bool GATED, bool ARGMAX>
+__device__ __forceinline__ void prefetch_vectors(const GemvOut<T, RESIDUAL, GATED, ARGMAX>& out, const GemvNorm<T>& nm,
                                                  int k_begin, int k_end, int tile_first, int tile) {
     const auto ask = [](const T* p, int count) {
         const unsigned bytes = count * static_cast<int>(sizeof(T)) & ~15;
@@ -389,10 +420,10 @@ __device__ __forceinline__ void prefetch_vectors(const GemvOut<T, RESIDUAL, GATE
 // The K loop of both layouts: a warp's batches from `first`, `step` apart, each loaded (load_weights) then multiplied
 // (multiply); with `early` the first batch's loads go before the wait and the prologue (weights are never written
 // inside a step), and the bias, gamma and beta are asked of L2 there in any case.
-template <typename T, int FUSE, bool RESIDUAL, bool GATED, typename Load, typename Multiply>
-__device__ __forceinline__ void gemv_stream(const GemvOut<T, RESIDUAL, GATED>& out, const GemvNorm<T>& nm, T* xs,
-                                            const T* x, int K, int k_begin, int k_end, int tile_first, int tile,
-                                            int first, int step, int early, const Load& load_weights,
+template <typename T, int FUSE, bool RESIDUAL, bool GATED, bool ARGMAX, typename Load, typename Multiply>
+__device__ __forceinline__ void gemv_stream(const GemvOut<T, RESIDUAL, GATED, ARGMAX>& out, const GemvNorm<T>& nm,
+                                            T* xs, const T* x, int K, int k_begin, int k_end, int tile_first,
+                                            int tile, int first, int step, int early, const Load& load_weights,
                                             const Multiply& multiply) {
     if (early && first < k_end) load_weights(first);  // in flight through the wait and the prologue
     prefetch_vectors<T, FUSE>(out, nm, k_begin, k_end, tile_first, tile);
@@ -413,7 +444,7 @@ __device__ __forceinline__ void gemv_stream(const GemvOut<T, RESIDUAL, GATED>& o
 
 // A FUSE's output (its epilogue).
 template <typename T, int FUSE>
-using GemvFusedOut = GemvOut<T, FUSE == FUSE_RESIDUAL, (FUSE & FUSE_GATED) != 0>;
+using GemvFusedOut = GemvOut<T, FUSE == FUSE_RESIDUAL, (FUSE & FUSE_GATED) != 0, (FUSE & FUSE_ARGMAX) != 0>;
 
 // The fused kernels' parameters: the plain ones, then residual ([rows, N], FUSE_RESIDUAL), and the norm's (gamma,
 // beta, eps, norm_mode, x_stride: FUSE_NORM); what the FUSE leaves unused is a placeholder, never read.

@@ -20,25 +20,13 @@
 // of indices 4j .. 4j + 3 (numpy.random.Philox increments its counter before each block of four outputs, so
 // Philox(key=(seed, 0), counter=(0, step, row, 0)).random_raw(V) yields the same u's in order).
 // Scores are in double: the kernels and NumPy then differ only where two scores are within an ulp or so.
+#include "argmax.cuh"
 #include "common.cuh"
 
 namespace ct {
 
 constexpr int SAMPLE_THREADS = 256;
 constexpr int SAMPLE_WARPS = SAMPLE_THREADS / 32;
-
-// Order keys: unsigned integers ordered as the values are (-0 and +0 share one key; NaN is not ordered).
-__device__ __forceinline__ unsigned order_key(float v) {
-    unsigned bits = __float_as_uint(v);
-    if (bits == 0x80000000u) bits = 0;
-    return bits & 0x80000000u ? ~bits : bits | 0x80000000u;
-}
-__device__ __forceinline__ unsigned order_key16(unsigned bits) {
-    if (bits == 0x8000u) bits = 0;
-    return bits & 0x8000u ? ~bits & 0xFFFFu : bits | 0x8000u;
-}
-__device__ __forceinline__ unsigned order_key(__half v) { return order_key16(__half_as_ushort(v)); }
-__device__ __forceinline__ unsigned order_key(__nv_bfloat16 v) { return order_key16(__bfloat16_as_ushort(v)); }
 
 // The value exactly, as a double. The conversion is written out: under -ftz=true, `(double)f` compiles to
 // cvt.ftz.f64.f32, which flushes fp32 / bf16 subnormals to zero.
@@ -154,13 +142,6 @@ __device__ __forceinline__ void for_each_group(const T* __restrict__ row, Slice 
         for (int a = 0; a < AHEAD; ++a)
             if (base + a * SAMPLE_THREADS < groups) f(values[a], slice.begin + (base + a * SAMPLE_THREADS) * G);
     }
-}
-
-// A logit and its index packed in 64 bits so that the largest packed value is the first index of the largest logit:
-// the order key above ~index. index < 2^31, so every element packs above 2^31 and 0 is the identity of the max.
-template <typename T>
-__device__ __forceinline__ unsigned long long argmax_key(T v, unsigned index) {
-    return static_cast<unsigned long long>(order_key(v)) << 32 | ~index;
 }
 
 // The value of an order key, exactly, as a double (order_key's inverse, -0 coming back as +0); the row pointer

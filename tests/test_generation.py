@@ -142,20 +142,20 @@ def test_eos_may_be_several_ids_and_the_host_reads_one_step_behind(model_and_tok
     assert decoder.cache.lengths.tolist() == [5] and int(decoder.seed_step[1]) == 2
 
 
-def small_fp16_model(tmp_path, rng, family):
+def small_fp16_model(tmp_path, rng, family, vocab=1000):
     """A 3-layer fp16 GPT-2 or LLaMA (8 heads over 2 kv heads) of hidden size 256 on the GPU, and a padded batch's
     prompts of 5, 13 and 1 tokens."""
     from cupy_transformer.models import load_model
     from tests.models import test_llama
 
     if family == "gpt2":
-        test_gpt2.checkpoint(tmp_path, rng, h=256, heads=4, layers=3, vocab=1000, positions=160)
+        test_gpt2.checkpoint(tmp_path, rng, h=256, heads=4, layers=3, vocab=vocab, positions=160)
     else:
         test_llama.checkpoint(
-            tmp_path, rng, False, h=256, heads=8, kv=2, inner=512, layers=3, vocab=1000, positions=160
+            tmp_path, rng, False, h=256, heads=8, kv=2, inner=512, layers=3, vocab=vocab, positions=160
         )
     model = load_model(tmp_path, "float16", "cupy", progress=False)
-    return model, [rng.integers(0, 1000, n).tolist() for n in (5, 13, 1)]
+    return model, [rng.integers(0, vocab, n).tolist() for n in (5, 13, 1)]
 
 
 @pytest.mark.gpu
@@ -178,6 +178,45 @@ def test_gpu_captured_steps_draw_the_eager_steps_tokens(tmp_path, rng, family):
             runs.append(numpy.stack(tokens))
         assert (runs[0] == runs[1]).all() and (runs[0] == runs[2]).all(), sampling
         assert len(numpy.unique(runs[0])) > 10  # not one token repeated
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_gpu_greedy_lm_head_draws_the_samplers_tokens(tmp_path, rng, monkeypatch, family):
+    """A vocabulary of 20000 (an LM head of one K split, which takes greedy's argmax in its epilogue): a padded
+    batch's greedy tokens for 60 steps, captured and eager, are those the written logits and the sampler's kernel
+    give (``greedy_head`` turned off), and the step runs no sampler kernel where the head took it."""
+    from cupy_transformer import ops
+    from cupy_transformer.models import base
+
+    model, prompts = small_fp16_model(tmp_path, rng, family, vocab=20000)
+    heads, samplers, original_head, original_sampler = [], [], base.greedy_head, ops.sample_tokens
+
+    def head(*args, **kwargs):
+        heads.append(original_head(*args, **kwargs))
+        return heads[-1]
+
+    def sampler(*args, **kwargs):
+        samplers.append(1)
+        return original_sampler(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "sample_tokens", sampler)
+    runs = []
+    for greedy_head, graph in ((head, True), (head, False), (lambda *a, **k: False, True)):
+        monkeypatch.setattr(base, "greedy_head", greedy_head)
+        decoder = generation.Decoder(model, batch=3, capacity=13 + 61, cuda_graph=graph)
+        decoder.prefill(prompts)
+        tokens = [decoder.read(0)]
+        heads.clear()
+        samplers.clear()
+        for step in range(1, 61):
+            decoder.step()
+            tokens.append(decoder.read(step))
+        runs.append(numpy.stack(tokens))
+        if greedy_head is head:  # the eager steps (all, or the graph's first two) took the head, and no sampler
+            assert True in heads and not samplers
+    assert (runs[0] == runs[1]).all() and (runs[0] == runs[2]).all()
+    assert len(numpy.unique(runs[0])) > 10
 
 
 @pytest.mark.gpu

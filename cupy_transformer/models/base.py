@@ -10,7 +10,7 @@ import numpy
 from .. import ops
 from ..kv_cache import KVCache
 from ..loading import Checkpoint
-from ..ops.matmul import fused_fits, matmul
+from ..ops.matmul import fused_fits, greedy_head, matmul
 from ..ops.softmax_context import key_count
 from ..runtime.arrays import array_module
 
@@ -70,19 +70,21 @@ class CausalLM:
         _, ids, start, positions = self.begin(input_ids, cache, position_ids)
         return self.run(ids, positions, cache, start, attn_mask, last_only=last_only)
 
-    def decode(self, ids, positions, cache: KVCache, attn_mask=None):
+    def decode(self, ids, positions, cache: KVCache, attn_mask=None, argmax=None):
         """One token per sequence with every input in the backend's arrays, read nowhere but there: ``ids`` and
         ``positions`` [B, 1] int32, the cache slots ``cache.device_lengths``. What ``forward`` checks is the
         caller's to know (``generation.Decoder`` counts the tokens with ``cache.reserve``); so one CUDA graph of
         this call serves every step. Returns the logits [B, 1, vocab]; ``cache.device_lengths`` is left as it
-        was (the caller advances it)."""
-        return self.run(ids, positions, cache, cache.device_lengths, attn_mask)
+        was (the caller advances it). ``argmax``: ``run``'s."""
+        return self.run(ids, positions, cache, cache.device_lengths, attn_mask, argmax=argmax)
 
-    def run(self, ids, positions, cache, start, attn_mask, last_only: bool = False, last=None):
+    def run(self, ids, positions, cache, start, attn_mask, last_only: bool = False, last=None, argmax=None):
         """The layers between ``token_embeddings`` and ``head`` on checked inputs (``start``: where the tokens go in
         ``cache``, from ``cache.reserve`` or on the device). ``last_only``: the logits of the last position only
         ([B, 1, vocab]); ``last``: of column ``last`` instead (an int32 array [1] of the backend's, read where it
-        is: a captured pass replays for another column)."""
+        is: a captured pass replays for another column). ``argmax`` (uint64 [B] zeros, one token a sequence): where
+        the LM head can (``ops.matmul.greedy_head``: a whole model's decode graph), each sequence's greedy key goes
+        there instead of logits, and None is returned."""
         # The last layer's output, normalised by the final norm (or, xn None, to be normalised by the LM head).
         x, xn = collections.deque(self.hidden_states(ids, positions, cache, start, attn_mask), maxlen=1)[0]
         if last_only or last is not None:
@@ -92,12 +94,17 @@ class CausalLM:
                 return xp.ascontiguousarray(a[:, -1:]) if last is None else xp.take(a, last, axis=1)
 
             x, xn = pick(x), None if xn is None else pick(xn)
+        greedy = argmax is not None and self.vocab_parallel is None and x.shape[1] == 1
         if xn is None:
             norm = self.layer.norm_spec(*self.final_norm)
             rows = x.reshape(-1, x.shape[-1])
+            if greedy and greedy_head(rows, self.head_weight, argmax, norm=norm):
+                return None
             if self.vocab_parallel is None and fused_fits(rows, self.head_weight, True, norm=norm):
                 return matmul(x, self.head_weight, True, norm=norm)
             xn = self.layer.norm(x, *self.final_norm)
+        if greedy and greedy_head(xn, self.head_weight, argmax):
+            return None
         if self.vocab_parallel is not None:
             return self.vocab_parallel.logits(xn, self.head_weight)
         return ops.lm_logits(xn, self.head_weight)

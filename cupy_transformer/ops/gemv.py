@@ -20,6 +20,13 @@ A gated activation (LLaMA's SiLU, GATED_GELU) on fp16 / bf16 ``[out, in]`` weigh
 epilogue too: ``y[rows, N / 2] = up * act(gate)``, to the bit what the product followed by ``bias_act`` gives (each
 tile takes 8 outputs' up rows and then their gate rows, so both sums meet in one block), where N / 2 is a multiple of
 8. It saves a decode layer's ``bias_act`` launch and the [rows, N] round trip through memory.
+
+Greedy decoding's argmax is an epilogue of fp16 / bf16 ``[out, in]`` products of up to 8 rows and one K split (an LM
+head; ``gemv_argmax_fits``): ``argmax=best`` (uint64 [rows], zeros) writes no product; each block offers each row's
+largest packed (value, first index) key of its outputs by ``atomicMax`` (a max is order-free: deterministic), so
+``best[r]`` ends as the key of the row's first maximum of the products rounded to the dtype, what the sampler's
+greedy kernel finds in the written product; ``ops.decode_state.end_step`` takes the tokens from it. A decode step then
+runs no sampler kernel and writes no [rows, vocab] logits.
 """
 
 from __future__ import annotations
@@ -98,13 +105,13 @@ def tc_kernel_name(ctype: str, transposed: bool, geometry, x8: int = 1) -> str:
 
 
 # gemv.cu's GemvFuse flags: the norm prologue, the residual epilogue, the gated activation's epilogue ([out, in];
-# alone or with the norm).
-FUSE_NORM, FUSE_RESIDUAL, FUSE_GATED = 1, 2, 4
+# alone or with the norm), greedy's argmax ([out, in], up to 8 rows; alone or with the norm).
+FUSE_NORM, FUSE_RESIDUAL, FUSE_GATED, FUSE_ARGMAX = 1, 2, 4, 8
 
 
 def fused_kernel_name(ctype: str, transposed: bool, geometry, fuse: int, x8: int = 1) -> str:
-    """The name expression of a fused tensor-core kernel (``fuse``: ``FUSE_NORM``, ``FUSE_RESIDUAL``, ``FUSE_GATED``
-    or ``FUSE_GATED | FUSE_NORM``) at ``geometry``."""
+    """The name expression of a fused tensor-core kernel (``fuse``: ``FUSE_NORM``, ``FUSE_RESIDUAL``, ``FUSE_GATED``,
+    ``FUSE_ARGMAX``, or either of the last two ``| FUSE_NORM``) at ``geometry``."""
     layout = "nk" if transposed else "kn"
     return f"ct::gemv_tc_{layout}_fused<{ctype}, {', '.join(map(str, geometry))}, {fuse}, {x8}>"
 
@@ -131,6 +138,13 @@ def _gated_kernels(x8: int) -> list[str]:
     return [fused_kernel_name(c, True, g, fuse, x8) for c in halves for g in geometries for fuse in fuses]
 
 
+def _argmax_kernels() -> list[str]:
+    """The [out, in] kernels with greedy's argmax as the epilogue (up to 8 rows: alone and with the norm prologue)."""
+    halves = [c for d, c in CTYPES.items() if d.itemsize == 2]
+    fuses = (FUSE_ARGMAX, FUSE_ARGMAX | FUSE_NORM)
+    return [fused_kernel_name(c, True, g, fuse) for c in halves for g in GEMV_TC_NK.values() for fuse in fuses]
+
+
 GEMV_KERNELS = KernelFamily(
     "gemv.cu",
     _tc_kernels(1) + [f"ct::gemv_{layout}<float, {r}>" for layout in ("kn", "nk") for r in _FMA_ROWS],
@@ -143,6 +157,8 @@ GATED_KERNELS = {
     x8: KernelFamily("gemv.cu", _gated_kernels(x8), programmatic=True, part=part)
     for x8, part in ((1, "gated"), (2, "gated, 9-16 rows"))
 }
+# Greedy decoding's LM head (compiled on first use too: a model that samples never needs it).
+ARGMAX_KERNELS = KernelFamily("gemv.cu", _argmax_kernels(), programmatic=True, part="greedy")
 
 
 class GemvNorm(NamedTuple):
@@ -237,6 +253,29 @@ def gemv_fused_fits(x, w, transposed, bias=None, act=None, norm: GemvNorm | None
     )
 
 
+def gemv_argmax_fits(x, w, transposed, bias=None, act=None, norm: GemvNorm | None = None) -> bool:
+    """Whether ``gemv(argmax=)`` takes this product (``gemv_fits`` must hold, and with ``norm`` ``gemv_fused_fits``):
+    fp16/bf16 ``[out, in]`` weights, up to 8 rows, no activation, and one K split (an LM head's rows fill the GPU
+    many times over; a split's partials would need a last block to finish the argmax)."""
+    if x.dtype.itemsize != 2 or not transposed or x.shape[0] > 8 or act is not None:
+        return False
+    if norm is not None and not gemv_fused_fits(x, w, transposed, bias, norm=norm):
+        return False
+    return _launch_plan(x, w, transposed, make_workspace=False)[1][1] == 1
+
+
+def _check_argmax(argmax, x, transposed, act, residual) -> None:
+    """``gemv``'s ``argmax`` before the launch: a uint64 [rows] array, for a 16-bit [out, in] product of up to 8 rows
+    with no activation or residual (the kernel writes a key a row there and applies neither)."""
+    import numpy
+
+    rows = x.shape[0]
+    if argmax.dtype != numpy.uint64 or argmax.shape != (rows,):
+        raise ValueError(f"argmax: expected a uint64 array of shape ({rows},); got {argmax.dtype} {argmax.shape}")
+    if x.dtype.itemsize != 2 or not transposed or rows > 8 or act is not None or residual is not None:
+        raise ValueError("argmax: takes a 16-bit [out, in] product of up to 8 rows with no activation or residual")
+
+
 def gemv_k_per_split(k: int, n_tiles: int, k_step: int, blocks_per_sm: int, sms: int) -> int:
     """The K range of one split, a multiple of ``k_step``: K shared evenly by the most splits for which column
     tiles x splits gives each of the ``sms`` SMs at most ``blocks_per_sm`` blocks (at least one split). Every
@@ -245,7 +284,8 @@ def gemv_k_per_split(k: int, n_tiles: int, k_step: int, blocks_per_sm: int, sms:
     return math.ceil(math.ceil(k / splits) / k_step) * k_step
 
 
-def gemv(x, w, transposed, bias=None, act=None, geometry=None, family=None, *, norm=None, residual=None, early=None):
+def gemv(x, w, transposed, bias=None, act=None, geometry=None, family=None, *,
+         norm=None, residual=None, early=None, argmax=None):  # fmt: skip
     """The GEMV kernel on checked CuPy arrays (``gemv_fits`` must hold): ``act(x[rows, K] @ W + bias)`` (gated: [rows,
     N / 2], the module docstring's).
     ``geometry``: (pieces, chunks, blocks a SM) for fp16/bf16 instead of the launcher's choice; ``family``: one
@@ -253,15 +293,24 @@ def gemv(x, w, transposed, bias=None, act=None, geometry=None, family=None, *, n
     Fused (``gemv_fused_fits`` must hold too): ``norm`` (a ``GemvNorm``): ``act(NORM(x) @ W + bias)``;
     ``residual`` [rows, N]: ``round(residual + (x @ W + bias))``, a new array (``residual`` is only read).
     ``early``: whether a block loads its first weights before it waits (``EARLY_WEIGHTS_K``) instead of the launcher's
-    choice (the same result either way)."""
+    choice (the same result either way).
+    ``argmax`` (``gemv_argmax_fits`` must hold): a uint64 [rows] array of zeros that takes each row's greedy key (the
+    module docstring's) instead of the product; returns None."""
     cupy = import_cupy()
     rows, k = x.shape
     gated = act is not None and int(act) in _GATED_ACTS
     fuse = (FUSE_NORM if norm is not None else FUSE_RESIDUAL if residual is not None else 0) | (FUSE_GATED * gated)
+    fuse |= FUSE_ARGMAX * (argmax is not None)
+    if argmax is not None:
+        _check_argmax(argmax, x, transposed, act, residual)
     name, grid, per_split, (partials, counters) = _launch_plan(x, w, transposed, geometry, fuse=fuse)
+    if argmax is not None and grid[1] != 1:  # the epilogue would take each split's partial sums for the product's
+        raise ValueError(f"argmax: the product takes one K split (gemv_argmax_fits); this launch has {grid[1]}")
     n = w.shape[0] if transposed else w.shape[1]
-    y = cupy.empty((rows, n // 2 if gated else n), x.dtype)
-    if family is None and gated:
+    y = argmax if argmax is not None else cupy.empty((rows, n // 2 if gated else n), x.dtype)
+    if family is None and argmax is not None:
+        family = ARGMAX_KERNELS
+    elif family is None and gated:
         family = GATED_KERNELS[x8_of(rows)]
     elif family is None:
         family = GEMV16_KERNELS if x8_of(rows) == 2 and x.dtype.itemsize == 2 else GEMV_KERNELS
@@ -294,7 +343,7 @@ def gemv(x, w, transposed, bias=None, act=None, geometry=None, family=None, *, n
             x_stride=stride,
         )
     family.launch(name, grid, (_THREADS,), shared, **arguments)
-    return y
+    return None if argmax is not None else y
 
 
 def gemv_workspace(x, w, transposed):

@@ -23,7 +23,7 @@ from ..runtime import cublaslt, timing
 from ..runtime.arrays import as_array, common_kind, import_cupy, module_of, reference_compute, to_caller
 from .bias_act import apply_bias_act
 from .config import ActivationType
-from .gemv import GEMV_MAX_ROWS, GemvNorm, gemv, gemv_fits, gemv_fused_fits, gemv_workspace
+from .gemv import GEMV_MAX_ROWS, GemvNorm, gemv, gemv_argmax_fits, gemv_fits, gemv_fused_fits, gemv_workspace
 from .norm import norm_reference
 
 #: Which product the latest ``matmul`` on GPU arrays ran: "gemv" or "cublas" (None before the first).
@@ -105,6 +105,19 @@ def fused_fits(x, w, transposed, bias=None, act=None, norm: GemvNorm | None = No
     if act is not None and ActivationType(act).gated:
         bias = act = None
     return gemv_fits(x, w, transposed, bias, act) and gemv_fused_fits(x, w, transposed, bias, act, norm, residual)
+
+
+def greedy_head(x, w, argmax, *, norm: GemvNorm | None = None) -> bool:
+    """Greedy decoding's LM head, where a decode graph's GEMV takes it (``_fusing_here``, ``gemv_argmax_fits``): the
+    key of each row's first maximum of ``NORM(x) @ w.T`` (x [rows, in], w [vocab, in]; ``norm`` optional) into
+    ``argmax`` (uint64 [rows], zeros; ``ops.gemv``'s module docstring), no logits written. Returns whether it ran;
+    if not, the caller computes the logits."""
+    x2 = x.reshape(-1, x.shape[-1])
+    fits = argmax.shape == (x2.shape[0],) and _fusing_here(x2) and gemv_fits(x2, w, True, None, None)
+    fits = fits and gemv_argmax_fits(x2, w, True, norm=norm)
+    if fits:
+        gemv(x2, w, True, norm=norm, argmax=argmax)
+    return fits
 
 
 def gated_fits(x, w, transposed, bias, act, norm: GemvNorm | None = None) -> bool:

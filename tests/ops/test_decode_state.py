@@ -1,5 +1,6 @@
 """end_step and end_step_reference: the tokens into the ring's row of the step's parity, positions and lengths
-advanced or not, the step counter, [B] and [B, 1] arrays, argument checks. On a GPU: the kernel equals the
+advanced or not, the step counter, [B] and [B, 1] arrays, the tokens taken from a greedy LM head's keys (``best``),
+argument checks. On a GPU: the kernel equals the
 reference (batches of one, several and more than one block's threads; even, odd and past-2^32 steps; a ring in
 page-locked host memory as the decoder keeps it, and on the device), the other ring row untouched, and two replays
 of a captured launch fill both rows in turn."""
@@ -7,7 +8,7 @@ of a captured launch fill both rows in turn."""
 import numpy
 import pytest
 
-from cupy_transformer.ops.decode_state import end_step, end_step_reference
+from cupy_transformer.ops.decode_state import argmax_index, end_step, end_step_reference
 from tests.helpers import side_stream
 
 
@@ -29,6 +30,26 @@ def test_reference_writes_the_steps_row_and_advances(rng, step, advance):
     assert ring[step % 2].tolist() == ids.tolist() and ring[1 - step % 2].tolist() == before[2][1 - step % 2].tolist()
     assert positions.tolist() == (before[0] + advance).tolist() and lengths.tolist() == (before[1] + advance).tolist()
     assert seed_step.tolist() == [12345, step + 1]
+
+
+def _keys(rng, batch):
+    """Greedy keys as the GEMV leaves them: a value's 32-bit order key above the bitwise not of its index."""
+    tokens = rng.integers(0, 2**31, batch).astype(numpy.uint64)
+    high = rng.integers(0, 2**32, batch).astype(numpy.uint64)
+    return tokens.astype(numpy.int32), high << numpy.uint64(32) | (~tokens & numpy.uint64(0xFFFFFFFF))
+
+
+def test_reference_takes_the_tokens_from_best(rng):
+    """With ``best``, the ids are each key's index (the GEMV's greedy epilogue packs ~index in the low 32 bits), then
+    the step ends as without it, and ``best`` is zeroed for the next step's head."""
+    ids, positions, lengths, seed_step, ring = _state(rng, 6, 3)
+    tokens, best = _keys(rng, 6)
+    assert argmax_index(best).tolist() == tokens.tolist()
+    end_step(ids, positions, lengths, seed_step, ring, best=best)
+    assert ids.tolist() == tokens.tolist() and ring[1].tolist() == tokens.tolist() and not best.any()
+    assert seed_step.tolist() == [12345, 4]
+    with pytest.raises(ValueError, match=r"best: expected shape \(6\); got \(5,\)"):
+        end_step(ids, positions, lengths, seed_step, ring, best=best[:5])
 
 
 def test_argument_checks(rng):
@@ -73,6 +94,22 @@ def test_gpu_kernel_equals_the_reference(rng, batch, step, advance, pinned):
     got = [a.get() for a in (ids, positions, lengths, seed_step)] + [ring_host if pinned else ring.get()]
     for name, g, w in zip(("ids", "positions", "lengths", "seed_step", "ring"), got, want):
         assert numpy.array_equal(g, w), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 7, 1500])
+def test_gpu_kernel_takes_the_tokens_from_best(rng, batch):
+    """The kernel with ``best`` equals the reference: ids from the keys, the ring's row, ``best`` zeroed."""
+    import cupy
+
+    host = _state(rng, batch, 5)
+    _, keys = _keys(rng, batch)
+    want = [a.copy() for a in host] + [keys.copy()]
+    end_step_reference(*want[:5], True, want[5])
+    arrays = [cupy.asarray(a) for a in host] + [cupy.asarray(keys)]
+    end_step(*arrays[:5], best=arrays[5])
+    for name, g, w in zip(("ids", "positions", "lengths", "seed_step", "ring", "best"), arrays, want):
+        assert numpy.array_equal(g.get(), w), name
 
 
 @pytest.mark.gpu

@@ -493,3 +493,73 @@ def test_gpu_gated_epilogue_where_it_runs(rng, monkeypatch):
         assert bool((graph == eager).all())
     else:
         assert rel_error(graph, eager) < TOL_CHAINED[numpy.dtype(numpy.float16)]
+
+
+# ---- Greedy's argmax in the [out, in] epilogue (an LM head) ----
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("k, n", [(768, 50257), (2048, 20011)], ids=str)
+@pytest.mark.parametrize("with_norm", [False, True], ids=["plain", "norm"])
+def test_gpu_argmax_epilogue(rng, poisoned_allocations, dtype, rows, k, n, with_norm):
+    """gemv(argmax=best) leaves in best[r] the key of row r's first maximum of the product the same GEMV writes
+    (rounded to the dtype; the same sums), found by the sampler's greedy kernel too: its index, and its value's
+    order key in the high bits; with a bias, and with the norm prologue. A maximum made twice (a weight row copied
+    to an earlier row in another tile) gives the earlier index. N 50257 (GPT-2's LM head) and 20011: tiles past
+    the last row and one K split."""
+    import cupy
+
+    from cupy_transformer.ops.decode_state import argmax_index
+    from cupy_transformer.ops.gemv import gemv_argmax_fits
+    from cupy_transformer.ops.sampling import sample_tokens
+
+    x, w, bias, norm = norm_inputs(rng, dtype, rows, k, n, True, "layer_norm", with_bias=True)
+
+    def product():
+        a = on_backend({"x": x, "w": w, "bias": bias, "gamma": norm.gamma, "beta": norm.beta}, gpu=True)
+        gpu_norm = norm._replace(gamma=a["gamma"], beta=a["beta"]) if with_norm else None
+        assert gemv_argmax_fits(a["x"], a["w"], True, norm=gpu_norm)
+        return a, gpu_norm, gemv(a["x"], a["w"], True, a["bias"], norm=gpu_norm)
+
+    a, gpu_norm, y = product()
+    first = int(numpy.argmax(y.get()[0].astype(numpy.float32)))
+    if first > 64:  # the maximum again, earlier, in another tile: the first index wins
+        w[first // 2], bias[first // 2] = w[first], bias[first]
+        a, gpu_norm, y = product()
+        assert y.get()[0, first // 2] == y.get()[0, first]
+    want = cupy.zeros(rows, cupy.int32)
+    sample_tokens(y, want, cupy.zeros(2, cupy.uint64))  # greedy_tokens over the written product
+    best = cupy.zeros(rows, cupy.uint64)
+    assert gemv(a["x"], a["w"], True, a["bias"], norm=gpu_norm, argmax=best) is None
+    got = argmax_index(best.get())
+    assert got.tolist() == want.get().tolist()
+    assert first <= 64 or got[0] == first // 2
+    values = y.get().astype(numpy.float32)[numpy.arange(rows), got]
+    assert (values == y.get().astype(numpy.float32).max(axis=1)).all()
+
+
+@pytest.mark.gpu
+def test_gpu_argmax_fits_an_lm_heads_shapes_only(rng):
+    """gemv_argmax_fits: fp16 / bf16 [out, in] weights, up to 8 rows, no activation, one K split (GPT-2's LM head
+    has it; 64 outputs split their K over the idle SMs: not). gemv refuses what the kernel cannot take before it
+    launches: several K splits, a key array of another dtype or length, an activation."""
+    from cupy_transformer.ops.gemv import gemv_argmax_fits
+
+    x, w, _, _ = norm_inputs(rng, numpy.float16, 8, 768, 50257, True, "layer_norm", with_bias=False)
+    a = on_backend({"x": x, "w": w, "x9": numpy.concatenate([x, x[:1]])}, gpu=True)
+    assert gemv_argmax_fits(a["x"], a["w"], True)
+    assert not gemv_argmax_fits(a["x9"], a["w"], True)
+    assert not gemv_argmax_fits(a["x"], a["w"].T, False)
+    assert not gemv_argmax_fits(a["x"], a["w"], True, act=ActivationType.GELU)
+    assert not gemv_argmax_fits(a["x"], a["w"][:64], True)
+    assert not gemv_argmax_fits(a["x"].astype(numpy.float32), a["w"].astype(numpy.float32), True)
+    best = a["x"][0, :8].astype(numpy.uint64) * 0
+    with pytest.raises(ValueError, match="argmax: the product takes one K split"):
+        gemv(a["x"], a["w"][:64], True, argmax=best)
+    with pytest.raises(ValueError, match=r"argmax: expected a uint64 array of shape \(8,\); got int32 \(8,\)"):
+        gemv(a["x"], a["w"], True, argmax=best.astype(numpy.int32))
+    with pytest.raises(ValueError, match="no activation or residual"):
+        gemv(a["x"], a["w"], True, act=ActivationType.GELU, argmax=best)
+    assert not best.any()  # nothing ran
