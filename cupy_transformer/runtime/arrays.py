@@ -284,7 +284,7 @@ def as_array(
         want = ", ".join(str(d) for d in ((dtypes,) if isinstance(dtypes, numpy.dtype) else dtypes))
         raise TypeError(f"{name}: expected dtype {want}; got {array.dtype}")
     if shape is not None and (len(shape) != array.ndim or any(w != -1 and w != g for w, g in zip(shape, array.shape))):
-        want = "(" + ", ".join("*" if w == -1 else str(w) for w in shape) + ")"
+        want = "(" + ", ".join("*" if w == -1 else str(w) for w in shape) + ("," if len(shape) == 1 else "") + ")"
         raise ValueError(f"{name}: expected shape {want}; got {tuple(array.shape)}")
     if not array.flags.c_contiguous:
         raise ValueError(

@@ -105,7 +105,7 @@ def test_linear_accepts_torch_layouts_and_empty_inputs(rng):
         (lambda x, w: torch_ops.linear(x, w, None, "SWISH"), ValueError, "activation: expected one of GELU"),
         (lambda x, w: torch_ops.linear(x, w.half()), TypeError, "weight: expected dtype float32; got float16"),
         (lambda x, w: torch_ops.rms_norm(x.double(), w[0].double()), TypeError, "x: expected dtype float16"),
-        (lambda x, w: torch_ops.layer_norm(x, w[0, :4]), ValueError, r"gamma: expected shape \(6\)"),
+        (lambda x, w: torch_ops.layer_norm(x, w[0, :4]), ValueError, r"gamma: expected shape \(6,\)"),
         (lambda x, w: torch_ops.layer_norm(x, w[0], None, -1.0), ValueError, "eps: expected a finite number"),
         (lambda x, w: torch_ops.rms_norm(x, w[0].to("meta")), ValueError, "gamma: expected a tensor on cpu like x"),
     ],

@@ -84,7 +84,7 @@ def test_bad_input():
         ValueError, match=r"activation: expected one of GELU, ReLU, GATED_GELU, GATED_SILU, GELU_EXACT; got 'tanh'"
     ):
         ops.bias_act(h, None, "tanh")
-    with pytest.raises(ValueError, match=r"bias: expected shape \(8\); got \(4,\)"):
+    with pytest.raises(ValueError, match=r"bias: expected shape \(8,\); got \(4,\)"):
         ops.bias_act(h, numpy.ones(4, numpy.float32), "ReLU")
     with pytest.raises(ValueError, match=r"out: expected shape \(2, 4\); got \(2, 8\)"):
         ops.bias_act(h, None, "GATED_GELU", out=h)

@@ -48,7 +48,7 @@ def test_reference_takes_the_tokens_from_best(rng):
     end_step(ids, positions, lengths, seed_step, ring, best=best)
     assert ids.tolist() == tokens.tolist() and ring[1].tolist() == tokens.tolist() and not best.any()
     assert seed_step.tolist() == [12345, 4]
-    with pytest.raises(ValueError, match=r"best: expected shape \(6\); got \(5,\)"):
+    with pytest.raises(ValueError, match=r"best: expected shape \(6,\); got \(5,\)"):
         end_step(ids, positions, lengths, seed_step, ring, best=best[:5])
 
 

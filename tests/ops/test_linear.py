@@ -75,7 +75,7 @@ def test_bad_input():
         r"width 64; got shape \(96, 64\)",
     ):
         op(x, w.T.copy())
-    with pytest.raises(ValueError, match=r"bias: expected shape \(96\); got \(64,\)"):
+    with pytest.raises(ValueError, match=r"bias: expected shape \(96,\); got \(64,\)"):
         op(x, w, numpy.ones(64, numpy.float32))
     with pytest.raises(TypeError, match=r"input: expected dtype float32; got float16"):
         op(x.astype(numpy.float16), w)

@@ -209,7 +209,7 @@ def test_bad_input(rng):
         op(**{**a, "weight_out": a["weight_out"].T.copy()})
     with pytest.raises(ValueError, match=r"weight_out: expected an out-dimension of the hidden width 64; got 63"):
         op(**{**a, "weight_out": a["weight_out"][:, :63].copy()})
-    with pytest.raises(ValueError, match=r"bias: expected shape \(96\); got \(95,\)"):
+    with pytest.raises(ValueError, match=r"bias: expected shape \(96,\); got \(95,\)"):
         op(**{**a, "bias": a["bias"][:95].copy()})
     with pytest.raises(ValueError, match=r"gamma: the MLP norm needs its scale vector; got None"):
         op(**{**a, "gamma": None})

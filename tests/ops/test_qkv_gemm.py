@@ -78,7 +78,7 @@ def test_bad_input():
     cfg = InferenceConfig(hidden_size=64, heads=4, dtype=numpy.float32)
     x, w = numpy.ones((1, 3, 64), numpy.float32), numpy.ones((64, 192), numpy.float32)
     g = numpy.ones(64, numpy.float32)
-    with pytest.raises(ValueError, match=r"gamma: expected shape \(64\); got \(63,\)"):
+    with pytest.raises(ValueError, match=r"gamma: expected shape \(64,\); got \(63,\)"):
         QKVGemmOp(cfg)(x, w, bias=None, gamma=g[:63], beta=g)
     with pytest.raises(ValueError, match=r"gamma: the input norm needs its scale vector; got None"):
         QKVGemmOp(cfg)(x, w)

@@ -140,7 +140,7 @@ def test_bad_input(rng):
         op(h, h, False)
     with pytest.raises(ValueError, match=r"residual: expected shape \(2, 3, 64\); got \(2, 3, 63\)"):
         op(h, h[..., :63].copy(), False, h)
-    with pytest.raises(ValueError, match=r"final_bias: expected shape \(64\); got \(63,\)"):
+    with pytest.raises(ValueError, match=r"final_bias: expected shape \(64,\); got \(63,\)"):
         op(h, h, False, h, final_bias=numpy.ones(63, numpy.float32))
     with pytest.raises(TypeError, match=r"hidden_state: expected dtype float32; got float16"):
         op(h.astype(numpy.float16), h, False, h)

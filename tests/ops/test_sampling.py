@@ -204,9 +204,9 @@ def _bad(**change):
         ),
         (_bad(logits=[[0.0, 1.0]]), TypeError, r"logits: expected a CuPy array, a NumPy array"),
         (_bad(tokens=numpy.zeros(2, numpy.int64)), TypeError, r"tokens: expected dtype int32; got int64"),
-        (_bad(tokens=numpy.zeros(3, numpy.int32)), ValueError, r"tokens: expected shape \(2\); got \(3,\)"),
+        (_bad(tokens=numpy.zeros(3, numpy.int32)), ValueError, r"tokens: expected shape \(2,\); got \(3,\)"),
         (_bad(seed_step=numpy.array([1, 2], numpy.int64)), TypeError, r"seed_step: expected dtype uint64; got int64"),
-        (_bad(seed_step=numpy.zeros(3, numpy.uint64)), ValueError, r"seed_step: expected shape \(2\); got \(3,\)"),
+        (_bad(seed_step=numpy.zeros(3, numpy.uint64)), ValueError, r"seed_step: expected shape \(2,\); got \(3,\)"),
         (_bad(temperature=-0.5), ValueError, r"temperature: expected a finite number >= 0 \(0: greedy\); got -0.5"),
         (_bad(temperature=math.nan), ValueError, r"temperature: .* got nan"),
         (_bad(temperature=1e39), ValueError, r"temperature: .* got 1e\+39"),  # past float32
