@@ -23,7 +23,14 @@ and down products, then the LM head, the sampler's read of the logits and the st
 bytes with every part of the chain (264 blocks, plain and staged), then the GEMV for the products (the LM head too)
 with the other kernels as those reads: how far the step stands from a graph of the same kernels computing nothing.
 
+``--handoff`` (with ``--step``): the same reads (staged 96), each kernel ``chain_read_handoff``, whose blocks wait for
+the kernel before by counters where ``handoffs`` says: the attention's blocks of kv head h for the QKV blocks of head
+h only (so the kernel after a layer's QKV product need not wait for the whole of it: what fusing the QKV product
+into the attention kernel by head, or a flag between them, could give), or every kernel for all of the one before
+by one counter (against the kernel boundary's wait).
+
     python3 benchmarks/chain_floor.py [--models gpt2-small,gpt2-xl,llama-1b] [--stages 0,32,96] [--parts] [--step]
+                                      [--handoff]
 """
 
 from __future__ import annotations
@@ -109,6 +116,62 @@ extern "C" __global__ void __launch_bounds__(256) chain_read(const uint4* __rest
     const int t = threadIdx.x;
     if ((parts & WRITE) ? t < rows : acc == 0x12345678u && rows > 0) y[r0 + min(t, rows - 1)] = __float2half(v);
 }
+
+// Blocks of a grid of `blocks` in group g of `groups` (block b is in group b * groups / blocks).
+__device__ __forceinline__ int group_size(int g, int groups, int blocks) {
+    return ((g + 1) * blocks + groups - 1) / groups - (g * blocks + groups - 1) / groups;
+}
+
+// chain_read with every part of the chain (READ_X | SUM | WRITE), handed on by counters instead of the wait on the
+// whole kernel before where asked. With `wait_on` (else follow_previous_kernel()): block b waits until
+// wait_on[g] (g = b * wait_groups / gridDim.x) counts every block of its group in the kernel before (a grid of
+// `producers` blocks, grouped alike), with an acquire load by one thread; then takes a ticket on
+// wait_on[wait_groups + g], and the group's last block zeroes both for the next launch. With `raise`, each block
+// adds one to raise[b * raise_groups / gridDim.x] (release) once its y is written. So a block of kv head h waits
+// only for the blocks that wrote head h's rows (groups: the heads), or every kernel for all of the one before by
+// a counter (one group), where the kernel boundary waits for the whole grid to finish and its memory to flush.
+extern "C" __global__ void __launch_bounds__(256) chain_read_handoff(const uint4* __restrict__ w, const uint4* x,
+                                                                    __half* y, int N, int K, int staged_rows,
+                                                                    int* wait_on, int wait_groups, int producers,
+                                                                    int* raise, int raise_groups) {
+    extern __shared__ uint4 stage[];
+    __shared__ float scratch[32];
+    const int kv = K / 8, per = (N + gridDim.x - 1) / gridDim.x;
+    const int r0 = min(N, static_cast<int>(blockIdx.x) * per), rows = min(N, r0 + per) - r0;
+    const long long n = static_cast<long long>(rows) * kv, mid = static_cast<long long>(min(rows, staged_rows)) * kv;
+    const uint4* src = w + static_cast<long long>(r0) * kv;
+    stage_copy(stage, src, 0, mid);
+    if (wait_on == nullptr) {
+        follow_previous_kernel();
+    } else {
+        const int g = blockIdx.x * wait_groups / gridDim.x, want = group_size(g, wait_groups, producers);
+        if (threadIdx.x == 0) {
+            int seen;
+            do asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(seen) : "l"(wait_on + g) : "memory");
+            while (seen < want);
+            int before;
+            asm volatile("atom.relaxed.gpu.global.add.s32 %0, [%1], 1;"
+                         : "=r"(before) : "l"(wait_on + wait_groups + g) : "memory");
+            if (before == group_size(g, wait_groups, gridDim.x) - 1) wait_on[g] = 0, wait_on[wait_groups + g] = 0;
+        }
+        __syncthreads();
+#if __CUDA_ARCH__ >= 900
+        asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+    }
+    unsigned acc = fold(__ldcg(x + threadIdx.x % kv));  // through L2: a counter, not a kernel boundary, ordered it
+    for (long long i = mid + threadIdx.x; i < n; i += blockDim.x) acc ^= fold(__ldg(src + i));
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    for (long long i = threadIdx.x; i < mid; i += blockDim.x) acc ^= fold(stage[i]);
+    const float v = block_sum(__uint_as_float(acc & 0x3f7fffffu), scratch);
+    if (threadIdx.x < rows) y[r0 + threadIdx.x] = __float2half(v);
+    if (raise != nullptr) {
+        __syncthreads();
+        if (threadIdx.x == 0)
+            asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(raise + blockIdx.x * raise_groups / gridDim.x)
+                         : "memory");
+    }
+}
 }  // namespace ct
 """
 
@@ -142,6 +205,20 @@ def step_kernels(shape: str, context: int = 192) -> list[tuple[str, int, int]]:
     return [("embedding", hidden, 2), *layer * layers, lm_head, ("sampler", 64, -(-vocab // 64)), ("end", 8, 1)]
 
 
+def handoffs(kernels: list[tuple[str, int, int]], heads: int, way: str) -> list[tuple[int, int]]:
+    """Per kernel of ``step_kernels``, (groups it waits on, groups it raises) for ``chain_read_handoff``; 0 waits
+    for the kernel before as a kernel does, 0 raises nothing. ``way`` "head": each attention kernel waits on the
+    QKV product before it by ``heads`` groups (its kv heads); "all": every kernel after the first waits on the one
+    before by one counter."""
+    if way not in ("head", "all"):
+        raise ValueError(f"way: expected 'head' or 'all'; got {way!r}")
+    waits = [0] * len(kernels)
+    for i in range(1, len(kernels)):
+        if way == "all" or kernels[i][0] == "attention":
+            waits[i] = 1 if way == "all" else heads
+    return [(waits[i], waits[i + 1] if i + 1 < len(kernels) else 0) for i in range(len(kernels))]
+
+
 def chained_us(products, weights, x0) -> float:
     """µs of one CUDA graph of programmatic launches (best of 3): ``products[i](v, weights[i])`` in turn from x0, each
     on the first K values (``weights[i]``'s [N, K]) of the vector the one before wrote."""
@@ -171,6 +248,9 @@ def main() -> None:
         "--parts", action="store_true", help="also the slices read with no math, adding a product's chain part by part"
     )
     parser.add_argument("--step", action="store_true", help="also the whole step's kernels as reads, beside the step")
+    parser.add_argument(
+        "--handoff", action="store_true", help="with --step: kernels that wait for the one before by counters"
+    )
     args = parser.parse_args()
     import cupy
     import numpy
@@ -184,7 +264,9 @@ def main() -> None:
         sys.exit("chain_floor.py: programmatic launches need compute capability 9.0 or later")
     module = cupy.RawModule(code=source(), options=compile_options())
     kernel, read = module.get_function("chain_product"), module.get_function("chain_read")
+    handing = module.get_function("chain_read_handoff")
     kernel.max_dynamic_shared_size_bytes = read.max_dynamic_shared_size_bytes = MAX_STAGE
+    handing.max_dynamic_shared_size_bytes = MAX_STAGE
     sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
     rng = cupy.random.default_rng(0)
 
@@ -203,6 +285,18 @@ def main() -> None:
         staged = staged_rows(k, n, kib, 2 * sms, sms)
         launch_args = (w, v, y, numpy.int32(n), numpy.int32(k), numpy.int32(staged), numpy.int32(parts))
         programmatic.launch(read, (2 * sms,), (256,), staged * 2 * k, launch_args)
+        return y
+
+    def handoff_kernel(v, w, wait_on, wait_groups, raise_to, raise_groups, width):
+        """``chain_read_handoff`` of w as ``read_kernel`` reads it (264 blocks, 96 KiB an SM staged), waiting on
+        ``wait_on`` (counters of the kernel before, or None) and raising ``raise_to`` (or None)."""
+        n, k = w.shape
+        y = cupy.empty((1, max(n, width)), cupy.float16)
+        staged = staged_rows(k, n, 96, 2 * sms, sms)
+        i32 = numpy.int32
+        launch_args = (w, v, y, i32(n), i32(k), i32(staged), wait_on, i32(wait_groups), i32(2 * sms), raise_to,
+                       i32(raise_groups))  # fmt: skip
+        programmatic.launch(handing, (2 * sms,), (256,), staged * 2 * k, launch_args)
         return y
 
     print(f"{card_name()}, {sms} SMs; µs a step of the layers' products (no LM head), a CUDA graph, best of 3")
@@ -246,10 +340,10 @@ def main() -> None:
         del weights
         cupy.get_default_memory_pool().free_all_blocks()
         if args.step:
-            whole_step(name, read_kernel, rng)
+            whole_step(name, read_kernel, rng, handoff_kernel if args.handoff else None)
 
 
-def whole_step(name: str, read_kernel, rng) -> None:
+def whole_step(name: str, read_kernel, rng, handoff_kernel=None) -> None:
     """``--step``: the step as it runs against ``step_kernels`` as reads, and as the GEMV for the products with the
     others read, one CUDA graph each (best of 3)."""
     import cupy
@@ -282,6 +376,26 @@ def whole_step(name: str, read_kernel, rng) -> None:
     for way, kernel in ways:
         t = chained_us([functools.partial(kernel, what) for what, *_ in kernels], arrays, x0)
         print(f"| {way} | {t:.1f} | {step_ms * 1e3 / t:.2f} |", flush=True)
+    if handoff_kernel is None:
+        return
+    family, config, _ = bench.SHAPES[name]
+    heads = config["n_head"] if family == "gpt2" else config["num_key_value_heads"]
+    for way, label in (("head", f"attention waits on its {heads} heads' QKV blocks"), ("all", "one counter a kernel")):
+        plan = handoffs(kernels, heads, way)
+        counters = [cupy.zeros(2 * waits, cupy.int32) if waits else None for waits, _ in plan]  # (count, ticket)s
+        products = [
+            functools.partial(
+                handoff_kernel,
+                wait_on=counters[i],
+                wait_groups=waits,
+                raise_to=raised,
+                raise_groups=raises,
+                width=width,
+            )
+            for i, ((waits, raises), raised) in enumerate(zip(plan, counters[1:] + [None]))
+        ]
+        t = chained_us(products, arrays, x0)
+        print(f"| every kernel a read, staged 96, handed on by counters: {label} | {t:.1f} | {step_ms * 1e3 / t:.2f} |")
 
 
 if __name__ == "__main__":

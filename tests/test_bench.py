@@ -192,6 +192,24 @@ def test_chain_floor_step_is_the_fused_steps_kernels():
     assert len(llama) == 1 + 5 * 16 + 3 and llama[2][1:] == (64, 2 * 8 * 100) and llama[4][1:] == (2048, 16384)
 
 
+def test_chain_floor_handoffs_wait_where_asked():
+    """``--handoff``'s plans: "head" has each attention kernel wait on its QKV product by the kv heads (the QKV
+    product raising as many counters) and every other kernel wait as a kernel does; "all" has every kernel after the
+    first wait on the one before by one counter. A kernel raises what the next waits on."""
+    from benchmarks.chain_floor import handoffs, step_kernels
+
+    kernels = step_kernels("gpt2-small")
+    head = handoffs(kernels, 12, "head")
+    assert head[:7] == [(0, 0), (0, 12), (12, 0), (0, 0), (0, 0), (0, 0), (0, 12)]
+    assert sum(waits == 12 for waits, _ in head) == 12 and head[-4:] == [(0, 0)] * 4
+    every = handoffs(kernels, 12, "all")
+    assert every[0] == (0, 1) and every[-1] == (1, 0) and set(every[1:-1]) == {(1, 1)}
+    for plan in (head, every):
+        assert all(raises == plan[i + 1][0] for i, (_, raises) in enumerate(plan[:-1]))
+    with pytest.raises(ValueError, match="way: expected 'head' or 'all'; got 'some'"):
+        handoffs(kernels, 12, "some")
+
+
 @pytest.mark.cupy
 def test_chain_floor_kernel_compiles_for_sm90():
     """Its kernel (cp.async into shared memory before griddepcontrol.wait, then the product) compiles for sm_90
