@@ -117,6 +117,20 @@ extern "C" __global__ void __launch_bounds__(256) chain_read(const uint4* __rest
     if ((parts & WRITE) ? t < rows : acc == 0x12345678u && rows > 0) y[r0 + min(t, rows - 1)] = __float2half(v);
 }
 
+// A block's rows [r0, r0 + rows) of W [N, K] (kv uint4 a row, N split evenly over the grid): n uint4 from src, the
+// first `mid` of them staged (chain_read's slice, which it computes inline: its machine code as measured).
+struct ReadSlice {
+    int kv, r0, rows;
+    long long n, mid;
+    const uint4* src;
+    __device__ ReadSlice(const uint4* w, int N, int K, int staged_rows) {
+        const int per = (N + gridDim.x - 1) / gridDim.x;
+        kv = K / 8, r0 = min(N, static_cast<int>(blockIdx.x) * per), rows = min(N, r0 + per) - r0;
+        n = static_cast<long long>(rows) * kv, mid = static_cast<long long>(min(rows, staged_rows)) * kv;
+        src = w + static_cast<long long>(r0) * kv;
+    }
+};
+
 // Blocks of a grid of `blocks` in group g of `groups` (block b is in group b * groups / blocks).
 __device__ __forceinline__ int group_size(int g, int groups, int blocks) {
     return ((g + 1) * blocks + groups - 1) / groups - (g * blocks + groups - 1) / groups;
@@ -124,47 +138,60 @@ __device__ __forceinline__ int group_size(int g, int groups, int blocks) {
 
 // chain_read with every part of the chain (READ_X | SUM | WRITE), handed on by counters instead of the wait on the
 // whole kernel before where asked. With `wait_on` (else follow_previous_kernel()): block b waits until
-// wait_on[g] (g = b * wait_groups / gridDim.x) counts every block of its group in the kernel before (a grid of
-// `producers` blocks, grouped alike), with an acquire load by one thread; then takes a ticket on
-// wait_on[wait_groups + g], and the group's last block zeroes both for the next launch. With `raise`, each block
-// adds one to raise[b * raise_groups / gridDim.x] (release) once its y is written. So a block of kv head h waits
-// only for the blocks that wrote head h's rows (groups: the heads), or every kernel for all of the one before by
-// a counter (one group), where the kernel boundary waits for the whole grid to finish and its memory to flush.
+// wait_on[g] (g = b * wait_groups / gridDim.x < HANDOFF_GROUPS) counts every block of its group in the kernel
+// before (a grid of `producers` blocks of `producer_rows` rows, grouped alike), one thread spinning on a relaxed load
+// and then fencing (an acquire without an L1 invalidation each pass); then takes a ticket on wait_on[HANDOFF_GROUPS
+// + g] (another 128-byte line), and the group's last block zeroes both for the next launch. It reads x from its
+// group's first rows (rounded up to a vector), which those blocks wrote. With `raise`, each block adds one to
+// raise[b * raise_groups / gridDim.x] (release) once its y is written. So a block of group g waits only for the
+// blocks of the kernel before in group g: with a group a kv head, what a kv head's attention waiting only for the
+// QKV blocks of its head would gain (optimistic: a head's rows are three ranges of the QKV product, a group one
+// contiguous range of its blocks), or every kernel waiting for all of the one before by one counter, against the
+// kernel boundary's wait for the whole grid to finish and its memory to flush. A spin that outlasts about a second
+// traps (a miscounted plan fails the run, not hangs it).
+constexpr int HANDOFF_GROUPS = 32;
 extern "C" __global__ void __launch_bounds__(256) chain_read_handoff(const uint4* __restrict__ w, const uint4* x,
                                                                     __half* y, int N, int K, int staged_rows,
                                                                     int* wait_on, int wait_groups, int producers,
-                                                                    int* raise, int raise_groups) {
+                                                                    int producer_rows, int* raise, int raise_groups) {
     extern __shared__ uint4 stage[];
     __shared__ float scratch[32];
-    const int kv = K / 8, per = (N + gridDim.x - 1) / gridDim.x;
-    const int r0 = min(N, static_cast<int>(blockIdx.x) * per), rows = min(N, r0 + per) - r0;
-    const long long n = static_cast<long long>(rows) * kv, mid = static_cast<long long>(min(rows, staged_rows)) * kv;
-    const uint4* src = w + static_cast<long long>(r0) * kv;
-    stage_copy(stage, src, 0, mid);
+    const ReadSlice slice(w, N, K, staged_rows);
+    stage_copy(stage, slice.src, 0, slice.mid);
+    int x_first = 0;  // the first of x's K values this block reads
     if (wait_on == nullptr) {
         follow_previous_kernel();
     } else {
         const int g = blockIdx.x * wait_groups / gridDim.x, want = group_size(g, wait_groups, producers);
+        x_first = (g * producers + wait_groups - 1) / wait_groups * producer_rows + 7 & ~7;
         if (threadIdx.x == 0) {
             int seen;
-            do asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(seen) : "l"(wait_on + g) : "memory");
-            while (seen < want);
+            for (int spins = 0;; ++spins) {
+                asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];" : "=r"(seen) : "l"(wait_on + g) : "memory");
+                if (seen >= want) break;
+                if (spins > (1 << 22)) __trap();  // an L2 round trip a pass: about a second
+            }
+            asm volatile("fence.acq_rel.gpu;" ::: "memory");
             int before;
             asm volatile("atom.relaxed.gpu.global.add.s32 %0, [%1], 1;"
-                         : "=r"(before) : "l"(wait_on + wait_groups + g) : "memory");
-            if (before == group_size(g, wait_groups, gridDim.x) - 1) wait_on[g] = 0, wait_on[wait_groups + g] = 0;
+                         : "=r"(before) : "l"(wait_on + HANDOFF_GROUPS + g) : "memory");
+            if (before == group_size(g, wait_groups, gridDim.x) - 1) {
+                asm volatile("st.relaxed.gpu.global.s32 [%0], 0;" ::"l"(wait_on + g) : "memory");
+                asm volatile("st.relaxed.gpu.global.s32 [%0], 0;" ::"l"(wait_on + HANDOFF_GROUPS + g) : "memory");
+            }
         }
         __syncthreads();
 #if __CUDA_ARCH__ >= 900
         asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
     }
-    unsigned acc = fold(__ldcg(x + threadIdx.x % kv));  // through L2: a counter, not a kernel boundary, ordered it
-    for (long long i = mid + threadIdx.x; i < n; i += blockDim.x) acc ^= fold(__ldg(src + i));
+    // through L2: a counter, not a kernel boundary, ordered it
+    unsigned acc = fold(__ldcg(x + x_first / 8 + threadIdx.x % slice.kv));
+    for (long long i = slice.mid + threadIdx.x; i < slice.n; i += blockDim.x) acc ^= fold(__ldg(slice.src + i));
     asm volatile("cp.async.wait_all;" ::: "memory");
-    for (long long i = threadIdx.x; i < mid; i += blockDim.x) acc ^= fold(stage[i]);
+    for (long long i = threadIdx.x; i < slice.mid; i += blockDim.x) acc ^= fold(stage[i]);
     const float v = block_sum(__uint_as_float(acc & 0x3f7fffffu), scratch);
-    if (threadIdx.x < rows) y[r0 + threadIdx.x] = __float2half(v);
+    if (threadIdx.x < slice.rows) y[slice.r0 + threadIdx.x] = __float2half(v);
     if (raise != nullptr) {
         __syncthreads();
         if (threadIdx.x == 0)
@@ -174,6 +201,8 @@ extern "C" __global__ void __launch_bounds__(256) chain_read_handoff(const uint4
 }
 }  // namespace ct
 """
+
+HANDOFF_GROUPS = 32  # chain_read_handoff's: the most groups a kernel waits on; its tickets 128 bytes past the counts
 
 # chain_read's parts (READ_X, WRITE, SUM): each added to the one before.
 PARTS = ((0, "no chain"), (1, "+ x read"), (3, "+ x read, y written"), (7, "+ x read, block sum, y written"))
@@ -212,6 +241,8 @@ def handoffs(kernels: list[tuple[str, int, int]], heads: int, way: str) -> list[
     before by one counter."""
     if way not in ("head", "all"):
         raise ValueError(f"way: expected 'head' or 'all'; got {way!r}")
+    if not 1 <= heads <= HANDOFF_GROUPS:
+        raise ValueError(f"heads: expected 1 to {HANDOFF_GROUPS} groups (the kernel's counters); got {heads}")
     waits = [0] * len(kernels)
     for i in range(1, len(kernels)):
         if way == "all" or kernels[i][0] == "attention":
@@ -287,15 +318,15 @@ def main() -> None:
         programmatic.launch(read, (2 * sms,), (256,), staged * 2 * k, launch_args)
         return y
 
-    def handoff_kernel(v, w, wait_on, wait_groups, raise_to, raise_groups, width):
-        """``chain_read_handoff`` of w as ``read_kernel`` reads it (264 blocks, 96 KiB an SM staged), waiting on
-        ``wait_on`` (counters of the kernel before, or None) and raising ``raise_to`` (or None)."""
+    def handoff_kernel(v, w, y, wait_on, wait_groups, producer_rows, raise_to, raise_groups):
+        """``chain_read_handoff`` of w into y as ``read_kernel`` reads it (264 blocks, 96 KiB an SM staged), waiting
+        on ``wait_on`` (counters of the kernel before, a grid of 264 blocks of ``producer_rows`` rows, or None) and
+        raising ``raise_to`` (or None)."""
         n, k = w.shape
-        y = cupy.empty((1, max(n, width)), cupy.float16)
         staged = staged_rows(k, n, 96, 2 * sms, sms)
         i32 = numpy.int32
-        launch_args = (w, v, y, i32(n), i32(k), i32(staged), wait_on, i32(wait_groups), i32(2 * sms), raise_to,
-                       i32(raise_groups))  # fmt: skip
+        launch_args = (w, v, y, i32(n), i32(k), i32(staged), wait_on, i32(wait_groups), i32(2 * sms),
+                       i32(producer_rows), raise_to, i32(raise_groups))  # fmt: skip
         programmatic.launch(handing, (2 * sms,), (256,), staged * 2 * k, launch_args)
         return y
 
@@ -380,21 +411,26 @@ def whole_step(name: str, read_kernel, rng, handoff_kernel=None) -> None:
         return
     family, config, _ = bench.SHAPES[name]
     heads = config["n_head"] if family == "gpt2" else config["num_key_value_heads"]
+    blocks = 2 * cupy.cuda.Device().attributes["MultiProcessorCount"]  # handoff_kernel's grid
     for way, label in (("head", f"attention waits on its {heads} heads' QKV blocks"), ("all", "one counter a kernel")):
         plan = handoffs(kernels, heads, way)
-        counters = [cupy.zeros(2 * waits, cupy.int32) if waits else None for waits, _ in plan]  # (count, ticket)s
-        products = [
+        # A kernel's counters: a count a group, then (128 bytes on) a ticket a group. Each kernel's y lives through
+        # the step: a kernel that waited for part of the one before must not write where that one's x was.
+        counters = [cupy.zeros(2 * HANDOFF_GROUPS, cupy.int32) if waits else None for waits, _ in plan]
+        outs = [cupy.empty((1, max(n, width)), cupy.float16) for _, _, n in kernels]
+        handed = [
             functools.partial(
                 handoff_kernel,
+                y=outs[i],
                 wait_on=counters[i],
                 wait_groups=waits,
+                producer_rows=-(-kernels[i - 1][2] // blocks) if i else 0,
                 raise_to=raised,
                 raise_groups=raises,
-                width=width,
             )
             for i, ((waits, raises), raised) in enumerate(zip(plan, counters[1:] + [None]))
         ]
-        t = chained_us(products, arrays, x0)
+        t = chained_us(handed, arrays, x0)
         print(f"| every kernel a read, staged 96, handed on by counters: {label} | {t:.1f} | {step_ms * 1e3 / t:.2f} |")
 
 

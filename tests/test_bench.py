@@ -208,6 +208,8 @@ def test_chain_floor_handoffs_wait_where_asked():
         assert all(raises == plan[i + 1][0] for i, (_, raises) in enumerate(plan[:-1]))
     with pytest.raises(ValueError, match="way: expected 'head' or 'all'; got 'some'"):
         handoffs(kernels, 12, "some")
+    with pytest.raises(ValueError, match="heads: expected 1 to 32 groups"):
+        handoffs(kernels, 33, "head")
 
 
 @pytest.mark.cupy
