@@ -257,22 +257,27 @@ def gemv_argmax_fits(x, w, transposed, bias=None, act=None, norm: GemvNorm | Non
     """Whether ``gemv(argmax=)`` takes this product (``gemv_fits`` must hold, and with ``norm`` ``gemv_fused_fits``):
     fp16/bf16 ``[out, in]`` weights, up to 8 rows, no activation, and one K split (an LM head's rows fill the GPU
     many times over; a split's partials would need a last block to finish the argmax)."""
-    if x.dtype.itemsize != 2 or not transposed or x.shape[0] > 8 or act is not None:
+    if not _argmax_product(x, transposed, act):
         return False
     if norm is not None and not gemv_fused_fits(x, w, transposed, bias, norm=norm):
         return False
     return _launch_plan(x, w, transposed, make_workspace=False)[1][1] == 1
 
 
+def _argmax_product(x, transposed, act, residual=None) -> bool:
+    """Whether the argmax epilogue takes a product of this form: 16-bit [out, in], up to 8 rows, neither an activation
+    nor a residual (the kernel writes a key a row and applies neither)."""
+    return x.dtype.itemsize == 2 and bool(transposed) and x.shape[0] <= 8 and act is None and residual is None
+
+
 def _check_argmax(argmax, x, transposed, act, residual) -> None:
-    """``gemv``'s ``argmax`` before the launch: a uint64 [rows] array, for a 16-bit [out, in] product of up to 8 rows
-    with no activation or residual (the kernel writes a key a row there and applies neither)."""
+    """``gemv``'s ``argmax`` before the launch: a uint64 [rows] array, for a product ``_argmax_product`` takes."""
     import numpy
 
     rows = x.shape[0]
     if argmax.dtype != numpy.uint64 or argmax.shape != (rows,):
         raise ValueError(f"argmax: expected a uint64 array of shape ({rows},); got {argmax.dtype} {argmax.shape}")
-    if x.dtype.itemsize != 2 or not transposed or rows > 8 or act is not None or residual is not None:
+    if not _argmax_product(x, transposed, act, residual):
         raise ValueError("argmax: takes a 16-bit [out, in] product of up to 8 rows with no activation or residual")
 
 
