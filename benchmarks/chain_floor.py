@@ -243,11 +243,8 @@ def handoffs(kernels: list[tuple[str, int, int]], heads: int, way: str) -> list[
         raise ValueError(f"way: expected 'head' or 'all'; got {way!r}")
     if not 1 <= heads <= HANDOFF_GROUPS:
         raise ValueError(f"heads: expected 1 to {HANDOFF_GROUPS} groups (the kernel's counters); got {heads}")
-    waits = [0] * len(kernels)
-    for i in range(1, len(kernels)):
-        if way == "all" or kernels[i][0] == "attention":
-            waits[i] = 1 if way == "all" else heads
-    return [(waits[i], waits[i + 1] if i + 1 < len(kernels) else 0) for i in range(len(kernels))]
+    waits = [0] + [1 if way == "all" else heads if what == "attention" else 0 for what, *_ in kernels[1:]]
+    return list(zip(waits, waits[1:] + [0]))
 
 
 def chained_us(products, weights, x0) -> float:
