@@ -156,13 +156,27 @@ def matmul_reference(
     return y.reshape(tuple(x.shape[:-1]) + (out_features,))
 
 
+#: Up to this many rows a float32 product on the CPU (``_blas_product``) runs as one BLAS product a row: OpenBLAS
+#: (NumPy's wheels') multiplies a few rows at once far slower than one row (3-8x one row's time for two rows at
+#: GPT-2 small's decode shapes), and past three rows one product was as often faster. A row's product is then the
+#: one it gets alone, to the bit, in a product of up to this many rows.
+ROW_PRODUCTS = 3
+
+
 def _blas_product(x, w, transposed, bias, act, norm, residual):
     """``matmul``'s product on float32 NumPy arrays inside ``cpu_float32``: BLAS's float32 product (its own
-    accumulation), the bias, activation and residual added in float32 (the residual form: one float32 sum a term)."""
+    accumulation; a product a row up to ``ROW_PRODUCTS`` rows), the bias, activation and residual added in float32
+    (the residual form: one float32 sum a term)."""
     if norm is not None:
         x = norm_reference(norm.mode, x, norm.gamma, norm.beta, norm.eps)
     out_features = w.shape[0] if transposed else w.shape[1]
-    y = x.reshape(-1, x.shape[-1]) @ (w.T if transposed else w)
+    x2, w2 = x.reshape(-1, x.shape[-1]), w.T if transposed else w
+    if len(x2) <= ROW_PRODUCTS:
+        y = numpy.empty((len(x2), out_features), numpy.float32)
+        for r in range(len(x2)):
+            numpy.matmul(x2[r : r + 1], w2, out=y[r : r + 1])
+    else:
+        y = x2 @ w2
     if residual is not None:
         if act is not None:
             raise ValueError("matmul: a residual epilogue takes no activation")

@@ -73,6 +73,29 @@ def test_cpu_float32_products_are_blas_float32_products(rng, fusion):
     assert numpy.array_equal(mm.matmul(x, w, True, **kwargs), want)  # outside it: the reference again
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["[in,out]", "[out,in]"])
+def test_cpu_float32_products_of_few_rows_are_each_rows_own(rng, transposed):
+    """Inside ``cpu_float32`` a product of up to ``ROW_PRODUCTS`` rows is each row's product alone, to the bit, and
+    one of more rows is one BLAS product."""
+    k, n = 200, 72
+    w = weight(rng, k, n, numpy.float32, transposed)
+    bias = random(rng, (n,), numpy.float32)
+    with cpu_float32():
+        for rows in range(1, mm.ROW_PRODUCTS + 3):
+            x = random(rng, (rows, k), numpy.float32)
+            got = mm.matmul(x, w, transposed, bias, ActivationType.GELU)
+            alone = numpy.concatenate(
+                [mm.matmul(x[r : r + 1], w, transposed, bias, ActivationType.GELU) for r in range(rows)]
+            )
+            one = mm.matmul_reference(x, w, transposed, bias, ActivationType.GELU)  # rounding aside, the same values
+            assert rel_error(got, one) < TOL_CHAINED[numpy.dtype(numpy.float32)]
+            if rows <= mm.ROW_PRODUCTS:
+                assert numpy.array_equal(got, alone)
+            else:
+                product = x @ (w.T if transposed else w)
+                assert numpy.array_equal(got, mm.apply_bias_act(product, bias, ActivationType.GELU, out=product))
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("lead", [(5,), (2, 3)], ids=["[tokens,hidden]", "[B,S,hidden]"])
 def test_lm_logits_numpy_path(rng, dtype, lead):
