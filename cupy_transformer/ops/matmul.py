@@ -172,7 +172,7 @@ def _blas_product(x, w, transposed, bias, act, norm, residual):
     out_features = w.shape[0] if transposed else w.shape[1]
     x2, w2 = x.reshape(-1, x.shape[-1]), w.T if transposed else w
     if len(x2) <= ROW_PRODUCTS:
-        y = numpy.empty((len(x2), out_features), numpy.float32)
+        y = numpy.empty((len(x2), out_features), x2.dtype)
         for r in range(len(x2)):
             numpy.matmul(x2[r : r + 1], w2, out=y[r : r + 1])
     else:
