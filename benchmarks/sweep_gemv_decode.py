@@ -80,6 +80,7 @@ def main(argv=None) -> None:
     )
 
     import cupy
+    from ml_dtypes import bfloat16
 
     from benchmarks.bench_gemv_captured import captured, copies
     from benchmarks.common import free_gpu_memory, header, read_launch, spin_up, time_us, write_table
@@ -96,13 +97,12 @@ def main(argv=None) -> None:
         gemv,
         prologue_fits,
     )
-    from cupy_transformer.runtime.arrays import bfloat16
     from cupy_transformer.runtime.kernels import CTYPES
     from cupy_transformer.runtime.programmatic import programmatic_launches
 
     geometries = {False: sorted(set(GEMV_TC_KN) | {(1, 2, 1), (1, 4, 1)}), True: sorted(set(GEMV_TC_NK.values()))}
     names = [
-        fused_kernel_name(CTYPES[numpy_dtype], transposed, g, fuse)
+        fused_kernel_name(CTYPES[numpy_dtype.name], transposed, g, fuse)
         for numpy_dtype in (cupy.dtype(cupy.float16), cupy.dtype(bfloat16))
         for transposed, gs in geometries.items()
         for g in gs

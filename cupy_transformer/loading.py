@@ -16,7 +16,16 @@ from pathlib import Path
 
 import numpy
 
-from .runtime.arrays import FLOAT_DTYPES, array_module, check_backend, float_dtype, import_cupy, kind_of, module_of
+from .runtime.arrays import (
+    array_module,
+    bfloat16_dtype,
+    check_backend,
+    float_dtype,
+    import_cupy,
+    is_float_dtype,
+    kind_of,
+    module_of,
+)
 
 WEIGHTS, INDEX, CONFIG, TOKENIZER = "model.safetensors", "model.safetensors.index.json", "config.json", "tokenizer.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -127,11 +136,13 @@ class Checkpoint:
             if name not in f.keys():
                 raise ValueError(f"tensor {name!r} not found in {path.name} (where {INDEX} places it)")
             view = f.get_slice(name)
+            if view.get_dtype() == "BF16":
+                bfloat16_dtype()  # safetensors reads bf16 into NumPy by the name ml_dtypes registers
             full = tuple(view.get_shape())
             if shape is not None and full != tuple(shape):
                 raise ValueError(f"tensor {name!r} in {path.name}: expected shape {tuple(shape)}; got {full}")
             stored = f.get_tensor(name) if split is None else split.take(name, view, full, rank, size)
-        if stored.dtype not in FLOAT_DTYPES + (numpy.dtype(numpy.float64),):
+        if not (is_float_dtype(stored.dtype) or stored.dtype == numpy.float64):
             raise TypeError(f"tensor {name!r} in {path.name}: expected floating-point weights; got {stored.dtype}")
         return array_module(backend).asarray(stored).astype(dtype)
 
@@ -145,7 +156,7 @@ class Checkpoint:
             value = import_cupy().from_dlpack(value) if on_gpu else numpy.from_dlpack(value)
         if shape is not None and tuple(value.shape) != tuple(shape):
             raise ValueError(f"tensor {name!r}: expected shape {tuple(shape)}; got {tuple(value.shape)}")
-        if value.dtype not in FLOAT_DTYPES + (numpy.dtype(numpy.float64),):
+        if not (is_float_dtype(value.dtype) or value.dtype == numpy.float64):
             raise TypeError(f"tensor {name!r}: expected floating-point weights; got {value.dtype}")
         if split is not None:
             value = split.take(name, value, tuple(value.shape), rank, size, module_of(value))

@@ -62,6 +62,33 @@ def test_reads_single_and_sharded_checkpoints(tmp_path, tensors, shards):
     check(tmp_path, tensors, "numpy")
 
 
+def test_a_fresh_process_reads_bf16_weights(tmp_path, tensors):
+    # The package imports ml_dtypes only for bf16, and safetensors reads bf16 into NumPy by the name it registers:
+    # a process that has not imported it yet still reads a bf16 tensor, whole and split by rows.
+    import subprocess
+    import sys
+
+    write(tmp_path, tensors)
+    name = "h.0.attn.c_attn.weight"
+    code = f"""
+import sys, numpy
+from cupy_transformer.loading import Checkpoint
+from cupy_transformer.parallel import Split
+assert "ml_dtypes" not in sys.modules
+ck = Checkpoint({str(tmp_path)!r})
+whole = ck.tensor({name!r}, numpy.float32, (8, 24), "numpy")
+half = ck.tensor({name!r}, numpy.float32, (8, 24), "numpy", split=Split(0), rank=1, size=2)
+numpy.save(sys.stdout.buffer, numpy.stack([whole[4:], half]))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    import io
+
+    whole, half = numpy.load(io.BytesIO(done.stdout))
+    expected = tensors[name].astype(numpy.float32)[4:]
+    assert (whole == expected).all() and (half == expected).all()
+
+
 @pytest.mark.gpu
 def test_gpu_reads_a_checkpoint_tensor_by_tensor(tmp_path, tensors):
     write(tmp_path, tensors, 2)

@@ -192,6 +192,9 @@ def recorded_reads(monkeypatch):
         def get_shape(self):
             return self.view.get_shape()
 
+        def get_dtype(self):
+            return self.view.get_dtype()
+
         def __getitem__(self, index):
             part = self.view[index]
             with lock:
@@ -517,8 +520,7 @@ def gpu_one_rank_collectives(comm):
     binding maps (a sum over one rank is the array itself), eagerly, then the all-reduce captured in a CUDA graph
     between two kernels and replayed on new values."""
     import cupy
-
-    from cupy_transformer.runtime.arrays import bfloat16
+    from ml_dtypes import bfloat16
 
     rng = numpy.random.default_rng(7)
     checked = []

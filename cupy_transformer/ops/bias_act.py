@@ -31,6 +31,7 @@ from ..runtime.kernels import (
     CTYPES,
     KernelFamily,
     access_width,
+    ctype_of,
     elementwise_grid,
     run_variants,
     vector_count,
@@ -42,7 +43,7 @@ _ACTS = (0,) + tuple(int(a) for a in ActivationType)
 
 
 def _name(dtype: numpy.dtype, act: int, vec: int, whole: str) -> str:
-    return f"ct::bias_act<{CTYPES[dtype]}, {act}, {vec}, {whole}>"
+    return f"ct::bias_act<{ctype_of(dtype)}, {act}, {vec}, {whole}>"
 
 
 _KERNELS = KernelFamily("bias_act.cu", [_name(d, a, v, w) for d in CTYPES for a in _ACTS for v, w in run_variants(d)])

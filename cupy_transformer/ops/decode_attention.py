@@ -13,7 +13,15 @@ import math
 import numpy
 
 from ..runtime.arrays import import_cupy
-from ..runtime.kernels import CTYPES, KernelFamily, compute_capability, split_workspace, wave_blocks
+from ..runtime.kernels import (
+    CTYPES,
+    HALF_CTYPES,
+    KernelFamily,
+    compute_capability,
+    ctype_of,
+    split_workspace,
+    wave_blocks,
+)
 from ..runtime.lru import device_int32
 from .rotary_append import rotary_arguments
 from .softmax import mask_arguments
@@ -23,13 +31,7 @@ TENSOR_CORE_HEAD_SIZES = (32, 64, 96, 128)  # attention_partial_tc's (fp16/bf16,
 _KERNELS = KernelFamily(
     "decode_attention.cu",
     [f"ct::attention_partial<{c}, {g}>" for c in CTYPES.values() for g in GROUPS]
-    + [
-        f"ct::attention_partial_tc<{c}, {d}, {w}>"
-        for t, c in CTYPES.items()
-        if t.itemsize == 2
-        for d in TENSOR_CORE_HEAD_SIZES
-        for w in (4, 8)
-    ],
+    + [f"ct::attention_partial_tc<{c}, {d}, {w}>" for c in HALF_CTYPES for d in TENSOR_CORE_HEAD_SIZES for w in (4, 8)],
     programmatic=True,
 )
 
@@ -51,10 +53,10 @@ def decode_max_group(dtype, d, capability=None) -> int:
 def _names(dtype, d: int, group: int) -> dict[int, str]:
     """Warps a block -> the kernel for head size ``d`` and ``group`` query heads a kv head (4; 8 too on tensor
     cores)."""
-    ctype = CTYPES[numpy.dtype(dtype)]
+    element = ctype_of(dtype)
     if decode_on_tensor_cores(dtype, d):
-        return {w: f"ct::attention_partial_tc<{ctype}, {d}, {w}>" for w in (4, 8)}
-    return {4: f"ct::attention_partial<{ctype}, {next(g for g in GROUPS if group <= g)}>"}
+        return {w: f"ct::attention_partial_tc<{element}, {d}, {w}>" for w in (4, 8)}
+    return {4: f"ct::attention_partial<{element}, {next(g for g in GROUPS if group <= g)}>"}
 
 
 def decode_geometry(kernels, pairs: int) -> tuple[int, int]:

@@ -31,13 +31,13 @@ from ..runtime.arrays import (
     module_of,
     to_caller,
 )
-from ..runtime.kernels import CTYPES, KernelFamily, access_width, elementwise_grid, vector_count, vector_width
+from ..runtime.kernels import CTYPES, KernelFamily, access_width, ctype_of, elementwise_grid, vector_count, vector_width
 
 INDEX_DTYPES = (numpy.dtype(numpy.int32), numpy.dtype(numpy.int64))
 
 
 def _name(dtype, vec: int) -> str:
-    return f"ct::embed_tokens<{CTYPES[numpy.dtype(dtype)]}, {vec}>"
+    return f"ct::embed_tokens<{ctype_of(dtype)}, {vec}>"
 
 
 _KERNELS = KernelFamily("embedding.cu", [_name(d, v) for d in CTYPES for v in (vector_width(d), 1)], programmatic=True)

@@ -36,9 +36,10 @@ from typing import NamedTuple
 
 from ..runtime.arrays import import_cupy
 from ..runtime.kernels import (
-    CTYPES,
+    HALF_CTYPES,
     KernelFamily,
     compute_capability,
+    ctype_of,
     dynamic_shared,
     sm_count,
     split_workspace,
@@ -123,26 +124,23 @@ def _tc_kernels(x8: int) -> list[str]:
     """The tensor-core kernels the launcher runs for up to 8 ``x8`` rows, plain and fused (9-16 rows: never at 3
     blocks a SM, and the residual epilogue only)."""
     geometries = [(tr, g) for tr, g in _TC_GEOMETRIES if x8 == 1 or g[2] < 3]
-    halves = [c for d, c in CTYPES.items() if d.itemsize == 2]
-    return [tc_kernel_name(c, tr, geo, x8) for c in halves for tr, geo in geometries] + [
-        fused_kernel_name(c, tr, geo, fuse, x8) for c in halves for tr, geo in geometries
+    return [tc_kernel_name(c, tr, geo, x8) for c in HALF_CTYPES for tr, geo in geometries] + [
+        fused_kernel_name(c, tr, geo, fuse, x8) for c in HALF_CTYPES for tr, geo in geometries
         for fuse in ((FUSE_NORM, FUSE_RESIDUAL) if x8 == 1 else (FUSE_RESIDUAL,))  # the norm: up to NORM_MAX_ROWS
     ]  # fmt: skip
 
 
 def _gated_kernels(x8: int) -> list[str]:
     """The [out, in] kernels with the gated epilogue (up to 8 rows: alone and with the norm prologue)."""
-    halves = [c for d, c in CTYPES.items() if d.itemsize == 2]
     geometries = [g for g in GEMV_TC_NK.values() if x8 == 1 or g[2] < 3]
     fuses = (FUSE_GATED, FUSE_GATED | FUSE_NORM) if x8 == 1 else (FUSE_GATED,)
-    return [fused_kernel_name(c, True, g, fuse, x8) for c in halves for g in geometries for fuse in fuses]
+    return [fused_kernel_name(c, True, g, fuse, x8) for c in HALF_CTYPES for g in geometries for fuse in fuses]
 
 
 def _argmax_kernels() -> list[str]:
     """The [out, in] kernels with greedy's argmax as the epilogue (up to 8 rows: alone and with the norm prologue)."""
-    halves = [c for d, c in CTYPES.items() if d.itemsize == 2]
     fuses = (FUSE_ARGMAX, FUSE_ARGMAX | FUSE_NORM)
-    return [fused_kernel_name(c, True, g, fuse) for c in halves for g in GEMV_TC_NK.values() for fuse in fuses]
+    return [fused_kernel_name(c, True, g, fuse) for c in HALF_CTYPES for g in GEMV_TC_NK.values() for fuse in fuses]
 
 
 GEMV_KERNELS = KernelFamily(
@@ -377,7 +375,7 @@ def _launch_plan(x, w, transposed, geometry=None, make_workspace=True, fuse=0):
     splits = math.ceil(k / per_split)
     if x.dtype.itemsize == 2:
         geometry = geometry or (1, kn_chunks_a_batch(per_split), blocks_per_sm)
-        ctype = CTYPES[x.dtype]
+        ctype = ctype_of(x.dtype)
         x8 = x8_of(rows)
         name = (
             fused_kernel_name(ctype, transposed, geometry, fuse, x8)

@@ -34,7 +34,7 @@ import numbers
 import numpy
 
 from ..runtime.arrays import as_array, check_no_overlap, common_kind, empty_like_kind, module_of, to_caller
-from ..runtime.kernels import CTYPES, KernelFamily, vector_width
+from ..runtime.kernels import CTYPES, KernelFamily, ctype_of, vector_width
 
 _MAX_THREADS = 1024
 _TARGET_THREADS = 128  # threads per row: fewer, fuller threads keep more rows in flight per SM
@@ -53,7 +53,7 @@ def kernel_name(dtype: numpy.dtype, vec: int, vpt: int, warp_per_row: bool, alig
     """The ``norm_rows`` instantiation for ``dtype``: ``vec`` elements an access, ``vpt`` slots a thread held in
     registers (0: the multi-pass path), a warp a row (else a block), every slot whole at compile time (``aligned``)."""
     flags = ", ".join("true" if f else "false" for f in (warp_per_row, aligned))
-    return f"ct::norm_rows<{CTYPES[dtype]}, {vec}, {vpt}, {flags}>"
+    return f"ct::norm_rows<{ctype_of(dtype)}, {vec}, {vpt}, {flags}>"
 
 
 # Rows off 16-byte alignment (odd widths, offset views) and x and out aligned differently (element-wise

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from ..runtime.arrays import import_cupy
-from ..runtime.kernels import CTYPES, KernelFamily, dynamic_shared, wave_blocks
+from ..runtime.kernels import HALF_CTYPES, KernelFamily, ctype_of, dynamic_shared, wave_blocks
 from .softmax import mask_arguments
 
 # Head size -> (row tiles per warp, keys per tile), from benchmarks/sweep_prefill.py.
@@ -19,8 +19,7 @@ def prefill_kernel_name(ctype: str, d: int, geometry) -> str:
 
 
 KERNELS = KernelFamily(  # a sweep runs more geometries through KERNELS.extended(...) and the launcher's family=
-    "prefill_attention.cu",
-    [prefill_kernel_name(c, d, g) for t, c in CTYPES.items() if t.itemsize == 2 for d, g in PREFILL_GEOMETRY.items()],
+    "prefill_attention.cu", [prefill_kernel_name(c, d, g) for c in HALF_CTYPES for d, g in PREFILL_GEOMETRY.items()]
 )
 
 
@@ -87,7 +86,7 @@ def prefill_attention(
     q, k, v, out, m = prefill_inputs(q, k, v, mask, alibi)
     mt, bn = geometry or PREFILL_GEOMETRY[d]
     family = family or KERNELS
-    name = prefill_kernel_name(CTYPES[q.dtype], d, (mt, bn))
+    name = prefill_kernel_name(ctype_of(q.dtype), d, (mt, bn))
     kernel = family.kernel(name)
     smem = dynamic_shared(kernel, (64 * mt + 4 * bn) * (d + 8) * q.dtype.itemsize)  # the kernel's layout
     rows, group = math.ceil(s / (64 * mt)), h // k.shape[1]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from ..runtime.kernels import CTYPES, KernelFamily, dynamic_shared, split_workspace, wave_blocks
+from ..runtime.kernels import HALF_CTYPES, KernelFamily, ctype_of, dynamic_shared, split_workspace, wave_blocks
 from ..runtime.lru import DeviceLRU
 from ..runtime.tensor_map import layer_maps, tile_map
 from .prefill_attention import block_rules, prefill_inputs, prefill_span, token_strides
@@ -57,8 +57,7 @@ _KERNELS = KernelFamily(  # every tile and block size prefill_sm90_geometry pick
     "prefill_attention_sm90.cu",
     [
         _name(c, d, (bn, wg, persist))
-        for t, c in CTYPES.items()
-        if t.itemsize == 2
+        for c in HALF_CTYPES
         for d, bn, wg in sorted(
             {
                 (d, *prefill_sm90_geometry(d, s, bits, causal)[:2])
@@ -91,7 +90,7 @@ def _plan(q, group, m, scale, causal, window, geometry=None, blocks=None, span=N
     if geometry is None:
         geometry = prefill_sm90_geometry(d, s, m.mask_kind == MaskKind.BOOLEAN and m.alibi_len == 0, causal)
     bn, wg, persist = geometry
-    name = _name(CTYPES[q.dtype], d, geometry)
+    name = _name(ctype_of(q.dtype), d, geometry)
     kernel = _KERNELS.kernel(name)
     smem = dynamic_shared(kernel, (64 * wg + 4 * bn) * (64 * math.ceil(d / 64)) * q.dtype.itemsize + 1024)
     rows, block = math.ceil(s / (64 * wg)), 128 * wg

@@ -29,6 +29,7 @@ from ..runtime.kernels import (
     CTYPES,
     KernelFamily,
     access_width,
+    ctype_of,
     elementwise_grid,
     run_variants,
     vector_count,
@@ -38,7 +39,7 @@ from .base import TransformerOp
 
 
 def _name(dtype: numpy.dtype, vec: int, whole: str) -> str:
-    return f"ct::residual_combine<{CTYPES[dtype]}, {vec}, {whole}>"
+    return f"ct::residual_combine<{ctype_of(dtype)}, {vec}, {whole}>"
 
 
 _KERNELS = KernelFamily("residual_add.cu", [_name(d, v, w) for d in CTYPES for v, w in run_variants(d)])

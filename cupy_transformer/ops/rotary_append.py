@@ -5,7 +5,7 @@ appends its token itself: ``ops/decode_attention.py``; the rotation itself: ``op
 from __future__ import annotations
 
 from ..runtime.arrays import import_cupy
-from ..runtime.kernels import CTYPES, KernelFamily, elementwise_grid, vector_count
+from ..runtime.kernels import CTYPES, KernelFamily, ctype_of, elementwise_grid, vector_count
 from .rotary import inverse_frequencies
 
 _KERNELS = KernelFamily("rotary_append.cu", [f"ct::rotary_append<{c}>" for c in CTYPES.values()], programmatic=True)
@@ -38,7 +38,7 @@ def rotary_append(qkv, position_ids, cfg, h, kv, d, cache, layer, start):
     pairs = b * s * (h + kv + (kv if cache is not None else 0)) * d // 2
     kv_seq, kv_head, kv_tok = (x // qkv.dtype.itemsize for x in k_out.strides[:-1])
     _KERNELS.launch(
-        f"ct::rotary_append<{CTYPES[qkv.dtype]}>",
+        f"ct::rotary_append<{ctype_of(qkv.dtype)}>",
         elementwise_grid(pairs),
         (256,),
         qkv=qkv,

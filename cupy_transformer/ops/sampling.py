@@ -44,8 +44,18 @@ import numbers
 
 import numpy
 
-from ..runtime.arrays import as_array, common_kind, from_dlpack, import_cupy, kind_of, module_of, to_caller
-from ..runtime.kernels import CTYPES, KernelFamily, split_workspace, wave_blocks
+from ..runtime.arrays import (
+    FLOAT_NAMES,
+    as_array,
+    common_kind,
+    from_dlpack,
+    import_cupy,
+    is_float_dtype,
+    kind_of,
+    module_of,
+    to_caller,
+)
+from ..runtime.kernels import CTYPES, KernelFamily, ctype_of, split_workspace, wave_blocks
 
 SAMPLE_THREADS = 256  # kernels_cu/sampling.cu's SAMPLE_THREADS
 GREEDY_THREADS = 256  # its GREEDY_THREADS
@@ -56,15 +66,15 @@ _FLOAT32_MAX = float(numpy.finfo(numpy.float32).max)
 
 
 def _select_name(dtype, mass: bool) -> str:
-    return f"ct::sample_select<{CTYPES[numpy.dtype(dtype)]}, {'true' if mass else 'false'}>"
+    return f"ct::sample_select<{ctype_of(dtype)}, {'true' if mass else 'false'}>"
 
 
 def _draw_name(dtype) -> str:
-    return f"ct::sample_draw<{CTYPES[numpy.dtype(dtype)]}>"
+    return f"ct::sample_draw<{ctype_of(dtype)}>"
 
 
 def _greedy_name(dtype) -> str:
-    return f"ct::greedy_tokens<{CTYPES[numpy.dtype(dtype)]}>"
+    return f"ct::greedy_tokens<{ctype_of(dtype)}>"
 
 
 _KERNELS = KernelFamily(
@@ -149,8 +159,8 @@ def _logit_rows(logits, kind: str):
         raise ValueError(
             f"logits: expected a [batch, vocab] or [batch, 1, vocab] array; got shape {tuple(logits.shape)}"
         )
-    if logits.dtype not in CTYPES:
-        raise TypeError(f"logits: expected dtype {', '.join(str(d) for d in CTYPES)}; got {logits.dtype}")
+    if not is_float_dtype(logits.dtype):
+        raise TypeError(f"logits: expected dtype {', '.join(FLOAT_NAMES)}; got {logits.dtype}")
     rows = logits[:, 0] if logits.ndim == 3 else logits
     if rows.shape[1] == 0:
         raise ValueError(f"logits: expected at least one value a row; got shape {tuple(logits.shape)}")

@@ -53,7 +53,7 @@ from ..runtime.arrays import (
     reference_compute,
     to_caller,
 )
-from ..runtime.kernels import CTYPES, KernelFamily, access_width, sm_count, vector_width, wave_blocks
+from ..runtime.kernels import CTYPES, KernelFamily, access_width, ctype_of, sm_count, vector_width, wave_blocks
 from .base import TransformerOp
 
 # (lanes a row, vectors a lane, phase): 8, 16 or 32 lanes, or 2 to 8 warps a row (phase 0), or a block a chunk
@@ -72,7 +72,7 @@ _VARIANTS = (
 
 
 def _name(dtype, vec, row_threads, nv, phase):
-    return f"ct::masked_softmax<{CTYPES[dtype]}, {vec}, {row_threads}, {nv}, {phase}>"
+    return f"ct::masked_softmax<{ctype_of(dtype)}, {vec}, {row_threads}, {nv}, {phase}>"
 
 
 _KERNELS = KernelFamily(

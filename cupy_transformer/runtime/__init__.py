@@ -1,7 +1,7 @@
 """Runtime: the array layer (``arrays``) and the NVRTC kernel runtime (``kernels``)."""
 
 from .arrays import (
-    FLOAT_DTYPES,
+    FLOAT_NAMES,
     array_module,
     as_array,
     backend_of,
@@ -10,6 +10,7 @@ from .arrays import (
     float_dtype,
     gpu_available,
     import_cupy,
+    is_float_dtype,
     kind_of,
     positive_int,
     to_caller,
@@ -17,7 +18,7 @@ from .arrays import (
 from .kernels import KernelCompileError, KernelFamily, compile_all, warmup
 
 __all__ = [
-    "FLOAT_DTYPES",
+    "FLOAT_NAMES",
     "KernelCompileError",
     "KernelFamily",
     "array_module",
@@ -29,6 +30,7 @@ __all__ = [
     "float_dtype",
     "gpu_available",
     "import_cupy",
+    "is_float_dtype",
     "kind_of",
     "positive_int",
     "to_caller",

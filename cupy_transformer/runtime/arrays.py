@@ -26,13 +26,37 @@ from typing import Any, Iterable
 
 import numpy
 
-try:
-    from ml_dtypes import bfloat16
-except ImportError:  # pragma: no cover - ml_dtypes is a dependency; bf16 is simply absent without it
-    bfloat16 = None
+#: Element types every op accepts, by name: fp16, fp32 and bf16 (NumPy's through ml_dtypes, as CuPy 14's). Known by
+#: name so that importing this package does not import ml_dtypes, which takes over a second on a small CPU (its
+#: 0.7 with NumPy 2.4): bf16's dtype is looked up only where a dtype or a name says bfloat16.
+FLOAT_NAMES = ("float16", "float32", "bfloat16")
+_FLOATS = [numpy.dtype(numpy.float16), numpy.dtype(numpy.float32)]  # bf16 joins on its first lookup
 
-#: Element types every op accepts: fp16, fp32 and (through ml_dtypes, as CuPy 14 does) bf16.
-FLOAT_DTYPES = tuple(numpy.dtype(t) for t in (numpy.float16, numpy.float32, bfloat16) if t is not None)
+
+def bfloat16_dtype() -> numpy.dtype | None:
+    """ml_dtypes' bfloat16 as a NumPy dtype (imported on first need), or None where ml_dtypes is missing."""
+    if len(_FLOATS) == 2:
+        try:
+            from ml_dtypes import bfloat16
+        except ImportError:  # pragma: no cover - ml_dtypes is a dependency; bf16 is simply absent without it
+            return None
+        _FLOATS.append(numpy.dtype(bfloat16))
+    return _FLOATS[2]
+
+
+def is_float_dtype(dtype: numpy.dtype) -> bool:
+    """Whether ``dtype`` is one of ``FLOAT_NAMES`` in native byte order (for bf16: ml_dtypes' own; whoever made a
+    dtype of that name has imported it, so looking it up costs no import)."""
+    return dtype in _FLOATS or (dtype.name == "bfloat16" and dtype == bfloat16_dtype())
+
+
+def __getattr__(name: str):
+    # FLOAT_DTYPES, the dtypes themselves, computed on first use (it imports ml_dtypes).
+    if name == "FLOAT_DTYPES":
+        bfloat16_dtype()
+        return tuple(_FLOATS)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # DLPack device types (dlpack.h): memory a CUDA kernel can read.
 _DLPACK_CUDA, _DLPACK_CUDA_MANAGED = 2, 13
@@ -155,15 +179,18 @@ def check_backend(name: str, value: Any) -> str:
 
 
 def float_dtype(name: str, value: Any) -> numpy.dtype:
-    """``value`` as one of ``FLOAT_DTYPES``; else a TypeError naming ``name`` and the accepted dtypes."""
-    if isinstance(value, numpy.dtype) and value in FLOAT_DTYPES:  # an array's dtype, on every op call: no message
+    """``value`` (a dtype, a type or a name) as a dtype of ``FLOAT_NAMES``; else a TypeError naming ``name`` and the
+    accepted dtypes."""
+    if isinstance(value, numpy.dtype) and value in _FLOATS:  # an array's dtype, on every op call: no message
         return value
-    want = ", ".join(map(str, FLOAT_DTYPES))
+    want = ", ".join(FLOAT_NAMES)
+    if isinstance(value, str) and value == "bfloat16":
+        bfloat16_dtype()  # ml_dtypes gives NumPy the name
     try:
         dtype = numpy.dtype(value)
     except TypeError:
         raise TypeError(f"{name}: expected one of {want}; got {value!r}") from None
-    if dtype not in FLOAT_DTYPES:
+    if not is_float_dtype(dtype):
         raise TypeError(f"{name}: expected one of {want}; got {dtype}")
     return dtype
 
@@ -250,12 +277,13 @@ def as_array(
     *,
     ndim: int | Iterable[int] | None = None,
     min_ndim: int | None = None,
-    dtypes: tuple[numpy.dtype, ...] | numpy.dtype = FLOAT_DTYPES,
+    dtypes: tuple[numpy.dtype, ...] | numpy.dtype | None = None,
     shape: tuple[int, ...] | None = None,
 ):
     """``value`` as a C-contiguous array of the backend for ``kind``, after the given checks.
 
-    ``kind`` is the call's common kind (``common_kind``); ``shape`` entries of -1 match any size.
+    ``kind`` is the call's common kind (``common_kind``); ``dtypes`` None accepts those of ``FLOAT_NAMES``;
+    ``shape`` entries of -1 match any size.
     """
     own = kind_of(name, value)
     if backend_of(own) != backend_of(kind):
@@ -280,9 +308,13 @@ def as_array(
             raise ValueError(f"{name}: expected a {want} array; got {array.ndim}-D with shape {tuple(array.shape)}")
     if min_ndim is not None and array.ndim < min_ndim:
         raise ValueError(f"{name}: expected an array of at least {min_ndim} dimension(s); got {array.ndim}-D")
-    if array.dtype != dtypes if isinstance(dtypes, numpy.dtype) else array.dtype not in dtypes:
-        want = ", ".join(str(d) for d in ((dtypes,) if isinstance(dtypes, numpy.dtype) else dtypes))
-        raise TypeError(f"{name}: expected dtype {want}; got {array.dtype}")
+    if dtypes is None:  # the list first: no call on the usual path
+        wrong, want = array.dtype not in _FLOATS and not is_float_dtype(array.dtype), FLOAT_NAMES
+    else:
+        want = (dtypes,) if isinstance(dtypes, numpy.dtype) else dtypes
+        wrong = array.dtype not in want
+    if wrong:
+        raise TypeError(f"{name}: expected dtype {', '.join(map(str, want))}; got {array.dtype}")
     if shape is not None and (len(shape) != array.ndim or any(w != -1 and w != g for w, g in zip(shape, array.shape))):
         want = "(" + ", ".join("*" if w == -1 else str(w) for w in shape) + ("," if len(shape) == 1 else "") + ")"
         raise ValueError(f"{name}: expected shape {want}; got {tuple(array.shape)}")

@@ -29,10 +29,28 @@ from typing import Callable, Iterable
 import numpy
 
 from . import programmatic
-from .arrays import FLOAT_DTYPES, import_cupy
+from .arrays import import_cupy
 
-#: The C++ element type a kernel template is instantiated with, per dtype.
-CTYPES = dict(zip(FLOAT_DTYPES, ("__half", "float", "__nv_bfloat16")))
+#: The C++ element type a kernel template is instantiated with, and its size in bytes, per dtype name (the
+#: names of ``arrays.FLOAT_NAMES``: the kernel lists are built at import, without ml_dtypes' bf16 dtype).
+CTYPES = {"float16": "__half", "float32": "float", "bfloat16": "__nv_bfloat16"}
+ITEMSIZES = {"float16": 2, "float32": 4, "bfloat16": 2}
+HALF_CTYPES = tuple(c for name, c in CTYPES.items() if ITEMSIZES[name] == 2)  # the tensor-core kernels' types
+
+
+_CTYPE_OF: dict = {}
+
+
+def ctype_of(dtype) -> str:
+    """``CTYPES``'s entry for ``dtype``: a dtype (an array's, at a launch), a NumPy type or a name. Cached by what
+    was given: a dtype's ``name`` is computed in Python, microseconds a call."""
+    try:
+        return _CTYPE_OF[dtype]
+    except KeyError:
+        name = dtype if isinstance(dtype, str) else numpy.dtype(dtype).name
+        _CTYPE_OF[dtype] = CTYPES[name]
+        return CTYPES[name]
+
 
 # `--std=c++17` for `if constexpr`. CuPy adds `-ftz=true` to every RawModule; `compile_offline` adds it
 # too, so CI compiles what a GPU compiles.
@@ -394,9 +412,9 @@ def _scalar(tag: str, name: str, value):
     return converted
 
 
-def vector_width(dtype: numpy.dtype) -> int:
-    """Elements of ``dtype`` in one 16-byte access (8 fp16/bf16, 4 fp32)."""
-    return 16 // numpy.dtype(dtype).itemsize
+def vector_width(dtype: numpy.dtype | str) -> int:
+    """Elements of ``dtype`` (a dtype or its name) in one 16-byte access (8 fp16/bf16, 4 fp32)."""
+    return 16 // (ITEMSIZES[dtype] if isinstance(dtype, str) else numpy.dtype(dtype).itemsize)
 
 
 def access_width(dtype: numpy.dtype, width: int, *arrays, any_width: bool = False) -> int:
@@ -408,7 +426,7 @@ def access_width(dtype: numpy.dtype, width: int, *arrays, any_width: bool = Fals
     return vec if aligned and (any_width or width % vec == 0) else 1
 
 
-def run_variants(dtype: numpy.dtype) -> tuple[tuple[int, str], ...]:
+def run_variants(dtype: numpy.dtype | str) -> tuple[tuple[int, str], ...]:
     """The (VEC, WHOLE) template arguments an elementwise.cuh kernel is built with for ``dtype``: 16-byte runs
     over rows of whole vectors or of any width, and single elements (whose rows are always whole)."""
     vec = vector_width(dtype)

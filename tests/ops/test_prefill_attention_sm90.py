@@ -15,7 +15,7 @@ from cupy_transformer.ops.prefill_attention_sm90 import (
     prefill_sm90_geometry,
 )
 from cupy_transformer.runtime.arrays import FLOAT_DTYPES
-from cupy_transformer.runtime.kernels import CTYPES, KernelFamily
+from cupy_transformer.runtime.kernels import HALF_CTYPES, KernelFamily
 from tests.helpers import TOL_CHAINED, random, rel_error, side_stream
 from tests.ops.common import attention_config as cfg
 from tests.ops.common import launch_inputs
@@ -150,6 +150,6 @@ def test_geometry_rule_and_its_instantiations():
                 for bits in (False, True):
                     for causal in (False, True):
                         bn, wg, persist = prefill_sm90_geometry(d, s, bits, causal, **thresholds)
-                        for ctype in (c for t, c in CTYPES.items() if t.itemsize == 2):
+                        for ctype in HALF_CTYPES:
                             name = f"ct::attention_prefill_sm90<{ctype}, {d}, {bn}, {wg}, {str(persist).lower()}>"
                             assert name in names

@@ -76,7 +76,36 @@ def test_shared_checks_name_the_argument():
 
 def test_bfloat16_is_a_float_dtype():
     ml_dtypes = pytest.importorskip("ml_dtypes")
-    assert numpy.dtype(ml_dtypes.bfloat16) in arrays.FLOAT_DTYPES
+    bf16 = numpy.dtype(ml_dtypes.bfloat16)
+    assert bf16 in arrays.FLOAT_DTYPES and arrays.is_float_dtype(bf16)
+    assert arrays.float_dtype("dtype", "bfloat16") == bf16
+    # Known by name, but in native byte order only, like fp16 and fp32; another ml_dtypes type is refused.
+    for bad in (bf16.newbyteorder(">"), numpy.dtype(">f2"), numpy.dtype(ml_dtypes.float8_e4m3fn)):
+        assert not arrays.is_float_dtype(bad)
+        with pytest.raises(TypeError, match=r"dtype: expected one of float16, float32, bfloat16; got "):
+            arrays.float_dtype("dtype", bad)
+
+
+def test_importing_the_package_leaves_ml_dtypes_unimported():
+    # Importing ml_dtypes 0.7 takes over a second on a small CPU; only bf16 needs it. A fresh process imports
+    # every module of the package, checks an fp32 array, then asks for bf16 by name (which imports it).
+    import subprocess
+    import sys
+
+    code = """
+import importlib, pkgutil, sys
+import numpy
+import cupy_transformer
+from cupy_transformer.runtime import arrays
+for m in pkgutil.walk_packages(cupy_transformer.__path__, "cupy_transformer."):
+    if ".interop." not in m.name:  # those import PyTorch, which imports ml_dtypes itself
+        importlib.import_module(m.name)
+arrays.as_array("x", numpy.ones(3, numpy.float32), "numpy")
+print("ml_dtypes" in sys.modules, arrays.float_dtype("dtype", "bfloat16"), "ml_dtypes" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "bfloat16", "True"]
 
 
 @pytest.mark.gpu

@@ -22,6 +22,43 @@ def test_sources_are_found_and_includes_inlined():
     assert source.count('#line 1 "common.cuh"') == 1
 
 
+def test_an_arrays_dtype_names_a_kernel_its_family_lists():
+    # The families' lists are built at import from dtype names (no bf16 dtype, so no ml_dtypes import); launchers
+    # name a kernel from an array's dtype. Both must spell the same instantiation, for every dtype.
+    import importlib
+
+    import numpy
+
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from cupy_transformer.runtime.arrays import FLOAT_NAMES
+
+    ops = {m: importlib.import_module(f"cupy_transformer.ops.{m}") for m in ("bias_act", "residual_add", "softmax")}
+    from cupy_transformer.ops import decode_attention, embedding, norm, sampling
+
+    assert tuple(kernels.CTYPES) == tuple(kernels.ITEMSIZES) == FLOAT_NAMES
+    listed = {f.filename: f.name_expressions for f in KernelFamily.registry.values()}
+    for dtype in (numpy.dtype(numpy.float16), numpy.dtype(numpy.float32), numpy.dtype(ml_dtypes.bfloat16)):
+        name = str(dtype)
+        assert kernels.ctype_of(dtype) == kernels.ctype_of(dtype.type) == kernels.ctype_of(name) == kernels.CTYPES[name]
+        vec = kernels.vector_width(dtype)
+        assert vec == kernels.vector_width(name) == 16 // dtype.itemsize == 16 // kernels.ITEMSIZES[name]
+        assert (kernels.ctype_of(dtype) in kernels.HALF_CTYPES) == (dtype.itemsize == 2)
+        runs = kernels.run_variants(dtype)
+        wanted = {
+            "bias_act.cu": [ops["bias_act"]._name(dtype, a, v, w) for a in ops["bias_act"]._ACTS for v, w in runs],
+            "residual_add.cu": [ops["residual_add"]._name(dtype, v, w) for v, w in runs],
+            "embedding.cu": [embedding._name(dtype, v) for v in (vec, 1)],
+            "norm.cu": [norm.kernel_name(dtype, v, 0, False, v == 1) for v in (vec, 1)],
+            "softmax.cu": [ops["softmax"]._name(dtype, v, *var) for v in (vec, 1) for var in ops["softmax"]._VARIANTS],
+            "sampling.cu": [sampling._select_name(dtype, m) for m in (False, True)]
+            + [sampling._draw_name(dtype), sampling._greedy_name(dtype)],
+            "decode_attention.cu": list(decode_attention._names(dtype, 80, 3).values()),  # 80: no tensor-core size
+            "rotary_append.cu": [f"ct::rotary_append<{kernels.ctype_of(dtype)}>"],
+        }
+        for filename, names in wanted.items():
+            assert set(names) <= set(listed[filename]), (filename, dtype)
+
+
 def test_every_cu_file_belongs_to_a_family_the_package_import_registers():
     # compile_all and warmup cover the families registered once `import cupy_transformer` has run: a .cu file
     # whose launcher only another module imports would escape the compile check, the offline compile and the
