@@ -144,7 +144,7 @@ class Checkpoint:
             stored = f.get_tensor(name) if split is None else split.take(name, view, full, rank, size)
         if not (is_float_dtype(stored.dtype) or stored.dtype == numpy.float64):
             raise TypeError(f"tensor {name!r} in {path.name}: expected floating-point weights; got {stored.dtype}")
-        return array_module(backend).asarray(stored).astype(dtype)
+        return array_module(backend).asarray(stored).astype(dtype, copy=False)  # stored is ours: no second copy
 
     def _array(self, name: str, dtype, shape, backend: str, split, rank: int, size: int):
         """``tensor`` for a checkpoint of arrays (``from_arrays``)."""
