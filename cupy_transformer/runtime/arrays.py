@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import warnings
 from typing import Any, Iterable
 
@@ -100,7 +101,7 @@ def module_of(array: Any):
     return numpy if isinstance(array, numpy.ndarray) else import_cupy()
 
 
-_CPU_FLOAT32 = False
+_THREAD = threading.local()  # cpu_float32's switch, each thread's own (simulated ranks run decoders in threads)
 
 
 @contextlib.contextmanager
@@ -108,19 +109,20 @@ def cpu_float32(enabled: bool = True):
     """Within it (with ``enabled``), the NumPy path computes float32 arrays in float32: products through BLAS,
     attention, softmax and activations in float32 (``reference_compute``), what PyTorch's CPU path computes, for a
     model's own passes on the CPU (``generation.Decoder``: a GPT-2-small token 5x faster). Outside it the NumPy
-    references compute in float64: what the kernels are tested against."""
-    global _CPU_FLOAT32
-    before, _CPU_FLOAT32 = _CPU_FLOAT32, enabled
+    references compute in float64: what the kernels are tested against. It holds for the thread that enters it: a
+    process-wide switch, entered and left by threads in turn, was left on after them."""
+    before = getattr(_THREAD, "float32", False)
+    _THREAD.float32 = enabled
     try:
         yield
     finally:
-        _CPU_FLOAT32 = before
+        _THREAD.float32 = before
 
 
 def reference_compute(xp, dtype) -> type:
     """The float type a reference formula computes arrays of ``dtype`` in on ``xp``: float32 on CuPy, float64 on
     NumPy, but float32 for float32 arrays inside ``cpu_float32``."""
-    if xp is not numpy or (_CPU_FLOAT32 and numpy.dtype(dtype) == numpy.float32):
+    if xp is not numpy or (getattr(_THREAD, "float32", False) and numpy.dtype(dtype) == numpy.float32):
         return numpy.float32
     return numpy.float64
 

@@ -172,3 +172,38 @@ def test_references_compute_in_float64_on_numpy_but_float32_arrays_inside_cpu_fl
             assert reference_compute(numpy, numpy.float32) is numpy.float64
         assert reference_compute(numpy, numpy.float32) is numpy.float32
     assert reference_compute(numpy, numpy.float32) is numpy.float64
+
+
+def test_cpu_float32_holds_for_the_thread_that_enters_it():
+    # Two threads (simulated tensor-parallel ranks run a decoder each) enter and leave it crosswise: A in, B in,
+    # A out, B out. Each sees float32 until it leaves, and nothing stays on after them, there or here.
+    import threading
+
+    from cupy_transformer.runtime.arrays import cpu_float32, reference_compute
+
+    a_in, b_in, a_out = (threading.Event() for _ in range(3))
+    seen = {}
+
+    def rank(name, wait_before, set_inside, wait_inside, set_after):
+        if wait_before is not None:
+            wait_before.wait(10)
+        with cpu_float32():
+            set_inside.set()
+            if wait_inside is not None:
+                wait_inside.wait(10)
+            seen[name, "inside"] = reference_compute(numpy, numpy.float32)
+        if set_after is not None:
+            set_after.set()
+        seen[name, "after"] = reference_compute(numpy, numpy.float32)
+
+    threads = [
+        threading.Thread(target=rank, args=("a", None, a_in, b_in, a_out)),  # leaves once B is in
+        threading.Thread(target=rank, args=("b", a_in, b_in, a_out, None)),  # enters after A, leaves after A
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    want = {(n, w): numpy.float32 if w == "inside" else numpy.float64 for n in "ab" for w in ("inside", "after")}
+    assert seen == want
+    assert reference_compute(numpy, numpy.float32) is numpy.float64
