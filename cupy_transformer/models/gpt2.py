@@ -18,7 +18,7 @@ from .. import ops
 from ..layers import PreLNLayer, PreLNWeights
 from ..loading import require
 from ..parallel import GPT2_LAYER, TABLE, all_reduce_of, check_divisible, layer_shards, rank_and_size, vocab_parallel_of
-from ..runtime.arrays import module_of, resolve_backend
+from ..runtime.arrays import resolve_backend, transposed_copy
 from .base import CausalLM, open_checkpoint
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -90,7 +90,7 @@ class GPT2(CausalLM):
         for i in range(self.layers_count):  # [in, out] -> [out, in] (the module docstring), a rank's part alike
             for name in CONV1D:
                 key = f"{p}h.{i}.{name}"
-                w[key] = module_of(w[key]).ascontiguousarray(w[key].T)
+                w[key] = transposed_copy(w[key])
         self.wte, self.wpe = w[f"{p}wte.weight"], w[f"{p}wpe.weight"]
         self.final_norm = (w[f"{p}ln_f.weight"], w[f"{p}ln_f.bias"])
         self.head_weight = self.tied_head(self.wte)  # the LM head is wte itself, [vocab, hidden]: [out, in]

@@ -101,6 +101,24 @@ def module_of(array: Any):
     return numpy if isinstance(array, numpy.ndarray) else import_cupy()
 
 
+_TILE = 64  # a tile of 64 x 64 elements: its rows in and its columns out stay in L1
+
+
+def transposed_copy(a):
+    """``a.T`` of a 2-D array as a new C-contiguous array. NumPy's own copy of a large transpose walks one side
+    with a stride of a whole row, a cache miss an element (GPT-2 small's Conv1D weights: 0.5-0.9 s on a 2-core VM,
+    tile by tile 0.27); CuPy's is a kernel."""
+    xp = module_of(a)
+    if xp is not numpy:
+        return xp.ascontiguousarray(a.T)
+    out = numpy.empty(a.shape[::-1], a.dtype)
+    rows, cols = a.shape
+    for i in range(0, rows, _TILE):
+        for j in range(0, cols, _TILE):
+            out[j : j + _TILE, i : i + _TILE] = a[i : i + _TILE, j : j + _TILE].T
+    return out
+
+
 _THREAD = threading.local()  # cpu_float32's switch, each thread's own (simulated ranks run decoders in threads)
 
 

@@ -74,6 +74,16 @@ def test_shared_checks_name_the_argument():
         arrays.positive_int("n", -2, alternative="-1 for the default")
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 200), (200, 1), (64, 64), (100, 130), (130, 257)])
+@pytest.mark.parametrize("dtype", [numpy.float16, numpy.float32])
+def test_transposed_copy_is_the_transpose(shape, dtype):
+    # Tiles of 64: shapes on, under and across their edges; random values, so a misplaced tile shows.
+    a = numpy.random.default_rng(3).standard_normal(shape).astype(dtype)
+    t = arrays.transposed_copy(a)
+    assert t.flags.c_contiguous and t.dtype == a.dtype and t.shape == shape[::-1]
+    assert numpy.array_equal(t, a.T) and not numpy.shares_memory(t, a)
+
+
 def test_bfloat16_is_a_float_dtype():
     ml_dtypes = pytest.importorskip("ml_dtypes")
     bf16 = numpy.dtype(ml_dtypes.bfloat16)
