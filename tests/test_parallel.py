@@ -15,22 +15,12 @@ from safetensors.numpy import load_file
 from cupy_transformer import cli, loading, ops, parallel
 from cupy_transformer.generation import Decoder, Sampling
 from cupy_transformer.models import BERT, GPT2, LLaMA
-from cupy_transformer.ops import matmul
 from cupy_transformer.parallel import Split, VocabParallel, VocabSplit, run_simulated
 from tests.conftest import HAVE_GPU
 from tests.helpers import rel_error, side_stream
 from tests.models import test_bert, test_gpt2, test_llama
 
 STEPS = 16
-
-
-@pytest.fixture(autouse=True)
-def graph_choices_restored():
-    # The ranks' Decoders enter ops.graph_choices (a module flag) from several threads; their exits may leave it
-    # set. It only steers GPU products; restored here so no later test sees it.
-    before = matmul._GRAPH_CHOICES
-    yield
-    matmul._GRAPH_CHOICES = before
 
 
 def gpt2(path, rng):

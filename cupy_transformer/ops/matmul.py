@@ -15,12 +15,10 @@ CUDA graphs, and keeps the faster of each: a decode step being captured runs the
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy
 
 from ..runtime import cublaslt, timing
-from ..runtime.arrays import as_array, common_kind, import_cupy, module_of, reference_compute, to_caller
+from ..runtime.arrays import ThreadSwitch, as_array, common_kind, import_cupy, module_of, reference_compute, to_caller
 from .bias_act import apply_bias_act
 from .config import ActivationType
 from .gemv import GEMV_MAX_ROWS, GemvNorm, gemv, gemv_argmax_fits, gemv_fits, gemv_fused_fits, gemv_workspace
@@ -209,44 +207,32 @@ def _cublas(x, w, transposed, bias, act, fallback: bool = True):
 _GEMV_FASTER: dict[tuple, bool] = {}
 # (that key, stream): where cuBLAS runs eagerly, the GEMV's per-stream workspace is made for a capture there.
 _CAPTURE_READY: set[tuple] = set()
-_GRAPH_CHOICES = False
-_FUSED = True
+_GRAPH_CHOICES = ThreadSwitch(False)
+_FUSED = ThreadSwitch(True)
 
 
-@contextlib.contextmanager
 def graph_choices():
     """Within it, eager decode products make the choice a captured one makes (the GEMV), so that a step run eagerly
     computes what its CUDA graph computes, to the bit: the decode loop's first step (which prepares the capture)
-    and its eager mode (``--no-cuda-graph``) run under it."""
-    global _GRAPH_CHOICES
-    before, _GRAPH_CHOICES = _GRAPH_CHOICES, True
-    try:
-        yield
-    finally:
-        _GRAPH_CHOICES = before
+    and its eager mode (``--no-cuda-graph``) run under it. It holds for the thread that enters it."""
+    return _GRAPH_CHOICES.set(True)
 
 
-@contextlib.contextmanager
 def fused_decode(enabled: bool = True):
     """Within it with ``enabled`` False, a decode step runs its kernels unfused, as before the fusions: a norm kernel
     before each product (the residual adds as its pre-add) and rotary_append before the decode attention kernel;
-    for comparisons and debugging (``generation.Decoder(fused=False)``)."""
-    global _FUSED
-    before, _FUSED = _FUSED, enabled
-    try:
-        yield
-    finally:
-        _FUSED = before
+    for comparisons and debugging (``generation.Decoder(fused=False)``). It holds for the thread that enters it."""
+    return _FUSED.set(enabled)
 
 
 def fusing() -> bool:
     """Whether decode steps take the fused kernels (``fused_decode``; the default)."""
-    return _FUSED
+    return _FUSED.value()
 
 
 def graph_products() -> bool:
     """Whether products run as in a CUDA graph: a capture on the current stream, or ``graph_choices``."""
-    return _GRAPH_CHOICES or import_cupy().cuda.get_current_stream().is_capturing()
+    return _GRAPH_CHOICES.value() or import_cupy().cuda.get_current_stream().is_capturing()
 
 
 def use_gemv(x, w, transposed, bias, act) -> bool:

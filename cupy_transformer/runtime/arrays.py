@@ -119,28 +119,43 @@ def transposed_copy(a):
     return out
 
 
-_THREAD = threading.local()  # cpu_float32's switch, each thread's own (simulated ranks run decoders in threads)
+class ThreadSwitch:
+    """A setting each thread holds for itself, as CuPy's current stream is: ``set(value)`` is a context manager
+    that sets it for the code inside, ``value()`` reads the calling thread's. Decoders running in threads
+    (simulated tensor-parallel ranks, a server's requests) then do not steer one another; a process-wide flag,
+    entered and left by threads crosswise, was turned off under one still inside and left on after all."""
+
+    def __init__(self, default):
+        self._local, self._default = threading.local(), default
+
+    def value(self):
+        return getattr(self._local, "value", self._default)
+
+    @contextlib.contextmanager
+    def set(self, value):
+        before = self.value()
+        self._local.value = value
+        try:
+            yield
+        finally:
+            self._local.value = before
 
 
-@contextlib.contextmanager
+_FLOAT32 = ThreadSwitch(False)
+
+
 def cpu_float32(enabled: bool = True):
     """Within it (with ``enabled``), the NumPy path computes float32 arrays in float32: products through BLAS,
     attention, softmax and activations in float32 (``reference_compute``), what PyTorch's CPU path computes, for a
     model's own passes on the CPU (``generation.Decoder``: a GPT-2-small token 5x faster). Outside it the NumPy
-    references compute in float64: what the kernels are tested against. It holds for the thread that enters it: a
-    process-wide switch, entered and left by threads in turn, was left on after them."""
-    before = getattr(_THREAD, "float32", False)
-    _THREAD.float32 = enabled
-    try:
-        yield
-    finally:
-        _THREAD.float32 = before
+    references compute in float64: what the kernels are tested against. It holds for the thread that enters it."""
+    return _FLOAT32.set(enabled)
 
 
 def reference_compute(xp, dtype) -> type:
     """The float type a reference formula computes arrays of ``dtype`` in on ``xp``: float32 on CuPy, float64 on
     NumPy, but float32 for float32 arrays inside ``cpu_float32``."""
-    if xp is not numpy or (getattr(_THREAD, "float32", False) and numpy.dtype(dtype) == numpy.float32):
+    if xp is not numpy or (_FLOAT32.value() and numpy.dtype(dtype) == numpy.float32):
         return numpy.float32
     return numpy.float64
 

@@ -46,6 +46,29 @@ def test_numpy_path(rng, dtype, transposed, act):
     check(rng, dtype, 3, 40, 24, transposed, with_bias=True, act=act, gpu=False)
 
 
+def test_decode_switches_hold_for_the_thread_that_sets_them():
+    # A decoder in another thread (a simulated rank, a server's request) with its fusions off or its graph
+    # choices on steers only its own products.
+    import threading
+
+    seen = []
+
+    def other():
+        with ops.fused_decode(False), ops.graph_choices():
+            seen.append((mm.fusing(), mm._GRAPH_CHOICES.value()))
+            inside.set()
+            leave.wait(10)
+
+    inside, leave = threading.Event(), threading.Event()
+    thread = threading.Thread(target=other)
+    thread.start()
+    inside.wait(10)
+    here = (mm.fusing(), mm._GRAPH_CHOICES.value())
+    leave.set()
+    thread.join(10)
+    assert seen == [(False, True)] and here == (True, False)
+
+
 @pytest.mark.parametrize(
     "fusion", ["plain", "bias+GELU", "gated", "residual", "norm"], ids=lambda f: f.replace("+", " ")
 )
