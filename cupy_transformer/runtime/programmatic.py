@@ -12,14 +12,13 @@ of the graph); eager launches keep CuPy's faster call (ctypes costs host time wh
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 
 import numpy
 
-from .arrays import import_cupy
+from .arrays import ThreadSwitch, import_cupy
 
-_state = {"on": False}
+_ON = ThreadSwitch(False)  # programmatic_launches' setting, each thread's own (as CuPy's current stream)
 _CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # cuda.h's CUlaunchAttributeID
 
 
@@ -48,21 +47,15 @@ _C_SCALARS = {
 
 
 def active() -> bool:
-    return _state["on"]
+    return _ON.value()
 
 
-@contextlib.contextmanager
 def programmatic_launches(enabled: bool = True):
     """Launches of opted-in families inside are programmatic on compute capability 9.0 and later (``enabled``:
-    False turns them off, for a comparison)."""
+    False turns them off, for a comparison); for the thread that enters it."""
     from .kernels import compute_capability
 
-    saved = _state["on"]
-    _state["on"] = enabled and compute_capability() >= 90
-    try:
-        yield
-    finally:
-        _state["on"] = saved
+    return _ON.set(enabled and compute_capability() >= 90)
 
 
 def _cu_launch_kernel_ex():
